@@ -1,0 +1,326 @@
+"""Run configuration: frozen dataclasses, one per stage, plus presets and ``key=value`` overrides.
+
+Every field carries a one-line help text in its metadata; ``reglm config`` prints them all.
+A run directory stores the whole :class:`RunConfig` as ``config.json`` and every checkpoint
+stores it again, so a model can always be rebuilt from what is on disk.
+
+Overrides are ``section.field=value`` (``train.lr=20``) or, when the field name is unique
+across sections, just ``field=value`` (``lr=20``). Values are parsed as YAML scalars and then
+checked against the field's type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from reglm.errors import ReglmError
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    return field(default=default, metadata={"help": help, **kw})
+
+
+def _check(cond: bool, option: str, message: str) -> None:
+    if not cond:
+        raise ReglmError(f"invalid option {option}: {message}")
+
+
+def _check_prob(value: float, option: str) -> None:
+    _check(math.isfinite(value) and 0.0 <= value < 1.0, option, f"{value} must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which corpus to read and how to build its vocabulary."""
+
+    name: str = _f("synthetic", "ptb, wikitext-2, wikitext-103, synthetic, or a directory holding train.txt/valid.txt/test.txt")
+    data_dir: str | None = _f(None, "download cache for built-in corpora (default: $REGLM_DATA_DIR or ~/.cache/reglm)")
+    min_freq: int = _f(1, "custom corpora: training words seen fewer times become <unk>")
+    max_vocab: int | None = _f(None, "custom corpora: keep only the most frequent words (<unk> and <eos> included)")
+    synthetic_seed: int = _f(0, "seed of the synthetic trigram language (its table and its samples)")
+
+    def __post_init__(self) -> None:
+        _check(self.min_freq >= 1, "data.min_freq", f"{self.min_freq} must be >= 1")
+        _check(self.max_vocab is None or self.max_vocab >= 3, "data.max_vocab", f"{self.max_vocab} must be >= 3 or none")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The language model: input layer, encoder, output layer (see DESIGN in the README)."""
+
+    encoder: str = _f("awd-lstm", "encoder architecture (awd-lstm)")
+    emb_size: int = _f(200, "word embedding size (input and, when tied, output)")
+    hidden_size: int = _f(256, "LSTM hidden size of every layer but the last, whose size is emb_size")
+    num_layers: int = _f(2, "number of stacked LSTM layers")
+    tie_weights: bool = _f(True, "share the input embedding with the output projection (Inan et al.; Press & Wolf)")
+    embed_dropout: float = _f(0.0, "embedding dropout: probability of dropping a whole word type per batch (AWD-LSTM 4.3)")
+    input_dropout: float = _f(0.1, "locked dropout on the embedding output (AWD-LSTM 4.2)")
+    hidden_dropout: float = _f(0.1, "locked dropout between LSTM layers")
+    output_dropout: float = _f(0.1, "locked dropout on the last LSTM layer's output")
+    weight_dropout: float = _f(0.0, "DropConnect on the hidden-to-hidden weights (AWD-LSTM 4.1)")
+    init_range: float = _f(0.1, "embeddings are initialized U(-init_range, init_range)")
+
+    def __post_init__(self) -> None:
+        _check(self.encoder in ("awd-lstm",), "model.encoder", f"unknown encoder {self.encoder!r}; choose awd-lstm")
+        for name in ("emb_size", "hidden_size", "num_layers"):
+            _check(getattr(self, name) >= 1, f"model.{name}", f"{getattr(self, name)} must be >= 1")
+        for name in ("embed_dropout", "input_dropout", "hidden_dropout", "output_dropout", "weight_dropout"):
+            _check_prob(getattr(self, name), f"model.{name}")
+        _check(self.init_range > 0, "model.init_range", f"{self.init_range} must be > 0")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimization: SGD / NT-ASGD, variable BPTT, regularization terms, checkpointing."""
+
+    epochs: int = _f(6, "epochs of the main stage")
+    batch_size: int = _f(32, "training streams per batch")
+    eval_batch_size: int = _f(10, "streams per batch for validation")
+    test_batch_size: int = _f(1, "streams per batch for the final test evaluation")
+    bptt: int = _f(35, "base BPTT length")
+    variable_bptt: bool = _f(True, "sample the BPTT length per batch (AWD-LSTM 4.1); false: always bptt")
+    bptt_p: float = _f(0.95, "probability of the full base length; otherwise half of it")
+    bptt_std: float = _f(5.0, "standard deviation of the sampled length around the base")
+    bptt_min: int = _f(5, "shortest sampled BPTT length")
+    bptt_max: int | None = _f(None, "longest sampled BPTT length (none: no cap)")
+    lr: float = _f(20.0, "SGD learning rate, rescaled per batch by seq_len / bptt")
+    clip: float = _f(0.25, "gradient clipping: maximum global norm (0: off)")
+    weight_decay: float = _f(1.2e-6, "L2 weight decay of SGD")
+    ar_alpha: float = _f(2.0, "activation regularization coefficient (AR, on the dropped last-layer output)")
+    tar_beta: float = _f(1.0, "temporal activation regularization coefficient (TAR, on the undropped output)")
+    optimizer: str = _f("ntasgd", "ntasgd: SGD then averaging once the trigger fires; sgd: never average")
+    trigger: str = _f("reference", "NT-ASGD trigger: reference (worse than the best older than n logs) or paper (Algorithm 1)")
+    nonmono: int = _f(5, "non-monotone interval n of NT-ASGD")
+    finetune: bool = _f(False, "after the main stage, restart ASGD with T=0 from the best model (AWD-LSTM section 5)")
+    finetune_epochs: int = _f(500, "upper bound on fine-tuning epochs; the non-monotone criterion normally stops it first")
+    log_interval: int = _f(200, "log training metrics every this many steps")
+    checkpoint_interval: int = _f(0, "also write a resumable checkpoint every this many steps (0: only at epoch ends)")
+    device: str = _f("auto", "auto, cpu, cuda or cuda:N")
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "eval_batch_size", "test_batch_size", "bptt", "bptt_min", "nonmono", "log_interval"):
+            _check(getattr(self, name) >= 1, f"train.{name}", f"{getattr(self, name)} must be >= 1")
+        _check(self.bptt_max is None or self.bptt_max >= self.bptt_min, "train.bptt_max", "must be >= train.bptt_min or none")
+        _check(0.0 <= self.bptt_p <= 1.0, "train.bptt_p", f"{self.bptt_p} must be in [0, 1]")
+        _check(self.bptt_std >= 0, "train.bptt_std", f"{self.bptt_std} must be >= 0")
+        for name in ("lr", "clip", "weight_decay", "ar_alpha", "tar_beta"):
+            value = getattr(self, name)
+            _check(math.isfinite(value) and value >= 0, f"train.{name}", f"{value} must be finite and >= 0")
+        _check(self.lr > 0, "train.lr", f"{self.lr} must be > 0")
+        _check(self.optimizer in ("ntasgd", "sgd"), "train.optimizer", f"unknown {self.optimizer!r}; choose ntasgd or sgd")
+        _check(self.trigger in ("reference", "paper"), "train.trigger", f"unknown {self.trigger!r}; choose reference or paper")
+        _check(self.finetune_epochs >= 0, "train.finetune_epochs", "must be >= 0")
+        _check(self.checkpoint_interval >= 0, "train.checkpoint_interval", "must be >= 0")
+        _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), "train.device", f"unknown device {self.device!r}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that defines a run."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    seed: int = _f(1111, "the one seed of the run (data order, dropout masks, BPTT lengths, initialization)")
+    preset: str | None = _f(None, "the preset this run was built from (informational)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "config") -> "RunConfig":
+        return _build(cls, raw, source)
+
+    def replace(self, overrides: dict[str, Any]) -> "RunConfig":
+        """A copy with nested overrides ``{"train": {"lr": 10}}`` applied."""
+        return _build(RunConfig, _merge(self.to_dict(), overrides), "overrides")
+
+
+SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ReglmError:
+                continue
+        raise ReglmError(f"{where}: {value!r} is not a valid {tp}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ReglmError(f"{where}: {value!r} is not true or false")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ReglmError(f"{where}: {value!r} is not an integer")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ReglmError(f"{where}: {value!r} is not a number")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ReglmError(f"{where}: {value!r} is not a string")
+    raise TypeError(f"unsupported config type {tp}")
+
+
+def _build(cls: type, raw: Any, where: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ReglmError(f"{where}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ReglmError(f"{where}: unknown option(s) {', '.join(unknown)}; `reglm config` lists the options")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in raw:
+            continue
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[f.name] = _build(tp, raw[f.name], f"{where}: {f.name}")
+        else:
+            kwargs[f.name] = _coerce(raw[f.name], tp, f"{where}: {f.name}")
+    return cls(**kwargs)
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """Turn ``["train.lr=10", "emb_size=400"]`` into ``{"train": {"lr": 10}, "model": {"emb_size": 400}}``."""
+    nested: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ReglmError(f"override {item!r} is not key=value; write e.g. train.lr=10 (`reglm config` lists keys)")
+        key, text = item.split("=", 1)
+        key = key.strip().replace("-", "_")
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError:
+            value = text
+        if isinstance(value, str) and value.lower() in ("none", "null"):
+            value = None
+        section, name = _resolve_key(key)
+        if section is None:
+            nested[name] = value
+        else:
+            nested.setdefault(section, {})[name] = value
+    return nested
+
+
+def _resolve_key(key: str) -> tuple[str | None, str]:
+    top = {f.name for f in dataclasses.fields(RunConfig)} - set(SECTIONS)
+    if "." in key:
+        section, name = key.split(".", 1)
+        if section not in SECTIONS or name not in {f.name for f in dataclasses.fields(SECTIONS[section])}:
+            raise ReglmError(f"unknown override key {key!r}; `reglm config` lists the keys")
+        return section, name
+    if key in top:
+        return None, key
+    owners = [s for s, cls in SECTIONS.items() if key in {f.name for f in dataclasses.fields(cls)}]
+    if not owners:
+        raise ReglmError(f"unknown override key {key!r}; `reglm config` lists the keys")
+    if len(owners) > 1:
+        raise ReglmError(f"override key {key!r} is ambiguous; write one of {', '.join(o + '.' + key for o in owners)}")
+    return owners[0], key
+
+
+def describe_options() -> str:
+    """One line per option: key, type, default, help."""
+    lines = []
+    for section, cls in [(None, RunConfig), *SECTIONS.items()]:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.name in SECTIONS:
+                continue
+            key = f"{section}.{f.name}" if section else f.name
+            default = f.default if f.default is not dataclasses.MISSING else None
+            type_name = str(hints[f.name]).replace("typing.", "").replace("<class '", "").replace("'>", "")
+            lines.append(f"{key:28s} {type_name:12s} {default!r:12s} {f.metadata.get('help', '')}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- presets
+
+def _preset_dir() -> Path:
+    return Path(str(resources.files("reglm") / "presets"))
+
+
+def list_presets() -> list[tuple[str, str]]:
+    """(name, description) of every bundled preset, sorted by name."""
+    out = []
+    for path in sorted(_preset_dir().glob("*.yaml")):
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        out.append((path.stem, str(raw.get("description", ""))))
+    return out
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    """The overrides of a bundled preset (``name``) or of a YAML file (a path)."""
+    path = Path(name)
+    if not (path.suffix in (".yaml", ".yml") and path.is_file()):
+        path = _preset_dir() / f"{name}.yaml"
+    if not path.is_file():
+        known = ", ".join(n for n, _ in list_presets())
+        raise ReglmError(f"unknown preset {name!r}; choose one of: {known} (or give a path to a .yaml file)")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ReglmError(f"preset file {path} is not valid YAML ({exc}); fix the file") from None
+    if not isinstance(raw, dict):
+        raise ReglmError(f"preset file {path} must hold a mapping of sections")
+    raw.pop("description", None)
+    raw.pop("source", None)
+    return raw
+
+
+def build_config(preset: str | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Defaults, then the preset, then ``key=value`` overrides; validated."""
+    raw: dict[str, Any] = {}
+    if preset:
+        raw = _merge(raw, load_preset(preset))
+        raw["preset"] = preset
+    if overrides:
+        raw = _merge(raw, parse_overrides(overrides))
+    return RunConfig.from_dict(raw, source=f"preset {preset}" if preset else "options")
+
+
+def load_config_file(path: Path) -> RunConfig:
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ReglmError(f"{path} is missing; is this a reglm run directory?") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ReglmError(f"{path} is not valid JSON ({exc}); the run directory is damaged") from None
+    return RunConfig.from_dict(raw, source=str(path))
