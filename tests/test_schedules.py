@@ -1,0 +1,71 @@
+"""Variable BPTT lengths (AWD-LSTM 4.1) and the per-batch learning-rate rescaling."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from reglm.train.schedules import sample_bptt, scaled_lr
+
+
+def _draw(seed: int, count: int, **kw) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return [sample_bptt(g, **kw) for _ in range(count)]
+
+
+def test_distribution_matches_the_two_component_mixture() -> None:
+    bptt, p, std = 70, 0.95, 5.0
+    lengths = torch.tensor(_draw(1, 20_000, bptt=bptt, p=p, std=std), dtype=torch.float64)
+    # The components N(70, 5) and N(35, 5) are 7 std apart: split at the midpoint.
+    half = lengths < 0.75 * bptt
+    assert abs(half.double().mean().item() - (1 - p)) < 0.006  # ~4 binomial standard errors
+    full = lengths[~half]
+    assert abs(full.mean().item() - bptt) < 0.15  # rounding to nearest: no -0.5 shift
+    assert abs(full.std().item() - std) < 0.12
+    short = lengths[half]
+    assert abs(short.mean().item() - bptt / 2) < 1.0
+    assert bool((lengths >= 5).all())
+
+
+def test_min_and_max_are_respected_and_reached() -> None:
+    lengths = _draw(2, 5_000, bptt=10, std=5.0, min_len=5, max_len=12)
+    assert min(lengths) == 5 and max(lengths) == 12
+    assert all(isinstance(x, int) for x in lengths)
+    assert min(_draw(2, 2_000, bptt=10, std=5.0, min_len=7)) == 7
+
+
+def test_zero_std_gives_the_bases_rounded_half_up() -> None:
+    assert set(_draw(3, 50, bptt=35, p=1.0, std=0.0)) == {35}
+    assert set(_draw(3, 50, bptt=35, p=0.0, std=0.0)) == {18}  # 17.5 rounds up
+    assert set(_draw(3, 500, bptt=35, p=0.5, std=0.0)) == {18, 35}
+
+
+def test_same_seed_same_sequence_and_other_seed_differs() -> None:
+    assert _draw(7, 200, bptt=70) == _draw(7, 200, bptt=70)
+    assert _draw(7, 200, bptt=70) != _draw(8, 200, bptt=70)
+
+
+def test_generator_state_restore_reproduces_the_continuation() -> None:
+    g = torch.Generator().manual_seed(11)
+    head = [sample_bptt(g, 70) for _ in range(37)]
+    saved = g.get_state()
+    tail = [sample_bptt(g, 70) for _ in range(100)]
+
+    resumed = torch.Generator()
+    resumed.set_state(saved)
+    assert [sample_bptt(resumed, 70) for _ in range(100)] == tail
+    assert head + tail == _draw(11, 137, bptt=70)
+
+
+def test_draws_exactly_two_numbers_per_call_whatever_the_options() -> None:
+    a = torch.Generator().manual_seed(5)
+    b = torch.Generator().manual_seed(5)
+    sample_bptt(a, 70, p=1.0, std=0.0)
+    sample_bptt(b, 20, p=0.0, std=3.0, min_len=1, max_len=2)
+    torch.testing.assert_close(a.get_state(), b.get_state(), rtol=0, atol=0)
+
+
+def test_scaled_lr_is_linear_in_the_sequence_length() -> None:
+    assert scaled_lr(30.0, 70, 70) == pytest.approx(30.0)
+    assert scaled_lr(30.0, 35, 70) == pytest.approx(15.0)
+    assert scaled_lr(20.0, 42, 35) == pytest.approx(24.0)
