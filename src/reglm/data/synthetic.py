@@ -1,0 +1,327 @@
+"""The synthetic trigram language of Popov & Kudinov (2019), appendix A, with known true probabilities.
+
+Paper rule: 1000 words (ids 1..1000) plus a start token every sentence begins with; sentences
+of 10 words; 80k / 10k / 10k sentences for train / valid / test. The trigram ``(i, j, k)`` has
+probability proportional to ``alpha(j) * beta(i, j) * beta(k, j)`` with
+
+    alpha(j)   = (1/50) * log(j + 1) / log(51)   for j <= 50,   1/j otherwise
+    beta(i, j) = (i * (|i - j + xi| + 1)) ** (-gamma),            gamma = 0.75
+
+and ``xi`` uniform on {0, ..., 5}, drawn independently for each triple ``(i, j, k)``.
+
+Our reading, where the paper leaves room:
+
+* One ``xi_ijk`` per triple enters both beta factors of that triple. The next-word law is the
+  trigram law conditioned on the context, ``p(k | i, j) ∝ beta(i, j; xi_ijk) * beta(k, j; xi_ijk)``
+  (``alpha(j)`` and the ``i ** -gamma`` part of ``beta(i, j)`` do not depend on ``k`` and cancel).
+* ``xi`` is not stored (a 10^9 table): ``xi_ijk`` is a counter-based hash of ``(seed, i, j, k)``
+  (the splitmix64 finalizer, in vectorized uint64 arithmetic), so the 1000 conditionals of any
+  context are computed on demand, exactly and reproducibly.
+* Sentence start (id 0 is the start token): the first word is drawn from ``p(j) ∝ alpha(j)``
+  (the middle-word weight of the trigram law); the second word, in context ``(start, w1)``, from
+  ``p(k | start, w1) ∝ beta(k, w1; xi_{0, w1, k})`` (the start token contributes no beta factor).
+* Corpus files hold one sentence per line, words written ``w1`` .. ``w1000``; the ``<eos>`` the
+  corpus rule appends after each line plays the start token's role: every sentence begins right
+  after an ``<eos>``. Since sentences have a fixed length, ``<eos>`` has true probability 1.
+
+Every probability here is exact up to float64 rounding; sampling is inverse-CDF on the exact
+conditional.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from reglm.data.corpus import Corpus, cache_dir, load_directory
+from reglm.data.vocab import EOS, Vocab, temp_sibling
+from reglm.errors import ReglmError
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_MUL1 = np.uint64(0xBF58476D1CE4E5B9)
+_MUL2 = np.uint64(0x94D049BB133111EB)
+_ROWS_PER_CHUNK = 256
+DEFAULT_SIZES = (80000, 10000, 10000)
+
+
+def _mix64(z: np.ndarray) -> np.ndarray:
+    """The splitmix64 finalizer: a bijection of uint64 with good avalanche (products wrap mod 2**64)."""
+    with np.errstate(over="ignore"):
+        z = z ^ (z >> np.uint64(30))
+        z *= _MUL1
+        z ^= z >> np.uint64(27)
+        z *= _MUL2
+        z ^= z >> np.uint64(31)
+    return z
+
+
+class TrigramLanguage:
+    """The trigram language; words are ``1..vocab_size``, ``0`` is the start token (in contexts only).
+
+    Args:
+        seed: selects the ``xi`` of every triple (the language itself).
+        vocab_size: number of words (1000 in the paper); at most ``2**21 - 1``.
+        sentence_length: words per sentence (10 in the paper).
+        gamma: the exponent of ``beta`` (0.75 in the paper).
+    """
+
+    def __init__(self, seed: int = 0, vocab_size: int = 1000, sentence_length: int = 10, gamma: float = 0.75) -> None:
+        if not 1 <= vocab_size < 2**21:
+            raise ValueError(f"vocab_size must be in [1, 2**21), got {vocab_size}")
+        if sentence_length < 1:
+            raise ValueError(f"sentence_length must be >= 1, got {sentence_length}")
+        self.seed = seed
+        self.vocab_size = vocab_size
+        self.sentence_length = sentence_length
+        self.gamma = gamma
+        self._seed_key = _mix64(np.array([seed & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64) + _GOLDEN)[0]
+        # _pow[m] = m ** -gamma for m >= 1; _pow[0] = 1 stands for "no factor" (the start token).
+        self._pow = np.arange(2 * vocab_size + 7, dtype=np.float64)
+        self._pow[0] = 1.0
+        self._pow[1:] **= -gamma
+        self._words = np.arange(1, vocab_size + 1, dtype=np.int64)
+
+    def alpha(self) -> np.ndarray:
+        """``(V,)``: ``alpha(j)`` for ``j = 1..V`` (paper, appendix A)."""
+        j = self._words.astype(np.float64)
+        return np.where(j <= 50, np.log(j + 1) / (50 * np.log(51)), 1.0 / j)
+
+    def xi(self, i: np.ndarray, j: np.ndarray, k: np.ndarray) -> np.ndarray:
+        """``xi_ijk`` in ``{0..5}`` (int64), broadcast over ``i``, ``j``, ``k`` (ids in ``0..V``).
+
+        ``((mix64(i << 42 | j << 21 | k  ^  mix64(seed + golden)) >> 32) * 6) >> 32``: the key is
+        distinct per triple and ``mix64`` is a bijection, so triples get independent-looking draws.
+        """
+        key = (
+            (np.asarray(i, dtype=np.uint64) << np.uint64(42))
+            | (np.asarray(j, dtype=np.uint64) << np.uint64(21))
+            | np.asarray(k, dtype=np.uint64)
+        )
+        h = _mix64(np.asarray(key ^ self._seed_key, dtype=np.uint64))
+        return (((h >> np.uint64(32)) * np.uint64(6)) >> np.uint64(32)).astype(np.int64)
+
+    def _weights(self, prev2: np.ndarray, prev1: np.ndarray) -> np.ndarray:
+        """``(n, V)`` unnormalized next-word weights of ``n`` contexts (see the module docstring)."""
+        i = prev2[:, None]
+        j = prev1[:, None]
+        k = self._words[None, :]
+        xi = self.xi(i, j, k)
+        pow_ = self._pow
+        w = pow_[np.abs(k - j + xi) + 1]
+        w *= pow_[k]
+        w *= pow_[(np.abs(i - j + xi) + 1) * (i > 0)]
+        start = prev1 == 0
+        if start.any():
+            w[start] = self.alpha()
+        return w
+
+    def _check_context(self, prev2: np.ndarray, prev1: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        prev2 = np.asarray(prev2, dtype=np.int64).reshape(-1)
+        prev1 = np.asarray(prev1, dtype=np.int64).reshape(-1)
+        if prev2.shape != prev1.shape:
+            raise ValueError(f"prev2 and prev1 differ in length: {prev2.shape} vs {prev1.shape}")
+        for name, arr in (("prev2", prev2), ("prev1", prev1)):
+            if arr.size and (arr.min() < 0 or arr.max() > self.vocab_size):
+                raise ValueError(f"{name} holds ids outside 0..{self.vocab_size}")
+        if np.any((prev1 == 0) & (prev2 != 0)):
+            raise ValueError("a start token (0) in prev1 must have a start token in prev2")
+        return prev2, prev1
+
+    def next_word_probs(self, prev2: np.ndarray, prev1: np.ndarray) -> np.ndarray:
+        """``(N, V)`` float64: column ``c`` is ``p(word c+1 | prev2, prev1)``; contexts ``(N,)``, 0 = start."""
+        prev2, prev1 = self._check_context(prev2, prev1)
+        w = self._weights(prev2, prev1)
+        return w / w.sum(axis=1, keepdims=True)
+
+    def _chunks(self, prev2: np.ndarray, prev1: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Group the ``N`` contexts by distinct context and yield, chunk by chunk,
+        ``(positions, row of each position in w, w (rows, V) unnormalized weights)``."""
+        keys = prev2 * (self.vocab_size + 1) + prev1
+        uniq, inverse = np.unique(keys, return_inverse=True)
+        order = np.argsort(inverse, kind="stable")
+        bounds = np.searchsorted(inverse[order], np.arange(len(uniq) + 1))
+        for r0 in range(0, len(uniq), _ROWS_PER_CHUNK):
+            r1 = min(r0 + _ROWS_PER_CHUNK, len(uniq))
+            ctx = uniq[r0:r1]
+            w = self._weights(ctx // (self.vocab_size + 1), ctx % (self.vocab_size + 1))
+            positions = order[bounds[r0] : bounds[r1]]
+            yield positions, inverse[positions] - r0, w
+
+    def _draw(self, prev2: np.ndarray, prev1: np.ndarray, u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Inverse-CDF draw for uniforms ``u`` ``(N,)``: words ``(N,)`` in ``1..V`` and their log-probs."""
+        words = np.empty(len(u), dtype=np.int64)
+        logp = np.empty(len(u), dtype=np.float64)
+        steps = int(np.ceil(np.log2(self.vocab_size))) + 1
+        for positions, rows, w in self._chunks(prev2, prev1):
+            cdf = np.cumsum(w, axis=1)
+            total = cdf[:, -1]
+            target = u[positions] * total[rows]
+            # vectorized binary search: the smallest column whose cdf exceeds the target
+            lo = np.zeros(len(positions), dtype=np.int64)
+            hi = np.full(len(positions), self.vocab_size - 1, dtype=np.int64)
+            for _ in range(steps):
+                mid = (lo + hi) // 2
+                right = cdf[rows, mid] <= target
+                lo = np.where(right, mid + 1, lo)
+                hi = np.where(right, hi, mid)
+            words[positions] = lo + 1
+            logp[positions] = np.log(w[rows, lo]) - np.log(total[rows])
+        return words, logp
+
+    def sample_next(self, prev2: np.ndarray, prev1: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """``(N,)`` next words in ``1..V`` drawn from ``p(. | prev2, prev1)``, one uniform each."""
+        prev2, prev1 = self._check_context(prev2, prev1)
+        return self._draw(prev2, prev1, rng.random(len(prev1)))[0]
+
+    def sample_with_log_prob(self, n_sentences: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """``(n, L)`` sentences and ``(n, L)`` their true per-word natural-log probabilities.
+
+        Position by position (all sentences at once): one ``rng.random(n)`` per position.
+        """
+        length = self.sentence_length
+        padded = np.zeros((n_sentences, length + 2), dtype=np.int64)
+        logp = np.empty((n_sentences, length), dtype=np.float64)
+        for t in range(length):
+            words, lp = self._draw(padded[:, t], padded[:, t + 1], rng.random(n_sentences))
+            padded[:, t + 2] = words
+            logp[:, t] = lp
+        return padded[:, 2:], logp
+
+    def sample(self, n_sentences: int, rng: np.random.Generator) -> np.ndarray:
+        """``(n, L)`` sentences of words in ``1..V``; same draws as :meth:`sample_with_log_prob`."""
+        return self.sample_with_log_prob(n_sentences, rng)[0]
+
+    def log_prob(self, sentences: np.ndarray) -> np.ndarray:
+        """``(n, L)`` natural-log true probability of each word of ``sentences`` ``(n, L)`` given its past."""
+        sentences = np.asarray(sentences, dtype=np.int64)
+        n, length = sentences.shape
+        if sentences.size and (sentences.min() < 1 or sentences.max() > self.vocab_size):
+            raise ValueError(f"sentence words must be in 1..{self.vocab_size}")
+        padded = np.concatenate([np.zeros((n, 2), dtype=np.int64), sentences], axis=1)
+        out = np.empty((n, length), dtype=np.float64)
+        for t in range(length):
+            target = sentences[:, t] - 1
+            column = np.empty(n, dtype=np.float64)
+            for positions, rows, w in self._chunks(padded[:, t], padded[:, t + 1]):
+                column[positions] = np.log(w[rows, target[positions]]) - np.log(w.sum(axis=1)[rows])
+            out[:, t] = column
+        return out
+
+
+def _dirname(seed: int, sizes: tuple[int, int, int]) -> str:
+    suffix = "" if tuple(sizes) == DEFAULT_SIZES else "-" + "-".join(str(s) for s in sizes)
+    return f"synthetic-{seed}{suffix}"
+
+
+_FILES = ("train.txt", "valid.txt", "test.txt", "valid-logprob.npy", "test-logprob.npy", "vocab.txt")
+
+
+def _generate(root: Path, seed: int, sizes: tuple[int, int, int]) -> None:
+    """Sample the three splits and write them, with true log-probs and vocabulary, into ``root`` atomically.
+
+    Sentences come from ``numpy.random.default_rng(seed)``: train, then valid, then test.
+    """
+    lang = TrigramLanguage(seed=seed)
+    rng = np.random.default_rng(seed)
+    names = np.array([""] + [f"w{k}" for k in range(1, lang.vocab_size + 1)], dtype=object)
+    tmp = temp_sibling(root)
+    try:
+        tmp.mkdir(parents=True)
+    except OSError as exc:
+        raise ReglmError(f"cannot write the synthetic corpus under {root.parent} ({exc}); pass --data-dir with a writable directory") from None
+    try:
+        counts = np.zeros(lang.vocab_size + 1, dtype=np.int64)
+        for split, n in zip(("train", "valid", "test"), sizes):
+            sentences, logp = lang.sample_with_log_prob(n, rng)
+            lines = [" ".join(row) for row in names[sentences].tolist()]
+            (tmp / f"{split}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+            if split == "train":
+                counts += np.bincount(sentences.ravel(), minlength=lang.vocab_size + 1)
+            else:
+                np.save(tmp / f"{split}-logprob.npy", logp)
+        counter = Counter({str(names[k]): int(counts[k]) for k in range(1, lang.vocab_size + 1)})
+        counter[EOS] = sizes[0]
+        Vocab.build(counter, min_freq=0).save(tmp / "vocab.txt")
+        try:
+            os.replace(tmp, root)
+        except OSError as exc:  # another process may have finished the same corpus first
+            if not all((root / f).is_file() for f in _FILES):
+                raise ReglmError(f"cannot move the synthetic corpus into {root} ({exc}); remove {root} or pass --data-dir") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def synthetic_corpus(seed: int = 0, data_dir: str | Path | None = None, sizes: tuple[int, int, int] = DEFAULT_SIZES) -> Corpus:
+    """The synthetic corpus of ``seed``, generated once into ``<cache>/synthetic-<seed>/`` and then read from there.
+
+    ``sizes`` are the train / valid / test sentence counts (the paper's 80k / 10k / 10k by
+    default; other sizes get their own directory ``synthetic-<seed>-<train>-<valid>-<test>``).
+    The vocabulary is closed: all words plus ``<eos>``, ordered by training count (no ``<unk>``).
+    ``Corpus.truth`` holds the true log-probabilities of valid and test, aligned with the id
+    streams (0.0 at every ``<eos>``).
+    """
+    if len(sizes) != 3 or min(sizes) < 1:
+        raise ReglmError(f"synthetic sizes {sizes} must be three positive sentence counts")
+    root = cache_dir(data_dir) / _dirname(seed, sizes)
+    if not root.is_dir():
+        _generate(root, seed, tuple(sizes))
+    missing = [f for f in _FILES if not (root / f).is_file()]
+    if missing:
+        raise ReglmError(f"synthetic corpus {root} lacks {', '.join(missing)}; delete the directory to generate it again")
+    corpus = load_directory(root, name="synthetic", vocab=Vocab.load(root / "vocab.txt"))
+    truth = {}
+    for split in ("valid", "test"):
+        try:
+            logp = np.load(root / f"{split}-logprob.npy")
+        except (OSError, ValueError) as exc:
+            raise ReglmError(f"{root / f'{split}-logprob.npy'} is unreadable ({exc}); delete {root} to generate it again") from None
+        stream = np.concatenate([logp, np.zeros((logp.shape[0], 1))], axis=1).reshape(-1)
+        if logp.ndim != 2 or stream.size != corpus.split(split).numel():
+            raise ReglmError(f"{root / f'{split}-logprob.npy'} does not match {split}.txt; delete {root} to generate it again")
+        truth[split] = torch.from_numpy(stream)
+    corpus.truth = truth
+    return corpus
+
+
+def synthetic_stats(corpus: Corpus, n_frequent: int = 50, n_almost: int = 100) -> dict:
+    """Word-frequency shares and true test perplexities of a synthetic corpus (paper, section 4 / appendix A).
+
+    Returns ``share_frequent`` / ``share_almost`` / ``share_rest``: share of training word tokens
+    (``<eos>`` excluded) of the ``n_frequent`` most frequent training words, the next
+    ``n_almost``, and the rest (paper: 70.5% / 14.7% / 14.8%); ``test_ppl``, ``test_ppl_frequent``,
+    ``test_ppl_rare``: the true perplexity over test words (``<eos>`` targets excluded), over
+    those among the ``n_frequent`` most frequent training words, and over the others, and
+    ``ratio`` = rare / frequent (paper: 78.14, 29.74, 766.53, 25.8).
+    """
+    if corpus.truth is None:
+        raise ReglmError(f"corpus {corpus.name!r} has no true probabilities; synthetic statistics need the synthetic corpus")
+    vocab = corpus.vocab
+    word_ids = [i for i in range(len(vocab)) if vocab.itos[i] != EOS]
+    ranked = sorted(word_ids, key=lambda i: (-vocab.counts[i], vocab.itos[i]))
+    counts = np.array([vocab.counts[i] for i in ranked], dtype=np.float64)
+    total = counts.sum()
+    frequent = torch.zeros(len(vocab), dtype=torch.bool)
+    frequent[ranked[:n_frequent]] = True
+    test = corpus.test
+    logp = corpus.truth["test"]
+    words = test != vocab.eos_id
+
+    def ppl(mask: torch.Tensor) -> float:
+        return float(torch.exp(-logp[mask].mean()))
+
+    stats = {
+        "share_frequent": float(counts[:n_frequent].sum() / total),
+        "share_almost": float(counts[n_frequent : n_frequent + n_almost].sum() / total),
+        "share_rest": float(counts[n_frequent + n_almost :].sum() / total),
+        "test_ppl": ppl(words),
+        "test_ppl_frequent": ppl(words & frequent[test]),
+        "test_ppl_rare": ppl(words & ~frequent[test]),
+    }
+    stats["ratio"] = stats["test_ppl_rare"] / stats["test_ppl_frequent"]
+    return stats

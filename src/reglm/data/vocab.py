@@ -1,0 +1,189 @@
+"""Word vocabulary: ids ordered by training frequency, with ``<eos>`` and an optional ``<unk>``.
+
+Ids are assigned by descending training count, ties broken by the token string, so the same
+training text always gives the same ids. Frequency order is what frequency-bucketed output
+layers need (adaptive softmax / adaptive input, Baevski & Auli 2019); the reference AWD-LSTM
+code numbers words by first appearance instead, which changes no perplexity. ``<eos>`` is always
+present: the corpus rule appends one per line (see :mod:`reglm.data.corpus`). ``<unk>`` is present
+when the training text already contains it (PTB, WikiText) or when ``min_freq`` / ``max_vocab``
+dropped a word; it then carries the count of everything mapped to it.
+
+On disk a vocabulary is ``vocab.txt``: UTF-8, one ``token<TAB>count`` line per id, in id order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+from collections import Counter
+from pathlib import Path
+
+from reglm.errors import ReglmError
+
+EOS = "<eos>"
+UNK = "<unk>"
+
+
+class UnknownWordError(KeyError):
+    """A word outside a vocabulary that has no ``<unk>``; ``word`` and ``position`` say which."""
+
+    def __init__(self, word: str, position: int) -> None:
+        super().__init__(word)
+        self.word = word
+        self.position = position
+
+
+class Vocab:
+    """A bijection token <-> id plus the training count of every token.
+
+    Attributes:
+        itos: token of each id, ``len(itos) == len(self)``.
+        stoi: id of each token.
+        counts: training count of each id (0 for a special token never seen in training).
+    """
+
+    def __init__(self, itos: list[str], counts: list[int]) -> None:
+        if len(itos) != len(counts):
+            raise ValueError(f"{len(itos)} tokens but {len(counts)} counts")
+        if EOS not in itos:
+            raise ValueError(f"a vocabulary needs {EOS}")
+        self.itos = list(itos)
+        self.counts = [int(c) for c in counts]
+        self.stoi = {tok: i for i, tok in enumerate(self.itos)}
+        if len(self.stoi) != len(self.itos):
+            raise ValueError("duplicate tokens in the vocabulary")
+
+    @classmethod
+    def build(cls, counter: Counter, min_freq: int = 1, max_vocab: int | None = None) -> "Vocab":
+        """The vocabulary of a training text's token counts.
+
+        Words seen fewer than ``min_freq`` times, and the least frequent words beyond
+        ``max_vocab`` entries (``<eos>`` and ``<unk>`` included in that number), are dropped;
+        ``<unk>`` is then added, with its own count plus the counts of every dropped word, when
+        anything was dropped or ``<unk>`` occurs in ``counter``. ``<eos>`` is always kept.
+        ``min_freq=0`` keeps every key of ``counter``, zero counts included (a closed
+        vocabulary such as the synthetic language's, where a word may be unseen in training).
+        Ids follow descending count, ties broken by the token string.
+        """
+        if min_freq < 0:
+            raise ValueError(f"min_freq must be >= 0, got {min_freq}")
+        if max_vocab is not None and max_vocab < 2:
+            raise ReglmError(f"max_vocab={max_vocab} must be >= 2 (room for {EOS} and {UNK})")
+        ranked = sorted((w for w in counter if w not in (EOS, UNK)), key=lambda w: (-counter[w], w))
+        kept = [w for w in ranked if counter[w] >= min_freq]
+        has_unk = counter.get(UNK, 0) > 0 or len(kept) < len(ranked)
+        if max_vocab is not None:
+            room = max_vocab - 1 - int(has_unk)
+            if len(kept) > room and not has_unk:
+                has_unk = True
+                room -= 1
+            kept = kept[:room]
+        entries = {w: counter[w] for w in kept}
+        entries[EOS] = counter.get(EOS, 0)
+        if has_unk:
+            entries[UNK] = sum(counter.values()) - sum(entries.values())
+        itos = sorted(entries, key=lambda w: (-entries[w], w))
+        return cls(itos, [entries[w] for w in itos])
+
+    @property
+    def eos_id(self) -> int:
+        return self.stoi[EOS]
+
+    @property
+    def unk_id(self) -> int | None:
+        return self.stoi.get(UNK)
+
+    def __len__(self) -> int:
+        return len(self.itos)
+
+    def __contains__(self, token: object) -> bool:
+        return token in self.stoi
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Vocab):
+            return NotImplemented
+        return self.itos == other.itos and self.counts == other.counts
+
+    def __repr__(self) -> str:
+        return f"Vocab(size={len(self)}, unk={self.unk_id is not None})"
+
+    def encode(self, tokens: list[str]) -> list[int]:
+        """Ids of ``tokens`` (length preserved); unknown words become ``<unk>``.
+
+        Raises :class:`UnknownWordError` (a ``KeyError``) with the first unknown word and its
+        position when the vocabulary has no ``<unk>``.
+        """
+        stoi = self.stoi
+        try:
+            return [stoi[t] for t in tokens]
+        except KeyError:
+            unk = self.unk_id
+            if unk is None:
+                position = next(p for p, t in enumerate(tokens) if t not in stoi)
+                raise UnknownWordError(tokens[position], position) from None
+            return [stoi.get(t, unk) for t in tokens]
+
+    def decode(self, ids: list[int]) -> list[str]:
+        """Tokens of ``ids``."""
+        return [self.itos[i] for i in ids]
+
+    def fingerprint(self) -> str:
+        """sha256 (hex) of the tokens in id order joined by newlines; equal iff the id maps agree."""
+        return hashlib.sha256("\n".join(self.itos).encode("utf-8")).hexdigest()
+
+    def save(self, path: str | Path) -> None:
+        """Write ``token<TAB>count`` lines in id order, atomically (temp file + ``os.replace``)."""
+        path = Path(path)
+        for tok in self.itos:
+            if not tok or "\t" in tok or "\n" in tok:
+                raise ValueError(f"token {tok!r} cannot be stored in {path}")
+        text = "".join(f"{tok}\t{count}\n" for tok, count in zip(self.itos, self.counts))
+        atomic_write_bytes(path, text.encode("utf-8"))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Vocab":
+        """Read a file written by :meth:`save`; a malformed file raises :class:`ReglmError`."""
+        path = Path(path)
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            raise ReglmError(f"vocabulary file {path} is missing; point to the vocab.txt of the run") from None
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ReglmError(f"vocabulary file {path} is not valid UTF-8; it is damaged, restore it") from None
+        itos: list[str] = []
+        counts: list[int] = []
+        lines = text.split("\n")
+        if lines[-1] == "":
+            lines.pop()
+        for lineno, line in enumerate(lines, 1):
+            parts = line.split("\t")
+            if len(parts) != 2 or not parts[0] or not parts[1].isdigit():
+                raise ReglmError(
+                    f"vocabulary file {path} is malformed at line {lineno} (expected token<TAB>count); "
+                    "it is damaged, restore it"
+                )
+            itos.append(parts[0])
+            counts.append(int(parts[1]))
+        if EOS not in itos or len(set(itos)) != len(itos):
+            raise ReglmError(f"vocabulary file {path} lacks {EOS} or repeats a token; it is damaged, restore it")
+        return cls(itos, counts)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temp file in the same directory and ``os.replace``."""
+    tmp = temp_sibling(path)
+    try:
+        with open(tmp, "xb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def temp_sibling(path: Path) -> Path:
+    """A fresh hidden name next to ``path`` (same directory, so ``os.replace`` is atomic)."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
