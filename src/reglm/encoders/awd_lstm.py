@@ -1,0 +1,170 @@
+"""The AWD-LSTM encoder (Merity et al., 2017): a stack of weight-dropped LSTM layers.
+
+Layout is batch-first throughout: embeddings ``(B, T, E)`` in, ``(B, T, E)`` out. The recurrent
+state of layer ``l`` is ``(h, c)``, each ``(1, B, H_l)`` -- the shape the fused LSTM kernel uses.
+
+Techniques, with the paper's sections:
+
+* DropConnect on the hidden-to-hidden weights (section 2, "Weight-dropped LSTM"):
+  :class:`WeightDropLSTM`.
+* Locked (variational) dropout between layers and on the output (section 4.2).
+* Independent embedding and hidden sizes (section 4.5): the first layer reads ``emb_size``
+  features, the last one emits ``emb_size`` features so a tied output layer can read it.
+* Hidden state carried across batches and detached (truncated BPTT): :func:`detach_state`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from reglm.config import ModelConfig
+from reglm.layers.dropout import LockedDropout, keep_mask
+
+LSTMState = tuple[Tensor, Tensor]
+
+
+class WeightDropLSTM(nn.Module):
+    """One LSTM layer with DropConnect on its recurrent weight (AWD-LSTM section 2).
+
+    The LSTM is the paper's section-2 formulation (``i, f, o, c~`` from ``W x_t + U h_{t-1}``
+    plus biases, in PyTorch's gate order ``i, f, g, o``). Parameters are named like those of
+    ``torch.nn.LSTM`` so state dicts interchange:
+
+    * ``weight_ih_l0: (4H, I)`` -- the input weights ``[W^i, W^f, W^c, W^o]``;
+    * ``weight_hh_l0: (4H, H)`` -- the raw recurrent weights ``[U^i, U^f, U^c, U^o]``, the
+      parameter that is trained;
+    * ``bias_ih_l0, bias_hh_l0: (4H,)``.
+
+    In training mode with ``weight_dropout > 0`` one elementwise Bernoulli mask is applied to
+    ``weight_hh_l0`` (with ``1 / (1 - p)`` scaling, the same as
+    ``F.dropout(weight_hh_l0, p, training=True)``, sampled by :func:`keep_mask`) per forward
+    call, and the fused kernel
+    (``torch.lstm``, cuDNN on GPU) runs with that dropped copy, so the same recurrent weights
+    stay dropped at every time step of the forward and the backward pass. Gradients flow back
+    through the mask to the raw parameter. Otherwise the layer computes exactly what
+    ``torch.nn.LSTM(input_size, hidden_size, batch_first=True)`` computes with the same weights.
+
+    Initialization: every weight and bias ``U(-1/sqrt(H), 1/sqrt(H))`` with ``H = hidden_size``
+    (AWD-LSTM section 5; also ``torch.nn.LSTM``'s default).
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, weight_dropout: float = 0.0) -> None:
+        super().__init__()
+        if not 0.0 <= weight_dropout < 1.0:
+            raise ValueError(f"weight_dropout must be in [0, 1), got {weight_dropout}")
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.weight_dropout = float(weight_dropout)
+        gates = 4 * hidden_size
+        self.weight_ih_l0 = nn.Parameter(torch.empty(gates, input_size))
+        self.weight_hh_l0 = nn.Parameter(torch.empty(gates, hidden_size))
+        self.bias_ih_l0 = nn.Parameter(torch.empty(gates))
+        self.bias_hh_l0 = nn.Parameter(torch.empty(gates))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """All weights and biases ``U(-1/sqrt(H), 1/sqrt(H))`` (AWD-LSTM section 5)."""
+        bound = 1.0 / math.sqrt(self.hidden_size)
+        for param in self.parameters():
+            nn.init.uniform_(param, -bound, bound)
+
+    def init_state(self, batch_size: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> LSTMState:
+        """Zero state ``(h0, c0)``, each ``(1, B, H)``, on the parameters' device/dtype by default."""
+        ref = self.weight_hh_l0
+        shape = (1, batch_size, self.hidden_size)
+        kwargs = {"device": device if device is not None else ref.device, "dtype": dtype if dtype is not None else ref.dtype}
+        return torch.zeros(shape, **kwargs), torch.zeros(shape, **kwargs)
+
+    def forward(self, x: Tensor, state: LSTMState | None = None) -> tuple[Tensor, LSTMState]:
+        """``x: (B, T, I)``, ``state: ((1, B, H), (1, B, H))`` or None (zeros).
+
+        Returns ``out: (B, T, H)`` (the hidden state ``h_t`` at every step) and ``(h_T, c_T)``.
+        """
+        if state is None:
+            state = self.init_state(x.size(0), x.device, x.dtype)
+        weight_hh = self.weight_hh_l0
+        if self.training and self.weight_dropout > 0.0:
+            weight_hh = weight_hh * keep_mask(weight_hh.shape, self.weight_dropout, weight_hh)
+        params = [self.weight_ih_l0, weight_hh, self.bias_ih_l0, self.bias_hh_l0]
+        # torch.lstm(input, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first)
+        out, h, c = torch.lstm(x, state, params, True, 1, 0.0, self.training, False, True)
+        return out, (h, c)
+
+    def extra_repr(self) -> str:
+        return f"{self.input_size}, {self.hidden_size}, weight_dropout={self.weight_dropout}"
+
+
+@dataclass
+class EncoderOutput:
+    """What an encoder returns; the output layer and the AR/TAR terms read from it.
+
+    * ``output: (B, T, E)`` -- last layer's output after output dropout (``m * h_t``): what the
+      output layer reads and what AR penalizes (AWD-LSTM 4.6).
+    * ``raw_output: (B, T, E)`` -- last layer's output before dropout (``h_t``): what TAR reads.
+    * ``layer_outputs`` -- the undropped output ``(B, T, H_l)`` of every layer, first to last.
+    * ``state`` -- the new ``(h, c)`` of every layer, each ``(1, B, H_l)``; pass it to the next
+      call (detached with :func:`detach_state`) to carry the state across batches.
+    """
+
+    output: Tensor
+    raw_output: Tensor
+    layer_outputs: list[Tensor]
+    state: list[LSTMState]
+
+
+class AWDLSTMEncoder(nn.Module):
+    """A stack of ``cfg.num_layers`` :class:`WeightDropLSTM` layers (AWD-LSTM sections 2, 4.2, 4.5).
+
+    Layer ``l`` reads ``emb_size`` features when ``l = 0`` and ``hidden_size`` otherwise; its own
+    hidden size ``H_l`` is ``hidden_size`` except for the last layer, whose ``H_l = emb_size``
+    (section 4.5), so that with tied weights the output embedding reads the encoder output
+    directly. Every layer applies DropConnect ``cfg.weight_dropout`` to its recurrent weight.
+    Locked dropout ``cfg.hidden_dropout`` is applied to the output of every layer but the last
+    (the input of the next layer) and ``cfg.output_dropout`` to the last layer's output.
+
+    Initialization (section 5): "all other weights were initialized between
+    [-1/sqrt(H), 1/sqrt(H)], where H is the hidden size". We follow the reference code's reading,
+    where H is each layer's own hidden size ``H_l`` -- so the last layer, whose hidden size is
+    ``emb_size``, is initialized with ``1/sqrt(emb_size)``.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        n = cfg.num_layers
+        in_sizes = [cfg.emb_size] + [cfg.hidden_size] * (n - 1)
+        out_sizes = [cfg.hidden_size] * (n - 1) + [cfg.emb_size]
+        self.layers = nn.ModuleList(
+            WeightDropLSTM(i, h, cfg.weight_dropout) for i, h in zip(in_sizes, out_sizes)
+        )
+        self.hidden_dropout = LockedDropout(cfg.hidden_dropout)
+        self.output_dropout = LockedDropout(cfg.output_dropout)
+        self.output_size = cfg.emb_size
+
+    def init_state(self, batch_size: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> list[LSTMState]:
+        """Zero ``(h, c)`` for every layer, each ``(1, B, H_l)``."""
+        return [layer.init_state(batch_size, device, dtype) for layer in self.layers]
+
+    def forward(self, emb: Tensor, state: list[LSTMState] | None = None) -> EncoderOutput:
+        """``emb: (B, T, E)`` (already dropped by the input layer), ``state`` as from
+        :meth:`init_state` or a previous call, or None for zeros. Returns :class:`EncoderOutput`."""
+        if state is not None and len(state) != len(self.layers):
+            raise ValueError(f"state has {len(state)} layers, the encoder has {len(self.layers)}")
+        x = emb
+        layer_outputs: list[Tensor] = []
+        new_state: list[LSTMState] = []
+        last = len(self.layers) - 1
+        for l, layer in enumerate(self.layers):
+            raw, layer_state = layer(x, None if state is None else state[l])
+            layer_outputs.append(raw)
+            new_state.append(layer_state)
+            x = self.hidden_dropout(raw) if l < last else self.output_dropout(raw)
+        return EncoderOutput(output=x, raw_output=layer_outputs[-1], layer_outputs=layer_outputs, state=new_state)
+
+
+def detach_state(state: list[LSTMState]) -> list[LSTMState]:
+    """The state cut from the graph, for truncated BPTT across consecutive batches."""
+    return [(h.detach(), c.detach()) for h, c in state]

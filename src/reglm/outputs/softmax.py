@@ -1,0 +1,57 @@
+"""The plain softmax output layer, optionally tied to the input embedding (AWD-LSTM 4.4).
+
+Every output layer of the toolkit offers the same three methods, which is the seam other
+output layers (adversarial softmax, mixture of softmaxes, adaptive softmax) plug into:
+
+* ``logits(h: (..., E)) -> (..., V)``
+* ``log_probs(h: (..., E)) -> (..., V)``
+* ``nll(h: (B, T, E), targets: (B, T)) -> (B, T)`` per-token negative log-likelihood.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class SoftmaxOutput(nn.Module):
+    """``p(w | h) = softmax(h W^T + b)_w`` with ``W: (V, E)`` and ``b: (V,)``.
+
+    With ``tied_weight`` given (weight tying, AWD-LSTM section 4.4; Inan et al., 2016; Press &
+    Wolf, 2016), ``W`` is that very Parameter -- registered here as ``weight`` too, one tensor
+    shared with the input embedding, not a copy. Otherwise the layer owns ``weight: (V, E)``
+    initialized ``U(-0.1, 0.1)``. The bias is always the layer's own, initialized to zeros.
+    """
+
+    def __init__(self, in_features: int, vocab_size: int, tied_weight: nn.Parameter | None = None) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.vocab_size = vocab_size
+        if tied_weight is None:
+            self.weight = nn.Parameter(torch.empty(vocab_size, in_features).uniform_(-0.1, 0.1))
+        else:
+            if tuple(tied_weight.shape) != (vocab_size, in_features):
+                raise ValueError(
+                    f"tied weight has shape {tuple(tied_weight.shape)}, expected ({vocab_size}, {in_features}); "
+                    "tying needs the encoder output size to equal the embedding size"
+                )
+            self.weight = tied_weight
+        self.bias = nn.Parameter(torch.zeros(vocab_size))
+
+    def logits(self, h: Tensor) -> Tensor:
+        """``h: (..., E) -> (..., V)``: ``h W^T + b``."""
+        return F.linear(h, self.weight, self.bias)
+
+    def log_probs(self, h: Tensor) -> Tensor:
+        """``h: (..., E) -> (..., V)``: ``log softmax(h W^T + b)`` over the vocabulary."""
+        return F.log_softmax(self.logits(h), dim=-1)
+
+    def nll(self, h: Tensor, targets: Tensor) -> Tensor:
+        """``h: (B, T, E)``, ``targets: (B, T)`` -> ``(B, T)``: ``-log p(targets | h)`` per token."""
+        logits = self.logits(h)
+        flat = F.cross_entropy(logits.reshape(-1, self.vocab_size), targets.reshape(-1), reduction="none")
+        return flat.view(targets.shape)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, vocab_size={self.vocab_size}"
