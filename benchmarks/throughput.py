@@ -1,0 +1,227 @@
+"""Training throughput: the regularized AWD-LSTM against a plain ``torch.nn.LSTM`` stack.
+
+Both models have the same shapes (embedding, LSTM layers as in AWD-LSTM section 4.5, softmax
+tied to the embedding) and train with the same step: forward, backward, gradient clipping,
+SGD update, hidden state carried and detached. The regularized model adds everything the
+AWD-LSTM recipe puts on the hot path: embedding dropout, locked dropout on input / between
+layers / on the output, DropConnect on every recurrent weight (fused kernel run with the
+dropped copy), and the AR/TAR terms. The plain model has none of them.
+
+The two are measured in one process, interleaved: a warm-up, then timed rounds that alternate
+which model goes first, synchronizing CUDA around every timed block. Tokens/s of each and the
+ratio regularized/plain are printed and saved as JSON with device and versions.
+
+    python benchmarks/throughput.py --preset-size ptb --device cuda --steps 100
+    python benchmarks/throughput.py --preset-size ptb --device cpu --steps 6 --rounds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from reglm.config import ModelConfig
+from reglm.encoders.awd_lstm import detach_state
+from reglm.models import LanguageModel
+from reglm.objectives.activation_reg import activation_reg, temporal_activation_reg
+from reglm.outputs.softmax import SoftmaxOutput
+
+# AWD-LSTM section 5 (PTB): 3 layers, 1150 hidden, 400 embedding, dropouts (input, between
+# layers, output, embedding) = (0.4, 0.3, 0.4, 0.1), weight drop 0.5, AR 2, TAR 1, batch 40,
+# BPTT 70, clipping 0.25, learning rate 30, vocabulary 10,000, tied weights.
+PRESETS = {
+    "ptb": {
+        "model": dict(
+            emb_size=400, hidden_size=1150, num_layers=3, tie_weights=True, embed_dropout=0.1,
+            input_dropout=0.4, hidden_dropout=0.3, output_dropout=0.4, weight_dropout=0.5, init_range=0.1,
+        ),
+        "vocab_size": 10_000, "batch_size": 40, "bptt": 70,
+    },
+    "tiny": {
+        "model": dict(
+            emb_size=32, hidden_size=64, num_layers=2, tie_weights=True, embed_dropout=0.1,
+            input_dropout=0.4, hidden_dropout=0.3, output_dropout=0.4, weight_dropout=0.5, init_range=0.1,
+        ),
+        "vocab_size": 1_000, "batch_size": 8, "bptt": 20,
+    },
+}
+AR_ALPHA, TAR_BETA, LR, CLIP, WEIGHT_DECAY = 2.0, 1.0, 30.0, 0.25, 1.2e-6
+TARGET_RATIO = {"cuda": 0.90, "cpu": 0.85}
+
+
+class PlainLSTMLM(nn.Module):
+    """Baseline: the same embedding, a stack of ``torch.nn.LSTM`` layers, the same tied softmax."""
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(vocab_size, cfg.emb_size)
+        nn.init.uniform_(self.embedding.weight, -cfg.init_range, cfg.init_range)
+        n = cfg.num_layers
+        sizes = zip([cfg.emb_size] + [cfg.hidden_size] * (n - 1), [cfg.hidden_size] * (n - 1) + [cfg.emb_size])
+        self.lstms = nn.ModuleList(nn.LSTM(i, h, batch_first=True) for i, h in sizes)
+        self.output = SoftmaxOutput(cfg.emb_size, vocab_size, self.embedding.weight)
+
+    def forward(self, ids: Tensor, state: list[tuple[Tensor, Tensor]] | None) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+        """``ids: (B, T)`` -> (last-layer output ``(B, T, E)``, new state)."""
+        x = self.embedding(ids)
+        new_state = []
+        for l, lstm in enumerate(self.lstms):
+            x, layer_state = lstm(x, None if state is None else state[l])
+            new_state.append(layer_state)
+        return x, new_state
+
+
+class Trainer:
+    """One model, its optimizer and its carried hidden state; :meth:`step` is one training step."""
+
+    def __init__(self, model: nn.Module, regularized: bool) -> None:
+        self.model = model.train()
+        self.regularized = regularized
+        self.params = list(model.parameters())
+        self.optimizer = torch.optim.SGD(self.params, lr=LR, weight_decay=WEIGHT_DECAY)
+        self.state: list[tuple[Tensor, Tensor]] | None = None
+        self.last_loss: Tensor | None = None
+
+    def step(self, ids: Tensor, targets: Tensor) -> None:
+        if self.regularized:
+            out = self.model(ids, self.state)
+            loss = self.model.output.nll(out.output, targets).mean()
+            loss = loss + activation_reg(out.output, AR_ALPHA) + temporal_activation_reg(out.raw_output, TAR_BETA)
+            state = out.state
+        else:
+            hidden, state = self.model(ids, self.state)
+            loss = self.model.output.nll(hidden, targets).mean()
+        self.state = detach_state(state)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, CLIP)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.last_loss = loss.detach()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def _timed(trainer: Trainer, batches: list[tuple[Tensor, Tensor]], steps: int, offset: int, device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    for i in range(steps):
+        trainer.step(*batches[(offset + i) % len(batches)])
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset-size", choices=sorted(PRESETS), default="ptb", help="model and batch shapes")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--steps", type=int, default=100, help="timed training steps per model")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per model before timing")
+    parser.add_argument("--rounds", type=int, default=5, help="alternating timed rounds the steps are split into")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: the preset's (40 for ptb)")
+    parser.add_argument("--bptt", type=int, default=None, help="default: the preset's (70 for ptb)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/throughput-<device>.json")
+    args = parser.parse_args(argv)
+    if args.steps < 1 or args.rounds < 1 or args.warmup < 0:
+        parser.error("--steps and --rounds must be >= 1, --warmup >= 0")
+
+    device = torch.device(args.device)
+    preset = PRESETS[args.preset_size]
+    cfg = ModelConfig(**preset["model"])
+    vocab_size = preset["vocab_size"]
+    batch_size = args.batch_size or preset["batch_size"]
+    bptt = args.bptt or preset["bptt"]
+    out_path = args.out or Path(__file__).resolve().parent / "results" / f"throughput-{device.type}.json"
+
+    torch.manual_seed(args.seed)
+    generator = torch.Generator().manual_seed(args.seed)
+    batches = []
+    for _ in range(4):
+        seq = torch.randint(0, vocab_size, (batch_size, bptt + 1), generator=generator).to(device)
+        batches.append((seq[:, :-1].contiguous(), seq[:, 1:].contiguous()))
+
+    regularized = Trainer(LanguageModel(cfg, vocab_size).to(device), regularized=True)
+    plain = Trainer(PlainLSTMLM(cfg, vocab_size).to(device), regularized=False)
+    trainers = {"regularized": regularized, "plain": plain}
+
+    for trainer in trainers.values():
+        _timed(trainer, batches, args.warmup, 0, device)
+
+    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
+    per_round = math.ceil(args.steps / args.rounds)
+    seconds = {name: 0.0 for name in trainers}
+    steps_done = {name: 0 for name in trainers}
+    for r in range(args.rounds):
+        order = ["regularized", "plain"] if r % 2 == 0 else ["plain", "regularized"]
+        n = min(per_round, args.steps - steps_done["plain"])
+        if n <= 0:
+            break
+        for name in order:
+            seconds[name] += _timed(trainers[name], batches, n, steps_done[name], device)
+            steps_done[name] += n
+
+    tokens = {name: steps_done[name] * batch_size * bptt for name in trainers}
+    tps = {name: tokens[name] / seconds[name] for name in trainers}
+    ratio = tps["regularized"] / tps["plain"]
+    target = TARGET_RATIO.get(device.type)
+    result = {
+        "benchmark": "training throughput, regularized AWD-LSTM vs plain nn.LSTM stack",
+        "device": str(device),
+        "device_name": _device_name(device),
+        "torch_version": torch.__version__,
+        "python_version": platform.python_version(),
+        "cpu_threads": torch.get_num_threads(),
+        "command": shlex.join([sys.executable, *sys.argv]) if argv is None else shlex.join(["throughput.py", *argv]),
+        "preset_size": args.preset_size,
+        "model": preset["model"],
+        "vocab_size": vocab_size,
+        "batch_size": batch_size,
+        "bptt": bptt,
+        "ar_alpha": AR_ALPHA,
+        "tar_beta": TAR_BETA,
+        "lr": LR,
+        "clip": CLIP,
+        "warmup_steps": args.warmup,
+        "timed_steps": steps_done,
+        "rounds": args.rounds,
+        "seconds": seconds,
+        "tokens_per_s": tps,
+        "ratio_regularized_over_plain": ratio,
+        "target_ratio": target,
+        "meets_target": None if target is None else ratio >= target,
+        "final_loss": {name: float(t.last_loss) for name, t in trainers.items()},
+        "load_average_before_after": [load_before, os.getloadavg() if load_before is not None else None],
+    }
+    print(json.dumps(result, indent=2))
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    print(f"wrote {out_path}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
