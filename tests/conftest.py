@@ -27,3 +27,9 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "ptb" / "train.txt").is_file():
         pytest.skip(f"offline benchmark data not found at {SHARED_DATA} (set REGLM_SHARED_DATA)")
     return SHARED_DATA
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _data_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Generated corpora (the synthetic one) go to a per-session cache, never to ~/.cache."""
+    os.environ["REGLM_DATA_DIR"] = str(tmp_path_factory.mktemp("reglm-data"))

@@ -45,13 +45,15 @@ class DataConfig:
 
     name: str = _f("synthetic", "ptb, wikitext-2, wikitext-103, synthetic, or a directory holding train.txt/valid.txt/test.txt")
     data_dir: str | None = _f(None, "download cache for built-in corpora (default: $REGLM_DATA_DIR or ~/.cache/reglm)")
-    min_freq: int = _f(1, "custom corpora: training words seen fewer times become <unk>")
-    max_vocab: int | None = _f(None, "custom corpora: keep only the most frequent words (<unk> and <eos> included)")
+    min_freq: int = _f(1, "training words seen fewer times become <unk>")
+    max_vocab: int | None = _f(None, "keep only the most frequent training words (<unk> and <eos> included)")
     synthetic_seed: int = _f(0, "seed of the synthetic trigram language (its table and its samples)")
+    synthetic_sentences: int = _f(80000, "synthetic corpus: training sentences; valid and test get one eighth each (80k/10k/10k)")
 
     def __post_init__(self) -> None:
         _check(self.min_freq >= 1, "data.min_freq", f"{self.min_freq} must be >= 1")
         _check(self.max_vocab is None or self.max_vocab >= 3, "data.max_vocab", f"{self.max_vocab} must be >= 3 or none")
+        _check(self.synthetic_sentences >= 8, "data.synthetic_sentences", f"{self.synthetic_sentences} must be >= 8")
 
 
 @dataclass(frozen=True)
@@ -67,7 +69,7 @@ class ModelConfig:
     input_dropout: float = _f(0.1, "locked dropout on the embedding output (AWD-LSTM 4.2)")
     hidden_dropout: float = _f(0.1, "locked dropout between LSTM layers")
     output_dropout: float = _f(0.1, "locked dropout on the last LSTM layer's output")
-    weight_dropout: float = _f(0.0, "DropConnect on the hidden-to-hidden weights (AWD-LSTM 4.1)")
+    weight_dropout: float = _f(0.0, "DropConnect on the hidden-to-hidden weights (AWD-LSTM section 2)")
     init_range: float = _f(0.1, "embeddings are initialized U(-init_range, init_range)")
 
     def __post_init__(self) -> None:

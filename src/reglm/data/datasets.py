@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from reglm.data.corpus import SPLITS, Corpus, cache_dir, iter_lines, load_directory
 from reglm.data.synthetic import synthetic_corpus
-from reglm.data.vocab import temp_sibling
+from reglm.io import temp_sibling
 from reglm.errors import ReglmError
 
 

@@ -40,7 +40,8 @@ import numpy as np
 import torch
 
 from reglm.data.corpus import Corpus, cache_dir, load_directory
-from reglm.data.vocab import EOS, Vocab, temp_sibling
+from reglm.data.vocab import EOS, Vocab
+from reglm.io import temp_sibling
 from reglm.errors import ReglmError
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)

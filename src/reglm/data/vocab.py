@@ -14,12 +14,11 @@ On disk a vocabulary is ``vocab.txt``: UTF-8, one ``token<TAB>count`` line per i
 from __future__ import annotations
 
 import hashlib
-import os
-import secrets
 from collections import Counter
 from pathlib import Path
 
 from reglm.errors import ReglmError
+from reglm.io import write_text
 
 EOS = "<eos>"
 UNK = "<unk>"
@@ -139,7 +138,7 @@ class Vocab:
             if not tok or "\t" in tok or "\n" in tok:
                 raise ValueError(f"token {tok!r} cannot be stored in {path}")
         text = "".join(f"{tok}\t{count}\n" for tok, count in zip(self.itos, self.counts))
-        atomic_write_bytes(path, text.encode("utf-8"))
+        write_text(path, text)
 
     @classmethod
     def load(cls, path: str | Path) -> "Vocab":
@@ -170,20 +169,3 @@ class Vocab:
         if EOS not in itos or len(set(itos)) != len(itos):
             raise ReglmError(f"vocabulary file {path} lacks {EOS} or repeats a token; it is damaged, restore it")
         return cls(itos, counts)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same directory and ``os.replace``."""
-    tmp = temp_sibling(path)
-    try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def temp_sibling(path: Path) -> Path:
-    """A fresh hidden name next to ``path`` (same directory, so ``os.replace`` is atomic)."""
-    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")

@@ -1,0 +1,5 @@
+import sys
+
+from reglm.cli import main
+
+sys.exit(main())

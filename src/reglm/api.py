@@ -1,0 +1,136 @@
+"""The Python API: ``reglm.load(run_dir)`` gives a trained model that scores and generates text.
+
+>>> lm = reglm.load("runs/ptb")                       # doctest: +SKIP
+>>> lm.score("the company said")                      # doctest: +SKIP  (natural log, <eos> scored)
+>>> lm.perplexity(open("valid.txt").read())           # doctest: +SKIP
+
+Text follows the corpus rule: each line is split on whitespace and ends with ``<eos>``. Scoring
+starts from the state after an ``<eos>``, i.e. at the beginning of a sentence.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from reglm.data.vocab import EOS, Vocab
+from reglm.encoders.awd_lstm import detach_state
+from reglm.errors import ReglmError
+from reglm.models import LanguageModel
+from reglm.train.checkpoint import MODEL_FILE, load_model_dir
+
+WINDOW = 256
+
+
+def model_dir(path: Path | str, which: str = "best") -> Path:
+    """``RUN`` -> ``RUN/best`` (or ``RUN/last``); a model directory is returned as it is."""
+    path = Path(path)
+    if not path.exists():
+        raise ReglmError(f"{path} does not exist; give a run directory (from reglm train) or a model directory")
+    if (path / MODEL_FILE).is_file():
+        return path
+    if which not in ("best", "last"):
+        raise ReglmError(f"checkpoint {which!r} is unknown; choose best or last")
+    if (path / which / MODEL_FILE).is_file():
+        return path / which
+    raise ReglmError(f"{path} holds no {which}/{MODEL_FILE}; has the run finished an epoch?")
+
+
+class TrainedModel:
+    """A trained language model with its vocabulary, in eval mode."""
+
+    def __init__(self, model: LanguageModel, vocab: Vocab, device: torch.device):
+        self.model = model.eval()
+        self.vocab = vocab
+        self.device = device
+
+    def tokens_to_ids(self, tokens: list[str]) -> list[int]:
+        """Ids of ``tokens``; unknown words become ``<unk>`` when the vocabulary has it."""
+        ids = []
+        for tok in tokens:
+            if tok in self.vocab:
+                ids.append(self.vocab.stoi[tok])
+            elif self.vocab.unk_id is not None:
+                ids.append(self.vocab.unk_id)
+            else:
+                raise ReglmError(f"the word {tok!r} is not in the model's vocabulary ({len(self.vocab)} words, no <unk>); use only known words")
+        return ids
+
+    def text_to_ids(self, text: str) -> list[int]:
+        """Ids of ``text`` by the corpus rule: one ``<eos>`` after every line (a final newline ends the last)."""
+        ids: list[int] = []
+        lines = text.split("\n")
+        if text.endswith("\n"):
+            lines.pop()
+        for line in lines:
+            ids.extend(self.tokens_to_ids(line.split()))
+            ids.append(self.vocab.eos_id)
+        return ids
+
+    @torch.no_grad()
+    def target_log_probs(self, ids: list[int]) -> torch.Tensor:
+        """Natural-log probability of each id given the ones before it, starting after ``<eos>``."""
+        stream = torch.tensor([self.vocab.eos_id, *ids], dtype=torch.long, device=self.device).unsqueeze(0)
+        state = self.model.init_state(1, device=self.device)
+        out = []
+        for start in range(0, stream.size(1) - 1, WINDOW):
+            x = stream[:, start : start + WINDOW]
+            y = stream[:, start + 1 : start + 1 + WINDOW]
+            x = x[:, : y.size(1)]
+            result = self.model(x, state)
+            state = detach_state(result.state)
+            out.append(-self.model.output.nll(result.output, y)[0])
+        return torch.cat(out).double().cpu()
+
+    def score(self, sentence: str) -> float:
+        """Total log-probability (natural log) of one sentence, its final ``<eos>`` included."""
+        return float(self.target_log_probs(self.tokens_to_ids(sentence.split()) + [self.vocab.eos_id]).sum())
+
+    def perplexity(self, text: str) -> float:
+        """exp(mean NLL) over every token of ``text`` (one ``<eos>`` per line)."""
+        logp = self.target_log_probs(self.text_to_ids(text))
+        return math.exp(-float(logp.mean()))
+
+    @torch.no_grad()
+    def generate(self, words: int, temperature: float = 1.0, seed: int = 0, prompt: str = "") -> list[str]:
+        """Sample ``words`` tokens after ``prompt``; returns the prompt's tokens and the sampled ones."""
+        if words < 0:
+            raise ReglmError(f"--words {words} must be >= 0")
+        if not (math.isfinite(temperature) and temperature > 0):
+            raise ReglmError(f"--temperature {temperature} must be a positive number")
+        prompt_tokens = prompt.split()
+        unknown = [t for t in prompt_tokens if t not in self.vocab]
+        if unknown:
+            raise ReglmError(f"prompt word(s) {', '.join(repr(t) for t in unknown[:5])} are not in the model's vocabulary; rephrase the prompt or write <unk>")
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        ids = [self.vocab.eos_id, *(self.vocab.stoi[t] for t in prompt_tokens)]
+        state = self.model.init_state(1, device=self.device)
+        result = self.model(torch.tensor([ids], device=self.device), state)
+        out = list(prompt_tokens)
+        for _ in range(words):
+            logits = self.model.output.logits(result.output[:, -1]).float().cpu()[0] / temperature
+            nxt = int(torch.multinomial(torch.softmax(logits, -1), 1, generator=gen))
+            out.append(self.vocab.itos[nxt])
+            result = self.model(torch.tensor([[nxt]], device=self.device), result.state)
+        return out
+
+
+def load(path: Path | str, which: str = "best", device: str | torch.device = "cpu") -> TrainedModel:
+    """Load the ``best`` (or ``last``) model of a run directory, or a model directory itself."""
+    model, _, vocab = load_model_dir(model_dir(path, which), device)
+    return TrainedModel(model, vocab, torch.device(device))
+
+
+def render(tokens: list[str]) -> str:
+    """Tokens as text: ``<eos>`` ends a line."""
+    lines, current = [], []
+    for tok in tokens:
+        if tok == EOS:
+            lines.append(" ".join(current))
+            current = []
+        else:
+            current.append(tok)
+    lines.append(" ".join(current))
+    return "\n".join(lines)

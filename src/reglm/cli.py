@@ -1,0 +1,194 @@
+"""The ``reglm`` command line.
+
+Subcommands: ``train``, ``eval``, ``generate``, ``data download|info``, ``presets``, ``config``.
+Model and training options are not flags of their own: any field of the run configuration is
+set with ``section.field=value`` (``reglm config`` lists them), applied after ``--preset``.
+User mistakes print one line ``reglm: error: ...`` and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from reglm.errors import ReglmError
+
+EXIT_USAGE = 2
+EXIT_DIVERGED = 3
+EXIT_INTERRUPTED = 130
+
+
+def _add_data_options(p: argparse.ArgumentParser, with_vocab: bool = True) -> None:
+    p.add_argument("--data", help="ptb, wikitext-2, wikitext-103, synthetic, or a directory with train.txt/valid.txt/test.txt")
+    p.add_argument("--data-dir", help="download cache for built-in corpora (default: $REGLM_DATA_DIR or ~/.cache/reglm)")
+    if with_vocab:
+        p.add_argument("--min-freq", type=int, help="map training words seen fewer times to <unk>")
+        p.add_argument("--max-vocab", type=int, help="keep only this many most frequent words")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="reglm", description="Regularized word-level neural language models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model (default: a small LSTM on the synthetic trigram corpus)")
+    p.add_argument("--preset", help="a bundled preset (see `reglm presets`) or a YAML file")
+    _add_data_options(p)
+    p.add_argument("--out", help="run directory (default: runs/<preset>-<time>)")
+    p.add_argument("--resume", metavar="RUN", help="continue the run in RUN from its last checkpoint")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.lr=10 model.emb_size=400")
+
+    p = sub.add_parser("eval", help="evaluate a trained run on a split")
+    p.add_argument("run", help="run directory (or a model directory)")
+    p.add_argument("--split", choices=["valid", "test"], default="valid")
+    p.add_argument("--checkpoint", choices=["best", "last"], default="best")
+    p.add_argument("--batch-size", type=int, help="streams per batch (default: the run's eval/test batch size)")
+    _add_data_options(p, with_vocab=False)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    p = sub.add_parser("generate", help="sample text from a trained run")
+    p.add_argument("run")
+    p.add_argument("--words", type=int, default=50)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prompt", default="", help="words to condition on (each must be in the vocabulary)")
+    p.add_argument("--checkpoint", choices=["best", "last"], default="best")
+
+    p = sub.add_parser("data", help="download built-in corpora or describe a corpus")
+    dsub = p.add_subparsers(dest="data_command", required=True)
+    d = dsub.add_parser("download", help="download and verify a built-in corpus")
+    d.add_argument("name")
+    d.add_argument("--data-dir")
+    d = dsub.add_parser("info", help="token counts, vocabulary size and OOV rate of a corpus")
+    d.add_argument("name")
+    d.add_argument("--data-dir")
+    d.add_argument("--min-freq", type=int, default=1)
+    d.add_argument("--max-vocab", type=int)
+    d.add_argument("--json", action="store_true")
+
+    sub.add_parser("presets", help="list the bundled presets and the paper/table each reproduces")
+    sub.add_parser("config", help="list every configuration option with its default")
+    return parser
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from reglm.config import build_config
+    from reglm.train.loop import resume, train
+
+    if args.resume:
+        if args.preset or args.overrides or args.data or args.out:
+            raise ReglmError("--resume continues a run with its saved configuration; drop --preset/--data/--out/overrides")
+        resume(Path(args.resume))
+        return 0
+    extra = list(args.overrides)
+    for flag, key in (("data", "data.name"), ("data_dir", "data.data_dir"), ("min_freq", "data.min_freq"), ("max_vocab", "data.max_vocab")):
+        value = getattr(args, flag)
+        if value is not None:
+            extra.append(f"{key}={value}")
+    config = build_config(args.preset, extra)
+    out = Path(args.out) if args.out else Path("runs") / f"{args.preset or 'default'}-{time.strftime('%Y%m%d-%H%M%S')}"
+    train(config, out)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from reglm.api import model_dir
+    from reglm.evaluate.perplexity import evaluate
+    from reglm.train.checkpoint import load_model_dir
+    from reglm.train.loop import load_corpus, resolve_device, truth_comparison
+
+    directory = model_dir(args.run, args.checkpoint)
+    device = resolve_device("auto")
+    model, config, vocab = load_model_dir(directory, device)
+    data = {key: value for key, value in (("name", args.data), ("data_dir", args.data_dir)) if value}
+    config = config.replace({"data": data})
+    corpus = load_corpus(config)
+    if corpus.vocab != vocab:
+        raise ReglmError(f"the checkpoint {directory} was built for another vocabulary ({len(vocab)} words) than corpus {config.data.name!r} gives ({len(corpus.vocab)}); evaluate on the corpus it was trained on")
+    ids = getattr(corpus, args.split)
+    batch_size = args.batch_size or (config.train.eval_batch_size if args.split == "valid" else config.train.test_batch_size)
+    if batch_size < 1:
+        raise ReglmError(f"--batch-size {batch_size} must be >= 1")
+    truth = corpus.truth[args.split] if corpus.truth is not None else None
+    result = evaluate(model, ids, batch_size, config.train.bptt, device, keep_token_nll=truth is not None, progress=sys.stderr.isatty() and not args.json, desc=args.split)
+    out = {"run": str(args.run), "checkpoint": str(directory), "split": args.split, "batch_size": batch_size, **result.as_dict()}
+    if truth is not None:
+        out["synthetic"] = truth_comparison(result, ids, truth, vocab.eos_id)
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(f"{args.split}: loss {result.loss:.4f} | ppl {result.ppl:.2f} | tokens {result.tokens}")
+        if truth is not None:
+            s = out["synthetic"]
+            print(f"words only: model ppl {s['model_word_ppl']:.2f} | true ppl {s['true_word_ppl']:.2f}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from reglm.api import load, render
+
+    lm = load(args.run, args.checkpoint)
+    print(render(lm.generate(args.words, args.temperature, args.seed, args.prompt)))
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from reglm.data import corpus_stats, download, resolve
+
+    if args.data_command == "download":
+        path = download(args.name, args.data_dir)
+        print(f"{args.name}: verified files in {path}")
+        return 0
+    corpus = resolve(args.name, data_dir=args.data_dir, min_freq=args.min_freq, max_vocab=args.max_vocab)
+    stats = corpus_stats(corpus)
+    if args.json:
+        print(json.dumps(stats))
+    else:
+        for key, value in stats.items():
+            print(f"{key:24s} {value}")
+    return 0
+
+
+def cmd_presets(_args: argparse.Namespace) -> int:
+    from reglm.config import list_presets
+
+    for name, description in list_presets():
+        print(f"{name:22s} {description}")
+    return 0
+
+
+def cmd_config(_args: argparse.Namespace) -> int:
+    from reglm.config import describe_options
+
+    print(describe_options())
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "data": cmd_data, "presets": cmd_presets, "config": cmd_config}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from reglm.train.loop import TrainingDiverged, TrainingInterrupted
+
+    try:
+        return COMMANDS[args.command](args)
+    except TrainingDiverged as exc:
+        print(f"reglm: error: {exc}", file=sys.stderr)
+        return EXIT_DIVERGED
+    except ReglmError as exc:
+        print(f"reglm: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except TrainingInterrupted as exc:
+        print(f"reglm: {exc}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        print("reglm: aborted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

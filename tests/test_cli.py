@@ -1,0 +1,129 @@
+"""The command line end to end on the tiny preset, and every bad input: exit 2, one line, no damage."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from reglm.cli import main
+
+
+def run_cli(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = tmp_path_factory.mktemp("cli") / "run"
+    assert main(["train", "--preset", "tiny", "--out", str(run), "train.finetune=false", "train.epochs=2"]) == 0
+    return run
+
+
+def test_train_eval_generate(capsys: pytest.CaptureFixture, run_dir: Path) -> None:
+    code, out, _ = run_cli(capsys, "eval", str(run_dir), "--split", "test", "--json")
+    assert code == 0
+    result = json.loads(out)
+    saved = json.loads((run_dir / "results.json").read_text())
+    assert result["ppl"] == pytest.approx(saved["test"]["ppl"], rel=1e-9)
+    assert result["tokens"] == saved["test"]["tokens"] > 0
+    assert result["synthetic"]["true_word_ppl"] > 1
+
+    code, out, _ = run_cli(capsys, "eval", str(run_dir))
+    assert code == 0 and out.startswith("valid: loss")
+
+    code, first, _ = run_cli(capsys, "generate", str(run_dir), "--words", "12", "--seed", "3", "--prompt", "w1 w2")
+    assert code == 0
+    code, second, _ = run_cli(capsys, "generate", str(run_dir), "--words", "12", "--seed", "3", "--prompt", "w1 w2")
+    assert first == second and first.startswith("w1 w2")
+    text = first.rstrip("\n")
+    assert len(text.split()) + text.count("\n") == 14, "prompt + sampled words, <eos> shown as a line break"
+
+
+def test_presets_and_config_listing(capsys: pytest.CaptureFixture) -> None:
+    code, out, _ = run_cli(capsys, "presets")
+    assert code == 0 and "awd-lstm-ptb" in out and "Table 1" in out
+    code, out, _ = run_cli(capsys, "config")
+    assert code == 0 and "train.lr" in out and "model.weight_dropout" in out
+
+
+def test_data_info(capsys: pytest.CaptureFixture, shared_data: Path) -> None:
+    code, out, _ = run_cli(capsys, "data", "info", "ptb", "--data-dir", str(shared_data), "--json")
+    assert code == 0
+    info = json.loads(out)
+    assert json.dumps(info).count("929589") >= 1 and json.dumps(info).count("10000") >= 1
+
+
+def _expect_usage_error(capsys: pytest.CaptureFixture, fragment: str, *argv: str) -> None:
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 2, err
+    assert "Traceback" not in err
+    assert err.startswith("reglm: error:")
+    assert fragment in err, err
+
+
+def test_bad_data_inputs(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    _expect_usage_error(capsys, "does not exist", "train", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "r"))
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "train.txt").write_text("a b c\n")
+    (corpus / "valid.txt").write_text("a b\n")
+    _expect_usage_error(capsys, "test.txt", "data", "info", str(corpus))
+    (corpus / "test.txt").write_text("")
+    _expect_usage_error(capsys, "test.txt", "data", "info", str(corpus))
+    (corpus / "test.txt").write_bytes(b"a b\n\xff\xfe c\n")
+    _expect_usage_error(capsys, "line 2", "data", "info", str(corpus))
+    (corpus / "test.txt").write_text("a zebra\n")
+    _expect_usage_error(capsys, "zebra", "data", "info", str(corpus))
+    _expect_usage_error(capsys, "wikitext-2", "data", "info", "no-such-corpus-name")
+    assert not (tmp_path / "r").exists()
+
+
+def test_bad_options(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    _expect_usage_error(capsys, "unknown preset", "train", "--preset", "nope", "--out", str(tmp_path / "a"))
+    _expect_usage_error(capsys, "unknown override key", "train", "--preset", "tiny", "train.nope=3", "--out", str(tmp_path / "b"))
+    _expect_usage_error(capsys, "weight_dropout", "train", "--preset", "tiny", "weight_dropout=2", "--out", str(tmp_path / "c"))
+    assert not any((tmp_path / n).exists() for n in "abc")
+
+
+def test_bad_checkpoints_and_prompts(capsys: pytest.CaptureFixture, run_dir: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    _expect_usage_error(capsys, "not in the model's vocabulary", "generate", str(copy), "--prompt", "w1 zebra")
+    _expect_usage_error(capsys, "temperature", "generate", str(copy), "--temperature", "0")
+
+    weights = copy / "best" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:200])
+    _expect_usage_error(capsys, "model.safetensors", "eval", str(copy))
+    weights.write_bytes(b"\x00" * 64)
+    _expect_usage_error(capsys, "model.safetensors", "eval", str(copy))
+
+    state = copy / "state.pt"
+    state.write_bytes(state.read_bytes()[:100])
+    _expect_usage_error(capsys, "state.pt", "train", "--resume", str(copy))
+    assert state.stat().st_size == 100, "a failed resume must not rewrite the state"
+
+    _expect_usage_error(capsys, "no-run-here", "eval", str(tmp_path / "no-run-here"))
+    other = tmp_path / "other"
+    other.mkdir()
+    for split in ("train", "valid", "test"):
+        (other / f"{split}.txt").write_text("x y z\n")
+    _expect_usage_error(capsys, "another vocabulary", "eval", str(run_dir), "--data", str(other))
+
+
+def test_resume_with_changed_vocabulary(capsys: pytest.CaptureFixture, run_dir: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    (copy / "vocab.txt").write_text("<eos>\t1\nw1\t1\n")
+    _expect_usage_error(capsys, "vocabulary", "train", "--resume", str(copy))
+
+
+def test_existing_run_is_not_overwritten(capsys: pytest.CaptureFixture, run_dir: Path) -> None:
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    _expect_usage_error(capsys, "already holds a run", "train", "--preset", "tiny", "--out", str(run_dir))
+    after = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    assert before == after
