@@ -80,6 +80,7 @@ def test_bad_data_inputs(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
     (corpus / "test.txt").write_text("a zebra\n")
     _expect_usage_error(capsys, "zebra", "data", "info", str(corpus))
     _expect_usage_error(capsys, "wikitext-2", "data", "info", "no-such-corpus-name")
+    _expect_usage_error(capsys, "min_freq", "data", "info", str(corpus), "--min-freq", "0")
     assert not (tmp_path / "r").exists()
 
 

@@ -135,13 +135,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
+    from reglm.config import DataConfig
     from reglm.data import corpus_stats, download, resolve
 
     if args.data_command == "download":
         path = download(args.name, args.data_dir)
         print(f"{args.name}: verified files in {path}")
         return 0
-    corpus = resolve(args.name, data_dir=args.data_dir, min_freq=args.min_freq, max_vocab=args.max_vocab)
+    options = DataConfig(name=args.name, data_dir=args.data_dir, min_freq=args.min_freq, max_vocab=args.max_vocab)
+    corpus = resolve(options.name, data_dir=options.data_dir, min_freq=options.min_freq, max_vocab=options.max_vocab)
     stats = corpus_stats(corpus)
     if args.json:
         print(json.dumps(stats))
