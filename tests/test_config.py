@@ -82,3 +82,41 @@ def test_unknown_preset_lists_the_known_ones() -> None:
 
 def test_override_parse_shape() -> None:
     assert parse_overrides(["train.lr=1", "seed=2"]) == {"train": {"lr": 1}, "seed": 2}
+
+
+@pytest.mark.parametrize(("name", "base", "noise"), [("awd-lstm-advsoft-ptb", "awd-lstm-ptb", 0.15), ("awd-lstm-advsoft-wt2", "awd-lstm-wt2", 0.175)])
+def test_advsoft_presets_keep_the_awd_lstm_hyperparameters(name: str, base: str, noise: float) -> None:
+    """Wang et al. 2019, section 5: "all other the parameters and architectures untouched"."""
+    cfg, ref = build_config(name), build_config(base)
+    assert cfg.data == ref.data
+    assert cfg.model.advsoft == "relative" and cfg.model.advsoft_alpha == 0.005 and cfg.model.advsoft_grad == "stop"
+    advsoft_fields = {"advsoft", "advsoft_alpha", "advsoft_epsilon", "advsoft_grad", "advsoft_positive_only"}
+    assert {k: v for k, v in cfg.model.__dict__.items() if k not in advsoft_fields} == {k: v for k, v in ref.model.__dict__.items() if k not in advsoft_fields}
+    noise_fields = {"input_noise_std", "input_noise_anneal", "input_noise_epochs", "finetune_input_noise_std", "advsoft_finetune", "advsoft_stop_epoch"}
+    assert {k: v for k, v in cfg.train.__dict__.items() if k not in noise_fields} == {k: v for k, v in ref.train.__dict__.items() if k not in noise_fields}
+    assert (cfg.train.input_noise_std, cfg.train.input_noise_anneal, cfg.train.finetune_input_noise_std) == (noise, "constant", 0.0)
+
+
+def test_presets_extend_other_presets(tmp_path) -> None:
+    child = tmp_path / "child.yaml"
+    child.write_text("extends: tiny\nmodel:\n  emb_size: 20\n")
+    cfg, tiny = build_config(str(child)), build_config("tiny")
+    assert cfg.model.emb_size == 20 and cfg.model.hidden_size == tiny.model.hidden_size and cfg.train == tiny.train
+    grandchild = tmp_path / "grandchild.yaml"
+    grandchild.write_text(f"extends: {child}\ntrain:\n  lr: 3\n")
+    cfg = build_config(str(grandchild))
+    assert (cfg.model.emb_size, cfg.train.lr, cfg.train.epochs) == (20, 3.0, tiny.train.epochs)
+
+
+def test_preset_cycles_and_bad_parents_are_errors(tmp_path) -> None:
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text(f"extends: {b}\n")
+    b.write_text(f"extends: {a}\n")
+    with pytest.raises(ReglmError, match="cycle"):
+        build_config(str(a))
+    a.write_text("extends: [tiny, tiny]\n")
+    with pytest.raises(ReglmError, match="extends must name one preset"):
+        build_config(str(a))
+    a.write_text("extends: no-such-preset\n")
+    with pytest.raises(ReglmError, match="unknown preset 'no-such-preset'"):
+        build_config(str(a))

@@ -84,8 +84,8 @@ def test_refuses_to_overwrite_a_run(tiny_run: tuple[Path, dict]) -> None:
     assert (run / "state.pt").read_bytes() == before
 
 
-def _spawn(run: Path, extra: list[str]) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "reglm", "train", "--preset", "tiny", "--out", str(run), *RESUME_OVERRIDES, *extra]
+def _spawn(run: Path, extra: list[str], preset: str = "tiny") -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "reglm", "train", "--preset", preset, "--out", str(run), *RESUME_OVERRIDES, *extra]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
@@ -104,10 +104,8 @@ def reference_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run
 
 
-@pytest.mark.parametrize("how", ["sigint", "sigterm", "kill9"])
-def test_resume_is_bit_exact(tmp_path: Path, reference_run: Path, how: str) -> None:
-    run = tmp_path / "run"
-    proc = _spawn(run, [])
+def _interrupt_and_resume(run: Path, reference: Path, how: str, preset: str = "tiny") -> None:
+    proc = _spawn(run, [], preset)
     _wait_for_checkpoint(proc, run / "state.pt")
     sig = {"sigint": signal.SIGINT, "sigterm": signal.SIGTERM, "kill9": signal.SIGKILL}[how]
     proc.send_signal(sig)
@@ -121,13 +119,25 @@ def test_resume_is_bit_exact(tmp_path: Path, reference_run: Path, how: str) -> N
     assert state["stage"] != "done", "the interruption came too late to test anything"
     resume(run, progress=False)
     for sub in ("best", "last"):
-        _assert_same_weights(reference_run / sub, run / sub)
-    ref_state, new_state = load_state(reference_run / "state.pt"), load_state(run / "state.pt")
+        _assert_same_weights(reference / sub, run / sub)
+    ref_state, new_state = load_state(reference / "state.pt"), load_state(run / "state.pt")
     for key, value in ref_state["model"].items():
         assert torch.equal(value, new_state["model"][key]), key
-    ref_epochs = [r["valid_loss"] for r in read_metrics(reference_run / "metrics.jsonl") if r["event"] == "epoch"]
+    ref_epochs = [r["valid_loss"] for r in read_metrics(reference / "metrics.jsonl") if r["event"] == "epoch"]
     new_epochs = [r["valid_loss"] for r in read_metrics(run / "metrics.jsonl") if r["event"] == "epoch"]
     assert new_epochs == ref_epochs, "metrics.jsonl must hold each epoch once, with the same numbers"
+
+
+@pytest.mark.parametrize("how", ["sigint", "sigterm", "kill9"])
+def test_resume_is_bit_exact(tmp_path: Path, reference_run: Path, how: str) -> None:
+    _interrupt_and_resume(tmp_path / "run", reference_run, how)
+
+
+def test_resume_is_bit_exact_with_advsoft_and_input_noise(tmp_path: Path) -> None:
+    """The noise draws come from the saved RNG state, and the schedule from the saved epoch."""
+    reference = tmp_path / "reference"
+    train(build_config("advsoft-tiny", RESUME_OVERRIDES), reference, progress=False)
+    _interrupt_and_resume(tmp_path / "run", reference, "sigint", "advsoft-tiny")
 
 
 def test_non_finite_loss_stops_without_touching_checkpoints(tmp_path: Path) -> None:

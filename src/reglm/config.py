@@ -39,6 +39,10 @@ def _check_prob(value: float, option: str) -> None:
     _check(math.isfinite(value) and 0.0 <= value < 1.0, option, f"{value} must be in [0, 1)")
 
 
+def _check_nonneg(value: float, option: str) -> None:
+    _check(math.isfinite(value) and value >= 0, option, f"{value} must be finite and >= 0")
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Which corpus to read and how to build its vocabulary."""
@@ -71,9 +75,18 @@ class ModelConfig:
     output_dropout: float = _f(0.1, "locked dropout on the last LSTM layer's output")
     weight_dropout: float = _f(0.0, "DropConnect on the hidden-to-hidden weights (AWD-LSTM section 2)")
     init_range: float = _f(0.1, "embeddings are initialized U(-init_range, init_range)")
+    advsoft: str | None = _f(None, "adversarial softmax (Wang et al. 2019): none (off), relative (epsilon_y = advsoft_alpha * ||w_y||) or fixed (advsoft_epsilon)")
+    advsoft_alpha: float = _f(0.005, "AdvSoft relative mode: epsilon_y = alpha * ||w_y|| (the Remark after Algorithm 1)")
+    advsoft_epsilon: float = _f(0.01, "AdvSoft fixed mode: the radius epsilon of the perturbation ball")
+    advsoft_grad: str = _f("stop", "gradient through the margin epsilon_y*||h||: stop (none; Algorithm 1), hidden (through ||h||, as the authors' code), full (ablation)")
+    advsoft_positive_only: bool = _f(False, "perturb only tokens with cos(h, w_y) > 0 (the authors' code; the paper perturbs all)")
 
     def __post_init__(self) -> None:
         _check(self.encoder in ("awd-lstm",), "model.encoder", f"unknown encoder {self.encoder!r}; choose awd-lstm")
+        _check(self.advsoft in (None, "relative", "fixed"), "model.advsoft", f"unknown {self.advsoft!r}; choose none, relative or fixed")
+        for name in ("advsoft_alpha", "advsoft_epsilon"):
+            _check_nonneg(getattr(self, name), f"model.{name}")
+        _check(self.advsoft_grad in ("stop", "hidden", "full"), "model.advsoft_grad", f"unknown {self.advsoft_grad!r}; choose stop, hidden or full")
         for name in ("emb_size", "hidden_size", "num_layers"):
             _check(getattr(self, name) >= 1, f"model.{name}", f"{getattr(self, name)} must be >= 1")
         for name in ("embed_dropout", "input_dropout", "hidden_dropout", "output_dropout", "weight_dropout"):
@@ -105,6 +118,12 @@ class TrainConfig:
     nonmono: int = _f(5, "non-monotone interval n of NT-ASGD")
     finetune: bool = _f(False, "after the main stage, restart ASGD with T=0 from the best model (AWD-LSTM section 5)")
     finetune_epochs: int = _f(500, "upper bound on fine-tuning epochs; the non-monotone criterion normally stops it first")
+    advsoft_stop_epoch: int | None = _f(None, "switch AdvSoft off after this main-stage epoch (none: keep it on)")
+    advsoft_finetune: bool = _f(True, "keep AdvSoft on during the fine-tuning stage")
+    input_noise_std: float = _f(0.0, "std of Gaussian noise added to the input embeddings in training (Wang et al. 2019, section 5)")
+    input_noise_anneal: str = _f("constant", "input noise schedule over main-stage epochs: constant, linear (to 0 at input_noise_epochs) or exponential (half-life input_noise_epochs)")
+    input_noise_epochs: float = _f(100.0, "input noise schedule length: linear: epochs to reach 0; exponential: half-life in epochs")
+    finetune_input_noise_std: float = _f(0.0, "std of the input-embedding noise during fine-tuning (the authors' code: none)")
     log_interval: int = _f(200, "log training metrics every this many steps")
     checkpoint_interval: int = _f(0, "also write a resumable checkpoint every this many steps (0: only at epoch ends)")
     device: str = _f("auto", "auto, cpu, cuda or cuda:N")
@@ -115,13 +134,15 @@ class TrainConfig:
         _check(self.bptt_max is None or self.bptt_max >= self.bptt_min, "train.bptt_max", "must be >= train.bptt_min or none")
         _check(0.0 <= self.bptt_p <= 1.0, "train.bptt_p", f"{self.bptt_p} must be in [0, 1]")
         _check(self.bptt_std >= 0, "train.bptt_std", f"{self.bptt_std} must be >= 0")
-        for name in ("lr", "clip", "weight_decay", "ar_alpha", "tar_beta"):
-            value = getattr(self, name)
-            _check(math.isfinite(value) and value >= 0, f"train.{name}", f"{value} must be finite and >= 0")
+        for name in ("lr", "clip", "weight_decay", "ar_alpha", "tar_beta", "input_noise_std", "finetune_input_noise_std"):
+            _check_nonneg(getattr(self, name), f"train.{name}")
         _check(self.lr > 0, "train.lr", f"{self.lr} must be > 0")
         _check(self.optimizer in ("ntasgd", "sgd"), "train.optimizer", f"unknown {self.optimizer!r}; choose ntasgd or sgd")
         _check(self.trigger in ("reference", "paper"), "train.trigger", f"unknown {self.trigger!r}; choose reference or paper")
         _check(self.finetune_epochs >= 0, "train.finetune_epochs", "must be >= 0")
+        _check(self.advsoft_stop_epoch is None or self.advsoft_stop_epoch >= 0, "train.advsoft_stop_epoch", "must be >= 0 or none")
+        _check(self.input_noise_anneal in ("constant", "linear", "exponential"), "train.input_noise_anneal", f"unknown {self.input_noise_anneal!r}; choose constant, linear or exponential")
+        _check(math.isfinite(self.input_noise_epochs) and self.input_noise_epochs > 0, "train.input_noise_epochs", f"{self.input_noise_epochs} must be finite and > 0")
         _check(self.checkpoint_interval >= 0, "train.checkpoint_interval", "must be >= 0")
         _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), "train.device", f"unknown device {self.device!r}")
 
@@ -199,23 +220,23 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     raise TypeError(f"unsupported config type {tp}")
 
 
-def _build(cls: type, raw: Any, where: str) -> Any:
+def _build(cls: type, raw: Any, where: str, prefix: str = "") -> Any:
     if not isinstance(raw, dict):
-        raise ReglmError(f"{where}: expected a mapping, got {raw!r}")
+        raise ReglmError(f"{where}: {prefix.rstrip('.') or 'the configuration'}: expected a mapping, got {raw!r}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - names)
     if unknown:
-        raise ReglmError(f"{where}: unknown option(s) {', '.join(unknown)}; `reglm config` lists the options")
+        raise ReglmError(f"{where}: unknown option(s) {', '.join(prefix + u for u in unknown)}; `reglm config` lists the options")
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name not in raw:
             continue
         tp = hints[f.name]
         if dataclasses.is_dataclass(tp):
-            kwargs[f.name] = _build(tp, raw[f.name], f"{where}: {f.name}")
+            kwargs[f.name] = _build(tp, raw[f.name], where, f"{prefix}{f.name}.")
         else:
-            kwargs[f.name] = _coerce(raw[f.name], tp, f"{where}: {f.name}")
+            kwargs[f.name] = _coerce(raw[f.name], tp, f"{where}: {prefix}{f.name}")
     return cls(**kwargs)
 
 
@@ -288,8 +309,12 @@ def list_presets() -> list[tuple[str, str]]:
     return out
 
 
-def load_preset(name: str) -> dict[str, Any]:
-    """The overrides of a bundled preset (``name``) or of a YAML file (a path)."""
+def load_preset(name: str, _chain: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The overrides of a bundled preset (``name``) or of a YAML file (a path).
+
+    A preset may start from another with ``extends: <preset>``: the parent's overrides are
+    applied first, then the file's own (recursively; a cycle is an error).
+    """
     path = Path(name)
     if not (path.suffix in (".yaml", ".yml") and path.is_file()):
         path = _preset_dir() / f"{name}.yaml"
@@ -304,7 +329,14 @@ def load_preset(name: str) -> dict[str, Any]:
         raise ReglmError(f"preset file {path} must hold a mapping of sections")
     raw.pop("description", None)
     raw.pop("source", None)
-    return raw
+    parent = raw.pop("extends", None)
+    if parent is None:
+        return raw
+    if not isinstance(parent, str):
+        raise ReglmError(f"preset file {path}: extends must name one preset, got {parent!r}")
+    if parent in _chain or parent == name:
+        raise ReglmError(f"preset file {path}: extends {parent!r} forms a cycle ({' -> '.join((*_chain, name, parent))})")
+    return _merge(load_preset(parent, (*_chain, name)), raw)
 
 
 def build_config(preset: str | None = None, overrides: list[str] | None = None) -> RunConfig:

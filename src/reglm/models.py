@@ -4,7 +4,12 @@
   embedding dropout (section 4.3) and locked dropout on the embedded input (section 4.2).
 * Encoder: :class:`~reglm.encoders.awd_lstm.AWDLSTMEncoder` (sections 2, 4.2, 4.5).
 * Output layer: :class:`~reglm.outputs.softmax.SoftmaxOutput`, tied to the embedding when
-  ``cfg.tie_weights`` (section 4.4).
+  ``cfg.tie_weights`` (section 4.4), with the adversarial softmax of Wang et al. (2019) when
+  ``cfg.advsoft`` is set (:mod:`reglm.outputs.adversarial`).
+
+Training-only input noise (Wang et al. 2019, section 5) is added to the embedded words after
+embedding dropout and before locked dropout, the order of the authors' code; the trainer
+passes its standard deviation to :meth:`LanguageModel.forward` per its schedule.
 
 The regularization terms (AR/TAR, :mod:`reglm.objectives.activation_reg`) read the
 :class:`~reglm.encoders.awd_lstm.EncoderOutput` returned by :meth:`LanguageModel.forward`.
@@ -18,8 +23,22 @@ from torch import Tensor, nn
 
 from reglm.config import ModelConfig
 from reglm.encoders.awd_lstm import AWDLSTMEncoder, EncoderOutput, LSTMState
+from reglm.errors import ReglmError
 from reglm.layers.dropout import LockedDropout, embedding_dropout
+from reglm.outputs.adversarial import AdvSoft
 from reglm.outputs.softmax import SoftmaxOutput
+
+
+def advsoft_from_config(cfg: ModelConfig, output_layer: type) -> AdvSoft | None:
+    """The :class:`AdvSoft` settings of ``cfg``, or None when ``cfg.advsoft`` is None.
+
+    Raises :class:`ReglmError` when the output layer class cannot perturb its target logits.
+    """
+    if cfg.advsoft is None:
+        return None
+    if not getattr(output_layer, "supports_advsoft", False):
+        raise ReglmError(f"model.advsoft={cfg.advsoft} is not supported by the output layer {output_layer.__name__}; set model.advsoft=none")
+    return AdvSoft(mode=cfg.advsoft, alpha=cfg.advsoft_alpha, epsilon=cfg.advsoft_epsilon, grad=cfg.advsoft_grad, positive_only=cfg.advsoft_positive_only)
 
 
 class LanguageModel(nn.Module):
@@ -41,16 +60,21 @@ class LanguageModel(nn.Module):
         self.input_dropout = LockedDropout(cfg.input_dropout)
         self.encoder = AWDLSTMEncoder(cfg)
         tied = self.embedding.weight if cfg.tie_weights else None
-        self.output = SoftmaxOutput(self.encoder.output_size, vocab_size, tied)
+        self.output = SoftmaxOutput(self.encoder.output_size, vocab_size, tied, advsoft_from_config(cfg, SoftmaxOutput))
 
-    def embed(self, ids: Tensor) -> Tensor:
-        """``ids: (B, T) -> (B, T, E)``: embedding lookup with embedding dropout, then locked dropout."""
+    def embed(self, ids: Tensor, noise_std: float = 0.0) -> Tensor:
+        """``ids: (B, T) -> (B, T, E)``: embedding lookup with embedding dropout, Gaussian noise of
+        std ``noise_std`` (training mode only), then locked dropout."""
         weight = embedding_dropout(self.embedding.weight, self.cfg.embed_dropout, self.training)
-        return self.input_dropout(F.embedding(ids, weight))
+        x = F.embedding(ids, weight)
+        if self.training and noise_std > 0:
+            x = x + noise_std * torch.randn_like(x)
+        return self.input_dropout(x)
 
-    def forward(self, ids: Tensor, state: list[LSTMState] | None = None) -> EncoderOutput:
-        """``ids: (B, T)``, ``state`` from :meth:`init_state` / a previous call, or None (zeros)."""
-        return self.encoder(self.embed(ids), state)
+    def forward(self, ids: Tensor, state: list[LSTMState] | None = None, input_noise: float = 0.0) -> EncoderOutput:
+        """``ids: (B, T)``, ``state`` from :meth:`init_state` / a previous call, or None (zeros);
+        ``input_noise``: std of the training-only Gaussian noise on the embedded input."""
+        return self.encoder(self.embed(ids, input_noise), state)
 
     def init_state(self, batch_size: int, device: torch.device | str | None = None) -> list[LSTMState]:
         """Zero recurrent state for ``batch_size`` streams: ``(h, c)`` per layer, each ``(1, B, H_l)``."""

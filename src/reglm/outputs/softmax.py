@@ -5,7 +5,12 @@ output layers (adversarial softmax, mixture of softmaxes, adaptive softmax) plug
 
 * ``logits(h: (..., E)) -> (..., V)``
 * ``log_probs(h: (..., E)) -> (..., V)``
-* ``nll(h: (B, T, E), targets: (B, T)) -> (B, T)`` per-token negative log-likelihood.
+* ``nll(h: (B, T, E), targets: (B, T), adversarial=False) -> (B, T)`` per-token negative
+  log-likelihood; ``adversarial=True`` scores under the layer's adversarial softmax
+  (:mod:`reglm.outputs.adversarial`), which only training asks for.
+
+A layer that can perturb its target logits sets ``supports_advsoft = True`` and takes an
+``advsoft`` argument.
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from reglm.outputs.adversarial import AdvSoft, perturb_target_logits_
 
 
 class SoftmaxOutput(nn.Module):
@@ -22,12 +29,18 @@ class SoftmaxOutput(nn.Module):
     Wolf, 2016), ``W`` is that very Parameter -- registered here as ``weight`` too, one tensor
     shared with the input embedding, not a copy. Otherwise the layer owns ``weight: (V, E)``
     initialized ``U(-0.1, 0.1)``. The bias is always the layer's own, initialized to zeros.
+
+    With ``advsoft`` given, ``nll(..., adversarial=True)`` lowers each target logit by its
+    AdvSoft margin ``epsilon_y ||h||`` (eq. 7); ``logits``/``log_probs`` are always clean.
     """
 
-    def __init__(self, in_features: int, vocab_size: int, tied_weight: nn.Parameter | None = None) -> None:
+    supports_advsoft = True
+
+    def __init__(self, in_features: int, vocab_size: int, tied_weight: nn.Parameter | None = None, advsoft: AdvSoft | None = None) -> None:
         super().__init__()
         self.in_features = in_features
         self.vocab_size = vocab_size
+        self.advsoft = advsoft
         if tied_weight is None:
             self.weight = nn.Parameter(torch.empty(vocab_size, in_features).uniform_(-0.1, 0.1))
         else:
@@ -47,11 +60,18 @@ class SoftmaxOutput(nn.Module):
         """``h: (..., E) -> (..., V)``: ``log softmax(h W^T + b)`` over the vocabulary."""
         return F.log_softmax(self.logits(h), dim=-1)
 
-    def nll(self, h: Tensor, targets: Tensor) -> Tensor:
-        """``h: (B, T, E)``, ``targets: (B, T)`` -> ``(B, T)``: ``-log p(targets | h)`` per token."""
-        logits = self.logits(h)
-        flat = F.cross_entropy(logits.reshape(-1, self.vocab_size), targets.reshape(-1), reduction="none")
-        return flat.view(targets.shape)
+    def nll(self, h: Tensor, targets: Tensor, adversarial: bool = False) -> Tensor:
+        """``h: (B, T, E)``, ``targets: (B, T)`` -> ``(B, T)``: ``-log p(targets | h)`` per token,
+        under the adversarial softmax when ``adversarial`` (needs ``advsoft``)."""
+        flat_h = h.reshape(-1, self.in_features)
+        flat_y = targets.reshape(-1)
+        logits = self.logits(flat_h)
+        if adversarial:
+            if self.advsoft is None:
+                raise ValueError("adversarial=True needs an output layer built with advsoft")
+            target_weight = F.embedding(flat_y, self.weight) if self.advsoft.needs_target_weight() else None
+            perturb_target_logits_(logits, flat_y, self.advsoft.margin(flat_h, target_weight))
+        return F.cross_entropy(logits, flat_y, reduction="none").view(targets.shape)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, vocab_size={self.vocab_size}"
+        return f"in_features={self.in_features}, vocab_size={self.vocab_size}, advsoft={self.advsoft}"

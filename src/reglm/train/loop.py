@@ -17,6 +17,10 @@ Stages (AWD-LSTM, section 5):
 Each step: sample the BPTT length, rescale the learning rate by ``seq_len / bptt``, loss =
 mean token NLL + AR + TAR, clip the global gradient norm, SGD step (with weight decay), update
 the average. The hidden state is carried across batches (detached) and reset each epoch.
+The token NLL is the adversarial softmax's while AdvSoft is on (``model.advsoft``; off after
+``train.advsoft_stop_epoch`` and, unless ``train.advsoft_finetune``, in fine-tuning), and the
+embedded input gets Gaussian noise per ``train.input_noise_*``. The logged training perplexity
+is that of the training objective (dropout, noise and AdvSoft included); validation is clean.
 
 Resume: ``state.pt`` is written at every epoch end, every ``train.checkpoint_interval`` steps and
 when SIGINT/SIGTERM arrives. It holds the weights, the average, the trigger log, the stage, epoch,
@@ -49,7 +53,7 @@ from reglm.objectives.activation_reg import activation_reg, temporal_activation_
 from reglm.train.checkpoint import STATE_FILE, VOCAB_FILE, load_model_dir, load_state, save_model_dir, save_state
 from reglm.train.metrics import MetricsLog
 from reglm.train.ntasgd import NonMonotoneTrigger, ParameterAverager
-from reglm.train.schedules import sample_bptt, scaled_lr
+from reglm.train.schedules import annealed_std, sample_bptt, scaled_lr
 
 CONFIG_FILE = "config.json"
 
@@ -215,6 +219,7 @@ class Trainer:
         length = data.size(1)
         if self.hidden is None:
             self.hidden = model.init_state(data.size(0), device=self.device)
+        adversarial, noise_std = self._advsoft_on(), self._input_noise_std()
         bar = tqdm(total=length - 1, initial=self.position, disable=not self.progress, unit="tok/stream", leave=False, desc=f"{self.stage} epoch {self.epoch + 1}")
         window_nll, window_tokens, window_start = 0.0, 0, time.perf_counter()
         while self.position < length - 2:
@@ -223,8 +228,8 @@ class Trainer:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             x, y = get_batch(data, self.position, seq_len)
-            out = model(x, self.hidden)
-            raw_loss = model.output.nll(out.output, y).mean()
+            out = model(x, self.hidden, input_noise=noise_std)
+            raw_loss = model.output.nll(out.output, y, adversarial=adversarial).mean()
             loss = raw_loss + activation_reg(out.output, cfg.ar_alpha) + temporal_activation_reg(out.raw_output, cfg.tar_beta)
             loss_value = float(loss.detach())
             if not math.isfinite(loss_value):
@@ -262,16 +267,33 @@ class Trainer:
                 self._interrupt()
         bar.close()
 
+    def _advsoft_on(self) -> bool:
+        """Whether this epoch trains with the adversarial softmax."""
+        if self.config.model.advsoft is None:
+            return False
+        if self.stage == "finetune":
+            return self.cfg.advsoft_finetune
+        return self.cfg.advsoft_stop_epoch is None or self.epoch < self.cfg.advsoft_stop_epoch
+
+    def _input_noise_std(self) -> float:
+        """The std of this epoch's input-embedding noise."""
+        cfg = self.cfg
+        if self.stage == "finetune":
+            return cfg.finetune_input_noise_std
+        return annealed_std(cfg.input_noise_std, cfg.input_noise_anneal, self.epoch, cfg.input_noise_epochs)
+
     def _end_epoch(self) -> None:
         eval_model = self._eval_weights()
         val = evaluate(eval_model, self.corpus.valid, self.cfg.eval_batch_size, self.cfg.bptt, self.device, progress=self.progress, desc="valid")
         train_loss = self.epoch_nll / max(self.epoch_tokens, 1)
+        adversarial, noise_std = self._advsoft_on(), self._input_noise_std()
         self.epoch += 1
         improved = val.loss < self.best_val
         self.metrics.log(
             event="epoch", stage=self.stage, epoch=self.epoch, step=self.step,
             train_loss=train_loss, train_ppl=math.exp(min(train_loss, 700)),
             valid_loss=val.loss, valid_ppl=val.ppl, averaging=self.averager.active, best=improved,
+            advsoft=adversarial, input_noise=noise_std,
         )
         self._say(f"| {self.stage} | epoch {self.epoch:3d} | step {self.step:7d} | train ppl {math.exp(min(train_loss, 700)):9.2f} | valid ppl {val.ppl:9.2f}" + (" | averaging" if self.averager.active else "") + (" | best" if improved else ""))
         info = {"stage": self.stage, "epoch": self.epoch, "step": self.step, "valid_loss": val.loss, "valid_ppl": val.ppl, "averaged": self.averager.active}

@@ -54,3 +54,22 @@ def sample_bptt(
 def scaled_lr(lr: float, seq_len: int, bptt: int) -> float:
     """The learning rate for a batch of ``seq_len`` steps: ``lr * seq_len / bptt`` (AWD-LSTM 4.1)."""
     return lr * seq_len / bptt
+
+
+def annealed_std(std: float, schedule: str, epoch: int, length: float) -> float:
+    """The input-noise std of a main-stage epoch (0-based ``epoch``), Wang et al. 2019 section 5.
+
+    The paper only says "small annealed Gaussian noise"; the schedule is ours to choose:
+
+    * ``constant``: ``std`` every epoch (the authors' code, which then uses no noise in
+      fine-tuning -- the trainer's ``finetune_input_noise_std``);
+    * ``linear``: ``std * max(0, 1 - epoch / length)``, zero from epoch ``length`` on;
+    * ``exponential``: ``std * 0.5 ** (epoch / length)``, halving every ``length`` epochs.
+    """
+    if schedule == "constant":
+        return std
+    if schedule == "linear":
+        return std * max(0.0, 1.0 - epoch / length)
+    if schedule == "exponential":
+        return std * 0.5 ** (epoch / length)
+    raise ValueError(f"unknown noise schedule {schedule!r}")

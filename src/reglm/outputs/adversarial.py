@@ -1,0 +1,90 @@
+"""Adversarial softmax (AdvSoft; Wang, Gong & Liu 2019, section 3.1 and Algorithm 1).
+
+Training maximizes the likelihood under the worst perturbation ``delta`` of the *target's*
+output embedding within an epsilon-ball. Theorem 3.1 gives the minimizer in closed form,
+``delta* = -epsilon h / ||h||`` (eq. 6), so the perturbed target logit is (eq. 7)::
+
+    w_y . h + b_y  ->  w_y . h + b_y - epsilon_y ||h||
+
+and every other logit is unchanged. This module computes the per-token margin
+``m_t = epsilon_t ||h_t||`` and subtracts it from the target logit of each token in place: two
+occurrences of one word in a batch get their own ``-epsilon h_t / ||h_t||``, and nothing of size
+``V x d`` is ever allocated (the only extra tensors are ``(N, d)`` gathers and ``(N,)`` vectors).
+
+Choices, each an option of :class:`AdvSoft`:
+
+``epsilon``
+    ``alpha * ||w_y||`` per target word (the Remark after Algorithm 1; ``mode="relative"``) or
+    one fixed ``epsilon`` (``mode="fixed"``).
+``grad``
+    ``"stop"`` (default): the margin is a constant, as in Algorithm 1 and section 3.1, which
+    update the parameters "without back-propagating through the norm term epsilon ||h||";
+    the gradient is that of cross-entropy on the shifted logits with the shift held fixed.
+    ``"hidden"``: the gradient flows through ``||h||`` but not through ``epsilon_y``. This is what
+    the authors' released code computes, since it keeps the vector ``delta`` fixed and
+    differentiates ``(w_y + delta) . h``, whose derivative in ``h`` equals that of
+    ``-epsilon ||h||``. ``"full"``: through ``||h||`` and ``||w_y||`` both -- the paper's ablation,
+    which it reports diverges within a few epochs.
+``positive_only``
+    The released code perturbs only tokens whose ``cos(h, w_y) > 0``; the paper perturbs every
+    token. Default: the paper.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+GRAD_MODES = ("stop", "hidden", "full")
+EPSILON_MODES = ("relative", "fixed")
+
+
+@dataclass(frozen=True)
+class AdvSoft:
+    """How the target logit is perturbed; see the module docstring."""
+
+    mode: str = "relative"
+    alpha: float = 0.005
+    epsilon: float = 0.0
+    grad: str = "stop"
+    positive_only: bool = False
+
+    def __post_init__(self) -> None:
+        if self.mode not in EPSILON_MODES:
+            raise ValueError(f"AdvSoft mode must be one of {EPSILON_MODES}, got {self.mode!r}")
+        if self.grad not in GRAD_MODES:
+            raise ValueError(f"AdvSoft grad must be one of {GRAD_MODES}, got {self.grad!r}")
+
+    def margin(self, h: Tensor, target_weight: Tensor | None) -> Tensor:
+        """``h: (N, d)``, ``target_weight: (N, d)`` rows ``w_{y_t}`` (only needed in relative mode
+        or with ``positive_only``) -> ``(N,)`` margins ``epsilon_t ||h_t||``."""
+        h_norm = h.norm(dim=-1)
+        if self.grad == "stop":
+            h_norm = h_norm.detach()
+        if self.mode == "relative":
+            assert target_weight is not None
+            w_norm = target_weight.norm(dim=-1)
+            if self.grad != "full":
+                w_norm = w_norm.detach()
+            margin = self.alpha * w_norm * h_norm
+        else:
+            margin = self.epsilon * h_norm
+        if self.positive_only:
+            assert target_weight is not None
+            margin = margin * ((target_weight.detach() * h.detach()).sum(-1) > 0).to(margin.dtype)
+        return margin
+
+    def needs_target_weight(self) -> bool:
+        return self.mode == "relative" or self.positive_only
+
+
+def perturb_target_logits_(logits: Tensor, targets: Tensor, margin: Tensor) -> Tensor:
+    """Subtract ``margin: (N,)`` from ``logits: (N, V)`` at ``targets: (N,)``, in place; returns ``logits``.
+
+    ``logits`` must be a fresh tensor (e.g. the output of ``F.linear``) that autograd does not
+    need to keep; the gradient passes unchanged to every logit and, negated, to ``margin``.
+    """
+    rows = torch.arange(targets.numel(), device=targets.device)
+    return logits.index_put_((rows, targets), -margin.to(logits.dtype), accumulate=True)
