@@ -1,6 +1,7 @@
 """The ``reglm`` command line.
 
-Subcommands: ``train``, ``eval``, ``generate``, ``data download|info``, ``presets``, ``config``.
+Subcommands: ``train``, ``eval``, ``generate``, ``analyze``, ``data download|info``, ``presets``,
+``config``.
 Model and training options are not flags of their own: any field of the run configuration is
 set with ``section.field=value`` (``reglm config`` lists them), applied after ``--preset``.
 User mistakes print one line ``reglm: error: ...`` and exit with status 2.
@@ -55,6 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--prompt", default="", help="words to condition on (each must be in the vocabulary)")
     p.add_argument("--checkpoint", choices=["best", "last"], default="best")
+
+    p = sub.add_parser("analyze", help="embedding diversity of trained runs (Wang, Gong & Liu 2019, Figure 1): figure + JSON")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run directories written by reglm train")
+    p.add_argument("--out", default="analysis", help="directory for embedding-diversity.png and .json (default: analysis/)")
+    p.add_argument("--checkpoint", choices=["best", "last"], default="best")
+    p.add_argument("--labels", help="comma-separated legend labels, one per run (default: the run directory names)")
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON object instead of a table")
 
     p = sub.add_parser("data", help="download built-in corpora or describe a corpus")
     dsub = p.add_subparsers(dest="data_command", required=True)
@@ -134,6 +142,47 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from reglm.analysis.plots import plot_embedding_diversity
+    from reglm.analysis.runs import analyze_run
+    from reglm.io import write_json
+
+    labels = _run_labels(args.labels, args.runs)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ReglmError(f"--out {out} is a file; give a directory for embedding-diversity.png and .json")
+    progress = sys.stderr.isatty() and not args.json
+    records = [analyze_run(run, label, args.checkpoint, progress) for run, label in zip(args.runs, labels)]
+    figure, data = out / "embedding-diversity.png", out / "embedding-diversity.json"
+    try:
+        plot_embedding_diversity(records, figure)
+        write_json(data, {"figure": figure.name, "runs": records})
+    except OSError as exc:
+        raise ReglmError(f"cannot write into --out {out} ({exc.strerror or exc}); choose a writable directory") from None
+    rows = [{key: r[key] for key in ("label", "path", "checkpoint", "vocab_size", "embedding_dim")} | r["summary"] for r in records]
+    if args.json:
+        print(json.dumps({"figure": str(figure), "data": str(data), "runs": rows}))
+        return 0
+    width = max(len("run"), *(len(row["label"]) for row in rows))
+    print(f"{'run':{width}s} {'V':>8s} {'mean NN':>9s} {'median NN':>10s} {'eff. rank':>10s} {'best valid ppl':>15s}")
+    for row in rows:
+        print(f"{row['label']:{width}s} {row['vocab_size']:8d} {row['nn_mean']:9.4f} {row['nn_median']:10.4f} {row['effective_rank']:10.2f} {row['best_valid_ppl']:15.2f}")
+    print(f"wrote {figure} and {data}")
+    return 0
+
+
+def _run_labels(labels: str | None, runs: list[str]) -> list[str]:
+    """``--labels a,b`` split into one label per run; by default each run directory's name."""
+    if labels is None:
+        return [Path(run).resolve().name or str(run) for run in runs]
+    names = [name.strip() for name in labels.split(",")]
+    if len(names) != len(runs):
+        raise ReglmError(f"--labels gives {len(names)} label(s) for {len(runs)} run(s); give one label per run, separated by commas")
+    if not all(names):
+        raise ReglmError(f"--labels {labels!r} holds an empty label; give a non-empty label for every run")
+    return names
+
+
 def cmd_data(args: argparse.Namespace) -> int:
     from reglm.config import DataConfig
     from reglm.data import corpus_stats, download, resolve
@@ -168,7 +217,7 @@ def cmd_config(_args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "data": cmd_data, "presets": cmd_presets, "config": cmd_config}
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "analyze": cmd_analyze, "data": cmd_data, "presets": cmd_presets, "config": cmd_config}
 
 
 def main(argv: list[str] | None = None) -> int:

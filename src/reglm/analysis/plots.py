@@ -1,0 +1,66 @@
+"""The embedding-diversity figure (Wang, Gong & Liu 2019, Figure 1) from ``reglm analyze`` records.
+
+One PNG, three panels side by side, one colour per run:
+
+(a) Gaussian KDE of every word's distance to its nearest neighbour in the output embedding;
+(b) singular values of the output embedding divided by the largest, log y-scale, against index;
+(c) training (dashed) and validation (solid) perplexity per epoch, log y-scale, with epochs
+    numbered continuously across the main and fine-tuning stages and a dotted vertical line
+    halfway between the last main epoch and the first fine-tuning epoch of each run that has one.
+
+matplotlib is imported inside :func:`plot_embedding_diversity` and drives a bare
+``matplotlib.figure.Figure`` (the Agg renderer behind ``savefig``), never ``pyplot``: it works
+without a display and leaves the global backend of an interactive session alone.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from reglm.io import write_with
+
+
+def plot_embedding_diversity(records: list[dict[str, Any]], path: Path | str) -> None:
+    """Draw the three panels for ``records`` (from :func:`reglm.analysis.runs.analyze_run`) into the PNG ``path``.
+
+    Each record needs ``label``, ``kde.grid``/``kde.density``, ``singular_values``, ``epochs``
+    (``global_epoch``, ``train_ppl``, ``valid_ppl``) and ``finetune_start_epoch``. The file is
+    written atomically.
+    """
+    from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import MaxNLocator
+
+    fig = Figure(figsize=(16, 4.6), layout="constrained")
+    kde_ax, sv_ax, ppl_ax = fig.subplots(1, 3)
+    for i, record in enumerate(records):
+        colour = f"C{i % 10}"
+        kde_ax.plot(record["kde"]["grid"], record["kde"]["density"], color=colour, label=record["label"])
+        singular = record["singular_values"]
+        sv_ax.plot(range(1, len(singular) + 1), singular, color=colour, label=record["label"])
+        x = [e["global_epoch"] for e in record["epochs"]]
+        ppl_ax.plot(x, [e["valid_ppl"] for e in record["epochs"]], color=colour, linestyle="-", marker=".", label=record["label"])
+        ppl_ax.plot(x, [e["train_ppl"] for e in record["epochs"]], color=colour, linestyle="--", marker=".")
+        if record["finetune_start_epoch"] is not None:
+            ppl_ax.axvline(record["finetune_start_epoch"] - 0.5, color=colour, linestyle=":", linewidth=1.2)
+
+    kde_ax.set(title="(a) Distance to the nearest neighbour (KDE)", xlabel="Euclidean distance to nearest neighbour", ylabel="density")
+    kde_ax.set_ylim(bottom=0)
+    sv_ax.set_yscale("log", nonpositive="mask")
+    sv_ax.set(title="(b) Normalized singular values (log scale)", xlabel="index", ylabel=r"$\sigma_i / \sigma_1$")
+    ppl_ax.set_yscale("log")
+    ppl_ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ppl_ax.set(title="(c) Training and validation perplexity", xlabel="epoch (main, then fine-tuning)", ylabel="perplexity")
+    for ax in (kde_ax, sv_ax):
+        ax.legend(title="run")
+        ax.grid(True, alpha=0.3)
+    ppl_ax.grid(True, which="both", alpha=0.3)
+    styles = [
+        Line2D([], [], color="0.3", linestyle="-", label="valid"),
+        Line2D([], [], color="0.3", linestyle="--", label="train"),
+        Line2D([], [], color="0.3", linestyle=":", label="fine-tuning starts"),
+    ]
+    run_handles, run_labels = ppl_ax.get_legend_handles_labels()
+    ppl_ax.legend(handles=run_handles + styles, labels=run_labels + [h.get_label() for h in styles])
+    write_with(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=110))
