@@ -18,17 +18,12 @@ ratio regularized/plain are printed and saved as JSON with device and versions.
 from __future__ import annotations
 
 import argparse
-import json
-import math
-import os
-import platform
-import shlex
-import sys
-import time
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+
+from harness import RESULTS, environment, interleaved, save
 
 from reglm.config import ModelConfig
 from reglm.encoders.awd_lstm import detach_state
@@ -109,31 +104,6 @@ class Trainer:
         self.last_loss = loss.detach()
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
-def _timed(trainer: Trainer, batches: list[tuple[Tensor, Tensor]], steps: int, offset: int, device: torch.device) -> float:
-    _sync(device)
-    start = time.perf_counter()
-    for i in range(steps):
-        trainer.step(*batches[(offset + i) % len(batches)])
-    _sync(device)
-    return time.perf_counter() - start
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset-size", choices=sorted(PRESETS), default="ptb", help="model and batch shapes")
@@ -155,7 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
     vocab_size = preset["vocab_size"]
     batch_size = args.batch_size or preset["batch_size"]
     bptt = args.bptt or preset["bptt"]
-    out_path = args.out or Path(__file__).resolve().parent / "results" / f"throughput-{device.type}.json"
+    out_path = args.out or RESULTS / f"throughput-{device.type}.json"
 
     torch.manual_seed(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
@@ -164,25 +134,12 @@ def main(argv: list[str] | None = None) -> dict:
         seq = torch.randint(0, vocab_size, (batch_size, bptt + 1), generator=generator).to(device)
         batches.append((seq[:, :-1].contiguous(), seq[:, 1:].contiguous()))
 
-    regularized = Trainer(LanguageModel(cfg, vocab_size).to(device), regularized=True)
-    plain = Trainer(PlainLSTMLM(cfg, vocab_size).to(device), regularized=False)
-    trainers = {"regularized": regularized, "plain": plain}
-
-    for trainer in trainers.values():
-        _timed(trainer, batches, args.warmup, 0, device)
-
-    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
-    per_round = math.ceil(args.steps / args.rounds)
-    seconds = {name: 0.0 for name in trainers}
-    steps_done = {name: 0 for name in trainers}
-    for r in range(args.rounds):
-        order = ["regularized", "plain"] if r % 2 == 0 else ["plain", "regularized"]
-        n = min(per_round, args.steps - steps_done["plain"])
-        if n <= 0:
-            break
-        for name in order:
-            seconds[name] += _timed(trainers[name], batches, n, steps_done[name], device)
-            steps_done[name] += n
+    trainers = {
+        "regularized": Trainer(LanguageModel(cfg, vocab_size).to(device), regularized=True),
+        "plain": Trainer(PlainLSTMLM(cfg, vocab_size).to(device), regularized=False),
+    }
+    steps_of = {name: (lambda i, t=t: t.step(*batches[i % len(batches)])) for name, t in trainers.items()}
+    seconds, steps_done = interleaved(steps_of, args.steps, args.rounds, args.warmup, device)
 
     tokens = {name: steps_done[name] * batch_size * bptt for name in trainers}
     tps = {name: tokens[name] / seconds[name] for name in trainers}
@@ -190,12 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
     target = TARGET_RATIO.get(device.type)
     result = {
         "benchmark": "training throughput, regularized AWD-LSTM vs plain nn.LSTM stack",
-        "device": str(device),
-        "device_name": _device_name(device),
-        "torch_version": torch.__version__,
-        "python_version": platform.python_version(),
-        "cpu_threads": torch.get_num_threads(),
-        "command": shlex.join([sys.executable, *sys.argv]) if argv is None else shlex.join(["throughput.py", *argv]),
+        **environment(device, "throughput.py", argv),
         "preset_size": args.preset_size,
         "model": preset["model"],
         "vocab_size": vocab_size,
@@ -214,12 +166,8 @@ def main(argv: list[str] | None = None) -> dict:
         "target_ratio": target,
         "meets_target": None if target is None else ratio >= target,
         "final_loss": {name: float(t.last_loss) for name, t in trainers.items()},
-        "load_average_before_after": [load_before, os.getloadavg() if load_before is not None else None],
     }
-    print(json.dumps(result, indent=2))
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    print(f"wrote {out_path}")
+    save(result, out_path)
     return result
 
 
