@@ -81,7 +81,7 @@ class TrainedModel:
             x = x[:, : y.size(1)]
             result = self.model(x, state)
             state = detach_state(result.state)
-            out.append(-self.model.output.nll(result.output, y)[0])
+            out.append(-self.model.output_nll(result, y)[0])
         return torch.cat(out).double().cpu()
 
     def score(self, sentence: str) -> float:
@@ -110,8 +110,8 @@ class TrainedModel:
         result = self.model(torch.tensor([ids], device=self.device), state)
         out = list(prompt_tokens)
         for _ in range(words):
-            logits = self.model.output.logits(result.output[:, -1]).float().cpu()[0] / temperature
-            nxt = int(torch.multinomial(torch.softmax(logits, -1), 1, generator=gen))
+            log_p = self.model.output_log_probs(result)[0, -1].float().cpu()
+            nxt = int(torch.multinomial(torch.softmax(log_p / temperature, -1), 1, generator=gen))
             out.append(self.vocab.itos[nxt])
             result = self.model(torch.tensor([[nxt]], device=self.device), result.state)
         return out

@@ -80,15 +80,26 @@ class LanguageModel(nn.Module):
         """Zero recurrent state for ``batch_size`` streams: ``(h, c)`` per layer, each ``(1, B, H_l)``."""
         return self.encoder.init_state(batch_size, device)
 
+    def output_nll(self, out: EncoderOutput, targets: Tensor, adversarial: bool = False) -> Tensor:
+        """The output layer on an encoder output: ``targets: (B, T)`` -> per-token NLL ``(B, T)``,
+        under the adversarial softmax when ``adversarial``. Every caller scores through this
+        method (and :meth:`output_log_probs`), so an output layer that reads more of the
+        encoder output than its last layer plugs in here."""
+        return self.output.nll(out.output, targets, adversarial=adversarial)
+
+    def output_log_probs(self, out: EncoderOutput) -> Tensor:
+        """The output layer on an encoder output -> next-word log-probabilities ``(B, T, V)``."""
+        return self.output.log_probs(out.output)
+
     def nll(self, ids: Tensor, targets: Tensor, state: list[LSTMState] | None = None) -> tuple[Tensor, list[LSTMState]]:
         """``ids, targets: (B, T)`` -> (per-token NLL ``(B, T)``, new state)."""
         out = self(ids, state)
-        return self.output.nll(out.output, targets), out.state
+        return self.output_nll(out, targets), out.state
 
     def log_probs(self, ids: Tensor, state: list[LSTMState] | None = None) -> tuple[Tensor, list[LSTMState]]:
         """``ids: (B, T)`` -> (log-probabilities of the next word ``(B, T, V)``, new state)."""
         out = self(ids, state)
-        return self.output.log_probs(out.output), out.state
+        return self.output_log_probs(out), out.state
 
     def num_parameters(self) -> int:
         """Number of parameter scalars; a tied matrix counts once."""

@@ -64,7 +64,7 @@ def evaluate(
     for start in tqdm(starts, desc=desc, disable=not progress, leave=False, unit="batch"):
         x, y = get_batch(data, start, bptt)
         out = model(x, state)
-        nll = model.output.nll(out.output, y)
+        nll = model.output_nll(out, y)
         state = detach_state(out.state)
         total += nll.sum(dtype=torch.float64)
         count += y.numel()

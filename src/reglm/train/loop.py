@@ -229,7 +229,7 @@ class Trainer:
                 group["lr"] = lr
             x, y = get_batch(data, self.position, seq_len)
             out = model(x, self.hidden, input_noise=noise_std)
-            raw_loss = model.output.nll(out.output, y, adversarial=adversarial).mean()
+            raw_loss = model.output_nll(out, y, adversarial=adversarial).mean()
             loss = raw_loss + activation_reg(out.output, cfg.ar_alpha) + temporal_activation_reg(out.raw_output, cfg.tar_beta)
             loss_value = float(loss.detach())
             if not math.isfinite(loss_value):
