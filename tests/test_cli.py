@@ -128,3 +128,64 @@ def test_existing_run_is_not_overwritten(capsys: pytest.CaptureFixture, run_dir:
     _expect_usage_error(capsys, "already holds a run", "train", "--preset", "tiny", "--out", str(run_dir))
     after = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
     assert before == after
+
+
+def _tsv(path: Path) -> list[dict[str, str]]:
+    lines = path.read_text(encoding="utf-8").splitlines()
+    header = lines[0].split("\t")
+    return [dict(zip(header, line.split("\t"))) for line in lines[1:]]
+
+
+def test_eval_with_cache_and_word_outputs(capsys: pytest.CaptureFixture, run_dir: Path, tmp_path: Path) -> None:
+    code, out, _ = run_cli(capsys, "eval", str(run_dir), "--split", "test", "--batch-size", "4", "--json")
+    plain = json.loads(out)
+    code, out, _ = run_cli(capsys, "eval", str(run_dir), "--split", "test", "--batch-size", "4", "--cache", "window=50,theta=0.5,lambda=0", "--json")
+    assert code == 0 and json.loads(out)["loss"] == plain["loss"], "lambda=0 is plain evaluation"
+
+    probs, deltas = tmp_path / "out" / "probs.tsv", tmp_path / "deltas.tsv"
+    code, out, _ = run_cli(capsys, "eval", str(run_dir), "--cache", "lambda=0.2,window=50,theta=0.5", "--word-probs", str(probs), "--cache-deltas", str(deltas), "--json")
+    assert code == 0
+    result = json.loads(out)
+    assert result["mode"] == "cache" and result["split"] == "valid" and result["batch_size"] == 1
+    assert result["cache"] == {"window": 50, "theta": 0.5, "lambda": 0.2}
+    assert result["model_ppl"] > 1 and result["word_probs"] == str(probs)
+    rows = _tsv(probs)
+    assert len(rows) == result["tokens"]
+    assert sum(float(r["log_prob"]) for r in rows) == pytest.approx(-result["loss"] * result["tokens"], rel=1e-6)
+    table = _tsv(deltas)
+    assert sum(int(r["count"]) for r in table) == result["tokens"]
+    assert sum(float(r["delta_loss"]) for r in table) == pytest.approx((result["loss"] - result["model_loss"]) * result["tokens"], abs=1e-3)
+
+    code, out, _ = run_cli(capsys, "eval", str(run_dir), "--word-probs", str(probs), "--json")
+    result = json.loads(out)
+    assert code == 0 and result["mode"] == "plain" and len(_tsv(probs)) == result["tokens"]
+
+    code, out, _ = run_cli(capsys, "eval", str(run_dir), "--cache-search", "window=20,100;theta=0.3;lambda=0.1,0.3", "--json")
+    assert code == 0
+    result = json.loads(out)
+    assert result["mode"] == "cache-search" and result["split"] == "test" and result["search"]["split"] == "valid"
+    assert len(result["search"]["results"]) == 4 and result["cache"] == result["search"]["best"]
+    assert result["search"]["loss"] == min(r["loss"] for r in result["search"]["results"])
+    code, out, _ = run_cli(capsys, "eval", str(run_dir), "--cache-search", "window=20;theta=0.3;lambda=0.1")
+    lines = out.splitlines()
+    assert code == 0 and lines[0].startswith("cache search on valid (1 settings): best window=20,theta=0.3,lambda=0.1")
+    assert lines[1].startswith("test: loss") and "cache window=20,theta=0.3,lambda=0.1" in lines[1]
+
+
+def test_bad_cache_options(capsys: pytest.CaptureFixture, run_dir: Path, tmp_path: Path) -> None:
+    probs = tmp_path / "probs.tsv"
+    for spec, fragment in (
+        ("window:2000", "--cache 'window:2000' is malformed"),
+        ("window=0", "--cache window=0"),
+        ("theta=-1", "--cache theta=-1"),
+        ("lambda=1.5", "--cache lambda=1.5"),
+        ("window=100,gamma=1", "--cache: unknown key 'gamma'"),
+    ):
+        _expect_usage_error(capsys, fragment, "eval", str(run_dir), "--cache", spec, "--word-probs", str(probs))
+    _expect_usage_error(capsys, "--cache-search window=0", "eval", str(run_dir), "--cache-search", "window=0,10", "--word-probs", str(probs))
+    _expect_usage_error(capsys, "--cache-deltas", "eval", str(run_dir), "--cache-deltas", str(tmp_path / "d.tsv"), "--word-probs", str(probs))
+    _expect_usage_error(capsys, "--word-probs", "eval", str(run_dir), "--cache", "--word-probs", str(tmp_path))
+    with pytest.raises(SystemExit) as info:
+        main(["eval", str(run_dir), "--cache", "window=10", "--cache-search"])
+    assert info.value.code == 2 and "not allowed with" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir()), "a rejected command writes nothing"

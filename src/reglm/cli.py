@@ -13,9 +13,19 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from reglm.errors import ReglmError
+
+if TYPE_CHECKING:
+    import torch
+
+    from reglm.evaluate.cache import CacheGrid, CacheSpec
+    from reglm.evaluate.perplexity import EvalResult
+    from reglm.models import LanguageModel
 
 EXIT_USAGE = 2
 EXIT_DIVERGED = 3
@@ -41,12 +51,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN", help="continue the run in RUN from its last checkpoint")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.lr=10 model.emb_size=400")
 
-    p = sub.add_parser("eval", help="evaluate a trained run on a split")
+    p = sub.add_parser("eval", help="evaluate a trained run on a split, alone or with the neural cache")
     p.add_argument("run", help="run directory (or a model directory)")
-    p.add_argument("--split", choices=["valid", "test"], default="valid")
+    p.add_argument("--split", choices=["valid", "test"], help="split to score (default: valid; test with --cache-search)")
     p.add_argument("--checkpoint", choices=["best", "last"], default="best")
-    p.add_argument("--batch-size", type=int, help="streams per batch (default: the run's eval/test batch size)")
+    p.add_argument("--batch-size", type=int, help="streams per batch (default: the run's eval/test batch size; 1 with the cache)")
     _add_data_options(p, with_vocab=False)
+    modes = p.add_mutually_exclusive_group()  # evaluation modes (EVAL_MODES), at most one per command
+    modes.add_argument(
+        "--cache", nargs="?", const="", metavar="SPEC",
+        help="mix in the continuous cache pointer (Grave et al. 2017): window=W,theta=T,lambda=L, any order; "
+        "missing keys take the AWD-LSTM PTB values window=2000,theta=1.0,lambda=0.1 (WikiText-2: window=3785,theta=0.662,lambda=0.1279)",
+    )
+    modes.add_argument(
+        "--cache-search", nargs="?", const="", metavar="GRID",
+        help="tune the cache on valid and score the chosen values on --split (default test); GRID like "
+        "window=500,2000;theta=0.1,0.3;lambda=0.05,0.1 (missing keys: window=100,500,1000,2000,3785;theta=0.1,0.3,0.662,1.0;lambda=0.05,0.1,0.1279,0.2,0.3)",
+    )
+    p.add_argument("--cache-deltas", metavar="FILE", help="with --cache/--cache-search: write word, count, summed loss change (cache - model) per word type as TSV (AWD-LSTM Table 3)")
+    p.add_argument("--word-probs", metavar="FILE", help="write position, word, prob, log_prob of every scored token as TSV")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
     p = sub.add_parser("generate", help="sample text from a trained run")
@@ -101,11 +124,116 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+@dataclass
+class _EvalContext:
+    """What every evaluation mode needs: the model on its device, the split and its batching."""
+
+    model: LanguageModel
+    ids: torch.Tensor
+    """(N,) the split to score"""
+    split: str
+    batch_size: int
+    bptt: int
+    device: torch.device
+    keep_token_nll: bool
+    progress: bool
+    valid_ids: torch.Tensor
+    """(N_valid,) the validation split, for modes that tune on it"""
+
+
+@dataclass
+class _EvalOutcome:
+    result: EvalResult
+    """the result on the split (with per-token NLL when the context asked for it)"""
+    summary: str = ""
+    """text appended to the split's line"""
+    label: str = "model"
+    """what the split's scores are of, in the words-only line of the synthetic corpus"""
+    report: dict[str, Any] = field(default_factory=dict)
+    """mode-specific entries of the JSON output"""
+    lines: list[str] = field(default_factory=list)
+    """text printed before the split's line"""
+    baseline: EvalResult | None = None
+    """the model alone on the same targets, for --cache-deltas"""
+
+
+def _eval_plain(ctx: _EvalContext, _setting: None) -> _EvalOutcome:
+    from reglm.evaluate.perplexity import evaluate
+
+    return _EvalOutcome(evaluate(ctx.model, ctx.ids, ctx.batch_size, ctx.bptt, ctx.device, keep_token_nll=ctx.keep_token_nll, progress=ctx.progress, desc=ctx.split))
+
+
+def _eval_cache(ctx: _EvalContext, spec: CacheSpec) -> _EvalOutcome:
+    from reglm.evaluate.cache import cache_evaluate
+
+    result = cache_evaluate(ctx.model, ctx.ids, spec, ctx.batch_size, ctx.bptt, ctx.device, keep_token_nll=ctx.keep_token_nll, progress=ctx.progress, desc=ctx.split)
+    return _EvalOutcome(result, summary=f" | cache {spec} | model alone ppl {result.plain.ppl:.2f}", label="model+cache", baseline=result.plain)
+
+
+def _eval_cache_search(ctx: _EvalContext, grid: CacheGrid) -> _EvalOutcome:
+    from reglm.evaluate.cache import cache_search
+
+    search = cache_search(ctx.model, ctx.valid_ids, grid, ctx.batch_size, ctx.bptt, ctx.device, progress=ctx.progress, desc="cache search (valid)")
+    outcome = _eval_cache(ctx, search.best)
+    outcome.report["search"] = {"split": "valid", "grid": grid.as_dict(), **search.as_dict()}
+    outcome.lines.append(f"cache search on valid ({len(grid)} settings): best {search.best} | loss {search.loss:.4f} | ppl {search.ppl:.2f} | model alone ppl {search.model_ppl:.2f}")
+    return outcome
+
+
+EVAL_MODES: dict[str, tuple[Callable[[_EvalContext, Any], _EvalOutcome], int | None]] = {
+    "plain": (_eval_plain, None),
+    "cache": (_eval_cache, 1),
+    "cache-search": (_eval_cache_search, 1),
+}
+"""``reglm eval`` modes: name -> (runner, default streams per batch; None: the run's eval/test batch size)."""
+
+
+def _eval_mode(args: argparse.Namespace) -> tuple[str, Any]:
+    """The evaluation mode and its parsed setting (validated before anything is loaded)."""
+    from reglm.evaluate.cache import parse_cache_grid, parse_cache_spec
+
+    if args.cache is not None:
+        return "cache", parse_cache_spec(args.cache, "--cache")
+    if args.cache_search is not None:
+        return "cache-search", parse_cache_grid(args.cache_search, "--cache-search")
+    return "plain", None
+
+
+def _check_output_file(option: str, path: str | None) -> None:
+    if path is None:
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise ReglmError(f"{option} {path} is a directory; give a file name")
+    parent = next((p for p in target.absolute().parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise ReglmError(f"{option} {path}: {parent} is a file, not a directory; choose another path")
+
+
+def _write_output(option: str, path: str, writer: Callable[[], None]) -> None:
+    try:
+        writer()
+    except OSError as exc:
+        raise ReglmError(f"cannot write {option} {path} ({exc.strerror or exc}); choose a writable path") from None
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from reglm.api import model_dir
-    from reglm.evaluate.perplexity import evaluate
+    from reglm.evaluate.word_probs import write_loss_deltas, write_word_probs
     from reglm.train.checkpoint import load_model_dir
     from reglm.train.loop import load_corpus, resolve_device, truth_comparison
+
+    mode, setting = _eval_mode(args)
+    run_mode, default_batch_size = EVAL_MODES[mode]
+    if args.cache_deltas is not None and mode not in ("cache", "cache-search"):
+        raise ReglmError("--cache-deltas compares the cache with the model alone; add --cache SPEC or --cache-search")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ReglmError(f"--batch-size {args.batch_size} must be >= 1")
+    _check_output_file("--word-probs", args.word_probs)
+    _check_output_file("--cache-deltas", args.cache_deltas)
+    if args.word_probs is not None and args.cache_deltas is not None and Path(args.word_probs).absolute() == Path(args.cache_deltas).absolute():
+        raise ReglmError("--word-probs and --cache-deltas name the same file; give two paths")
+    split = args.split or ("test" if mode == "cache-search" else "valid")
 
     directory = model_dir(args.run, args.checkpoint)
     device = resolve_device("auto")
@@ -115,22 +243,35 @@ def cmd_eval(args: argparse.Namespace) -> int:
     corpus = load_corpus(config)
     if corpus.vocab != vocab:
         raise ReglmError(f"the checkpoint {directory} was built for another vocabulary ({len(vocab)} words) than corpus {config.data.name!r} gives ({len(corpus.vocab)}); evaluate on the corpus it was trained on")
-    ids = getattr(corpus, args.split)
-    batch_size = args.batch_size or (config.train.eval_batch_size if args.split == "valid" else config.train.test_batch_size)
-    if batch_size < 1:
-        raise ReglmError(f"--batch-size {batch_size} must be >= 1")
-    truth = corpus.truth[args.split] if corpus.truth is not None else None
-    result = evaluate(model, ids, batch_size, config.train.bptt, device, keep_token_nll=truth is not None, progress=sys.stderr.isatty() and not args.json, desc=args.split)
-    out = {"run": str(args.run), "checkpoint": str(directory), "split": args.split, "batch_size": batch_size, **result.as_dict()}
+    ids = getattr(corpus, split)
+    batch_size = args.batch_size or default_batch_size or (config.train.eval_batch_size if split == "valid" else config.train.test_batch_size)
+    truth = corpus.truth[split] if corpus.truth is not None else None
+    keep = truth is not None or args.word_probs is not None or args.cache_deltas is not None
+    ctx = _EvalContext(model, ids, split, batch_size, config.train.bptt, device, keep, sys.stderr.isatty() and not args.json, corpus.valid)
+    outcome = run_mode(ctx, setting)
+    result = outcome.result
+    if args.word_probs is not None:
+        _write_output("--word-probs", args.word_probs, lambda: write_word_probs(args.word_probs, result, ids, vocab))
+    if args.cache_deltas is not None:
+        _write_output("--cache-deltas", args.cache_deltas, lambda: write_loss_deltas(args.cache_deltas, result, outcome.baseline, ids, vocab))
+    out = {"run": str(args.run), "checkpoint": str(directory), "split": split, "batch_size": batch_size, "mode": mode, **result.as_dict(), **outcome.report}
+    for key, path in (("word_probs", args.word_probs), ("cache_deltas", args.cache_deltas)):
+        if path is not None:
+            out[key] = path
     if truth is not None:
         out["synthetic"] = truth_comparison(result, ids, truth, vocab.eos_id)
     if args.json:
         print(json.dumps(out))
-    else:
-        print(f"{args.split}: loss {result.loss:.4f} | ppl {result.ppl:.2f} | tokens {result.tokens}")
-        if truth is not None:
-            s = out["synthetic"]
-            print(f"words only: model ppl {s['model_word_ppl']:.2f} | true ppl {s['true_word_ppl']:.2f}")
+        return 0
+    for line in outcome.lines:
+        print(line)
+    print(f"{split}: loss {result.loss:.4f} | ppl {result.ppl:.2f} | tokens {result.tokens}{outcome.summary}")
+    if truth is not None:
+        s = out["synthetic"]
+        print(f"words only: {outcome.label} ppl {s['model_word_ppl']:.2f} | true ppl {s['true_word_ppl']:.2f}")
+    for key, path in (("word probabilities", args.word_probs), ("cache loss deltas", args.cache_deltas)):
+        if path is not None:
+            print(f"wrote {key} to {path}")
     return 0
 
 

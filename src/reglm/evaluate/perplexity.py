@@ -74,6 +74,11 @@ def evaluate(
     result = EvalResult(loss=float(total) / max(count, 1), tokens=count)
     if keep_token_nll:
         result.token_nll = torch.cat(pieces, dim=1)
-        cols = torch.arange(1, length)
-        result.positions = torch.arange(data.size(0)).unsqueeze(1) * length + cols.unsqueeze(0)
+        result.positions = target_positions(data.size(0), length)
     return result
+
+
+def target_positions(batch_size: int, length: int) -> torch.Tensor:
+    """``(B, L-1)``: the index in the original 1-D stream of every target of the ``(B, L)`` rows
+    :func:`batchify` cuts (row ``b``, column ``j >= 1`` is stream position ``b * L + j``)."""
+    return torch.arange(batch_size).unsqueeze(1) * length + torch.arange(1, length).unsqueeze(0)

@@ -1,0 +1,415 @@
+"""The continuous cache pointer at evaluation time (Grave et al. 2017; AWD-LSTM section 7).
+
+A trained model is mixed with a cache of its own recent final-layer hidden states. At position
+``t`` of a stream, with ``h_t`` the last encoder layer's output (``EncoderOutput.output``,
+undropped in eval mode) and ``x_{t+1}`` the word to predict::
+
+    p_cache(w) = sum_{i in C_t, x_{i+1} = w} softmax_{i in C_t}(theta * h_t . h_i)
+    p(w)       = (1 - lambda) * p_model(w) + lambda * p_cache(w)
+
+``C_t = {i : t - W <= i <= t - 1}`` (and ``i >= 0``): the cache holds the pairs ``(h_i,
+x_{i+1})`` of the ``W`` positions before ``t``, whose next words ``x_{i+1}``, ``i + 1 <= t``, have
+been read already; ``h_t`` itself is not in it (Grave et al., eq. 2). Choices:
+
+* **Streams and windows.** The split is cut into streams and bptt windows exactly as
+  :func:`reglm.evaluate.perplexity.evaluate` cuts it, so ``lambda = 0`` gives the same per-token
+  NLL and the same total, bit for bit. The cache is a sliding window over the *stream*: it
+  carries the last ``W`` positions across bptt windows. Each of ``B`` streams has its own cache.
+  One stream (``B = 1``) is the default, as in the paper's test evaluation.
+* **Start of a split.** Position ``t < W`` uses the ``t`` pairs it has. Position 0 has none; there
+  ``p = p_model`` (the weight ``lambda`` falls back to the model). The reference code instead
+  uses the model alone for the first ``W`` positions.
+* **Ranges.** ``W >= 1`` (integer), ``theta >= 0`` (``theta = 0``: uniform attention over the
+  cache), ``0 <= lambda <= 1`` (``lambda = 1`` gives an infinite loss whenever the target is
+  not in the cache).
+* **Paper values** (window, theta, lambda): PTB (2000, 1.0, 0.1), WikiText-2 (3785, 0.662,
+  0.1279) -- the text lists them as (window, lambda, theta); the reference code's WikiText-2
+  defaults fix which number is which. ``--cache`` without a value uses the PTB values.
+
+Vectorized: per bptt window of ``T`` positions, the last ``W`` states ``(B, W, E)`` and their
+next-word ids ``(B, W)`` are concatenated with the window's own, one batched matrix product gives
+every score ``(B, T, W + T)``, a causal band mask (an additive -inf bias) keeps the ``W``
+entries before each position, and one softmax gives the attention. The loss needs only the
+target's probability: ``p_cache(x_{t+1})`` is the attention on the entries whose next word is
+the target (an equality mask against the stored ids), and the mixture is formed in log space,
+``-log p = -logaddexp(log(1 - lambda) - nll_model, log(lambda) + log p_cache)``, so a tiny
+``p_model`` never underflows. Memory ``O(B T (W + T))``; no per-token Python loop and no
+vocabulary-sized tensor beyond the model's own. :func:`cache_distribution` gives the full
+``(B, T, V)`` mixture by scattering the attention weights into the vocabulary.
+
+:func:`cache_search` tunes ``(W, theta, lambda)`` on validation in one pass: the model runs once,
+the scores of each bptt window are computed once for the largest ``W``, each ``W`` redoes only
+the masked softmax (for all thetas at once), and each ``lambda`` only the mixture.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from reglm.data.batching import batchify, get_batch
+from reglm.encoders.awd_lstm import detach_state
+from reglm.errors import ReglmError
+from reglm.evaluate.perplexity import EvalResult, target_positions
+
+FIELDS = {"window": "window", "theta": "theta", "lambda": "lam"}
+"""spec key -> :class:`CacheSpec` attribute"""
+
+
+def _check(option: str, key: str, value: float) -> None:
+    """Raise :class:`ReglmError` naming ``option`` when ``key=value`` is out of range."""
+    if key == "window" and not (isinstance(value, int) and value >= 1):
+        raise ReglmError(f"{option} window={value} must be an integer >= 1 (the number of past positions the cache holds, e.g. window=2000)")
+    if key == "theta" and not (math.isfinite(value) and value >= 0):
+        raise ReglmError(f"{option} theta={value} must be a finite number >= 0 (the flatness of the cache attention, e.g. theta=1.0)")
+    if key == "lambda" and not 0 <= value <= 1:
+        raise ReglmError(f"{option} lambda={value} must be in [0, 1] (the weight of the cache in the mixture, e.g. lambda=0.1)")
+
+
+def _value(option: str, key: str, text: str) -> int | float:
+    """``text`` as the number ``key`` takes (window: int, theta/lambda: float), range-checked."""
+    try:
+        value: int | float = int(text) if key == "window" else float(text)
+    except ValueError:
+        kind = "an integer" if key == "window" else "a number"
+        raise ReglmError(f"{option} {key}={text!r} is not {kind}") from None
+    _check(option, key, value)
+    return value
+
+
+def _pairs(option: str, text: str, sep: str, example: str) -> dict[str, str]:
+    """``key=value`` items of ``text`` separated by ``sep``, each key at most once."""
+    out: dict[str, str] = {}
+    for item in text.split(sep):
+        key, eq, value = item.partition("=")
+        key, value = key.strip(), value.strip()
+        if not eq or not key or not value:
+            raise ReglmError(f"{option} {text!r} is malformed: expected key=value items separated by {sep!r}, e.g. {example}")
+        if key not in FIELDS:
+            raise ReglmError(f"{option}: unknown key {key!r}; the keys are window, theta and lambda")
+        if key in out:
+            raise ReglmError(f"{option} {text!r} gives {key} twice")
+        out[key] = value
+    return out
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """Cache settings: ``window`` W >= 1 past positions, attention flatness ``theta`` >= 0,
+    mixture weight ``lam`` in [0, 1]."""
+
+    window: int
+    theta: float
+    lam: float
+
+    def __post_init__(self) -> None:
+        for key, attr in FIELDS.items():
+            _check("CacheSpec", key, getattr(self, attr))
+
+    def as_dict(self) -> dict[str, float | int]:
+        return {"window": self.window, "theta": self.theta, "lambda": self.lam}
+
+    def __str__(self) -> str:
+        return f"window={self.window},theta={self.theta},lambda={self.lam}"
+
+
+PAPER_SPECS = {"ptb": CacheSpec(2000, 1.0, 0.1), "wikitext-2": CacheSpec(3785, 0.662, 0.1279)}
+"""The AWD-LSTM paper's tuned values (section 7)."""
+DEFAULT_SPEC = PAPER_SPECS["ptb"]
+"""What ``--cache`` uses for a key it is not given."""
+
+
+def parse_cache_spec(text: str, option: str = "--cache") -> CacheSpec:
+    """``"window=2000,theta=1.0,lambda=0.1"`` (any order; a missing key takes its
+    :data:`DEFAULT_SPEC` value; ``""`` gives :data:`DEFAULT_SPEC`) -> :class:`CacheSpec`.
+
+    Raises :class:`ReglmError` naming ``option`` and the bad field.
+    """
+    values = {attr: getattr(DEFAULT_SPEC, attr) for attr in FIELDS.values()}
+    if text.strip():
+        for key, value in _pairs(option, text, ",", "window=2000,theta=1.0,lambda=0.1").items():
+            values[FIELDS[key]] = _value(option, key, value)
+    return CacheSpec(**values)
+
+
+@dataclass(frozen=True)
+class CacheGrid:
+    """The values :func:`cache_search` tries: every combination of ``windows``, ``thetas``, ``lams``."""
+
+    windows: tuple[int, ...]
+    thetas: tuple[float, ...]
+    lams: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        for key, values in (("window", self.windows), ("theta", self.thetas), ("lambda", self.lams)):
+            if not values:
+                raise ReglmError(f"CacheGrid: no {key} values")
+            for value in values:
+                _check("CacheGrid", key, value)
+
+    def __len__(self) -> int:
+        return len(self.windows) * len(self.thetas) * len(self.lams)
+
+    def as_dict(self) -> dict[str, list[float]]:
+        return {"window": list(self.windows), "theta": list(self.thetas), "lambda": list(self.lams)}
+
+
+DEFAULT_GRID = CacheGrid(windows=(100, 500, 1000, 2000, 3785), thetas=(0.1, 0.3, 0.662, 1.0), lams=(0.05, 0.1, 0.1279, 0.2, 0.3))
+"""``--cache-search`` without a value: 100 settings around both papers' values."""
+
+
+def parse_cache_grid(text: str, option: str = "--cache-search") -> CacheGrid:
+    """``"window=500,2000;theta=0.1,0.3;lambda=0.05,0.1"`` -> :class:`CacheGrid`: groups separated
+    by ``;``, values by ``,``; a missing key (or ``""``) takes the :data:`DEFAULT_GRID` values;
+    repeated values count once. Raises :class:`ReglmError` naming ``option`` and the bad field."""
+    values = {"window": DEFAULT_GRID.windows, "theta": DEFAULT_GRID.thetas, "lambda": DEFAULT_GRID.lams}
+    if text.strip():
+        for key, items in _pairs(option, text, ";", "window=500,2000;theta=0.1,0.3;lambda=0.05,0.1").items():
+            parsed = [_value(option, key, item.strip()) for item in items.split(",")]
+            values[key] = tuple(dict.fromkeys(parsed))
+    return CacheGrid(windows=values["window"], thetas=values["theta"], lams=values["lambda"])
+
+
+@dataclass
+class CacheResult(EvalResult):
+    """:class:`EvalResult` of the cache mixture (its ``token_nll`` are the mixture's), with the
+    settings and the model alone on the same targets."""
+
+    spec: CacheSpec | None = None
+    plain: EvalResult | None = None
+    """the model without the cache on the same targets: what :func:`evaluate` returns"""
+
+    def as_dict(self) -> dict[str, object]:
+        out: dict[str, object] = dict(super().as_dict())
+        if self.spec is not None:
+            out["cache"] = self.spec.as_dict()
+        if self.plain is not None:
+            out["model_loss"] = self.plain.loss
+            out["model_ppl"] = self.plain.ppl
+        return out
+
+
+@dataclass
+class CacheSearch:
+    """What :func:`cache_search` found: the best setting and every grid point's loss."""
+
+    best: CacheSpec
+    loss: float
+    """mean NLL of ``best`` on the searched split"""
+    model_loss: float
+    """mean NLL of the model alone on the same targets"""
+    tokens: int
+    results: list[dict[str, float]]
+    """per grid point: window, theta, lambda, loss, ppl (grid order: window, theta, lambda)"""
+
+    @property
+    def ppl(self) -> float:
+        return _ppl(self.loss)
+
+    @property
+    def model_ppl(self) -> float:
+        return _ppl(self.model_loss)
+
+    def as_dict(self) -> dict[str, object]:
+        return {"best": self.best.as_dict(), "loss": self.loss, "ppl": self.ppl, "model_loss": self.model_loss, "model_ppl": self.model_ppl, "tokens": self.tokens, "results": self.results}
+
+
+def _ppl(loss: float) -> float:
+    return math.exp(loss) if loss < 700 else math.inf
+
+
+def _log(x: float) -> float:
+    return math.log(x) if x > 0 else -math.inf
+
+
+def band_mask(queries: int, history: int, window: int, device: torch.device | str | None = None) -> Tensor:
+    """``(T, M + T)`` bool: query ``t`` (position ``M + t`` of the keys) may attend key ``k`` iff
+    ``1 <= M + t - k <= window``, i.e. the ``window`` positions before it."""
+    gap = history + torch.arange(queries, device=device).unsqueeze(1) - torch.arange(history + queries, device=device).unsqueeze(0)
+    return (gap >= 1) & (gap <= window)
+
+
+@functools.lru_cache(maxsize=16)
+def _band_bias(queries: int, history: int, window: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """:func:`band_mask` as an additive ``(T, M + T)`` bias: 0 where allowed, -inf elsewhere
+    (memoized: every full-window bptt window of a pass has the same one)."""
+    return torch.zeros(queries, history + queries, device=device, dtype=dtype).masked_fill_(~band_mask(queries, history, window, device), -math.inf)
+
+
+def cache_nll(
+    states: Tensor,
+    next_ids: Tensor,
+    history: int,
+    nll_model: Tensor,
+    windows: Sequence[int],
+    thetas: Tensor,
+    lams: Tensor,
+) -> Tensor:
+    """Per-token NLL of the cache mixture for one bptt window and every grid point.
+
+    ``states: (B, M + T, E)``: the ``M = history`` cached final-layer states (``M`` at most
+    ``max(windows)``), then the window's ``T`` own; ``next_ids: (B, M + T)`` the word that followed
+    each state (for the window: its targets); ``nll_model: (B, T)`` the model's NLL of the
+    targets. ``thetas: (nθ,)``, ``lams: (nλ,)`` on the states' device and dtype. Returns
+    ``(nW, nθ, nλ, B, T)``; a position with an empty cache gets ``nll_model``.
+
+    Per window size: the scores of the allowed entries, one softmax, and ``p_cache`` of the
+    target as the attention on the entries whose next word is the target.
+    """
+    queries = nll_model.size(1)
+    dots = torch.bmm(states[:, history:], states.transpose(1, 2))
+    match = (next_ids.unsqueeze(1) == next_ids[:, history:].unsqueeze(2)).to(states.dtype)
+    keep = torch.log1p(-lams).view(1, -1, 1, 1)
+    use = torch.log(lams).view(1, -1, 1, 1)
+    out = []
+    for window in windows:
+        kept = min(history, window)
+        cut = history - kept
+        bias = _band_bias(queries, kept, window, states.device, states.dtype)
+        attention = torch.softmax(thetas.view(-1, 1, 1, 1) * dots[:, :, cut:] + bias, dim=-1)
+        log_cache = (attention * match[:, :, cut:]).sum(-1).log()
+        mixed = -torch.logaddexp(keep - nll_model, use + log_cache.unsqueeze(1))
+        has_cache = torch.arange(kept, kept + queries, device=states.device) >= 1
+        out.append(torch.where(has_cache, mixed, nll_model))
+    return torch.stack(out)
+
+
+def _cache_pass(
+    model: torch.nn.Module,
+    ids: Tensor,
+    windows: Sequence[int],
+    thetas: Sequence[float],
+    lams: Sequence[float],
+    batch_size: int,
+    bptt: int,
+    device: torch.device | str,
+    progress: bool,
+    desc: str,
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """Run ``model`` over ``ids`` as :func:`evaluate` does and yield, per bptt window,
+    ``(nll_model (B, T), cache_nll (nW, nθ, nλ, B, T))``. The model is in eval mode meanwhile;
+    the cache keeps the last ``max(windows)`` positions of every stream."""
+    was_training = model.training
+    model.eval()
+    try:
+        data = batchify(ids, batch_size).to(device)
+        state = model.init_state(data.size(0), device=device)
+        keep = max(windows)
+        past_h = past_y = None
+        for start in tqdm(range(0, data.size(1) - 1, bptt), desc=desc, disable=not progress, leave=False, unit="batch"):
+            x, y = get_batch(data, start, bptt)
+            out = model(x, state)
+            state = detach_state(out.state)
+            nll_model = model.output_nll(out, y)
+            h = out.output
+            if past_h is None:
+                past_h, past_y = h[:, :0], y[:, :0]
+                theta_t = torch.tensor(thetas, dtype=h.dtype, device=h.device)
+                lam_t = torch.tensor(lams, dtype=h.dtype, device=h.device)
+            states, next_ids = torch.cat([past_h, h], dim=1), torch.cat([past_y, y], dim=1)
+            yield nll_model, cache_nll(states, next_ids, past_h.size(1), nll_model, windows, theta_t, lam_t)
+            past_h, past_y = states[:, -keep:], next_ids[:, -keep:]
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def cache_evaluate(
+    model: torch.nn.Module,
+    ids: Tensor,
+    spec: CacheSpec,
+    batch_size: int = 1,
+    bptt: int = 70,
+    device: torch.device | str = "cpu",
+    keep_token_nll: bool = False,
+    progress: bool = False,
+    desc: str = "cache",
+) -> CacheResult:
+    """Score ``ids`` (N,) with ``model`` mixed with the cache ``spec``: one full pass.
+
+    Streams and windows as :func:`evaluate`; ``result.plain`` is the model alone on the same
+    targets (equal to :func:`evaluate`'s result). With ``keep_token_nll`` both results carry
+    ``token_nll`` and ``positions`` ``(B, L-1)``.
+    """
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    plain_total = torch.zeros((), dtype=torch.float64, device=device)
+    count = 0
+    pieces, plain_pieces = [], []
+    for nll_model, nll in _cache_pass(model, ids, [spec.window], [spec.theta], [spec.lam], batch_size, bptt, device, progress, desc):
+        mixed = nll[0, 0, 0]
+        total += mixed.sum(dtype=torch.float64)
+        plain_total += nll_model.sum(dtype=torch.float64)
+        count += mixed.numel()
+        if keep_token_nll:
+            pieces.append(mixed.float().cpu())
+            plain_pieces.append(nll_model.float().cpu())
+    plain = EvalResult(loss=float(plain_total) / max(count, 1), tokens=count)
+    result = CacheResult(loss=float(total) / max(count, 1), tokens=count, spec=spec, plain=plain)
+    if keep_token_nll:
+        positions = target_positions(batch_size, ids.numel() // batch_size)
+        result.token_nll, result.positions = torch.cat(pieces, dim=1), positions
+        plain.token_nll, plain.positions = torch.cat(plain_pieces, dim=1), positions
+    return result
+
+
+@torch.no_grad()
+def cache_search(
+    model: torch.nn.Module,
+    ids: Tensor,
+    grid: CacheGrid = DEFAULT_GRID,
+    batch_size: int = 1,
+    bptt: int = 70,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+    desc: str = "cache search",
+) -> CacheSearch:
+    """Every setting of ``grid`` on ``ids`` (the validation split) in one pass; the best is the
+    lowest mean NLL (the first in grid order on a tie).
+
+    Cost: one model pass, one score product per bptt window for the largest window, then per
+    window size a masked softmax for all thetas at once and the mixture for all lambdas.
+    Memory per window size ``O(nθ B T (W + T))``.
+    """
+    totals = torch.zeros(len(grid.windows), len(grid.thetas), len(grid.lams), dtype=torch.float64, device=device)
+    plain_total = torch.zeros((), dtype=torch.float64, device=device)
+    count = 0
+    for nll_model, nll in _cache_pass(model, ids, grid.windows, grid.thetas, grid.lams, batch_size, bptt, device, progress, desc):
+        totals += nll.flatten(-2).sum(-1, dtype=torch.float64)
+        plain_total += nll_model.sum(dtype=torch.float64)
+        count += nll_model.numel()
+    losses = (totals / max(count, 1)).cpu()
+    results = [
+        {"window": w, "theta": theta, "lambda": lam, "loss": float(losses[i, j, k]), "ppl": _ppl(float(losses[i, j, k]))}
+        for i, w in enumerate(grid.windows)
+        for j, theta in enumerate(grid.thetas)
+        for k, lam in enumerate(grid.lams)
+    ]
+    best = min(range(len(results)), key=lambda n: results[n]["loss"])
+    spec = CacheSpec(results[best]["window"], results[best]["theta"], results[best]["lambda"])
+    return CacheSearch(best=spec, loss=results[best]["loss"], model_loss=float(plain_total) / max(count, 1), tokens=count, results=results)
+
+
+def cache_distribution(log_p_model: Tensor, states: Tensor, next_ids: Tensor, history: int, spec: CacheSpec) -> Tensor:
+    """The full next-word log-probabilities ``(B, T, V)`` of the cache mixture for one window.
+
+    ``log_p_model: (B, T, V)`` the model's log-probabilities at the window's ``T`` positions;
+    ``states: (B, M + T, E)``: the ``M = history`` cached states, then the window's own;
+    ``next_ids: (B, M + T)`` the word that followed each state. The attention weights are
+    scattered into the vocabulary at the next-word ids (``p_cache``) and mixed with the model,
+    ``log((1 - lambda) p_model + lambda p_cache)`` by ``logaddexp``; a position with an empty
+    cache keeps ``log_p_model``. Memory ``O(B T (M + T) + B T V)``.
+    """
+    queries = log_p_model.size(1)
+    allowed = band_mask(queries, history, spec.window, states.device)
+    scores = spec.theta * torch.bmm(states[:, history:], states.transpose(1, 2))
+    attention = torch.softmax(scores.masked_fill(~allowed, -math.inf), -1).nan_to_num(0.0)
+    index = next_ids.unsqueeze(1).expand(-1, queries, -1)
+    p_cache = torch.zeros_like(log_p_model).scatter_add_(2, index, attention)
+    mixed = torch.logaddexp(_log(1 - spec.lam) + log_p_model, _log(spec.lam) + p_cache.log())
+    return torch.where(allowed.any(-1).unsqueeze(-1), mixed, log_p_model)
