@@ -155,3 +155,11 @@ def test_non_finite_loss_stops_without_touching_checkpoints(tmp_path: Path) -> N
         trainer.run()
     assert (tmp_path / "run" / "best" / "model.safetensors").read_bytes() == best
     assert (tmp_path / "run" / "state.pt").read_bytes() == state
+
+
+def test_finetune_lr_applies_to_the_finetune_stage_only(tmp_path: Path) -> None:
+    config = build_config("tiny", ["train.variable_bptt=false", "train.finetune_lr=3.5", "train.log_interval=5", "data.synthetic_sentences=200"])
+    train(config, tmp_path / "run", progress=False)
+    steps = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["event"] == "step"]
+    assert {r["lr"] for r in steps if r["stage"] == "main"} == {config.train.lr}
+    assert {r["lr"] for r in steps if r["stage"] == "finetune"} == {3.5}

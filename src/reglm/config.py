@@ -66,7 +66,8 @@ class ModelConfig:
 
     encoder: str = _f("awd-lstm", "encoder architecture (awd-lstm)")
     emb_size: int = _f(200, "word embedding size (input and, when tied, output)")
-    hidden_size: int = _f(256, "LSTM hidden size of every layer but the last, whose size is emb_size")
+    hidden_size: int = _f(256, "LSTM hidden size of every layer but the last")
+    last_hidden_size: int | None = _f(None, "hidden size of the last LSTM layer (none: emb_size; MoS's nhidlast; with output=softmax and tie_weights it must equal emb_size)")
     num_layers: int = _f(2, "number of stacked LSTM layers")
     tie_weights: bool = _f(True, "share the input embedding with the output projection (Inan et al.; Press & Wolf)")
     embed_dropout: float = _f(0.0, "embedding dropout: probability of dropping a whole word type per batch (AWD-LSTM 4.3)")
@@ -80,6 +81,11 @@ class ModelConfig:
     advsoft_epsilon: float = _f(0.01, "AdvSoft fixed mode: the radius epsilon of the perturbation ball")
     advsoft_grad: str = _f("stop", "gradient through the margin epsilon_y*||h||: stop (none; Algorithm 1), hidden (through ||h||, as the authors' code), full (ablation)")
     advsoft_positive_only: bool = _f(False, "perturb only tokens with cos(h, w_y) > 0 (the authors' code; the paper perturbs all)")
+    output: str = _f("softmax", "output layer: softmax, mos (mixture of softmaxes, Yang et al. 2018) or doc (MoS with experts from intermediate layers too, Takase et al. 2018)")
+    n_experts: int = _f(15, "output=mos/doc: softmax experts computed from the last LSTM layer")
+    latent_dropout: float = _f(0.1, "output=mos/doc: locked dropout on the experts' latent vectors tanh(W_k h) (the MoS code's dropoutl)")
+    doc_experts: str | None = _f(None, "output=doc: extra experts per intermediate LSTM layer, comma-separated counts for layers 1..num_layers-1 (e.g. 0,5 with 3 layers); none: no extra experts")
+    mixture_penalty: float = _f(0.0, "output=mos/doc: coefficient lambda_beta of DOC's penalty on the variation of the mixture weights (the DOC code's --var)")
 
     def __post_init__(self) -> None:
         _check(self.encoder in ("awd-lstm",), "model.encoder", f"unknown encoder {self.encoder!r}; choose awd-lstm")
@@ -92,6 +98,33 @@ class ModelConfig:
         for name in ("embed_dropout", "input_dropout", "hidden_dropout", "output_dropout", "weight_dropout"):
             _check_prob(getattr(self, name), f"model.{name}")
         _check(self.init_range > 0, "model.init_range", f"{self.init_range} must be > 0")
+        _check(self.last_hidden_size is None or self.last_hidden_size >= 1, "model.last_hidden_size", f"{self.last_hidden_size} must be >= 1 or none")
+        _check(self.output in ("softmax", "mos", "doc"), "model.output", f"unknown {self.output!r}; choose softmax, mos or doc")
+        _check(self.n_experts >= 1, "model.n_experts", f"{self.n_experts} must be >= 1")
+        _check_prob(self.latent_dropout, "model.latent_dropout")
+        _check_nonneg(self.mixture_penalty, "model.mixture_penalty")
+        if self.output == "softmax":
+            _check(
+                not self.tie_weights or self.last_hidden_size in (None, self.emb_size), "model.last_hidden_size",
+                f"{self.last_hidden_size} differs from emb_size {self.emb_size}, but with output=softmax and tie_weights the last LSTM layer "
+                "feeds the tied embedding directly; set last_hidden_size=none, tie_weights=false, or output=mos",
+            )
+            _check(self.mixture_penalty == 0, "model.mixture_penalty", "penalizes mixture weights, which only output=mos or doc has; set it to 0")
+        _check(self.doc_experts is None or self.output == "doc", "model.doc_experts", f"is only read with output=doc (now {self.output}); set it to none")
+        self.doc_expert_counts()
+
+    def doc_expert_counts(self) -> tuple[int, ...]:
+        """The extra DOC experts of LSTM layers ``1 .. num_layers - 1`` (0-based layer ``l - 1``),
+        parsed from ``doc_experts``; all zeros when it is None."""
+        if self.doc_experts is None:
+            return (0,) * (self.num_layers - 1)
+        items = [item.strip() for item in self.doc_experts.split(",")]
+        _check(all(item.isdigit() for item in items), "model.doc_experts", f"{self.doc_experts!r} must be comma-separated counts >= 0, e.g. 0,5")
+        _check(
+            len(items) == self.num_layers - 1, "model.doc_experts",
+            f"{self.doc_experts!r} gives {len(items)} count(s); give one per intermediate layer ({self.num_layers - 1} for num_layers={self.num_layers})",
+        )
+        return tuple(int(item) for item in items)
 
 
 @dataclass(frozen=True)
@@ -100,6 +133,7 @@ class TrainConfig:
 
     epochs: int = _f(6, "epochs of the main stage")
     batch_size: int = _f(32, "training streams per batch")
+    small_batch_size: int | None = _f(None, "gradient accumulation: streams per forward/backward chunk, each with its own carried state, one step per batch (none: batch_size; the MoS code's small_batch_size)")
     eval_batch_size: int = _f(10, "streams per batch for validation")
     test_batch_size: int = _f(1, "streams per batch for the final test evaluation")
     bptt: int = _f(35, "base BPTT length")
@@ -118,6 +152,7 @@ class TrainConfig:
     nonmono: int = _f(5, "non-monotone interval n of NT-ASGD")
     finetune: bool = _f(False, "after the main stage, restart ASGD with T=0 from the best model (AWD-LSTM section 5)")
     finetune_epochs: int = _f(500, "upper bound on fine-tuning epochs; the non-monotone criterion normally stops it first")
+    finetune_lr: float | None = _f(None, "learning rate of the fine-tuning stage (none: train.lr)")
     advsoft_stop_epoch: int | None = _f(None, "switch AdvSoft off after this main-stage epoch (none: keep it on)")
     advsoft_finetune: bool = _f(True, "keep AdvSoft on during the fine-tuning stage")
     input_noise_std: float = _f(0.0, "std of Gaussian noise added to the input embeddings in training (Wang et al. 2019, section 5)")
@@ -132,11 +167,16 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "eval_batch_size", "test_batch_size", "bptt", "bptt_min", "nonmono", "log_interval"):
             _check(getattr(self, name) >= 1, f"train.{name}", f"{getattr(self, name)} must be >= 1")
         _check(self.bptt_max is None or self.bptt_max >= self.bptt_min, "train.bptt_max", "must be >= train.bptt_min or none")
+        _check(
+            self.small_batch_size is None or (self.small_batch_size >= 1 and self.batch_size % self.small_batch_size == 0), "train.small_batch_size",
+            f"{self.small_batch_size} must divide train.batch_size ({self.batch_size}) or be none",
+        )
         _check(0.0 <= self.bptt_p <= 1.0, "train.bptt_p", f"{self.bptt_p} must be in [0, 1]")
         _check(self.bptt_std >= 0, "train.bptt_std", f"{self.bptt_std} must be >= 0")
         for name in ("lr", "clip", "weight_decay", "ar_alpha", "tar_beta", "input_noise_std", "finetune_input_noise_std"):
             _check_nonneg(getattr(self, name), f"train.{name}")
         _check(self.lr > 0, "train.lr", f"{self.lr} must be > 0")
+        _check(self.finetune_lr is None or (math.isfinite(self.finetune_lr) and self.finetune_lr > 0), "train.finetune_lr", f"{self.finetune_lr} must be > 0 or none")
         _check(self.optimizer in ("ntasgd", "sgd"), "train.optimizer", f"unknown {self.optimizer!r}; choose ntasgd or sgd")
         _check(self.trigger in ("reference", "paper"), "train.trigger", f"unknown {self.trigger!r}; choose reference or paper")
         _check(self.finetune_epochs >= 0, "train.finetune_epochs", "must be >= 0")

@@ -3,7 +3,9 @@
 * Input layer: word embedding ``(V, E)``, ``U(-init_range, init_range)`` (AWD-LSTM section 5),
   embedding dropout (section 4.3) and locked dropout on the embedded input (section 4.2).
 * Encoder: :class:`~reglm.encoders.awd_lstm.AWDLSTMEncoder` (sections 2, 4.2, 4.5).
-* Output layer: :class:`~reglm.outputs.softmax.SoftmaxOutput`, tied to the embedding when
+* Output layer (``cfg.output``): :class:`~reglm.outputs.softmax.SoftmaxOutput` or the mixture of
+  softmaxes :class:`~reglm.outputs.mixture.MixtureOfSoftmaxes` (``mos``; ``doc`` adds experts
+  from the intermediate layers named by ``cfg.doc_experts``), tied to the embedding when
   ``cfg.tie_weights`` (section 4.4), with the adversarial softmax of Wang et al. (2019) when
   ``cfg.advsoft`` is set (:mod:`reglm.outputs.adversarial`).
 
@@ -12,10 +14,14 @@ embedding dropout and before locked dropout, the order of the authors' code; the
 passes its standard deviation to :meth:`LanguageModel.forward` per its schedule.
 
 The regularization terms (AR/TAR, :mod:`reglm.objectives.activation_reg`) read the
-:class:`~reglm.encoders.awd_lstm.EncoderOutput` returned by :meth:`LanguageModel.forward`.
+:class:`~reglm.encoders.awd_lstm.EncoderOutput` returned by :meth:`LanguageModel.forward`; the
+output layer's own objective term (DOC's penalty on the mixture weights) comes with the NLL from
+:meth:`LanguageModel.output_loss`, so the mixture is computed once.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +32,7 @@ from reglm.encoders.awd_lstm import AWDLSTMEncoder, EncoderOutput, LSTMState
 from reglm.errors import ReglmError
 from reglm.layers.dropout import LockedDropout, embedding_dropout
 from reglm.outputs.adversarial import AdvSoft
+from reglm.outputs.mixture import MixtureOfSoftmaxes, mixture_weight_penalty
 from reglm.outputs.softmax import SoftmaxOutput
 
 
@@ -39,6 +46,19 @@ def advsoft_from_config(cfg: ModelConfig, output_layer: type) -> AdvSoft | None:
     if not getattr(output_layer, "supports_advsoft", False):
         raise ReglmError(f"model.advsoft={cfg.advsoft} is not supported by the output layer {output_layer.__name__}; set model.advsoft=none")
     return AdvSoft(mode=cfg.advsoft, alpha=cfg.advsoft_alpha, epsilon=cfg.advsoft_epsilon, grad=cfg.advsoft_grad, positive_only=cfg.advsoft_positive_only)
+
+
+@dataclass
+class OutputLoss:
+    """What the output layer contributes to the training objective.
+
+    * ``nll: (B, T)`` -- per-token negative log-likelihood;
+    * ``penalty: ()`` -- the output layer's own regularization term, coefficient included:
+      ``model.mixture_penalty * mixture_weight_penalty(pi)`` for a mixture (DOC), else 0.
+    """
+
+    nll: Tensor
+    penalty: Tensor
 
 
 class LanguageModel(nn.Module):
@@ -60,7 +80,17 @@ class LanguageModel(nn.Module):
         self.input_dropout = LockedDropout(cfg.input_dropout)
         self.encoder = AWDLSTMEncoder(cfg)
         tied = self.embedding.weight if cfg.tie_weights else None
-        self.output = SoftmaxOutput(self.encoder.output_size, vocab_size, tied, advsoft_from_config(cfg, SoftmaxOutput))
+        doc_counts = cfg.doc_expert_counts()
+        self.doc_layers = [l for l, k in enumerate(doc_counts) if k > 0]
+        self.output: SoftmaxOutput | MixtureOfSoftmaxes
+        if cfg.output == "softmax":
+            self.output = SoftmaxOutput(self.encoder.output_size, vocab_size, tied, advsoft_from_config(cfg, SoftmaxOutput))
+        else:
+            extra = [(self.encoder.layers[l].hidden_size, doc_counts[l]) for l in self.doc_layers]
+            self.output = MixtureOfSoftmaxes(
+                self.encoder.output_size, cfg.emb_size, vocab_size, cfg.n_experts, cfg.latent_dropout, tied,
+                advsoft_from_config(cfg, MixtureOfSoftmaxes), extra,
+            )
 
     def embed(self, ids: Tensor, noise_std: float = 0.0) -> Tensor:
         """``ids: (B, T) -> (B, T, E)``: embedding lookup with embedding dropout, Gaussian noise of
@@ -80,16 +110,33 @@ class LanguageModel(nn.Module):
         """Zero recurrent state for ``batch_size`` streams: ``(h, c)`` per layer, each ``(1, B, H_l)``."""
         return self.encoder.init_state(batch_size, device)
 
+    def output_loss(self, out: EncoderOutput, targets: Tensor, adversarial: bool = False) -> OutputLoss:
+        """The output layer on an encoder output: ``targets: (B, T)`` -> :class:`OutputLoss` (per-token
+        NLL and the layer's penalty), under the adversarial softmax when ``adversarial``. The
+        training loop adds ``penalty`` to its loss; DOC's experts read ``out.layer_outputs`` here."""
+        if isinstance(self.output, SoftmaxOutput):
+            return OutputLoss(self.output.nll(out.output, targets, adversarial=adversarial), out.output.new_zeros(()))
+        score = self.output.score(out.output, targets, adversarial, self._doc_inputs(out))
+        lam = self.cfg.mixture_penalty
+        return OutputLoss(score.nll, lam * mixture_weight_penalty(score.weights) if lam > 0 else score.nll.new_zeros(()))
+
     def output_nll(self, out: EncoderOutput, targets: Tensor, adversarial: bool = False) -> Tensor:
-        """The output layer on an encoder output: ``targets: (B, T)`` -> per-token NLL ``(B, T)``,
-        under the adversarial softmax when ``adversarial``. Every caller scores through this
-        method (and :meth:`output_log_probs`), so an output layer that reads more of the
-        encoder output than its last layer plugs in here."""
-        return self.output.nll(out.output, targets, adversarial=adversarial)
+        """The per-token NLL ``(B, T)`` of :meth:`output_loss`, without the penalty. Every caller
+        scores through this method, :meth:`output_loss` and :meth:`output_log_probs`, so an output
+        layer that reads more of the encoder output than its last layer plugs in here."""
+        if isinstance(self.output, SoftmaxOutput):
+            return self.output.nll(out.output, targets, adversarial=adversarial)
+        return self.output.nll(out.output, targets, adversarial, self._doc_inputs(out))
 
     def output_log_probs(self, out: EncoderOutput) -> Tensor:
         """The output layer on an encoder output -> next-word log-probabilities ``(B, T, V)``."""
-        return self.output.log_probs(out.output)
+        if isinstance(self.output, SoftmaxOutput):
+            return self.output.log_probs(out.output)
+        return self.output.log_probs(out.output, self._doc_inputs(out))
+
+    def _doc_inputs(self, out: EncoderOutput) -> list[Tensor]:
+        """DOC: the undropped outputs ``(B, T, H_l)`` of the intermediate layers that feed experts."""
+        return [out.layer_outputs[l] for l in self.doc_layers]
 
     def nll(self, ids: Tensor, targets: Tensor, state: list[LSTMState] | None = None) -> tuple[Tensor, list[LSTMState]]:
         """``ids, targets: (B, T)`` -> (per-token NLL ``(B, T)``, new state)."""

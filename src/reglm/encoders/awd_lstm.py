@@ -1,6 +1,6 @@
 """The AWD-LSTM encoder (Merity et al., 2017): a stack of weight-dropped LSTM layers.
 
-Layout is batch-first throughout: embeddings ``(B, T, E)`` in, ``(B, T, E)`` out. The recurrent
+Layout is batch-first throughout: embeddings ``(B, T, E)`` in, ``(B, T, H_L)`` out. The recurrent
 state of layer ``l`` is ``(h, c)``, each ``(1, B, H_l)`` -- the shape the fused LSTM kernel uses.
 
 Techniques, with the paper's sections:
@@ -9,7 +9,8 @@ Techniques, with the paper's sections:
   :class:`WeightDropLSTM`.
 * Locked (variational) dropout between layers and on the output (section 4.2).
 * Independent embedding and hidden sizes (section 4.5): the first layer reads ``emb_size``
-  features, the last one emits ``emb_size`` features so a tied output layer can read it.
+  features, the last one emits ``H_L = emb_size`` features so a tied output layer can read it,
+  or ``H_L = last_hidden_size`` when set (the mixture of softmaxes projects it to ``emb_size``).
 * Hidden state carried across batches and detached (truncated BPTT): :func:`detach_state`.
 """
 
@@ -102,9 +103,9 @@ class WeightDropLSTM(nn.Module):
 class EncoderOutput:
     """What an encoder returns; the output layer and the AR/TAR terms read from it.
 
-    * ``output: (B, T, E)`` -- last layer's output after output dropout (``m * h_t``): what the
+    * ``output: (B, T, H_L)`` -- last layer's output after output dropout (``m * h_t``): what the
       output layer reads and what AR penalizes (AWD-LSTM 4.6).
-    * ``raw_output: (B, T, E)`` -- last layer's output before dropout (``h_t``): what TAR reads.
+    * ``raw_output: (B, T, H_L)`` -- last layer's output before dropout (``h_t``): what TAR reads.
     * ``layer_outputs`` -- the undropped output ``(B, T, H_l)`` of every layer, first to last.
     * ``state`` -- the new ``(h, c)`` of every layer, each ``(1, B, H_l)``; pass it to the next
       call (detached with :func:`detach_state`) to carry the state across batches.
@@ -122,27 +123,29 @@ class AWDLSTMEncoder(nn.Module):
     Layer ``l`` reads ``emb_size`` features when ``l = 0`` and ``hidden_size`` otherwise; its own
     hidden size ``H_l`` is ``hidden_size`` except for the last layer, whose ``H_l = emb_size``
     (section 4.5), so that with tied weights the output embedding reads the encoder output
-    directly. Every layer applies DropConnect ``cfg.weight_dropout`` to its recurrent weight.
+    directly -- or ``H_l = cfg.last_hidden_size`` when that is set (the MoS recipes' ``nhidlast``;
+    the mixture's latent projection then maps it to ``emb_size``). Every layer applies DropConnect ``cfg.weight_dropout`` to its recurrent weight.
     Locked dropout ``cfg.hidden_dropout`` is applied to the output of every layer but the last
     (the input of the next layer) and ``cfg.output_dropout`` to the last layer's output.
 
     Initialization (section 5): "all other weights were initialized between
     [-1/sqrt(H), 1/sqrt(H)], where H is the hidden size". We follow the reference code's reading,
-    where H is each layer's own hidden size ``H_l`` -- so the last layer, whose hidden size is
-    ``emb_size``, is initialized with ``1/sqrt(emb_size)``.
+    where H is each layer's own hidden size ``H_l`` -- so the last layer is initialized with
+    ``1/sqrt(H_L)``.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         n = cfg.num_layers
         in_sizes = [cfg.emb_size] + [cfg.hidden_size] * (n - 1)
-        out_sizes = [cfg.hidden_size] * (n - 1) + [cfg.emb_size]
+        last_size = cfg.emb_size if cfg.last_hidden_size is None else cfg.last_hidden_size
+        out_sizes = [cfg.hidden_size] * (n - 1) + [last_size]
         self.layers = nn.ModuleList(
             WeightDropLSTM(i, h, cfg.weight_dropout) for i, h in zip(in_sizes, out_sizes)
         )
         self.hidden_dropout = LockedDropout(cfg.hidden_dropout)
         self.output_dropout = LockedDropout(cfg.output_dropout)
-        self.output_size = cfg.emb_size
+        self.output_size = last_size
 
     def init_state(self, batch_size: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> list[LSTMState]:
         """Zero ``(h, c)`` for every layer, each ``(1, B, H_l)``."""

@@ -15,18 +15,26 @@ Stages (AWD-LSTM, section 5):
     is written.
 
 Each step: sample the BPTT length, rescale the learning rate by ``seq_len / bptt``, loss =
-mean token NLL + AR + TAR, clip the global gradient norm, SGD step (with weight decay), update
-the average. The hidden state is carried across batches (detached) and reset each epoch.
+mean token NLL + the output layer's penalty (DOC's, on the mixture weights; 0 otherwise) + AR +
+TAR, clip the global gradient norm, SGD step (with weight decay), update the average. The hidden
+state is carried across batches (detached) and reset each epoch.
 The token NLL is the adversarial softmax's while AdvSoft is on (``model.advsoft``; off after
 ``train.advsoft_stop_epoch`` and, unless ``train.advsoft_finetune``, in fine-tuning), and the
 embedded input gets Gaussian noise per ``train.input_noise_*``. The logged training perplexity
 is that of the training objective (dropout, noise and AdvSoft included); validation is clean.
 
+Gradient accumulation (``train.small_batch_size``, the MoS recipes'): the batch's streams are
+split into consecutive chunks of ``small_batch_size``; each chunk runs forward and backward on
+its own (its own dropout masks; its carried state is its slice of the batch's) with its loss
+scaled by ``small_batch_size / batch_size``, and one clipped SGD step follows per batch. With
+dropout off the summed gradient equals the full batch's, the DOC penalty aside: it is computed
+per chunk, as in the authors' code.
+
 Resume: ``state.pt`` is written at every epoch end, every ``train.checkpoint_interval`` steps and
 when SIGINT/SIGTERM arrives. It holds the weights, the average, the trigger log, the stage, epoch,
-step, the position in the training stream, the carried hidden state, the epoch's running loss
-and every RNG state, so on CPU a resumed run ends with the same weights, bit for bit, as an
-uninterrupted one.
+step, the position in the training stream, the carried hidden state (every chunk's, concatenated
+along the stream axis), the epoch's running loss and every RNG state, so on CPU a resumed run
+ends with the same weights, bit for bit, as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -102,6 +110,8 @@ class Trainer:
         self.averager = ParameterAverager()
         self.trigger = NonMonotoneTrigger(self.cfg.nonmono, self.cfg.trigger)
         self.train_data = batchify(corpus.train, self.cfg.batch_size).to(self.device)
+        chunk = self.cfg.small_batch_size or self.cfg.batch_size
+        self.chunks = [slice(start, start + chunk) for start in range(0, self.cfg.batch_size, chunk)]
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
         self.stage = "main"
         self.epoch = 0
@@ -224,31 +234,35 @@ class Trainer:
         window_nll, window_tokens, window_start = 0.0, 0, time.perf_counter()
         while self.position < length - 2:
             seq_len = sample_bptt(self.bptt_rng, cfg.bptt, cfg.bptt_p, cfg.bptt_std, cfg.bptt_min, cfg.bptt_max) if cfg.variable_bptt else cfg.bptt
-            lr = scaled_lr(cfg.lr, seq_len, cfg.bptt)
+            lr = scaled_lr(self._base_lr(), seq_len, cfg.bptt)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             x, y = get_batch(data, self.position, seq_len)
-            out = model(x, self.hidden, input_noise=noise_std)
-            raw_loss = model.output_nll(out, y, adversarial=adversarial).mean()
-            loss = raw_loss + activation_reg(out.output, cfg.ar_alpha) + temporal_activation_reg(out.raw_output, cfg.tar_beta)
-            loss_value = float(loss.detach())
-            if not math.isfinite(loss_value):
-                raise TrainingDiverged(
-                    f"the training loss became {loss_value} at step {self.step + 1} (stage {self.stage}, epoch {self.epoch + 1}); "
-                    f"nothing was saved from this step. Last good checkpoint: {self.last_checkpoint or 'none yet'}. "
-                    "Lower train.lr or train.clip and resume or restart."
-                )
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            nll_sum, chunk_states = 0.0, []
+            for streams in self.chunks:
+                out = model(x[streams], [(h[:, streams], c[:, streams]) for h, c in self.hidden], input_noise=noise_std)
+                scored = model.output_loss(out, y[streams], adversarial=adversarial)
+                raw_loss = scored.nll.mean()
+                loss = raw_loss + scored.penalty + activation_reg(out.output, cfg.ar_alpha) + temporal_activation_reg(out.raw_output, cfg.tar_beta)
+                loss_value = float(loss.detach())
+                if not math.isfinite(loss_value):
+                    raise TrainingDiverged(
+                        f"the training loss became {loss_value} at step {self.step + 1} (stage {self.stage}, epoch {self.epoch + 1}); "
+                        f"nothing was saved from this step. Last good checkpoint: {self.last_checkpoint or 'none yet'}. "
+                        "Lower train.lr or train.clip and resume or restart."
+                    )
+                (loss * (scored.nll.size(0) / x.size(0))).backward()
+                chunk_states.append(detach_state(out.state))
+                nll_sum += float(raw_loss.detach()) * scored.nll.numel()
             if cfg.clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
             self.optimizer.step()
             if self.averager.active:
                 self.averager.update(model.parameters())
-            self.hidden = detach_state(out.state)
+            self.hidden = concat_streams(chunk_states)
             self.position += x.size(1)
             self.step += 1
-            nll_sum = float(raw_loss.detach()) * y.numel()
             self.epoch_nll += nll_sum
             self.epoch_tokens += y.numel()
             window_nll += nll_sum
@@ -266,6 +280,12 @@ class Trainer:
                 bar.close()
                 self._interrupt()
         bar.close()
+
+    def _base_lr(self) -> float:
+        """The stage's learning rate before the per-batch BPTT rescaling."""
+        if self.stage == "finetune" and self.cfg.finetune_lr is not None:
+            return self.cfg.finetune_lr
+        return self.cfg.lr
 
     def _advsoft_on(self) -> bool:
         """Whether this epoch trains with the adversarial softmax."""
@@ -364,6 +384,12 @@ class Trainer:
             tqdm.write(text, file=sys.stderr)
         else:
             print(text, file=sys.stderr, flush=True)
+
+
+def concat_streams(chunk_states: list[list[tuple[torch.Tensor, torch.Tensor]]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The states of consecutive chunks of streams, ``(h, c)`` per layer each ``(1, B_j, H_l)``,
+    joined into the batch's ``(1, sum_j B_j, H_l)``."""
+    return [(torch.cat([h for h, _ in layer], dim=1), torch.cat([c for _, c in layer], dim=1)) for layer in zip(*chunk_states)]
 
 
 def truth_comparison(result: EvalResult, ids: torch.Tensor, true_logp: torch.Tensor, eos_id: int) -> dict[str, float]:

@@ -1,0 +1,176 @@
+"""Mixture of softmaxes (MoS; Yang, Dai, Salakhutdinov & Cohen 2018) and its direct output
+connection extension (DOC; Takase, Suzuki & Nagata 2018).
+
+MoS (Yang et al. 2018, section 3). From the last LSTM layer's (dropped) output ``g_t: (H,)``,
+``K`` experts each project the context to the embedding size, take a softmax over the output
+embedding ``W: (V, E)`` (tied: the input embedding) with the shared bias ``b: (V,)``, and are
+mixed with a context-dependent prior::
+
+    pi_t     = softmax(W_pi g_t)                     (K,)  mixture weights, no bias
+    h_{t,k}  = tanh(W_k g_t + c_k)                   (E,)  the latent vector of expert k
+    p(w | t) = sum_k pi_{t,k} softmax(W h_{t,k} + b)_w
+
+The sum is computed in log space, ``log p(w | t) = logsumexp_k(log pi_{t,k} + log
+softmax(W h_{t,k} + b)_w)``, so a word every expert finds unlikely keeps its exact
+log-probability where mixing probabilities would underflow to 0 (the reference code adds 1e-8
+before taking the log).
+
+DOC (Takase et al. 2018) draws further experts from intermediate layers: layer ``l``
+contributes ``i_l`` latent vectors ``tanh(W_{l,j} g^{(l)}_t + c_{l,j})`` of size ``E`` to the same
+mixture, whose prior (computed from the last layer, over all experts) then has ``K = n_experts +
+sum_l i_l`` entries. With no extra experts DOC is exactly MoS, parameters included. We feed the
+intermediate experts the layer's undropped output (``EncoderOutput.layer_outputs``); the authors'
+code feeds the output after the between-layer dropout. The latent dropout below applies to them all.
+
+Choices and details:
+
+* **Latent dropout**: locked dropout (one mask per sequence, shared over time) on the
+  concatenated latent vectors ``(B, T, K*E)``, so each expert and feature has its own mask per
+  sequence (the MoS code's ``dropoutl``; the DOC code shares one mask across experts).
+* **AdvSoft** (Wang et al. 2019, :mod:`reglm.outputs.adversarial`): with ``adversarial=True``
+  every expert's target logit is lowered by its own margin, ``W_y h_{t,k} + b_y -> W_y h_{t,k} +
+  b_y - epsilon_y ||h_{t,k}||`` with ``h_{t,k}`` that expert's (dropped) latent vector, *before*
+  the experts are mixed; ``log_probs`` and ``nll(adversarial=False)`` are always clean.
+* **Initialization**: the prior and latent projections keep ``torch.nn.Linear``'s default
+  (``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``), as the MoS code; an untied ``W`` is ``U(-0.1, 0.1)``
+  and ``b`` zeros, as :class:`~reglm.outputs.softmax.SoftmaxOutput`.
+* **Memory**: ``N = B*T`` tokens give ``N*K`` expert rows of ``V`` logits, which MoS cannot avoid.
+  ``nll`` keeps only the target's log-probability per expert (the fused cross-entropy holds one
+  ``(N*K, V)`` log-softmax for backward besides the logits); ``log_probs`` needs the full
+  ``(N, K, V)`` mixture.
+
+The DOC penalty on the mixture weights is :func:`mixture_weight_penalty`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from reglm.layers.dropout import LockedDropout
+from reglm.outputs.adversarial import AdvSoft, perturb_target_logits_
+
+
+@dataclass
+class MixtureScore:
+    """``nll: (B, T)`` per-token negative log-likelihood and ``weights: (B, T, K)`` the mixture
+    weights ``pi_t`` it was computed with (what the DOC penalty reads)."""
+
+    nll: Tensor
+    weights: Tensor
+
+
+class MixtureOfSoftmaxes(nn.Module):
+    """The MoS output layer (with DOC's extra experts when ``extra_inputs`` is given); see the module docstring.
+
+    * ``in_features``: ``H``, the size of the last layer's output ``g_t``;
+    * ``emb_size``: ``E``, the size of the latent vectors and of the output embedding;
+    * ``n_experts``: experts computed from the last layer;
+    * ``extra_inputs``: DOC, one ``(features, experts)`` pair per extra input, in the order the
+      ``extra`` tensors are passed to :meth:`log_probs` / :meth:`nll` / :meth:`score`;
+    * ``tied_weight``: the ``(V, E)`` Parameter to share (weight tying), else the layer owns one.
+
+    Parameters: ``prior.weight: (K, H)``, ``latent.weight: (n_experts*E, H)`` and ``latent.bias``,
+    ``extra_latents.i.weight: (k_i*E, features_i)`` and biases, ``weight: (V, E)``, ``bias: (V,)``.
+    The latent vectors are ordered last-layer experts first, then each extra input's.
+    """
+
+    supports_advsoft = True
+
+    def __init__(
+        self,
+        in_features: int,
+        emb_size: int,
+        vocab_size: int,
+        n_experts: int,
+        latent_dropout: float = 0.0,
+        tied_weight: nn.Parameter | None = None,
+        advsoft: AdvSoft | None = None,
+        extra_inputs: Sequence[tuple[int, int]] = (),
+    ) -> None:
+        super().__init__()
+        if n_experts < 1 or any(k < 1 for _, k in extra_inputs):
+            raise ValueError(f"every expert count must be >= 1, got n_experts={n_experts}, extra_inputs={list(extra_inputs)}")
+        self.in_features = in_features
+        self.emb_size = emb_size
+        self.vocab_size = vocab_size
+        self.n_experts = n_experts
+        self.extra_inputs = tuple((int(f), int(k)) for f, k in extra_inputs)
+        self.total_experts = n_experts + sum(k for _, k in self.extra_inputs)
+        self.advsoft = advsoft
+        self.prior = nn.Linear(in_features, self.total_experts, bias=False)
+        self.latent = nn.Linear(in_features, n_experts * emb_size)
+        self.extra_latents = nn.ModuleList(nn.Linear(f, k * emb_size) for f, k in self.extra_inputs)
+        self.latent_dropout = LockedDropout(latent_dropout)
+        if tied_weight is None:
+            self.weight = nn.Parameter(torch.empty(vocab_size, emb_size).uniform_(-0.1, 0.1))
+        else:
+            if tuple(tied_weight.shape) != (vocab_size, emb_size):
+                raise ValueError(f"tied weight has shape {tuple(tied_weight.shape)}, expected ({vocab_size}, {emb_size})")
+            self.weight = tied_weight
+        self.bias = nn.Parameter(torch.zeros(vocab_size))
+
+    def mixture(self, h: Tensor, extra: Sequence[Tensor] = ()) -> tuple[Tensor, Tensor]:
+        """``h: (B, T, H)``, ``extra``: DOC's ``(B, T, features_i)`` -> (``log pi: (B*T, K)``, the
+        dropped latent vectors ``(B*T*K, E)``, row ``n*K + k`` for token ``n`` and expert ``k``)."""
+        if len(extra) != len(self.extra_latents):
+            raise ValueError(f"expected {len(self.extra_latents)} extra input(s), got {len(extra)}")
+        log_prior = F.log_softmax(self.prior(h), dim=-1).reshape(-1, self.total_experts)
+        latents = [self.latent(h), *(proj(x) for proj, x in zip(self.extra_latents, extra))]
+        latent = torch.tanh(latents[0] if len(latents) == 1 else torch.cat(latents, dim=-1))
+        return log_prior, self.latent_dropout(latent).reshape(-1, self.emb_size)
+
+    def log_probs(self, h: Tensor, extra: Sequence[Tensor] = ()) -> Tensor:
+        """``h: (B, T, H) -> (B, T, V)``: ``log sum_k pi_k softmax(W h_k + b)``, mixed in log space."""
+        log_prior, latent = self.mixture(h, extra)
+        expert_log_probs = F.log_softmax(F.linear(latent, self.weight, self.bias), dim=-1).view(-1, self.total_experts, self.vocab_size)
+        return torch.logsumexp(expert_log_probs + log_prior.unsqueeze(-1), dim=1).view(*h.shape[:-1], self.vocab_size)
+
+    def score(self, h: Tensor, targets: Tensor, adversarial: bool = False, extra: Sequence[Tensor] = ()) -> MixtureScore:
+        """``h: (B, T, H)``, ``targets: (B, T)`` -> :class:`MixtureScore`; under AdvSoft (per
+        expert, before mixing) when ``adversarial`` (needs ``advsoft``)."""
+        log_prior, latent = self.mixture(h, extra)
+        expert_targets = targets.reshape(-1).repeat_interleave(self.total_experts)
+        logits = F.linear(latent, self.weight, self.bias)
+        if adversarial:
+            if self.advsoft is None:
+                raise ValueError("adversarial=True needs an output layer built with advsoft")
+            target_weight = F.embedding(expert_targets, self.weight) if self.advsoft.needs_target_weight() else None
+            perturb_target_logits_(logits, expert_targets, self.advsoft.margin(latent, target_weight))
+        expert_log_p = -F.cross_entropy(logits, expert_targets, reduction="none").view(-1, self.total_experts)
+        log_p = torch.logsumexp(log_prior + expert_log_p, dim=-1)
+        return MixtureScore(nll=-log_p.view(targets.shape), weights=log_prior.exp().view(*targets.shape, self.total_experts))
+
+    def nll(self, h: Tensor, targets: Tensor, adversarial: bool = False, extra: Sequence[Tensor] = ()) -> Tensor:
+        """``h: (B, T, H)``, ``targets: (B, T)`` -> ``(B, T)``: ``-log p(targets | h)`` per token."""
+        return self.score(h, targets, adversarial, extra).nll
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, emb_size={self.emb_size}, vocab_size={self.vocab_size}, "
+            f"n_experts={self.n_experts}, extra_inputs={list(self.extra_inputs)}, advsoft={self.advsoft}"
+        )
+
+
+def mixture_weight_penalty(weights: Tensor) -> Tensor:
+    """DOC's penalty on the mixture weights (Takase et al. 2018; ``--var`` of the authors' code),
+    without its coefficient: ``weights: (B, T, K) -> ()``::
+
+        beta    = sum_t pi_t                          (B, K)  weight each stream gives each expert
+        penalty = (K - 1) * Var(beta) / mean(beta)^2
+
+    with ``Var`` the unbiased variance over all ``B*K`` entries of ``beta`` and ``mean`` their mean
+    (``T / K``, since every ``pi_t`` sums to 1). It is the squared coefficient of variation of the
+    summed weights scaled by ``K - 1``, exactly what the authors' training script adds (times
+    ``lambda_beta``) per forward chunk; it is 0 when every stream spreads its weight evenly and
+    grows as the weight concentrates on few experts. 0 for ``K = 1``.
+    """
+    k = weights.size(-1)
+    if k == 1:
+        return weights.new_zeros(())
+    beta = weights.sum(dim=1)
+    return (k - 1) * beta.var() / beta.mean().square()
