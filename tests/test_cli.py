@@ -189,3 +189,33 @@ def test_bad_cache_options(capsys: pytest.CaptureFixture, run_dir: Path, tmp_pat
         main(["eval", str(run_dir), "--cache", "window=10", "--cache-search"])
     assert info.value.code == 2 and "not allowed with" in capsys.readouterr().err
     assert not list(tmp_path.iterdir()), "a rejected command writes nothing"
+
+
+def test_eval_with_dynamic_evaluation(capsys: pytest.CaptureFixture, run_dir: Path, tmp_path: Path) -> None:
+    code, out, _ = run_cli(capsys, "eval", str(run_dir), "--batch-size", "2", "--json")
+    plain = json.loads(out)
+    code, out, _ = run_cli(capsys, "eval", str(run_dir), "--batch-size", "2", "--dynamic", "lr=0,lambda=0,max_train_tokens=2000", "--json")
+    result = json.loads(out)
+    assert code == 0 and result["mode"] == "dynamic" and result["batch_size"] == 2
+    assert result["loss"] == pytest.approx(plain["loss"], abs=1e-6), "lr = lambda = 0 is plain evaluation"
+
+    probs = tmp_path / "probs.tsv"
+    code, out, _ = run_cli(capsys, "eval", str(run_dir), "--dynamic", "variant=sgd,lr=0.5,lambda=0.01,batch_size=3", "--word-probs", str(probs), "--json")
+    result = json.loads(out)
+    assert code == 0 and result["batch_size"] == 3 and result["dynamic"]["variant"] == "sgd"
+    assert len(_tsv(probs)) == result["tokens"]
+
+    code, out, _ = run_cli(capsys, "eval", str(run_dir), "--dynamic-search", "lr=0,1e-3;lambda=0,0.01;max_train_tokens=2000", "--json")
+    result = json.loads(out)
+    assert code == 0 and result["mode"] == "dynamic-search" and result["split"] == "test"
+    assert len(result["search"]["results"]) == 4
+
+
+def test_bad_dynamic_options(capsys: pytest.CaptureFixture, run_dir: Path, tmp_path: Path) -> None:
+    probs = tmp_path / "probs.tsv"
+    for spec, fragment in (("lr=-1", "--dynamic"), ("segment=0", "--dynamic"), ("variant=adam", "--dynamic"), ("speed=3", "--dynamic"), ("variant=sgd", "lr")):
+        _expect_usage_error(capsys, fragment, "eval", str(run_dir), "--dynamic", spec, "--word-probs", str(probs))
+    with pytest.raises(SystemExit) as info:
+        main(["eval", str(run_dir), "--dynamic", "--cache"])
+    assert info.value.code == 2
+    assert not probs.exists()

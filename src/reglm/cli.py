@@ -10,6 +10,7 @@ User mistakes print one line ``reglm: error: ...`` and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
     import torch
 
     from reglm.evaluate.cache import CacheGrid, CacheSpec
+    from reglm.evaluate.dynamic import DynamicGrid, DynamicSpec
     from reglm.evaluate.perplexity import EvalResult
     from reglm.models import LanguageModel
 
@@ -53,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="evaluate a trained run on a split, alone or with the neural cache")
     p.add_argument("run", help="run directory (or a model directory)")
-    p.add_argument("--split", choices=["valid", "test"], help="split to score (default: valid; test with --cache-search)")
+    p.add_argument("--split", choices=["valid", "test"], help="split to score (default: valid; test with --cache-search or --dynamic-search)")
     p.add_argument("--checkpoint", choices=["best", "last"], default="best")
     p.add_argument("--batch-size", type=int, help="streams per batch (default: the run's eval/test batch size; 1 with the cache)")
     _add_data_options(p, with_vocab=False)
@@ -67,6 +69,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--cache-search", nargs="?", const="", metavar="GRID",
         help="tune the cache on valid and score the chosen values on --split (default test); GRID like "
         "window=500,2000;theta=0.1,0.3;lambda=0.05,0.1 (missing keys: window=100,500,1000,2000,3785;theta=0.1,0.3,0.662,1.0;lambda=0.05,0.1,0.1279,0.2,0.3)",
+    )
+    modes.add_argument(
+        "--dynamic", nargs="?", const="", metavar="SPEC",
+        help="dynamic evaluation (Krause et al. 2018): lr=,lambda=,eps=,segment=,variant=rms|sgd,max_train_tokens=N|all,batch_size=,stats_batch_size=, any order; "
+        "missing keys take the reference's lr=5e-5,lambda=0.002,eps=2e-5,segment=5,variant=rms,batch_size=1,stats_batch_size=100 (variant=sgd needs lr)",
+    )
+    modes.add_argument(
+        "--dynamic-search", nargs="?", const="", metavar="GRID",
+        help="tune dynamic evaluation's lr and lambda on valid and score the best on --split (default test); GRID like "
+        "lr=3e-5,5e-5;lambda=0.001,0.002;segment=5 (missing lr/lambda: the reference's 24-point grid around the settings)",
     )
     p.add_argument("--cache-deltas", metavar="FILE", help="with --cache/--cache-search: write word, count, summed loss change (cache - model) per word type as TSV (AWD-LSTM Table 3)")
     p.add_argument("--word-probs", metavar="FILE", help="write position, word, prob, log_prob of every scored token as TSV")
@@ -139,6 +151,8 @@ class _EvalContext:
     progress: bool
     valid_ids: torch.Tensor
     """(N_valid,) the validation split, for modes that tune on it"""
+    train_ids: torch.Tensor | None
+    """(N_train,) the training split, for dynamic evaluation's gradient statistics"""
 
 
 @dataclass
@@ -180,18 +194,59 @@ def _eval_cache_search(ctx: _EvalContext, grid: CacheGrid) -> _EvalOutcome:
     return outcome
 
 
-EVAL_MODES: dict[str, tuple[Callable[[_EvalContext, Any], _EvalOutcome], int | None]] = {
+def _dynamic_stats(ctx: _EvalContext, spec: DynamicSpec, option: str) -> dict[str, torch.Tensor] | None:
+    from reglm.evaluate.dynamic import check_training_data, gradient_statistics
+
+    if spec.variant == "sgd":
+        return None
+    check_training_data(ctx.train_ids, spec, option=option)
+    return gradient_statistics(ctx.model, ctx.train_ids, spec, device=ctx.device, progress=ctx.progress)
+
+
+def _run_dynamic(ctx: _EvalContext, spec: DynamicSpec, stats: dict[str, torch.Tensor] | None) -> _EvalOutcome:
+    from reglm.evaluate.dynamic import dynamic_evaluate
+
+    result = dynamic_evaluate(ctx.model, ctx.ids, spec, stats, ctx.device, keep_token_nll=ctx.keep_token_nll, progress=ctx.progress, desc=f"{ctx.split} (dynamic)")
+    return _EvalOutcome(result, summary=f" | dynamic {spec.variant} lr={spec.lr:g} lambda={spec.lam:g} segment={spec.segment}", label="model+dynamic", report={"dynamic": spec.as_dict()})
+
+
+def _eval_dynamic(ctx: _EvalContext, spec: DynamicSpec) -> _EvalOutcome:
+    spec = dataclasses.replace(spec, batch_size=ctx.batch_size)
+    return _run_dynamic(ctx, spec, _dynamic_stats(ctx, spec, "--dynamic"))
+
+
+def _eval_dynamic_search(ctx: _EvalContext, grid: DynamicGrid) -> _EvalOutcome:
+    from reglm.evaluate.dynamic import dynamic_search
+
+    grid = dataclasses.replace(grid, spec=dataclasses.replace(grid.spec, batch_size=ctx.batch_size))
+    stats = _dynamic_stats(ctx, grid.spec, "--dynamic-search")
+    search = dynamic_search(ctx.model, ctx.valid_ids, grid, stats, ctx.device, progress=ctx.progress)
+    outcome = _run_dynamic(ctx, search.best, stats)
+    outcome.report["search"] = {"split": "valid", "grid": grid.as_dict(), **search.as_dict()}
+    outcome.lines.append(f"dynamic search on valid ({len(grid)} settings): best lr={search.best.lr:g} lambda={search.best.lam:g} | loss {search.best_result.loss:.4f} | ppl {search.best_result.ppl:.2f}")
+    return outcome
+
+
+EVAL_MODES: dict[str, tuple[Callable[[_EvalContext, Any], _EvalOutcome], int | Callable[[Any], int] | None]] = {
     "plain": (_eval_plain, None),
     "cache": (_eval_cache, 1),
     "cache-search": (_eval_cache_search, 1),
+    "dynamic": (_eval_dynamic, lambda spec: spec.batch_size),
+    "dynamic-search": (_eval_dynamic_search, lambda grid: grid.spec.batch_size),
 }
-"""``reglm eval`` modes: name -> (runner, default streams per batch; None: the run's eval/test batch size)."""
+"""``reglm eval`` modes: name -> (runner, default streams per batch: a number, a function of the
+mode's setting, or None for the run's eval/test batch size)."""
 
 
 def _eval_mode(args: argparse.Namespace) -> tuple[str, Any]:
     """The evaluation mode and its parsed setting (validated before anything is loaded)."""
     from reglm.evaluate.cache import parse_cache_grid, parse_cache_spec
+    from reglm.evaluate.dynamic import parse_dynamic_grid, parse_dynamic_spec
 
+    if args.dynamic is not None:
+        return "dynamic", parse_dynamic_spec(args.dynamic, "--dynamic")
+    if args.dynamic_search is not None:
+        return "dynamic-search", parse_dynamic_grid(args.dynamic_search, "--dynamic-search")
     if args.cache is not None:
         return "cache", parse_cache_spec(args.cache, "--cache")
     if args.cache_search is not None:
@@ -233,7 +288,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     _check_output_file("--cache-deltas", args.cache_deltas)
     if args.word_probs is not None and args.cache_deltas is not None and Path(args.word_probs).absolute() == Path(args.cache_deltas).absolute():
         raise ReglmError("--word-probs and --cache-deltas name the same file; give two paths")
-    split = args.split or ("test" if mode == "cache-search" else "valid")
+    split = args.split or ("test" if mode.endswith("-search") else "valid")
 
     directory = model_dir(args.run, args.checkpoint)
     device = resolve_device("auto")
@@ -244,10 +299,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if corpus.vocab != vocab:
         raise ReglmError(f"the checkpoint {directory} was built for another vocabulary ({len(vocab)} words) than corpus {config.data.name!r} gives ({len(corpus.vocab)}); evaluate on the corpus it was trained on")
     ids = getattr(corpus, split)
+    if callable(default_batch_size):
+        default_batch_size = default_batch_size(setting)
     batch_size = args.batch_size or default_batch_size or (config.train.eval_batch_size if split == "valid" else config.train.test_batch_size)
     truth = corpus.truth[split] if corpus.truth is not None else None
     keep = truth is not None or args.word_probs is not None or args.cache_deltas is not None
-    ctx = _EvalContext(model, ids, split, batch_size, config.train.bptt, device, keep, sys.stderr.isatty() and not args.json, corpus.valid)
+    ctx = _EvalContext(model, ids, split, batch_size, config.train.bptt, device, keep, sys.stderr.isatty() and not args.json, corpus.valid, corpus.train)
     outcome = run_mode(ctx, setting)
     result = outcome.result
     if args.word_probs is not None:

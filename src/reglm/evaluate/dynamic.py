@@ -1,0 +1,529 @@
+"""Dynamic evaluation (Krause, Kahembwe, Murray & Renals, 2018, "Dynamic Evaluation of Neural
+Sequence Models", ICML): the model keeps learning from the text it is scoring.
+
+The evaluation stream is cut into ``batch_size`` contiguous streams like
+:func:`~reglm.evaluate.perplexity.evaluate` and read in segments ``s_1, s_2, ...`` of
+``segment`` tokens, the hidden state carried (and detached) from segment to segment. For each
+segment the model first *scores* it with its current weights -- those NLLs are what the result
+reports, the prediction made before seeing the segment -- then takes the gradient ``g`` of the
+segment's mean NLL (over its ``B x T`` tokens) and updates the weights before reading the next
+segment.
+
+Update rules (the paper's RMS-normalized update with a global prior, and its plain-SGD
+dynamic evaluation with the same decay; ``theta_0`` are the trained weights)::
+
+    rms:  theta <- theta - lr * g / (R + eps) + min(1, lam * R / mean(R)) * (theta_0 - theta)
+    sgd:  theta <- theta - lr * g + lam * (theta_0 - theta)
+
+elementwise, where ``R = sqrt(MS)`` is the root mean square of the gradient of every parameter
+element over a pass on the training data (:func:`gradient_statistics`:
+``MS = (1 / N_b) sum_k g_k^2`` over ``N_b`` training batches). The decay toward ``theta_0`` is
+scaled per element by ``R / mean(R)`` (the paper's ``RMS_norm``: larger decay where the
+gradient is usually large) and the scaled rate ``lam * R / mean(R)`` is clipped at 1 so the
+decay never overshoots ``theta_0`` (the reference code clips ``R / mean(R)`` at ``1 / lam``,
+the same thing). ``sgd`` is plain SGD dynamic evaluation with a uniform decay ``lam`` toward
+``theta_0``; it needs no statistics pass.
+
+Choices, and where they come from (reference: ``benkrause/dynamic-evaluation``
+``dynamiceval.py``, the current version, which follows the paper's equations; the MoS and
+adversarial-softmax repositories ship the older version, see below):
+
+* **Statistics.** Gradient of the mean NLL of windows of ``stats_batch_size = 100`` streams x
+  ``segment = 5`` tokens of the training split, batchified like training (so the windows start
+  at 100 places spread over the corpus), hidden state carried, every dropout off. The
+  reference uses its single ``--bptt`` for both passes; :func:`gradient_statistics` does too
+  unless given another ``bptt``. ``max_train_tokens`` caps the pass at its first
+  ``max(1, max_train_tokens // (stats_batch_size * bptt))`` windows; the default ``None``
+  reads the whole split, as the reference's ``--max_batches -1``.
+* **mean(R)** is the mean over parameter tensors of each tensor's mean ``R`` (the reference's
+  ``gsum / count``), not the mean over all elements; a tied embedding/softmax matrix is one
+  tensor and counted once.
+* **Defaults** are the reference's, tuned for AWD-LSTM on PTB: ``lr = 5e-5``, ``lam = 0.002``,
+  ``eps = 2e-5``, ``segment = 5``, evaluation with batch size 1, statistics with batch size
+  100 over the whole training split. The reference tunes only the RMS rule, so ``sgd`` has no
+  default learning rate: it must be given.
+* **Older hyperparameters.** The MoS (``zihangdai/mos``) and AdvSoft (``ChengyueGongR/advsoft``)
+  scripts use ``R' = sqrt(sum_k g_k^2)`` and divide by the *sum* over tensors of the mean
+  ``R'``; their ``lr = 0.002, lambda = 0.02 (0.075 for MoS on PTB), epsilon = 0.001`` translate
+  to this module's rule as ``lr / sqrt(N_b)``, ``lambda / n_tensors``, ``epsilon / sqrt(N_b)``
+  (``N_b`` statistics batches, ``n_tensors`` parameter tensors; the reference's
+  ``--oldhyper``).
+* **Scoring.** Every target is scored exactly once, before the update that uses it; the total
+  is ``sum NLL / number of targets`` like :func:`~reglm.evaluate.perplexity.evaluate` (the
+  reference weights the last, shorter segment by its length, which is the same). The first
+  token of each stream is not scored.
+* **Dropout.** Gradients are taken with every dropout off: the model is in eval mode
+  (embedding dropout, locked dropout and input noise off) and every
+  :class:`~reglm.encoders.awd_lstm.WeightDropLSTM` runs with ``weight_dropout = 0``. Those
+  layers alone are switched to training mode, because the cuDNN LSTM kernel can only be
+  differentiated when run in training mode; with no DropConnect and a single-layer kernel
+  training mode computes exactly what eval mode computes.
+* **Isolation.** All work happens on a deep copy of the model on ``device``; the caller's model
+  (weights, mode, gradients) is never touched. :class:`DynamicEvaluator` keeps ``theta_0`` and
+  puts the copy back to it after every pass, so one copy serves a whole grid search.
+* **Search** (:func:`dynamic_search`): every ``(lr, lam)`` of a :class:`DynamicGrid`, each a
+  full dynamic pass on the validation ids, the lowest loss kept (the first on ties). The default
+  grid (:meth:`DynamicGrid.around`) is the reference's ``--grid``,
+  ``lr x {0.6, 0.8, 1, 1.2, 1.4, 2}`` and ``lam x {0.5, 1, 1.5, 2.5}`` around the spec's values:
+  with the default spec exactly the reference's ``{3, 4, 5, 6, 7, 10}e-5`` and
+  ``{0.001, 0.002, 0.003, 0.005}``. The reference rescales its fixed grid by ``segment / 5``;
+  ours follows the spec's ``lr`` and ``lam`` instead. (The reference's ``--gridfast`` searches
+  on the first 30,000 validation tokens; pass such a slice as the validation ids.)
+
+Speed: per segment one forward, one ``torch.autograd.grad`` and two fused multi-tensor
+(``torch._foreach_*``) updates over all parameters -- ``lerp`` toward ``theta_0`` by the
+per-element decay, then ``addcmul`` of the gradient by the per-element step
+``lr / (R + eps)``, both precomputed once per spec. No Python loop over tokens or parameters.
+
+* The passes that take gradients run with oneDNN off (``torch.backends.mkldnn.enabled``,
+  restored afterwards): on CPU its LSTM kernel pays a large fixed cost per call when
+  differentiated, and PyTorch's own kernel was 1.7x faster per 5-token segment at batch 1 for
+  the PTB-sized model (1.35x for the 100 x 5 statistics batches, equal for a 200/400 model) on
+  this project's 2-core CPU. CUDA is unaffected.
+* Gradients come from ``torch.autograd.grad``, which hands over the freshly computed tensors:
+  accumulating into reused ``.grad`` buffers adds a zeroing and an addition pass over every
+  parameter and measured 25% slower per segment (245 vs 197 ms, PTB-sized model, CPU).
+* Each segment still reads every weight for the forward and the backward pass, writes a full
+  gradient (PyTorch's CPU LSTM backward writes and sums one weight gradient per time step) and
+  streams the parameters, ``theta_0``, the gradient and both coefficient tensors through the
+  update, so at batch 1 and 5-token segments it costs about 13x plain evaluation on that CPU
+  (``benchmarks/dynamic_eval.py``); longer segments amortize part of it (about 7x at 20).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, TypeVar
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from reglm.data.batching import batchify, get_batch
+from reglm.encoders.awd_lstm import LSTMState, WeightDropLSTM, detach_state
+from reglm.errors import ReglmError
+from reglm.evaluate.perplexity import EvalResult, target_positions
+
+OPTION = "--dynamic"
+SEARCH_OPTION = "--dynamic-search"
+VARIANTS = ("rms", "sgd")
+DEFAULT_RMS_LR = 5e-5
+LR_FACTORS = (0.6, 0.8, 1.0, 1.2, 1.4, 2.0)
+LAMBDA_FACTORS = (0.5, 1.0, 1.5, 2.5)
+
+
+class _SpecError(ReglmError):
+    """A bad dynamic-evaluation setting; ``detail`` is the message without the option name, so a
+    parser can re-raise it under its own option."""
+
+    def __init__(self, detail: str, option: str = OPTION) -> None:
+        super().__init__(f"{option}: {detail}")
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class DynamicSpec:
+    """Settings of one dynamic evaluation; defaults are the reference's (see the module doc).
+    Validated on construction: a bad value raises :class:`ReglmError` naming ``--dynamic``."""
+
+    lr: float | None = None
+    """learning rate eta; None: 5e-5 for ``rms`` (reference default); required for ``sgd``"""
+    lam: float = 0.002
+    """decay lambda toward the trained weights, in [0, 1] (the spec key is ``lambda``)"""
+    eps: float = 2e-5
+    """stabilizer epsilon added to the gradient RMS, > 0 (``rms`` only)"""
+    segment: int = 5
+    """tokens per stream between two updates (the reference's ``--bptt``)"""
+    variant: str = "rms"
+    """``rms``: RMS-normalized step with RMS-scaled decay; ``sgd``: plain step, uniform decay"""
+    max_train_tokens: int | None = None
+    """cap on the training targets read for the statistics; None: the whole training split"""
+    batch_size: int = 1
+    """streams scored side by side while evaluating (the reference uses 1)"""
+    stats_batch_size: int = 100
+    """streams per batch of the statistics pass (the reference's ``--batch_size``)"""
+
+    def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise _SpecError(f"variant={self.variant!r} is unknown; choose {' or '.join(VARIANTS)}")
+        if self.lr is None:
+            if self.variant == "sgd":
+                raise _SpecError("variant=sgd has no default learning rate (the reference tunes only the rms rule); give lr=..., e.g. found with --dynamic-search")
+            object.__setattr__(self, "lr", DEFAULT_RMS_LR)
+        for key, value in (("lr", self.lr), ("lambda", self.lam), ("eps", self.eps)):
+            if not math.isfinite(value):
+                raise _SpecError(f"{key}={value} must be a finite number")
+        if self.lr < 0:
+            raise _SpecError(f"lr={self.lr} must be >= 0")
+        if not 0.0 <= self.lam <= 1.0:
+            raise _SpecError(f"lambda={self.lam} must be in [0, 1] (1 pulls the weights all the way back to the trained ones at every update)")
+        if self.eps <= 0:
+            raise _SpecError(f"eps={self.eps} must be > 0")
+        for key in ("segment", "batch_size", "stats_batch_size"):
+            if getattr(self, key) < 1:
+                raise _SpecError(f"{key}={getattr(self, key)} must be >= 1")
+        if self.max_train_tokens is not None and self.max_train_tokens < 1:
+            raise _SpecError(f"max_train_tokens={self.max_train_tokens} must be >= 1 (or all)")
+
+    def as_dict(self) -> dict[str, float | int | str | None]:
+        """The settings under the keys :func:`parse_dynamic_spec` reads."""
+        return {"lr": self.lr, "lambda": self.lam, "eps": self.eps, "segment": self.segment, "variant": self.variant,
+                "max_train_tokens": self.max_train_tokens, "batch_size": self.batch_size, "stats_batch_size": self.stats_batch_size}
+
+
+@dataclass(frozen=True)
+class DynamicGrid:
+    """What :func:`dynamic_search` tries: ``spec`` with every ``(lr, lam)`` of ``lrs x lams``.
+    Validated on construction like :class:`DynamicSpec`."""
+
+    spec: DynamicSpec
+    lrs: tuple[float, ...]
+    lams: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if not self.lrs or not self.lams:
+            raise _SpecError(f"the search grid needs at least one lr and one lambda (got {len(self.lrs)} and {len(self.lams)})")
+        self.specs()
+
+    @classmethod
+    def around(cls, spec: DynamicSpec) -> DynamicGrid:
+        """The default grid: ``lr x (0.6, 0.8, 1, 1.2, 1.4, 2)`` and ``lam x (0.5, 1, 1.5, 2.5)``
+        (clipped to 1) around ``spec`` -- the reference's ``--grid`` for the default spec."""
+        lams = tuple(dict.fromkeys(min(1.0, spec.lam * f) for f in LAMBDA_FACTORS))
+        return cls(spec, tuple(spec.lr * f for f in LR_FACTORS), lams)
+
+    def specs(self) -> list[DynamicSpec]:
+        """Every grid point, lambda outer and lr inner (the reference's order)."""
+        return [dataclasses.replace(self.spec, lr=lr, lam=lam) for lam in self.lams for lr in self.lrs]
+
+    def __len__(self) -> int:
+        return len(self.lrs) * len(self.lams)
+
+    def as_dict(self) -> dict:
+        return {**self.spec.as_dict(), "lr": list(self.lrs), "lambda": list(self.lams)}
+
+
+_FIELDS = {"lr": "lr", "lambda": "lam", "lam": "lam", "eps": "eps", "epsilon": "eps", "segment": "segment", "variant": "variant",
+           "max_train_tokens": "max_train_tokens", "batch_size": "batch_size", "stats_batch_size": "stats_batch_size"}
+_FLOATS = {"lr", "lam", "eps"}
+
+
+def _parse_value(option: str, key: str, value: str) -> float | int | str | None:
+    name = _FIELDS[key]
+    if name == "variant":
+        return value
+    if name == "max_train_tokens" and value.lower() in ("all", "none"):
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        raise _SpecError(f"{key}={value!r} is not a number", option) from None
+    if name in _FLOATS:
+        return number
+    if not number.is_integer():
+        raise _SpecError(f"{key}={value!r} is not a whole number", option)
+    return int(number)
+
+
+def _items(text: str, sep: str, option: str, example: str) -> dict[str, tuple[str, str]]:
+    """``key=value`` items of ``text`` split on ``sep`` -> {field name: (key as written, value)}."""
+    items: dict[str, tuple[str, str]] = {}
+    for item in text.split(sep):
+        key, eq, value = (part.strip() for part in item.partition("="))
+        if not eq or not key or not value:
+            raise _SpecError(f"expected key=value, got {item.strip()!r} (e.g. {option} {example})", option)
+        if key not in _FIELDS:
+            raise _SpecError(f"unknown key {key!r}; valid keys: {', '.join(sorted(_FIELDS))}", option)
+        if _FIELDS[key] in items:
+            raise _SpecError(f"{key!r} given twice", option)
+        items[_FIELDS[key]] = (key, value)
+    return items
+
+
+_T = TypeVar("_T")
+
+
+def _under(option: str, build: Callable[[], _T]) -> _T:
+    """``build()``, its validation errors re-raised under ``option``."""
+    try:
+        return build()
+    except _SpecError as exc:
+        raise _SpecError(exc.detail, option) from None
+
+
+def parse_dynamic_spec(text: str, option: str = OPTION) -> DynamicSpec:
+    """``"lr=5e-5,lambda=0.002,eps=2e-5,segment=5,variant=rms,max_train_tokens=200000"`` ->
+    :class:`DynamicSpec`. Keys in any order, each at most once; a missing key takes its default
+    and an empty text gives all defaults. Keys: ``lr``, ``lambda`` (or ``lam``), ``eps`` (or
+    ``epsilon``), ``segment``, ``variant`` (``rms`` | ``sgd``), ``max_train_tokens`` (a number or
+    ``all``), ``batch_size``, ``stats_batch_size``. Raises :class:`ReglmError` naming ``option``
+    and the offending item."""
+    values = {}
+    if text.strip():
+        for name, (key, value) in _items(text, ",", option, "lr=5e-5,lambda=0.002,segment=5").items():
+            values[name] = _parse_value(option, key, value)
+    return _under(option, lambda: DynamicSpec(**values))
+
+
+def parse_dynamic_grid(text: str, option: str = SEARCH_OPTION) -> DynamicGrid:
+    """``"lr=3e-5,5e-5,1e-4;lambda=0.001,0.002;segment=5"`` -> :class:`DynamicGrid`: groups
+    separated by ``;``; ``lr`` and ``lambda`` take comma-separated values (repeats count once),
+    every other :func:`parse_dynamic_spec` key one value, fixed for the whole search. A missing
+    ``lr`` or ``lambda`` takes the :meth:`DynamicGrid.around` values of the fixed settings (the
+    reference's grid for ``""``). Raises :class:`ReglmError` naming ``option``."""
+    fixed: dict = {}
+    lists: dict[str, tuple[float, ...]] = {}
+    if text.strip():
+        for name, (key, value) in _items(text, ";", option, "lr=3e-5,5e-5;lambda=0.001,0.002").items():
+            parts = [part.strip() for part in value.split(",")]
+            if name in ("lr", "lam"):
+                lists[name] = tuple(dict.fromkeys(_parse_value(option, key, part) for part in parts))
+            elif len(parts) > 1:
+                raise _SpecError(f"{key}={value!r}: only lr and lambda take several values", option)
+            else:
+                fixed[name] = _parse_value(option, key, value)
+
+    def build() -> DynamicGrid:
+        spec = DynamicSpec(**fixed, **{name: values[0] for name, values in lists.items()})
+        default = DynamicGrid.around(spec)
+        return DynamicGrid(spec, lists.get("lr", default.lrs), lists.get("lam", default.lams))
+
+    return _under(option, build)
+
+
+def check_training_data(train_ids: Tensor | None, spec: DynamicSpec, bptt: int | None = None, option: str = OPTION) -> None:
+    """Raise :class:`ReglmError` naming ``option`` when the ``rms`` rule cannot get its gradient
+    statistics: no training split (``None`` or empty), or one too short for
+    ``spec.stats_batch_size`` streams of at least ``bptt + 1`` tokens (default
+    ``spec.segment``). The ``sgd`` rule needs no training data and always passes."""
+    if spec.variant != "sgd":
+        _check_train_split(train_ids, spec, bptt, option)
+
+
+def _check_train_split(train_ids: Tensor | None, spec: DynamicSpec, bptt: int | None, option: str) -> None:
+    if train_ids is None or train_ids.numel() == 0:
+        raise _SpecError(
+            "variant=rms needs gradient statistics from the training split, but no training data is available; point "
+            "--data/--data-dir at the corpus the run was trained on (with its train.txt), or use variant=sgd with lr=...", option,
+        )
+    window = bptt or spec.segment
+    need = spec.stats_batch_size * (window + 1)
+    if train_ids.numel() < need:
+        raise _SpecError(
+            f"the training split has {train_ids.numel()} tokens, too few for stats_batch_size={spec.stats_batch_size} "
+            f"streams of {window + 1} tokens ({need}); lower stats_batch_size", option,
+        )
+
+
+def _gradient_copy(model: nn.Module, device: torch.device | str) -> nn.Module:
+    """A deep copy of ``model`` on ``device`` that takes gradients with every dropout off (eval
+    mode; :class:`WeightDropLSTM` layers in training mode without DropConnect, for cuDNN)."""
+    work = copy.deepcopy(model).to(device)
+    work.eval()
+    for module in work.modules():
+        if isinstance(module, WeightDropLSTM):
+            module.weight_dropout = 0.0
+            module.train()
+    for param in work.parameters():
+        param.requires_grad_(True)
+        param.grad = None
+    return work
+
+
+@contextmanager
+def _native_cpu_kernels() -> Iterator[None]:
+    """oneDNN off for the block: PyTorch's own CPU LSTM kernel differentiates short segments
+    faster (see the module doc); CUDA is unaffected."""
+    previous = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = previous
+
+
+def _segment_grads(model: nn.Module, params: list[Tensor], x: Tensor, y: Tensor, state: list[LSTMState] | None) -> tuple[Tensor, tuple[Tensor, ...], list[LSTMState]]:
+    """Score ``x, y: (B, T)`` and differentiate the mean NLL: (NLL ``(B, T)``, one gradient per
+    parameter, detached new state)."""
+    with torch.enable_grad(), _native_cpu_kernels():
+        out = model(x, state)
+        nll = model.output_nll(out, y)
+        grads = torch.autograd.grad(nll.mean(), params, allow_unused=True, materialize_grads=True)
+    return nll.detach(), grads, detach_state(out.state)
+
+
+def gradient_statistics(
+    model: nn.Module,
+    train_ids: Tensor | None,
+    spec: DynamicSpec,
+    bptt: int | None = None,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+    desc: str = "gradient statistics",
+) -> dict[str, Tensor]:
+    """Per-element gradient RMS ``R = sqrt(mean_k g_k^2)`` of every parameter of ``model``, keyed
+    by ``named_parameters()`` names (a tied matrix once), on ``device``.
+
+    ``train_ids: (N,)`` is batchified into ``spec.stats_batch_size`` streams and read in windows
+    of ``bptt`` tokens (default ``spec.segment``), hidden state carried; ``g_k`` is the gradient
+    of window ``k``'s mean NLL with every dropout off. At most
+    ``max(1, spec.max_train_tokens // (stats_batch_size * bptt))`` windows are read (all with
+    ``max_train_tokens=None``). ``model`` itself is left untouched.
+    """
+    _check_train_split(train_ids, spec, bptt, OPTION)
+    window = bptt or spec.segment
+    work = _gradient_copy(model, device)
+    params = list(work.parameters())
+    names = [name for name, _ in work.named_parameters()]
+    data = batchify(train_ids, spec.stats_batch_size).to(device)
+    starts = range(0, data.size(1) - 1, window)
+    if spec.max_train_tokens is not None:
+        starts = starts[: max(1, spec.max_train_tokens // (data.size(0) * window))]
+    square_sums = [torch.zeros_like(p) for p in params]
+    state = work.init_state(data.size(0), device=device)
+    for start in tqdm(starts, desc=desc, disable=not progress, leave=False, unit="batch"):
+        x, y = get_batch(data, start, window)
+        _, grads, state = _segment_grads(work, params, x, y, state)
+        torch._foreach_addcmul_(square_sums, grads, grads)
+    return {name: s.div_(len(starts)).sqrt_() for name, s in zip(names, square_sums)}
+
+
+class DynamicEvaluator:
+    """A working copy of ``model`` that adapts while it scores, and the trained weights
+    ``theta_0`` it decays toward and returns to after every pass.
+
+    ``stats`` (from :func:`gradient_statistics` on the same model) is needed for ``rms`` specs
+    only. The per-element coefficients of a spec (decay ``min(1, lam R / mean R)`` and step
+    ``lr / (R + eps)``) are computed once and kept for the next segments.
+    """
+
+    def __init__(self, model: nn.Module, stats: dict[str, Tensor] | None = None, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        self.model = _gradient_copy(model, self.device)
+        named = list(self.model.named_parameters())
+        self.params = [p for _, p in named]
+        self.theta0 = [p.detach().clone() for p in self.params]
+        self.rms: list[Tensor] | None = None
+        if stats is not None:
+            missing = [name for name, _ in named if name not in stats]
+            if missing:
+                raise ValueError(f"gradient statistics lack parameters {missing}; compute them on this model")
+            self.rms = [stats[name].to(device=self.device, dtype=p.dtype) for name, p in named]
+        self._rule: tuple[tuple, list[Tensor] | float, list[Tensor] | float] | None = None
+
+    def _coefficients(self, spec: DynamicSpec) -> tuple[list[Tensor] | float, list[Tensor] | float]:
+        """(decay, step) of ``spec``: per-element tensor lists for ``rms``, scalars for ``sgd``."""
+        key = (spec.variant, spec.lr, spec.lam, spec.eps)
+        if self._rule is None or self._rule[0] != key:
+            if spec.variant == "sgd":
+                decay, step = spec.lam, spec.lr
+            else:
+                if self.rms is None:
+                    raise ValueError("variant=rms needs gradient statistics: pass stats from gradient_statistics()")
+                mean = torch.stack([r.mean() for r in self.rms]).mean()
+                decay = [(spec.lam * r / mean).clamp_(max=1.0) for r in self.rms]
+                step = [(r + spec.eps).reciprocal_().mul_(spec.lr) for r in self.rms]
+            self._rule = (key, decay, step)
+        return self._rule[1], self._rule[2]
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        """Put the working copy back to the trained weights ``theta_0``."""
+        for p, p0 in zip(self.params, self.theta0):
+            p.copy_(p0)
+
+    def adapt(self, x: Tensor, y: Tensor, state: list[LSTMState] | None, spec: DynamicSpec) -> tuple[Tensor, list[LSTMState]]:
+        """Score the segment ``x, y: (B, T)`` with the current weights, then update them on it.
+        Returns the NLL ``(B, T)`` of the prediction made *before* the update and the detached
+        state to pass with the next segment."""
+        decay, step = self._coefficients(spec)
+        nll, grads, state = _segment_grads(self.model, self.params, x, y, state)
+        with torch.no_grad():
+            torch._foreach_lerp_(self.params, self.theta0, decay)
+            if spec.variant == "sgd":
+                torch._foreach_add_(self.params, grads, alpha=-step)
+            else:
+                torch._foreach_addcmul_(self.params, grads, step, value=-1.0)
+        return nll, state
+
+    def evaluate(self, ids: Tensor, spec: DynamicSpec, keep_token_nll: bool = False, progress: bool = False, desc: str = "dynamic") -> EvalResult:
+        """One dynamic pass over ``ids: (N,)`` cut into ``spec.batch_size`` streams, in segments
+        of ``spec.segment`` tokens; the weights are back at ``theta_0`` afterwards.
+        ``token_nll``/``positions`` have the layout of :func:`~reglm.evaluate.perplexity.evaluate`."""
+        data = batchify(ids, spec.batch_size).to(self.device)
+        length = data.size(1)
+        state = self.model.init_state(data.size(0), device=self.device)
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        count = 0
+        pieces = []
+        try:
+            for start in tqdm(range(0, length - 1, spec.segment), desc=desc, disable=not progress, leave=False, unit="segment"):
+                x, y = get_batch(data, start, spec.segment)
+                nll, state = self.adapt(x, y, state, spec)
+                total += nll.sum(dtype=torch.float64)
+                count += y.numel()
+                if keep_token_nll:
+                    pieces.append(nll.float().cpu())
+        finally:
+            self.reset()
+        result = EvalResult(loss=float(total) / max(count, 1), tokens=count)
+        if keep_token_nll:
+            result.token_nll = torch.cat(pieces, dim=1)
+            result.positions = target_positions(data.size(0), length)
+        return result
+
+
+def dynamic_evaluate(
+    model: nn.Module,
+    ids: Tensor,
+    spec: DynamicSpec,
+    stats: dict[str, Tensor] | None = None,
+    device: torch.device | str = "cpu",
+    keep_token_nll: bool = False,
+    progress: bool = False,
+    desc: str = "dynamic",
+) -> EvalResult:
+    """Dynamically evaluate ``model`` on ``ids: (N,)`` (see the module doc); ``stats`` from
+    :func:`gradient_statistics` for ``spec.variant == "rms"``. ``model`` is left unchanged."""
+    return DynamicEvaluator(model, stats, device).evaluate(ids, spec, keep_token_nll, progress, desc)
+
+
+@dataclass
+class SearchResult:
+    """Outcome of :func:`dynamic_search`: the best spec on the validation ids, its result, and
+    every grid point in the order evaluated (lambda outer, lr inner)."""
+
+    best: DynamicSpec
+    best_result: EvalResult
+    results: list[tuple[DynamicSpec, EvalResult]] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {
+            "best": {**self.best.as_dict(), **self.best_result.as_dict()},
+            "results": [{"lr": s.lr, "lambda": s.lam, **r.as_dict()} for s, r in self.results],
+        }
+
+
+def dynamic_search(
+    model: nn.Module,
+    valid_ids: Tensor,
+    grid: DynamicGrid,
+    stats: dict[str, Tensor] | None = None,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+) -> SearchResult:
+    """Every ``(lr, lambda)`` of ``grid`` (with ``grid.spec``'s other settings) by dynamic
+    evaluation on ``valid_ids: (N,)``, all on one working copy of ``model``; the best is the
+    lowest loss (the first in grid order on a tie). ``stats`` as for :func:`dynamic_evaluate`."""
+    evaluator = DynamicEvaluator(model, stats, device)
+    specs = grid.specs()
+    results = []
+    for i, spec in enumerate(specs):
+        desc = f"search {i + 1}/{len(specs)} lr={spec.lr:.3g} lambda={spec.lam:.3g}"
+        results.append((spec, evaluator.evaluate(valid_ids, spec, progress=progress, desc=desc)))
+    best, best_result = min(results, key=lambda item: item[1].loss)
+    return SearchResult(best=best, best_result=best_result, results=results)
