@@ -257,3 +257,15 @@ def test_run_without_output_matrix_is_an_error(run_dir: Path, monkeypatch: pytes
     monkeypatch.setattr(analysis_runs, "load_model_dir", lambda *_: (SimpleNamespace(output=nn.Identity()), None, None))
     with pytest.raises(ReglmError, match="no output embedding to analyze"):
         analysis_runs.output_embedding(run_dir)
+
+
+def test_analyze_top_words_only(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "out"
+    assert main(["analyze", str(run_dir), "--out", str(out), "--top", "50", "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)["runs"]
+    model, _, vocab = load_model_dir(run_dir / "best")
+    top = model.output.weight.detach()[:50]
+    assert row["analyzed_words"] == 50 and row["vocab_size"] == len(vocab)
+    assert row["nn_mean"] == pytest.approx(float(brute_force_nn(top).mean()), rel=1e-12)
+    assert main(["analyze", str(run_dir), "--out", str(tmp_path / "bad"), "--top", "1"]) == 2
+    assert "--top 1" in capsys.readouterr().err and not (tmp_path / "bad").exists()

@@ -97,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="analysis", help="directory for embedding-diversity.png and .json (default: analysis/)")
     p.add_argument("--checkpoint", choices=["best", "last"], default="best")
     p.add_argument("--labels", help="comma-separated legend labels, one per run (default: the run directory names)")
+    p.add_argument("--top", type=int, metavar="K", help="analyze only the K most frequent training words (default: every word, as the paper)")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object instead of a table")
 
     p = sub.add_parser("data", help="download built-in corpora or describe a corpus")
@@ -346,25 +347,27 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from reglm.io import write_json
 
     labels = _run_labels(args.labels, args.runs)
+    if args.top is not None and args.top < 2:
+        raise ReglmError(f"--top {args.top} must be >= 2: nearest neighbours need two words")
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ReglmError(f"--out {out} is a file; give a directory for embedding-diversity.png and .json")
     progress = sys.stderr.isatty() and not args.json
-    records = [analyze_run(run, label, args.checkpoint, progress) for run, label in zip(args.runs, labels)]
+    records = [analyze_run(run, label, args.checkpoint, progress, args.top) for run, label in zip(args.runs, labels)]
     figure, data = out / "embedding-diversity.png", out / "embedding-diversity.json"
     try:
         plot_embedding_diversity(records, figure)
         write_json(data, {"figure": figure.name, "runs": records})
     except OSError as exc:
         raise ReglmError(f"cannot write into --out {out} ({exc.strerror or exc}); choose a writable directory") from None
-    rows = [{key: r[key] for key in ("label", "path", "checkpoint", "vocab_size", "embedding_dim")} | r["summary"] for r in records]
+    rows = [{key: r[key] for key in ("label", "path", "checkpoint", "vocab_size", "embedding_dim", "analyzed_words")} | r["summary"] for r in records]
     if args.json:
         print(json.dumps({"figure": str(figure), "data": str(data), "runs": rows}))
         return 0
     width = max(len("run"), *(len(row["label"]) for row in rows))
-    print(f"{'run':{width}s} {'V':>8s} {'mean NN':>9s} {'median NN':>10s} {'eff. rank':>10s} {'best valid ppl':>15s}")
+    print(f"{'run':{width}s} {'words':>8s} {'mean NN':>9s} {'median NN':>10s} {'eff. rank':>10s} {'best valid ppl':>15s}")
     for row in rows:
-        print(f"{row['label']:{width}s} {row['vocab_size']:8d} {row['nn_mean']:9.4f} {row['nn_median']:10.4f} {row['effective_rank']:10.2f} {row['best_valid_ppl']:15.2f}")
+        print(f"{row['label']:{width}s} {row['analyzed_words']:8d} {row['nn_mean']:9.4f} {row['nn_median']:10.4f} {row['effective_rank']:10.2f} {row['best_valid_ppl']:15.2f}")
     print(f"wrote {figure} and {data}")
     return 0
 

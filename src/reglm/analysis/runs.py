@@ -81,10 +81,14 @@ def output_embedding(run_dir: Path | str, checkpoint: str = "best") -> Tensor:
     return weight.detach()
 
 
-def analyze_run(run_dir: Path | str, label: str, checkpoint: str = "best", progress: bool = False) -> dict[str, Any]:
+def analyze_run(run_dir: Path | str, label: str, checkpoint: str = "best", progress: bool = False, top: int | None = None) -> dict[str, Any]:
     """Every measure of one run, as the JSON-ready record ``reglm analyze`` writes.
 
-    Keys: ``label``, ``path``, ``checkpoint``, ``vocab_size``, ``embedding_dim``, ``summary``
+    ``top``: analyze only the rows of the ``top`` most frequent training words (the vocabulary
+    is ordered by training frequency), the rows a short run actually moves away from their
+    initialization; None: every word, as the paper's Figure 1.
+
+    Keys: ``label``, ``path``, ``checkpoint``, ``vocab_size``, ``embedding_dim``, ``analyzed_words``, ``summary``
     (:func:`~reglm.analysis.embeddings.summary` plus ``best_valid_ppl``), ``kde`` (``bandwidth``,
     ``grid``, ``density``: the nearest-neighbour distance density on ``KDE_POINTS`` points),
     ``singular_values`` (normalized, descending) and the curve of :func:`read_curve`
@@ -97,6 +101,9 @@ def analyze_run(run_dir: Path | str, label: str, checkpoint: str = "best", progr
         raise ReglmError(f"{run_dir} is not a directory; give a run directory written by `reglm train`")
     curve = read_curve(run_dir)
     weight = output_embedding(run_dir, checkpoint)
+    vocab_size = int(weight.size(0))
+    if top is not None:
+        weight = weight[:top]
     distances = nearest_neighbor_distances(weight, progress=progress)
     try:
         singular = normalized_singular_values(weight)
@@ -112,8 +119,9 @@ def analyze_run(run_dir: Path | str, label: str, checkpoint: str = "best", progr
         "label": label,
         "path": str(run_dir),
         "checkpoint": checkpoint,
-        "vocab_size": int(weight.size(0)),
+        "vocab_size": vocab_size,
         "embedding_dim": int(weight.size(1)),
+        "analyzed_words": int(weight.size(0)),
         "summary": stats,
         "kde": {"bandwidth": bandwidth, "grid": grid.tolist(), "density": density.tolist()},
         "singular_values": singular.tolist(),
