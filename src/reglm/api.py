@@ -119,8 +119,17 @@ class TrainedModel:
 
 def load(path: Path | str, which: str = "best", device: str | torch.device = "cpu") -> TrainedModel:
     """Load the ``best`` (or ``last``) model of a run directory, or a model directory itself."""
-    model, _, vocab = load_model_dir(model_dir(path, which), device)
+    directory = model_dir(path, which)
+    model, config, vocab = load_model_dir(directory, device)
+    require_language_model(config.objective.kind, directory)
     return TrainedModel(model, vocab, torch.device(device))
+
+
+def require_language_model(kind: str, directory: Path) -> None:
+    """Raise :class:`ReglmError` when ``directory`` holds a discriminator (objective ``kind``),
+    whose outputs are per-word sigmoids, not a next-word distribution."""
+    if kind == "discriminator":
+        raise ReglmError(f"{directory} is a discriminator (Popov & Kudinov), not a language model; use it with `reglm finetune RUN --discriminator {directory}`")
 
 
 def render(tokens: list[str]) -> str:

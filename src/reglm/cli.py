@@ -1,7 +1,7 @@
 """The ``reglm`` command line.
 
-Subcommands: ``train``, ``eval``, ``generate``, ``analyze``, ``data download|info``, ``presets``,
-``config``.
+Subcommands: ``train``, ``train-discriminator``, ``finetune``, ``eval``, ``generate``, ``analyze``,
+``study``, ``data download|info``, ``presets``, ``config``.
 Model and training options are not flags of their own: any field of the run configuration is
 set with ``section.field=value`` (``reglm config`` lists them), applied after ``--preset``.
 User mistakes print one line ``reglm: error: ...`` and exit with status 2.
@@ -92,13 +92,58 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default="", help="words to condition on (each must be in the vocabulary)")
     p.add_argument("--checkpoint", choices=["best", "last"], default="best")
 
-    p = sub.add_parser("analyze", help="embedding diversity of trained runs (Wang, Gong & Liu 2019, Figure 1): figure + JSON")
+    p = sub.add_parser("analyze", help="embedding diversity of trained runs (Wang, Gong & Liu 2019, Figure 1): figure + JSON; or --subspace")
     p.add_argument("runs", nargs="+", metavar="RUN", help="run directories written by reglm train")
     p.add_argument("--out", default="analysis", help="directory for embedding-diversity.png and .json (default: analysis/)")
     p.add_argument("--checkpoint", choices=["best", "last"], default="best")
     p.add_argument("--labels", help="comma-separated legend labels, one per run (default: the run directory names)")
     p.add_argument("--top", type=int, metavar="K", help="analyze only the K most frequent training words (default: every word, as the paper)")
+    p.add_argument("--subspace", action="store_true", help="instead: the subspace distance between the input embedding L^T and the output projection W (Inan et al. 2017, appendix B) -> subspace.json")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object instead of a table")
+
+    p = sub.add_parser("train-discriminator", help="train a discriminator against a trained model (Popov & Kudinov 2019, eq. 6)")
+    p.add_argument("run", help="the language model's run directory (or model directory): the frozen q0")
+    p.add_argument("--checkpoint", choices=["best", "last"], default="best")
+    p.add_argument("--preset", default="discriminator", help="training settings (default: discriminator, the paper's PTB settings; discriminator-wt2)")
+    p.add_argument("--init-from-model", action="store_true", help="start from the language model's weights instead of a fresh initialization")
+    p.add_argument("--out", help="run directory (default: runs/discriminator-<time>)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="training overrides, e.g. train.lr=0.5 model.hidden_dropout=0")
+
+    p = sub.add_parser("finetune", help="fine-tune a trained model with a discriminator-estimated reverse KL (Popov & Kudinov 2019, eq. 12)")
+    p.add_argument("run", help="the language model's run directory (or model directory): the starting point q0")
+    p.add_argument("--checkpoint", choices=["best", "last"], default="best")
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument("--discriminator", metavar="DISC_RUN", help="a run of `reglm train-discriminator` for this model")
+    how.add_argument("--without-discriminator", action="store_true", help="r = 1/2 everywhere (the paper's ablation, Table 2)")
+    how.add_argument("--cross-entropy", action="store_true", help="fine-tune with cross-entropy only (the baseline of the paper's section 3)")
+    p.add_argument("--preset", default="dfinetune", help="training settings (default: dfinetune, the paper's PTB settings; dfinetune-wt2)")
+    p.add_argument("--out", help="run directory (default: runs/finetune-<time>)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="training overrides, e.g. train.lr=0.1 model.hidden_dropout=0.3")
+
+    p = sub.add_parser("study", help="the papers' controlled experiments, end to end: figure + JSON")
+    ssub = p.add_subparsers(dest="study", required=True)
+    t = ssub.add_parser("trigram", help="Popov & Kudinov 2019, section 3: discriminator fine-tuning on the synthetic trigram corpus (Table 1, Figure 1)")
+    t.add_argument("--out", required=True, help="study directory: one run directory per stage, trigram-study.json and .png (resumable)")
+    for name, kind, help_text in (
+        ("sentences", int, "training sentences (default 80000, the paper's)"),
+        ("hidden", int, "LSTM units and embedding size (default 256)"),
+        ("batch-size", int, "streams per batch (default 1024)"),
+        ("bptt", int, "BPTT window (default 35)"),
+        ("lr", float, "initial model's and discriminators' learning rate (default 1.0)"),
+        ("clip", float, "gradient clipping (default 1.0)"),
+        ("epochs", int, "most epochs of the initial model (default 100; the rate drops x0.1 on plateaus)"),
+        ("disc-epochs", int, "discriminator epochs (default 30)"),
+        ("disc-lr", float, "discriminators' learning rate (default: --lr)"),
+        ("finetune-epochs", int, "fine-tuning epochs (default 2)"),
+        ("finetune-lr", float, "learning rate of the discriminator fine-tuning (default 1.0)"),
+        ("chosen-rank", int, "frequency rank of the perturbed word (default 100; 51-150 are 'almost frequent')"),
+        ("perturb-bias", float, "the perturbed word's output bias (default -20)"),
+        ("seed", int, "seed of the corpus and of every run (default 0)"),
+    ):
+        t.add_argument(f"--{name}", type=kind, help=help_text)
+    t.add_argument("--ce-lrs", help="comma-separated learning rates of the cross-entropy fine-tunings (default 0.1,0.01)")
+    t.add_argument("--device", help="auto, cpu, cuda (default auto)")
+    t.add_argument("--json", action="store_true", help="print the result as one JSON object instead of a table")
 
     p = sub.add_parser("data", help="download built-in corpora or describe a corpus")
     dsub = p.add_subparsers(dest="data_command", required=True)
@@ -134,6 +179,38 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = build_config(args.preset, extra)
     out = Path(args.out) if args.out else Path("runs") / f"{args.preset or 'default'}-{time.strftime('%Y%m%d-%H%M%S')}"
     train(config, out)
+    return 0
+
+
+def _continue_from(run: str, checkpoint: str, preset: str, overrides: list[str], objective: dict[str, Any], what: str, out: str | None) -> None:
+    """Train a run that starts from the trained model in ``run`` (a discriminator, a fine-tuning)."""
+    from reglm.api import model_dir, require_language_model
+    from reglm.config import RunConfig, derive_config
+    from reglm.train.checkpoint import read_model_meta
+    from reglm.train.loop import train
+
+    directory = model_dir(run, checkpoint).resolve()
+    base = RunConfig.from_dict(read_model_meta(directory)["config"], source=str(directory))
+    require_language_model(base.objective.kind, directory)
+    config = derive_config(base, preset, overrides, {"base_model": str(directory), **objective}, what)
+    train(config, Path(out) if out else Path("runs") / f"{objective['kind']}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def cmd_train_discriminator(args: argparse.Namespace) -> int:
+    objective = {"kind": "discriminator", "init_from_base": args.init_from_model}
+    _continue_from(args.run, args.checkpoint, args.preset, args.overrides, objective, "a discriminator", args.out)
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from reglm.api import model_dir
+
+    if args.cross_entropy:
+        objective: dict[str, Any] = {"kind": "lm"}
+    else:
+        disc = None if args.without_discriminator else str(model_dir(args.discriminator, "best").resolve())
+        objective = {"kind": "reverse-kl", "discriminator": disc}
+    _continue_from(args.run, args.checkpoint, args.preset, args.overrides, objective, "fine-tuning", args.out)
     return 0
 
 
@@ -274,7 +351,7 @@ def _write_output(option: str, path: str, writer: Callable[[], None]) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from reglm.api import model_dir
+    from reglm.api import model_dir, require_language_model
     from reglm.evaluate.word_probs import write_loss_deltas, write_word_probs
     from reglm.train.checkpoint import load_model_dir
     from reglm.train.loop import load_corpus, resolve_device, truth_comparison
@@ -294,6 +371,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     directory = model_dir(args.run, args.checkpoint)
     device = resolve_device("auto")
     model, config, vocab = load_model_dir(directory, device)
+    require_language_model(config.objective.kind, directory)
     data = {key: value for key, value in (("name", args.data), ("data_dir", args.data_dir)) if value}
     config = config.replace({"data": data})
     corpus = load_corpus(config)
@@ -347,6 +425,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from reglm.io import write_json
 
     labels = _run_labels(args.labels, args.runs)
+    if args.subspace:
+        return _analyze_subspace(args, labels)
     if args.top is not None and args.top < 2:
         raise ReglmError(f"--top {args.top} must be >= 2: nearest neighbours need two words")
     out = Path(args.out)
@@ -372,6 +452,39 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def _analyze_subspace(args: argparse.Namespace, labels: list[str]) -> int:
+    """``reglm analyze RUN... --subspace``: Inan et al.'s appendix-B distance of every run."""
+    from reglm.analysis.subspace import embedding_subspace_distance
+    from reglm.api import model_dir
+    from reglm.io import write_json
+    from reglm.train.checkpoint import load_model_dir
+
+    if args.top is not None:
+        raise ReglmError("--top selects words for the diversity analysis; the subspace distance uses whole matrices, drop --top")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ReglmError(f"--out {out} is a file; give a directory for subspace.json")
+    rows = []
+    for run, label in zip(args.runs, labels):
+        directory = model_dir(run, args.checkpoint)
+        model, config, _ = load_model_dir(directory)
+        rows.append({"label": label, "path": str(directory), "tied": config.model.tie_weights, "distance": embedding_subspace_distance(model)})
+    data = out / "subspace.json"
+    try:
+        write_json(data, {"metric": "Inan et al. 2017, appendix B: d^2 = 1 - ||U^T V||_F^2 / C between span(L^T) and span(W)", "runs": rows})
+    except OSError as exc:
+        raise ReglmError(f"cannot write into --out {out} ({exc.strerror or exc}); choose a writable directory") from None
+    if args.json:
+        print(json.dumps({"data": str(data), "runs": rows}))
+        return 0
+    width = max(len("run"), *(len(row["label"]) for row in rows))
+    print(f"{'run':{width}s} {'tied':>5s} {'subspace distance':>18s}")
+    for row in rows:
+        print(f"{row['label']:{width}s} {str(row['tied']).lower():>5s} {row['distance']:18.4f}")
+    print(f"wrote {data}")
+    return 0
+
+
 def _run_labels(labels: str | None, runs: list[str]) -> list[str]:
     """``--labels a,b`` split into one label per run; by default each run directory's name."""
     if labels is None:
@@ -382,6 +495,45 @@ def _run_labels(labels: str | None, runs: list[str]) -> list[str]:
     if not all(names):
         raise ReglmError(f"--labels {labels!r} holds an empty label; give a non-empty label for every run")
     return names
+
+
+def _floats(option: str, text: str) -> tuple[float, ...]:
+    """``"0.1,0.01"`` -> ``(0.1, 0.01)``; anything else is a ReglmError naming ``option``."""
+    try:
+        return tuple(float(item) for item in text.split(","))
+    except ValueError:
+        raise ReglmError(f"{option} {text!r} must be comma-separated numbers, e.g. 0.1,0.01") from None
+
+
+def cmd_study(args: argparse.Namespace) -> int:
+    return STUDIES[args.study](args)
+
+
+def _study_trigram(args: argparse.Namespace) -> int:
+    from reglm.analysis.trigram_study import TrigramStudySpec, run_trigram_study
+
+    names = ("sentences", "hidden", "batch_size", "bptt", "lr", "clip", "epochs", "disc_epochs", "disc_lr", "finetune_epochs", "finetune_lr", "chosen_rank", "perturb_bias", "seed", "device")
+    options: dict[str, Any] = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    if args.ce_lrs is not None:
+        options["ce_lrs"] = _floats("--ce-lrs", args.ce_lrs)
+    spec = TrigramStudySpec(**options)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ReglmError(f"--out {out} is a file; give a directory for the study")
+    result = run_trigram_study(out, spec, progress=sys.stderr.isatty() and not args.json)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"chosen word {result['chosen_word']} (rank {result['chosen_rank']}); fixed context: {' '.join(result['context'])}")
+    print(f"{'model':24s} {'test ppl':>9s} {'freq ppl':>9s} {'rare ppl':>9s} {'ratio':>6s} {'log q - log p':>16s}")
+    for name, row in result["table"].items():
+        diff = f"{row['logq_minus_logp_mean']:+.3f} ± {row['logq_minus_logp_std']:.3f}" if "logq_minus_logp_mean" in row else ""
+        print(f"{name:24s} {row['test_ppl']:9.2f} {row['frequent_ppl']:9.2f} {row['rare_ppl']:9.2f} {row['ratio']:6.1f} {diff:>16s}")
+    print(f"wrote {out / 'trigram-study.json'} and {out / 'trigram-study.png'}")
+    return 0
+
+
+STUDIES: dict[str, Callable[[argparse.Namespace], int]] = {"trigram": _study_trigram}
 
 
 def cmd_data(args: argparse.Namespace) -> int:
@@ -418,12 +570,18 @@ def cmd_config(_args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "generate": cmd_generate, "analyze": cmd_analyze, "data": cmd_data, "presets": cmd_presets, "config": cmd_config}
+COMMANDS = {"train": cmd_train, "train-discriminator": cmd_train_discriminator, "finetune": cmd_finetune, "eval": cmd_eval, "generate": cmd_generate, "analyze": cmd_analyze, "study": cmd_study, "data": cmd_data, "presets": cmd_presets, "config": cmd_config}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # KEY=VALUE overrides given after an option of a command with a positional RUN
+        # (`reglm finetune RUN --out D train.lr=1`): argparse leaves them unparsed.
+        if not hasattr(args, "overrides") or any(item.startswith("-") or "=" not in item for item in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     from reglm.train.loop import TrainingDiverged, TrainingInterrupted
 
     try:

@@ -64,7 +64,7 @@ class DataConfig:
 class ModelConfig:
     """The language model: input layer, encoder, output layer (see DESIGN in the README)."""
 
-    encoder: str = _f("awd-lstm", "encoder architecture (awd-lstm)")
+    encoder: str = _f("awd-lstm", "encoder: awd-lstm (Merity et al.) or vd-lstm (Zaremba et al.'s LSTM with Inan et al.'s variational dropout; hidden_dropout is its one probability)")
     emb_size: int = _f(200, "word embedding size (input and, when tied, output)")
     hidden_size: int = _f(256, "LSTM hidden size of every layer but the last")
     last_hidden_size: int | None = _f(None, "hidden size of the last LSTM layer (none: emb_size; MoS's nhidlast; with output=softmax and tie_weights it must equal emb_size)")
@@ -75,7 +75,8 @@ class ModelConfig:
     hidden_dropout: float = _f(0.1, "locked dropout between LSTM layers")
     output_dropout: float = _f(0.1, "locked dropout on the last LSTM layer's output")
     weight_dropout: float = _f(0.0, "DropConnect on the hidden-to-hidden weights (AWD-LSTM section 2)")
-    init_range: float = _f(0.1, "embeddings are initialized U(-init_range, init_range)")
+    init_range: float = _f(0.1, "embeddings and an untied output projection are initialized U(-init_range, init_range); so is every vd-lstm weight")
+    output_bias: bool = _f(True, "the softmax output layer has a bias; false: fixed at zero (Inan et al.'s reused embeddings, RE)")
     advsoft: str | None = _f(None, "adversarial softmax (Wang et al. 2019): none (off), relative (epsilon_y = advsoft_alpha * ||w_y||) or fixed (advsoft_epsilon)")
     advsoft_alpha: float = _f(0.005, "AdvSoft relative mode: epsilon_y = alpha * ||w_y|| (the Remark after Algorithm 1)")
     advsoft_epsilon: float = _f(0.01, "AdvSoft fixed mode: the radius epsilon of the perturbation ball")
@@ -88,7 +89,7 @@ class ModelConfig:
     mixture_penalty: float = _f(0.0, "output=mos/doc: coefficient lambda_beta of DOC's penalty on the variation of the mixture weights (the DOC code's --var)")
 
     def __post_init__(self) -> None:
-        _check(self.encoder in ("awd-lstm",), "model.encoder", f"unknown encoder {self.encoder!r}; choose awd-lstm")
+        _check(self.encoder in ("awd-lstm", "vd-lstm"), "model.encoder", f"unknown encoder {self.encoder!r}; choose awd-lstm or vd-lstm")
         _check(self.advsoft in (None, "relative", "fixed"), "model.advsoft", f"unknown {self.advsoft!r}; choose none, relative or fixed")
         for name in ("advsoft_alpha", "advsoft_epsilon"):
             _check_nonneg(getattr(self, name), f"model.{name}")
@@ -103,6 +104,19 @@ class ModelConfig:
         _check(self.n_experts >= 1, "model.n_experts", f"{self.n_experts} must be >= 1")
         _check_prob(self.latent_dropout, "model.latent_dropout")
         _check_nonneg(self.mixture_penalty, "model.mixture_penalty")
+        if self.encoder == "vd-lstm":
+            for name in ("output_dropout", "weight_dropout"):
+                _check(
+                    getattr(self, name) == 0, f"model.{name}",
+                    f"is not read by encoder=vd-lstm, whose one dropout probability is model.hidden_dropout (it also drops the last layer's output with that layer's recurrent mask); set {name}=0",
+                )
+            _check(self.last_hidden_size is None, "model.last_hidden_size", "vd-lstm layers all have hidden_size units; set last_hidden_size=none")
+            _check(
+                not (self.tie_weights and self.output == "softmax") or self.emb_size == self.hidden_size, "model.tie_weights",
+                f"reused embeddings need emb_size = hidden_size with a vd-lstm encoder (now {self.emb_size} vs {self.hidden_size}): the tied softmax reads the "
+                "last layer's hidden state directly, without a projection; set emb_size=hidden_size, tie_weights=false, or output=mos (which projects)",
+            )
+        _check(self.output_bias or self.output == "softmax", "model.output_bias", f"false is only supported by output=softmax (now {self.output}); set output_bias=true")
         if self.output == "softmax":
             _check(
                 not self.tie_weights or self.last_hidden_size in (None, self.emb_size), "model.last_hidden_size",
@@ -153,6 +167,13 @@ class TrainConfig:
     finetune: bool = _f(False, "after the main stage, restart ASGD with T=0 from the best model (AWD-LSTM section 5)")
     finetune_epochs: int = _f(500, "upper bound on fine-tuning epochs; the non-monotone criterion normally stops it first")
     finetune_lr: float | None = _f(None, "learning rate of the fine-tuning stage (none: train.lr)")
+    lr_decay: float = _f(1.0, "main stage: multiply the learning rate by this every epoch after lr_decay_start (Zaremba et al.; Inan et al. appendix A: 0.9 / 0.97); 1: no decay")
+    lr_decay_start: int = _f(0, "main-stage epoch after which lr_decay applies: epoch e runs at lr * lr_decay ** max(0, e - lr_decay_start)")
+    plateau_factor: float | None = _f(None, "multiply the learning rate by this whenever an epoch does not improve the best validation loss (Popov & Kudinov's synthetic study: 0.1); none: off")
+    sequence_loss: bool = _f(False, "sum the token losses over each BPTT window and average over streams (Zaremba et al.'s and Inan et al.'s reduction; lr and clip then refer to that sum); false: mean per token")
+    aug_gamma: float = _f(0.0, "augmented loss (Inan et al. eqs. 3.1-3.7): weight alpha = aug_gamma * aug_tau of KL(y_tilde || y_hat); 0: off")
+    aug_tau: float = _f(20.0, "augmented loss temperature tau (Inan et al. appendix A: 20)")
+    aug_target_grad: bool = _f(False, "augmented loss: let gradient flow into the embedding through the target y_tilde = softmax(L^T u / tau) (false: y_tilde is a constant target)")
     advsoft_stop_epoch: int | None = _f(None, "switch AdvSoft off after this main-stage epoch (none: keep it on)")
     advsoft_finetune: bool = _f(True, "keep AdvSoft on during the fine-tuning stage")
     input_noise_std: float = _f(0.0, "std of Gaussian noise added to the input embeddings in training (Wang et al. 2019, section 5)")
@@ -184,7 +205,38 @@ class TrainConfig:
         _check(self.input_noise_anneal in ("constant", "linear", "exponential"), "train.input_noise_anneal", f"unknown {self.input_noise_anneal!r}; choose constant, linear or exponential")
         _check(math.isfinite(self.input_noise_epochs) and self.input_noise_epochs > 0, "train.input_noise_epochs", f"{self.input_noise_epochs} must be finite and > 0")
         _check(self.checkpoint_interval >= 0, "train.checkpoint_interval", "must be >= 0")
+        _check(math.isfinite(self.lr_decay) and 0 < self.lr_decay <= 1, "train.lr_decay", f"{self.lr_decay} must be in (0, 1]")
+        _check(self.lr_decay_start >= 0, "train.lr_decay_start", f"{self.lr_decay_start} must be >= 0")
+        _check(self.plateau_factor is None or (math.isfinite(self.plateau_factor) and 0 < self.plateau_factor < 1), "train.plateau_factor", f"{self.plateau_factor} must be in (0, 1) or none")
+        _check(math.isfinite(self.aug_gamma) and self.aug_gamma >= 0, "train.aug_gamma", f"{self.aug_gamma} must be >= 0 (0 turns the augmented loss off)")
+        _check(math.isfinite(self.aug_tau) and self.aug_tau > 0, "train.aug_tau", f"{self.aug_tau} must be > 0")
         _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), "train.device", f"unknown device {self.device!r}")
+
+
+OBJECTIVES = ("lm", "discriminator", "reverse-kl")
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    """What the run minimizes and which frozen models it reads (Popov & Kudinov 2019).
+
+    ``lm``: the language-model loss (cross-entropy plus the configured terms), from scratch or,
+    with ``base_model``, starting from that model's weights (cross-entropy fine-tuning).
+    ``discriminator``: eq. (6) against the frozen ``base_model`` q0. ``reverse-kl``: eq. (12),
+    starting from ``base_model`` (q0, kept frozen too) with the frozen ``discriminator``, or
+    with r = 1/2 when it is none (the paper's "without discriminator").
+    """
+
+    kind: str = _f("lm", "lm (cross-entropy), discriminator (Popov & Kudinov eq. 6) or reverse-kl (fine-tuning, eq. 12)")
+    base_model: str | None = _f(None, "model directory of the initial model q0 (discriminator and reverse-kl); for lm: start from its weights")
+    discriminator: str | None = _f(None, "reverse-kl: model directory of the trained discriminator (none: r = 1/2, the 'without discriminator' ablation)")
+    init_from_base: bool = _f(False, "discriminator: start from the base model's weights instead of a fresh initialization")
+
+    def __post_init__(self) -> None:
+        _check(self.kind in OBJECTIVES, "objective.kind", f"unknown {self.kind!r}; choose lm, discriminator or reverse-kl")
+        _check(self.kind == "lm" or self.base_model is not None, "objective.base_model", f"objective {self.kind} needs the initial model q0; give its model directory")
+        _check(self.discriminator is None or self.kind == "reverse-kl", "objective.discriminator", "is only read by objective.kind=reverse-kl; set it to none")
+        _check(not self.init_from_base or self.kind == "discriminator", "objective.init_from_base", "is only read by objective.kind=discriminator")
 
 
 @dataclass(frozen=True)
@@ -194,8 +246,15 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     seed: int = _f(1111, "the one seed of the run (data order, dropout masks, BPTT lengths, initialization)")
     preset: str | None = _f(None, "the preset this run was built from (informational)")
+
+    def __post_init__(self) -> None:
+        _check(
+            self.train.aug_gamma == 0 or self.model.output == "softmax", "train.aug_gamma",
+            f"the augmented loss reads the logits of a softmax output layer, which model.output={self.model.output} does not have; set train.aug_gamma=0",
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -212,7 +271,15 @@ class RunConfig:
         return _build(RunConfig, _merge(self.to_dict(), overrides), "overrides")
 
 
-SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
+SECTIONS: dict[str, type] = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "objective": ObjectiveConfig}
+
+ARCHITECTURE_FIELDS = ("encoder", "emb_size", "hidden_size", "last_hidden_size", "num_layers", "tie_weights", "output_bias", "output", "n_experts", "doc_experts")
+"""The ModelConfig fields that define the network's shape; the rest (dropouts, AdvSoft, penalties) only change training."""
+
+
+def architecture_differences(a: ModelConfig, b: ModelConfig) -> list[str]:
+    """``field: a vs b`` for every architecture field where the two configs differ."""
+    return [f"{name}: {getattr(a, name)!r} vs {getattr(b, name)!r}" for name in ARCHITECTURE_FIELDS if getattr(a, name) != getattr(b, name)]
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -294,12 +361,22 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
             value = text
         if isinstance(value, str) and value.lower() in ("none", "null"):
             value = None
+        elif isinstance(value, str):
+            value = _number(value)
         section, name = _resolve_key(key)
         if section is None:
             nested[name] = value
         else:
             nested.setdefault(section, {})[name] = value
     return nested
+
+
+def _number(text: str) -> Any:
+    """``text`` as a float when it is one YAML 1.1 leaves a string (``1e-9``, ``5E3``), else ``text``."""
+    try:
+        return float(text) if any(c.isdigit() for c in text) else text
+    except ValueError:
+        return text
 
 
 def _resolve_key(key: str) -> tuple[str | None, str]:
@@ -398,3 +475,22 @@ def load_config_file(path: Path) -> RunConfig:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ReglmError(f"{path} is not valid JSON ({exc}); the run directory is damaged") from None
     return RunConfig.from_dict(raw, source=str(path))
+
+
+def derive_config(base: RunConfig, preset: str | None, overrides: list[str], objective: dict[str, Any], what: str) -> RunConfig:
+    """The configuration of a run that continues from a trained model (a discriminator, a
+    fine-tuning): ``base``'s, then the preset's and the overrides' training options, then
+    ``objective``. The architecture and the data must stay the base model's."""
+    raw = base.to_dict()
+    raw["preset"] = preset
+    if preset:
+        raw = _merge(raw, load_preset(preset))
+    raw = _merge(raw, parse_overrides(overrides))
+    raw["objective"] = objective
+    config = RunConfig.from_dict(raw, source=f"preset {preset}" if preset else "options")
+    diff = architecture_differences(base.model, config.model)
+    if diff:
+        raise ReglmError(f"{what} keeps the architecture of the model it starts from, but the options change {'; '.join(diff)}; drop those overrides")
+    if config.data != base.data:
+        raise ReglmError(f"{what} reads the data the model was trained on; drop the data.* overrides")
+    return config

@@ -2,12 +2,14 @@
 
 * Input layer: word embedding ``(V, E)``, ``U(-init_range, init_range)`` (AWD-LSTM section 5),
   embedding dropout (section 4.3) and locked dropout on the embedded input (section 4.2).
-* Encoder: :class:`~reglm.encoders.awd_lstm.AWDLSTMEncoder` (sections 2, 4.2, 4.5).
+* Encoder (``cfg.encoder``): :class:`~reglm.encoders.awd_lstm.AWDLSTMEncoder` (sections 2, 4.2,
+  4.5) or the VD-LSTM baseline of Inan et al. (2017) :class:`~reglm.encoders.vd_lstm.VDLSTMEncoder`.
 * Output layer (``cfg.output``): :class:`~reglm.outputs.softmax.SoftmaxOutput` or the mixture of
   softmaxes :class:`~reglm.outputs.mixture.MixtureOfSoftmaxes` (``mos``; ``doc`` adds experts
   from the intermediate layers named by ``cfg.doc_experts``), tied to the embedding when
   ``cfg.tie_weights`` (section 4.4), with the adversarial softmax of Wang et al. (2019) when
-  ``cfg.advsoft`` is set (:mod:`reglm.outputs.adversarial`).
+  ``cfg.advsoft`` is set (:mod:`reglm.outputs.adversarial`). Tied with ``cfg.output_bias`` false
+  it is Inan et al.'s reused embeddings (RE): ``W = L^T`` and ``b = 0``.
 
 Training-only input noise (Wang et al. 2019, section 5) is added to the embedded words after
 embedding dropout and before locked dropout, the order of the authors' code; the trainer
@@ -16,7 +18,8 @@ passes its standard deviation to :meth:`LanguageModel.forward` per its schedule.
 The regularization terms (AR/TAR, :mod:`reglm.objectives.activation_reg`) read the
 :class:`~reglm.encoders.awd_lstm.EncoderOutput` returned by :meth:`LanguageModel.forward`; the
 output layer's own objective term (DOC's penalty on the mixture weights) comes with the NLL from
-:meth:`LanguageModel.output_loss`, so the mixture is computed once.
+:meth:`LanguageModel.output_loss`, so the mixture is computed once; so does Inan et al.'s
+augmented loss, which reads the same logits as the NLL.
 """
 
 from __future__ import annotations
@@ -30,7 +33,9 @@ from torch import Tensor, nn
 from reglm.config import ModelConfig
 from reglm.encoders.awd_lstm import AWDLSTMEncoder, EncoderOutput, LSTMState
 from reglm.errors import ReglmError
+from reglm.encoders.vd_lstm import VDLSTMEncoder
 from reglm.layers.dropout import LockedDropout, embedding_dropout
+from reglm.objectives.augmented_loss import augmented_kl
 from reglm.outputs.adversarial import AdvSoft
 from reglm.outputs.mixture import MixtureOfSoftmaxes, mixture_weight_penalty
 from reglm.outputs.softmax import SoftmaxOutput
@@ -54,7 +59,8 @@ class OutputLoss:
 
     * ``nll: (B, T)`` -- per-token negative log-likelihood;
     * ``penalty: ()`` -- the output layer's own regularization term, coefficient included:
-      ``model.mixture_penalty * mixture_weight_penalty(pi)`` for a mixture (DOC), else 0.
+      ``model.mixture_penalty * mixture_weight_penalty(pi)`` for a mixture (DOC), plus the
+      augmented loss ``alpha * mean KL(y_tilde || y_hat)`` when asked for; else 0.
     """
 
     nll: Tensor
@@ -78,13 +84,19 @@ class LanguageModel(nn.Module):
         self.embedding = nn.Embedding(vocab_size, cfg.emb_size)
         nn.init.uniform_(self.embedding.weight, -cfg.init_range, cfg.init_range)
         self.input_dropout = LockedDropout(cfg.input_dropout)
-        self.encoder = AWDLSTMEncoder(cfg)
+        self.encoder: AWDLSTMEncoder | VDLSTMEncoder
+        if cfg.encoder == "vd-lstm":
+            self.encoder = VDLSTMEncoder(cfg.emb_size, cfg.hidden_size, cfg.num_layers, cfg.hidden_dropout, cfg.init_range)
+        else:
+            self.encoder = AWDLSTMEncoder(cfg)
         tied = self.embedding.weight if cfg.tie_weights else None
         doc_counts = cfg.doc_expert_counts()
         self.doc_layers = [l for l, k in enumerate(doc_counts) if k > 0]
         self.output: SoftmaxOutput | MixtureOfSoftmaxes
         if cfg.output == "softmax":
-            self.output = SoftmaxOutput(self.encoder.output_size, vocab_size, tied, advsoft_from_config(cfg, SoftmaxOutput))
+            self.output = SoftmaxOutput(
+                self.encoder.output_size, vocab_size, tied, advsoft_from_config(cfg, SoftmaxOutput), bias=cfg.output_bias, init_range=cfg.init_range,
+            )
         else:
             extra = [(self.encoder.layers[l].hidden_size, doc_counts[l]) for l in self.doc_layers]
             self.output = MixtureOfSoftmaxes(
@@ -110,12 +122,28 @@ class LanguageModel(nn.Module):
         """Zero recurrent state for ``batch_size`` streams: ``(h, c)`` per layer, each ``(1, B, H_l)``."""
         return self.encoder.init_state(batch_size, device)
 
-    def output_loss(self, out: EncoderOutput, targets: Tensor, adversarial: bool = False) -> OutputLoss:
+    def output_loss(
+        self, out: EncoderOutput, targets: Tensor, adversarial: bool = False, aug_weight: float = 0.0, aug_tau: float = 20.0, aug_target_grad: bool = False,
+    ) -> OutputLoss:
         """The output layer on an encoder output: ``targets: (B, T)`` -> :class:`OutputLoss` (per-token
         NLL and the layer's penalty), under the adversarial softmax when ``adversarial``. The
-        training loop adds ``penalty`` to its loss; DOC's experts read ``out.layer_outputs`` here."""
+        training loop adds ``penalty`` to its loss; DOC's experts read ``out.layer_outputs`` here.
+
+        ``aug_weight > 0`` adds Inan et al.'s augmented loss ``aug_weight * mean_t KL(y_tilde_t ||
+        y_hat_t)`` (eqs. 3.1-3.3, :func:`~reglm.objectives.augmented_loss.augmented_kl`) on the
+        clean logits of the softmax output layer, with temperature ``aug_tau``.
+        """
         if isinstance(self.output, SoftmaxOutput):
-            return OutputLoss(self.output.nll(out.output, targets, adversarial=adversarial), out.output.new_zeros(()))
+            flat_h = out.output.reshape(-1, self.output.in_features)
+            logits = self.output.logits(flat_h)
+            penalty = out.output.new_zeros(())
+            if aug_weight > 0:
+                penalty = aug_weight * augmented_kl(logits, targets.reshape(-1), self.embedding.weight, aug_tau, aug_target_grad).mean()
+                if adversarial:
+                    logits = logits.clone()
+            return OutputLoss(self.output.nll_from_logits(logits, flat_h, targets, adversarial), penalty)
+        if aug_weight > 0:
+            raise ValueError("the augmented loss needs a softmax output layer")
         score = self.output.score(out.output, targets, adversarial, self._doc_inputs(out))
         lam = self.cfg.mixture_penalty
         return OutputLoss(score.nll, lam * mixture_weight_penalty(score.weights) if lam > 0 else score.nll.new_zeros(()))
@@ -127,6 +155,13 @@ class LanguageModel(nn.Module):
         if isinstance(self.output, SoftmaxOutput):
             return self.output.nll(out.output, targets, adversarial=adversarial)
         return self.output.nll(out.output, targets, adversarial, self._doc_inputs(out))
+
+    def output_logits(self, out: EncoderOutput) -> Tensor:
+        """The output layer's logits ``(B, T, V)``: ``W h + b`` for the softmax, the unnormalized
+        log-mixture for a mixture of softmaxes (what a discriminator reads through a sigmoid)."""
+        if isinstance(self.output, SoftmaxOutput):
+            return self.output.logits(out.output)
+        return self.output.logits(out.output, self._doc_inputs(out))
 
     def output_log_probs(self, out: EncoderOutput) -> Tensor:
         """The output layer on an encoder output -> next-word log-probabilities ``(B, T, V)``."""

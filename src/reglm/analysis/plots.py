@@ -64,3 +64,29 @@ def plot_embedding_diversity(records: list[dict[str, Any]], path: Path | str) ->
     run_handles, run_labels = ppl_ax.get_legend_handles_labels()
     ppl_ax.legend(handles=run_handles + styles, labels=run_labels + [h.get_label() for h in styles])
     write_with(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+
+
+def plot_trigram_study(result: dict[str, Any], path: Path | str) -> None:
+    """Popov & Kudinov's Figure 1 (right) from :func:`reglm.analysis.trigram_study.run_trigram_study`'s
+    result: the chosen word's probability in the fixed context after every fine-tuning step, one
+    panel per starting model (perturbed, initial), log y-scale, with the true probability and the
+    discriminator's estimate ``p_hat`` as horizontal lines. Written atomically."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 4.2), layout="constrained")
+    axes = fig.subplots(1, 2, sharey=True)
+    for ax, base in zip(axes, ("perturbed", "initial")):
+        for stage, info in result["stages"].items():
+            if info["base"] != base:
+                continue
+            curve = result["curves"][stage]
+            label = f"discriminator, lr {info['lr']:g}" if info["objective"] == "reverse-kl" else f"cross-entropy, lr {info['lr']:g}"
+            ax.plot(curve["step"], curve["prob"], label=label)
+        ax.axhline(result["true_prob"], color="black", linestyle="--", linewidth=1, label="true p")
+        ax.axhline(result["p_hat"][base]["p_hat"], color="grey", linestyle=":", linewidth=1, label="discriminator's p_hat")
+        ax.set_yscale("log")
+        ax.set_xlabel("fine-tuning step")
+        ax.set_title(f"{base} model: p({result['chosen_word']} | fixed context)")
+        ax.legend(fontsize=8)
+    axes[0].set_ylabel("probability of the chosen word")
+    write_with(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=120))

@@ -171,3 +171,9 @@ class AWDLSTMEncoder(nn.Module):
 def detach_state(state: list[LSTMState]) -> list[LSTMState]:
     """The state cut from the graph, for truncated BPTT across consecutive batches."""
     return [(h.detach(), c.detach()) for h, c in state]
+
+
+def concat_streams(chunk_states: list[list[LSTMState]]) -> list[LSTMState]:
+    """The states of consecutive chunks of streams, ``(h, c)`` per layer each ``(1, B_j, H_l)``,
+    joined into the batch's ``(1, sum_j B_j, H_l)``."""
+    return [(torch.cat([h for h, _ in layer], dim=1), torch.cat([c for _, c in layer], dim=1)) for layer in zip(*chunk_states)]

@@ -54,7 +54,8 @@ adversarial-softmax repositories ship the older version, see below):
   token of each stream is not scored.
 * **Dropout.** Gradients are taken with every dropout off: the model is in eval mode
   (embedding dropout, locked dropout and input noise off) and every
-  :class:`~reglm.encoders.awd_lstm.WeightDropLSTM` runs with ``weight_dropout = 0``. Those
+  :class:`~reglm.encoders.awd_lstm.WeightDropLSTM` runs with ``weight_dropout = 0`` (a VD-LSTM
+  encoder in eval mode draws no masks). Those
   layers alone are switched to training mode, because the cuDNN LSTM kernel can only be
   differentiated when run in training mode; with no DropConnect and a single-layer kernel
   training mode computes exactly what eval mode computes.
@@ -105,6 +106,7 @@ from tqdm.auto import tqdm
 
 from reglm.data.batching import batchify, get_batch
 from reglm.encoders.awd_lstm import LSTMState, WeightDropLSTM, detach_state
+from reglm.encoders.vd_lstm import VDLSTMLayer
 from reglm.errors import ReglmError
 from reglm.evaluate.perplexity import EvalResult, target_positions
 
@@ -321,12 +323,16 @@ def _check_train_split(train_ids: Tensor | None, spec: DynamicSpec, bptt: int | 
 
 def _gradient_copy(model: nn.Module, device: torch.device | str) -> nn.Module:
     """A deep copy of ``model`` on ``device`` that takes gradients with every dropout off (eval
-    mode; :class:`WeightDropLSTM` layers in training mode without DropConnect, for cuDNN)."""
+    mode; the recurrent layers in training mode without DropConnect or masks, for cuDNN, which
+    backpropagates only in training mode: :class:`WeightDropLSTM` with ``weight_dropout = 0``,
+    :class:`VDLSTMLayer` under an encoder in eval mode, which draws no masks)."""
     work = copy.deepcopy(model).to(device)
     work.eval()
     for module in work.modules():
         if isinstance(module, WeightDropLSTM):
             module.weight_dropout = 0.0
+            module.train()
+        elif isinstance(module, VDLSTMLayer):
             module.train()
     for param in work.parameters():
         param.requires_grad_(True)

@@ -128,7 +128,19 @@ class MixtureOfSoftmaxes(nn.Module):
         """``h: (B, T, H) -> (B, T, V)``: ``log sum_k pi_k softmax(W h_k + b)``, mixed in log space."""
         log_prior, latent = self.mixture(h, extra)
         expert_log_probs = F.log_softmax(F.linear(latent, self.weight, self.bias), dim=-1).view(-1, self.total_experts, self.vocab_size)
-        return torch.logsumexp(expert_log_probs + log_prior.unsqueeze(-1), dim=1).view(*h.shape[:-1], self.vocab_size)
+        return log_mixture(expert_log_probs, log_prior).view(*h.shape[:-1], self.vocab_size)
+
+    def logits(self, h: Tensor, extra: Sequence[Tensor] = ()) -> Tensor:
+        """``h: (B, T, H) -> (B, T, V)``: the unnormalized log-mixture ``log sum_k pi_k exp(W h_k + b)``.
+
+        A mixture has no single logit vector; this is the one whose softmax-free reading a
+        discriminator with the mixture's architecture uses (Popov & Kudinov: "the same
+        architecture ... only the interpretation of logits changes"). With one expert it is the
+        plain ``W h_1 + b``.
+        """
+        log_prior, latent = self.mixture(h, extra)
+        expert_logits = F.linear(latent, self.weight, self.bias).view(-1, self.total_experts, self.vocab_size)
+        return log_mixture(expert_logits, log_prior).view(*h.shape[:-1], self.vocab_size)
 
     def score(self, h: Tensor, targets: Tensor, adversarial: bool = False, extra: Sequence[Tensor] = ()) -> MixtureScore:
         """``h: (B, T, H)``, ``targets: (B, T)`` -> :class:`MixtureScore`; under AdvSoft (per
@@ -154,6 +166,15 @@ class MixtureOfSoftmaxes(nn.Module):
             f"in_features={self.in_features}, emb_size={self.emb_size}, vocab_size={self.vocab_size}, "
             f"n_experts={self.n_experts}, extra_inputs={list(self.extra_inputs)}, advsoft={self.advsoft}"
         )
+
+
+def log_mixture(expert_scores: Tensor, log_prior: Tensor) -> Tensor:
+    """``log sum_k pi_k exp(s_{k,w})``, computed as ``logsumexp_k(log pi_k + s_{k,w})``:
+    ``expert_scores: (..., K, V)``, ``log_prior: (..., K)`` -> ``(..., V)``. On the experts'
+    log-softmaxes it is the mixture's log-probabilities; on their logits, the unnormalized
+    log-mixture a discriminator reads (:meth:`MixtureOfSoftmaxes.logits`). With ``K = 1`` it
+    returns the expert's scores."""
+    return torch.logsumexp(expert_scores + log_prior.unsqueeze(-1), dim=-2)
 
 
 def mixture_weight_penalty(weights: Tensor) -> Tensor:

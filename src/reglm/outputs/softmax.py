@@ -28,7 +28,8 @@ class SoftmaxOutput(nn.Module):
     With ``tied_weight`` given (weight tying, AWD-LSTM section 4.4; Inan et al., 2016; Press &
     Wolf, 2016), ``W`` is that very Parameter -- registered here as ``weight`` too, one tensor
     shared with the input embedding, not a copy. Otherwise the layer owns ``weight: (V, E)``
-    initialized ``U(-0.1, 0.1)``. The bias is always the layer's own, initialized to zeros.
+    initialized ``U(-init_range, init_range)``. The bias is the layer's own, initialized to zeros;
+    with ``bias=False`` there is none (``b = 0``: Inan et al.'s reused embeddings, section 4).
 
     With ``advsoft`` given, ``nll(..., adversarial=True)`` lowers each target logit by its
     AdvSoft margin ``epsilon_y ||h||`` (eq. 7); ``logits``/``log_probs`` are always clean.
@@ -36,13 +37,16 @@ class SoftmaxOutput(nn.Module):
 
     supports_advsoft = True
 
-    def __init__(self, in_features: int, vocab_size: int, tied_weight: nn.Parameter | None = None, advsoft: AdvSoft | None = None) -> None:
+    def __init__(
+        self, in_features: int, vocab_size: int, tied_weight: nn.Parameter | None = None, advsoft: AdvSoft | None = None,
+        bias: bool = True, init_range: float = 0.1,
+    ) -> None:
         super().__init__()
         self.in_features = in_features
         self.vocab_size = vocab_size
         self.advsoft = advsoft
         if tied_weight is None:
-            self.weight = nn.Parameter(torch.empty(vocab_size, in_features).uniform_(-0.1, 0.1))
+            self.weight = nn.Parameter(torch.empty(vocab_size, in_features).uniform_(-init_range, init_range))
         else:
             if tuple(tied_weight.shape) != (vocab_size, in_features):
                 raise ValueError(
@@ -50,7 +54,7 @@ class SoftmaxOutput(nn.Module):
                     "tying needs the encoder output size to equal the embedding size"
                 )
             self.weight = tied_weight
-        self.bias = nn.Parameter(torch.zeros(vocab_size))
+        self.bias = nn.Parameter(torch.zeros(vocab_size)) if bias else None
 
     def logits(self, h: Tensor) -> Tensor:
         """``h: (..., E) -> (..., V)``: ``h W^T + b``."""
@@ -64,8 +68,13 @@ class SoftmaxOutput(nn.Module):
         """``h: (B, T, E)``, ``targets: (B, T)`` -> ``(B, T)``: ``-log p(targets | h)`` per token,
         under the adversarial softmax when ``adversarial`` (needs ``advsoft``)."""
         flat_h = h.reshape(-1, self.in_features)
+        return self.nll_from_logits(self.logits(flat_h), flat_h, targets, adversarial)
+
+    def nll_from_logits(self, logits: Tensor, flat_h: Tensor, targets: Tensor, adversarial: bool = False) -> Tensor:
+        """:meth:`nll` from already computed ``logits: (N, V)`` of ``flat_h: (N, E)``, ``targets``
+        of ``N`` tokens in any shape -> NLL in ``targets``' shape. Under AdvSoft the target logits
+        are lowered in place: pass a copy if ``logits`` is needed afterwards."""
         flat_y = targets.reshape(-1)
-        logits = self.logits(flat_h)
         if adversarial:
             if self.advsoft is None:
                 raise ValueError("adversarial=True needs an output layer built with advsoft")
@@ -74,4 +83,4 @@ class SoftmaxOutput(nn.Module):
         return F.cross_entropy(logits, flat_y, reduction="none").view(targets.shape)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, vocab_size={self.vocab_size}, advsoft={self.advsoft}"
+        return f"in_features={self.in_features}, vocab_size={self.vocab_size}, bias={self.bias is not None}, advsoft={self.advsoft}"

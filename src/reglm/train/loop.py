@@ -44,6 +44,7 @@ import math
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +53,7 @@ from tqdm.auto import tqdm
 
 from reglm.config import RunConfig, load_config_file
 from reglm.data import Corpus, Vocab, batchify, get_batch, resolve
-from reglm.encoders.awd_lstm import detach_state
+from reglm.encoders.awd_lstm import concat_streams, detach_state
 from reglm.errors import ReglmError
 from reglm.evaluate.perplexity import EvalResult, evaluate
 from reglm.io import environment, write_json
@@ -61,6 +62,7 @@ from reglm.objectives.activation_reg import activation_reg, temporal_activation_
 from reglm.train.checkpoint import STATE_FILE, VOCAB_FILE, load_model_dir, load_state, save_model_dir, save_state
 from reglm.train.metrics import MetricsLog
 from reglm.train.ntasgd import NonMonotoneTrigger, ParameterAverager
+from reglm.train.objective import ObjectiveEval, make_objective
 from reglm.train.schedules import annealed_std, sample_bptt, scaled_lr
 
 CONFIG_FILE = "config.json"
@@ -113,6 +115,9 @@ class Trainer:
         chunk = self.cfg.small_batch_size or self.cfg.batch_size
         self.chunks = [slice(start, start + chunk) for start in range(0, self.cfg.batch_size, chunk)]
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
+        self.objective = make_objective(config, self.vocab, self.device)
+        self.step_hooks: list[Callable[[Trainer], None]] = []
+        self.lr_scale = 1.0
         self.stage = "main"
         self.epoch = 0
         self.step = 0
@@ -157,6 +162,8 @@ class Trainer:
             "epoch_nll": self.epoch_nll,
             "epoch_tokens": self.epoch_tokens,
             "best_val": self.best_val,
+            "lr_scale": self.lr_scale,
+            "objective": self.objective.state_dict(),
             "metrics_bytes": self.metrics.size(),
             "vocab_fingerprint": self.vocab.fingerprint(),
             "rng": rng,
@@ -175,6 +182,8 @@ class Trainer:
         self.stage, self.epoch, self.step, self.position = state["stage"], state["epoch"], state["step"], state["position"]
         self.hidden = None if state["hidden"] is None else [(h.to(self.device), c.to(self.device)) for h, c in state["hidden"]]
         self.epoch_nll, self.epoch_tokens, self.best_val = state["epoch_nll"], state["epoch_tokens"], state["best_val"]
+        self.lr_scale = state.get("lr_scale", 1.0)
+        self.objective.load_state_dict(state.get("objective", {}))
         torch.set_rng_state(state["rng"]["torch"])
         self.bptt_rng.set_state(state["rng"]["bptt"])
         if self.device.type == "cuda" and "cuda" in state["rng"]:
@@ -185,6 +194,16 @@ class Trainer:
     def save_checkpoint(self) -> None:
         save_state(self.run_dir / STATE_FILE, self.state_dict())
         self.last_checkpoint = f"{self.run_dir / STATE_FILE} (stage {self.stage}, epoch {self.epoch}, step {self.step})"
+
+    def prepare(self) -> None:
+        """At a fresh start: let the objective set the starting weights (a base model's, for
+        fine-tuning) and, when the run starts from a model, log that model's validation scores
+        as the ``initial`` event (Table 2's "Initial model" row of Popov & Kudinov)."""
+        self.objective.prepare(self.model)
+        if self.objective.initial_model() is not None:
+            val = self._score(self.model, self.corpus.valid, self.cfg.eval_batch_size, "valid")
+            self.metrics.log(event="initial", step=0, **{f"valid_{name}": value for name, value in val.metrics.items() if name != "tokens"})
+            self._say("initial model: " + ", ".join(f"valid {name} {value:.4g}" for name, value in val.metrics.items() if name != "tokens"))
 
     # ------------------------------------------------------------------ the loop
 
@@ -242,9 +261,11 @@ class Trainer:
             nll_sum, chunk_states = 0.0, []
             for streams in self.chunks:
                 out = model(x[streams], [(h[:, streams], c[:, streams]) for h, c in self.hidden], input_noise=noise_std)
-                scored = model.output_loss(out, y[streams], adversarial=adversarial)
+                scored = self.objective.chunk_loss(model, out, x[streams], y[streams], streams, x.size(0), adversarial)
                 raw_loss = scored.nll.mean()
                 loss = raw_loss + scored.penalty + activation_reg(out.output, cfg.ar_alpha) + temporal_activation_reg(out.raw_output, cfg.tar_beta)
+                if cfg.sequence_loss:
+                    loss = loss * x.size(1)
                 loss_value = float(loss.detach())
                 if not math.isfinite(loss_value):
                     raise TrainingDiverged(
@@ -261,6 +282,7 @@ class Trainer:
             if self.averager.active:
                 self.averager.update(model.parameters())
             self.hidden = concat_streams(chunk_states)
+            self.objective.end_step()
             self.position += x.size(1)
             self.step += 1
             self.epoch_nll += nll_sum
@@ -274,6 +296,8 @@ class Trainer:
                 self.metrics.log(event="step", stage=self.stage, epoch=self.epoch + 1, step=self.step, lr=lr, loss=mean, ppl=math.exp(min(mean, 700)), tokens_per_s=window_tokens / max(elapsed, 1e-9), averaging=self.averager.active)
                 bar.set_postfix(loss=f"{mean:.3f}", ppl=f"{math.exp(min(mean, 700)):.1f}")
                 window_nll, window_tokens, window_start = 0.0, 0, time.perf_counter()
+            for hook in self.step_hooks:
+                hook(self)
             if cfg.checkpoint_interval and self.step % cfg.checkpoint_interval == 0:
                 self.save_checkpoint()
             if self._stop_signal is not None:
@@ -282,10 +306,12 @@ class Trainer:
         bar.close()
 
     def _base_lr(self) -> float:
-        """The stage's learning rate before the per-batch BPTT rescaling."""
-        if self.stage == "finetune" and self.cfg.finetune_lr is not None:
-            return self.cfg.finetune_lr
-        return self.cfg.lr
+        """The epoch's learning rate before the per-batch BPTT rescaling: the stage's rate, decayed
+        per ``train.lr_decay`` in the main stage, times the plateau factor accumulated so far."""
+        cfg = self.cfg
+        if self.stage == "finetune":
+            return (cfg.finetune_lr if cfg.finetune_lr is not None else cfg.lr) * self.lr_scale
+        return cfg.lr * cfg.lr_decay ** max(0, self.epoch + 1 - cfg.lr_decay_start) * self.lr_scale
 
     def _advsoft_on(self) -> bool:
         """Whether this epoch trains with the adversarial softmax."""
@@ -302,35 +328,45 @@ class Trainer:
             return cfg.finetune_input_noise_std
         return annealed_std(cfg.input_noise_std, cfg.input_noise_anneal, self.epoch, cfg.input_noise_epochs)
 
+    def _score(self, model: torch.nn.Module, ids: torch.Tensor, batch_size: int, desc: str) -> ObjectiveEval:
+        return self.objective.score(model, ids, batch_size, self.cfg.bptt, self.device, self.progress, desc)
+
     def _end_epoch(self) -> None:
         eval_model = self._eval_weights()
-        val = evaluate(eval_model, self.corpus.valid, self.cfg.eval_batch_size, self.cfg.bptt, self.device, progress=self.progress, desc="valid")
+        val = self._score(eval_model, self.corpus.valid, self.cfg.eval_batch_size, "valid")
         train_loss = self.epoch_nll / max(self.epoch_tokens, 1)
         adversarial, noise_std = self._advsoft_on(), self._input_noise_std()
+        lr = self._base_lr()
         self.epoch += 1
-        improved = val.loss < self.best_val
+        improved = val.selection < self.best_val
+        valid = {f"valid_{name}": value for name, value in val.metrics.items() if name != "tokens"}
         self.metrics.log(
             event="epoch", stage=self.stage, epoch=self.epoch, step=self.step,
-            train_loss=train_loss, train_ppl=math.exp(min(train_loss, 700)),
-            valid_loss=val.loss, valid_ppl=val.ppl, averaging=self.averager.active, best=improved,
-            advsoft=adversarial, input_noise=noise_std,
+            train_loss=train_loss, train_ppl=math.exp(min(train_loss, 700)), **valid,
+            lr=lr, averaging=self.averager.active, best=improved, advsoft=adversarial, input_noise=noise_std,
         )
-        self._say(f"| {self.stage} | epoch {self.epoch:3d} | step {self.step:7d} | train ppl {math.exp(min(train_loss, 700)):9.2f} | valid ppl {val.ppl:9.2f}" + (" | averaging" if self.averager.active else "") + (" | best" if improved else ""))
-        info = {"stage": self.stage, "epoch": self.epoch, "step": self.step, "valid_loss": val.loss, "valid_ppl": val.ppl, "averaged": self.averager.active}
+        shown = " | ".join(f"valid {name} {value:9.4g}" for name, value in val.metrics.items() if name != "tokens")
+        self._say(f"| {self.stage} | epoch {self.epoch:3d} | step {self.step:7d} | train loss {train_loss:7.4f} | {shown}" + (" | averaging" if self.averager.active else "") + (" | best" if improved else ""))
+        info = {"stage": self.stage, "epoch": self.epoch, "step": self.step, **valid, "averaged": self.averager.active}
         if improved:
-            self.best_val = val.loss
+            self.best_val = val.selection
             save_model_dir(self.run_dir / "best", eval_model, self.config, self.vocab, info)
+        elif self.cfg.plateau_factor is not None:
+            self.lr_scale *= self.cfg.plateau_factor
+            self.metrics.log(event="plateau", stage=self.stage, epoch=self.epoch, step=self.step, lr=self._base_lr())
+            self._say(f"no improvement: learning rate x{self.cfg.plateau_factor:g} -> {self._base_lr():.4g}")
         save_model_dir(self.run_dir / "last", eval_model, self.config, self.vocab, info)
         if self.stage == "main" and self.cfg.optimizer == "ntasgd" and not self.averager.active:
-            if self.trigger.update(val.loss):
+            if self.trigger.update(val.selection):
                 self.averager.start(self.model.parameters())
-                self.metrics.log(event="trigger", stage=self.stage, epoch=self.epoch, step=self.step, valid_loss=val.loss)
+                self.metrics.log(event="trigger", stage=self.stage, epoch=self.epoch, step=self.step, valid_loss=val.selection)
                 self._say(f"NT-ASGD: averaging starts after epoch {self.epoch} (step {self.step})")
-        elif self.stage == "finetune" and self.trigger.update(val.loss):
-            self.metrics.log(event="finetune_stop", epoch=self.epoch, step=self.step, valid_loss=val.loss)
+        elif self.stage == "finetune" and self.trigger.update(val.selection):
+            self.metrics.log(event="finetune_stop", epoch=self.epoch, step=self.step, valid_loss=val.selection)
             self._say(f"fine-tuning stops after epoch {self.epoch}: the non-monotone criterion fired")
             self.stage = "done"
         self.position, self.hidden, self.epoch_nll, self.epoch_tokens = 0, None, 0.0, 0
+        self.objective.reset()
         self.save_checkpoint()
         if self._stop_signal is not None:
             self._interrupt()
@@ -347,7 +383,14 @@ class Trainer:
         """Score ``best/`` on validation and test and write ``results.json``."""
         model, _, _ = load_model_dir(self.run_dir / "best", self.device)
         cfg = self.cfg
-        results: dict[str, Any] = {"best": str(self.run_dir / "best")}
+        results: dict[str, Any] = {"best": str(self.run_dir / "best"), "objective": self.objective.kind}
+        if self.objective.kind != "lm":
+            for split, batch_size in (("valid", cfg.eval_batch_size), ("test", cfg.test_batch_size)):
+                results[split] = self._score(model, getattr(self.corpus, split), batch_size, split).metrics
+            self.metrics.log(event="final", step=self.step, **{f"{k}_{m}": v for k in ("valid", "test") for m, v in results[k].items()})
+            write_json(self.run_dir / "results.json", results)
+            self._say("best model: " + ", ".join(f"{split} {name} {value:.4g}" for split in ("valid", "test") for name, value in results[split].items() if name != "tokens"))
+            return results
         valid = evaluate(model, self.corpus.valid, cfg.eval_batch_size, cfg.bptt, self.device, progress=self.progress, desc="valid")
         test = evaluate(model, self.corpus.test, cfg.test_batch_size, cfg.bptt, self.device, keep_token_nll=self.corpus.truth is not None, progress=self.progress, desc="test")
         results["valid"], results["test"] = valid.as_dict(), test.as_dict()
@@ -386,12 +429,6 @@ class Trainer:
             print(text, file=sys.stderr, flush=True)
 
 
-def concat_streams(chunk_states: list[list[tuple[torch.Tensor, torch.Tensor]]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The states of consecutive chunks of streams, ``(h, c)`` per layer each ``(1, B_j, H_l)``,
-    joined into the batch's ``(1, sum_j B_j, H_l)``."""
-    return [(torch.cat([h for h, _ in layer], dim=1), torch.cat([c for _, c in layer], dim=1)) for layer in zip(*chunk_states)]
-
-
 def truth_comparison(result: EvalResult, ids: torch.Tensor, true_logp: torch.Tensor, eos_id: int) -> dict[str, float]:
     """Model vs true perplexity over the same scored targets, ``<eos>`` targets excluded."""
     assert result.token_nll is not None and result.positions is not None
@@ -413,6 +450,7 @@ def train(config: RunConfig, run_dir: Path, progress: bool | None = None) -> dic
     corpus = load_corpus(config)
     trainer = Trainer(config, run_dir, corpus, progress)
     trainer.start()
+    trainer.prepare()
     trainer._say(f"run {run_dir}: {trainer.model.num_parameters():,} parameters, vocabulary {len(corpus.vocab):,}, device {trainer.device}")
     return trainer.run()
 

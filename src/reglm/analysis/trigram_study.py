@@ -1,0 +1,321 @@
+"""The synthetic-data study of Popov & Kudinov (2019), section 3: Table 1 and Figure 1.
+
+On the synthetic trigram corpus, whose true probabilities are known (:mod:`reglm.data.synthetic`):
+
+1. ``initial/``: train the initial model -- a 2-layer LSTM of ``hidden`` units with embeddings of
+   the same size, untied, no regularization, SGD at ``lr`` with global-norm clipping ``clip``,
+   the learning rate multiplied by 0.1 whenever an epoch does not improve validation
+   (appendix A).
+2. ``perturbed/``: the initial model with the output bias of one "almost frequent" word (the
+   ``chosen_rank``-th most frequent training word; ranks 51-150 are almost frequent) set to
+   ``perturb_bias``, a large negative value.
+3. ``disc-initial/``, ``disc-perturbed/``: a discriminator for each, same architecture and
+   optimizer settings as the initial model (appendix A).
+4. Fine-tunings of both models: ``ftd-initial/``, ``ftd-perturbed/`` with the discriminator
+   (loss (12), learning rate ``finetune_lr``), and ``ce-<lr>-initial/``, ``ce-<lr>-perturbed/``
+   with cross-entropy only at each learning rate of ``ce_lrs`` (Figure 1 compares 0.1 and 0.01).
+
+Every stage is an ordinary reglm run directory under the study's output directory; a stage that
+has ``results.json`` is reused and an interrupted one is resumed, so the whole command is
+resumable. The fine-tunings log, after every SGD step, the probability their model gives the
+chosen word in one fixed context (event ``chosen_word`` in ``metrics.jsonl``): Figure 1's right
+panel. The context is the test-set sentence prefix after which the chosen word has the highest
+true probability, read from the start of its sentence with a zero state -- our reading of the
+paper's "given some fixed context".
+
+Table 1's columns, over test words (``<eos>`` targets, whose true probability is 1, excluded):
+perplexity, perplexity over the 50 most frequent training words and over the rest, their ratio
+(rare / frequent), and the mean and standard deviation over tokens of ``log q - log p``.
+Reading of "batches containing 1024 sentences": the trainer's contiguous streams, 1024 of them,
+with the state carried across windows; every sentence starts after an ``<eos>``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from reglm.config import RunConfig, build_config, derive_config
+from reglm.data import Corpus
+from reglm.data.vocab import EOS
+from reglm.errors import ReglmError
+from reglm.evaluate.perplexity import evaluate, target_positions
+from reglm.io import write_json
+from reglm.models import LanguageModel
+from reglm.train.checkpoint import STATE_FILE, load_model_dir, load_state, save_model_dir
+from reglm.train.loop import CONFIG_FILE, Trainer, load_corpus, resolve_device
+
+RESULTS_FILE = "results.json"
+
+
+@dataclass(frozen=True)
+class TrigramStudySpec:
+    """Settings of the study; the defaults are the paper's (appendix A) where it gives them."""
+
+    sentences: int = 80000
+    """training sentences of the synthetic corpus (valid and test get one eighth each)"""
+    hidden: int = 256
+    batch_size: int = 1024
+    bptt: int = 35
+    lr: float = 1.0
+    clip: float = 1.0
+    epochs: int = 100
+    """upper bound on the initial model's epochs (the plateau schedule does the rest)"""
+    disc_epochs: int = 30
+    disc_lr: float | None = None
+    """learning rate of the discriminators (none: ``lr``, as in appendix A)"""
+    finetune_epochs: int = 2
+    finetune_lr: float = 1.0
+    ce_lrs: tuple[float, ...] = (0.1, 0.01)
+    chosen_rank: int = 100
+    perturb_bias: float = -20.0
+    n_frequent: int = 50
+    seed: int = 0
+    device: str = "auto"
+    extra: tuple[str, ...] = field(default_factory=tuple)
+    """further ``key=value`` overrides of the initial model's run configuration"""
+
+    def __post_init__(self) -> None:
+        for name in ("sentences", "hidden", "batch_size", "bptt", "epochs", "disc_epochs", "finetune_epochs", "n_frequent"):
+            if getattr(self, name) < 1:
+                raise ReglmError(f"--{name.replace('_', '-')} {getattr(self, name)} must be >= 1")
+        for name in ("lr", "clip", "finetune_lr", "disc_lr"):
+            if getattr(self, name) is not None and not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                raise ReglmError(f"--{name.replace('_', '-')} {getattr(self, name)} must be > 0")
+        if not self.ce_lrs or any(not (math.isfinite(lr) and lr > 0) for lr in self.ce_lrs):
+            raise ReglmError(f"--ce-lrs {','.join(map(str, self.ce_lrs))} must list learning rates > 0")
+        if not self.n_frequent < self.chosen_rank:
+            raise ReglmError(f"--chosen-rank {self.chosen_rank} must be beyond the {self.n_frequent} frequent words (the paper: an almost frequent word, ranks 51-150)")
+        if not (math.isfinite(self.perturb_bias) and self.perturb_bias < 0):
+            raise ReglmError(f"--perturb-bias {self.perturb_bias} must be a negative number")
+
+
+def initial_config(spec: TrigramStudySpec) -> RunConfig:
+    """The initial model's run: appendix A's LSTM and optimizer on the synthetic corpus."""
+    options = [
+        "data.name=synthetic", f"data.synthetic_sentences={spec.sentences}", f"data.synthetic_seed={spec.seed}",
+        "model.encoder=awd-lstm", f"model.emb_size={spec.hidden}", f"model.hidden_size={spec.hidden}", "model.num_layers=2",
+        "model.tie_weights=false", "model.embed_dropout=0", "model.input_dropout=0", "model.hidden_dropout=0",
+        "model.output_dropout=0", "model.weight_dropout=0",
+        f"train.epochs={spec.epochs}", f"train.batch_size={spec.batch_size}", f"train.eval_batch_size={min(spec.batch_size, 64)}",
+        f"train.test_batch_size={min(spec.batch_size, 64)}", f"train.bptt={spec.bptt}", "train.variable_bptt=false",
+        f"train.lr={spec.lr}", f"train.clip={spec.clip}", "train.plateau_factor=0.1", "train.optimizer=sgd", "train.finetune=false",
+        "train.weight_decay=0", "train.ar_alpha=0", "train.tar_beta=0", f"train.device={spec.device}", f"seed={spec.seed}",
+        *spec.extra,
+    ]
+    return build_config(None, options)
+
+
+def _run_stage(run_dir: Path, config: RunConfig, corpus: Corpus, progress: bool, tracker: ChosenWordTracker | None = None) -> dict[str, Any]:
+    """Train one stage into ``run_dir``: reuse a finished one, resume an interrupted one."""
+    if (run_dir / RESULTS_FILE).is_file():
+        return {"run": str(run_dir), "reused": True}
+    trainer = Trainer(config, run_dir, corpus, progress)
+    if tracker is not None:
+        trainer.step_hooks.append(tracker)
+    if (run_dir / STATE_FILE).is_file():
+        trainer.load_state_dict(load_state(run_dir / STATE_FILE))
+    else:
+        if (run_dir / CONFIG_FILE).exists():
+            raise ReglmError(f"{run_dir} holds a run that never reached its first checkpoint; delete it and run the study again")
+        trainer.start()
+        trainer.prepare()
+        if tracker is not None:
+            tracker(trainer)
+    trainer._say(f"study stage {run_dir.name}")
+    trainer.run()
+    return {"run": str(run_dir), "reused": False}
+
+
+class ChosenWordTracker:
+    """A step hook: the model's probability of the chosen word after the fixed context, logged
+    to the run's ``metrics.jsonl`` as ``{"event": "chosen_word", "step", "prob"}``."""
+
+    def __init__(self, context: torch.Tensor, word: int) -> None:
+        self.context = context
+        self.word = word
+
+    def __call__(self, trainer: Trainer) -> None:
+        trainer.metrics.log(event="chosen_word", step=trainer.step, prob=chosen_word_prob(trainer.model, self.context, self.word))
+
+
+@torch.no_grad()
+def chosen_word_prob(model: LanguageModel, context: torch.Tensor, word: int) -> float:
+    """``p(word | context)`` under ``model`` in eval mode, ``context: (T,)`` read from a zero state."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    log_probs, _ = model.log_probs(context.to(device).unsqueeze(0))
+    model.train(was_training)
+    return float(log_probs[0, -1, word].exp())
+
+
+def fixed_context(corpus: Corpus, word: int) -> tuple[torch.Tensor, float]:
+    """The test-set sentence prefix after which ``word`` has its highest true probability, among
+    the positions where it occurs: ``(context ids from the sentence's <eos> on, true probability)``."""
+    assert corpus.truth is not None
+    test, logp = corpus.test, corpus.truth["test"]
+    hits = (test == word).nonzero().flatten()
+    hits = hits[hits > 0]
+    if hits.numel() == 0:
+        raise ReglmError(f"the chosen word {corpus.vocab.itos[word]!r} never occurs in the test split; choose another --chosen-rank or more --sentences")
+    best = int(hits[logp[hits].argmax()])
+    eos = (test[:best] == corpus.vocab.eos_id).nonzero().flatten()
+    start = int(eos[-1]) if eos.numel() else 0
+    return test[start:best].clone(), float(logp[best].exp())
+
+
+def frequency_ranking(corpus: Corpus) -> list[int]:
+    """Word ids (``<eos>`` excluded) from the most to the least frequent in training."""
+    vocab = corpus.vocab
+    return sorted((i for i in range(len(vocab)) if vocab.itos[i] != EOS), key=lambda i: (-vocab.counts[i], vocab.itos[i]))
+
+
+def table_row(model: LanguageModel, corpus: Corpus, frequent: torch.Tensor, batch_size: int, device: torch.device) -> dict[str, float]:
+    """Table 1's columns for ``model`` over the test words (``<eos>`` targets excluded)."""
+    assert corpus.truth is not None
+    result = evaluate(model, corpus.test, batch_size, 35, device, keep_token_nll=True)
+    assert result.token_nll is not None and result.positions is not None
+    targets = corpus.test[result.positions]
+    words = targets != corpus.vocab.eos_id
+    nll = result.token_nll.double()
+    diff = corpus.truth["test"][result.positions].double() + nll  # log p - log q
+    freq = words & frequent[targets]
+    rare = words & ~frequent[targets]
+    row = {
+        "test_ppl": math.exp(float(nll[words].mean())),
+        "frequent_ppl": math.exp(float(nll[freq].mean())),
+        "rare_ppl": math.exp(float(nll[rare].mean())),
+        "logq_minus_logp_mean": float(-diff[words].mean()),
+        "logq_minus_logp_std": float(diff[words].std()),
+    }
+    row["ratio"] = row["rare_ppl"] / row["frequent_ppl"]
+    return row
+
+
+def run_trigram_study(out: Path, spec: TrigramStudySpec, progress: bool = False) -> dict[str, Any]:
+    """Run (or resume) the whole study in ``out``; returns and writes ``trigram-study.json``."""
+    started = time.perf_counter()
+    out = Path(out)
+    _check_spec(out, spec)
+    config = initial_config(spec)
+    corpus = load_corpus(config)
+    device = resolve_device(config.train.device)
+    ranked = frequency_ranking(corpus)
+    if spec.chosen_rank > len(ranked):
+        raise ReglmError(f"--chosen-rank {spec.chosen_rank} exceeds the {len(ranked)} words of the corpus")
+    chosen = ranked[spec.chosen_rank - 1]
+    frequent = torch.zeros(len(corpus.vocab), dtype=torch.bool)
+    frequent[ranked[: spec.n_frequent]] = True
+    context, true_prob = fixed_context(corpus, chosen)
+
+    _run_stage(out / "initial", config, corpus, progress)
+    perturbed_dir = out / "perturbed"
+    if not (perturbed_dir / "model.safetensors").is_file():
+        model, saved_config, vocab = load_model_dir(out / "initial" / "best")
+        with torch.no_grad():
+            model.output.bias[chosen] = spec.perturb_bias
+        save_model_dir(perturbed_dir, model, saved_config, vocab, {"perturbed_word": corpus.vocab.itos[chosen], "bias": spec.perturb_bias})
+    bases = {"initial": (out / "initial" / "best").resolve(), "perturbed": perturbed_dir.resolve()}
+    disc_options = [f"train.epochs={spec.disc_epochs}", f"train.lr={spec.disc_lr or spec.lr}"]
+    stages: dict[str, dict[str, Any]] = {}
+    for name, base in bases.items():
+        disc_dir = out / f"disc-{name}"
+        disc_config = derive_config(config, None, disc_options, {"kind": "discriminator", "base_model": str(base)}, "a discriminator")
+        _run_stage(disc_dir, disc_config, corpus, progress)
+        runs = {f"ftd-{name}": ({"kind": "reverse-kl", "base_model": str(base), "discriminator": str((disc_dir / "best").resolve())}, spec.finetune_lr)}
+        for lr in spec.ce_lrs:
+            runs[f"ce-{lr:g}-{name}"] = ({"kind": "lm", "base_model": str(base)}, lr)
+        for stage, (objective, lr) in runs.items():
+            options = [f"train.epochs={spec.finetune_epochs}", f"train.lr={lr}", "train.plateau_factor=none"]
+            stage_config = derive_config(config, None, options, objective, "fine-tuning")
+            _run_stage(out / stage, stage_config, corpus, progress, ChosenWordTracker(context, chosen))
+            stages[stage] = {"base": name, "lr": lr, "objective": objective["kind"]}
+
+    rows = {"true distribution": _true_row(corpus, frequent, config.train.test_batch_size)}
+    for name in ("initial", "perturbed"):
+        model, _, _ = load_model_dir(bases[name], device)
+        rows[f"{name} model"] = table_row(model, corpus, frequent, config.train.test_batch_size, device)
+        for stage, info in stages.items():
+            if info["base"] == name:
+                tuned, _, _ = load_model_dir(out / stage / "best", device)
+                rows[stage] = table_row(tuned, corpus, frequent, config.train.test_batch_size, device)
+    curves = {stage: _read_curve(out / stage) for stage in stages}
+    disc_prob = _p_hat(out, bases, context, chosen, device)
+    result = {
+        "spec": asdict(spec),
+        "chosen_word": corpus.vocab.itos[chosen],
+        "chosen_rank": spec.chosen_rank,
+        "context": [corpus.vocab.itos[i] for i in context.tolist()],
+        "true_prob": true_prob,
+        "p_hat": disc_prob,
+        "table": rows,
+        "stages": stages,
+        "curves": curves,
+        "seconds": time.perf_counter() - started,
+    }
+    write_json(out / "trigram-study.json", result)
+    from reglm.analysis.plots import plot_trigram_study
+
+    plot_trigram_study(result, out / "trigram-study.png")
+    return result
+
+
+def _check_spec(out: Path, spec: TrigramStudySpec) -> None:
+    """Record the spec in ``out/study-spec.json``; a directory started with other settings is refused
+    (its finished stages would otherwise be reused under the wrong settings)."""
+    path = out / "study-spec.json"
+    current = json.loads(json.dumps(asdict(spec)))
+    if path.is_file():
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        if saved != current:
+            changed = sorted(key for key in set(saved) | set(current) if saved.get(key) != current.get(key))
+            raise ReglmError(f"{out} holds a study started with other settings ({', '.join(changed)}); rerun with those settings to resume it, or choose another --out")
+        return
+    write_json(path, current)
+
+
+def _true_row(corpus: Corpus, frequent: torch.Tensor, batch_size: int) -> dict[str, float]:
+    """Table 1's row of the true distribution over the test positions the models are scored on."""
+    assert corpus.truth is not None
+    positions = target_positions(batch_size, corpus.test.numel() // batch_size)
+    targets = corpus.test[positions]
+    words = targets != corpus.vocab.eos_id
+    logp = corpus.truth["test"][positions].double()
+    freq, rare = words & frequent[targets], words & ~frequent[targets]
+    row = {name: math.exp(-float(logp[mask].mean())) for name, mask in (("test_ppl", words), ("frequent_ppl", freq), ("rare_ppl", rare))}
+    row["ratio"] = row["rare_ppl"] / row["frequent_ppl"]
+    return row
+
+
+def _read_curve(run_dir: Path) -> dict[str, list[float]]:
+    steps, probs = [], []
+    for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
+        record = json.loads(line)
+        if record.get("event") == "chosen_word":
+            steps.append(record["step"])
+            probs.append(record["prob"])
+    return {"step": steps, "prob": probs}
+
+
+@torch.no_grad()
+def _p_hat(out: Path, bases: dict[str, Path], context: torch.Tensor, word: int, device: torch.device) -> dict[str, dict[str, float]]:
+    """For each base model: its probability of the chosen word in the fixed context and the
+    discriminator's estimate ``p_hat = q0 exp(-s)`` (eq. 8) there."""
+    values = {}
+    for name, base in bases.items():
+        q0, _, _ = load_model_dir(base, device)
+        disc, _, _ = load_model_dir(out / f"disc-{name}" / "best", device)
+        ids = context.to(device).unsqueeze(0)
+        q0.eval()
+        disc.eval()
+        q = float(q0.log_probs(ids)[0][0, -1, word].exp())
+        s = float(disc.output_logits(disc(ids))[0, -1, word])
+        values[name] = {"q0": q, "p_hat": q * math.exp(-s)}
+    return values

@@ -1,0 +1,292 @@
+"""What a training run minimizes: the seam between the training loop and its loss.
+
+The loop (:mod:`reglm.train.loop`) owns the data order, BPTT windows, optimizer, averaging,
+checkpoints and resume; an objective owns the per-token loss and how a split is scored for model
+selection. ``objective.kind`` picks one:
+
+``lm`` -- :class:`LMObjective`
+    Cross-entropy (under AdvSoft while the loop says so) plus the output layer's penalty and
+    Inan et al.'s augmented loss. With ``objective.base_model`` the run starts from that model's
+    weights: plain cross-entropy fine-tuning, the baseline of Popov & Kudinov (2019).
+``discriminator`` -- :class:`DiscriminatorObjective`
+    Popov & Kudinov eq. (6) against the frozen initial model q0, exact over the vocabulary.
+``reverse-kl`` -- :class:`ReverseKLObjective`
+    Popov & Kudinov eq. (12): fine-tuning q_theta (started from q0) with a frozen discriminator,
+    or with r = 1/2 when none is given.
+
+Frozen models read the same windows as the trained one and carry their own hidden state per
+training stream (:class:`Frozen`); that state is part of the training checkpoint, so resume
+stays exact. Frozen models always run in eval mode (no dropout): q0 and r are the fixed
+functions the losses are defined with.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from reglm.config import RunConfig, architecture_differences
+from reglm.data import batchify, get_batch
+from reglm.data.vocab import Vocab
+from reglm.encoders.awd_lstm import EncoderOutput, LSTMState, concat_streams, detach_state
+from reglm.errors import ReglmError
+from reglm.evaluate.perplexity import evaluate
+from reglm.models import LanguageModel, OutputLoss
+from reglm.objectives.reverse_kl import discriminator_loss_parts, finetune_loss
+from reglm.train.checkpoint import load_model_dir
+
+
+@dataclass
+class ObjectiveEval:
+    """A scored split: ``metrics`` are logged as ``valid_<name>`` and written to ``results.json``;
+    ``selection`` (lower is better) picks ``best/`` and drives NT-ASGD and the plateau schedule."""
+
+    metrics: dict[str, float]
+    selection: float
+
+
+class Frozen:
+    """A frozen model read alongside the trained one, carrying its own state per training stream."""
+
+    def __init__(self, model: LanguageModel) -> None:
+        self.model = model.eval()
+        for param in model.parameters():
+            param.requires_grad_(False)
+        self.state: list[LSTMState] | None = None
+        self._pending: list[list[LSTMState]] = []
+
+    @torch.no_grad()
+    def run(self, x: Tensor, streams: slice, batch_size: int) -> EncoderOutput:
+        """The model on the chunk ``x = batch[streams]``, from its carried state of those streams."""
+        if self.state is None:
+            self.state = self.model.init_state(batch_size, device=x.device)
+        out = self.model(x, [(h[:, streams], c[:, streams]) for h, c in self.state])
+        self._pending.append(detach_state(out.state))
+        return out
+
+    def end_step(self) -> None:
+        self.state, self._pending = concat_streams(self._pending), []
+
+    def reset(self) -> None:
+        self.state, self._pending = None, []
+
+
+class LMObjective:
+    """The language-model loss; see the module docstring."""
+
+    kind = "lm"
+
+    def __init__(self, config: RunConfig, vocab: Vocab, device: torch.device) -> None:
+        self.config = config
+        self.base = _load_base(config, vocab, device) if config.objective.base_model else None
+        cfg = config.train
+        self.aug = {"aug_weight": cfg.aug_gamma * cfg.aug_tau, "aug_tau": cfg.aug_tau, "aug_target_grad": cfg.aug_target_grad}
+
+    def prepare(self, model: LanguageModel) -> None:
+        """At a fresh start: copy the base model's weights, if the run has one."""
+        if self.base is not None:
+            model.load_state_dict(self.base.state_dict())
+
+    def initial_model(self) -> LanguageModel | None:
+        return self.base
+
+    def chunk_loss(self, model: LanguageModel, out: EncoderOutput, x: Tensor, y: Tensor, streams: slice, batch_size: int, adversarial: bool) -> OutputLoss:
+        return model.output_loss(out, y, adversarial=adversarial, **self.aug)
+
+    def end_step(self) -> None:
+        pass
+
+    def reset(self) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def score(self, model: LanguageModel, ids: Tensor, batch_size: int, bptt: int, device: torch.device, progress: bool, desc: str) -> ObjectiveEval:
+        result = evaluate(model, ids, batch_size, bptt, device, progress=progress, desc=desc)
+        return ObjectiveEval(result.as_dict(), result.loss)
+
+
+class _FrozenObjective:
+    """Shared machinery of the objectives that read frozen models next to the trained one."""
+
+    kind = ""
+
+    def __init__(self, frozen: list[LanguageModel]) -> None:
+        self.frozen = [Frozen(m) for m in frozen]
+
+    def end_step(self) -> None:
+        for f in self.frozen:
+            f.end_step()
+
+    def reset(self) -> None:
+        for f in self.frozen:
+            f.reset()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"frozen_states": [None if f.state is None else [[h, c] for h, c in f.state] for f in self.frozen]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = state.get("frozen_states", [None] * len(self.frozen))
+        for f, s in zip(self.frozen, saved):
+            device = next(f.model.parameters()).device
+            f.state = None if s is None else [(h.to(device), c.to(device)) for h, c in s]
+
+
+class DiscriminatorObjective(_FrozenObjective):
+    """Popov & Kudinov eq. (6) per token, the trained model read through a sigmoid per word."""
+
+    kind = "discriminator"
+
+    def __init__(self, config: RunConfig, vocab: Vocab, device: torch.device) -> None:
+        self.q0 = _load_base(config, vocab, device)
+        self.init_from_base = config.objective.init_from_base
+        super().__init__([self.q0])
+
+    def prepare(self, model: LanguageModel) -> None:
+        if self.init_from_base:
+            model.load_state_dict(self.q0.state_dict())
+
+    def initial_model(self) -> LanguageModel | None:
+        return None
+
+    def chunk_loss(self, model: LanguageModel, out: EncoderOutput, x: Tensor, y: Tensor, streams: slice, batch_size: int, adversarial: bool) -> OutputLoss:
+        q0_out = self.frozen[0].run(x, streams, batch_size)
+        with torch.no_grad():
+            q0_log_probs = self.q0.output_log_probs(q0_out)
+        loss_q, loss_p = discriminator_loss_parts(model.output_logits(out), q0_log_probs, y)
+        return OutputLoss(loss_q + loss_p, loss_q.new_zeros(()))
+
+    def score(self, model: LanguageModel, ids: Tensor, batch_size: int, bptt: int, device: torch.device, progress: bool, desc: str) -> ObjectiveEval:
+        def per_token(outs: list[EncoderOutput], y: Tensor) -> dict[str, Tensor]:
+            loss_q, loss_p = discriminator_loss_parts(model.output_logits(outs[0]), self.q0.output_log_probs(outs[1]), y)
+            return {"loss": loss_q + loss_p, "loss_q": loss_q, "loss_p": loss_p}
+
+        metrics = score_split([model, self.q0], ids, batch_size, bptt, device, per_token, progress, desc)
+        return ObjectiveEval(metrics, metrics["loss"])
+
+
+class ReverseKLObjective(_FrozenObjective):
+    """Popov & Kudinov eq. (12) per token: ``-log q_theta(w*) + t log t``."""
+
+    kind = "reverse-kl"
+
+    def __init__(self, config: RunConfig, vocab: Vocab, device: torch.device) -> None:
+        self.q0 = _load_base(config, vocab, device)
+        self.disc = _load_discriminator(config, self.q0, vocab, device) if config.objective.discriminator else None
+        super().__init__([self.q0] if self.disc is None else [self.q0, self.disc])
+
+    def prepare(self, model: LanguageModel) -> None:
+        model.load_state_dict(self.q0.state_dict())
+
+    def initial_model(self) -> LanguageModel | None:
+        return self.q0
+
+    def _terms(self, model: LanguageModel, outs: list[EncoderOutput], y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(loss (12), NLL of q_theta, t log t) per token from the outputs of [q_theta, q0, r]."""
+        log_q = -model.output_nll(outs[0], y)
+        with torch.no_grad():
+            log_q0 = -self.q0.output_nll(outs[1], y)
+            disc = None if self.disc is None else self.disc.output_logits(outs[2]).gather(-1, y.unsqueeze(-1)).squeeze(-1)
+        loss, t_log_t = finetune_loss(log_q, log_q0, disc)
+        return loss, -log_q, t_log_t
+
+    def chunk_loss(self, model: LanguageModel, out: EncoderOutput, x: Tensor, y: Tensor, streams: slice, batch_size: int, adversarial: bool) -> OutputLoss:
+        outs = [out, *(f.run(x, streams, batch_size) for f in self.frozen)]
+        loss, _, _ = self._terms(model, outs, y)
+        return OutputLoss(loss, loss.new_zeros(()))
+
+    def score(self, model: LanguageModel, ids: Tensor, batch_size: int, bptt: int, device: torch.device, progress: bool, desc: str) -> ObjectiveEval:
+        def per_token(outs: list[EncoderOutput], y: Tensor) -> dict[str, Tensor]:
+            _, nll, t_log_t = self._terms(model, outs, y)
+            return {"nll": nll, "rev_kl": t_log_t}
+
+        return reverse_kl_eval(score_split([model, *(f.model for f in self.frozen)], ids, batch_size, bptt, device, per_token, progress, desc))
+
+
+def reverse_kl_eval(means: dict[str, float]) -> ObjectiveEval:
+    """Table 2's columns from the per-token means of the NLL and of ``t log t``: ``loss`` = CE +
+    reverse KL (eq. 9 estimated), ``ppl``, ``rev_kl``; selection on the NLL (perplexity)."""
+    nll, rev_kl = means["nll"], means["rev_kl"]
+    metrics = {"loss": nll + rev_kl, "ppl": float(torch.tensor(nll).exp()), "rev_kl": rev_kl, "nll": nll, "tokens": means["tokens"]}
+    return ObjectiveEval(metrics, nll)
+
+
+@torch.no_grad()
+def score_split(
+    models: list[LanguageModel], ids: Tensor, batch_size: int, bptt: int, device: torch.device | str,
+    per_token: Callable[[list[EncoderOutput], Tensor], dict[str, Tensor]], progress: bool = False, desc: str = "eval",
+) -> dict[str, float]:
+    """One deterministic pass of several models over ``ids`` in the windows of
+    :func:`~reglm.evaluate.perplexity.evaluate`, each model carrying its own state; returns the
+    mean over target tokens of every ``(B, T)`` term ``per_token(outputs, y)`` gives, and ``tokens``."""
+    modes = [m.training for m in models]
+    for m in models:
+        m.eval()
+    data = batchify(ids, batch_size).to(device)
+    states = [m.init_state(data.size(0), device=device) for m in models]
+    sums: dict[str, Tensor] = {}
+    count = 0
+    for start in tqdm(range(0, data.size(1) - 1, bptt), desc=desc, disable=not progress, leave=False, unit="batch"):
+        x, y = get_batch(data, start, bptt)
+        outs = [m(x, s) for m, s in zip(models, states)]
+        states = [detach_state(o.state) for o in outs]
+        for name, value in per_token(outs, y).items():
+            sums[name] = sums.get(name, torch.zeros((), dtype=torch.float64, device=device)) + value.sum(dtype=torch.float64)
+        count += y.numel()
+    for m, mode in zip(models, modes):
+        m.train(mode)
+    means = {name: float(total) / max(count, 1) for name, total in sums.items()}
+    means["tokens"] = count
+    return means
+
+
+Objective = LMObjective | DiscriminatorObjective | ReverseKLObjective
+
+
+def make_objective(config: RunConfig, vocab: Vocab, device: torch.device) -> Objective:
+    """The objective ``config.objective.kind`` names, with its frozen models loaded and checked."""
+    kind = config.objective.kind
+    if kind == "discriminator":
+        return DiscriminatorObjective(config, vocab, device)
+    if kind == "reverse-kl":
+        return ReverseKLObjective(config, vocab, device)
+    return LMObjective(config, vocab, device)
+
+
+def _load_base(config: RunConfig, vocab: Vocab, device: torch.device) -> LanguageModel:
+    """The initial model q0 of ``objective.base_model``: same vocabulary and architecture as the run."""
+    path = Path(str(config.objective.base_model))
+    model, base_config, base_vocab = load_model_dir(path, device)
+    if base_vocab.fingerprint() != vocab.fingerprint():
+        raise ReglmError(f"the base model {path} was trained on another vocabulary ({len(base_vocab):,} words) than this run's corpus ({len(vocab):,}); use the data it was trained on")
+    diff = architecture_differences(base_config.model, config.model)
+    if diff:
+        raise ReglmError(f"this run's model differs from the base model {path} in {'; '.join(diff)}; the objective needs the base model's architecture")
+    if base_config.objective.kind == "discriminator":
+        raise ReglmError(f"{path} is a discriminator, not a language model; give the language model's run as the base model")
+    return model
+
+
+def _load_discriminator(config: RunConfig, q0: LanguageModel, vocab: Vocab, device: torch.device) -> LanguageModel:
+    """The discriminator of ``objective.discriminator``: a discriminator run's model with q0's
+    vocabulary and architecture."""
+    path = Path(str(config.objective.discriminator))
+    disc, disc_config, disc_vocab = load_model_dir(path, device)
+    if disc_config.objective.kind != "discriminator":
+        raise ReglmError(f"{path} is not a discriminator (its run minimized objective {disc_config.objective.kind!r}); train one with `reglm train-discriminator RUN`")
+    if disc_vocab.fingerprint() != vocab.fingerprint():
+        raise ReglmError(f"the discriminator {path} was trained with another vocabulary ({len(disc_vocab):,} words) than the model ({len(vocab):,}); train it for this model")
+    diff = architecture_differences(disc_config.model, q0.cfg)
+    if diff:
+        raise ReglmError(f"the discriminator {path} differs from the model's architecture in {'; '.join(diff)}; train it for this model")
+    return disc

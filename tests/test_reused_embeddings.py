@@ -1,0 +1,162 @@
+"""Inan et al. (2017) in the model and the trainer: reused embeddings (RE), the augmented loss
+(AL) through ``LanguageModel.output_loss``, the VD-LSTM encoder option, Table 1's presets and
+their config errors."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+import torch
+
+from reglm.config import ModelConfig, build_config, list_presets
+from reglm.errors import ReglmError
+from reglm.models import LanguageModel
+from reglm.objectives.augmented_loss import augmented_kl
+from reglm.train.checkpoint import load_model_dir, save_model_dir
+from reglm.train.loop import load_corpus, train
+from reglm.train.metrics import read_metrics
+
+VD = dict(encoder="vd-lstm", emb_size=12, hidden_size=12, num_layers=2, input_dropout=0.3, hidden_dropout=0.3, output_dropout=0.0, weight_dropout=0.0)
+
+
+def test_reused_embeddings_share_one_tensor_and_have_no_output_bias(tmp_path: Path) -> None:
+    model = LanguageModel(ModelConfig(**VD, tie_weights=True, output_bias=False), 30)
+    assert model.output.weight is model.embedding.weight
+    assert model.output.bias is None
+    names = [name for name, _ in model.named_parameters()]
+    assert not any(name.startswith("output.bias") for name in names)
+    assert model.num_parameters() == sum(p.numel() for p in model.encoder.parameters()) + 30 * 12
+    h = torch.randn(2, 3, 12)
+    torch.testing.assert_close(model.output.logits(h), h @ model.embedding.weight.T)
+    config = build_config(None, ["model.encoder=vd-lstm", "model.emb_size=12", "model.hidden_size=12", "model.output_dropout=0", "model.output_bias=false"])
+    corpus = load_corpus(build_config(None, ["data.synthetic_sentences=8"]))
+    model = LanguageModel(config.model, len(corpus.vocab))
+    save_model_dir(tmp_path / "m", model, config, corpus.vocab)
+    loaded, _, _ = load_model_dir(tmp_path / "m")
+    assert loaded.output.weight is loaded.embedding.weight and loaded.output.bias is None
+    torch.testing.assert_close(loaded.embedding.weight, model.embedding.weight)
+
+
+def test_untied_baseline_keeps_its_own_projection_and_bias() -> None:
+    model = LanguageModel(ModelConfig(**VD, tie_weights=False, init_range=0.05), 30)
+    assert model.output.weight is not model.embedding.weight
+    assert model.output.bias is not None and model.output.bias.shape == (30,)
+    assert float(model.output.weight.detach().abs().max()) <= 0.05
+    assert all(float(p.detach().abs().max()) <= 0.05 for p in model.encoder.parameters())
+
+
+def test_augmented_loss_term_is_alpha_times_the_mean_kl() -> None:
+    torch.manual_seed(3)
+    model = LanguageModel(ModelConfig(**VD, tie_weights=False), 30)
+    ids, y = torch.randint(0, 30, (2, 5)), torch.randint(0, 30, (2, 5))
+    out = model(ids)
+    plain = model.output_loss(out, y)
+    scored = model.output_loss(out, y, aug_weight=13.0, aug_tau=20.0)
+    logits = model.output.logits(out.output).reshape(-1, 30)
+    direct = 13.0 * augmented_kl(logits, y.reshape(-1), model.embedding.weight, 20.0).mean()
+    torch.testing.assert_close(scored.penalty, direct)
+    torch.testing.assert_close(scored.nll, plain.nll)
+    assert float(plain.penalty) == 0.0
+
+
+def test_augmented_loss_reads_clean_logits_under_advsoft() -> None:
+    torch.manual_seed(4)
+    model = LanguageModel(ModelConfig(**VD, tie_weights=True, advsoft="relative", advsoft_alpha=0.5), 30)
+    ids, y = torch.randint(0, 30, (2, 5)), torch.randint(0, 30, (2, 5))
+    out = model(ids)
+    both = model.output_loss(out, y, adversarial=True, aug_weight=2.0, aug_tau=5.0)
+    torch.testing.assert_close(both.nll, model.output_loss(out, y, adversarial=True).nll)
+    torch.testing.assert_close(both.penalty, model.output_loss(out, y, aug_weight=2.0, aug_tau=5.0).penalty)
+    assert not torch.allclose(both.nll, model.output_loss(out, y).nll)
+
+
+def test_vd_lstm_model_equals_torch_lstm_in_eval_mode() -> None:
+    model = LanguageModel(ModelConfig(**VD, tie_weights=False), 30).eval()
+    reference = torch.nn.LSTM(12, 12, 2, batch_first=True)
+    for l, layer in enumerate(model.encoder.layers):
+        for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+            getattr(reference, f"{name}_l{l}").data.copy_(getattr(layer, f"{name}_l0"))
+    ids = torch.randint(0, 30, (3, 7))
+    emb = model.embedding(ids)
+    expected, _ = reference(emb)
+    torch.testing.assert_close(model(ids).output, expected)
+
+
+def test_training_a_vd_lstm_real_model_end_to_end(tmp_path: Path) -> None:
+    config = build_config("vd-lstm-ptb-small-real", [
+        "data.name=synthetic", "data.synthetic_sentences=200", "model.emb_size=16", "model.hidden_size=16",
+        "train.epochs=2", "train.batch_size=8", "train.eval_batch_size=4", "train.test_batch_size=4", "train.bptt=12", "train.log_interval=5",
+    ])
+    results = train(config, tmp_path / "run", progress=False)
+    assert results["test"]["ppl"] < 1001
+    epochs = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["event"] == "epoch"]
+    assert [r["lr"] for r in epochs] == [1.0, 1.0]
+    model, _, _ = load_model_dir(tmp_path / "run" / "best")
+    assert model.output.weight is model.embedding.weight and model.output.bias is None
+
+
+TABLE1 = {
+    ("ptb", "small"): 0.7, ("ptb", "medium"): 0.5, ("ptb", "large"): 0.35, ("wt2", "small"): 0.8, ("wt2", "medium"): 0.6,
+}
+
+
+@pytest.mark.parametrize(("cell", "variant"), list(itertools.product(TABLE1, ["", "-al", "-re", "-real"])))
+def test_every_table1_cell_has_a_preset(cell: tuple[str, str], variant: str) -> None:
+    dataset, size = cell
+    name = f"vd-lstm-{dataset}-{size}{variant}"
+    description = dict(list_presets())[name]
+    assert "Inan et al. 2017, Table 1" in description
+    config = build_config(name)
+    units = {"small": 200, "medium": 650, "large": 1500}[size]
+    m, t = config.model, config.train
+    assert (m.encoder, m.emb_size, m.hidden_size, m.num_layers) == ("vd-lstm", units, units, 2)
+    assert m.hidden_dropout == m.input_dropout == TABLE1[cell] and m.embed_dropout == 0
+    assert (t.lr, t.bptt, t.variable_bptt, t.optimizer) == (1.0, 35, False, "sgd")
+    assert (t.lr_decay_start, t.lr_decay, t.clip) == {"small": (5, 0.9, 5.0), "medium": (10, 0.9, 5.0), "large": (1, 0.97, 6.0)}[size]
+    assert m.tie_weights == (not m.output_bias) == (variant in ("-re", "-real"))
+    if variant in ("-al", "-real"):
+        assert t.aug_tau == 20.0 and (0.5 <= t.aug_gamma <= 0.8 if dataset == "ptb" else 1.0 <= t.aug_gamma <= 1.5)
+    else:
+        assert t.aug_gamma == 0
+
+
+@pytest.mark.parametrize(("overrides", "option"), [
+    (["train.aug_tau=0"], "train.aug_tau"),
+    (["train.aug_tau=-1"], "train.aug_tau"),
+    (["train.aug_gamma=-0.1"], "train.aug_gamma"),
+    (["model.encoder=vd-lstm", "model.output_dropout=0", "model.emb_size=20", "model.hidden_size=30"], "model.tie_weights"),
+    (["model.encoder=vd-lstm"], "model.output_dropout"),
+    (["model.output=mos", "model.output_bias=false"], "model.output_bias"),
+    (["model.output=mos", "train.aug_gamma=1"], "train.aug_gamma"),
+    (["train.lr_decay=1.5"], "train.lr_decay"),
+    (["train.plateau_factor=1"], "train.plateau_factor"),
+])
+def test_bad_options_are_config_errors(overrides: list[str], option: str) -> None:
+    with pytest.raises(ReglmError, match=f"invalid option {option}"):
+        build_config(None, overrides)
+
+
+def test_reused_embeddings_with_a_projection_are_allowed() -> None:
+    """A mixture of softmaxes projects the hidden state to emb_size, so tying works with emb != hidden."""
+    config = build_config(None, ["model.encoder=vd-lstm", "model.output_dropout=0", "model.emb_size=20", "model.hidden_size=30", "model.output=mos", "model.n_experts=2"])
+    model = LanguageModel(config.model, 40)
+    assert model.output.weight is model.embedding.weight
+
+
+def test_analyze_subspace_reports_each_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from reglm.cli import main
+
+    small = ["data.synthetic_sentences=100", "train.epochs=1", "train.finetune=false"]
+    train(build_config("tiny", small), tmp_path / "tied", progress=False)
+    train(build_config("tiny", [*small, "model.tie_weights=false"]), tmp_path / "untied", progress=False)
+    out = tmp_path / "analysis"
+    assert main(["analyze", str(tmp_path / "tied"), str(tmp_path / "untied"), "--subspace", "--out", str(out), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["runs"]
+    assert rows[0]["tied"] and rows[0]["distance"] < 1e-6
+    assert not rows[1]["tied"] and rows[1]["distance"] > 0.5
+    assert json.loads((out / "subspace.json").read_text())["runs"] == rows
+    assert main(["analyze", str(tmp_path / "missing"), "--subspace", "--out", str(out)]) == 2
