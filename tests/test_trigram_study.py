@@ -1,0 +1,111 @@
+"""`reglm study trigram` (Popov & Kudinov 2019, section 3) on a tiny corpus: stages, Table 1,
+the chosen-word curve, resumption and bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from reglm.analysis.trigram_study import TrigramStudySpec, fixed_context, frequency_ranking, initial_config
+from reglm.cli import main
+from reglm.errors import ReglmError
+from reglm.train.checkpoint import load_model_dir
+from reglm.train.loop import load_corpus
+
+TINY = ["--sentences", "800", "--hidden", "8", "--batch-size", "8", "--bptt", "12", "--epochs", "1", "--disc-epochs", "1", "--finetune-epochs", "1", "--chosen-rank", "60", "--ce-lrs", "0.1"]
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("study") / "trigram"
+    assert main(["study", "trigram", "--out", str(out), *TINY, "--json"]) == 0
+    return out, json.loads((out / "trigram-study.json").read_text())
+
+
+def test_every_stage_is_a_run_and_the_figure_is_written(study: tuple[Path, dict]) -> None:
+    out, result = study
+    for stage in ("initial", "disc-initial", "disc-perturbed", "ftd-initial", "ftd-perturbed", "ce-0.1-initial", "ce-0.1-perturbed"):
+        assert (out / stage / "results.json").is_file(), stage
+    assert (out / "trigram-study.png").stat().st_size > 0
+    assert set(result["table"]) == {"true distribution", "initial model", "perturbed model", "ftd-initial", "ftd-perturbed", "ce-0.1-initial", "ce-0.1-perturbed"}
+    for row in result["table"].values():
+        assert row["ratio"] == pytest.approx(row["rare_ppl"] / row["frequent_ppl"])
+
+
+def test_perturbed_model_differs_only_in_the_chosen_words_bias(study: tuple[Path, dict]) -> None:
+    out, result = study
+    initial, _, vocab = load_model_dir(out / "initial" / "best")
+    perturbed, _, _ = load_model_dir(out / "perturbed")
+    chosen = vocab.stoi[result["chosen_word"]]
+    a, b = initial.state_dict(), perturbed.state_dict()
+    for key in a:
+        if key != "output.bias":
+            assert torch.equal(a[key], b[key]), key
+    diff = (a["output.bias"] != b["output.bias"]).nonzero().flatten().tolist()
+    assert diff == [chosen] and float(b["output.bias"][chosen]) == -20.0
+    corpus = load_corpus(initial_config(TrigramStudySpec(sentences=800)))
+    assert frequency_ranking(corpus)[59] == chosen
+    assert result["table"]["perturbed model"]["test_ppl"] > result["table"]["initial model"]["test_ppl"]
+
+
+def test_chosen_word_curve_has_one_point_per_step_from_the_start(study: tuple[Path, dict]) -> None:
+    out, result = study
+    steps = [json.loads(line)["step"] for line in (out / "ftd-perturbed" / "metrics.jsonl").read_text().splitlines() if '"chosen_word"' in line]
+    curve = result["curves"]["ftd-perturbed"]
+    assert curve["step"] == steps == list(range(len(steps)))
+    assert curve["prob"][0] == pytest.approx(result["p_hat"]["perturbed"]["q0"], rel=1e-5)
+    assert all(0 < p < 1 for p in curve["prob"])
+
+
+def test_true_row_is_the_true_log_probability_over_the_scored_words(study: tuple[Path, dict]) -> None:
+    _, result = study
+    corpus = load_corpus(initial_config(TrigramStudySpec(sentences=800)))
+    ids, logp = corpus.test, corpus.truth["test"]
+    batch = 8
+    length = ids.numel() // batch
+    rows = ids[: batch * length].view(batch, length)[:, 1:]
+    true = logp[: batch * length].view(batch, length)[:, 1:]
+    words = rows != corpus.vocab.eos_id
+    assert result["table"]["true distribution"]["test_ppl"] == pytest.approx(math.exp(-float(true[words].double().mean())))
+
+
+def test_fixed_context_ends_where_the_chosen_word_is_most_likely(study: tuple[Path, dict]) -> None:
+    _, result = study
+    corpus = load_corpus(initial_config(TrigramStudySpec(sentences=800)))
+    word = corpus.vocab.stoi[result["chosen_word"]]
+    context, prob = fixed_context(corpus, word)
+    assert context[0] == corpus.vocab.eos_id and (context[1:] != corpus.vocab.eos_id).all()
+    hits = (corpus.test == word).nonzero().flatten()
+    assert prob == pytest.approx(float(corpus.truth["test"][hits].exp().max()))
+    assert result["true_prob"] == pytest.approx(prob)
+
+
+def test_rerun_reuses_finished_stages_and_refuses_other_settings(study: tuple[Path, dict], capsys: pytest.CaptureFixture[str]) -> None:
+    out, result = study
+    before = (out / "initial" / "best" / "model.safetensors").read_bytes()
+    assert main(["study", "trigram", "--out", str(out), *TINY]) == 0
+    assert (out / "initial" / "best" / "model.safetensors").read_bytes() == before
+    assert "ftd-perturbed" in capsys.readouterr().out
+    assert main(["study", "trigram", "--out", str(out), *TINY[:-2], "--ce-lrs", "0.2"]) == 2
+    assert "other settings (ce_lrs)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    (["--chosen-rank", "10"], "--chosen-rank 10 must be beyond"),
+    (["--perturb-bias", "3"], "--perturb-bias"),
+    (["--ce-lrs", "0.1,-1"], "--ce-lrs"),
+    (["--disc-lr", "0"], "--disc-lr"),
+])
+def test_bad_options_exit_2_without_writing(tmp_path: Path, options: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["study", "trigram", "--out", str(tmp_path / "s"), *options]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
+
+
+def test_spec_rejects_nonsense() -> None:
+    with pytest.raises(ReglmError, match="--hidden"):
+        TrigramStudySpec(hidden=0)
