@@ -160,3 +160,29 @@ def test_analyze_subspace_reports_each_run(tmp_path: Path, capsys: pytest.Captur
     assert not rows[1]["tied"] and rows[1]["distance"] > 0.5
     assert json.loads((out / "subspace.json").read_text())["runs"] == rows
     assert main(["analyze", str(tmp_path / "missing"), "--subspace", "--out", str(out)]) == 2
+
+
+def test_study_subspace_command_writes_both_panels(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from reglm.cli import main
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    words = [f"w{i}" for i in range(25)]
+    g = torch.Generator().manual_seed(0)
+    for split, lines in (("train", 60), ("valid", 5), ("test", 5)):
+        text = "\n".join(" ".join(words[int(i)] for i in torch.randint(0, 25, (12,), generator=g)) for _ in range(lines))
+        (corpus / f"{split}.txt").write_text(text + "\n")
+    out = tmp_path / "study"
+    args = ["study", "subspace", "--out", str(out), "--data", str(corpus), "--words", "500", "--hidden", "6", "--epochs", "1",
+            "--runs", "2", "--betas", "0,1", "--taus", "2,10", "--batch-size", "4", "--bptt", "8", "--json"]
+    assert main(args) == 0
+    printed = json.loads(capsys.readouterr().out)
+    saved = json.loads((out / "subspace-study.json").read_text())
+    assert saved["panels"]["beta"]["x"] == [0.0, 1.0] and saved["panels"]["tau"]["x"] == [2.0, 10.0]
+    assert all(len(d) == 2 for d in saved["panels"]["beta"]["distances"])
+    assert printed["panels"] == saved["panels"]
+    assert (out / "subspace-study.png").stat().st_size > 0
+    assert main([*args[:-1], "--taus", "0"]) == 2
+    assert "--taus" in capsys.readouterr().err

@@ -144,6 +144,27 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--ce-lrs", help="comma-separated learning rates of the cross-entropy fine-tunings (default 0.1,0.01)")
     t.add_argument("--device", help="auto, cpu, cuda (default auto)")
     t.add_argument("--json", action="store_true", help="print the result as one JSON object instead of a table")
+    t = ssub.add_parser("subspace", help="Inan et al. 2017, section 6.2: subspace distance vs the augmented loss's weight and temperature (Figure 1)")
+    t.add_argument("--out", required=True, help="directory for subspace-study.json and .png")
+    _add_data_options(t, with_vocab=False)
+    for name, kind, help_text in (
+        ("words", int, "contiguous training words per run (default 20000)"),
+        ("hidden", int, "LSTM units and embedding size (default 300)"),
+        ("epochs", int, "passes over the slice per training"),
+        ("batch-size", int, "streams (default 20)"),
+        ("bptt", int, "BPTT window (default 35)"),
+        ("lr", float, "learning rate (default: 2e-3 for adam, 1.0 for sgd)"),
+        ("clip", float, "gradient clipping, 0: off (default: off for adam, 5 for sgd)"),
+        ("tau-a", float, "temperature of panel (a) (default 10)"),
+        ("runs", int, "repeats averaged per point (default 10, the paper's)"),
+        ("seed", int, "base seed of the slices and initializations (default 0)"),
+    ):
+        t.add_argument(f"--{name}", type=kind, help=help_text)
+    t.add_argument("--optimizer", choices=["adam", "sgd"], help="default adam (the paper does not say)")
+    t.add_argument("--betas", help="panel (a): comma-separated proportions of the augmented loss (default 0,0.2,0.4,0.6,0.8,1)")
+    t.add_argument("--taus", help="panel (b): comma-separated temperatures (default 1,2,5,10,20,40)")
+    t.add_argument("--device", default="auto", help="auto, cpu, cuda (default auto)")
+    t.add_argument("--json", action="store_true", help="print the result as one JSON object instead of a table")
 
     p = sub.add_parser("data", help="download built-in corpora or describe a corpus")
     dsub = p.add_subparsers(dest="data_command", required=True)
@@ -533,7 +554,43 @@ def _study_trigram(args: argparse.Namespace) -> int:
     return 0
 
 
-STUDIES: dict[str, Callable[[argparse.Namespace], int]] = {"trigram": _study_trigram}
+def _study_subspace(args: argparse.Namespace) -> int:
+    from reglm.analysis.subspace_study import SubspaceStudySpec, plot_subspace_study, run_subspace_study
+    from reglm.data import resolve
+    from reglm.io import write_json
+    from reglm.train.loop import resolve_device
+
+    names = ("words", "hidden", "epochs", "batch_size", "bptt", "lr", "clip", "tau_a", "runs", "seed", "optimizer")
+    options: dict[str, Any] = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    for name in ("betas", "taus"):
+        if getattr(args, name) is not None:
+            options[name] = _floats(f"--{name}", getattr(args, name))
+    spec = SubspaceStudySpec(**options)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ReglmError(f"--out {out} is a file; give a directory for subspace-study.json and .png")
+    corpus = resolve(args.data or "ptb", data_dir=args.data_dir)
+    result = run_subspace_study(corpus.train, len(corpus.vocab), spec, resolve_device(args.device), progress=sys.stderr.isatty() and not args.json)
+    result["data"] = corpus.name
+    data, figure = out / "subspace-study.json", out / "subspace-study.png"
+    try:
+        write_json(data, result)
+        plot_subspace_study(result, figure)
+    except OSError as exc:
+        raise ReglmError(f"cannot write into --out {out} ({exc.strerror or exc}); choose a writable directory") from None
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    for key, label in (("beta", f"tau = {spec.tau_a:g}"), ("tau", "beta = 1")):
+        panel = result["panels"][key]
+        print(f"{key:>6s}  distance (mean ± std over {spec.runs} run(s), {label})")
+        for x, mean, std in zip(panel["x"], panel["mean"], panel["std"]):
+            print(f"{x:6g}  {mean:.4f} ± {std:.4f}")
+    print(f"wrote {data} and {figure}")
+    return 0
+
+
+STUDIES: dict[str, Callable[[argparse.Namespace], int]] = {"trigram": _study_trigram, "subspace": _study_subspace}
 
 
 def cmd_data(args: argparse.Namespace) -> int:

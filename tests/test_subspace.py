@@ -1,0 +1,189 @@
+"""Subspace distance (Inan et al. appendix B) and the section-6.2 study, on small problems."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from reglm.analysis.subspace import embedding_subspace_distance, orthonormal_basis, subspace_distance
+from reglm.analysis.subspace_study import SubspaceStudySpec, normalize_rows_, plot_subspace_study, run_subspace_study, study_objective
+from reglm.config import ModelConfig
+from reglm.errors import ReglmError
+from reglm.models import LanguageModel
+from reglm.objectives.augmented_loss import augmented_kl
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def reference_distance(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Independent: numpy QR bases, cosines of the principal angles from the SVD of ``U^T V``,
+    ``sqrt(mean(sin^2))`` over the ``c2`` directions of ``span(y)`` (unpaired ones count as orthogonal)."""
+    u, _ = np.linalg.qr(x.numpy().astype(np.float64))
+    v, _ = np.linalg.qr(y.numpy().astype(np.float64))
+    cos = np.linalg.svd(u.T @ v, compute_uv=False)
+    sin2 = np.concatenate([1.0 - cos**2, np.ones(v.shape[1] - cos.size)])
+    return math.sqrt(float(sin2.mean()))
+
+
+def invertible(c: int) -> torch.Tensor:
+    return torch.randn(c, c, dtype=torch.float64) + 3 * torch.eye(c, dtype=torch.float64)
+
+
+def test_same_span_is_zero() -> None:
+    x = torch.randn(50, 6, dtype=torch.float64)
+    assert subspace_distance(x, x @ invertible(6)) < 1e-7
+    assert subspace_distance(x, x) < 1e-7
+
+
+def test_orthogonal_spans_are_one() -> None:
+    q, _ = torch.linalg.qr(torch.randn(40, 9, dtype=torch.float64))
+    x, y = q[:, :4] @ invertible(4), q[:, 4:] @ invertible(5)
+    assert subspace_distance(x, y) == pytest.approx(1.0, abs=1e-12)
+    assert subspace_distance(y, x) == pytest.approx(1.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("n, c1, c2", [(30, 5, 5), (30, 7, 4), (30, 3, 6), (100, 10, 10), (8, 8, 3)])
+def test_matches_principal_angles_and_is_basis_invariant(n: int, c1: int, c2: int) -> None:
+    x, y = torch.randn(n, c1, dtype=torch.float64), torch.randn(n, c2, dtype=torch.float64)
+    d = subspace_distance(x, y)
+    assert 0.0 <= d <= 1.0
+    assert d**2 == pytest.approx(reference_distance(x, y) ** 2, abs=1e-12)  # squares: d ~ 1e-8 when span(y) lies in span(x)
+    assert subspace_distance(x @ invertible(c1), y @ invertible(c2)) ** 2 == pytest.approx(d**2, abs=1e-10)
+    if c1 == c2:
+        assert subspace_distance(y, x) == pytest.approx(d, abs=1e-12)
+
+
+def test_range_and_random_subspace_value() -> None:
+    values = [subspace_distance(torch.randn(200, 8), torch.randn(200, 8)) for _ in range(20)]
+    assert all(0.0 <= v <= 1.0 for v in values)
+    # two random c-dimensional subspaces of R^n: d^2 ~ 1 - c/n
+    assert abs(sum(values) / len(values) - math.sqrt(1 - 8 / 200)) < 0.01
+
+
+def test_rank_deficient_matrices_use_their_column_space() -> None:
+    b = torch.randn(30, 3, dtype=torch.float64)
+    x = b @ torch.randn(3, 5, dtype=torch.float64)  # 5 columns, rank 3
+    basis = orthonormal_basis(x)
+    assert basis.shape == (30, 3)
+    torch.testing.assert_close(basis.T @ basis, torch.eye(3, dtype=torch.float64))
+    assert subspace_distance(x, b) < 1e-7 and subspace_distance(b, x) < 1e-7
+    y = torch.randn(30, 3, dtype=torch.float64)
+    assert subspace_distance(y, x) == pytest.approx(subspace_distance(y, b), abs=1e-10)
+    with pytest.raises(ValueError, match="zeros"):
+        subspace_distance(torch.zeros(10, 2), y[:10])
+    with pytest.raises(ValueError, match="same n"):
+        subspace_distance(torch.randn(10, 2), torch.randn(11, 2))
+
+
+# ---------------------------------------------------------------- on a language model
+
+
+def test_tied_model_has_distance_zero() -> None:
+    model = LanguageModel(ModelConfig(emb_size=8, hidden_size=12, tie_weights=True), 60)
+    assert embedding_subspace_distance(model) < 1e-6
+
+
+def test_untied_random_model_is_near_the_random_value() -> None:
+    model = LanguageModel(ModelConfig(emb_size=8, hidden_size=8, tie_weights=False), 200)
+    assert abs(embedding_subspace_distance(model) - math.sqrt(1 - 8 / 200)) < 0.03
+
+
+def test_mixture_of_softmaxes_is_refused() -> None:
+    model = LanguageModel(ModelConfig(emb_size=6, hidden_size=10, last_hidden_size=9, output="mos", n_experts=2, tie_weights=False), 23)
+    with pytest.raises(ReglmError, match="mixture of softmaxes"):
+        embedding_subspace_distance(model)
+
+
+# ---------------------------------------------------------------- the study
+
+
+def tiny_spec(**kw) -> SubspaceStudySpec:
+    base = dict(words=600, hidden=8, epochs=1, batch_size=4, bptt=10, betas=(0.0, 1.0), taus=(1.0, 10.0), tau_a=10.0, runs=1, seed=3)
+    return SubspaceStudySpec(**{**base, **kw})
+
+
+def test_study_objective_is_eq_6_1() -> None:
+    logits, targets, emb = torch.randn(12, 15), torch.randint(0, 15, (12,)), torch.randn(15, 4)
+    nll = torch.nn.functional.cross_entropy(logits, targets)
+    aug = augmented_kl(logits, targets, emb, 5.0).mean()
+    torch.testing.assert_close(study_objective(logits, targets, emb, 0.0, 5.0), nll)
+    torch.testing.assert_close(study_objective(logits, targets, emb, 1.0, 5.0), aug * 25 * 15)
+    torch.testing.assert_close(study_objective(logits, targets, emb, 0.3, 5.0), 0.3 * aug * 25 * 15 + 0.7 * nll)
+
+
+def test_normalize_rows() -> None:
+    w = torch.randn(20, 5)
+    w[3] = 0
+    normalize_rows_(w)
+    norms = w.norm(dim=1)
+    assert float(norms[3]) == 0.0
+    torch.testing.assert_close(norms[torch.arange(20) != 3], torch.ones(19))
+
+
+def test_tiny_study_structure_and_plot(tmp_path) -> None:
+    ids = torch.randint(0, 30, (2000,))
+    spec = tiny_spec()
+    result = run_subspace_study(ids, 30, spec)
+    json.dumps(result)
+    assert result["spec"]["lr"] == 2e-3 and result["spec"]["clip"] == 0.0 and result["vocab_size"] == 30
+    # (beta=1, tau=10) is shared by both panels and trained once: 3 trainings
+    assert [(t["beta"], t["tau"]) for t in result["trainings"]] == [(0.0, 10.0), (1.0, 10.0), (1.0, 1.0)]
+    beta_panel, tau_panel = result["panels"]["beta"], result["panels"]["tau"]
+    assert beta_panel["tau"] == 10.0 and beta_panel["x"] == [0.0, 1.0]
+    assert tau_panel["beta"] == 1.0 and tau_panel["x"] == [1.0, 10.0]
+    for panel in (beta_panel, tau_panel):
+        assert [len(d) for d in panel["distances"]] == [1, 1]
+        assert panel["mean"] == [d[0] for d in panel["distances"]] and panel["std"] == [0.0, 0.0]
+        assert all(0.0 <= m <= 1.0 for m in panel["mean"]) and len(panel["final_nll"]) == 2
+    assert beta_panel["distances"][1] == tau_panel["distances"][1]
+    for t in result["trainings"]:
+        assert 0 <= t["offset"] <= 2000 - 600 and t["seed"] == 3
+        assert [c["epoch"] for c in t["curve"]] == [1] and t["distance"] == t["curve"][-1]["distance"]
+        assert set(t["final"]) == {"nll", "ppl", "aug"} and t["seconds"] > 0
+    plot_subspace_study(result, tmp_path / "fig.png")
+    assert (tmp_path / "fig.png").read_bytes()[:8] == PNG_MAGIC
+    # same seed, same numbers
+    again = run_subspace_study(ids, 30, tiny_spec(betas=(0.0,), taus=(10.0,)))
+    assert again["panels"]["beta"]["distances"][0] == beta_panel["distances"][0]
+
+
+def test_study_with_sgd_and_two_runs() -> None:
+    ids = torch.randint(0, 25, (1500,))
+    result = run_subspace_study(ids, 25, tiny_spec(optimizer="sgd", runs=2, betas=(1.0,), taus=(10.0,), output_bias=False, encoder="awd-lstm"))
+    assert result["spec"]["lr"] == 1.0 and result["spec"]["clip"] == 5.0
+    assert len(result["trainings"]) == 2 and [len(d) for d in result["panels"]["beta"]["distances"]] == [2]
+    assert result["panels"]["beta"]["std"][0] >= 0 and {t["seed"] for t in result["trainings"]} == {3, 4}
+
+
+@pytest.mark.parametrize(
+    "kw, option",
+    [
+        (dict(betas=(0.0, 1.5)), "--betas"),
+        (dict(betas=()), "--betas"),
+        (dict(taus=(0.0,)), "--taus"),
+        (dict(taus=(float("nan"),)), "--taus"),
+        (dict(tau_a=-1.0), "--tau-a"),
+        (dict(runs=0), "--runs"),
+        (dict(words=10), "--words"),
+        (dict(words=100, batch_size=20), "--words"),
+        (dict(epochs=0), "--epochs"),
+        (dict(optimizer="rmsprop"), "--optimizer"),
+        (dict(encoder="gru"), "--encoder"),
+        (dict(lr=0.0), "--lr"),
+        (dict(clip=-1.0), "--clip"),
+    ],
+)
+def test_bad_specs_name_the_option(kw: dict, option: str) -> None:
+    with pytest.raises(ReglmError, match=option):
+        tiny_spec(**kw)
+
+
+def test_bad_data() -> None:
+    with pytest.raises(ReglmError, match="--words"):
+        run_subspace_study(torch.randint(0, 30, (500,)), 30, tiny_spec())
+    with pytest.raises(ReglmError, match="vocabulary"):
+        run_subspace_study(torch.randint(0, 30, (2000,)), 20, tiny_spec())
