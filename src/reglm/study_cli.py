@@ -1,0 +1,145 @@
+"""``reglm study``: the papers' controlled experiments, end to end, as commands.
+
+* ``reglm study trigram`` -- Popov & Kudinov (2019), section 3 (:mod:`reglm.analysis.trigram_study`);
+* ``reglm study subspace`` -- Inan, Khosravi & Socher (2017), section 6.2
+  (:mod:`reglm.analysis.subspace_study`).
+
+Each writes its figure and JSON into ``--out``; bad options are :class:`ReglmError` (exit 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from reglm.errors import ReglmError
+
+
+def add_study_parser(sub: Any) -> None:
+    """Add ``study trigram|subspace`` to the subcommands ``sub`` of the ``reglm`` parser."""
+    from reglm.cli import _add_data_options
+
+    p = sub.add_parser("study", help="the papers' controlled experiments, end to end: figure + JSON")
+    ssub = p.add_subparsers(dest="study", required=True)
+    t = ssub.add_parser("trigram", help="Popov & Kudinov 2019, section 3: discriminator fine-tuning on the synthetic trigram corpus (Table 1, Figure 1)")
+    t.add_argument("--out", required=True, help="study directory: one run directory per stage, trigram-study.json and .png (resumable)")
+    for name, kind, help_text in (
+        ("sentences", int, "training sentences (default 80000, the paper's)"),
+        ("hidden", int, "LSTM units and embedding size (default 256)"),
+        ("batch-size", int, "streams per batch (default 1024)"),
+        ("bptt", int, "BPTT window (default 35)"),
+        ("lr", float, "initial model's and discriminators' learning rate (default 1.0)"),
+        ("clip", float, "gradient clipping (default 1.0)"),
+        ("epochs", int, "most epochs of the initial model (default 100; the rate drops x0.1 on plateaus)"),
+        ("disc-epochs", int, "discriminator epochs (default 30)"),
+        ("disc-lr", float, "discriminators' learning rate (default: --lr)"),
+        ("finetune-epochs", int, "fine-tuning epochs (default 2)"),
+        ("finetune-lr", float, "learning rate of the discriminator fine-tuning (default 1.0)"),
+        ("chosen-rank", int, "frequency rank of the perturbed word (default 100; 51-150 are 'almost frequent')"),
+        ("perturb-bias", float, "the perturbed word's output bias (default -20)"),
+        ("seed", int, "seed of the corpus and of every run (default 0)"),
+    ):
+        t.add_argument(f"--{name}", type=kind, help=help_text)
+    t.add_argument("--ce-lrs", help="comma-separated learning rates of the cross-entropy fine-tunings (default 0.1,0.01)")
+    t.add_argument("--device", help="auto, cpu, cuda (default auto)")
+    t.add_argument("--json", action="store_true", help="print the result as one JSON object instead of a table")
+    t = ssub.add_parser("subspace", help="Inan et al. 2017, section 6.2: subspace distance vs the augmented loss's weight and temperature (Figure 1)")
+    t.add_argument("--out", required=True, help="directory for subspace-study.json and .png")
+    _add_data_options(t, with_vocab=False)
+    for name, kind, help_text in (
+        ("words", int, "contiguous training words per run (default 20000)"),
+        ("hidden", int, "LSTM units and embedding size (default 300)"),
+        ("epochs", int, "passes over the slice per training"),
+        ("batch-size", int, "streams (default 20)"),
+        ("bptt", int, "BPTT window (default 35)"),
+        ("lr", float, "learning rate (default: 2e-3 for adam, 1.0 for sgd)"),
+        ("clip", float, "gradient clipping, 0: off (default: off for adam, 5 for sgd)"),
+        ("tau-a", float, "temperature of panel (a) (default 10)"),
+        ("runs", int, "repeats averaged per point (default 10, the paper's)"),
+        ("seed", int, "base seed of the slices and initializations (default 0)"),
+    ):
+        t.add_argument(f"--{name}", type=kind, help=help_text)
+    t.add_argument("--optimizer", choices=["adam", "sgd"], help="default adam (the paper does not say)")
+    t.add_argument("--betas", help="panel (a): comma-separated proportions of the augmented loss (default 0,0.2,0.4,0.6,0.8,1)")
+    t.add_argument("--taus", help="panel (b): comma-separated temperatures (default 1,2,5,10,20,40)")
+    t.add_argument("--device", default="auto", help="auto, cpu, cuda (default auto)")
+    t.add_argument("--json", action="store_true", help="print the result as one JSON object instead of a table")
+
+
+def _floats(option: str, text: str) -> tuple[float, ...]:
+    """``"0.1,0.01"`` -> ``(0.1, 0.01)``; anything else is a ReglmError naming ``option``."""
+    try:
+        return tuple(float(item) for item in text.split(","))
+    except ValueError:
+        raise ReglmError(f"{option} {text!r} must be comma-separated numbers, e.g. 0.1,0.01") from None
+
+
+def cmd_study(args: argparse.Namespace) -> int:
+    return STUDIES[args.study](args)
+
+
+def _study_trigram(args: argparse.Namespace) -> int:
+    from reglm.analysis.trigram_study import TrigramStudySpec, run_trigram_study
+
+    names = ("sentences", "hidden", "batch_size", "bptt", "lr", "clip", "epochs", "disc_epochs", "disc_lr", "finetune_epochs", "finetune_lr", "chosen_rank", "perturb_bias", "seed", "device")
+    options: dict[str, Any] = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    if args.ce_lrs is not None:
+        options["ce_lrs"] = _floats("--ce-lrs", args.ce_lrs)
+    spec = TrigramStudySpec(**options)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ReglmError(f"--out {out} is a file; give a directory for the study")
+    result = run_trigram_study(out, spec, progress=sys.stderr.isatty() and not args.json)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"chosen word {result['chosen_word']} (rank {result['chosen_rank']}); fixed context: {' '.join(result['context'])}")
+    print(f"{'model':24s} {'test ppl':>9s} {'freq ppl':>9s} {'rare ppl':>9s} {'ratio':>6s} {'log q - log p':>16s}")
+    for name, row in result["table"].items():
+        diff = f"{row['logq_minus_logp_mean']:+.3f} ± {row['logq_minus_logp_std']:.3f}" if "logq_minus_logp_mean" in row else ""
+        print(f"{name:24s} {row['test_ppl']:9.2f} {row['frequent_ppl']:9.2f} {row['rare_ppl']:9.2f} {row['ratio']:6.1f} {diff:>16s}")
+    print(f"wrote {out / 'trigram-study.json'} and {out / 'trigram-study.png'}")
+    return 0
+
+
+def _study_subspace(args: argparse.Namespace) -> int:
+    from reglm.analysis.subspace_study import SubspaceStudySpec, plot_subspace_study, run_subspace_study
+    from reglm.data import resolve
+    from reglm.io import write_json
+    from reglm.train.loop import resolve_device
+
+    names = ("words", "hidden", "epochs", "batch_size", "bptt", "lr", "clip", "tau_a", "runs", "seed", "optimizer")
+    options: dict[str, Any] = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    for name in ("betas", "taus"):
+        if getattr(args, name) is not None:
+            options[name] = _floats(f"--{name}", getattr(args, name))
+    spec = SubspaceStudySpec(**options)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ReglmError(f"--out {out} is a file; give a directory for subspace-study.json and .png")
+    corpus = resolve(args.data or "ptb", data_dir=args.data_dir)
+    result = run_subspace_study(corpus.train, len(corpus.vocab), spec, resolve_device(args.device), progress=sys.stderr.isatty() and not args.json)
+    result["data"] = corpus.name
+    data, figure = out / "subspace-study.json", out / "subspace-study.png"
+    try:
+        write_json(data, result)
+        plot_subspace_study(result, figure)
+    except OSError as exc:
+        raise ReglmError(f"cannot write into --out {out} ({exc.strerror or exc}); choose a writable directory") from None
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    for key, label in (("beta", f"tau = {spec.tau_a:g}"), ("tau", "beta = 1")):
+        panel = result["panels"][key]
+        print(f"{key:>6s}  distance (mean ± std over {spec.runs} run(s), {label})")
+        for x, mean, std in zip(panel["x"], panel["mean"], panel["std"]):
+            print(f"{x:6g}  {mean:.4f} ± {std:.4f}")
+    print(f"wrote {data} and {figure}")
+    return 0
+
+
+STUDIES: dict[str, Callable[[argparse.Namespace], int]] = {"trigram": _study_trigram, "subspace": _study_subspace}
