@@ -73,6 +73,8 @@ def test_rank_deficient_matrices_use_their_column_space() -> None:
     assert subspace_distance(x, b) < 1e-7 and subspace_distance(b, x) < 1e-7
     y = torch.randn(30, 3, dtype=torch.float64)
     assert subspace_distance(y, x) == pytest.approx(subspace_distance(y, b), abs=1e-10)
+    wide = torch.randn(4, 7, dtype=torch.float64)  # more columns than rows: spans all of R^4
+    assert orthonormal_basis(wide).shape == (4, 4) and subspace_distance(wide, torch.randn(4, 2, dtype=torch.float64)) < 1e-7
     with pytest.raises(ValueError, match="zeros"):
         subspace_distance(torch.zeros(10, 2), y[:10])
     with pytest.raises(ValueError, match="same n"):

@@ -53,8 +53,8 @@ def add_study_parser(sub: Any) -> None:
     for name, kind, help_text in (
         ("words", int, "contiguous training words per run (default 20000)"),
         ("hidden", int, "LSTM units and embedding size (default 300)"),
-        ("epochs", int, "passes over the slice per training"),
-        ("batch-size", int, "streams (default 20)"),
+        ("epochs", int, "passes over the slice per training (default 40)"),
+        ("batch-size", int, "streams (default 5)"),
         ("bptt", int, "BPTT window (default 35)"),
         ("lr", float, "learning rate (default: 2e-3 for adam, 1.0 for sgd)"),
         ("clip", float, "gradient clipping, 0: off (default: off for adam, 5 for sgd)"),
@@ -64,6 +64,10 @@ def add_study_parser(sub: Any) -> None:
     ):
         t.add_argument(f"--{name}", type=kind, help=help_text)
     t.add_argument("--optimizer", choices=["adam", "sgd"], help="default adam (the paper does not say)")
+    t.add_argument("--encoder", choices=["vd-lstm", "awd-lstm"], help="the LSTM (default vd-lstm without dropout, initialized U(-0.1, 0.1))")
+    t.add_argument("--target-grad", action="store_true", help="let gradient flow into the embedding through y_tilde too")
+    t.add_argument("--free-embedding", action="store_true", help="do not keep the input-embedding rows at unit norm")
+    t.add_argument("--no-output-bias", action="store_true", help="b = 0, as the paper's section 4 assumes")
     t.add_argument("--betas", help="panel (a): comma-separated proportions of the augmented loss (default 0,0.2,0.4,0.6,0.8,1)")
     t.add_argument("--taus", help="panel (b): comma-separated temperatures (default 1,2,5,10,20,40)")
     t.add_argument("--device", default="auto", help="auto, cpu, cuda (default auto)")
@@ -112,8 +116,9 @@ def _study_subspace(args: argparse.Namespace) -> int:
     from reglm.io import write_json
     from reglm.train.loop import resolve_device
 
-    names = ("words", "hidden", "epochs", "batch_size", "bptt", "lr", "clip", "tau_a", "runs", "seed", "optimizer")
+    names = ("words", "hidden", "epochs", "batch_size", "bptt", "lr", "clip", "tau_a", "runs", "seed", "optimizer", "encoder")
     options: dict[str, Any] = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    options.update(target_grad=args.target_grad, unit_norm=not args.free_embedding, output_bias=not args.no_output_bias)
     for name in ("betas", "taus"):
         if getattr(args, name) is not None:
             options[name] = _floats(f"--{name}", getattr(args, name))

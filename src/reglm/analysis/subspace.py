@@ -45,14 +45,13 @@ def orthonormal_basis(x: Tensor) -> Tensor:
 
     ``r`` is the numerical rank (module docstring): the QR factor ``Q`` at full rank, else the
     left singular vectors of ``x`` for its ``r`` significant singular values (computed from the
-    QR factor ``R``). Raises ValueError for a matrix that is not 2-D, has more columns than rows,
-    holds NaN/inf, or is all zeros.
+    QR factor ``R``). ``r <= min(n, c)``: a matrix with more columns than rows spans at most
+    ``R^n``. Raises ValueError for a matrix that is not 2-D, is empty, holds NaN/inf, or is all
+    zeros.
     """
-    if x.dim() != 2:
-        raise ValueError(f"expected an (n, c) matrix, got shape {tuple(x.shape)}")
+    if x.dim() != 2 or x.numel() == 0:
+        raise ValueError(f"expected a non-empty (n, c) matrix, got shape {tuple(x.shape)}")
     n, c = x.shape
-    if c == 0 or n < c:
-        raise ValueError(f"expected an (n, c) matrix with 1 <= c <= n, got shape {tuple(x.shape)}")
     a = x.detach().to(torch.float64)
     if not bool(torch.isfinite(a).all()):
         raise ValueError("the matrix holds NaN or infinite entries")
