@@ -93,8 +93,13 @@ def test_reverse_kl_finetuning_starts_from_q0_and_reports_table2_columns(disc_ru
     epoch = _epochs(out)[0]
     assert epoch["valid_loss"] == pytest.approx(epoch["valid_nll"] + epoch["valid_rev_kl"])
     assert epoch["valid_ppl"] == pytest.approx(math.exp(epoch["valid_nll"]))
-    _, config, _ = load_model_dir(out / "best")
+    tuned, config, _ = load_model_dir(out / "best")
     assert config.objective.kind == "reverse-kl" and config.objective.discriminator == str((disc_run / "best").resolve())
+    with torch.no_grad():
+        log_probs, _ = tuned.eval().log_probs(torch.randint(0, tuned.vocab_size, (2, 9)))
+    torch.testing.assert_close(log_probs.double().exp().sum(-1), torch.ones(2, 9, dtype=torch.float64), rtol=0, atol=1e-5)
+    initial, _, _ = load_model_dir(lm_run / "best")
+    assert any(not torch.equal(a, b) for a, b in zip(tuned.state_dict().values(), initial.state_dict().values())), "fine-tuning must move the model"
     assert config.model.hidden_dropout == 0 and config.model.weight_dropout == 0 and config.train.epochs == 1
 
 
