@@ -14,6 +14,10 @@ selection. ``objective.kind`` picks one:
     Popov & Kudinov eq. (12): fine-tuning q_theta (started from q0) with a frozen discriminator,
     or with r = 1/2 when none is given.
 
+The adversarial softmax and the augmented loss are terms of the ``lm`` objective; the
+discriminator and reverse-KL objectives score with the clean output layer and ignore them (the
+``dfinetune`` presets switch AdvSoft off). Dropout, input noise and AR/TAR stay the loop's.
+
 Frozen models read the same windows as the trained one and carry their own hidden state per
 training stream (:class:`Frozen`); that state is part of the training checkpoint, so resume
 stays exact. Frozen models always run in eval mode (no dropout): q0 and r are the fixed
