@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from reglm.objectives.augmented_loss import augmented_kl, target_log_probs, total_augmented_loss
+from reglm.objectives.augmented_loss import augmented_kl, target_log_probs
 
 
 def direct_kl(logits: torch.Tensor, targets: torch.Tensor, embedding: torch.Tensor, tau: float) -> torch.Tensor:
@@ -97,8 +97,3 @@ def test_no_vocabulary_squared_memory() -> None:
     logits, targets, embedding = torch.randn(3, v), torch.randint(0, v, (3,)), torch.randn(v, 4)
     out = augmented_kl(logits, targets, embedding, 10.0)
     assert out.shape == (3,) and bool(torch.isfinite(out).all())
-
-
-def test_total_loss_alpha_is_gamma_tau() -> None:
-    nll, aug = torch.tensor(4.0), torch.tensor(0.01)
-    assert float(total_augmented_loss(nll, aug, gamma=0.5, tau=20.0)) == pytest.approx(4.0 + 10.0 * 0.01)

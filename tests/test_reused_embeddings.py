@@ -186,3 +186,11 @@ def test_study_subspace_command_writes_both_panels(tmp_path: Path, capsys: pytes
     assert (out / "subspace-study.png").stat().st_size > 0
     assert main([*args[:-1], "--taus", "0"]) == 2
     assert "--taus" in capsys.readouterr().err
+
+
+def test_trainer_weights_the_augmented_loss_by_gamma_tau() -> None:
+    from reglm.train.objective import LMObjective
+
+    config = build_config("vd-lstm-ptb-small-al", ["data.name=synthetic"])
+    objective = LMObjective(config, load_corpus(build_config(None, ["data.synthetic_sentences=8"])).vocab, torch.device("cpu"))
+    assert objective.aug == {"aug_weight": pytest.approx(0.65 * 20.0), "aug_tau": 20.0, "aug_target_grad": False}

@@ -394,9 +394,8 @@ def plot_subspace_study(result: dict[str, Any], path: Path | str) -> None:
         ax.errorbar(data["x"], data["mean"], yerr=data["std"], color=colour, marker="o", capsize=4, linewidth=1.5)
         ax.set_ylim(0.0, 1.02)
         ax.grid(True, alpha=0.3)
-    beta_panel, tau_panel = result["panels"]["beta"], result["panels"]["tau"]
     beta_ax.set(
-        title=rf"(a) Subspace distance at $\tau$ = {beta_panel['tau']:g}" "\n" r"for different proportions of $J^{aug}$",
+        title=rf"(a) Subspace distance at $\tau$ = {result['panels']['beta']['tau']:g}" "\n" r"for different proportions of $J^{aug}$",
         xlabel=r"Proportion of augmented loss ($\beta$)", ylabel="Normalized distance",
     )
     tau_ax.set(

@@ -48,6 +48,7 @@ from reglm.errors import ReglmError
 from reglm.evaluate.perplexity import evaluate, target_positions
 from reglm.io import write_json
 from reglm.models import LanguageModel
+from reglm.objectives.reverse_kl import log_p_hat
 from reglm.train.checkpoint import STATE_FILE, load_model_dir, load_state, save_model_dir
 from reglm.train.loop import CONFIG_FILE, Trainer, load_corpus, resolve_device
 
@@ -315,7 +316,7 @@ def _p_hat(out: Path, bases: dict[str, Path], context: torch.Tensor, word: int, 
         ids = context.to(device).unsqueeze(0)
         q0.eval()
         disc.eval()
-        q = float(q0.log_probs(ids)[0][0, -1, word].exp())
-        s = float(disc.output_logits(disc(ids))[0, -1, word])
-        values[name] = {"q0": q, "p_hat": q * math.exp(-s)}
+        log_q0 = q0.log_probs(ids)[0][0, -1]
+        log_p_hat_ = log_p_hat(log_q0, disc.output_logits(disc(ids))[0, -1])
+        values[name] = {"q0": float(log_q0[word].exp()), "p_hat": float(log_p_hat_[word].exp())}
     return values

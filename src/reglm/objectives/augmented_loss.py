@@ -10,7 +10,7 @@ the layout of ``nn.Embedding.weight``):
   the target in the embedding space share its probability mass;
 * eq. 3.2: ``J_aug = KL(y_tilde || y_hat)``;
 * eq. 3.3: ``J_tot = J + alpha J_aug`` with ``J`` the cross-entropy; appendix A sets
-  ``alpha = gamma * tau`` (:func:`total_augmented_loss`).
+  ``alpha = gamma * tau`` (``train.aug_gamma``, ``train.aug_tau``; :meth:`reglm.models.LanguageModel.output_loss` adds the term).
 
 The gradient with respect to the logits is ``(y_hat - y_tilde) / tau`` (eq. 3.4; the paper's
 rendering drops the ``1 / tau`` in places, the derivative of ``softmax(z / tau)`` has it). At
@@ -78,13 +78,3 @@ def target_log_probs(targets: Tensor, embedding: Tensor, tau: float) -> Tensor:
     """
     u = F.embedding(targets, embedding) / tau
     return F.log_softmax(u @ embedding.T, dim=-1)
-
-
-def total_augmented_loss(nll_mean: Tensor, aug_mean: Tensor, gamma: float, tau: float) -> Tensor:
-    """``J_tot = J + alpha J_aug`` (eq. 3.3) with ``alpha = gamma * tau`` (appendix A).
-
-    ``nll_mean``: the mean cross-entropy ``J`` (scalar); ``aug_mean``: the mean of
-    :func:`augmented_kl` (scalar). The paper uses ``tau = 20`` and ``gamma`` in ``[0.5, 0.8]`` on PTB,
-    ``[1.0, 1.5]`` on WikiText-2.
-    """
-    return nll_mean + (gamma * tau) * aug_mean

@@ -139,21 +139,9 @@ def finetune_loss(
 
     Returns ``(loss, tlogt)``, both ``(...)``: ``loss`` carries the graph; ``tlogt`` is detached,
     for reporting -- its mean over real tokens is the reverse-KL estimate (eq. 10 with ``p_hat``
-    plugged in; :func:`reverse_kl_estimate`). ``max_log_t``: see :func:`t_log_t`.
+    plugged in). ``max_log_t``: see :func:`t_log_t`.
     """
     disc = None if disc_logit_target is None else disc_logit_target.detach()
     lt = log_t(log_q_target, log_q0_target.detach(), disc)
     tlogt = t_log_t(lt, max_log_t)
     return -log_q_target + tlogt, tlogt.detach()
-
-
-def reverse_kl_estimate(
-    log_q_target: Tensor,
-    log_q0_target: Tensor,
-    disc_logit_target: Tensor | None,
-    max_log_t: float | None = None,
-) -> Tensor:
-    """Eq. (10) with ``p_hat`` of eq. (8) plugged in: the mean of ``t log t`` over the given real
-    tokens, ``(...) -> ()``, without gradient (Table 2's "Val. rev. KL-div.")."""
-    with torch.no_grad():
-        return t_log_t(log_t(log_q_target, log_q0_target, disc_logit_target), max_log_t).mean()
