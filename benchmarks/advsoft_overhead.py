@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from harness import RESULTS, environment, interleaved, save
+from harness import RESULTS, environment, interleaved, random_batches, save
 from reglm.config import ModelConfig
 from reglm.encoders.awd_lstm import detach_state
 from reglm.models import LanguageModel
@@ -76,13 +76,9 @@ def measure(cfg: dict, vocab: int, batch: int, bptt: int, args: argparse.Namespa
     plain = LanguageModel(plain_cfg, vocab).to(device)
     adv = LanguageModel(adv_cfg, vocab).to(device)
     adv.load_state_dict(plain.state_dict())
-    generator = torch.Generator().manual_seed(args.seed)
-    batches = []
-    for _ in range(4):
-        seq = torch.randint(0, vocab, (batch, bptt + 1), generator=generator).to(device)
-        batches.append((seq[:, :-1].contiguous(), seq[:, 1:].contiguous()))
+    batches = random_batches(vocab, batch, bptt, args.seed, device)
     full, full_steps = interleaved({"advsoft": Stepper(adv, True, batches), "plain": Stepper(plain, False, batches)}, args.steps, args.rounds, args.warmup, device)
-    hidden = torch.randn(batch, bptt, plain_cfg.emb_size, generator=generator).to(device)
+    hidden = torch.randn(batch, bptt, plain_cfg.emb_size, generator=torch.Generator().manual_seed(args.seed + 1)).to(device)
     out_steps = args.steps * args.output_repeats
     output, output_done = interleaved(
         {"advsoft": OutputStepper(adv, True, hidden.clone(), batches[0][1]), "plain": OutputStepper(plain, False, hidden.clone(), batches[0][1])},

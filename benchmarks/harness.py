@@ -67,6 +67,17 @@ def interleaved(steps_of: dict[str, Callable[[int], None]], steps: int, rounds: 
     return seconds, done
 
 
+def random_batches(vocab: int, batch_size: int, bptt: int, seed: int, device: torch.device, count: int = 4) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``count`` batches of uniformly random ids: ``(inputs, targets)``, each ``(batch_size, bptt)``,
+    targets shifted by one, drawn from a generator seeded with ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(count):
+        seq = torch.randint(0, vocab, (batch_size, bptt + 1), generator=generator).to(device)
+        batches.append((seq[:, :-1].contiguous(), seq[:, 1:].contiguous()))
+    return batches
+
+
 def environment(device: torch.device, script: str, argv: Sequence[str] | None) -> dict[str, Any]:
     """Device, versions and the command line, for the head of a result file."""
     return {

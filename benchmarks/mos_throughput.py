@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from harness import RESULTS, environment, interleaved, save
+from harness import RESULTS, environment, interleaved, random_batches, save
 
 from reglm.config import build_config
 from reglm.encoders.awd_lstm import detach_state
@@ -89,11 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
     batch_size, bptt = args.batch_size or t.batch_size, args.bptt or t.bptt
 
     torch.manual_seed(args.seed)
-    generator = torch.Generator().manual_seed(args.seed)
-    batches = []
-    for _ in range(4):
-        seq = torch.randint(0, vocab, (batch_size, bptt + 1), generator=generator).to(device)
-        batches.append((seq[:, :-1].contiguous(), seq[:, 1:].contiguous()))
+    batches = random_batches(vocab, batch_size, bptt, args.seed, device)
     models = {"mos": LanguageModel(mos_cfg, vocab).to(device), "softmax": LanguageModel(plain_cfg, vocab).to(device)}
     steppers = {name: Stepper(m, batches, t.lr, t.clip, t.weight_decay, t.ar_alpha, t.tar_beta) for name, m in models.items()}
     seconds, steps_done = interleaved(steppers, args.steps, args.rounds, args.warmup, device)

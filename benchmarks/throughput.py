@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from harness import RESULTS, environment, interleaved, save
+from harness import RESULTS, environment, interleaved, random_batches, save
 
 from reglm.config import ModelConfig
 from reglm.encoders.awd_lstm import detach_state
@@ -128,11 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
     out_path = args.out or RESULTS / f"throughput-{device.type}.json"
 
     torch.manual_seed(args.seed)
-    generator = torch.Generator().manual_seed(args.seed)
-    batches = []
-    for _ in range(4):
-        seq = torch.randint(0, vocab_size, (batch_size, bptt + 1), generator=generator).to(device)
-        batches.append((seq[:, :-1].contiguous(), seq[:, 1:].contiguous()))
+    batches = random_batches(vocab_size, batch_size, bptt, args.seed, device)
 
     trainers = {
         "regularized": Trainer(LanguageModel(cfg, vocab_size).to(device), regularized=True),

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from harness import RESULTS, environment, interleaved, save
+from harness import RESULTS, environment, interleaved, random_batches, save
 from reglm.config import ModelConfig
 from reglm.encoders.awd_lstm import detach_state
 from reglm.models import LanguageModel
@@ -62,11 +62,7 @@ def measure(units: int, dropout: float, vocab: int, args: argparse.Namespace, de
         "vd-p0": (ModelConfig(**{**base, "input_dropout": 0.0, "hidden_dropout": 0.0}), 0.0),
     }
     torch.manual_seed(args.seed)
-    generator = torch.Generator().manual_seed(args.seed)
-    batches = []
-    for _ in range(4):
-        seq = torch.randint(0, vocab, (BATCH, BPTT + 1), generator=generator).to(device)
-        batches.append((seq[:, :-1].contiguous(), seq[:, 1:].contiguous()))
+    batches = random_batches(vocab, BATCH, BPTT, args.seed, device)
     steppers = {}
     for name, (cfg, aug) in configs.items():
         torch.manual_seed(args.seed)
