@@ -113,6 +113,23 @@ def test_gradient_statistics_are_the_rms_of_window_gradients(model, train_ids):
         assert_close(stats[name], (s / 2).sqrt(), rtol=1e-5, atol=1e-10)
 
 
+@pytest.mark.parametrize("length", [14, 15, 16])
+def test_gradient_statistics_read_the_reference_windows(model, length, monkeypatch):
+    """The reference's ``while i < L - 1 - 1`` with stride 4: a stream of 14 tokens gives windows at
+    0, 4, 8 (not a 1-target window at 12); 15 and 16 tokens also read 12."""
+    import reglm.evaluate.dynamic as dynamic
+
+    seen, original = [], dynamic._segment_grads
+
+    def spy(work, params, x, y, state):
+        seen.append(x.size(1))
+        return original(work, params, x, y, state)
+
+    monkeypatch.setattr(dynamic, "_segment_grads", spy)
+    gradient_statistics(model, torch.randint(0, VOCAB, (length,)), DynamicSpec(stats_batch_size=1), bptt=4)
+    assert seen == {14: [4, 4, 4], 15: [4, 4, 4, 2], 16: [4, 4, 4, 3]}[length]
+
+
 def two_segments(model, ids, segment):
     """The dropout-free reference copy and the two (x, y) segments of a single stream."""
     ref = tiny_model(**NO_DROPOUT)

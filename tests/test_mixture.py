@@ -21,7 +21,7 @@ from reglm.models import LanguageModel
 from reglm.outputs.adversarial import AdvSoft
 from reglm.outputs.mixture import MixtureOfSoftmaxes, mixture_weight_penalty
 from reglm.train.checkpoint import load_state
-from reglm.train.loop import Trainer, TrainingInterrupted, load_corpus, resume, train
+from reglm.train.loop import StopRequest, Trainer, TrainingInterrupted, load_corpus, resume, train
 
 V = 23
 NO_DROPOUT = dict(embed_dropout=0.0, input_dropout=0.0, hidden_dropout=0.0, output_dropout=0.0, weight_dropout=0.0, latent_dropout=0.0)
@@ -288,14 +288,15 @@ def test_mos_tiny_trains_and_resumes_bit_exactly(tmp_path: Path) -> None:
     assert math.isfinite(results["test"]["ppl"]) and results["test"]["ppl"] < 1001
 
     run = tmp_path / "run"
-    trainer = Trainer(config, run, load_corpus(config), progress=False)
+    stop = StopRequest()
+    trainer = Trainer(config, run, load_corpus(config), progress=False, stop=stop)
     trainer.start()
     step = trainer.optimizer.step
 
     def step_then_stop(*args, **kwargs):
         result = step(*args, **kwargs)
         if trainer.step == 30:
-            trainer._stop_signal = signal.SIGINT
+            stop.request(signal.SIGINT)
         return result
 
     trainer.optimizer.step = step_then_stop

@@ -146,7 +146,6 @@ def test_reverse_kl_run_resumes_bit_exactly(disc_run: Path, lm_run: Path, tmp_pa
     corpus = load_corpus(config)
     trainer = Trainer(config, tmp_path / "run", corpus, progress=False)
     trainer.start()
-    trainer.prepare()
     trainer.step_hooks.append(stop_after(5))
     with pytest.raises(Stop):
         trainer.run()

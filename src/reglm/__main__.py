@@ -1,5 +1,8 @@
 import sys
 
-from reglm.cli import main
+try:
+    from reglm.cli import main
+except KeyboardInterrupt:
+    sys.exit(130)
 
 sys.exit(main())

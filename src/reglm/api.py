@@ -11,13 +11,15 @@ starts from the state after an ``<eos>``, i.e. at the beginning of a sentence.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
-from reglm.data.vocab import EOS, Vocab
+from reglm.data.vocab import EOS, UNK, Vocab
 from reglm.encoders.awd_lstm import detach_state
 from reglm.errors import ReglmError
+from reglm.evaluate.perplexity import perplexity
 from reglm.models import LanguageModel
 from reglm.train.checkpoint import MODEL_FILE, load_model_dir
 
@@ -91,30 +93,43 @@ class TrainedModel:
     def perplexity(self, text: str) -> float:
         """exp(mean NLL) over every token of ``text`` (one ``<eos>`` per line)."""
         logp = self.target_log_probs(self.text_to_ids(text))
-        return math.exp(-float(logp.mean()))
+        return perplexity(-float(logp.mean()))
 
-    @torch.no_grad()
     def generate(self, words: int, temperature: float = 1.0, seed: int = 0, prompt: str = "") -> list[str]:
         """Sample ``words`` tokens after ``prompt``; returns the prompt's tokens and the sampled ones."""
+        return list(self.stream(words, temperature, seed, prompt))
+
+    @torch.no_grad()
+    def stream(self, words: int, temperature: float = 1.0, seed: int = 0, prompt: str = "") -> Iterator[str]:
+        """:meth:`generate` as it goes: yields the prompt's tokens, then each sampled token as soon
+        as it is drawn (no limit on ``words``; memory stays constant).
+
+        Sampling draws from ``softmax(log p / temperature)``, computed in float64 from the most
+        likely word's log-probability, so a temperature small enough to underflow any other
+        word's weight samples the most likely word (greedy decoding) instead of failing.
+        """
         if words < 0:
             raise ReglmError(f"--words {words} must be >= 0")
         if not (math.isfinite(temperature) and temperature > 0):
             raise ReglmError(f"--temperature {temperature} must be a positive number")
+        if not 0 <= seed < 2**63:
+            raise ReglmError(f"--seed {seed} must be in [0, 2^63)")
         prompt_tokens = prompt.split()
         unknown = [t for t in prompt_tokens if t not in self.vocab]
         if unknown:
-            raise ReglmError(f"prompt word(s) {', '.join(repr(t) for t in unknown[:5])} are not in the model's vocabulary; rephrase the prompt or write <unk>")
+            hint = f"rephrase the prompt or write {UNK}" if self.vocab.unk_id is not None else "rephrase the prompt with words of the vocabulary (vocab.txt of the run)"
+            raise ReglmError(f"prompt word(s) {', '.join(repr(t) for t in unknown[:5])} are not in the model's vocabulary; {hint}")
         gen = torch.Generator(device="cpu").manual_seed(seed)
         ids = [self.vocab.eos_id, *(self.vocab.stoi[t] for t in prompt_tokens)]
         state = self.model.init_state(1, device=self.device)
         result = self.model(torch.tensor([ids], device=self.device), state)
-        out = list(prompt_tokens)
+        yield from prompt_tokens
         for _ in range(words):
-            log_p = self.model.output_log_probs(result)[0, -1].float().cpu()
-            nxt = int(torch.multinomial(torch.softmax(log_p / temperature, -1), 1, generator=gen))
-            out.append(self.vocab.itos[nxt])
+            log_p = self.model.output_log_probs(result)[0, -1].double().cpu()
+            scaled = (log_p - log_p.max()) / temperature
+            nxt = int(torch.multinomial(torch.softmax(scaled, -1), 1, generator=gen))
+            yield self.vocab.itos[nxt]
             result = self.model(torch.tensor([[nxt]], device=self.device), result.state)
-        return out
 
 
 def load(path: Path | str, which: str = "best", device: str | torch.device = "cpu") -> TrainedModel:

@@ -11,15 +11,19 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
+import os
+import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from reglm.errors import ReglmError
+from reglm.errors import ReglmError, TrainingDiverged, TrainingInterrupted
 from reglm.study_cli import add_study_parser, cmd_study
 
 if TYPE_CHECKING:
@@ -85,10 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--word-probs", metavar="FILE", help="write position, word, prob, log_prob of every scored token as TSV")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
-    p = sub.add_parser("generate", help="sample text from a trained run")
+    p = sub.add_parser("generate", help="sample text from a trained run, printed word by word as it is sampled")
     p.add_argument("run")
-    p.add_argument("--words", type=int, default=50)
-    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--words", type=int, default=50, help="how many tokens to sample (no upper bound: the output streams)")
+    p.add_argument("--temperature", type=float, default=1.0, help="> 0; tiny values sample the most likely word (greedy)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--prompt", default="", help="words to condition on (each must be in the vocabulary)")
     p.add_argument("--checkpoint", choices=["best", "last"], default="best")
@@ -140,6 +144,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextmanager
+def _stop_on_signals() -> Iterator[Any]:
+    """A :class:`~reglm.train.loop.StopRequest` that SIGINT/SIGTERM set: the first signal asks the
+    trainer to checkpoint at the end of its step, a second one aborts at once."""
+    from reglm.train.loop import StopRequest
+
+    stop = StopRequest()
+
+    def handler(signum: int, _frame: Any) -> None:
+        if stop.requested:
+            raise KeyboardInterrupt
+        stop.request(signum)
+        print("reglm: stop requested: saving a checkpoint at the end of this step (send again to abort without saving)", file=sys.stderr, flush=True)
+
+    previous = {signum: signal.signal(signum, handler) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from reglm.config import build_config
     from reglm.train.loop import resume, train
@@ -147,7 +173,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume:
         if args.preset or args.overrides or args.data or args.out:
             raise ReglmError("--resume continues a run with its saved configuration; drop --preset/--data/--out/overrides")
-        resume(Path(args.resume))
+        with _stop_on_signals() as stop:
+            resume(Path(args.resume), stop=stop)
         return 0
     extra = list(args.overrides)
     for flag, key in (("data", "data.name"), ("data_dir", "data.data_dir"), ("min_freq", "data.min_freq"), ("max_vocab", "data.max_vocab")):
@@ -155,8 +182,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         if value is not None:
             extra.append(f"{key}={value}")
     config = build_config(args.preset, extra)
-    out = Path(args.out) if args.out else Path("runs") / f"{args.preset or 'default'}-{time.strftime('%Y%m%d-%H%M%S')}"
-    train(config, out)
+    out = Path(args.out) if args.out else Path("runs") / f"{Path(args.preset or 'default').stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    with _stop_on_signals() as stop:
+        train(config, out, stop=stop)
     return 0
 
 
@@ -171,7 +199,8 @@ def _continue_from(run: str, checkpoint: str, preset: str, overrides: list[str],
     base = RunConfig.from_dict(read_model_meta(directory)["config"], source=str(directory))
     require_language_model(base.objective.kind, directory)
     config = derive_config(base, preset, overrides, {"base_model": str(directory), **objective}, what)
-    train(config, Path(out) if out else Path("runs") / f"{objective['kind']}-{time.strftime('%Y%m%d-%H%M%S')}")
+    with _stop_on_signals() as stop:
+        train(config, Path(out) if out else Path("runs") / f"{objective['kind']}-{time.strftime('%Y%m%d-%H%M%S')}", stop=stop)
 
 
 def cmd_train_discriminator(args: argparse.Namespace) -> int:
@@ -390,10 +419,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from reglm.api import load, render
+    from reglm.api import load
+    from reglm.data.vocab import EOS
 
     lm = load(args.run, args.checkpoint)
-    print(render(lm.generate(args.words, args.temperature, args.seed, args.prompt)))
+    tokens = lm.stream(args.words, args.temperature, args.seed, args.prompt)
+    line_start = True
+    for token in tokens:
+        if token == EOS:
+            sys.stdout.write("\n")
+            line_start = True
+        else:
+            sys.stdout.write(token if line_start else " " + token)
+            line_start = False
+        sys.stdout.flush()
+    sys.stdout.write("\n")
     return 0
 
 
@@ -513,6 +553,56 @@ def cmd_config(_args: argparse.Namespace) -> int:
 COMMANDS = {"train": cmd_train, "train-discriminator": cmd_train_discriminator, "finetune": cmd_finetune, "eval": cmd_eval, "generate": cmd_generate, "analyze": cmd_analyze, "study": cmd_study, "data": cmd_data, "presets": cmd_presets, "config": cmd_config}
 
 
+FIXES = {
+    errno.ENOSPC: "free some disk space (or choose another --out), then resume with `reglm train --resume RUN`",
+    errno.EDQUOT: "free some of your disk quota (or choose another --out), then resume with `reglm train --resume RUN`",
+    errno.EACCES: "check the permissions of that path, or choose another one",
+    errno.EPERM: "check the permissions of that path, or choose another one",
+    errno.EROFS: "that file system is read-only; choose a path on a writable one",
+    errno.EEXIST: "that path already exists; choose another one",
+    errno.ENOTDIR: "a part of that path is a file, not a directory; choose another path",
+    errno.EISDIR: "that path is a directory; give a file name",
+    errno.ENOENT: "check that the path exists",
+    errno.ENAMETOOLONG: "choose a shorter path",
+    errno.EIO: "the device reported an I/O error; check the disk, then resume",
+}
+"""What to tell the user for the OS errors a command can meet (writes keep the previous file)."""
+
+
+def os_error_message(exc: OSError) -> str:
+    """``exc`` as one line: the path, what went wrong and the fix."""
+    where = f"{exc.filename}: " if exc.filename else ""
+    reason = exc.strerror or str(exc)
+    fix = FIXES.get(exc.errno or -1, "check the path and the disk, then try again")
+    return f"{where}{reason}; {fix}"
+
+
+@contextmanager
+def _signals_deferred() -> Iterator[list[int]]:
+    """SIGINT/SIGTERM held back while the block runs: the list it yields gets the signal numbers
+    that arrived. A second signal exits at once, without unwinding. (A KeyboardInterrupt raised
+    while a C extension initializes leaves it half-imported: a later ImportError, or a silently
+    swallowed interrupt.)"""
+    arrived: list[int] = []
+
+    def handler(signum: int, _frame: Any) -> None:
+        if arrived:
+            sys.stderr.write("reglm: aborted\n")
+            os._exit(EXIT_INTERRUPTED)
+        arrived.append(signum)
+
+    previous = {signum: signal.signal(signum, handler) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield arrived
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+
+
+LIGHT_COMMANDS = ("presets", "config")
+"""Commands that never import PyTorch."""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -522,8 +612,12 @@ def main(argv: list[str] | None = None) -> int:
         if not hasattr(args, "overrides") or any(item.startswith("-") or "=" not in item for item in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
-    from reglm.train.loop import TrainingDiverged, TrainingInterrupted
-
+    if args.command not in LIGHT_COMMANDS:
+        with _signals_deferred() as arrived:
+            import reglm.train.loop  # noqa: F401  (PyTorch and the rest of the heavy imports)
+        if arrived:
+            print("reglm: aborted", file=sys.stderr)
+            return EXIT_INTERRUPTED
     try:
         return COMMANDS[args.command](args)
     except TrainingDiverged as exc:
@@ -531,6 +625,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_DIVERGED
     except ReglmError as exc:
         print(f"reglm: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as exc:
+        print(f"reglm: error: {os_error_message(exc)}", file=sys.stderr)
         return EXIT_USAGE
     except TrainingInterrupted as exc:
         print(f"reglm: {exc}", file=sys.stderr)

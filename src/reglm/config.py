@@ -39,6 +39,13 @@ def _check_prob(value: float, option: str) -> None:
     _check(math.isfinite(value) and 0.0 <= value < 1.0, option, f"{value} must be in [0, 1)")
 
 
+MAX_SEED = 2**63 - 1
+
+
+def _check_seed(value: int, option: str) -> None:
+    _check(0 <= value <= MAX_SEED, option, f"{value} must be in [0, 2^63 - 1]")
+
+
 def _check_nonneg(value: float, option: str) -> None:
     _check(math.isfinite(value) and value >= 0, option, f"{value} must be finite and >= 0")
 
@@ -58,6 +65,7 @@ class DataConfig:
         _check(self.min_freq >= 1, "data.min_freq", f"{self.min_freq} must be >= 1")
         _check(self.max_vocab is None or self.max_vocab >= 3, "data.max_vocab", f"{self.max_vocab} must be >= 3 or none")
         _check(self.synthetic_sentences >= 8, "data.synthetic_sentences", f"{self.synthetic_sentences} must be >= 8")
+        _check_seed(self.synthetic_seed, "data.synthetic_seed")
 
 
 @dataclass(frozen=True)
@@ -251,6 +259,7 @@ class RunConfig:
     preset: str | None = _f(None, "the preset this run was built from (informational)")
 
     def __post_init__(self) -> None:
+        _check_seed(self.seed, "seed")
         _check(
             self.train.aug_gamma == 0 or self.model.output == "softmax", "train.aug_gamma",
             f"the augmented loss reads the logits of a softmax output layer, which model.output={self.model.output} does not have; set train.aug_gamma=0",

@@ -8,3 +8,15 @@ message and exits with status 2, without a traceback. Internal bugs raise ordina
 
 class ReglmError(Exception):
     """A user-facing error: bad input, bad option, bad file. The message says how to fix it."""
+
+
+class TrainingDiverged(ReglmError):
+    """A loss, validation score or parameter became NaN or infinite; nothing non-finite was written."""
+
+
+class TrainingInterrupted(Exception):
+    """Raised after a checkpoint was saved in response to a stop request (SIGINT/SIGTERM)."""
+
+    def __init__(self, signum: int, run_dir: object, step: int):
+        self.signum = signum
+        super().__init__(f"interrupted at step {step}; checkpoint saved. Resume with: reglm train --resume {run_dir}")

@@ -2,39 +2,94 @@
 
 Every file reglm writes goes to a temporary file in the same directory first and is then
 renamed over the target (``os.replace`` is atomic on POSIX), so a crash or ``kill -9`` leaves
-either the old file or the new one, never a torn one.
+either the old file or the new one, never a torn one. A write that fails (a full disk, a
+permission error) removes its temporary file, leaves the target as it was and raises the
+``OSError`` itself, with the path, so that the command line can say what to fix.
+
+Writers get a binary file object, never a path: ``torch.save`` and safetensors report a full
+disk as a ``RuntimeError`` of their own when they open the path themselves, while a write
+through a Python file raises ``OSError(ENOSPC)``. Files are created with the usual
+``0666 & ~umask`` permissions.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import platform
+import re
 import secrets
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 
+_TEMP = re.compile(r"^\..+\.\d+\.[0-9a-f]{8}\.tmp$")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+class _RecordingWriter(io.RawIOBase):
+    """A file wrapper that remembers the ``OSError`` a write raised, for writers (``torch.save``)
+    that turn it into an exception of their own."""
+
+    def __init__(self, fh: IO[bytes]) -> None:
+        super().__init__()
+        self.fh = fh
+        self.error: OSError | None = None
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.fh.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
 
 @contextmanager
-def atomic_path(target: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``target``; on success rename it over ``target``."""
+def atomic_file(target: Path) -> Iterator[IO[bytes]]:
+    """Yield a binary file object for a temporary file beside ``target``; on success flush, fsync
+    and rename it over ``target``. On failure the temporary file is removed, ``target`` is left as
+    it was, and an ``OSError`` raised by a write is re-raised with ``target`` as its file name."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp_path = temp_sibling(target)
+    fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    recorder: _RecordingWriter | None = None
     try:
-        yield tmp_path
-        with open(tmp_path, "rb") as fh:
-            os.fsync(fh.fileno())
+        with os.fdopen(fd, "wb", buffering=0) as raw:
+            recorder = _RecordingWriter(raw)
+            try:
+                yield recorder
+            except Exception:
+                if recorder.error is not None:
+                    raise _with_path(recorder.error, target) from None
+                raise
+            os.fsync(raw.fileno())
+        os.chmod(tmp_path, 0o666 & ~_umask())
         os.replace(tmp_path, target)
+    except OSError as exc:
+        raise _with_path(exc, target) from None
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def _with_path(exc: OSError, target: Path) -> OSError:
+    """``exc`` naming ``target`` (a temporary file's name means nothing to the user)."""
+    return OSError(exc.errno, exc.strerror or str(exc), str(target))
 
 
 def temp_sibling(path: Path) -> Path:
@@ -42,19 +97,35 @@ def temp_sibling(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
 
 
+def remove_temp_files(directory: Path) -> list[Path]:
+    """Delete the temporary files :func:`temp_sibling` names that a killed process left in
+    ``directory`` (not below it); returns them. Call it only while no other process writes there."""
+    removed = []
+    if directory.is_dir():
+        for path in directory.iterdir():
+            if _TEMP.match(path.name) and path.is_file():
+                path.unlink()
+                removed.append(path)
+    return removed
+
+
+def write_bytes(target: Path, data: bytes) -> None:
+    with atomic_file(target) as fh:
+        fh.write(data)
+
+
 def write_text(target: Path, text: str) -> None:
-    with atomic_path(target) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+    write_bytes(target, text.encode("utf-8"))
 
 
 def write_json(target: Path, obj: Any) -> None:
     write_text(target, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def write_with(target: Path, writer: Callable[[Path], None]) -> None:
-    """Atomically write ``target`` with ``writer(tmp_path)`` (e.g. ``torch.save``)."""
-    with atomic_path(target) as tmp:
-        writer(tmp)
+def write_with(target: Path, writer: Callable[[IO[bytes]], None]) -> None:
+    """Atomically write ``target`` with ``writer(file_object)`` (e.g. ``torch.save``)."""
+    with atomic_file(target) as fh:
+        writer(fh)
 
 
 def git_commit() -> str | None:
@@ -62,11 +133,11 @@ def git_commit() -> str | None:
     here = Path(__file__).resolve().parent
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        if out.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True, text=True, timeout=5)
     except (OSError, subprocess.SubprocessError):
         return None
-    if out.returncode != 0:
-        return None
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True, text=True, timeout=5)
     return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 

@@ -186,3 +186,10 @@ class LanguageModel(nn.Module):
     def num_parameters(self) -> int:
         """Number of parameter scalars; a tied matrix counts once."""
         return sum(p.numel() for p in self.parameters())
+
+
+def count_parameters(cfg: ModelConfig, vocab_size: int) -> int:
+    """The parameter count of ``LanguageModel(cfg, vocab_size)``, built on the meta device:
+    no memory is allocated, whatever the sizes."""
+    with torch.device("meta"):
+        return LanguageModel(cfg, vocab_size).num_parameters()

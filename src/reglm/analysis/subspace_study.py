@@ -83,10 +83,11 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from reglm.analysis.subspace import embedding_subspace_distance
-from reglm.config import ModelConfig
+from reglm.config import MAX_SEED, ModelConfig
 from reglm.data.batching import batchify, get_batch
 from reglm.encoders.awd_lstm import detach_state
 from reglm.errors import ReglmError
+from reglm.evaluate.perplexity import perplexity
 from reglm.io import write_with
 from reglm.models import LanguageModel
 from reglm.objectives.augmented_loss import augmented_kl
@@ -158,6 +159,8 @@ class SubspaceStudySpec:
         for option, value in (("--hidden", self.hidden), ("--epochs", self.epochs), ("--batch-size", self.batch_size), ("--bptt", self.bptt), ("--runs", self.runs)):
             if value < 1:
                 raise ReglmError(f"{option}: {value} must be >= 1")
+        if not 0 <= self.seed <= MAX_SEED - self.runs:
+            raise ReglmError(f"--seed: {self.seed} must be in [0, 2^63 - 1 - runs]")
         if not self.betas:
             raise ReglmError("--betas: give at least one proportion beta in [0, 1], e.g. --betas 0,0.5,1")
         bad = [b for b in self.betas if not (math.isfinite(b) and 0.0 <= b <= 1.0)]
@@ -251,7 +254,7 @@ def _evaluate(model: LanguageModel, data: Tensor, bptt: int, tau: float) -> dict
         aug += float(augmented_kl(logits, flat, model.embedding.weight, tau).sum())
         count += flat.numel()
     model.train()
-    return {"nll": nll / count, "ppl": math.exp(min(nll / count, 700.0)), "aug": aug / count}
+    return {"nll": nll / count, "ppl": perplexity(nll / count), "aug": aug / count}
 
 
 def train_point(data: Tensor, vocab_size: int, spec: SubspaceStudySpec, beta: float, tau: float, seed: int) -> dict[str, Any]:

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -45,14 +46,14 @@ from reglm.config import RunConfig, build_config, derive_config
 from reglm.data import Corpus
 from reglm.data.vocab import EOS
 from reglm.errors import ReglmError
-from reglm.evaluate.perplexity import evaluate, target_positions
+from reglm.evaluate.perplexity import evaluate, perplexity, target_positions
 from reglm.io import write_json
 from reglm.models import LanguageModel
 from reglm.objectives.reverse_kl import log_p_hat
-from reglm.train.checkpoint import STATE_FILE, load_model_dir, load_state, save_model_dir
-from reglm.train.loop import CONFIG_FILE, Trainer, load_corpus, resolve_device
+from reglm.rundir import RESULTS_FILE, is_run
+from reglm.train.checkpoint import load_model_dir, save_model_dir
+from reglm.train.loop import Trainer, load_corpus, resolve_device, resume, train
 
-RESULTS_FILE = "results.json"
 
 
 @dataclass(frozen=True)
@@ -117,20 +118,12 @@ def _run_stage(run_dir: Path, config: RunConfig, corpus: Corpus, progress: bool,
     """Train one stage into ``run_dir``: reuse a finished one, resume an interrupted one."""
     if (run_dir / RESULTS_FILE).is_file():
         return {"run": str(run_dir), "reused": True}
-    trainer = Trainer(config, run_dir, corpus, progress)
-    if tracker is not None:
-        trainer.step_hooks.append(tracker)
-    if (run_dir / STATE_FILE).is_file():
-        trainer.load_state_dict(load_state(run_dir / STATE_FILE))
+    hooks = [] if tracker is None else [tracker]
+    print(f"study stage {run_dir.name}", file=sys.stderr, flush=True)
+    if is_run(run_dir):
+        resume(run_dir, progress, corpus=corpus, step_hooks=hooks)
     else:
-        if (run_dir / CONFIG_FILE).exists():
-            raise ReglmError(f"{run_dir} holds a run that never reached its first checkpoint; delete it and run the study again")
-        trainer.start()
-        trainer.prepare()
-        if tracker is not None:
-            tracker(trainer)
-    trainer._say(f"study stage {run_dir.name}")
-    trainer.run()
+        train(config, run_dir, progress, corpus=corpus, step_hooks=hooks)
     return {"run": str(run_dir), "reused": False}
 
 
@@ -190,9 +183,9 @@ def table_row(model: LanguageModel, corpus: Corpus, frequent: torch.Tensor, batc
     freq = words & frequent[targets]
     rare = words & ~frequent[targets]
     row = {
-        "test_ppl": math.exp(float(nll[words].mean())),
-        "frequent_ppl": math.exp(float(nll[freq].mean())),
-        "rare_ppl": math.exp(float(nll[rare].mean())),
+        "test_ppl": perplexity(float(nll[words].mean())),
+        "frequent_ppl": perplexity(float(nll[freq].mean())),
+        "rare_ppl": perplexity(float(nll[rare].mean())),
         "logq_minus_logp_mean": float(-diff[words].mean()),
         "logq_minus_logp_std": float(diff[words].std()),
     }
@@ -290,7 +283,7 @@ def _true_row(corpus: Corpus, frequent: torch.Tensor, batch_size: int) -> dict[s
     words = targets != corpus.vocab.eos_id
     logp = corpus.truth["test"][positions].double()
     freq, rare = words & frequent[targets], words & ~frequent[targets]
-    row = {name: math.exp(-float(logp[mask].mean())) for name, mask in (("test_ppl", words), ("frequent_ppl", freq), ("rare_ppl", rare))}
+    row = {name: perplexity(-float(logp[mask].mean())) for name, mask in (("test_ppl", words), ("frequent_ppl", freq), ("rare_ppl", rare))}
     row["ratio"] = row["rare_ppl"] / row["frequent_ppl"]
     return row
 

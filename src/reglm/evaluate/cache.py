@@ -18,7 +18,7 @@ been read already; ``h_t`` itself is not in it (Grave et al., eq. 2). Choices:
   One stream (``B = 1``) is the default, as in the paper's test evaluation.
 * **Start of a split.** Position ``t < W`` uses the ``t`` pairs it has. Position 0 has none; there
   ``p = p_model`` (the weight ``lambda`` falls back to the model). The reference code instead
-  uses the model alone for the first ``W`` positions.
+  uses the model alone for the first ``W + 1`` positions of a split.
 * **Ranges.** ``W >= 1`` (integer), ``theta >= 0`` (``theta = 0``: uniform attention over the
   cache), ``0 <= lambda <= 1`` (``lambda = 1`` gives an infinite loss whenever the target is
   not in the cache).
@@ -56,7 +56,7 @@ from tqdm.auto import tqdm
 from reglm.data.batching import batchify, get_batch
 from reglm.encoders.awd_lstm import detach_state
 from reglm.errors import ReglmError
-from reglm.evaluate.perplexity import EvalResult, target_positions
+from reglm.evaluate.perplexity import EvalResult, perplexity, target_positions
 
 FIELDS = {"window": "window", "theta": "theta", "lambda": "lam"}
 """spec key -> :class:`CacheSpec` attribute"""
@@ -210,18 +210,14 @@ class CacheSearch:
 
     @property
     def ppl(self) -> float:
-        return _ppl(self.loss)
+        return perplexity(self.loss)
 
     @property
     def model_ppl(self) -> float:
-        return _ppl(self.model_loss)
+        return perplexity(self.model_loss)
 
     def as_dict(self) -> dict[str, object]:
         return {"best": self.best.as_dict(), "loss": self.loss, "ppl": self.ppl, "model_loss": self.model_loss, "model_ppl": self.model_ppl, "tokens": self.tokens, "results": self.results}
-
-
-def _ppl(loss: float) -> float:
-    return math.exp(loss) if loss < 700 else math.inf
 
 
 def _log(x: float) -> float:
@@ -385,7 +381,7 @@ def cache_search(
         count += nll_model.numel()
     losses = (totals / max(count, 1)).cpu()
     results = [
-        {"window": w, "theta": theta, "lambda": lam, "loss": float(losses[i, j, k]), "ppl": _ppl(float(losses[i, j, k]))}
+        {"window": w, "theta": theta, "lambda": lam, "loss": float(losses[i, j, k]), "ppl": perplexity(float(losses[i, j, k]))}
         for i, w in enumerate(grid.windows)
         for j, theta in enumerate(grid.thetas)
         for k, lam in enumerate(grid.lams)

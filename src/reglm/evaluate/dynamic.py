@@ -300,7 +300,7 @@ def parse_dynamic_grid(text: str, option: str = SEARCH_OPTION) -> DynamicGrid:
 def check_training_data(train_ids: Tensor | None, spec: DynamicSpec, bptt: int | None = None, option: str = OPTION) -> None:
     """Raise :class:`ReglmError` naming ``option`` when the ``rms`` rule cannot get its gradient
     statistics: no training split (``None`` or empty), or one too short for
-    ``spec.stats_batch_size`` streams of at least ``bptt + 1`` tokens (default
+    ``spec.stats_batch_size`` streams of at least ``bptt + 2`` tokens (default
     ``spec.segment``). The ``sgd`` rule needs no training data and always passes."""
     if spec.variant != "sgd":
         _check_train_split(train_ids, spec, bptt, option)
@@ -313,11 +313,11 @@ def _check_train_split(train_ids: Tensor | None, spec: DynamicSpec, bptt: int | 
             "--data/--data-dir at the corpus the run was trained on (with its train.txt), or use variant=sgd with lr=...", option,
         )
     window = bptt or spec.segment
-    need = spec.stats_batch_size * (window + 1)
+    need = spec.stats_batch_size * (window + 2)
     if train_ids.numel() < need:
         raise _SpecError(
             f"the training split has {train_ids.numel()} tokens, too few for stats_batch_size={spec.stats_batch_size} "
-            f"streams of {window + 1} tokens ({need}); lower stats_batch_size", option,
+            f"streams of {window + 2} tokens ({need}); lower stats_batch_size", option,
         )
 
 
@@ -376,7 +376,9 @@ def gradient_statistics(
 
     ``train_ids: (N,)`` is batchified into ``spec.stats_batch_size`` streams and read in windows
     of ``bptt`` tokens (default ``spec.segment``), hidden state carried; ``g_k`` is the gradient
-    of window ``k``'s mean NLL with every dropout off. At most
+    of window ``k``'s mean NLL with every dropout off. Windows start at every multiple of the
+    window below ``L - 2`` (``L`` the stream length), the reference's ``while i < L - 1 - 1``: a
+    last window of a single target is never read. At most
     ``max(1, spec.max_train_tokens // (stats_batch_size * bptt))`` windows are read (all with
     ``max_train_tokens=None``). ``model`` itself is left untouched.
     """
@@ -386,7 +388,7 @@ def gradient_statistics(
     params = list(work.parameters())
     names = [name for name, _ in work.named_parameters()]
     data = batchify(train_ids, spec.stats_batch_size).to(device)
-    starts = range(0, data.size(1) - 1, window)
+    starts = range(0, data.size(1) - 2, window)
     if spec.max_train_tokens is not None:
         starts = starts[: max(1, spec.max_train_tokens // (data.size(0) * window))]
     square_sums = [torch.zeros_like(p) for p in params]

@@ -18,6 +18,11 @@ from reglm.data.batching import batchify, get_batch
 from reglm.encoders.awd_lstm import detach_state
 
 
+def perplexity(loss: float) -> float:
+    """``exp(loss)``, or ``inf`` where that overflows (a NaN loss gives NaN): never raises."""
+    return math.exp(loss) if loss < 709.0 else (math.inf if loss == loss else math.nan)
+
+
 @dataclass
 class EvalResult:
     loss: float
@@ -31,7 +36,7 @@ class EvalResult:
 
     @property
     def ppl(self) -> float:
-        return math.exp(self.loss) if self.loss < 700 else math.inf
+        return perplexity(self.loss)
 
     def as_dict(self) -> dict[str, float | int]:
         return {"loss": self.loss, "ppl": self.ppl, "tokens": self.tokens}

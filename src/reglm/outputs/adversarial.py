@@ -21,9 +21,11 @@ Choices, each an option of :class:`AdvSoft`:
     update the parameters "without back-propagating through the norm term epsilon ||h||";
     the gradient is that of cross-entropy on the shifted logits with the shift held fixed.
     ``"hidden"``: the gradient flows through ``||h||`` but not through ``epsilon_y``. This is what
-    the authors' released code computes, since it keeps the vector ``delta`` fixed and
-    differentiates ``(w_y + delta) . h``, whose derivative in ``h`` equals that of
-    ``-epsilon ||h||``. ``"full"``: through ``||h||`` and ``||w_y||`` both -- the paper's ablation,
+    the authors' released code computes when each target word occurs once per batch and there
+    is one expert, since it keeps the vector ``delta`` fixed and differentiates
+    ``(w_y + delta) . h``, whose derivative in ``h`` equals that of ``-epsilon ||h||``. (The
+    released MoS code stores ``delta`` in a ``V x d`` buffer indexed by target id, so repeated
+    words of a batch, and all experts, share one perturbation; here it is per token and expert.) ``"full"``: through ``||h||`` and ``||w_y||`` both -- the paper's ablation,
     which it reports diverges within a few epochs.
 ``positive_only``
     The released code perturbs only tokens whose ``cos(h, w_y) > 0``; the paper perturbs every

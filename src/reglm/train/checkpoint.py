@@ -2,56 +2,102 @@
 
 A *model directory* (``best/``, ``last/``) is self-contained and holds
 
-- ``model.safetensors``: the weights (tied tensors stored once, restored as one tensor),
+- ``model.safetensors``: the weights; a tensor shared by several parameters (tied weights) is
+  stored once under its first name and restored as one tensor;
 - ``config.json``: the run configuration plus the vocabulary size and fingerprint,
 - ``vocab.txt``: the vocabulary, one ``token<TAB>count`` per line in id order.
 
 The *training state* ``state.pt`` holds only state dicts, tensors, scalars and RNG states,
 and is read with ``torch.load(weights_only=True)``: no pickled modules, so moving a class never
-breaks a checkpoint. Every file is written to a temporary file and renamed.
+breaks a checkpoint. Every entry is checked on load (:func:`load_state`), so a damaged or edited
+file is refused before anything is written. Every file is written to a temporary file and
+renamed; nothing non-finite is ever written (the trainer checks first).
 """
 
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 
 from reglm.config import RunConfig
 from reglm.data.vocab import Vocab
 from reglm.errors import ReglmError
-from reglm.io import write_json, write_with
+from reglm.io import write_bytes, write_json, write_with
 from reglm.models import LanguageModel
+from reglm.rundir import CONFIG_FILE, MODEL_FILE, STATE_FILE, VOCAB_FILE
 
-MODEL_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
-VOCAB_FILE = "vocab.txt"
-STATE_FILE = "state.pt"
+__all__ = ["CONFIG_FILE", "MODEL_FILE", "STATE_FILE", "VOCAB_FILE", "load_model_dir", "load_state", "read_model_meta", "save_model_dir", "save_state"]
+
+
+def _alias_groups(model: torch.nn.Module) -> list[list[str]]:
+    """The state-dict names of ``model`` grouped by the tensor they hold, in state-dict order."""
+    groups: dict[int, list[str]] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        groups.setdefault(id(tensor), []).append(name)
+    return list(groups.values())
+
+
+def weights_bytes(model: torch.nn.Module) -> bytes:
+    """``model``'s weights as safetensors bytes, each shared tensor once (under its first name)."""
+    state = model.state_dict()
+    return save_safetensors({names[0]: state[names[0]].contiguous() for names in _alias_groups(model)})
+
+
+def load_weights(model: torch.nn.Module, path: Path) -> None:
+    """Load ``path`` (written by :func:`weights_bytes`, or by ``safetensors.torch.save_model``,
+    which may keep another name of a shared tensor) into ``model``, strictly."""
+    try:
+        tensors = load_safetensors(Path(path).read_bytes())
+    except (SafetensorError, ValueError, RuntimeError) as exc:
+        raise ReglmError(f"{path} cannot be read ({_short(exc)}): it is truncated, corrupted or not a model file; use another checkpoint or retrain") from None
+    state: dict[str, torch.Tensor] = {}
+    missing = []
+    for names in _alias_groups(model):
+        stored = [name for name in names if name in tensors]
+        if not stored:
+            missing.append(names[0])
+            continue
+        for name in names:
+            state[name] = tensors[stored[0]]
+    unexpected = sorted(set(tensors) - set(state))
+    if missing or unexpected:
+        raise ReglmError(f"{path} does not match the model in {CONFIG_FILE} (missing {sorted(missing)[:3]}, unexpected {unexpected[:3]}); use the checkpoint's own config.json")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ReglmError(f"{path} does not fit the model in {CONFIG_FILE} ({_short(exc)}); use the checkpoint's own config.json") from None
 
 
 def save_model_dir(directory: Path, model: torch.nn.Module, config: RunConfig, vocab: Vocab, info: dict[str, Any] | None = None) -> None:
     """Write ``model`` (its current weights), its config and vocabulary into ``directory``."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    write_with(directory / MODEL_FILE, lambda tmp: save_model(model, str(tmp)))
+    write_bytes(directory / MODEL_FILE, weights_bytes(model))
     meta = {"config": config.to_dict(), "vocab_size": len(vocab), "vocab_fingerprint": vocab.fingerprint(), "info": info or {}}
     write_json(directory / CONFIG_FILE, meta)
     vocab.save(directory / VOCAB_FILE)
 
 
 def read_model_meta(directory: Path) -> dict[str, Any]:
-    path = Path(directory) / CONFIG_FILE
+    directory = Path(directory)
+    path = directory / CONFIG_FILE
+    if not directory.is_dir():
+        raise ReglmError(f"{directory} is not a directory; give a run directory or its best/ or last/")
     if not path.is_file():
-        raise ReglmError(f"{path} is missing: {directory} is not a reglm model directory (expected {MODEL_FILE}, {CONFIG_FILE}, {VOCAB_FILE})")
+        raise ReglmError(f"{directory} is not a reglm model directory (it has no {CONFIG_FILE}; expected {MODEL_FILE}, {CONFIG_FILE}, {VOCAB_FILE})")
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ReglmError(f"{path} is not valid JSON ({exc}); the checkpoint is damaged, use another one (best/ or last/)") from None
-    if not isinstance(meta, dict) or "config" not in meta:
+    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
         raise ReglmError(f"{path} is not a reglm model config; point at a run directory or its best/ or last/")
     return meta
 
@@ -63,40 +109,84 @@ def load_model_dir(directory: Path, device: torch.device | str = "cpu") -> tuple
     config = RunConfig.from_dict(meta["config"], source=str(directory / CONFIG_FILE))
     vocab_path = directory / VOCAB_FILE
     if not vocab_path.is_file():
-        raise ReglmError(f"{vocab_path} is missing; the model directory is incomplete")
+        raise ReglmError(f"{vocab_path} is missing; the model directory is incomplete (copy the run's vocab.txt into it)")
     vocab = Vocab.load(vocab_path)
     if len(vocab) != meta.get("vocab_size") or vocab.fingerprint() != meta.get("vocab_fingerprint"):
         raise ReglmError(
             f"{vocab_path} is not the vocabulary this checkpoint was built for "
             f"({len(vocab)} words vs {meta.get('vocab_size')}); restore the run's own vocab.txt"
         )
-    model = LanguageModel(config.model, len(vocab))
     weights = directory / MODEL_FILE
     if not weights.is_file():
         raise ReglmError(f"{weights} is missing; the model directory is incomplete")
-    try:
-        missing, unexpected = load_model(model, str(weights), strict=False)
-    except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
-        raise ReglmError(f"{weights} cannot be read ({_short(exc)}): it is truncated, corrupted or built for another model; use another checkpoint or retrain") from None
-    if missing or unexpected:
-        raise ReglmError(f"{weights} does not match the model in {CONFIG_FILE} (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
+    model = LanguageModel(config.model, len(vocab))
+    load_weights(model, weights)
     return model.to(device), config, vocab
 
 
 def save_state(path: Path, state: dict[str, Any]) -> None:
-    write_with(Path(path), lambda tmp: torch.save(state, tmp))
+    write_with(Path(path), lambda fh: torch.save(state, fh))
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_tensor_dict(value: Any) -> bool:
+    return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items())
+
+
+def _is_states(value: Any) -> bool:
+    """A carried encoder state: None, or ``[[h, c], ...]`` tensors."""
+    return value is None or (isinstance(value, list) and all(isinstance(p, (list, tuple)) and all(isinstance(t, torch.Tensor) for t in p) for p in value))
+
+
+STATE_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "format": (lambda v: v == 1, "format 1"),
+    "model": (_is_tensor_dict, "a dict of tensors"),
+    "optimizer": (lambda v: isinstance(v, dict) and "state" in v and "param_groups" in v, "an optimizer state dict"),
+    "averager": (lambda v: isinstance(v, dict), "a dict"),
+    "trigger": (lambda v: isinstance(v, dict), "a dict"),
+    "stage": (lambda v: v in ("main", "finetune", "done"), "main, finetune or done"),
+    "epoch": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "step": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "position": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "hidden": (_is_states, "none or a list of state tensors"),
+    "epoch_nll": (lambda v: _is_number(v) and math.isfinite(v), "a finite number"),
+    "epoch_tokens": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "best_val": (_is_number, "a number"),
+    "lr_scale": (lambda v: _is_number(v) and math.isfinite(v) and v > 0, "a number > 0"),
+    "objective": (lambda v: isinstance(v, dict), "a dict"),
+    "metrics_bytes": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "vocab_fingerprint": (lambda v: isinstance(v, str), "a string"),
+    "rng": (lambda v: isinstance(v, dict) and all(isinstance(v.get(k), torch.Tensor) and v[k].dtype == torch.uint8 for k in ("torch", "bptt")), "RNG states"),
+}
+"""Every entry of ``state.pt``: a check and what it must be."""
 
 
 def load_state(path: Path) -> dict[str, Any]:
+    """Read and check ``state.pt``; a missing, unreadable or damaged file is a ReglmError."""
     path = Path(path)
     if not path.is_file():
         raise ReglmError(f"{path} is missing: nothing to resume in {path.parent} (was it trained with reglm train?)")
+    fix = f"start a new run with another --out (or delete {path.parent})"
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError:
+        raise
     except Exception as exc:  # torch raises many types for a damaged file; all mean the same to the user
-        raise ReglmError(f"{path} cannot be read ({_short(exc)}): the training state is truncated or corrupted; start a new run") from None
-    if not isinstance(state, dict) or "model" not in state:
-        raise ReglmError(f"{path} is not a reglm training state")
+        raise ReglmError(f"{path} cannot be read ({_short(exc)}): the training state is truncated or corrupted; {fix}") from None
+    if not isinstance(state, dict):
+        raise ReglmError(f"{path} is not a reglm training state; {fix}")
+    for name, (ok, what) in STATE_FIELDS.items():
+        if name not in state:
+            raise ReglmError(f"{path} is damaged: it has no {name!r} entry; {fix}")
+        if not ok(state[name]):
+            raise ReglmError(f"{path} is damaged: its {name!r} entry is not {what}; {fix}")
     return state
 
 

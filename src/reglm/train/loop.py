@@ -30,21 +30,27 @@ scaled by ``small_batch_size / batch_size``, and one clipped SGD step follows pe
 dropout off the summed gradient equals the full batch's, the DOC penalty aside: it is computed
 per chunk, as in the authors' code.
 
-Resume: ``state.pt`` is written at every epoch end, every ``train.checkpoint_interval`` steps and
-when SIGINT/SIGTERM arrives. It holds the weights, the average, the trigger log, the stage, epoch,
+Resume: ``state.pt`` is written before the first step, at every epoch end, every
+``train.checkpoint_interval`` steps and when a stop is requested (the command line requests one on
+SIGINT/SIGTERM; as a library, the trainer lets ``KeyboardInterrupt`` through unless it is given a
+:class:`StopRequest`). It holds the weights, the average, the trigger log, the stage, epoch,
 step, the position in the training stream, the carried hidden state (every chunk's, concatenated
 along the stream axis), the epoch's running loss and every RNG state, so on CPU a resumed run
-ends with the same weights, bit for bit, as an uninterrupted one.
+ends with the same weights, bit for bit, as an uninterrupted one. A run directory is claimed
+exclusively for the life of the process (:mod:`reglm.rundir`).
+
+Divergence: a non-finite training loss, validation score or parameter stops the run with
+:class:`TrainingDiverged` before anything is written; every checkpoint on disk is finite.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import signal
+import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,10 +60,11 @@ from tqdm.auto import tqdm
 from reglm.config import RunConfig, load_config_file
 from reglm.data import Corpus, Vocab, batchify, get_batch, resolve
 from reglm.encoders.awd_lstm import concat_streams, detach_state
-from reglm.errors import ReglmError
-from reglm.evaluate.perplexity import EvalResult, evaluate
+from reglm.errors import ReglmError, TrainingDiverged, TrainingInterrupted
+from reglm.evaluate.perplexity import EvalResult, evaluate, perplexity
 from reglm.io import environment, write_json
-from reglm.models import LanguageModel
+from reglm.models import LanguageModel, count_parameters
+from reglm.rundir import CONFIG_FILE, ENVIRONMENT_FILE, RunLock, claim_existing, claim_new, describe_previous
 from reglm.objectives.activation_reg import activation_reg, temporal_activation_reg
 from reglm.train.checkpoint import STATE_FILE, VOCAB_FILE, load_model_dir, load_state, save_model_dir, save_state
 from reglm.train.metrics import MetricsLog
@@ -65,19 +72,24 @@ from reglm.train.ntasgd import NonMonotoneTrigger, ParameterAverager
 from reglm.train.objective import ObjectiveEval, make_objective
 from reglm.train.schedules import annealed_std, sample_bptt, scaled_lr
 
-CONFIG_FILE = "config.json"
+TRAINING_BYTES_PER_PARAMETER = 24
+"""What training holds per parameter, roughly: the weights, their gradient, the evaluation copy,
+the optimizer's state and the float64 average (4 + 4 + 4 + 4 + 8 bytes)."""
 
 
-class TrainingInterrupted(Exception):
-    """Raised after a checkpoint was saved in response to SIGINT/SIGTERM."""
+class StopRequest:
+    """A stop the trainer honours at the end of the current step: it saves a checkpoint and raises
+    :class:`TrainingInterrupted`. The command line sets it from its SIGINT/SIGTERM handlers."""
 
-    def __init__(self, signum: int, run_dir: Path, step: int):
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def request(self, signum: int) -> None:
         self.signum = signum
-        super().__init__(f"interrupted at step {step}; checkpoint saved. Resume with: reglm train --resume {run_dir}")
 
-
-class TrainingDiverged(ReglmError):
-    """The loss became NaN or infinite; nothing bad was written."""
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -93,10 +105,47 @@ def load_corpus(config: RunConfig) -> Corpus:
     return resolve(d.name, data_dir=d.data_dir, min_freq=d.min_freq, max_vocab=d.max_vocab, synthetic_seed=d.synthetic_seed, synthetic_sentences=d.synthetic_sentences)
 
 
+def device_memory(device: torch.device) -> int | None:
+    """Bytes of memory on ``device`` (the machine's RAM for the CPU), or None when unknown."""
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_model_size(config: RunConfig, vocab_size: int, device: torch.device) -> int:
+    """The model's parameter count, counted without allocating anything; a model whose training
+    would not fit in ``device``'s memory is a ReglmError naming the sizes to lower."""
+    fix = "lower model.hidden_size, model.emb_size or model.num_layers (or data.max_vocab)"
+    try:
+        n = count_parameters(config.model, vocab_size)
+    except RuntimeError:
+        raise ReglmError(f"the model is too large to build (its tensor sizes overflow); {fix}") from None
+    need, have = n * TRAINING_BYTES_PER_PARAMETER, device_memory(device)
+    if have is not None and need > have:
+        raise ReglmError(
+            f"the model has {n:,} parameters: training needs about {need / 2**30:,.1f} GiB, more than the "
+            f"{have / 2**30:,.1f} GiB of {device}; {fix}"
+        )
+    return n
+
+
+def _finite(module: torch.nn.Module) -> bool:
+    """Whether every parameter of ``module`` is finite (one host sync)."""
+    return bool(torch.stack([p.detach().isfinite().all() for p in module.parameters()]).all())
+
+
+StepHook = Callable[["Trainer"], None]
+
+
 class Trainer:
     """Owns the model, optimizer, average, trigger and position of one run directory."""
 
-    def __init__(self, config: RunConfig, run_dir: Path, corpus: Corpus, progress: bool | None = None):
+    def __init__(
+        self, config: RunConfig, run_dir: Path, corpus: Corpus, progress: bool | None = None, stop: StopRequest | None = None, lock: RunLock | None = None,
+    ):
         self.config = config
         self.cfg = config.train
         self.run_dir = Path(run_dir)
@@ -104,6 +153,13 @@ class Trainer:
         self.vocab: Vocab = corpus.vocab
         self.device = resolve_device(self.cfg.device)
         self.progress = sys.stderr.isatty() if progress is None else progress
+        self.stop = stop
+        self.lock = lock
+        check_model_size(config, len(self.vocab), self.device)
+        for split, batch_size, option in (("valid", self.cfg.eval_batch_size, "train.eval_batch_size"), ("test", self.cfg.test_batch_size, "train.test_batch_size")):
+            ids = getattr(corpus, split)
+            if ids.numel() // batch_size < 2:
+                raise ReglmError(f"{option}={batch_size} is too large for the {split} split ({ids.numel()} tokens): each stream needs at least 2 tokens; lower {option}")
         torch.manual_seed(config.seed)
         self.bptt_rng = torch.Generator().manual_seed(config.seed)
         self.model = LanguageModel(config.model, len(self.vocab)).to(self.device)
@@ -116,7 +172,8 @@ class Trainer:
         self.chunks = [slice(start, start + chunk) for start in range(0, self.cfg.batch_size, chunk)]
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
         self.objective = make_objective(config, self.vocab, self.device)
-        self.step_hooks: list[Callable[[Trainer], None]] = []
+        self.step_hooks: list[StepHook] = []
+        """Called with the trainer once the run has started (before its first step) and after every step."""
         self.lr_scale = 1.0
         self.stage = "main"
         self.epoch = 0
@@ -127,7 +184,6 @@ class Trainer:
         self.epoch_tokens = 0
         self.best_val = math.inf
         self.last_checkpoint: str | None = None
-        self._stop_signal: int | None = None
 
     # ------------------------------------------------------------------ setup and state
 
@@ -135,14 +191,40 @@ class Trainer:
         return torch.optim.SGD(self.model.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
 
     def start(self) -> None:
-        """Initialize a fresh run directory (refuses to touch one that holds a run)."""
-        if (self.run_dir / CONFIG_FILE).exists() or (self.run_dir / STATE_FILE).exists():
-            raise ReglmError(f"{self.run_dir} already holds a run; resume it with `reglm train --resume {self.run_dir}` or choose another --out")
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        """Claim a fresh run directory (see :func:`reglm.rundir.claim_new`), write its files, let the
+        objective set the starting weights (:meth:`prepare`) and write the first ``state.pt``, so
+        the run can be resumed from its first step on."""
+        if self.lock is None:
+            self.lock = claim_new(self.run_dir)
+            self._report_takeover()
         write_json(self.run_dir / CONFIG_FILE, self.config.to_dict())
+        self._begin()
+
+    def restart(self) -> None:
+        """Start over a claimed run directory whose run never wrote a checkpoint: its
+        ``config.json`` stays, the rest is written afresh, as by :meth:`start`."""
+        self._say(f"{self.run_dir} has no checkpoint yet (it stopped before its first step); starting it over from its {CONFIG_FILE}")
+        self._begin()
+
+    def _begin(self) -> None:
         self.vocab.save(self.run_dir / VOCAB_FILE)
-        write_json(self.run_dir / "environment.json", [environment(self.device)])
+        write_json(self.run_dir / ENVIRONMENT_FILE, [environment(self.device)])
         self.metrics.truncate(0)
+        self.prepare()
+        for hook in self.step_hooks:
+            hook(self)
+        self.save_checkpoint()
+
+    def _report_takeover(self) -> None:
+        line = describe_previous(self.lock) if self.lock is not None else None
+        if line:
+            self._say(line)
+
+    def close(self) -> None:
+        """Release the run directory."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
 
     def state_dict(self) -> dict[str, Any]:
         rng = {"torch": torch.get_rng_state(), "bptt": self.bptt_rng.get_state()}
@@ -170,33 +252,58 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore ``state`` (as from :func:`~reglm.train.checkpoint.load_state`); an entry that does
+        not fit this run is a ReglmError, raised before anything is written."""
+        path = self.run_dir / STATE_FILE
         if state.get("vocab_fingerprint") != self.vocab.fingerprint():
-            raise ReglmError(f"{self.run_dir / STATE_FILE} was built for another vocabulary than the corpus {self.config.data.name!r} now gives; resume with the original data")
+            raise ReglmError(f"{path} was built for another vocabulary than the corpus {self.config.data.name!r} now gives; resume with the original data")
+        if state["position"] >= self.train_data.size(1) or (state["hidden"] is not None and len(state["hidden"]) != self.config.model.num_layers):
+            raise ReglmError(f"{path} does not fit the run in {CONFIG_FILE} (its position or carried state is for another setting); resume it with its own config.json")
+        entry = "model"
         try:
             self.model.load_state_dict(state["model"])
-        except RuntimeError as exc:
-            raise ReglmError(f"{self.run_dir / STATE_FILE} does not fit the model in config.json ({str(exc).splitlines()[0]})") from None
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.averager.load_state_dict(state["averager"])
-        self.trigger.load_state_dict(state["trigger"])
+            entry = "optimizer"
+            self.optimizer.load_state_dict(state["optimizer"])
+            entry = "averager"
+            self.averager.load_state_dict(state["averager"])
+            entry = "trigger"
+            self.trigger.load_state_dict(state["trigger"])
+            entry = "objective"
+            self.objective.load_state_dict(state["objective"])
+            entry = "rng"
+            torch.set_rng_state(state["rng"]["torch"])
+            self.bptt_rng.set_state(state["rng"]["bptt"])
+            if self.device.type == "cuda" and "cuda" in state["rng"]:
+                torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+        except (RuntimeError, KeyError, TypeError, ValueError, IndexError) as exc:
+            raise ReglmError(f"{path}: its {entry!r} entry does not fit the run in {CONFIG_FILE} ({_first_line(exc)}); resume with the run's own files, or start a new run with another --out") from None
         self.stage, self.epoch, self.step, self.position = state["stage"], state["epoch"], state["step"], state["position"]
         self.hidden = None if state["hidden"] is None else [(h.to(self.device), c.to(self.device)) for h, c in state["hidden"]]
-        self.epoch_nll, self.epoch_tokens, self.best_val = state["epoch_nll"], state["epoch_tokens"], state["best_val"]
-        self.lr_scale = state.get("lr_scale", 1.0)
-        self.objective.load_state_dict(state.get("objective", {}))
-        torch.set_rng_state(state["rng"]["torch"])
-        self.bptt_rng.set_state(state["rng"]["bptt"])
-        if self.device.type == "cuda" and "cuda" in state["rng"]:
-            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+        self.epoch_nll, self.epoch_tokens, self.best_val = float(state["epoch_nll"]), state["epoch_tokens"], float(state["best_val"])
+        self.lr_scale = float(state["lr_scale"])
         self.metrics.truncate(state["metrics_bytes"])
-        self.last_checkpoint = f"{self.run_dir / STATE_FILE} (stage {self.stage}, epoch {self.epoch}, step {self.step})"
+        self.last_checkpoint = self._checkpoint_name()
+
+    def _checkpoint_name(self) -> str:
+        return f"{self.run_dir / STATE_FILE} (stage {self.stage}, epoch {self.epoch}, step {self.step})"
+
+    def _diverged(self, what: str, step: int | None = None) -> TrainingDiverged:
+        return TrainingDiverged(
+            f"{what} at step {self.step if step is None else step} (stage {self.stage}, epoch {self.epoch + 1}); nothing was saved from it. "
+            f"Last good checkpoint: {self.last_checkpoint or 'none yet'}. Lower train.lr or train.clip and resume or restart."
+        )
+
+    def _require_finite(self, module: torch.nn.Module) -> None:
+        if not _finite(module):
+            raise self._diverged("a parameter became NaN or infinite")
 
     def save_checkpoint(self) -> None:
+        self._require_finite(self.model)
         save_state(self.run_dir / STATE_FILE, self.state_dict())
-        self.last_checkpoint = f"{self.run_dir / STATE_FILE} (stage {self.stage}, epoch {self.epoch}, step {self.step})"
+        self.last_checkpoint = self._checkpoint_name()
 
     def prepare(self) -> None:
-        """At a fresh start: let the objective set the starting weights (a base model's, for
+        """At a fresh start (part of :meth:`start`): let the objective set the starting weights (a base model's, for
         fine-tuning) and, when the run starts from a model, log that model's validation scores
         as the ``initial`` event (Table 2's "Initial model" row of Popov & Kudinov)."""
         self.objective.prepare(self.model)
@@ -208,8 +315,8 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
 
     def run(self) -> dict[str, Any]:
-        """Train until the run is done; returns the final results."""
-        handlers = self._install_signal_handlers()
+        """Train until the run is done; returns the final results. The run directory is released
+        when this returns or raises."""
         try:
             while self.stage != "done":
                 if self.stage == "main" and self.epoch >= self.cfg.epochs:
@@ -220,10 +327,9 @@ class Trainer:
                     continue
                 self._train_epoch()
                 self._end_epoch()
+            return self.finish()
         finally:
-            for signum, handler in handlers.items():
-                signal.signal(signum, handler)
-        return self.finish()
+            self.close()
 
     def _set_stage(self, stage: str) -> None:
         self.stage = stage
@@ -268,11 +374,7 @@ class Trainer:
                     loss = loss * x.size(1)
                 loss_value = float(loss.detach())
                 if not math.isfinite(loss_value):
-                    raise TrainingDiverged(
-                        f"the training loss became {loss_value} at step {self.step + 1} (stage {self.stage}, epoch {self.epoch + 1}); "
-                        f"nothing was saved from this step. Last good checkpoint: {self.last_checkpoint or 'none yet'}. "
-                        "Lower train.lr or train.clip and resume or restart."
-                    )
+                    raise self._diverged(f"the training loss became {loss_value}", self.step + 1)
                 (loss * (scored.nll.size(0) / x.size(0))).backward()
                 chunk_states.append(detach_state(out.state))
                 nll_sum += float(raw_loss.detach()) * scored.nll.numel()
@@ -293,14 +395,14 @@ class Trainer:
             if self.step % cfg.log_interval == 0:
                 elapsed = time.perf_counter() - window_start
                 mean = window_nll / window_tokens
-                self.metrics.log(event="step", stage=self.stage, epoch=self.epoch + 1, step=self.step, lr=lr, loss=mean, ppl=math.exp(min(mean, 700)), tokens_per_s=window_tokens / max(elapsed, 1e-9), averaging=self.averager.active)
-                bar.set_postfix(loss=f"{mean:.3f}", ppl=f"{math.exp(min(mean, 700)):.1f}")
+                self.metrics.log(event="step", stage=self.stage, epoch=self.epoch + 1, step=self.step, lr=lr, loss=mean, ppl=perplexity(mean), tokens_per_s=window_tokens / max(elapsed, 1e-9), averaging=self.averager.active)
+                bar.set_postfix(loss=f"{mean:.3f}", ppl=f"{perplexity(mean):.1f}")
                 window_nll, window_tokens, window_start = 0.0, 0, time.perf_counter()
             for hook in self.step_hooks:
                 hook(self)
             if cfg.checkpoint_interval and self.step % cfg.checkpoint_interval == 0:
                 self.save_checkpoint()
-            if self._stop_signal is not None:
+            if self.stop is not None and self.stop.requested:
                 bar.close()
                 self._interrupt()
         bar.close()
@@ -334,6 +436,9 @@ class Trainer:
     def _end_epoch(self) -> None:
         eval_model = self._eval_weights()
         val = self._score(eval_model, self.corpus.valid, self.cfg.eval_batch_size, "valid")
+        if not math.isfinite(val.selection):
+            raise self._diverged(f"the validation score became {val.selection}")
+        self._require_finite(eval_model)
         train_loss = self.epoch_nll / max(self.epoch_tokens, 1)
         adversarial, noise_std = self._advsoft_on(), self._input_noise_std()
         lr = self._base_lr()
@@ -342,7 +447,7 @@ class Trainer:
         valid = {f"valid_{name}": value for name, value in val.metrics.items() if name != "tokens"}
         self.metrics.log(
             event="epoch", stage=self.stage, epoch=self.epoch, step=self.step,
-            train_loss=train_loss, train_ppl=math.exp(min(train_loss, 700)), **valid,
+            train_loss=train_loss, train_ppl=perplexity(train_loss), **valid,
             lr=lr, averaging=self.averager.active, best=improved, advsoft=adversarial, input_noise=noise_std,
         )
         shown = " | ".join(f"valid {name} {value:9.4g}" for name, value in val.metrics.items() if name != "tokens")
@@ -368,7 +473,7 @@ class Trainer:
         self.position, self.hidden, self.epoch_nll, self.epoch_tokens = 0, None, 0.0, 0
         self.objective.reset()
         self.save_checkpoint()
-        if self._stop_signal is not None:
+        if self.stop is not None and self.stop.requested:
             self._interrupt()
 
     def _eval_weights(self) -> torch.nn.Module:
@@ -404,23 +509,12 @@ class Trainer:
             self._say(f"synthetic test, words only: model ppl {s['model_word_ppl']:.2f} vs true ppl {s['true_word_ppl']:.2f}")
         return results
 
-    # ------------------------------------------------------------------ signals and output
-
-    def _install_signal_handlers(self) -> dict[int, Any]:
-        def request_stop(signum: int, _frame: Any) -> None:
-            if self._stop_signal is not None:
-                raise KeyboardInterrupt
-            self._stop_signal = signum
-            self._say("stop requested: saving a checkpoint at the end of this step (send again to abort without saving)")
-
-        previous = {}
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            previous[signum] = signal.signal(signum, request_stop)
-        return previous
+    # ------------------------------------------------------------------ stopping and output
 
     def _interrupt(self) -> None:
         self.save_checkpoint()
-        raise TrainingInterrupted(self._stop_signal or signal.SIGINT, self.run_dir, self.step)
+        assert self.stop is not None and self.stop.signum is not None
+        raise TrainingInterrupted(self.stop.signum, self.run_dir, self.step)
 
     def _say(self, text: str) -> None:
         if self.progress:
@@ -438,45 +532,75 @@ def truth_comparison(result: EvalResult, ids: torch.Tensor, true_logp: torch.Ten
     true_nll = -true_logp[result.positions][words].double()
     return {
         "words": int(words.sum()),
-        "model_word_ppl": math.exp(float(model_nll.mean())),
-        "true_word_ppl": math.exp(float(true_nll.mean())),
+        "model_word_ppl": perplexity(float(model_nll.mean())),
+        "true_word_ppl": perplexity(float(true_nll.mean())),
         "mean_logq_minus_logp": float((true_nll - model_nll).mean()),
         "std_logq_minus_logp": float((true_nll - model_nll).std()),
     }
 
 
-def train(config: RunConfig, run_dir: Path, progress: bool | None = None) -> dict[str, Any]:
-    """Start a new run in ``run_dir`` and train it to the end."""
-    corpus = load_corpus(config)
-    trainer = Trainer(config, run_dir, corpus, progress)
-    trainer.start()
-    trainer.prepare()
-    trainer._say(f"run {run_dir}: {trainer.model.num_parameters():,} parameters, vocabulary {len(corpus.vocab):,}, device {trainer.device}")
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:160] if text else type(exc).__name__
+
+
+def train(
+    config: RunConfig, run_dir: Path, progress: bool | None = None, stop: StopRequest | None = None,
+    corpus: Corpus | None = None, step_hooks: Sequence[StepHook] = (),
+) -> dict[str, Any]:
+    """Start a new run in ``run_dir`` and train it to the end (``corpus``: the one ``config``
+    names, when already loaded; ``step_hooks``: see :attr:`Trainer.step_hooks`)."""
+    corpus = corpus if corpus is not None else load_corpus(config)
+    trainer = Trainer(config, run_dir, corpus, progress, stop)
+    trainer.step_hooks.extend(step_hooks)
+    try:
+        trainer.start()
+        trainer._say(f"run {run_dir}: {trainer.model.num_parameters():,} parameters, vocabulary {len(corpus.vocab):,}, device {trainer.device}")
+    except BaseException:
+        trainer.close()
+        raise
     return trainer.run()
 
 
-def resume(run_dir: Path, progress: bool | None = None) -> dict[str, Any]:
-    """Continue the run in ``run_dir`` from its last checkpoint."""
+def resume(
+    run_dir: Path, progress: bool | None = None, stop: StopRequest | None = None, corpus: Corpus | None = None, step_hooks: Sequence[StepHook] = (),
+) -> dict[str, Any]:
+    """Continue the run in ``run_dir`` from its last checkpoint (or start it over from its
+    ``config.json`` when it stopped before writing one). Everything is checked before anything
+    is written."""
     run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise ReglmError(f"run directory {run_dir} does not exist")
-    config = load_config_file(run_dir / CONFIG_FILE)
-    state = load_state(run_dir / STATE_FILE)
-    corpus = load_corpus(config)
-    saved_vocab = Vocab.load(run_dir / VOCAB_FILE)
-    if saved_vocab != corpus.vocab:
-        raise ReglmError(f"the corpus {config.data.name!r} now gives another vocabulary than {run_dir / VOCAB_FILE}; resume with the data the run was started on")
-    trainer = Trainer(config, run_dir, corpus, progress)
-    trainer.load_state_dict(state)
-    sessions = _read_environment(run_dir)
-    write_json(run_dir / "environment.json", sessions + [environment(trainer.device)])
-    trainer._say(f"resuming {run_dir} at stage {trainer.stage}, epoch {trainer.epoch + (trainer.stage != 'done')}, step {trainer.step}")
+    lock = claim_existing(run_dir)
+    try:
+        config = load_config_file(run_dir / CONFIG_FILE)
+        state = load_state(run_dir / STATE_FILE) if (run_dir / STATE_FILE).is_file() else None
+        corpus = corpus if corpus is not None else load_corpus(config)
+        if state is not None:
+            saved_vocab = Vocab.load(run_dir / VOCAB_FILE)
+            if saved_vocab != corpus.vocab:
+                raise ReglmError(f"the corpus {config.data.name!r} now gives another vocabulary than {run_dir / VOCAB_FILE}; resume with the data the run was started on")
+        trainer = Trainer(config, run_dir, corpus, progress, stop, lock)
+        trainer.step_hooks.extend(step_hooks)
+    except BaseException:
+        lock.release()
+        raise
+    try:
+        trainer._report_takeover()
+        if state is None:
+            trainer.restart()
+        else:
+            trainer.load_state_dict(state)
+            sessions = _read_environment(run_dir)
+            write_json(run_dir / ENVIRONMENT_FILE, sessions + [environment(trainer.device)])
+            trainer._say(f"resuming {run_dir} at stage {trainer.stage}, epoch {trainer.epoch + (trainer.stage != 'done')}, step {trainer.step}")
+    except BaseException:
+        trainer.close()
+        raise
     return trainer.run()
 
 
 def _read_environment(run_dir: Path) -> list[dict[str, Any]]:
     try:
-        data = json.loads((run_dir / "environment.json").read_text(encoding="utf-8"))
+        data = json.loads((run_dir / ENVIRONMENT_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return []
     return data if isinstance(data, list) else [data]

@@ -40,7 +40,7 @@ from reglm.data import batchify, get_batch
 from reglm.data.vocab import Vocab
 from reglm.encoders.awd_lstm import EncoderOutput, LSTMState, concat_streams, detach_state
 from reglm.errors import ReglmError
-from reglm.evaluate.perplexity import evaluate
+from reglm.evaluate.perplexity import evaluate, perplexity
 from reglm.models import LanguageModel, OutputLoss
 from reglm.objectives.reverse_kl import discriminator_loss_parts, finetune_loss
 from reglm.train.checkpoint import load_model_dir
@@ -221,7 +221,7 @@ def reverse_kl_eval(means: dict[str, float]) -> ObjectiveEval:
     """Table 2's columns from the per-token means of the NLL and of ``t log t``: ``loss`` = CE +
     reverse KL (eq. 9 estimated), ``ppl``, ``rev_kl``; selection on the NLL (perplexity)."""
     nll, rev_kl = means["nll"], means["rev_kl"]
-    metrics = {"loss": nll + rev_kl, "ppl": float(torch.tensor(nll).exp()), "rev_kl": rev_kl, "nll": nll, "tokens": means["tokens"]}
+    metrics = {"loss": nll + rev_kl, "ppl": perplexity(nll), "rev_kl": rev_kl, "nll": nll, "tokens": means["tokens"]}
     return ObjectiveEval(metrics, nll)
 
 
