@@ -37,8 +37,8 @@ from torch import Tensor
 from harness import RESULTS, environment, interleaved, save
 
 from reglm.config import ModelConfig
-from reglm.data import get_batch, resolve
-from reglm.encoders.awd_lstm import detach_state
+from reglm.data import StreamPlan, resolve
+from reglm.encoders.base import detach_state
 from reglm.evaluate.cache import CacheSpec, cache_evaluate, cache_nll
 from reglm.evaluate.perplexity import evaluate
 from reglm.models import LanguageModel
@@ -55,18 +55,17 @@ class Prepared:
 
     @torch.no_grad()
     def __init__(self, model: LanguageModel, ids: Tensor, window: int, n: int, bptt: int, device: torch.device) -> None:
-        data = ids[: window + n + 1].to(device).unsqueeze(0)
+        plan = StreamPlan(ids[: window + n + 1], 1, "all").to(device)
         state = model.init_state(1, device=device)
         hs, nlls, probs = [], [], []
-        for start in range(0, data.size(1) - 1, bptt):
-            x, y = get_batch(data, start, bptt)
-            out = model(x, state)
+        for w in plan.windows(bptt):
+            out = model(w.inputs, state)
             state = detach_state(out.state)
             hs.append(out.output[0])
-            nlls.append(model.output_nll(out, y)[0])
+            nlls.append(model.output_nll(out, w.targets)[0])
             probs.append(model.output_log_probs(out)[0].exp())
         self.h, self.nll = torch.cat(hs), torch.cat(nlls)
-        self.y = data[0, 1:]
+        self.y = plan.data[0, 1:]
         self.p_model = torch.cat(probs)[window:]
         self.window, self.n, self.bptt = window, n, bptt
 

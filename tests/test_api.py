@@ -48,21 +48,26 @@ def test_perplexity_over_windows_equals_direct(run: Path) -> None:
     assert lm.perplexity("\n".join(lines) + "\n") == pytest.approx(expected, rel=1e-5)
 
 
-def test_evaluate_equals_a_slow_token_loop(run: Path) -> None:
+@pytest.mark.parametrize("batch_size", [1, 3, 10])
+def test_evaluate_equals_a_slow_token_loop(run: Path, batch_size: int) -> None:
+    """The 202 targets of 203 tokens dealt into contiguous streams (68, 67, 67 for 3), each read
+    token by token from a zero state that starts on the token before its first target."""
     lm = reglm.load(run)
     ids = torch.randint(0, len(lm.vocab), (203,))
-    fast = evaluate(lm.model, ids, batch_size=3, bptt=7)
-    streams = ids[: 3 * (203 // 3)].view(3, -1)
-    total, count = 0.0, 0
+    fast = evaluate(lm.model, ids, batch_size=batch_size, bptt=7)
+    q, r = divmod(202, batch_size)
+    total, count, first = 0.0, 0, 1
     with torch.no_grad():
-        for b in range(3):
+        for b in range(batch_size):
+            n = q + (b < r)
             state = lm.model.init_state(1)
-            for t in range(streams.size(1) - 1):
-                out = lm.model(streams[b : b + 1, t : t + 1], state)
+            for t in range(first, first + n):
+                out = lm.model(ids[None, t - 1 : t], state)
                 state = out.state
-                total += float(lm.model.output.nll(out.output, streams[b : b + 1, t + 1 : t + 2]))
+                total += float(lm.model.output.nll(out.output, ids[None, t : t + 1]))
                 count += 1
-    assert fast.tokens == count
+            first += n
+    assert fast.tokens == count == 202
     assert fast.loss == pytest.approx(total / count, rel=1e-5)
 
 

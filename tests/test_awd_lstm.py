@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from reglm.config import ModelConfig
-from reglm.encoders.awd_lstm import AWDLSTMEncoder, WeightDropLSTM, detach_state
+from reglm.encoders.awd_lstm import AWDLSTMEncoder, WeightDropLSTM
+from reglm.encoders.base import LSTMStackState, detach_state
 from reglm.layers.dropout import keep_mask
 
 TIGHT = {"rtol": 1e-6, "atol": 1e-7}
@@ -160,15 +161,15 @@ def test_encoder_output_fields_and_state() -> None:
     assert out.output.shape == (4, 7, 6) and out.raw_output.shape == (4, 7, 6)
     assert [o.shape for o in out.layer_outputs] == [(4, 7, 10), (4, 7, 10), (4, 7, 6)]
     assert out.raw_output is out.layer_outputs[-1]
-    assert [tuple(h.shape) for h, _ in out.state] == [(1, 4, 10), (1, 4, 10), (1, 4, 6)]
-    for (h, _), layer_out in zip(out.state, out.layer_outputs):
+    assert [tuple(h.shape) for h, _ in out.state.layers] == [(1, 4, 10), (1, 4, 10), (1, 4, 6)]
+    for (h, _), layer_out in zip(out.state.layers, out.layer_outputs):
         torch.testing.assert_close(h[0], layer_out[:, -1])
     torch.testing.assert_close(out.output, out.raw_output, rtol=0, atol=0)
     zeros = enc.init_state(4)
-    assert all(torch.equal(h, torch.zeros_like(h)) and torch.equal(c, torch.zeros_like(c)) for h, c in zeros)
+    assert all(torch.equal(h, torch.zeros_like(h)) and torch.equal(c, torch.zeros_like(c)) for h, c in zeros.layers)
     torch.testing.assert_close(enc(emb, zeros).output, out.output, rtol=0, atol=0)
     with pytest.raises(ValueError):
-        enc(emb, zeros[:2])
+        enc(emb, LSTMStackState(zeros.layers[:2]))
 
 
 def test_encoder_applies_locked_dropout_between_layers_and_on_output() -> None:
@@ -192,7 +193,7 @@ def test_state_carried_across_chunks_equals_one_long_pass() -> None:
     first = enc(emb[:, :4])
     second = enc(emb[:, 4:], detach_state(first.state))
     torch.testing.assert_close(torch.cat([first.output, second.output], dim=1), full.output, rtol=1e-5, atol=1e-6)
-    for (h, c), (hf, cf) in zip(second.state, full.state):
+    for (h, c), (hf, cf) in zip(second.state.layers, full.state.layers):
         torch.testing.assert_close(h, hf, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(c, cf, rtol=1e-5, atol=1e-6)
 
@@ -201,9 +202,9 @@ def test_detach_state_cuts_the_graph() -> None:
     enc = AWDLSTMEncoder(_cfg(num_layers=2))
     emb = torch.randn(2, 4, 6, requires_grad=True)
     first = enc(emb)
-    assert all(h.grad_fn is not None for h, _ in first.state)
+    assert all(h.grad_fn is not None for h, _ in first.state.layers)
     carried = detach_state(first.state)
-    for (h, c), (h0, c0) in zip(carried, first.state):
+    for (h, c), (h0, c0) in zip(carried.layers, first.state.layers):
         assert not h.requires_grad and not c.requires_grad
         assert torch.equal(h, h0) and torch.equal(c, c0)
     second = enc(torch.randn(2, 4, 6), carried)

@@ -58,12 +58,23 @@ def vocab() -> Vocab:
     return Vocab([EOS, *(f"w{i}" for i in range(1, V))], [1] * V)
 
 
+def streams_of(ids: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    """The evaluation's streams: the N - 1 targets dealt into ``batch_size`` contiguous runs (the
+    first ``(N - 1) mod B`` one longer), each starting on the token before its first target."""
+    q, r = divmod(ids.numel() - 1, batch_size)
+    streams, first = [], 1
+    for b in range(batch_size):
+        n = q + (b < r)
+        streams.append(ids[first - 1 : first + n])
+        first += n
+    return streams
+
+
 @torch.no_grad()
 def reference_cache_nll(model: LanguageModel, ids: torch.Tensor, spec: CacheSpec, batch_size: int) -> torch.Tensor:
-    """Per-token mixture NLL ``(B, L-1)``, one position at a time (float64 mixing)."""
-    data = ids[: ids.numel() // batch_size * batch_size].view(batch_size, -1)
+    """Per-token mixture NLL of every target in stream order, one position at a time (float64 mixing)."""
     rows = []
-    for row in data:
+    for row in streams_of(ids, batch_size):
         x, y = row[:-1], row[1:]
         out = model(x.unsqueeze(0))
         h = out.output[0]
@@ -79,7 +90,7 @@ def reference_cache_nll(model: LanguageModel, ids: torch.Tensor, spec: CacheSpec
                     p_cache[word] += weight
                 p = (1 - spec.lam) * p + spec.lam * p_cache
             nll.append(-math.log(p[y[t]]))
-        rows.append(nll)
+        rows.extend(nll)
     return torch.tensor(rows, dtype=torch.float64)
 
 
@@ -109,14 +120,15 @@ def test_lambda_zero_equals_plain_evaluation_exactly(model: LanguageModel, ids: 
 @torch.no_grad()
 def test_full_distribution_sums_to_one_and_matches_the_evaluation(model: LanguageModel, ids: torch.Tensor, lam: float) -> None:
     spec = CacheSpec(6, 1.5, lam)
-    data = ids[: ids.numel() // 2 * 2].view(2, -1)
+    even = ids[: ids.numel() - (ids.numel() - 1) % 2]  # an even number of targets: two streams of equal length
+    data = torch.stack(streams_of(even, 2))
     x, y = data[:, :-1], data[:, 1:]
     out = model(x)
     log_p = cache_distribution(model.output_log_probs(out), out.output, y, 0, spec)
     assert log_p.shape == (2, y.size(1), V)
     torch.testing.assert_close(log_p.exp().sum(-1), torch.ones(2, y.size(1)), rtol=0, atol=1e-5)
-    result = cache_evaluate(model, ids, spec, 2, bptt=5, keep_token_nll=True)
-    torch.testing.assert_close(-log_p.gather(2, y.unsqueeze(-1)).squeeze(-1), result.token_nll, rtol=1e-5, atol=1e-5)
+    result = cache_evaluate(model, even, spec, 2, bptt=5, keep_token_nll=True)
+    torch.testing.assert_close(-log_p.gather(2, y.unsqueeze(-1)).squeeze(-1).flatten(), result.token_nll, rtol=1e-5, atol=1e-5)
 
 
 def test_evaluated_probabilities_of_every_next_word_sum_to_one(model: LanguageModel, ids: torch.Tensor) -> None:
@@ -126,7 +138,7 @@ def test_evaluated_probabilities_of_every_next_word_sum_to_one(model: LanguageMo
         total = 0.0
         for word in range(V):
             stream = torch.cat([prefix, torch.tensor([word])])
-            total += math.exp(-float(cache_evaluate(model, stream, spec, 1, bptt=7, keep_token_nll=True).token_nll[0, -1]))
+            total += math.exp(-float(cache_evaluate(model, stream, spec, 1, bptt=7, keep_token_nll=True).token_nll[-1]))
         assert total == pytest.approx(1.0, abs=1e-5)
 
 
@@ -135,8 +147,8 @@ def test_theta_zero_attends_uniformly_to_the_available_history(model: LanguageMo
     result = cache_evaluate(model, ids, CacheSpec(window, 0.0, 1.0), 1, bptt=6, keep_token_nll=True)
     plain = evaluate(model, ids, 1, 6, keep_token_nll=True)
     y = ids[1:].tolist()
-    p = torch.exp(-result.token_nll[0].double())
-    assert float(p[0]) == pytest.approx(math.exp(-float(plain.token_nll[0, 0])), rel=1e-6), "position 0 has no cache: the model alone"
+    p = torch.exp(-result.token_nll.double())
+    assert float(p[0]) == pytest.approx(math.exp(-float(plain.token_nll[0])), rel=1e-6), "position 0 has no cache: the model alone"
     for t in range(1, len(y)):
         seen = y[max(0, t - window) : t]
         assert float(p[t]) == pytest.approx(seen.count(y[t]) / len(seen), abs=1e-6)
@@ -186,8 +198,7 @@ def test_word_probs_file_matches_the_per_token_nll(model: LanguageModel, ids: to
     with open(path, newline="", encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh, delimiter="\t"))
     assert list(rows[0]) == ["position", "word", "prob", "log_prob"]
-    length = ids.numel() // 3
-    expected = sorted(b * length + j for b in range(3) for j in range(1, length))
+    expected = list(range(1, ids.numel()))
     positions = [int(r["position"]) for r in rows]
     assert positions == expected
     assert [r["word"] for r in rows] == [vocab.itos[int(ids[p])] for p in positions]

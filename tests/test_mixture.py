@@ -273,7 +273,7 @@ def test_gradient_accumulation_equals_the_full_batch_without_dropout(tmp_path: P
     assert len(chunked_trainer.chunks) == 4
     for name in full:
         torch.testing.assert_close(chunked[name], full[name], rtol=1e-4, atol=1e-6, msg=name)
-    for (h1, c1), (h2, c2) in zip(full_trainer.hidden, chunked_trainer.hidden):
+    for (h1, c1), (h2, c2) in zip(full_trainer.hidden.layers, chunked_trainer.hidden.layers):
         assert h1.shape == h2.shape == (1, 8, h1.size(-1))
         torch.testing.assert_close(h2, h1, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(c2, c1, rtol=1e-5, atol=1e-6)
@@ -317,7 +317,7 @@ def test_mos_tiny_trains_and_resumes_bit_exactly(tmp_path: Path) -> None:
 def test_last_hidden_size_sets_the_last_layer() -> None:
     model = LanguageModel(_cfg(), V)
     out = model(torch.randint(0, V, (2, 3)))
-    assert out.output.shape == (2, 3, 9) and out.state[-1][0].shape == (1, 2, 9)
+    assert out.output.shape == (2, 3, 9) and out.state.layers[-1][0].shape == (1, 2, 9)
     assert model.output.latent.in_features == 9 and model.output.weight.shape == (V, 6)
     untied = LanguageModel(ModelConfig(emb_size=6, hidden_size=10, last_hidden_size=9, tie_weights=False), V)
     assert untied.output.weight.shape == (V, 9)

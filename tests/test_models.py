@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_model, save_model
 
 from reglm.config import ModelConfig
-from reglm.encoders.awd_lstm import detach_state
+from reglm.encoders.base import detach_state
 from reglm.models import LanguageModel
 
 V = 40
@@ -33,7 +33,7 @@ def test_shapes_and_normalization() -> None:
     out = model(ids)
     assert out.output.shape == (3, 5, 8)
     lp, state = model.log_probs(ids)
-    assert lp.shape == (3, 5, V) and len(state) == 3
+    assert lp.shape == (3, 5, V) and len(state.layers) == 3
     torch.testing.assert_close(lp.exp().sum(-1), torch.ones(3, 5), rtol=0, atol=1e-5)
     targets = torch.randint(0, V, (3, 5))
     nll, _ = model.nll(ids, targets)
@@ -114,12 +114,12 @@ def test_state_is_carried_and_detached() -> None:
     targets = torch.randint(0, V, (2, 10))
     full, _ = model.nll(ids, targets)
     state = model.init_state(2)
-    assert [tuple(h.shape) for h, _ in state] == [(1, 2, 12), (1, 2, 12), (1, 2, 8)]
+    assert [tuple(h.shape) for h, _ in state.layers] == [(1, 2, 12), (1, 2, 12), (1, 2, 8)]
     pieces = []
     for start, stop in ((0, 3), (3, 7), (7, 10)):
         nll, state = model.nll(ids[:, start:stop], targets[:, start:stop], state)
         state = detach_state(state)
-        assert all(not h.requires_grad for h, _ in state)
+        assert all(not h.requires_grad for h, _ in state.layers)
         pieces.append(nll)
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-5, atol=1e-6)
 

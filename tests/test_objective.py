@@ -71,8 +71,8 @@ def test_discriminator_validation_equals_a_direct_computation(disc_run: Path, lm
     ids = corpus.valid[:400]
     disc.eval(), q0.eval()
 
-    def per_token(outs, y):
-        return {"loss": discriminator_loss(disc.output_logits(outs[0]), q0.output_log_probs(outs[1]), y)}
+    def per_token(outs, window):
+        return {"loss": discriminator_loss(disc.output_logits(outs[0]), q0.output_log_probs(outs[1]), window.targets)}
 
     got = score_split([disc, q0], ids, 1, 7, "cpu", per_token)
     with torch.no_grad():

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from reglm.encoders import vd_lstm
-from reglm.encoders.awd_lstm import EncoderOutput
+from reglm.encoders.base import EncoderOutput, LSTMStackState
 from reglm.encoders.vd_lstm import VDLSTMEncoder, VDLSTMLayer
 from reglm.layers.dropout import keep_mask
 
@@ -52,7 +52,7 @@ def _reference_encoder(enc: VDLSTMEncoder, emb, masks, state=None):
             h0 = torch.zeros(emb.size(0), layer.hidden_size, dtype=emb.dtype)
             c0 = torch.zeros_like(h0)
         else:
-            h0, c0 = state[l][0][0], state[l][1][0]
+            h0, c0 = state.layers[l][0][0], state.layers[l][1][0]
         raw, h, c = _layer_ref(layer, x, h0, c0, masks[l])
         raws.append(raw)
         states.append((h, c))
@@ -121,8 +121,8 @@ def test_parameters_like_nn_lstm_and_init_range() -> None:
     assert [(l.input_size, l.hidden_size) for l in enc.layers] == [(6, 7), (7, 7), (7, 7)]
     assert enc.output_size == 7 and enc.dropout == 0.4
     state = enc.init_state(2)
-    assert len(state) == 3 and all(h.shape == (1, 2, 7) and c.shape == (1, 2, 7) for h, c in state)
-    assert all(not h.any() and not c.any() for h, c in state)
+    assert len(state.layers) == 3 and all(h.shape == (1, 2, 7) and c.shape == (1, 2, 7) for h, c in state.layers)
+    assert all(not h.any() and not c.any() for h, c in state.layers)
 
 
 @pytest.mark.parametrize(
@@ -143,7 +143,7 @@ def test_invalid_layer_arguments_and_mask_shape() -> None:
     with pytest.raises(ValueError):
         layer(torch.randn(2, 3, 3, dtype=F64), mask=torch.ones(2, 5, dtype=F64))
     with pytest.raises(ValueError):
-        _encoder()(torch.randn(2, 3, 3, dtype=F64), state=_encoder().init_state(2)[:1])
+        _encoder()(torch.randn(2, 3, 3, dtype=F64), state=LSTMStackState(_encoder().init_state(2).layers[:1]))
 
 
 # ----------------------------------------------------------------------------- mask=None: nn.LSTM
@@ -188,15 +188,15 @@ def test_encoder_without_dropout_equals_two_layer_nn_lstm(mode: str) -> None:
     enc.train(mode == "train_p0")
     ref = _nn_lstm_copy(enc)
     x = torch.randn(2, 5, 3, dtype=F64)
-    state = [(torch.randn(1, 2, 4, dtype=F64), torch.randn(1, 2, 4, dtype=F64)) for _ in range(2)]
+    state = LSTMStackState([(torch.randn(1, 2, 4, dtype=F64), torch.randn(1, 2, 4, dtype=F64)) for _ in range(2)])
     res = enc(x, state)
-    out_r, (h_r, c_r) = ref(x, (torch.cat([s[0] for s in state]), torch.cat([s[1] for s in state])))
+    out_r, (h_r, c_r) = ref(x, (torch.cat([s[0] for s in state.layers]), torch.cat([s[1] for s in state.layers])))
     assert isinstance(res, EncoderOutput)
     torch.testing.assert_close(res.output, out_r, **TIGHT)
     assert res.raw_output is res.layer_outputs[-1]
     torch.testing.assert_close(res.raw_output, out_r, **TIGHT)
-    torch.testing.assert_close(torch.cat([s[0] for s in res.state]), h_r, **TIGHT)
-    torch.testing.assert_close(torch.cat([s[1] for s in res.state]), c_r, **TIGHT)
+    torch.testing.assert_close(torch.cat([s[0] for s in res.state.layers]), h_r, **TIGHT)
+    torch.testing.assert_close(torch.cat([s[1] for s in res.state.layers]), c_r, **TIGHT)
 
 
 # ----------------------------------------------------------------------------- mask given: slow reference
@@ -258,7 +258,7 @@ def test_encoder_ties_each_mask_to_recurrence_and_next_input(monkeypatch: pytest
     calls: list = []
     monkeypatch.setattr(vd_lstm, "keep_mask", _fake_keep_mask(masks, calls))
     emb = torch.randn(3, 6, 3, dtype=F64, requires_grad=True)
-    state = [(torch.randn(1, 3, 4, dtype=F64), torch.randn(1, 3, 4, dtype=F64)) for _ in range(2)]
+    state = LSTMStackState([(torch.randn(1, 3, 4, dtype=F64), torch.randn(1, 3, 4, dtype=F64)) for _ in range(2)])
     res = enc(emb, state)
 
     assert calls == [((3, 4), 0.5, F64), ((3, 4), 0.5, F64)]  # one (B, H) mask per layer, one p
@@ -267,12 +267,12 @@ def test_encoder_ties_each_mask_to_recurrence_and_next_input(monkeypatch: pytest
     torch.testing.assert_close(res.output, masks[1][:, None, :] * res.raw_output, **TIGHT)
     for raw, raw_r in zip(res.layer_outputs, raws_r):
         torch.testing.assert_close(raw, raw_r, **TIGHT)
-    for (h, c), (h_r, c_r) in zip(res.state, states_r):
+    for (h, c), (h_r, c_r) in zip(res.state.layers, states_r):
         torch.testing.assert_close(h[0], h_r, **TIGHT)
         torch.testing.assert_close(c[0], c_r, **TIGHT)
     weight = torch.randn(3, 6, 4, dtype=F64)
     inputs = [emb, *enc.parameters()]
-    g = _grads((res.output * weight).sum() + res.state[0][1].sum(), inputs)
+    g = _grads((res.output * weight).sum() + res.state.layers[0][1].sum(), inputs)
     g_r = _grads((out_r * weight).sum() + states_r[0][1].sum(), inputs)
     for a, b in zip(g, g_r):
         torch.testing.assert_close(a, b, **TIGHT)
@@ -348,7 +348,7 @@ def test_training_p0_equals_eval(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(vd_lstm, "keep_mask", forbidden)
     got = enc.train()(emb)
     torch.testing.assert_close(got.output, expected.output, **TIGHT)
-    for (h, c), (h_e, c_e) in zip(got.state, expected.state):
+    for (h, c), (h_e, c_e) in zip(got.state.layers, expected.state.layers):
         torch.testing.assert_close(h, h_e, **TIGHT)
         torch.testing.assert_close(c, c_e, **TIGHT)
 
@@ -388,6 +388,6 @@ def test_encoder_state_carries_across_calls(masked: bool, monkeypatch: pytest.Mo
     second = enc(emb[:, 5:], first.state)
     assert len(calls) == (6 if masked else 0)
     torch.testing.assert_close(full.output, torch.cat([first.output, second.output], dim=1), **TIGHT)
-    for (h, c), (h_b, c_b) in zip(full.state, second.state):
+    for (h, c), (h_b, c_b) in zip(full.state.layers, second.state.layers):
         torch.testing.assert_close(h, h_b, **TIGHT)
         torch.testing.assert_close(c, c_b, **TIGHT)

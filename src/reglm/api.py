@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 
 from reglm.data.vocab import EOS, UNK, Vocab
-from reglm.encoders.awd_lstm import detach_state
+from reglm.data.windows import StreamPlan
 from reglm.errors import ReglmError
-from reglm.evaluate.perplexity import perplexity
+from reglm.evaluate.perplexity import perplexity, stream_pass
 from reglm.models import LanguageModel
 from reglm.train.checkpoint import MODEL_FILE, load_model_dir
 
@@ -71,20 +71,11 @@ class TrainedModel:
             ids.append(self.vocab.eos_id)
         return ids
 
-    @torch.no_grad()
     def target_log_probs(self, ids: list[int]) -> torch.Tensor:
         """Natural-log probability of each id given the ones before it, starting after ``<eos>``."""
-        stream = torch.tensor([self.vocab.eos_id, *ids], dtype=torch.long, device=self.device).unsqueeze(0)
-        state = self.model.init_state(1, device=self.device)
-        out = []
-        for start in range(0, stream.size(1) - 1, WINDOW):
-            x = stream[:, start : start + WINDOW]
-            y = stream[:, start + 1 : start + 1 + WINDOW]
-            x = x[:, : y.size(1)]
-            result = self.model(x, state)
-            state = detach_state(result.state)
-            out.append(-self.model.output_nll(result, y)[0])
-        return torch.cat(out).double().cpu()
+        stream = torch.tensor([self.vocab.eos_id, *ids], dtype=torch.long)
+        totals = stream_pass([self.model], StreamPlan(stream, 1, "all"), WINDOW, lambda outs, w: {"nll": self.model.output_nll(outs[0], w.targets)}, self.device, keep=("nll",))
+        return -totals.kept["nll"][1].double()
 
     def score(self, sentence: str) -> float:
         """Total log-probability (natural log) of one sentence, its final ``<eos>`` included."""

@@ -16,7 +16,7 @@ embedding dropout and before locked dropout, the order of the authors' code; the
 passes its standard deviation to :meth:`LanguageModel.forward` per its schedule.
 
 The regularization terms (AR/TAR, :mod:`reglm.objectives.activation_reg`) read the
-:class:`~reglm.encoders.awd_lstm.EncoderOutput` returned by :meth:`LanguageModel.forward`; the
+:class:`~reglm.encoders.base.EncoderOutput` returned by :meth:`LanguageModel.forward`; the
 output layer's own objective term (DOC's penalty on the mixture weights) comes with the NLL from
 :meth:`LanguageModel.output_loss`, so the mixture is computed once; so does Inan et al.'s
 augmented loss, which reads the same logits as the NLL.
@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from reglm.config import ModelConfig
-from reglm.encoders.awd_lstm import AWDLSTMEncoder, EncoderOutput, LSTMState
+from reglm.encoders.awd_lstm import AWDLSTMEncoder
+from reglm.encoders.base import EncoderOutput, State
 from reglm.errors import ReglmError
 from reglm.encoders.vd_lstm import VDLSTMEncoder
 from reglm.layers.dropout import LockedDropout, embedding_dropout
@@ -113,13 +114,13 @@ class LanguageModel(nn.Module):
             x = x + noise_std * torch.randn_like(x)
         return self.input_dropout(x)
 
-    def forward(self, ids: Tensor, state: list[LSTMState] | None = None, input_noise: float = 0.0) -> EncoderOutput:
+    def forward(self, ids: Tensor, state: State | None = None, input_noise: float = 0.0) -> EncoderOutput:
         """``ids: (B, T)``, ``state`` from :meth:`init_state` / a previous call, or None (zeros);
         ``input_noise``: std of the training-only Gaussian noise on the embedded input."""
         return self.encoder(self.embed(ids, input_noise), state)
 
-    def init_state(self, batch_size: int, device: torch.device | str | None = None) -> list[LSTMState]:
-        """Zero recurrent state for ``batch_size`` streams: ``(h, c)`` per layer, each ``(1, B, H_l)``."""
+    def init_state(self, batch_size: int, device: torch.device | str | None = None) -> State | None:
+        """The encoder's zero state for ``batch_size`` streams (None for a stateless encoder)."""
         return self.encoder.init_state(batch_size, device)
 
     def output_loss(
@@ -173,12 +174,12 @@ class LanguageModel(nn.Module):
         """DOC: the undropped outputs ``(B, T, H_l)`` of the intermediate layers that feed experts."""
         return [out.layer_outputs[l] for l in self.doc_layers]
 
-    def nll(self, ids: Tensor, targets: Tensor, state: list[LSTMState] | None = None) -> tuple[Tensor, list[LSTMState]]:
+    def nll(self, ids: Tensor, targets: Tensor, state: State | None = None) -> tuple[Tensor, State | None]:
         """``ids, targets: (B, T)`` -> (per-token NLL ``(B, T)``, new state)."""
         out = self(ids, state)
         return self.output_nll(out, targets), out.state
 
-    def log_probs(self, ids: Tensor, state: list[LSTMState] | None = None) -> tuple[Tensor, list[LSTMState]]:
+    def log_probs(self, ids: Tensor, state: State | None = None) -> tuple[Tensor, State | None]:
         """``ids: (B, T)`` -> (log-probabilities of the next word ``(B, T, V)``, new state)."""
         out = self(ids, state)
         return self.output_log_probs(out), out.state

@@ -84,10 +84,10 @@ from tqdm.auto import tqdm
 
 from reglm.analysis.subspace import embedding_subspace_distance
 from reglm.config import MAX_SEED, ModelConfig
-from reglm.data.batching import batchify, get_batch
-from reglm.encoders.awd_lstm import detach_state
+from reglm.data.windows import StreamPlan, Window
+from reglm.encoders.base import EncoderOutput, detach_state
 from reglm.errors import ReglmError
-from reglm.evaluate.perplexity import perplexity
+from reglm.evaluate.perplexity import perplexity, stream_pass
 from reglm.io import write_with
 from reglm.models import LanguageModel
 from reglm.objectives.augmented_loss import augmented_kl
@@ -237,28 +237,22 @@ def _slice(train_ids: Tensor, words: int, seed: int) -> tuple[int, Tensor]:
     return offset, train_ids[offset : offset + words]
 
 
-@torch.no_grad()
-def _evaluate(model: LanguageModel, data: Tensor, bptt: int, tau: float) -> dict[str, float]:
-    """Mean ``J`` (cross-entropy), its perplexity, and mean ``J_aug`` at ``tau`` over ``data: (B, L)``."""
-    model.eval()
-    state = model.init_state(data.size(0), data.device)
-    nll = aug = 0.0
-    count = 0
-    for start in range(0, data.size(1) - 1, bptt):
-        x, y = get_batch(data, start, bptt)
-        out = model(x, state)
-        state = out.state
-        logits = model.output.logits(out.output).reshape(-1, model.vocab_size)
-        flat = y.reshape(-1)
-        nll += float(F.cross_entropy(logits, flat, reduction="sum"))
-        aug += float(augmented_kl(logits, flat, model.embedding.weight, tau).sum())
-        count += flat.numel()
-    model.train()
-    return {"nll": nll / count, "ppl": perplexity(nll / count), "aug": aug / count}
+def _evaluate(model: LanguageModel, plan: StreamPlan, bptt: int, tau: float) -> dict[str, float]:
+    """Mean ``J`` (cross-entropy), its perplexity, and mean ``J_aug`` at ``tau`` over the slice."""
+
+    def per_window(outs: list[EncoderOutput], window: Window) -> dict[str, Tensor]:
+        logits = model.output.logits(outs[0].output).reshape(-1, model.vocab_size)
+        flat = window.targets.reshape(-1)
+        shape = window.targets.shape
+        return {"nll": F.cross_entropy(logits, flat, reduction="none").view(shape), "aug": augmented_kl(logits, flat, model.embedding.weight, tau).view(shape)}
+
+    totals = stream_pass([model], plan, bptt, per_window, plan.data.device)
+    nll = totals.mean("nll")
+    return {"nll": nll, "ppl": perplexity(nll), "aug": totals.mean("aug")}
 
 
-def train_point(data: Tensor, vocab_size: int, spec: SubspaceStudySpec, beta: float, tau: float, seed: int) -> dict[str, Any]:
-    """One training of the study on ``data: (B, L)`` (the batchified slice, on the target device).
+def train_point(plan: StreamPlan, vocab_size: int, spec: SubspaceStudySpec, beta: float, tau: float, seed: int) -> dict[str, Any]:
+    """One training of the study on ``plan`` (the slice's streams, on the target device).
 
     The model is initialized from ``seed``. Returns ``{"distance", "final": {"nll", "ppl", "aug"},
     "curve": [{"epoch", "objective", "distance"}, ...], "seconds"}``: the subspace distance after
@@ -266,7 +260,7 @@ def train_point(data: Tensor, vocab_size: int, spec: SubspaceStudySpec, beta: fl
     the mean eq.-6.1 objective over its steps and the distance at its end.
     """
     began = time.perf_counter()
-    device = data.device
+    device = plan.data.device
     cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):
         torch.manual_seed(seed)
@@ -284,10 +278,10 @@ def train_point(data: Tensor, vocab_size: int, spec: SubspaceStudySpec, beta: fl
     model.train()
     curve = []
     for epoch in range(1, spec.epochs + 1):
-        state = model.init_state(data.size(0), device)
+        state = model.init_state(plan.batch_size, device)
         total, steps = 0.0, 0
-        for start in range(0, data.size(1) - 1, spec.bptt):
-            x, y = get_batch(data, start, spec.bptt)
+        for window in plan.windows(spec.bptt):
+            x, y = window.inputs, window.targets
             out = model(x, state)
             state = detach_state(out.state)
             logits = model.output.logits(out.output).reshape(-1, vocab_size)
@@ -304,7 +298,7 @@ def train_point(data: Tensor, vocab_size: int, spec: SubspaceStudySpec, beta: fl
         curve.append({"epoch": epoch, "objective": total / steps, "distance": embedding_subspace_distance(model)})
     return {
         "distance": curve[-1]["distance"],
-        "final": _evaluate(model, data, spec.bptt, tau),
+        "final": _evaluate(model, plan, spec.bptt, tau),
         "curve": curve,
         "seconds": time.perf_counter() - began,
     }
@@ -347,9 +341,9 @@ def run_subspace_study(train_ids: Tensor, vocab_size: int, spec: SubspaceStudySp
         for run in range(spec.runs):
             seed = spec.seed + run
             offset, ids = _slice(train_ids, spec.words, seed)
-            data = batchify(ids.to(torch.long), spec.batch_size).to(device)
+            plan = StreamPlan(ids.to(torch.long), spec.batch_size, "trim").to(device)
             for beta, tau in points:
-                record = train_point(data, vocab_size, spec, beta, tau, seed)
+                record = train_point(plan, vocab_size, spec, beta, tau, seed)
                 trainings.append({"run": run, "seed": seed, "offset": offset, "beta": beta, "tau": tau, **record})
                 bar.set_postfix(beta=beta, tau=tau, distance=f"{record['distance']:.3f}")
                 bar.update(1)

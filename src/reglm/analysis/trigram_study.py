@@ -46,7 +46,7 @@ from reglm.config import RunConfig, build_config, derive_config
 from reglm.data import Corpus
 from reglm.data.vocab import EOS
 from reglm.errors import ReglmError
-from reglm.evaluate.perplexity import evaluate, perplexity, target_positions
+from reglm.evaluate.perplexity import evaluate, perplexity
 from reglm.io import write_json
 from reglm.models import LanguageModel
 from reglm.objectives.reverse_kl import log_p_hat
@@ -232,7 +232,7 @@ def run_trigram_study(out: Path, spec: TrigramStudySpec, progress: bool = False)
             _run_stage(out / stage, stage_config, corpus, progress, ChosenWordTracker(context, chosen))
             stages[stage] = {"base": name, "lr": lr, "objective": objective["kind"]}
 
-    rows = {"true distribution": _true_row(corpus, frequent, config.train.test_batch_size)}
+    rows = {"true distribution": _true_row(corpus, frequent)}
     for name in ("initial", "perturbed"):
         model, _, _ = load_model_dir(bases[name], device)
         rows[f"{name} model"] = table_row(model, corpus, frequent, config.train.test_batch_size, device)
@@ -275,10 +275,11 @@ def _check_spec(out: Path, spec: TrigramStudySpec) -> None:
     write_json(path, current)
 
 
-def _true_row(corpus: Corpus, frequent: torch.Tensor, batch_size: int) -> dict[str, float]:
-    """Table 1's row of the true distribution over the test positions the models are scored on."""
+def _true_row(corpus: Corpus, frequent: torch.Tensor) -> dict[str, float]:
+    """Table 1's row of the true distribution over the test positions the models are scored on
+    (every token but the first)."""
     assert corpus.truth is not None
-    positions = target_positions(batch_size, corpus.test.numel() // batch_size)
+    positions = torch.arange(1, corpus.test.numel())
     targets = corpus.test[positions]
     words = targets != corpus.vocab.eos_id
     logp = corpus.truth["test"][positions].double()

@@ -11,21 +11,24 @@ Techniques, with the paper's sections:
 * Independent embedding and hidden sizes (section 4.5): the first layer reads ``emb_size``
   features, the last one emits ``H_L = emb_size`` features so a tied output layer can read it,
   or ``H_L = last_hidden_size`` when set (the mixture of softmaxes projects it to ``emb_size``).
-* Hidden state carried across batches and detached (truncated BPTT): :func:`detach_state`.
+* Hidden state carried across batches and detached (truncated BPTT): the encoder's state is an
+  :class:`~reglm.encoders.base.LSTMStackState`.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from reglm.config import ModelConfig
+from reglm.encoders.base import EncoderOutput, LSTMStackState
 from reglm.layers.dropout import LockedDropout, keep_mask
 
 LSTMState = tuple[Tensor, Tensor]
+"""One layer's ``(h, c)``, each ``(1, B, H)``."""
 
 
 class WeightDropLSTM(nn.Module):
@@ -99,24 +102,6 @@ class WeightDropLSTM(nn.Module):
         return f"{self.input_size}, {self.hidden_size}, weight_dropout={self.weight_dropout}"
 
 
-@dataclass
-class EncoderOutput:
-    """What an encoder returns; the output layer and the AR/TAR terms read from it.
-
-    * ``output: (B, T, H_L)`` -- last layer's output after output dropout (``m * h_t``): what the
-      output layer reads and what AR penalizes (AWD-LSTM 4.6).
-    * ``raw_output: (B, T, H_L)`` -- last layer's output before dropout (``h_t``): what TAR reads.
-    * ``layer_outputs`` -- the undropped output ``(B, T, H_l)`` of every layer, first to last.
-    * ``state`` -- the new ``(h, c)`` of every layer, each ``(1, B, H_l)``; pass it to the next
-      call (detached with :func:`detach_state`) to carry the state across batches.
-    """
-
-    output: Tensor
-    raw_output: Tensor
-    layer_outputs: list[Tensor]
-    state: list[LSTMState]
-
-
 class AWDLSTMEncoder(nn.Module):
     """A stack of ``cfg.num_layers`` :class:`WeightDropLSTM` layers (AWD-LSTM sections 2, 4.2, 4.5).
 
@@ -147,33 +132,26 @@ class AWDLSTMEncoder(nn.Module):
         self.output_dropout = LockedDropout(cfg.output_dropout)
         self.output_size = last_size
 
-    def init_state(self, batch_size: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> list[LSTMState]:
+    def init_state(self, batch_size: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> LSTMStackState:
         """Zero ``(h, c)`` for every layer, each ``(1, B, H_l)``."""
-        return [layer.init_state(batch_size, device, dtype) for layer in self.layers]
+        return LSTMStackState([layer.init_state(batch_size, device, dtype) for layer in self.layers])
 
-    def forward(self, emb: Tensor, state: list[LSTMState] | None = None) -> EncoderOutput:
+    def load_state(self, raw: Any) -> LSTMStackState:
+        """A state from its ``state_dict()``; ``ValueError`` when it does not fit these layers."""
+        return LSTMStackState.from_state_dict(raw, [layer.hidden_size for layer in self.layers])
+
+    def forward(self, emb: Tensor, state: LSTMStackState | None = None) -> EncoderOutput:
         """``emb: (B, T, E)`` (already dropped by the input layer), ``state`` as from
         :meth:`init_state` or a previous call, or None for zeros. Returns :class:`EncoderOutput`."""
-        if state is not None and len(state) != len(self.layers):
-            raise ValueError(f"state has {len(state)} layers, the encoder has {len(self.layers)}")
+        if state is not None and len(state.layers) != len(self.layers):
+            raise ValueError(f"state has {len(state.layers)} layers, the encoder has {len(self.layers)}")
         x = emb
         layer_outputs: list[Tensor] = []
         new_state: list[LSTMState] = []
         last = len(self.layers) - 1
         for l, layer in enumerate(self.layers):
-            raw, layer_state = layer(x, None if state is None else state[l])
+            raw, layer_state = layer(x, None if state is None else state.layers[l])
             layer_outputs.append(raw)
             new_state.append(layer_state)
             x = self.hidden_dropout(raw) if l < last else self.output_dropout(raw)
-        return EncoderOutput(output=x, raw_output=layer_outputs[-1], layer_outputs=layer_outputs, state=new_state)
-
-
-def detach_state(state: list[LSTMState]) -> list[LSTMState]:
-    """The state cut from the graph, for truncated BPTT across consecutive batches."""
-    return [(h.detach(), c.detach()) for h, c in state]
-
-
-def concat_streams(chunk_states: list[list[LSTMState]]) -> list[LSTMState]:
-    """The states of consecutive chunks of streams, ``(h, c)`` per layer each ``(1, B_j, H_l)``,
-    joined into the batch's ``(1, sum_j B_j, H_l)``."""
-    return [(torch.cat([h for h, _ in layer], dim=1), torch.cat([c for _, c in layer], dim=1)) for layer in zip(*chunk_states)]
+        return EncoderOutput(output=x, raw_output=layer_outputs[-1], layer_outputs=layer_outputs, state=LSTMStackState(new_state))

@@ -27,10 +27,13 @@ projection of all ``T`` steps is still one matrix product.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
-from reglm.encoders.awd_lstm import EncoderOutput, LSTMState
+from reglm.encoders.awd_lstm import LSTMState
+from reglm.encoders.base import EncoderOutput, LSTMStackState
 from reglm.layers.dropout import keep_mask
 
 
@@ -162,27 +165,31 @@ class VDLSTMEncoder(nn.Module):
         self.output_size = hidden_size
         self.dropout = float(dropout)
 
-    def init_state(self, batch_size: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> list[LSTMState]:
+    def init_state(self, batch_size: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> LSTMStackState:
         """Zero ``(h, c)`` for every layer, each ``(1, B, H)``."""
-        return [layer.init_state(batch_size, device, dtype) for layer in self.layers]
+        return LSTMStackState([layer.init_state(batch_size, device, dtype) for layer in self.layers])
 
-    def forward(self, emb: Tensor, state: list[LSTMState] | None = None) -> EncoderOutput:
+    def load_state(self, raw: Any) -> LSTMStackState:
+        """A state from its ``state_dict()``; ``ValueError`` when it does not fit these layers."""
+        return LSTMStackState.from_state_dict(raw, [layer.hidden_size for layer in self.layers])
+
+    def forward(self, emb: Tensor, state: LSTMStackState | None = None) -> EncoderOutput:
         """``emb: (B, T, E)`` (as the input layer left it), ``state`` as from :meth:`init_state`
         or a previous call, or None for zeros. Returns :class:`EncoderOutput` (``output`` is
         ``m_L * h^L_t`` in training, ``h^L_t`` otherwise; ``raw_output`` is ``h^L_t``)."""
-        if state is not None and len(state) != len(self.layers):
-            raise ValueError(f"state has {len(state)} layers, the encoder has {len(self.layers)}")
+        if state is not None and len(state.layers) != len(self.layers):
+            raise ValueError(f"state has {len(state.layers)} layers, the encoder has {len(self.layers)}")
         use_masks = self.training and self.dropout > 0.0
         x = emb
         layer_outputs: list[Tensor] = []
         new_state: list[LSTMState] = []
         for l, layer in enumerate(self.layers):
             mask = keep_mask((emb.size(0), layer.hidden_size), self.dropout, emb) if use_masks else None
-            raw, layer_state = layer(x, None if state is None else state[l], mask)
+            raw, layer_state = layer(x, None if state is None else state.layers[l], mask)
             layer_outputs.append(raw)
             new_state.append(layer_state)
             x = raw if mask is None else mask.unsqueeze(1) * raw
-        return EncoderOutput(output=x, raw_output=layer_outputs[-1], layer_outputs=layer_outputs, state=new_state)
+        return EncoderOutput(output=x, raw_output=layer_outputs[-1], layer_outputs=layer_outputs, state=LSTMStackState(new_state))
 
     def extra_repr(self) -> str:
         return f"dropout={self.dropout}"

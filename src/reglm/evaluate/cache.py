@@ -46,17 +46,16 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
-from reglm.data.batching import batchify, get_batch
-from reglm.encoders.awd_lstm import detach_state
+from reglm.data.windows import StreamPlan, Window
+from reglm.encoders.base import EncoderOutput
 from reglm.errors import ReglmError
-from reglm.evaluate.perplexity import EvalResult, perplexity, target_positions
+from reglm.evaluate.perplexity import EvalResult, perplexity, stream_pass, totals_result
 
 FIELDS = {"window": "window", "theta": "theta", "lambda": "lam"}
 """spec key -> :class:`CacheSpec` attribute"""
@@ -276,43 +275,29 @@ def cache_nll(
     return torch.stack(out)
 
 
-def _cache_pass(
-    model: torch.nn.Module,
-    ids: Tensor,
-    windows: Sequence[int],
-    thetas: Sequence[float],
-    lams: Sequence[float],
-    batch_size: int,
-    bptt: int,
-    device: torch.device | str,
-    progress: bool,
-    desc: str,
-) -> Iterator[tuple[Tensor, Tensor]]:
-    """Run ``model`` over ``ids`` as :func:`evaluate` does and yield, per bptt window,
-    ``(nll_model (B, T), cache_nll (nW, nθ, nλ, B, T))``. The model is in eval mode meanwhile;
-    the cache keeps the last ``max(windows)`` positions of every stream."""
-    was_training = model.training
-    model.eval()
-    try:
-        data = batchify(ids, batch_size).to(device)
-        state = model.init_state(data.size(0), device=device)
-        keep = max(windows)
-        past_h = past_y = None
-        for start in tqdm(range(0, data.size(1) - 1, bptt), desc=desc, disable=not progress, leave=False, unit="batch"):
-            x, y = get_batch(data, start, bptt)
-            out = model(x, state)
-            state = detach_state(out.state)
-            nll_model = model.output_nll(out, y)
-            h = out.output
-            if past_h is None:
-                past_h, past_y = h[:, :0], y[:, :0]
-                theta_t = torch.tensor(thetas, dtype=h.dtype, device=h.device)
-                lam_t = torch.tensor(lams, dtype=h.dtype, device=h.device)
-            states, next_ids = torch.cat([past_h, h], dim=1), torch.cat([past_y, y], dim=1)
-            yield nll_model, cache_nll(states, next_ids, past_h.size(1), nll_model, windows, theta_t, lam_t)
-            past_h, past_y = states[:, -keep:], next_ids[:, -keep:]
-    finally:
-        model.train(was_training)
+class _CacheWindows:
+    """A :func:`~reglm.evaluate.perplexity.stream_pass` callback: per window, the model's NLL
+    ``(B, T)`` and the cache mixture's for every grid point ``(nW, nθ, nλ, B, T)``, keeping the
+    last ``max(windows)`` positions of every stream as the cache."""
+
+    def __init__(self, model: torch.nn.Module, windows: Sequence[int], thetas: Sequence[float], lams: Sequence[float]) -> None:
+        self.model, self.windows, self.thetas, self.lams = model, list(windows), thetas, lams
+        self.keep = max(windows)
+        self.past_h: Tensor | None = None
+        self.past_y: Tensor | None = None
+
+    def __call__(self, outs: list[EncoderOutput], window: Window) -> dict[str, Tensor]:
+        out, y = outs[0], window.targets
+        nll_model = self.model.output_nll(out, y)
+        h = out.output
+        if self.past_h is None or self.past_y is None:
+            self.past_h, self.past_y = h[:, :0], y[:, :0]
+            self.theta_t = torch.tensor(self.thetas, dtype=h.dtype, device=h.device)
+            self.lam_t = torch.tensor(self.lams, dtype=h.dtype, device=h.device)
+        states, next_ids = torch.cat([self.past_h, h], dim=1), torch.cat([self.past_y, y], dim=1)
+        nll = cache_nll(states, next_ids, self.past_h.size(1), nll_model, self.windows, self.theta_t, self.lam_t)
+        self.past_h, self.past_y = states[:, -self.keep :], next_ids[:, -self.keep :]
+        return {"model": nll_model, "cache": nll}
 
 
 @torch.no_grad()
@@ -331,27 +316,18 @@ def cache_evaluate(
 
     Streams and windows as :func:`evaluate`; ``result.plain`` is the model alone on the same
     targets (equal to :func:`evaluate`'s result). With ``keep_token_nll`` both results carry
-    ``token_nll`` and ``positions`` ``(B, L-1)``.
+    ``token_nll`` and ``positions`` of every target.
     """
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    plain_total = torch.zeros((), dtype=torch.float64, device=device)
-    count = 0
-    pieces, plain_pieces = [], []
-    for nll_model, nll in _cache_pass(model, ids, [spec.window], [spec.theta], [spec.lam], batch_size, bptt, device, progress, desc):
-        mixed = nll[0, 0, 0]
-        total += mixed.sum(dtype=torch.float64)
-        plain_total += nll_model.sum(dtype=torch.float64)
-        count += mixed.numel()
-        if keep_token_nll:
-            pieces.append(mixed.float().cpu())
-            plain_pieces.append(nll_model.float().cpu())
-    plain = EvalResult(loss=float(plain_total) / max(count, 1), tokens=count)
-    result = CacheResult(loss=float(total) / max(count, 1), tokens=count, spec=spec, plain=plain)
-    if keep_token_nll:
-        positions = target_positions(batch_size, ids.numel() // batch_size)
-        result.token_nll, result.positions = torch.cat(pieces, dim=1), positions
-        plain.token_nll, plain.positions = torch.cat(plain_pieces, dim=1), positions
-    return result
+    step = _CacheWindows(model, [spec.window], [spec.theta], [spec.lam])
+
+    def per_window(outs: list[EncoderOutput], window: Window) -> dict[str, Tensor]:
+        values = step(outs, window)
+        return {"model": values["model"], "mixed": values["cache"][0, 0, 0]}
+
+    totals = stream_pass([model], StreamPlan(ids, batch_size, "all"), bptt, per_window, device, progress, desc, ("model", "mixed") if keep_token_nll else ())
+    plain = totals_result(totals, "model")
+    mixed = totals_result(totals, "mixed")
+    return CacheResult(loss=mixed.loss, tokens=mixed.tokens, token_nll=mixed.token_nll, positions=mixed.positions, spec=spec, plain=plain)
 
 
 @torch.no_grad()
@@ -372,14 +348,9 @@ def cache_search(
     window size a masked softmax for all thetas at once and the mixture for all lambdas.
     Memory per window size ``O(nθ B T (W + T))``.
     """
-    totals = torch.zeros(len(grid.windows), len(grid.thetas), len(grid.lams), dtype=torch.float64, device=device)
-    plain_total = torch.zeros((), dtype=torch.float64, device=device)
-    count = 0
-    for nll_model, nll in _cache_pass(model, ids, grid.windows, grid.thetas, grid.lams, batch_size, bptt, device, progress, desc):
-        totals += nll.flatten(-2).sum(-1, dtype=torch.float64)
-        plain_total += nll_model.sum(dtype=torch.float64)
-        count += nll_model.numel()
-    losses = (totals / max(count, 1)).cpu()
+    step = _CacheWindows(model, grid.windows, grid.thetas, grid.lams)
+    totals = stream_pass([model], StreamPlan(ids, batch_size, "all"), bptt, step, device, progress, desc)
+    losses = totals.means["cache"].cpu()
     results = [
         {"window": w, "theta": theta, "lambda": lam, "loss": float(losses[i, j, k]), "ppl": perplexity(float(losses[i, j, k]))}
         for i, w in enumerate(grid.windows)
@@ -388,7 +359,7 @@ def cache_search(
     ]
     best = min(range(len(results)), key=lambda n: results[n]["loss"])
     spec = CacheSpec(results[best]["window"], results[best]["theta"], results[best]["lambda"])
-    return CacheSearch(best=spec, loss=results[best]["loss"], model_loss=float(plain_total) / max(count, 1), tokens=count, results=results)
+    return CacheSearch(best=spec, loss=results[best]["loss"], model_loss=totals.mean("model"), tokens=totals.tokens, results=results)
 
 
 def cache_distribution(log_p_model: Tensor, states: Tensor, next_ids: Tensor, history: int, spec: CacheSpec) -> Tensor:

@@ -104,11 +104,12 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from reglm.data.batching import batchify, get_batch
-from reglm.encoders.awd_lstm import LSTMState, WeightDropLSTM, detach_state
+from reglm.data.windows import StreamPlan, Window
+from reglm.encoders.awd_lstm import WeightDropLSTM
+from reglm.encoders.base import State, detach_state
 from reglm.encoders.vd_lstm import VDLSTMLayer
 from reglm.errors import ReglmError
-from reglm.evaluate.perplexity import EvalResult, target_positions
+from reglm.evaluate.perplexity import EvalResult, in_stream_order
 
 OPTION = "--dynamic"
 SEARCH_OPTION = "--dynamic-search"
@@ -352,13 +353,14 @@ def _native_cpu_kernels() -> Iterator[None]:
         torch.backends.mkldnn.enabled = previous
 
 
-def _segment_grads(model: nn.Module, params: list[Tensor], x: Tensor, y: Tensor, state: list[LSTMState] | None) -> tuple[Tensor, tuple[Tensor, ...], list[LSTMState]]:
-    """Score ``x, y: (B, T)`` and differentiate the mean NLL: (NLL ``(B, T)``, one gradient per
-    parameter, detached new state)."""
+def _segment_grads(model: nn.Module, params: list[Tensor], window: Window, state: State | None) -> tuple[Tensor, tuple[Tensor, ...], State | None]:
+    """Score the window and differentiate the mean NLL of its scored targets: (NLL ``(B, T)``,
+    one gradient per parameter, detached new state)."""
     with torch.enable_grad(), _native_cpu_kernels():
-        out = model(x, state)
-        nll = model.output_nll(out, y)
-        grads = torch.autograd.grad(nll.mean(), params, allow_unused=True, materialize_grads=True)
+        out = model(window.inputs, state)
+        nll = model.output_nll(out, window.targets)
+        loss = nll.mean() if window.scored is None else nll.masked_fill(~window.scored, 0).sum() / window.tokens
+        grads = torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)
     return nll.detach(), grads, detach_state(out.state)
 
 
@@ -387,15 +389,14 @@ def gradient_statistics(
     work = _gradient_copy(model, device)
     params = list(work.parameters())
     names = [name for name, _ in work.named_parameters()]
-    data = batchify(train_ids, spec.stats_batch_size).to(device)
-    starts = range(0, data.size(1) - 2, window)
+    plan = StreamPlan(train_ids, spec.stats_batch_size, "trim").to(device)
+    starts = range(0, plan.columns - 1, window)
     if spec.max_train_tokens is not None:
-        starts = starts[: max(1, spec.max_train_tokens // (data.size(0) * window))]
+        starts = starts[: max(1, spec.max_train_tokens // (plan.batch_size * window))]
     square_sums = [torch.zeros_like(p) for p in params]
-    state = work.init_state(data.size(0), device=device)
+    state = work.init_state(plan.batch_size, device=device)
     for start in tqdm(starts, desc=desc, disable=not progress, leave=False, unit="batch"):
-        x, y = get_batch(data, start, window)
-        _, grads, state = _segment_grads(work, params, x, y, state)
+        _, grads, state = _segment_grads(work, params, plan.window(start, window), state)
         torch._foreach_addcmul_(square_sums, grads, grads)
     return {name: s.div_(len(starts)).sqrt_() for name, s in zip(names, square_sums)}
 
@@ -444,12 +445,12 @@ class DynamicEvaluator:
         for p, p0 in zip(self.params, self.theta0):
             p.copy_(p0)
 
-    def adapt(self, x: Tensor, y: Tensor, state: list[LSTMState] | None, spec: DynamicSpec) -> tuple[Tensor, list[LSTMState]]:
-        """Score the segment ``x, y: (B, T)`` with the current weights, then update them on it.
+    def adapt(self, window: Window, state: State | None, spec: DynamicSpec) -> tuple[Tensor, State | None]:
+        """Score the segment with the current weights, then update them on its scored targets.
         Returns the NLL ``(B, T)`` of the prediction made *before* the update and the detached
         state to pass with the next segment."""
         decay, step = self._coefficients(spec)
-        nll, grads, state = _segment_grads(self.model, self.params, x, y, state)
+        nll, grads, state = _segment_grads(self.model, self.params, window, state)
         with torch.no_grad():
             torch._foreach_lerp_(self.params, self.theta0, decay)
             if spec.variant == "sgd":
@@ -459,29 +460,27 @@ class DynamicEvaluator:
         return nll, state
 
     def evaluate(self, ids: Tensor, spec: DynamicSpec, keep_token_nll: bool = False, progress: bool = False, desc: str = "dynamic") -> EvalResult:
-        """One dynamic pass over ``ids: (N,)`` cut into ``spec.batch_size`` streams, in segments
-        of ``spec.segment`` tokens; the weights are back at ``theta_0`` afterwards.
-        ``token_nll``/``positions`` have the layout of :func:`~reglm.evaluate.perplexity.evaluate`."""
-        data = batchify(ids, spec.batch_size).to(self.device)
-        length = data.size(1)
-        state = self.model.init_state(data.size(0), device=self.device)
+        """One dynamic pass over ``ids: (N,)`` cut into ``spec.batch_size`` streams (every target
+        once, :class:`~reglm.data.windows.StreamPlan`), in segments of ``spec.segment`` tokens;
+        the weights are back at ``theta_0`` afterwards. ``token_nll``/``positions`` as
+        :func:`~reglm.evaluate.perplexity.evaluate` gives them."""
+        plan = StreamPlan(ids, spec.batch_size, "all").to(self.device)
+        state = self.model.init_state(plan.batch_size, device=self.device)
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         count = 0
         pieces = []
         try:
-            for start in tqdm(range(0, length - 1, spec.segment), desc=desc, disable=not progress, leave=False, unit="segment"):
-                x, y = get_batch(data, start, spec.segment)
-                nll, state = self.adapt(x, y, state, spec)
-                total += nll.sum(dtype=torch.float64)
-                count += y.numel()
+            for window in tqdm(plan.windows(spec.segment), total=plan.count(spec.segment), desc=desc, disable=not progress, leave=False, unit="segment"):
+                nll, state = self.adapt(window, state, spec)
+                total += window.masked_sum(nll)
+                count += window.tokens
                 if keep_token_nll:
-                    pieces.append(nll.float().cpu())
+                    pieces.append(window.scored_values(nll))
         finally:
             self.reset()
         result = EvalResult(loss=float(total) / max(count, 1), tokens=count)
         if keep_token_nll:
-            result.token_nll = torch.cat(pieces, dim=1)
-            result.positions = target_positions(data.size(0), length)
+            result.positions, result.token_nll = in_stream_order(pieces)
         return result
 
 

@@ -1,21 +1,28 @@
-"""Deterministic evaluation: one full pass, summed token NLL over token count.
+"""Deterministic evaluation: one full pass, summed token NLL over the word count.
 
-The id stream is cut into ``batch_size`` contiguous streams (the trailing ``N mod B`` tokens
-are dropped, as in the papers' code), read in windows of ``bptt`` tokens with the hidden state
-carried from window to window. Perplexity is ``exp(sum NLL / number of targets)``; nothing is
-sampled or averaged per batch.
+The split is read through the window planner (:class:`~reglm.data.windows.StreamPlan`, cover
+``"all"``): ``batch_size`` contiguous streams, windows of ``bptt`` tokens, the encoder's state
+carried from window to window, every target of the split scored exactly once whatever the batch
+size. Perplexity is ``exp(sum NLL / words)`` (``words`` = targets for a word-level model);
+nothing is sampled or averaged per batch.
+
+:func:`stream_pass` is the one stateful pass every scoring of a split goes through (plain
+evaluation, the trainer's objectives, the API, the studies): several models read the same
+windows, each carrying its own state.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 from tqdm.auto import tqdm
 
-from reglm.data.batching import batchify, get_batch
-from reglm.encoders.awd_lstm import detach_state
+from reglm.data.windows import StreamPlan, Window
+from reglm.encoders.base import EncoderOutput, detach_state
 
 
 def perplexity(loss: float) -> float:
@@ -26,64 +33,119 @@ def perplexity(loss: float) -> float:
 @dataclass
 class EvalResult:
     loss: float
-    """mean NLL per target token (nats)"""
+    """mean NLL per scored target (nats)"""
     tokens: int
     """number of scored targets"""
-    token_nll: torch.Tensor | None = None
-    """(B, L-1) NLL of every target, when asked for"""
-    positions: torch.Tensor | None = None
-    """(B, L-1) index of each target in the original 1-D stream"""
+    token_nll: Tensor | None = None
+    """(tokens,) NLL of every scored target in stream order, when asked for"""
+    positions: Tensor | None = None
+    """(tokens,) index of each of those targets in the 1-D stream"""
+    words: int | None = None
+    """words the scored targets close (None: every target is a word)"""
+
+    @property
+    def word_loss(self) -> float:
+        """Summed NLL per word: the loss behind :attr:`ppl`."""
+        return self.loss * self.tokens / max(self.words if self.words is not None else self.tokens, 1)
 
     @property
     def ppl(self) -> float:
-        return perplexity(self.loss)
+        """Word-level perplexity ``exp(sum NLL / words)``."""
+        return perplexity(self.word_loss)
 
     def as_dict(self) -> dict[str, float | int]:
-        return {"loss": self.loss, "ppl": self.ppl, "tokens": self.tokens}
+        out: dict[str, float | int] = {"loss": self.loss, "ppl": self.ppl, "tokens": self.tokens}
+        if self.words is not None and self.words != self.tokens:
+            out["words"] = self.words
+        return out
 
 
-@torch.no_grad()
+@dataclass
+class PassTotals:
+    """What :func:`stream_pass` adds up: per name, the mean over scored targets (a float64 tensor
+    of the values' leading shape), the token and word counts, and the kept per-target values."""
+
+    means: dict[str, Tensor]
+    tokens: int
+    words: int
+    kept: dict[str, tuple[Tensor, Tensor]]
+    """name -> ``(positions, values)`` of every scored target in stream order, both ``(tokens,)``"""
+
+    def mean(self, name: str) -> float:
+        return float(self.means[name])
+
+
+def stream_pass(
+    models: Sequence[torch.nn.Module],
+    plan: StreamPlan,
+    bptt: int,
+    per_window: Callable[[list[EncoderOutput], Window], dict[str, Tensor]],
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+    desc: str = "eval",
+    keep: Sequence[str] = (),
+) -> PassTotals:
+    """Run ``models`` (in eval mode, without gradients; modes restored after) over ``plan``'s
+    windows of ``bptt`` columns, each model carrying its own state. ``per_window(outputs, window)``
+    returns ``(..., B, T)`` values per name; their sums over the scored targets are returned as
+    means, and, for the names in ``keep`` (``(B, T)`` values), every scored target's value."""
+    modes = [m.training for m in models]
+    for m in models:
+        m.eval()
+    plan.to(device)
+    states = [m.init_state(plan.batch_size, device=device) for m in models]
+    sums: dict[str, Tensor] = {}
+    tokens = words = 0
+    pieces: dict[str, list[tuple[Tensor, Tensor]]] = {name: [] for name in keep}
+    try:
+        with torch.no_grad():
+            for window in tqdm(plan.windows(bptt), total=plan.count(bptt), desc=desc, disable=not progress, leave=False, unit="batch"):
+                outs = [m(window.inputs, s) for m, s in zip(models, states)]
+                states = [detach_state(o.state) for o in outs]
+                for name, value in per_window(outs, window).items():
+                    total = window.masked_sum(value)
+                    sums[name] = sums[name] + total if name in sums else total
+                    if name in pieces:
+                        pieces[name].append(window.scored_values(value))
+                tokens += window.tokens
+                words += window.words
+    finally:
+        for m, mode in zip(models, modes):
+            m.train(mode)
+    kept = {name: in_stream_order(parts) for name, parts in pieces.items()}
+    return PassTotals({name: total / max(tokens, 1) for name, total in sums.items()}, tokens, words, kept)
+
+
+def in_stream_order(pieces: Sequence[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    """Windows' ``(positions, values)`` joined and sorted by stream position."""
+    positions = torch.cat([p for p, _ in pieces])
+    order = torch.argsort(positions)
+    return positions[order], torch.cat([v for _, v in pieces])[order]
+
+
 def evaluate(
     model: torch.nn.Module,
-    ids: torch.Tensor,
+    ids: Tensor,
     batch_size: int,
     bptt: int,
     device: torch.device | str = "cpu",
     keep_token_nll: bool = False,
     progress: bool = False,
     desc: str = "eval",
+    word_ends: Tensor | None = None,
 ) -> EvalResult:
     """Score ``ids`` (N,) with ``model`` in eval mode; returns the exact corpus-level NLL.
 
-    The model is put in eval mode for the pass and its previous mode restored afterwards.
+    ``word_ends: (N,)`` marks the tokens that close a word (sub-word models; default: all).
     """
-    was_training = model.training
-    model.eval()
-    data = batchify(ids, batch_size).to(device)
-    length = data.size(1)
-    state = model.init_state(data.size(0), device=device)
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    count = 0
-    pieces = []
-    starts = range(0, length - 1, bptt)
-    for start in tqdm(starts, desc=desc, disable=not progress, leave=False, unit="batch"):
-        x, y = get_batch(data, start, bptt)
-        out = model(x, state)
-        nll = model.output_nll(out, y)
-        state = detach_state(out.state)
-        total += nll.sum(dtype=torch.float64)
-        count += y.numel()
-        if keep_token_nll:
-            pieces.append(nll.float().cpu())
-    model.train(was_training)
-    result = EvalResult(loss=float(total) / max(count, 1), tokens=count)
-    if keep_token_nll:
-        result.token_nll = torch.cat(pieces, dim=1)
-        result.positions = target_positions(data.size(0), length)
+    plan = StreamPlan(ids, batch_size, "all", word_ends)
+    totals = stream_pass([model], plan, bptt, lambda outs, w: {"nll": model.output_nll(outs[0], w.targets)}, device, progress, desc, ("nll",) if keep_token_nll else ())
+    return totals_result(totals, "nll", word_ends is not None)
+
+
+def totals_result(totals: PassTotals, name: str, word_level: bool = False) -> EvalResult:
+    """The :class:`EvalResult` of the NLL ``name`` of a pass (with its per-target values if kept)."""
+    result = EvalResult(loss=totals.mean(name), tokens=totals.tokens, words=totals.words if word_level else None)
+    if name in totals.kept:
+        result.positions, result.token_nll = totals.kept[name]
     return result
-
-
-def target_positions(batch_size: int, length: int) -> torch.Tensor:
-    """``(B, L-1)``: the index in the original 1-D stream of every target of the ``(B, L)`` rows
-    :func:`batchify` cuts (row ``b``, column ``j >= 1`` is stream position ``b * L + j``)."""
-    return torch.arange(batch_size).unsqueeze(1) * length + torch.arange(1, length).unsqueeze(0)

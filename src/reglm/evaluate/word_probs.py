@@ -6,9 +6,8 @@ write a UTF-8 TSV file with a header line, atomically (:mod:`reglm.io`): a crash
 file or the new one, never a partial one. An existing file is replaced.
 
 ``position`` is the index of the target in the split's token stream (its words in file order,
-one ``<eos>`` per line, 0-based). Position 0, the first token of every other batch stream and
-the ``N mod B`` tokens cut off the end are never targets, so with ``B`` streams the file holds
-``N - N mod B - B`` rows.
+one ``<eos>`` per line, 0-based). Every token but the first is a target exactly once, whatever
+the number of streams, so the file holds ``N - 1`` rows.
 """
 
 from __future__ import annotations
@@ -26,9 +25,7 @@ def _flat(result: EvalResult) -> tuple[torch.Tensor, torch.Tensor]:
     """``(positions, nll)`` of every scored target, both ``(n,)``, in stream order."""
     if result.token_nll is None or result.positions is None:
         raise ValueError("the result holds no per-token NLL; evaluate with keep_token_nll=True")
-    positions = result.positions.reshape(-1)
-    order = torch.argsort(positions)
-    return positions[order], result.token_nll.reshape(-1)[order]
+    return result.positions, result.token_nll
 
 
 def write_word_probs(path: Path | str, result: EvalResult, ids: torch.Tensor, vocab: Vocab) -> None:

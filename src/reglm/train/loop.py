@@ -58,8 +58,9 @@ import torch
 from tqdm.auto import tqdm
 
 from reglm.config import RunConfig, load_config_file
-from reglm.data import Corpus, Vocab, batchify, get_batch, resolve
-from reglm.encoders.awd_lstm import concat_streams, detach_state
+from reglm.data import Corpus, Vocab, resolve
+from reglm.data.windows import StreamPlan
+from reglm.encoders.base import State, concat_states, detach_state, select_streams, state_dict_of
 from reglm.errors import ReglmError, TrainingDiverged, TrainingInterrupted
 from reglm.evaluate.perplexity import EvalResult, evaluate, perplexity
 from reglm.io import environment, write_json
@@ -158,8 +159,8 @@ class Trainer:
         check_model_size(config, len(self.vocab), self.device)
         for split, batch_size, option in (("valid", self.cfg.eval_batch_size, "train.eval_batch_size"), ("test", self.cfg.test_batch_size, "train.test_batch_size")):
             ids = getattr(corpus, split)
-            if ids.numel() // batch_size < 2:
-                raise ReglmError(f"{option}={batch_size} is too large for the {split} split ({ids.numel()} tokens): each stream needs at least 2 tokens; lower {option}")
+            if ids.numel() - 1 < batch_size:
+                raise ReglmError(f"{option}={batch_size} is too large for the {split} split ({ids.numel()} tokens): each stream needs at least one target; lower {option}")
         torch.manual_seed(config.seed)
         self.bptt_rng = torch.Generator().manual_seed(config.seed)
         self.model = LanguageModel(config.model, len(self.vocab)).to(self.device)
@@ -167,7 +168,7 @@ class Trainer:
         self.optimizer = self._new_optimizer()
         self.averager = ParameterAverager()
         self.trigger = NonMonotoneTrigger(self.cfg.nonmono, self.cfg.trigger)
-        self.train_data = batchify(corpus.train, self.cfg.batch_size).to(self.device)
+        self.train_plan = StreamPlan(corpus.train, self.cfg.batch_size, "trim").to(self.device)
         chunk = self.cfg.small_batch_size or self.cfg.batch_size
         self.chunks = [slice(start, start + chunk) for start in range(0, self.cfg.batch_size, chunk)]
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
@@ -179,7 +180,7 @@ class Trainer:
         self.epoch = 0
         self.step = 0
         self.position = 0
-        self.hidden: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.hidden: State | None = None
         self.epoch_nll = 0.0
         self.epoch_tokens = 0
         self.best_val = math.inf
@@ -240,7 +241,7 @@ class Trainer:
             "epoch": self.epoch,
             "step": self.step,
             "position": self.position,
-            "hidden": None if self.hidden is None else [[h, c] for h, c in self.hidden],
+            "hidden": state_dict_of(self.hidden),
             "epoch_nll": self.epoch_nll,
             "epoch_tokens": self.epoch_tokens,
             "best_val": self.best_val,
@@ -257,8 +258,8 @@ class Trainer:
         path = self.run_dir / STATE_FILE
         if state.get("vocab_fingerprint") != self.vocab.fingerprint():
             raise ReglmError(f"{path} was built for another vocabulary than the corpus {self.config.data.name!r} now gives; resume with the original data")
-        if state["position"] >= self.train_data.size(1) or (state["hidden"] is not None and len(state["hidden"]) != self.config.model.num_layers):
-            raise ReglmError(f"{path} does not fit the run in {CONFIG_FILE} (its position or carried state is for another setting); resume it with its own config.json")
+        if state["position"] >= self.train_plan.columns:
+            raise ReglmError(f"{path} does not fit the run in {CONFIG_FILE} (its position in the training stream is beyond it); resume it with its own config.json")
         entry = "model"
         try:
             self.model.load_state_dict(state["model"])
@@ -270,6 +271,8 @@ class Trainer:
             self.trigger.load_state_dict(state["trigger"])
             entry = "objective"
             self.objective.load_state_dict(state["objective"])
+            entry = "hidden"
+            hidden = None if state["hidden"] is None else self.model.encoder.load_state(state["hidden"]).to(self.device)
             entry = "rng"
             torch.set_rng_state(state["rng"]["torch"])
             self.bptt_rng.set_state(state["rng"]["bptt"])
@@ -278,7 +281,7 @@ class Trainer:
         except (RuntimeError, KeyError, TypeError, ValueError, IndexError) as exc:
             raise ReglmError(f"{path}: its {entry!r} entry does not fit the run in {CONFIG_FILE} ({_first_line(exc)}); resume with the run's own files, or start a new run with another --out") from None
         self.stage, self.epoch, self.step, self.position = state["stage"], state["epoch"], state["step"], state["position"]
-        self.hidden = None if state["hidden"] is None else [(h.to(self.device), c.to(self.device)) for h, c in state["hidden"]]
+        self.hidden = hidden
         self.epoch_nll, self.epoch_tokens, self.best_val = float(state["epoch_nll"]), state["epoch_tokens"], float(state["best_val"])
         self.lr_scale = float(state["lr_scale"])
         self.metrics.truncate(state["metrics_bytes"])
@@ -350,10 +353,10 @@ class Trainer:
     def _train_epoch(self) -> None:
         cfg, model = self.cfg, self.model
         model.train()
-        data = self.train_data
-        length = data.size(1)
+        plan = self.train_plan
+        length = plan.columns + 1
         if self.hidden is None:
-            self.hidden = model.init_state(data.size(0), device=self.device)
+            self.hidden = model.init_state(plan.batch_size, device=self.device)
         adversarial, noise_std = self._advsoft_on(), self._input_noise_std()
         bar = tqdm(total=length - 1, initial=self.position, disable=not self.progress, unit="tok/stream", leave=False, desc=f"{self.stage} epoch {self.epoch + 1}")
         window_nll, window_tokens, window_start = 0.0, 0, time.perf_counter()
@@ -362,11 +365,12 @@ class Trainer:
             lr = scaled_lr(self._base_lr(), seq_len, cfg.bptt)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            x, y = get_batch(data, self.position, seq_len)
+            window = plan.window(self.position, seq_len)
+            x, y = window.inputs, window.targets
             self.optimizer.zero_grad(set_to_none=True)
             nll_sum, chunk_states = 0.0, []
             for streams in self.chunks:
-                out = model(x[streams], [(h[:, streams], c[:, streams]) for h, c in self.hidden], input_noise=noise_std)
+                out = model(x[streams], select_streams(self.hidden, streams), input_noise=noise_std)
                 scored = self.objective.chunk_loss(model, out, x[streams], y[streams], streams, x.size(0), adversarial)
                 raw_loss = scored.nll.mean()
                 loss = raw_loss + scored.penalty + activation_reg(out.output, cfg.ar_alpha) + temporal_activation_reg(out.raw_output, cfg.tar_beta)
@@ -383,7 +387,7 @@ class Trainer:
             self.optimizer.step()
             if self.averager.active:
                 self.averager.update(model.parameters())
-            self.hidden = concat_streams(chunk_states)
+            self.hidden = concat_states(chunk_states)
             self.objective.end_step()
             self.position += x.size(1)
             self.step += 1

@@ -36,11 +36,11 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from reglm.config import RunConfig, architecture_differences
-from reglm.data import batchify, get_batch
 from reglm.data.vocab import Vocab
-from reglm.encoders.awd_lstm import EncoderOutput, LSTMState, concat_streams, detach_state
+from reglm.data.windows import StreamPlan, Window
+from reglm.encoders.base import EncoderOutput, State, concat_states, detach_state, select_streams, state_dict_of
 from reglm.errors import ReglmError
-from reglm.evaluate.perplexity import evaluate, perplexity
+from reglm.evaluate.perplexity import evaluate, perplexity, stream_pass
 from reglm.models import LanguageModel, OutputLoss
 from reglm.objectives.reverse_kl import discriminator_loss_parts, finetune_loss
 from reglm.train.checkpoint import load_model_dir
@@ -62,23 +62,24 @@ class Frozen:
         self.model = model.eval()
         for param in model.parameters():
             param.requires_grad_(False)
-        self.state: list[LSTMState] | None = None
-        self._pending: list[list[LSTMState]] = []
+        self.state: State | None = None
+        self.started = False
+        self._pending: list[State | None] = []
 
     @torch.no_grad()
     def run(self, x: Tensor, streams: slice, batch_size: int) -> EncoderOutput:
         """The model on the chunk ``x = batch[streams]``, from its carried state of those streams."""
-        if self.state is None:
-            self.state = self.model.init_state(batch_size, device=x.device)
-        out = self.model(x, [(h[:, streams], c[:, streams]) for h, c in self.state])
+        if not self.started:
+            self.state, self.started = self.model.init_state(batch_size, device=x.device), True
+        out = self.model(x, select_streams(self.state, streams))
         self._pending.append(detach_state(out.state))
         return out
 
     def end_step(self) -> None:
-        self.state, self._pending = concat_streams(self._pending), []
+        self.state, self._pending = concat_states(self._pending), []
 
     def reset(self) -> None:
-        self.state, self._pending = None, []
+        self.state, self.started, self._pending = None, False, []
 
 
 class LMObjective:
@@ -137,13 +138,14 @@ class _FrozenObjective:
             f.reset()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"frozen_states": [None if f.state is None else [[h, c] for h, c in f.state] for f in self.frozen]}
+        return {"frozen_states": [state_dict_of(f.state) if f.started else None for f in self.frozen]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         saved = state.get("frozen_states", [None] * len(self.frozen))
         for f, s in zip(self.frozen, saved):
             device = next(f.model.parameters()).device
-            f.state = None if s is None else [(h.to(device), c.to(device)) for h, c in s]
+            f.started = s is not None
+            f.state = None if s is None else f.model.encoder.load_state(s).to(device)
 
 
 class DiscriminatorObjective(_FrozenObjective):
@@ -171,8 +173,8 @@ class DiscriminatorObjective(_FrozenObjective):
         return OutputLoss(loss_q + loss_p, loss_q.new_zeros(()))
 
     def score(self, model: LanguageModel, ids: Tensor, batch_size: int, bptt: int, device: torch.device, progress: bool, desc: str) -> ObjectiveEval:
-        def per_token(outs: list[EncoderOutput], y: Tensor) -> dict[str, Tensor]:
-            loss_q, loss_p = discriminator_loss_parts(model.output_logits(outs[0]), self.q0.output_log_probs(outs[1]), y)
+        def per_token(outs: list[EncoderOutput], w: Window) -> dict[str, Tensor]:
+            loss_q, loss_p = discriminator_loss_parts(model.output_logits(outs[0]), self.q0.output_log_probs(outs[1]), w.targets)
             return {"loss": loss_q + loss_p, "loss_q": loss_q, "loss_p": loss_p}
 
         metrics = score_split([model, self.q0], ids, batch_size, bptt, device, per_token, progress, desc)
@@ -210,8 +212,8 @@ class ReverseKLObjective(_FrozenObjective):
         return OutputLoss(loss, loss.new_zeros(()))
 
     def score(self, model: LanguageModel, ids: Tensor, batch_size: int, bptt: int, device: torch.device, progress: bool, desc: str) -> ObjectiveEval:
-        def per_token(outs: list[EncoderOutput], y: Tensor) -> dict[str, Tensor]:
-            _, nll, t_log_t = self._terms(model, outs, y)
+        def per_token(outs: list[EncoderOutput], w: Window) -> dict[str, Tensor]:
+            _, nll, t_log_t = self._terms(model, outs, w.targets)
             return {"nll": nll, "rev_kl": t_log_t}
 
         return reverse_kl_eval(score_split([model, *(f.model for f in self.frozen)], ids, batch_size, bptt, device, per_token, progress, desc))
@@ -225,33 +227,15 @@ def reverse_kl_eval(means: dict[str, float]) -> ObjectiveEval:
     return ObjectiveEval(metrics, nll)
 
 
-@torch.no_grad()
 def score_split(
     models: list[LanguageModel], ids: Tensor, batch_size: int, bptt: int, device: torch.device | str,
-    per_token: Callable[[list[EncoderOutput], Tensor], dict[str, Tensor]], progress: bool = False, desc: str = "eval",
+    per_token: Callable[[list[EncoderOutput], Window], dict[str, Tensor]], progress: bool = False, desc: str = "eval",
 ) -> dict[str, float]:
-    """One deterministic pass of several models over ``ids`` in the windows of
-    :func:`~reglm.evaluate.perplexity.evaluate`, each model carrying its own state; returns the
-    mean over target tokens of every ``(B, T)`` term ``per_token(outputs, y)`` gives, and ``tokens``."""
-    modes = [m.training for m in models]
-    for m in models:
-        m.eval()
-    data = batchify(ids, batch_size).to(device)
-    states = [m.init_state(data.size(0), device=device) for m in models]
-    sums: dict[str, Tensor] = {}
-    count = 0
-    for start in tqdm(range(0, data.size(1) - 1, bptt), desc=desc, disable=not progress, leave=False, unit="batch"):
-        x, y = get_batch(data, start, bptt)
-        outs = [m(x, s) for m, s in zip(models, states)]
-        states = [detach_state(o.state) for o in outs]
-        for name, value in per_token(outs, y).items():
-            sums[name] = sums.get(name, torch.zeros((), dtype=torch.float64, device=device)) + value.sum(dtype=torch.float64)
-        count += y.numel()
-    for m, mode in zip(models, modes):
-        m.train(mode)
-    means = {name: float(total) / max(count, 1) for name, total in sums.items()}
-    means["tokens"] = count
-    return means
+    """One deterministic pass of several models over ``ids`` (:func:`~reglm.evaluate.perplexity.stream_pass`,
+    every target once), each model carrying its own state; returns the mean over target tokens
+    of every ``(B, T)`` term ``per_token(outputs, window)`` gives, and ``tokens``."""
+    totals = stream_pass(models, StreamPlan(ids, batch_size, "all"), bptt, per_token, device, progress, desc)
+    return {**{name: float(mean) for name, mean in totals.means.items()}, "tokens": totals.tokens}
 
 
 Objective = LMObjective | DiscriminatorObjective | ReverseKLObjective

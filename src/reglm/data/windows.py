@@ -1,0 +1,212 @@
+"""The window planner: every pass over a token stream gets its windows from here.
+
+A window is ``(inputs, targets, scored, positions)`` plus how many tokens it scores and how many
+words those tokens close. Two plans:
+
+:class:`StreamPlan` -- stateful streams (LSTM encoders).
+    The split is cut into ``B`` contiguous streams, one per batch row, read left to right in
+    windows of ``bptt`` columns; the state carries from window to window. Two covers:
+
+    * ``"all"`` (every evaluation): the ``N - 1`` targets of the split (every token but the first)
+      are dealt into ``B`` streams of ``ceil`` / ``floor`` of ``(N - 1) / B`` targets; each stream's
+      inputs start one token before its first target, so consecutive streams overlap by that one
+      token and **every target is scored exactly once, whatever the batch size**. The shorter
+      streams are padded in their last column, which is not scored. At ``B = 1`` this is the
+      single stream ``inputs = ids[:-1]``, ``targets = ids[1:]``.
+    * ``"trim"`` (training, the papers' batching, Zaremba et al. and AWD-LSTM): row ``b`` is
+      ``ids[b L : (b + 1) L]`` with ``L = N // B``; the last ``N mod B`` tokens and the first token
+      of every row are never targets. Batch-first ``(B, L)``, unlike the reference's ``(L, B)``.
+
+:class:`ContextPlan` -- stateless blocks with context (Transformer encoders; Baevski & Auli's
+    Table 5). Windows of at most ``block`` tokens; each window after the first starts ``context``
+    tokens before its first scored target, which the model reads but does not score, so every
+    target of the split is scored exactly once. ``context = 0`` is plain block evaluation.
+
+Word counts: with ``word_ends: (N,) bool`` (``True`` where a token closes a word; sub-word
+models), a window's ``words`` counts the words its scored targets close, so that the perplexity
+of a sub-word model is word-level: ``exp(summed NLL / words)``. Without it every token is a word.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from reglm.errors import ReglmError
+
+COVERS = ("all", "trim")
+
+
+@dataclass
+class Window:
+    """One batch of a pass: ``inputs, targets, positions: (B, T)`` and ``scored: (B, T)`` bool
+    (``None``: every target is scored). ``positions`` is each target's index in the 1-D stream
+    (``-1`` where nothing is scored); ``tokens`` and ``words`` count the scored targets and the
+    words they close. ``start`` is the window's first column (stream plans)."""
+
+    inputs: Tensor
+    targets: Tensor
+    scored: Tensor | None
+    positions: Tensor
+    tokens: int
+    words: int
+    start: int = 0
+
+    def to(self, device: torch.device | str) -> Window:
+        scored = None if self.scored is None else self.scored.to(device)
+        return Window(self.inputs.to(device), self.targets.to(device), scored, self.positions, self.tokens, self.words, self.start)
+
+    def scored_values(self, values: Tensor) -> tuple[Tensor, Tensor]:
+        """``(positions, values)`` of the scored targets, both 1-D, from ``values: (B, T)`` (on the CPU)."""
+        mask = self.positions >= 0
+        return self.positions[mask], values.detach().float().cpu()[mask]
+
+    def masked_sum(self, values: Tensor) -> Tensor:
+        """The float64 sum of ``values: (..., B, T)`` over the scored targets (leading dims kept)."""
+        if self.scored is not None:
+            values = values.masked_fill(~self.scored, 0)
+        return values.sum(dim=(-2, -1), dtype=torch.float64)
+
+
+def _word_count(word_ends: Tensor | None, positions: Tensor, scored: Tensor | None, tokens: int) -> int:
+    if word_ends is None:
+        return tokens
+    picked = word_ends[positions.clamp_min(0)]
+    if scored is not None:
+        picked = picked & scored
+    return int(picked.sum())
+
+
+class StreamPlan:
+    """``B`` contiguous streams of a 1-D id stream; see the module docstring."""
+
+    def __init__(self, ids: Tensor, batch_size: int, cover: str = "all", word_ends: Tensor | None = None) -> None:
+        if ids.dim() != 1:
+            raise ValueError(f"expected a 1-D id stream, got shape {tuple(ids.shape)}")
+        if batch_size < 1:
+            raise ValueError(f"batch size {batch_size} must be >= 1")
+        if cover not in COVERS:
+            raise ValueError(f"cover must be one of {COVERS}, got {cover!r}")
+        n = ids.numel()
+        self.batch_size = batch_size
+        self.cover = cover
+        self.word_ends = None if word_ends is None else word_ends.to(torch.bool).cpu()
+        if cover == "trim":
+            length = n // batch_size
+            if length < 2:
+                raise ReglmError(
+                    f"a stream of {n} tokens is too short for batch size {batch_size} "
+                    "(each row needs at least 2 tokens); lower the batch size or use more data"
+                )
+            self.data = ids[: length * batch_size].view(batch_size, length)
+            self.target_pos = torch.arange(batch_size).unsqueeze(1) * length + torch.arange(1, length).unsqueeze(0)
+            self.valid: Tensor | None = None
+        else:
+            targets = n - 1
+            if targets < batch_size:
+                raise ReglmError(f"a split of {n} tokens has {targets} targets, too few for batch size {batch_size} (one stream each); lower the batch size")
+            q, r = divmod(targets, batch_size)
+            lengths = torch.full((batch_size,), q, dtype=torch.long)
+            lengths[:r] += 1
+            first = 1 + torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)[:-1]])
+            columns = int(lengths.max())
+            offsets = torch.arange(columns).unsqueeze(0)
+            self.valid = offsets < lengths.unsqueeze(1)
+            pos = first.unsqueeze(1) + offsets
+            self.target_pos = torch.where(self.valid, pos, torch.full_like(pos, -1))
+            index = torch.cat([first.unsqueeze(1) - 1, pos], dim=1).clamp_max(n - 1)
+            self.data = ids.to(index.device)[index] if ids.device.type == "cpu" else ids[index.to(ids.device)]
+            if bool(self.valid.all()):
+                self.valid = None
+
+    @property
+    def columns(self) -> int:
+        """Targets per stream (the padded width)."""
+        return self.data.size(1) - 1
+
+    @property
+    def tokens(self) -> int:
+        """How many targets the plan scores in all."""
+        return int((self.target_pos >= 0).sum())
+
+    def to(self, device: torch.device | str) -> StreamPlan:
+        """The plan with its id matrix on ``device`` (positions and masks stay on the CPU)."""
+        self.data = self.data.to(device)
+        return self
+
+    def window(self, start: int, length: int) -> Window:
+        """The window of at most ``length`` columns at column ``start``."""
+        if not 0 <= start < self.columns:
+            raise ValueError(f"start {start} outside [0, {self.columns})")
+        if length < 1:
+            raise ValueError(f"length must be >= 1, got {length}")
+        s = min(length, self.columns - start)
+        positions = self.target_pos[:, start : start + s]
+        scored = None if self.valid is None else self.valid[:, start : start + s]
+        if scored is not None and bool(scored.all()):
+            scored = None
+        tokens = positions.numel() if scored is None else int(scored.sum())
+        scored_dev = None if scored is None else scored.to(self.data.device)
+        return Window(self.data[:, start : start + s], self.data[:, start + 1 : start + 1 + s], scored_dev, positions, tokens, _word_count(self.word_ends, positions, scored, tokens), start)
+
+    def windows(self, length: int) -> Iterator[Window]:
+        """Consecutive windows of ``length`` columns, left to right."""
+        for start in range(0, self.columns, length):
+            yield self.window(start, length)
+
+    def count(self, length: int) -> int:
+        """How many windows :meth:`windows` yields."""
+        return -(-self.columns // length)
+
+
+class ContextPlan:
+    """Stateless windows of at most ``block`` tokens, each scoring the targets after its first
+    ``context`` (except the first window, which scores all); ``batch_size`` windows per batch."""
+
+    def __init__(self, ids: Tensor, block: int, context: int = 0, batch_size: int = 1, word_ends: Tensor | None = None, pad_id: int = 0) -> None:
+        if ids.dim() != 1 or ids.numel() < 2:
+            raise ValueError("expected a 1-D id stream of at least 2 tokens")
+        if block < 1:
+            raise ReglmError(f"the block length {block} must be >= 1")
+        if not 0 <= context < block:
+            raise ReglmError(f"the context ({context} tokens) must be smaller than the block ({block} tokens)")
+        if batch_size < 1:
+            raise ValueError(f"batch size {batch_size} must be >= 1")
+        self.ids, self.block, self.context, self.batch_size, self.pad_id = ids, block, context, batch_size, pad_id
+        self.word_ends = None if word_ends is None else word_ends.to(torch.bool).cpu()
+        n_targets = ids.numel() - 1
+        spans = []
+        first = 1
+        while first <= n_targets:
+            ctx = min(context, first - 1) if spans else 0
+            last = min(n_targets, first - ctx + block - 1)
+            spans.append((first - ctx, first, last))
+            first = last + 1
+        self.spans = spans
+        """``(input start, first scored target, last target)`` of every window, in stream order."""
+
+    @property
+    def tokens(self) -> int:
+        return self.ids.numel() - 1
+
+    def count(self) -> int:
+        return -(-len(self.spans) // self.batch_size)
+
+    def windows(self) -> Iterator[Window]:
+        for i in range(0, len(self.spans), self.batch_size):
+            group = self.spans[i : i + self.batch_size]
+            width = max(last - begin + 1 for begin, _, last in group)
+            inputs = torch.full((len(group), width), self.pad_id, dtype=self.ids.dtype, device=self.ids.device)
+            targets = torch.full_like(inputs, self.pad_id)
+            positions = torch.full((len(group), width), -1, dtype=torch.long)
+            for row, (begin, first, last) in enumerate(group):
+                span = last - begin + 1
+                inputs[row, :span] = self.ids[begin - 1 : last]
+                targets[row, :span] = self.ids[begin : last + 1]
+                positions[row, first - begin : span] = torch.arange(first, last + 1)
+            scored = positions >= 0
+            tokens = int(scored.sum())
+            yield Window(inputs, targets, scored.to(self.ids.device), positions, tokens, _word_count(self.word_ends, positions, scored, tokens))
