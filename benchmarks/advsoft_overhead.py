@@ -71,8 +71,8 @@ class OutputStepper:
 
 def measure(cfg: dict, vocab: int, batch: int, bptt: int, args: argparse.Namespace, device: torch.device) -> dict:
     torch.manual_seed(args.seed)
-    plain_cfg = ModelConfig(**cfg)
-    adv_cfg = ModelConfig(**{**cfg, "advsoft": "relative", "advsoft_alpha": ALPHA})
+    plain_cfg = ModelConfig.build(**cfg)
+    adv_cfg = ModelConfig.build(**{**cfg, "advsoft": "relative", "advsoft_alpha": ALPHA})
     plain = LanguageModel(plain_cfg, vocab).to(device)
     adv = LanguageModel(adv_cfg, vocab).to(device)
     adv.load_state_dict(plain.state_dict())

@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
     ids = corpus.valid if args.tokens is None else corpus.valid[: args.tokens]
     spec = CacheSpec(args.window, args.theta, args.lam)
     torch.manual_seed(args.seed)
-    cfg = ModelConfig(emb_size=args.emb_size, hidden_size=args.hidden_size, num_layers=args.layers)
+    cfg = ModelConfig.build(emb_size=args.emb_size, hidden_size=args.hidden_size, num_layers=args.layers)
     model = LanguageModel(cfg, len(corpus.vocab)).to(device).eval()
     env = environment(device, "cache_eval.py", argv)
 

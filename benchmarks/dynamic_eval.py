@@ -80,7 +80,7 @@ def breakdown(model: LanguageModel, ids: torch.Tensor, spec: DynamicSpec, stats:
 
 def measure(name: str, corpus, args: argparse.Namespace, device: torch.device) -> dict:
     torch.manual_seed(args.seed)
-    model = LanguageModel(ModelConfig(**SIZES[name]), len(corpus.vocab)).to(device)
+    model = LanguageModel(ModelConfig.build(**SIZES[name]), len(corpus.vocab)).to(device)
     ids = corpus.valid[: args.tokens + 1]
     spec = DynamicSpec(segment=5, batch_size=1, variant="rms", max_train_tokens=args.stats_tokens)
     sync(device)

@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     device = torch.device(args.device)
     preset = PRESETS[args.preset_size]
-    cfg = ModelConfig(**preset["model"])
+    cfg = ModelConfig.build(**preset["model"])
     vocab_size = preset["vocab_size"]
     batch_size = args.batch_size or preset["batch_size"]
     bptt = args.bptt or preset["bptt"]

@@ -56,10 +56,10 @@ class Stepper:
 def measure(units: int, dropout: float, vocab: int, args: argparse.Namespace, device: torch.device) -> dict:
     base = dict(encoder="vd-lstm", emb_size=units, hidden_size=units, num_layers=2, input_dropout=dropout, hidden_dropout=dropout, output_dropout=0.0, weight_dropout=0.0, tie_weights=False)
     configs = {
-        "vd": (ModelConfig(**base), 0.0),
-        "vd+al": (ModelConfig(**base), GAMMA * TAU),
-        "re+al": (ModelConfig(**{**base, "tie_weights": True, "output_bias": False}), GAMMA * TAU),
-        "vd-p0": (ModelConfig(**{**base, "input_dropout": 0.0, "hidden_dropout": 0.0}), 0.0),
+        "vd": (ModelConfig.build(**base), 0.0),
+        "vd+al": (ModelConfig.build(**base), GAMMA * TAU),
+        "re+al": (ModelConfig.build(**{**base, "tie_weights": True, "output_bias": False}), GAMMA * TAU),
+        "vd-p0": (ModelConfig.build(**{**base, "input_dropout": 0.0, "hidden_dropout": 0.0}), 0.0),
     }
     torch.manual_seed(args.seed)
     batches = random_batches(vocab, BATCH, BPTT, args.seed, device)

@@ -16,7 +16,7 @@ from reglm.evaluate.perplexity import evaluate
 from reglm.models import LanguageModel
 from reglm.outputs.adversarial import AdvSoft
 from reglm.outputs.softmax import SoftmaxOutput
-from reglm.train.loop import train
+from reglm.train.run import train
 from reglm.train.metrics import read_metrics
 from reglm.train.schedules import annealed_std
 
@@ -86,8 +86,8 @@ def test_output_layer_nll_matches_equation_7_per_token() -> None:
         layer = SoftmaxOutput(dim, vocab, weight, advsoft)
         with torch.no_grad():
             layer.bias.normal_()
-            got = layer.nll(h, targets, adversarial=True)
-            clean = layer.nll(h, targets)
+            got = layer.nll_of(h, targets, adversarial=True)
+            clean = layer.nll_of(h, targets)
         for bt in range(2):
             for t in range(5):
                 y = int(targets[bt, t])
@@ -128,7 +128,7 @@ def _reference_loss(weight, bias, h, targets, margin_fn):
 
 def _grads(layer: SoftmaxOutput, h: torch.Tensor, targets: torch.Tensor) -> list[torch.Tensor]:
     h = h.clone().requires_grad_(True)
-    loss = layer.nll(h, targets, adversarial=True).mean()
+    loss = layer.nll_of(h, targets, adversarial=True).mean()
     return torch.autograd.grad(loss, [h, layer.weight, layer.bias])
 
 
@@ -188,8 +188,8 @@ def test_positive_only_perturbs_only_tokens_aligned_with_their_target() -> None:
     layer = _layer(AdvSoft(mode="fixed", epsilon=0.5, positive_only=True))
     h, targets = torch.randn(40, 4, dtype=torch.float64), torch.randint(0, 13, (40,))
     with torch.no_grad():
-        got = layer.nll(h, targets, adversarial=True)
-        clean = layer.nll(h, targets)
+        got = layer.nll_of(h, targets, adversarial=True)
+        clean = layer.nll_of(h, targets)
         aligned = (layer.weight[targets] * h).sum(1) > 0
     assert aligned.any() and (~aligned).any()
     assert torch.all(got[aligned] > clean[aligned])
@@ -198,9 +198,8 @@ def test_positive_only_perturbs_only_tokens_aligned_with_their_target() -> None:
 
 def test_evaluation_is_clean_whatever_the_option() -> None:
     torch.manual_seed(0)
-    base = ModelConfig(emb_size=8, hidden_size=12, num_layers=2)
-    plain = LanguageModel(base, 30)
-    adv = LanguageModel(ModelConfig(**{**base.__dict__, "advsoft": "relative", "advsoft_alpha": 1.0}), 30)
+    plain = LanguageModel(ModelConfig.build(emb_size=8, hidden_size=12, num_layers=2), 30)
+    adv = LanguageModel(ModelConfig.build(emb_size=8, hidden_size=12, num_layers=2, advsoft="relative", advsoft_alpha=1.0), 30)
     adv.load_state_dict(plain.state_dict())
     plain.eval(), adv.eval()
     ids = torch.randint(0, 30, (3, 9))
@@ -213,19 +212,19 @@ def test_evaluation_is_clean_whatever_the_option() -> None:
 
 def test_adversarial_needs_an_advsoft_layer() -> None:
     with pytest.raises(ValueError, match="advsoft"):
-        SoftmaxOutput(4, 5).nll(torch.randn(1, 2, 4), torch.zeros(1, 2, dtype=torch.long), adversarial=True)
+        SoftmaxOutput(4, 5).nll_of(torch.randn(1, 2, 4), torch.zeros(1, 2, dtype=torch.long), adversarial=True)
 
 
 def test_input_noise_only_in_training() -> None:
     torch.manual_seed(0)
-    model = LanguageModel(ModelConfig(emb_size=8, hidden_size=12, num_layers=1, input_dropout=0, hidden_dropout=0, output_dropout=0), 20)
+    model = LanguageModel(ModelConfig.build(emb_size=8, hidden_size=12, num_layers=1, input_dropout=0, hidden_dropout=0, output_dropout=0), 20)
     ids = torch.randint(0, 20, (2, 6))
     model.eval()
     torch.testing.assert_close(model(ids, input_noise=0.5).output, model(ids).output, rtol=0, atol=0)
     model.train()
     torch.testing.assert_close(model(ids, input_noise=0.0).output, model(ids).output, rtol=0, atol=0)
     torch.manual_seed(3)
-    noisy = model.embed(ids, 0.5)
+    noisy = model.embedding(ids, 0.5)
     torch.manual_seed(3)
     expected = model.embedding(ids) + 0.5 * torch.randn(2, 6, 8)
     torch.testing.assert_close(noisy, expected)
@@ -262,7 +261,7 @@ def _train_output_layer(adversarial: bool, eps: float = 0.5, steps: int = 300) -
     targets = torch.arange(vocab).unsqueeze(0)
     optimizer = torch.optim.SGD(layer.parameters(), lr=1.0)
     for _ in range(steps):
-        loss = layer.nll(contexts, targets, adversarial=adversarial).mean()
+        loss = layer.nll_of(contexts, targets, adversarial=adversarial).mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -310,18 +309,23 @@ def test_theorem_3_3_recognizable_words_are_separated() -> None:
 
 
 @pytest.mark.parametrize(
-    "override",
-    ["model.advsoft_alpha=-0.1", "model.advsoft_alpha=.nan", "model.advsoft_epsilon=.inf", "model.advsoft_epsilon=-1", "model.advsoft=sometimes", "model.advsoft_grad=none", "train.input_noise_std=-0.1", "train.input_noise_anneal=cosine", "train.advsoft_stop_epoch=-1"],
+    ("override", "named"),
+    [
+        ("model.advsoft_alpha=-0.1", "model.output.advsoft.alpha"), ("model.output.advsoft.alpha=.nan", "model.output.advsoft.alpha"),
+        ("model.advsoft_epsilon=.inf", "model.output.advsoft.epsilon"), ("model.output.advsoft.epsilon=-1", "model.output.advsoft.epsilon"),
+        ("model.advsoft=sometimes", "model.output.advsoft.kind"), ("model.advsoft_grad=none", "model.output.advsoft.grad"),
+        ("train.input_noise_std=-0.1", "train.input_noise_std"), ("train.input_noise_anneal=cosine", "train.input_noise_anneal"), ("train.advsoft_stop_epoch=-1", "train.advsoft_stop_epoch"),
+    ],
 )
-def test_bad_advsoft_options_exit_2(tmp_path: Path, override: str, capsys: pytest.CaptureFixture) -> None:
+def test_bad_advsoft_options_exit_2(tmp_path: Path, override: str, named: str, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "run"
     assert main(["train", "--preset", "advsoft-tiny", "--out", str(out), override]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("reglm: error:") and override.split("=")[0] in err and "Traceback" not in err
+    assert err.startswith("reglm: error:") and named in err and "Traceback" not in err
     assert not out.exists()
 
 
 def test_output_layer_without_advsoft_support_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(SoftmaxOutput, "supports_advsoft", False)
-    with pytest.raises(ReglmError, match="model.advsoft"):
-        LanguageModel(ModelConfig(emb_size=4, hidden_size=4, num_layers=1, advsoft="fixed"), 10)
+    monkeypatch.setattr(SoftmaxOutput, "capabilities", frozenset({"logits", "softmax-logits"}))
+    with pytest.raises(ReglmError, match="model.output.advsoft"):
+        LanguageModel(ModelConfig.build(emb_size=4, hidden_size=4, num_layers=1, advsoft="fixed"), 10)

@@ -20,7 +20,7 @@ from reglm.cli import main
 from reglm.config import build_config
 from reglm.errors import ReglmError
 from reglm.train.checkpoint import load_model_dir
-from reglm.train.loop import train
+from reglm.train.run import train
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -127,26 +127,27 @@ def test_weight_drop_rejects_bad_probability() -> None:
         WeightDropLSTM(3, 3, weight_dropout=1.0)
 
 
-def _cfg(**kw) -> ModelConfig:
+def _encoder(**kw) -> AWDLSTMEncoder:
     base = dict(emb_size=6, hidden_size=10, num_layers=3, input_dropout=0.0, hidden_dropout=0.0, output_dropout=0.0, weight_dropout=0.0)
     base.update(kw)
-    return ModelConfig(**base)
+    cfg = ModelConfig.build(**base)
+    return AWDLSTMEncoder(cfg.encoder, cfg.input.emb_size)
 
 
 def test_encoder_layer_sizes() -> None:
-    enc = AWDLSTMEncoder(_cfg())
+    enc = _encoder()
     shapes = [(l.weight_ih_l0.shape, l.weight_hh_l0.shape) for l in enc.layers]
     assert shapes == [
         ((40, 6), (40, 10)),  # first: reads emb_size
         ((40, 10), (40, 10)),
         ((24, 10), (24, 6)),  # last: hidden size emb_size (AWD-LSTM 4.5)
     ]
-    single = AWDLSTMEncoder(_cfg(num_layers=1))
+    single = _encoder(num_layers=1)
     assert single.layers[0].weight_ih_l0.shape == (24, 6) and single.layers[0].weight_hh_l0.shape == (24, 6)
 
 
 def test_encoder_init_uses_each_layer_hidden_size() -> None:
-    enc = AWDLSTMEncoder(_cfg(emb_size=16, hidden_size=64, num_layers=2))
+    enc = _encoder(emb_size=16, hidden_size=64, num_layers=2)
     for layer, hidden in zip(enc.layers, (64, 16)):
         bound = 1 / math.sqrt(hidden)
         for param in layer.parameters():
@@ -155,7 +156,7 @@ def test_encoder_init_uses_each_layer_hidden_size() -> None:
 
 
 def test_encoder_output_fields_and_state() -> None:
-    enc = AWDLSTMEncoder(_cfg()).eval()
+    enc = _encoder().eval()
     emb = torch.randn(4, 7, 6)
     out = enc(emb)
     assert out.output.shape == (4, 7, 6) and out.raw_output.shape == (4, 7, 6)
@@ -174,7 +175,7 @@ def test_encoder_output_fields_and_state() -> None:
 
 def test_encoder_applies_locked_dropout_between_layers_and_on_output() -> None:
     p_hidden, p_out = 0.5, 0.25
-    enc = AWDLSTMEncoder(_cfg(num_layers=2, hidden_dropout=p_hidden, output_dropout=p_out)).train()
+    enc = _encoder(num_layers=2, hidden_dropout=p_hidden, output_dropout=p_out).train()
     seen = []
     enc.layers[1].register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
     out = enc(torch.randn(5, 8, 6))
@@ -187,7 +188,7 @@ def test_encoder_applies_locked_dropout_between_layers_and_on_output() -> None:
 
 
 def test_state_carried_across_chunks_equals_one_long_pass() -> None:
-    enc = AWDLSTMEncoder(_cfg()).eval()
+    enc = _encoder().eval()
     emb = torch.randn(3, 10, 6)
     full = enc(emb)
     first = enc(emb[:, :4])
@@ -199,7 +200,7 @@ def test_state_carried_across_chunks_equals_one_long_pass() -> None:
 
 
 def test_detach_state_cuts_the_graph() -> None:
-    enc = AWDLSTMEncoder(_cfg(num_layers=2))
+    enc = _encoder(num_layers=2)
     emb = torch.randn(2, 4, 6, requires_grad=True)
     first = enc(emb)
     assert all(h.grad_fn is not None for h, _ in first.state.layers)

@@ -39,7 +39,7 @@ V = 11
 def model() -> LanguageModel:
     """A small random-weight model; init_range 0.5 spreads its hidden states so the attention matters."""
     torch.manual_seed(1)
-    return LanguageModel(ModelConfig(emb_size=8, hidden_size=12, num_layers=2, init_range=0.5), V).eval()
+    return LanguageModel(ModelConfig.build(emb_size=8, hidden_size=12, num_layers=2, init_range=0.5), V).eval()
 
 
 @pytest.fixture(scope="module")

@@ -48,7 +48,7 @@ def test_presets_and_config_listing(capsys: pytest.CaptureFixture) -> None:
     code, out, _ = run_cli(capsys, "presets")
     assert code == 0 and "awd-lstm-ptb" in out and "Table 1" in out
     code, out, _ = run_cli(capsys, "config")
-    assert code == 0 and "train.lr" in out and "model.weight_dropout" in out
+    assert code == 0 and "train.optimizer.lr" in out and "model.encoder.weight_dropout" in out
 
 
 def test_data_info(capsys: pytest.CaptureFixture, shared_data: Path) -> None:

@@ -35,7 +35,7 @@ NO_DROPOUT = {key: 0.0 for key in DROPOUTS}
 
 
 def tiny_model(**overrides) -> LanguageModel:
-    cfg = ModelConfig(**{**dict(emb_size=12, hidden_size=20, num_layers=2, tie_weights=True), **DROPOUTS, **overrides})
+    cfg = ModelConfig.build(**{**dict(emb_size=12, hidden_size=20, num_layers=2, tie_weights=True), **DROPOUTS, **overrides})
     return LanguageModel(cfg, VOCAB)
 
 

@@ -21,7 +21,7 @@ from reglm.models import LanguageModel
 from reglm.outputs.adversarial import AdvSoft
 from reglm.outputs.mixture import MixtureOfSoftmaxes, mixture_weight_penalty
 from reglm.train.checkpoint import load_state
-from reglm.train.loop import StopRequest, Trainer, TrainingInterrupted, load_corpus, resume, train
+from reglm.train.run import StopRequest, Trainer, TrainingInterrupted, load_corpus, resume, train
 
 V = 23
 NO_DROPOUT = dict(embed_dropout=0.0, input_dropout=0.0, hidden_dropout=0.0, output_dropout=0.0, weight_dropout=0.0, latent_dropout=0.0)
@@ -32,7 +32,7 @@ def _cfg(**kw) -> ModelConfig:
         emb_size=6, hidden_size=10, last_hidden_size=9, num_layers=3, output="mos", n_experts=4, latent_dropout=0.3,
         embed_dropout=0.1, input_dropout=0.2, hidden_dropout=0.2, output_dropout=0.2, weight_dropout=0.3,
     )
-    return ModelConfig(**{**base, **kw})
+    return ModelConfig.build(**{**base, **kw})
 
 
 def _layer(n_experts: int, extra_inputs=(), advsoft: AdvSoft | None = None, in_features: int = 5, emb: int = 4, vocab: int = 11) -> MixtureOfSoftmaxes:
@@ -107,14 +107,14 @@ def test_mixture_equals_a_direct_per_expert_computation(extra_inputs) -> None:
     with torch.no_grad():
         expected = _direct_log_probs(layer, h, extra)
         torch.testing.assert_close(layer.log_probs(h, extra), expected)
-        torch.testing.assert_close(layer.nll(h, targets, extra=extra), -expected.gather(-1, targets.unsqueeze(-1)).squeeze(-1))
+        torch.testing.assert_close(layer.nll_of(h, targets, extra=extra), -expected.gather(-1, targets.unsqueeze(-1)).squeeze(-1))
         pi, _ = _direct_experts(layer, h, extra)
-        torch.testing.assert_close(layer.score(h, targets, extra=extra).weights, pi.view(2, 4, -1))
+        torch.testing.assert_close(layer.mix_score(h, targets, extra=extra).weights, pi.view(2, 4, -1))
 
 
 def test_doc_experts_read_the_intermediate_layers() -> None:
     model = LanguageModel(_cfg(output="doc", doc_experts="2,1"), V).eval()
-    assert model.output.total_experts == 4 + 3 and model.doc_layers == [0, 1]
+    assert model.output.total_experts == 4 + 3 and model.output.extra_layers == [0, 1]
     ids = torch.randint(0, V, (2, 6))
     with torch.no_grad():
         out = model(ids)
@@ -150,7 +150,7 @@ def test_log_space_mixing_keeps_what_probability_mixing_underflows() -> None:
         layer.prior.weight.copy_(torch.tensor([[0.3, 0.0, 0.0], [0.0, 0.0, 0.0]]))
     h = torch.ones(1, 1, 3, requires_grad=True)
     targets = torch.tensor([[2]])
-    nll = layer.nll(h, targets)
+    nll = layer.nll_of(h, targets)
     expected = -_direct_log_probs_log_space(copy.deepcopy(layer).double(), h.detach().double(), targets)
     torch.testing.assert_close(nll.detach().double(), expected, rtol=1e-5, atol=0)
     assert float(nll.detach()) > 150
@@ -178,7 +178,7 @@ def test_advsoft_perturbs_each_expert_before_mixing(advsoft: AdvSoft) -> None:
     extra = [torch.randn(2, 5, 7, dtype=torch.float64)]
     targets = torch.tensor([[3, 3, 1, 3, 0], [1, 1, 4, 3, 10]])
     params = [layer.prior.weight, layer.latent.weight, layer.weight, layer.bias]
-    got = layer.nll(h, targets, adversarial=True, extra=extra)
+    got = layer.nll_of(h, targets, adversarial=True, extra=extra)
     got_grads = torch.autograd.grad(got.sum(), params)
 
     pi, latents = _direct_experts(layer, h, extra)
@@ -199,7 +199,7 @@ def test_advsoft_perturbs_each_expert_before_mixing(advsoft: AdvSoft) -> None:
     for a, b in zip(got_grads, torch.autograd.grad(expected.sum(), params)):
         torch.testing.assert_close(a, b)
     with torch.no_grad():
-        assert torch.all(got > layer.nll(h, targets, extra=extra)), "the adversary only lowers the target's probability"
+        assert torch.all(got > layer.nll_of(h, targets, extra=extra)), "the adversary only lowers the target's probability"
 
 
 def test_advsoft_mixture_evaluates_clean() -> None:
@@ -212,7 +212,7 @@ def test_advsoft_mixture_evaluates_clean() -> None:
         torch.testing.assert_close(adv.log_probs(ids)[0], plain.log_probs(ids)[0], rtol=0, atol=0)
         torch.testing.assert_close(adv.nll(ids, ids)[0], plain.nll(ids, ids)[0], rtol=0, atol=0)
         out = adv(ids)
-        assert torch.all(adv.output_nll(out, ids, adversarial=True) > adv.output_nll(out, ids))
+        assert torch.all(adv.output_loss(out, ids, adversarial=True).nll > adv.output_nll(out, ids))
 
 
 # ------------------------------------------------------------------ the DOC penalty
@@ -239,7 +239,7 @@ def test_model_adds_the_weighted_penalty_of_its_mixture_weights() -> None:
     torch.testing.assert_close(loss.nll, model.output_nll(out, targets))
     (grad,) = torch.autograd.grad(loss.penalty, model.output.prior.weight)
     assert grad.abs().sum() > 0
-    plain = LanguageModel(ModelConfig(emb_size=6, hidden_size=10, num_layers=2), V)
+    plain = LanguageModel(ModelConfig.build(emb_size=6, hidden_size=10, num_layers=2), V)
     assert float(plain.output_loss(plain(ids), targets).penalty) == 0.0
 
 
@@ -270,7 +270,7 @@ def _one_step_grads(tmp_path: Path, small_batch: int) -> tuple[dict[str, torch.T
 def test_gradient_accumulation_equals_the_full_batch_without_dropout(tmp_path: Path) -> None:
     full, full_trainer = _one_step_grads(tmp_path, 8)
     chunked, chunked_trainer = _one_step_grads(tmp_path, 2)
-    assert len(chunked_trainer.chunks) == 4
+    assert len(chunked_trainer.engine.chunks) == 4
     for name in full:
         torch.testing.assert_close(chunked[name], full[name], rtol=1e-4, atol=1e-6, msg=name)
     for (h1, c1), (h2, c2) in zip(full_trainer.hidden.layers, chunked_trainer.hidden.layers):
@@ -319,26 +319,26 @@ def test_last_hidden_size_sets_the_last_layer() -> None:
     out = model(torch.randint(0, V, (2, 3)))
     assert out.output.shape == (2, 3, 9) and out.state.layers[-1][0].shape == (1, 2, 9)
     assert model.output.latent.in_features == 9 and model.output.weight.shape == (V, 6)
-    untied = LanguageModel(ModelConfig(emb_size=6, hidden_size=10, last_hidden_size=9, tie_weights=False), V)
+    untied = LanguageModel(ModelConfig.build(emb_size=6, hidden_size=10, last_hidden_size=9, tie_weights=False), V)
     assert untied.output.weight.shape == (V, 9)
 
 
 @pytest.mark.parametrize(
     "override, option",
     [
-        ("model.n_experts=0", "model.n_experts"),
-        ("model.latent_dropout=1.0", "model.latent_dropout"),
-        ("model.latent_dropout=-0.1", "model.latent_dropout"),
+        ("model.n_experts=0", "model.output.n_experts"),
+        ("model.latent_dropout=1.0", "model.output.latent_dropout"),
+        ("model.latent_dropout=-0.1", "model.output.latent_dropout"),
         ("model.output=moe", "model.output"),
-        ("model.last_hidden_size=0", "model.last_hidden_size"),
-        ("model.doc_experts=1,2", "model.doc_experts"),
-        ("model.doc_experts=x", "model.doc_experts"),
-        ("model.mixture_penalty=-1", "model.mixture_penalty"),
+        ("model.last_hidden_size=0", "model.encoder.last_hidden_size"),
+        ("model.doc_experts=1,2", "model.output.doc_experts"),
+        ("model.doc_experts=x", "model.output.doc_experts"),
+        ("model.mixture_penalty=-1", "model.output.mixture_penalty"),
         ("train.small_batch_size=3", "train.small_batch_size"),
     ],
 )
 def test_bad_mixture_options_name_the_option(override: str, option: str) -> None:
-    extra = ["model.output=doc"] if option == "model.doc_experts" else []
+    extra = ["model.output=doc"] if option == "model.output.doc_experts" else []
     with pytest.raises(ReglmError, match=option):
         build_config("mos-tiny", [*extra, override])
 
@@ -346,9 +346,9 @@ def test_bad_mixture_options_name_the_option(override: str, option: str) -> None
 @pytest.mark.parametrize(
     "bad, option, fixed",
     [
-        (["model.last_hidden_size=20"], "model.last_hidden_size", ["model.last_hidden_size=20", "model.tie_weights=false"]),
-        (["model.mixture_penalty=0.1"], "model.mixture_penalty", ["model.mixture_penalty=0.1", "model.output=mos"]),
-        (["model.output=mos", "model.doc_experts=3"], "model.doc_experts", ["model.output=doc", "model.doc_experts=3"]),
+        (["model.last_hidden_size=20"], "last_hidden_size", ["model.last_hidden_size=20", "model.tie_weights=false"]),
+        (["model.mixture_penalty=0.1"], "model.output.mixture_penalty", ["model.mixture_penalty=0.1", "model.output=mos"]),
+        (["model.output=mos", "model.doc_experts=3"], "model.output.doc_experts", ["model.output=doc", "model.doc_experts=3"]),
     ],
 )
 def test_options_that_do_not_fit_the_output_layer(bad: list[str], option: str, fixed: list[str]) -> None:
@@ -361,21 +361,21 @@ def test_bad_option_on_the_command_line_exits_2(tmp_path: Path, capsys: pytest.C
     out = tmp_path / "run"
     assert main(["train", "--preset", "mos-tiny", "--out", str(out), "model.n_experts=0"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("reglm: error:") and "model.n_experts" in err and "Traceback" not in err
+    assert err.startswith("reglm: error:") and "model.output.n_experts" in err and "Traceback" not in err
     assert not out.exists()
 
 
 @pytest.mark.parametrize("name", ["mos-awd-lstm-ptb", "mos-awd-lstm-wt2", "mos-advsoft-ptb", "mos-advsoft-wt2"])
 def test_mos_presets_follow_their_sources(name: str) -> None:
     cfg = build_config(name)
-    m, t = cfg.model, cfg.train
+    i, e, o, t = cfg.model.input, cfg.model.encoder, cfg.model.output, cfg.train
     ptb = "ptb" in name
-    assert (m.output, m.n_experts, m.num_layers, m.tie_weights) == ("mos", 15, 3, True)
-    assert (m.hidden_size, m.last_hidden_size, m.emb_size) == ((960, 620, 280) if ptb else (1150, 650, 300))
-    assert (m.input_dropout, m.hidden_dropout, m.latent_dropout) == ((0.4, 0.225, 0.29) if ptb else (0.55, 0.2, 0.29))
-    assert (m.output_dropout, m.embed_dropout, m.weight_dropout) == (0.4, 0.1, 0.5)
-    assert (t.lr, t.batch_size, t.small_batch_size, t.bptt_max) == ((20.0, 12, None, 110) if ptb else (15.0, 15, 5, 90))
+    assert (o.kind, o.n_experts, e.num_layers, o.tie_weights) == ("mos", 15, 3, True)
+    assert (e.hidden_size, e.last_hidden_size, i.emb_size) == ((960, 620, 280) if ptb else (1150, 650, 300))
+    assert (i.dropout, e.hidden_dropout, o.latent_dropout) == ((0.4, 0.225, 0.29) if ptb else (0.55, 0.2, 0.29))
+    assert (e.output_dropout, i.embed_dropout, e.weight_dropout) == (0.4, 0.1, 0.5)
+    assert (t.optimizer.lr, t.batch_size, t.small_batch_size, t.bptt_max) == ((20.0, 12, None, 110) if ptb else (15.0, 15, 5, 90))
     assert (t.epochs, t.finetune, t.bptt, t.clip, t.eval_batch_size, t.test_batch_size) == (1000, True, 70, 0.25, 10, 1)
     assert cfg.seed == (28 if ptb else 1882)
     if "advsoft" in name:
-        assert (m.advsoft, m.advsoft_alpha, t.input_noise_std, t.finetune_input_noise_std) == ("relative", 0.005, 0.15, 0.0)
+        assert (o.advsoft.kind, o.advsoft.alpha, t.input_noise_std, t.finetune_input_noise_std) == ("relative", 0.005, 0.15, 0.0)

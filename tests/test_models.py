@@ -21,7 +21,7 @@ def _cfg(**kw) -> ModelConfig:
         hidden_dropout=0.2, output_dropout=0.3, weight_dropout=0.5,
     )
     base.update(kw)
-    return ModelConfig(**base)
+    return ModelConfig.build(**base)
 
 
 NO_DROPOUT = dict(embed_dropout=0.0, input_dropout=0.0, hidden_dropout=0.0, output_dropout=0.0, weight_dropout=0.0)

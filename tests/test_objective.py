@@ -16,7 +16,7 @@ from reglm.config import build_config, derive_config
 from reglm.errors import ReglmError
 from reglm.objectives.reverse_kl import discriminator_loss
 from reglm.train.checkpoint import load_model_dir
-from reglm.train.loop import Trainer, load_corpus, resume, train
+from reglm.train.run import Trainer, load_corpus, resume, train
 from reglm.train.metrics import read_metrics
 from reglm.train.objective import score_split
 
@@ -60,7 +60,7 @@ def test_discriminator_run_reports_eq6_and_its_parts(disc_run: Path, lm_run: Pat
     model, config, _ = load_model_dir(disc_run / "best")
     assert config.objective.kind == "discriminator"
     assert config.objective.base_model == str((lm_run / "best").resolve())
-    assert config.train.lr == 1.0 and config.train.clip == 0.25 and config.preset == "discriminator"
+    assert config.train.optimizer.lr == 1.0 and config.train.clip == 0.25 and config.preset == "discriminator"
 
 
 def test_discriminator_validation_equals_a_direct_computation(disc_run: Path, lm_run: Path) -> None:
@@ -100,7 +100,7 @@ def test_reverse_kl_finetuning_starts_from_q0_and_reports_table2_columns(disc_ru
     torch.testing.assert_close(log_probs.double().exp().sum(-1), torch.ones(2, 9, dtype=torch.float64), rtol=0, atol=1e-5)
     initial, _, _ = load_model_dir(lm_run / "best")
     assert any(not torch.equal(a, b) for a, b in zip(tuned.state_dict().values(), initial.state_dict().values())), "fine-tuning must move the model"
-    assert config.model.hidden_dropout == 0 and config.model.weight_dropout == 0 and config.train.epochs == 1
+    assert config.model.encoder.hidden_dropout == 0 and config.model.encoder.weight_dropout == 0 and config.train.epochs == 1
 
 
 def test_finetuning_gradient_is_that_of_loss_12(disc_run: Path, lm_run: Path) -> None:
@@ -170,7 +170,7 @@ def test_finetune_refuses_a_discriminator_of_another_architecture(lm_run: Path, 
     assert main(["train-discriminator", str(other), "--out", str(tmp_path / "odisc"), "train.epochs=1"]) == 0
     out = tmp_path / "bad"
     assert main(["finetune", str(lm_run), "--discriminator", str(tmp_path / "odisc"), "--out", str(out)]) == 2
-    assert "differs from the model's architecture in emb_size" in capsys.readouterr().err
+    assert "differs from the model's architecture in model.input.emb_size" in capsys.readouterr().err
     assert not out.exists()
 
 
@@ -204,13 +204,13 @@ def _lrs(run: Path) -> list[float]:
 
 
 def test_epoch_decay_follows_zaremba_and_inan(tmp_path: Path) -> None:
-    config = build_config("tiny", ["data.synthetic_sentences=100", "train.epochs=5", "train.finetune=false", "train.optimizer=sgd", "train.lr=2", "train.lr_decay=0.5", "train.lr_decay_start=2"])
+    config = build_config("tiny", ["data.synthetic_sentences=100", "train.epochs=5", "train.finetune=false", "train.averaging=none", "train.lr=2", "train.lr_decay=0.5", "train.lr_decay_start=2"])
     train(config, tmp_path / "run", progress=False)
     assert _lrs(tmp_path / "run") == [2, 2, 1, 0.5, 0.25]
 
 
 def test_plateau_schedule_divides_the_rate_when_validation_stalls(tmp_path: Path) -> None:
-    config = build_config("tiny", ["data.synthetic_sentences=100", "train.epochs=4", "train.finetune=false", "train.optimizer=sgd", "train.lr=1e-9", "train.plateau_factor=0.1"])
+    config = build_config("tiny", ["data.synthetic_sentences=100", "train.epochs=4", "train.finetune=false", "train.averaging=none", "train.lr=1e-9", "train.plateau_factor=0.1"])
     trainer = Trainer(config, tmp_path / "run", load_corpus(config), progress=False)
     trainer.start()
     trainer.run()
@@ -227,7 +227,7 @@ def test_plateau_schedule_divides_the_rate_when_validation_stalls(tmp_path: Path
 def test_sequence_loss_scales_the_gradient_by_the_window_length(tmp_path: Path) -> None:
     """Summing over T steps and averaging over streams = T x the per-token mean: one SGD step
     with lr and clipping off equals a mean-loss step with T x the learning rate."""
-    base = ["data.synthetic_sentences=100", "train.epochs=1", "train.finetune=false", "train.optimizer=sgd", "train.variable_bptt=false", "train.clip=0", "train.bptt=10", "model.input_dropout=0", "model.hidden_dropout=0", "model.output_dropout=0", "model.weight_dropout=0", "model.embed_dropout=0", "train.weight_decay=0"]
+    base = ["data.synthetic_sentences=100", "train.epochs=1", "train.finetune=false", "train.averaging=none", "train.variable_bptt=false", "train.clip=0", "train.bptt=10", "model.input_dropout=0", "model.hidden_dropout=0", "model.output_dropout=0", "model.weight_dropout=0", "model.embed_dropout=0", "train.weight_decay=0"]
     models = []
     for extra in (["train.sequence_loss=true", "train.lr=0.01"], ["train.lr=0.1"]):
         config = build_config("tiny", base + extra)

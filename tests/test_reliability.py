@@ -24,7 +24,7 @@ from reglm.errors import ReglmError, TrainingDiverged
 from reglm.evaluate.perplexity import EvalResult, perplexity
 from reglm.rundir import LOCK_FILE, acquire
 from reglm.train.checkpoint import load_state
-from reglm.train.loop import Trainer, load_corpus, resume, train
+from reglm.train.run import Trainer, load_corpus, resume, train
 
 SMALL = ["data.synthetic_sentences=200", "train.epochs=2", "train.finetune_epochs=1", "train.checkpoint_interval=10"]
 
@@ -305,8 +305,8 @@ def test_sigint_during_start_up_exits_130_without_a_traceback(tmp_path: Path) ->
 
 def test_absurd_sizes_and_seeds_are_refused_before_allocating(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     started = time.perf_counter()
-    expect_error(capsys, "lower model.hidden_size", "train", "--preset", "tiny", "--out", str(tmp_path / "a"), "model.hidden_size=1000000000")
-    expect_error(capsys, "lower model.hidden_size", "train", "--preset", "tiny", "--out", str(tmp_path / "b"), "model.hidden_size=2000000")
+    expect_error(capsys, "lower model.encoder.hidden_size", "train", "--preset", "tiny", "--out", str(tmp_path / "a"), "model.hidden_size=1000000000")
+    expect_error(capsys, "lower model.encoder.hidden_size", "train", "--preset", "tiny", "--out", str(tmp_path / "b"), "model.hidden_size=2000000")
     assert time.perf_counter() - started < 30
     expect_error(capsys, "seed", "train", "--preset", "tiny", "--out", str(tmp_path / "c"), "seed=99999999999999999999")
     expect_error(capsys, "seed", "train", "--preset", "tiny", "--out", str(tmp_path / "d"), "seed=-1")

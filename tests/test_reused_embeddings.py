@@ -1,5 +1,5 @@
 """Inan et al. (2017) in the model and the trainer: reused embeddings (RE), the augmented loss
-(AL) through ``LanguageModel.output_loss``, the VD-LSTM encoder option, Table 1's presets and
+(AL) as an objective term on the logits the output layer keeps, the VD-LSTM encoder option, Table 1's presets and
 their config errors."""
 
 from __future__ import annotations
@@ -13,16 +13,17 @@ import torch
 from reglm.config import ModelConfig, build_config, list_presets
 from reglm.errors import ReglmError
 from reglm.models import LanguageModel
-from reglm.objectives.augmented_loss import augmented_kl
+from reglm.objectives.augmented_loss import AugmentedLoss, augmented_kl
+from reglm.objectives.base import TermInputs
 from reglm.train.checkpoint import load_model_dir, save_model_dir
-from reglm.train.loop import load_corpus, train
+from reglm.train.run import load_corpus, train
 from reglm.train.metrics import read_metrics
 
-VD = dict(encoder="vd-lstm", emb_size=12, hidden_size=12, num_layers=2, input_dropout=0.3, hidden_dropout=0.3, output_dropout=0.0, weight_dropout=0.0)
+VD = dict(encoder="vd-lstm", emb_size=12, hidden_size=12, num_layers=2, input_dropout=0.3, hidden_dropout=0.3)
 
 
 def test_reused_embeddings_share_one_tensor_and_have_no_output_bias(tmp_path: Path) -> None:
-    model = LanguageModel(ModelConfig(**VD, tie_weights=True, output_bias=False), 30)
+    model = LanguageModel(ModelConfig.build(**VD, tie_weights=True, output_bias=False), 30)
     assert model.output.weight is model.embedding.weight
     assert model.output.bias is None
     names = [name for name, _ in model.named_parameters()]
@@ -30,7 +31,7 @@ def test_reused_embeddings_share_one_tensor_and_have_no_output_bias(tmp_path: Pa
     assert model.num_parameters() == sum(p.numel() for p in model.encoder.parameters()) + 30 * 12
     h = torch.randn(2, 3, 12)
     torch.testing.assert_close(model.output.logits(h), h @ model.embedding.weight.T)
-    config = build_config(None, ["model.encoder=vd-lstm", "model.emb_size=12", "model.hidden_size=12", "model.output_dropout=0", "model.output_bias=false"])
+    config = build_config(None, ["model.encoder=vd-lstm", "model.emb_size=12", "model.hidden_size=12", "model.output_bias=false"])
     corpus = load_corpus(build_config(None, ["data.synthetic_sentences=8"]))
     model = LanguageModel(config.model, len(corpus.vocab))
     save_model_dir(tmp_path / "m", model, config, corpus.vocab)
@@ -40,7 +41,7 @@ def test_reused_embeddings_share_one_tensor_and_have_no_output_bias(tmp_path: Pa
 
 
 def test_untied_baseline_keeps_its_own_projection_and_bias() -> None:
-    model = LanguageModel(ModelConfig(**VD, tie_weights=False, init_range=0.05), 30)
+    model = LanguageModel(ModelConfig.build(**VD, tie_weights=False, init_range=0.05), 30)
     assert model.output.weight is not model.embedding.weight
     assert model.output.bias is not None and model.output.bias.shape == (30,)
     assert float(model.output.weight.detach().abs().max()) <= 0.05
@@ -49,31 +50,33 @@ def test_untied_baseline_keeps_its_own_projection_and_bias() -> None:
 
 def test_augmented_loss_term_is_alpha_times_the_mean_kl() -> None:
     torch.manual_seed(3)
-    model = LanguageModel(ModelConfig(**VD, tie_weights=False), 30)
+    model = LanguageModel(ModelConfig.build(**VD, tie_weights=False), 30)
     ids, y = torch.randint(0, 30, (2, 5)), torch.randint(0, 30, (2, 5))
     out = model(ids)
     plain = model.output_loss(out, y)
-    scored = model.output_loss(out, y, aug_weight=13.0, aug_tau=20.0)
+    scored = model.output_loss(out, y, keep_logits=True)
     logits = model.output.logits(out.output).reshape(-1, 30)
+    torch.testing.assert_close(scored.logits, logits)
+    term = AugmentedLoss(gamma=0.65, tau=20.0)
     direct = 13.0 * augmented_kl(logits, y.reshape(-1), model.embedding.weight, 20.0).mean()
-    torch.testing.assert_close(scored.penalty, direct)
+    torch.testing.assert_close(term(TermInputs(out, y, scored.logits, model)), direct)
     torch.testing.assert_close(scored.nll, plain.nll)
-    assert float(plain.penalty) == 0.0
+    assert float(plain.penalty) == 0.0 and plain.logits is None
 
 
 def test_augmented_loss_reads_clean_logits_under_advsoft() -> None:
     torch.manual_seed(4)
-    model = LanguageModel(ModelConfig(**VD, tie_weights=True, advsoft="relative", advsoft_alpha=0.5), 30)
+    model = LanguageModel(ModelConfig.build(**VD, tie_weights=True, advsoft="relative", advsoft_alpha=0.5), 30)
     ids, y = torch.randint(0, 30, (2, 5)), torch.randint(0, 30, (2, 5))
     out = model(ids)
-    both = model.output_loss(out, y, adversarial=True, aug_weight=2.0, aug_tau=5.0)
+    both = model.output_loss(out, y, adversarial=True, keep_logits=True)
     torch.testing.assert_close(both.nll, model.output_loss(out, y, adversarial=True).nll)
-    torch.testing.assert_close(both.penalty, model.output_loss(out, y, aug_weight=2.0, aug_tau=5.0).penalty)
+    torch.testing.assert_close(both.logits, model.output.logits(out.output).reshape(-1, 30), rtol=0, atol=0)
     assert not torch.allclose(both.nll, model.output_loss(out, y).nll)
 
 
 def test_vd_lstm_model_equals_torch_lstm_in_eval_mode() -> None:
-    model = LanguageModel(ModelConfig(**VD, tie_weights=False), 30).eval()
+    model = LanguageModel(ModelConfig.build(**VD, tie_weights=False), 30).eval()
     reference = torch.nn.LSTM(12, 12, 2, batch_first=True)
     for l, layer in enumerate(model.encoder.layers):
         for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
@@ -110,37 +113,37 @@ def test_every_table1_cell_has_a_preset(cell: tuple[str, str], variant: str) -> 
     assert "Inan et al. 2017, Table 1" in description
     config = build_config(name)
     units = {"small": 200, "medium": 650, "large": 1500}[size]
-    m, t = config.model, config.train
-    assert (m.encoder, m.emb_size, m.hidden_size, m.num_layers) == ("vd-lstm", units, units, 2)
-    assert m.hidden_dropout == m.input_dropout == TABLE1[cell] and m.embed_dropout == 0
-    assert (t.lr, t.bptt, t.variable_bptt, t.optimizer) == (1.0, 35, False, "sgd")
-    assert (t.lr_decay_start, t.lr_decay, t.clip) == {"small": (5, 0.9, 5.0), "medium": (10, 0.9, 5.0), "large": (1, 0.97, 6.0)}[size]
-    assert m.tie_weights == (not m.output_bias) == (variant in ("-re", "-real"))
+    i, e, o, t = config.model.input, config.model.encoder, config.model.output, config.train
+    assert (e.kind, i.emb_size, e.hidden_size, e.num_layers) == ("vd-lstm", units, units, 2)
+    assert e.hidden_dropout == i.dropout == TABLE1[cell] and i.embed_dropout == 0
+    assert (t.optimizer.lr, t.bptt, t.variable_bptt, t.averaging.kind) == (1.0, 35, False, "none")
+    assert (t.schedule.decay_start, t.schedule.decay, t.clip) == {"small": (5, 0.9, 5.0), "medium": (10, 0.9, 5.0), "large": (1, 0.97, 6.0)}[size]
+    assert o.tie_weights == (not o.bias) == (variant in ("-re", "-real"))
     if variant in ("-al", "-real"):
         assert t.aug_tau == 20.0 and (0.5 <= t.aug_gamma <= 0.8 if dataset == "ptb" else 1.0 <= t.aug_gamma <= 1.5)
     else:
         assert t.aug_gamma == 0
 
 
-@pytest.mark.parametrize(("overrides", "option"), [
-    (["train.aug_tau=0"], "train.aug_tau"),
-    (["train.aug_tau=-1"], "train.aug_tau"),
-    (["train.aug_gamma=-0.1"], "train.aug_gamma"),
-    (["model.encoder=vd-lstm", "model.output_dropout=0", "model.emb_size=20", "model.hidden_size=30"], "model.tie_weights"),
-    (["model.encoder=vd-lstm"], "model.output_dropout"),
-    (["model.output=mos", "model.output_bias=false"], "model.output_bias"),
-    (["model.output=mos", "train.aug_gamma=1"], "train.aug_gamma"),
-    (["train.lr_decay=1.5"], "train.lr_decay"),
-    (["train.plateau_factor=1"], "train.plateau_factor"),
+@pytest.mark.parametrize(("overrides", "fragment"), [
+    (["train.aug_tau=0"], "invalid option train.aug_tau"),
+    (["train.aug_tau=-1"], "invalid option train.aug_tau"),
+    (["train.aug_gamma=-0.1"], "invalid option train.aug_gamma"),
+    (["model.encoder=vd-lstm", "model.emb_size=20", "model.hidden_size=30"], "invalid option model.output.tie_weights"),
+    (["model.encoder=vd-lstm", "model.weight_dropout=0.5"], "unknown option model.encoder.weight_dropout"),
+    (["model.output=mos", "model.output_bias=false"], "unknown option model.output.bias"),
+    (["model.output=mos", "train.aug_gamma=1"], "invalid option train.aug_gamma"),
+    (["train.lr_decay=1.5"], "invalid option train.schedule.decay"),
+    (["train.plateau_factor=1"], "invalid option train.schedule.plateau_factor"),
 ])
-def test_bad_options_are_config_errors(overrides: list[str], option: str) -> None:
-    with pytest.raises(ReglmError, match=f"invalid option {option}"):
+def test_bad_options_are_config_errors(overrides: list[str], fragment: str) -> None:
+    with pytest.raises(ReglmError, match=fragment):
         build_config(None, overrides)
 
 
 def test_reused_embeddings_with_a_projection_are_allowed() -> None:
     """A mixture of softmaxes projects the hidden state to emb_size, so tying works with emb != hidden."""
-    config = build_config(None, ["model.encoder=vd-lstm", "model.output_dropout=0", "model.emb_size=20", "model.hidden_size=30", "model.output=mos", "model.n_experts=2"])
+    config = build_config(None, ["model.encoder=vd-lstm", "model.emb_size=20", "model.hidden_size=30", "model.output=mos", "model.n_experts=2"])
     model = LanguageModel(config.model, 40)
     assert model.output.weight is model.embedding.weight
 
@@ -193,4 +196,5 @@ def test_trainer_weights_the_augmented_loss_by_gamma_tau() -> None:
 
     config = build_config("vd-lstm-ptb-small-al", ["data.name=synthetic"])
     objective = LMObjective(config, load_corpus(build_config(None, ["data.synthetic_sentences=8"])).vocab, torch.device("cpu"))
-    assert objective.aug == {"aug_weight": pytest.approx(0.65 * 20.0), "aug_tau": 20.0, "aug_target_grad": False}
+    (term,) = objective.terms
+    assert (term.weight, term.tau, term.target_grad) == (pytest.approx(0.65 * 20.0), 20.0, False)

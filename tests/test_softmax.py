@@ -38,7 +38,7 @@ def test_nll_is_minus_log_prob_of_target() -> None:
     out = SoftmaxOutput(5, 13)
     h = torch.randn(3, 7, 5)
     targets = torch.randint(0, 13, (3, 7))
-    nll = out.nll(h, targets)
+    nll = out.nll_of(h, targets)
     assert nll.shape == (3, 7)
     expected = -out.log_probs(h).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     torch.testing.assert_close(nll, expected, rtol=1e-5, atol=1e-6)
@@ -52,7 +52,7 @@ def test_tied_weight_is_shared_not_copied() -> None:
         emb.weight[3].fill_(0.5)
     assert torch.equal(out.weight[3], torch.full((6,), 0.5))
     # A gradient through the output lands on the shared parameter.
-    out.nll(torch.randn(2, 3, 6), torch.randint(0, 20, (2, 3))).sum().backward()
+    out.nll_of(torch.randn(2, 3, 6), torch.randint(0, 20, (2, 3))).sum().backward()
     assert emb.weight.grad is not None and emb.weight.grad.abs().sum() > 0
 
 

@@ -85,17 +85,17 @@ def test_rank_deficient_matrices_use_their_column_space() -> None:
 
 
 def test_tied_model_has_distance_zero() -> None:
-    model = LanguageModel(ModelConfig(emb_size=8, hidden_size=12, tie_weights=True), 60)
+    model = LanguageModel(ModelConfig.build(emb_size=8, hidden_size=12, tie_weights=True), 60)
     assert embedding_subspace_distance(model) < 1e-6
 
 
 def test_untied_random_model_is_near_the_random_value() -> None:
-    model = LanguageModel(ModelConfig(emb_size=8, hidden_size=8, tie_weights=False), 200)
+    model = LanguageModel(ModelConfig.build(emb_size=8, hidden_size=8, tie_weights=False), 200)
     assert abs(embedding_subspace_distance(model) - math.sqrt(1 - 8 / 200)) < 0.03
 
 
 def test_mixture_of_softmaxes_is_refused() -> None:
-    model = LanguageModel(ModelConfig(emb_size=6, hidden_size=10, last_hidden_size=9, output="mos", n_experts=2, tie_weights=False), 23)
+    model = LanguageModel(ModelConfig.build(emb_size=6, hidden_size=10, last_hidden_size=9, output="mos", n_experts=2, tie_weights=False), 23)
     with pytest.raises(ReglmError, match="mixture of softmaxes"):
         embedding_subspace_distance(model)
 

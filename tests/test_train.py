@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from reglm.config import build_config
 from reglm.errors import ReglmError
 from reglm.train.checkpoint import load_state
-from reglm.train.loop import Trainer, TrainingDiverged, load_corpus, resume, train
+from reglm.train.run import Trainer, TrainingDiverged, load_corpus, resume, train
 from reglm.train.metrics import read_metrics
 
 RESUME_OVERRIDES = ["data.synthetic_sentences=2400", "train.epochs=3", "train.finetune_epochs=1", "train.checkpoint_interval=40", "train.log_interval=50"]
@@ -161,5 +161,5 @@ def test_finetune_lr_applies_to_the_finetune_stage_only(tmp_path: Path) -> None:
     config = build_config("tiny", ["train.variable_bptt=false", "train.finetune_lr=3.5", "train.log_interval=5", "data.synthetic_sentences=200"])
     train(config, tmp_path / "run", progress=False)
     steps = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["event"] == "step"]
-    assert {r["lr"] for r in steps if r["stage"] == "main"} == {config.train.lr}
+    assert {r["lr"] for r in steps if r["stage"] == "main"} == {config.train.optimizer.lr}
     assert {r["lr"] for r in steps if r["stage"] == "finetune"} == {3.5}

@@ -14,7 +14,7 @@ from reglm.analysis.trigram_study import TrigramStudySpec, fixed_context, freque
 from reglm.cli import main
 from reglm.errors import ReglmError
 from reglm.train.checkpoint import load_model_dir
-from reglm.train.loop import load_corpus
+from reglm.train.run import load_corpus
 
 TINY = ["--sentences", "800", "--hidden", "8", "--batch-size", "8", "--bptt", "12", "--epochs", "1", "--disc-epochs", "1", "--finetune-epochs", "1", "--chosen-rank", "60", "--ce-lrs", "0.1"]
 

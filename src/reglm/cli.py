@@ -148,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _stop_on_signals() -> Iterator[Any]:
     """A :class:`~reglm.train.loop.StopRequest` that SIGINT/SIGTERM set: the first signal asks the
     trainer to checkpoint at the end of its step, a second one aborts at once."""
-    from reglm.train.loop import StopRequest
+    from reglm.train.run import StopRequest
 
     stop = StopRequest()
 
@@ -168,7 +168,7 @@ def _stop_on_signals() -> Iterator[Any]:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from reglm.config import build_config
-    from reglm.train.loop import resume, train
+    from reglm.train.run import resume, train
 
     if args.resume:
         if args.preset or args.overrides or args.data or args.out:
@@ -193,7 +193,7 @@ def _continue_from(run: str, checkpoint: str, preset: str, overrides: list[str],
     from reglm.api import model_dir, require_language_model
     from reglm.config import RunConfig, derive_config
     from reglm.train.checkpoint import read_model_meta
-    from reglm.train.loop import train
+    from reglm.train.run import train
 
     directory = model_dir(run, checkpoint).resolve()
     base = RunConfig.from_dict(read_model_meta(directory)["config"], source=str(directory))
@@ -361,7 +361,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from reglm.api import model_dir, require_language_model
     from reglm.evaluate.word_probs import write_loss_deltas, write_word_probs
     from reglm.train.checkpoint import load_model_dir
-    from reglm.train.loop import load_corpus, resolve_device, truth_comparison
+    from reglm.train.results import truth_comparison
+    from reglm.train.run import load_corpus, resolve_device
 
     mode, setting = _eval_mode(args)
     run_mode, default_batch_size = EVAL_MODES[mode]
@@ -486,7 +487,7 @@ def _analyze_subspace(args: argparse.Namespace, labels: list[str]) -> int:
     for run, label in zip(args.runs, labels):
         directory = model_dir(run, args.checkpoint)
         model, config, _ = load_model_dir(directory)
-        rows.append({"label": label, "path": str(directory), "tied": config.model.tie_weights, "distance": embedding_subspace_distance(model)})
+        rows.append({"label": label, "path": str(directory), "tied": config.model.output.tie_weights, "distance": embedding_subspace_distance(model)})
     data = out / "subspace.json"
     try:
         write_json(data, {"metric": "Inan et al. 2017, appendix B: d^2 = 1 - ||U^T V||_F^2 / C between span(L^T) and span(W)", "runs": rows})
@@ -614,7 +615,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     if args.command not in LIGHT_COMMANDS:
         with _signals_deferred() as arrived:
-            import reglm.train.loop  # noqa: F401  (PyTorch and the rest of the heavy imports)
+            import reglm.train.run  # noqa: F401  (PyTorch and the rest of the heavy imports)
         if arrived:
             print("reglm: aborted", file=sys.stderr)
             return EXIT_INTERRUPTED

@@ -114,7 +114,7 @@ def _study_subspace(args: argparse.Namespace) -> int:
     from reglm.analysis.subspace_study import SubspaceStudySpec, plot_subspace_study, run_subspace_study
     from reglm.data import resolve
     from reglm.io import write_json
-    from reglm.train.loop import resolve_device
+    from reglm.train.run import resolve_device
 
     names = ("words", "hidden", "epochs", "batch_size", "bptt", "lr", "clip", "tau_a", "runs", "seed", "optimizer", "encoder")
     options: dict[str, Any] = {name: getattr(args, name) for name in names if getattr(args, name) is not None}

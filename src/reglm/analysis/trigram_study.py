@@ -52,7 +52,7 @@ from reglm.models import LanguageModel
 from reglm.objectives.reverse_kl import log_p_hat
 from reglm.rundir import RESULTS_FILE, is_run
 from reglm.train.checkpoint import load_model_dir, save_model_dir
-from reglm.train.loop import Trainer, load_corpus, resolve_device, resume, train
+from reglm.train.run import Trainer, load_corpus, resolve_device, resume, train
 
 
 
@@ -107,7 +107,7 @@ def initial_config(spec: TrigramStudySpec) -> RunConfig:
         "model.output_dropout=0", "model.weight_dropout=0",
         f"train.epochs={spec.epochs}", f"train.batch_size={spec.batch_size}", f"train.eval_batch_size={min(spec.batch_size, 64)}",
         f"train.test_batch_size={min(spec.batch_size, 64)}", f"train.bptt={spec.bptt}", "train.variable_bptt=false",
-        f"train.lr={spec.lr}", f"train.clip={spec.clip}", "train.plateau_factor=0.1", "train.optimizer=sgd", "train.finetune=false",
+        f"train.lr={spec.lr}", f"train.clip={spec.clip}", "train.plateau_factor=0.1", "train.averaging=none", "train.finetune=false",
         "train.weight_decay=0", "train.ar_alpha=0", "train.tar_beta=0", f"train.device={spec.device}", f"seed={spec.seed}",
         *spec.extra,
     ]

@@ -18,12 +18,13 @@ Techniques, with the paper's sections:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from reglm.config import ModelConfig
+from reglm.config.fields import check, check_prob, kind_field, option
 from reglm.encoders.base import EncoderOutput, LSTMStackState
 from reglm.layers.dropout import LockedDropout, keep_mask
 
@@ -102,11 +103,40 @@ class WeightDropLSTM(nn.Module):
         return f"{self.input_size}, {self.hidden_size}, weight_dropout={self.weight_dropout}"
 
 
+@dataclass(frozen=True)
+class AWDLSTMConfig:
+    """The AWD-LSTM encoder: weight-dropped LSTM layers with locked dropout between them."""
+
+    kind: str = kind_field("awd-lstm", "encoder: awd-lstm (Merity et al.), vd-lstm (Zaremba et al.'s LSTM with Inan et al.'s variational dropout)")
+    hidden_size: int = option(256, "LSTM hidden size of every layer but the last", arch=True)
+    last_hidden_size: int | None = option(None, "hidden size of the last layer (none: the input size, so a tied softmax reads it; MoS's nhidlast)", arch=True)
+    num_layers: int = option(2, "number of stacked LSTM layers", arch=True)
+    hidden_dropout: float = option(0.1, "locked dropout between LSTM layers")
+    output_dropout: float = option(0.1, "locked dropout on the last layer's output")
+    weight_dropout: float = option(0.0, "DropConnect on the hidden-to-hidden weights (AWD-LSTM section 2)")
+
+    def __post_init__(self) -> None:
+        for name in ("hidden_size", "num_layers"):
+            check(getattr(self, name) >= 1, f"model.encoder.{name}", f"{getattr(self, name)} must be >= 1")
+        check(self.last_hidden_size is None or self.last_hidden_size >= 1, "model.encoder.last_hidden_size", f"{self.last_hidden_size} must be >= 1 or none")
+        for name in ("hidden_dropout", "output_dropout", "weight_dropout"):
+            check_prob(getattr(self, name), f"model.encoder.{name}")
+
+    def output_size(self, input_size: int) -> int:
+        """``H_L``: the input size (section 4.5), or ``last_hidden_size`` when set."""
+        return input_size if self.last_hidden_size is None else self.last_hidden_size
+
+    def layer_sizes(self, input_size: int) -> list[int]:
+        """``H_l`` of every layer, first to last."""
+        return [self.hidden_size] * (self.num_layers - 1) + [self.output_size(input_size)]
+
+
 class AWDLSTMEncoder(nn.Module):
     """A stack of ``cfg.num_layers`` :class:`WeightDropLSTM` layers (AWD-LSTM sections 2, 4.2, 4.5).
 
-    Layer ``l`` reads ``emb_size`` features when ``l = 0`` and ``hidden_size`` otherwise; its own
-    hidden size ``H_l`` is ``hidden_size`` except for the last layer, whose ``H_l = emb_size``
+    Layer ``l`` reads ``input_size`` features (the embedding size ``E``) when ``l = 0`` and
+    ``hidden_size`` otherwise; its own hidden size ``H_l`` is ``hidden_size`` except for the last
+    layer, whose ``H_l = E``
     (section 4.5), so that with tied weights the output embedding reads the encoder output
     directly -- or ``H_l = cfg.last_hidden_size`` when that is set (the MoS recipes' ``nhidlast``;
     the mixture's latent projection then maps it to ``emb_size``). Every layer applies DropConnect ``cfg.weight_dropout`` to its recurrent weight.
@@ -119,18 +149,23 @@ class AWDLSTMEncoder(nn.Module):
     ``1/sqrt(H_L)``.
     """
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    Config = AWDLSTMConfig
+
+    def __init__(self, cfg: AWDLSTMConfig, input_size: int) -> None:
         super().__init__()
-        n = cfg.num_layers
-        in_sizes = [cfg.emb_size] + [cfg.hidden_size] * (n - 1)
-        last_size = cfg.emb_size if cfg.last_hidden_size is None else cfg.last_hidden_size
-        out_sizes = [cfg.hidden_size] * (n - 1) + [last_size]
+        out_sizes = cfg.layer_sizes(input_size)
+        in_sizes = [input_size] + out_sizes[:-1]
         self.layers = nn.ModuleList(
             WeightDropLSTM(i, h, cfg.weight_dropout) for i, h in zip(in_sizes, out_sizes)
         )
         self.hidden_dropout = LockedDropout(cfg.hidden_dropout)
         self.output_dropout = LockedDropout(cfg.output_dropout)
-        self.output_size = last_size
+        self.output_size = out_sizes[-1]
+        self.layer_sizes = out_sizes
+
+    @classmethod
+    def from_config(cls, cfg: AWDLSTMConfig, input_size: int) -> AWDLSTMEncoder:
+        return cls(cfg, input_size)
 
     def init_state(self, batch_size: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> LSTMStackState:
         """Zero ``(h, c)`` for every layer, each ``(1, B, H_l)``."""

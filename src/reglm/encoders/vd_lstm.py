@@ -27,11 +27,13 @@ projection of all ``T`` steps is still one matrix product.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from reglm.config.fields import check, check_positive, check_prob, kind_field, option
 from reglm.encoders.awd_lstm import LSTMState
 from reglm.encoders.base import EncoderOutput, LSTMStackState
 from reglm.layers.dropout import keep_mask
@@ -136,6 +138,29 @@ class VDLSTMLayer(nn.Module):
         return f"{self.input_size}, {self.hidden_size}, init_range={self.init_range}"
 
 
+@dataclass(frozen=True)
+class VDLSTMConfig:
+    """Zaremba et al.'s LSTM with Inan et al.'s tied variational dropout."""
+
+    kind: str = kind_field("vd-lstm", "encoder: awd-lstm (Merity et al.), vd-lstm (Zaremba et al.'s LSTM with Inan et al.'s variational dropout)")
+    hidden_size: int = option(256, "LSTM hidden size of every layer", arch=True)
+    num_layers: int = option(2, "number of stacked LSTM layers", arch=True)
+    hidden_dropout: float = option(0.1, "the one dropout probability: the per-layer masks on h_{t-1} and on the next layer's input (Inan et al. appendix A)")
+    init_range: float = option(0.1, "every LSTM weight is initialized U(-init_range, init_range) (Zaremba et al.)")
+
+    def __post_init__(self) -> None:
+        for name in ("hidden_size", "num_layers"):
+            check(getattr(self, name) >= 1, f"model.encoder.{name}", f"{getattr(self, name)} must be >= 1")
+        check_prob(self.hidden_dropout, "model.encoder.hidden_dropout")
+        check_positive(self.init_range, "model.encoder.init_range")
+
+    def output_size(self, input_size: int) -> int:
+        return self.hidden_size
+
+    def layer_sizes(self, input_size: int) -> list[int]:
+        return [self.hidden_size] * self.num_layers
+
+
 class VDLSTMEncoder(nn.Module):
     """A stack of ``num_layers`` :class:`VDLSTMLayer` (Inan et al., section 6.1 and appendix A).
 
@@ -152,6 +177,8 @@ class VDLSTMEncoder(nn.Module):
     batch_first=True)`` with the same weights).
     """
 
+    Config = VDLSTMConfig
+
     def __init__(self, emb_size: int, hidden_size: int, num_layers: int, dropout: float, init_range: float) -> None:
         super().__init__()
         emb_size = _check_size("emb_size", emb_size)
@@ -163,7 +190,12 @@ class VDLSTMEncoder(nn.Module):
         in_sizes = [emb_size] + [hidden_size] * (num_layers - 1)
         self.layers = nn.ModuleList(VDLSTMLayer(i, hidden_size, init_range) for i in in_sizes)
         self.output_size = hidden_size
+        self.layer_sizes = [hidden_size] * num_layers
         self.dropout = float(dropout)
+
+    @classmethod
+    def from_config(cls, cfg: VDLSTMConfig, input_size: int) -> VDLSTMEncoder:
+        return cls(input_size, cfg.hidden_size, cfg.num_layers, cfg.hidden_dropout, cfg.init_range)
 
     def init_state(self, batch_size: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> LSTMStackState:
         """Zero ``(h, c)`` for every layer, each ``(1, B, H)``."""

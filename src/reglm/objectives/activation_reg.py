@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from reglm.objectives.base import TermInputs
+
 
 def activation_reg(output: Tensor, alpha: float) -> Tensor:
     """AR: ``alpha * mean(output ** 2)``; ``output: (B, T, D)`` is the dropped ``m * h_t``. Scalar."""
@@ -33,3 +35,27 @@ def temporal_activation_reg(raw_output: Tensor, beta: float) -> Tensor:
     if beta == 0 or raw_output.size(1) < 2:
         return raw_output.new_zeros(())
     return beta * (raw_output[:, 1:] - raw_output[:, :-1]).pow(2).mean()
+
+
+class ActivationReg:
+    """AR as an objective term (reads the dropped encoder output)."""
+
+    reads = frozenset({"output"})
+
+    def __init__(self, alpha: float) -> None:
+        self.alpha = alpha
+
+    def __call__(self, inputs: TermInputs) -> Tensor:
+        return activation_reg(inputs.out.output, self.alpha)
+
+
+class TemporalActivationReg:
+    """TAR as an objective term (reads the undropped encoder output)."""
+
+    reads = frozenset({"raw_output"})
+
+    def __init__(self, beta: float) -> None:
+        self.beta = beta
+
+    def __call__(self, inputs: TermInputs) -> Tensor:
+        return temporal_activation_reg(inputs.out.raw_output, self.beta)

@@ -10,7 +10,7 @@ the layout of ``nn.Embedding.weight``):
   the target in the embedding space share its probability mass;
 * eq. 3.2: ``J_aug = KL(y_tilde || y_hat)``;
 * eq. 3.3: ``J_tot = J + alpha J_aug`` with ``J`` the cross-entropy; appendix A sets
-  ``alpha = gamma * tau`` (``train.aug_gamma``, ``train.aug_tau``; :meth:`reglm.models.LanguageModel.output_loss` adds the term).
+  ``alpha = gamma * tau`` (``train.aug_gamma``, ``train.aug_tau``; the objective term :class:`AugmentedLoss`).
 
 The gradient with respect to the logits is ``(y_hat - y_tilde) / tau`` (eq. 3.4; the paper's
 rendering drops the ``1 / tau`` in places, the derivative of ``softmax(z / tau)`` has it). At
@@ -40,6 +40,8 @@ import math
 
 import torch.nn.functional as F
 from torch import Tensor
+
+from reglm.objectives.base import TermInputs
 
 
 def augmented_kl(logits: Tensor, targets: Tensor, embedding: Tensor, tau: float, target_grad: bool = False) -> Tensor:
@@ -78,3 +80,19 @@ def target_log_probs(targets: Tensor, embedding: Tensor, tau: float) -> Tensor:
     """
     u = F.embedding(targets, embedding) / tau
     return F.log_softmax(u @ embedding.T, dim=-1)
+
+
+class AugmentedLoss:
+    """``alpha * mean_t KL(y_tilde_t || y_hat_t)`` with ``alpha = gamma * tau`` (eq. 3.3, appendix
+    A), as an objective term: it reads the clean softmax logits the NLL was computed from (under
+    AdvSoft too) and the input layer's embedding."""
+
+    reads = frozenset({"logits", "targets", "input_weight"})
+
+    def __init__(self, gamma: float, tau: float, target_grad: bool = False) -> None:
+        self.weight, self.tau, self.target_grad = gamma * tau, tau, target_grad
+
+    def __call__(self, inputs: TermInputs) -> Tensor:
+        assert inputs.logits is not None
+        embedding = inputs.model.embedding.tied_weight()
+        return self.weight * augmented_kl(inputs.logits, inputs.targets.reshape(-1), embedding, self.tau, self.target_grad).mean()

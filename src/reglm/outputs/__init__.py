@@ -1,0 +1,13 @@
+"""Output layers: encoder output -> next-word distribution (:mod:`reglm.outputs.base`).
+
+``OUTPUTS`` maps each ``model.output.kind`` to its class; a class has ``Config`` (its frozen
+config dataclass), ``capabilities``, and ``from_config(cfg, in_features, vocab_size,
+input_layer, encoder)``.
+"""
+
+from reglm.outputs.mixture import MixtureOfSoftmaxes
+from reglm.outputs.softmax import SoftmaxOutput
+
+OUTPUTS = {"softmax": SoftmaxOutput, "mos": MixtureOfSoftmaxes, "doc": MixtureOfSoftmaxes}
+
+__all__ = ["OUTPUTS", "MixtureOfSoftmaxes", "SoftmaxOutput"]

@@ -51,8 +51,46 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from reglm.config.fields import check, check_kind, check_nonneg, check_prob, kind_field, option
+from reglm.encoders.base import EncoderOutput
 from reglm.layers.dropout import LockedDropout
-from reglm.outputs.adversarial import AdvSoft, perturb_target_logits_
+from reglm.outputs.adversarial import AdvSoft, AdvSoftConfig, perturb_target_logits_
+from reglm.outputs.base import OutputLayer, OutputLoss
+
+KINDS = ("mos", "doc")
+
+
+@dataclass(frozen=True)
+class MixtureConfig:
+    """A mixture of softmaxes (``mos``), with experts from intermediate layers too (``doc``)."""
+
+    kind: str = kind_field("mos", "output layer: softmax, mos (mixture of softmaxes, Yang et al. 2018) or doc (MoS with experts from intermediate layers too, Takase et al. 2018)")
+    tie_weights: bool = option(True, "share the input embedding with the experts' output embedding", arch=True)
+    n_experts: int = option(15, "softmax experts computed from the last encoder layer", arch=True)
+    latent_dropout: float = option(0.1, "locked dropout on the experts' latent vectors tanh(W_k h) (the MoS code's dropoutl)")
+    doc_experts: str | None = option(None, "doc: extra experts per intermediate layer, comma-separated counts for layers 1..L-1 (e.g. 0,5 with 3 layers); none: no extra experts", arch=True)
+    mixture_penalty: float = option(0.0, "coefficient lambda_beta of DOC's penalty on the variation of the mixture weights (the DOC code's --var)")
+    advsoft: AdvSoftConfig = option(AdvSoftConfig(), "the adversarial softmax, per expert (model.output.advsoft=relative|fixed|none)")
+
+    def __post_init__(self) -> None:
+        check_kind(self.kind, KINDS, "model.output.kind")
+        check(self.n_experts >= 1, "model.output.n_experts", f"{self.n_experts} must be >= 1")
+        check_prob(self.latent_dropout, "model.output.latent_dropout")
+        check_nonneg(self.mixture_penalty, "model.output.mixture_penalty")
+        check(self.doc_experts is None or self.kind == "doc", "model.output.doc_experts", f"is only read with kind=doc (now {self.kind}); set it to none")
+
+    def doc_expert_counts(self, num_layers: int) -> tuple[int, ...]:
+        """The extra DOC experts of encoder layers ``1 .. num_layers - 1`` (0-based layer
+        ``l - 1``), parsed from ``doc_experts``; all zeros when it is None."""
+        if self.doc_experts is None:
+            return (0,) * (num_layers - 1)
+        items = [item.strip() for item in self.doc_experts.split(",")]
+        check(all(item.isdigit() for item in items), "model.output.doc_experts", f"{self.doc_experts!r} must be comma-separated counts >= 0, e.g. 0,5")
+        check(
+            len(items) == num_layers - 1, "model.output.doc_experts",
+            f"{self.doc_experts!r} gives {len(items)} count(s); give one per intermediate layer ({num_layers - 1} for {num_layers} encoder layers)",
+        )
+        return tuple(int(item) for item in items)
 
 
 @dataclass
@@ -64,14 +102,14 @@ class MixtureScore:
     weights: Tensor
 
 
-class MixtureOfSoftmaxes(nn.Module):
+class MixtureOfSoftmaxes(OutputLayer):
     """The MoS output layer (with DOC's extra experts when ``extra_inputs`` is given); see the module docstring.
 
     * ``in_features``: ``H``, the size of the last layer's output ``g_t``;
     * ``emb_size``: ``E``, the size of the latent vectors and of the output embedding;
     * ``n_experts``: experts computed from the last layer;
     * ``extra_inputs``: DOC, one ``(features, experts)`` pair per extra input, in the order the
-      ``extra`` tensors are passed to :meth:`log_probs` / :meth:`nll` / :meth:`score`;
+      ``extra`` tensors are passed to :meth:`log_probs` / :meth:`nll_of` / :meth:`mix_score`;
     * ``tied_weight``: the ``(V, E)`` Parameter to share (weight tying), else the layer owns one.
 
     Parameters: ``prior.weight: (K, H)``, ``latent.weight: (n_experts*E, H)`` and ``latent.bias``,
@@ -79,7 +117,9 @@ class MixtureOfSoftmaxes(nn.Module):
     The latent vectors are ordered last-layer experts first, then each extra input's.
     """
 
-    supports_advsoft = True
+    Config = MixtureConfig
+    capabilities = frozenset({"logits", "advsoft"})
+    """no ``softmax-logits``: the log-mixture is not a logit vector whose softmax is the mixture"""
 
     def __init__(
         self,
@@ -113,6 +153,40 @@ class MixtureOfSoftmaxes(nn.Module):
                 raise ValueError(f"tied weight has shape {tuple(tied_weight.shape)}, expected ({vocab_size}, {emb_size})")
             self.weight = tied_weight
         self.bias = nn.Parameter(torch.zeros(vocab_size))
+        self.extra_layers: list[int] = []
+        self.penalty = 0.0
+
+    @classmethod
+    def from_config(cls, cfg: MixtureConfig, in_features: int, vocab_size: int, input_layer: nn.Module, encoder: nn.Module) -> MixtureOfSoftmaxes:
+        """DOC's extra experts read the encoder layers ``cfg.doc_experts`` names."""
+        counts = cfg.doc_expert_counts(len(encoder.layer_sizes))
+        extra_layers = [l for l, k in enumerate(counts) if k > 0]
+        tied = input_layer.tied_weight() if cfg.tie_weights else None
+        emb_size = input_layer.output_size
+        layer = cls(
+            in_features, emb_size, vocab_size, cfg.n_experts, cfg.latent_dropout, tied, cfg.advsoft.build(),
+            [(encoder.layer_sizes[l], counts[l]) for l in extra_layers],
+        )
+        layer.extra_layers, layer.penalty = extra_layers, cfg.mixture_penalty
+        return layer
+
+    def _extra(self, out: EncoderOutput) -> list[Tensor]:
+        """DOC: the undropped outputs ``(B, T, H_l)`` of the intermediate layers that feed experts."""
+        return [out.layer_outputs[l] for l in self.extra_layers]
+
+    def score(self, out: EncoderOutput, targets: Tensor, adversarial: bool = False, keep_logits: bool = False) -> OutputLoss:
+        """The NLL and DOC's penalty ``lambda_beta * mixture_weight_penalty(pi)`` from one mixture."""
+        if keep_logits:
+            raise ValueError("a mixture of softmaxes has no softmax logits to keep")
+        mixed = self.mix_score(out.output, targets, adversarial, self._extra(out))
+        penalty = self.penalty * mixture_weight_penalty(mixed.weights) if self.penalty > 0 else mixed.nll.new_zeros(())
+        return OutputLoss(mixed.nll, penalty)
+
+    def predict(self, out: EncoderOutput) -> Tensor:
+        return self.log_probs(out.output, self._extra(out))
+
+    def full_logits(self, out: EncoderOutput) -> Tensor:
+        return self.logits(out.output, self._extra(out))
 
     def mixture(self, h: Tensor, extra: Sequence[Tensor] = ()) -> tuple[Tensor, Tensor]:
         """``h: (B, T, H)``, ``extra``: DOC's ``(B, T, features_i)`` -> (``log pi: (B*T, K)``, the
@@ -142,7 +216,7 @@ class MixtureOfSoftmaxes(nn.Module):
         expert_logits = F.linear(latent, self.weight, self.bias).view(-1, self.total_experts, self.vocab_size)
         return log_mixture(expert_logits, log_prior).view(*h.shape[:-1], self.vocab_size)
 
-    def score(self, h: Tensor, targets: Tensor, adversarial: bool = False, extra: Sequence[Tensor] = ()) -> MixtureScore:
+    def mix_score(self, h: Tensor, targets: Tensor, adversarial: bool = False, extra: Sequence[Tensor] = ()) -> MixtureScore:
         """``h: (B, T, H)``, ``targets: (B, T)`` -> :class:`MixtureScore`; under AdvSoft (per
         expert, before mixing) when ``adversarial`` (needs ``advsoft``)."""
         log_prior, latent = self.mixture(h, extra)
@@ -157,9 +231,9 @@ class MixtureOfSoftmaxes(nn.Module):
         log_p = torch.logsumexp(log_prior + expert_log_p, dim=-1)
         return MixtureScore(nll=-log_p.view(targets.shape), weights=log_prior.exp().view(*targets.shape, self.total_experts))
 
-    def nll(self, h: Tensor, targets: Tensor, adversarial: bool = False, extra: Sequence[Tensor] = ()) -> Tensor:
+    def nll_of(self, h: Tensor, targets: Tensor, adversarial: bool = False, extra: Sequence[Tensor] = ()) -> Tensor:
         """``h: (B, T, H)``, ``targets: (B, T)`` -> ``(B, T)``: ``-log p(targets | h)`` per token."""
-        return self.score(h, targets, adversarial, extra).nll
+        return self.mix_score(h, targets, adversarial, extra).nll
 
     def extra_repr(self) -> str:
         return (

@@ -1,28 +1,42 @@
 """The plain softmax output layer, optionally tied to the input embedding (AWD-LSTM 4.4).
 
-Every output layer of the toolkit offers the same three methods, which is the seam other
-output layers (adversarial softmax, mixture of softmaxes, adaptive softmax) plug into:
-
-* ``logits(h: (..., E)) -> (..., V)``
-* ``log_probs(h: (..., E)) -> (..., V)``
-* ``nll(h: (B, T, E), targets: (B, T), adversarial=False) -> (B, T)`` per-token negative
-  log-likelihood; ``adversarial=True`` scores under the layer's adversarial softmax
-  (:mod:`reglm.outputs.adversarial`), which only training asks for.
-
-A layer that can perturb its target logits sets ``supports_advsoft = True`` and takes an
-``advsoft`` argument.
+``p(w | h) = softmax(h W^T + b)_w`` over the encoder's ``output``. It implements the output
+interface (:mod:`reglm.outputs.base`) with both capabilities: full logits, and the adversarial
+softmax of Wang et al. (2019) (:mod:`reglm.outputs.adversarial`), which only training asks for.
+The tensor-level math is :meth:`SoftmaxOutput.logits`, :meth:`SoftmaxOutput.log_probs` and
+:meth:`SoftmaxOutput.nll_of` on hidden states ``h: (..., E)``.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from reglm.outputs.adversarial import AdvSoft, perturb_target_logits_
+from reglm.config.fields import check, check_positive, kind_field, option
+from reglm.encoders.base import EncoderOutput
+from reglm.outputs.adversarial import AdvSoft, AdvSoftConfig, perturb_target_logits_
+from reglm.outputs.base import OutputLayer, OutputLoss
 
 
-class SoftmaxOutput(nn.Module):
+@dataclass(frozen=True)
+class SoftmaxConfig:
+    """A softmax over the vocabulary."""
+
+    kind: str = kind_field("softmax", "output layer: softmax, mos (mixture of softmaxes, Yang et al. 2018) or doc (MoS with experts from intermediate layers too, Takase et al. 2018)")
+    tie_weights: bool = option(True, "share the input embedding with the output projection (Inan et al.; Press & Wolf)", arch=True)
+    bias: bool = option(True, "the softmax has a bias; false: fixed at zero (Inan et al.'s reused embeddings, RE)", arch=True)
+    init_range: float = option(0.1, "an untied projection is initialized U(-init_range, init_range)")
+    advsoft: AdvSoftConfig = option(AdvSoftConfig(), "the adversarial softmax (model.output.advsoft=relative|fixed|none)")
+
+    def __post_init__(self) -> None:
+        check(self.kind == "softmax", "model.output.kind", f"unknown {self.kind!r}")
+        check_positive(self.init_range, "model.output.init_range")
+
+
+class SoftmaxOutput(OutputLayer):
     """``p(w | h) = softmax(h W^T + b)_w`` with ``W: (V, E)`` and ``b: (V,)``.
 
     With ``tied_weight`` given (weight tying, AWD-LSTM section 4.4; Inan et al., 2016; Press &
@@ -31,11 +45,12 @@ class SoftmaxOutput(nn.Module):
     initialized ``U(-init_range, init_range)``. The bias is the layer's own, initialized to zeros;
     with ``bias=False`` there is none (``b = 0``: Inan et al.'s reused embeddings, section 4).
 
-    With ``advsoft`` given, ``nll(..., adversarial=True)`` lowers each target logit by its
-    AdvSoft margin ``epsilon_y ||h||`` (eq. 7); ``logits``/``log_probs`` are always clean.
+    With ``advsoft`` given, ``score(..., adversarial=True)`` lowers each target logit by its
+    AdvSoft margin ``epsilon_y ||h||`` (eq. 7); predictions and logits are always clean.
     """
 
-    supports_advsoft = True
+    Config = SoftmaxConfig
+    capabilities = frozenset({"logits", "softmax-logits", "advsoft"})
 
     def __init__(
         self, in_features: int, vocab_size: int, tied_weight: nn.Parameter | None = None, advsoft: AdvSoft | None = None,
@@ -56,6 +71,13 @@ class SoftmaxOutput(nn.Module):
             self.weight = tied_weight
         self.bias = nn.Parameter(torch.zeros(vocab_size)) if bias else None
 
+    @classmethod
+    def from_config(cls, cfg: SoftmaxConfig, in_features: int, vocab_size: int, input_layer: nn.Module, encoder: nn.Module) -> SoftmaxOutput:
+        tied = input_layer.tied_weight() if cfg.tie_weights else None
+        return cls(in_features, vocab_size, tied, cfg.advsoft.build(), bias=cfg.bias, init_range=cfg.init_range)
+
+    # ------------------------------------------------------------------ the math, on hidden states
+
     def logits(self, h: Tensor) -> Tensor:
         """``h: (..., E) -> (..., V)``: ``h W^T + b``."""
         return F.linear(h, self.weight, self.bias)
@@ -64,16 +86,15 @@ class SoftmaxOutput(nn.Module):
         """``h: (..., E) -> (..., V)``: ``log softmax(h W^T + b)`` over the vocabulary."""
         return F.log_softmax(self.logits(h), dim=-1)
 
-    def nll(self, h: Tensor, targets: Tensor, adversarial: bool = False) -> Tensor:
+    def nll_of(self, h: Tensor, targets: Tensor, adversarial: bool = False) -> Tensor:
         """``h: (B, T, E)``, ``targets: (B, T)`` -> ``(B, T)``: ``-log p(targets | h)`` per token,
         under the adversarial softmax when ``adversarial`` (needs ``advsoft``)."""
         flat_h = h.reshape(-1, self.in_features)
-        return self.nll_from_logits(self.logits(flat_h), flat_h, targets, adversarial)
+        return self._nll_from_logits(self.logits(flat_h), flat_h, targets, adversarial)
 
-    def nll_from_logits(self, logits: Tensor, flat_h: Tensor, targets: Tensor, adversarial: bool = False) -> Tensor:
-        """:meth:`nll` from already computed ``logits: (N, V)`` of ``flat_h: (N, E)``, ``targets``
-        of ``N`` tokens in any shape -> NLL in ``targets``' shape. Under AdvSoft the target logits
-        are lowered in place: pass a copy if ``logits`` is needed afterwards."""
+    def _nll_from_logits(self, logits: Tensor, flat_h: Tensor, targets: Tensor, adversarial: bool) -> Tensor:
+        """The NLL from ``logits: (N, V)`` of ``flat_h: (N, E)``; under AdvSoft the target logits
+        are lowered in place (pass a copy if ``logits`` is needed afterwards)."""
         flat_y = targets.reshape(-1)
         if adversarial:
             if self.advsoft is None:
@@ -81,6 +102,23 @@ class SoftmaxOutput(nn.Module):
             target_weight = F.embedding(flat_y, self.weight) if self.advsoft.needs_target_weight() else None
             perturb_target_logits_(logits, flat_y, self.advsoft.margin(flat_h, target_weight))
         return F.cross_entropy(logits, flat_y, reduction="none").view(targets.shape)
+
+    # ------------------------------------------------------------------ the output interface
+
+    def score(self, out: EncoderOutput, targets: Tensor, adversarial: bool = False, keep_logits: bool = False) -> OutputLoss:
+        flat_h = out.output.reshape(-1, self.in_features)
+        logits = self.logits(flat_h)
+        kept = logits if keep_logits else None
+        if adversarial and keep_logits:
+            logits = logits.clone()
+        nll = self._nll_from_logits(logits, flat_h, targets, adversarial)
+        return OutputLoss(nll, nll.new_zeros(()), kept)
+
+    def predict(self, out: EncoderOutput) -> Tensor:
+        return self.log_probs(out.output)
+
+    def full_logits(self, out: EncoderOutput) -> Tensor:
+        return self.logits(out.output)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, vocab_size={self.vocab_size}, bias={self.bias is not None}, advsoft={self.advsoft}"

@@ -145,8 +145,11 @@ def _is_states(value: Any) -> bool:
     return value is None or (isinstance(value, list) and all(isinstance(p, (list, tuple)) and all(isinstance(t, torch.Tensor) for t in p) for p in value))
 
 
+STATE_FORMAT = 2
+"""Format 1 (before the trainer's schedule had state of its own) kept the plateau scale as ``lr_scale``."""
+
 STATE_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "format": (lambda v: v == 1, "format 1"),
+    "format": (lambda v: v == STATE_FORMAT, f"format {STATE_FORMAT}"),
     "model": (_is_tensor_dict, "a dict of tensors"),
     "optimizer": (lambda v: isinstance(v, dict) and "state" in v and "param_groups" in v, "an optimizer state dict"),
     "averager": (lambda v: isinstance(v, dict), "a dict"),
@@ -159,7 +162,7 @@ STATE_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "epoch_nll": (lambda v: _is_number(v) and math.isfinite(v), "a finite number"),
     "epoch_tokens": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
     "best_val": (_is_number, "a number"),
-    "lr_scale": (lambda v: _is_number(v) and math.isfinite(v) and v > 0, "a number > 0"),
+    "schedule": (lambda v: isinstance(v, dict), "a dict"),
     "objective": (lambda v: isinstance(v, dict), "a dict"),
     "metrics_bytes": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
     "vocab_fingerprint": (lambda v: isinstance(v, str), "a string"),
@@ -182,6 +185,8 @@ def load_state(path: Path) -> dict[str, Any]:
         raise ReglmError(f"{path} cannot be read ({_short(exc)}): the training state is truncated or corrupted; {fix}") from None
     if not isinstance(state, dict):
         raise ReglmError(f"{path} is not a reglm training state; {fix}")
+    if state.get("format") == 1:
+        state["format"], state["schedule"] = STATE_FORMAT, {"scale": state.pop("lr_scale", 1.0)}
     for name, (ok, what) in STATE_FIELDS.items():
         if name not in state:
             raise ReglmError(f"{path} is damaged: it has no {name!r} entry; {fix}")

@@ -1,6 +1,6 @@
 """What a training run minimizes: the seam between the training loop and its loss.
 
-The loop (:mod:`reglm.train.loop`) owns the data order, BPTT windows, optimizer, averaging,
+The loop (:mod:`reglm.train.run`) owns the data order, BPTT windows, optimizer, averaging,
 checkpoints and resume; an objective owns the per-token loss and how a split is scored for model
 selection. ``objective.kind`` picks one:
 
@@ -41,8 +41,11 @@ from reglm.data.windows import StreamPlan, Window
 from reglm.encoders.base import EncoderOutput, State, concat_states, detach_state, select_streams, state_dict_of
 from reglm.errors import ReglmError
 from reglm.evaluate.perplexity import evaluate, perplexity, stream_pass
-from reglm.models import LanguageModel, OutputLoss
+from reglm.models import LanguageModel
+from reglm.objectives.augmented_loss import AugmentedLoss
+from reglm.objectives.base import Term
 from reglm.objectives.reverse_kl import discriminator_loss_parts, finetune_loss
+from reglm.outputs.base import OutputLoss
 from reglm.train.checkpoint import load_model_dir
 
 
@@ -91,7 +94,7 @@ class LMObjective:
         self.config = config
         self.base = _load_base(config, vocab, device) if config.objective.base_model else None
         cfg = config.train
-        self.aug = {"aug_weight": cfg.aug_gamma * cfg.aug_tau, "aug_tau": cfg.aug_tau, "aug_target_grad": cfg.aug_target_grad}
+        self.terms: list[Term] = [AugmentedLoss(cfg.aug_gamma, cfg.aug_tau, cfg.aug_target_grad)] if cfg.aug_gamma > 0 else []
 
     def prepare(self, model: LanguageModel) -> None:
         """At a fresh start: copy the base model's weights, if the run has one."""
@@ -101,8 +104,8 @@ class LMObjective:
     def initial_model(self) -> LanguageModel | None:
         return self.base
 
-    def chunk_loss(self, model: LanguageModel, out: EncoderOutput, x: Tensor, y: Tensor, streams: slice, batch_size: int, adversarial: bool) -> OutputLoss:
-        return model.output_loss(out, y, adversarial=adversarial, **self.aug)
+    def chunk_loss(self, model: LanguageModel, out: EncoderOutput, x: Tensor, y: Tensor, streams: slice, batch_size: int, adversarial: bool, keep_logits: bool = False) -> OutputLoss:
+        return model.output_loss(out, y, adversarial=adversarial, keep_logits=keep_logits)
 
     def end_step(self) -> None:
         pass
@@ -125,6 +128,7 @@ class _FrozenObjective:
     """Shared machinery of the objectives that read frozen models next to the trained one."""
 
     kind = ""
+    terms: list[Term] = []
 
     def __init__(self, frozen: list[LanguageModel]) -> None:
         self.frozen = [Frozen(m) for m in frozen]
@@ -165,7 +169,7 @@ class DiscriminatorObjective(_FrozenObjective):
     def initial_model(self) -> LanguageModel | None:
         return None
 
-    def chunk_loss(self, model: LanguageModel, out: EncoderOutput, x: Tensor, y: Tensor, streams: slice, batch_size: int, adversarial: bool) -> OutputLoss:
+    def chunk_loss(self, model: LanguageModel, out: EncoderOutput, x: Tensor, y: Tensor, streams: slice, batch_size: int, adversarial: bool, keep_logits: bool = False) -> OutputLoss:
         q0_out = self.frozen[0].run(x, streams, batch_size)
         with torch.no_grad():
             q0_log_probs = self.q0.output_log_probs(q0_out)
@@ -206,7 +210,7 @@ class ReverseKLObjective(_FrozenObjective):
         loss, t_log_t = finetune_loss(log_q, log_q0, disc)
         return loss, -log_q, t_log_t
 
-    def chunk_loss(self, model: LanguageModel, out: EncoderOutput, x: Tensor, y: Tensor, streams: slice, batch_size: int, adversarial: bool) -> OutputLoss:
+    def chunk_loss(self, model: LanguageModel, out: EncoderOutput, x: Tensor, y: Tensor, streams: slice, batch_size: int, adversarial: bool, keep_logits: bool = False) -> OutputLoss:
         outs = [out, *(f.run(x, streams, batch_size) for f in self.frozen)]
         loss, _, _ = self._terms(model, outs, y)
         return OutputLoss(loss, loss.new_zeros(()))

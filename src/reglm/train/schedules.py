@@ -1,4 +1,8 @@
-"""Per-batch schedules of the training loop: variable BPTT length and the matching learning rate.
+"""Schedules of the trainer; none of them knows a model.
+
+* the learning rate per step (``train.schedule``: :class:`DecaySchedule`);
+* the variable BPTT length per batch and the matching rate rescaling (below);
+* the adversarial softmax on/off (:func:`advsoft_on`) and the input-noise std (:func:`annealed_std`).
 
 AWD-LSTM section 4.1 (Merity et al., 2017): a fixed BPTT window always cuts the stream at the
 same positions, so every token at a multiple of the window gets no recurrent gradient at all.
@@ -17,8 +21,11 @@ every checkpoint, so a resumed run draws exactly the lengths the uninterrupted r
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
+
+from reglm.config.fields import check, kind_field, option
 
 
 def sample_bptt(
@@ -56,6 +63,17 @@ def scaled_lr(lr: float, seq_len: int, bptt: int) -> float:
     return lr * seq_len / bptt
 
 
+def advsoft_on(advsoft_kind: str, stop_epoch: int | None, in_finetune: bool, stage: str, epoch: int) -> bool:
+    """Whether a step of (0-based) ``epoch`` of ``stage`` trains with the adversarial softmax:
+    on from the start when configured, off after ``train.advsoft_stop_epoch`` main-stage epochs,
+    and in fine-tuning per ``train.advsoft_finetune``."""
+    if advsoft_kind == "none":
+        return False
+    if stage == "finetune":
+        return in_finetune
+    return stop_epoch is None or epoch < stop_epoch
+
+
 def annealed_std(std: float, schedule: str, epoch: int, length: float) -> float:
     """The input-noise std of a main-stage epoch (0-based ``epoch``), Wang et al. 2019 section 5.
 
@@ -73,3 +91,56 @@ def annealed_std(std: float, schedule: str, epoch: int, length: float) -> float:
     if schedule == "exponential":
         return std * 0.5 ** (epoch / length)
     raise ValueError(f"unknown noise schedule {schedule!r}")
+
+
+@dataclass(frozen=True)
+class DecayScheduleConfig:
+    """The learning rate of a main-stage epoch: ``lr * decay ** max(0, e - decay_start)`` times
+    the plateau factor accumulated so far; fine-tuning runs at ``train.finetune_lr``."""
+
+    kind: str = kind_field("decay", "learning-rate schedule: decay (per-epoch decay and plateau drops; constant by default)")
+    decay: float = option(1.0, "multiply the rate by this every epoch after decay_start (Zaremba et al.; Inan et al. appendix A: 0.9 / 0.97); 1: no decay")
+    decay_start: int = option(0, "main-stage epoch after which the decay applies: epoch e runs at lr * decay ** max(0, e - decay_start)")
+    plateau_factor: float | None = option(None, "multiply the rate by this whenever an epoch does not improve the best validation score (Popov & Kudinov's synthetic study: 0.1); none: off")
+
+    def __post_init__(self) -> None:
+        check(self.kind == "decay", "train.schedule.kind", f"unknown {self.kind!r}")
+        check(math.isfinite(self.decay) and 0 < self.decay <= 1, "train.schedule.decay", f"{self.decay} must be in (0, 1]")
+        check(self.decay_start >= 0, "train.schedule.decay_start", f"{self.decay_start} must be >= 0")
+        check(self.plateau_factor is None or (math.isfinite(self.plateau_factor) and 0 < self.plateau_factor < 1), "train.schedule.plateau_factor", f"{self.plateau_factor} must be in (0, 1) or none")
+
+
+class DecaySchedule:
+    """``train.schedule=decay``: see :class:`DecayScheduleConfig`. Step-based in form (the trainer
+    asks for every step's rate), epoch-based in value; its state is the plateau scale."""
+
+    Config = DecayScheduleConfig
+
+    def __init__(self, cfg: DecayScheduleConfig, lr: float, finetune_lr: float | None) -> None:
+        self.cfg, self.lr, self.finetune_lr = cfg, lr, finetune_lr
+        self.scale = 1.0
+
+    def rate(self, stage: str, epoch: int, step: int) -> float:
+        """The rate of a step of (0-based) ``epoch`` of ``stage``, before any per-batch rescaling."""
+        if stage == "finetune":
+            return (self.finetune_lr if self.finetune_lr is not None else self.lr) * self.scale
+        return self.lr * self.cfg.decay ** max(0, epoch + 1 - self.cfg.decay_start) * self.scale
+
+    def epoch_end(self, improved: bool) -> bool:
+        """After an epoch's validation: whether the rate dropped (a plateau)."""
+        if improved or self.cfg.plateau_factor is None:
+            return False
+        self.scale *= self.cfg.plateau_factor
+        return True
+
+    def state_dict(self) -> dict[str, float]:
+        return {"scale": self.scale}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        scale = state.get("scale") if isinstance(state, dict) else None
+        if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale) or scale <= 0:
+            raise ValueError("expected a positive finite scale")
+        self.scale = float(scale)
+
+
+SCHEDULES = {"decay": DecaySchedule}

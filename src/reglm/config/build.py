@@ -1,0 +1,441 @@
+"""The one builder of configurations: raw mappings and ``key=value`` assignments to dataclasses.
+
+A configuration is a tree of frozen dataclasses (:mod:`reglm.config.schema`). Three kinds of node:
+
+* a **section**: a dataclass field whose type is a dataclass (``data``, ``model``, ``train``);
+* a **component**: a field with ``metadata["family"]`` (``model.encoder``, ``model.output``,
+  ``train.optimizer``...): its dataclass is chosen by the ``kind`` of the raw mapping among the
+  configs of that family's registry (:data:`FAMILIES`); a plain string sets the kind
+  (``model.encoder=vd-lstm``). A dataclass with a ``kind`` field (``model.output.advsoft``) takes
+  the same shorthand;
+* a **leaf**: a typed scalar, checked against its annotation.
+
+Every source -- a preset file, ``key=value`` overrides, a saved ``config.json`` -- becomes a list
+of *assignments* ``(path, value)`` applied in order to one raw nested mapping
+(:func:`assign`). Changing a component's kind drops the settings the new kind does not have, so
+``model.encoder=vd-lstm`` on top of an AWD-LSTM preset keeps ``hidden_size`` and ``num_layers``.
+A path with ``*`` (``model.*dropout=0``) sets every matching option that exists. Old flat names
+(``model.emb_size``, ``train.lr``; the layout before components) are aliases of their new paths
+(:data:`ALIASES`), so old commands, presets and run directories keep working.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import importlib
+import types
+import typing
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import yaml
+
+from reglm.errors import ReglmError
+
+FAMILIES: dict[str, tuple[str, str]] = {
+    "input": ("reglm.inputs", "INPUTS"),
+    "encoder": ("reglm.encoders", "ENCODERS"),
+    "output": ("reglm.outputs", "OUTPUTS"),
+    "optimizer": ("reglm.train.optim", "OPTIMIZERS"),
+    "averaging": ("reglm.train.optim", "AVERAGING"),
+    "schedule": ("reglm.train.schedules", "SCHEDULES"),
+}
+"""Component family -> (module, registry): the registry maps each kind to a component class
+whose ``Config`` is the kind's dataclass."""
+
+ALIASES: dict[str, tuple[str, ...]] = {
+    "model.emb_size": ("model.input.emb_size",),
+    "model.embed_dropout": ("model.input.embed_dropout",),
+    "model.input_dropout": ("model.input.dropout",),
+    "model.init_range": ("model.input.init_range", "model.encoder.init_range", "model.output.init_range"),
+    "model.hidden_size": ("model.encoder.hidden_size",),
+    "model.last_hidden_size": ("model.encoder.last_hidden_size",),
+    "model.num_layers": ("model.encoder.num_layers",),
+    "model.hidden_dropout": ("model.encoder.hidden_dropout",),
+    "model.output_dropout": ("model.encoder.output_dropout",),
+    "model.weight_dropout": ("model.encoder.weight_dropout",),
+    "model.tie_weights": ("model.output.tie_weights",),
+    "model.output_bias": ("model.output.bias",),
+    "model.n_experts": ("model.output.n_experts",),
+    "model.latent_dropout": ("model.output.latent_dropout",),
+    "model.doc_experts": ("model.output.doc_experts",),
+    "model.mixture_penalty": ("model.output.mixture_penalty",),
+    "model.advsoft_alpha": ("model.output.advsoft.alpha",),
+    "model.advsoft_epsilon": ("model.output.advsoft.epsilon",),
+    "model.advsoft_grad": ("model.output.advsoft.grad",),
+    "model.advsoft_positive_only": ("model.output.advsoft.positive_only",),
+    "model.advsoft": ("model.output.advsoft",),
+    "train.lr": ("train.optimizer.lr",),
+    "train.weight_decay": ("train.optimizer.weight_decay",),
+    "train.trigger": ("train.averaging.trigger",),
+    "train.nonmono": ("train.averaging.nonmono",),
+    "train.lr_decay": ("train.schedule.decay",),
+    "train.lr_decay_start": ("train.schedule.decay_start",),
+    "train.plateau_factor": ("train.schedule.plateau_factor",),
+}
+"""Old flat option -> its path(s) in the component layout. An alias with several targets sets
+each one the chosen kinds have (``model.init_range`` was one range for every layer)."""
+
+OLD_AVERAGING = {"ntasgd": "ntasgd", "sgd": "none"}
+"""The old ``train.optimizer`` values: they named the averaging policy."""
+
+Path = tuple[str, ...]
+
+
+def registry(family: str) -> dict[str, Any]:
+    module, name = FAMILIES[family]
+    return getattr(importlib.import_module(module), name)
+
+
+def family_configs(family: str) -> dict[str, type]:
+    """kind -> config dataclass of a component family."""
+    return {kind: component.Config for kind, component in registry(family).items()}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _fields(cls: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def _default_kind(f: dataclasses.Field) -> str:
+    return _default(f).kind
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    assert f.default_factory is not dataclasses.MISSING
+    return f.default_factory()
+
+
+def _is_kinded(cls: type) -> bool:
+    return dataclasses.is_dataclass(cls) and "kind" in _fields(cls)
+
+
+def _node_class(f: dataclasses.Field, hint: Any, raw: Any) -> type | None:
+    """The dataclass a field's raw value builds (None for a leaf)."""
+    family = f.metadata.get("family")
+    if family is not None:
+        kind = raw.get("kind") if isinstance(raw, dict) else None
+        kind = kind if kind is not None else _default_kind(f)
+        configs = family_configs(family)
+        if kind not in configs:
+            return None
+        return configs[kind]
+    return hint if dataclasses.is_dataclass(hint) else None
+
+
+def _option_name(path: Path) -> str:
+    return ".".join(path)
+
+
+def _kind_error(family: str, kind: Any, path: Path) -> ReglmError:
+    kinds = ", ".join(family_configs(family))
+    hint = ""
+    if path[-1] == "optimizer" and kind in OLD_AVERAGING:
+        hint = f"; the averaging policy is now train.averaging={OLD_AVERAGING[kind]}"
+    return ReglmError(f"invalid option {_option_name(path)}: unknown {family} {kind!r}; choose one of {kinds}{hint}")
+
+
+def assign(raw: dict[str, Any], root: type, path: Path, value: Any, lenient: bool = False, prefix: Path = ()) -> None:
+    """Set ``path`` to ``value`` in the raw mapping of ``root`` (in place), schema-aware: a
+    component's kind is resolved as the walk goes, and setting a kind drops the settings the new
+    kind lacks. An unknown path is a ReglmError naming the options there; with ``lenient`` it is
+    skipped instead (migration of old files, multi-target aliases)."""
+    name, rest = path[0], path[1:]
+    fields = _fields(root)
+    if name not in fields:
+        if lenient:
+            return
+        kind = f" (kind {raw.get('kind')!r} has no such option)" if "kind" in fields and raw.get("kind") else ""
+        raise ReglmError(f"unknown option {_option_name((*prefix, *path))}{kind}; the options here are: {', '.join(sorted(fields))} (`reglm config` lists them all)")
+    f = fields[name]
+    hint = _hints(root)[name]
+    family = f.metadata.get("family")
+    child_cls = hint if dataclasses.is_dataclass(hint) else None
+    if family is None and child_cls is None:
+        if rest:
+            raise ReglmError(f"unknown option {_option_name((*prefix, *path))}: {name} is not a section")
+        raw[name] = value
+        return
+    current = raw.get(name)
+    current = dict(current) if isinstance(current, dict) else {}
+    raw[name] = current
+    kinded = family is not None or _is_kinded(child_cls)
+    if not rest:
+        if kinded and (isinstance(value, str) or value is None):
+            value = {"kind": "none" if value is None else value}
+        if not isinstance(value, dict):
+            raise ReglmError(f"invalid option {_option_name((*prefix, name))}: expected {'a kind or ' if kinded else ''}a mapping of options, got {value!r}")
+        for key, sub in _flatten(value):
+            _assign_inside(current, f, child_cls, key, sub, lenient, (*prefix, name))
+        return
+    _assign_inside(current, f, child_cls, rest, value, lenient, (*prefix, name))
+
+
+def _assign_inside(current: dict[str, Any], f: dataclasses.Field, child_cls: type | None, key: Path, value: Any, lenient: bool, where: Path) -> None:
+    """One assignment inside a section's or component's mapping; a new kind first drops the
+    settings it lacks."""
+    family = f.metadata.get("family")
+    if family is None:
+        assert child_cls is not None
+        assign(current, child_cls, key, value, lenient, where)
+        return
+    configs = family_configs(family)
+    if key == ("kind",):
+        if value not in configs:
+            raise _kind_error(family, value, where)
+        keep = _fields(configs[value])
+        for name in list(current):
+            if name not in keep:
+                del current[name]
+        current["kind"] = value
+        return
+    kind = current.get("kind", _default_kind(f))
+    if kind not in configs:
+        raise _kind_error(family, kind, where)
+    assign(current, configs[kind], key, value, lenient, where)
+
+
+def _flatten(mapping: dict[str, Any], prefix: Path = ()) -> Iterator[tuple[Path, Any]]:
+    """``(path, value)`` of a nested mapping, ``kind`` first at every level; a nested mapping is
+    descended, except under a key that is a single dotted option name."""
+    items = sorted(mapping.items(), key=lambda kv: kv[0] != "kind")
+    for key, value in items:
+        path = (*prefix, *str(key).split("."))
+        if isinstance(value, dict) and value:
+            yield from _flatten(value, path)
+        else:
+            yield path, value
+
+
+def apply(raw: dict[str, Any], root: type, assignments: Iterable[tuple[str, Any]], lenient: bool = False) -> dict[str, Any]:
+    """Apply ``(key, value)`` assignments in order: a key is a full path, an alias, a unique
+    option name, or a ``*`` pattern over the options that exist."""
+    for key, value in assignments:
+        if "*" in key or "?" in key:
+            matches = [p for p in leaf_paths(raw, root) if fnmatch.fnmatchcase(_option_name(p), key)]
+            if not matches and not lenient:
+                raise ReglmError(f"the pattern {key!r} matches no option; `reglm config` lists them")
+            for path in matches:
+                assign(raw, root, path, value, lenient)
+            continue
+        targets = resolve_key(key, root)
+        for path in targets:
+            assign(raw, root, path, value, lenient or len(targets) > 1)
+    return raw
+
+
+def kinds_first(assignments: Iterable[tuple[str, Any]], root: type) -> list[tuple[str, Any]]:
+    """``assignments`` with those that choose a component's kind first (stable otherwise), so
+    that one layer of options may name a kind after the options it brings
+    (``model.n_experts=5 model.output=mos``)."""
+    def chooses_kind(item: tuple[str, Any]) -> bool:
+        key, value = item
+        if "*" in key or "?" in key:
+            return False
+        paths = resolve_key(key, root)
+        return any(path[-1] == "kind" or (isinstance(value, str) and _is_component_path(path, root)) for path in paths)
+
+    items = list(assignments)
+    return sorted(items, key=lambda item: not chooses_kind(item))
+
+
+def _is_component_path(path: Path, root: type) -> bool:
+    cls: Any = root
+    for depth, name in enumerate(path):
+        fields = _fields(cls) if dataclasses.is_dataclass(cls) else {}
+        if name not in fields:
+            return False
+        f, hint = fields[name], _hints(cls)[name]
+        last = depth == len(path) - 1
+        if f.metadata.get("family") is not None:
+            if last:
+                return True
+            cls = next(iter(family_configs(f.metadata["family"]).values()))
+        elif dataclasses.is_dataclass(hint):
+            if last:
+                return _is_kinded(hint)
+            cls = hint
+        else:
+            return False
+    return False
+
+
+def nested_assignments(mapping: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """A nested mapping (a preset file, a saved config) as ``(dotted key, value)`` assignments."""
+    return [(".".join(path), value) for path, value in _flatten(mapping, tuple(prefix.split(".")) if prefix else ())]
+
+
+def leaf_paths(raw: dict[str, Any], root: type, prefix: Path = ()) -> list[Path]:
+    """Every leaf option of ``root`` with the kinds ``raw`` chooses."""
+    out: list[Path] = []
+    hints = _hints(root)
+    for name, f in _fields(root).items():
+        sub = raw.get(name) if isinstance(raw, dict) else None
+        cls = _node_class(f, hints[name], sub)
+        if cls is None:
+            if name != "kind":
+                out.append((*prefix, name))
+            continue
+        out.extend(leaf_paths(sub if isinstance(sub, dict) else {}, cls, (*prefix, name)))
+    return out
+
+
+def _all_paths(root: type, prefix: Path = ()) -> Iterator[tuple[Path, dataclasses.Field, Any, list[str]]]:
+    """Every option of every kind: ``(path, field, annotation, kinds that have it)``."""
+    hints = _hints(root)
+    for name, f in _fields(root).items():
+        family = f.metadata.get("family")
+        hint = hints[name]
+        if family is not None:
+            merged: dict[Path, tuple[dataclasses.Field, Any, list[str]]] = {}
+            for kind, cls in family_configs(family).items():
+                for path, sub_f, sub_hint, _ in _all_paths(cls, (*prefix, name)):
+                    entry = merged.setdefault(path, (sub_f, sub_hint, []))
+                    if kind not in entry[2]:
+                        entry[2].append(kind)
+            for path, (sub_f, sub_hint, kinds) in merged.items():
+                yield path, sub_f, sub_hint, kinds
+        elif dataclasses.is_dataclass(hint):
+            yield from _all_paths(hint, (*prefix, name))
+        else:
+            yield (*prefix, name), f, hint, []
+
+
+def resolve_key(key: str, root: type) -> list[Path]:
+    """The path(s) a ``key=value`` key names: ``section.field...``, an old flat alias, or a
+    unique option name (``lr``, ``hidden_size``). Ambiguous or unknown keys are ReglmErrors."""
+    key = key.strip().replace("-", "_")
+    if key in ALIASES:
+        return [tuple(p.split(".")) for p in ALIASES[key]]
+    known = {path for path, *_ in _all_paths(root)}
+    sections = {path[: i + 1] for path in known for i in range(len(path) - 1)}
+    path = tuple(key.split("."))
+    if path in known or path in sections:
+        return [path]
+    if "." in key:
+        raise ReglmError(f"unknown override key {key!r}; `reglm config` lists the keys")
+    owners = sorted({p for p in known | sections if p[-1] == key})
+    owners += [tuple(targets[0].split(".")) for alias, targets in ALIASES.items() if alias.split(".")[-1] == key and len(targets) == 1 and tuple(targets[0].split(".")) not in owners]
+    if not owners:
+        raise ReglmError(f"unknown override key {key!r}; `reglm config` lists the keys")
+    if len(owners) > 1:
+        raise ReglmError(f"override key {key!r} is ambiguous; write one of {', '.join(_option_name(o) for o in owners)}")
+    return [owners[0]]
+
+
+def parse_value(text: str) -> Any:
+    """A ``key=value`` value as YAML (``none``/``null`` -> None; ``1e-9``-style numbers, which
+    YAML 1.1 leaves strings, -> float)."""
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    if isinstance(value, str) and value.lower() in ("none", "null"):
+        return None
+    if isinstance(value, str) and any(c.isdigit() for c in value):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def parse_assignments(items: Iterable[str], what: str = "override", example: str = "train.lr=10") -> list[tuple[str, Any]]:
+    """``["train.lr=10", "emb_size=400"]`` -> ``[("train.lr", 10), ("emb_size", 400)]``."""
+    out = []
+    for item in items:
+        if "=" not in item:
+            raise ReglmError(f"{what} {item!r} is not key=value; write e.g. {example} (`reglm config` lists keys)")
+        key, text = item.split("=", 1)
+        out.append((key.strip(), parse_value(text)))
+    return out
+
+
+# ------------------------------------------------------------------ building
+
+
+def coerce(value: Any, tp: Any, where: str) -> Any:
+    """``value`` as the scalar type ``tp`` (int, float, bool, str or an optional of one)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return coerce(value, arg, where)
+            except ReglmError:
+                continue
+        raise ReglmError(f"{where}: {value!r} is not a valid {tp}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ReglmError(f"{where}: {value!r} is not true or false")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ReglmError(f"{where}: {value!r} is not an integer")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ReglmError(f"{where}: {value!r} is not a number")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ReglmError(f"{where}: {value!r} is not a string")
+    raise TypeError(f"unsupported config type {tp}")
+
+
+def build(cls: type, raw: Any, where: str, prefix: str = "") -> Any:
+    """The dataclass ``cls`` from its raw mapping (defaults for what is missing), validated."""
+    if not isinstance(raw, dict):
+        raise ReglmError(f"{where}: {prefix.rstrip('.') or 'the configuration'}: expected a mapping, got {raw!r}")
+    hints = _hints(cls)
+    fields = _fields(cls)
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ReglmError(f"{where}: unknown option(s) {', '.join(prefix + u for u in unknown)}; `reglm config` lists the options")
+    kwargs = {}
+    for name, f in fields.items():
+        if name not in raw:
+            continue
+        hint, value = hints[name], raw[name]
+        family = f.metadata.get("family")
+        if family is not None:
+            value = value if isinstance(value, dict) else {"kind": value}
+            kind = value.get("kind", _default_kind(f))
+            configs = family_configs(family)
+            if kind not in configs:
+                raise _kind_error(family, kind, tuple(f"{prefix}{name}".split(".")))
+            kwargs[name] = build(configs[kind], value, where, f"{prefix}{name}.")
+        elif dataclasses.is_dataclass(hint):
+            if _is_kinded(hint) and not isinstance(value, dict):
+                value = {"kind": "none" if value is None else value}
+            kwargs[name] = build(hint, value, where, f"{prefix}{name}.")
+        else:
+            kwargs[name] = coerce(value, hint, f"{where}: {prefix}{name}")
+    return cls(**kwargs)
+
+
+def describe(root: type) -> str:
+    """One line per option of every kind: key, type, default, the kinds that have it, help."""
+    lines = []
+    for path, f, hint, kinds in _all_paths(root):
+        if path[-1] == "kind" and not kinds:
+            continue
+        default = None if f.default is dataclasses.MISSING else f.default
+        type_name = str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
+        key = _option_name(path)
+        scope = f" [{', '.join(kinds)}]" if kinds else ""
+        lines.append(f"{key:34s} {type_name:12s} {default!r:12s} {f.metadata.get('help', '')}{scope}")
+    return "\n".join(lines)

@@ -1,0 +1,248 @@
+"""The run configuration: frozen dataclasses, one per stage, with components chosen by kind.
+
+``RunConfig`` = ``data`` + ``model`` (``input``, ``encoder``, ``output`` components) + ``train``
+(with ``optimizer``, ``averaging``, ``schedule`` components) + ``objective`` + ``seed``. Each
+component's dataclass lives next to the component (``reglm.encoders.awd_lstm.AWDLSTMConfig``...)
+and is chosen by the ``kind`` of its mapping among its family's registry
+(:data:`reglm.config.build.FAMILIES`). Every field carries a one-line help text; ``reglm config``
+prints them all. A run directory stores the whole configuration as ``config.json``, and every
+checkpoint again, so a model can always be rebuilt from what is on disk. Checks that span
+several stages are in one place, :meth:`RunConfig.__post_init__`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from reglm.config.build import OLD_AVERAGING, apply, build, family_configs, kinds_first, nested_assignments
+from reglm.config.fields import check, check_nonneg, check_seed, option
+
+
+def _component(family: str, default_kind: str, help: str) -> Any:
+    return field(default_factory=lambda: family_configs(family)[default_kind](), metadata={"help": help, "family": family})
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which corpus to read and how to build its vocabulary."""
+
+    name: str = option("synthetic", "ptb, wikitext-2, wikitext-103, synthetic, or a directory holding train.txt/valid.txt/test.txt")
+    data_dir: str | None = option(None, "download cache for built-in corpora (default: $REGLM_DATA_DIR or ~/.cache/reglm)")
+    min_freq: int = option(1, "training words seen fewer times become <unk>")
+    max_vocab: int | None = option(None, "keep only the most frequent training words (<unk> and <eos> included)")
+    synthetic_seed: int = option(0, "seed of the synthetic trigram language (its table and its samples)")
+    synthetic_sentences: int = option(80000, "synthetic corpus: training sentences; valid and test get one eighth each (80k/10k/10k)")
+
+    def __post_init__(self) -> None:
+        check(self.min_freq >= 1, "data.min_freq", f"{self.min_freq} must be >= 1")
+        check(self.max_vocab is None or self.max_vocab >= 3, "data.max_vocab", f"{self.max_vocab} must be >= 3 or none")
+        check(self.synthetic_sentences >= 8, "data.synthetic_sentences", f"{self.synthetic_sentences} must be >= 8")
+        check_seed(self.synthetic_seed, "data.synthetic_seed")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The language model: input layer -> encoder -> output layer, each a component chosen by kind."""
+
+    input: Any = _component("input", "embedding", "the input layer (model.input.kind: embedding)")
+    encoder: Any = _component("encoder", "awd-lstm", "the encoder (model.encoder.kind: awd-lstm, vd-lstm)")
+    output: Any = _component("output", "softmax", "the output layer (model.output.kind: softmax, mos, doc)")
+
+    def __post_init__(self) -> None:
+        emb = self.input.output_size
+        features = self.encoder.output_size(emb)
+        if self.output.kind == "softmax" and self.output.tie_weights:
+            check(
+                features == emb, "model.output.tie_weights",
+                f"a tied softmax reads the encoder output ({features} features from encoder {self.encoder.kind}) as an embedding of "
+                f"size {emb}; make them equal (model.encoder.hidden_size or last_hidden_size), set tie_weights=false, or use an output "
+                "layer that projects (model.output=mos)",
+            )
+        if self.output.kind in ("mos", "doc"):
+            self.output.doc_expert_counts(len(self.encoder.layer_sizes(emb)))
+
+    @classmethod
+    def build(cls, **options: Any) -> ModelConfig:
+        """A model config from ``option=value`` pairs of the ``model`` section, by full path
+        (``encoder__hidden_size`` for ``encoder.hidden_size``), old flat name or unique name:
+        ``ModelConfig.build(emb_size=16, hidden_size=24, input_dropout=0.2)``."""
+        raw = apply({}, RunConfig, kinds_first([(f"model.{key.replace('__', '.')}", value) for key, value in options.items()], RunConfig))
+        return RunConfig.from_dict(raw, "ModelConfig.build").model
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimization: the optimizer, averaging and schedule, BPTT, regularization terms, checkpoints."""
+
+    epochs: int = option(6, "epochs of the main stage")
+    batch_size: int = option(32, "training streams per batch")
+    small_batch_size: int | None = option(None, "gradient accumulation: streams per forward/backward chunk, each with its own carried state, one step per batch (none: batch_size; the MoS code's small_batch_size)")
+    eval_batch_size: int = option(10, "streams per batch for validation")
+    test_batch_size: int = option(1, "streams per batch for the final test evaluation")
+    bptt: int = option(35, "base BPTT length")
+    variable_bptt: bool = option(True, "sample the BPTT length per batch (AWD-LSTM 4.1); false: always bptt")
+    bptt_p: float = option(0.95, "probability of the full base length; otherwise half of it")
+    bptt_std: float = option(5.0, "standard deviation of the sampled length around the base")
+    bptt_min: int = option(5, "shortest sampled BPTT length")
+    bptt_max: int | None = option(None, "longest sampled BPTT length (none: no cap)")
+    optimizer: Any = _component("optimizer", "sgd", "the optimizer (train.optimizer.kind: sgd)")
+    averaging: Any = _component("averaging", "ntasgd", "the averaging policy (train.averaging.kind: ntasgd, none)")
+    schedule: Any = _component("schedule", "decay", "the learning-rate schedule (train.schedule.kind: decay)")
+    clip: float = option(0.25, "gradient clipping: maximum global norm (0: off)")
+    ar_alpha: float = option(2.0, "activation regularization coefficient (AR, on the dropped last-layer output)")
+    tar_beta: float = option(1.0, "temporal activation regularization coefficient (TAR, on the undropped output)")
+    finetune: bool = option(False, "after the main stage, restart ASGD with T=0 from the best model (AWD-LSTM section 5; needs averaging=ntasgd)")
+    finetune_epochs: int = option(500, "upper bound on fine-tuning epochs; the non-monotone criterion normally stops it first")
+    finetune_lr: float | None = option(None, "learning rate of the fine-tuning stage (none: the optimizer's lr)")
+    sequence_loss: bool = option(False, "sum the token losses over each BPTT window and average over streams (Zaremba et al.'s and Inan et al.'s reduction; lr and clip then refer to that sum); false: mean per token")
+    aug_gamma: float = option(0.0, "augmented loss (Inan et al. eqs. 3.1-3.7): weight alpha = aug_gamma * aug_tau of KL(y_tilde || y_hat); 0: off")
+    aug_tau: float = option(20.0, "augmented loss temperature tau (Inan et al. appendix A: 20)")
+    aug_target_grad: bool = option(False, "augmented loss: let gradient flow into the embedding through the target y_tilde = softmax(L^T u / tau) (false: y_tilde is a constant target)")
+    advsoft_stop_epoch: int | None = option(None, "switch AdvSoft off after this main-stage epoch (none: keep it on)")
+    advsoft_finetune: bool = option(True, "keep AdvSoft on during the fine-tuning stage")
+    input_noise_std: float = option(0.0, "std of Gaussian noise added to the input embeddings in training (Wang et al. 2019, section 5)")
+    input_noise_anneal: str = option("constant", "input noise schedule over main-stage epochs: constant, linear (to 0 at input_noise_epochs) or exponential (half-life input_noise_epochs)")
+    input_noise_epochs: float = option(100.0, "input noise schedule length: linear: epochs to reach 0; exponential: half-life in epochs")
+    finetune_input_noise_std: float = option(0.0, "std of the input-embedding noise during fine-tuning (the authors' code: none)")
+    log_interval: int = option(200, "log training metrics every this many steps")
+    checkpoint_interval: int = option(0, "also write a resumable checkpoint every this many steps (0: only at epoch ends)")
+    device: str = option("auto", "auto, cpu, cuda or cuda:N")
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "eval_batch_size", "test_batch_size", "bptt", "bptt_min", "log_interval"):
+            check(getattr(self, name) >= 1, f"train.{name}", f"{getattr(self, name)} must be >= 1")
+        check(self.bptt_max is None or self.bptt_max >= self.bptt_min, "train.bptt_max", "must be >= train.bptt_min or none")
+        check(
+            self.small_batch_size is None or (self.small_batch_size >= 1 and self.batch_size % self.small_batch_size == 0), "train.small_batch_size",
+            f"{self.small_batch_size} must divide train.batch_size ({self.batch_size}) or be none",
+        )
+        check(0.0 <= self.bptt_p <= 1.0, "train.bptt_p", f"{self.bptt_p} must be in [0, 1]")
+        check(self.bptt_std >= 0, "train.bptt_std", f"{self.bptt_std} must be >= 0")
+        for name in ("clip", "ar_alpha", "tar_beta", "input_noise_std", "finetune_input_noise_std"):
+            check_nonneg(getattr(self, name), f"train.{name}")
+        check(self.finetune_lr is None or (math.isfinite(self.finetune_lr) and self.finetune_lr > 0), "train.finetune_lr", f"{self.finetune_lr} must be > 0 or none")
+        check(self.finetune_epochs >= 0, "train.finetune_epochs", "must be >= 0")
+        check(not self.finetune or self.averaging.kind == "ntasgd", "train.finetune", "is ASGD restarted from the best model and stopped by NT-ASGD's criterion; set train.averaging=ntasgd or finetune=false")
+        check(self.advsoft_stop_epoch is None or self.advsoft_stop_epoch >= 0, "train.advsoft_stop_epoch", "must be >= 0 or none")
+        check(self.input_noise_anneal in ("constant", "linear", "exponential"), "train.input_noise_anneal", f"unknown {self.input_noise_anneal!r}; choose constant, linear or exponential")
+        check(math.isfinite(self.input_noise_epochs) and self.input_noise_epochs > 0, "train.input_noise_epochs", f"{self.input_noise_epochs} must be finite and > 0")
+        check(self.checkpoint_interval >= 0, "train.checkpoint_interval", "must be >= 0")
+        check(math.isfinite(self.aug_gamma) and self.aug_gamma >= 0, "train.aug_gamma", f"{self.aug_gamma} must be >= 0 (0 turns the augmented loss off)")
+        check(math.isfinite(self.aug_tau) and self.aug_tau > 0, "train.aug_tau", f"{self.aug_tau} must be > 0")
+        check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), "train.device", f"unknown device {self.device!r}")
+
+
+OBJECTIVES = ("lm", "discriminator", "reverse-kl")
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    """What the run minimizes and which frozen models it reads (Popov & Kudinov 2019).
+
+    ``lm``: the language-model loss (cross-entropy plus the configured terms), from scratch or,
+    with ``base_model``, starting from that model's weights (cross-entropy fine-tuning).
+    ``discriminator``: eq. (6) against the frozen ``base_model`` q0. ``reverse-kl``: eq. (12),
+    starting from ``base_model`` (q0, kept frozen too) with the frozen ``discriminator``, or
+    with r = 1/2 when it is none (the paper's "without discriminator").
+    """
+
+    kind: str = option("lm", "lm (cross-entropy), discriminator (Popov & Kudinov eq. 6) or reverse-kl (fine-tuning, eq. 12)")
+    base_model: str | None = option(None, "model directory of the initial model q0 (discriminator and reverse-kl); for lm: start from its weights")
+    discriminator: str | None = option(None, "reverse-kl: model directory of the trained discriminator (none: r = 1/2, the 'without discriminator' ablation)")
+    init_from_base: bool = option(False, "discriminator: start from the base model's weights instead of a fresh initialization")
+
+    def __post_init__(self) -> None:
+        check(self.kind in OBJECTIVES, "objective.kind", f"unknown {self.kind!r}; choose lm, discriminator or reverse-kl")
+        check(self.kind == "lm" or self.base_model is not None, "objective.base_model", f"objective {self.kind} needs the initial model q0; give its model directory")
+        check(self.discriminator is None or self.kind == "reverse-kl", "objective.discriminator", "is only read by objective.kind=reverse-kl; set it to none")
+        check(not self.init_from_base or self.kind == "discriminator", "objective.init_from_base", "is only read by objective.kind=discriminator")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that defines a run."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    seed: int = option(1111, "the one seed of the run (data order, dropout masks, BPTT lengths, initialization)")
+    preset: str | None = option(None, "the preset this run was built from (informational)")
+
+    def __post_init__(self) -> None:
+        """The checks that span stages: what the objective terms need of the output layer."""
+        from reglm.config.build import registry
+        from reglm.outputs.base import require
+
+        check_seed(self.seed, "seed")
+        output = registry("output")[self.model.output.kind]
+        if self.train.aug_gamma > 0:
+            require(output, "softmax-logits", "train.aug_gamma", "the augmented loss divides the output layer's logits by a temperature")
+        if self.model.output.advsoft.kind != "none":
+            require(output, "advsoft", "model.output.advsoft", "the adversarial softmax perturbs target logits")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "config") -> RunConfig:
+        """A config from its nested mapping (``to_dict()``, or a ``config.json`` of any reglm
+        version: the layout before components is migrated on read)."""
+        if is_flat_layout(raw):
+            raw = migrate(raw)
+        return build(cls, raw, source)
+
+    def replace(self, overrides: dict[str, Any]) -> RunConfig:
+        """A copy with nested overrides ``{"train": {"optimizer": {"lr": 10}}}`` applied."""
+        raw = apply(self.to_dict(), RunConfig, nested_assignments(overrides))
+        return build(RunConfig, raw, "overrides")
+
+
+def is_flat_layout(raw: dict[str, Any]) -> bool:
+    """Whether ``raw`` is a config of the layout before components (``model.emb_size``...)."""
+    model, train = raw.get("model"), raw.get("train")
+    return (isinstance(model, dict) and (isinstance(model.get("encoder"), str) or "emb_size" in model)) or (isinstance(train, dict) and "lr" in train)
+
+
+def migrate(raw: dict[str, Any]) -> dict[str, Any]:
+    """A config of the layout before components -> the component layout: every flat option to
+    its new path (:data:`~reglm.config.build.ALIASES`), ``train.optimizer=ntasgd|sgd`` to the
+    averaging policy it named, and options the chosen kinds do not have (a flat config listed
+    every option, the mixture's too) dropped."""
+    raw = json.loads(json.dumps(raw))
+    model = raw.pop("model", {}) or {}
+    train = raw.pop("train", {}) or {}
+    new: dict[str, Any] = {}
+    first = [("model.encoder", model.pop("encoder", "awd-lstm")), ("model.output", model.pop("output", "softmax"))]
+    averaging = train.pop("optimizer", "ntasgd")
+    first.append(("train.averaging", OLD_AVERAGING.get(averaging, averaging)))
+    apply(new, RunConfig, first)
+    rest = [(f"model.{key}", value) for key, value in model.items()] + [(f"train.{key}", value) for key, value in train.items()]
+    rest += [(key, value) for key, value in nested_assignments(raw)]
+    return apply(new, RunConfig, rest, lenient=True)
+
+
+ARCH = "arch"
+"""Field metadata that marks an option defining the network's shape (the rest only changes training)."""
+
+
+def architecture_differences(a: ModelConfig, b: ModelConfig) -> list[str]:
+    """``option: a vs b`` for every shape-defining option (and every component kind) where two
+    model configs differ."""
+    out = []
+    for name in ("input", "encoder", "output"):
+        ca, cb = getattr(a, name), getattr(b, name)
+        if ca.kind != cb.kind:
+            out.append(f"model.{name}.kind: {ca.kind!r} vs {cb.kind!r}")
+            continue
+        for f in dataclasses.fields(ca):
+            if f.metadata.get(ARCH) and getattr(ca, f.name) != getattr(cb, f.name):
+                out.append(f"model.{name}.{f.name}: {getattr(ca, f.name)!r} vs {getattr(cb, f.name)!r}")
+    return out

@@ -1,0 +1,105 @@
+"""The step engine: one optimizer step on one batch window, and nothing else.
+
+Per step: the learning rate it is given, ``zero_grad``; for each chunk of the batch's streams
+(gradient accumulation, ``train.small_batch_size``; the MoS recipes'), forward from the chunk's
+slice of the carried state, the objective's per-token loss and the output layer's penalty, the
+objective terms (AR/TAR, the augmented loss...), the loss scaled by the chunk's share of the
+streams and, with ``train.sequence_loss``, by the window length, backward; then global-norm
+clipping and the optimizer step. It returns the new carried state (the chunks' joined).
+
+It knows nothing of NT-ASGD, BPTT lengths, stages or checkpoints: the trainer
+(:mod:`reglm.train.run`) gives it windows and rates. The loss sum and a finiteness flag stay on
+the device; :meth:`StepEngine.flush` reads them (one host sync), which the trainer does at log
+intervals and before every checkpoint, so the hot loop never waits for the device otherwise.
+``autocast`` and ``no_sync`` are context factories for mixed precision and for skipping the
+gradient all-reduce of accumulation chunks under data parallelism; both default to no-ops.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+
+import torch
+from torch import Tensor
+
+from reglm.data.windows import Window
+from reglm.encoders.base import State, concat_states, detach_state, select_streams
+from reglm.objectives.base import Term, TermInputs
+
+
+class StepEngine:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        objective: object,
+        terms: Sequence[Term],
+        batch_size: int,
+        chunk_size: int | None,
+        clip: float,
+        sequence_loss: bool,
+        autocast: Callable[[], AbstractContextManager] = nullcontext,
+        no_sync: Callable[[], AbstractContextManager] = nullcontext,
+    ) -> None:
+        self.model = model
+        self.objective = objective
+        self.terms = list(terms)
+        self.keep_logits = any("logits" in term.reads for term in self.terms)
+        chunk = chunk_size or batch_size
+        self.chunks = [slice(start, start + chunk) for start in range(0, batch_size, chunk)]
+        self.clip = clip
+        self.sequence_loss = sequence_loss
+        self.autocast = autocast
+        self.no_sync = no_sync
+        self.optimizer: torch.optim.Optimizer | None = None
+        self._nll_sum: Tensor | None = None
+        self._finite: Tensor | None = None
+        self._tokens = 0
+
+    def step(self, window: Window, state: State | None, lr: float, adversarial: bool = False, input_noise: float = 0.0) -> State | None:
+        """One optimizer step on ``window`` from the carried ``state``; returns the new state."""
+        assert self.optimizer is not None, "set StepEngine.optimizer first"
+        model, x, y = self.model, window.inputs, window.targets
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        chunk_states = []
+        last = len(self.chunks) - 1
+        for i, streams in enumerate(self.chunks):
+            sync = nullcontext() if i == last else self.no_sync()
+            with sync:
+                with self.autocast():
+                    out = model(x[streams], select_streams(state, streams), input_noise=input_noise)
+                    scored = self.objective.chunk_loss(model, out, x[streams], y[streams], streams, x.size(0), adversarial, self.keep_logits)
+                    raw_loss = scored.nll.mean()
+                    loss = raw_loss + scored.penalty
+                    inputs = TermInputs(out, y[streams], scored.logits, model)
+                    for term in self.terms:
+                        loss = loss + term(inputs)
+                    if self.sequence_loss:
+                        loss = loss * x.size(1)
+                (loss * (scored.nll.size(0) / x.size(0))).backward()
+            chunk_states.append(detach_state(out.state))
+            self._accumulate(raw_loss.detach(), loss.detach(), scored.nll.numel())
+        if self.clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), self.clip)
+        self.optimizer.step()
+        return concat_states(chunk_states)
+
+    def _accumulate(self, raw_loss: Tensor, loss: Tensor, tokens: int) -> None:
+        nll = raw_loss.double() * tokens
+        finite = torch.isfinite(loss)
+        if self._nll_sum is None or self._finite is None:
+            self._nll_sum, self._finite = nll, finite
+        else:
+            self._nll_sum = self._nll_sum + nll
+            self._finite = self._finite & finite
+        self._tokens += tokens
+
+    def flush(self) -> tuple[float, int, bool]:
+        """``(summed NLL, tokens, every loss finite)`` since the last flush (one host sync)."""
+        if self._nll_sum is None or self._finite is None:
+            return 0.0, 0, True
+        nll, finite, tokens = float(self._nll_sum), bool(self._finite), self._tokens
+        self._nll_sum, self._finite, self._tokens = None, None, 0
+        return nll, tokens, finite

@@ -1,0 +1,147 @@
+"""Optimizers and averaging policies, as components of the trainer (``train.optimizer``,
+``train.averaging``): which update rule steps the weights, and whether (and when) the iterates
+are averaged. The choice of one is independent of the other.
+
+* ``train.optimizer=sgd``: SGD with L2 weight decay (the learning rate per step comes from the
+  schedule, :mod:`reglm.train.schedules`).
+* ``train.averaging=ntasgd``: NT-ASGD's non-monotone trigger starts averaging in the main stage
+  (AWD-LSTM section 3, Algorithm 1; :mod:`reglm.train.ntasgd`); ``none``: never average.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from reglm.config.fields import check, check_kind, check_nonneg, check_positive, kind_field, option
+from reglm.train.ntasgd import TRIGGER_VARIANTS, NonMonotoneTrigger, ParameterAverager
+
+
+@dataclass(frozen=True)
+class SGDConfig:
+    """Stochastic gradient descent."""
+
+    kind: str = kind_field("sgd", "optimizer: sgd")
+    lr: float = option(20.0, "learning rate (per step rescaled by the schedule, e.g. by seq_len / bptt)")
+    weight_decay: float = option(1.2e-6, "L2 weight decay")
+
+    def __post_init__(self) -> None:
+        check(self.kind == "sgd", "train.optimizer.kind", f"unknown {self.kind!r}")
+        check_positive(self.lr, "train.optimizer.lr")
+        check_nonneg(self.weight_decay, "train.optimizer.weight_decay")
+
+
+class SGD:
+    Config = SGDConfig
+
+    @staticmethod
+    def build(cfg: SGDConfig, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+OPTIMIZERS = {"sgd": SGD}
+
+
+@dataclass(frozen=True)
+class NoAveragingConfig:
+    """No averaging: the iterate is the model."""
+
+    kind: str = kind_field("none", "averaging: ntasgd (averaging once the non-monotone trigger fires, AWD-LSTM) or none")
+
+    def __post_init__(self) -> None:
+        check(self.kind == "none", "train.averaging.kind", f"unknown {self.kind!r}")
+
+
+@dataclass(frozen=True)
+class NTASGDConfig:
+    """Non-monotonically triggered averaging (AWD-LSTM section 3)."""
+
+    kind: str = kind_field("ntasgd", "averaging: ntasgd (averaging once the non-monotone trigger fires, AWD-LSTM) or none")
+    trigger: str = option("reference", "the non-monotone trigger: reference (worse than the best older than n logs) or paper (Algorithm 1)")
+    nonmono: int = option(5, "non-monotone interval n (in epochs); the fine-tuning stage stops on the same criterion")
+
+    def __post_init__(self) -> None:
+        check(self.kind == "ntasgd", "train.averaging.kind", f"unknown {self.kind!r}")
+        check_kind(self.trigger, TRIGGER_VARIANTS, "train.averaging.trigger")
+        check(self.nonmono >= 1, "train.averaging.nonmono", f"{self.nonmono} must be >= 1")
+
+
+class NoAveraging:
+    """Never averages; the iterate is what evaluation sees."""
+
+    Config = NoAveragingConfig
+    active = False
+
+    def __init__(self, cfg: NoAveragingConfig) -> None:
+        self.cfg = cfg
+
+    def update(self, params: Iterable[torch.Tensor]) -> None:
+        """Nothing to fold in."""
+
+    def main_epoch_end(self, valid: float, params: Iterable[torch.Tensor]) -> bool:
+        """Whether averaging starts now: never."""
+        return False
+
+    def averaged_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        raise RuntimeError("no averaging")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"averager": ParameterAverager().state_dict(), "trigger": {"log": []}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Nothing to restore."""
+
+
+class NTASGD:
+    """NT-ASGD (AWD-LSTM Algorithm 1): the trigger decides when the main stage starts averaging;
+    the fine-tuning stage (ASGD restarted with T = 0) averages from its start and stops on the
+    same criterion. The average is separate state (:class:`~reglm.train.ntasgd.ParameterAverager`)."""
+
+    Config = NTASGDConfig
+
+    def __init__(self, cfg: NTASGDConfig) -> None:
+        self.cfg = cfg
+        self.trigger = NonMonotoneTrigger(cfg.nonmono, cfg.trigger)
+        self.averager = ParameterAverager()
+
+    @property
+    def active(self) -> bool:
+        return self.averager.active
+
+    def update(self, params: Iterable[torch.Tensor]) -> None:
+        """Fold in the iterate after an optimizer step, once averaging runs."""
+        if self.averager.active:
+            self.averager.update(params)
+
+    def main_epoch_end(self, valid: float, params: Iterable[torch.Tensor]) -> bool:
+        """Log the epoch's validation score; whether averaging starts now (at these weights)."""
+        if self.averager.active or not self.trigger.update(valid):
+            return False
+        self.averager.start(params)
+        return True
+
+    def begin_finetune(self, params: Iterable[torch.Tensor]) -> None:
+        """ASGD with T = 0: a fresh trigger, averaging from the current weights."""
+        self.trigger = NonMonotoneTrigger(self.cfg.nonmono, self.cfg.trigger)
+        self.averager.start(params)
+
+    def finetune_epoch_end(self, valid: float) -> bool:
+        """Whether the fine-tuning stage stops: the non-monotone criterion fired."""
+        return self.trigger.update(valid)
+
+    def averaged_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        return self.averager.averaged_state(model)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"averager": self.averager.state_dict(), "trigger": self.trigger.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.averager.load_state_dict(state["averager"])
+        self.trigger.load_state_dict(state["trigger"])
+
+
+AVERAGING = {"none": NoAveraging, "ntasgd": NTASGD}

@@ -1,0 +1,66 @@
+"""The end of a run: ``best/`` scored on validation and test, ``results.json``.
+
+For the language-model objective the scores are :func:`~reglm.evaluate.perplexity.evaluate`'s
+(loss, perplexity, tokens); on the synthetic corpus, whose true probabilities are known, the
+test words are also scored under the true distribution (:func:`truth_comparison`). Other
+objectives report their own split scores (:meth:`~reglm.train.objective.LMObjective.score`).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from reglm.evaluate.perplexity import EvalResult, evaluate, perplexity
+from reglm.io import write_json
+from reglm.rundir import RESULTS_FILE
+from reglm.train.checkpoint import load_model_dir
+
+if TYPE_CHECKING:
+    from reglm.train.run import Trainer
+
+
+def finish(trainer: Trainer) -> dict[str, Any]:
+    """Score ``best/`` of ``trainer``'s run on validation and test and write ``results.json``."""
+    model, _, _ = load_model_dir(trainer.run_dir / "best", trainer.device)
+    cfg, corpus = trainer.cfg, trainer.corpus
+    results: dict[str, Any] = {"best": str(trainer.run_dir / "best"), "objective": trainer.objective.kind}
+    if trainer.objective.kind != "lm":
+        for split, batch_size in (("valid", cfg.eval_batch_size), ("test", cfg.test_batch_size)):
+            results[split] = trainer._score(model, getattr(corpus, split), batch_size, split).metrics
+        _record(trainer, results)
+        trainer._say("best model: " + ", ".join(f"{split} {name} {value:.4g}" for split in ("valid", "test") for name, value in results[split].items() if name != "tokens"))
+        return results
+    valid = evaluate(model, corpus.valid, cfg.eval_batch_size, cfg.bptt, trainer.device, progress=trainer.progress, desc="valid")
+    test = evaluate(model, corpus.test, cfg.test_batch_size, cfg.bptt, trainer.device, keep_token_nll=corpus.truth is not None, progress=trainer.progress, desc="test")
+    results["valid"], results["test"] = valid.as_dict(), test.as_dict()
+    if corpus.truth is not None:
+        results["synthetic"] = truth_comparison(test, corpus.test, corpus.truth["test"], trainer.vocab.eos_id)
+    _record(trainer, results)
+    trainer._say(f"best model: valid ppl {valid.ppl:.2f}, test ppl {test.ppl:.2f} ({test.tokens} tokens)")
+    if "synthetic" in results:
+        s = results["synthetic"]
+        trainer._say(f"synthetic test, words only: model ppl {s['model_word_ppl']:.2f} vs true ppl {s['true_word_ppl']:.2f}")
+    return results
+
+
+def _record(trainer: Trainer, results: dict[str, Any]) -> None:
+    trainer.metrics.log(event="final", step=trainer.step, **{f"{k}_{m}": v for k in ("valid", "test") for m, v in results[k].items()})
+    write_json(trainer.run_dir / RESULTS_FILE, results)
+
+
+def truth_comparison(result: EvalResult, ids: torch.Tensor, true_logp: torch.Tensor, eos_id: int) -> dict[str, float]:
+    """Model vs true perplexity over the same scored targets, ``<eos>`` targets excluded."""
+    assert result.token_nll is not None and result.positions is not None
+    targets = ids[result.positions]
+    words = targets != eos_id
+    model_nll = result.token_nll[words].double()
+    true_nll = -true_logp[result.positions][words].double()
+    return {
+        "words": int(words.sum()),
+        "model_word_ppl": perplexity(float(model_nll.mean())),
+        "true_word_ppl": perplexity(float(true_nll.mean())),
+        "mean_logq_minus_logp": float((true_nll - model_nll).mean()),
+        "std_logq_minus_logp": float((true_nll - model_nll).std()),
+    }
