@@ -27,7 +27,8 @@ import torch
 from harness import RESULTS, environment, interleaved, save, sync
 from reglm.config import ModelConfig
 from reglm.data import resolve
-from reglm.evaluate.dynamic import DynamicEvaluator, DynamicSpec, _segment_grads, dynamic_evaluate, gradient_statistics
+from reglm.evaluate.dynamic import DynamicEvaluator, _segment_grads, dynamic_evaluate, gradient_statistics
+from reglm.evaluate.dynamic_spec import DynamicSpec
 from reglm.evaluate.perplexity import evaluate
 from reglm.models import LanguageModel
 

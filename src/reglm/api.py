@@ -21,23 +21,10 @@ from reglm.data.windows import StreamPlan
 from reglm.errors import ReglmError
 from reglm.evaluate.perplexity import perplexity, stream_pass
 from reglm.models import LanguageModel
-from reglm.train.checkpoint import MODEL_FILE, load_model_dir
+from reglm.rundir import model_dir, require_kind
+from reglm.train.checkpoint import load_model_dir
 
 WINDOW = 256
-
-
-def model_dir(path: Path | str, which: str = "best") -> Path:
-    """``RUN`` -> ``RUN/best`` (or ``RUN/last``); a model directory is returned as it is."""
-    path = Path(path)
-    if not path.exists():
-        raise ReglmError(f"{path} does not exist; give a run directory (from reglm train) or a model directory")
-    if (path / MODEL_FILE).is_file():
-        return path
-    if which not in ("best", "last"):
-        raise ReglmError(f"checkpoint {which!r} is unknown; choose best or last")
-    if (path / which / MODEL_FILE).is_file():
-        return path / which
-    raise ReglmError(f"{path} holds no {which}/{MODEL_FILE}; has the run finished an epoch?")
 
 
 class TrainedModel:
@@ -127,15 +114,8 @@ def load(path: Path | str, which: str = "best", device: str | torch.device = "cp
     """Load the ``best`` (or ``last``) model of a run directory, or a model directory itself."""
     directory = model_dir(path, which)
     model, config, vocab = load_model_dir(directory, device)
-    require_language_model(config.objective.kind, directory)
+    require_kind(config.objective.kind, directory, "lm")
     return TrainedModel(model, vocab, torch.device(device))
-
-
-def require_language_model(kind: str, directory: Path) -> None:
-    """Raise :class:`ReglmError` when ``directory`` holds a discriminator (objective ``kind``),
-    whose outputs are per-word sigmoids, not a next-word distribution."""
-    if kind == "discriminator":
-        raise ReglmError(f"{directory} is a discriminator (Popov & Kudinov), not a language model; use it with `reglm finetune RUN --discriminator {directory}`")
 
 
 def render(tokens: list[str]) -> str:

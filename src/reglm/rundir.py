@@ -12,6 +12,10 @@ host, start time, command line); a second process is refused with that record, a
 finds a record left by a process that is gone says so and takes over. ``flock`` is reliable on
 local file systems; on network file systems that do not support it, run one process per run
 directory by hand.
+
+The compatibility checks between run and model directories are here too, once: the same
+vocabulary (:func:`require_same_vocab`), the same architecture (:func:`require_same_architecture`)
+and the kind of model a directory holds (:func:`require_kind`).
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from reglm.config.schema import ModelConfig, architecture_differences
+from reglm.data.vocab import Vocab
 from reglm.errors import ReglmError
 from reglm.io import remove_temp_files
 
@@ -179,3 +185,41 @@ def describe_previous(lock: RunLock) -> str | None:
     if lock.previous:
         return f"the previous process ({_describe(lock.previous)}) is gone; taking over {lock.path.parent}"
     return None
+
+
+def model_dir(path: Path | str, which: str = "best") -> Path:
+    """``RUN`` -> ``RUN/best`` (or ``RUN/last``); a model directory is returned as it is."""
+    path = Path(path)
+    if not path.exists():
+        raise ReglmError(f"{path} does not exist; give a run directory (from reglm train) or a model directory")
+    if (path / MODEL_FILE).is_file():
+        return path
+    if which not in MODEL_DIRS:
+        raise ReglmError(f"checkpoint {which!r} is unknown; choose best or last")
+    if (path / which / MODEL_FILE).is_file():
+        return path / which
+    raise ReglmError(f"{path} holds no {which}/{MODEL_FILE}; has the run finished an epoch?")
+
+
+def require_same_vocab(have: Vocab, want: Vocab, subject: str, other: str, fix: str, strict: bool = False) -> None:
+    """A ReglmError when ``subject``'s vocabulary ``have`` is not ``other``'s ``want``: the same id
+    map (and, with ``strict``, the same training counts, i.e. the same training text)."""
+    same = have == want if strict else have.fingerprint() == want.fingerprint()
+    if not same:
+        raise ReglmError(f"{subject} has another vocabulary ({len(have):,} words) than {other} ({len(want):,}); {fix}")
+
+
+def require_same_architecture(have: ModelConfig, want: ModelConfig, subject: str, fix: str) -> None:
+    """A ReglmError listing every shape-defining option where ``have`` differs from ``want``."""
+    diff = architecture_differences(have, want)
+    if diff:
+        raise ReglmError(f"{subject} differs from the model's architecture in {'; '.join(diff)}; {fix}")
+
+
+def require_kind(kind: str, directory: Path, want: str) -> None:
+    """A ReglmError when the model in ``directory`` (trained with objective ``kind``) is not of the
+    kind ``want`` (``lm``: a language model; ``discriminator``)."""
+    if want == "discriminator" and kind != "discriminator":
+        raise ReglmError(f"{directory} is not a discriminator (its run minimized objective {kind!r}); train one with `reglm train-discriminator RUN`")
+    if want == "lm" and kind == "discriminator":
+        raise ReglmError(f"{directory} is a discriminator (Popov & Kudinov), not a language model; use it with `reglm finetune RUN --discriminator {directory}`")

@@ -2,7 +2,7 @@
 
 :mod:`reglm.analysis.embeddings` holds the pure measures (nearest-neighbour distances, normalized
 singular values, effective rank, Gaussian KDE), :mod:`reglm.analysis.runs` reads a run directory
-and :mod:`reglm.analysis.plots` draws the figure; ``reglm analyze`` ties them together.
+and :mod:`reglm.analysis.plots` draws every figure of the toolkit; ``reglm analyze`` ties them together.
 """
 
 from reglm.analysis.embeddings import effective_rank, gaussian_kde, nearest_neighbor_distances, normalized_singular_values, scott_bandwidth, summary

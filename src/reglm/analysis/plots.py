@@ -67,7 +67,7 @@ def plot_embedding_diversity(records: list[dict[str, Any]], path: Path | str) ->
 
 
 def plot_trigram_study(result: dict[str, Any], path: Path | str) -> None:
-    """Popov & Kudinov's Figure 1 (right) from :func:`reglm.analysis.trigram_study.run_trigram_study`'s
+    """Popov & Kudinov's Figure 1 (right) from :func:`reglm.studies.trigram.run_trigram_study`'s
     result: the chosen word's probability in the fixed context after every fine-tuning step, one
     panel per starting model (perturbed, initial), log y-scale, with the true probability and the
     discriminator's estimate ``p_hat`` as horizontal lines. Written atomically."""
@@ -90,3 +90,32 @@ def plot_trigram_study(result: dict[str, Any], path: Path | str) -> None:
         ax.legend(fontsize=8)
     axes[0].set_ylabel("probability of the chosen word")
     write_with(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+
+
+def plot_subspace_study(result: dict[str, Any], path: Path | str) -> None:
+    """Figure 1 of the paper from a :func:`reglm.studies.subspace.run_subspace_study` result, as the PNG ``path`` (written atomically).
+
+    (a) subspace distance against ``beta`` at ``tau = tau_a``; (b) against ``tau`` at ``beta = 1``;
+    mean over runs with standard-deviation error bars. A bare matplotlib ``Figure`` (Agg), as
+    :mod:`reglm.analysis.plots`.
+    """
+    from matplotlib.figure import Figure
+
+    runs = result["spec"]["runs"]
+    fig = Figure(figsize=(11, 4.2), layout="constrained")
+    beta_ax, tau_ax = fig.subplots(1, 2)
+    for ax, key, colour in ((beta_ax, "beta", "C0"), (tau_ax, "tau", "C1")):
+        data = result["panels"][key]
+        ax.errorbar(data["x"], data["mean"], yerr=data["std"], color=colour, marker="o", capsize=4, linewidth=1.5)
+        ax.set_ylim(0.0, 1.02)
+        ax.grid(True, alpha=0.3)
+    beta_ax.set(
+        title=rf"(a) Subspace distance at $\tau$ = {result['panels']['beta']['tau']:g}" "\n" r"for different proportions of $J^{aug}$",
+        xlabel=r"Proportion of augmented loss ($\beta$)", ylabel="Normalized distance",
+    )
+    tau_ax.set(
+        title="(b) Subspace distance at different temperatures\n" r"when only $J^{aug}$ is used ($\beta$ = 1)",
+        xlabel=r"Temperature ($\tau$)", ylabel="Normalized distance",
+    )
+    fig.suptitle(rf"Distance between span($L^T$) and span($W$) (Inan et al. 2017, Fig. 1); mean $\pm$ std over {runs} run(s)")
+    write_with(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=110))

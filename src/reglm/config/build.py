@@ -29,7 +29,6 @@ import typing
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-import yaml
 
 from reglm.errors import ReglmError
 
@@ -93,11 +92,11 @@ def family_configs(family: str) -> dict[str, type]:
     return {kind: component.Config for kind, component in registry(family).items()}
 
 
-def _hints(cls: type) -> dict[str, Any]:
+def hints_of(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def _fields(cls: type) -> dict[str, dataclasses.Field]:
+def fields_of(cls: type) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(cls)}
 
 
@@ -113,7 +112,7 @@ def _default(f: dataclasses.Field) -> Any:
 
 
 def _is_kinded(cls: type) -> bool:
-    return dataclasses.is_dataclass(cls) and "kind" in _fields(cls)
+    return dataclasses.is_dataclass(cls) and "kind" in fields_of(cls)
 
 
 def _node_class(f: dataclasses.Field, hint: Any, raw: Any) -> type | None:
@@ -147,14 +146,14 @@ def assign(raw: dict[str, Any], root: type, path: Path, value: Any, lenient: boo
     kind lacks. An unknown path is a ReglmError naming the options there; with ``lenient`` it is
     skipped instead (migration of old files, multi-target aliases)."""
     name, rest = path[0], path[1:]
-    fields = _fields(root)
+    fields = fields_of(root)
     if name not in fields:
         if lenient:
             return
         kind = f" (kind {raw.get('kind')!r} has no such option)" if "kind" in fields and raw.get("kind") else ""
         raise ReglmError(f"unknown option {_option_name((*prefix, *path))}{kind}; the options here are: {', '.join(sorted(fields))} (`reglm config` lists them all)")
     f = fields[name]
-    hint = _hints(root)[name]
+    hint = hints_of(root)[name]
     family = f.metadata.get("family")
     child_cls = hint if dataclasses.is_dataclass(hint) else None
     if family is None and child_cls is None:
@@ -189,7 +188,7 @@ def _assign_inside(current: dict[str, Any], f: dataclasses.Field, child_cls: typ
     if key == ("kind",):
         if value not in configs:
             raise _kind_error(family, value, where)
-        keep = _fields(configs[value])
+        keep = fields_of(configs[value])
         for name in list(current):
             if name not in keep:
                 del current[name]
@@ -248,10 +247,10 @@ def kinds_first(assignments: Iterable[tuple[str, Any]], root: type) -> list[tupl
 def _is_component_path(path: Path, root: type) -> bool:
     cls: Any = root
     for depth, name in enumerate(path):
-        fields = _fields(cls) if dataclasses.is_dataclass(cls) else {}
+        fields = fields_of(cls) if dataclasses.is_dataclass(cls) else {}
         if name not in fields:
             return False
-        f, hint = fields[name], _hints(cls)[name]
+        f, hint = fields[name], hints_of(cls)[name]
         last = depth == len(path) - 1
         if f.metadata.get("family") is not None:
             if last:
@@ -274,8 +273,8 @@ def nested_assignments(mapping: dict[str, Any], prefix: str = "") -> list[tuple[
 def leaf_paths(raw: dict[str, Any], root: type, prefix: Path = ()) -> list[Path]:
     """Every leaf option of ``root`` with the kinds ``raw`` chooses."""
     out: list[Path] = []
-    hints = _hints(root)
-    for name, f in _fields(root).items():
+    hints = hints_of(root)
+    for name, f in fields_of(root).items():
         sub = raw.get(name) if isinstance(raw, dict) else None
         cls = _node_class(f, hints[name], sub)
         if cls is None:
@@ -288,8 +287,8 @@ def leaf_paths(raw: dict[str, Any], root: type, prefix: Path = ()) -> list[Path]
 
 def _all_paths(root: type, prefix: Path = ()) -> Iterator[tuple[Path, dataclasses.Field, Any, list[str]]]:
     """Every option of every kind: ``(path, field, annotation, kinds that have it)``."""
-    hints = _hints(root)
-    for name, f in _fields(root).items():
+    hints = hints_of(root)
+    for name, f in fields_of(root).items():
         family = f.metadata.get("family")
         hint = hints[name]
         if family is not None:
@@ -327,34 +326,6 @@ def resolve_key(key: str, root: type) -> list[Path]:
     if len(owners) > 1:
         raise ReglmError(f"override key {key!r} is ambiguous; write one of {', '.join(_option_name(o) for o in owners)}")
     return [owners[0]]
-
-
-def parse_value(text: str) -> Any:
-    """A ``key=value`` value as YAML (``none``/``null`` -> None; ``1e-9``-style numbers, which
-    YAML 1.1 leaves strings, -> float)."""
-    try:
-        value = yaml.safe_load(text) if text.strip() else ""
-    except yaml.YAMLError:
-        value = text
-    if isinstance(value, str) and value.lower() in ("none", "null"):
-        return None
-    if isinstance(value, str) and any(c.isdigit() for c in value):
-        try:
-            return float(value)
-        except ValueError:
-            return value
-    return value
-
-
-def parse_assignments(items: Iterable[str], what: str = "override", example: str = "train.lr=10") -> list[tuple[str, Any]]:
-    """``["train.lr=10", "emb_size=400"]`` -> ``[("train.lr", 10), ("emb_size", 400)]``."""
-    out = []
-    for item in items:
-        if "=" not in item:
-            raise ReglmError(f"{what} {item!r} is not key=value; write e.g. {example} (`reglm config` lists keys)")
-        key, text = item.split("=", 1)
-        out.append((key.strip(), parse_value(text)))
-    return out
 
 
 # ------------------------------------------------------------------ building
@@ -400,8 +371,8 @@ def build(cls: type, raw: Any, where: str, prefix: str = "") -> Any:
     """The dataclass ``cls`` from its raw mapping (defaults for what is missing), validated."""
     if not isinstance(raw, dict):
         raise ReglmError(f"{where}: {prefix.rstrip('.') or 'the configuration'}: expected a mapping, got {raw!r}")
-    hints = _hints(cls)
-    fields = _fields(cls)
+    hints = hints_of(cls)
+    fields = fields_of(cls)
     unknown = sorted(set(raw) - set(fields))
     if unknown:
         raise ReglmError(f"{where}: unknown option(s) {', '.join(prefix + u for u in unknown)}; `reglm config` lists the options")

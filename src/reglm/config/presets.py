@@ -17,7 +17,8 @@ from typing import Any
 
 import yaml
 
-from reglm.config.build import apply, build, kinds_first, nested_assignments, parse_assignments
+from reglm.config.build import apply, build, kinds_first, nested_assignments
+from reglm.config.parse import parse_assignments
 from reglm.config.schema import RunConfig, architecture_differences
 from reglm.errors import ReglmError
 

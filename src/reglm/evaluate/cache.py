@@ -44,6 +44,7 @@ the masked softmax (for all thetas at once), and each ``lambda`` only the mixtur
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Sequence
@@ -54,62 +55,35 @@ from torch import Tensor
 
 from reglm.data.windows import StreamPlan, Window
 from reglm.encoders.base import EncoderOutput
-from reglm.errors import ReglmError
+from reglm.config.parse import SpecError, spec_items, spec_value, under_option
 from reglm.evaluate.perplexity import EvalResult, perplexity, stream_pass, totals_result
 
-FIELDS = {"window": "window", "theta": "theta", "lambda": "lam"}
-"""spec key -> :class:`CacheSpec` attribute"""
+KEYS = {"window": "window", "theta": "theta", "lambda": "lam"}
+"""spec key -> :class:`CacheSpec` field"""
 
 
-def _check(option: str, key: str, value: float) -> None:
-    """Raise :class:`ReglmError` naming ``option`` when ``key=value`` is out of range."""
+def _check(key: str, value: float) -> None:
+    """A :class:`SpecError` when ``key=value`` is out of range."""
     if key == "window" and not (isinstance(value, int) and value >= 1):
-        raise ReglmError(f"{option} window={value} must be an integer >= 1 (the number of past positions the cache holds, e.g. window=2000)")
+        raise SpecError(f"window={value} must be an integer >= 1 (the number of past positions the cache holds, e.g. window=2000)")
     if key == "theta" and not (math.isfinite(value) and value >= 0):
-        raise ReglmError(f"{option} theta={value} must be a finite number >= 0 (the flatness of the cache attention, e.g. theta=1.0)")
+        raise SpecError(f"theta={value} must be a finite number >= 0 (the flatness of the cache attention, e.g. theta=1.0)")
     if key == "lambda" and not 0 <= value <= 1:
-        raise ReglmError(f"{option} lambda={value} must be in [0, 1] (the weight of the cache in the mixture, e.g. lambda=0.1)")
-
-
-def _value(option: str, key: str, text: str) -> int | float:
-    """``text`` as the number ``key`` takes (window: int, theta/lambda: float), range-checked."""
-    try:
-        value: int | float = int(text) if key == "window" else float(text)
-    except ValueError:
-        kind = "an integer" if key == "window" else "a number"
-        raise ReglmError(f"{option} {key}={text!r} is not {kind}") from None
-    _check(option, key, value)
-    return value
-
-
-def _pairs(option: str, text: str, sep: str, example: str) -> dict[str, str]:
-    """``key=value`` items of ``text`` separated by ``sep``, each key at most once."""
-    out: dict[str, str] = {}
-    for item in text.split(sep):
-        key, eq, value = item.partition("=")
-        key, value = key.strip(), value.strip()
-        if not eq or not key or not value:
-            raise ReglmError(f"{option} {text!r} is malformed: expected key=value items separated by {sep!r}, e.g. {example}")
-        if key not in FIELDS:
-            raise ReglmError(f"{option}: unknown key {key!r}; the keys are window, theta and lambda")
-        if key in out:
-            raise ReglmError(f"{option} {text!r} gives {key} twice")
-        out[key] = value
-    return out
+        raise SpecError(f"lambda={value} must be in [0, 1] (the weight of the cache in the mixture, e.g. lambda=0.1)")
 
 
 @dataclass(frozen=True)
 class CacheSpec:
     """Cache settings: ``window`` W >= 1 past positions, attention flatness ``theta`` >= 0,
-    mixture weight ``lam`` in [0, 1]."""
+    mixture weight ``lam`` in [0, 1] (the spec key is ``lambda``)."""
 
     window: int
     theta: float
     lam: float
 
     def __post_init__(self) -> None:
-        for key, attr in FIELDS.items():
-            _check("CacheSpec", key, getattr(self, attr))
+        for key, name in KEYS.items():
+            _check(key, getattr(self, name))
 
     def as_dict(self) -> dict[str, float | int]:
         return {"window": self.window, "theta": self.theta, "lambda": self.lam}
@@ -130,11 +104,14 @@ def parse_cache_spec(text: str, option: str = "--cache") -> CacheSpec:
 
     Raises :class:`ReglmError` naming ``option`` and the bad field.
     """
-    values = {attr: getattr(DEFAULT_SPEC, attr) for attr in FIELDS.values()}
-    if text.strip():
-        for key, value in _pairs(option, text, ",", "window=2000,theta=1.0,lambda=0.1").items():
-            values[FIELDS[key]] = _value(option, key, value)
-    return CacheSpec(**values)
+    def build() -> CacheSpec:
+        values = dataclasses.asdict(DEFAULT_SPEC)
+        if text.strip():
+            for name, (key, value) in spec_items(text, option, KEYS, ",", "window=2000,theta=1.0,lambda=0.1").items():
+                values[name] = spec_value(CacheSpec, name, key, value, option)
+        return CacheSpec(**values)
+
+    return under_option(option, build)
 
 
 @dataclass(frozen=True)
@@ -148,9 +125,9 @@ class CacheGrid:
     def __post_init__(self) -> None:
         for key, values in (("window", self.windows), ("theta", self.thetas), ("lambda", self.lams)):
             if not values:
-                raise ReglmError(f"CacheGrid: no {key} values")
+                raise SpecError(f"no {key} values")
             for value in values:
-                _check("CacheGrid", key, value)
+                _check(key, value)
 
     def __len__(self) -> int:
         return len(self.windows) * len(self.thetas) * len(self.lams)
@@ -167,12 +144,14 @@ def parse_cache_grid(text: str, option: str = "--cache-search") -> CacheGrid:
     """``"window=500,2000;theta=0.1,0.3;lambda=0.05,0.1"`` -> :class:`CacheGrid`: groups separated
     by ``;``, values by ``,``; a missing key (or ``""``) takes the :data:`DEFAULT_GRID` values;
     repeated values count once. Raises :class:`ReglmError` naming ``option`` and the bad field."""
-    values = {"window": DEFAULT_GRID.windows, "theta": DEFAULT_GRID.thetas, "lambda": DEFAULT_GRID.lams}
-    if text.strip():
-        for key, items in _pairs(option, text, ";", "window=500,2000;theta=0.1,0.3;lambda=0.05,0.1").items():
-            parsed = [_value(option, key, item.strip()) for item in items.split(",")]
-            values[key] = tuple(dict.fromkeys(parsed))
-    return CacheGrid(windows=values["window"], thetas=values["theta"], lams=values["lambda"])
+    def build() -> CacheGrid:
+        values = {"window": DEFAULT_GRID.windows, "theta": DEFAULT_GRID.thetas, "lam": DEFAULT_GRID.lams}
+        if text.strip():
+            for name, (key, items) in spec_items(text, option, KEYS, ";", "window=500,2000;theta=0.1,0.3;lambda=0.05,0.1").items():
+                values[name] = tuple(dict.fromkeys(spec_value(CacheSpec, name, key, item.strip(), option) for item in items.split(",")))
+        return CacheGrid(windows=values["window"], thetas=values["theta"], lams=values["lam"])
+
+    return under_option(option, build)
 
 
 @dataclass

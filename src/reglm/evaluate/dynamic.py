@@ -94,11 +94,9 @@ per-element decay, then ``addcmul`` of the gradient by the per-element step
 from __future__ import annotations
 
 import copy
-import dataclasses
-import math
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, TypeVar
+from typing import Iterator
 
 import torch
 from torch import Tensor, nn
@@ -108,219 +106,8 @@ from reglm.data.windows import StreamPlan, Window
 from reglm.encoders.awd_lstm import WeightDropLSTM
 from reglm.encoders.base import State, detach_state
 from reglm.encoders.vd_lstm import VDLSTMLayer
-from reglm.errors import ReglmError
+from reglm.evaluate.dynamic_spec import OPTION, DynamicGrid, DynamicSpec, train_split_error
 from reglm.evaluate.perplexity import EvalResult, in_stream_order
-
-OPTION = "--dynamic"
-SEARCH_OPTION = "--dynamic-search"
-VARIANTS = ("rms", "sgd")
-DEFAULT_RMS_LR = 5e-5
-LR_FACTORS = (0.6, 0.8, 1.0, 1.2, 1.4, 2.0)
-LAMBDA_FACTORS = (0.5, 1.0, 1.5, 2.5)
-
-
-class _SpecError(ReglmError):
-    """A bad dynamic-evaluation setting; ``detail`` is the message without the option name, so a
-    parser can re-raise it under its own option."""
-
-    def __init__(self, detail: str, option: str = OPTION) -> None:
-        super().__init__(f"{option}: {detail}")
-        self.detail = detail
-
-
-@dataclass(frozen=True)
-class DynamicSpec:
-    """Settings of one dynamic evaluation; defaults are the reference's (see the module doc).
-    Validated on construction: a bad value raises :class:`ReglmError` naming ``--dynamic``."""
-
-    lr: float | None = None
-    """learning rate eta; None: 5e-5 for ``rms`` (reference default); required for ``sgd``"""
-    lam: float = 0.002
-    """decay lambda toward the trained weights, in [0, 1] (the spec key is ``lambda``)"""
-    eps: float = 2e-5
-    """stabilizer epsilon added to the gradient RMS, > 0 (``rms`` only)"""
-    segment: int = 5
-    """tokens per stream between two updates (the reference's ``--bptt``)"""
-    variant: str = "rms"
-    """``rms``: RMS-normalized step with RMS-scaled decay; ``sgd``: plain step, uniform decay"""
-    max_train_tokens: int | None = None
-    """cap on the training targets read for the statistics; None: the whole training split"""
-    batch_size: int = 1
-    """streams scored side by side while evaluating (the reference uses 1)"""
-    stats_batch_size: int = 100
-    """streams per batch of the statistics pass (the reference's ``--batch_size``)"""
-
-    def __post_init__(self) -> None:
-        if self.variant not in VARIANTS:
-            raise _SpecError(f"variant={self.variant!r} is unknown; choose {' or '.join(VARIANTS)}")
-        if self.lr is None:
-            if self.variant == "sgd":
-                raise _SpecError("variant=sgd has no default learning rate (the reference tunes only the rms rule); give lr=..., e.g. found with --dynamic-search")
-            object.__setattr__(self, "lr", DEFAULT_RMS_LR)
-        for key, value in (("lr", self.lr), ("lambda", self.lam), ("eps", self.eps)):
-            if not math.isfinite(value):
-                raise _SpecError(f"{key}={value} must be a finite number")
-        if self.lr < 0:
-            raise _SpecError(f"lr={self.lr} must be >= 0")
-        if not 0.0 <= self.lam <= 1.0:
-            raise _SpecError(f"lambda={self.lam} must be in [0, 1] (1 pulls the weights all the way back to the trained ones at every update)")
-        if self.eps <= 0:
-            raise _SpecError(f"eps={self.eps} must be > 0")
-        for key in ("segment", "batch_size", "stats_batch_size"):
-            if getattr(self, key) < 1:
-                raise _SpecError(f"{key}={getattr(self, key)} must be >= 1")
-        if self.max_train_tokens is not None and self.max_train_tokens < 1:
-            raise _SpecError(f"max_train_tokens={self.max_train_tokens} must be >= 1 (or all)")
-
-    def as_dict(self) -> dict[str, float | int | str | None]:
-        """The settings under the keys :func:`parse_dynamic_spec` reads."""
-        return {"lr": self.lr, "lambda": self.lam, "eps": self.eps, "segment": self.segment, "variant": self.variant,
-                "max_train_tokens": self.max_train_tokens, "batch_size": self.batch_size, "stats_batch_size": self.stats_batch_size}
-
-
-@dataclass(frozen=True)
-class DynamicGrid:
-    """What :func:`dynamic_search` tries: ``spec`` with every ``(lr, lam)`` of ``lrs x lams``.
-    Validated on construction like :class:`DynamicSpec`."""
-
-    spec: DynamicSpec
-    lrs: tuple[float, ...]
-    lams: tuple[float, ...]
-
-    def __post_init__(self) -> None:
-        if not self.lrs or not self.lams:
-            raise _SpecError(f"the search grid needs at least one lr and one lambda (got {len(self.lrs)} and {len(self.lams)})")
-        self.specs()
-
-    @classmethod
-    def around(cls, spec: DynamicSpec) -> DynamicGrid:
-        """The default grid: ``lr x (0.6, 0.8, 1, 1.2, 1.4, 2)`` and ``lam x (0.5, 1, 1.5, 2.5)``
-        (clipped to 1) around ``spec`` -- the reference's ``--grid`` for the default spec."""
-        lams = tuple(dict.fromkeys(min(1.0, spec.lam * f) for f in LAMBDA_FACTORS))
-        return cls(spec, tuple(spec.lr * f for f in LR_FACTORS), lams)
-
-    def specs(self) -> list[DynamicSpec]:
-        """Every grid point, lambda outer and lr inner (the reference's order)."""
-        return [dataclasses.replace(self.spec, lr=lr, lam=lam) for lam in self.lams for lr in self.lrs]
-
-    def __len__(self) -> int:
-        return len(self.lrs) * len(self.lams)
-
-    def as_dict(self) -> dict:
-        return {**self.spec.as_dict(), "lr": list(self.lrs), "lambda": list(self.lams)}
-
-
-_FIELDS = {"lr": "lr", "lambda": "lam", "lam": "lam", "eps": "eps", "epsilon": "eps", "segment": "segment", "variant": "variant",
-           "max_train_tokens": "max_train_tokens", "batch_size": "batch_size", "stats_batch_size": "stats_batch_size"}
-_FLOATS = {"lr", "lam", "eps"}
-
-
-def _parse_value(option: str, key: str, value: str) -> float | int | str | None:
-    name = _FIELDS[key]
-    if name == "variant":
-        return value
-    if name == "max_train_tokens" and value.lower() in ("all", "none"):
-        return None
-    try:
-        number = float(value)
-    except ValueError:
-        raise _SpecError(f"{key}={value!r} is not a number", option) from None
-    if name in _FLOATS:
-        return number
-    if not number.is_integer():
-        raise _SpecError(f"{key}={value!r} is not a whole number", option)
-    return int(number)
-
-
-def _items(text: str, sep: str, option: str, example: str) -> dict[str, tuple[str, str]]:
-    """``key=value`` items of ``text`` split on ``sep`` -> {field name: (key as written, value)}."""
-    items: dict[str, tuple[str, str]] = {}
-    for item in text.split(sep):
-        key, eq, value = (part.strip() for part in item.partition("="))
-        if not eq or not key or not value:
-            raise _SpecError(f"expected key=value, got {item.strip()!r} (e.g. {option} {example})", option)
-        if key not in _FIELDS:
-            raise _SpecError(f"unknown key {key!r}; valid keys: {', '.join(sorted(_FIELDS))}", option)
-        if _FIELDS[key] in items:
-            raise _SpecError(f"{key!r} given twice", option)
-        items[_FIELDS[key]] = (key, value)
-    return items
-
-
-_T = TypeVar("_T")
-
-
-def _under(option: str, build: Callable[[], _T]) -> _T:
-    """``build()``, its validation errors re-raised under ``option``."""
-    try:
-        return build()
-    except _SpecError as exc:
-        raise _SpecError(exc.detail, option) from None
-
-
-def parse_dynamic_spec(text: str, option: str = OPTION) -> DynamicSpec:
-    """``"lr=5e-5,lambda=0.002,eps=2e-5,segment=5,variant=rms,max_train_tokens=200000"`` ->
-    :class:`DynamicSpec`. Keys in any order, each at most once; a missing key takes its default
-    and an empty text gives all defaults. Keys: ``lr``, ``lambda`` (or ``lam``), ``eps`` (or
-    ``epsilon``), ``segment``, ``variant`` (``rms`` | ``sgd``), ``max_train_tokens`` (a number or
-    ``all``), ``batch_size``, ``stats_batch_size``. Raises :class:`ReglmError` naming ``option``
-    and the offending item."""
-    values = {}
-    if text.strip():
-        for name, (key, value) in _items(text, ",", option, "lr=5e-5,lambda=0.002,segment=5").items():
-            values[name] = _parse_value(option, key, value)
-    return _under(option, lambda: DynamicSpec(**values))
-
-
-def parse_dynamic_grid(text: str, option: str = SEARCH_OPTION) -> DynamicGrid:
-    """``"lr=3e-5,5e-5,1e-4;lambda=0.001,0.002;segment=5"`` -> :class:`DynamicGrid`: groups
-    separated by ``;``; ``lr`` and ``lambda`` take comma-separated values (repeats count once),
-    every other :func:`parse_dynamic_spec` key one value, fixed for the whole search. A missing
-    ``lr`` or ``lambda`` takes the :meth:`DynamicGrid.around` values of the fixed settings (the
-    reference's grid for ``""``). Raises :class:`ReglmError` naming ``option``."""
-    fixed: dict = {}
-    lists: dict[str, tuple[float, ...]] = {}
-    if text.strip():
-        for name, (key, value) in _items(text, ";", option, "lr=3e-5,5e-5;lambda=0.001,0.002").items():
-            parts = [part.strip() for part in value.split(",")]
-            if name in ("lr", "lam"):
-                lists[name] = tuple(dict.fromkeys(_parse_value(option, key, part) for part in parts))
-            elif len(parts) > 1:
-                raise _SpecError(f"{key}={value!r}: only lr and lambda take several values", option)
-            else:
-                fixed[name] = _parse_value(option, key, value)
-
-    def build() -> DynamicGrid:
-        spec = DynamicSpec(**fixed, **{name: values[0] for name, values in lists.items()})
-        default = DynamicGrid.around(spec)
-        return DynamicGrid(spec, lists.get("lr", default.lrs), lists.get("lam", default.lams))
-
-    return _under(option, build)
-
-
-def check_training_data(train_ids: Tensor | None, spec: DynamicSpec, bptt: int | None = None, option: str = OPTION) -> None:
-    """Raise :class:`ReglmError` naming ``option`` when the ``rms`` rule cannot get its gradient
-    statistics: no training split (``None`` or empty), or one too short for
-    ``spec.stats_batch_size`` streams of at least ``bptt + 2`` tokens (default
-    ``spec.segment``). The ``sgd`` rule needs no training data and always passes."""
-    if spec.variant != "sgd":
-        _check_train_split(train_ids, spec, bptt, option)
-
-
-def _check_train_split(train_ids: Tensor | None, spec: DynamicSpec, bptt: int | None, option: str) -> None:
-    if train_ids is None or train_ids.numel() == 0:
-        raise _SpecError(
-            "variant=rms needs gradient statistics from the training split, but no training data is available; point "
-            "--data/--data-dir at the corpus the run was trained on (with its train.txt), or use variant=sgd with lr=...", option,
-        )
-    window = bptt or spec.segment
-    need = spec.stats_batch_size * (window + 2)
-    if train_ids.numel() < need:
-        raise _SpecError(
-            f"the training split has {train_ids.numel()} tokens, too few for stats_batch_size={spec.stats_batch_size} "
-            f"streams of {window + 2} tokens ({need}); lower stats_batch_size", option,
-        )
-
 
 def _gradient_copy(model: nn.Module, device: torch.device | str) -> nn.Module:
     """A deep copy of ``model`` on ``device`` that takes gradients with every dropout off (eval
@@ -384,7 +171,7 @@ def gradient_statistics(
     ``max(1, spec.max_train_tokens // (stats_batch_size * bptt))`` windows are read (all with
     ``max_train_tokens=None``). ``model`` itself is left untouched.
     """
-    _check_train_split(train_ids, spec, bptt, OPTION)
+    train_split_error(train_ids, spec, bptt, OPTION)
     window = bptt or spec.segment
     work = _gradient_copy(model, device)
     params = list(work.parameters())

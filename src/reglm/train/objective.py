@@ -33,13 +33,12 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
-from reglm.config import RunConfig, architecture_differences
+from reglm.config import RunConfig
 from reglm.data.vocab import Vocab
 from reglm.data.windows import StreamPlan, Window
 from reglm.encoders.base import EncoderOutput, State, concat_states, detach_state, select_streams, state_dict_of
-from reglm.errors import ReglmError
+from reglm.rundir import require_kind, require_same_architecture, require_same_vocab
 from reglm.evaluate.perplexity import evaluate, perplexity, stream_pass
 from reglm.models import LanguageModel
 from reglm.objectives.augmented_loss import AugmentedLoss
@@ -259,13 +258,9 @@ def _load_base(config: RunConfig, vocab: Vocab, device: torch.device) -> Languag
     """The initial model q0 of ``objective.base_model``: same vocabulary and architecture as the run."""
     path = Path(str(config.objective.base_model))
     model, base_config, base_vocab = load_model_dir(path, device)
-    if base_vocab.fingerprint() != vocab.fingerprint():
-        raise ReglmError(f"the base model {path} was trained on another vocabulary ({len(base_vocab):,} words) than this run's corpus ({len(vocab):,}); use the data it was trained on")
-    diff = architecture_differences(base_config.model, config.model)
-    if diff:
-        raise ReglmError(f"this run's model differs from the base model {path} in {'; '.join(diff)}; the objective needs the base model's architecture")
-    if base_config.objective.kind == "discriminator":
-        raise ReglmError(f"{path} is a discriminator, not a language model; give the language model's run as the base model")
+    require_kind(base_config.objective.kind, path, "lm")
+    require_same_vocab(base_vocab, vocab, f"the base model {path}", "this run's corpus", "use the data it was trained on")
+    require_same_architecture(config.model, base_config.model, "this run's model", f"the objective needs the base model's ({path}) architecture")
     return model
 
 
@@ -274,11 +269,7 @@ def _load_discriminator(config: RunConfig, q0: LanguageModel, vocab: Vocab, devi
     vocabulary and architecture."""
     path = Path(str(config.objective.discriminator))
     disc, disc_config, disc_vocab = load_model_dir(path, device)
-    if disc_config.objective.kind != "discriminator":
-        raise ReglmError(f"{path} is not a discriminator (its run minimized objective {disc_config.objective.kind!r}); train one with `reglm train-discriminator RUN`")
-    if disc_vocab.fingerprint() != vocab.fingerprint():
-        raise ReglmError(f"the discriminator {path} was trained with another vocabulary ({len(disc_vocab):,} words) than the model ({len(vocab):,}); train it for this model")
-    diff = architecture_differences(disc_config.model, q0.cfg)
-    if diff:
-        raise ReglmError(f"the discriminator {path} differs from the model's architecture in {'; '.join(diff)}; train it for this model")
+    require_kind(disc_config.objective.kind, path, "discriminator")
+    require_same_vocab(disc_vocab, vocab, f"the discriminator {path}", "the model", "train it for this model")
+    require_same_architecture(disc_config.model, q0.cfg, f"the discriminator {path}", "train it for this model")
     return disc

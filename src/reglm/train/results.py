@@ -18,7 +18,7 @@ from reglm.rundir import RESULTS_FILE
 from reglm.train.checkpoint import load_model_dir
 
 if TYPE_CHECKING:
-    from reglm.train.run import Trainer
+    from reglm.train.trainer import Trainer
 
 
 def finish(trainer: Trainer) -> dict[str, Any]:

@@ -74,7 +74,6 @@ import math
 import statistics
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -88,7 +87,6 @@ from reglm.data.windows import StreamPlan, Window
 from reglm.encoders.base import EncoderOutput, detach_state
 from reglm.errors import ReglmError
 from reglm.evaluate.perplexity import perplexity, stream_pass
-from reglm.io import write_with
 from reglm.models import LanguageModel
 from reglm.objectives.augmented_loss import augmented_kl
 
@@ -372,32 +370,3 @@ def run_subspace_study(train_ids: Tensor, vocab_size: int, spec: SubspaceStudySp
         "trainings": trainings,
         "seconds": time.perf_counter() - began,
     }
-
-
-def plot_subspace_study(result: dict[str, Any], path: Path | str) -> None:
-    """Figure 1 of the paper from a :func:`run_subspace_study` result, as the PNG ``path`` (written atomically).
-
-    (a) subspace distance against ``beta`` at ``tau = tau_a``; (b) against ``tau`` at ``beta = 1``;
-    mean over runs with standard-deviation error bars. A bare matplotlib ``Figure`` (Agg), as
-    :mod:`reglm.analysis.plots`.
-    """
-    from matplotlib.figure import Figure
-
-    runs = result["spec"]["runs"]
-    fig = Figure(figsize=(11, 4.2), layout="constrained")
-    beta_ax, tau_ax = fig.subplots(1, 2)
-    for ax, key, colour in ((beta_ax, "beta", "C0"), (tau_ax, "tau", "C1")):
-        data = result["panels"][key]
-        ax.errorbar(data["x"], data["mean"], yerr=data["std"], color=colour, marker="o", capsize=4, linewidth=1.5)
-        ax.set_ylim(0.0, 1.02)
-        ax.grid(True, alpha=0.3)
-    beta_ax.set(
-        title=rf"(a) Subspace distance at $\tau$ = {result['panels']['beta']['tau']:g}" "\n" r"for different proportions of $J^{aug}$",
-        xlabel=r"Proportion of augmented loss ($\beta$)", ylabel="Normalized distance",
-    )
-    tau_ax.set(
-        title="(b) Subspace distance at different temperatures\n" r"when only $J^{aug}$ is used ($\beta$ = 1)",
-        xlabel=r"Temperature ($\tau$)", ylabel="Normalized distance",
-    )
-    fig.suptitle(rf"Distance between span($L^T$) and span($W$) (Inan et al. 2017, Fig. 1); mean $\pm$ std over {runs} run(s)")
-    write_with(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=110))

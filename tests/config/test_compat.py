@@ -17,7 +17,7 @@ from reglm.config import load_config_file
 from reglm.train.checkpoint import load_model_dir, load_state
 from reglm.train.run import resume, train
 
-FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURES = Path(__file__).parents[1] / "fixtures"
 
 
 @pytest.fixture

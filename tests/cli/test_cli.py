@@ -175,14 +175,14 @@ def test_eval_with_cache_and_word_outputs(capsys: pytest.CaptureFixture, run_dir
 def test_bad_cache_options(capsys: pytest.CaptureFixture, run_dir: Path, tmp_path: Path) -> None:
     probs = tmp_path / "probs.tsv"
     for spec, fragment in (
-        ("window:2000", "--cache 'window:2000' is malformed"),
-        ("window=0", "--cache window=0"),
-        ("theta=-1", "--cache theta=-1"),
-        ("lambda=1.5", "--cache lambda=1.5"),
+        ("window:2000", "--cache: 'window:2000' is malformed"),
+        ("window=0", "--cache: window=0"),
+        ("theta=-1", "--cache: theta=-1"),
+        ("lambda=1.5", "--cache: lambda=1.5"),
         ("window=100,gamma=1", "--cache: unknown key 'gamma'"),
     ):
         _expect_usage_error(capsys, fragment, "eval", str(run_dir), "--cache", spec, "--word-probs", str(probs))
-    _expect_usage_error(capsys, "--cache-search window=0", "eval", str(run_dir), "--cache-search", "window=0,10", "--word-probs", str(probs))
+    _expect_usage_error(capsys, "--cache-search: window=0", "eval", str(run_dir), "--cache-search", "window=0,10", "--word-probs", str(probs))
     _expect_usage_error(capsys, "--cache-deltas", "eval", str(run_dir), "--cache-deltas", str(tmp_path / "d.tsv"), "--word-probs", str(probs))
     _expect_usage_error(capsys, "--word-probs", "eval", str(run_dir), "--cache", "--word-probs", str(tmp_path))
     with pytest.raises(SystemExit) as info:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from reglm.analysis.trigram_study import TrigramStudySpec, fixed_context, frequency_ranking, initial_config
+from reglm.studies.trigram import TrigramStudySpec, fixed_context, frequency_ranking, initial_config
 from reglm.cli import main
 from reglm.errors import ReglmError
 from reglm.train.checkpoint import load_model_dir

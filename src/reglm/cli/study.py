@@ -1,8 +1,8 @@
 """``reglm study``: the papers' controlled experiments, end to end, as commands.
 
-* ``reglm study trigram`` -- Popov & Kudinov (2019), section 3 (:mod:`reglm.analysis.trigram_study`);
+* ``reglm study trigram`` -- Popov & Kudinov (2019), section 3 (:mod:`reglm.studies.trigram`);
 * ``reglm study subspace`` -- Inan, Khosravi & Socher (2017), section 6.2
-  (:mod:`reglm.analysis.subspace_study`).
+  (:mod:`reglm.studies.subspace`).
 
 Each writes its figure and JSON into ``--out``; bad options are :class:`ReglmError` (exit 2).
 """
@@ -16,14 +16,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from reglm.cli.common import add_data_options
 from reglm.errors import ReglmError
 
 
-def add_study_parser(sub: Any) -> None:
+def register(sub: Any) -> None:
     """Add ``study trigram|subspace`` to the subcommands ``sub`` of the ``reglm`` parser."""
-    from reglm.cli import _add_data_options
-
     p = sub.add_parser("study", help="the papers' controlled experiments, end to end: figure + JSON")
+    p.set_defaults(func=cmd_study)
     ssub = p.add_subparsers(dest="study", required=True)
     t = ssub.add_parser("trigram", help="Popov & Kudinov 2019, section 3: discriminator fine-tuning on the synthetic trigram corpus (Table 1, Figure 1)")
     t.add_argument("--out", required=True, help="study directory: one run directory per stage, trigram-study.json and .png (resumable)")
@@ -49,7 +49,7 @@ def add_study_parser(sub: Any) -> None:
     t.add_argument("--json", action="store_true", help="print the result as one JSON object instead of a table")
     t = ssub.add_parser("subspace", help="Inan et al. 2017, section 6.2: subspace distance vs the augmented loss's weight and temperature (Figure 1)")
     t.add_argument("--out", required=True, help="directory for subspace-study.json and .png")
-    _add_data_options(t, with_vocab=False)
+    add_data_options(t, with_vocab=False)
     for name, kind, help_text in (
         ("words", int, "contiguous training words per run (default 20000)"),
         ("hidden", int, "LSTM units and embedding size (default 300)"),
@@ -87,7 +87,7 @@ def cmd_study(args: argparse.Namespace) -> int:
 
 
 def _study_trigram(args: argparse.Namespace) -> int:
-    from reglm.analysis.trigram_study import TrigramStudySpec, run_trigram_study
+    from reglm.studies.trigram import TrigramStudySpec, run_trigram_study
 
     names = ("sentences", "hidden", "batch_size", "bptt", "lr", "clip", "epochs", "disc_epochs", "disc_lr", "finetune_epochs", "finetune_lr", "chosen_rank", "perturb_bias", "seed", "device")
     options: dict[str, Any] = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
@@ -111,7 +111,8 @@ def _study_trigram(args: argparse.Namespace) -> int:
 
 
 def _study_subspace(args: argparse.Namespace) -> int:
-    from reglm.analysis.subspace_study import SubspaceStudySpec, plot_subspace_study, run_subspace_study
+    from reglm.analysis.plots import plot_subspace_study
+    from reglm.studies.subspace import SubspaceStudySpec, run_subspace_study
     from reglm.data import resolve
     from reglm.io import write_json
     from reglm.train.run import resolve_device

@@ -15,17 +15,8 @@ from reglm.config import ModelConfig
 from reglm.data.windows import Window
 from reglm.encoders.awd_lstm import WeightDropLSTM
 from reglm.errors import ReglmError
-from reglm.evaluate.dynamic import (
-    DynamicEvaluator,
-    DynamicGrid,
-    DynamicSpec,
-    check_training_data,
-    dynamic_evaluate,
-    dynamic_search,
-    gradient_statistics,
-    parse_dynamic_grid,
-    parse_dynamic_spec,
-)
+from reglm.evaluate.dynamic import DynamicEvaluator, dynamic_evaluate, dynamic_search, gradient_statistics
+from reglm.evaluate.dynamic_spec import DynamicGrid, DynamicSpec, check_training_data, parse_dynamic_grid, parse_dynamic_spec
 from reglm.evaluate.perplexity import evaluate
 from reglm.models import LanguageModel
 

@@ -1,0 +1,92 @@
+"""Pieces the command families share: data options, output files, labels, stopping on signals."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from reglm.errors import ReglmError
+
+
+def add_data_options(p: argparse.ArgumentParser, with_vocab: bool = True) -> None:
+    p.add_argument("--data", help="ptb, wikitext-2, wikitext-103, synthetic, or a directory with train.txt/valid.txt/test.txt")
+    p.add_argument("--data-dir", help="download cache for built-in corpora (default: $REGLM_DATA_DIR or ~/.cache/reglm)")
+    if with_vocab:
+        p.add_argument("--min-freq", type=int, help="map training words seen fewer times to <unk>")
+        p.add_argument("--max-vocab", type=int, help="keep only this many most frequent words")
+
+
+@contextmanager
+def handling_signals(handler: Callable[[int, Any], None]) -> Iterator[None]:
+    """``handler`` for SIGINT and SIGTERM while the block runs; the previous handlers after."""
+    previous = {signum: signal.signal(signum, handler) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[Any]:
+    """A :class:`~reglm.train.run.StopRequest` that SIGINT/SIGTERM set: the first signal asks the
+    trainer to checkpoint at the end of its step, a second one aborts at once."""
+    from reglm.train.run import StopRequest
+
+    stop = StopRequest()
+
+    def handler(signum: int, _frame: Any) -> None:
+        if stop.requested:
+            raise KeyboardInterrupt
+        stop.request(signum)
+        print("reglm: stop requested: saving a checkpoint at the end of this step (send again to abort without saving)", file=sys.stderr, flush=True)
+
+    with handling_signals(handler):
+        yield stop
+
+
+def print_table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]) -> None:
+    """``rows`` as a text table under a ``run`` column of labels; ``columns`` are
+    ``(header, key, format spec)``, each right-aligned to its header's width."""
+    width = max(len("run"), *(len(row["label"]) for row in rows))
+    print(" ".join([f"{'run':{width}s}", *(f"{header:>{len(header)}s}" for header, _, _ in columns)]))
+    for row in rows:
+        print(" ".join([f"{row['label']:{width}s}", *(f"{format(row[key], spec):>{len(header)}s}" for header, key, spec in columns)]))
+
+
+def check_output_file(option: str, path: str | None) -> None:
+    if path is None:
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise ReglmError(f"{option} {path} is a directory; give a file name")
+    parent = next((p for p in target.absolute().parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise ReglmError(f"{option} {path}: {parent} is a file, not a directory; choose another path")
+
+
+def write_output(option: str, path: str, writer: Callable[[], None]) -> None:
+    try:
+        writer()
+    except OSError as exc:
+        raise ReglmError(f"cannot write {option} {path} ({exc.strerror or exc}); choose a writable path") from None
+
+
+def run_labels(labels: str | None, runs: list[str]) -> list[str]:
+    """``--labels a,b`` split into one label per run; by default each run directory's name."""
+    if labels is None:
+        return [Path(run).resolve().name or str(run) for run in runs]
+    names = [name.strip() for name in labels.split(",")]
+    if len(names) != len(runs):
+        raise ReglmError(f"--labels gives {len(names)} label(s) for {len(runs)} run(s); give one label per run, separated by commas")
+    if not all(names):
+        raise ReglmError(f"--labels {labels!r} holds an empty label; give a non-empty label for every run")
+    return names
+
+
+

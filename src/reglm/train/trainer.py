@@ -1,0 +1,424 @@
+"""The trainer: a run's stages, epochs and checkpoints, and exact resume.
+
+Stages (AWD-LSTM, section 5):
+
+``main``
+    ``train.epochs`` epochs. The averaging policy (``train.averaging``; NT-ASGD's trigger checked
+    on the validation score after every epoch) may start averaging; from then on every
+    evaluation, ``best/`` and ``last/`` use the averaged weights.
+``finetune`` (``train.finetune=true``)
+    ASGD restarted with T = 0 from ``best/``: averaging from the hot-started point; the run stops
+    when the same non-monotone criterion fires (or after ``train.finetune_epochs``).
+``done``
+    ``best/`` is scored on validation and test and ``results.json`` is written
+    (:mod:`reglm.train.results`).
+
+The pieces, one job each: the step engine (:mod:`reglm.train.engine`) takes one optimizer step
+on a window; the schedules (:mod:`reglm.train.schedules`) give every step's BPTT length,
+learning rate, AdvSoft switch and input-noise std; the optimizer and the averaging policy
+(:mod:`reglm.train.optim`) are components of the config; the objective
+(:mod:`reglm.train.objective`) gives the per-token loss and scores a split; the run directory
+(:mod:`reglm.rundir`) is claimed for the life of the run (:mod:`reglm.train.run` starts and
+resumes runs). This module owns the order of things and the checkpoints.
+
+Resume: ``state.pt`` is written before the first step, at every epoch end, every
+``train.checkpoint_interval`` steps and when a stop is requested (the command line requests one on
+SIGINT/SIGTERM; as a library, the trainer lets ``KeyboardInterrupt`` through unless it is given a
+:class:`StopRequest`). It holds the weights, the optimizer's and the averaging policy's state,
+the schedule's, the stage, epoch, step, the position in the training stream, the carried encoder
+state, the epoch's running loss and every RNG state, so on CPU a resumed run ends with the same
+weights, bit for bit, as an uninterrupted one.
+
+Divergence: a non-finite training loss (read at log intervals and before every checkpoint),
+validation score or parameter stops the run with :class:`TrainingDiverged` before anything is
+written; every checkpoint on disk is finite.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from reglm.config import RunConfig
+from reglm.config.build import registry
+from reglm.data import Corpus, Vocab
+from reglm.data.windows import StreamPlan
+from reglm.encoders.base import State, state_dict_of
+from reglm.errors import ReglmError, TrainingDiverged, TrainingInterrupted
+from reglm.evaluate.perplexity import perplexity
+from reglm.io import environment, write_json
+from reglm.models import LanguageModel
+from reglm.objectives.activation_reg import ActivationReg, TemporalActivationReg
+from reglm.rundir import CONFIG_FILE, ENVIRONMENT_FILE, METRICS_FILE, RunLock, claim_new, describe_previous
+from reglm.train.checkpoint import STATE_FILE, VOCAB_FILE, load_model_dir, save_model_dir, save_state
+from reglm.train.engine import StepEngine
+from reglm.train.metrics import MetricsLog
+from reglm.train.objective import ObjectiveEval, make_objective
+from reglm.train.results import finish
+from reglm.train.schedules import advsoft_on, annealed_std, sample_bptt, scaled_lr
+from reglm.train.setup import check_model_size, resolve_device
+
+class StopRequest:
+    """A stop the trainer honours at the end of the current step: it saves a checkpoint and raises
+    :class:`TrainingInterrupted`. The command line sets it from its SIGINT/SIGTERM handlers."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def request(self, signum: int) -> None:
+        self.signum = signum
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+
+def _finite(module: torch.nn.Module) -> bool:
+    """Whether every parameter of ``module`` is finite (one host sync)."""
+    return bool(torch.stack([p.detach().isfinite().all() for p in module.parameters()]).all())
+
+
+StepHook = Callable[["Trainer"], None]
+
+
+class Trainer:
+    """Owns the model, optimizer, averaging, schedule and position of one run directory."""
+
+    def __init__(
+        self, config: RunConfig, run_dir: Path, corpus: Corpus, progress: bool | None = None, stop: StopRequest | None = None, lock: RunLock | None = None,
+    ):
+        self.config = config
+        self.cfg = cfg = config.train
+        self.run_dir = Path(run_dir)
+        self.corpus = corpus
+        self.vocab: Vocab = corpus.vocab
+        self.device = resolve_device(cfg.device)
+        self.progress = sys.stderr.isatty() if progress is None else progress
+        self.stop = stop
+        self.lock = lock
+        check_model_size(config, len(self.vocab), self.device)
+        for split, batch_size, option in (("valid", cfg.eval_batch_size, "train.eval_batch_size"), ("test", cfg.test_batch_size, "train.test_batch_size")):
+            ids = getattr(corpus, split)
+            if ids.numel() - 1 < batch_size:
+                raise ReglmError(f"{option}={batch_size} is too large for the {split} split ({ids.numel()} tokens): each stream needs at least one target; lower {option}")
+        torch.manual_seed(config.seed)
+        self.bptt_rng = torch.Generator().manual_seed(config.seed)
+        self.model = LanguageModel(config.model, len(self.vocab)).to(self.device)
+        self.eval_model = LanguageModel(config.model, len(self.vocab)).to(self.device)
+        self.train_plan = StreamPlan(corpus.train, cfg.batch_size, "trim").to(self.device)
+        self.metrics = MetricsLog(self.run_dir / METRICS_FILE)
+        self.objective = make_objective(config, self.vocab, self.device)
+        terms = [*self.objective.terms, ActivationReg(cfg.ar_alpha), TemporalActivationReg(cfg.tar_beta)]
+        self.engine = StepEngine(self.model, self.objective, terms, cfg.batch_size, cfg.small_batch_size, cfg.clip, cfg.sequence_loss)
+        self.engine.optimizer = self._new_optimizer()
+        self.averaging = registry("averaging")[cfg.averaging.kind](cfg.averaging)
+        self.schedule = registry("schedule")[cfg.schedule.kind](cfg.schedule, cfg.optimizer.lr, cfg.finetune_lr)
+        self.step_hooks: list[StepHook] = []
+        """Called with the trainer once the run has started (before its first step) and after every step."""
+        self.stage = "main"
+        self.epoch = 0
+        self.step = 0
+        self.position = 0
+        self.hidden: State | None = None
+        self.epoch_nll = 0.0
+        self.epoch_tokens = 0
+        self.best_val = math.inf
+        self.last_checkpoint: str | None = None
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        assert self.engine.optimizer is not None
+        return self.engine.optimizer
+
+    def _new_optimizer(self) -> torch.optim.Optimizer:
+        return registry("optimizer")[self.cfg.optimizer.kind].build(self.cfg.optimizer, self.model.parameters())
+
+    # ------------------------------------------------------------------ start, state, stop
+
+    def start(self) -> None:
+        """Claim a fresh run directory (:func:`reglm.rundir.claim_new`), write its files, let the
+        objective set the starting weights (:meth:`prepare`) and write the first ``state.pt``, so
+        the run can be resumed from its first step on."""
+        if self.lock is None:
+            self.lock = claim_new(self.run_dir)
+            self._report_takeover()
+        write_json(self.run_dir / CONFIG_FILE, self.config.to_dict())
+        self._begin()
+
+    def restart(self) -> None:
+        """Start over a claimed run directory whose run never wrote a checkpoint: its
+        ``config.json`` stays, the rest is written afresh, as by :meth:`start`."""
+        self._say(f"{self.run_dir} has no checkpoint yet (it stopped before its first step); starting it over from its {CONFIG_FILE}")
+        self._begin()
+
+    def _begin(self) -> None:
+        self.vocab.save(self.run_dir / VOCAB_FILE)
+        write_json(self.run_dir / ENVIRONMENT_FILE, [environment(self.device)])
+        self.metrics.truncate(0)
+        self.prepare()
+        for hook in self.step_hooks:
+            hook(self)
+        self.save_checkpoint()
+
+    def prepare(self) -> None:
+        """At a fresh start (part of :meth:`start`): let the objective set the starting weights (a
+        base model's, for fine-tuning) and, when the run starts from a model, log that model's
+        validation scores as the ``initial`` event (Table 2's "Initial model" row of Popov & Kudinov)."""
+        self.objective.prepare(self.model)
+        if self.objective.initial_model() is not None:
+            val = self._score(self.model, self.corpus.valid, self.cfg.eval_batch_size, "valid")
+            self.metrics.log(event="initial", step=0, **{f"valid_{name}": value for name, value in val.metrics.items() if name != "tokens"})
+            self._say("initial model: " + ", ".join(f"valid {name} {value:.4g}" for name, value in val.metrics.items() if name != "tokens"))
+
+    def _report_takeover(self) -> None:
+        line = describe_previous(self.lock) if self.lock is not None else None
+        if line:
+            self._say(line)
+
+    def close(self) -> None:
+        """Release the run directory."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    def state_dict(self) -> dict[str, Any]:
+        self._flush()
+        rng = {"torch": torch.get_rng_state(), "bptt": self.bptt_rng.get_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {
+            "format": 2,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            **self.averaging.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "stage": self.stage,
+            "epoch": self.epoch,
+            "step": self.step,
+            "position": self.position,
+            "hidden": state_dict_of(self.hidden),
+            "epoch_nll": self.epoch_nll,
+            "epoch_tokens": self.epoch_tokens,
+            "best_val": self.best_val,
+            "objective": self.objective.state_dict(),
+            "metrics_bytes": self.metrics.size(),
+            "vocab_fingerprint": self.vocab.fingerprint(),
+            "rng": rng,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore ``state`` (as from :func:`~reglm.train.checkpoint.load_state`); an entry that does
+        not fit this run is a ReglmError, raised before anything is written."""
+        path = self.run_dir / STATE_FILE
+        if state["vocab_fingerprint"] != self.vocab.fingerprint():
+            raise ReglmError(f"{path} was built for another vocabulary than the corpus {self.config.data.name!r} now gives; resume with the original data")
+        if state["position"] >= self.train_plan.columns:
+            raise ReglmError(f"{path} does not fit the run in {CONFIG_FILE} (its position in the training stream is beyond it); resume it with its own config.json")
+        entry = "model"
+        try:
+            self.model.load_state_dict(state["model"])
+            entry = "optimizer"
+            self.optimizer.load_state_dict(state["optimizer"])
+            entry = "averager"
+            self.averaging.load_state_dict(state)
+            entry = "schedule"
+            self.schedule.load_state_dict(state["schedule"])
+            entry = "objective"
+            self.objective.load_state_dict(state["objective"])
+            entry = "hidden"
+            hidden = None if state["hidden"] is None else self.model.encoder.load_state(state["hidden"]).to(self.device)
+            entry = "rng"
+            torch.set_rng_state(state["rng"]["torch"])
+            self.bptt_rng.set_state(state["rng"]["bptt"])
+            if self.device.type == "cuda" and "cuda" in state["rng"]:
+                torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+        except (RuntimeError, KeyError, TypeError, ValueError, IndexError) as exc:
+            raise ReglmError(f"{path}: its {entry!r} entry does not fit the run in {CONFIG_FILE} ({_first_line(exc)}); resume with the run's own files, or start a new run with another --out") from None
+        self.stage, self.epoch, self.step, self.position = state["stage"], state["epoch"], state["step"], state["position"]
+        self.hidden = hidden
+        self.epoch_nll, self.epoch_tokens, self.best_val = float(state["epoch_nll"]), state["epoch_tokens"], float(state["best_val"])
+        self.metrics.truncate(state["metrics_bytes"])
+        self.last_checkpoint = self._checkpoint_name()
+
+    def _checkpoint_name(self) -> str:
+        return f"{self.run_dir / STATE_FILE} (stage {self.stage}, epoch {self.epoch}, step {self.step})"
+
+    def _diverged(self, what: str) -> TrainingDiverged:
+        return TrainingDiverged(
+            f"{what} at step {self.step} (stage {self.stage}, epoch {self.epoch + 1}); nothing was saved from it. "
+            f"Last good checkpoint: {self.last_checkpoint or 'none yet'}. Lower train.lr or train.clip and resume or restart."
+        )
+
+    def _require_finite(self, module: torch.nn.Module) -> None:
+        if not _finite(module):
+            raise self._diverged("a parameter became NaN or infinite")
+
+    def _flush(self) -> None:
+        """Read the engine's loss sums (one host sync) into the epoch's; a non-finite loss is divergence."""
+        nll, tokens, finite = self.engine.flush()
+        if not finite:
+            raise self._diverged("the training loss became NaN or infinite (at or before this step)")
+        self.epoch_nll += nll
+        self.epoch_tokens += tokens
+
+    def save_checkpoint(self) -> None:
+        state = self.state_dict()
+        self._require_finite(self.model)
+        save_state(self.run_dir / STATE_FILE, state)
+        self.last_checkpoint = self._checkpoint_name()
+
+    def _interrupt(self) -> None:
+        self.save_checkpoint()
+        assert self.stop is not None and self.stop.signum is not None
+        raise TrainingInterrupted(self.stop.signum, self.run_dir, self.step)
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self) -> dict[str, Any]:
+        """Train until the run is done; returns the final results. The run directory is released
+        when this returns or raises."""
+        try:
+            while self.stage != "done":
+                if self.stage == "main" and self.epoch >= self.cfg.epochs:
+                    self._begin_finetune() if self.cfg.finetune else self._set_stage("done")
+                    continue
+                if self.stage == "finetune" and self.epoch >= self.cfg.finetune_epochs:
+                    self._set_stage("done")
+                    continue
+                self._train_epoch()
+                self._end_epoch()
+            return finish(self)
+        finally:
+            self.close()
+
+    def _set_stage(self, stage: str) -> None:
+        self.stage = stage
+        self.save_checkpoint()
+
+    def _begin_finetune(self) -> None:
+        """ASGD with T = 0, hot-started from the best model (AWD-LSTM section 5)."""
+        best, _, _ = load_model_dir(self.run_dir / "best", self.device)
+        self.model.load_state_dict(best.state_dict())
+        self.engine.optimizer = self._new_optimizer()
+        self.averaging.begin_finetune(self.model.parameters())
+        self.stage, self.epoch = "finetune", 0
+        self.metrics.log(event="stage", stage="finetune", step=self.step)
+        self._say(f"fine-tuning: ASGD restarted with T=0 from {self.run_dir / 'best'}")
+        self.save_checkpoint()
+
+    def _advsoft_on(self) -> bool:
+        return advsoft_on(self.config.model.output.advsoft.kind, self.cfg.advsoft_stop_epoch, self.cfg.advsoft_finetune, self.stage, self.epoch)
+
+    def _input_noise_std(self) -> float:
+        cfg = self.cfg
+        if self.stage == "finetune":
+            return cfg.finetune_input_noise_std
+        return annealed_std(cfg.input_noise_std, cfg.input_noise_anneal, self.epoch, cfg.input_noise_epochs)
+
+    def _train_epoch(self) -> None:
+        cfg, model, plan = self.cfg, self.model, self.train_plan
+        model.train()
+        if self.hidden is None:
+            self.hidden = model.init_state(plan.batch_size, device=self.device)
+        adversarial, noise_std = self._advsoft_on(), self._input_noise_std()
+        bar = tqdm(total=plan.columns, initial=self.position, disable=not self.progress, unit="tok/stream", leave=False, desc=f"{self.stage} epoch {self.epoch + 1}")
+        window_nll, window_tokens, window_start = self.epoch_nll, self.epoch_tokens, time.perf_counter()
+        while self.position < plan.columns - 1:
+            seq_len = sample_bptt(self.bptt_rng, cfg.bptt, cfg.bptt_p, cfg.bptt_std, cfg.bptt_min, cfg.bptt_max) if cfg.variable_bptt else cfg.bptt
+            lr = scaled_lr(self.schedule.rate(self.stage, self.epoch, self.step), seq_len, cfg.bptt)
+            window = plan.window(self.position, seq_len)
+            self.hidden = self.engine.step(window, self.hidden, lr, adversarial, noise_std)
+            self.averaging.update(model.parameters())
+            self.objective.end_step()
+            self.position += window.inputs.size(1)
+            self.step += 1
+            bar.update(window.inputs.size(1))
+            if self.step % cfg.log_interval == 0:
+                self._flush()
+                tokens = self.epoch_tokens - window_tokens
+                mean = (self.epoch_nll - window_nll) / max(tokens, 1)
+                elapsed = time.perf_counter() - window_start
+                self.metrics.log(event="step", stage=self.stage, epoch=self.epoch + 1, step=self.step, lr=lr, loss=mean, ppl=perplexity(mean), tokens_per_s=tokens / max(elapsed, 1e-9), averaging=self.averaging.active)
+                bar.set_postfix(loss=f"{mean:.3f}", ppl=f"{perplexity(mean):.1f}")
+                window_nll, window_tokens, window_start = self.epoch_nll, self.epoch_tokens, time.perf_counter()
+            for hook in self.step_hooks:
+                hook(self)
+            if cfg.checkpoint_interval and self.step % cfg.checkpoint_interval == 0:
+                self.save_checkpoint()
+            if self.stop is not None and self.stop.requested:
+                bar.close()
+                self._interrupt()
+        bar.close()
+        self._flush()
+
+    def _score(self, model: torch.nn.Module, ids: torch.Tensor, batch_size: int, desc: str) -> ObjectiveEval:
+        return self.objective.score(model, ids, batch_size, self.cfg.bptt, self.device, self.progress, desc)
+
+    def _end_epoch(self) -> None:
+        eval_model = self._eval_weights()
+        val = self._score(eval_model, self.corpus.valid, self.cfg.eval_batch_size, "valid")
+        if not math.isfinite(val.selection):
+            raise self._diverged(f"the validation score became {val.selection}")
+        self._require_finite(eval_model)
+        train_loss = self.epoch_nll / max(self.epoch_tokens, 1)
+        adversarial, noise_std = self._advsoft_on(), self._input_noise_std()
+        lr = self.schedule.rate(self.stage, self.epoch, self.step)
+        self.epoch += 1
+        improved = val.selection < self.best_val
+        valid = {f"valid_{name}": value for name, value in val.metrics.items() if name != "tokens"}
+        averaging = self.averaging.active
+        self.metrics.log(
+            event="epoch", stage=self.stage, epoch=self.epoch, step=self.step,
+            train_loss=train_loss, train_ppl=perplexity(train_loss), **valid,
+            lr=lr, averaging=averaging, best=improved, advsoft=adversarial, input_noise=noise_std,
+        )
+        shown = " | ".join(f"valid {name} {value:9.4g}" for name, value in val.metrics.items() if name != "tokens")
+        self._say(f"| {self.stage} | epoch {self.epoch:3d} | step {self.step:7d} | train loss {train_loss:7.4f} | {shown}" + (" | averaging" if averaging else "") + (" | best" if improved else ""))
+        info = {"stage": self.stage, "epoch": self.epoch, "step": self.step, **valid, "averaged": averaging}
+        if improved:
+            self.best_val = val.selection
+            save_model_dir(self.run_dir / "best", eval_model, self.config, self.vocab, info)
+        elif self.schedule.epoch_end(improved):
+            rate = self.schedule.rate(self.stage, self.epoch, self.step)
+            self.metrics.log(event="plateau", stage=self.stage, epoch=self.epoch, step=self.step, lr=rate)
+            self._say(f"no improvement: learning rate -> {rate:.4g}")
+        save_model_dir(self.run_dir / "last", eval_model, self.config, self.vocab, info)
+        if self.stage == "main":
+            if self.averaging.main_epoch_end(val.selection, self.model.parameters()):
+                self.metrics.log(event="trigger", stage=self.stage, epoch=self.epoch, step=self.step, valid_loss=val.selection)
+                self._say(f"NT-ASGD: averaging starts after epoch {self.epoch} (step {self.step})")
+        elif self.stage == "finetune" and self.averaging.finetune_epoch_end(val.selection):
+            self.metrics.log(event="finetune_stop", epoch=self.epoch, step=self.step, valid_loss=val.selection)
+            self._say(f"fine-tuning stops after epoch {self.epoch}: the non-monotone criterion fired")
+            self.stage = "done"
+        self.position, self.hidden, self.epoch_nll, self.epoch_tokens = 0, None, 0.0, 0
+        self.objective.reset()
+        self.save_checkpoint()
+        if self.stop is not None and self.stop.requested:
+            self._interrupt()
+
+    def _eval_weights(self) -> torch.nn.Module:
+        """The model evaluation sees: the average once averaging runs, else the iterate."""
+        if self.averaging.active:
+            self.eval_model.load_state_dict(self.averaging.averaged_state(self.model))
+        else:
+            self.eval_model.load_state_dict(self.model.state_dict())
+        return self.eval_model
+
+    def _say(self, text: str) -> None:
+        if self.progress:
+            tqdm.write(text, file=sys.stderr)
+        else:
+            print(text, file=sys.stderr, flush=True)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:160] if text else type(exc).__name__
