@@ -97,14 +97,12 @@ def embedding_subspace_distance(model: nn.Module) -> float:
     softmaxes of projected latent vectors, so its log-probabilities are not ``W h + b`` for one
     projection ``W`` and section 4's argument has no ``W`` to compare.
     """
-    from reglm.outputs.softmax import SoftmaxOutput
-
     output = getattr(model, "output", None)
     embedding = getattr(model, "embedding", None)
     if embedding is None or not isinstance(getattr(embedding, "weight", None), Tensor):
         raise ReglmError("the model has no input embedding `embedding.weight`; the subspace distance needs a reglm LanguageModel")
     vocab_size = embedding.weight.size(0)
-    if not isinstance(output, SoftmaxOutput):
+    if "softmax-logits" not in getattr(output, "capabilities", ()):
         kind = type(output).__name__
         hint = " (a mixture of softmaxes has no single output projection W with logits W h + b)" if "Mixture" in kind else ""
         raise ReglmError(

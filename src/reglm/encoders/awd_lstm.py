@@ -99,6 +99,12 @@ class WeightDropLSTM(nn.Module):
         out, h, c = torch.lstm(x, state, params, True, 1, 0.0, self.training, False, True)
         return out, (h, c)
 
+    def gradient_mode(self) -> None:
+        """Training mode without DropConnect: deterministic, and differentiable by cuDNN (which
+        backpropagates only in training mode). Dynamic evaluation's working copy uses it."""
+        self.weight_dropout = 0.0
+        self.train()
+
     def extra_repr(self) -> str:
         return f"{self.input_size}, {self.hidden_size}, weight_dropout={self.weight_dropout}"
 

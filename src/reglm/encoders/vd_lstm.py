@@ -134,6 +134,10 @@ class VDLSTMLayer(nn.Module):
             outs.append(h)
         return torch.stack(outs, dim=1), (h.unsqueeze(0), c.unsqueeze(0))
 
+    def gradient_mode(self) -> None:
+        """Training mode for cuDNN's backward; no mask is drawn while the encoder is in eval mode."""
+        self.train()
+
     def extra_repr(self) -> str:
         return f"{self.input_size}, {self.hidden_size}, init_range={self.init_range}"
 

@@ -103,25 +103,19 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from reglm.data.windows import StreamPlan, Window
-from reglm.encoders.awd_lstm import WeightDropLSTM
 from reglm.encoders.base import State, detach_state
-from reglm.encoders.vd_lstm import VDLSTMLayer
 from reglm.evaluate.dynamic_spec import OPTION, DynamicGrid, DynamicSpec, train_split_error
 from reglm.evaluate.perplexity import EvalResult, in_stream_order
 
 def _gradient_copy(model: nn.Module, device: torch.device | str) -> nn.Module:
-    """A deep copy of ``model`` on ``device`` that takes gradients with every dropout off (eval
-    mode; the recurrent layers in training mode without DropConnect or masks, for cuDNN, which
-    backpropagates only in training mode: :class:`WeightDropLSTM` with ``weight_dropout = 0``,
-    :class:`VDLSTMLayer` under an encoder in eval mode, which draws no masks)."""
+    """A deep copy of ``model`` on ``device`` that takes gradients with every dropout off: eval
+    mode, then every module that declares ``gradient_mode()`` (the recurrent layers: cuDNN
+    backpropagates only in training mode) switched to it."""
     work = copy.deepcopy(model).to(device)
     work.eval()
     for module in work.modules():
-        if isinstance(module, WeightDropLSTM):
-            module.weight_dropout = 0.0
-            module.train()
-        elif isinstance(module, VDLSTMLayer):
-            module.train()
+        if hasattr(module, "gradient_mode"):
+            module.gradient_mode()
     for param in work.parameters():
         param.requires_grad_(True)
         param.grad = None
