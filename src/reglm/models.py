@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from reglm.config import ModelConfig
+from reglm.data.vocab import Vocab
 from reglm.encoders import ENCODERS
 from reglm.encoders.base import EncoderOutput, State
 from reglm.inputs import INPUTS
@@ -28,15 +29,19 @@ from reglm.outputs.base import OutputLayer, OutputLoss
 
 class LanguageModel(nn.Module):
     """A word-level language model built from ``(cfg, vocab_size)``: ``embedding`` (the input
-    layer), ``encoder`` and ``output`` modules."""
+    layer), ``encoder`` and ``output`` modules. ``vocab`` gives input layers that read the words
+    themselves (a character CNN) their spelling; without it they are built with placeholder
+    spellings of the same shapes (enough to count parameters, or to load saved weights)."""
 
-    def __init__(self, cfg: ModelConfig, vocab_size: int) -> None:
+    def __init__(self, cfg: ModelConfig, vocab_size: int, vocab: Vocab | None = None) -> None:
         super().__init__()
         if vocab_size < 1:
             raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
+        if vocab is not None and len(vocab) != vocab_size:
+            raise ValueError(f"the vocabulary has {len(vocab)} words, not {vocab_size}")
         self.cfg = cfg
         self.vocab_size = vocab_size
-        self.embedding = INPUTS[cfg.input.kind].from_config(cfg.input, vocab_size)
+        self.embedding = INPUTS[cfg.input.kind].from_config(cfg.input, vocab_size, vocab)
         self.encoder = ENCODERS[cfg.encoder.kind].from_config(cfg.encoder, self.embedding.output_size)
         self.output: OutputLayer = OUTPUTS[cfg.output.kind].from_config(cfg.output, self.encoder.output_size, vocab_size, self.embedding, self.encoder)
 
@@ -81,6 +86,17 @@ class LanguageModel(nn.Module):
     def num_parameters(self) -> int:
         """Number of parameter scalars; a tied matrix counts once."""
         return sum(p.numel() for p in self.parameters())
+
+    def parameter_split(self) -> dict[str, int]:
+        """Parameter scalars of the input layer, the encoder (the body) and the output layer; a
+        tensor the output layer shares with the input layer counts once, in the input layer."""
+        seen: set[int] = set()
+        split = {}
+        for name in ("embedding", "encoder", "output"):
+            params = [p for p in getattr(self, name).parameters() if id(p) not in seen]
+            seen.update(id(p) for p in params)
+            split[{"embedding": "input", "encoder": "body", "output": "output"}[name]] = sum(p.numel() for p in params)
+        return split
 
 
 def count_parameters(cfg: ModelConfig, vocab_size: int) -> int:

@@ -53,17 +53,12 @@ class ModelConfig:
     output: Any = _component("output", "softmax", "the output layer (model.output.kind: softmax, mos, doc)")
 
     def __post_init__(self) -> None:
-        emb = self.input.output_size
-        features = self.encoder.output_size(emb)
-        if self.output.kind == "softmax" and self.output.tie_weights:
-            check(
-                features == emb, "model.output.tie_weights",
-                f"a tied softmax reads the encoder output ({features} features from encoder {self.encoder.kind}) as an embedding of "
-                f"size {emb}; make them equal (model.encoder.hidden_size or last_hidden_size), set tie_weights=false, or use an output "
-                "layer that projects (model.output=mos)",
-            )
-        if self.output.kind in ("mos", "doc"):
-            self.output.doc_expert_counts(len(self.encoder.layer_sizes(emb)))
+        """The checks across components: each component config may define
+        ``check_with(model_config)`` (does it fit the other two: sizes to tie, layers to read)."""
+        for component in (self.input, self.encoder, self.output):
+            check_with = getattr(component, "check_with", None)
+            if check_with is not None:
+                check_with(self)
 
     @classmethod
     def build(cls, **options: Any) -> ModelConfig:

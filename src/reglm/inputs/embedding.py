@@ -62,7 +62,7 @@ class WordEmbedding(nn.Module):
         self.dropout = LockedDropout(cfg.dropout)
 
     @classmethod
-    def from_config(cls, cfg: EmbeddingConfig, vocab_size: int) -> WordEmbedding:
+    def from_config(cls, cfg: EmbeddingConfig, vocab_size: int, vocab: object = None) -> WordEmbedding:
         return cls(cfg, vocab_size)
 
     def tied_weight(self) -> nn.Parameter:

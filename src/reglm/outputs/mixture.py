@@ -46,6 +46,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -78,6 +79,11 @@ class MixtureConfig:
         check_prob(self.latent_dropout, "model.output.latent_dropout")
         check_nonneg(self.mixture_penalty, "model.output.mixture_penalty")
         check(self.doc_experts is None or self.kind == "doc", "model.output.doc_experts", f"is only read with kind=doc (now {self.kind}); set it to none")
+
+    def check_with(self, model: Any) -> None:
+        """DOC's counts name the encoder's intermediate layers; tying needs a word embedding."""
+        self.doc_expert_counts(len(model.encoder.layer_sizes(model.input.output_size)))
+        check(not self.tie_weights or model.input.kind == "embedding", "model.output.tie_weights", f"a mixture ties to a word embedding, not to input layer {model.input.kind}; set tie_weights=false")
 
     def doc_expert_counts(self, num_layers: int) -> tuple[int, ...]:
         """The extra DOC experts of encoder layers ``1 .. num_layers - 1`` (0-based layer

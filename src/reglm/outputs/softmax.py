@@ -10,6 +10,7 @@ The tensor-level math is :meth:`SoftmaxOutput.logits`, :meth:`SoftmaxOutput.log_
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +35,20 @@ class SoftmaxConfig:
     def __post_init__(self) -> None:
         check(self.kind == "softmax", "model.output.kind", f"unknown {self.kind!r}")
         check_positive(self.init_range, "model.output.init_range")
+
+    def check_with(self, model: Any) -> None:
+        """A tied softmax reads the encoder output as a word embedding of the input layer's size."""
+        if not self.tie_weights:
+            return
+        check(model.input.kind == "embedding", "model.output.tie_weights", f"a softmax ties to a word embedding, not to input layer {model.input.kind}; set tie_weights=false")
+        emb = model.input.output_size
+        features = model.encoder.output_size(emb)
+        check(
+            features == emb, "model.output.tie_weights",
+            f"a tied softmax reads the encoder output ({features} features from encoder {model.encoder.kind}) as an embedding of "
+            f"size {emb}; make them equal (model.encoder.hidden_size or last_hidden_size), set tie_weights=false, or use an output "
+            "layer that projects (model.output=mos)",
+        )
 
 
 class SoftmaxOutput(OutputLayer):

@@ -119,7 +119,7 @@ def load_model_dir(directory: Path, device: torch.device | str = "cpu") -> tuple
     weights = directory / MODEL_FILE
     if not weights.is_file():
         raise ReglmError(f"{weights} is missing; the model directory is incomplete")
-    model = LanguageModel(config.model, len(vocab))
+    model = LanguageModel(config.model, len(vocab), vocab)
     load_weights(model, weights)
     return model.to(device), config, vocab
 
