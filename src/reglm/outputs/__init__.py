@@ -5,9 +5,10 @@ config dataclass), ``capabilities``, and ``from_config(cfg, in_features, vocab_s
 input_layer, encoder)``.
 """
 
+from reglm.outputs.adaptive_softmax import AdaptiveSoftmax
 from reglm.outputs.mixture import MixtureOfSoftmaxes
 from reglm.outputs.softmax import SoftmaxOutput
 
-OUTPUTS = {"softmax": SoftmaxOutput, "mos": MixtureOfSoftmaxes, "doc": MixtureOfSoftmaxes}
+OUTPUTS = {"softmax": SoftmaxOutput, "mos": MixtureOfSoftmaxes, "doc": MixtureOfSoftmaxes, "adaptive": AdaptiveSoftmax}
 
-__all__ = ["OUTPUTS", "MixtureOfSoftmaxes", "SoftmaxOutput"]
+__all__ = ["OUTPUTS", "AdaptiveSoftmax", "MixtureOfSoftmaxes", "SoftmaxOutput"]
