@@ -6,6 +6,11 @@
 
 Text follows the corpus rule: each line is split on whitespace and ends with ``<eos>``. Scoring
 starts from the state after an ``<eos>``, i.e. at the beginning of a sentence.
+
+A BPE model (``data.tokenizer=bpe``, its model directory holds ``tokenizer.json``) segments every
+word into its units first; :meth:`TrainedModel.score` then sums the units' log-probabilities and
+:meth:`TrainedModel.perplexity` is word-level, ``exp(-sum log p / words)`` with ``<eos>`` a word
+(the probability of a word is the product of its units', Baevski & Auli 2019, 4.4).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from reglm.data.bpe import BPEVocab
 from reglm.data.vocab import EOS, UNK, Vocab
 from reglm.data.windows import StreamPlan
 from reglm.errors import ReglmError
@@ -28,15 +34,20 @@ WINDOW = 256
 
 
 class TrainedModel:
-    """A trained language model with its vocabulary, in eval mode."""
+    """A trained language model with its vocabulary, in eval mode (``subword``: the BPE vocabulary
+    with its tokenizer for a sub-word model, else ``None``)."""
 
     def __init__(self, model: LanguageModel, vocab: Vocab, device: torch.device):
         self.model = model.eval()
         self.vocab = vocab
         self.device = device
+        self.subword: BPEVocab | None = vocab if isinstance(vocab, BPEVocab) else None
 
     def tokens_to_ids(self, tokens: list[str]) -> list[int]:
-        """Ids of ``tokens``; unknown words become ``<unk>`` when the vocabulary has it."""
+        """Ids of ``tokens``; unknown words become ``<unk>`` when the vocabulary has it. A BPE
+        model gives the units of each word in turn (never unknown: an unseen character is ``<unk>``)."""
+        if self.subword is not None:
+            return self.subword.encode_words(tokens)[0]
         ids = []
         for tok in tokens:
             if tok in self.vocab:
@@ -50,13 +61,22 @@ class TrainedModel:
     def text_to_ids(self, text: str) -> list[int]:
         """Ids of ``text`` by the corpus rule: one ``<eos>`` after every line (a final newline ends the last)."""
         ids: list[int] = []
-        lines = text.split("\n")
-        if text.endswith("\n"):
-            lines.pop()
-        for line in lines:
+        for line in _lines(text):
             ids.extend(self.tokens_to_ids(line.split()))
             ids.append(self.vocab.eos_id)
         return ids
+
+    def text_to_units(self, text: str) -> tuple[list[int], list[bool]]:
+        """``(ids, word_ends)`` of ``text``: :meth:`text_to_ids` and, per id, whether it closes a
+        word (every id of a word model; the last unit of each word, and ``<eos>``, for BPE)."""
+        if self.subword is None:
+            ids = self.text_to_ids(text)
+            return ids, [True] * len(ids)
+        words: list[str] = []
+        for line in _lines(text):
+            words.extend(line.split())
+            words.append(EOS)
+        return self.subword.encode_words(words)
 
     def target_log_probs(self, ids: list[int]) -> torch.Tensor:
         """Natural-log probability of each id given the ones before it, starting after ``<eos>``."""
@@ -69,9 +89,14 @@ class TrainedModel:
         return float(self.target_log_probs(self.tokens_to_ids(sentence.split()) + [self.vocab.eos_id]).sum())
 
     def perplexity(self, text: str) -> float:
-        """exp(mean NLL) over every token of ``text`` (one ``<eos>`` per line)."""
-        logp = self.target_log_probs(self.text_to_ids(text))
-        return perplexity(-float(logp.mean()))
+        """exp(mean NLL) over every token of ``text`` (one ``<eos>`` per line); for a BPE model
+        word-level: exp(summed unit NLL / words of ``text``, ``<eos>`` included)."""
+        if self.subword is None:
+            logp = self.target_log_probs(self.text_to_ids(text))
+            return perplexity(-float(logp.mean()))
+        ids, ends = self.text_to_units(text)
+        logp = self.target_log_probs(ids)
+        return perplexity(-float(logp.sum()) / max(sum(ends), 1))
 
     def generate(self, words: int, temperature: float = 1.0, seed: int = 0, prompt: str = "") -> list[str]:
         """Sample ``words`` tokens after ``prompt``; returns the prompt's tokens and the sampled ones."""
@@ -85,6 +110,8 @@ class TrainedModel:
         Sampling draws from ``softmax(log p / temperature)``, computed in float64 from the most
         likely word's log-probability, so a temperature small enough to underflow any other
         word's weight samples the most likely word (greedy decoding) instead of failing.
+        For a BPE model the tokens are units (the prompt's words segmented; ``</w>`` ends a word,
+        :meth:`reglm.data.bpe.BPEVocab.join` re-joins them).
         """
         if words < 0:
             raise ReglmError(f"--words {words} must be >= 0")
@@ -93,6 +120,8 @@ class TrainedModel:
         if not 0 <= seed < 2**63:
             raise ReglmError(f"--seed {seed} must be in [0, 2^63)")
         prompt_tokens = prompt.split()
+        if self.subword is not None:
+            prompt_tokens = self.subword.decode(self.tokens_to_ids(prompt_tokens))
         unknown = [t for t in prompt_tokens if t not in self.vocab]
         if unknown:
             hint = f"rephrase the prompt or write {UNK}" if self.vocab.unk_id is not None else "rephrase the prompt with words of the vocabulary (vocab.txt of the run)"
@@ -116,6 +145,14 @@ def load(path: Path | str, which: str = "best", device: str | torch.device = "cp
     model, config, vocab = load_model_dir(directory, device)
     require_kind(config.objective.kind, directory, "lm")
     return TrainedModel(model, vocab, torch.device(device))
+
+
+def _lines(text: str) -> list[str]:
+    """The lines of ``text``; a final newline ends the last line rather than starting an empty one."""
+    lines = text.split("\n")
+    if text.endswith("\n"):
+        lines.pop()
+    return lines
 
 
 def render(tokens: list[str]) -> str:

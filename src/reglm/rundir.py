@@ -38,6 +38,8 @@ from reglm.io import remove_temp_files
 
 CONFIG_FILE = "config.json"
 VOCAB_FILE = "vocab.txt"
+TOKENIZER_FILE = "tokenizer.json"
+"""The sub-word tokenizer of a BPE model (Hugging Face ``tokenizers`` format), beside ``vocab.txt`` in model directories."""
 STATE_FILE = "state.pt"
 METRICS_FILE = "metrics.jsonl"
 ENVIRONMENT_FILE = "environment.json"

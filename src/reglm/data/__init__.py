@@ -1,6 +1,7 @@
 """Corpora, vocabularies and batching: everything between text files and id tensors."""
 
-from reglm.data.corpus import SPLITS, Corpus, cache_dir, corpus_stats, encode_file, iter_lines, load_directory, read_tokens
+from reglm.data.bpe import BPEVocab, is_subword
+from reglm.data.corpus import SPLITS, Corpus, cache_dir, corpus_stats, encode_file, encode_subword_file, iter_lines, load_directory, read_tokens
 from reglm.data.datasets import SOURCES, Source, download, resolve
 from reglm.data.synthetic import TrigramLanguage, synthetic_corpus, synthetic_stats
 from reglm.data.vocab import EOS, UNK, UnknownWordError, Vocab
@@ -11,6 +12,7 @@ __all__ = [
     "SOURCES",
     "SPLITS",
     "UNK",
+    "BPEVocab",
     "ContextPlan",
     "Corpus",
     "Source",
@@ -23,6 +25,8 @@ __all__ = [
     "corpus_stats",
     "download",
     "encode_file",
+    "encode_subword_file",
+    "is_subword",
     "iter_lines",
     "load_directory",
     "read_tokens",

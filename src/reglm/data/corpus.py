@@ -9,6 +9,11 @@ read the same. A UTF-8 byte-order mark at the start of a file is ignored.
 A corpus directory holds ``train.txt``, ``valid.txt`` and ``test.txt``. The vocabulary is
 built from ``train.txt`` only (:meth:`reglm.data.vocab.Vocab.build`); a valid/test word outside
 it becomes ``<unk>`` when the vocabulary has ``<unk>`` and is an error otherwise.
+
+Sub-word corpora (``tokenizer="bpe"``, :mod:`reglm.data.bpe`): the same words, each segmented
+into BPE units learnt on ``train.txt``; every split then also has a ``word_ends: (N,) bool`` mask
+(``True`` on the unit that closes a word, ``<eos>`` included), whose sum is the split's token
+count under the word rule, so that perplexities stay word-level.
 """
 
 from __future__ import annotations
@@ -23,10 +28,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from reglm.data.bpe import BPEVocab
 from reglm.data.vocab import EOS, UNK, UnknownWordError, Vocab
 from reglm.errors import ReglmError
 
 SPLITS = ("train", "valid", "test")
+TOKENIZERS = ("word", "bpe")
 
 
 @dataclass
@@ -36,6 +43,12 @@ class Corpus:
     ``truth`` is set for the synthetic corpus only: ``{"valid": (N_valid,), "test": (N_test,)}``
     float64 tensors aligned with ``valid`` / ``test``, the true natural-log probability of each
     token given its past (0.0 at ``<eos>``); ``None`` for natural text.
+
+    ``word_ends`` is set for sub-word corpora only: ``{split: (N_split,) bool}`` aligned with each
+    id stream, ``True`` on the unit that closes a word (pass it to the window planner /
+    :func:`reglm.evaluate.perplexity.evaluate` for word-level perplexity); ``None`` for word
+    corpora, where every token is a word. The vocabulary of a sub-word corpus is a
+    :class:`~reglm.data.bpe.BPEVocab`, which carries the tokenizer (:attr:`tokenizer`).
     """
 
     name: str
@@ -44,12 +57,24 @@ class Corpus:
     valid: torch.Tensor
     test: torch.Tensor
     truth: dict[str, torch.Tensor] | None = None
+    word_ends: dict[str, torch.Tensor] | None = None
 
     def split(self, name: str) -> torch.Tensor:
         """The id stream of ``train``, ``valid`` or ``test``."""
         if name not in SPLITS:
             raise ValueError(f"unknown split {name!r}; expected one of {SPLITS}")
         return getattr(self, name)
+
+    def split_word_ends(self, name: str) -> torch.Tensor | None:
+        """The ``(N,)`` bool word-end mask of a split (sub-word corpora), ``None`` for word corpora."""
+        if name not in SPLITS:
+            raise ValueError(f"unknown split {name!r}; expected one of {SPLITS}")
+        return None if self.word_ends is None else self.word_ends[name]
+
+    @property
+    def tokenizer(self) -> BPEVocab | None:
+        """The sub-word vocabulary with its tokenizer (``.hf_tokenizer``) of a BPE corpus; ``None`` for words."""
+        return self.vocab if isinstance(self.vocab, BPEVocab) else None
 
 
 def cache_dir(data_dir: str | Path | None = None) -> Path:
@@ -94,12 +119,9 @@ def _check_words(path: Path, n_words: int) -> None:
         raise ReglmError(f"{path} holds no words (it is empty or blank); put the split's text in it")
 
 
-def _read_train(path: Path, min_freq: int, max_vocab: int | None) -> tuple[Vocab, torch.Tensor]:
-    """Count and encode the training file in one pass.
-
-    Words get provisional ids in order of first appearance; once the counts are known the
-    vocabulary is built and the provisional ids are remapped through a lookup table.
-    """
+def _type_stream(path: Path) -> tuple[list[str], np.ndarray]:
+    """``(types, ids)``: the word types of a file in order of first appearance (``<eos>`` first)
+    and its token stream under the rule as indices into them, ``ids: (N,)`` int64."""
     first_seen: dict[str, int] = {EOS: 0}
     provisional = array("q")
     n_words = 0
@@ -108,7 +130,16 @@ def _read_train(path: Path, min_freq: int, max_vocab: int | None) -> tuple[Vocab
         provisional.append(0)
         n_words += len(words)
     _check_words(path, n_words)
-    ids = np.frombuffer(provisional, dtype=np.int64)
+    return list(first_seen), np.frombuffer(provisional, dtype=np.int64)
+
+
+def _read_train(path: Path, min_freq: int, max_vocab: int | None) -> tuple[Vocab, torch.Tensor]:
+    """Count and encode the training file in one pass.
+
+    Words get provisional ids in order of first appearance; once the counts are known the
+    vocabulary is built and the provisional ids are remapped through a lookup table.
+    """
+    first_seen, ids = _type_stream(path)
     counts = np.bincount(ids, minlength=len(first_seen))
     counter = Counter(dict(zip(first_seen, counts.tolist())))
     vocab = Vocab.build(counter, min_freq=min_freq, max_vocab=max_vocab)
@@ -141,25 +172,62 @@ def encode_file(path: str | Path, vocab: Vocab) -> torch.Tensor:
     return _to_tensor(ids)
 
 
+def encode_subword_file(path: str | Path, vocab: BPEVocab) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ids, word_ends)``, both ``(N,)``, of a file segmented into ``vocab``'s BPE units (one
+    ``<eos>`` unit after every line); ``word_ends.sum()`` is the file's token count under the word rule."""
+    types, ids = _type_stream(Path(path))
+    return vocab.encode_stream(types, ids)
+
+
+def _load_subword(path: Path, name: str, vocab: Vocab | None, bpe_vocab_size: int) -> Corpus:
+    """A BPE corpus: the units learnt on ``train.txt`` (unless ``vocab`` is a :class:`BPEVocab`), every split segmented."""
+    if vocab is not None and not isinstance(vocab, BPEVocab):
+        raise ReglmError("tokenizer=bpe was asked for with a word vocabulary; pass the BPE model's vocabulary (with its tokenizer.json), or tokenizer=word")
+    streams: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for split in SPLITS:
+        types, ids = _type_stream(path / f"{split}.txt")
+        if vocab is None:
+            vocab = BPEVocab.train(dict(zip(types, np.bincount(ids, minlength=len(types)).tolist())), bpe_vocab_size)
+        streams[split] = vocab.encode_stream(types, ids)
+    return Corpus(
+        name=name, vocab=vocab, train=streams["train"][0], valid=streams["valid"][0], test=streams["test"][0],
+        word_ends={split: ends for split, (_, ends) in streams.items()},
+    )
+
+
 def load_directory(
     path: str | Path,
     name: str | None = None,
     min_freq: int = 1,
     max_vocab: int | None = None,
     vocab: Vocab | None = None,
+    tokenizer: str = "word",
+    bpe_vocab_size: int = 32000,
 ) -> Corpus:
     """Read ``train.txt`` / ``valid.txt`` / ``test.txt`` of a directory into a :class:`Corpus`.
 
     The vocabulary is built from ``train.txt`` with ``min_freq`` / ``max_vocab`` unless a fixed
     ``vocab`` is given (e.g. a closed vocabulary, or a checkpoint's), in which case every split
     is encoded with it. ``name`` defaults to the directory name.
+
+    ``tokenizer="bpe"`` (or a :class:`~reglm.data.bpe.BPEVocab` as ``vocab``) gives a sub-word
+    corpus: BPE units of ``bpe_vocab_size`` learnt on ``train.txt`` (or ``vocab``'s own units),
+    with ``word_ends`` for every split; ``min_freq`` / ``max_vocab`` must keep their defaults.
     """
     path = Path(path)
+    if tokenizer not in TOKENIZERS:
+        raise ReglmError(f"unknown tokenizer {tokenizer!r}; choose {' or '.join(TOKENIZERS)}")
+    if isinstance(vocab, BPEVocab):
+        tokenizer = "bpe"
+    if tokenizer == "bpe" and (min_freq != 1 or max_vocab is not None):
+        raise ReglmError("min_freq / max_vocab cut word vocabularies; a BPE corpus has none: leave them at their defaults and set bpe_vocab_size")
     if not path.is_dir():
         raise ReglmError(f"corpus directory {path} does not exist; give a directory holding train.txt, valid.txt and test.txt")
     for split in SPLITS:
         if not (path / f"{split}.txt").is_file():
             raise ReglmError(f"{path / f'{split}.txt'} is missing; a corpus directory needs train.txt, valid.txt and test.txt")
+    if tokenizer == "bpe":
+        return _load_subword(path, name or path.resolve().name, vocab, bpe_vocab_size)
     if vocab is None:
         vocab, train = _read_train(path / "train.txt", min_freq, max_vocab)
     else:
@@ -174,7 +242,8 @@ def corpus_stats(corpus: Corpus) -> dict:
 
     Returns ``{"name", "vocab_size", "has_unk", "tokens": {split: n}, "unk_rate": {split: share of
     tokens that are <unk>}}``; ``unk_rate`` counts ``<eos>`` tokens in the denominator, as the
-    token counts do.
+    token counts do. A sub-word corpus adds ``"tokenizer": "bpe"`` and ``"words": {split: n}``
+    (its words under the word rule; ``tokens`` and ``unk_rate`` then count units).
     """
     unk = corpus.vocab.unk_id
     tokens = {}
@@ -184,10 +253,14 @@ def corpus_stats(corpus: Corpus) -> dict:
         tokens[split] = int(ids.numel())
         n_unk = int((ids == unk).sum()) if unk is not None else 0
         unk_rate[split] = n_unk / max(tokens[split], 1)
-    return {
+    stats = {
         "name": corpus.name,
         "vocab_size": len(corpus.vocab),
         "has_unk": unk is not None,
         "tokens": tokens,
         "unk_rate": unk_rate,
     }
+    if corpus.word_ends is not None:
+        stats["tokenizer"] = "bpe"
+        stats["words"] = {split: int(corpus.word_ends[split].sum()) for split in SPLITS}
+    return stats

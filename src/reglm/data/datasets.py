@@ -39,7 +39,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from reglm.data.bpe import BPEVocab
 from reglm.data.corpus import SPLITS, Corpus, cache_dir, iter_lines, load_directory
+from reglm.data.vocab import Vocab
 from reglm.data.synthetic import synthetic_corpus
 from reglm.io import temp_sibling
 from reglm.errors import ReglmError
@@ -212,6 +214,9 @@ def resolve(
     max_vocab: int | None = None,
     synthetic_seed: int = 0,
     synthetic_sentences: int = 80_000,
+    tokenizer: str = "word",
+    bpe_vocab_size: int = 32_000,
+    vocab: Vocab | None = None,
 ) -> Corpus:
     """The corpus a ``data.name`` option designates.
 
@@ -222,14 +227,24 @@ def resolve(
     directory is read as a custom corpus (a built-in name wins over a directory of that name:
     write ``./ptb``). ``min_freq`` / ``max_vocab`` shape the vocabulary of built-in and custom
     corpora (the defaults keep every training word); the synthetic vocabulary is closed.
+
+    ``tokenizer="bpe"`` gives a sub-word corpus of a built-in or custom corpus
+    (:mod:`reglm.data.bpe`): units of ``bpe_vocab_size`` learnt on ``train.txt``, every split
+    segmented, with ``word_ends`` for word-level perplexity. ``vocab`` fixes the vocabulary instead
+    of building one (a model's: a :class:`~reglm.data.bpe.BPEVocab` also fixes the segmentation,
+    so nothing is learnt); the synthetic corpus always has its own closed vocabulary.
     """
+    bpe = tokenizer == "bpe" or isinstance(vocab, BPEVocab)
+    sub = dict(tokenizer=tokenizer, bpe_vocab_size=bpe_vocab_size, vocab=vocab) if bpe or vocab is not None else {}
     if name in SOURCES:
-        return load_directory(download(name, data_dir), name=name, min_freq=min_freq, max_vocab=max_vocab)
+        return load_directory(download(name, data_dir), name=name, min_freq=min_freq, max_vocab=max_vocab, **sub)
     if name == "synthetic":
+        if bpe:
+            raise ReglmError("the synthetic corpus is word-level (its true probabilities are per word); use tokenizer=word, or bpe with a natural-text corpus")
         n_eval = synthetic_sentences // 8
         return synthetic_corpus(seed=synthetic_seed, data_dir=data_dir, sizes=(synthetic_sentences, n_eval, n_eval))
     if Path(name).expanduser().is_dir():
-        return load_directory(Path(name).expanduser(), min_freq=min_freq, max_vocab=max_vocab)
+        return load_directory(Path(name).expanduser(), min_freq=min_freq, max_vocab=max_vocab, **sub)
     raise ReglmError(
         f"unknown corpus {name!r} (not a built-in name, and directory {name} does not exist); "
         f"choose one of {', '.join([*SOURCES, 'synthetic'])}, or give a directory holding train.txt, valid.txt and test.txt"

@@ -5,7 +5,11 @@ A *model directory* (``best/``, ``last/``) is self-contained and holds
 - ``model.safetensors``: the weights; a tensor shared by several parameters (tied weights) is
   stored once under its first name and restored as one tensor;
 - ``config.json``: the run configuration plus the vocabulary size and fingerprint,
-- ``vocab.txt``: the vocabulary, one ``token<TAB>count`` per line in id order.
+- ``vocab.txt``: the vocabulary, one ``token<TAB>count`` per line in id order,
+- ``tokenizer.json`` (BPE models only, ``data.tokenizer=bpe``): the Hugging Face ``tokenizers``
+  tokenizer that segments words into the units of ``vocab.txt``, with the same ids. Loading
+  checks that the two agree; the loaded vocabulary is then a :class:`~reglm.data.bpe.BPEVocab`
+  carrying the tokenizer (``vocab.hf_tokenizer``).
 
 The *training state* ``state.pt`` holds only state dicts, tensors, scalars and RNG states,
 and is read with ``torch.load(weights_only=True)``: no pickled modules, so moving a class never
@@ -28,13 +32,14 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from reglm.config import RunConfig
+from reglm.data.bpe import BPEVocab
 from reglm.data.vocab import Vocab
 from reglm.errors import ReglmError
 from reglm.io import write_bytes, write_json, write_with
 from reglm.models import LanguageModel
-from reglm.rundir import CONFIG_FILE, MODEL_FILE, STATE_FILE, VOCAB_FILE
+from reglm.rundir import CONFIG_FILE, MODEL_FILE, STATE_FILE, TOKENIZER_FILE, VOCAB_FILE
 
-__all__ = ["CONFIG_FILE", "MODEL_FILE", "STATE_FILE", "VOCAB_FILE", "load_model_dir", "load_state", "read_model_meta", "save_model_dir", "save_state"]
+__all__ = ["CONFIG_FILE", "MODEL_FILE", "STATE_FILE", "TOKENIZER_FILE", "VOCAB_FILE", "load_model_dir", "load_state", "read_model_meta", "save_model_dir", "save_state"]
 
 
 def _alias_groups(model: torch.nn.Module) -> list[list[str]]:
@@ -77,13 +82,23 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
 
 
 def save_model_dir(directory: Path, model: torch.nn.Module, config: RunConfig, vocab: Vocab, info: dict[str, Any] | None = None) -> None:
-    """Write ``model`` (its current weights), its config and vocabulary into ``directory``."""
+    """Write ``model`` (its current weights), its config and vocabulary into ``directory``
+    (and ``tokenizer.json`` when ``vocab`` is a BPE model's :class:`~reglm.data.bpe.BPEVocab`)."""
     directory = Path(directory)
+    subword = isinstance(vocab, BPEVocab)
+    if subword != (config.data.tokenizer == "bpe"):
+        raise ValueError(f"config data.tokenizer={config.data.tokenizer} but the vocabulary is {'a BPE' if subword else 'a word'} vocabulary")
     directory.mkdir(parents=True, exist_ok=True)
     write_bytes(directory / MODEL_FILE, weights_bytes(model))
     meta = {"config": config.to_dict(), "vocab_size": len(vocab), "vocab_fingerprint": vocab.fingerprint(), "info": info or {}}
+    if subword:
+        meta["tokenizer_fingerprint"] = vocab.tokenizer_fingerprint()
     write_json(directory / CONFIG_FILE, meta)
     vocab.save(directory / VOCAB_FILE)
+    if subword:
+        vocab.save_tokenizer(directory / TOKENIZER_FILE)
+    else:
+        (directory / TOKENIZER_FILE).unlink(missing_ok=True)
 
 
 def read_model_meta(directory: Path) -> dict[str, Any]:
@@ -116,12 +131,31 @@ def load_model_dir(directory: Path, device: torch.device | str = "cpu") -> tuple
             f"{vocab_path} is not the vocabulary this checkpoint was built for "
             f"({len(vocab)} words vs {meta.get('vocab_size')}); restore the run's own vocab.txt"
         )
+    vocab = _with_tokenizer(directory, config, meta, vocab)
     weights = directory / MODEL_FILE
     if not weights.is_file():
         raise ReglmError(f"{weights} is missing; the model directory is incomplete")
     model = LanguageModel(config.model, len(vocab), vocab)
     load_weights(model, weights)
     return model.to(device), config, vocab
+
+
+def _with_tokenizer(directory: Path, config: RunConfig, meta: dict[str, Any], vocab: Vocab) -> Vocab:
+    """``vocab`` with the model directory's ``tokenizer.json`` for a BPE model (checked against
+    ``vocab.txt`` and against the checkpoint), ``vocab`` itself for a word model."""
+    path = directory / TOKENIZER_FILE
+    bpe = config.data.tokenizer == "bpe"
+    if not bpe:
+        if path.exists():
+            raise ReglmError(f"{directory} holds a {TOKENIZER_FILE} but its {CONFIG_FILE} is a word model (data.tokenizer=word); remove the stray {path}")
+        return vocab
+    if not path.is_file():
+        raise ReglmError(f"{path} is missing; the model directory of a BPE model (data.tokenizer=bpe) needs the tokenizer.json it was trained with (copy it from the run's model directory)")
+    subword = BPEVocab.from_tokenizer_file(vocab, path)
+    expected = meta.get("tokenizer_fingerprint")
+    if expected is not None and subword.tokenizer_fingerprint() != expected:
+        raise ReglmError(f"{path} is not the tokenizer this checkpoint was saved with (its merges differ); restore the model directory's own tokenizer.json")
+    return subword
 
 
 def save_state(path: Path, state: dict[str, Any]) -> None:
@@ -166,7 +200,7 @@ STATE_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "objective": (lambda v: isinstance(v, dict), "a dict"),
     "metrics_bytes": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
     "vocab_fingerprint": (lambda v: isinstance(v, str), "a string"),
-    "rng": (lambda v: isinstance(v, dict) and all(isinstance(v.get(k), torch.Tensor) and v[k].dtype == torch.uint8 for k in ("torch", "bptt")), "RNG states"),
+    "rng": (lambda v: isinstance(v, dict) and "torch" in v and all(isinstance(t, torch.Tensor) and t.dtype == torch.uint8 for t in v.values()), "RNG states"),
 }
 """Every entry of ``state.pt``: a check and what it must be."""
 
