@@ -189,7 +189,7 @@ def _umask() -> int:
 
 def _poison_at_epoch_end(epoch: int, rows: slice | None = None):
     def hook(trainer: Trainer) -> None:
-        if trainer.epoch == epoch - 1 and trainer.position >= trainer.train_plan.columns - 1:
+        if trainer.epoch == epoch - 1 and trainer.batches.done(trainer.position):
             with torch.no_grad():
                 weight = trainer.model.embedding.weight
                 (weight if rows is None else weight[rows]).fill_(float("nan"))

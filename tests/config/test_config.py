@@ -65,7 +65,7 @@ def test_json_round_trip() -> None:
         (["lr"], "not key=value"),
         (["lr=abc"], "not a number"),
         (["model.input_dropout=1.5"], "model.input.dropout"),
-        (["train.optimizer=adam"], "optimizer"),
+        (["train.optimizer=adagrad"], "optimizer"),
         (["train.optimizer=ntasgd"], "train.averaging=ntasgd"),
         (["init_range=0.5"], "ambiguous"),
         (["model.encoder=vd-lstm", "model.encoder.weight_dropout=0.1"], "weight_dropout"),

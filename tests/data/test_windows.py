@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from reglm.data.windows import ContextPlan, StreamPlan
+from reglm.data.windows import BlockPlan, ContextPlan, SentencePlan, StreamPlan
 from reglm.errors import ReglmError
 
 
@@ -130,3 +130,70 @@ def test_context_zero_is_plain_blocks() -> None:
 def test_context_must_be_smaller_than_the_block() -> None:
     with pytest.raises(ReglmError, match="context"):
         ContextPlan(torch.arange(10), block=4, context=4)
+
+
+def test_context_windows_end_at_sentence_ends() -> None:
+    eos = 0
+    ids = torch.tensor([5, 6, 0, 7, 8, 9, 0, 1, 2, 0, 3, 4, 5, 6, 7, 8, 0])
+    plan = ContextPlan(ids, block=6, context=2, sentence_ends=ids == eos)
+    seen = []
+    for w in plan.windows():
+        pos = w.positions[w.scored]
+        last = int(pos[-1])
+        assert ids[last] == eos or last == ids.numel() - 1 or all(ids[p] != eos for p in pos), "a block's scored part stops at a sentence end inside it"
+        seen += pos.tolist()
+    assert sorted(seen) == list(range(1, ids.numel()))
+
+
+def split_sentences(ids: list[int], eos: int) -> list[list[int]]:
+    """Plain-Python reference: the stream's positions cut after every eos."""
+    out, current = [], []
+    for i, token in enumerate(ids):
+        current.append(i)
+        if token == eos:
+            out.append(current)
+            current = []
+    return out + ([current] if current else [])
+
+
+@pytest.mark.parametrize("max_tokens", [1, 8, 20, 1000])
+def test_sentence_plan_scores_every_target_once_from_its_sentence(max_tokens: int) -> None:
+    g = torch.Generator().manual_seed(0)
+    eos = 0
+    ids = torch.randint(1, 50, (120,), generator=g)
+    ids[torch.randint(0, 120, (25,), generator=g)] = eos
+    plan = SentencePlan(ids, eos, max_tokens, seed=3)
+    sentences = split_sentences(ids.tolist(), eos)
+    rows = []
+    for w in plan.windows():
+        assert w.inputs.numel() <= max_tokens or w.inputs.size(0) == 1, "a batch stays within the budget unless one sentence exceeds it"
+        for row in range(w.inputs.size(0)):
+            pos = w.positions[row][w.scored[row]]
+            assert torch.equal(w.targets[row][w.scored[row]], ids[pos]) and torch.equal(w.inputs[row][w.scored[row]], ids[pos - 1])
+            rows.append(pos.tolist())
+    expected = [s if s[0] > 0 else s[1:] for s in sentences]
+    assert sorted(rows) == sorted(r for r in expected if r), "one row per sentence, from the eos before it to its own eos"
+    assert sorted(p for r in rows for p in r) == list(range(1, ids.numel()))
+
+
+def test_sentence_plan_groups_similar_lengths_and_shuffles_per_epoch() -> None:
+    eos = 0
+    lengths = [3, 9, 2, 9, 3, 2, 5, 5, 9, 2]
+    ids = torch.cat([torch.cat([torch.full((n - 1,), 7), torch.tensor([eos])]) for n in lengths])
+    plan = SentencePlan(ids, eos, max_tokens=10, seed=1)
+    widths = [[last - begin + 1 for begin, _, last in group] for group in plan.groups]
+    assert all(max(w) - min(w) <= 3 for w in widths) and sorted(sum(widths, [])) == sorted([n if i else n - 1 for i, n in enumerate(lengths)])
+    assert plan.order(0).tolist() == SentencePlan(ids, eos, 10, seed=1).order(0).tolist(), "the order is a function of seed and epoch"
+    orders = {tuple(plan.order(epoch).tolist()) for epoch in range(6)}
+    assert len(orders) > 1 and all(sorted(o) == list(range(plan.batches)) for o in orders)
+
+
+def test_block_plan_reads_each_block_once_per_epoch() -> None:
+    ids = torch.arange(50)
+    plan = BlockPlan(ids, block=6, batch_size=2, seed=0)
+    starts = []
+    for index in range(plan.batches):
+        w = plan.batch(1, index)
+        assert torch.equal(w.targets, w.inputs + 1) and w.inputs.shape == (2, 6)
+        starts += w.inputs[:, 0].tolist()
+    assert sorted(starts) == [0, 6, 12, 18, 24, 30, 36, 42]

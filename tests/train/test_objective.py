@@ -19,6 +19,7 @@ from reglm.train.checkpoint import load_model_dir
 from reglm.train.run import Trainer, load_corpus, resume, train
 from reglm.train.metrics import read_metrics
 from reglm.train.objective import score_split
+from reglm.evaluate.perplexity import Reading
 
 class Stop(Exception):
     """Raised by a step hook to cut a run short."""
@@ -74,7 +75,7 @@ def test_discriminator_validation_equals_a_direct_computation(disc_run: Path, lm
     def per_token(outs, window):
         return {"loss": discriminator_loss(disc.output_logits(outs[0]), q0.output_log_probs(outs[1]), window.targets)}
 
-    got = score_split([disc, q0], ids, 1, 7, "cpu", per_token)
+    got = score_split([disc, q0], ids, Reading(batch_size=1, bptt=7), "cpu", per_token)
     with torch.no_grad():
         x, y = ids[:-1].unsqueeze(0), ids[1:].unsqueeze(0)
         direct = discriminator_loss(disc.output_logits(disc(x)), q0.output_log_probs(q0(x)), y).mean()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -69,3 +71,32 @@ def test_scaled_lr_is_linear_in_the_sequence_length() -> None:
     assert scaled_lr(30.0, 70, 70) == pytest.approx(30.0)
     assert scaled_lr(30.0, 35, 70) == pytest.approx(15.0)
     assert scaled_lr(20.0, 42, 35) == pytest.approx(24.0)
+
+
+def test_cosine_schedule_against_hand_computed_rates() -> None:
+    from reglm.train.schedules import CosineSchedule, CosineScheduleConfig
+
+    cfg = CosineScheduleConfig(warmup_steps=4, warmup_init_lr=0.0, min_lr=0.1, period=4, t_mult=2, shrink=0.5)
+    schedule = CosineSchedule(cfg, lr=1.0, finetune_lr=None)
+    hand = {
+        0: 0.0, 2: 0.5,  # linear warm-up from 0 to the maximum 1
+        4: 1.0, 6: 0.1 + 0.9 * 0.5, 7: 0.1 + 0.9 * (1 + math.cos(math.pi * 3 / 4)) / 2,  # cycle 0: 4 steps, 1 -> 0.1
+        8: 0.5, 12: 0.05 + 0.45 * 0.5,  # cycle 1: 8 steps, max and min halved
+        16: 0.25, 24: 0.025 + 0.225 * 0.5,  # cycle 2: 16 steps
+    }
+    for step, rate in hand.items():
+        assert schedule.rate("main", 0, step) == pytest.approx(rate, abs=1e-12), step
+    assert schedule.rate("finetune", 0, 100) == 0.1 and not schedule.epoch_end(False)
+
+
+def test_the_papers_wikitext103_schedule_ends_its_fourth_cycle_at_286k_updates() -> None:
+    from reglm.config import build_config
+    from reglm.train.schedules import CosineSchedule
+
+    config = build_config("transformer-wt103-adp-t")
+    schedule = CosineSchedule(config.train.schedule, config.train.optimizer.lr, None)
+    assert config.train.max_steps == 16_000 + 18_000 * (1 + 2 + 4 + 8)
+    assert schedule.rate("main", 0, 0) == pytest.approx(1e-7) and schedule.rate("main", 0, 16_000) == pytest.approx(1.0)
+    end = config.train.max_steps
+    assert schedule.rate("main", 0, end - 1) == pytest.approx(1e-5 * 0.75**3, rel=1e-3), "the fourth cycle ends at its minimum"
+    assert schedule.rate("main", 0, 16_000 + 18_000) == pytest.approx(0.75), "each cycle starts at the shrunk maximum"

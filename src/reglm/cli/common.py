@@ -7,6 +7,7 @@ import signal
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,43 @@ def add_data_options(p: argparse.ArgumentParser, with_vocab: bool = True) -> Non
     if with_vocab:
         p.add_argument("--min-freq", type=int, help="map training words seen fewer times to <unk>")
         p.add_argument("--max-vocab", type=int, help="keep only this many most frequent words")
+
+
+@dataclass
+class ScoredRun:
+    """A trained LM loaded with the corpus it is scored on (``reglm eval``, ``analyze --by-frequency``)."""
+
+    directory: Path
+    model: Any
+    config: Any
+    vocab: Any
+    corpus: Any
+    device: Any
+
+    @property
+    def subword(self) -> bool:
+        from reglm.data.bpe import is_subword
+
+        return is_subword(self.vocab)
+
+
+def load_scored_run(run: str, checkpoint: str, data: str | None, data_dir: str | None) -> ScoredRun:
+    """The ``checkpoint`` model of ``run`` (a run or model directory) on its device, and its corpus
+    (``data``/``data_dir`` override the run's), whose vocabulary must be the model's; a sub-word
+    model's tokenizer segments the corpus."""
+    from reglm.rundir import model_dir, require_kind, require_same_vocab
+    from reglm.train.checkpoint import load_model_dir
+    from reglm.train.run import load_corpus, resolve_device
+
+    directory = model_dir(run, checkpoint)
+    device = resolve_device("auto")
+    model, config, vocab = load_model_dir(directory, device)
+    require_kind(config.objective.kind, directory, "lm")
+    config = config.replace({"data": {key: value for key, value in (("name", data), ("data_dir", data_dir)) if value}})
+    loaded = ScoredRun(directory, model, config, vocab, None, device)
+    loaded.corpus = load_corpus(config, vocab if loaded.subword else None)
+    require_same_vocab(vocab, loaded.corpus.vocab, f"the checkpoint {directory}", f"the corpus {config.data.name!r}", "evaluate on the corpus it was trained on", strict=True)
+    return loaded
 
 
 @contextmanager

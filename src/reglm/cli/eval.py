@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from reglm.cli.common import add_data_options, check_output_file, write_output
+from reglm.cli.common import add_data_options, check_output_file, load_scored_run, write_output
 from reglm.errors import ReglmError
 
 if TYPE_CHECKING:
@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
     from reglm.evaluate.cache import CacheGrid, CacheSpec
     from reglm.evaluate.dynamic_spec import DynamicGrid, DynamicSpec
-    from reglm.evaluate.perplexity import EvalResult
+    from reglm.evaluate.perplexity import EvalResult, Reading
     from reglm.models import LanguageModel
 
 
@@ -30,7 +30,8 @@ def register(sub: Any) -> None:
     p.add_argument("run", help="run directory (or a model directory)")
     p.add_argument("--split", choices=["valid", "test"], help="split to score (default: valid; test with --cache-search or --dynamic-search)")
     p.add_argument("--checkpoint", choices=["best", "last"], default="best")
-    p.add_argument("--batch-size", type=int, help="streams per batch (default: the run's eval/test batch size; 1 with the cache)")
+    p.add_argument("--batch-size", type=int, help="streams (or blocks) per batch (default: the run's eval/test batch size; 1 with the cache)")
+    p.add_argument("--block", type=int, metavar="L", help="score in stateless blocks of at most L tokens, scored parts ending at sentence ends (Baevski & Auli; default with --context-window: the run's train.block_size)")
     add_data_options(p, with_vocab=False)
     modes = p.add_mutually_exclusive_group()
     for mode in EVAL_MODES:
@@ -51,6 +52,10 @@ class _EvalContext:
     split: str
     batch_size: int
     bptt: int
+    reading: Reading
+    """how the split is read when the mode reads it plainly (the run's way, or --block)"""
+    word_ends: torch.Tensor | None
+    """(N,) the tokens that close a word (sub-word models: perplexity is word-level)"""
     device: torch.device
     keep_token_nll: bool
     progress: bool
@@ -79,7 +84,38 @@ class _EvalOutcome:
 def _eval_plain(ctx: _EvalContext, _setting: None) -> _EvalOutcome:
     from reglm.evaluate.perplexity import evaluate
 
-    return _EvalOutcome(evaluate(ctx.model, ctx.ids, ctx.batch_size, ctx.bptt, ctx.device, keep_token_nll=ctx.keep_token_nll, progress=ctx.progress, desc=ctx.split))
+    result = evaluate(ctx.model, ctx.ids, device=ctx.device, keep_token_nll=ctx.keep_token_nll, progress=ctx.progress, desc=ctx.split, word_ends=ctx.word_ends, reading=ctx.reading)
+    return _EvalOutcome(result, report={"reading": _reading_report(ctx.reading)})
+
+
+def _reading_report(reading: Reading) -> dict[str, Any]:
+    if reading.max_tokens is not None:
+        return {"kind": "sentences", "max_tokens": reading.max_tokens}
+    if reading.block is not None:
+        return {"kind": "blocks", "block": reading.block, "context": reading.context, "whole_sentences": reading.sentence_end is not None}
+    return {"kind": "streams", "bptt": reading.bptt}
+
+
+def _eval_context_window(ctx: _EvalContext, context: int) -> _EvalOutcome:
+    if ctx.reading.block is None:
+        raise ReglmError("--context-window reads blocks; give --block L (or evaluate a run trained with train.batching=blocks)")
+    if context >= ctx.reading.block:
+        raise ReglmError(f"--context-window {context} must be smaller than the block ({ctx.reading.block} tokens, --block); lower it or raise --block")
+    ctx.reading = dataclasses.replace(ctx.reading, context=context)
+    outcome = _eval_plain(ctx, None)
+    outcome.summary = f" | blocks of {ctx.reading.block}, {context} tokens of context"
+    return outcome
+
+
+def parse_context(text: str, option: str) -> int:
+    """``--context-window C``: a whole number of context tokens >= 0."""
+    try:
+        context = int(text)
+    except ValueError:
+        raise ReglmError(f"{option} takes a number of tokens (e.g. {option} 480), got {text!r}") from None
+    if context < 0:
+        raise ReglmError(f"{option} {context} must be >= 0")
+    return context
 
 
 def _eval_cache(ctx: _EvalContext, spec: CacheSpec) -> _EvalOutcome:
@@ -166,6 +202,11 @@ class EvalMode:
 
 EVAL_MODES: list[EvalMode] = [
     EvalMode(
+        "context-window", "C", "score stateless blocks of complete sentences of up to --block tokens (default: the run's train.block_size) whose first C "
+        "tokens only give context, every token scored once (Baevski & Auli Table 5; C=0 is plain block evaluation)",
+        parse_context, _eval_context_window,
+    ),
+    EvalMode(
         "cache", "SPEC", "mix in the continuous cache pointer (Grave et al. 2017): window=W,theta=T,lambda=L, any order; missing keys take the "
         "AWD-LSTM PTB values window=2000,theta=1.0,lambda=0.1 (WikiText-2: window=3785,theta=0.662,lambda=0.1279)",
         _parse("reglm.evaluate.cache", "parse_cache_spec"), _eval_cache, 1,
@@ -203,37 +244,39 @@ def _eval_mode(args: argparse.Namespace) -> tuple[EvalMode, Any]:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from reglm.rundir import model_dir, require_kind, require_same_vocab
+    from reglm.evaluate.perplexity import Reading
     from reglm.evaluate.word_probs import write_loss_deltas, write_word_probs
-    from reglm.train.checkpoint import load_model_dir
+    from reglm.train.batching import eval_reading
     from reglm.train.results import truth_comparison
-    from reglm.train.run import load_corpus, resolve_device
 
     mode, setting = _eval_mode(args)
     if args.cache_deltas is not None and mode.name not in ("cache", "cache-search"):
         raise ReglmError("--cache-deltas compares the cache with the model alone; add --cache SPEC or --cache-search")
     if args.batch_size is not None and args.batch_size < 1:
         raise ReglmError(f"--batch-size {args.batch_size} must be >= 1")
+    if args.block is not None and args.block < 1:
+        raise ReglmError(f"--block {args.block} must be >= 1")
+    if args.block is not None and mode.name not in ("plain", "context-window"):
+        raise ReglmError(f"--block reads stateless blocks; {mode.flag} reads streams with the state carried: drop one of them")
     check_output_file("--word-probs", args.word_probs)
     check_output_file("--cache-deltas", args.cache_deltas)
     if args.word_probs is not None and args.cache_deltas is not None and Path(args.word_probs).absolute() == Path(args.cache_deltas).absolute():
         raise ReglmError("--word-probs and --cache-deltas name the same file; give two paths")
     split = args.split or ("test" if mode.searches else "valid")
 
-    directory = model_dir(args.run, args.checkpoint)
-    device = resolve_device("auto")
-    model, config, vocab = load_model_dir(directory, device)
-    require_kind(config.objective.kind, directory, "lm")
-    data = {key: value for key, value in (("name", args.data), ("data_dir", args.data_dir)) if value}
-    config = config.replace({"data": data})
-    corpus = load_corpus(config)
-    require_same_vocab(vocab, corpus.vocab, f"the checkpoint {directory}", f"the corpus {config.data.name!r}", "evaluate on the corpus it was trained on", strict=True)
+    loaded = load_scored_run(args.run, args.checkpoint, args.data, args.data_dir)
+    if loaded.subword and mode.name not in ("plain", "context-window"):
+        raise ReglmError(f"{mode.flag} scores words one token at a time; {loaded.directory} is a sub-word (BPE) model: evaluate it plainly or with --context-window")
+    directory, model, config, vocab, corpus, device = loaded.directory, loaded.model, loaded.config, loaded.vocab, loaded.corpus, loaded.device
     ids = getattr(corpus, split)
     default_batch_size = mode.batch_size(setting) if callable(mode.batch_size) else mode.batch_size
     batch_size = args.batch_size or default_batch_size or (config.train.eval_batch_size if split == "valid" else config.train.test_batch_size)
+    reading = dataclasses.replace(eval_reading(config.train, split, vocab.eos_id), batch_size=batch_size)
+    if args.block is not None or (mode.name == "context-window" and reading.block is None):
+        reading = Reading(batch_size, config.train.bptt, args.block or config.train.block_size, 0, vocab.eos_id)
     truth = corpus.truth[split] if corpus.truth is not None else None
     keep = truth is not None or args.word_probs is not None or args.cache_deltas is not None
-    ctx = _EvalContext(model, ids, split, batch_size, config.train.bptt, device, keep, sys.stderr.isatty() and not args.json, corpus.valid, corpus.train)
+    ctx = _EvalContext(model, ids, split, batch_size, config.train.bptt, reading, corpus.split_word_ends(split), device, keep, sys.stderr.isatty() and not args.json, corpus.valid, corpus.train)
     outcome = mode.run(ctx, setting)
     result = outcome.result
     if args.word_probs is not None:
@@ -251,7 +294,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return 0
     for line in outcome.lines:
         print(line)
-    print(f"{split}: loss {result.loss:.4f} | ppl {result.ppl:.2f} | tokens {result.tokens}{outcome.summary}")
+    words = f" | words {result.words} (word-level ppl)" if result.words is not None and result.words != result.tokens else ""
+    print(f"{split}: loss {result.loss:.4f} | ppl {result.ppl:.2f} | tokens {result.tokens}{words}{outcome.summary}")
     if truth is not None:
         s = out["synthetic"]
         print(f"words only: {outcome.label} ppl {s['model_word_ppl']:.2f} | true ppl {s['true_word_ppl']:.2f}")

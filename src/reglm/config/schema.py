@@ -19,11 +19,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from reglm.config.build import OLD_AVERAGING, apply, build, family_configs, kinds_first, nested_assignments
-from reglm.config.fields import check, check_nonneg, check_seed, option
+from reglm.config.fields import check, check_kind, check_nonneg, check_seed, option
 
 
 def _component(family: str, default_kind: str, help: str) -> Any:
     return field(default_factory=lambda: family_configs(family)[default_kind](), metadata={"help": help, "family": family})
+
+
+TOKENIZERS = ("word", "bpe")
+MIN_BPE_VOCAB = 16
+"""Smallest ``data.bpe_vocab_size``: room for ``<unk>``, ``<eos>`` and a few characters (the
+learnt vocabulary always holds every training character, whatever the setting)."""
 
 
 @dataclass(frozen=True)
@@ -36,12 +42,19 @@ class DataConfig:
     max_vocab: int | None = option(None, "keep only the most frequent training words (<unk> and <eos> included)")
     synthetic_seed: int = option(0, "seed of the synthetic trigram language (its table and its samples)")
     synthetic_sentences: int = option(80000, "synthetic corpus: training sentences; valid and test get one eighth each (80k/10k/10k)")
+    tokenizer: str = option("word", "word (one unit per whitespace word) or bpe (sub-word units learnt on train.txt, Baevski & Auli 4.4; perplexity stays word-level)")
+    bpe_vocab_size: int = option(32000, "bpe: units in all (characters, merged units, <unk>, <eos>), so about merges + alphabet; the paper's 32K codes (merges) gave 33,337 units on WikiText-103")
 
     def __post_init__(self) -> None:
         check(self.min_freq >= 1, "data.min_freq", f"{self.min_freq} must be >= 1")
         check(self.max_vocab is None or self.max_vocab >= 3, "data.max_vocab", f"{self.max_vocab} must be >= 3 or none")
         check(self.synthetic_sentences >= 8, "data.synthetic_sentences", f"{self.synthetic_sentences} must be >= 8")
         check_seed(self.synthetic_seed, "data.synthetic_seed")
+        check(self.tokenizer in TOKENIZERS, "data.tokenizer", f"unknown {self.tokenizer!r}; choose {' or '.join(TOKENIZERS)}")
+        check(self.bpe_vocab_size >= MIN_BPE_VOCAB, "data.bpe_vocab_size", f"{self.bpe_vocab_size} must be >= {MIN_BPE_VOCAB}")
+        if self.tokenizer == "bpe":
+            check(self.min_freq == 1 and self.max_vocab is None, "data.tokenizer", "bpe has no word vocabulary to cut: leave data.min_freq=1 and data.max_vocab=none, and size the units with data.bpe_vocab_size")
+            check(self.name != "synthetic", "data.tokenizer", "the synthetic corpus is word-level (its true probabilities are per word); use tokenizer=word, or bpe with a natural-text corpus")
 
 
 @dataclass(frozen=True)
@@ -69,6 +82,9 @@ class ModelConfig:
         return RunConfig.from_dict(raw, "ModelConfig.build").model
 
 
+BATCHINGS = ("bptt", "blocks", "sentences")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Optimization: the optimizer, averaging and schedule, BPTT, regularization terms, checkpoints."""
@@ -84,6 +100,15 @@ class TrainConfig:
     bptt_std: float = option(5.0, "standard deviation of the sampled length around the base")
     bptt_min: int = option(5, "shortest sampled BPTT length")
     bptt_max: int | None = option(None, "longest sampled BPTT length (none: no cap)")
+    batching: str = option("bptt", "how the training split is read: bptt (batch_size contiguous streams, the state carried; the LSTM papers'), blocks (shuffled blocks of block_size tokens, each from scratch; Baevski & Auli 4.3, WikiText-103) or sentences (single sentences, similar lengths grouped up to max_tokens; billion word)")
+    block_size: int = option(512, "batching=blocks: tokens per block, in training and evaluation (Baevski & Auli 4.3 and Table 5: 512, 2048, 3072); batch_size blocks per batch")
+    max_tokens: int = option(4096, "batching=sentences: tokens per batch, padding included (Baevski & Auli 4.3: B = 4096 per GPU on WikiText-103, 2048 on billion word)")
+    update_freq: int = option(1, "batching=blocks or sentences: batches accumulated into each optimizer step (fairseq's update frequency; Baevski & Auli 4.3)")
+    eval_context: int = option(0, "batching=blocks: evaluation windows of block_size tokens whose first eval_context only give context (Baevski & Auli Table 5: 480, 1536, 2560)")
+    eval_whole_sentences: bool = option(True, "batching=blocks: the scored part of an evaluation window ends at a sentence end (<eos>) when one falls inside it")
+    max_steps: int | None = option(None, "end the main stage after this many optimizer steps, mid-epoch if need be (the adaptive-input recipes count updates); none: train.epochs decides")
+    precision: str = option("fp32", "fp32, or bf16: autocast the forward pass to bfloat16 on CUDA (fp32 master weights; LayerNorm, softmax and the loss stay fp32)")
+    compile: bool = option(False, "run the forward pass through torch.compile (the uncompiled module is what checkpoints save)")
     optimizer: Any = _component("optimizer", "sgd", "the optimizer (train.optimizer.kind: sgd)")
     averaging: Any = _component("averaging", "ntasgd", "the averaging policy (train.averaging.kind: ntasgd, none)")
     schedule: Any = _component("schedule", "decay", "the learning-rate schedule (train.schedule.kind: decay)")
@@ -129,6 +154,18 @@ class TrainConfig:
         check(math.isfinite(self.aug_gamma) and self.aug_gamma >= 0, "train.aug_gamma", f"{self.aug_gamma} must be >= 0 (0 turns the augmented loss off)")
         check(math.isfinite(self.aug_tau) and self.aug_tau > 0, "train.aug_tau", f"{self.aug_tau} must be > 0")
         check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), "train.device", f"unknown device {self.device!r}")
+        check_kind(self.batching, BATCHINGS, "train.batching")
+        for name in ("block_size", "max_tokens", "update_freq"):
+            check(getattr(self, name) >= 1, f"train.{name}", f"{getattr(self, name)} must be >= 1")
+        check(self.small_batch_size is None or (self.batching != "sentences" and self.update_freq == 1), "train.small_batch_size",
+              "cuts one batch of equal rows into chunks; with batching=sentences or train.update_freq > 1 set it to none (update_freq accumulates)")
+        check(self.update_freq == 1 or self.batching != "bptt", "train.update_freq",
+              "accumulates batches read from scratch (batching=blocks or sentences); BPTT streams accumulate chunks of streams: set train.small_batch_size")
+        check(self.eval_context >= 0, "train.eval_context", f"{self.eval_context} must be >= 0")
+        check(self.eval_context == 0 or (self.batching == "blocks" and self.eval_context < self.block_size), "train.eval_context",
+              f"{self.eval_context} needs batching=blocks and a train.block_size larger than it (the context is part of each evaluation block); lower it or set eval_context=0")
+        check(self.max_steps is None or self.max_steps >= 1, "train.max_steps", f"{self.max_steps} must be >= 1 or none")
+        check(self.precision in ("fp32", "bf16"), "train.precision", f"unknown {self.precision!r}; choose fp32 or bf16")
 
 
 OBJECTIVES = ("lm", "discriminator", "reverse-kl")
@@ -177,8 +214,14 @@ class RunConfig:
         output = registry("output")[self.model.output.kind]
         if self.train.aug_gamma > 0:
             require(output, "softmax-logits", "train.aug_gamma", "the augmented loss divides the output layer's logits by a temperature")
-        if self.model.output.advsoft.kind != "none":
+            check(hasattr(registry("input")[self.model.input.kind], "tied_weight"), "train.aug_gamma",
+                  f"the augmented loss reads the word embedding matrix, which input layer {self.model.input.kind} does not have; set model.input=embedding or aug_gamma=0")
+        advsoft = getattr(self.model.output, "advsoft", None)
+        if advsoft is not None and advsoft.kind != "none":
             require(output, "advsoft", "model.output.advsoft", "the adversarial softmax perturbs target logits")
+        if self.objective.kind != "lm":
+            require(output, "logits", "objective.kind", f"objective {self.objective.kind} reads the output layer's logits")
+            check(self.data.tokenizer == "word", "data.tokenizer", f"objective {self.objective.kind} compares word distributions; use tokenizer=word")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

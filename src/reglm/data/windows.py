@@ -20,7 +20,25 @@ words those tokens close. Two plans:
 :class:`ContextPlan` -- stateless blocks with context (Transformer encoders; Baevski & Auli's
     Table 5). Windows of at most ``block`` tokens; each window after the first starts ``context``
     tokens before its first scored target, which the model reads but does not score, so every
-    target of the split is scored exactly once. ``context = 0`` is plain block evaluation.
+    target of the split is scored exactly once. ``context = 0`` is plain block evaluation. With
+    ``sentence_ends`` (a mask of the tokens that end a sentence, ``<eos>``) the scored part of a
+    window ends at a sentence end whenever one falls inside it: blocks of complete sentences
+    (section 4.3: "we require blocks to contain complete sentences totaling up to 512 tokens");
+    a sentence longer than the room is split.
+
+:class:`BlockPlan` -- stateless training blocks (section 4.3: "we partition the training data
+    into blocks of 512 contiguous tokens ignoring document boundaries"): the training split cut
+    into blocks of ``block`` targets, shuffled per epoch (the order a function of the seed and the
+    epoch, so a resumed run reads the same order), ``batch_size`` blocks per batch. The last
+    ``(N - 1) mod block`` targets, and the blocks that do not fill a last batch, are not read.
+
+SentencePlan -- single sentences (section 4.3: "for billion word we batch individual sentences"),
+    each read from scratch: a sentence's inputs start at the ``<eos>`` that ends the one before and
+    its targets run to its own ``<eos>`` (the first sentence's first word is the split's one
+    unscored token, as in every plan). Sentences of similar length are grouped ("we add examples of
+    similar length until we reach this threshold") into batches of at most ``max_tokens`` tokens,
+    padding included; in training the batches' order is shuffled per epoch, from the seed and the
+    epoch alone.
 
 Word counts: with ``word_ends: (N,) bool`` (``True`` where a token closes a word; sub-word
 models), a window's ``words`` counts the words its scored targets close, so that the perplexity
@@ -82,6 +100,9 @@ def _word_count(word_ends: Tensor | None, positions: Tensor, scored: Tensor | No
 
 class StreamPlan:
     """``B`` contiguous streams of a 1-D id stream; see the module docstring."""
+
+    carries_state = True
+    """consecutive windows continue the same streams"""
 
     def __init__(self, ids: Tensor, batch_size: int, cover: str = "all", word_ends: Tensor | None = None) -> None:
         if ids.dim() != 1:
@@ -164,9 +185,15 @@ class StreamPlan:
 
 class ContextPlan:
     """Stateless windows of at most ``block`` tokens, each scoring the targets after its first
-    ``context`` (except the first window, which scores all); ``batch_size`` windows per batch."""
+    ``context`` (except the first window, which scores all); ``batch_size`` windows per batch;
+    with ``sentence_ends``, scored parts end at sentence ends (see the module docstring)."""
 
-    def __init__(self, ids: Tensor, block: int, context: int = 0, batch_size: int = 1, word_ends: Tensor | None = None, pad_id: int = 0) -> None:
+    carries_state = False
+    """every window is read from scratch"""
+
+    def __init__(
+        self, ids: Tensor, block: int, context: int = 0, batch_size: int = 1, word_ends: Tensor | None = None, pad_id: int = 0, sentence_ends: Tensor | None = None,
+    ) -> None:
         if ids.dim() != 1 or ids.numel() < 2:
             raise ValueError("expected a 1-D id stream of at least 2 tokens")
         if block < 1:
@@ -177,12 +204,17 @@ class ContextPlan:
             raise ValueError(f"batch size {batch_size} must be >= 1")
         self.ids, self.block, self.context, self.batch_size, self.pad_id = ids, block, context, batch_size, pad_id
         self.word_ends = None if word_ends is None else word_ends.to(torch.bool).cpu()
+        ends = None if sentence_ends is None else torch.nonzero(sentence_ends.cpu()).flatten()
         n_targets = ids.numel() - 1
         spans = []
         first = 1
         while first <= n_targets:
             ctx = min(context, first - 1) if spans else 0
             last = min(n_targets, first - ctx + block - 1)
+            if ends is not None and last < n_targets:
+                inside = ends[(ends >= first) & (ends <= last)]
+                if inside.numel():
+                    last = int(inside[-1])
             spans.append((first - ctx, first, last))
             first = last + 1
         self.spans = spans
@@ -192,21 +224,142 @@ class ContextPlan:
     def tokens(self) -> int:
         return self.ids.numel() - 1
 
-    def count(self) -> int:
+    def to(self, device: torch.device | str) -> ContextPlan:
+        self.ids = self.ids.to(device)
+        return self
+
+    def count(self, length: int | None = None) -> int:
+        """How many batches :meth:`windows` yields (``length`` is the stream plans'; unused)."""
         return -(-len(self.spans) // self.batch_size)
 
-    def windows(self) -> Iterator[Window]:
+    def windows(self, length: int | None = None) -> Iterator[Window]:
+        """The batches of windows, in stream order (``length`` is the stream plans'; unused)."""
         for i in range(0, len(self.spans), self.batch_size):
-            group = self.spans[i : i + self.batch_size]
-            width = max(last - begin + 1 for begin, _, last in group)
-            inputs = torch.full((len(group), width), self.pad_id, dtype=self.ids.dtype, device=self.ids.device)
-            targets = torch.full_like(inputs, self.pad_id)
-            positions = torch.full((len(group), width), -1, dtype=torch.long)
-            for row, (begin, first, last) in enumerate(group):
-                span = last - begin + 1
-                inputs[row, :span] = self.ids[begin - 1 : last]
-                targets[row, :span] = self.ids[begin : last + 1]
-                positions[row, first - begin : span] = torch.arange(first, last + 1)
-            scored = positions >= 0
-            tokens = int(scored.sum())
-            yield Window(inputs, targets, scored.to(self.ids.device), positions, tokens, _word_count(self.word_ends, positions, scored, tokens))
+            yield _gather(self.ids, self.spans[i : i + self.batch_size], self.pad_id, self.word_ends)
+
+
+def _gather(ids: Tensor, spans: list[tuple[int, int, int]], pad_id: int, word_ends: Tensor | None) -> Window:
+    """One batch of stateless windows, a row per ``(input start, first scored target, last target)``
+    span, padded on the right to the longest."""
+    width = max(last - begin + 1 for begin, _, last in spans)
+    inputs = torch.full((len(spans), width), pad_id, dtype=ids.dtype, device=ids.device)
+    targets = torch.full_like(inputs, pad_id)
+    positions = torch.full((len(spans), width), -1, dtype=torch.long)
+    for row, (begin, first, last) in enumerate(spans):
+        span = last - begin + 1
+        inputs[row, :span] = ids[begin - 1 : last]
+        targets[row, :span] = ids[begin : last + 1]
+        positions[row, first - begin : span] = torch.arange(first, last + 1)
+    scored = positions >= 0
+    tokens = int(scored.sum())
+    return Window(inputs, targets, scored.to(ids.device), positions, tokens, _word_count(word_ends, positions, scored, tokens))
+
+
+class SentencePlan:
+    """Single sentences, each read from scratch, grouped by length into batches of at most
+    ``max_tokens`` tokens (padding included); see the module docstring."""
+
+    carries_state = False
+
+    def __init__(self, ids: Tensor, sentence_end: int, max_tokens: int, word_ends: Tensor | None = None, pad_id: int = 0, seed: int = 0) -> None:
+        if ids.dim() != 1 or ids.numel() < 2:
+            raise ValueError("expected a 1-D id stream of at least 2 tokens")
+        if max_tokens < 1:
+            raise ReglmError(f"the token budget {max_tokens} must be >= 1")
+        self.ids, self.pad_id, self.seed = ids, pad_id, seed
+        self.word_ends = None if word_ends is None else word_ends.to(torch.bool).cpu()
+        n_targets = ids.numel() - 1
+        ends = torch.nonzero(ids.cpu() == sentence_end).flatten().tolist()
+        if not ends or ends[-1] < n_targets:
+            ends.append(n_targets)
+        spans, first = [], 1
+        for end in ends:
+            if end >= first:
+                spans.append((first, first, end))
+            first = end + 1
+        self.spans = spans
+        """``(input start, first scored target, last target)`` of every sentence, in stream order."""
+        lengths = torch.tensor([last - begin + 1 for begin, _, last in spans], dtype=torch.float64)
+        tiebreak = torch.rand(len(spans), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        order = torch.argsort(lengths + tiebreak).tolist()
+        widths = lengths.long().tolist()
+        groups: list[list[tuple[int, int, int]]] = [[]]
+        for i in order:
+            width = widths[i]
+            if groups[-1] and width * (len(groups[-1]) + 1) > max_tokens:
+                groups.append([])
+            groups[-1].append(spans[i])
+        self.groups = groups
+        """the batches: sentences of similar length (ascending), each group within the budget
+        (a sentence longer than ``max_tokens`` is a batch of its own)"""
+        self._order: tuple[int, Tensor] | None = None
+
+    @property
+    def tokens(self) -> int:
+        return self.ids.numel() - 1
+
+    @property
+    def batches(self) -> int:
+        return len(self.groups)
+
+    def to(self, device: torch.device | str) -> SentencePlan:
+        self.ids = self.ids.to(device)
+        return self
+
+    def count(self, length: int | None = None) -> int:
+        """How many batches :meth:`windows` yields (``length`` is the stream plans'; unused)."""
+        return len(self.groups)
+
+    def windows(self, length: int | None = None) -> Iterator[Window]:
+        """Every batch, shortest sentences first (``length`` is the stream plans'; unused)."""
+        for group in self.groups:
+            yield _gather(self.ids, group, self.pad_id, self.word_ends)
+
+    def order(self, epoch: int) -> Tensor:
+        """The batch order of (0-based) ``epoch`` (a function of the seed and the epoch alone)."""
+        if self._order is None or self._order[0] != epoch:
+            self._order = (epoch, torch.randperm(len(self.groups), generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)))
+        return self._order[1]
+
+    def batch(self, epoch: int, index: int) -> Window:
+        """Batch ``index`` of ``epoch`` in its shuffled order."""
+        return _gather(self.ids, self.groups[int(self.order(epoch)[index])], self.pad_id, self.word_ends)
+
+
+class BlockPlan:
+    """Shuffled training blocks of ``block`` targets, ``batch_size`` per batch (see the module docstring)."""
+
+    carries_state = False
+
+    def __init__(self, ids: Tensor, block: int, batch_size: int, seed: int) -> None:
+        if block < 1 or batch_size < 1:
+            raise ValueError("block and batch size must be >= 1")
+        n_blocks = (ids.numel() - 1) // block
+        if n_blocks < batch_size:
+            raise ReglmError(
+                f"the training split ({ids.numel()} tokens) holds {n_blocks} blocks of {block} tokens, fewer than a batch of {batch_size}; "
+                "lower train.block_size or train.batch_size"
+            )
+        self.ids, self.block, self.batch_size, self.seed = ids, block, batch_size, seed
+        self.n_blocks = n_blocks
+        self.batches = n_blocks // batch_size
+        offsets = torch.arange(block + 1)
+        self._index = (torch.arange(n_blocks) * block).unsqueeze(1) + offsets
+        self._order: tuple[int, Tensor] | None = None
+
+    def to(self, device: torch.device | str) -> BlockPlan:
+        self.ids = self.ids.to(device)
+        return self
+
+    def order(self, epoch: int) -> Tensor:
+        """The block order of (0-based) ``epoch`` (a function of the seed and the epoch alone)."""
+        if self._order is None or self._order[0] != epoch:
+            self._order = (epoch, torch.randperm(self.n_blocks, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)))
+        return self._order[1]
+
+    def batch(self, epoch: int, index: int) -> Window:
+        """Batch ``index`` of ``epoch``: ``(B, block)`` inputs and targets."""
+        rows = self.order(epoch)[index * self.batch_size : (index + 1) * self.batch_size]
+        data = self.ids[self._index[rows].to(self.ids.device)]
+        positions = self._index[rows][:, 1:]
+        return Window(data[:, :-1], data[:, 1:], None, positions, positions.numel(), positions.numel())

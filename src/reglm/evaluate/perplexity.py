@@ -21,8 +21,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from reglm.data.windows import StreamPlan, Window
-from reglm.encoders.base import EncoderOutput, detach_state
+from reglm.data.windows import ContextPlan, SentencePlan, StreamPlan, Window
+from reglm.encoders.base import EncoderOutput, State, detach_state
 
 
 def perplexity(loss: float) -> float:
@@ -77,7 +77,7 @@ class PassTotals:
 
 def stream_pass(
     models: Sequence[torch.nn.Module],
-    plan: StreamPlan,
+    plan: StreamPlan | ContextPlan | SentencePlan,
     bptt: int,
     per_window: Callable[[list[EncoderOutput], Window], dict[str, Tensor]],
     device: torch.device | str = "cpu",
@@ -86,20 +86,23 @@ def stream_pass(
     keep: Sequence[str] = (),
 ) -> PassTotals:
     """Run ``models`` (in eval mode, without gradients; modes restored after) over ``plan``'s
-    windows of ``bptt`` columns, each model carrying its own state. ``per_window(outputs, window)``
-    returns ``(..., B, T)`` values per name; their sums over the scored targets are returned as
+    windows (of ``bptt`` columns for a stream plan), each model carrying its own state from window
+    to window when the plan's windows continue each other (a stream plan's; the others' are read
+    from scratch). ``per_window(outputs, window)`` returns ``(..., B, T)`` values per name; their sums over the scored targets are returned as
     means, and, for the names in ``keep`` (``(B, T)`` values), every scored target's value."""
     modes = [m.training for m in models]
     for m in models:
         m.eval()
     plan.to(device)
-    states = [m.init_state(plan.batch_size, device=device) for m in models]
+    states: list[State] = []
     sums: dict[str, Tensor] = {}
     tokens = words = 0
     pieces: dict[str, list[tuple[Tensor, Tensor]]] = {name: [] for name in keep}
     try:
         with torch.no_grad():
             for window in tqdm(plan.windows(bptt), total=plan.count(bptt), desc=desc, disable=not progress, leave=False, unit="batch"):
+                if not (plan.carries_state and states):
+                    states = [m.init_state(window.inputs.size(0), device=device) for m in models]
                 outs = [m(window.inputs, s) for m, s in zip(models, states)]
                 states = [detach_state(o.state) for o in outs]
                 for name, value in per_window(outs, window).items():
@@ -123,23 +126,53 @@ def in_stream_order(pieces: Sequence[tuple[Tensor, Tensor]]) -> tuple[Tensor, Te
     return positions[order], torch.cat([v for _, v in pieces])[order]
 
 
+@dataclass(frozen=True)
+class Reading:
+    """How a split is read for scoring: ``batch_size`` contiguous streams in windows of ``bptt``
+    tokens with the state carried (the LSTM papers'); with ``block``, stateless windows of at most
+    ``block`` tokens of which the first ``context`` are context only, and with ``sentence_end``
+    (the ``<eos>`` id) scored parts of complete sentences (Baevski & Auli's WikiText-103); with
+    ``max_tokens``, single sentences (ending at ``sentence_end``) grouped by length into batches
+    of at most that many tokens (their billion word)."""
+
+    batch_size: int
+    bptt: int = 35
+    block: int | None = None
+    context: int = 0
+    sentence_end: int | None = None
+    max_tokens: int | None = None
+
+    def plan(self, ids: Tensor, word_ends: Tensor | None = None) -> StreamPlan | ContextPlan | SentencePlan:
+        if self.max_tokens is not None:
+            if self.sentence_end is None:
+                raise ValueError("reading single sentences needs the sentence_end id")
+            return SentencePlan(ids, self.sentence_end, self.max_tokens, word_ends)
+        if self.block is None:
+            return StreamPlan(ids, self.batch_size, "all", word_ends)
+        ends = None if self.sentence_end is None else ids == self.sentence_end
+        return ContextPlan(ids, self.block, self.context, self.batch_size, word_ends, sentence_ends=ends)
+
+
 def evaluate(
     model: torch.nn.Module,
     ids: Tensor,
-    batch_size: int,
-    bptt: int,
+    batch_size: int = 1,
+    bptt: int = 35,
     device: torch.device | str = "cpu",
     keep_token_nll: bool = False,
     progress: bool = False,
     desc: str = "eval",
     word_ends: Tensor | None = None,
+    reading: Reading | None = None,
 ) -> EvalResult:
     """Score ``ids`` (N,) with ``model`` in eval mode; returns the exact corpus-level NLL.
 
-    ``word_ends: (N,)`` marks the tokens that close a word (sub-word models; default: all).
+    ``batch_size`` streams in windows of ``bptt``, or as ``reading`` says; ``word_ends: (N,)``
+    marks the tokens that close a word (sub-word models; default: all).
     """
-    plan = StreamPlan(ids, batch_size, "all", word_ends)
-    totals = stream_pass([model], plan, bptt, lambda outs, w: {"nll": model.output_nll(outs[0], w.targets)}, device, progress, desc, ("nll",) if keep_token_nll else ())
+    reading = reading if reading is not None else Reading(batch_size, bptt)
+    plan = reading.plan(ids, word_ends)
+    totals = stream_pass([model], plan, reading.bptt, lambda outs, w: {"nll": model.output_nll(outs[0], w.targets)}, device, progress, desc, ("nll",) if keep_token_nll else ())
     return totals_result(totals, "nll", word_ends is not None)
 
 

@@ -1,11 +1,13 @@
-"""The step engine: one optimizer step on one batch window, and nothing else.
+"""The step engine: one optimizer step on one batch, and nothing else.
 
-Per step: the learning rate it is given, ``zero_grad``; for each chunk of the batch's streams
-(gradient accumulation, ``train.small_batch_size``; the MoS recipes'), forward from the chunk's
-slice of the carried state, the objective's per-token loss and the output layer's penalty, the
-objective terms (AR/TAR, the augmented loss...), the loss scaled by the chunk's share of the
-streams and, with ``train.sequence_loss``, by the window length, backward; then global-norm
-clipping and the optimizer step. It returns the new carried state (the chunks' joined).
+Per step: the learning rate it is given, ``zero_grad``; for each chunk (gradient accumulation:
+the streams of one window cut by ``train.small_batch_size``, the MoS recipes'; or the
+``train.update_freq`` windows of sentences or blocks the batcher hands over, fairseq's update
+frequency), forward from the chunk's slice of the carried state, the objective's per-token loss
+(its mean over the scored targets, padding masked) and the output layer's penalty, the objective
+terms (AR/TAR, the augmented loss...), the loss scaled by the chunk's share of the scored targets
+and, with ``train.sequence_loss``, by the window length, backward; then global-norm clipping and
+the optimizer step. It returns the new carried state (the chunks' joined).
 
 It knows nothing of NT-ASGD, BPTT lengths, stages or checkpoints: the trainer
 (:mod:`reglm.train.run`) gives it windows and rates. The loss sum and a finiteness flag stay on
@@ -19,6 +21,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -26,6 +30,30 @@ from torch import Tensor
 from reglm.data.windows import Window
 from reglm.encoders.base import State, concat_states, detach_state, select_streams
 from reglm.objectives.base import Term, TermInputs
+
+
+@dataclass
+class Chunk:
+    """One forward/backward pass of a step: ``streams`` of a batch of ``batch_size`` rows."""
+
+    inputs: Tensor
+    targets: Tensor
+    scored: Tensor | None
+    tokens: int
+    streams: slice
+    batch_size: int
+
+    @staticmethod
+    def of(window: Window, streams: slice) -> Chunk:
+        scored = None if window.scored is None else window.scored[streams]
+        inputs = window.inputs[streams]
+        tokens = inputs.numel() if scored is None else int(scored.sum())
+        return Chunk(inputs, window.targets[streams], scored, tokens, streams, window.inputs.size(0))
+
+    @staticmethod
+    def whole(window: Window) -> Chunk:
+        rows = window.inputs.size(0)
+        return Chunk(window.inputs, window.targets, window.scored, window.tokens, slice(0, rows), rows)
 
 
 class StepEngine:
@@ -52,39 +80,54 @@ class StepEngine:
         self.autocast = autocast
         self.no_sync = no_sync
         self.optimizer: torch.optim.Optimizer | None = None
+        self.forward: Callable[..., Any] = model
+        """what runs the forward pass: the model, or its ``torch.compile`` wrapper"""
         self._nll_sum: Tensor | None = None
         self._finite: Tensor | None = None
         self._tokens = 0
 
-    def step(self, window: Window, state: State | None, lr: float, adversarial: bool = False, input_noise: float = 0.0) -> State | None:
-        """One optimizer step on ``window`` from the carried ``state``; returns the new state."""
+    def step(self, batch: Window | Sequence[Window], state: State | None, lr: float, adversarial: bool = False, input_noise: float = 0.0) -> State | None:
+        """One optimizer step on ``batch`` from the carried ``state``; returns the new state.
+
+        ``batch`` is one window, cut into chunks of streams (``train.small_batch_size``), or a
+        sequence of windows read from scratch (``train.update_freq`` batches of sentences or
+        blocks), each its own chunk. A chunk's mean loss over its scored targets (``scored``
+        masks padding) is weighted by its share of the batch's scored targets."""
         assert self.optimizer is not None, "set StepEngine.optimizer first"
-        model, x, y = self.model, window.inputs, window.targets
+        model = self.model
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
+        chunks = self._chunks(batch, state)
+        total = sum(window.tokens for window, _ in chunks)
         chunk_states = []
-        last = len(self.chunks) - 1
-        for i, streams in enumerate(self.chunks):
-            sync = nullcontext() if i == last else self.no_sync()
+        for i, (window, chunk_state) in enumerate(chunks):
+            x, y = window.inputs, window.targets
+            sync = nullcontext() if i == len(chunks) - 1 else self.no_sync()
             with sync:
                 with self.autocast():
-                    out = model(x[streams], select_streams(state, streams), input_noise=input_noise)
-                    scored = self.objective.chunk_loss(model, out, x[streams], y[streams], streams, x.size(0), adversarial, self.keep_logits)
-                    raw_loss = scored.nll.mean()
+                    out = self.forward(x, chunk_state, input_noise=input_noise)
+                    scored = self.objective.chunk_loss(model, out, x, y, window.streams, window.batch_size, adversarial, self.keep_logits)
+                    raw_loss = scored.nll.mean() if window.scored is None else scored.nll.masked_fill(~window.scored, 0).sum() / window.tokens
                     loss = raw_loss + scored.penalty
-                    inputs = TermInputs(out, y[streams], scored.logits, model)
+                    inputs = TermInputs(out, y, scored.logits, model)
                     for term in self.terms:
                         loss = loss + term(inputs)
                     if self.sequence_loss:
                         loss = loss * x.size(1)
-                (loss * (scored.nll.size(0) / x.size(0))).backward()
+                (loss * (window.tokens / total)).backward()
             chunk_states.append(detach_state(out.state))
-            self._accumulate(raw_loss.detach(), loss.detach(), scored.nll.numel())
+            self._accumulate(raw_loss.detach(), loss.detach(), window.tokens)
         if self.clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), self.clip)
         self.optimizer.step()
-        return concat_states(chunk_states)
+        return concat_states(chunk_states) if isinstance(batch, Window) else None
+
+    def _chunks(self, batch: Window | Sequence[Window], state: State | None) -> list[tuple[Chunk, State | None]]:
+        """The passes of a step: the configured stream chunks of one window, or each window whole."""
+        if not isinstance(batch, Window):
+            return [(Chunk.whole(window), None) for window in batch]
+        return [(Chunk.of(batch, streams), select_streams(state, streams)) for streams in self.chunks]
 
     def _accumulate(self, raw_loss: Tensor, loss: Tensor, tokens: int) -> None:
         nll = raw_loss.double() * tokens

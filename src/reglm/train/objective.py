@@ -36,10 +36,10 @@ from torch import Tensor
 
 from reglm.config import RunConfig
 from reglm.data.vocab import Vocab
-from reglm.data.windows import StreamPlan, Window
+from reglm.data.windows import Window
 from reglm.encoders.base import EncoderOutput, State, concat_states, detach_state, select_streams, state_dict_of
 from reglm.rundir import require_kind, require_same_architecture, require_same_vocab
-from reglm.evaluate.perplexity import evaluate, perplexity, stream_pass
+from reglm.evaluate.perplexity import Reading, evaluate, perplexity, stream_pass
 from reglm.models import LanguageModel
 from reglm.objectives.augmented_loss import AugmentedLoss
 from reglm.objectives.base import Term
@@ -118,8 +118,8 @@ class LMObjective:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
 
-    def score(self, model: LanguageModel, ids: Tensor, batch_size: int, bptt: int, device: torch.device, progress: bool, desc: str) -> ObjectiveEval:
-        result = evaluate(model, ids, batch_size, bptt, device, progress=progress, desc=desc)
+    def score(self, model: LanguageModel, ids: Tensor, reading: Reading, device: torch.device, progress: bool, desc: str, word_ends: Tensor | None = None) -> ObjectiveEval:
+        result = evaluate(model, ids, device=device, progress=progress, desc=desc, word_ends=word_ends, reading=reading)
         return ObjectiveEval(result.as_dict(), result.loss)
 
 
@@ -175,12 +175,12 @@ class DiscriminatorObjective(_FrozenObjective):
         loss_q, loss_p = discriminator_loss_parts(model.output_logits(out), q0_log_probs, y)
         return OutputLoss(loss_q + loss_p, loss_q.new_zeros(()))
 
-    def score(self, model: LanguageModel, ids: Tensor, batch_size: int, bptt: int, device: torch.device, progress: bool, desc: str) -> ObjectiveEval:
+    def score(self, model: LanguageModel, ids: Tensor, reading: Reading, device: torch.device, progress: bool, desc: str, word_ends: Tensor | None = None) -> ObjectiveEval:
         def per_token(outs: list[EncoderOutput], w: Window) -> dict[str, Tensor]:
             loss_q, loss_p = discriminator_loss_parts(model.output_logits(outs[0]), self.q0.output_log_probs(outs[1]), w.targets)
             return {"loss": loss_q + loss_p, "loss_q": loss_q, "loss_p": loss_p}
 
-        metrics = score_split([model, self.q0], ids, batch_size, bptt, device, per_token, progress, desc)
+        metrics = score_split([model, self.q0], ids, reading, device, per_token, progress, desc)
         return ObjectiveEval(metrics, metrics["loss"])
 
 
@@ -214,12 +214,12 @@ class ReverseKLObjective(_FrozenObjective):
         loss, _, _ = self._terms(model, outs, y)
         return OutputLoss(loss, loss.new_zeros(()))
 
-    def score(self, model: LanguageModel, ids: Tensor, batch_size: int, bptt: int, device: torch.device, progress: bool, desc: str) -> ObjectiveEval:
+    def score(self, model: LanguageModel, ids: Tensor, reading: Reading, device: torch.device, progress: bool, desc: str, word_ends: Tensor | None = None) -> ObjectiveEval:
         def per_token(outs: list[EncoderOutput], w: Window) -> dict[str, Tensor]:
             _, nll, t_log_t = self._terms(model, outs, w.targets)
             return {"nll": nll, "rev_kl": t_log_t}
 
-        return reverse_kl_eval(score_split([model, *(f.model for f in self.frozen)], ids, batch_size, bptt, device, per_token, progress, desc))
+        return reverse_kl_eval(score_split([model, *(f.model for f in self.frozen)], ids, reading, device, per_token, progress, desc))
 
 
 def reverse_kl_eval(means: dict[str, float]) -> ObjectiveEval:
@@ -231,13 +231,13 @@ def reverse_kl_eval(means: dict[str, float]) -> ObjectiveEval:
 
 
 def score_split(
-    models: list[LanguageModel], ids: Tensor, batch_size: int, bptt: int, device: torch.device | str,
+    models: list[LanguageModel], ids: Tensor, reading: Reading, device: torch.device | str,
     per_token: Callable[[list[EncoderOutput], Window], dict[str, Tensor]], progress: bool = False, desc: str = "eval",
 ) -> dict[str, float]:
     """One deterministic pass of several models over ``ids`` (:func:`~reglm.evaluate.perplexity.stream_pass`,
     every target once), each model carrying its own state; returns the mean over target tokens
     of every ``(B, T)`` term ``per_token(outputs, window)`` gives, and ``tokens``."""
-    totals = stream_pass(models, StreamPlan(ids, batch_size, "all"), bptt, per_token, device, progress, desc)
+    totals = stream_pass(models, reading.plan(ids), reading.bptt, per_token, device, progress, desc)
     return {**{name: float(mean) for name, mean in totals.means.items()}, "tokens": totals.tokens}
 
 

@@ -3,7 +3,12 @@
 are averaged. The choice of one is independent of the other.
 
 * ``train.optimizer=sgd``: SGD with L2 weight decay (the learning rate per step comes from the
-  schedule, :mod:`reglm.train.schedules`).
+  schedule, :mod:`reglm.train.schedules`);
+* ``train.optimizer=nesterov``: SGD with Nesterov momentum (Sutskever et al. 2013; Baevski &
+  Auli's 0.99, section 4.5), PyTorch's formulation ``v <- mu v + g``, ``p <- p - lr (g + mu v)``;
+  the authors' code rescales the momentum buffer when the rate changes (lr_t / lr_{t-1}), which
+  this one does not;
+* ``train.optimizer=adam``: Adam (Kingma & Ba 2015), the fused kernel where PyTorch has one.
 * ``train.averaging=ntasgd``: NT-ASGD's non-monotone trigger starts averaging in the main stage
   (AWD-LSTM section 3, Algorithm 1; :mod:`reglm.train.ntasgd`); ``none``: never average.
 """
@@ -25,7 +30,7 @@ from reglm.train.ntasgd import TRIGGER_VARIANTS, NonMonotoneTrigger, ParameterAv
 class SGDConfig:
     """Stochastic gradient descent."""
 
-    kind: str = kind_field("sgd", "optimizer: sgd")
+    kind: str = kind_field("sgd", "optimizer: sgd, nesterov or adam")
     lr: float = option(20.0, "learning rate (per step rescaled by the schedule, e.g. by seq_len / bptt)")
     weight_decay: float = option(1.2e-6, "L2 weight decay")
 
@@ -43,7 +48,61 @@ class SGD:
         return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-OPTIMIZERS = {"sgd": SGD}
+@dataclass(frozen=True)
+class NesterovConfig:
+    """SGD with Nesterov momentum."""
+
+    kind: str = kind_field("nesterov", "optimizer: sgd, nesterov or adam")
+    lr: float = option(1.0, "the maximum learning rate (the schedule scales it per step)")
+    momentum: float = option(0.99, "Nesterov momentum mu (Baevski & Auli: 0.99)")
+    weight_decay: float = option(0.0, "L2 weight decay")
+
+    def __post_init__(self) -> None:
+        check(self.kind == "nesterov", "train.optimizer.kind", f"unknown {self.kind!r}")
+        check_positive(self.lr, "train.optimizer.lr")
+        check(0.0 < self.momentum < 1.0, "train.optimizer.momentum", f"{self.momentum} must be in (0, 1)")
+        check_nonneg(self.weight_decay, "train.optimizer.weight_decay")
+
+
+class Nesterov:
+    Config = NesterovConfig
+
+    @staticmethod
+    def build(cfg: NesterovConfig, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay)
+
+
+@dataclass(frozen=True)
+class AdamConfig:
+    """Adam."""
+
+    kind: str = kind_field("adam", "optimizer: sgd, nesterov or adam")
+    lr: float = option(1e-3, "learning rate (the schedule scales it per step)")
+    beta1: float = option(0.9, "decay of the first-moment estimate")
+    beta2: float = option(0.999, "decay of the second-moment estimate")
+    eps: float = option(1e-8, "added to the root of the second moment")
+    weight_decay: float = option(0.0, "L2 weight decay (added to the gradient, not decoupled)")
+
+    def __post_init__(self) -> None:
+        check(self.kind == "adam", "train.optimizer.kind", f"unknown {self.kind!r}")
+        check_positive(self.lr, "train.optimizer.lr")
+        for name in ("beta1", "beta2"):
+            check(0.0 <= getattr(self, name) < 1.0, f"train.optimizer.{name}", f"{getattr(self, name)} must be in [0, 1)")
+        check_positive(self.eps, "train.optimizer.eps")
+        check_nonneg(self.weight_decay, "train.optimizer.weight_decay")
+
+
+class Adam:
+    Config = AdamConfig
+
+    @staticmethod
+    def build(cfg: AdamConfig, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        params = list(params)
+        fused = bool(params) and params[0].device.type in ("cpu", "cuda")
+        return torch.optim.Adam(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay, fused=fused)
+
+
+OPTIMIZERS = {"sgd": SGD, "nesterov": Nesterov, "adam": Adam}
 
 
 @dataclass(frozen=True)

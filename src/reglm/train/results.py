@@ -24,16 +24,16 @@ if TYPE_CHECKING:
 def finish(trainer: Trainer) -> dict[str, Any]:
     """Score ``best/`` of ``trainer``'s run on validation and test and write ``results.json``."""
     model, _, _ = load_model_dir(trainer.run_dir / "best", trainer.device)
-    cfg, corpus = trainer.cfg, trainer.corpus
+    corpus = trainer.corpus
     results: dict[str, Any] = {"best": str(trainer.run_dir / "best"), "objective": trainer.objective.kind}
     if trainer.objective.kind != "lm":
-        for split, batch_size in (("valid", cfg.eval_batch_size), ("test", cfg.test_batch_size)):
-            results[split] = trainer._score(model, getattr(corpus, split), batch_size, split).metrics
+        for split in ("valid", "test"):
+            results[split] = trainer._score(model, split).metrics
         _record(trainer, results)
         trainer._say("best model: " + ", ".join(f"{split} {name} {value:.4g}" for split in ("valid", "test") for name, value in results[split].items() if name != "tokens"))
         return results
-    valid = evaluate(model, corpus.valid, cfg.eval_batch_size, cfg.bptt, trainer.device, progress=trainer.progress, desc="valid")
-    test = evaluate(model, corpus.test, cfg.test_batch_size, cfg.bptt, trainer.device, keep_token_nll=corpus.truth is not None, progress=trainer.progress, desc="test")
+    valid = evaluate(model, corpus.valid, device=trainer.device, progress=trainer.progress, desc="valid", word_ends=corpus.split_word_ends("valid"), reading=trainer.reading("valid"))
+    test = evaluate(model, corpus.test, device=trainer.device, keep_token_nll=corpus.truth is not None, progress=trainer.progress, desc="test", word_ends=corpus.split_word_ends("test"), reading=trainer.reading("test"))
     results["valid"], results["test"] = valid.as_dict(), test.as_dict()
     if corpus.truth is not None:
         results["synthetic"] = truth_comparison(test, corpus.test, corpus.truth["test"], trainer.vocab.eos_id)

@@ -1,6 +1,6 @@
 """Schedules of the trainer; none of them knows a model.
 
-* the learning rate per step (``train.schedule``: :class:`DecaySchedule`);
+* the learning rate per step (``train.schedule``: :class:`DecaySchedule`, :class:`CosineSchedule`);
 * the variable BPTT length per batch and the matching rate rescaling (below);
 * the adversarial softmax on/off (:func:`advsoft_on`) and the input-noise std (:func:`annealed_std`).
 
@@ -98,7 +98,7 @@ class DecayScheduleConfig:
     """The learning rate of a main-stage epoch: ``lr * decay ** max(0, e - decay_start)`` times
     the plateau factor accumulated so far; fine-tuning runs at ``train.finetune_lr``."""
 
-    kind: str = kind_field("decay", "learning-rate schedule: decay (per-epoch decay and plateau drops; constant by default)")
+    kind: str = kind_field("decay", "learning-rate schedule: decay (per-epoch decay and plateau drops) or cosine (warm-up, then cosine cycles)")
     decay: float = option(1.0, "multiply the rate by this every epoch after decay_start (Zaremba et al.; Inan et al. appendix A: 0.9 / 0.97); 1: no decay")
     decay_start: int = option(0, "main-stage epoch after which the decay applies: epoch e runs at lr * decay ** max(0, e - decay_start)")
     plateau_factor: float | None = option(None, "multiply the rate by this whenever an epoch does not improve the best validation score (Popov & Kudinov's synthetic study: 0.1); none: off")
@@ -143,4 +143,67 @@ class DecaySchedule:
         self.scale = float(scale)
 
 
-SCHEDULES = {"decay": DecaySchedule}
+@dataclass(frozen=True)
+class CosineScheduleConfig:
+    """Linear warm-up, then cosine cycles (SGDR, Loshchilov & Hutter 2016; Baevski & Auli section 4.5)."""
+
+    kind: str = kind_field("cosine", "learning-rate schedule: decay (per-epoch decay and plateau drops) or cosine (warm-up, then cosine cycles)")
+    warmup_steps: int = option(16000, "steps of linear warm-up from warmup_init_lr to the optimizer's lr (the maximum)")
+    warmup_init_lr: float = option(1e-7, "the rate at step 0 of the warm-up")
+    min_lr: float = option(1e-5, "the minimum of the first cycle")
+    period: int = option(18000, "steps of the first cycle (WikiText-103: 18K; billion word: 137K)")
+    t_mult: float = option(2.0, "each cycle runs this many times as long as the one before")
+    shrink: float = option(0.75, "the maximum and minimum rates of each cycle are those of the one before times this (M: 0.75 WikiText-103, 0.6 billion word)")
+
+    def __post_init__(self) -> None:
+        check(self.kind == "cosine", "train.schedule.kind", f"unknown {self.kind!r}")
+        check(self.warmup_steps >= 0, "train.schedule.warmup_steps", f"{self.warmup_steps} must be >= 0")
+        check(self.period >= 1, "train.schedule.period", f"{self.period} must be >= 1")
+        check(math.isfinite(self.t_mult) and self.t_mult >= 1, "train.schedule.t_mult", f"{self.t_mult} must be >= 1")
+        check(math.isfinite(self.shrink) and 0 < self.shrink <= 1, "train.schedule.shrink", f"{self.shrink} must be in (0, 1]")
+        for name in ("warmup_init_lr", "min_lr"):
+            check(math.isfinite(getattr(self, name)) and getattr(self, name) >= 0, f"train.schedule.{name}", f"{getattr(self, name)} must be >= 0")
+
+
+class CosineSchedule:
+    """``train.schedule=cosine``: a pure function of the step (:class:`CosineScheduleConfig`)::
+
+        step < W:  lr_0 + (lr_max - lr_0) * step / W
+        else:      t = step - W in cycle i (lengths P, P m, P m^2, ...), at t_i steps into it:
+                   lr = min_i + (max_i - min_i) * (1 + cos(pi t_i / P_i)) / 2,
+                   max_i = lr_max M^i, min_i = lr_min M^i, P_i = P m^i
+
+    The fine-tuning stage, if any, runs at ``train.finetune_lr`` (or the minimum rate)."""
+
+    Config = CosineScheduleConfig
+
+    def __init__(self, cfg: CosineScheduleConfig, lr: float, finetune_lr: float | None) -> None:
+        self.cfg, self.lr, self.finetune_lr = cfg, lr, finetune_lr
+
+    def rate(self, stage: str, epoch: int, step: int) -> float:
+        cfg = self.cfg
+        if stage == "finetune":
+            return self.finetune_lr if self.finetune_lr is not None else cfg.min_lr
+        if step < cfg.warmup_steps:
+            return cfg.warmup_init_lr + (self.lr - cfg.warmup_init_lr) * step / cfg.warmup_steps
+        t, cycle, period = step - cfg.warmup_steps, 0, float(cfg.period)
+        while t >= period:
+            t -= period
+            period *= cfg.t_mult
+            cycle += 1
+        scale = cfg.shrink**cycle
+        low, high = cfg.min_lr * scale, self.lr * scale
+        return low + (high - low) * (1 + math.cos(math.pi * t / period)) / 2
+
+    def epoch_end(self, improved: bool) -> bool:
+        """A step-based schedule ignores validation."""
+        return False
+
+    def state_dict(self) -> dict[str, float]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        """Nothing to restore: the rate is a function of the step."""
+
+
+SCHEDULES = {"decay": DecaySchedule, "cosine": CosineSchedule}

@@ -13,6 +13,7 @@ import torch
 
 from reglm.config import RunConfig
 from reglm.data import Corpus, resolve
+from reglm.data.vocab import Vocab
 from reglm.errors import ReglmError
 from reglm.models import count_parameters
 
@@ -29,9 +30,14 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_corpus(config: RunConfig) -> Corpus:
+def load_corpus(config: RunConfig, vocab: Vocab | None = None) -> Corpus:
+    """The run's corpus; ``vocab`` (a trained model's) fixes the vocabulary, and for sub-word
+    models the segmentation, instead of building them from the training split."""
     d = config.data
-    return resolve(d.name, data_dir=d.data_dir, min_freq=d.min_freq, max_vocab=d.max_vocab, synthetic_seed=d.synthetic_seed, synthetic_sentences=d.synthetic_sentences)
+    return resolve(
+        d.name, data_dir=d.data_dir, min_freq=d.min_freq, max_vocab=d.max_vocab, synthetic_seed=d.synthetic_seed, synthetic_sentences=d.synthetic_sentences,
+        tokenizer=d.tokenizer, bpe_vocab_size=d.bpe_vocab_size, vocab=vocab,
+    )
 
 
 def device_memory(device: torch.device) -> int | None:

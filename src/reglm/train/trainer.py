@@ -40,6 +40,7 @@ import math
 import sys
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -49,10 +50,9 @@ from tqdm.auto import tqdm
 from reglm.config import RunConfig
 from reglm.config.build import registry
 from reglm.data import Corpus, Vocab
-from reglm.data.windows import StreamPlan
 from reglm.encoders.base import State, state_dict_of
 from reglm.errors import ReglmError, TrainingDiverged, TrainingInterrupted
-from reglm.evaluate.perplexity import perplexity
+from reglm.evaluate.perplexity import Reading, perplexity
 from reglm.io import environment, write_json
 from reglm.models import LanguageModel
 from reglm.objectives.activation_reg import ActivationReg, TemporalActivationReg
@@ -62,7 +62,8 @@ from reglm.train.engine import StepEngine
 from reglm.train.metrics import MetricsLog
 from reglm.train.objective import ObjectiveEval, make_objective
 from reglm.train.results import finish
-from reglm.train.schedules import advsoft_on, annealed_std, sample_bptt, scaled_lr
+from reglm.train.batching import eval_reading, training_batches
+from reglm.train.schedules import advsoft_on, annealed_std
 from reglm.train.setup import check_model_size, resolve_device
 
 class StopRequest:
@@ -109,14 +110,15 @@ class Trainer:
             if ids.numel() - 1 < batch_size:
                 raise ReglmError(f"{option}={batch_size} is too large for the {split} split ({ids.numel()} tokens): each stream needs at least one target; lower {option}")
         torch.manual_seed(config.seed)
-        self.bptt_rng = torch.Generator().manual_seed(config.seed)
         self.model = LanguageModel(config.model, len(self.vocab), self.vocab).to(self.device)
         self.eval_model = LanguageModel(config.model, len(self.vocab), self.vocab).to(self.device)
-        self.train_plan = StreamPlan(corpus.train, cfg.batch_size, "trim").to(self.device)
+        self.batches = training_batches(corpus.train, cfg, config.seed, self.device, self.vocab.eos_id)
         self.metrics = MetricsLog(self.run_dir / METRICS_FILE)
         self.objective = make_objective(config, self.vocab, self.device)
         terms = [*self.objective.terms, ActivationReg(cfg.ar_alpha), TemporalActivationReg(cfg.tar_beta)]
-        self.engine = StepEngine(self.model, self.objective, terms, cfg.batch_size, cfg.small_batch_size, cfg.clip, cfg.sequence_loss)
+        self.engine = StepEngine(self.model, self.objective, terms, cfg.batch_size, cfg.small_batch_size, cfg.clip, cfg.sequence_loss, autocast=self._autocast)
+        if cfg.compile:
+            self.engine.forward = torch.compile(self.model)
         self.engine.optimizer = self._new_optimizer()
         self.averaging = registry("averaging")[cfg.averaging.kind](cfg.averaging)
         self.schedule = registry("schedule")[cfg.schedule.kind](cfg.schedule, cfg.optimizer.lr, cfg.finetune_lr)
@@ -173,9 +175,9 @@ class Trainer:
         validation scores as the ``initial`` event (Table 2's "Initial model" row of Popov & Kudinov)."""
         self.objective.prepare(self.model)
         if self.objective.initial_model() is not None:
-            val = self._score(self.model, self.corpus.valid, self.cfg.eval_batch_size, "valid")
+            val = self._score(self.model, "valid")
             self.metrics.log(event="initial", step=0, **{f"valid_{name}": value for name, value in val.metrics.items() if name != "tokens"})
-            self._say("initial model: " + ", ".join(f"valid {name} {value:.4g}" for name, value in val.metrics.items() if name != "tokens"))
+            self._say("initial model: " + ", ".join(f"valid {name} {value:.4g}" for name, value in val.metrics.items() if name not in ("tokens", "words")))
 
     def _report_takeover(self) -> None:
         line = describe_previous(self.lock) if self.lock is not None else None
@@ -190,7 +192,9 @@ class Trainer:
 
     def state_dict(self) -> dict[str, Any]:
         self._flush()
-        rng = {"torch": torch.get_rng_state(), "bptt": self.bptt_rng.get_state()}
+        rng = {"torch": torch.get_rng_state()}
+        if self.batches.rng is not None:
+            rng["bptt"] = self.batches.rng.get_state()
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         return {
@@ -219,7 +223,7 @@ class Trainer:
         path = self.run_dir / STATE_FILE
         if state["vocab_fingerprint"] != self.vocab.fingerprint():
             raise ReglmError(f"{path} was built for another vocabulary than the corpus {self.config.data.name!r} now gives; resume with the original data")
-        if state["position"] >= self.train_plan.columns:
+        if not self.batches.fits(state["position"]):
             raise ReglmError(f"{path} does not fit the run in {CONFIG_FILE} (its position in the training stream is beyond it); resume it with its own config.json")
         entry = "model"
         try:
@@ -236,7 +240,8 @@ class Trainer:
             hidden = None if state["hidden"] is None else self.model.encoder.load_state(state["hidden"]).to(self.device)
             entry = "rng"
             torch.set_rng_state(state["rng"]["torch"])
-            self.bptt_rng.set_state(state["rng"]["bptt"])
+            if self.batches.rng is not None:
+                self.batches.rng.set_state(state["rng"]["bptt"])
             if self.device.type == "cuda" and "cuda" in state["rng"]:
                 torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
         except (RuntimeError, KeyError, TypeError, ValueError, IndexError) as exc:
@@ -286,7 +291,7 @@ class Trainer:
         when this returns or raises."""
         try:
             while self.stage != "done":
-                if self.stage == "main" and self.epoch >= self.cfg.epochs:
+                if self.stage == "main" and (self.epoch >= self.cfg.epochs or self._out_of_steps()):
                     self._begin_finetune() if self.cfg.finetune else self._set_stage("done")
                     continue
                 if self.stage == "finetune" and self.epoch >= self.cfg.finetune_epochs:
@@ -314,7 +319,8 @@ class Trainer:
         self.save_checkpoint()
 
     def _advsoft_on(self) -> bool:
-        return advsoft_on(self.config.model.output.advsoft.kind, self.cfg.advsoft_stop_epoch, self.cfg.advsoft_finetune, self.stage, self.epoch)
+        advsoft = getattr(self.config.model.output, "advsoft", None)
+        return advsoft is not None and advsoft_on(advsoft.kind, self.cfg.advsoft_stop_epoch, self.cfg.advsoft_finetune, self.stage, self.epoch)
 
     def _input_noise_std(self) -> float:
         cfg = self.cfg
@@ -322,24 +328,33 @@ class Trainer:
             return cfg.finetune_input_noise_std
         return annealed_std(cfg.input_noise_std, cfg.input_noise_anneal, self.epoch, cfg.input_noise_epochs)
 
+    def _autocast(self) -> Any:
+        """The forward pass's precision (``train.precision``)."""
+        if self.cfg.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    def _out_of_steps(self) -> bool:
+        return self.stage == "main" and self.cfg.max_steps is not None and self.step >= self.cfg.max_steps
+
     def _train_epoch(self) -> None:
-        cfg, model, plan = self.cfg, self.model, self.train_plan
+        cfg, model, batches = self.cfg, self.model, self.batches
         model.train()
-        if self.hidden is None:
-            self.hidden = model.init_state(plan.batch_size, device=self.device)
+        if self.hidden is None or not batches.carries_state:
+            self.hidden = model.init_state(cfg.batch_size, device=self.device)
         adversarial, noise_std = self._advsoft_on(), self._input_noise_std()
-        bar = tqdm(total=plan.columns, initial=self.position, disable=not self.progress, unit="tok/stream", leave=False, desc=f"{self.stage} epoch {self.epoch + 1}")
+        bar = tqdm(total=batches.total, initial=self.position, disable=not self.progress, unit="tok/stream" if batches.carries_state else "batch", leave=False, desc=f"{self.stage} epoch {self.epoch + 1}")
         window_nll, window_tokens, window_start = self.epoch_nll, self.epoch_tokens, time.perf_counter()
-        while self.position < plan.columns - 1:
-            seq_len = sample_bptt(self.bptt_rng, cfg.bptt, cfg.bptt_p, cfg.bptt_std, cfg.bptt_min, cfg.bptt_max) if cfg.variable_bptt else cfg.bptt
-            lr = scaled_lr(self.schedule.rate(self.stage, self.epoch, self.step), seq_len, cfg.bptt)
-            window = plan.window(self.position, seq_len)
-            self.hidden = self.engine.step(window, self.hidden, lr, adversarial, noise_std)
+        while not batches.done(self.position) and not self._out_of_steps():
+            window, advance, factor = batches.next(self.position, self.epoch)
+            lr = self.schedule.rate(self.stage, self.epoch, self.step) * factor
+            state = self.hidden if batches.carries_state else None
+            self.hidden = self.engine.step(window, state, lr, adversarial, noise_std)
             self.averaging.update(model.parameters())
             self.objective.end_step()
-            self.position += window.inputs.size(1)
+            self.position += advance
             self.step += 1
-            bar.update(window.inputs.size(1))
+            bar.update(advance)
             if self.step % cfg.log_interval == 0:
                 self._flush()
                 tokens = self.epoch_tokens - window_tokens
@@ -358,12 +373,16 @@ class Trainer:
         bar.close()
         self._flush()
 
-    def _score(self, model: torch.nn.Module, ids: torch.Tensor, batch_size: int, desc: str) -> ObjectiveEval:
-        return self.objective.score(model, ids, batch_size, self.cfg.bptt, self.device, self.progress, desc)
+    def reading(self, split: str) -> Reading:
+        """How validation (``valid``) and the final scores read a split (:func:`~reglm.train.batching.eval_reading`)."""
+        return eval_reading(self.cfg, split, self.vocab.eos_id)
+
+    def _score(self, model: torch.nn.Module, split: str) -> ObjectiveEval:
+        return self.objective.score(model, getattr(self.corpus, split), self.reading(split), self.device, self.progress, split, self.corpus.split_word_ends(split))
 
     def _end_epoch(self) -> None:
         eval_model = self._eval_weights()
-        val = self._score(eval_model, self.corpus.valid, self.cfg.eval_batch_size, "valid")
+        val = self._score(eval_model, "valid")
         if not math.isfinite(val.selection):
             raise self._diverged(f"the validation score became {val.selection}")
         self._require_finite(eval_model)
@@ -379,7 +398,7 @@ class Trainer:
             train_loss=train_loss, train_ppl=perplexity(train_loss), **valid,
             lr=lr, averaging=averaging, best=improved, advsoft=adversarial, input_noise=noise_std,
         )
-        shown = " | ".join(f"valid {name} {value:9.4g}" for name, value in val.metrics.items() if name != "tokens")
+        shown = " | ".join(f"valid {name} {value:9.4g}" for name, value in val.metrics.items() if name not in ("tokens", "words"))
         self._say(f"| {self.stage} | epoch {self.epoch:3d} | step {self.step:7d} | train loss {train_loss:7.4f} | {shown}" + (" | averaging" if averaging else "") + (" | best" if improved else ""))
         info = {"stage": self.stage, "epoch": self.epoch, "step": self.step, **valid, "averaged": averaging}
         if improved:
