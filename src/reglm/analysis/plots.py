@@ -119,3 +119,28 @@ def plot_subspace_study(result: dict[str, Any], path: Path | str) -> None:
     )
     fig.suptitle(rf"Distance between span($L^T$) and span($W$) (Inan et al. 2017, Fig. 1); mean $\pm$ std over {runs} run(s)")
     write_with(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+
+
+def plot_loss_by_frequency(records: list[dict[str, Any]], path: Path | str) -> None:
+    """Baevski & Auli's Figures 2 and 3 from :func:`reglm.analysis.frequency.frequency_analysis`
+    records (each with a ``label``): (a) the mean loss of the targets in each decade of training
+    frequency, (b) binned by the previous word's frequency; one bar per run in every bin (an empty
+    bin has none). Written atomically."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(13, 4.4), layout="constrained")
+    axes = fig.subplots(1, 2, sharey=True)
+    width = 0.8 / max(len(records), 1)
+    panels = (("by_frequency", "(a) Loss by word frequency", "word frequency bin"), ("by_previous_frequency", "(b) Loss by the previous word's frequency", "previous word frequency bin"))
+    for ax, (key, title, xlabel) in zip(axes, panels):
+        labels = records[0][key]["bins"] if records else []
+        for i, record in enumerate(records):
+            means = record[key]["mean_loss"]
+            xs = [b + (i - (len(records) - 1) / 2) * width for b, m in enumerate(means) if m is not None]
+            ax.bar(xs, [m for m in means if m is not None], width=width, color=f"C{i % 10}", label=record["label"])
+        ax.set_xticks(range(len(labels)), labels)
+        ax.set(title=title, xlabel=f"{xlabel} (training count, decades; not cumulative)")
+        ax.grid(True, axis="y", alpha=0.3)
+        ax.legend(title="run")
+    axes[0].set_ylabel("mean loss on the next word (nats)")
+    write_with(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=110))
