@@ -16,13 +16,14 @@ A second, output-layer-only measurement times just logits + loss + backward for 
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import torch
 
 from harness import RESULTS, environment, interleaved, random_batches, save
 from reglm.config import ModelConfig
-from reglm.encoders.awd_lstm import detach_state
+from reglm.encoders.base import detach_state
 from reglm.models import LanguageModel
 from reglm.objectives.activation_reg import activation_reg, temporal_activation_reg
 from throughput import AR_ALPHA, CLIP, LR, PRESETS, TAR_BETA, WEIGHT_DECAY
@@ -45,7 +46,7 @@ class Stepper:
     def __call__(self, i: int) -> None:
         ids, targets = self.batches[i % len(self.batches)]
         out = self.model(ids, self.state)
-        loss = self.model.output.nll(out.output, targets, adversarial=self.adversarial).mean()
+        loss = self.model.output_loss(out, targets, adversarial=self.adversarial).nll.mean()
         loss = loss + activation_reg(out.output, AR_ALPHA) + temporal_activation_reg(out.raw_output, TAR_BETA)
         self.state = detach_state(out.state)
         loss.backward()
@@ -64,7 +65,7 @@ class OutputStepper:
         self.targets = targets
 
     def __call__(self, _i: int) -> None:
-        self.output.nll(self.hidden, self.targets, adversarial=self.adversarial).mean().backward()
+        self.output.nll_of(self.hidden, self.targets, adversarial=self.adversarial).mean().backward()
         self.output.weight.grad = None
         self.hidden.grad = None
 
@@ -78,7 +79,7 @@ def measure(cfg: dict, vocab: int, batch: int, bptt: int, args: argparse.Namespa
     adv.load_state_dict(plain.state_dict())
     batches = random_batches(vocab, batch, bptt, args.seed, device)
     full, full_steps = interleaved({"advsoft": Stepper(adv, True, batches), "plain": Stepper(plain, False, batches)}, args.steps, args.rounds, args.warmup, device)
-    hidden = torch.randn(batch, bptt, plain_cfg.emb_size, generator=torch.Generator().manual_seed(args.seed + 1)).to(device)
+    hidden = torch.randn(batch, bptt, plain_cfg.input.emb_size, generator=torch.Generator().manual_seed(args.seed + 1)).to(device)
     out_steps = args.steps * args.output_repeats
     output, output_done = interleaved(
         {"advsoft": OutputStepper(adv, True, hidden.clone(), batches[0][1]), "plain": OutputStepper(plain, False, hidden.clone(), batches[0][1])},
@@ -113,6 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.steps < 1 or args.rounds < 1 or args.warmup < 0 or args.output_repeats < 1:
         parser.error("--steps, --rounds and --output-repeats must be >= 1, --warmup >= 0")
+    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
     device = torch.device(args.device)
     preset = PRESETS[args.preset_size]
     vocabs = [int(v) for v in args.vocab_sizes.split(",")]
@@ -132,6 +134,7 @@ def main(argv: list[str] | None = None) -> dict:
         "target_overhead": target,
         "meets_target": None if target is None else all(r["full_step"]["overhead"] <= target for r in runs),
     }
+    result["load_average_before_after"] = [load_before, result.pop("load_average")]
     save(result, args.out or RESULTS / f"advsoft-overhead-{device.type}.json")
     for r in runs:
         print(f"V={r['vocab_size']:>6}: full step overhead {100 * r['full_step']['overhead']:+.2f}% | output layer only {100 * r['output_layer_only']['overhead']:+.2f}%")

@@ -26,7 +26,7 @@ import torch
 
 from harness import RESULTS, environment, interleaved, save, sync
 from reglm.config import ModelConfig
-from reglm.data import resolve
+from reglm.data import StreamPlan, resolve
 from reglm.evaluate.dynamic import DynamicEvaluator, _segment_grads, dynamic_evaluate, gradient_statistics
 from reglm.evaluate.dynamic_spec import DynamicSpec
 from reglm.evaluate.perplexity import evaluate
@@ -57,19 +57,19 @@ def breakdown(model: LanguageModel, ids: torch.Tensor, spec: DynamicSpec, stats:
     """Median milliseconds per segment: forward only, forward + gradient, and adapt (both plus
     the update), on the first ``n`` segments of ``ids``."""
     evaluator = DynamicEvaluator(model, stats, device)
-    data = ids.to(device)
-    segments = [(data[None, s : s + spec.segment], data[None, s + 1 : s + 1 + spec.segment]) for s in range(0, n * spec.segment, spec.segment)]
+    plan = StreamPlan(ids, 1, "all").to(device)
+    segments = [plan.window(s, spec.segment) for s in range(0, n * spec.segment, spec.segment)]
 
     def forward(i: int) -> None:
         with torch.no_grad():
-            x, y = segments[i]
-            evaluator.model.output_nll(evaluator.model(x), y)
+            w = segments[i]
+            evaluator.model.output_nll(evaluator.model(w.inputs), w.targets)
 
     def gradient(i: int) -> None:
-        _segment_grads(evaluator.model, evaluator.params, *segments[i], None)
+        _segment_grads(evaluator.model, evaluator.params, segments[i], None)
 
     def adapt(i: int) -> None:
-        evaluator.adapt(*segments[i], None, spec)
+        evaluator.adapt(segments[i], None, spec)
 
     for warm in (forward, gradient, adapt):
         warm(0)

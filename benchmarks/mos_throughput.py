@@ -26,8 +26,9 @@ import torch
 from harness import RESULTS, environment, interleaved, random_batches, save
 
 from reglm.config import build_config
-from reglm.encoders.awd_lstm import detach_state
+from reglm.encoders.base import detach_state
 from reglm.models import LanguageModel
+from reglm.outputs.softmax import SoftmaxConfig
 from reglm.objectives.activation_reg import activation_reg, temporal_activation_reg
 
 VOCAB = {"ptb": 10_000, "wikitext-2": 33_278}
@@ -81,17 +82,21 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device(args.device)
     config = build_config(args.preset)
     t = config.train
-    mos_cfg = config.model if args.experts is None else dataclasses.replace(config.model, n_experts=args.experts)
-    if mos_cfg.output == "softmax":
+    mos_cfg = config.model
+    if mos_cfg.output.kind == "softmax":
         parser.error(f"--preset {args.preset} has no mixture output layer; pick a mos-* preset")
-    plain_cfg = dataclasses.replace(mos_cfg, output="softmax", doc_experts=None, mixture_penalty=0.0, advsoft=None, tie_weights=mos_cfg.last_hidden_size in (None, mos_cfg.emb_size))
+    if args.experts is not None:
+        mos_cfg = dataclasses.replace(mos_cfg, output=dataclasses.replace(mos_cfg.output, n_experts=args.experts))
+    emb_size = mos_cfg.input.emb_size
+    plain_output = SoftmaxConfig(tie_weights=mos_cfg.encoder.output_size(emb_size) == emb_size)
+    plain_cfg = dataclasses.replace(mos_cfg, output=plain_output)
     vocab = VOCAB.get(config.data.name, 10_000)
     batch_size, bptt = args.batch_size or t.batch_size, args.bptt or t.bptt
 
     torch.manual_seed(args.seed)
     batches = random_batches(vocab, batch_size, bptt, args.seed, device)
     models = {"mos": LanguageModel(mos_cfg, vocab).to(device), "softmax": LanguageModel(plain_cfg, vocab).to(device)}
-    steppers = {name: Stepper(m, batches, t.lr, t.clip, t.weight_decay, t.ar_alpha, t.tar_beta) for name, m in models.items()}
+    steppers = {name: Stepper(m, batches, t.optimizer.lr, t.clip, t.optimizer.weight_decay, t.ar_alpha, t.tar_beta) for name, m in models.items()}
     seconds, steps_done = interleaved(steppers, args.steps, args.rounds, args.warmup, device)
 
     tokens = {name: steps_done[name] * batch_size * bptt for name in steppers}
@@ -105,8 +110,8 @@ def main(argv: list[str] | None = None) -> dict:
         "vocab_size": vocab,
         "batch_size": batch_size,
         "bptt": bptt,
-        "n_experts": mos_cfg.n_experts,
-        "lr": t.lr,
+        "n_experts": mos_cfg.output.n_experts,
+        "lr": t.optimizer.lr,
         "clip": t.clip,
         "ar_alpha": t.ar_alpha,
         "tar_beta": t.tar_beta,

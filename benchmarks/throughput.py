@@ -18,6 +18,7 @@ ratio regularized/plain are printed and saved as JSON with device and versions.
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import torch
@@ -26,7 +27,7 @@ from torch import Tensor, nn
 from harness import RESULTS, environment, interleaved, random_batches, save
 
 from reglm.config import ModelConfig
-from reglm.encoders.awd_lstm import detach_state
+from reglm.encoders.base import LSTMStackState, detach_state
 from reglm.models import LanguageModel
 from reglm.objectives.activation_reg import activation_reg, temporal_activation_reg
 from reglm.outputs.softmax import SoftmaxOutput
@@ -59,12 +60,12 @@ class PlainLSTMLM(nn.Module):
 
     def __init__(self, cfg: ModelConfig, vocab_size: int) -> None:
         super().__init__()
-        self.embedding = nn.Embedding(vocab_size, cfg.emb_size)
-        nn.init.uniform_(self.embedding.weight, -cfg.init_range, cfg.init_range)
-        n = cfg.num_layers
-        sizes = zip([cfg.emb_size] + [cfg.hidden_size] * (n - 1), [cfg.hidden_size] * (n - 1) + [cfg.emb_size])
+        emb, hidden, n = cfg.input.emb_size, cfg.encoder.hidden_size, cfg.encoder.num_layers
+        self.embedding = nn.Embedding(vocab_size, emb)
+        nn.init.uniform_(self.embedding.weight, -cfg.input.init_range, cfg.input.init_range)
+        sizes = zip([emb] + [hidden] * (n - 1), [hidden] * (n - 1) + [emb])
         self.lstms = nn.ModuleList(nn.LSTM(i, h, batch_first=True) for i, h in sizes)
-        self.output = SoftmaxOutput(cfg.emb_size, vocab_size, self.embedding.weight)
+        self.output = SoftmaxOutput(emb, vocab_size, self.embedding.weight)
 
     def forward(self, ids: Tensor, state: list[tuple[Tensor, Tensor]] | None) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
         """``ids: (B, T)`` -> (last-layer output ``(B, T, E)``, new state)."""
@@ -84,19 +85,19 @@ class Trainer:
         self.regularized = regularized
         self.params = list(model.parameters())
         self.optimizer = torch.optim.SGD(self.params, lr=LR, weight_decay=WEIGHT_DECAY)
-        self.state: list[tuple[Tensor, Tensor]] | None = None
+        self.state: LSTMStackState | list[tuple[Tensor, Tensor]] | None = None
         self.last_loss: Tensor | None = None
 
     def step(self, ids: Tensor, targets: Tensor) -> None:
         if self.regularized:
             out = self.model(ids, self.state)
-            loss = self.model.output.nll(out.output, targets).mean()
+            loss = self.model.output_loss(out, targets).nll.mean()
             loss = loss + activation_reg(out.output, AR_ALPHA) + temporal_activation_reg(out.raw_output, TAR_BETA)
-            state = out.state
+            self.state = detach_state(out.state)
         else:
             hidden, state = self.model(ids, self.state)
-            loss = self.model.output.nll(hidden, targets).mean()
-        self.state = detach_state(state)
+            loss = self.model.output.nll_of(hidden, targets).mean()
+            self.state = [(h.detach(), c.detach()) for h, c in state]
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params, CLIP)
         self.optimizer.step()
@@ -119,6 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.steps < 1 or args.rounds < 1 or args.warmup < 0:
         parser.error("--steps and --rounds must be >= 1, --warmup >= 0")
 
+    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
     device = torch.device(args.device)
     preset = PRESETS[args.preset_size]
     cfg = ModelConfig.build(**preset["model"])
@@ -163,6 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
         "meets_target": None if target is None else ratio >= target,
         "final_loss": {name: float(t.last_loss) for name, t in trainers.items()},
     }
+    result["load_average_before_after"] = [load_before, result.pop("load_average")]
     save(result, out_path)
     return result
 

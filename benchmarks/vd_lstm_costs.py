@@ -23,8 +23,10 @@ import torch
 
 from harness import RESULTS, environment, interleaved, random_batches, save
 from reglm.config import ModelConfig
-from reglm.encoders.awd_lstm import detach_state
+from reglm.encoders.base import detach_state
 from reglm.models import LanguageModel
+from reglm.objectives.augmented_loss import AugmentedLoss
+from reglm.objectives.base import TermInputs
 
 SIZES = {"small": (200, 0.7), "medium": (650, 0.5), "large": (1500, 0.35)}
 BATCH, BPTT, TAU, GAMMA, CLIP = 20, 35, 20.0, 0.65, 5.0
@@ -33,9 +35,9 @@ BATCH, BPTT, TAU, GAMMA, CLIP = 20, 35, 20.0, 0.65, 5.0
 class Stepper:
     """One model trained with the VD-LSTM presets' step (summed over time, clipped SGD at lr 1)."""
 
-    def __init__(self, model: LanguageModel, aug_weight: float, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    def __init__(self, model: LanguageModel, aug_gamma: float, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         self.model = model.train()
-        self.aug_weight = aug_weight
+        self.terms = [AugmentedLoss(aug_gamma, TAU)] if aug_gamma > 0 else []
         self.batches = batches
         self.params = list(model.parameters())
         self.optimizer = torch.optim.SGD(self.params, lr=1.0)
@@ -44,8 +46,12 @@ class Stepper:
     def __call__(self, i: int) -> None:
         ids, targets = self.batches[i % len(self.batches)]
         out = self.model(ids, self.state)
-        scored = self.model.output_loss(out, targets, aug_weight=self.aug_weight, aug_tau=TAU)
-        loss = (scored.nll.mean() + scored.penalty) * ids.size(1)
+        scored = self.model.output_loss(out, targets, keep_logits=bool(self.terms))
+        loss = scored.nll.mean() + scored.penalty
+        inputs = TermInputs(out, targets, scored.logits, self.model)
+        for term in self.terms:
+            loss = loss + term(inputs)
+        loss = loss * ids.size(1)
         self.state = detach_state(out.state)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params, CLIP)
@@ -54,11 +60,11 @@ class Stepper:
 
 
 def measure(units: int, dropout: float, vocab: int, args: argparse.Namespace, device: torch.device) -> dict:
-    base = dict(encoder="vd-lstm", emb_size=units, hidden_size=units, num_layers=2, input_dropout=dropout, hidden_dropout=dropout, output_dropout=0.0, weight_dropout=0.0, tie_weights=False)
+    base = dict(encoder="vd-lstm", emb_size=units, hidden_size=units, num_layers=2, input_dropout=dropout, hidden_dropout=dropout, tie_weights=False)
     configs = {
         "vd": (ModelConfig.build(**base), 0.0),
-        "vd+al": (ModelConfig.build(**base), GAMMA * TAU),
-        "re+al": (ModelConfig.build(**{**base, "tie_weights": True, "output_bias": False}), GAMMA * TAU),
+        "vd+al": (ModelConfig.build(**base), GAMMA),
+        "re+al": (ModelConfig.build(**{**base, "tie_weights": True, "output_bias": False}), GAMMA),
         "vd-p0": (ModelConfig.build(**{**base, "input_dropout": 0.0, "hidden_dropout": 0.0}), 0.0),
     }
     torch.manual_seed(args.seed)
