@@ -84,8 +84,8 @@ def test_refuses_to_overwrite_a_run(tiny_run: tuple[Path, dict]) -> None:
     assert (run / "state.pt").read_bytes() == before
 
 
-def _spawn(run: Path, extra: list[str], preset: str = "tiny") -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "reglm", "train", "--preset", preset, "--out", str(run), *RESUME_OVERRIDES, *extra]
+def _spawn(run: Path, extra: list[str], preset: str = "tiny", overrides: list[str] = RESUME_OVERRIDES) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "reglm", "train", "--preset", preset, "--out", str(run), *overrides, *extra]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
@@ -104,8 +104,8 @@ def reference_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run
 
 
-def _interrupt_and_resume(run: Path, reference: Path, how: str, preset: str = "tiny") -> None:
-    proc = _spawn(run, [], preset)
+def _interrupt_and_resume(run: Path, reference: Path, how: str, preset: str = "tiny", overrides: list[str] = RESUME_OVERRIDES) -> None:
+    proc = _spawn(run, [], preset, overrides)
     _wait_for_checkpoint(proc, run / "state.pt")
     sig = {"sigint": signal.SIGINT, "sigterm": signal.SIGTERM, "kill9": signal.SIGKILL}[how]
     proc.send_signal(sig)

@@ -107,7 +107,7 @@ class TrainConfig:
     eval_context: int = option(0, "batching=blocks: evaluation windows of block_size tokens whose first eval_context only give context (Baevski & Auli Table 5: 480, 1536, 2560)")
     eval_whole_sentences: bool = option(True, "batching=blocks: the scored part of an evaluation window ends at a sentence end (<eos>) when one falls inside it")
     max_steps: int | None = option(None, "end the main stage after this many optimizer steps, mid-epoch if need be (the adaptive-input recipes count updates); none: train.epochs decides")
-    precision: str = option("fp32", "fp32, or bf16: autocast the forward pass to bfloat16 on CUDA (fp32 master weights; LayerNorm, softmax and the loss stay fp32)")
+    precision: str = option("fp32", "fp32, or bf16: autocast the forward pass to bfloat16 on CUDA (fp32 master weights; LayerNorm, softmax and the loss stay fp32); a CPU run stays fp32")
     compile: bool = option(False, "run the forward pass through torch.compile (the uncompiled module is what checkpoints save)")
     optimizer: Any = _component("optimizer", "sgd", "the optimizer (train.optimizer.kind: sgd)")
     averaging: Any = _component("averaging", "ntasgd", "the averaging policy (train.averaging.kind: ntasgd, none)")

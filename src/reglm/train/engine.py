@@ -62,7 +62,6 @@ class StepEngine:
         model: torch.nn.Module,
         objective: object,
         terms: Sequence[Term],
-        batch_size: int,
         chunk_size: int | None,
         clip: float,
         sequence_loss: bool,
@@ -73,8 +72,7 @@ class StepEngine:
         self.objective = objective
         self.terms = list(terms)
         self.keep_logits = any("logits" in term.reads for term in self.terms)
-        chunk = chunk_size or batch_size
-        self.chunks = [slice(start, start + chunk) for start in range(0, batch_size, chunk)]
+        self.chunk_size = chunk_size
         self.clip = clip
         self.sequence_loss = sequence_loss
         self.autocast = autocast
@@ -127,7 +125,12 @@ class StepEngine:
         """The passes of a step: the configured stream chunks of one window, or each window whole."""
         if not isinstance(batch, Window):
             return [(Chunk.whole(window), None) for window in batch]
-        return [(Chunk.of(batch, streams), select_streams(state, streams)) for streams in self.chunks]
+        return [(Chunk.of(batch, streams), select_streams(state, streams)) for streams in self.chunks_of(batch.inputs.size(0))]
+
+    def chunks_of(self, rows: int) -> list[slice]:
+        """The stream slices a window of ``rows`` streams is cut into (all of it when no chunk size is set)."""
+        chunk = self.chunk_size or rows
+        return [slice(start, start + chunk) for start in range(0, rows, chunk)]
 
     def _accumulate(self, raw_loss: Tensor, loss: Tensor, tokens: int) -> None:
         nll = raw_loss.double() * tokens

@@ -116,7 +116,7 @@ class Trainer:
         self.metrics = MetricsLog(self.run_dir / METRICS_FILE)
         self.objective = make_objective(config, self.vocab, self.device)
         terms = [*self.objective.terms, ActivationReg(cfg.ar_alpha), TemporalActivationReg(cfg.tar_beta)]
-        self.engine = StepEngine(self.model, self.objective, terms, cfg.batch_size, cfg.small_batch_size, cfg.clip, cfg.sequence_loss, autocast=self._autocast)
+        self.engine = StepEngine(self.model, self.objective, terms, cfg.small_batch_size, cfg.clip, cfg.sequence_loss, autocast=self._autocast)
         if cfg.compile:
             self.engine.forward = torch.compile(self.model)
         self.engine.optimizer = self._new_optimizer()
@@ -329,8 +329,10 @@ class Trainer:
         return annealed_std(cfg.input_noise_std, cfg.input_noise_anneal, self.epoch, cfg.input_noise_epochs)
 
     def _autocast(self) -> Any:
-        """The forward pass's precision (``train.precision``)."""
-        if self.cfg.precision == "bf16":
+        """The forward pass's precision (``train.precision``): bf16 autocast on CUDA only; a CPU
+        without bf16 units runs bf16 matrix products many times slower than fp32, so a CPU run of
+        a bf16 preset computes in fp32."""
+        if self.cfg.precision == "bf16" and self.device.type == "cuda":
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return nullcontext()
 
