@@ -89,7 +89,7 @@ TIES = ("none", "embeddings", "projections", "head")
 class AdaptiveSoftmaxConfig:
     """An adaptive softmax: a head over frequent words and clusters, tails of decreasing dimension."""
 
-    kind: str = kind_field("adaptive", "output layer: adaptive (adaptive softmax, Grave et al. 2017; Baevski & Auli 2019)")
+    kind: str = kind_field("adaptive", "output layer: softmax, mos (mixture of softmaxes, Yang et al. 2018), doc (MoS with experts from intermediate layers too, Takase et al. 2018) or adaptive (adaptive softmax, Grave et al. 2017)")
     cutoffs: str = option("20000,60000", "comma-separated first ids of the tail clusters, e.g. 20000,60000; every cutoff < the vocabulary size", arch=True)
     factor: float = option(4.0, "k: cluster i has dimension d / k^(i-1), d the encoder output size (torch's div_value)", arch=True)
     tail_dropout: float = option(0.0, "dropout on each tail cluster's projected input (Baevski & Auli 5.4: 0.2 on WikiText-103)")
@@ -225,8 +225,8 @@ class AdaptiveSoftmax(OutputLayer):
 
     def head_logits(self, h: Tensor) -> Tensor:
         """``h: (N, d) -> (N, c_1 + n - 1)``: head words, then one entry per tail cluster."""
-        if self.head_projection is None:
-            return F.linear(h, torch.cat([self.head_weight, self.cluster_weight]))
+        # join the (N, c_1) and (N, n - 1) logits, not the weights: a (c_1 + n - 1, d) copy of the
+        # head every call (and its gradient copied back) cost 10-20% of the layer's time
         return torch.cat([F.linear(self.head_input(h), self.head_weight), F.linear(h, self.cluster_weight)], dim=-1)
 
     def tail_input(self, j: int, h: Tensor) -> Tensor:
