@@ -1,14 +1,25 @@
-"""Shared fixtures: a fixed seed for every test and the offline benchmark data in ../shared/data."""
+"""Shared fixtures: a fixed seed for every test and the offline benchmark data in ../shared/data.
+
+Every test, and every ``reglm`` process a test starts (they inherit the environment), runs torch
+on one thread: the models are tiny, and threads spinning against a busy machine made them slower
+by orders of magnitude; in-process and subprocess runs also compute alike, which the bit-exact
+resume tests compare.
+"""
 
 from __future__ import annotations
 
 import os
-import random
-from pathlib import Path
 
-import numpy as np
-import pytest
-import torch
+os.environ["OMP_NUM_THREADS"] = "1"
+
+import random  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("REGLM_SHARED_DATA", REPO.parent / "shared" / "data"))
