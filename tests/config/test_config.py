@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from reglm.config import ModelConfig, RunConfig, build_config, list_presets, load_preset, parse_assignments
+from reglm.config import ModelConfig, RunConfig, build_config, describe_options, list_presets, load_preset, parse_assignments
 from reglm.errors import ReglmError
 
 
@@ -166,3 +166,13 @@ def test_preset_cycles_and_bad_parents_are_errors(tmp_path) -> None:
     a.write_text("extends: no-such-preset\n")
     with pytest.raises(ReglmError, match="unknown preset 'no-such-preset'"):
         build_config(str(a))
+
+
+def test_reglm_config_lists_every_option_with_the_default_kinds_values() -> None:
+    lines = {line.split()[0]: line for line in describe_options().splitlines()}
+    assert "'ntasgd'" in lines["train.averaging.kind"] and "[none, ntasgd]" in lines["train.averaging.kind"]
+    assert "'awd-lstm'" in lines["model.encoder.kind"] and "transformer" in lines["model.encoder.kind"]
+    for family, kinds in (("model.input.kind", ("embedding", "adaptive", "char-cnn")), ("model.output.kind", ("softmax", "mos", "doc", "adaptive"))):
+        assert all(kind in lines[family] for kind in kinds)
+    assert "'reference'" in lines["train.averaging.trigger"]
+    assert "[nesterov]" in lines["train.optimizer.momentum"] and "[cosine]" in lines["train.schedule.warmup_steps"]

@@ -100,7 +100,11 @@ def embedding_subspace_distance(model: nn.Module) -> float:
     output = getattr(model, "output", None)
     embedding = getattr(model, "embedding", None)
     if embedding is None or not isinstance(getattr(embedding, "weight", None), Tensor):
-        raise ReglmError("the model has no input embedding `embedding.weight`; the subspace distance needs a reglm LanguageModel")
+        kind = type(embedding).__name__ if embedding is not None else "none"
+        raise ReglmError(
+            f"the subspace distance needs an input layer with one (V, E) embedding matrix, the model has {kind}; "
+            "train the model with model.input=embedding and model.output=softmax"
+        )
     vocab_size = embedding.weight.size(0)
     if "softmax-logits" not in getattr(output, "capabilities", ()):
         kind = type(output).__name__

@@ -106,6 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     except ReglmError as exc:
         print(f"reglm: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except BrokenPipeError:
+        # the reader of stdout left (`reglm eval ... | head`): stop quietly, as a Unix filter does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except OSError as exc:
         print(f"reglm: error: {os_error_message(exc)}", file=sys.stderr)
         return EXIT_USAGE

@@ -76,7 +76,8 @@ def _analyze_subspace(args: argparse.Namespace, labels: list[str]) -> int:
     for run, label in zip(args.runs, labels):
         directory = model_dir(run, args.checkpoint)
         model, config, _ = load_model_dir(directory)
-        rows.append({"label": label, "path": str(directory), "tied": config.model.output.tie_weights, "distance": embedding_subspace_distance(model)})
+        distance = embedding_subspace_distance(model)  # refuses output layers without one (V, H) matrix first
+        rows.append({"label": label, "path": str(directory), "tied": config.model.output.tie_weights, "distance": distance})
     data = out / "subspace.json"
     try:
         write_json(data, {"metric": "Inan et al. 2017, appendix B: d^2 = 1 - ||U^T V||_F^2 / C between span(L^T) and span(W)", "runs": rows})
@@ -88,8 +89,6 @@ def _analyze_subspace(args: argparse.Namespace, labels: list[str]) -> int:
     print_table([{**row, "tied": str(row["tied"]).lower()} for row in rows], [(" tied", "tied", ""), (" subspace distance", "distance", ".4f")])
     print(f"wrote {data}")
     return 0
-
-
 
 
 def _analyze_by_frequency(args: argparse.Namespace, labels: list[str]) -> int:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import functools
 import importlib
 import types
 import typing
@@ -92,7 +93,9 @@ def family_configs(family: str) -> dict[str, type]:
     return {kind: component.Config for kind, component in registry(family).items()}
 
 
+@functools.cache
 def hints_of(cls: type) -> dict[str, Any]:
+    """The resolved annotations of a config dataclass (cached: resolving them is slow; read only)."""
     return typing.get_type_hints(cls)
 
 
@@ -401,12 +404,24 @@ def build(cls: type, raw: Any, where: str, prefix: str = "") -> Any:
 def describe(root: type) -> str:
     """One line per option of every kind: key, type, default, the kinds that have it, help."""
     lines = []
+    defaults = root()
     for path, f, hint, kinds in _all_paths(root):
         if path[-1] == "kind" and not kinds:
             continue
-        default = None if f.default is dataclasses.MISSING else f.default
+        default = _default_of(defaults, path, None if f.default is dataclasses.MISSING else f.default)
         type_name = str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
         key = _option_name(path)
         scope = f" [{', '.join(kinds)}]" if kinds else ""
         lines.append(f"{key:34s} {type_name:12s} {default!r:12s} {f.metadata.get('help', '')}{scope}")
     return "\n".join(lines)
+
+
+def _default_of(defaults: Any, path: Path, fallback: Any) -> Any:
+    """The value at ``path`` of the default config (the default kind's), else ``fallback`` (an
+    option only other kinds have: their default)."""
+    value = defaults
+    for name in path:
+        if not hasattr(value, name):
+            return fallback
+        value = getattr(value, name)
+    return value

@@ -105,7 +105,7 @@ def band_dims(dim: int, factor: float, num_bands: int, option_name: str) -> tupl
 class AdaptiveInputConfig:
     """Adaptive input embeddings: frequency bands of decreasing dimension, each projected to ``dim``."""
 
-    kind: str = kind_field("adaptive", "input layer: adaptive (adaptive input embeddings, Baevski & Auli 2019)")
+    kind: str = kind_field("adaptive", "input layer: embedding (a word embedding), adaptive (adaptive input, Baevski & Auli 2019) or char-cnn (a CNN over the word's UTF-8 bytes)")
     dim: int = option(1024, "d: the head band's embedding size and the layer's output size (section 4.4: 1024)", arch=True)
     cutoffs: str = option("20000,60000", "comma-separated first ids of the tail bands, e.g. 20000,60000 (WikiText-103: bands 20K/40K/rest); every cutoff < the vocabulary size", arch=True)
     factor: float = option(4.0, "k: band i has dimension dim / k^(i-1) (section 3: k = 4)", arch=True)

@@ -99,7 +99,7 @@ def spell(words: list[str], max_chars: int) -> Tensor:
 class CharCNNConfig:
     """Words read through a convolution over their characters (Kim et al. 2016; Baevski & Auli 4.4)."""
 
-    kind: str = kind_field("char-cnn", "input layer: embedding (a word embedding) or char-cnn (a CNN over the word's UTF-8 bytes)")
+    kind: str = kind_field("char-cnn", "input layer: embedding (a word embedding), adaptive (adaptive input, Baevski & Auli 2019) or char-cnn (a CNN over the word's UTF-8 bytes)")
     char_emb_size: int = option(128, "size of the character (byte) embeddings (the paper: 128)", arch=True)
     filters: str = option("1:128,2:256,3:384,4:512,5:512,6:512,7:512", "convolution filters, width:features, comma-separated (the paper's seven)", arch=True)
     highway: int = option(1, "highway layers after the max-pooling (the paper: 1 for wikitext-103, 2 for billion word)", arch=True)

@@ -65,7 +65,7 @@ KINDS = ("mos", "doc")
 class MixtureConfig:
     """A mixture of softmaxes (``mos``), with experts from intermediate layers too (``doc``)."""
 
-    kind: str = kind_field("mos", "output layer: softmax, mos (mixture of softmaxes, Yang et al. 2018) or doc (MoS with experts from intermediate layers too, Takase et al. 2018)")
+    kind: str = kind_field("mos", "output layer: softmax, mos (mixture of softmaxes, Yang et al. 2018), doc (MoS with experts from intermediate layers too, Takase et al. 2018) or adaptive (adaptive softmax, Grave et al. 2017)")
     tie_weights: bool = option(True, "share the input embedding with the experts' output embedding", arch=True)
     n_experts: int = option(15, "softmax experts computed from the last encoder layer", arch=True)
     latent_dropout: float = option(0.1, "locked dropout on the experts' latent vectors tanh(W_k h) (the MoS code's dropoutl)")

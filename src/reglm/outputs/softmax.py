@@ -26,7 +26,7 @@ from reglm.outputs.base import OutputLayer, OutputLoss
 class SoftmaxConfig:
     """A softmax over the vocabulary."""
 
-    kind: str = kind_field("softmax", "output layer: softmax, mos (mixture of softmaxes, Yang et al. 2018) or doc (MoS with experts from intermediate layers too, Takase et al. 2018)")
+    kind: str = kind_field("softmax", "output layer: softmax, mos (mixture of softmaxes, Yang et al. 2018), doc (MoS with experts from intermediate layers too, Takase et al. 2018) or adaptive (adaptive softmax, Grave et al. 2017)")
     tie_weights: bool = option(True, "share the input embedding with the output projection (Inan et al.; Press & Wolf)", arch=True)
     bias: bool = option(True, "the softmax has a bias; false: fixed at zero (Inan et al.'s reused embeddings, RE)", arch=True)
     init_range: float = option(0.1, "an untied projection is initialized U(-init_range, init_range)")
