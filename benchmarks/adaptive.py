@@ -46,21 +46,17 @@ optimizer state, counted from the tensors) is given beside it.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import os
 import random
-import re
 import string
 from collections.abc import Callable
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from harness import RESULTS, environment, interleaved, save
+from harness import RESULTS, PeakMemory, autocast_of, environment, interleaved, optimizer_bytes, save, tensor_bytes
 
 from reglm.config import build_config
 from reglm.data.vocab import EOS, UNK, Vocab
@@ -120,88 +116,6 @@ def band_shares(ids: Tensor, cutoffs: tuple[int, ...]) -> list[float]:
     for c in cutoffs:
         band += ids >= c
     return (torch.bincount(band.reshape(-1).cpu(), minlength=len(cutoffs) + 1).double() / ids.numel()).tolist()
-
-
-def autocast_of(device: torch.device, precision: str) -> Callable[[], Any]:
-    if precision == "bf16":
-        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
-    return nullcontext
-
-
-# ---------------------------------------------------------------------------------------- memory
-
-
-class PeakMemory:
-    """The transient peak of some steps over what was in use before them (see the module docstring)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.libc = None
-        if device.type == "cpu":
-            try:
-                self.libc = ctypes.CDLL("libc.so.6")
-            except OSError:
-                pass
-            self.available = self._cpu_resettable()
-        else:
-            self.available = device.type == "cuda"
-
-    @property
-    def method(self) -> str:
-        if self.device.type == "cuda":
-            return "persistent bytes + (torch.cuda.max_memory_allocated after reset_peak_memory_stats - memory_allocated before)"
-        if self.available:
-            return "persistent bytes + (peak resident set VmHWM, reset via /proc/self/clear_refs, - resident set VmRSS before, after malloc_trim)"
-        return "unavailable on this platform (no resettable VmHWM); see state_bytes"
-
-    @staticmethod
-    def _status_kib(field: str) -> int:
-        text = Path("/proc/self/status").read_text()
-        return int(re.search(rf"^{field}:\s+(\d+) kB", text, re.MULTILINE).group(1))
-
-    def _cpu_resettable(self) -> bool:
-        try:
-            self._status_kib("VmHWM")
-            Path("/proc/self/clear_refs").write_text("5")
-            return True
-        except (OSError, AttributeError):
-            return False
-
-    def _settle(self) -> None:
-        gc.collect()
-        if self.libc is not None:
-            self.libc.malloc_trim(0)
-
-    def measure(self, run: Callable[[], None]) -> int | None:
-        """Bytes by which ``run()``'s peak exceeds what was in use before it."""
-        if not self.available:
-            run()
-            return None
-        self._settle()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            before = torch.cuda.memory_allocated(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            run()
-            torch.cuda.synchronize(self.device)
-            return torch.cuda.max_memory_allocated(self.device) - before
-        before = self._status_kib("VmRSS")
-        Path("/proc/self/clear_refs").write_text("5")
-        run()
-        return max(0, self._status_kib("VmHWM") - before) * 1024
-
-
-def tensor_bytes(tensors: Any) -> int:
-    seen, total = set(), 0
-    for t in tensors:
-        if isinstance(t, Tensor) and id(t) not in seen:
-            seen.add(id(t))
-            total += t.numel() * t.element_size()
-    return total
-
-
-def optimizer_bytes(optimizer: torch.optim.Optimizer) -> int:
-    return tensor_bytes(v for state in optimizer.state.values() for v in state.values())
 
 
 # ---------------------------------------------------------------------------------------- 1. the six models

@@ -1,4 +1,4 @@
-"""Shared pieces of the benchmark scripts: interleaved timing, device description, result files.
+"""Shared pieces of the benchmark scripts: interleaved timing, device description, result files, peak memory.
 
 Every benchmark measures its contenders in one process, interleaved: a warm-up, then timed
 rounds that alternate which contender goes first, synchronizing CUDA around every timed block,
@@ -7,17 +7,22 @@ so that machine noise hits both sides alike and the reported ratio is meaningful
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import json
 import math
 import os
 import platform
+import re
 import shlex
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
+from torch import Tensor
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -97,3 +102,88 @@ def save(result: dict[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print(f"wrote {path}")
+
+
+def autocast_of(device: torch.device, precision: str) -> Callable[[], Any]:
+    """A context factory: bf16 autocast of the forward pass (``train.precision=bf16``), or nothing."""
+    if precision == "bf16":
+        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext
+
+
+class PeakMemory:
+    """The transient peak of some steps over what was in use before them: on CUDA
+    ``max_memory_allocated`` after ``reset_peak_memory_stats`` less what was allocated before; on
+    a CPU the process's peak resident set (``VmHWM``, reset through ``/proc/self/clear_refs``,
+    after ``malloc_trim``) less its resident set before -- page-granular and including the
+    allocator's slack, so an upper bound of the tensors' bytes."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.libc = None
+        if device.type == "cpu":
+            try:
+                self.libc = ctypes.CDLL("libc.so.6")
+            except OSError:
+                pass
+            self.available = self._cpu_resettable()
+        else:
+            self.available = device.type == "cuda"
+
+    @property
+    def method(self) -> str:
+        if self.device.type == "cuda":
+            return "persistent bytes + (torch.cuda.max_memory_allocated after reset_peak_memory_stats - memory_allocated before)"
+        if self.available:
+            return "persistent bytes + (peak resident set VmHWM, reset via /proc/self/clear_refs, - resident set VmRSS before, after malloc_trim)"
+        return "unavailable on this platform (no resettable VmHWM); see state_bytes"
+
+    @staticmethod
+    def _status_kib(field: str) -> int:
+        text = Path("/proc/self/status").read_text()
+        return int(re.search(rf"^{field}:\s+(\d+) kB", text, re.MULTILINE).group(1))
+
+    def _cpu_resettable(self) -> bool:
+        try:
+            self._status_kib("VmHWM")
+            Path("/proc/self/clear_refs").write_text("5")
+            return True
+        except (OSError, AttributeError):
+            return False
+
+    def _settle(self) -> None:
+        gc.collect()
+        if self.libc is not None:
+            self.libc.malloc_trim(0)
+
+    def measure(self, run: Callable[[], None]) -> int | None:
+        """Bytes by which ``run()``'s peak exceeds what was in use before it."""
+        if not self.available:
+            run()
+            return None
+        self._settle()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            before = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            run()
+            torch.cuda.synchronize(self.device)
+            return torch.cuda.max_memory_allocated(self.device) - before
+        before = self._status_kib("VmRSS")
+        Path("/proc/self/clear_refs").write_text("5")
+        run()
+        return max(0, self._status_kib("VmHWM") - before) * 1024
+
+
+def tensor_bytes(tensors: Any) -> int:
+    """Bytes of the distinct tensors among ``tensors``."""
+    seen, total = set(), 0
+    for t in tensors:
+        if isinstance(t, Tensor) and id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
+
+
+def optimizer_bytes(optimizer: torch.optim.Optimizer) -> int:
+    return tensor_bytes(v for state in optimizer.state.values() for v in state.values())
