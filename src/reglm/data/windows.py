@@ -240,17 +240,18 @@ class ContextPlan:
 
 def _gather(ids: Tensor, spans: list[tuple[int, int, int]], pad_id: int, word_ends: Tensor | None) -> Window:
     """One batch of stateless windows, a row per ``(input start, first scored target, last target)``
-    span, padded on the right to the longest."""
-    width = max(last - begin + 1 for begin, _, last in spans)
-    inputs = torch.full((len(spans), width), pad_id, dtype=ids.dtype, device=ids.device)
-    targets = torch.full_like(inputs, pad_id)
-    positions = torch.full((len(spans), width), -1, dtype=torch.long)
-    for row, (begin, first, last) in enumerate(spans):
-        span = last - begin + 1
-        inputs[row, :span] = ids[begin - 1 : last]
-        targets[row, :span] = ids[begin : last + 1]
-        positions[row, first - begin : span] = torch.arange(first, last + 1)
-    scored = positions >= 0
+    span, padded on the right to the longest: one indexing of ``ids`` on its device."""
+    begin, first, last = (torch.tensor(column, dtype=torch.long) for column in zip(*spans))
+    width = int((last - begin).max()) + 1
+    cols = torch.arange(width)
+    target_pos = begin.unsqueeze(1) + cols  # (R, W): the stream index each column predicts
+    inside = target_pos <= last.unsqueeze(1)
+    index = torch.where(inside, target_pos, begin.unsqueeze(1)).to(ids.device)
+    pad = (~inside).to(ids.device)
+    inputs = ids[index - 1].masked_fill(pad, pad_id)
+    targets = ids[index].masked_fill(pad, pad_id)
+    scored = inside & (target_pos >= first.unsqueeze(1))
+    positions = torch.where(scored, target_pos, -1)
     tokens = int(scored.sum())
     return Window(inputs, targets, scored.to(ids.device), positions, tokens, _word_count(word_ends, positions, scored, tokens))
 
