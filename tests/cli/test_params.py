@@ -22,6 +22,19 @@ WIKITEXT_103 = {
 }
 """Table 3 at the published vocabulary (267,735 words; BPE: 33,337 units)"""
 
+TABLE_7 = {
+    "transformer-wt103-asm-emb256": 314_688_704,
+    "transformer-wt103-asm-emb128": 280_287_552,
+    "transformer-wt103-asm-emb32": 254_486_688,
+    "transformer-wt103-sm-t-emb256": 270_606_080,
+    "transformer-wt103-sm-emb256": 339_146_240,
+    "transformer-wt103-sm-emb64": 356_346_816,
+    "transformer-wt103-adp-t-emb": 247_262_656,
+    "transformer-wt103-adp-t-head": 246_934_976,
+    "transformer-wt103-asm-t-nodim": 340_195_840,
+}
+"""Table 7's other rows (314.7M, 280.3M, 254.5M, 270.6M, 339.1M, 356.3M, 247.3M, 246.9M, 340.2M)"""
+
 BILLION_WORD = {
     "transformer-gbw-adp-t": 330_829_760,
     "transformer-gbw-adp": 458_411_904,
@@ -41,6 +54,11 @@ def test_wikitext103_table3_counts(capsys: pytest.CaptureFixture[str], preset: s
     got = _params(capsys, "--preset", preset)
     assert got["total"] == WIKITEXT_103[preset]
     assert got["input"] + got["body"] + got["output"] == got["total"]
+
+
+@pytest.mark.parametrize("preset", sorted(TABLE_7))
+def test_wikitext103_table7_counts(capsys: pytest.CaptureFixture[str], preset: str) -> None:
+    assert _params(capsys, "--preset", preset)["total"] == TABLE_7[preset]
 
 
 @pytest.mark.parametrize("preset", sorted(BILLION_WORD))

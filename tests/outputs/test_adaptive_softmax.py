@@ -258,10 +258,52 @@ def test_bad_options_are_config_errors(overrides: list[str], fragment: str) -> N
         build_config(None, [*ADAPTIVE_IN, *overrides])
 
 
-@pytest.mark.parametrize("tie", ["embeddings", "projections", "head"])
-def test_tying_to_a_word_embedding_is_a_config_error(tie: str) -> None:
+@pytest.mark.parametrize("tie", ["projections", "head"])
+def test_tying_projections_to_a_word_embedding_is_a_config_error(tie: str) -> None:
     with pytest.raises(ReglmError, match=f"invalid option model.output.tie: tie={tie} shares parameters with an adaptive input, not with input layer embedding"):
         build_config(None, ["model.input.emb_size=16", "model.output=adaptive", "model.output.cutoffs=10,30", f"model.output.tie={tie}"])
+
+
+@pytest.mark.parametrize(("overrides", "fragment"), [
+    (["model.output.factor=4"], "invalid option model.output.factor: 4: a word embedding has one size for every word"),
+    (["model.output.factor=1", "model.input.emb_size=8"], "ties to a word embedding of size 8"),
+])
+def test_tying_embeddings_to_a_word_embedding_needs_factor_1_and_its_size(overrides: list[str], fragment: str) -> None:
+    with pytest.raises(ReglmError, match=fragment):
+        build_config(None, ["model.input.emb_size=16", "model.encoder.last_hidden_size=16", "model.output=adaptive", "model.output.cutoffs=10,30",
+                            "model.output.tie=embeddings", *overrides])
+
+
+WORD_TIED = ["model.input.emb_size=16", "model.encoder.hidden_size=12", "model.encoder.num_layers=1", "model.encoder.last_hidden_size=16",
+             "model.output=adaptive", "model.output.cutoffs=10,30", "model.output.factor=1", "model.output.tie=embeddings"]
+"""Table 7's "512d Adaptive (no dim reduction, tied)" at toy size"""
+
+
+def test_a_word_embedding_tied_at_factor_1_is_the_softmax_of_its_rows(tmp_path: Path) -> None:
+    """Every band's embedding is the embedding matrix's rows (one Parameter, kept through a
+    checkpoint); the layer equals torch's module with those rows copied in, and normalizes."""
+    config = build_config(None, WORD_TIED)
+    model = LanguageModel(config.model, V).eval()
+    out, emb = model.output, model.embedding.weight
+    assert out.tied_matrix is emb and out.dims == (16, 16, 16)
+    assert sum(p.numel() for p in out.parameters() if p is not emb) == model.parameter_split()["output"] == 2 * 16 * 16 + 2 * 16
+    ref = torch.nn.AdaptiveLogSoftmaxWithLoss(16, V, [10, 30], div_value=1.0, head_bias=False)
+    with torch.no_grad():
+        ref.head.weight.copy_(torch.cat([emb[:10], out.cluster_weight]))
+        for j, tail in enumerate(ref.tail):
+            tail[0].weight.copy_(out.tail_projections[j].T)
+            tail[1].weight.copy_(emb[out.bounds[j + 1] : out.bounds[j + 2]])
+    h, y = torch.randn(40, 16), torch.randint(0, V, (40,))
+    torch.testing.assert_close(out.nll_of(h, y), -ref(h, y).output, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.log_probs(h), ref.log_prob(h), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.log_probs(h).exp().sum(-1), torch.ones(40), rtol=1e-5, atol=1e-5)
+    out.nll_of(h, y).sum().backward()
+    assert emb.grad is not None and emb.grad[:10].abs().sum() > 0
+    vocab = Vocab([f"w{i}" for i in range(V - 1)] + ["<eos>"], list(range(V, 0, -1)))
+    save_model_dir(tmp_path / "m", model, config, vocab)
+    loaded, _, _ = load_model_dir(tmp_path / "m")
+    assert loaded.output.tied_matrix is loaded.embedding.weight
+    torch.testing.assert_close(loaded.embedding.weight, emb, rtol=0, atol=0)
 
 
 def test_untied_adaptive_softmax_over_a_word_embedding_is_allowed() -> None:

@@ -40,6 +40,12 @@ output dropout (``model.encoder.output_dropout``), which ``h`` has already been 
 The ``n - 1`` cluster entries ``C`` are never shared. ``projections`` is the default: Table 7's
 best (ADP-T, 19.79 valid ppl on WikiText-103); section 3 reports a head projection did worse.
 
+With a plain **word embedding** ``L: (V, d)`` as the input layer, ``tie=embeddings`` and
+``factor=1`` (every band of dimension ``d``: "no dim reduction") make every ``E_i`` the rows of
+``L`` in band ``i`` (views of the one Parameter); the tail projections and ``C`` stay the layer's
+own. That is Table 7's "512d Embedding / 512d Adaptive (no dim reduction, tied)" row, the
+adaptive softmax of Merity et al. (2018).
+
 **AdvSoft** (Wang et al. 2019, :mod:`reglm.outputs.adversarial`) with ``adversarial=True``: the
 target's head logit (the word itself, or its cluster's entry for a tail word) is lowered by
 ``epsilon ||x||`` with ``x`` what that row reads (``h'`` for a head word, ``h`` for a cluster
@@ -93,7 +99,7 @@ class AdaptiveSoftmaxConfig:
     cutoffs: str = option("20000,60000", "comma-separated first ids of the tail clusters, e.g. 20000,60000; every cutoff < the vocabulary size", arch=True)
     factor: float = option(4.0, "k: cluster i has dimension d / k^(i-1), d the encoder output size (torch's div_value)", arch=True)
     tail_dropout: float = option(0.0, "dropout on each tail cluster's projected input (Baevski & Auli 5.4: 0.2 on WikiText-103)")
-    tie: str | None = option("projections", "share with an adaptive input (Table 7): none, embeddings (word embeddings), projections (also the tail projections; the paper's best), head (also a head projection)", arch=True)
+    tie: str | None = option("projections", "share with an adaptive input (Table 7): none, embeddings (word embeddings), projections (also the tail projections; the paper's best), head (also a head projection); with a word-embedding input only embeddings, at factor 1", arch=True)
     advsoft: AdvSoftConfig = option(AdvSoftConfig(), "the adversarial softmax, in the head and in the target's cluster (model.output.advsoft=relative|fixed|none)")
 
     def __post_init__(self) -> None:
@@ -111,12 +117,26 @@ class AdaptiveSoftmaxConfig:
 
     def check_with(self, model: Any) -> None:
         """The cluster dimensions divide the encoder output size; tying needs an adaptive input
-        of the same bands, factor and size."""
+        of the same bands, factor and size, or a word embedding of that size at factor 1."""
         features = model.encoder.output_size(model.input.output_size)
         band_dims(features, self.factor, len(self.cutoff_values) + 1, "model.output.factor")
         if self.tie == "none":
             return
         inp = model.input
+        if inp.kind == "embedding":
+            check(
+                self.tie == "embeddings", "model.output.tie",
+                f"tie={self.tie} shares parameters with an adaptive input, not with input layer embedding; set model.input=adaptive, "
+                "model.output.tie=none, or tie=embeddings with factor=1",
+            )
+            check(self.factor == 1, "model.output.factor", f"{self.factor:g}: a word embedding has one size for every word, so tying the "
+                  "adaptive softmax to it needs factor=1 (no dim reduction); set factor=1 or model.output.tie=none")
+            check(
+                features == inp.emb_size, "model.output.tie",
+                f"the adaptive softmax reads the encoder output ({features} features from encoder {model.encoder.kind}) but ties to a "
+                f"word embedding of size {inp.emb_size}; make them equal (model.encoder.output_dim) or set tie=none",
+            )
+            return
         check(
             inp.kind == "adaptive", "model.output.tie",
             f"tie={self.tie} shares parameters with an adaptive input, not with input layer {inp.kind}; set model.input=adaptive or model.output.tie=none",
@@ -140,12 +160,15 @@ class AdaptiveSoftmax(OutputLayer):
     """The adaptive softmax over ``h: (..., d)``; see the module docstring.
 
     * ``in_features``: ``d``; ``vocab_size``: ``V``; ``cutoffs``: ``(c_1, .., c_{n-1})``;
-    * ``tied_bands``: per band ``(E^in_i, W_i)`` of an adaptive input (:meth:`AdaptiveInput.band_weights`), read per ``tie``.
+    * ``tied_bands``: per band ``(E^in_i, W_i)`` of an adaptive input (:meth:`AdaptiveInput.band_weights`), read per ``tie``;
+    * ``tied_matrix``: instead, the ``(V, d)`` word embedding whose band rows are every ``E_i``
+      (``tie=embeddings``, ``factor=1``); registered here as ``tied_matrix``, the same Parameter.
 
     Parameters: ``head_weight: (c_1, d)`` (``E_1``), ``cluster_weight: (n-1, d)`` (``C``),
     ``tail_projections.j: (d, d_{j+2})`` (``P_{j+2}``, laid out as the input's projections),
     ``tail_weights.j: (|V_{j+2}|, d_{j+2})`` (``E_{j+2}``), and with ``tie=head``
     ``head_projection: (d, d)`` (``P_1``). A shared one is the input layer's Parameter itself.
+    :meth:`band_weight` gives ``E_i`` whichever way it is held.
     """
 
     Config = AdaptiveSoftmaxConfig
@@ -154,13 +177,14 @@ class AdaptiveSoftmax(OutputLayer):
     def __init__(
         self, in_features: int, vocab_size: int, cutoffs: tuple[int, ...], factor: float = 4.0, tail_dropout: float = 0.0,
         tie: str = "none", tied_bands: list[tuple[nn.Parameter, nn.Parameter]] | None = None, advsoft: AdvSoft | None = None,
+        tied_matrix: nn.Parameter | None = None,
     ) -> None:
         super().__init__()
         cutoffs = valid_cutoffs(cutoffs, vocab_size)
         if tie not in TIES:
             raise ValueError(f"tie must be one of {TIES}, got {tie!r}")
-        if tie != "none" and tied_bands is None:
-            raise ValueError(f"tie={tie} needs the adaptive input's tied_bands")
+        if tie != "none" and tied_bands is None and (tie != "embeddings" or tied_matrix is None):
+            raise ValueError(f"tie={tie} needs the adaptive input's tied_bands (or, for tie=embeddings, a word embedding's tied_matrix)")
         self.in_features = in_features
         self.vocab_size = vocab_size
         self.cutoffs = cutoffs
@@ -176,11 +200,18 @@ class AdaptiveSoftmax(OutputLayer):
         def own(*shape: int) -> nn.Parameter:
             return nn.Parameter(nn.init.xavier_uniform_(torch.empty(*shape)))
 
+        self.cluster_weight = own(n - 1, in_features)
+        self.head_projection = tied_bands[0][1] if tie == "head" else None
+        if tied_matrix is not None and tied_bands is None:
+            if set(self.dims) != {in_features} or tuple(tied_matrix.shape) != (vocab_size, in_features):
+                raise ValueError(f"a tied word embedding {tuple(tied_matrix.shape)} needs factor 1 and shape ({vocab_size}, {in_features})")
+            self.tied_matrix = tied_matrix
+            self.tail_projections = nn.ParameterList(own(in_features, in_features) for _ in range(1, n))
+            return
+        self.tied_matrix = None
         tie_emb = tie != "none"
         tie_proj = tie in ("projections", "head")
         self.head_weight = tied_bands[0][0] if tie_emb else own(cutoffs[0], in_features)
-        self.cluster_weight = own(n - 1, in_features)
-        self.head_projection = tied_bands[0][1] if tie == "head" else None
         self.tail_projections = nn.ParameterList(
             tied_bands[i][1] if tie_proj else own(in_features, self.dims[i]) for i in range(1, n)
         )
@@ -198,17 +229,27 @@ class AdaptiveSoftmax(OutputLayer):
     def from_config(cls, cfg: AdaptiveSoftmaxConfig, in_features: int, vocab_size: int, input_layer: nn.Module, encoder: nn.Module) -> AdaptiveSoftmax:
         cutoffs = cfg.cutoff_values
         check_cutoffs_fit(cutoffs, vocab_size, "model.output.cutoffs")
-        tied = None
+        tied, matrix = None, None
         if cfg.tie != "none":
             band_weights = getattr(input_layer, "band_weights", None)
-            if band_weights is None:
+            tied_weight = getattr(input_layer, "tied_weight", None)
+            if band_weights is not None:
+                tied = band_weights()
+            elif cfg.tie == "embeddings" and tied_weight is not None:
+                matrix = tied_weight()
+            else:
                 raise ReglmError(f"invalid option model.output.tie: {cfg.tie} needs an input layer with bands (model.input=adaptive); set tie=none")
-            tied = band_weights()
-        return cls(in_features, vocab_size, cutoffs, cfg.factor, cfg.tail_dropout, cfg.tie, tied, cfg.advsoft.build())
+        return cls(in_features, vocab_size, cutoffs, cfg.factor, cfg.tail_dropout, cfg.tie, tied, cfg.advsoft.build(), matrix)
 
     @property
     def num_bands(self) -> int:
         return len(self.dims)
+
+    def band_weight(self, i: int) -> Tensor:
+        """``E_i: (|V_i|, d_i)`` of (0-based) band ``i``: the layer's own, an adaptive input's, or rows of a tied word embedding."""
+        if self.tied_matrix is not None:
+            return self.tied_matrix[self.bounds[i] : self.bounds[i + 1]]
+        return self.head_weight if i == 0 else self.tail_weights[i - 1]
 
     # ------------------------------------------------------------------ the math, on hidden states
 
@@ -227,7 +268,7 @@ class AdaptiveSoftmax(OutputLayer):
         """``h: (N, d) -> (N, c_1 + n - 1)``: head words, then one entry per tail cluster."""
         # join the (N, c_1) and (N, n - 1) logits, not the weights: a (c_1 + n - 1, d) copy of the
         # head every call (and its gradient copied back) cost 10-20% of the layer's time
-        return torch.cat([F.linear(self.head_input(h), self.head_weight), F.linear(h, self.cluster_weight)], dim=-1)
+        return torch.cat([F.linear(self.head_input(h), self.band_weight(0)), F.linear(h, self.cluster_weight)], dim=-1)
 
     def tail_input(self, j: int, h: Tensor) -> Tensor:
         """``h: (M, d) -> h_i: (M, d_i)`` for tail cluster ``j`` (0-based; band ``j + 2``): projected, then dropped."""
@@ -240,7 +281,7 @@ class AdaptiveSoftmax(OutputLayer):
         c1 = self.cutoffs[0]
         parts = [head[:, :c1]]
         for j in range(self.num_bands - 1):
-            tail = F.log_softmax(F.linear(self.tail_input(j, flat), self.tail_weights[j]), dim=-1)
+            tail = F.log_softmax(F.linear(self.tail_input(j, flat), self.band_weight(j + 1)), dim=-1)
             parts.append(tail + head[:, c1 + j : c1 + j + 1])
         return torch.cat(parts, dim=-1).view(*h.shape[:-1], self.vocab_size)
 
@@ -258,7 +299,7 @@ class AdaptiveSoftmax(OutputLayer):
         logits = self.head_logits(flat_h)
         if adv is not None:
             x = flat_h if self.head_projection is None else torch.where((band == 0).unsqueeze(-1), self.head_input(flat_h), flat_h)
-            rows = F.embedding(entry, torch.cat([self.head_weight, self.cluster_weight])) if adv.needs_target_weight() else None
+            rows = F.embedding(entry, torch.cat([self.band_weight(0), self.cluster_weight])) if adv.needs_target_weight() else None
             perturb_target_logits_(logits, entry, adv.margin(x, rows))
         nll = F.cross_entropy(logits, entry, reduction="none")
         if self.num_bands > 1:
@@ -269,9 +310,9 @@ class AdaptiveSoftmax(OutputLayer):
                     continue
                 h_j = self.tail_input(j, flat_h.index_select(0, positions))
                 local = flat_y.index_select(0, positions) - self.bounds[j + 1]
-                tail_logits = F.linear(h_j, self.tail_weights[j])
+                tail_logits = F.linear(h_j, self.band_weight(j + 1))
                 if adv is not None:
-                    rows = F.embedding(local, self.tail_weights[j]) if adv.needs_target_weight() else None
+                    rows = F.embedding(local, self.band_weight(j + 1)) if adv.needs_target_weight() else None
                     perturb_target_logits_(tail_logits, local, adv.margin(h_j, rows))
                 nll = nll.index_add(0, positions, F.cross_entropy(tail_logits, local, reduction="none"))
         return nll.view(targets.shape)
