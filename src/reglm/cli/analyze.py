@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from reglm.cli.common import add_data_options, load_scored_run, print_table, run_labels
+from reglm.cli.common import add_data_options, load_scored_run, print_table, run_labels, writing_into
 from reglm.errors import ReglmError
 
 
@@ -48,11 +48,9 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     progress = sys.stderr.isatty() and not args.json
     records = [analyze_run(run, label, args.checkpoint, progress, args.top) for run, label in zip(args.runs, labels)]
     figure, data = out / "embedding-diversity.png", out / "embedding-diversity.json"
-    try:
+    with writing_into(out):
         plot_embedding_diversity(records, figure)
         write_json(data, {"figure": figure.name, "runs": records})
-    except OSError as exc:
-        raise ReglmError(f"cannot write into --out {out} ({exc.strerror or exc}); choose a writable directory") from None
     rows = [{key: r[key] for key in ("label", "path", "checkpoint", "vocab_size", "embedding_dim", "analyzed_words")} | r["summary"] for r in records]
     if args.json:
         print(json.dumps({"figure": str(figure), "data": str(data), "runs": rows}))
@@ -79,10 +77,8 @@ def _analyze_subspace(args: argparse.Namespace, labels: list[str]) -> int:
         distance = embedding_subspace_distance(model)  # refuses output layers without one (V, H) matrix first
         rows.append({"label": label, "path": str(directory), "tied": config.model.output.tie_weights, "distance": distance})
     data = out / "subspace.json"
-    try:
+    with writing_into(out):
         write_json(data, {"metric": "Inan et al. 2017, appendix B: d^2 = 1 - ||U^T V||_F^2 / C between span(L^T) and span(W)", "runs": rows})
-    except OSError as exc:
-        raise ReglmError(f"cannot write into --out {out} ({exc.strerror or exc}); choose a writable directory") from None
     if args.json:
         print(json.dumps({"data": str(data), "runs": rows}))
         return 0
@@ -109,11 +105,9 @@ def _analyze_by_frequency(args: argparse.Namespace, labels: list[str]) -> int:
         record = frequency_analysis(loaded.model, loaded.corpus, args.split, reading, loaded.device, progress)
         records.append({"label": label, "path": str(loaded.directory), **record})
     figure, data = out / "loss-by-frequency.png", out / "loss-by-frequency.json"
-    try:
+    with writing_into(out):
         plot_loss_by_frequency(records, figure)
         write_json(data, {"figure": figure.name, "loss": "mean NLL (nats) of the words in each bin of training counts", "runs": records})
-    except OSError as exc:
-        raise ReglmError(f"cannot write into --out {out} ({exc.strerror or exc}); choose a writable directory") from None
     if args.json:
         print(json.dumps({"figure": str(figure), "data": str(data), "runs": records}))
         return 0

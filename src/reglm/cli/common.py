@@ -127,4 +127,11 @@ def run_labels(labels: str | None, runs: list[str]) -> list[str]:
     return names
 
 
-
+@contextmanager
+def writing_into(out: Path) -> Iterator[None]:
+    """Around the writes of a command's results into ``--out``: an OS error there (a read-only or
+    full directory) is a ReglmError naming the directory."""
+    try:
+        yield
+    except OSError as exc:
+        raise ReglmError(f"cannot write into --out {out} ({exc.strerror or exc}); choose a writable directory") from None

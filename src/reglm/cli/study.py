@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from reglm.cli.common import add_data_options
+from reglm.cli.common import add_data_options, writing_into
 from reglm.errors import ReglmError
 
 
@@ -131,11 +131,9 @@ def _study_subspace(args: argparse.Namespace) -> int:
     result = run_subspace_study(corpus.train, len(corpus.vocab), spec, resolve_device(args.device), progress=sys.stderr.isatty() and not args.json)
     result["data"] = corpus.name
     data, figure = out / "subspace-study.json", out / "subspace-study.png"
-    try:
+    with writing_into(out):
         write_json(data, result)
         plot_subspace_study(result, figure)
-    except OSError as exc:
-        raise ReglmError(f"cannot write into --out {out} ({exc.strerror or exc}); choose a writable directory") from None
     if args.json:
         print(json.dumps(result))
         return 0
