@@ -16,8 +16,10 @@ word into its units first; :meth:`TrainedModel.score` then sums the units' log-p
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -26,11 +28,60 @@ from reglm.data.vocab import EOS, UNK, Vocab
 from reglm.data.windows import StreamPlan
 from reglm.errors import ReglmError
 from reglm.evaluate.perplexity import perplexity, stream_pass
+from reglm.evaluate.sentences import sentence_log_probs
 from reglm.models import LanguageModel
 from reglm.rundir import model_dir, require_kind
 from reglm.train.checkpoint import load_model_dir
 
 WINDOW = 256
+"""Tokens per window when a text is read as one stream (:meth:`TrainedModel.target_log_probs`)."""
+BATCH_LOGITS = 1 << 25
+"""Padded positions times vocabulary size per batch of sentences (128 MiB of float32 logits)."""
+
+
+class WordScore(NamedTuple):
+    """One word of a scored sentence: the word as given, its log-probability, and whether it is
+    out of the vocabulary (then scored as ``<unk>``)."""
+
+    word: str
+    log_prob: float
+    oov: bool
+
+
+def log_scale(base: str | int) -> float:
+    """The factor that turns a natural log into a log of ``base`` (``"e"`` or ``10``)."""
+    if base in ("e", "E"):
+        return 1.0
+    if base in (10, "10"):
+        return 1.0 / math.log(10.0)
+    raise ReglmError(f"log base {base!r} is not supported; use e (natural log) or 10 (KenLM's and most ASR decoders')")
+
+
+def _word_index(ends: Sequence[bool]) -> list[int]:
+    """For every unit, the index of the word it belongs to (``ends`` marks each word's last unit)."""
+    index, word = [], 0
+    for end in ends:
+        index.append(word)
+        word += bool(end)
+    return index
+
+
+@dataclass
+class SentenceUnits:
+    """One sentence as the model reads it: its words (the last is ``<eos>``), the ids of their
+    units, which unit closes each word, and which words are out of the vocabulary."""
+
+    words: list[str]
+    ids: list[int]
+    ends: list[bool]
+    oov: list[bool]
+
+    def word_scores(self, unit_log_probs: torch.Tensor, scale: float, eos: bool) -> list[WordScore]:
+        """The units' natural-log probabilities ``(len(ids),)`` summed into words, times ``scale``;
+        the ``<eos>`` word dropped unless ``eos``."""
+        sums = torch.zeros(len(self.words), dtype=torch.float64).index_add_(0, torch.tensor(_word_index(self.ends), dtype=torch.long), unit_log_probs.double())
+        scores = [WordScore(w, float(v) * scale, oov) for w, v, oov in zip(self.words, sums.tolist(), self.oov)]
+        return scores if eos else scores[:-1]
 
 
 class TrainedModel:
@@ -84,9 +135,84 @@ class TrainedModel:
         totals = stream_pass([self.model], StreamPlan(stream, 1, "all"), WINDOW, lambda outs, w: {"nll": self.model.output_nll(outs[0], w.targets)}, self.device, keep=("nll",))
         return -totals.kept["nll"][1].double()
 
-    def score(self, sentence: str) -> float:
-        """Total log-probability (natural log) of one sentence, its final ``<eos>`` included."""
-        return float(self.target_log_probs(self.tokens_to_ids(sentence.split()) + [self.vocab.eos_id]).sum())
+    def score(self, sentence: str, base: str | int = "e", eos: bool = True) -> float:
+        """Total log-probability of one sentence read after ``<eos>``, its final ``<eos>`` scored
+        unless ``eos`` is false; natural log, or log10 with ``base=10``. A word outside the
+        vocabulary is scored as ``<unk>`` (:meth:`full_scores` flags it)."""
+        if not isinstance(sentence, str):
+            raise ReglmError(f"score takes one sentence as a str, not {type(sentence).__name__}; for several sentences use score_batch")
+        return self.score_batch([sentence], base, eos)[0]
+
+    def score_batch(self, sentences: Sequence[str], base: str | int = "e", eos: bool = True, carry: bool = False, progress: bool = False) -> list[float]:
+        """:meth:`score` of every sentence, computed in padded batches sorted by length (the same
+        numbers as one at a time, up to float rounding). With ``carry`` the sentences are read
+        as one text, each from the state the previous one left (a document, not an n-best list)."""
+        return [sum(w.log_prob for w in words) for words in self.full_scores_batch(sentences, base, eos, carry, progress)]
+
+    def full_scores(self, sentence: str, base: str | int = "e", eos: bool = True) -> list[WordScore]:
+        """Per word of ``sentence`` (and its ``<eos>`` unless ``eos`` is false): the word, its
+        log-probability given the words before it, and whether it is out of the vocabulary (like
+        KenLM's ``full_scores``). A sub-word model's word is the product of its units."""
+        if not isinstance(sentence, str):
+            raise ReglmError(f"full_scores takes one sentence as a str, not {type(sentence).__name__}; for several sentences use full_scores_batch")
+        return self.full_scores_batch([sentence], base, eos)[0]
+
+    def full_scores_batch(self, sentences: Sequence[str], base: str | int = "e", eos: bool = True, carry: bool = False, progress: bool = False) -> list[list[WordScore]]:
+        """:meth:`full_scores` of every sentence (batched as in :meth:`score_batch`)."""
+        if isinstance(sentences, str) or not all(isinstance(s, str) for s in sentences):
+            raise ReglmError("expected a list of sentences, each a str; for one sentence use score or full_scores")
+        scale = log_scale(base)
+        encoded = [self._encode_sentence(s) for s in sentences]
+        if carry:
+            stream = [i for units in encoded for i in units.ids]
+            flat = self.target_log_probs(stream) if stream else torch.zeros(0, dtype=torch.float64)
+            unit_scores = list(torch.split(flat, [len(units.ids) for units in encoded]))
+        else:
+            batch_tokens = max(256, BATCH_LOGITS // len(self.vocab))
+            unit_scores = sentence_log_probs(self.model, [units.ids for units in encoded], self.vocab.eos_id, self.device, batch_tokens, progress)
+        return [units.word_scores(logp, scale, eos) for units, logp in zip(encoded, unit_scores)]
+
+    def next_words(self, prefix: str = "", k: int = 10, base: str | int = "e", exclude: Sequence[str] = (UNK,)) -> list[tuple[str, float]]:
+        """The ``k`` most likely next words after ``prefix`` (read from the start of a sentence),
+        most likely first, with their log-probabilities; the words of ``exclude`` are never
+        proposed (by default ``<unk>``; ``<eos>`` is proposed: the sentence may end)."""
+        if not isinstance(prefix, str):
+            raise ReglmError(f"next_words takes the prefix as a str, not {type(prefix).__name__}")
+        if self.subword is not None:
+            raise ReglmError("next_words proposes whole words; this is a sub-word (BPE) model, whose next token is a unit: use generate, or a word-level model")
+        if not isinstance(k, int) or k < 1:
+            raise ReglmError(f"k={k!r} must be a positive integer")
+        scale = log_scale(base)
+        tokens = prefix.split()
+        self._require_known(tokens, "prefix")
+        ids = torch.tensor([[self.vocab.eos_id, *(self.vocab.stoi[t] for t in tokens)]], device=self.device)
+        with torch.no_grad():
+            log_p = self.model.log_probs(ids, self.model.init_state(1, device=self.device))[0][0, -1].double().cpu()
+        for word in exclude:
+            if word in self.vocab:
+                log_p[self.vocab.stoi[word]] = -math.inf
+        values, order = torch.topk(log_p, min(k, int(torch.isfinite(log_p).sum())))
+        return [(self.vocab.itos[i], v * scale) for i, v in zip(order.tolist(), values.tolist())]
+
+    def _encode_sentence(self, sentence: str) -> SentenceUnits:
+        """The ids of one sentence's words and its ``<eos>``, which of them close a word, and
+        which words are out of the vocabulary."""
+        words = [*sentence.split(), EOS]
+        if self.subword is not None:
+            ids, ends = self.subword.encode_words(words)
+            unk = self.vocab.unk_id
+            word_ids, unit_oov = _word_index(ends), [i == unk for i in ids]
+            oov = [False] * len(words)
+            for w, flag in zip(word_ids, unit_oov):
+                oov[w] = oov[w] or flag
+            return SentenceUnits(words, ids, ends, oov)
+        return SentenceUnits(words, self.tokens_to_ids(words), [True] * len(words), [w not in self.vocab for w in words])
+
+    def _require_known(self, tokens: list[str], what: str) -> None:
+        unknown = [t for t in tokens if t not in self.vocab]
+        if unknown:
+            hint = f"rephrase the {what} or write {UNK}" if self.vocab.unk_id is not None else f"rephrase the {what} with words of the vocabulary (vocab.txt of the run)"
+            raise ReglmError(f"{what} word(s) {', '.join(repr(t) for t in unknown[:5])} are not in the model's vocabulary; {hint}")
 
     def perplexity(self, text: str) -> float:
         """exp(mean NLL) over every token of ``text`` (one ``<eos>`` per line); for a BPE model
@@ -98,18 +224,21 @@ class TrainedModel:
         logp = self.target_log_probs(ids)
         return perplexity(-float(logp.sum()) / max(sum(ends), 1))
 
-    def generate(self, words: int, temperature: float = 1.0, seed: int = 0, prompt: str = "") -> list[str]:
+    def generate(self, words: int, temperature: float = 1.0, seed: int = 0, prompt: str = "", top_k: int | None = None, top_p: float | None = None) -> list[str]:
         """Sample ``words`` tokens after ``prompt``; returns the prompt's tokens and the sampled ones."""
-        return list(self.stream(words, temperature, seed, prompt))
+        return list(self.stream(words, temperature, seed, prompt, top_k, top_p))
 
     @torch.no_grad()
-    def stream(self, words: int, temperature: float = 1.0, seed: int = 0, prompt: str = "") -> Iterator[str]:
+    def stream(self, words: int, temperature: float = 1.0, seed: int = 0, prompt: str = "", top_k: int | None = None, top_p: float | None = None) -> Iterator[str]:
         """:meth:`generate` as it goes: yields the prompt's tokens, then each sampled token as soon
         as it is drawn (no limit on ``words``; memory stays constant).
 
         Sampling draws from ``softmax(log p / temperature)``, computed in float64 from the most
         likely word's log-probability, so a temperature small enough to underflow any other
         word's weight samples the most likely word (greedy decoding) instead of failing.
+        ``top_k`` keeps the ``k`` most likely words, ``top_p`` the smallest set of most likely words
+        whose probabilities (at this temperature) sum to at least ``p`` (nucleus sampling,
+        Holtzman et al. 2020); both may be given, the top-k cut coming first.
         For a BPE model the tokens are units (the prompt's words segmented; ``</w>`` ends a word,
         :meth:`reglm.data.bpe.BPEVocab.join` re-joins them).
         """
@@ -117,15 +246,16 @@ class TrainedModel:
             raise ReglmError(f"--words {words} must be >= 0")
         if not (math.isfinite(temperature) and temperature > 0):
             raise ReglmError(f"--temperature {temperature} must be a positive number")
+        if top_k is not None and top_k < 1:
+            raise ReglmError(f"--top-k {top_k} must be >= 1")
+        if top_p is not None and not 0.0 < top_p <= 1.0:
+            raise ReglmError(f"--top-p {top_p} must be in (0, 1]")
         if not 0 <= seed < 2**63:
             raise ReglmError(f"--seed {seed} must be in [0, 2^63)")
         prompt_tokens = prompt.split()
         if self.subword is not None:
             prompt_tokens = self.subword.decode(self.tokens_to_ids(prompt_tokens))
-        unknown = [t for t in prompt_tokens if t not in self.vocab]
-        if unknown:
-            hint = f"rephrase the prompt or write {UNK}" if self.vocab.unk_id is not None else "rephrase the prompt with words of the vocabulary (vocab.txt of the run)"
-            raise ReglmError(f"prompt word(s) {', '.join(repr(t) for t in unknown[:5])} are not in the model's vocabulary; {hint}")
+        self._require_known(prompt_tokens, "prompt")
         gen = torch.Generator(device="cpu").manual_seed(seed)
         ids = [self.vocab.eos_id, *(self.vocab.stoi[t] for t in prompt_tokens)]
         state = self.model.init_state(1, device=self.device)
@@ -133,8 +263,8 @@ class TrainedModel:
         yield from prompt_tokens
         for _ in range(words):
             log_p = self.model.output_log_probs(result)[0, -1].double().cpu()
-            scaled = (log_p - log_p.max()) / temperature
-            nxt = int(torch.multinomial(torch.softmax(scaled, -1), 1, generator=gen))
+            probs = truncated(torch.softmax((log_p - log_p.max()) / temperature, -1), top_k, top_p)
+            nxt = int(torch.multinomial(probs, 1, generator=gen))
             yield self.vocab.itos[nxt]
             result = self.model(torch.tensor([[nxt]], device=self.device), result.state)
 
@@ -145,6 +275,22 @@ def load(path: Path | str, which: str = "best", device: str | torch.device = "cp
     model, config, vocab = load_model_dir(directory, device)
     require_kind(config.objective.kind, directory, "lm")
     return TrainedModel(model, vocab, torch.device(device))
+
+
+def truncated(probs: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
+    """``probs: (V,)`` with every word outside the top ``top_k`` and outside the nucleus of mass
+    ``top_p`` set to zero (the most likely word always stays; ties at the cut keep the lower id)."""
+    if top_k is None and top_p is None:
+        return probs
+    sorted_probs, order = torch.sort(probs, descending=True, stable=True)
+    keep = torch.ones_like(sorted_probs, dtype=torch.bool)
+    if top_k is not None:
+        keep[top_k:] = False
+    if top_p is not None:
+        mass_before = torch.cumsum(sorted_probs * keep, 0) - sorted_probs
+        keep &= mass_before < top_p * float((sorted_probs * keep).sum())
+    keep[0] = True
+    return torch.zeros_like(probs).index_put_((order[keep],), sorted_probs[keep])
 
 
 def _lines(text: str) -> list[str]:

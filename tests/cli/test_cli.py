@@ -150,15 +150,15 @@ def test_eval_with_cache_and_word_outputs(capsys: pytest.CaptureFixture, run_dir
     assert result["cache"] == {"window": 50, "theta": 0.5, "lambda": 0.2}
     assert result["model_ppl"] > 1 and result["word_probs"] == str(probs)
     rows = _tsv(probs)
-    assert len(rows) == result["tokens"]
-    assert sum(float(r["log_prob"]) for r in rows) == pytest.approx(-result["loss"] * result["tokens"], rel=1e-6)
+    assert len(rows) == result["tokens"] + 1 and [int(r["position"]) for r in rows] == list(range(len(rows))), "every token, the first after <eos>"
+    assert sum(float(r["log_prob"]) for r in rows[1:]) == pytest.approx(-result["loss"] * result["tokens"], rel=1e-6)
     table = _tsv(deltas)
     assert sum(int(r["count"]) for r in table) == result["tokens"]
     assert sum(float(r["delta_loss"]) for r in table) == pytest.approx((result["loss"] - result["model_loss"]) * result["tokens"], abs=1e-3)
 
     code, out, _ = run_cli(capsys, "eval", str(run_dir), "--word-probs", str(probs), "--json")
     result = json.loads(out)
-    assert code == 0 and result["mode"] == "plain" and len(_tsv(probs)) == result["tokens"]
+    assert code == 0 and result["mode"] == "plain" and len(_tsv(probs)) == result["tokens"] + 1
 
     code, out, _ = run_cli(capsys, "eval", str(run_dir), "--cache-search", "window=20,100;theta=0.3;lambda=0.1,0.3", "--json")
     assert code == 0

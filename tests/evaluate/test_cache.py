@@ -197,7 +197,7 @@ def test_word_probs_file_matches_the_per_token_nll(model: LanguageModel, ids: to
     write_word_probs(path, result, ids, vocab)
     with open(path, newline="", encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh, delimiter="\t"))
-    assert list(rows[0]) == ["position", "word", "prob", "log_prob"]
+    assert list(rows[0]) == ["position", "line", "index", "word", "prob", "log_prob"]
     expected = list(range(1, ids.numel()))
     positions = [int(r["position"]) for r in rows]
     assert positions == expected
@@ -208,6 +208,22 @@ def test_word_probs_file_matches_the_per_token_nll(model: LanguageModel, ids: to
         assert float(r["prob"]) == pytest.approx(math.exp(float(r["log_prob"])), rel=1e-7)
     assert sum(float(r["log_prob"]) for r in rows) == pytest.approx(-result.loss * result.tokens, rel=1e-6)
     assert not [p for p in tmp_path.iterdir() if p.name != "probs.tsv"], "no temporary file left"
+
+
+def test_word_probs_rows_map_back_to_lines(model: LanguageModel, vocab: Vocab, tmp_path: Path) -> None:
+    text = [["w1", "w2", "w3"], [], ["w2"], ["w3", "w1"]]
+    stream = [w for line in text for w in [*line, EOS]]
+    ids = torch.tensor(vocab.encode(stream))
+    result = evaluate(model, ids, 2, 3, keep_token_nll=True)
+    path = tmp_path / "probs.tsv"
+    write_word_probs(path, result, ids, vocab, first_log_prob=-1.5)
+    with open(path, newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh, delimiter="\t"))
+    assert [int(r["position"]) for r in rows] == list(range(len(stream))), "every token once, the first too"
+    assert float(rows[0]["log_prob"]) == -1.5
+    places = [(n, i) for n, line in enumerate(text, 1) for i in range(len(line) + 1)]
+    assert [(int(r["line"]), int(r["index"])) for r in rows] == places
+    assert [r["word"] for r in rows] == [text[n - 1][i] if i < len(text[n - 1]) else EOS for n, i in places]
 
 
 def test_word_probs_needs_per_token_nll(model: LanguageModel, ids: torch.Tensor, vocab: Vocab, tmp_path: Path) -> None:

@@ -1,7 +1,7 @@
 """The ``reglm`` command line: one module per command family.
 
 Subcommands: ``train``, ``train-discriminator``, ``finetune`` (:mod:`reglm.cli.train`), ``eval``
-(:mod:`reglm.cli.eval`), ``generate``, ``analyze``, ``study``, ``data download|info``,
+(:mod:`reglm.cli.eval`), ``score`` (:mod:`reglm.cli.score`), ``generate``, ``analyze``, ``study``, ``data download|info``,
 ``presets``, ``config`` (:mod:`reglm.cli.data`). Model and training options are not flags of
 their own: any option of the run configuration is set with ``section.option=value`` (``reglm
 config`` lists them), applied after ``--preset``. User mistakes and failing operating-system
@@ -18,14 +18,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from reglm.cli import analyze, data, eval, generate, study, train
+from reglm.cli import analyze, data, eval, generate, score, study, train
 from reglm.cli.common import handling_signals
 from reglm.errors import ReglmError, TrainingDiverged, TrainingInterrupted
 
 EXIT_USAGE = 2
 EXIT_DIVERGED = 3
 EXIT_INTERRUPTED = 130
-FAMILIES = (train, eval, generate, analyze, study, data)
+FAMILIES = (train, eval, score, generate, analyze, study, data)
 """Each registers its subcommands on the parser (``register(sub)``), with ``func`` to run."""
 
 

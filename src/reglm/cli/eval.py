@@ -37,7 +37,7 @@ def register(sub: Any) -> None:
     for mode in EVAL_MODES:
         modes.add_argument(mode.flag, nargs="?", const="", metavar=mode.metavar, dest=mode.dest, help=mode.help)
     p.add_argument("--cache-deltas", metavar="FILE", help="with --cache/--cache-search: write word, count, summed loss change (cache - model) per word type as TSV (AWD-LSTM Table 3)")
-    p.add_argument("--word-probs", metavar="FILE", help="write position, word, prob, log_prob of every scored token as TSV")
+    p.add_argument("--word-probs", metavar="FILE", help="write position, line, index, word, prob, log_prob of every token of the split as TSV (the first scored after <eos>)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_eval)
 
@@ -245,6 +245,7 @@ def _eval_mode(args: argparse.Namespace) -> tuple[EvalMode, Any]:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from reglm.evaluate.perplexity import Reading
+    from reglm.evaluate.sentences import sentence_log_probs
     from reglm.evaluate.word_probs import write_loss_deltas, write_word_probs
     from reglm.train.batching import eval_reading
     from reglm.train.results import truth_comparison
@@ -280,7 +281,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     outcome = mode.run(ctx, setting)
     result = outcome.result
     if args.word_probs is not None:
-        write_output("--word-probs", args.word_probs, lambda: write_word_probs(args.word_probs, result, ids, vocab))
+        first = float(sentence_log_probs(model, [[int(ids[0])]], vocab.eos_id, device)[0][0])
+        write_output("--word-probs", args.word_probs, lambda: write_word_probs(args.word_probs, result, ids, vocab, first))
     if args.cache_deltas is not None:
         write_output("--cache-deltas", args.cache_deltas, lambda: write_loss_deltas(args.cache_deltas, result, outcome.baseline, ids, vocab))
     out = {"run": str(args.run), "checkpoint": str(directory), "split": split, "batch_size": batch_size, "mode": mode.name, **result.as_dict(), **outcome.report}
@@ -299,9 +301,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if truth is not None:
         s = out["synthetic"]
         print(f"words only: {outcome.label} ppl {s['model_word_ppl']:.2f} | true ppl {s['true_word_ppl']:.2f}")
-    for key, path in (("word probabilities", args.word_probs), ("cache loss deltas", args.cache_deltas)):
-        if path is not None:
-            print(f"wrote {key} to {path}")
+    if args.word_probs is not None:
+        print(f"wrote word probabilities to {args.word_probs} ({result.tokens + 1} rows: the first token scored after <eos>, then the {result.tokens} targets of the perplexity)")
+    if args.cache_deltas is not None:
+        print(f"wrote cache loss deltas to {args.cache_deltas}")
     return 0
 
 

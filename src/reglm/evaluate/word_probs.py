@@ -6,8 +6,12 @@ write a UTF-8 TSV file with a header line, atomically (:mod:`reglm.io`): a crash
 file or the new one, never a partial one. An existing file is replaced.
 
 ``position`` is the index of the target in the split's token stream (its words in file order,
-one ``<eos>`` per line, 0-based). Every token but the first is a target exactly once, whatever
-the number of streams, so the file holds ``N - 1`` rows.
+one ``<eos>`` per line, 0-based); ``line`` (1-based) and ``index`` (0-based, the ``<eos>`` after
+the line's last word) say where it stands in the split's file. The evaluation scores every token
+but the first, exactly once whatever the number of streams (the papers' protocol: ``N - 1``
+targets make the perplexity); given the first token's log-probability after ``<eos>`` (from the
+encoder's zero state, as a sentence is scored), the file holds all ``N`` rows, the first of them
+outside the reported perplexity.
 """
 
 from __future__ import annotations
@@ -28,18 +32,37 @@ def _flat(result: EvalResult) -> tuple[torch.Tensor, torch.Tensor]:
     return result.positions, result.token_nll
 
 
-def write_word_probs(path: Path | str, result: EvalResult, ids: torch.Tensor, vocab: Vocab) -> None:
-    """Write ``position, word, prob, log_prob`` per scored target of ``ids`` (N,), in stream order.
+def write_word_probs(path: Path | str, result: EvalResult, ids: torch.Tensor, vocab: Vocab, first_log_prob: float | None = None) -> None:
+    """Write ``position, line, index, word, prob, log_prob`` per scored target of ``ids`` (N,), in
+    stream order, preceded by the first token's row when ``first_log_prob`` is given.
 
-    ``prob`` is ``exp(-nll)``, ``log_prob`` the natural log ``-nll``, each with 9 significant
+    ``prob`` is ``exp(log_prob)``, ``log_prob`` the natural log ``-nll``, each with 9 significant
     digits (a float32 NLL round-trips).
     """
     positions, nll = _flat(result)
+    log_probs = (-nll).double()
+    if first_log_prob is not None:
+        positions = torch.cat([torch.zeros(1, dtype=positions.dtype), positions])
+        log_probs = torch.cat([torch.tensor([first_log_prob], dtype=torch.float64), log_probs])
+    line_of, index_of = _places(ids, vocab.eos_id)
     targets = ids[positions].tolist()
-    lines = ["position\tword\tprob\tlog_prob"]
-    for pos, target, logp, p in zip(positions.tolist(), targets, (-nll).tolist(), torch.exp(-nll.double()).tolist()):
-        lines.append(f"{pos}\t{vocab.itos[target]}\t{p:.9g}\t{logp:.9g}")
+    lines = ["position\tline\tindex\tword\tprob\tlog_prob"]
+    rows = zip(positions.tolist(), line_of[positions].tolist(), index_of[positions].tolist(), targets, log_probs.tolist(), torch.exp(log_probs).tolist())
+    for pos, line, index, target, logp, p in rows:
+        lines.append(f"{pos}\t{line}\t{index}\t{vocab.itos[target]}\t{p:.9g}\t{logp:.9g}")
     write_text(Path(path), "\n".join(lines) + "\n")
+
+
+def _places(ids: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(line, index)`` of every token of a split, both ``(N,)``: its 1-based line in the file
+    and its 0-based place in that line (``<eos>`` ends every line)."""
+    eos = ids == eos_id
+    line = torch.cumsum(eos, 0) - eos.long() + 1
+    position = torch.arange(ids.numel())
+    line_start = torch.zeros(ids.numel() + 1, dtype=torch.long)
+    line_start[1:][eos] = position[eos] + 1
+    starts = torch.cummax(line_start[:-1], 0).values
+    return line, position - starts
 
 
 def loss_deltas(result: EvalResult, baseline: EvalResult, ids: torch.Tensor, vocab: Vocab) -> list[tuple[str, int, float]]:

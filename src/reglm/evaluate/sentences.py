@@ -1,0 +1,69 @@
+"""Independent sentences scored in batches: each read from a fresh state after one context token.
+
+This is how a sentence or an n-best hypothesis is scored (``reglm score``, ``lm.score_batch``):
+every sentence starts from the encoder's zero state with the context token (``<eos>``, the
+beginning of a sentence) as its first input, and each of its ids is a target once. Sentences of
+any lengths share a batch: they are sorted by length (longest first, so the largest batch is met
+first), packed into batches of at most ``batch_tokens`` padded positions and padded at their
+ends. Every encoder here is causal (an LSTM reads left to right, the Transformer attends to the
+past only), so the padding after a sentence never changes its scores; the results come back in
+the input order, equal to scoring each sentence alone up to float rounding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+
+def length_batches(lengths: Sequence[int], batch_tokens: int) -> Iterator[list[int]]:
+    """Indices of the non-empty sentences, longest first, in groups of at most ``batch_tokens``
+    padded positions (a sentence longer than that forms a batch of its own)."""
+    order = sorted((i for i, n in enumerate(lengths) if n > 0), key=lambda i: -lengths[i])
+    batch: list[int] = []
+    for i in order:
+        if batch and (len(batch) + 1) * lengths[batch[0]] > batch_tokens:
+            yield batch
+            batch = []
+        batch.append(i)
+    if batch:
+        yield batch
+
+
+@torch.no_grad()
+def sentence_log_probs(
+    model: torch.nn.Module,
+    sentences: Sequence[Sequence[int]],
+    context: int,
+    device: torch.device | str = "cpu",
+    batch_tokens: int = 4096,
+    progress: bool = False,
+) -> list[Tensor]:
+    """Natural-log probability of every id of every sentence (float64 ``(len,)`` tensors on the
+    CPU, in the input order), each sentence read after ``context`` from a zero state. ``model``
+    is a :class:`~reglm.models.LanguageModel`; it is put in eval mode and its mode restored."""
+    if batch_tokens < 1:
+        raise ValueError(f"batch_tokens must be >= 1, got {batch_tokens}")
+    lengths = [len(s) for s in sentences]
+    scores: list[Tensor] = [torch.zeros(0, dtype=torch.float64) for _ in sentences]
+    batches = list(length_batches(lengths, batch_tokens))
+    mode = model.training
+    model.eval()
+    try:
+        for batch in tqdm(batches, desc="score", disable=not progress, leave=False, unit="batch"):
+            width = lengths[batch[0]]
+            targets = torch.full((len(batch), width), context, dtype=torch.long)
+            for row, i in enumerate(batch):
+                targets[row, : lengths[i]] = torch.as_tensor(sentences[i], dtype=torch.long)
+            inputs = torch.cat([torch.full((len(batch), 1), context, dtype=torch.long), targets[:, :-1]], dim=1)
+            inputs, targets = inputs.to(device), targets.to(device)
+            out = model(inputs, model.init_state(len(batch), device=device))
+            logp = (-model.output_nll(out, targets)).double().cpu()
+            for row, i in enumerate(batch):
+                scores[i] = logp[row, : lengths[i]].clone()
+    finally:
+        model.train(mode)
+    return scores
