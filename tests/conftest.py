@@ -44,3 +44,13 @@ def shared_data() -> Path:
 def _data_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Generated corpora (the synthetic one) go to a per-session cache, never to ~/.cache."""
     os.environ["REGLM_DATA_DIR"] = str(tmp_path_factory.mktemp("reglm-data"))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``cuda`` skip with a reason where no CUDA device is present."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)

@@ -70,11 +70,16 @@ def test_locked_dropout_rejects_bad_probability() -> None:
         LockedDropout(-0.1)
 
 
+def _reference_embedding_dropout(ids: torch.Tensor, weight: torch.Tensor, p: float) -> torch.Tensor:
+    """The (V, E) form: the whole matrix masked by one draw of a (V, 1) mask, then the lookup."""
+    return torch.nn.functional.embedding(ids, weight * keep_mask((weight.size(0), 1), p, weight))
+
+
 def test_embedding_dropout_drops_whole_rows_and_rescales() -> None:
     p = 0.5
     weight = torch.randn(200, 12)
-    dropped = embedding_dropout(weight, p, training=True)
-    assert dropped.shape == weight.shape
+    ids = torch.arange(200).view(4, 50)
+    dropped = embedding_dropout(ids, weight, p, training=True).view(200, 12)
     zero_rows = (dropped == 0).all(dim=1)
     kept_rows = ~zero_rows
     # Rows are dropped or kept as a whole.
@@ -83,18 +88,36 @@ def test_embedding_dropout_drops_whole_rows_and_rescales() -> None:
     torch.testing.assert_close(dropped[kept_rows], weight[kept_rows] / (1 - p), rtol=1e-6, atol=0)
 
 
+def test_embedding_dropout_equals_the_masked_matrix_form_values_and_gradients() -> None:
+    p = 0.4
+    weight = torch.randn(30, 6, requires_grad=True)
+    ids = torch.randint(0, 30, (5, 17))
+    grad = torch.randn(5, 17, 6)
+    torch.manual_seed(3)
+    fast = embedding_dropout(ids, weight, p, training=True)
+    (fast_grad,) = torch.autograd.grad(fast, weight, grad)
+    torch.manual_seed(3)
+    slow = _reference_embedding_dropout(ids, weight, p)
+    (slow_grad,) = torch.autograd.grad(slow, weight, grad)
+    assert torch.equal(fast, slow), "the same mask draw and the same products"
+    assert torch.equal(fast_grad, slow_grad), "the same summation, then the same products"
+    assert (slow_grad == 0).all(dim=1).any(), "some word type was dropped"
+
+
 def test_embedding_dropout_identity_in_eval_and_at_zero() -> None:
     weight = torch.randn(10, 4)
-    assert embedding_dropout(weight, 0.3, training=False) is weight
-    assert embedding_dropout(weight, 0.0, training=True) is weight
+    ids = torch.tensor([[1, 2, 3, 1]])
+    plain = torch.nn.functional.embedding(ids, weight)
+    assert torch.equal(embedding_dropout(ids, weight, 0.3, training=False), plain)
+    assert torch.equal(embedding_dropout(ids, weight, 0.0, training=True), plain)
 
 
 def test_embedding_dropout_gradient_reaches_kept_rows_only() -> None:
     p = 0.3
     weight = torch.randn(50, 6, requires_grad=True)
-    dropped = embedding_dropout(weight, p, training=True)
+    dropped = embedding_dropout(torch.arange(50).view(1, 50), weight, p, training=True)
     dropped.sum().backward()
-    kept = (dropped != 0).all(dim=1)
+    kept = (dropped[0] != 0).all(dim=1)
     assert kept.any() and (~kept).any()
     torch.testing.assert_close(weight.grad[kept], torch.full_like(weight.grad[kept], 1 / (1 - p)))
     assert torch.equal(weight.grad[~kept], torch.zeros_like(weight.grad[~kept]))
@@ -102,7 +125,6 @@ def test_embedding_dropout_gradient_reaches_kept_rows_only() -> None:
 
 def test_embedding_dropout_every_occurrence_of_a_word_shares_the_drop() -> None:
     weight = torch.randn(5, 3)
-    dropped = embedding_dropout(weight, 0.5, training=True)
     ids = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3, 4]])
-    emb = torch.nn.functional.embedding(ids, dropped)
+    emb = embedding_dropout(ids, weight, 0.5, training=True)
     torch.testing.assert_close(emb[:, :5], emb[:, 5:], rtol=0, atol=0)

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from reglm.config.fields import check, check_prob, kind_field, option
 from reglm.encoders.base import EncoderOutput, LSTMStackState
+from reglm.encoders.fused_lstm import lstm_layer
 from reglm.layers.dropout import LockedDropout, keep_mask
 
 LSTMState = tuple[Tensor, Tensor]
@@ -48,7 +49,8 @@ class WeightDropLSTM(nn.Module):
     ``weight_hh_l0`` (with ``1 / (1 - p)`` scaling, the same as
     ``F.dropout(weight_hh_l0, p, training=True)``, sampled by :func:`keep_mask`) per forward
     call, and the fused kernel
-    (``torch.lstm``, cuDNN on GPU) runs with that dropped copy, so the same recurrent weights
+    (``torch.lstm``, cuDNN on GPU, in float32 with cuDNN's weight layout:
+    :mod:`reglm.encoders.fused_lstm`) runs with that dropped copy, so the same recurrent weights
     stay dropped at every time step of the forward and the backward pass. Gradients flow back
     through the mask to the raw parameter. Otherwise the layer computes exactly what
     ``torch.nn.LSTM(input_size, hidden_size, batch_first=True)`` computes with the same weights.
@@ -94,10 +96,7 @@ class WeightDropLSTM(nn.Module):
         weight_hh = self.weight_hh_l0
         if self.training and self.weight_dropout > 0.0:
             weight_hh = weight_hh * keep_mask(weight_hh.shape, self.weight_dropout, weight_hh)
-        params = [self.weight_ih_l0, weight_hh, self.bias_ih_l0, self.bias_hh_l0]
-        # torch.lstm(input, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first)
-        out, h, c = torch.lstm(x, state, params, True, 1, 0.0, self.training, False, True)
-        return out, (h, c)
+        return lstm_layer(self, x, state, weight_hh)
 
     def gradient_mode(self) -> None:
         """Training mode without DropConnect: deterministic, and differentiable by cuDNN (which

@@ -22,7 +22,9 @@ Without dropout (eval mode or ``p == 0``) every layer runs the fused LSTM kernel
 computes exactly what ``torch.nn.LSTM(E, H, num_layers, batch_first=True)`` computes with the same
 weights. With dropout the recurrent part of each layer is a Python loop over time (the mask on
 ``h_{t-1}`` differs per stream, so it cannot be folded into the fused kernel's weights); the input
-projection of all ``T`` steps is still one matrix product.
+projection of all ``T`` steps is still one matrix product, and on CUDA each step is two kernels
+besides the mask product: the recurrent matrix product and PyTorch's fused LSTM cell (the gate
+nonlinearities and the cell update in one kernel, what ``nn.LSTMCell`` runs on CUDA).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from torch import Tensor, nn
 from reglm.config.fields import check, check_positive, check_prob, kind_field, option
 from reglm.encoders.awd_lstm import LSTMState
 from reglm.encoders.base import EncoderOutput, LSTMStackState
+from reglm.encoders.fused_lstm import lstm_layer
 from reglm.layers.dropout import keep_mask
 
 
@@ -106,10 +109,11 @@ class VDLSTMLayer(nn.Module):
         if state is None:
             state = self.init_state(x.size(0), x.device, x.dtype)
         if mask is None:
-            params = [self.weight_ih_l0, self.weight_hh_l0, self.bias_ih_l0, self.bias_hh_l0]
-            # torch.lstm(input, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first)
-            out, h, c = torch.lstm(x, state, params, True, 1, 0.0, self.training, False, True)
-            return out, (h, c)
+            return lstm_layer(self, x, state, self.weight_hh_l0)
+        if torch.is_autocast_enabled(x.device.type):
+            # the recurrence in float32, as on the fused path (reglm.encoders.fused_lstm)
+            with torch.autocast(x.device.type, enabled=False):
+                return self._masked_forward(x.float(), (state[0].float(), state[1].float()), mask.float())
         return self._masked_forward(x, state, mask)
 
     def _masked_forward(self, x: Tensor, state: LSTMState, mask: Tensor) -> tuple[Tensor, LSTMState]:
@@ -127,10 +131,14 @@ class VDLSTMLayer(nn.Module):
         h, c = state[0][0], state[1][0]
         outs: list[Tensor] = []
         for x_t in x_steps:
-            gates = torch.addmm(x_t, mask * h, weight_hh_t)
-            i, f, g, o = gates.chunk(4, dim=1)
-            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-            h = torch.sigmoid(o) * torch.tanh(c)
+            if x_t.is_cuda:
+                # the gate nonlinearities and the cell update in one kernel (nn.LSTMCell's on CUDA)
+                h, c, _ = torch.ops.aten._thnn_fused_lstm_cell(x_t, torch.mm(mask * h, weight_hh_t), c)
+            else:
+                gates = torch.addmm(x_t, mask * h, weight_hh_t)
+                i, f, g, o = gates.chunk(4, dim=1)
+                c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+                h = torch.sigmoid(o) * torch.tanh(c)
             outs.append(h)
         return torch.stack(outs, dim=1), (h.unsqueeze(0), c.unsqueeze(0))
 

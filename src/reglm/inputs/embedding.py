@@ -16,7 +16,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from reglm.config.fields import check, check_prob, check_positive, kind_field, option
@@ -71,8 +70,7 @@ class WordEmbedding(nn.Module):
 
     def forward(self, ids: Tensor, noise_std: float = 0.0) -> Tensor:
         """``ids: (B, T) -> (B, T, E)``; ``noise_std``: the training-only input noise."""
-        weight = embedding_dropout(self.weight, self.cfg.embed_dropout, self.training)
-        x = F.embedding(ids, weight)
+        x = embedding_dropout(ids, self.weight, self.cfg.embed_dropout, self.training)
         if self.training and noise_std > 0:
             x = x + noise_std * torch.randn_like(x)
         return self.dropout(x)
