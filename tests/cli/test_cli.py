@@ -203,7 +203,7 @@ def test_eval_with_dynamic_evaluation(capsys: pytest.CaptureFixture, run_dir: Pa
     code, out, _ = run_cli(capsys, "eval", str(run_dir), "--dynamic", "variant=sgd,lr=0.5,lambda=0.01,batch_size=3", "--word-probs", str(probs), "--json")
     result = json.loads(out)
     assert code == 0 and result["batch_size"] == 3 and result["dynamic"]["variant"] == "sgd"
-    assert len(_tsv(probs)) == result["tokens"]
+    assert len(_tsv(probs)) == result["tokens"] + 1
 
     code, out, _ = run_cli(capsys, "eval", str(run_dir), "--dynamic-search", "lr=0,1e-3;lambda=0,0.01;max_train_tokens=2000", "--json")
     result = json.loads(out)

@@ -176,3 +176,58 @@ def test_reglm_config_lists_every_option_with_the_default_kinds_values() -> None
         assert all(kind in lines[family] for kind in kinds)
     assert "'reference'" in lines["train.averaging.trigger"]
     assert "[nesterov]" in lines["train.optimizer.momentum"] and "[cosine]" in lines["train.schedule.warmup_steps"]
+
+
+@pytest.mark.parametrize(
+    "items, suggestion",
+    [
+        (["train.lrr=1"], "did you mean train.lr?"),
+        (["lrr=1"], "did you mean lr, i.e. train.optimizer.lr?"),
+        (["model.encoder.hiden_size=3"], "did you mean model.encoder.hidden_size?"),
+        (["modle.encoder.hidden_size=3"], "did you mean model.encoder.hidden_size?"),
+        (["dropot=0.1"], "did you mean model.encoder.dropout or model.input.dropout?"),
+        (["train.optimizer=adamm"], "did you mean adam?"),
+    ],
+)
+def test_unknown_names_get_a_suggestion(items: list[str], suggestion: str) -> None:
+    with pytest.raises(ReglmError) as info:
+        build_config(None, items)
+    assert suggestion in str(info.value)
+
+
+def test_unknown_preset_gets_a_suggestion_and_far_names_none() -> None:
+    with pytest.raises(ReglmError, match=r"unknown preset 'tinyy' \(did you mean tiny\?\)"):
+        load_preset("tinyy")
+    with pytest.raises(ReglmError) as info:
+        build_config(None, ["train.nope=1"])
+    assert "did you mean" not in str(info.value)
+
+
+def test_a_bad_value_blames_the_override_not_the_preset(tmp_path) -> None:
+    with pytest.raises(ReglmError, match=r"^override train\.optimizer\.lr=abc: 'abc' is not a number"):
+        build_config("tiny", ["train.optimizer.lr=abc"])
+    with pytest.raises(ReglmError, match=r"^override lr=abc \(option train\.optimizer\.lr\): 'abc'"):
+        build_config("tiny", ["lr=abc"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("extends: tiny\ntrain:\n  lr: abc\n")
+    with pytest.raises(ReglmError, match=rf"^preset {bad}: train\.optimizer\.lr: 'abc'"):
+        build_config(str(bad), ["epochs=2"])
+    assert build_config(str(bad), ["lr=3"]).train.optimizer.lr == 3.0, "the override replaces the preset's value"
+    bad.write_text("train:\n  nope: 1\n")
+    with pytest.raises(ReglmError, match=rf"^preset {bad}: unknown override key 'train.nope'"):
+        build_config(str(bad))
+
+
+@pytest.mark.parametrize("preset", ["tiny", "advsoft-tiny", "transformer-tiny", "vd-lstm-ptb-small-real"])
+def test_the_resolved_lines_set_the_same_config_again(preset: str) -> None:
+    from reglm.config import describe_values
+
+    cfg = build_config(preset, ["lr=5"])
+    lines = describe_values(cfg).splitlines()
+    assert "train.optimizer.lr=5.0" in lines and "data.data_dir=none" in lines
+    assert build_config(None, lines) == cfg
+
+
+def test_a_kind_written_none_is_the_kind_none() -> None:
+    cfg = build_config("advsoft-tiny", ["model.output.advsoft.kind=none", "train.averaging.kind=none", "train.finetune=false"])
+    assert (cfg.model.output.advsoft.kind, cfg.train.averaging.kind) == ("none", "none")

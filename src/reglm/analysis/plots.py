@@ -6,11 +6,16 @@ One PNG, three panels side by side, one colour per run:
 (b) singular values of the output embedding divided by the largest, log y-scale, against index;
 (c) training (dashed) and validation (solid) perplexity per epoch, log y-scale, with epochs
     numbered continuously across the main and fine-tuning stages and a dotted vertical line
-    halfway between the last main epoch and the first fine-tuning epoch of each run that has one.
+    halfway between the last main epoch and the first fine-tuning epoch of each run that has one
+    (the legend names that line only when a run has one).
 
-matplotlib is imported inside :func:`plot_embedding_diversity` and drives a bare
-``matplotlib.figure.Figure`` (the Agg renderer behind ``savefig``), never ``pyplot``: it works
-without a display and leaves the global backend of an interactive session alone.
+matplotlib is an optional dependency (``pip install 'reglm[analysis]'``): it is imported with
+this module, which only the commands that draw figures import, and only when they run, so
+``reglm train`` never loads it; without it, importing this module is a
+:class:`~reglm.errors.ReglmError` naming the extra, before the command does any work. Figures
+are bare ``matplotlib.figure.Figure`` objects (the Agg renderer behind ``savefig``), never
+``pyplot``: they work without a display and leave the global backend of an interactive session
+alone.
 """
 
 from __future__ import annotations
@@ -18,20 +23,28 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from reglm.errors import ReglmError
 from reglm.io import write_with
 
-
-def plot_embedding_diversity(records: list[dict[str, Any]], path: Path | str) -> None:
-    """Draw the three panels for ``records`` (from :func:`reglm.analysis.runs.analyze_run`) into the PNG ``path``.
-
-    Each record needs ``label``, ``kde.grid``/``kde.density``, ``singular_values``, ``epochs``
-    (``global_epoch``, ``train_ppl``, ``valid_ppl``) and ``finetune_start_epoch``. The file is
-    written atomically.
-    """
+try:
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
     from matplotlib.ticker import MaxNLocator
+except ImportError as exc:
+    raise ReglmError(f"this command draws figures with matplotlib, which cannot be imported ({exc}); install it with: pip install 'reglm[analysis]'") from None
 
+
+def plot_embedding_diversity(records: list[dict[str, Any]], path: Path | str) -> None:
+    """Draw the three panels for ``records`` (from :func:`reglm.analysis.runs.analyze_run`) into
+    the PNG ``path`` (:func:`embedding_diversity_figure`), written atomically."""
+    fig = embedding_diversity_figure(records)
+    write_with(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+
+
+def embedding_diversity_figure(records: list[dict[str, Any]]) -> Figure:
+    """The three panels for ``records``. Each record needs ``label``, ``kde.grid``/``kde.density``,
+    ``singular_values``, ``epochs`` (``global_epoch``, ``train_ppl``, ``valid_ppl``) and
+    ``finetune_start_epoch``."""
     fig = Figure(figsize=(16, 4.6), layout="constrained")
     kde_ax, sv_ax, ppl_ax = fig.subplots(1, 3)
     for i, record in enumerate(records):
@@ -59,11 +72,12 @@ def plot_embedding_diversity(records: list[dict[str, Any]], path: Path | str) ->
     styles = [
         Line2D([], [], color="0.3", linestyle="-", label="valid"),
         Line2D([], [], color="0.3", linestyle="--", label="train"),
-        Line2D([], [], color="0.3", linestyle=":", label="fine-tuning starts"),
     ]
+    if any(record["finetune_start_epoch"] is not None for record in records):
+        styles.append(Line2D([], [], color="0.3", linestyle=":", label="fine-tuning starts"))
     run_handles, run_labels = ppl_ax.get_legend_handles_labels()
     ppl_ax.legend(handles=run_handles + styles, labels=run_labels + [h.get_label() for h in styles])
-    write_with(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    return fig
 
 
 def plot_trigram_study(result: dict[str, Any], path: Path | str) -> None:
@@ -71,8 +85,6 @@ def plot_trigram_study(result: dict[str, Any], path: Path | str) -> None:
     result: the chosen word's probability in the fixed context after every fine-tuning step, one
     panel per starting model (perturbed, initial), log y-scale, with the true probability and the
     discriminator's estimate ``p_hat`` as horizontal lines. Written atomically."""
-    from matplotlib.figure import Figure
-
     fig = Figure(figsize=(11, 4.2), layout="constrained")
     axes = fig.subplots(1, 2, sharey=True)
     for ax, base in zip(axes, ("perturbed", "initial")):
@@ -99,8 +111,6 @@ def plot_subspace_study(result: dict[str, Any], path: Path | str) -> None:
     mean over runs with standard-deviation error bars. A bare matplotlib ``Figure`` (Agg), as
     :mod:`reglm.analysis.plots`.
     """
-    from matplotlib.figure import Figure
-
     runs = result["spec"]["runs"]
     fig = Figure(figsize=(11, 4.2), layout="constrained")
     beta_ax, tau_ax = fig.subplots(1, 2)
@@ -126,8 +136,6 @@ def plot_loss_by_frequency(records: list[dict[str, Any]], path: Path | str) -> N
     records (each with a ``label``): (a) the mean loss of the targets in each decade of training
     frequency, (b) binned by the previous word's frequency; one bar per run in every bin (an empty
     bin has none). Written atomically."""
-    from matplotlib.figure import Figure
-
     fig = Figure(figsize=(13, 4.4), layout="constrained")
     axes = fig.subplots(1, 2, sharey=True)
     width = 0.8 / max(len(records), 1)

@@ -13,9 +13,11 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import platform
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from importlib import metadata
 from typing import Any
 
 from reglm.cli import analyze, data, eval, generate, score, study, train
@@ -29,8 +31,21 @@ FAMILIES = (train, eval, score, generate, analyze, study, data)
 """Each registers its subcommands on the parser (``register(sub)``), with ``func`` to run."""
 
 
+def _installed(distribution: str) -> str:
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def version_line() -> str:
+    """``reglm X (torch Y, Python Z)``, from the installed packages' metadata (imports no torch)."""
+    return f"reglm {_installed('reglm')} (torch {_installed('torch')}, Python {platform.python_version()})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="reglm", description="Regularized word-level neural language models.")
+    parser.add_argument("--version", action="version", version=version_line(), help="print the versions of reglm, torch and Python, and exit")
     sub = parser.add_subparsers(dest="command", required=True)
     for family in FAMILIES:
         family.register(sub)

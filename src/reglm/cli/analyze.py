@@ -31,10 +31,6 @@ def register(sub: Any) -> None:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from reglm.analysis.plots import plot_embedding_diversity
-    from reglm.analysis.runs import analyze_run
-    from reglm.io import write_json
-
     labels = run_labels(args.labels, args.runs)
     if args.subspace and args.by_frequency:
         raise ReglmError("--subspace and --by-frequency are two analyses; run them one at a time")
@@ -42,6 +38,10 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         return _analyze_subspace(args, labels)
     if args.by_frequency:
         return _analyze_by_frequency(args, labels)
+    from reglm.analysis.plots import plot_embedding_diversity  # matplotlib: only the analyses that draw
+    from reglm.analysis.runs import analyze_run
+    from reglm.io import write_json
+
     if args.top is not None and args.top < 2:
         raise ReglmError(f"--top {args.top} must be >= 2: nearest neighbours need two words")
     out = _out_dir(args.out, "embedding-diversity.png and .json")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from collections.abc import Callable, Iterator
@@ -12,6 +13,28 @@ from pathlib import Path
 from typing import Any
 
 from reglm.errors import ReglmError
+
+
+def _custom_corpus(name: str) -> bool:
+    """Whether ``data.name`` names a directory rather than a built-in corpus (which wins over a
+    directory of the same name, as in :func:`reglm.data.resolve`)."""
+    from reglm.data import SOURCES
+
+    return name not in SOURCES and name != "synthetic"
+
+
+def with_absolute_paths(config: Any) -> Any:
+    """``config`` with its custom corpus directory (``data.name``) and its download cache
+    (``data.data_dir``) as absolute paths, as a new run stores them, so that the run can be
+    evaluated or resumed from any directory. Built-in names (``ptb``, ``synthetic``) stay names;
+    a name that is no existing directory is left for the corpus loader to refuse."""
+    data: dict[str, str] = {}
+    name = config.data.name
+    if _custom_corpus(name) and Path(name).expanduser().is_dir():
+        data["name"] = os.path.abspath(Path(name).expanduser())
+    if config.data.data_dir is not None:
+        data["data_dir"] = os.path.abspath(Path(config.data.data_dir).expanduser())
+    return config.replace({"data": data}) if data else config
 
 
 def add_data_options(p: argparse.ArgumentParser, with_vocab: bool = True) -> None:
@@ -53,6 +76,10 @@ def load_scored_run(run: str, checkpoint: str, data: str | None, data_dir: str |
     model, config, vocab = load_model_dir(directory, device)
     require_kind(config.objective.kind, directory, "lm")
     config = config.replace({"data": {key: value for key, value in (("name", data), ("data_dir", data_dir)) if value}})
+    name = config.data.name
+    if data is None and _custom_corpus(name) and not Path(name).expanduser().is_dir():
+        relative = "" if Path(name).expanduser().is_absolute() else f", read from the current directory {Path.cwd()}"
+        raise ReglmError(f"the corpus directory the model was trained on, {name!r} (data.name in {directory / 'config.json'}{relative}), does not exist; give the corpus with --data DIR")
     loaded = ScoredRun(directory, model, config, vocab, None, device)
     loaded.corpus = load_corpus(config, vocab if loaded.subword else None)
     require_same_vocab(vocab, loaded.corpus.vocab, f"the checkpoint {directory}", f"the corpus {config.data.name!r}", "evaluate on the corpus it was trained on", strict=True)

@@ -28,7 +28,11 @@ def register(sub: Any) -> None:
     d.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_data)
     sub.add_parser("presets", help="list the bundled presets and the paper/table each reproduces").set_defaults(func=cmd_presets)
-    sub.add_parser("config", help="list every configuration option with its default").set_defaults(func=cmd_config)
+    p = sub.add_parser("config", help="list every configuration option with its default; with --preset or overrides: the resolved configuration")
+    p.add_argument("--preset", help="show this preset's resolved configuration (a bundled preset or a YAML file)")
+    p.add_argument("--json", action="store_true", help="print the resolved configuration as one JSON object (the defaults without --preset or overrides)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="options on top of the preset, as for `reglm train`")
+    p.set_defaults(func=cmd_config)
     p = sub.add_parser("params", help="count a configuration's parameters (input layer, body, output layer) without allocating them")
     p.add_argument("--preset", help="bundled preset name or YAML file")
     p.add_argument("--vocab-size", type=int, metavar="V", help="vocabulary size (default: the corpus's, when it is a built-in or synthetic one or an existing directory)")
@@ -67,10 +71,16 @@ def cmd_presets(_args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_config(_args: argparse.Namespace) -> int:
-    from reglm.config import describe_options
+def cmd_config(args: argparse.Namespace) -> int:
+    """Every option with its type, default and help; with ``--preset``, overrides or ``--json``,
+    the configuration they resolve to, as ``key=value`` lines or one JSON object."""
+    from reglm.config import build_config, describe_options, describe_values
 
-    print(describe_options())
+    if not (args.preset or args.overrides or args.json):
+        print(describe_options())
+        return 0
+    config = build_config(args.preset, args.overrides)
+    print(config.to_json() if args.json else describe_values(config))
     return 0
 
 

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from reglm.cli.common import add_data_options, stop_on_signals
+from reglm.cli.common import add_data_options, stop_on_signals, with_absolute_paths
 from reglm.errors import ReglmError
 
 
@@ -18,6 +18,7 @@ def register(sub: Any) -> None:
     add_data_options(p)
     p.add_argument("--out", help="run directory (default: runs/<preset>-<time>)")
     p.add_argument("--resume", metavar="RUN", help="continue the run in RUN from its last checkpoint")
+    _add_tensorboard(p)
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.lr=10 model.emb_size=400")
 
     p.set_defaults(func=cmd_train)
@@ -28,6 +29,7 @@ def register(sub: Any) -> None:
     p.add_argument("--preset", default="discriminator", help="training settings (default: discriminator, the paper's PTB settings; discriminator-wt2)")
     p.add_argument("--init-from-model", action="store_true", help="start from the language model's weights instead of a fresh initialization")
     p.add_argument("--out", help="run directory (default: runs/discriminator-<time>)")
+    _add_tensorboard(p)
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="training overrides, e.g. train.lr=0.5 model.hidden_dropout=0")
 
     p.set_defaults(func=cmd_train_discriminator)
@@ -41,8 +43,18 @@ def register(sub: Any) -> None:
     how.add_argument("--cross-entropy", action="store_true", help="fine-tune with cross-entropy only (the baseline of the paper's section 3)")
     p.add_argument("--preset", default="dfinetune", help="training settings (default: dfinetune, the paper's PTB settings; dfinetune-wt2)")
     p.add_argument("--out", help="run directory (default: runs/finetune-<time>)")
+    _add_tensorboard(p)
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="training overrides, e.g. train.lr=0.1 model.hidden_dropout=0.3")
     p.set_defaults(func=cmd_finetune)
+
+
+def _add_tensorboard(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tensorboard", action="store_true", help="also write the metrics as TensorBoard scalars into RUN/tensorboard/ (train.tensorboard=true; pip install 'reglm[tensorboard]')")
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    """The KEY=VALUE overrides, with the ones the flags stand for."""
+    return [*args.overrides, *(["train.tensorboard=true"] if args.tensorboard else [])]
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -50,17 +62,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     from reglm.train.run import resume, train
 
     if args.resume:
-        if args.preset or args.overrides or args.data or args.out:
-            raise ReglmError("--resume continues a run with its saved configuration; drop --preset/--data/--out/overrides")
+        if args.preset or args.overrides or args.data or args.out or args.tensorboard:
+            raise ReglmError("--resume continues a run with its saved configuration; drop --preset/--data/--out/--tensorboard/overrides")
         with stop_on_signals() as stop:
             resume(Path(args.resume), stop=stop)
         return 0
-    extra = list(args.overrides)
+    extra = _overrides(args)
     for flag, key in (("data", "data.name"), ("data_dir", "data.data_dir"), ("min_freq", "data.min_freq"), ("max_vocab", "data.max_vocab")):
         value = getattr(args, flag)
         if value is not None:
             extra.append(f"{key}={value}")
-    config = build_config(args.preset, extra)
+    config = with_absolute_paths(build_config(args.preset, extra))
     out = Path(args.out) if args.out else Path("runs") / f"{Path(args.preset or 'default').stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     with stop_on_signals() as stop:
         train(config, out, stop=stop)
@@ -75,7 +87,7 @@ def _continue_from(run: str, checkpoint: str, preset: str, overrides: list[str],
     from reglm.train.run import train
 
     directory = model_dir(run, checkpoint).resolve()
-    base = RunConfig.from_dict(read_model_meta(directory)["config"], source=str(directory))
+    base = with_absolute_paths(RunConfig.from_dict(read_model_meta(directory)["config"], source=str(directory)))
     require_kind(base.objective.kind, directory, "lm")
     config = derive_config(base, preset, overrides, {"base_model": str(directory), **objective}, what)
     with stop_on_signals() as stop:
@@ -84,7 +96,7 @@ def _continue_from(run: str, checkpoint: str, preset: str, overrides: list[str],
 
 def cmd_train_discriminator(args: argparse.Namespace) -> int:
     objective = {"kind": "discriminator", "init_from_base": args.init_from_model}
-    _continue_from(args.run, args.checkpoint, args.preset, args.overrides, objective, "a discriminator", args.out)
+    _continue_from(args.run, args.checkpoint, args.preset, _overrides(args), objective, "a discriminator", args.out)
     return 0
 
 
@@ -96,7 +108,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     else:
         disc = None if args.without_discriminator else str(model_dir(args.discriminator, "best").resolve())
         objective = {"kind": "reverse-kl", "discriminator": disc}
-    _continue_from(args.run, args.checkpoint, args.preset, args.overrides, objective, "fine-tuning", args.out)
+    _continue_from(args.run, args.checkpoint, args.preset, _overrides(args), objective, "fine-tuning", args.out)
     return 0
 
 

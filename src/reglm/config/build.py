@@ -22,6 +22,7 @@ A path with ``*`` (``model.*dropout=0``) sets every matching option that exists.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import fnmatch
 import functools
 import importlib
@@ -29,7 +30,6 @@ import types
 import typing
 from collections.abc import Iterable, Iterator
 from typing import Any
-
 
 from reglm.errors import ReglmError
 
@@ -135,24 +135,45 @@ def _option_name(path: Path) -> str:
     return ".".join(path)
 
 
+SIMILAR = 0.75
+"""How alike (difflib's ratio) a mistyped name and a known one must be to be suggested."""
+
+
+def closest(word: Any, choices: Iterable[str]) -> str | None:
+    """The one of ``choices`` closest to a mistyped ``word``, or None when none is close."""
+    close = difflib.get_close_matches(str(word), sorted(set(choices)), n=1, cutoff=SIMILAR)
+    return close[0] if close else None
+
+
+def did_you_mean(word: Any, choices: Iterable[str]) -> str:
+    """``" (did you mean X?)"`` for the one of ``choices`` closest to a mistyped ``word``; empty
+    when none is close."""
+    return _suggestion(closest(word, choices))
+
+
+def _suggestion(*names: str | None) -> str:
+    return f" (did you mean {' or '.join(n for n in names if n)}?)" if any(names) else ""
+
+
 def _kind_error(family: str, kind: Any, path: Path) -> ReglmError:
-    kinds = ", ".join(family_configs(family))
+    configs = family_configs(family)
     hint = ""
     if path[-1] == "optimizer" and kind in OLD_AVERAGING:
         hint = f"; the averaging policy is now train.averaging={OLD_AVERAGING[kind]}"
-    return ReglmError(f"invalid option {_option_name(path)}: unknown {family} {kind!r}; choose one of {kinds}{hint}")
+    return ReglmError(f"invalid option {_option_name(path)}: unknown {family} {kind!r}{did_you_mean(kind, configs)}; choose one of {', '.join(configs)}{hint}")
 
 
-def assign(raw: dict[str, Any], root: type, path: Path, value: Any, lenient: bool = False, prefix: Path = ()) -> None:
+def assign(raw: dict[str, Any], root: type, path: Path, value: Any, lenient: bool = False, prefix: Path = ()) -> list[Path]:
     """Set ``path`` to ``value`` in the raw mapping of ``root`` (in place), schema-aware: a
     component's kind is resolved as the walk goes, and setting a kind drops the settings the new
-    kind lacks. An unknown path is a ReglmError naming the options there; with ``lenient`` it is
-    skipped instead (migration of old files, multi-target aliases)."""
+    kind lacks. Returns the full paths of the options set. An unknown path is a ReglmError naming
+    the options there; with ``lenient`` it is skipped instead (migration of old files,
+    multi-target aliases)."""
     name, rest = path[0], path[1:]
     fields = fields_of(root)
     if name not in fields:
         if lenient:
-            return
+            return []
         kind = f" (kind {raw.get('kind')!r} has no such option)" if "kind" in fields and raw.get("kind") else ""
         raise ReglmError(f"unknown option {_option_name((*prefix, *path))}{kind}; the options here are: {', '.join(sorted(fields))} (`reglm config` lists them all)")
     f = fields[name]
@@ -162,8 +183,8 @@ def assign(raw: dict[str, Any], root: type, path: Path, value: Any, lenient: boo
     if family is None and child_cls is None:
         if rest:
             raise ReglmError(f"unknown option {_option_name((*prefix, *path))}: {name} is not a section")
-        raw[name] = value
-        return
+        raw[name] = _kind_name(value) if name == "kind" else value
+        return [(*prefix, name)]
     current = raw.get(name)
     current = dict(current) if isinstance(current, dict) else {}
     raw[name] = current
@@ -173,22 +194,20 @@ def assign(raw: dict[str, Any], root: type, path: Path, value: Any, lenient: boo
             value = {"kind": "none" if value is None else value}
         if not isinstance(value, dict):
             raise ReglmError(f"invalid option {_option_name((*prefix, name))}: expected {'a kind or ' if kinded else ''}a mapping of options, got {value!r}")
-        for key, sub in _flatten(value):
-            _assign_inside(current, f, child_cls, key, sub, lenient, (*prefix, name))
-        return
-    _assign_inside(current, f, child_cls, rest, value, lenient, (*prefix, name))
+        return [p for key, sub in _flatten(value) for p in _assign_inside(current, f, child_cls, key, sub, lenient, (*prefix, name))]
+    return _assign_inside(current, f, child_cls, rest, value, lenient, (*prefix, name))
 
 
-def _assign_inside(current: dict[str, Any], f: dataclasses.Field, child_cls: type | None, key: Path, value: Any, lenient: bool, where: Path) -> None:
+def _assign_inside(current: dict[str, Any], f: dataclasses.Field, child_cls: type | None, key: Path, value: Any, lenient: bool, where: Path) -> list[Path]:
     """One assignment inside a section's or component's mapping; a new kind first drops the
     settings it lacks."""
     family = f.metadata.get("family")
     if family is None:
         assert child_cls is not None
-        assign(current, child_cls, key, value, lenient, where)
-        return
+        return assign(current, child_cls, key, value, lenient, where)
     configs = family_configs(family)
     if key == ("kind",):
+        value = _kind_name(value)
         if value not in configs:
             raise _kind_error(family, value, where)
         keep = fields_of(configs[value])
@@ -196,11 +215,16 @@ def _assign_inside(current: dict[str, Any], f: dataclasses.Field, child_cls: typ
             if name not in keep:
                 del current[name]
         current["kind"] = value
-        return
+        return [(*where, "kind")]
     kind = current.get("kind", _default_kind(f))
     if kind not in configs:
         raise _kind_error(family, kind, where)
-    assign(current, configs[kind], key, value, lenient, where)
+    return assign(current, configs[kind], key, value, lenient, where)
+
+
+def _kind_name(value: Any) -> Any:
+    """A kind as written: ``kind=none`` reads as the value None, which names the kind ``none``."""
+    return "none" if value is None else value
 
 
 def _flatten(mapping: dict[str, Any], prefix: Path = ()) -> Iterator[tuple[Path, Any]]:
@@ -215,29 +239,38 @@ def _flatten(mapping: dict[str, Any], prefix: Path = ()) -> Iterator[tuple[Path,
             yield path, value
 
 
-def apply(raw: dict[str, Any], root: type, assignments: Iterable[tuple[str, Any]], lenient: bool = False) -> dict[str, Any]:
+def apply(raw: dict[str, Any], root: type, assignments: Iterable[tuple[Any, ...]], lenient: bool = False, sources: dict[str, str] | None = None) -> dict[str, Any]:
     """Apply ``(key, value)`` assignments in order: a key is a full path, an alias, a unique
-    option name, or a ``*`` pattern over the options that exist."""
-    for key, value in assignments:
+    option name, or a ``*`` pattern over the options that exist.
+
+    An assignment may carry a third item, its origin (``"override lr=abc"``): ``sources`` then
+    maps every option it sets to that origin (with the option's full path when the key was
+    shorter), so that :func:`build` blames a bad value on what the user wrote; an assignment
+    without one clears the options it sets from ``sources``."""
+    for key, value, *origin in assignments:
         if "*" in key or "?" in key:
             matches = [p for p in leaf_paths(raw, root) if fnmatch.fnmatchcase(_option_name(p), key)]
             if not matches and not lenient:
                 raise ReglmError(f"the pattern {key!r} matches no option; `reglm config` lists them")
-            for path in matches:
-                assign(raw, root, path, value, lenient)
-            continue
-        targets = resolve_key(key, root)
-        for path in targets:
-            assign(raw, root, path, value, lenient or len(targets) > 1)
+            done = [p for path in matches for p in assign(raw, root, path, value, lenient)]
+        else:
+            targets = resolve_key(key, root)
+            done = [p for path in targets for p in assign(raw, root, path, value, lenient or len(targets) > 1)]
+        if sources is not None:
+            for path in map(_option_name, done):
+                if origin:
+                    sources[path] = origin[0] if path == key else f"{origin[0]} (option {path})"
+                else:
+                    sources.pop(path, None)
     return raw
 
 
-def kinds_first(assignments: Iterable[tuple[str, Any]], root: type) -> list[tuple[str, Any]]:
+def kinds_first(assignments: Iterable[tuple[Any, ...]], root: type) -> list[tuple[Any, ...]]:
     """``assignments`` with those that choose a component's kind first (stable otherwise), so
     that one layer of options may name a kind after the options it brings
     (``model.n_experts=5 model.output=mos``)."""
-    def chooses_kind(item: tuple[str, Any]) -> bool:
-        key, value = item
+    def chooses_kind(item: tuple[Any, ...]) -> bool:
+        key, value = item[0], item[1]
         if "*" in key or "?" in key:
             return False
         paths = resolve_key(key, root)
@@ -321,14 +354,33 @@ def resolve_key(key: str, root: type) -> list[Path]:
     if path in known or path in sections:
         return [path]
     if "." in key:
-        raise ReglmError(f"unknown override key {key!r}; `reglm config` lists the keys")
+        raise ReglmError(f"unknown override key {key!r}{_suggest_key(path, known | sections)}; `reglm config` lists the keys")
     owners = sorted({p for p in known | sections if p[-1] == key})
     owners += [tuple(targets[0].split(".")) for alias, targets in ALIASES.items() if alias.split(".")[-1] == key and len(targets) == 1 and tuple(targets[0].split(".")) not in owners]
     if not owners:
-        raise ReglmError(f"unknown override key {key!r}; `reglm config` lists the keys")
+        raise ReglmError(f"unknown override key {key!r}{_suggest_key(path, known | sections)}; `reglm config` lists the keys")
     if len(owners) > 1:
         raise ReglmError(f"override key {key!r} is ambiguous; write one of {', '.join(_option_name(o) for o in owners)}")
     return [owners[0]]
+
+
+def _suggest_key(path: Path, known: set[Path]) -> str:
+    """Did-you-mean for a key no option has: the option of the same section whose name is
+    closest to its last part (``train.lrr`` -> ``train.lr``, an old name), else the full name
+    closest to it (``modle.encoder.hidden_size``); for a bare name (``lrr``), the options of the
+    closest name."""
+    names = known | {tuple(alias.split(".")) for alias in ALIASES}
+    if len(path) == 1:
+        best = closest(path[0], {p[-1] for p in names})
+        owners = sorted(_option_name(p) for p in known if p[-1] == best)
+        if len(owners) == 1 and owners[0] != best:
+            return _suggestion(f"{best}, i.e. {owners[0]}")
+        return _suggestion(*owners) if 1 < len(owners) <= 3 else _suggestion(best)
+    siblings = {p[-1] for p in names if p[:-1] == path[:-1]}
+    if siblings:
+        best = closest(path[-1], siblings)
+        return _suggestion(best and _option_name((*path[:-1], best)))
+    return did_you_mean(_option_name(path), map(_option_name, names))
 
 
 # ------------------------------------------------------------------ building
@@ -370,15 +422,19 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
     raise TypeError(f"unsupported config type {tp}")
 
 
-def build(cls: type, raw: Any, where: str, prefix: str = "") -> Any:
-    """The dataclass ``cls`` from its raw mapping (defaults for what is missing), validated."""
+def build(cls: type, raw: Any, where: str, prefix: str = "", sources: dict[str, str] | None = None) -> Any:
+    """The dataclass ``cls`` from its raw mapping (defaults for what is missing), validated. A
+    value that is not of its option's type is blamed on ``where`` (a preset, a file), or on the
+    assignment that set it when ``sources`` (from :func:`apply`) names one."""
     if not isinstance(raw, dict):
         raise ReglmError(f"{where}: {prefix.rstrip('.') or 'the configuration'}: expected a mapping, got {raw!r}")
     hints = hints_of(cls)
     fields = fields_of(cls)
     unknown = sorted(set(raw) - set(fields))
     if unknown:
-        raise ReglmError(f"{where}: unknown option(s) {', '.join(prefix + u for u in unknown)}; `reglm config` lists the options")
+        hint = did_you_mean(unknown[0], fields) if len(unknown) == 1 else ""
+        raise ReglmError(f"{where}: unknown option(s) {', '.join(prefix + u for u in unknown)}{hint}; `reglm config` lists the options")
+    sources = sources or {}
     kwargs = {}
     for name, f in fields.items():
         if name not in raw:
@@ -391,13 +447,13 @@ def build(cls: type, raw: Any, where: str, prefix: str = "") -> Any:
             configs = family_configs(family)
             if kind not in configs:
                 raise _kind_error(family, kind, tuple(f"{prefix}{name}".split(".")))
-            kwargs[name] = build(configs[kind], value, where, f"{prefix}{name}.")
+            kwargs[name] = build(configs[kind], value, where, f"{prefix}{name}.", sources)
         elif dataclasses.is_dataclass(hint):
             if _is_kinded(hint) and not isinstance(value, dict):
                 value = {"kind": "none" if value is None else value}
-            kwargs[name] = build(hint, value, where, f"{prefix}{name}.")
+            kwargs[name] = build(hint, value, where, f"{prefix}{name}.", sources)
         else:
-            kwargs[name] = coerce(value, hint, f"{where}: {prefix}{name}")
+            kwargs[name] = coerce(value, hint, sources.get(f"{prefix}{name}", f"{where}: {prefix}{name}"))
     return cls(**kwargs)
 
 
@@ -414,6 +470,17 @@ def describe(root: type) -> str:
         scope = f" [{', '.join(kinds)}]" if kinds else ""
         lines.append(f"{key:34s} {type_name:12s} {default!r:12s} {f.metadata.get('help', '')}{scope}")
     return "\n".join(lines)
+
+
+def describe_values(config: Any) -> str:
+    """One ``key=value`` line per option of a built config, kinds first, each written as an
+    override that sets it (``none``, ``true``/``false``), so a line can be pasted back."""
+    def text(value: Any) -> str:
+        if value is None or isinstance(value, bool):
+            return {None: "none", True: "true", False: "false"}[value]
+        return str(value)
+
+    return "\n".join(f"{key}={text(value)}" for key, value in nested_assignments(dataclasses.asdict(config)))
 
 
 def _default_of(defaults: Any, path: Path, fallback: Any) -> Any:

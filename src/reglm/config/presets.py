@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from reglm.config.build import apply, build, kinds_first, nested_assignments
+from reglm.config.build import apply, build, did_you_mean, kinds_first, nested_assignments
 from reglm.config.parse import parse_assignments
 from reglm.config.schema import RunConfig, architecture_differences
 from reglm.errors import ReglmError
@@ -43,8 +43,11 @@ def load_preset(name: str, _chain: tuple[str, ...] = ()) -> list[tuple[str, Any]
     if not (path.suffix in (".yaml", ".yml") and path.is_file()):
         path = _preset_dir() / f"{name}.yaml"
     if not path.is_file():
-        known = ", ".join(n for n, _ in list_presets())
-        raise ReglmError(f"unknown preset {name!r}; choose one of: {known} (or give a path to a .yaml file)")
+        known = [n for n, _ in list_presets()]
+        hint = did_you_mean(name, known)
+        if hint:
+            raise ReglmError(f"unknown preset {name!r}{hint}; `reglm presets` lists them all, or give a path to a .yaml file")
+        raise ReglmError(f"unknown preset {name!r}; choose one of: {', '.join(known)} (or give a path to a .yaml file)")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
@@ -64,15 +67,32 @@ def load_preset(name: str, _chain: tuple[str, ...] = ()) -> list[tuple[str, Any]
     return load_preset(parent, (*_chain, name)) + own
 
 
+def _apply_preset(raw: dict[str, Any], preset: str) -> None:
+    """The preset's assignments on ``raw``; an option it does not know is blamed on the preset."""
+    assignments = load_preset(preset)
+    try:
+        apply(raw, RunConfig, assignments)
+    except ReglmError as exc:
+        raise ReglmError(f"preset {preset}: {exc}") from None
+
+
+def _apply_overrides(raw: dict[str, Any], overrides: list[str], sources: dict[str, str]) -> None:
+    """``key=value`` overrides on ``raw``, kinds first; ``sources`` learns which override set
+    which option, so a bad value names the override as written, not the preset under it."""
+    items = [(key, value, f"override {text.strip()}") for (key, value), text in zip(parse_assignments(overrides), overrides)]
+    apply(raw, RunConfig, kinds_first(items, RunConfig), sources=sources)
+
+
 def build_config(preset: str | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Defaults, then the preset, then ``key=value`` overrides; validated."""
     raw: dict[str, Any] = {}
+    sources: dict[str, str] = {}
     if preset:
-        apply(raw, RunConfig, load_preset(preset))
+        _apply_preset(raw, preset)
         raw["preset"] = preset
     if overrides:
-        apply(raw, RunConfig, kinds_first(parse_assignments(overrides), RunConfig))
-    return build(RunConfig, raw, f"preset {preset}" if preset else "options")
+        _apply_overrides(raw, overrides, sources)
+    return build(RunConfig, raw, f"preset {preset}" if preset else "options", sources=sources)
 
 
 def load_config_file(path: Path) -> RunConfig:
@@ -93,11 +113,12 @@ def derive_config(base: RunConfig, preset: str | None, overrides: list[str], obj
     ``objective``. The architecture and the data must stay the base model's."""
     raw = base.to_dict()
     raw["preset"] = preset
+    sources: dict[str, str] = {}
     if preset:
-        apply(raw, RunConfig, load_preset(preset))
-    apply(raw, RunConfig, kinds_first(parse_assignments(overrides), RunConfig))
+        _apply_preset(raw, preset)
+    _apply_overrides(raw, overrides, sources)
     raw["objective"] = objective
-    config = build(RunConfig, raw, f"preset {preset}" if preset else "options")
+    config = build(RunConfig, raw, f"preset {preset}" if preset else "options", sources=sources)
     diff = architecture_differences(base.model, config.model)
     if diff:
         raise ReglmError(f"{what} keeps the architecture of the model it starts from, but the options change {'; '.join(diff)}; drop those overrides")

@@ -62,7 +62,7 @@ class ModelConfig:
     """The language model: input layer -> encoder -> output layer, each a component chosen by kind."""
 
     input: Any = _component("input", "embedding", "the input layer (model.input.kind: embedding)")
-    encoder: Any = _component("encoder", "awd-lstm", "the encoder (model.encoder.kind: awd-lstm, vd-lstm)")
+    encoder: Any = _component("encoder", "awd-lstm", "the encoder (model.encoder.kind: awd-lstm, vd-lstm, qrnn, transformer)")
     output: Any = _component("output", "softmax", "the output layer (model.output.kind: softmax, mos, doc)")
 
     def __post_init__(self) -> None:
@@ -128,7 +128,8 @@ class TrainConfig:
     input_noise_anneal: str = option("constant", "input noise schedule over main-stage epochs: constant, linear (to 0 at input_noise_epochs) or exponential (half-life input_noise_epochs)")
     input_noise_epochs: float = option(100.0, "input noise schedule length: linear: epochs to reach 0; exponential: half-life in epochs")
     finetune_input_noise_std: float = option(0.0, "std of the input-embedding noise during fine-tuning (the authors' code: none)")
-    log_interval: int = option(200, "log training metrics every this many steps")
+    log_interval: int = option(200, "log training metrics every this many steps (without a terminal, also print a progress line)")
+    tensorboard: bool = option(False, "also write the logged metrics as TensorBoard scalars into RUN/tensorboard/ (needs pip install 'reglm[tensorboard]')")
     checkpoint_interval: int = option(0, "also write a resumable checkpoint every this many steps (0: only at epoch ends)")
     device: str = option("auto", "auto, cpu, cuda or cuda:N")
 

@@ -195,6 +195,8 @@ def table_row(model: LanguageModel, corpus: Corpus, frequent: torch.Tensor, batc
 
 def run_trigram_study(out: Path, spec: TrigramStudySpec, progress: bool = False) -> dict[str, Any]:
     """Run (or resume) the whole study in ``out``; returns and writes ``trigram-study.json``."""
+    from reglm.analysis.plots import plot_trigram_study  # first: without matplotlib, stop before training
+
     started = time.perf_counter()
     out = Path(out)
     _check_spec(out, spec)
@@ -255,8 +257,6 @@ def run_trigram_study(out: Path, spec: TrigramStudySpec, progress: bool = False)
         "seconds": time.perf_counter() - started,
     }
     write_json(out / "trigram-study.json", result)
-    from reglm.analysis.plots import plot_trigram_study
-
     plot_trigram_study(result, out / "trigram-study.png")
     return result
 

@@ -113,7 +113,7 @@ class Trainer:
         self.model = LanguageModel(config.model, len(self.vocab), self.vocab).to(self.device)
         self.eval_model = LanguageModel(config.model, len(self.vocab), self.vocab).to(self.device)
         self.batches = training_batches(corpus.train, cfg, config.seed, self.device, self.vocab.eos_id)
-        self.metrics = MetricsLog(self.run_dir / METRICS_FILE)
+        self.metrics = MetricsLog(self.run_dir / METRICS_FILE, tensorboard=cfg.tensorboard)
         self.objective = make_objective(config, self.vocab, self.device)
         terms = [*self.objective.terms, ActivationReg(cfg.ar_alpha), TemporalActivationReg(cfg.tar_beta)]
         self.engine = StepEngine(self.model, self.objective, terms, cfg.small_batch_size, cfg.clip, cfg.sequence_loss, autocast=self._autocast)
@@ -185,7 +185,8 @@ class Trainer:
             self._say(line)
 
     def close(self) -> None:
-        """Release the run directory."""
+        """Close the metrics log and release the run directory."""
+        self.metrics.close()
         if self.lock is not None:
             self.lock.release()
             self.lock = None
@@ -249,7 +250,7 @@ class Trainer:
         self.stage, self.epoch, self.step, self.position = state["stage"], state["epoch"], state["step"], state["position"]
         self.hidden = hidden
         self.epoch_nll, self.epoch_tokens, self.best_val = float(state["epoch_nll"]), state["epoch_tokens"], float(state["best_val"])
-        self.metrics.truncate(state["metrics_bytes"])
+        self.metrics.truncate(state["metrics_bytes"], first_step=self.step + 1)
         self.last_checkpoint = self._checkpoint_name()
 
     def _checkpoint_name(self) -> str:
@@ -346,7 +347,7 @@ class Trainer:
             self.hidden = model.init_state(cfg.batch_size, device=self.device)
         adversarial, noise_std = self._advsoft_on(), self._input_noise_std()
         bar = tqdm(total=batches.total, initial=self.position, disable=not self.progress, unit="tok/stream" if batches.carries_state else "batch", leave=False, desc=f"{self.stage} epoch {self.epoch + 1}")
-        window_nll, window_tokens, window_start = self.epoch_nll, self.epoch_tokens, time.perf_counter()
+        window_nll, window_tokens, window_position, window_start = self.epoch_nll, self.epoch_tokens, self.position, time.perf_counter()
         while not batches.done(self.position) and not self._out_of_steps():
             window, advance, factor = batches.next(self.position, self.epoch)
             lr = self.schedule.rate(self.stage, self.epoch, self.step) * factor
@@ -364,7 +365,9 @@ class Trainer:
                 elapsed = time.perf_counter() - window_start
                 self.metrics.log(event="step", stage=self.stage, epoch=self.epoch + 1, step=self.step, lr=lr, loss=mean, ppl=perplexity(mean), tokens_per_s=tokens / max(elapsed, 1e-9), averaging=self.averaging.active)
                 bar.set_postfix(loss=f"{mean:.3f}", ppl=f"{perplexity(mean):.1f}")
-                window_nll, window_tokens, window_start = self.epoch_nll, self.epoch_tokens, time.perf_counter()
+                if not self.progress:
+                    self._report_progress(mean, lr, tokens / max(elapsed, 1e-9), (self.position - window_position) / max(elapsed, 1e-9))
+                window_nll, window_tokens, window_position, window_start = self.epoch_nll, self.epoch_tokens, self.position, time.perf_counter()
             for hook in self.step_hooks:
                 hook(self)
             if cfg.checkpoint_interval and self.step % cfg.checkpoint_interval == 0:
@@ -374,6 +377,17 @@ class Trainer:
                 self._interrupt()
         bar.close()
         self._flush()
+
+    def _report_progress(self, loss: float, lr: float, tokens_per_s: float, advance_per_s: float) -> None:
+        """The progress line printed at every log interval when no progress bar is shown (no
+        terminal): where in the epoch, speed, the interval's loss, the rate and the epoch's ETA."""
+        total = self.batches.total
+        eta = (total - self.position) / advance_per_s if advance_per_s > 0 else math.inf
+        eta_text = time.strftime("%H:%M:%S", time.gmtime(eta)) if eta < 86400 else f"{eta / 3600:.0f} h"
+        self._say(
+            f"| {self.stage} | epoch {self.epoch + 1:3d} | step {self.step:7d} | {self.position / max(total, 1):4.0%} of epoch | "
+            f"{tokens_per_s:9,.0f} tok/s | loss {loss:7.4f} | ppl {perplexity(loss):9.2f} | lr {lr:.4g} | epoch ETA {eta_text}"
+        )
 
     def reading(self, split: str) -> Reading:
         """How validation (``valid``) and the final scores read a split (:func:`~reglm.train.batching.eval_reading`)."""
