@@ -1,7 +1,7 @@
 """reglm: regularized word-level neural language models (AWD-LSTM, NT-ASGD and friends).
 
-``reglm.load`` and ``reglm.TrainedModel`` are imported on first use, so that the command line
-starts without importing PyTorch before it needs it.
+``reglm.load``, ``reglm.from_pretrained`` and ``reglm.TrainedModel`` are imported on first use,
+so that the command line starts without importing PyTorch before it needs it.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["TrainedModel", "load", "__version__"]
+__all__ = ["TrainedModel", "from_pretrained", "load", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
@@ -18,4 +18,8 @@ def __getattr__(name: str) -> Any:
         from reglm import api
 
         return getattr(api, name)
+    if name == "from_pretrained":
+        from reglm.hub import from_pretrained
+
+        return from_pretrained
     raise AttributeError(f"module 'reglm' has no attribute {name!r}")

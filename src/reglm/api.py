@@ -268,13 +268,35 @@ class TrainedModel:
             yield self.vocab.itos[nxt]
             result = self.model(torch.tensor([[nxt]], device=self.device), result.state)
 
+    run_config = None
+    """The :class:`~reglm.config.RunConfig` of the directory the model came from, when
+    :func:`load` or :func:`reglm.from_pretrained` loaded it (:meth:`save_pretrained` writes it
+    back); else None."""
+
+    def save_pretrained(self, path: Path | str) -> Path:
+        """Write the model as a Hugging Face-style pretrained directory (``config.json``,
+        ``model.safetensors``, ``vocab.txt``, and ``tokenizer.json`` for BPE), which
+        :func:`reglm.from_pretrained` and :func:`load` read back (:func:`reglm.hub.save_pretrained`)."""
+        from reglm.hub import save_pretrained
+
+        return save_pretrained(self, path)
+
+    def push_to_hub(self, repo_id: str, private: bool | None = None, token: str | None = None, commit_message: str = "Upload reglm model") -> str:
+        """Upload :meth:`save_pretrained`'s directory to a Hugging Face Hub repository (the ``hub``
+        extra); returns the commit's URL (:func:`reglm.hub.push_to_hub`)."""
+        from reglm.hub import push_to_hub
+
+        return push_to_hub(self, repo_id, private, token, commit_message)
+
 
 def load(path: Path | str, which: str = "best", device: str | torch.device = "cpu") -> TrainedModel:
     """Load the ``best`` (or ``last``) model of a run directory, or a model directory itself."""
     directory = model_dir(path, which)
     model, config, vocab = load_model_dir(directory, device)
     require_kind(config.objective.kind, directory, "lm")
-    return TrainedModel(model, vocab, torch.device(device))
+    lm = TrainedModel(model, vocab, torch.device(device))
+    lm.run_config = config
+    return lm
 
 
 def truncated(probs: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:

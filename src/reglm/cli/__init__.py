@@ -20,14 +20,14 @@ from contextlib import contextmanager
 from importlib import metadata
 from typing import Any
 
-from reglm.cli import analyze, data, eval, generate, score, study, train
+from reglm.cli import analyze, data, eval, export, generate, score, study, train
 from reglm.cli.common import handling_signals
 from reglm.errors import ReglmError, TrainingDiverged, TrainingInterrupted
 
 EXIT_USAGE = 2
 EXIT_DIVERGED = 3
 EXIT_INTERRUPTED = 130
-FAMILIES = (train, eval, score, generate, analyze, study, data)
+FAMILIES = (train, eval, score, generate, export, analyze, study, data)
 """Each registers its subcommands on the parser (``register(sub)``), with ``func`` to run."""
 
 
