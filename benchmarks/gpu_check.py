@@ -58,6 +58,7 @@ FAMILIES = {
     "awd-lstm": ("tiny", []),
     "awd-lstm-advsoft": ("advsoft-tiny", []),
     "vd-lstm": ("tiny", ["model.encoder=vd-lstm", "model.output.tie_weights=false"]),
+    "qrnn": ("qrnn-tiny", []),
     "mos": ("mos-tiny", []),
     "doc": ("mos-tiny", ["model.output=doc", "model.output.doc_experts=2"]),
     "transformer-adaptive": ("transformer-tiny", []),

@@ -39,8 +39,18 @@ def test_gpu_check_dry_run_runs_every_stage_and_writes_one_json(tmp_path: Path) 
     assert "stage" in proc.stdout and f"wrote {tmp_path / 'gpu-check-cpu-dry-run.json'}" in proc.stdout
 
 
+def test_qrnn_dry_run_compares_both_models_and_the_scan_with_the_loop(tmp_path: Path) -> None:
+    out = tmp_path / "qrnn.json"
+    subprocess.run([sys.executable, str(REPO / "benchmarks" / "qrnn.py"), "--dry-run", "--out", str(out)], check=True, capture_output=True, timeout=120)
+    result = json.loads(out.read_text())
+    assert set(result["training"]["tokens_per_s"]) == {"qrnn", "awd-lstm"} and result["training"]["ratio_qrnn_over_awd_lstm"] > 0
+    scan = result["scan"][0]
+    assert scan["steps"] == 70 and scan["max_abs_difference"] < 1e-5 and scan["forward_backward"]["speedup_scan_over_loop"] > 0
+
+
 def _gpu_check():
     sys.path.insert(0, str(REPO / "benchmarks"))
     import gpu_check
 
     return gpu_check
+

@@ -8,8 +8,9 @@ config dataclass), ``from_config(cfg, input_size)``, ``output_size``, ``layer_si
 
 from reglm.encoders.awd_lstm import AWDLSTMEncoder
 from reglm.encoders.vd_lstm import VDLSTMEncoder
+from reglm.encoders.qrnn import QRNNEncoder
 from reglm.encoders.transformer import TransformerEncoder
 
-ENCODERS = {"awd-lstm": AWDLSTMEncoder, "vd-lstm": VDLSTMEncoder, "transformer": TransformerEncoder}
+ENCODERS = {"awd-lstm": AWDLSTMEncoder, "vd-lstm": VDLSTMEncoder, "qrnn": QRNNEncoder, "transformer": TransformerEncoder}
 
-__all__ = ["ENCODERS", "AWDLSTMEncoder", "VDLSTMEncoder"]
+__all__ = ["ENCODERS", "AWDLSTMEncoder", "QRNNEncoder", "VDLSTMEncoder"]

@@ -112,7 +112,7 @@ class WeightDropLSTM(nn.Module):
 class AWDLSTMConfig:
     """The AWD-LSTM encoder: weight-dropped LSTM layers with locked dropout between them."""
 
-    kind: str = kind_field("awd-lstm", "encoder: awd-lstm (Merity et al.), vd-lstm (Zaremba et al.'s LSTM with Inan et al.'s variational dropout) or transformer (decoder-only, pre-LayerNorm; Baevski & Auli 2019)")
+    kind: str = kind_field("awd-lstm", "encoder: awd-lstm (Merity et al.), vd-lstm (Zaremba et al.'s LSTM with Inan et al.'s variational dropout), qrnn (Bradbury et al.'s quasi-recurrent network with the AWD regularizers) or transformer (decoder-only, pre-LayerNorm; Baevski & Auli 2019)")
     hidden_size: int = option(256, "LSTM hidden size of every layer but the last", arch=True)
     last_hidden_size: int | None = option(None, "hidden size of the last layer (none: the input size, so a tied softmax reads it; MoS's nhidlast)", arch=True)
     num_layers: int = option(2, "number of stacked LSTM layers", arch=True)

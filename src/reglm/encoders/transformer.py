@@ -90,7 +90,7 @@ def sinusoidal_positions(length: int, dim: int, device: torch.device | str | Non
 class TransformerConfig:
     """A decoder-only pre-LayerNorm Transformer (Baevski & Auli 2019, section 4.1)."""
 
-    kind: str = kind_field("transformer", "encoder: awd-lstm (Merity et al.), vd-lstm (Zaremba et al.'s LSTM with Inan et al.'s variational dropout) or transformer (decoder-only, pre-LayerNorm; Baevski & Auli 2019)")
+    kind: str = kind_field("transformer", "encoder: awd-lstm (Merity et al.), vd-lstm (Zaremba et al.'s LSTM with Inan et al.'s variational dropout), qrnn (Bradbury et al.'s quasi-recurrent network with the AWD regularizers) or transformer (decoder-only, pre-LayerNorm; Baevski & Auli 2019)")
     d_model: int = option(512, "e: width of the residual stream, attention and block outputs", arch=True)
     layers: int = option(6, "N: number of blocks (the paper: 16)", arch=True)
     heads: int = option(8, "H: attention heads; must divide d_model (the paper: 16)", arch=True)

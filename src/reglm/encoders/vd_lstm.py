@@ -154,7 +154,7 @@ class VDLSTMLayer(nn.Module):
 class VDLSTMConfig:
     """Zaremba et al.'s LSTM with Inan et al.'s tied variational dropout."""
 
-    kind: str = kind_field("vd-lstm", "encoder: awd-lstm (Merity et al.), vd-lstm (Zaremba et al.'s LSTM with Inan et al.'s variational dropout) or transformer (decoder-only, pre-LayerNorm; Baevski & Auli 2019)")
+    kind: str = kind_field("vd-lstm", "encoder: awd-lstm (Merity et al.), vd-lstm (Zaremba et al.'s LSTM with Inan et al.'s variational dropout), qrnn (Bradbury et al.'s quasi-recurrent network with the AWD regularizers) or transformer (decoder-only, pre-LayerNorm; Baevski & Auli 2019)")
     hidden_size: int = option(256, "LSTM hidden size of every layer", arch=True)
     num_layers: int = option(2, "number of stacked LSTM layers", arch=True)
     hidden_dropout: float = option(0.1, "the one dropout probability: the per-layer masks on h_{t-1} and on the next layer's input (Inan et al. appendix A)")
