@@ -5,6 +5,7 @@ the paper's Tables 3 and 4 (every one within 0.07%)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -87,8 +88,10 @@ def test_overrides_and_a_human_table(capsys: pytest.CaptureFixture[str]) -> None
     assert "267,735" in out and "246.9M" in out
 
 
-def test_a_corpus_without_a_known_vocabulary_needs_vocab_size(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["params", "--preset", "transformer-gbw-adp-t"]) == 2
+def test_a_corpus_without_a_known_vocabulary_needs_vocab_size(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert main(["params", "--preset", "transformer-gbw-adp-t"]) == 0
+    assert "793,471 (the published lm1b vocabulary)" in capsys.readouterr().out
+    assert main(["params", "--preset", "tiny", f"data.name={tmp_path / 'nowhere'}"]) == 2
     err = capsys.readouterr().err
-    assert "--vocab-size" in err and "793471" in err and "Traceback" not in err
+    assert "--vocab-size" in err and "Traceback" not in err
     assert main(["params", "--preset", "transformer-wt103-adp-t", "--vocab-size", "1"]) == 2

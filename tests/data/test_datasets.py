@@ -44,7 +44,7 @@ def make_zip(path: Path, texts: dict[str, str]) -> Path:
 def tiny_source(archive: Path, by_hash: bool = True) -> Source:
     return Source(
         url=archive.as_uri(),
-        members=dict(MEMBERS),
+        members={split: (member,) for split, member in MEMBERS.items()},
         tokens=(10, 3, 2),
         vocab_size=4,
         sha256={s: sha(t) for s, t in TEXTS.items()} if by_hash else None,
@@ -52,7 +52,10 @@ def tiny_source(archive: Path, by_hash: bool = True) -> Source:
 
 
 def cache_listing(root: Path) -> list[str]:
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*")) if root.exists() else []
+    """Every path below ``root`` but the encoded-corpus cache (``encoded/``, written on first use)."""
+    if not root.exists():
+        return []
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.relative_to(root).parts[0] != "encoded")
 
 
 def test_cache_dir_precedence(monkeypatch, tmp_path) -> None:
@@ -146,7 +149,7 @@ def test_network_error_names_url_and_manual_route(monkeypatch, tmp_path) -> None
 
 
 def test_resolve_dispatch(tmp_path, monkeypatch) -> None:
-    with pytest.raises(ReglmError, match="ptb, wikitext-2, wikitext-103, synthetic"):
+    with pytest.raises(ReglmError, match="ptb, wikitext-2, wikitext-103, lm1b, synthetic"):
         resolve("no-such-corpus")
     with pytest.raises(ReglmError, match="unknown built-in corpus"):
         download("no-such-corpus")
@@ -163,9 +166,55 @@ def test_resolve_dispatch(tmp_path, monkeypatch) -> None:
 
 
 def test_url_table_is_complete() -> None:
-    assert set(datasets.SOURCES) == {"ptb", "wikitext-2", "wikitext-103"}
+    assert set(datasets.SOURCES) == {"ptb", "wikitext-2", "wikitext-103", "lm1b"}
     assert SOURCES["ptb"].url == "http://www.fit.vutbr.cz/~imikolov/rnnlm/simple-examples.tgz"
     assert SOURCES["wikitext-103"].sha256 is None
     assert SOURCES["wikitext-103"].tokens == (103_227_021, 217_646, 245_569)
     for source in SOURCES.values():
         assert set(source.members) == {"train", "valid", "test"}
+
+
+def test_billion_word_source_is_the_published_release() -> None:
+    lm1b = SOURCES["lm1b"]
+    assert lm1b.url == "http://www.statmt.org/lm-benchmark/1-billion-word-language-modeling-benchmark-r13output.tar.gz"
+    assert (lm1b.archive_bytes, lm1b.archive_sha256) == (1_792_209_805, "01ba60381110baf7f189dfd2b8374de371e8c9a340835793f190bdae9e90a34e")
+    train = lm1b.members["train"]
+    assert len(train) == 99 and train[0].endswith("training-monolingual.tokenized.shuffled/news.en-00001-of-00100") and train[-1].endswith("news.en-00099-of-00100")
+    assert lm1b.members["test"][0].endswith("heldout-monolingual.tokenized.shuffled/news.en.heldout-00000-of-00050")
+    assert lm1b.members["valid"][0].endswith("heldout-monolingual.tokenized.shuffled/news.en.heldout-00001-of-00050")
+    assert lm1b.tokens == (798_949_912, None, 159_658) and lm1b.min_freq == 3 and lm1b.sentences
+
+
+SHARDS = {"train": ["a b c\n", "b c a\n", "a\n"], "valid": ["a b\n"], "test": ["c z\n"]}
+
+
+def test_a_sharded_release_is_joined_in_order_checked_and_cut_at_its_min_freq(monkeypatch, tmp_path) -> None:
+    """The billion-word shape: train is several members (stored out of order in the archive),
+    the archive's sha256 is checked, counts where published, the benchmark's min_freq."""
+    archive = tmp_path / "release.tar.gz"
+    names = {split: [f"r13/{split}/part-{i}" for i in range(len(parts))] for split, parts in SHARDS.items()}
+    with tarfile.open(archive, "w:gz") as tf:
+        for split in ("test", "train", "valid"):
+            for member, text in reversed(list(zip(names[split], SHARDS[split]))):
+                info = tarfile.TarInfo(member)
+                info.size = len(text)
+                tf.addfile(info, io.BytesIO(text.encode()))
+    digest = hashlib.sha256(archive.read_bytes()).hexdigest()
+    source = Source(
+        url=archive.as_uri(), members={split: tuple(m) for split, m in names.items()}, tokens=(10, None, 3), vocab_size=0,
+        archive_sha256=digest, archive_bytes=archive.stat().st_size, min_freq=3, sentences=True,
+    )
+    monkeypatch.setitem(SOURCES, "shards", source)
+    target = download("shards", data_dir=tmp_path / "cache")
+    assert (target / "train.txt").read_text() == "".join(SHARDS["train"])
+    corpus = resolve("shards", data_dir=tmp_path / "cache")
+    assert corpus.vocab.itos == ["<unk>", "<eos>", "a"] and corpus.vocab.counts == [4, 3, 3], "b and c, seen twice, fall below the benchmark's cut"
+    assert corpus.test.tolist() == [0, 0, 1]
+    assert resolve("shards", data_dir=tmp_path / "cache", min_freq=5).vocab.itos == ["<unk>", "<eos>"], "min_freq cuts further"
+    monkeypatch.setitem(SOURCES, "shards", dataclasses.replace(source, archive_sha256="0" * 64))
+    with pytest.raises(ReglmError, match="damaged or has changed.*sha256"):
+        download("shards", data_dir=tmp_path / "other")
+    assert cache_listing(tmp_path / "other") == []
+    monkeypatch.setitem(SOURCES, "shards", dataclasses.replace(source, tokens=(10, None, 4)))
+    with pytest.raises(ReglmError, match=r"test\.txt has 3 tokens, the published file 4"):
+        download("shards", data_dir=tmp_path / "third")

@@ -181,7 +181,7 @@ def test_sentence_plan_groups_similar_lengths_and_shuffles_per_epoch() -> None:
     lengths = [3, 9, 2, 9, 3, 2, 5, 5, 9, 2]
     ids = torch.cat([torch.cat([torch.full((n - 1,), 7), torch.tensor([eos])]) for n in lengths])
     plan = SentencePlan(ids, eos, max_tokens=10, seed=1)
-    widths = [[last - begin + 1 for begin, _, last in group] for group in plan.groups]
+    widths = [(plan.last[rows] - plan.first[rows] + 1).tolist() for rows in map(plan.group, range(plan.batches))]
     assert all(max(w) - min(w) <= 3 for w in widths) and sorted(sum(widths, [])) == sorted([n if i else n - 1 for i, n in enumerate(lengths)])
     assert plan.order(0).tolist() == SentencePlan(ids, eos, 10, seed=1).order(0).tolist(), "the order is a function of seed and epoch"
     orders = {tuple(plan.order(epoch).tolist()) for epoch in range(6)}
@@ -197,3 +197,51 @@ def test_block_plan_reads_each_block_once_per_epoch() -> None:
         assert torch.equal(w.targets, w.inputs + 1) and w.inputs.shape == (2, 6)
         starts += w.inputs[:, 0].tolist()
     assert sorted(starts) == [0, 6, 12, 18, 24, 30, 36, 42]
+
+
+def old_sentence_batches(ids: torch.Tensor, eos: int, max_tokens: int, seed: int) -> list[list[tuple[int, int]]]:
+    """The sentence grouping as it was written first, a Python loop over (first, last) spans: the
+    reference the tensor plan must reproduce exactly (same batches, same order)."""
+    ends = torch.nonzero(ids == eos).flatten().tolist()
+    if not ends or ends[-1] < ids.numel() - 1:
+        ends.append(ids.numel() - 1)
+    spans, first = [], 1
+    for end in ends:
+        if end >= first:
+            spans.append((first, end))
+        first = end + 1
+    lengths = torch.tensor([last - begin + 1 for begin, last in spans], dtype=torch.float64)
+    tiebreak = torch.rand(len(spans), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    groups: list[list[tuple[int, int]]] = [[]]
+    for i in torch.argsort(lengths + tiebreak).tolist():
+        width = int(lengths[i])
+        if groups[-1] and width * (len(groups[-1]) + 1) > max_tokens:
+            groups.append([])
+        groups[-1].append(spans[i])
+    return groups
+
+
+@pytest.mark.parametrize(("max_tokens", "seed"), [(1, 0), (7, 1), (20, 2), (64, 3), (10_000, 4)])
+def test_sentence_plan_groups_exactly_as_the_loop_did(max_tokens: int, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 9, (3000,), generator=g)
+    ids[torch.randint(0, 3000, (300,), generator=g)] = 0
+    ids[100:104] = 0  # blank lines: sentences of their end alone
+    plan = SentencePlan(ids.to(torch.int32), 0, max_tokens, seed=seed)
+    expected = old_sentence_batches(ids, 0, max_tokens, seed)
+    got = [list(zip(plan.first[rows].tolist(), plan.last[rows].tolist())) for rows in map(plan.group, range(plan.batches))]
+    assert got == expected
+    batch = plan.batch(2, 0)
+    assert batch.inputs.dtype == torch.long and torch.equal(batch.targets[batch.scored], ids[batch.positions[batch.scored]])
+
+
+def test_stream_shards_are_disjoint_views_that_together_are_the_streams() -> None:
+    ids = torch.arange(1, 202, dtype=torch.int32)
+    whole = StreamPlan(ids, 4, "trim")
+    halves = [StreamPlan(ids, 4, "trim", shard=(r, 2)) for r in range(2)]
+    assert torch.equal(torch.cat([h.data for h in halves]), whole.data)
+    assert all(h.data.untyped_storage().data_ptr() == ids.untyped_storage().data_ptr() for h in halves), "views of the stream, no copy"
+    for h, rows in zip(halves, (slice(0, 2), slice(2, 4))):
+        window, reference = h.window(3, 5), whole.window(3, 5)
+        assert torch.equal(window.inputs, reference.inputs[rows]) and torch.equal(window.positions, reference.positions[rows])
+    assert sum(h.tokens for h in halves) == whole.tokens

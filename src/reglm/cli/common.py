@@ -38,7 +38,7 @@ def with_absolute_paths(config: Any) -> Any:
 
 
 def add_data_options(p: argparse.ArgumentParser, with_vocab: bool = True) -> None:
-    p.add_argument("--data", help="ptb, wikitext-2, wikitext-103, synthetic, or a directory with train.txt/valid.txt/test.txt")
+    p.add_argument("--data", help="ptb, wikitext-2, wikitext-103, lm1b, synthetic, or a directory with train.txt/valid.txt/test.txt")
     p.add_argument("--data-dir", help="download cache for built-in corpora (default: $REGLM_DATA_DIR or ~/.cache/reglm)")
     if with_vocab:
         p.add_argument("--min-freq", type=int, help="map training words seen fewer times to <unk>")

@@ -1,7 +1,8 @@
 """Corpora, vocabularies and batching: everything between text files and id tensors."""
 
 from reglm.data.bpe import BPEVocab, is_subword
-from reglm.data.corpus import SPLITS, Corpus, cache_dir, corpus_stats, encode_file, encode_subword_file, iter_lines, load_directory, read_tokens
+from reglm.data.cache import load_cached
+from reglm.data.corpus import SPLITS, CacheInfo, Corpus, cache_dir, corpus_stats, encode_file, encode_subword_file, iter_lines, load_directory, read_tokens
 from reglm.data.datasets import SOURCES, Source, download, resolve
 from reglm.data.synthetic import TrigramLanguage, synthetic_corpus, synthetic_stats
 from reglm.data.vocab import EOS, UNK, UnknownWordError, Vocab
@@ -13,6 +14,7 @@ __all__ = [
     "SPLITS",
     "UNK",
     "BPEVocab",
+    "CacheInfo",
     "ContextPlan",
     "Corpus",
     "Source",
@@ -28,6 +30,7 @@ __all__ = [
     "encode_subword_file",
     "is_subword",
     "iter_lines",
+    "load_cached",
     "load_directory",
     "read_tokens",
     "resolve",

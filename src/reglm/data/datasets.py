@@ -1,11 +1,13 @@
-"""Built-in corpora (PTB, WikiText-2, WikiText-103): download, verify, cache, and name resolution.
+"""Built-in corpora (PTB, WikiText-2, WikiText-103, the billion-word benchmark): download, verify, name resolution.
 
 A built-in corpus lives in ``<cache>/<name>/{train,valid,test}.txt`` (``<cache>``: the
 ``data_dir`` argument, else ``$REGLM_DATA_DIR``, else ``~/.cache/reglm``). When those three files
 are already there (a previous download, or offline copies put there by hand) they are used as
-they are; nothing is written. Otherwise the canonical archive is downloaded to a temp file in
-the cache, the three members are extracted into a temp directory, verified, and only then moved
-into place; on any failure nothing is left behind.
+they are; nothing is written there. Otherwise the canonical archive is downloaded to a temp file
+in the cache, the members of the three splits are extracted (a split of several members is their
+concatenation, in order) into a temp directory, verified, and only then moved into place; on any
+failure nothing is left behind. Every corpus is then read through the encoded-corpus cache
+(:mod:`reglm.data.cache`), custom directories included.
 
 Verification:
 
@@ -14,8 +16,23 @@ Verification:
   needs no write access.
 * WikiText-103: no per-file sha256 is known here, so a download is verified by the published
   counts under the corpus rule (:mod:`reglm.data.corpus`): 103,227,021 / 217,646 / 245,569
-  tokens and a training vocabulary of 267,735 (``<eos>`` included). Counting takes about a
-  minute, so cached copies are not recounted.
+  tokens and a training vocabulary of 267,735 (``<eos>`` included). Cached copies are not
+  recounted.
+* The billion-word benchmark (``lm1b``; Chelba et al. 2013, the release
+  ``1-billion-word-language-modeling-benchmark-r13output.tar.gz``): the archive's size and
+  sha256 as the Hugging Face ``lm1b`` dataset records them (``urls_checksums/checksums.txt``:
+  1,792,209,805 bytes, ``01ba6038...a34e``), then the published counts of two splits: train
+  (the 99 shards ``training-monolingual.tokenized.shuffled/news.en-000{01..99}-of-00100``)
+  30,301,028 sentences of 768,648,884 words (the training-token count of the bilm-tf ELMo
+  recipe; the sentence count is also the Hugging Face card's), so 798,949,912 tokens with one
+  ``<eos>`` per sentence; test (held-out shard 0, ``news.en.heldout-00000-of-00050``, by
+  convention the benchmark's test set) 6,075 sentences, 153,583 words, 159,658 tokens
+  (tensor2tensor's ``lm_example.py``). Valid is held-out shard 1
+  (``news.en.heldout-00001-of-00050``), for which no count is published: the archive's checksum
+  covers it. The Hugging Face card's test split (306,688 sentences) is all 50 held-out shards,
+  not shard 0. The vocabulary is the words seen at least 3 times in training
+  (:attr:`Source.min_freq`), as the benchmark's own 793,471 (which counts ``<S>``, ``</S>`` and
+  ``<UNK>``); each line is a sentence (:attr:`Source.sentences`), already shuffled by the release.
 
 Published sizes (same rule): PTB 929,589 / 73,760 / 82,430 tokens, vocabulary 10,000;
 WikiText-2 2,088,628 / 217,646 / 245,569, vocabulary 33,278.
@@ -40,7 +57,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from reglm.data.bpe import BPEVocab
-from reglm.data.corpus import SPLITS, Corpus, cache_dir, iter_lines, load_directory
+from reglm.data.cache import load_cached
+from reglm.data.corpus import SPLITS, Corpus, cache_dir, count_file
 from reglm.data.vocab import Vocab
 from reglm.data.synthetic import synthetic_corpus
 from reglm.io import temp_sibling
@@ -51,21 +69,32 @@ from reglm.errors import ReglmError
 class Source:
     """Where a built-in corpus comes from and how to verify it.
 
-    ``members`` maps each split to its path inside the archive; ``sha256`` maps each split to
-    the digest of the extracted file (``None``: verify by ``tokens`` / ``vocab_size`` instead).
+    ``members`` maps each split to its paths inside the archive (concatenated in that order);
+    ``sha256`` maps each split to the digest of the extracted file (``None``: verify by
+    ``tokens`` / ``vocab_size`` instead; a count of ``None`` is not published and not checked).
+    ``archive_sha256`` / ``archive_bytes`` check the download itself. ``vocab_size`` is the
+    published vocabulary (checked as the training types when ``min_freq`` is 1); ``min_freq`` is
+    the benchmark's own cut (the vocabulary ``data.min_freq`` can only cut further); ``sentences``:
+    every line is an independent sentence (batch with ``train.batching=sentences``).
     """
 
     url: str
-    members: dict[str, str]
-    tokens: tuple[int, int, int]
+    members: dict[str, tuple[str, ...]]
+    tokens: tuple[int | None, int | None, int | None]
     vocab_size: int
     sha256: dict[str, str] | None = None
+    archive_sha256: str | None = None
+    archive_bytes: int | None = None
+    min_freq: int = 1
+    sentences: bool = False
 
+
+_LM1B = "1-billion-word-language-modeling-benchmark-r13output"
 
 SOURCES: dict[str, Source] = {
     "ptb": Source(
         url="http://www.fit.vutbr.cz/~imikolov/rnnlm/simple-examples.tgz",
-        members={s: f"simple-examples/data/ptb.{s}.txt" for s in SPLITS},
+        members={s: (f"simple-examples/data/ptb.{s}.txt",) for s in SPLITS},
         tokens=(929_589, 73_760, 82_430),
         vocab_size=10_000,
         sha256={
@@ -76,7 +105,7 @@ SOURCES: dict[str, Source] = {
     ),
     "wikitext-2": Source(
         url="https://wikitext.smerity.com/wikitext-2-v1.zip",
-        members={s: f"wikitext-2/wiki.{s}.tokens" for s in SPLITS},
+        members={s: (f"wikitext-2/wiki.{s}.tokens",) for s in SPLITS},
         tokens=(2_088_628, 217_646, 245_569),
         vocab_size=33_278,
         sha256={
@@ -87,11 +116,26 @@ SOURCES: dict[str, Source] = {
     ),
     "wikitext-103": Source(
         url="https://wikitext.smerity.com/wikitext-103-v1.zip",
-        members={s: f"wikitext-103/wiki.{s}.tokens" for s in SPLITS},
+        members={s: (f"wikitext-103/wiki.{s}.tokens",) for s in SPLITS},
         tokens=(103_227_021, 217_646, 245_569),
         vocab_size=267_735,
     ),
+    "lm1b": Source(
+        url=f"http://www.statmt.org/lm-benchmark/{_LM1B}.tar.gz",
+        members={
+            "train": tuple(f"{_LM1B}/training-monolingual.tokenized.shuffled/news.en-{i:05d}-of-00100" for i in range(1, 100)),
+            "valid": (f"{_LM1B}/heldout-monolingual.tokenized.shuffled/news.en.heldout-00001-of-00050",),
+            "test": (f"{_LM1B}/heldout-monolingual.tokenized.shuffled/news.en.heldout-00000-of-00050",),
+        },
+        tokens=(768_648_884 + 30_301_028, None, 153_583 + 6_075),
+        vocab_size=793_471,
+        archive_sha256="01ba60381110baf7f189dfd2b8374de371e8c9a340835793f190bdae9e90a34e",
+        archive_bytes=1_792_209_805,
+        min_freq=3,
+        sentences=True,
+    ),
 }
+"""The published numbers and their sources are in the module docstring."""
 
 _verified: set[Path] = set()
 
@@ -104,8 +148,9 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _verify(name: str, directory: Path, where: str) -> None:
-    """Check the three splits in ``directory`` against ``SOURCES[name]``; ``where`` says what to do on failure."""
+def _verify(name: str, directory: Path, where: str, counts: bool = True) -> None:
+    """Check the three splits in ``directory`` against ``SOURCES[name]``; ``where`` says what to
+    do on failure. ``counts``: also the published counts (a pass over the text; at download)."""
     source = SOURCES[name]
     if source.sha256 is not None:
         for split in SPLITS:
@@ -113,55 +158,74 @@ def _verify(name: str, directory: Path, where: str) -> None:
             if _sha256(path) != source.sha256[split]:
                 raise ReglmError(f"{name} {split}.txt does not match the published file (sha256 differs); {where}")
         return
-    vocab: set[str] = set()
+    if not counts:
+        return
+    progress = sys.stderr.isatty()
     for split, expected in zip(SPLITS, source.tokens):
-        n = 0
-        for _, words in iter_lines(directory / f"{split}.txt"):
-            n += len(words) + 1
-            if split == "train":
-                vocab.update(words)
-        if n != expected:
+        with_types = split == "train" and source.min_freq == 1
+        if expected is None and not with_types:
+            continue
+        n, types = count_file(directory / f"{split}.txt", types=with_types, progress=progress, desc=f"verifying {name} {split}")
+        if expected is not None and n != expected:
             raise ReglmError(f"{name} {split}.txt has {n:,} tokens, the published file {expected:,}; {where}")
-    if len(vocab | {"<eos>"}) != source.vocab_size:
-        raise ReglmError(f"{name} train.txt has {len(vocab | {'<eos>'}):,} word types, the published file {source.vocab_size:,}; {where}")
+        if types is not None and types != source.vocab_size:
+            raise ReglmError(f"{name} train.txt has {types:,} word types, the published file {source.vocab_size:,}; {where}")
 
 
-def _fetch(url: str, dest: Path, name: str, manual: str) -> None:
-    """Stream ``url`` into the new file ``dest`` (tqdm progress bar when stderr is a terminal)."""
+def _fetch(url: str, dest: Path, name: str, manual: str) -> tuple[int, str]:
+    """Stream ``url`` into the new file ``dest`` (tqdm progress bar when stderr is a terminal);
+    returns its size and sha256."""
     try:
         out = open(dest, "xb")
     except OSError as exc:
         raise ReglmError(f"cannot write into the data cache {dest.parent} ({exc}); pass --data-dir with a writable directory") from None
+    digest, size = hashlib.sha256(), 0
     with out:
         try:
             with urllib.request.urlopen(url, timeout=60) as response:
-                size = int(response.headers.get("Content-Length") or 0) or None
-                with tqdm(total=size, unit="B", unit_scale=True, desc=f"downloading {name}", disable=not sys.stderr.isatty()) as bar:
+                total = int(response.headers.get("Content-Length") or 0) or None
+                with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {name}", disable=not sys.stderr.isatty()) as bar:
                     for block in iter(lambda: response.read(1 << 20), b""):
                         out.write(block)
+                        digest.update(block)
+                        size += len(block)
                         bar.update(len(block))
         except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
             raise ReglmError(f"could not download {name} from {url} ({exc}); {manual}") from None
+    return size, digest.hexdigest()
 
 
 def _extract(archive: Path, source: Source, dest: Path, url: str, manual: str) -> None:
-    """Copy the archive members of the three splits (zip or tar; a leading ``./`` is ignored) to ``dest/{split}.txt``."""
+    """Write ``dest/{split}.txt`` as the concatenation of the split's archive members (zip or tar;
+    a leading ``./`` is ignored). A tar is read once, front to back, each wanted member copied to
+    a part file as it passes (a compressed tar cannot seek back); the parts are then joined."""
+    index = {member: (split, i) for split in SPLITS for i, member in enumerate(source.members[split])}
+    parts: dict[tuple[str, int], Path] = {}
     try:
         with ExitStack() as stack:
             if zipfile.is_zipfile(archive):
                 zf = stack.enter_context(zipfile.ZipFile(archive))
-                members = {n.removeprefix("./"): n for n in zf.namelist()}
+                entries = ((n.removeprefix("./"), n) for n in zf.namelist())
                 open_member = zf.open
             else:
                 tf = stack.enter_context(tarfile.open(archive))
-                members = {m.name.removeprefix("./"): m for m in tf.getmembers() if m.isfile()}
+                entries = ((m.name.removeprefix("./"), m) for m in tf if m.isfile())
                 open_member = tf.extractfile
-            for split in SPLITS:
-                wanted = source.members[split]
-                if wanted not in members:
-                    raise ReglmError(f"the archive from {url} has no {wanted}; {manual}")
-                with open_member(members[wanted]) as member, open(dest / f"{split}.txt", "xb") as out:
-                    shutil.copyfileobj(member, out, 1 << 20)
+            for path, member in entries:
+                if path in index and index[path] not in parts:
+                    part = dest / f".part-{len(parts):05d}"
+                    with open_member(member) as src, open(part, "xb") as out:
+                        shutil.copyfileobj(src, out, 1 << 20)
+                    parts[index[path]] = part
+        for member, key in index.items():
+            if key not in parts:
+                raise ReglmError(f"the archive from {url} has no {member}; {manual}")
+        for split in SPLITS:
+            with open(dest / f"{split}.txt", "xb") as out:
+                for i in range(len(source.members[split])):
+                    with open(parts[split, i], "rb") as src:
+                        shutil.copyfileobj(src, out, 1 << 20)
+                    parts[split, i].unlink()
     except (tarfile.TarError, zipfile.BadZipFile, zlib.error, EOFError, OSError) as exc:
         raise ReglmError(f"the archive from {url} is damaged ({exc}); {manual}") from None
 
@@ -170,8 +234,9 @@ def download(name: str, data_dir: str | Path | None = None) -> Path:
     """The directory ``<cache>/<name>`` holding verified ``train.txt`` / ``valid.txt`` / ``test.txt``.
 
     Uses the files already there when all three exist (verified by sha256 once per process
-    where a digest is known); otherwise downloads, extracts and verifies into temp locations
-    and moves the files into place only when everything checks out.
+    where a digest is known); otherwise downloads, checks the archive where its size and sha256
+    are known, extracts and verifies into temp locations and moves the files into place only
+    when everything checks out.
     """
     if name not in SOURCES:
         raise ReglmError(f"unknown built-in corpus {name!r}; choose one of {', '.join(SOURCES)}")
@@ -179,12 +244,14 @@ def download(name: str, data_dir: str | Path | None = None) -> Path:
     target = cache_dir(data_dir) / name
     if all((target / f"{split}.txt").is_file() for split in SPLITS):
         if source.sha256 is not None and target.resolve() not in _verified:
-            _verify(name, target, f"delete {target} to download it again, or pass the directory itself as a custom corpus")
+            _verify(name, target, f"delete {target} to download it again, or pass the directory itself as a custom corpus", counts=False)
             _verified.add(target.resolve())
         return target
+    members = [m for split in SPLITS for m in source.members[split]]
+    shown = ", ".join(members) if len(members) <= 3 else f"{', '.join(members[:2])}, ... ({len(members)} files)"
     manual = (
-        f"download {source.url} by hand, put its {', '.join(source.members.values())} into "
-        f"<dir>/{name}/ as train.txt, valid.txt, test.txt and pass --data-dir <dir>"
+        f"download {source.url} by hand, put {shown} into <dir>/{name}/ as train.txt, valid.txt, test.txt "
+        f"(a split of several files is their concatenation in order) and pass --data-dir <dir>"
     )
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -193,9 +260,15 @@ def download(name: str, data_dir: str | Path | None = None) -> Path:
     archive = temp_sibling(target.parent / f"{name}.archive")
     staging = temp_sibling(target)
     try:
-        _fetch(source.url, archive, name, manual)
+        size, digest = _fetch(source.url, archive, name, manual)
+        if (source.archive_bytes is not None and size != source.archive_bytes) or (source.archive_sha256 is not None and digest != source.archive_sha256):
+            raise ReglmError(
+                f"the download from {source.url} is damaged or has changed ({size:,} bytes, sha256 {digest}; "
+                f"published: {source.archive_bytes} bytes, sha256 {source.archive_sha256}); {manual}"
+            )
         staging.mkdir()
         _extract(archive, source, staging, source.url, manual)
+        archive.unlink()
         _verify(name, staging, f"the download from {source.url} is damaged or has changed; {manual}")
         target.mkdir(exist_ok=True)
         for split in SPLITS:
@@ -220,13 +293,16 @@ def resolve(
 ) -> Corpus:
     """The corpus a ``data.name`` option designates.
 
-    A built-in name (``ptb``, ``wikitext-2``, ``wikitext-103``) is downloaded when needed and
-    read; ``synthetic`` is the synthetic trigram corpus of ``synthetic_seed`` with
+    A built-in name (``ptb``, ``wikitext-2``, ``wikitext-103``, ``lm1b``) is downloaded when
+    needed; ``synthetic`` is the synthetic trigram corpus of ``synthetic_seed`` with
     ``synthetic_sentences`` training sentences and one eighth of that for valid and for test
-    (the paper's 80k / 10k / 10k by default); an existing
-    directory is read as a custom corpus (a built-in name wins over a directory of that name:
-    write ``./ptb``). ``min_freq`` / ``max_vocab`` shape the vocabulary of built-in and custom
-    corpora (the defaults keep every training word); the synthetic vocabulary is closed.
+    (the paper's 80k / 10k / 10k by default); an existing directory is read as a custom corpus
+    (a built-in name wins over a directory of that name: write ``./ptb``). Built-in and custom
+    corpora are read through the encoded-corpus cache (:func:`reglm.data.cache.load_cached`:
+    encoded once, memory-mapped afterwards, the same ids). ``min_freq`` / ``max_vocab`` shape
+    the vocabulary of built-in and custom corpora (the defaults keep every training word; a
+    built-in corpus's vocabulary is the benchmark's, ``min_freq`` can only cut it further: at
+    least 3 on ``lm1b``); the synthetic vocabulary is closed.
 
     ``tokenizer="bpe"`` gives a sub-word corpus of a built-in or custom corpus
     (:mod:`reglm.data.bpe`): units of ``bpe_vocab_size`` learnt on ``train.txt``, every split
@@ -235,16 +311,17 @@ def resolve(
     so nothing is learnt); the synthetic corpus always has its own closed vocabulary.
     """
     bpe = tokenizer == "bpe" or isinstance(vocab, BPEVocab)
-    sub = dict(tokenizer=tokenizer, bpe_vocab_size=bpe_vocab_size, vocab=vocab) if bpe or vocab is not None else {}
+    options = dict(max_vocab=max_vocab, tokenizer=tokenizer, bpe_vocab_size=bpe_vocab_size, vocab=vocab)
     if name in SOURCES:
-        return load_directory(download(name, data_dir), name=name, min_freq=min_freq, max_vocab=max_vocab, **sub)
+        directory = download(name, data_dir)
+        return load_cached(directory, name=name, min_freq=min_freq if bpe else max(min_freq, SOURCES[name].min_freq), **options)
     if name == "synthetic":
         if bpe:
             raise ReglmError("the synthetic corpus is word-level (its true probabilities are per word); use tokenizer=word, or bpe with a natural-text corpus")
         n_eval = synthetic_sentences // 8
         return synthetic_corpus(seed=synthetic_seed, data_dir=data_dir, sizes=(synthetic_sentences, n_eval, n_eval))
     if Path(name).expanduser().is_dir():
-        return load_directory(Path(name).expanduser(), min_freq=min_freq, max_vocab=max_vocab, **sub)
+        return load_cached(Path(name).expanduser(), min_freq=min_freq, **options)
     raise ReglmError(
         f"unknown corpus {name!r} (not a built-in name, and directory {name} does not exist); "
         f"choose one of {', '.join([*SOURCES, 'synthetic'])}, or give a directory holding train.txt, valid.txt and test.txt"

@@ -14,8 +14,11 @@ On disk a vocabulary is ``vocab.txt``: UTF-8, one ``token<TAB>count`` line per i
 from __future__ import annotations
 
 import hashlib
+import bisect
 from collections import Counter
 from pathlib import Path
+
+import numpy as np
 
 from reglm.errors import ReglmError
 from reglm.io import write_text
@@ -65,25 +68,60 @@ class Vocab:
         vocabulary such as the synthetic language's, where a word may be unseen in training).
         Ids follow descending count, ties broken by the token string.
         """
+        words = list(counter)
+        return cls.from_counts(words, np.fromiter((counter[w] for w in words), dtype=np.int64, count=len(words)), min_freq, max_vocab)[0]
+
+    @classmethod
+    def from_counts(cls, types: list[str], counts: np.ndarray, min_freq: int = 1, max_vocab: int | None = None) -> tuple["Vocab", np.ndarray]:
+        """:meth:`build` of the distinct ``types`` seen ``counts: (n,)`` times, and ``(n,)`` int64:
+        the id of each type (``<unk>``'s for a dropped one).
+
+        Sorted with arrays (the string order once, by Python's ``sorted``, then a stable numpy
+        argsort by count), so that the 2.4M training types of the billion-word corpus take
+        seconds; ``<eos>`` and ``<unk>`` are then put where the key ``(-count, token)`` places them.
+        """
         if min_freq < 0:
             raise ValueError(f"min_freq must be >= 0, got {min_freq}")
         if max_vocab is not None and max_vocab < 2:
             raise ReglmError(f"max_vocab={max_vocab} must be >= 2 (room for {EOS} and {UNK})")
-        ranked = sorted((w for w in counter if w not in (EOS, UNK)), key=lambda w: (-counter[w], w))
-        kept = [w for w in ranked if counter[w] >= min_freq]
-        has_unk = counter.get(UNK, 0) > 0 or len(kept) < len(ranked)
+        counts = np.asarray(counts, dtype=np.int64)
+        where = {t: types.index(t) for t in (EOS, UNK) if t in types}
+        by_string = np.array(sorted(range(len(types)), key=types.__getitem__), dtype=np.int64)
+        ranked = by_string[np.argsort(-counts[by_string], kind="stable")]
+        ranked = ranked[~np.isin(ranked, list(where.values()))]
+        kept = ranked[counts[ranked] >= min_freq]
+        has_unk = (UNK in where and counts[where[UNK]] > 0) or kept.size < ranked.size
         if max_vocab is not None:
             room = max_vocab - 1 - int(has_unk)
-            if len(kept) > room and not has_unk:
+            if kept.size > room and not has_unk:
                 has_unk = True
                 room -= 1
             kept = kept[:room]
-        entries = {w: counter[w] for w in kept}
-        entries[EOS] = counter.get(EOS, 0)
+        kept_counts = counts[kept]
+        specials = {EOS: int(counts[where[EOS]]) if EOS in where else 0}
         if has_unk:
-            entries[UNK] = sum(counter.values()) - sum(entries.values())
-        itos = sorted(entries, key=lambda w: (-entries[w], w))
-        return cls(itos, [entries[w] for w in itos])
+            specials[UNK] = int(counts.sum()) - int(kept_counts.sum()) - specials[EOS]
+        itos = [types[i] for i in kept]
+        at = {}
+        for token, count in specials.items():
+            lo = int(np.searchsorted(-kept_counts, -count, side="left"))
+            hi = int(np.searchsorted(-kept_counts, -count, side="right"))
+            at[token] = bisect.bisect_left(itos, token, lo, hi)
+        order = sorted(specials, key=lambda t: (at[t], -specials[t], t))
+        ids = np.arange(kept.size) + np.searchsorted(np.array([at[t] for t in order]), np.arange(kept.size), side="right")
+        table = np.full(len(types), -1, dtype=np.int64)
+        table[kept] = ids
+        all_counts = kept_counts.tolist()
+        for k, token in enumerate(order):
+            position = at[token] + k
+            itos.insert(position, token)
+            all_counts.insert(position, specials[token])
+        vocab = cls(itos, all_counts)
+        for token, i in where.items():
+            table[i] = vocab.stoi.get(token, -1)
+        if has_unk:
+            table[table < 0] = vocab.stoi[UNK]
+        return vocab, table
 
     @property
     def eos_id(self) -> int:

@@ -43,6 +43,13 @@ SentencePlan -- single sentences (section 4.3: "for billion word we batch indivi
 Word counts: with ``word_ends: (N,) bool`` (``True`` where a token closes a word; sub-word
 models), a window's ``words`` counts the words its scored targets close, so that the perplexity
 of a sub-word model is word-level: ``exp(summed NLL / words)``. Without it every token is a word.
+
+Ids: a plan takes the 1-D stream in any integer dtype torch indexes with (int64 in memory, int32
+memory-mapped from the encoded-corpus cache, :mod:`reglm.data.cache`) and never copies it: the
+training plans hold a view (streams) or index it per batch (blocks, sentences), so a mapped
+corpus stays a mapping; windows are int64. Under data parallelism the streams' plan takes
+``shard=(rank, world_size)`` and holds only rows ``r B / W .. (r + 1) B / W``, one contiguous part
+of the file (blocks and sentences are shared out per batch by :mod:`reglm.train.batching`).
 """
 
 from __future__ import annotations
@@ -104,15 +111,20 @@ class StreamPlan:
     carries_state = True
     """consecutive windows continue the same streams"""
 
-    def __init__(self, ids: Tensor, batch_size: int, cover: str = "all", word_ends: Tensor | None = None) -> None:
+    def __init__(self, ids: Tensor, batch_size: int, cover: str = "all", word_ends: Tensor | None = None, shard: tuple[int, int] = (0, 1)) -> None:
         if ids.dim() != 1:
             raise ValueError(f"expected a 1-D id stream, got shape {tuple(ids.shape)}")
         if batch_size < 1:
             raise ValueError(f"batch size {batch_size} must be >= 1")
         if cover not in COVERS:
             raise ValueError(f"cover must be one of {COVERS}, got {cover!r}")
+        rank, world = shard
+        if not 0 <= rank < world:
+            raise ValueError(f"shard {shard}: expected (rank, world_size) with 0 <= rank < world_size")
+        if world > 1 and (cover != "trim" or batch_size % world):
+            raise ValueError(f"shards split the training streams: cover='trim' and a batch size divisible by {world}")
         n = ids.numel()
-        self.batch_size = batch_size
+        self.batch_size = batch_size // world
         self.cover = cover
         self.word_ends = None if word_ends is None else word_ends.to(torch.bool).cpu()
         if cover == "trim":
@@ -122,8 +134,12 @@ class StreamPlan:
                     f"a stream of {n} tokens is too short for batch size {batch_size} "
                     "(each row needs at least 2 tokens); lower the batch size or use more data"
                 )
-            self.data = ids[: length * batch_size].view(batch_size, length)
-            self.target_pos = torch.arange(batch_size).unsqueeze(1) * length + torch.arange(1, length).unsqueeze(0)
+            rows = slice(rank * self.batch_size, (rank + 1) * self.batch_size)
+            self.data = ids[: length * batch_size].view(batch_size, length)[rows]
+            self.target_pos: Tensor | None = None
+            """``(B, columns)`` stream index of every target, ``-1`` for padding (cover ``all``);
+            the trim cover computes a window's from ``row_start`` (B x 8 bytes per token otherwise)"""
+            self.row_start = (torch.arange(batch_size) * length)[rows]
             self.valid: Tensor | None = None
         else:
             targets = n - 1
@@ -139,7 +155,7 @@ class StreamPlan:
             pos = first.unsqueeze(1) + offsets
             self.target_pos = torch.where(self.valid, pos, torch.full_like(pos, -1))
             index = torch.cat([first.unsqueeze(1) - 1, pos], dim=1).clamp_max(n - 1)
-            self.data = ids.to(index.device)[index] if ids.device.type == "cpu" else ids[index.to(ids.device)]
+            self.data = (ids[index] if ids.device.type == "cpu" else ids[index.to(ids.device)]).long()
             if bool(self.valid.all()):
                 self.valid = None
 
@@ -151,10 +167,13 @@ class StreamPlan:
     @property
     def tokens(self) -> int:
         """How many targets the plan scores in all."""
+        if self.target_pos is None:
+            return self.data.size(0) * self.columns
         return int((self.target_pos >= 0).sum())
 
     def to(self, device: torch.device | str) -> StreamPlan:
-        """The plan with its id matrix on ``device`` (positions and masks stay on the CPU)."""
+        """The plan with its id matrix on ``device`` (positions and masks stay on the CPU; on the
+        CPU the matrix stays a view of the stream)."""
         self.data = self.data.to(device)
         return self
 
@@ -165,13 +184,17 @@ class StreamPlan:
         if length < 1:
             raise ValueError(f"length must be >= 1, got {length}")
         s = min(length, self.columns - start)
-        positions = self.target_pos[:, start : start + s]
+        if self.target_pos is None:
+            positions = self.row_start.unsqueeze(1) + torch.arange(start + 1, start + 1 + s)
+        else:
+            positions = self.target_pos[:, start : start + s]
         scored = None if self.valid is None else self.valid[:, start : start + s]
         if scored is not None and bool(scored.all()):
             scored = None
         tokens = positions.numel() if scored is None else int(scored.sum())
         scored_dev = None if scored is None else scored.to(self.data.device)
-        return Window(self.data[:, start : start + s], self.data[:, start + 1 : start + 1 + s], scored_dev, positions, tokens, _word_count(self.word_ends, positions, scored, tokens), start)
+        columns = self.data[:, start : start + s + 1].long()
+        return Window(columns[:, :-1], columns[:, 1:], scored_dev, positions, tokens, _word_count(self.word_ends, positions, scored, tokens), start)
 
     def windows(self, length: int) -> Iterator[Window]:
         """Consecutive windows of ``length`` columns, left to right."""
@@ -235,21 +258,22 @@ class ContextPlan:
     def windows(self, length: int | None = None) -> Iterator[Window]:
         """The batches of windows, in stream order (``length`` is the stream plans'; unused)."""
         for i in range(0, len(self.spans), self.batch_size):
-            yield _gather(self.ids, self.spans[i : i + self.batch_size], self.pad_id, self.word_ends)
+            begin, first, last = torch.tensor(self.spans[i : i + self.batch_size], dtype=torch.long).unbind(1)
+            yield _gather(self.ids, begin, first, last, self.pad_id, self.word_ends)
 
 
-def _gather(ids: Tensor, spans: list[tuple[int, int, int]], pad_id: int, word_ends: Tensor | None) -> Window:
+def _gather(ids: Tensor, begin: Tensor, first: Tensor, last: Tensor, pad_id: int, word_ends: Tensor | None) -> Window:
     """One batch of stateless windows, a row per ``(input start, first scored target, last target)``
-    span, padded on the right to the longest: one indexing of ``ids`` on its device."""
-    begin, first, last = (torch.tensor(column, dtype=torch.long) for column in zip(*spans))
+    (``begin, first, last: (R,)``, indices into ``ids``), padded on the right to the longest: one
+    indexing of ``ids`` on its device."""
     width = int((last - begin).max()) + 1
     cols = torch.arange(width)
     target_pos = begin.unsqueeze(1) + cols  # (R, W): the stream index each column predicts
     inside = target_pos <= last.unsqueeze(1)
     index = torch.where(inside, target_pos, begin.unsqueeze(1)).to(ids.device)
     pad = (~inside).to(ids.device)
-    inputs = ids[index - 1].masked_fill(pad, pad_id)
-    targets = ids[index].masked_fill(pad, pad_id)
+    inputs = ids[index - 1].long().masked_fill(pad, pad_id)
+    targets = ids[index].long().masked_fill(pad, pad_id)
     scored = inside & (target_pos >= first.unsqueeze(1))
     positions = torch.where(scored, target_pos, -1)
     tokens = int(scored.sum())
@@ -258,7 +282,13 @@ def _gather(ids: Tensor, spans: list[tuple[int, int, int]], pad_id: int, word_en
 
 class SentencePlan:
     """Single sentences, each read from scratch, grouped by length into batches of at most
-    ``max_tokens`` tokens (padding included); see the module docstring."""
+    ``max_tokens`` tokens (padding included); see the module docstring.
+
+    Held as tensors, never as Python objects per sentence (the billion-word corpus has 30M):
+    ``first`` / ``last: (S,)`` each sentence's first and last target (its inputs start at
+    ``first - 1``), ``by_length: (S,)`` the sentences by ascending length (ties by a seeded draw),
+    and ``bounds: (G + 1,)`` where each batch starts in ``by_length``: batch ``k`` is the sentences
+    ``by_length[bounds[k] : bounds[k + 1]]`` (:meth:`group`)."""
 
     carries_state = False
 
@@ -269,31 +299,25 @@ class SentencePlan:
             raise ReglmError(f"the token budget {max_tokens} must be >= 1")
         self.ids, self.pad_id, self.seed = ids, pad_id, seed
         self.word_ends = None if word_ends is None else word_ends.to(torch.bool).cpu()
-        n_targets = ids.numel() - 1
-        ends = torch.nonzero(ids.cpu() == sentence_end).flatten().tolist()
-        if not ends or ends[-1] < n_targets:
-            ends.append(n_targets)
-        spans, first = [], 1
-        for end in ends:
-            if end >= first:
-                spans.append((first, first, end))
-            first = end + 1
-        self.spans = spans
-        """``(input start, first scored target, last target)`` of every sentence, in stream order."""
-        lengths = torch.tensor([last - begin + 1 for begin, _, last in spans], dtype=torch.float64)
-        tiebreak = torch.rand(len(spans), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-        order = torch.argsort(lengths + tiebreak).tolist()
-        widths = lengths.long().tolist()
-        groups: list[list[tuple[int, int, int]]] = [[]]
-        for i in order:
-            width = widths[i]
-            if groups[-1] and width * (len(groups[-1]) + 1) > max_tokens:
-                groups.append([])
-            groups[-1].append(spans[i])
-        self.groups = groups
-        """the batches: sentences of similar length (ascending), each group within the budget
-        (a sentence longer than ``max_tokens`` is a batch of its own)"""
+        last = self._sentence_ends(sentence_end)
+        first = torch.cat([torch.ones(1, dtype=torch.long), last[:-1] + 1])
+        keep = last >= first
+        self.first, self.last = first[keep], last[keep]
+        lengths = (self.last - self.first + 1).to(torch.float64)
+        tiebreak = torch.rand(lengths.numel(), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        self.by_length = torch.argsort(lengths + tiebreak)
+        self.bounds = _greedy_groups(lengths.long()[self.by_length], max_tokens)
         self._order: tuple[int, Tensor] | None = None
+
+    def _sentence_ends(self, sentence_end: int, step: int = 1 << 24) -> Tensor:
+        """Every sentence's last target: each ``sentence_end`` after the first token and the last
+        token (a split need not end with one); found piece by piece, no (N,) mask at once."""
+        ids, n = self.ids, self.ids.numel()
+        ends = [torch.nonzero(ids[lo : lo + step] == sentence_end).flatten() + lo for lo in range(0, n, step)]
+        last = torch.cat(ends)
+        if not last.numel() or int(last[-1]) < n - 1:
+            last = torch.cat([last, torch.tensor([n - 1])])
+        return last
 
     @property
     def tokens(self) -> int:
@@ -301,7 +325,11 @@ class SentencePlan:
 
     @property
     def batches(self) -> int:
-        return len(self.groups)
+        return self.bounds.numel() - 1
+
+    def group(self, k: int) -> Tensor:
+        """The sentences (indices into ``first`` / ``last``) of batch ``k``, shortest first."""
+        return self.by_length[int(self.bounds[k]) : int(self.bounds[k + 1])]
 
     def to(self, device: torch.device | str) -> SentencePlan:
         self.ids = self.ids.to(device)
@@ -309,22 +337,51 @@ class SentencePlan:
 
     def count(self, length: int | None = None) -> int:
         """How many batches :meth:`windows` yields (``length`` is the stream plans'; unused)."""
-        return len(self.groups)
+        return self.batches
+
+    def _batch(self, k: int) -> Window:
+        rows = self.group(k)
+        first, last = self.first[rows], self.last[rows]
+        return _gather(self.ids, first, first, last, self.pad_id, self.word_ends)
 
     def windows(self, length: int | None = None) -> Iterator[Window]:
         """Every batch, shortest sentences first (``length`` is the stream plans'; unused)."""
-        for group in self.groups:
-            yield _gather(self.ids, group, self.pad_id, self.word_ends)
+        for k in range(self.batches):
+            yield self._batch(k)
 
     def order(self, epoch: int) -> Tensor:
         """The batch order of (0-based) ``epoch`` (a function of the seed and the epoch alone)."""
         if self._order is None or self._order[0] != epoch:
-            self._order = (epoch, torch.randperm(len(self.groups), generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)))
+            self._order = (epoch, torch.randperm(self.batches, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)))
         return self._order[1]
 
     def batch(self, epoch: int, index: int) -> Window:
         """Batch ``index`` of ``epoch`` in its shuffled order."""
-        return _gather(self.ids, self.groups[int(self.order(epoch)[index])], self.pad_id, self.word_ends)
+        return self._batch(int(self.order(epoch)[index]))
+
+
+def _greedy_groups(widths: Tensor, max_tokens: int) -> Tensor:
+    """Group boundaries of ascending ``widths: (S,)``: each group takes the next sentence while
+    ``width * (size + 1) <= max_tokens`` (its first one always), the grouping of a loop over the
+    sentences, computed per run of equal widths (a few hundred runs, not 30M sentences)."""
+    values, counts = torch.unique_consecutive(widths, return_counts=True)
+    sizes: list[Tensor] = []
+    open_size = 0
+    for width, count in zip(values.tolist(), counts.tolist()):
+        fit = max_tokens // width
+        if open_size:
+            take = min(count, max(fit - open_size, 0))
+            open_size, count = open_size + take, count - take
+            if count:
+                sizes.append(torch.tensor([open_size]))
+                open_size = 0
+        if count:
+            size = max(fit, 1)
+            full, open_size = divmod(count, size)
+            sizes.append(torch.full((full,), size))
+    if open_size:
+        sizes.append(torch.tensor([open_size]))
+    return torch.cat([torch.zeros(1, dtype=torch.long), torch.cat(sizes).cumsum(0)])
 
 
 class BlockPlan:
@@ -361,6 +418,6 @@ class BlockPlan:
         """Batch ``index`` of ``epoch``: ``(B, block)`` inputs and targets."""
         rows = self.order(epoch)[index * self.batch_size : (index + 1) * self.batch_size]
         stream_index = (rows * self.block).unsqueeze(1) + self._offsets  # (B, block + 1), built per batch (WikiText-103: 200K blocks)
-        data = self.ids[stream_index.to(self.ids.device)]
+        data = self.ids[stream_index.to(self.ids.device)].long()
         positions = stream_index[:, 1:]
         return Window(data[:, :-1], data[:, 1:], None, positions, positions.numel(), positions.numel())

@@ -1,0 +1,590 @@
+"""The encoded-corpus cache: a corpus is encoded once into token-id files, later runs map them.
+
+Where: ``<cache>/encoded/<name>-<key>/`` with ``<cache>`` = ``$REGLM_DATA_DIR``, else
+``~/.cache/reglm`` (:func:`cache_root`). The ``data_dir`` of a built-in corpus only says where its
+text is: a directory of offline copies may be read-only or shared, and reading it needs no write
+access, so the encodings, which are per user, never go there. ``<key>`` is a hash of what fixes
+the ids: the corpus directory's resolved path, the tokenizer and its options (``min_freq`` /
+``max_vocab``, or ``bpe_vocab_size``), and the fingerprint of a vocabulary given instead of built.
+
+An entry holds, per split, ``<split>.ids`` (the ids, little-endian, in the smallest dtype that
+holds the vocabulary: uint8, uint16 or int32), for sub-word corpora ``<split>.ends`` (the word-end
+mask, one byte per unit) and ``tokenizer.json``, then ``vocab.txt`` and ``manifest.json``:
+
+* ``sources``: size and modification time (ns) of each text file when it was read; a file that
+  differs (edited, replaced, touched) makes the entry stale and it is built again.
+* ``identity``: the tokenizer, the vocabulary's fingerprint and size and, per split, its token
+  count, dtype and sha256. Its hash is the **manifest hash** that a run directory records
+  (``state.pt``, ``environment.json``); resume refuses a corpus whose hash differs. A rebuild of
+  unchanged text gives the same hash (mtimes are not part of it).
+
+Reading: the manifest, the sources' stat, each file's size and the vocabulary's fingerprint are
+checked (milliseconds; no file is read through), then every id file is mapped with
+``torch.from_file`` (copy-on-write, pages read on first touch and shared through the page cache by
+every process on the machine). torch computes on no 16-bit or 8-bit integer index type, so the
+ids of a uint8/uint16 file (vocabularies up to 65,536: PTB, WikiText-2, BPE) are widened to one
+int32 copy in memory; an int32 file (WikiText-103, the billion-word benchmark) is used in place.
+A truncated or resized file, a damaged manifest or vocabulary is reported and the entry rebuilt;
+a flipped byte inside an id file is caught by :func:`verify` (``reglm data prepare``), which
+re-hashes every file against the manifest.
+
+Writing: an entry is built in a temporary sibling directory, every file fsynced, the manifest
+last, and renamed into place; a failure (a full disk, a directory that is not writable) removes
+the temporary directory and is a ReglmError, so no half-written entry is ever trusted. Builders
+of one entry take an exclusive ``flock`` on ``<name>-<key>.lock`` beside it: a second process
+waits, then finds the entry built and maps it. Readers take no lock, so a read-only cache that
+holds the entry already works.
+
+Encoding (:func:`reglm.data.corpus.encode_chunks`): the word rule in numpy over 8 MB pieces, the
+word types in a numpy hash table; the training split is counted and written with provisional ids
+in one pass, then remapped to the vocabulary's ids through a table (in place when the ids are
+int32). Sub-word corpora are segmented in memory as :func:`reglm.data.corpus.load_directory`
+does, then written.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import json
+import multiprocessing
+import os
+import re
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import torch
+
+from reglm.data.bpe import BPEVocab
+from reglm.data.corpus import (
+    CHUNK_BYTES,
+    EOS,
+    SPLITS,
+    CacheInfo,
+    Corpus,
+    WordTypes,
+    _load_subword,
+    cache_dir,
+    check_directory,
+    encode_chunks,
+)
+from reglm.data.vocab import Vocab
+from reglm.errors import ReglmError
+from reglm.io import temp_sibling, write_json, write_text
+
+FORMAT = 1
+MANIFEST = "manifest.json"
+VOCAB = "vocab.json"
+TOKENIZER = "tokenizer.json"
+DTYPES = (("uint8", 1 << 8), ("uint16", 1 << 16), ("int32", 1 << 31))
+"""Id-file dtypes, smallest first, with the number of ids each holds."""
+_TORCH = {"uint8": torch.uint8, "uint16": torch.uint16, "int32": torch.int32}
+_REMAP_TOKENS = 1 << 22
+"""Ids remapped per step when the training split's provisional ids become vocabulary ids."""
+
+
+def cache_root() -> Path:
+    """``$REGLM_DATA_DIR/encoded`` (or ``~/.cache/reglm/encoded``): where every encoded corpus lives."""
+    return cache_dir() / "encoded"
+
+
+def id_dtype(vocab_size: int) -> str:
+    """The smallest dtype of :data:`DTYPES` that holds ids ``0 .. vocab_size - 1``."""
+    for dtype, room in DTYPES:
+        if vocab_size <= room:
+            return dtype
+    raise ReglmError(
+        f"the vocabulary has {vocab_size:,} entries, more than an int32 id file holds ({DTYPES[-1][1]:,}); "
+        "raise data.min_freq or set data.max_vocab"
+    )
+
+
+def settings(directory: Path, tokenizer: str, min_freq: int, max_vocab: int | None, bpe_vocab_size: int, vocab: Vocab | None) -> dict[str, Any]:
+    """What fixes a corpus's ids besides its text: the key of its entry is a hash of this."""
+    out: dict[str, Any] = {"format": FORMAT, "source": str(directory.resolve()), "tokenizer": tokenizer}
+    if tokenizer == "word":
+        out.update(min_freq=min_freq, max_vocab=max_vocab)
+    else:
+        out["bpe_vocab_size"] = bpe_vocab_size
+    if vocab is not None:
+        out["vocab"] = vocab.fingerprint()
+        if isinstance(vocab, BPEVocab):
+            out["merges"] = vocab.tokenizer_fingerprint()
+    return out
+
+
+def entry_path(name: str, spec: dict[str, Any]) -> Path:
+    """The entry directory of ``spec`` (:func:`settings`) for a corpus called ``name``."""
+    key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode("utf-8")).hexdigest()[:16]
+    label = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "corpus"
+    return cache_root() / f"{label}-{key}"
+
+
+def manifest_hash(identity: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def load_cached(
+    directory: str | Path,
+    name: str | None = None,
+    min_freq: int = 1,
+    max_vocab: int | None = None,
+    vocab: Vocab | None = None,
+    tokenizer: str = "word",
+    bpe_vocab_size: int = 32000,
+    progress: bool | None = None,
+) -> Corpus:
+    """The corpus of a directory (as :func:`reglm.data.corpus.load_directory` reads it, the same
+    ids) from its cache entry, which is built first when it is missing, stale or damaged.
+
+    With a fixed ``vocab`` the entry built with these options is used when its vocabulary has the
+    same ids (and units), so evaluating a model reads the entry its training wrote; otherwise the
+    corpus gets an entry of its own for that vocabulary. ``progress``: progress bars on stderr
+    (default: when stderr is a terminal).
+    """
+    directory = Path(directory)
+    tokenizer = check_directory(directory, tokenizer, min_freq, max_vocab, vocab)
+    name = name or directory.resolve().name
+    progress = sys.stderr.isatty() if progress is None else progress
+    if vocab is not None:
+        built = entry_path(name, settings(directory, tokenizer, min_freq, max_vocab, bpe_vocab_size, None))
+        corpus = _open(built, directory, name, quiet=True)
+        if not isinstance(corpus, str) and _same_vocab(corpus.vocab, vocab):
+            corpus.vocab = vocab
+            return corpus
+    spec = settings(directory, tokenizer, min_freq, max_vocab, bpe_vocab_size, vocab)
+    entry = entry_path(name, spec)
+    corpus = _open(entry, directory, name)
+    if not isinstance(corpus, str):
+        return corpus
+    with _locked(entry, name):
+        corpus = _open(entry, directory, name, quiet=True)
+        if isinstance(corpus, str):
+            if progress:
+                print(f"reglm: encoding {name} into {entry}", file=sys.stderr)
+            built, manifest = _build(entry, spec, directory, name, tokenizer, min_freq, max_vocab, bpe_vocab_size, vocab, progress)
+            corpus = _map_corpus(entry, manifest, name, built)
+    if vocab is not None:
+        corpus.vocab = vocab
+    return corpus
+
+
+def _same_vocab(have: Vocab, want: Vocab) -> bool:
+    if have.fingerprint() != want.fingerprint():
+        return False
+    if isinstance(want, BPEVocab):
+        return isinstance(have, BPEVocab) and have.tokenizer_fingerprint() == want.tokenizer_fingerprint()
+    return True
+
+
+# --------------------------------------------------------------------------------------- reading
+
+
+def read_manifest(entry: Path) -> dict[str, Any] | str:
+    """The manifest of ``entry``, or why it cannot be used (``"missing"`` when there is none)."""
+    try:
+        manifest = json.loads((entry / MANIFEST).read_text(encoding="utf-8"))
+    except (FileNotFoundError, NotADirectoryError):
+        return "missing"
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        return f"its {MANIFEST} is unreadable ({exc})"
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(manifest.get("identity"), dict):
+        return f"its {MANIFEST} is not a format-{FORMAT} manifest"
+    return manifest
+
+
+def _stale(manifest: dict[str, Any], directory: Path) -> str | None:
+    """Why the text of ``directory`` is not what ``manifest`` encoded, if it is not."""
+    if manifest.get("settings", {}).get("source") != str(directory.resolve()):
+        return "it was encoded from another directory"
+    for split in SPLITS:
+        try:
+            stat = (directory / f"{split}.txt").stat()
+        except OSError:
+            return f"{split}.txt cannot be read"
+        if manifest["sources"].get(split) != {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}:
+            return f"{directory / f'{split}.txt'} changed since it was encoded"
+    return None
+
+
+def _open(entry: Path, directory: Path, name: str, quiet: bool = False) -> Corpus | str:
+    """The corpus in ``entry`` or, when it cannot be used, why (said on stderr unless ``quiet``
+    or the entry is simply missing)."""
+    manifest = read_manifest(entry)
+    why = manifest if isinstance(manifest, str) else _stale(manifest, directory)
+    if why is None:
+        assert isinstance(manifest, dict)
+        try:
+            return _map_corpus(entry, manifest, name)
+        except (KeyError, TypeError, ValueError, RuntimeError, ReglmError, OSError) as exc:
+            why = f"it is damaged ({str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__})"
+    if why != "missing" and not quiet:
+        print(f"reglm: the encoded cache {entry} cannot be used: {why}; encoding {name} again", file=sys.stderr)
+    return why
+
+
+def _load_vocab(path: Path) -> Vocab:
+    """The vocabulary an entry stores as JSON (``{"itos": [...], "counts": [...]}``): parsed in C,
+    several times faster than ``vocab.txt`` for the 267,735 words of WikiText-103."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    return Vocab(data["itos"], data["counts"])
+
+
+def _map_corpus(entry: Path, manifest: dict[str, Any], name: str, vocab: Vocab | None = None) -> Corpus:
+    """The corpus of a usable entry (``vocab``: its vocabulary when already in memory, checked)."""
+    identity = manifest["identity"]
+    if vocab is None:
+        vocab = _load_vocab(entry / VOCAB)
+    if vocab.fingerprint() != identity["vocab_fingerprint"] or len(vocab) != identity["vocab_size"]:
+        raise ValueError(f"{VOCAB} is not the vocabulary the ids were encoded with")
+    if identity["tokenizer"] == "bpe" and not isinstance(vocab, BPEVocab):
+        vocab = BPEVocab.from_tokenizer_file(vocab, entry / TOKENIZER)
+    ids, ends = {}, {}
+    for split in SPLITS:
+        part = identity["splits"][split]
+        ids[split] = _map(entry / f"{split}.ids", part["dtype"], part["tokens"])
+        if identity["tokenizer"] == "bpe":
+            ends[split] = _map(entry / f"{split}.ends", "bool", part["tokens"])
+    info = CacheInfo(entry, manifest_hash(identity), identity["splits"]["train"]["dtype"])
+    return Corpus(name=name, vocab=vocab, **ids, word_ends=ends or None, cache=info)
+
+
+def _map(path: Path, dtype: str, tokens: int) -> torch.Tensor:
+    """``tokens`` values of ``path`` mapped copy-on-write; uint8 / uint16 ids widened to int32."""
+    itemsize = 1 if dtype in ("bool", "uint8") else np.dtype(dtype).itemsize
+    size = path.stat().st_size
+    if size != tokens * itemsize:
+        raise ValueError(f"{path.name} holds {size:,} bytes, the manifest says {tokens:,} values of {itemsize} bytes (truncated?)")
+    mapped = torch.from_file(str(path), shared=False, size=tokens, dtype=torch.bool if dtype == "bool" else _TORCH[dtype])
+    return mapped if dtype in ("bool", "int32") else mapped.to(torch.int32)
+
+
+# --------------------------------------------------------------------------------------- writing
+
+
+@contextmanager
+def _locked(entry: Path, name: str) -> Iterator[None]:
+    """Hold the exclusive build lock of ``entry`` (waiting, with a message, while another has it)."""
+    try:
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(entry.with_name(entry.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as exc:
+        raise _cache_error(exc, name) from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"reglm: another process is encoding {name} into {entry}; waiting for it", file=sys.stderr)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _cache_error(exc: OSError, name: str) -> ReglmError:
+    where = exc.filename or cache_root()
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = "free some space there, or point REGLM_DATA_DIR at a disk with room"
+    else:
+        fix = "make it writable, or point REGLM_DATA_DIR at a writable directory"
+    return ReglmError(f"cannot write the encoded cache of {name} ({where}: {exc.strerror or exc}); {fix}; nothing half-written was kept")
+
+
+class _IdFile:
+    """An id file being written: arrays appended, their sha256 kept, fsynced on close (a part
+    file of provisional ids, read back once and deleted, is neither hashed nor fsynced)."""
+
+    def __init__(self, path: Path, final: bool = True) -> None:
+        self.path, self.final = path, final
+        self.file: IO[bytes] = open(path, "xb")
+        self.digest = hashlib.sha256()
+        self.count = 0
+
+    def write(self, values: np.ndarray) -> None:
+        data = memoryview(np.ascontiguousarray(values)).cast("B")
+        self.file.write(data)
+        if self.final:
+            self.digest.update(data)
+        self.count += values.size
+
+    def close(self) -> str:
+        self.file.flush()
+        if self.final:
+            os.fsync(self.file.fileno())
+        self.file.close()
+        return self.digest.hexdigest()
+
+
+def _write(path: Path, values: np.ndarray) -> str:
+    out = _IdFile(path)
+    try:
+        out.write(values)
+    finally:
+        digest = out.close()
+    return digest
+
+
+def _build(
+    entry: Path, spec: dict[str, Any], directory: Path, name: str, tokenizer: str, min_freq: int, max_vocab: int | None,
+    bpe_vocab_size: int, vocab: Vocab | None, progress: bool,
+) -> tuple[Vocab, dict[str, Any]]:
+    """Encode the corpus into a temporary sibling of ``entry`` and rename it into place; returns
+    its vocabulary and manifest."""
+    staging = temp_sibling(entry)
+    started = time.time()
+    try:
+        staging.mkdir()
+        sources = {}
+        for split in SPLITS:
+            stat = (directory / f"{split}.txt").stat()
+            sources[split] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+        if tokenizer == "bpe":
+            vocab, splits = _encode_subwords(staging, directory, name, vocab, bpe_vocab_size)
+        else:
+            vocab, splits = _encode_words(staging, directory, name, vocab, min_freq, max_vocab, progress)
+        write_text(staging / VOCAB, json.dumps({"itos": vocab.itos, "counts": vocab.counts}, ensure_ascii=False))
+        identity: dict[str, Any] = {"tokenizer": tokenizer, "vocab_fingerprint": vocab.fingerprint(), "vocab_size": len(vocab), "splits": splits}
+        if isinstance(vocab, BPEVocab):
+            vocab.save_tokenizer(staging / TOKENIZER)
+            identity["merges"] = vocab.tokenizer_fingerprint()
+        from reglm import __version__
+
+        manifest = {
+            "format": FORMAT, "name": name, "settings": spec, "sources": sources, "identity": identity,
+            "created": time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(started)), "seconds": round(time.time() - started, 3), "reglm": __version__,
+        }
+        write_json(staging / MANIFEST, manifest)
+        _fsync_dir(staging)
+        if entry.exists():
+            old = temp_sibling(entry)
+            os.rename(entry, old)
+            os.rename(staging, entry)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(staging, entry)
+        _fsync_dir(entry.parent)
+        return vocab, manifest
+    except OSError as exc:
+        if exc.filename is not None and cache_root() not in Path(exc.filename).parents:
+            raise
+        raise _cache_error(exc, name) from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _encode_words(
+    staging: Path, directory: Path, name: str, vocab: Vocab | None, min_freq: int, max_vocab: int | None, progress: bool,
+) -> tuple[Vocab, dict[str, Any]]:
+    """Write the three id files of a word corpus; returns the vocabulary and the splits' manifest entries."""
+    splits: dict[str, Any] = {}
+    if vocab is None:
+        vocab, splits["train"] = _encode_train(staging, directory / "train.txt", name, min_freq, max_vocab, progress)
+    dtype = id_dtype(len(vocab))
+    types = WordTypes.of(vocab.itos)
+    for split in SPLITS:
+        if split in splits:
+            continue
+        out = _IdFile(staging / f"{split}.ids")
+        try:
+            for ids in encode_chunks(directory / f"{split}.txt", types, vocab.eos_id, vocab.unk_id, dtype=dtype, progress=progress, desc=f"{name} {split}"):
+                out.write(ids)
+        finally:
+            digest = out.close()
+        splits[split] = {"tokens": out.count, "dtype": dtype, "sha256": digest}
+    return vocab, splits
+
+
+def _encode_train(staging: Path, path: Path, name: str, min_freq: int, max_vocab: int | None, progress: bool) -> tuple[Vocab, dict[str, Any]]:
+    """Count and encode the training split (provisional int32 ids on disk, one part per worker),
+    build the vocabulary, then remap every part through its table into ``train.ids``.
+
+    A file of at least :data:`PARALLEL_BYTES` is cut at line starts into one part per core (up to
+    :data:`MAX_WORKERS`); each part but the first is encoded by a forked process with its own
+    word-type table, and the tables are merged into the first one's afterwards, so the ids are
+    the same as from one process."""
+    bounds = _parts(path)
+    results: list[tuple[list[str], np.ndarray, int]] = []
+    parts = [staging / f"train.part{k}" for k in range(len(bounds) - 1)]
+    context = multiprocessing.get_context("fork")
+    workers = []
+    try:
+        for k in range(1, len(parts)):
+            receive, send = context.Pipe(duplex=False)
+            worker = context.Process(target=_part_worker, args=(path, bounds[k], bounds[k + 1], parts[k], send), daemon=True)
+            worker.start()
+            send.close()
+            workers.append((worker, receive))
+        types = WordTypes.of([EOS])
+        counts, words = _encode_part(path, bounds[0], bounds[1], parts[0], types, progress, f"{name} train")
+        for worker, receive in workers:
+            try:
+                outcome = receive.recv()
+            except EOFError:
+                outcome = ("crash", f"the encoding process of a part of {path} ended with exit code {worker.exitcode}")
+            worker.join()
+            if outcome[0] == "error":
+                raise ReglmError(outcome[1])
+            if outcome[0] == "oserror":
+                raise OSError(*outcome[1])
+            if outcome[0] == "crash":
+                raise RuntimeError(outcome[1])
+            results.append(outcome[1])
+    finally:
+        for worker, _ in workers:
+            if worker.is_alive():
+                worker.terminate()
+                worker.join()
+    mappings = [np.arange(types.size)]
+    for part_types, part_counts, part_words in results:
+        mappings.append(types.merge(part_types))
+        counts = np.pad(counts, (0, types.size - counts.size))
+        counts[mappings[-1]] += part_counts
+        words += part_words
+    if words == 0:
+        raise ReglmError(f"{path} holds no words (it is empty or blank); put the split's text in it")
+    vocab, table = Vocab.from_counts(types.tokens(), counts, min_freq, max_vocab)
+    dtype = id_dtype(len(vocab))
+    final = _IdFile(staging / "train.ids")
+    try:
+        for part, mapping in zip(parts, mappings):
+            local = table[mapping].astype(dtype)
+            ids = np.memmap(part, dtype=np.int32, mode="r") if part.stat().st_size else np.zeros(0, dtype=np.int32)
+            for lo in range(0, ids.size, _REMAP_TOKENS):
+                final.write(np.take(local, ids[lo : lo + _REMAP_TOKENS], mode="wrap"))  # in range: no bounds check
+            del ids
+            part.unlink()
+    finally:
+        sha = final.close()
+    return vocab, {"tokens": final.count, "dtype": dtype, "sha256": sha}
+
+
+PARALLEL_BYTES = 1 << 26
+"""Training files from 64 MiB on are encoded by several processes (smaller ones take seconds)."""
+MAX_WORKERS = 8
+
+
+def _parts(path: Path) -> list[int]:
+    """Byte offsets (line starts) cutting ``path`` into one part per worker: ``[0, ..., size]``."""
+    size = path.stat().st_size
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    workers = max(1, min(cores, MAX_WORKERS, size // PARALLEL_BYTES))
+    bounds = [0]
+    with open(path, "rb") as f:
+        for k in range(1, workers):
+            f.seek(k * size // workers)
+            f.readline()
+            if bounds[-1] < f.tell() < size:
+                bounds.append(f.tell())
+    return [*bounds, size]
+
+
+def _encode_part(path: Path, start: int, stop: int, out_path: Path, types: WordTypes, progress: bool, desc: str) -> tuple[np.ndarray, int]:
+    """Encode bytes ``start .. stop`` of ``path`` with ``types`` growing; provisional int32 ids to
+    ``out_path``. Returns the count of every type and how many words the part holds."""
+    counts = np.zeros(0, dtype=np.int64)
+    out = _IdFile(out_path, final=False)
+    pieces = encode_chunks(path, types, eos=0, grow=True, dtype=np.int32, progress=progress, desc=desc, start=start, stop=stop, require_words=False)
+    try:
+        while True:
+            try:
+                ids = next(pieces)
+            except StopIteration as end:
+                return counts, end.value
+            out.write(ids)
+            counts = np.bincount(ids, minlength=types.size) + np.pad(counts, (0, types.size - counts.size))
+    finally:
+        out.close()
+
+
+def _part_worker(path: Path, start: int, stop: int, out_path: Path, send: Any) -> None:
+    """A forked process's part of :func:`_encode_train`: its outcome goes back through ``send``."""
+    try:
+        types = WordTypes.of([EOS])
+        counts, words = _encode_part(path, start, stop, out_path, types, False, "")
+        outcome: tuple[str, Any] = ("done", (types.tokens(), counts, words))
+    except ReglmError as exc:
+        outcome = ("error", str(exc))
+    except OSError as exc:
+        outcome = ("oserror", (exc.errno, exc.strerror, exc.filename))
+    except BaseException as exc:  # reported to the parent, which raises it
+        outcome = ("crash", f"{type(exc).__name__}: {exc}")
+    send.send(outcome)
+    send.close()
+
+
+def _encode_subwords(staging: Path, directory: Path, name: str, vocab: Vocab | None, bpe_vocab_size: int) -> tuple[BPEVocab, dict[str, Any]]:
+    """Segment a sub-word corpus in memory (:func:`reglm.data.corpus.load_directory`'s way) and write it."""
+    corpus = _load_subword(directory, name, vocab, bpe_vocab_size)
+    assert isinstance(corpus.vocab, BPEVocab) and corpus.word_ends is not None
+    dtype = id_dtype(len(corpus.vocab))
+    splits = {}
+    for split in SPLITS:
+        ids = corpus.split(split).numpy()
+        splits[split] = {
+            "tokens": int(ids.size), "dtype": dtype, "sha256": _write(staging / f"{split}.ids", ids.astype(dtype)),
+            "ends_sha256": _write(staging / f"{split}.ends", corpus.word_ends[split].numpy().astype(np.uint8)),
+        }
+    return corpus.vocab, splits
+
+
+# --------------------------------------------------------------------------------------- checks, reports
+
+
+def verify(entry: Path) -> list[str]:
+    """Every file of ``entry`` whose sha256 differs from its manifest (empty: all intact)."""
+    manifest = read_manifest(entry)
+    if isinstance(manifest, str):
+        return [f"{MANIFEST}: {manifest}"]
+    bad = []
+    for split, part in manifest["identity"]["splits"].items():
+        for suffix, key in ((".ids", "sha256"), (".ends", "ends_sha256")):
+            if key in part and _sha256(entry / f"{split}{suffix}") != part[key]:
+                bad.append(f"{split}{suffix}")
+    return bad
+
+
+def _sha256(path: Path) -> str | None:
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(CHUNK_BYTES), b""):
+                digest.update(block)
+    except FileNotFoundError:
+        return None
+    return digest.hexdigest()
+
+
+def discard(entry: Path, name: str) -> None:
+    """Remove ``entry``'s manifest (under its build lock), so the next read builds it again."""
+    with _locked(entry, name):
+        (entry / MANIFEST).unlink(missing_ok=True)
+
+
+def describe(info: CacheInfo) -> dict[str, Any]:
+    """Where a cached corpus lives, its size on disk, id dtype, manifest hash and age."""
+    manifest = read_manifest(info.path)
+    created = manifest.get("created") if isinstance(manifest, dict) else None
+    files = [p for p in info.path.iterdir() if p.is_file()]
+    age = time.time() - (info.path / MANIFEST).stat().st_mtime
+    return {
+        "path": str(info.path), "bytes": sum(p.stat().st_size for p in files), "dtype": info.dtype,
+        "manifest_hash": info.manifest_hash, "created": created, "age_s": round(age, 1),
+    }
