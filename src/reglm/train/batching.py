@@ -13,6 +13,13 @@ The last two hand ``train.update_freq`` batches to each step (accumulated, fairs
 frequency); the batches of an epoch that do not fill a last step are not read. All are stepped by
 a position that the checkpoint saves (a column of the streams, or a batch of the epoch's shuffled
 order), so a resumed run reads exactly the batches an uninterrupted one does.
+
+Data parallelism (``shard=(rank, world_size)``, :mod:`reglm.train.distributed`): the global batch
+is what the config states, and each process reads its share of it, so that the processes
+together read what one process reads: rows ``rank B / W ..`` of the ``B`` streams (each process
+carries its own streams' state); the same rows of every batch of blocks, from the epoch's one
+seeded order (a distributed sampler); ``update_freq / W`` of a step's batches of sentences. A
+count the processes cannot share evenly is a ReglmError. The position is the same on every rank.
 """
 
 from __future__ import annotations
@@ -30,9 +37,10 @@ from reglm.train.schedules import sample_bptt
 class StreamBatches:
     carries_state = True
 
-    def __init__(self, ids: Tensor, cfg: TrainConfig, seed: int, device: torch.device, eos_id: int) -> None:
+    def __init__(self, ids: Tensor, cfg: TrainConfig, seed: int, device: torch.device, eos_id: int, shard: tuple[int, int] = (0, 1)) -> None:
         self.cfg = cfg
-        self.plan = StreamPlan(ids, cfg.batch_size, "trim").to(device)
+        _require_shares(cfg.batch_size, shard[1], "train.batch_size", "streams")
+        self.plan = StreamPlan(ids, cfg.batch_size, "trim", shard=shard).to(device)
         self.rng = torch.Generator().manual_seed(seed)
         """the BPTT lengths' generator (saved in every checkpoint)"""
 
@@ -62,8 +70,11 @@ class _ShuffledBatches:
     rng = None
     plan: BlockPlan | SentencePlan
 
-    def __init__(self, cfg: TrainConfig) -> None:
+    def __init__(self, cfg: TrainConfig, part: tuple[int, int] = (0, 1)) -> None:
         self.update_freq = cfg.update_freq
+        per_process = cfg.update_freq // part[1]
+        self.reads = range(part[0] * per_process, (part[0] + 1) * per_process)
+        """which of a step's ``update_freq`` batches this process reads (all of them, except for sentences under data parallelism)"""
 
     @property
     def total(self) -> int:
@@ -72,26 +83,47 @@ class _ShuffledBatches:
 
     def done(self, position: int) -> bool:
         """Whether fewer batches than a step takes are left (those are not read)."""
-        return position + self.update_freq > self.plan.batches
+        return position + self.update_freq > self.total
 
     def fits(self, position: int) -> bool:
-        return 0 <= position <= self.plan.batches
+        return 0 <= position <= self.total
 
     def next(self, position: int, epoch: int) -> tuple[Window | list[Window], int, float]:
-        if self.update_freq == 1:
-            return self.plan.batch(epoch, position), 1, 1.0
-        return [self.plan.batch(epoch, position + i) for i in range(self.update_freq)], self.update_freq, 1.0
+        """This process's batches of the step at ``position``: one window, or a list to accumulate."""
+        windows = [self._batch(epoch, position + i) for i in self.reads]
+        return (windows[0] if len(windows) == 1 else windows), self.update_freq, 1.0
+
+    def _batch(self, epoch: int, index: int) -> Window:
+        return self.plan.batch(epoch, index)
 
 
 class BlockBatches(_ShuffledBatches):
-    def __init__(self, ids: Tensor, cfg: TrainConfig, seed: int, device: torch.device, eos_id: int) -> None:
+    def __init__(self, ids: Tensor, cfg: TrainConfig, seed: int, device: torch.device, eos_id: int, shard: tuple[int, int] = (0, 1)) -> None:
         super().__init__(cfg)
-        self.plan = BlockPlan(ids, cfg.block_size, cfg.batch_size, seed).to(device)
+        self.rank, self.world = shard
+        _require_shares(cfg.batch_size, self.world, "train.batch_size", "blocks")
+        self.plan = BlockPlan(ids, cfg.block_size, cfg.batch_size // self.world, seed).to(device)
+        if self.plan.batches < self.world:
+            raise ReglmError(
+                f"the training split holds {self.plan.n_blocks} blocks of {cfg.block_size} tokens, fewer than a batch of {cfg.batch_size}; "
+                "lower train.block_size or train.batch_size"
+            )
+
+    @property
+    def total(self) -> int:
+        """Progress units of an epoch (global batches)."""
+        return self.plan.batches // self.world
+
+    def _batch(self, epoch: int, index: int) -> Window:
+        """This process's rows of global batch ``index``: the plan's batches are ``B / W`` blocks
+        of the same seeded order, so global batch ``i`` is the plan's ``i W .. i W + W - 1``."""
+        return self.plan.batch(epoch, index * self.world + self.rank)
 
 
 class SentenceBatches(_ShuffledBatches):
-    def __init__(self, ids: Tensor, cfg: TrainConfig, seed: int, device: torch.device, eos_id: int) -> None:
-        super().__init__(cfg)
+    def __init__(self, ids: Tensor, cfg: TrainConfig, seed: int, device: torch.device, eos_id: int, shard: tuple[int, int] = (0, 1)) -> None:
+        _require_shares(cfg.update_freq, shard[1], "train.update_freq", "batches of sentences per step")
+        super().__init__(cfg, shard)
         self.plan = SentencePlan(ids, eos_id, cfg.max_tokens, seed=seed).to(device)
         if self.plan.batches < cfg.update_freq:
             raise ReglmError(
@@ -103,9 +135,17 @@ class SentenceBatches(_ShuffledBatches):
 BATCHES = {"bptt": StreamBatches, "blocks": BlockBatches, "sentences": SentenceBatches}
 
 
-def training_batches(ids: Tensor, cfg: TrainConfig, seed: int, device: torch.device, eos_id: int) -> StreamBatches | BlockBatches | SentenceBatches:
-    """The batches ``train.batching`` names."""
-    return BATCHES[cfg.batching](ids, cfg, seed, device, eos_id)
+def training_batches(ids: Tensor, cfg: TrainConfig, seed: int, device: torch.device, eos_id: int, shard: tuple[int, int] = (0, 1)) -> StreamBatches | BlockBatches | SentenceBatches:
+    """The batches ``train.batching`` names; ``shard``: this process's share (rank, world size)."""
+    return BATCHES[cfg.batching](ids, cfg, seed, device, eos_id, shard)
+
+
+def _require_shares(count: int, world: int, option: str, what: str) -> None:
+    if count % world:
+        raise ReglmError(
+            f"{option}={count} {what} cannot be split evenly over {world} processes: the config states the global batch and each "
+            f"process reads 1/{world} of it; set {option} to a multiple of {world}, or start another number of processes"
+        )
 
 
 def eval_reading(cfg: TrainConfig, split: str, eos_id: int) -> Reading:

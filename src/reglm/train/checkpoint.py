@@ -179,6 +179,20 @@ def _is_states(value: Any) -> bool:
     return value is None or (isinstance(value, list) and all(isinstance(p, (list, tuple)) and all(isinstance(t, torch.Tensor) for t in p) for p in value))
 
 
+def _is_rng(value: Any) -> bool:
+    return isinstance(value, dict) and "torch" in value and all(isinstance(t, torch.Tensor) and t.dtype == torch.uint8 for t in value.values())
+
+
+def _is_rank_parts(value: Any) -> bool:
+    """The ``distributed`` entry: the world size and every rank's RNG and objective states."""
+    if not isinstance(value, dict) or not _is_int(value.get("world_size")) or value["world_size"] < 2:
+        return False
+    ranks = value.get("ranks")
+    return isinstance(ranks, list) and len(ranks) == value["world_size"] and all(
+        isinstance(part, dict) and _is_rng(part.get("rng")) and isinstance(part.get("objective"), dict) for part in ranks
+    )
+
+
 STATE_FORMAT = 2
 """Format 1 (before the trainer's schedule had state of its own) kept the plateau scale as ``lr_scale``."""
 
@@ -200,9 +214,15 @@ STATE_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "objective": (lambda v: isinstance(v, dict), "a dict"),
     "metrics_bytes": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
     "vocab_fingerprint": (lambda v: isinstance(v, str), "a string"),
-    "rng": (lambda v: isinstance(v, dict) and "torch" in v and all(isinstance(t, torch.Tensor) and t.dtype == torch.uint8 for t in v.values()), "RNG states"),
+    "rng": (_is_rng, "RNG states"),
 }
 """Every entry of ``state.pt``: a check and what it must be."""
+
+OPTIONAL_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "distributed": (_is_rank_parts, "the world size and every process's RNG and objective states"),
+}
+"""Entries only some runs write (``distributed``: a run of several processes, :mod:`reglm.train.distributed`;
+``hidden`` and ``rng`` then hold the streams of the whole global batch and rank 0's RNG states)."""
 
 
 def load_state(path: Path) -> dict[str, Any]:
@@ -225,6 +245,9 @@ def load_state(path: Path) -> dict[str, Any]:
         if name not in state:
             raise ReglmError(f"{path} is damaged: it has no {name!r} entry; {fix}")
         if not ok(state[name]):
+            raise ReglmError(f"{path} is damaged: its {name!r} entry is not {what}; {fix}")
+    for name, (ok, what) in OPTIONAL_FIELDS.items():
+        if name in state and not ok(state[name]):
             raise ReglmError(f"{path} is damaged: its {name!r} entry is not {what}; {fix}")
     return state
 

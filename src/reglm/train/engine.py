@@ -14,7 +14,9 @@ It knows nothing of NT-ASGD, BPTT lengths, stages or checkpoints: the trainer
 the device; :meth:`StepEngine.flush` reads them (one host sync), which the trainer does at log
 intervals and before every checkpoint, so the hot loop never waits for the device otherwise.
 ``autocast`` and ``no_sync`` are context factories for mixed precision and for skipping the
-gradient all-reduce of accumulation chunks under data parallelism; both default to no-ops.
+gradient all-reduce of accumulation chunks under data parallelism; both default to no-ops. Data
+parallelism (:mod:`reglm.train.distributed`) also replaces ``loss`` (a chunk's pass, run inside
+DistributedDataParallel) and ``token_total`` (the count a chunk's share is taken of).
 """
 
 from __future__ import annotations
@@ -80,6 +82,11 @@ class StepEngine:
         self.optimizer: torch.optim.Optimizer | None = None
         self.forward: Callable[..., Any] = model
         """what runs the forward pass: the model, or its ``torch.compile`` wrapper"""
+        self.loss: Callable[[Chunk, State | None, bool, float], tuple[Tensor, Tensor, State | None]] = self.chunk_pass
+        """what runs a chunk: :meth:`chunk_pass`, or its data-parallel wrapper (:mod:`reglm.train.distributed`)"""
+        self.token_total: Callable[[int], float] = _same
+        """what a step's scored targets are counted as when a chunk's share is taken of them: this
+        process's own count, or, under data parallelism, the mean over the processes"""
         self._nll_sum: Tensor | None = None
         self._finite: Tensor | None = None
         self._tokens = 0
@@ -97,29 +104,35 @@ class StepEngine:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
         chunks = self._chunks(batch, state)
-        total = sum(window.tokens for window, _ in chunks)
+        total = self.token_total(sum(window.tokens for window, _ in chunks))
         chunk_states = []
         for i, (window, chunk_state) in enumerate(chunks):
-            x, y = window.inputs, window.targets
             sync = nullcontext() if i == len(chunks) - 1 else self.no_sync()
             with sync:
-                with self.autocast():
-                    out = self.forward(x, chunk_state, input_noise=input_noise)
-                    scored = self.objective.chunk_loss(model, out, x, y, window.streams, window.batch_size, adversarial, self.keep_logits)
-                    raw_loss = scored.nll.mean() if window.scored is None else scored.nll.masked_fill(~window.scored, 0).sum() / window.tokens
-                    loss = raw_loss + scored.penalty
-                    inputs = TermInputs(out, y, scored.logits, model)
-                    for term in self.terms:
-                        loss = loss + term(inputs)
-                    if self.sequence_loss:
-                        loss = loss * x.size(1)
+                raw_loss, loss, new_state = self.loss(window, chunk_state, adversarial, input_noise)
                 (loss * (window.tokens / total)).backward()
-            chunk_states.append(detach_state(out.state))
+            chunk_states.append(detach_state(new_state))
             self._accumulate(raw_loss.detach(), loss.detach(), window.tokens)
         if self.clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), self.clip)
         self.optimizer.step()
         return concat_states(chunk_states) if isinstance(batch, Window) else None
+
+    def chunk_pass(self, window: Chunk, state: State | None, adversarial: bool, input_noise: float) -> tuple[Tensor, Tensor, State | None]:
+        """The forward pass of one chunk from ``state``: ``(its mean NLL over the scored targets,
+        the loss it backpropagates, its new state)``."""
+        model, x, y = self.model, window.inputs, window.targets
+        with self.autocast():
+            out = self.forward(x, state, input_noise=input_noise)
+            scored = self.objective.chunk_loss(model, out, x, y, window.streams, window.batch_size, adversarial, self.keep_logits)
+            raw_loss = scored.nll.mean() if window.scored is None else scored.nll.masked_fill(~window.scored, 0).sum() / window.tokens
+            loss = raw_loss + scored.penalty
+            inputs = TermInputs(out, y, scored.logits, model)
+            for term in self.terms:
+                loss = loss + term(inputs)
+            if self.sequence_loss:
+                loss = loss * x.size(1)
+        return raw_loss, loss, out.state
 
     def _chunks(self, batch: Window | Sequence[Window], state: State | None) -> list[tuple[Chunk, State | None]]:
         """The passes of a step: the configured stream chunks of one window, or each window whole."""
@@ -149,3 +162,7 @@ class StepEngine:
         nll, finite, tokens = float(self._nll_sum), bool(self._finite), self._tokens
         self._nll_sum, self._finite, self._tokens = None, None, 0
         return nll, tokens, finite
+
+
+def _same(tokens: int) -> int:
+    return tokens
