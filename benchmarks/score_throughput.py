@@ -77,6 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
     batches = padded_batches(lm, lines, batch_tokens)
     tokens = sum(len(line.split()) + 1 for line in lines)
     outputs: dict[str, object] = {}
+    env = environment(device, "score_throughput.py", argv)
 
     def one_at_a_time(_i: int) -> None:
         outputs["one_at_a_time"] = [lm.score(s) for s in lines]
@@ -101,7 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
     of_ceiling = per_pass["ceiling"] / per_pass["batched"]
     result = {
         "benchmark": "sentence scoring throughput: batched vs one at a time vs the bare forward pass",
-        **environment(device, "score_throughput.py", argv),
+        **env,
         "load_average_end": os.getloadavg(),
         "model": {"preset": args.preset, "random_weights": True, "vocab_size": len(corpus.vocab), "parameters": model.num_parameters()},
         "data": {"corpus": "ptb", "split": "test", "sentences": len(lines), "tokens": tokens, "batch_tokens": batch_tokens, "batches": len(batches)},
