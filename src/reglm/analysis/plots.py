@@ -104,6 +104,31 @@ def plot_trigram_study(result: dict[str, Any], path: Path | str) -> None:
     write_with(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=120))
 
 
+def plot_trigram_figure2(result: dict[str, Any], path: Path | str) -> None:
+    """Popov & Kudinov's Figure 2 from :func:`reglm.studies.trigram.run_trigram_study`'s result:
+    for each tracked word (an almost frequent and a frequent one by default), its probability in
+    its fixed context after every step of each fine-tuning of the perturbed model, with its true
+    probability as a horizontal line; one panel per word. Written atomically."""
+    ranks = list(result["tracked"])
+    fig = Figure(figsize=(5.5 * len(ranks), 4.2), layout="constrained")
+    axes = fig.subplots(1, len(ranks), squeeze=False)[0]
+    for ax, rank in zip(axes, ranks):
+        word = result["tracked"][rank]
+        for stage, info in result["stages"].items():
+            if info["base"] != "perturbed":
+                continue
+            curve = result["curves"][stage]["tracked"][rank]
+            label = f"discriminator, lr {info['lr']:g}" if info["objective"] == "reverse-kl" else f"cross-entropy, lr {info['lr']:g}"
+            ax.plot(curve["step"], curve["prob"], label=label)
+        ax.axhline(word["true_prob"], color="black", linestyle="--", linewidth=1, label="true p")
+        kind = "frequent" if int(rank) <= 50 else "almost frequent" if int(rank) <= 150 else "rare"
+        ax.set_title(f"{kind} word {word['word']} (rank {rank}): p(word | its fixed context)")
+        ax.set_xlabel("fine-tuning step (perturbed model)")
+        ax.legend(fontsize=8)
+    axes[0].set_ylabel("probability")
+    write_with(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+
+
 def plot_subspace_study(result: dict[str, Any], path: Path | str) -> None:
     """Figure 1 of the paper from a :func:`reglm.studies.subspace.run_subspace_study` result, as the PNG ``path`` (written atomically).
 

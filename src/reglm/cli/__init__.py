@@ -5,7 +5,8 @@ Subcommands: ``train``, ``train-discriminator``, ``finetune`` (:mod:`reglm.cli.t
 ``presets``, ``config`` (:mod:`reglm.cli.data`). Model and training options are not flags of
 their own: any option of the run configuration is set with ``section.option=value`` (``reglm
 config`` lists them), applied after ``--preset``. User mistakes and failing operating-system
-calls print one line ``reglm: error: ...`` and exit with status 2.
+calls print one line ``reglm: error: ...`` and exit with status 2. Under ``torchrun`` every rank
+exits with the same status and rank 0 alone prints (:func:`_report`).
 """
 
 from __future__ import annotations
@@ -20,14 +21,14 @@ from contextlib import contextmanager
 from importlib import metadata
 from typing import Any
 
-from reglm.cli import analyze, data, eval, export, generate, score, study, train
+from reglm.cli import analyze, data, eval, export, generate, reproduce, score, study, train
 from reglm.cli.common import handling_signals
 from reglm.errors import ReglmError, TrainingDiverged, TrainingInterrupted
 
 EXIT_USAGE = 2
 EXIT_DIVERGED = 3
 EXIT_INTERRUPTED = 130
-FAMILIES = (train, eval, score, generate, export, analyze, study, data)
+FAMILIES = (train, eval, score, generate, export, analyze, study, data, reproduce)
 """Each registers its subcommands on the parser (``register(sub)``), with ``func`` to run."""
 
 
@@ -98,6 +99,16 @@ LIGHT_COMMANDS = ("presets", "config")
 """Commands that never import PyTorch."""
 
 
+def _report(line: str, exc: BaseException | None = None) -> None:
+    """Print ``line`` on standard error -- under torchrun (``WORLD_SIZE`` > 1) on rank 0 only,
+    which speaks for the run (an error of another rank reaches it, :mod:`reglm.train.distributed`),
+    unless ``exc`` is one the rank met on its own (``every_rank``: a rendezvous it cannot reach,
+    the other processes lost). The environment is read here, not torch.distributed: the
+    message may come before the process group exists, or after it is gone."""
+    if getattr(exc, "every_rank", False) or os.environ.get("WORLD_SIZE", "1") in ("", "1") or os.environ.get("RANK", "0") == "0":
+        print(line, file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -116,23 +127,23 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except TrainingDiverged as exc:
-        print(f"reglm: error: {exc}", file=sys.stderr)
+        _report(f"reglm: error: {exc}", exc)
         return EXIT_DIVERGED
     except ReglmError as exc:
-        print(f"reglm: error: {exc}", file=sys.stderr)
+        _report(f"reglm: error: {exc}", exc)
         return EXIT_USAGE
     except BrokenPipeError:
         # the reader of stdout left (`reglm eval ... | head`): stop quietly, as a Unix filter does
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except OSError as exc:
-        print(f"reglm: error: {os_error_message(exc)}", file=sys.stderr)
+        _report(f"reglm: error: {os_error_message(exc)}", exc)
         return EXIT_USAGE
     except TrainingInterrupted as exc:
-        print(f"reglm: {exc}", file=sys.stderr)
+        _report(f"reglm: {exc}", exc)
         return EXIT_INTERRUPTED
-    except KeyboardInterrupt:
-        print("reglm: aborted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        _report("reglm: aborted", exc)
         return EXIT_INTERRUPTED
 
 

@@ -45,6 +45,7 @@ def register(sub: Any) -> None:
     ):
         t.add_argument(f"--{name}", type=kind, help=help_text)
     t.add_argument("--ce-lrs", help="comma-separated learning rates of the cross-entropy fine-tunings (default 0.1,0.01)")
+    t.add_argument("--track-ranks", help="Figure 2: comma-separated frequency ranks of words whose probability every fine-tuning step logs (default 75,10: an almost frequent and a frequent word)")
     t.add_argument("--device", help="auto, cpu, cuda (default auto)")
     t.add_argument("--json", action="store_true", help="print the result as one JSON object instead of a table")
     t = ssub.add_parser("subspace", help="Inan et al. 2017, section 6.2: subspace distance vs the augmented loss's weight and temperature (Figure 1)")
@@ -93,6 +94,11 @@ def _study_trigram(args: argparse.Namespace) -> int:
     options: dict[str, Any] = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     if args.ce_lrs is not None:
         options["ce_lrs"] = _floats("--ce-lrs", args.ce_lrs)
+    if args.track_ranks is not None:
+        try:
+            options["tracked_ranks"] = tuple(int(item) for item in args.track_ranks.split(","))
+        except ValueError:
+            raise ReglmError(f"--track-ranks {args.track_ranks!r} must be comma-separated ranks, e.g. 75,10") from None
     spec = TrigramStudySpec(**options)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -106,7 +112,9 @@ def _study_trigram(args: argparse.Namespace) -> int:
     for name, row in result["table"].items():
         diff = f"{row['logq_minus_logp_mean']:+.3f} ± {row['logq_minus_logp_std']:.3f}" if "logq_minus_logp_mean" in row else ""
         print(f"{name:24s} {row['test_ppl']:9.2f} {row['frequent_ppl']:9.2f} {row['rare_ppl']:9.2f} {row['ratio']:6.1f} {diff:>16s}")
-    print(f"wrote {out / 'trigram-study.json'} and {out / 'trigram-study.png'}")
+    for rank, word in result["tracked"].items():
+        print(f"figure 2: word {word['word']} (rank {rank}), true probability {word['true_prob']:.3g} after: {' '.join(word['context'])}")
+    print(f"wrote {out / 'trigram-study.json'}, {out / 'trigram-study.png'} and {out / 'trigram-study-figure2.png'}")
     return 0
 
 

@@ -36,7 +36,7 @@ learnt vocabulary always holds every training character, whatever the setting)."
 class DataConfig:
     """Which corpus to read and how to build its vocabulary."""
 
-    name: str = option("synthetic", "ptb, wikitext-2, wikitext-103, synthetic, or a directory holding train.txt/valid.txt/test.txt")
+    name: str = option("synthetic", "ptb, wikitext-2, wikitext-103, lm1b, synthetic, or a directory holding train.txt/valid.txt/test.txt")
     data_dir: str | None = option(None, "download cache for built-in corpora (default: $REGLM_DATA_DIR or ~/.cache/reglm)")
     min_freq: int = option(1, "training words seen fewer times become <unk>")
     max_vocab: int | None = option(None, "keep only the most frequent training words (<unk> and <eos> included)")
@@ -44,6 +44,8 @@ class DataConfig:
     synthetic_sentences: int = option(80000, "synthetic corpus: training sentences; valid and test get one eighth each (80k/10k/10k)")
     tokenizer: str = option("word", "word (one unit per whitespace word) or bpe (sub-word units learnt on train.txt, Baevski & Auli 4.4; perplexity stays word-level)")
     bpe_vocab_size: int = option(32000, "bpe: units in all (characters, merged units, <unk>, <eos>), so about merges + alphabet; the paper's 32K codes (merges) gave 33,337 units on WikiText-103")
+    train_parts: int = option(1, "train on one of this many parts of the training split (whole lines, about equal token counts; Inan et al. Table 2: 2); the vocabulary stays the whole training split's")
+    train_part: int = option(1, "which part (1-based) of data.train_parts the run trains on")
 
     def __post_init__(self) -> None:
         check(self.min_freq >= 1, "data.min_freq", f"{self.min_freq} must be >= 1")
@@ -52,6 +54,8 @@ class DataConfig:
         check_seed(self.synthetic_seed, "data.synthetic_seed")
         check(self.tokenizer in TOKENIZERS, "data.tokenizer", f"unknown {self.tokenizer!r}; choose {' or '.join(TOKENIZERS)}")
         check(self.bpe_vocab_size >= MIN_BPE_VOCAB, "data.bpe_vocab_size", f"{self.bpe_vocab_size} must be >= {MIN_BPE_VOCAB}")
+        check(self.train_parts >= 1, "data.train_parts", f"{self.train_parts} must be >= 1")
+        check(1 <= self.train_part <= self.train_parts, "data.train_part", f"{self.train_part} must be between 1 and data.train_parts={self.train_parts}")
         if self.tokenizer == "bpe":
             check(self.min_freq == 1 and self.max_vocab is None, "data.tokenizer", "bpe has no word vocabulary to cut: leave data.min_freq=1 and data.max_vocab=none, and size the units with data.bpe_vocab_size")
             check(self.name != "synthetic", "data.tokenizer", "the synthetic corpus is word-level (its true probabilities are per word); use tokenizer=word, or bpe with a natural-text corpus")

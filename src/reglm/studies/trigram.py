@@ -19,7 +19,10 @@ Every stage is an ordinary reglm run directory under the study's output director
 has ``results.json`` is reused and an interrupted one is resumed, so the whole command is
 resumable. The fine-tunings log, after every SGD step, the probability their model gives the
 chosen word in one fixed context (event ``chosen_word`` in ``metrics.jsonl``): Figure 1's right
-panel. The context is the test-set sentence prefix after which the chosen word has the highest
+panel; and the probabilities of the words of ``tracked_ranks``, each in its own fixed context
+(event ``tracked_word``): Figure 2, an almost frequent word (rank 75 by default) and a frequent
+one (rank 10), drawn for the fine-tunings of the perturbed model (our reading of the figure, whose
+caption names no starting model) into ``trigram-study-figure2.png``. The context is the test-set sentence prefix after which the chosen word has the highest
 true probability, read from the start of its sentence with a zero state -- our reading of the
 paper's "given some fixed context".
 
@@ -77,6 +80,9 @@ class TrigramStudySpec:
     ce_lrs: tuple[float, ...] = (0.1, 0.01)
     chosen_rank: int = 100
     perturb_bias: float = -20.0
+    tracked_ranks: tuple[int, ...] = (75, 10)
+    """Figure 2: frequency ranks of further words whose probability every fine-tuning step logs
+    (any rank: 1-50 are frequent, 51-150 almost frequent)"""
     n_frequent: int = 50
     seed: int = 0
     device: str = "auto"
@@ -92,6 +98,8 @@ class TrigramStudySpec:
                 raise ReglmError(f"--{name.replace('_', '-')} {getattr(self, name)} must be > 0")
         if not self.ce_lrs or any(not (math.isfinite(lr) and lr > 0) for lr in self.ce_lrs):
             raise ReglmError(f"--ce-lrs {','.join(map(str, self.ce_lrs))} must list learning rates > 0")
+        if not self.tracked_ranks or any(rank < 1 for rank in self.tracked_ranks):
+            raise ReglmError(f"--track-ranks {','.join(map(str, self.tracked_ranks))} must list frequency ranks >= 1 (e.g. 75,10)")
         if not self.n_frequent < self.chosen_rank:
             raise ReglmError(f"--chosen-rank {self.chosen_rank} must be beyond the {self.n_frequent} frequent words (the paper: an almost frequent word, ranks 51-150)")
         if not (math.isfinite(self.perturb_bias) and self.perturb_bias < 0):
@@ -129,14 +137,19 @@ def _run_stage(run_dir: Path, config: RunConfig, corpus: Corpus, progress: bool,
 
 class ChosenWordTracker:
     """A step hook: the model's probability of the chosen word after the fixed context, logged
-    to the run's ``metrics.jsonl`` as ``{"event": "chosen_word", "step", "prob"}``."""
+    to the run's ``metrics.jsonl`` as ``{"event": "chosen_word", "step", "prob"}``, and of each
+    ``tracked`` word ``(rank, context, word)`` after its own context, as ``{"event":
+    "tracked_word", "step", "rank", "prob"}`` (Figure 2)."""
 
-    def __init__(self, context: torch.Tensor, word: int) -> None:
+    def __init__(self, context: torch.Tensor, word: int, tracked: tuple[tuple[int, torch.Tensor, int], ...] = ()) -> None:
         self.context = context
         self.word = word
+        self.tracked = tracked
 
     def __call__(self, trainer: Trainer) -> None:
         trainer.metrics.log(event="chosen_word", step=trainer.step, prob=chosen_word_prob(trainer.model, self.context, self.word))
+        for rank, context, word in self.tracked:
+            trainer.metrics.log(event="tracked_word", step=trainer.step, rank=rank, prob=chosen_word_prob(trainer.model, context, word))
 
 
 @torch.no_grad()
@@ -152,7 +165,8 @@ def chosen_word_prob(model: LanguageModel, context: torch.Tensor, word: int) -> 
 
 def fixed_context(corpus: Corpus, word: int) -> tuple[torch.Tensor, float]:
     """The test-set sentence prefix after which ``word`` has its highest true probability, among
-    the positions where it occurs: ``(context ids from the sentence's <eos> on, true probability)``."""
+    the positions where it occurs: ``(context ids from the sentence's <eos> on, true probability)``.
+    (Also the context of every tracked word of Figure 2.)"""
     assert corpus.truth is not None
     test, logp = corpus.test, corpus.truth["test"]
     hits = (test == word).nonzero().flatten()
@@ -195,7 +209,7 @@ def table_row(model: LanguageModel, corpus: Corpus, frequent: torch.Tensor, batc
 
 def run_trigram_study(out: Path, spec: TrigramStudySpec, progress: bool = False) -> dict[str, Any]:
     """Run (or resume) the whole study in ``out``; returns and writes ``trigram-study.json``."""
-    from reglm.analysis.plots import plot_trigram_study  # first: without matplotlib, stop before training
+    from reglm.analysis.plots import plot_trigram_figure2, plot_trigram_study  # first: without matplotlib, stop before training
 
     started = time.perf_counter()
     out = Path(out)
@@ -210,6 +224,10 @@ def run_trigram_study(out: Path, spec: TrigramStudySpec, progress: bool = False)
     frequent = torch.zeros(len(corpus.vocab), dtype=torch.bool)
     frequent[ranked[: spec.n_frequent]] = True
     context, true_prob = fixed_context(corpus, chosen)
+    if max(spec.tracked_ranks) > len(ranked):
+        raise ReglmError(f"--track-ranks {max(spec.tracked_ranks)} exceeds the {len(ranked)} words of the corpus")
+    tracked = {rank: (ranked[rank - 1], *fixed_context(corpus, ranked[rank - 1])) for rank in spec.tracked_ranks}
+    tracker_words = tuple((rank, ctx, word) for rank, (word, ctx, _) in tracked.items())
 
     _run_stage(out / "initial", config, corpus, progress)
     perturbed_dir = out / "perturbed"
@@ -231,7 +249,7 @@ def run_trigram_study(out: Path, spec: TrigramStudySpec, progress: bool = False)
         for stage, (objective, lr) in runs.items():
             options = [f"train.epochs={spec.finetune_epochs}", f"train.lr={lr}", "train.plateau_factor=none"]
             stage_config = derive_config(config, None, options, objective, "fine-tuning")
-            _run_stage(out / stage, stage_config, corpus, progress, ChosenWordTracker(context, chosen))
+            _run_stage(out / stage, stage_config, corpus, progress, ChosenWordTracker(context, chosen, tracker_words))
             stages[stage] = {"base": name, "lr": lr, "objective": objective["kind"]}
 
     rows = {"true distribution": _true_row(corpus, frequent)}
@@ -251,6 +269,7 @@ def run_trigram_study(out: Path, spec: TrigramStudySpec, progress: bool = False)
         "context": [corpus.vocab.itos[i] for i in context.tolist()],
         "true_prob": true_prob,
         "p_hat": disc_prob,
+        "tracked": {str(rank): {"word": corpus.vocab.itos[word], "context": [corpus.vocab.itos[i] for i in ctx.tolist()], "true_prob": prob} for rank, (word, ctx, prob) in tracked.items()},
         "table": rows,
         "stages": stages,
         "curves": curves,
@@ -258,6 +277,7 @@ def run_trigram_study(out: Path, spec: TrigramStudySpec, progress: bool = False)
     }
     write_json(out / "trigram-study.json", result)
     plot_trigram_study(result, out / "trigram-study.png")
+    plot_trigram_figure2(result, out / "trigram-study-figure2.png")
     return result
 
 
@@ -289,14 +309,20 @@ def _true_row(corpus: Corpus, frequent: torch.Tensor) -> dict[str, float]:
     return row
 
 
-def _read_curve(run_dir: Path) -> dict[str, list[float]]:
+def _read_curve(run_dir: Path) -> dict[str, Any]:
+    """The chosen word's curve (``step``, ``prob``) and each tracked word's (``tracked``: rank -> ``step``, ``prob``)."""
     steps, probs = [], []
+    tracked: dict[str, dict[str, list[float]]] = {}
     for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
         record = json.loads(line)
         if record.get("event") == "chosen_word":
             steps.append(record["step"])
             probs.append(record["prob"])
-    return {"step": steps, "prob": probs}
+        elif record.get("event") == "tracked_word":
+            curve = tracked.setdefault(str(record["rank"]), {"step": [], "prob": []})
+            curve["step"].append(record["step"])
+            curve["prob"].append(record["prob"])
+    return {"step": steps, "prob": probs, "tracked": tracked}
 
 
 @torch.no_grad()

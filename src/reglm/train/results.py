@@ -4,18 +4,25 @@ For the language-model objective the scores are :func:`~reglm.evaluate.perplexit
 (loss, perplexity, tokens); on the synthetic corpus, whose true probabilities are known, the
 test words are also scored under the true distribution (:func:`truth_comparison`). Other
 objectives report their own split scores (:meth:`~reglm.train.objective.LMObjective.score`).
+
+A run with a fine-tuning stage also scores the best model of its main stage when that stage
+ends (:func:`record_main_stage`, the ``main_best`` event of ``metrics.jsonl``), and
+``results.json`` carries those scores as ``main``: the AWD-LSTM ablations and the adversarial
+softmax paper report both stages of one run.
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from reglm.evaluate.perplexity import EvalResult, evaluate, perplexity
 from reglm.io import write_json
-from reglm.rundir import RESULTS_FILE
-from reglm.train.checkpoint import load_model_dir
+from reglm.rundir import METRICS_FILE, RESULTS_FILE
+from reglm.train.checkpoint import load_model_dir, read_model_meta
 
 if TYPE_CHECKING:
     from reglm.train.trainer import Trainer
@@ -32,9 +39,11 @@ def finish(trainer: Trainer) -> dict[str, Any]:
         _record(trainer, results)
         trainer._say("best model: " + ", ".join(f"{split} {name} {value:.4g}" for split in ("valid", "test") for name, value in results[split].items() if name != "tokens"))
         return results
-    valid = evaluate(model, corpus.valid, device=trainer.device, progress=trainer.progress, desc="valid", word_ends=corpus.split_word_ends("valid"), reading=trainer.reading("valid"))
-    test = evaluate(model, corpus.test, device=trainer.device, keep_token_nll=corpus.truth is not None, progress=trainer.progress, desc="test", word_ends=corpus.split_word_ends("test"), reading=trainer.reading("test"))
+    valid, test = _lm_scores(trainer, model)
     results["valid"], results["test"] = valid.as_dict(), test.as_dict()
+    main = main_stage_record(trainer.run_dir)
+    if main is not None:
+        results["main"] = main
     if corpus.truth is not None:
         results["synthetic"] = truth_comparison(test, corpus.test, corpus.truth["test"], trainer.vocab.eos_id)
     _record(trainer, results)
@@ -43,6 +52,49 @@ def finish(trainer: Trainer) -> dict[str, Any]:
         s = results["synthetic"]
         trainer._say(f"synthetic test, words only: model ppl {s['model_word_ppl']:.2f} vs true ppl {s['true_word_ppl']:.2f}")
     return results
+
+
+def _lm_scores(trainer: Trainer, model: torch.nn.Module) -> tuple[EvalResult, EvalResult]:
+    """``model`` on the validation and test splits, read as the run reads them."""
+    corpus = trainer.corpus
+    valid = evaluate(model, corpus.valid, device=trainer.device, progress=trainer.progress, desc="valid", word_ends=corpus.split_word_ends("valid"), reading=trainer.reading("valid"))
+    test = evaluate(model, corpus.test, device=trainer.device, keep_token_nll=corpus.truth is not None, progress=trainer.progress, desc="test", word_ends=corpus.split_word_ends("test"), reading=trainer.reading("test"))
+    return valid, test
+
+
+MAIN_EVENT = "main_best"
+SPLIT_KEYS = ("loss", "ppl", "tokens", "words")
+
+
+def record_main_stage(trainer: Trainer) -> None:
+    """At the end of the main stage of a language-model run: score ``best/`` on validation and
+    test and log it as the ``main_best`` event (``valid_ppl``, ``test_ppl``...)."""
+    if trainer.objective.kind != "lm":
+        return
+    best = trainer.run_dir / "best"
+    model, _, _ = load_model_dir(best, trainer.device)
+    epoch = read_model_meta(best)["info"].get("epoch")
+    valid, test = _lm_scores(trainer, model)
+    scores = {f"{split}_{key}": value for split, result in (("valid", valid), ("test", test)) for key, value in result.as_dict().items() if key in SPLIT_KEYS}
+    trainer.metrics.log(event=MAIN_EVENT, step=trainer.step, best_epoch=epoch, **scores)
+    trainer._say(f"main stage: best model (epoch {epoch}) valid ppl {valid.ppl:.2f}, test ppl {test.ppl:.2f}")
+
+
+def main_stage_record(run_dir: Path) -> dict[str, Any] | None:
+    """The main stage's scores of ``run_dir`` (its last ``main_best`` event) as ``{"valid": {...},
+    "test": {...}, "best_epoch": e}``; None when the run logged none (no fine-tuning stage)."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return None
+    record = None
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if f'"{MAIN_EVENT}"' in line:
+            record = json.loads(line)
+    if record is None:
+        return None
+    out: dict[str, Any] = {split: {key: record[f"{split}_{key}"] for key in SPLIT_KEYS if f"{split}_{key}" in record} for split in ("valid", "test")}
+    out["best_epoch"] = record.get("best_epoch")
+    return out
 
 
 def _record(trainer: Trainer, results: dict[str, Any]) -> None:

@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from reglm.config.fields import check, kind_field, option
+from reglm.train.ntasgd import NonMonotoneTrigger
 
 
 def sample_bptt(
@@ -95,52 +97,77 @@ def annealed_std(std: float, schedule: str, epoch: int, length: float) -> float:
 
 @dataclass(frozen=True)
 class DecayScheduleConfig:
-    """The learning rate of a main-stage epoch: ``lr * decay ** max(0, e - decay_start)`` times
-    the plateau factor accumulated so far; fine-tuning runs at ``train.finetune_lr``."""
+    """The learning rate of a main-stage epoch: ``lr * decay ** min(max(0, e - decay_start),
+    decay_epochs)`` times the plateau factor accumulated so far; fine-tuning runs at
+    ``train.finetune_lr``."""
 
     kind: str = kind_field("decay", "learning-rate schedule: decay (per-epoch decay and plateau drops) or cosine (warm-up, then cosine cycles)")
     decay: float = option(1.0, "multiply the rate by this every epoch after decay_start (Zaremba et al.; Inan et al. appendix A: 0.9 / 0.97); 1: no decay")
     decay_start: int = option(0, "main-stage epoch after which the decay applies: epoch e runs at lr * decay ** max(0, e - decay_start)")
+    decay_epochs: int | None = option(None, "apply the decay for this many epochs after decay_start, then hold the rate (decay=0.1 decay_start=12 decay_epochs=1: divide by 10 once, after epoch 12, the AWD-LSTM code's --when 12); none: every epoch")
     plateau_factor: float | None = option(None, "multiply the rate by this whenever an epoch does not improve the best validation score (Popov & Kudinov's synthetic study: 0.1); none: off")
+    nonmono_factor: float | None = option(None, "multiply the rate by this whenever NT-ASGD's non-monotone criterion (reference variant, interval nonmono_interval) fires on the validation score, instead of starting to average (AWD-LSTM Table 4 '- NT-ASGD': 0.5); none: off")
+    nonmono_interval: int = option(5, "the non-monotone interval n (in epochs) of nonmono_factor's criterion")
 
     def __post_init__(self) -> None:
         check(self.kind == "decay", "train.schedule.kind", f"unknown {self.kind!r}")
+        check(self.nonmono_factor is None or (math.isfinite(self.nonmono_factor) and 0 < self.nonmono_factor < 1), "train.schedule.nonmono_factor", f"{self.nonmono_factor} must be in (0, 1) or none")
+        check(self.nonmono_interval >= 1, "train.schedule.nonmono_interval", f"{self.nonmono_interval} must be >= 1")
         check(math.isfinite(self.decay) and 0 < self.decay <= 1, "train.schedule.decay", f"{self.decay} must be in (0, 1]")
         check(self.decay_start >= 0, "train.schedule.decay_start", f"{self.decay_start} must be >= 0")
+        check(self.decay_epochs is None or self.decay_epochs >= 1, "train.schedule.decay_epochs", f"{self.decay_epochs} must be >= 1 or none")
         check(self.plateau_factor is None or (math.isfinite(self.plateau_factor) and 0 < self.plateau_factor < 1), "train.schedule.plateau_factor", f"{self.plateau_factor} must be in (0, 1) or none")
 
 
 class DecaySchedule:
     """``train.schedule=decay``: see :class:`DecayScheduleConfig`. Step-based in form (the trainer
-    asks for every step's rate), epoch-based in value; its state is the plateau scale."""
+    asks for every step's rate), epoch-based in value; its state is the scale the plateau and
+    non-monotone drops accumulated, and the validation log of the non-monotone criterion.
+
+    The non-monotone drop (``nonmono_factor``) is AWD-LSTM Table 4's "- NT-ASGD": "SGD with
+    learning rate reduced by 2 using the same nonmonotonic fashion". The criterion is
+    :class:`~reglm.train.ntasgd.NonMonotoneTrigger`'s reference variant over every epoch's
+    validation score, and it is never reset: as in the reference code, where
+    ``optimizer.param_groups[0]['lr'] /= 2.`` stands (commented out) at the point where SGD
+    switches to ASGD, the rate halves at every epoch the criterion holds, and stops halving once
+    a new best score is more than ``nonmono_interval`` epochs old."""
 
     Config = DecayScheduleConfig
 
     def __init__(self, cfg: DecayScheduleConfig, lr: float, finetune_lr: float | None) -> None:
         self.cfg, self.lr, self.finetune_lr = cfg, lr, finetune_lr
         self.scale = 1.0
+        self.trigger = NonMonotoneTrigger(cfg.nonmono_interval)
 
     def rate(self, stage: str, epoch: int, step: int) -> float:
         """The rate of a step of (0-based) ``epoch`` of ``stage``, before any per-batch rescaling."""
         if stage == "finetune":
             return (self.finetune_lr if self.finetune_lr is not None else self.lr) * self.scale
-        return self.lr * self.cfg.decay ** max(0, epoch + 1 - self.cfg.decay_start) * self.scale
+        decays = max(0, epoch + 1 - self.cfg.decay_start)
+        if self.cfg.decay_epochs is not None:
+            decays = min(decays, self.cfg.decay_epochs)
+        return self.lr * self.cfg.decay**decays * self.scale
 
-    def epoch_end(self, improved: bool) -> bool:
-        """After an epoch's validation: whether the rate dropped (a plateau)."""
-        if improved or self.cfg.plateau_factor is None:
-            return False
-        self.scale *= self.cfg.plateau_factor
-        return True
+    def epoch_end(self, improved: bool, valid: float | None = None) -> bool:
+        """After an epoch's validation (``valid``: its score, which the non-monotone criterion
+        logs): whether the rate dropped (a plateau or the non-monotone criterion)."""
+        factor = 1.0
+        if not improved and self.cfg.plateau_factor is not None:
+            factor *= self.cfg.plateau_factor
+        if self.cfg.nonmono_factor is not None and valid is not None and self.trigger.update(valid):
+            factor *= self.cfg.nonmono_factor
+        self.scale *= factor
+        return factor != 1.0
 
-    def state_dict(self) -> dict[str, float]:
-        return {"scale": self.scale}
+    def state_dict(self) -> dict[str, Any]:
+        return {"scale": self.scale, "nonmono": self.trigger.state_dict()}
 
-    def load_state_dict(self, state: dict[str, float]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         scale = state.get("scale") if isinstance(state, dict) else None
         if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale) or scale <= 0:
             raise ValueError("expected a positive finite scale")
         self.scale = float(scale)
+        self.trigger.load_state_dict(state.get("nonmono", {"log": []}))
 
 
 @dataclass(frozen=True)
@@ -195,7 +222,7 @@ class CosineSchedule:
         low, high = cfg.min_lr * scale, self.lr * scale
         return low + (high - low) * (1 + math.cos(math.pi * t / period)) / 2
 
-    def epoch_end(self, improved: bool) -> bool:
+    def epoch_end(self, improved: bool, valid: float | None = None) -> bool:
         """A step-based schedule ignores validation."""
         return False
 

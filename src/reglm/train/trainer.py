@@ -32,6 +32,12 @@ weights, bit for bit, as an uninterrupted one.
 Divergence: a non-finite training loss (read at log intervals and before every checkpoint),
 validation score or parameter stops the run with :class:`TrainingDiverged` before anything is
 written; every checkpoint on disk is finite.
+
+Data parallelism (``torchrun``; :mod:`reglm.train.distributed`, the ``dist`` the trainer is
+given): every rank runs this loop in lock-step on its share of the batches; rank 0 alone writes,
+logs and evaluates (``dist.on_main`` / ``dist.from_main``), the loss sums and the stop requests
+are all-reduced, and ``state.pt`` gathers every rank's part. With one process every hook is the
+identity.
 """
 
 from __future__ import annotations
@@ -53,7 +59,7 @@ from reglm.data import Corpus, Vocab
 from reglm.encoders.base import State, state_dict_of
 from reglm.errors import ReglmError, TrainingDiverged, TrainingInterrupted
 from reglm.evaluate.perplexity import Reading, perplexity
-from reglm.io import environment, write_json
+from reglm.io import write_json
 from reglm.models import LanguageModel
 from reglm.objectives.activation_reg import ActivationReg, TemporalActivationReg
 from reglm.rundir import CONFIG_FILE, ENVIRONMENT_FILE, METRICS_FILE, RunLock, claim_new, describe_previous
@@ -61,10 +67,11 @@ from reglm.train.checkpoint import STATE_FILE, VOCAB_FILE, load_model_dir, save_
 from reglm.train.engine import StepEngine
 from reglm.train.metrics import MetricsLog
 from reglm.train.objective import ObjectiveEval, make_objective
-from reglm.train.results import finish
+from reglm.train.results import finish, record_main_stage
 from reglm.train.batching import eval_reading, training_batches
+from reglm.train.distributed import SINGLE, SilentLog, SingleProcess
 from reglm.train.schedules import advsoft_on, annealed_std
-from reglm.train.setup import check_model_size, resolve_device
+from reglm.train.setup import check_model_size, manifest_hash, require_same_data, session_record
 
 class StopRequest:
     """A stop the trainer honours at the end of the current step: it saves a checkpoint and raises
@@ -94,14 +101,17 @@ class Trainer:
 
     def __init__(
         self, config: RunConfig, run_dir: Path, corpus: Corpus, progress: bool | None = None, stop: StopRequest | None = None, lock: RunLock | None = None,
+        dist: SingleProcess = SINGLE,
     ):
         self.config = config
         self.cfg = cfg = config.train
         self.run_dir = Path(run_dir)
         self.corpus = corpus
         self.vocab: Vocab = corpus.vocab
-        self.device = resolve_device(cfg.device)
-        self.progress = sys.stderr.isatty() if progress is None else progress
+        self.dist = dist
+        """the processes of the run (:mod:`reglm.train.distributed`): rank 0 alone writes, logs and evaluates"""
+        self.device = dist.device(cfg.device)
+        self.progress = (sys.stderr.isatty() if progress is None else progress) and dist.is_main
         self.stop = stop
         self.lock = lock
         check_model_size(config, len(self.vocab), self.device)
@@ -112,8 +122,9 @@ class Trainer:
         torch.manual_seed(config.seed)
         self.model = LanguageModel(config.model, len(self.vocab), self.vocab).to(self.device)
         self.eval_model = LanguageModel(config.model, len(self.vocab), self.vocab).to(self.device)
-        self.batches = training_batches(corpus.train, cfg, config.seed, self.device, self.vocab.eos_id)
-        self.metrics = MetricsLog(self.run_dir / METRICS_FILE, tensorboard=cfg.tensorboard)
+        dist.seed(config.seed)
+        self.batches = training_batches(corpus.train, cfg, config.seed, self.device, self.vocab.eos_id, dist.shard)
+        self.metrics = MetricsLog(self.run_dir / METRICS_FILE, tensorboard=cfg.tensorboard) if dist.is_main else SilentLog()
         self.objective = make_objective(config, self.vocab, self.device)
         terms = [*self.objective.terms, ActivationReg(cfg.ar_alpha), TemporalActivationReg(cfg.tar_beta)]
         self.engine = StepEngine(self.model, self.objective, terms, cfg.small_batch_size, cfg.clip, cfg.sequence_loss, autocast=self._autocast)
@@ -148,10 +159,13 @@ class Trainer:
         """Claim a fresh run directory (:func:`reglm.rundir.claim_new`), write its files, let the
         objective set the starting weights (:meth:`prepare`) and write the first ``state.pt``, so
         the run can be resumed from its first step on."""
-        if self.lock is None:
-            self.lock = claim_new(self.run_dir)
-            self._report_takeover()
-        write_json(self.run_dir / CONFIG_FILE, self.config.to_dict())
+        def claim() -> None:
+            if self.lock is None:
+                self.lock = claim_new(self.run_dir)
+                self._report_takeover()
+            write_json(self.run_dir / CONFIG_FILE, self.config.to_dict())
+
+        self.dist.on_main(claim)
         self._begin()
 
     def restart(self) -> None:
@@ -161,9 +175,12 @@ class Trainer:
         self._begin()
 
     def _begin(self) -> None:
-        self.vocab.save(self.run_dir / VOCAB_FILE)
-        write_json(self.run_dir / ENVIRONMENT_FILE, [environment(self.device)])
-        self.metrics.truncate(0)
+        def write() -> None:
+            self.vocab.save(self.run_dir / VOCAB_FILE)
+            write_json(self.run_dir / ENVIRONMENT_FILE, [session_record(self.device, self.corpus) | self.dist.record()])
+            self.metrics.truncate(0)
+
+        self.dist.on_main(write)
         self.prepare()
         for hook in self.step_hooks:
             hook(self)
@@ -175,7 +192,7 @@ class Trainer:
         validation scores as the ``initial`` event (Table 2's "Initial model" row of Popov & Kudinov)."""
         self.objective.prepare(self.model)
         if self.objective.initial_model() is not None:
-            val = self._score(self.model, "valid")
+            val = self.dist.from_main(lambda: self._score(self.model, "valid"))
             self.metrics.log(event="initial", step=0, **{f"valid_{name}": value for name, value in val.metrics.items() if name != "tokens"})
             self._say("initial model: " + ", ".join(f"valid {name} {value:.4g}" for name, value in val.metrics.items() if name not in ("tokens", "words")))
 
@@ -198,7 +215,7 @@ class Trainer:
             rng["bptt"] = self.batches.rng.get_state()
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        return {
+        state = {
             "format": 2,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -215,15 +232,19 @@ class Trainer:
             "objective": self.objective.state_dict(),
             "metrics_bytes": self.metrics.size(),
             "vocab_fingerprint": self.vocab.fingerprint(),
+            "data_manifest": manifest_hash(self.corpus),
             "rng": rng,
         }
+        return self.dist.gather_state(state, self.model.encoder)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore ``state`` (as from :func:`~reglm.train.checkpoint.load_state`); an entry that does
         not fit this run is a ReglmError, raised before anything is written."""
         path = self.run_dir / STATE_FILE
+        state = self.dist.local_state(state, self.model.encoder, self.cfg.batch_size, path)
         if state["vocab_fingerprint"] != self.vocab.fingerprint():
             raise ReglmError(f"{path} was built for another vocabulary than the corpus {self.config.data.name!r} now gives; resume with the original data")
+        require_same_data(state.get("data_manifest"), self.corpus, path)
         if not self.batches.fits(state["position"]):
             raise ReglmError(f"{path} does not fit the run in {CONFIG_FILE} (its position in the training stream is beyond it); resume it with its own config.json")
         entry = "model"
@@ -268,7 +289,7 @@ class Trainer:
 
     def _flush(self) -> None:
         """Read the engine's loss sums (one host sync) into the epoch's; a non-finite loss is divergence."""
-        nll, tokens, finite = self.engine.flush()
+        nll, tokens, finite = self.dist.sum_losses(*self.engine.flush())
         if not finite:
             raise self._diverged("the training loss became NaN or infinite (at or before this step)")
         self.epoch_nll += nll
@@ -277,7 +298,7 @@ class Trainer:
     def save_checkpoint(self) -> None:
         state = self.state_dict()
         self._require_finite(self.model)
-        save_state(self.run_dir / STATE_FILE, state)
+        self.dist.on_main(lambda: save_state(self.run_dir / STATE_FILE, state))
         self.last_checkpoint = self._checkpoint_name()
 
     def _interrupt(self) -> None:
@@ -291,6 +312,7 @@ class Trainer:
         """Train until the run is done; returns the final results. The run directory is released
         when this returns or raises."""
         try:
+            self.dist.parallelize(self.engine)
             while self.stage != "done":
                 if self.stage == "main" and (self.epoch >= self.cfg.epochs or self._out_of_steps()):
                     self._begin_finetune() if self.cfg.finetune else self._set_stage("done")
@@ -300,7 +322,7 @@ class Trainer:
                     continue
                 self._train_epoch()
                 self._end_epoch()
-            return finish(self)
+            return self.dist.from_main(lambda: finish(self))
         finally:
             self.close()
 
@@ -309,9 +331,16 @@ class Trainer:
         self.save_checkpoint()
 
     def _begin_finetune(self) -> None:
-        """ASGD with T = 0, hot-started from the best model (AWD-LSTM section 5)."""
-        best, _, _ = load_model_dir(self.run_dir / "best", self.device)
-        self.model.load_state_dict(best.state_dict())
+        """ASGD with T = 0, hot-started from the best model (AWD-LSTM section 5); that model's
+        scores are recorded first (:func:`~reglm.train.results.record_main_stage`)."""
+        self.dist.on_main(lambda: record_main_stage(self))
+
+        def hot_start() -> None:
+            best, _, _ = load_model_dir(self.run_dir / "best", self.device)
+            self.model.load_state_dict(best.state_dict())
+
+        self.dist.on_main(hot_start)
+        self.dist.broadcast_module(self.model)
         self.engine.optimizer = self._new_optimizer()
         self.averaging.begin_finetune(self.model.parameters())
         self.stage, self.epoch = "finetune", 0
@@ -344,7 +373,7 @@ class Trainer:
         cfg, model, batches = self.cfg, self.model, self.batches
         model.train()
         if self.hidden is None or not batches.carries_state:
-            self.hidden = model.init_state(cfg.batch_size, device=self.device)
+            self.hidden = model.init_state(self.dist.share(cfg.batch_size), device=self.device)
         adversarial, noise_std = self._advsoft_on(), self._input_noise_std()
         bar = tqdm(total=batches.total, initial=self.position, disable=not self.progress, unit="tok/stream" if batches.carries_state else "batch", leave=False, desc=f"{self.stage} epoch {self.epoch + 1}")
         window_nll, window_tokens, window_position, window_start = self.epoch_nll, self.epoch_tokens, self.position, time.perf_counter()
@@ -372,7 +401,7 @@ class Trainer:
                 hook(self)
             if cfg.checkpoint_interval and self.step % cfg.checkpoint_interval == 0:
                 self.save_checkpoint()
-            if self.stop is not None and self.stop.requested:
+            if self._stop_requested():
                 bar.close()
                 self._interrupt()
         bar.close()
@@ -398,7 +427,7 @@ class Trainer:
 
     def _end_epoch(self) -> None:
         eval_model = self._eval_weights()
-        val = self._score(eval_model, "valid")
+        val = self.dist.from_main(lambda: self._score(eval_model, "valid"))
         if not math.isfinite(val.selection):
             raise self._diverged(f"the validation score became {val.selection}")
         self._require_finite(eval_model)
@@ -419,12 +448,12 @@ class Trainer:
         info = {"stage": self.stage, "epoch": self.epoch, "step": self.step, **valid, "averaged": averaging}
         if improved:
             self.best_val = val.selection
-            save_model_dir(self.run_dir / "best", eval_model, self.config, self.vocab, info)
-        elif self.schedule.epoch_end(improved):
+            self.dist.on_main(lambda: save_model_dir(self.run_dir / "best", eval_model, self.config, self.vocab, info))
+        if self.schedule.epoch_end(improved, val.selection):
             rate = self.schedule.rate(self.stage, self.epoch, self.step)
             self.metrics.log(event="plateau", stage=self.stage, epoch=self.epoch, step=self.step, lr=rate)
-            self._say(f"no improvement: learning rate -> {rate:.4g}")
-        save_model_dir(self.run_dir / "last", eval_model, self.config, self.vocab, info)
+            self._say(f"validation stalled: learning rate -> {rate:.4g}")
+        self.dist.on_main(lambda: save_model_dir(self.run_dir / "last", eval_model, self.config, self.vocab, info))
         if self.stage == "main":
             if self.averaging.main_epoch_end(val.selection, self.model.parameters()):
                 self.metrics.log(event="trigger", stage=self.stage, epoch=self.epoch, step=self.step, valid_loss=val.selection)
@@ -436,8 +465,18 @@ class Trainer:
         self.position, self.hidden, self.epoch_nll, self.epoch_tokens = 0, None, 0.0, 0
         self.objective.reset()
         self.save_checkpoint()
-        if self.stop is not None and self.stop.requested:
+        if self._stop_requested():
             self._interrupt()
+
+    def _stop_requested(self) -> bool:
+        """Whether a stop was requested on any rank: the ranks vote after every step, so that all
+        checkpoint and stop at the same one, a rank without a signal taking the others'."""
+        if self.stop is None:
+            return False
+        signum = self.dist.max(self.stop.signum or 0)
+        if signum and not self.stop.requested:
+            self.stop.request(signum)
+        return signum != 0
 
     def _eval_weights(self) -> torch.nn.Module:
         """The model evaluation sees: the average once averaging runs, else the iterate."""
@@ -448,6 +487,8 @@ class Trainer:
         return self.eval_model
 
     def _say(self, text: str) -> None:
+        if not self.dist.is_main:
+            return
         if self.progress:
             tqdm.write(text, file=sys.stderr)
         else:
