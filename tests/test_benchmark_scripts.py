@@ -25,7 +25,7 @@ def test_transformer_body_dry_run_counts_flops_by_the_palm_convention(tmp_path: 
 
 def test_gpu_check_dry_run_runs_every_stage_and_writes_one_json(tmp_path: Path) -> None:
     """The device check end to end on the CPU: every stage runs (or says why not), none fails."""
-    proc = subprocess.run([str(REPO / "benchmarks" / "gpu_check.sh"), "--dry-run"], env={**os.environ, "OUT": str(tmp_path)}, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([str(REPO / "benchmarks" / "gpu_check.sh"), "--dry-run"], env={**os.environ, "OUT": str(tmp_path)}, capture_output=True, text=True, timeout=420)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads((tmp_path / "gpu-check-cpu-dry-run.json").read_text())
     stages = result["stages"]

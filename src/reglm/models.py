@@ -15,8 +15,13 @@ by the trainer per its schedule; the objective terms (AR/TAR, the augmented loss
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
 import torch
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from reglm.config import ModelConfig
 from reglm.data.vocab import Vocab
@@ -99,8 +104,32 @@ class LanguageModel(nn.Module):
         return split
 
 
+class _ShapesOnly(TorchFunctionMode):
+    """Inside :func:`shapes_only`: initializers on meta tensors return the tensor untouched.
+
+    A meta tensor has no values to initialize, but ``torch.nn.init`` on one runs PyTorch's Python
+    reference kernels, whose first call imports ``torch._dynamo`` (3 s of every ``reglm train``
+    start on a 2-core CPU) to compute nothing."""
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        first = args[0] if args else (kwargs or {}).get("tensor")  # torch.nn.init passes it by name
+        if isinstance(first, Tensor) and first.is_meta and (getattr(func, "__module__", None) == "torch.nn.init" or getattr(func, "__name__", "") in _IN_PLACE_FILLS):
+            return first
+        return func(*args, **(kwargs or {}))
+
+
+_IN_PLACE_FILLS = frozenset({"normal_", "uniform_", "fill_", "zero_", "exponential_", "bernoulli_", "random_", "copy_"})
+
+
+@contextmanager
+def shapes_only() -> Iterator[None]:
+    """Build modules on the meta device: every parameter has its shape, none has memory or values."""
+    with torch.device("meta"), _ShapesOnly():
+        yield
+
+
 def count_parameters(cfg: ModelConfig, vocab_size: int) -> int:
-    """The parameter count of ``LanguageModel(cfg, vocab_size)``, built on the meta device:
-    no memory is allocated, whatever the sizes."""
-    with torch.device("meta"):
+    """The parameter count of ``LanguageModel(cfg, vocab_size)``, built on the meta device
+    (:func:`shapes_only`): no memory is allocated, whatever the sizes."""
+    with shapes_only():
         return LanguageModel(cfg, vocab_size).num_parameters()

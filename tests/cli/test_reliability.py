@@ -296,6 +296,8 @@ def test_sigint_during_start_up_exits_130_without_a_traceback(tmp_path: Path) ->
         time.sleep(delay)
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=120)
+        if "Fatal Python error: init_import_site" in err:
+            continue  # on a loaded machine the signal can beat the interpreter's own start, before any code of ours
         assert proc.returncode in (130, -signal.SIGINT), err
         assert "Traceback" not in err, err
 

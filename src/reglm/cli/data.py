@@ -1,4 +1,5 @@
-"""``reglm data download|info``: fetch and verify a built-in corpus, or describe a corpus;
+"""``reglm data download|info|prepare``: fetch and verify a built-in corpus, describe a corpus and
+its encoded-corpus cache entry, or build (and check) that entry ahead of a job;
 ``reglm presets``, ``reglm config`` and ``reglm params``: what can be trained, with which
 options, and how many parameters it has."""
 
@@ -6,10 +7,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 from reglm.errors import ReglmError
+from reglm.papers import PAPERS
 
 
 def register(sub: Any) -> None:
@@ -18,16 +21,24 @@ def register(sub: Any) -> None:
     d = dsub.add_parser("download", help="download and verify a built-in corpus")
     d.add_argument("name")
     d.add_argument("--data-dir")
-    d = dsub.add_parser("info", help="token counts, vocabulary size and OOV rate of a corpus")
-    d.add_argument("name")
-    d.add_argument("--data-dir")
-    d.add_argument("--min-freq", type=int, default=1)
-    d.add_argument("--max-vocab", type=int)
-    d.add_argument("--tokenizer", choices=["word", "bpe"], default="word", help="bpe: describe the sub-word corpus of --bpe-vocab-size units")
-    d.add_argument("--bpe-vocab-size", type=int, default=32000)
-    d.add_argument("--json", action="store_true")
+    for command, text in (
+        ("info", "token counts, vocabulary size, OOV rate and encoded-cache entry (path, size, dtype, age) of a corpus"),
+        ("prepare", "encode a corpus into the cache ahead of a job (download it first when needed), or re-hash an existing entry and rebuild it when damaged"),
+    ):
+        d = dsub.add_parser(command, help=text)
+        d.add_argument("name")
+        d.add_argument("--data-dir")
+        d.add_argument("--min-freq", type=int, default=1)
+        d.add_argument("--max-vocab", type=int)
+        d.add_argument("--tokenizer", choices=["word", "bpe"], default="word", help="bpe: the sub-word corpus of --bpe-vocab-size units")
+        d.add_argument("--bpe-vocab-size", type=int, default=32000)
+        d.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_data)
-    sub.add_parser("presets", help="list the bundled presets and the paper/table each reproduces").set_defaults(func=cmd_presets)
+    p = sub.add_parser("presets", help="list the bundled presets and the paper/table each reproduces; with --paper: a paper's table rows and their numbers")
+    p.add_argument("--paper", help=f"list this paper's tables and their rows ({', '.join(PAPERS)}), with the paper's numbers")
+    p.add_argument("--table", help="with --paper: only this table")
+    p.add_argument("--json", action="store_true", help="with --paper: print one JSON object")
+    p.set_defaults(func=cmd_presets)
     p = sub.add_parser("config", help="list every configuration option with its default; with --preset or overrides: the resolved configuration")
     p.add_argument("--preset", help="show this preset's resolved configuration (a bundled preset or a YAML file)")
     p.add_argument("--json", action="store_true", help="print the resolved configuration as one JSON object (the defaults without --preset or overrides)")
@@ -43,32 +54,112 @@ def register(sub: Any) -> None:
 
 def cmd_data(args: argparse.Namespace) -> int:
     from reglm.config import DataConfig
-    from reglm.data import corpus_stats, download, resolve
+    from reglm.data import download, resolve
 
     if args.data_command == "download":
         path = download(args.name, args.data_dir)
         print(f"{args.name}: verified files in {path}")
         return 0
     options = DataConfig(name=args.name, data_dir=args.data_dir, min_freq=args.min_freq, max_vocab=args.max_vocab, tokenizer=args.tokenizer, bpe_vocab_size=args.bpe_vocab_size)
-    corpus = resolve(
-        options.name, data_dir=options.data_dir, min_freq=options.min_freq, max_vocab=options.max_vocab,
-        tokenizer=options.tokenizer, bpe_vocab_size=options.bpe_vocab_size,
-    )
-    stats = corpus_stats(corpus)
+
+    def read() -> Any:
+        return resolve(
+            options.name, data_dir=options.data_dir, min_freq=options.min_freq, max_vocab=options.max_vocab,
+            tokenizer=options.tokenizer, bpe_vocab_size=options.bpe_vocab_size,
+        )
+
+    corpus = read()
+    if args.data_command == "prepare" and corpus.cache is not None:
+        from reglm.data.cache import discard, verify
+
+        damaged = verify(corpus.cache.path)
+        if damaged:
+            print(f"reglm: {', '.join(damaged)} in {corpus.cache.path} differ from its manifest (damaged); encoding {args.name} again", file=sys.stderr)
+            discard(corpus.cache.path, args.name)
+            corpus = read()
+    return _report(corpus, args)
+
+
+def _report(corpus: Any, args: argparse.Namespace) -> int:
+    """Print a corpus's statistics and its cache entry (``prepare``: the entry and the vocabulary only)."""
+    from reglm.data import SOURCES, corpus_stats
+    from reglm.data.cache import describe
+
+    stats = {"name": corpus.name, "vocab_size": len(corpus.vocab)} if args.data_command == "prepare" else corpus_stats(corpus)
+    if args.name in SOURCES:
+        stats["sentences"] = SOURCES[args.name].sentences
+    stats["cache"] = None if corpus.cache is None else describe(corpus.cache)
     if args.json:
         print(json.dumps(stats))
-    else:
-        for key, value in stats.items():
-            print(f"{key:24s} {value}")
+        return 0
+    for key, value in stats.items():
+        if key == "cache" and value is not None:
+            shown = f"{value['path']} ({value['bytes'] / 2**20:,.1f} MiB, ids {value['dtype']}, manifest {value['manifest_hash'][:16]}, built {value['created']}, {value['age_s'] / 3600:,.1f} h ago)"
+            print(f"{key:24s} {shown}")
+        else:
+            print(f"{key:24s} {value if value is not None else 'none (read in memory)'}")
     return 0
 
 
-def cmd_presets(_args: argparse.Namespace) -> int:
+def cmd_presets(args: argparse.Namespace) -> int:
+    """Every preset with its description; with ``--paper`` (``--table``), the rows of the paper's
+    tables from the presets' ``paper:`` metadata, with the paper's numbers."""
     from reglm.config import list_presets
 
-    for name, description in list_presets():
-        print(f"{name:22s} {description}")
+    if args.paper is None:
+        if args.table is not None or args.json:
+            raise ReglmError("--table and --json list a paper's rows: give --paper NAME too (e.g. --paper inan --table 1)")
+        presets = list_presets()
+        width = max(len(name) for name, _ in presets)
+        for name, description in presets:
+            print(f"{name:{width}s}  {description}")
+        return 0
+    tables = _paper_tables(args.paper, args.table)
+    if args.json:
+        print(json.dumps({"paper": args.paper, "tables": tables}))
+        return 0
+    for table in tables:
+        print(f"{args.paper}:{table['table']}  {table['caption']}" + (f"  [not reproducible here: {table['missing']}]" if table["missing"] else ""))
+        if not table["rows"]:
+            continue
+        width = max(len(row["id"]) for row in table["rows"])
+        preset_width = max(len(row["preset"]) for row in table["rows"])
+        print(f"  {'id':{width}s}  {'preset':{preset_width}s}  {'valid':>7s}  {'test':>7s}  {'params':>6s}  evaluation")
+        for row in table["rows"]:
+            rep = row["reported"]
+            how = row["evaluation"] + (f" {row['spec']}" if row["spec"] else "") + (", main stage" if row["stage"] == "main" else "")
+            if "top10" in rep:
+                how += f" (the top 10 after {len(rep['top10'])} phrases)"
+            if row["starts_from"]:
+                how += f", after {row['starts_from']['run']}"
+            shown = [f"{rep[key]:7.2f}" if rep.get(key) is not None else f"{'-':>7s}" for key in ("valid", "test")]
+            print(f"  {row['id']:{width}s}  {row['preset']:{preset_width}s}  {shown[0]}  {shown[1]}  {rep.get('params') or '-':>6s}  {how}")
     return 0
+
+
+def _paper_tables(paper: str, table: str | None) -> list[dict[str, Any]]:
+    """The tables of ``paper`` (or its ``table``) with their rows, as JSON-ready dicts."""
+    import dataclasses
+
+    from reglm.config.presets import preset_metadata, table_rows
+
+    if paper not in PAPERS:
+        raise ReglmError(f"unknown paper {paper!r}; choose one of {', '.join(PAPERS)}")
+    tables = PAPERS[paper].tables
+    if table is not None and table not in tables:
+        raise ReglmError(f"{paper} has no table {table!r}; its tables are {', '.join(tables)}")
+    out = []
+    for name, entry in tables.items():
+        if table is not None and name != table:
+            continue
+        rows = []
+        for row in table_rows(paper, name):
+            starts = preset_metadata(row.preset).starts_from
+            record = {key: value for key, value in dataclasses.asdict(row).items() if key not in ("paper", "table", "reported")}
+            reported = {key: value for key, value in dataclasses.asdict(row.reported).items() if value is not None}
+            rows.append({**record, "reported": reported, "starts_from": None if starts is None else dataclasses.asdict(starts)})
+        out.append({"table": name, "caption": entry.caption, "missing": entry.missing, "rows": rows})
+    return out
 
 
 def cmd_config(args: argparse.Namespace) -> int:
@@ -113,13 +204,11 @@ SYNTHETIC_VOCAB_SIZE = 1001
 
 def cmd_params(args: argparse.Namespace) -> int:
     from reglm.config import build_config
-    from reglm.models import LanguageModel
+    from reglm.models import LanguageModel, shapes_only
 
     config = build_config(args.preset, args.overrides)
     vocab_size, source = _vocab_size(config, args.vocab_size)
-    import torch
-
-    with torch.device("meta"):
+    with shapes_only():
         split = LanguageModel(config.model, vocab_size).parameter_split()
     total = sum(split.values())
     if args.json:
