@@ -4,6 +4,7 @@ and an evaluation, the same evaluation as on the CPU for fixed weights, and fini
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,16 +18,8 @@ from reglm.models import LanguageModel
 pytestmark = pytest.mark.cuda
 
 SMALL = ["data.synthetic_sentences=200", "train.max_steps=20", "train.finetune=false", "train.epochs=1"]
-FAMILIES = {
-    "awd-lstm": ("tiny", []),
-    "awd-lstm-advsoft": ("advsoft-tiny", []),
-    "vd-lstm": ("tiny", ["model.encoder=vd-lstm", "model.output.tie_weights=false"]),
-    "qrnn": ("qrnn-tiny", []),
-    "mos": ("mos-tiny", []),
-    "doc": ("mos-tiny", ["model.output=doc", "model.output.doc_experts=2"]),
-    "transformer-adaptive": ("transformer-tiny", []),
-    "transformer-char-cnn": ("transformer-tiny", ["model.input=char-cnn", "model.output=softmax", "model.output.tie_weights=false"]),
-}
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from gpu_check import FAMILIES  # noqa: E402  (the device check's list: every family once)
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
