@@ -110,8 +110,14 @@ def _report(line: str, exc: BaseException | None = None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
+    try:
+        # Ctrl-C while the parser is built (it reads the installed packages' metadata) exits
+        # like one during the heavy imports below: one line, status 130, no traceback.
+        parser = build_parser()
+        args, extra = parser.parse_known_args(argv)
+    except KeyboardInterrupt:
+        print("reglm: aborted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     if extra:
         # KEY=VALUE overrides given after an option of a command with a positional RUN
         # (`reglm finetune RUN --out D train.lr=1`): argparse leaves them unparsed.
