@@ -559,7 +559,7 @@ def score_rows(out: Path, plans: list[RowPlan], ledger: dict[str, Any], progress
                 _say(f"scoring row {row.id} ({row.evaluation}, {plan.stage} model of {run.name})")
             ours = _not_trained(entry) or scorer.score(plan)
             write_json(path, {"fingerprint": fingerprint, "ours": ours})
-        records.append(_record(plan, ours, entry))
+        records.append(_record(plan, ours, ledger))
     return records
 
 
@@ -572,10 +572,27 @@ def _not_trained(entry: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
-def _record(plan: RowPlan, ours: dict[str, Any], entry: dict[str, Any]) -> dict[str, Any]:
+def _minutes(ledger: dict[str, Any], run: Run) -> float:
+    return round(ledger.get(run.name, {}).get("seconds", 0.0) / 60, 2)
+
+
+def _earlier_runs(run: Run, ledger: dict[str, Any]) -> list[dict[str, Any]]:
+    """The runs ``run`` starts from (recursively, in training order): epochs, minutes, and the
+    validation and test perplexity of their best model when they have one."""
+    out = []
+    for need in {need.name: need for need in _chain(run)[:-1]}.values():
+        results = _read_json(need.directory / RESULTS_FILE) or {}
+        ppl = {split: results.get(split, {}).get("ppl") for split in ("valid", "test")}
+        out.append({"run": need.name, "epochs": _epochs(need.directory), "minutes": _minutes(ledger, need), **ppl})
+    return out
+
+
+def _record(plan: RowPlan, ours: dict[str, Any], ledger: dict[str, Any]) -> dict[str, Any]:
     row, run = plan.row, plan.run
     t = run.config.train
     rep = row.reported
+    entry = ledger.get(run.name, {})
+    earlier = _earlier_runs(run, ledger)
     return {
         "id": row.id, "row": row.row, "preset": row.preset, "run": run.name,
         "starts_from": [need.name for need in run.needs],
@@ -585,7 +602,9 @@ def _record(plan: RowPlan, ours: dict[str, Any], entry: dict[str, Any]) -> dict[
         "budget": {
             "planned_epochs": {"main": t.epochs, "finetune": t.finetune_epochs if t.finetune else 0},
             "epochs": _epochs(run.directory),
-            "minutes": round(entry.get("seconds", 0.0) / 60, 2),
+            "minutes": _minutes(ledger, run),
+            "minutes_with_earlier_runs": round(_minutes(ledger, run) + sum(item["minutes"] for item in earlier), 2),
+            "earlier_runs": earlier,
             "status": entry.get("status"),
             "device": _device(run.directory),
         },
@@ -651,13 +670,18 @@ def render_markdown(meta: dict[str, Any], records: list[dict[str, Any]]) -> str:
         lines.append(
             f"| {_cell(record['row'])} (`{record['id']}`) | {_printed(theirs['valid'])} | {_printed(theirs['test'])} | {_num(ours.get('valid'))} | {_num(ours.get('test'))} "
             f"| {theirs['params'] or '–'} | {_params(ours.get('params_full_scale'))} / {_params(ours.get('params'))} | {evaluated} | {epochs} "
-            f"| {budget['minutes']:.1f} | {budget['device'] or '–'} |"
+            f"| {budget['minutes_with_earlier_runs']:.1f} | {budget['device'] or '–'} |"
         )
         for text in (ours.get("missing"), ours.get("note"), record["note"]):
             if text:
                 notes.append(f"- `{record['id']}`: {_cell(text)}")
-        if record["starts_from"]:
-            notes.append(f"- `{record['id']}`: run `{record['run']}` starts from {', '.join(f'`{name}`' for name in record['starts_from'])}")
+        if budget["earlier_runs"]:
+            chain = "; ".join(
+                f"`{item['run']}` ({item['epochs']['main']}+{item['epochs']['finetune']} epochs, {item['minutes']:.1f} min"
+                + (f", valid {item['valid']:.2f} / test {item['test']:.2f}" if item["valid"] is not None and item["test"] is not None else "") + ")"
+                for item in budget["earlier_runs"]
+            )
+            notes.append(f"- `{record['id']}`: run `{record['run']}` starts from {chain}; the minutes column counts them")
     if notes:
         lines += ["", *notes]
     return "\n".join(lines) + "\n"

@@ -96,3 +96,33 @@ def test_a_spent_time_budget_stops_the_runs_and_says_so(tmp_path: Path) -> None:
     assert "--minutes 1e-06" in (out / "table.md").read_text()
     again = reproduce("reglm:smoke", out, budget=Budget(minutes=1e-6)).table
     assert [r["budget"]["minutes"] for r in again["records"]] == [r["budget"]["minutes"] for r in table["records"]]  # nothing trained again
+
+
+def test_a_row_that_starts_from_earlier_runs_counts_their_minutes_and_names_their_scores(tmp_path: Path) -> None:
+    from reglm.config import build_config
+    from reglm.reproduce import _record, render_markdown
+
+    def run_dir(name: str, valid: float | None, epochs: int) -> Path:
+        directory = tmp_path / name
+        directory.mkdir()
+        (directory / "metrics.jsonl").write_text("".join(json.dumps({"event": "epoch", "stage": "main"}) + "\n" for _ in range(epochs)))
+        if valid is not None:
+            (directory / "results.json").write_text(json.dumps({"valid": {"ppl": valid}, "test": {"ppl": valid - 1}}))
+        return directory
+
+    config = build_config("tiny")
+    base = Run("base", config, run_dir("base", 120.0, 3))
+    middle = Run("middle", config, run_dir("middle", None, 2), needs=(base,))
+    last = Run("last", config, run_dir("last", 100.0, 1), needs=(middle, base))  # base reached twice: counted once
+    ledger = {"base": {"seconds": 600.0}, "middle": {"seconds": 120.0}, "last": {"seconds": 60.0, "status": "done"}}
+    row = TableRow("last", "reglm", "smoke", "chained", "tiny", Reported(), "plain", None)
+    record = _record(RowPlan(row, last, "final"), {"valid": 100.0, "test": 99.0}, ledger)
+
+    budget = record["budget"]
+    assert [item["run"] for item in budget["earlier_runs"]] == ["base", "middle"]
+    assert budget["minutes"] == 1.0 and budget["minutes_with_earlier_runs"] == 13.0
+    assert budget["earlier_runs"][0] == {"run": "base", "epochs": {"main": 3, "finetune": 0}, "minutes": 10.0, "valid": 120.0, "test": 119.0}
+    assert budget["earlier_runs"][1]["valid"] is None
+    markdown = render_markdown({"table": "reglm:smoke", "command": "reglm reproduce reglm:smoke", "scale": "full", "budget": {"epochs": None, "minutes": None}, "minutes": 13.0, "runs": 3, "devices": ["cpu"]}, [record])
+    assert "| 13.0 |" in markdown
+    assert "`base` (3+0 epochs, 10.0 min, valid 120.00 / test 119.00); `middle` (2+0 epochs, 2.0 min)" in markdown
