@@ -154,6 +154,7 @@ def test_only_rank_0_writes_and_speaks(awd_runs: tuple[Path, Path, list[Rank]]) 
     assert session["distributed"] == {"world_size": 2, "backend": "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo", "processes_per_node": 2}
     assert "best model:" in ranks[0].log and "reglm" not in ranks[1].log and "best model" not in ranks[1].log
     assert load_state(two / "state.pt")["distributed"]["world_size"] == 2
+    assert not any("find_unused_parameters" in rank.log for rank in ranks)  # every LSTM parameter has a gradient: no search, no warning
 
 
 def test_evaluation_equals_one_process(awd_runs: tuple[Path, Path, list[Rank]]) -> None:

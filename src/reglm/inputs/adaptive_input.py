@@ -136,6 +136,8 @@ class AdaptiveInput(nn.Module):
     """
 
     Config = AdaptiveInputConfig
+    skips_parameters = True
+    """a band with no token in a batch gets no gradient (data-parallel training looks for unused parameters)"""
 
     def __init__(self, vocab_size: int, dim: int, cutoffs: tuple[int, ...], factor: float = 4.0, dropout: float = 0.0) -> None:
         super().__init__()

@@ -173,6 +173,8 @@ class AdaptiveSoftmax(OutputLayer):
 
     Config = AdaptiveSoftmaxConfig
     capabilities = frozenset({"advsoft"})
+    skips_parameters = True
+    """a tail cluster with no target in a batch gets no gradient (data-parallel training looks for unused parameters)"""
 
     def __init__(
         self, in_features: int, vocab_size: int, cutoffs: tuple[int, ...], factor: float = 4.0, tail_dropout: float = 0.0,

@@ -23,10 +23,10 @@ timeout
 gradients
     ``DistributedDataParallel`` wraps the step engine's chunk pass (:class:`_ChunkPass`), so
     the output layer and the objective terms run inside DDP's forward; with
-    ``find_unused_parameters=True``, since an adaptive input or softmax band with no token in a
-    chunk gets no gradient (DDP warns once, on models whose every parameter always has one,
-    that it found none unused). Accumulation chunks run under DDP's ``no_sync``. DDP averages
-    the gradients over the ranks, so each rank weighs a chunk by its tokens over the *mean*
+    ``find_unused_parameters`` only where a module says it ``skips_parameters`` (an adaptive
+    input or softmax band with no token in a chunk gets no gradient): elsewhere every parameter
+    has a gradient at every step, and the search would cost a graph walk per step (and a
+    warning). Accumulation chunks run under DDP's ``no_sync``. DDP averages the gradients over the ranks, so each rank weighs a chunk by its tokens over the *mean*
     number of scored targets per rank: N ranks give the gradient of one process on the whole
     global batch (:meth:`DataParallelGroup.mean_tokens`).
 data
@@ -279,7 +279,8 @@ class DataParallelGroup(SingleProcess):
         weights to every rank as it starts (they are equal already: the same seed built them)."""
         if isinstance(engine.loss, DistributedDataParallel):
             return
-        ddp = DistributedDataParallel(_ChunkPass(engine), find_unused_parameters=True, **_NO_FORWARD_BUFFER_SYNC)
+        skips = any(getattr(module, "skips_parameters", False) for module in engine.model.modules())
+        ddp = DistributedDataParallel(_ChunkPass(engine), find_unused_parameters=skips, **_NO_FORWARD_BUFFER_SYNC)
         engine.loss, engine.no_sync, engine.token_total = ddp, ddp.no_sync, self.mean_tokens
 
     @torch.no_grad()
