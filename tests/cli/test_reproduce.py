@@ -100,7 +100,7 @@ def test_a_spent_time_budget_stops_the_runs_and_says_so(tmp_path: Path) -> None:
 
 def test_a_row_that_starts_from_earlier_runs_counts_their_minutes_and_names_their_scores(tmp_path: Path) -> None:
     from reglm.config import build_config
-    from reglm.reproduce import _record, render_markdown
+    from reglm.reproduce import render_markdown, row_record
 
     def run_dir(name: str, valid: float | None, epochs: int) -> Path:
         directory = tmp_path / name
@@ -116,7 +116,7 @@ def test_a_row_that_starts_from_earlier_runs_counts_their_minutes_and_names_thei
     last = Run("last", config, run_dir("last", 100.0, 1), needs=(middle, base))  # base reached twice: counted once
     ledger = {"base": {"seconds": 600.0}, "middle": {"seconds": 120.0}, "last": {"seconds": 60.0, "status": "done"}}
     row = TableRow("last", "reglm", "smoke", "chained", "tiny", Reported(), "plain", None)
-    record = _record(RowPlan(row, last, "final"), {"valid": 100.0, "test": 99.0}, ledger)
+    record = row_record(RowPlan(row, last, "final"), {"valid": 100.0, "test": 99.0}, ledger)
 
     budget = record["budget"]
     assert [item["run"] for item in budget["earlier_runs"]] == ["base", "middle"]
