@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from reglm.data import cache, corpus as corpus_module
+from reglm.data import cache, encoding
 from reglm.data.cache import cache_root, id_dtype, load_cached, verify
 from reglm.data.corpus import CacheInfo, Corpus, encode_file, load_directory, read_tokens
 from reglm.data.datasets import resolve
@@ -60,7 +60,7 @@ def reference(path: Path, vocab: object) -> list[int]:
 
 
 def test_fast_reader_is_the_line_rule_on_awkward_text(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(corpus_module, "CHUNK_BYTES", 97)  # many pieces, lines longer than a piece
+    monkeypatch.setattr(encoding, "CHUNK_BYTES", 97)  # many pieces, lines longer than a piece
     root = write_corpus(tmp_path / "c", {"train": "\ufeff" + awkward_text(0, 300), "valid": awkward_text(1, 60) + "\nno final newline", "test": awkward_text(2, 40)})
     got = load_directory(root)
     vocab = got.vocab
@@ -74,7 +74,7 @@ def test_fast_reader_is_the_line_rule_on_awkward_text(tmp_path: Path, monkeypatc
 def test_colliding_hashes_never_merge_words(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Words longer than 15 bytes are matched by a hash and then their bytes: with every hash
     forced equal, words sharing their first 8 bytes stay apart."""
-    monkeypatch.setattr(corpus_module, "_mix", lambda z: np.zeros_like(z))
+    monkeypatch.setattr(encoding, "_mix", lambda z: np.zeros_like(z))
     words = [f"prefix00-{i:03d}-and-more-bytes" for i in range(40)] + ["prefix00-short", "prefix00"]
     text = "\n".join(" ".join(random.Random(i).sample(words, 20)) for i in range(30)) + "\n"
     root = write_corpus(tmp_path / "c", {"train": text, "valid": text, "test": text})

@@ -35,7 +35,7 @@ of one entry take an exclusive ``flock`` on ``<name>-<key>.lock`` beside it: a s
 waits, then finds the entry built and maps it. Readers take no lock, so a read-only cache that
 holds the entry already works.
 
-Encoding (:func:`reglm.data.corpus.encode_chunks`): the word rule in numpy over 8 MB pieces, the
+Encoding (:func:`reglm.data.encoding.encode_chunks`): the word rule in numpy over 8 MB pieces, the
 word types in a numpy hash table; the training split is counted and written with provisional ids
 in one pass, then remapped to the vocabulary's ids through a table (in place when the ids are
 int32). Sub-word corpora are segmented in memory as :func:`reglm.data.corpus.load_directory`
@@ -63,18 +63,8 @@ import numpy as np
 import torch
 
 from reglm.data.bpe import BPEVocab
-from reglm.data.corpus import (
-    CHUNK_BYTES,
-    EOS,
-    SPLITS,
-    CacheInfo,
-    Corpus,
-    WordTypes,
-    _load_subword,
-    cache_dir,
-    check_directory,
-    encode_chunks,
-)
+from reglm.data.corpus import EOS, SPLITS, CacheInfo, Corpus, _load_subword, cache_dir, check_directory
+from reglm.data.encoding import CHUNK_BYTES, WordTypes, encode_chunks
 from reglm.data.vocab import Vocab
 from reglm.errors import ReglmError
 from reglm.io import temp_sibling, write_json, write_text

@@ -58,7 +58,8 @@ from tqdm import tqdm
 
 from reglm.data.bpe import BPEVocab
 from reglm.data.cache import load_cached
-from reglm.data.corpus import SPLITS, Corpus, cache_dir, count_file
+from reglm.data.corpus import SPLITS, Corpus, cache_dir
+from reglm.data.encoding import count_file
 from reglm.data.vocab import Vocab
 from reglm.data.synthetic import synthetic_corpus
 from reglm.io import temp_sibling
