@@ -26,9 +26,10 @@ gradients
     ``find_unused_parameters`` only where a module says it ``skips_parameters`` (an adaptive
     input or softmax band with no token in a chunk gets no gradient): elsewhere every parameter
     has a gradient at every step, and the search would cost a graph walk per step (and a
-    warning). Accumulation chunks run under DDP's ``no_sync``. DDP averages the gradients over the ranks, so each rank weighs a chunk by its tokens over the *mean*
-    number of scored targets per rank: N ranks give the gradient of one process on the whole
-    global batch (:meth:`DataParallelGroup.mean_tokens`).
+    warning). Accumulation chunks run under DDP's ``no_sync``. DDP averages the gradients over
+    the ranks, so each rank weighs a chunk by its tokens over the *mean* number of scored targets
+    per rank: N ranks give the gradient of one process on the whole global batch
+    (:meth:`DataParallelGroup.mean_tokens`).
 data
     Each rank reads its share of the global batch the config states
     (:func:`~reglm.train.batching.training_batches`): ``B / N`` of the streams (its own carried
