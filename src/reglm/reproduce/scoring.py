@@ -15,8 +15,6 @@ from reglm.reproduce.plan import ROWS, RowPlan, Run, run_chain
 from reglm.reproduce.runs import say
 from reglm.rundir import ENVIRONMENT_FILE, METRICS_FILE, RESULTS_FILE
 
-# ---------------------------------------------------------------------- scoring the rows
-
 
 def epochs_trained(run_dir: Path) -> dict[str, int]:
     """Epochs trained per stage, from the run's ``metrics.jsonl``."""

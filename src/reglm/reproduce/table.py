@@ -7,8 +7,6 @@ from typing import Any
 from reglm.papers import PAPERS
 from reglm.reproduce.plan import Budget
 
-# ---------------------------------------------------------------------- table.md / table.json
-
 
 def _num(value: float | None, digits: int = 2) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
