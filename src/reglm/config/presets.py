@@ -81,12 +81,7 @@ def load_preset(name: str, _chain: tuple[str, ...] = ()) -> list[tuple[str, Any]
         if hint:
             raise ReglmError(f"unknown preset {name!r}{hint}; `reglm presets` lists them all, or give a path to a .yaml file")
         raise ReglmError(f"unknown preset {name!r}; choose one of: {', '.join(known)} (or give a path to a .yaml file)")
-    try:
-        raw = _load_yaml(path) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ReglmError(f"preset file {path} is not valid YAML ({exc}); fix the file") from None
-    if not isinstance(raw, dict):
-        raise ReglmError(f"preset file {path} must hold a mapping of sections")
+    raw = _read_raw(path)
     for key in ("description", "source", *METADATA_KEYS):
         raw.pop(key, None)
     parent = raw.pop("extends", None)
