@@ -99,6 +99,17 @@ def _describe(record: dict[str, Any] | None) -> str:
     return f"pid {record.get('pid')} on host {record.get('host')}, started {record.get('started')}"
 
 
+def _in_use(run_dir: Path, record: dict[str, Any] | None) -> ReglmError:
+    return ReglmError(
+        f"{run_dir} is in use by another reglm process ({_describe(record)}); wait for it to finish, "
+        f"or stop it first (Ctrl-C saves a checkpoint) and then resume with `reglm train --resume {run_dir}`"
+    )
+
+
+def _busy(exc: OSError) -> bool:
+    return exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
+
+
 def acquire(run_dir: Path) -> RunLock:
     """Take the exclusive lock of ``run_dir`` (which must exist), or raise :class:`ReglmError`
     naming the process that holds it."""
@@ -109,11 +120,8 @@ def acquire(run_dir: Path) -> RunLock:
     except OSError as exc:
         record = _read_record(fd)
         os.close(fd)
-        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            raise ReglmError(
-                f"{run_dir} is in use by another reglm process ({_describe(record)}); wait for it to finish, "
-                f"or stop it first (Ctrl-C saves a checkpoint) and then resume with `reglm train --resume {run_dir}`"
-            ) from None
+        if _busy(exc):
+            raise _in_use(run_dir, record) from None
         raise
     previous = _read_record(fd)
     os.ftruncate(fd, 0)
@@ -135,6 +143,23 @@ def _check_target(run_dir: Path) -> None:
             break
 
 
+def _refuse_if_held(run_dir: Path) -> None:
+    """Raise the in-use error when another process holds ``run_dir``'s lock; writes nothing
+    (a shared lock on a read-only descriptor conflicts with the holder's exclusive one)."""
+    try:
+        fd = os.open(Path(run_dir) / LOCK_FILE, os.O_RDONLY)
+    except FileNotFoundError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as exc:
+        if _busy(exc):
+            raise _in_use(run_dir, _read_record(fd)) from None
+        raise
+    finally:
+        os.close(fd)
+
+
 def _foreign_entries(run_dir: Path) -> list[str]:
     """What ``run_dir`` holds besides the lock file a claim may have left."""
     return sorted(p.name for p in run_dir.iterdir() if p.name != LOCK_FILE)
@@ -150,20 +175,22 @@ def claim_new(run_dir: Path) -> RunLock:
     run_dir = Path(run_dir)
     _check_target(run_dir)
 
-    def refuse_if_used() -> None:
+    def refuse_if_used(locked: bool) -> None:
         if is_run(run_dir):
             raise ReglmError(f"{run_dir} already holds a run; resume it with `reglm train --resume {run_dir}`, or choose another --out")
         if run_dir.is_dir():
+            if not locked:
+                _refuse_if_held(run_dir)
             entries = _foreign_entries(run_dir)
             if entries:
                 shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
                 raise ReglmError(f"--out {run_dir} is a directory that is not empty and holds no run ({shown}); choose a new or empty directory")
 
-    refuse_if_used()
+    refuse_if_used(locked=False)
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = acquire(run_dir)
     try:
-        refuse_if_used()
+        refuse_if_used(locked=True)
     except BaseException:
         lock.release()
         raise
