@@ -88,11 +88,16 @@ def test_fork_drop_totals_and_next_words(family: str) -> None:
     assert hyps.totals.tolist() == pytest.approx(expected, abs=1e-6), "select leaves the original as it was"
 
 
-@pytest.mark.parametrize(("preset", "overrides"), [("tiny", []), ("transformer-tiny", ["model.input.cutoffs=6,12", "model.output.cutoffs=6,12"])])
+@pytest.mark.parametrize(
+    ("preset", "overrides"),
+    [("tiny", []), ("transformer-tiny", ["model.input.cutoffs=6,12", "model.output.cutoffs=6,12"])],
+)
 def test_sub_word_model_advances_by_words_of_different_unit_counts(preset: str, overrides: list[str]) -> None:
     lm = _bpe(preset, overrides)
     sentences = ["lowest newer", "low wider", "wider lowest"]
-    assert len({len(u) for u in lm.subword.word_units(["lowest", "low", "wider"])}) > 1, "words of different unit counts"
+    assert len({len(u) for u in lm.subword.word_units(["lowest", "low", "wider"])}) > 1, (
+        "words of different unit counts"
+    )
     got = _advance_all(lm, sentences)
     assert [sum(row) for row in got] == pytest.approx(lm.score_batch(sentences), abs=1e-5)
     with pytest.raises(ReglmError, match="sub-word"):
@@ -112,7 +117,9 @@ def test_stateless_context_keeps_the_last_tokens() -> None:
             log_p, _ = lm.model.log_probs(torch.tensor([window]))
             expected.append(float(log_p[0, -1, stream[t]]))
     assert got == pytest.approx(expected, abs=1e-5)
-    assert got[:3] == pytest.approx([w.log_prob for w in lm.full_scores(" ".join(words))][:3], abs=1e-5), "within the bound: score's numbers"
+    assert got[:3] == pytest.approx([w.log_prob for w in lm.full_scores(" ".join(words))][:3], abs=1e-5), (
+        "within the bound: score's numbers"
+    )
 
 
 @pytest.mark.parametrize("family", ["awd-lstm", "vd-lstm-untied", "qrnn"])
@@ -120,7 +127,13 @@ def test_state_select_by_index_forks_and_drops_streams(family: str) -> None:
     lm = _family(family)
     out = lm.model(torch.randint(0, 50, (3, 4)), lm.model.init_state(3))
     picked = select_streams(out.state, torch.tensor([2, 0, 0]))
-    by_slices = concat_states([select_streams(out.state, slice(2, 3)), select_streams(out.state, slice(0, 1)), select_streams(out.state, slice(0, 1))])
+    by_slices = concat_states(
+        [
+            select_streams(out.state, slice(2, 3)),
+            select_streams(out.state, slice(0, 1)),
+            select_streams(out.state, slice(0, 1)),
+        ]
+    )
     for a, b in zip(picked.state_dict(), by_slices.state_dict()):
         for x, y in zip(a, b):
             assert torch.equal(x, y)

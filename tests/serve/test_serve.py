@@ -33,7 +33,16 @@ from reglm.train.checkpoint import save_model_dir  # noqa: E402
 from tests.test_scoring import _model  # noqa: E402
 
 LIMITS = ["--max-sentences", "20", "--max-words", "30", "--max-body-bytes", "4096", "--max-k", "50"]
-POOL = ["w1 w2 w3", "", "w7", "w4 w4 w9 w12 w30 w2 w2 w5", "w3 zebra w1", "w10 w11 w12 w13 w14 w15", "w8 w8", "w20 w21 w22 w23"]
+POOL = [
+    "w1 w2 w3",
+    "",
+    "w7",
+    "w4 w4 w9 w12 w30 w2 w2 w5",
+    "w3 zebra w1",
+    "w10 w11 w12 w13 w14 w15",
+    "w8 w8",
+    "w20 w21 w22 w23",
+]
 TOLERANCE = 1e-5
 """Server and test score the same sentences in batches of other compositions and paddings; the
 float32 kernels then round differently (about 1e-7 relative on these few-nats scores)."""
@@ -46,7 +55,12 @@ class Server:
         env = {**os.environ, "PYTHONPATH": str(Path(reglm.__file__).parents[1]), "OMP_NUM_THREADS": "1"}
         self.log = log
         self.stderr = log.open("w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "reglm", "serve", str(model), "--port", "0", *extra], stderr=self.stderr, stdout=subprocess.DEVNULL, env=env)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "reglm", "serve", str(model), "--port", "0", *extra],
+            stderr=self.stderr,
+            stdout=subprocess.DEVNULL,
+            env=env,
+        )
         deadline = time.monotonic() + 120
         while "serving" not in log.read_text():
             assert self.proc.poll() is None, log.read_text()
@@ -90,10 +104,16 @@ def test_scores_and_next_words_are_the_librarys(server: Server, model: tuple[Pat
             assert [(w["word"], w["oov"]) for w in result["words"]] == [(w.word, w.oov) for w in words]
             assert [w["log_prob"] for w in result["words"]] == pytest.approx([w.log_prob for w in words], abs=TOLERANCE)
             assert result["tokens"] == len(words) and result["oov"] == sum(w.oov for w in words)
-        nbest = client.post("/score", json={"sentences": POOL[:3], "ids": ["a", "b", "c"], "base": "10", "eos": False}).json()
+        nbest = client.post(
+            "/score", json={"sentences": POOL[:3], "ids": ["a", "b", "c"], "base": "10", "eos": False}
+        ).json()
         assert nbest["base"] == "10" and [r["id"] for r in nbest["results"]] == ["a", "b", "c"]
-        assert [r["log_prob"] for r in nbest["results"]] == pytest.approx(lm.score_batch(POOL[:3], base=10, eos=False), abs=TOLERANCE)
-        assert nbest["results"][1]["tokens"] == 0 and nbest["results"][1]["ppl"] is None, "an empty sentence without <eos>"
+        assert [r["log_prob"] for r in nbest["results"]] == pytest.approx(
+            lm.score_batch(POOL[:3], base=10, eos=False), abs=TOLERANCE
+        )
+        assert nbest["results"][1]["tokens"] == 0 and nbest["results"][1]["ppl"] is None, (
+            "an empty sentence without <eos>"
+        )
         proposed = client.post("/next", json={"prefix": "w3 w5", "k": 5, "base": "10"}).json()["words"]
         expected = lm.next_words("w3 w5", 5, base=10)
         assert [w["word"] for w in proposed] == [w for w, _ in expected]
@@ -106,12 +126,19 @@ def test_health_model_and_docs(server: Server, model: tuple[Path, TrainedModel])
         assert client.get("/health").json()["status"] == "ok"
         info = client.get("/model").json()
         assert info["kind"] == {"input": "embedding", "encoder": "awd-lstm", "output": "softmax"}
-        assert (info["vocab_size"], info["parameters"], info["training_corpus"]) == (len(lm.vocab), lm.model.num_parameters(), "synthetic")
+        assert (info["vocab_size"], info["parameters"], info["training_corpus"]) == (
+            len(lm.vocab),
+            lm.model.num_parameters(),
+            "synthetic",
+        )
         assert info["limits"]["max_sentences"] == 20
         assert "swagger" in client.get("/docs").text.lower()
         schema = client.get("/openapi.json").json()
         assert {"/score", "/next", "/health", "/model"} <= set(schema["paths"])
-        assert "sentences" in schema["paths"]["/score"]["post"]["requestBody"]["content"]["application/json"]["schema"]["properties"]
+        assert (
+            "sentences"
+            in schema["paths"]["/score"]["post"]["requestBody"]["content"]["application/json"]["schema"]["properties"]
+        )
 
 
 BAD = [
@@ -140,7 +167,9 @@ BAD = [
 
 
 @pytest.mark.parametrize(("method", "path", "body", "status", "says"), BAD, ids=[f"{b[3]}-{b[4]}" for b in BAD])
-def test_bad_requests_get_their_status_and_a_json_error(server: Server, method: str, path: str, body: bytes, status: int, says: str) -> None:
+def test_bad_requests_get_their_status_and_a_json_error(
+    server: Server, method: str, path: str, body: bytes, status: int, says: str
+) -> None:
     with httpx.Client(base_url=server.url, timeout=30) as client:
         reply = client.request(method.upper(), path, content=body or None, headers={"content-type": "application/json"})
     assert reply.status_code == status, reply.text
@@ -160,7 +189,9 @@ def test_a_chunked_body_is_cut_at_the_limit(server: Server) -> None:
     assert reply.status_code == 413 and reply.json()["limit"] == "max_body_bytes"
 
 
-def test_concurrent_clients_lose_nothing_and_get_the_offline_numbers(server: Server, model: tuple[Path, TrainedModel]) -> None:
+def test_concurrent_clients_lose_nothing_and_get_the_offline_numbers(
+    server: Server, model: tuple[Path, TrainedModel]
+) -> None:
     """8 clients x 50 requests of 1-4 sentences, each request bounded by a 20 s timeout."""
     offline = dict(zip(POOL, model[1].score_batch(POOL)))
     before = httpx.get(f"{server.url}/health", timeout=10).json()
@@ -189,7 +220,9 @@ def test_concurrent_clients_lose_nothing_and_get_the_offline_numbers(server: Ser
 def test_sigterm_answers_the_requests_in_flight_then_exits(model: tuple[Path, TrainedModel], tmp_path: Path) -> None:
     server = Server(model[0], tmp_path / "server.log", "--max-wait-ms", "1000")
     replies: list[httpx.Response] = []
-    request = threading.Thread(target=lambda: replies.append(httpx.post(f"{server.url}/score", json={"sentences": ["w1 w2"]}, timeout=30)))
+    request = threading.Thread(
+        target=lambda: replies.append(httpx.post(f"{server.url}/score", json={"sentences": ["w1 w2"]}, timeout=30))
+    )
     try:
         request.start()
         time.sleep(0.3)  # the request now waits in the batcher for 1 s

@@ -84,8 +84,16 @@ class Hypotheses:
     ``totals: (B,)`` is each hypothesis' summed log-probability (float64, in ``base``).
     """
 
-    def __init__(self, lm: TrainedModel, state: State | None, last: EncoderOutput, prefixes: list[list[int]] | None,
-                 totals: Tensor, context: int | None, scale: float) -> None:
+    def __init__(
+        self,
+        lm: TrainedModel,
+        state: State | None,
+        last: EncoderOutput,
+        prefixes: list[list[int]] | None,
+        totals: Tensor,
+        context: int | None,
+        scale: float,
+    ) -> None:
         self.lm = lm
         self.state = state
         self.last = last
@@ -106,7 +114,9 @@ class Hypotheses:
         with torch.no_grad():
             out = model(torch.full((batch, 1), eos, dtype=torch.long, device=lm.device), state)
         prefixes = [[eos] for _ in range(batch)] if out.state is None else None
-        return cls(lm, out.state, _map(out, lambda t: t), prefixes, torch.zeros(batch, dtype=torch.float64), context, scale)
+        return cls(
+            lm, out.state, _map(out, lambda t: t), prefixes, torch.zeros(batch, dtype=torch.float64), context, scale
+        )
 
     def __len__(self) -> int:
         return self.totals.numel()
@@ -122,8 +132,15 @@ class Hypotheses:
         index = index % len(self)
         on_device = index.to(self.lm.device)
         prefixes = None if self.prefixes is None else [list(self.prefixes[i]) for i in index.tolist()]
-        return Hypotheses(self.lm, select_streams(self.state, on_device), _map(self.last, lambda t: t[on_device]), prefixes,
-                          self.totals[index], self.context, self.scale)
+        return Hypotheses(
+            self.lm,
+            select_streams(self.state, on_device),
+            _map(self.last, lambda t: t[on_device]),
+            prefixes,
+            self.totals[index],
+            self.context,
+            self.scale,
+        )
 
     def _units(self, words: Sequence[str] | Tensor) -> list[list[int]]:
         """The unit ids of each hypothesis' next word (one id each for a word model)."""
@@ -151,10 +168,18 @@ class Hypotheses:
         width = int(counts.max())
         device = self.lm.device
         targets = torch.tensor([u + [u[-1]] * (width - len(u)) for u in units], device=device)
-        fresh = self._encode_stateless(units) if self.prefixes is not None else self._encode_stateful(units, counts, targets)
+        fresh = (
+            self._encode_stateless(units)
+            if self.prefixes is not None
+            else self._encode_stateful(units, counts, targets)
+        )
         # the output before unit j predicts unit j: the kept one for the first, the fresh ones after
         ends = counts.to(device)[:, None] - 1
-        before = _gather_time(fresh, (torch.arange(width - 1, device=device)[None, :]).clamp(max=ends - 1).clamp(min=0)) if width > 1 else None
+        before = (
+            _gather_time(fresh, (torch.arange(width - 1, device=device)[None, :]).clamp(max=ends - 1).clamp(min=0))
+            if width > 1
+            else None
+        )
         predicting = self.last if before is None else _cat_time(self.last, before)
         nll = self.lm.model.output_nll(predicting, targets).double().cpu()
         mask = torch.arange(width)[None, :] < counts[:, None]
@@ -208,7 +233,9 @@ class Hypotheses:
     def next_log_probs(self) -> Tensor:
         """Every word's log-probability as each hypothesis' next word, ``(B, V)`` (in ``base``)."""
         if self.lm.subword is not None:
-            raise ReglmError("a sub-word (BPE) model's next token is a unit, not a word; next-word lists need a word-level model")
+            raise ReglmError(
+                "a sub-word (BPE) model's next token is a unit, not a word; next-word lists need a word-level model"
+            )
         return self.lm.model.output_log_probs(self.last)[:, 0].double() * self.scale
 
     def top_k(self, k: int, exclude: Sequence[str] = (UNK,)) -> tuple[Tensor, Tensor]:

@@ -86,15 +86,23 @@ class ScoreRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
     sentences: list[str] = Field(description="the sentences, words separated by whitespace")
-    ids: list[str] | None = Field(None, description="n-best: one id per sentence, echoed in its result (default: 1, 2, ...)")
-    base: Literal["e", "10"] = Field("e", description="log base of the results: e (natural) or 10 (KenLM, ASR decoders)")
+    ids: list[str] | None = Field(
+        None, description="n-best: one id per sentence, echoed in its result (default: 1, 2, ...)"
+    )
+    base: Literal["e", "10"] = Field(
+        "e", description="log base of the results: e (natural) or 10 (KenLM, ASR decoders)"
+    )
     eos: bool = Field(True, description="score the <eos> that ends each sentence")
-    words: bool = Field(False, description="add each word's row: the word, its log-probability, whether it is out of the vocabulary")
+    words: bool = Field(
+        False, description="add each word's row: the word, its log-probability, whether it is out of the vocabulary"
+    )
 
     @model_validator(mode="after")
     def _ids_match(self) -> ScoreRequest:
         if self.ids is not None and len(self.ids) != len(self.sentences):
-            raise ValueError(f"ids has {len(self.ids)} items for {len(self.sentences)} sentences; give one id per sentence")
+            raise ValueError(
+                f"ids has {len(self.ids)} items for {len(self.sentences)} sentences; give one id per sentence"
+            )
         return self
 
 
@@ -158,7 +166,11 @@ def _finite(value: float) -> float | None:
 async def read_json(request: Request, limit: int) -> Any:
     """The request's body as JSON, read up to ``limit`` bytes (ApiError beyond, or if it is not
     UTF-8 JSON)."""
-    too_large = ApiError(413, f"the request body is larger than max_body_bytes={limit}; send fewer or shorter sentences per request", "max_body_bytes")
+    too_large = ApiError(
+        413,
+        f"the request body is larger than max_body_bytes={limit}; send fewer or shorter sentences per request",
+        "max_body_bytes",
+    )
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise too_large
@@ -174,7 +186,9 @@ async def read_json(request: Request, limit: int) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ApiError(400, f"the request body is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
+        raise ApiError(
+            400, f"the request body is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})"
+        ) from None
 
 
 def parse(model: type[BaseModel], data: Any) -> Any:
@@ -190,11 +204,15 @@ def check_words(lm: TrainedModel, sentence: str, where: str, limits: Limits) -> 
     """A sentence's length within ``max_words``, and every word scorable (ApiError otherwise)."""
     words = sentence.split()
     if len(words) > limits.max_words:
-        raise ApiError(413, f"{where} has {len(words)} words, more than max_words={limits.max_words}; split it", "max_words")
+        raise ApiError(
+            413, f"{where} has {len(words)} words, more than max_words={limits.max_words}; split it", "max_words"
+        )
     if lm.subword is None and lm.vocab.unk_id is None:
         unknown = [w for w in words if w not in lm.vocab]
         if unknown:
-            raise ApiError(422, f"{where}: {unknown[0]!r} is not in the model's vocabulary, which has no <unk> to score it with")
+            raise ApiError(
+                422, f"{where}: {unknown[0]!r} is not in the model's vocabulary, which has no <unk> to score it with"
+            )
 
 
 def sentence_result(ident: str, scored: list[WordScore], scale: float, eos: bool, with_words: bool) -> dict[str, Any]:
@@ -232,7 +250,12 @@ def model_info(lm: TrainedModel, source: str) -> dict[str, Any]:
 def create_app(lm: TrainedModel, source: str, limits: Limits = Limits(), batching: Batching = Batching()) -> FastAPI:
     """The service of ``lm`` (``source``: where it was loaded from, for ``GET /model``)."""
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reglm-model")
-    batcher = Batcher(lambda sentences: lm.full_scores_batch(sentences), executor, batching.max_wait_ms / 1000.0, batching.max_batch_tokens)
+    batcher = Batcher(
+        lambda sentences: lm.full_scores_batch(sentences),
+        executor,
+        batching.max_wait_ms / 1000.0,
+        batching.max_batch_tokens,
+    )
     info = {**model_info(lm, source), "limits": asdict(limits), "batching": asdict(batching)}
 
     @asynccontextmanager
@@ -244,7 +267,11 @@ def create_app(lm: TrainedModel, source: str, limits: Limits = Limits(), batchin
             await batcher.close()
             executor.shutdown(wait=True)
 
-    app = FastAPI(title="reglm", summary="Scores sentences and proposes next words with a trained reglm language model.", lifespan=lifespan)
+    app = FastAPI(
+        title="reglm",
+        summary="Scores sentences and proposes next words with a trained reglm language model.",
+        lifespan=lifespan,
+    )
 
     @app.exception_handler(ApiError)
     async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
@@ -272,7 +299,12 @@ def create_app(lm: TrainedModel, source: str, limits: Limits = Limits(), batchin
         and with ``words`` each word's row. Concurrent requests share model calls."""
         body: ScoreRequest = parse(ScoreRequest, await read_json(request, limits.max_body_bytes))
         if len(body.sentences) > limits.max_sentences:
-            raise ApiError(413, f"{len(body.sentences)} sentences, more than max_sentences={limits.max_sentences}; send them in several requests", "max_sentences")
+            raise ApiError(
+                413,
+                f"{len(body.sentences)} sentences, more than max_sentences={limits.max_sentences}; "
+                "send them in several requests",
+                "max_sentences",
+            )
         ids = body.ids if body.ids is not None else [str(i) for i in range(1, len(body.sentences) + 1)]
         for ident, sentence in zip(ids, body.sentences):
             check_words(lm, sentence, f"sentence {ident}", limits)
@@ -288,8 +320,12 @@ def create_app(lm: TrainedModel, source: str, limits: Limits = Limits(), batchin
         if not 1 <= body.k <= limits.max_k:
             raise ApiError(422, f"k={body.k} must be in [1, max_k={limits.max_k}]", "max_k")
         check_words(lm, body.prefix, "prefix", limits)
-        words = await asyncio.get_running_loop().run_in_executor(executor, lm.next_words, body.prefix, body.k, body.base)
-        return JSONResponse({"base": body.base, "prefix": body.prefix, "words": [{"word": w, "log_prob": _finite(v)} for w, v in words]})
+        words = await asyncio.get_running_loop().run_in_executor(
+            executor, lm.next_words, body.prefix, body.k, body.base
+        )
+        return JSONResponse(
+            {"base": body.base, "prefix": body.prefix, "words": [{"word": w, "log_prob": _finite(v)} for w, v in words]}
+        )
 
     @app.get("/health")
     async def health() -> dict[str, Any]:

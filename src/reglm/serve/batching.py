@@ -60,7 +60,9 @@ class Batcher:
         """The scores of ``sentences``, computed with whatever other requests are waiting."""
         if self._worker is None:
             raise RuntimeError("the batcher is not running")
-        request = _Request(sentences, sum(len(s.split()) + 1 for s in sentences), asyncio.get_running_loop().create_future())
+        request = _Request(
+            sentences, sum(len(s.split()) + 1 for s in sentences), asyncio.get_running_loop().create_future()
+        )
         await self._queue.put(request)
         return await request.result
 
