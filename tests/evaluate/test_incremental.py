@@ -150,6 +150,8 @@ def test_bad_calls_are_reglm_errors() -> None:
         hyps.advance(torch.tensor([0, 10_000]))
     with pytest.raises(ReglmError, match="positions"):
         hyps.select([0, 2])
+    with pytest.raises(ReglmError, match="positions"):
+        hyps.select([-1])
     with pytest.raises(ReglmError, match="non-empty"):
         hyps.select([])
     with pytest.raises(ReglmError, match="positive integer"):

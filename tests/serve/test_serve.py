@@ -218,14 +218,18 @@ def test_concurrent_clients_lose_nothing_and_get_the_offline_numbers(
 
 
 def test_sigterm_answers_the_requests_in_flight_then_exits(model: tuple[Path, TrainedModel], tmp_path: Path) -> None:
-    server = Server(model[0], tmp_path / "server.log", "--max-wait-ms", "1000")
+    server = Server(model[0], tmp_path / "server.log", "--max-wait-ms", "2000")
     replies: list[httpx.Response] = []
     request = threading.Thread(
         target=lambda: replies.append(httpx.post(f"{server.url}/score", json={"sentences": ["w1 w2"]}, timeout=30))
     )
     try:
         request.start()
-        time.sleep(0.3)  # the request now waits in the batcher for 1 s
+        deadline = time.monotonic() + 30
+        while httpx.get(f"{server.url}/health", timeout=10).json()["score_requests_waiting"] == 0:
+            assert time.monotonic() < deadline, "the request never reached the server"
+            time.sleep(0.02)
+        # the request now waits in the batcher (for 2 s) for others to join it
         server.proc.send_signal(signal.SIGTERM)
         request.join(timeout=30)
         assert server.proc.wait(timeout=30) == 0

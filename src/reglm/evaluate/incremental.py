@@ -127,9 +127,8 @@ class Hypotheses:
         index = torch.as_tensor(index, dtype=torch.long)
         if index.dim() != 1 or index.numel() == 0:
             raise ReglmError("select takes a non-empty list of hypothesis positions")
-        if int(index.min()) < -len(self) or int(index.max()) >= len(self):
+        if int(index.min()) < 0 or int(index.max()) >= len(self):
             raise ReglmError(f"select: positions must be in [0, {len(self)}) for {len(self)} hypotheses")
-        index = index % len(self)
         on_device = index.to(self.lm.device)
         prefixes = None if self.prefixes is None else [list(self.prefixes[i]) for i in index.tolist()]
         return Hypotheses(

@@ -330,8 +330,14 @@ def create_app(lm: TrainedModel, source: str, limits: Limits = Limits(), batchin
     @app.get("/health")
     async def health() -> dict[str, Any]:
         """``"status": "ok"`` while the service accepts requests, with the /score requests scored
-        so far and the model calls they took (fewer calls than requests: requests were batched)."""
-        return {"status": "ok", "score_requests": batcher.requests, "model_calls": batcher.calls}
+        so far and the model calls they took (fewer calls than requests: requests were batched),
+        and the /score requests waiting for their scores now."""
+        return {
+            "status": "ok",
+            "score_requests": batcher.requests,
+            "model_calls": batcher.calls,
+            "score_requests_waiting": batcher.waiting,
+        }
 
     @app.get("/model")
     async def model() -> dict[str, Any]:

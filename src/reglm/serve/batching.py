@@ -43,6 +43,8 @@ class Batcher:
         """requests scored so far"""
         self.calls = 0
         """calls of ``score`` so far (fewer than requests when requests shared calls)"""
+        self.waiting = 0
+        """requests submitted and not answered yet"""
         self._queue: asyncio.Queue[_Request | None] = asyncio.Queue()
         self._worker: asyncio.Task | None = None
 
@@ -63,8 +65,12 @@ class Batcher:
         request = _Request(
             sentences, sum(len(s.split()) + 1 for s in sentences), asyncio.get_running_loop().create_future()
         )
-        await self._queue.put(request)
-        return await request.result
+        self.waiting += 1
+        try:
+            await self._queue.put(request)
+            return await request.result
+        finally:
+            self.waiting -= 1
 
     async def _next(self, deadline: float) -> _Request | None | bool:
         """The next queued item, waiting until ``deadline`` at most (False when none came)."""
