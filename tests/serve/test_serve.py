@@ -278,3 +278,5 @@ def test_serve_refuses_a_port_in_use(model: tuple[Path, TrainedModel], capsys: p
         assert main(["serve", str(model[0]), "--port", str(port)]) == 2
     assert "cannot listen on 127.0.0.1" in capsys.readouterr().err
     assert main(["serve", str(model[0]), "--port", "70000"]) == 2
+    assert main(["serve", str(model[0]), "--port", "0", "--max-sentences", "0"]) == 2
+    assert "--max-sentences 0 must be a positive integer" in capsys.readouterr().err
