@@ -1,8 +1,9 @@
 """Throughput of the incremental API (``lm.start``, ``Hypotheses.advance``/``select``) for beam search.
 
 A decoder with a beam of ``B`` hypotheses extends each by one word per step and then keeps,
-forks or drops hypotheses. Simulated here with the AWD-LSTM PTB preset's architecture (random
-weights: the cost does not depend on them) and words of PTB test: for ``--steps`` steps, every
+forks or drops hypotheses. Simulated here with the AWD-LSTM PTB preset's architecture, or any
+``--preset`` with model overrides that fit PTB's 10,000 words (random weights: the cost does not
+depend on them), and words of PTB test: for ``--steps`` steps, every
 hypothesis is advanced by its next word of the text, then the beam is reshuffled by a random
 index with repeats (forks) and omissions (drops). Two contenders, interleaved in one process:
 
@@ -15,6 +16,9 @@ index with repeats (forks) and omissions (drops). Two contenders, interleaved in
 Both must give the same totals; reported: words/s of each at beam sizes 1, 8, 64 and the ratio.
 
     python benchmarks/incremental.py --device cpu --threads 1
+    python benchmarks/incremental.py --threads 1 --preset transformer-wt2-adp-t-small \
+        model.input.cutoffs=2000,6000 model.output.cutoffs=2000,6000 \
+        --out benchmarks/results/incremental-transformer-cpu.json
 """
 
 from __future__ import annotations
@@ -75,6 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
         help="directory holding ptb/ (default: ../shared/data)",
     )
     parser.add_argument("--preset", default="awd-lstm-ptb", help="the architecture (random weights)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="model options over the preset's")
     parser.add_argument("--beams", default="1,8,64", help="beam sizes, comma-separated")
     parser.add_argument("--steps", type=int, default=20, help="words per hypothesis per timed run")
     parser.add_argument("--rounds", type=int, default=2, help="timed runs per contender and beam size")
@@ -87,7 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
     corpus = resolve("ptb", data_dir=args.data_dir)
     words = (args.data_dir / "ptb" / "test.txt").read_text(encoding="utf-8").split()
     torch.manual_seed(args.seed)
-    model = LanguageModel(build_config(args.preset).model, len(corpus.vocab)).to(device)
+    model = LanguageModel(build_config(args.preset, args.overrides).model, len(corpus.vocab)).to(device)
     lm = TrainedModel(model, corpus.vocab, device)
     env = environment(device, "incremental.py", argv)
     rows = {}
@@ -124,6 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
         "load_average_end": os.getloadavg(),
         "model": {
             "preset": args.preset,
+            "overrides": args.overrides,
             "random_weights": True,
             "vocab_size": len(corpus.vocab),
             "parameters": model.num_parameters(),
