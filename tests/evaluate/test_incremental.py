@@ -158,3 +158,15 @@ def test_bad_calls_are_reglm_errors() -> None:
         lm.start(0)
     with pytest.raises(ReglmError, match="positive integer"):
         hyps.top_k(0)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("family", ["awd-lstm", "transformer-adaptive"])
+def test_on_cuda_word_by_word_gives_the_scores_of_whole_sentences(family: str) -> None:
+    cpu = _family(family)
+    lm = TrainedModel(cpu.model.cuda(), cpu.vocab, torch.device("cuda"))
+    got = _advance_all(lm, SENTENCES)
+    # cuDNN/cuBLAS pick different kernels for one step and for a whole sentence: 1e-4 on sums of ~50 nats
+    assert [sum(row) for row in got] == pytest.approx(lm.score_batch(SENTENCES), abs=1e-4)
+    log_p, ids = lm.start(2).top_k(3)
+    assert log_p.device.type == "cpu" and ids.shape == (2, 3)
