@@ -151,6 +151,8 @@ BAD = [
     ("post", "/score", b'{"sentences": ["w1"', 400, "not valid JSON"),
     ("post", "/score", b"", 400, "not valid JSON"),
     ("post", "/score", b'{"sentences": ["w1 \xff"]}', 400, "not UTF-8"),
+    ("post", "/score", b'{"sentences": ["w1 \\ud800"], "words": true}', 400, "surrogate"),
+    ("post", "/score", b"[" * 2000 + b"]" * 2000, 400, "nested too deeply"),
     ("post", "/score", b'{"sentences": "w1 w2"}', 422, "sentences"),
     ("post", "/score", b'{"sentences": ["w1", 3]}', 422, "sentences.1"),
     ("post", "/score", b'{"sentences": ["w1"], "base": 2}', 422, "base"),

@@ -184,11 +184,21 @@ async def read_json(request: Request, limit: int) -> Any:
     except UnicodeDecodeError as exc:
         raise ApiError(400, f"the request body is not UTF-8 (byte {exc.start}); send JSON encoded as UTF-8") from None
     try:
-        return json.loads(text)
+        data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ApiError(
             400, f"the request body is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})"
         ) from None
+    except RecursionError:
+        raise ApiError(400, "the request body's JSON is nested too deeply; send one flat object") from None
+    if "\\u" in text:  # an escaped lone surrogate decodes into a str that cannot be written back as UTF-8
+        try:
+            json.dumps(data, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise ApiError(
+                400, "the request body holds an unpaired surrogate escape (\\uD800-\\uDFFF); send valid Unicode"
+            ) from None
+    return data
 
 
 def parse(model: type[BaseModel], data: Any) -> Any:
