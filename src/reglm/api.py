@@ -198,10 +198,10 @@ class TrainedModel:
     def start(self, batch: int = 1, base: str | int = "e", context: int | None = None) -> Hypotheses:
         """``batch`` hypotheses at the start of a sentence, for a decoder to extend one word at a
         time in batched steps, fork and drop (:class:`~reglm.evaluate.incremental.Hypotheses`).
-        ``context`` bounds the tokens a stateless model (the Transformer) re-reads per step;
-        by default the ``train.block_size`` it was trained on, when known."""
-        if context is None and self.run_config is not None:
-            context = self.run_config.train.block_size
+        ``context`` bounds the tokens a stateless model (the Transformer) re-reads per step; by
+        default the ``train.block_size`` it was trained on, or :data:`WINDOW` when unknown."""
+        if context is None:
+            context = self.run_config.train.block_size if self.run_config is not None else WINDOW
         return Hypotheses.start(self, batch, context, log_scale(base))
 
     def _encode_sentence(self, sentence: str) -> SentenceUnits:

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from reglm.api import TrainedModel
+from reglm.api import WINDOW, TrainedModel
 from reglm.config import build_config
 from reglm.data.bpe import BPEVocab
 from reglm.data.vocab import EOS
@@ -120,6 +120,9 @@ def test_stateless_context_keeps_the_last_tokens() -> None:
     assert got[:3] == pytest.approx([w.log_prob for w in lm.full_scores(" ".join(words))][:3], abs=1e-5), (
         "within the bound: score's numbers"
     )
+    assert lm.start(1).context == WINDOW, "no run configuration: the API's window"
+    lm.run_config = build_config("transformer-tiny")
+    assert lm.start(1).context == 16, "the block size the model was trained on"
 
 
 @pytest.mark.parametrize("family", ["awd-lstm", "vd-lstm-untied", "qrnn"])

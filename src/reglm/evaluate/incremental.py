@@ -24,8 +24,9 @@ Hypotheses whose words have different numbers of units are advanced in groups of
 
 **Stateless encoders** (the Transformer) carry no state: each hypothesis keeps its token prefix
 and every step re-encodes it, so a step costs a forward over the prefix, not over one token. The
-prefix is bounded by ``context`` tokens (default: the ``train.block_size`` the model was trained
-on when its run configuration is known, else unbounded): past it, the oldest tokens are dropped
+prefix is bounded by ``context`` tokens (:meth:`reglm.api.TrainedModel.start`: by default the
+``train.block_size`` the model was trained on when its run configuration is known, else
+:data:`reglm.api.WINDOW`, 256; ``None`` here: unbounded): past it, the oldest tokens are dropped
 and the model reads a sliding window, as it never saw a longer one. Within the bound the numbers
 are ``lm.score``'s.
 """
@@ -108,7 +109,7 @@ class Hypotheses:
         if not isinstance(batch, int) or batch < 1:
             raise ReglmError(f"the number of hypotheses must be a positive integer, not {batch!r}")
         if context is not None and (not isinstance(context, int) or context < 1):
-            raise ReglmError(f"context={context!r} must be a positive number of tokens, or None (unbounded)")
+            raise ReglmError(f"context={context!r} must be a positive number of tokens")
         model, eos = lm.model, lm.vocab.eos_id
         state = model.init_state(batch, device=lm.device)
         with torch.no_grad():
