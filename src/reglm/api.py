@@ -27,6 +27,7 @@ from reglm.data.bpe import BPEVocab
 from reglm.data.vocab import EOS, UNK, Vocab
 from reglm.data.windows import StreamPlan
 from reglm.errors import ReglmError
+from reglm.evaluate.incremental import Hypotheses
 from reglm.evaluate.perplexity import perplexity, stream_pass
 from reglm.evaluate.sentences import sentence_log_probs
 from reglm.models import LanguageModel
@@ -193,6 +194,15 @@ class TrainedModel:
                 log_p[self.vocab.stoi[word]] = -math.inf
         values, order = torch.topk(log_p, min(k, int(torch.isfinite(log_p).sum())))
         return [(self.vocab.itos[i], v * scale) for i, v in zip(order.tolist(), values.tolist())]
+
+    def start(self, batch: int = 1, base: str | int = "e", context: int | None = None) -> Hypotheses:
+        """``batch`` hypotheses at the start of a sentence, for a decoder to extend one word at a
+        time in batched steps, fork and drop (:class:`~reglm.evaluate.incremental.Hypotheses`).
+        ``context`` bounds the tokens a stateless model (the Transformer) re-reads per step; by
+        default the ``train.block_size`` it was trained on, or :data:`WINDOW` when unknown."""
+        if context is None:
+            context = self.run_config.train.block_size if self.run_config is not None else WINDOW
+        return Hypotheses.start(self, batch, context, log_scale(base))
 
     def _encode_sentence(self, sentence: str) -> SentenceUnits:
         """The ids of one sentence's words and its ``<eos>``, which of them close a word, and

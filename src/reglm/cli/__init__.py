@@ -1,7 +1,8 @@
 """The ``reglm`` command line: one module per command family.
 
 Subcommands: ``train``, ``train-discriminator``, ``finetune`` (:mod:`reglm.cli.train`), ``eval``
-(:mod:`reglm.cli.eval`), ``score`` (:mod:`reglm.cli.score`), ``generate``, ``analyze``, ``study``, ``data download|info``,
+(:mod:`reglm.cli.eval`), ``score`` (:mod:`reglm.cli.score`), ``serve`` (:mod:`reglm.cli.serve`),
+``generate``, ``analyze``, ``study``, ``data download|info``,
 ``presets``, ``config`` (:mod:`reglm.cli.data`). Model and training options are not flags of
 their own: any option of the run configuration is set with ``section.option=value`` (``reglm
 config`` lists them), applied after ``--preset``. User mistakes and failing operating-system
@@ -21,14 +22,14 @@ from contextlib import contextmanager
 from importlib import metadata
 from typing import Any
 
-from reglm.cli import analyze, data, eval, export, generate, reproduce, score, study, train
+from reglm.cli import analyze, data, eval, export, generate, reproduce, score, serve, study, train
 from reglm.cli.common import handling_signals
 from reglm.errors import ReglmError, TrainingDiverged, TrainingInterrupted
 
 EXIT_USAGE = 2
 EXIT_DIVERGED = 3
 EXIT_INTERRUPTED = 130
-FAMILIES = (train, eval, score, generate, export, analyze, study, data, reproduce)
+FAMILIES = (train, eval, score, serve, generate, export, analyze, study, data, reproduce)
 """Each registers its subcommands on the parser (``register(sub)``), with ``func`` to run."""
 
 

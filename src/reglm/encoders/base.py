@@ -25,8 +25,9 @@ class State(Protocol):
     def detach(self: S) -> S:
         """The state cut from the autograd graph."""
 
-    def select(self: S, streams: slice) -> S:
-        """The state of ``streams`` (a slice of the ``B`` streams)."""
+    def select(self: S, streams: slice | Tensor) -> S:
+        """The state of ``streams``: a slice of the ``B`` streams, or a 1-D integer tensor of
+        stream indices (which may repeat, reorder or leave out streams: a beam's fork and drop)."""
 
     def to(self: S, device: torch.device | str) -> S:
         """The state on ``device``."""
@@ -60,7 +61,7 @@ def detach_state(state: S | None) -> S | None:
     return None if state is None else state.detach()
 
 
-def select_streams(state: S | None, streams: slice) -> S | None:
+def select_streams(state: S | None, streams: slice | Tensor) -> S | None:
     return None if state is None else state.select(streams)
 
 
@@ -88,7 +89,7 @@ class LSTMStackState:
     def detach(self) -> LSTMStackState:
         return LSTMStackState([(h.detach(), c.detach()) for h, c in self.layers])
 
-    def select(self, streams: slice) -> LSTMStackState:
+    def select(self, streams: slice | Tensor) -> LSTMStackState:
         return LSTMStackState([(h[:, streams], c[:, streams]) for h, c in self.layers])
 
     def to(self, device: torch.device | str) -> LSTMStackState:

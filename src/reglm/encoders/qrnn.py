@@ -262,7 +262,7 @@ class QRNNState:
     def detach(self) -> QRNNState:
         return QRNNState([(c.detach(), x.detach()) for c, x in self.layers])
 
-    def select(self, streams: slice) -> QRNNState:
+    def select(self, streams: slice | Tensor) -> QRNNState:
         return QRNNState([(c[streams], x[streams]) for c, x in self.layers])
 
     def to(self, device: torch.device | str) -> QRNNState:
