@@ -169,7 +169,7 @@ class TrainedModel:
             unit_scores = list(torch.split(flat, [len(units.ids) for units in encoded]))
         else:
             batch_tokens = max(256, BATCH_LOGITS // len(self.vocab))
-            unit_scores = sentence_log_probs(self.model, [units.ids for units in encoded], self.vocab.eos_id, self.device, batch_tokens, progress)
+            unit_scores = sentence_log_probs(self.model, [units.ids for units in encoded], self.vocab.eos_id, self.device, batch_tokens, progress, self._window(batch_tokens))
         return [units.word_scores(logp, scale, eos) for units, logp in zip(encoded, unit_scores)]
 
     def next_words(self, prefix: str = "", k: int = 10, base: str | int = "e", exclude: Sequence[str] = (UNK,)) -> list[tuple[str, float]]:
@@ -193,6 +193,18 @@ class TrainedModel:
                 log_p[self.vocab.stoi[word]] = -math.inf
         values, order = torch.topk(log_p, min(k, int(torch.isfinite(log_p).sum())))
         return [(self.vocab.itos[i], v * scale) for i, v in zip(order.tolist(), values.tolist())]
+
+    def _window(self, batch_tokens: int) -> int:
+        """The longest sentence scored in one piece: ``batch_tokens`` for a stateful model (longer
+        ones carry the state across windows, exactly); a stateless model's trained context
+        (:func:`~reglm.train.batching.trained_context`; :data:`WINDOW` without a run config)."""
+        if self.model.init_state(1, device=self.device) is not None:
+            return batch_tokens
+        if self.run_config is None:
+            return WINDOW
+        from reglm.train.batching import trained_context
+
+        return trained_context(self.run_config.train)
 
     def _encode_sentence(self, sentence: str) -> SentenceUnits:
         """The ids of one sentence's words and its ``<eos>``, which of them close a word, and
