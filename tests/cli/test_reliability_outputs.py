@@ -142,7 +142,7 @@ def test_export_never_deletes_a_file_it_did_not_write(run: Path, tmp_path: Path,
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
-def test_score_never_writes_over_its_own_input(run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_outputs_never_write_over_their_own_input(run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     text = words(run, 3)
     mine = tmp_path / "input.txt"
     shutil.copy(text, mine)
@@ -152,6 +152,12 @@ def test_score_never_writes_over_its_own_input(run: Path, tmp_path: Path, capsys
     for out in (mine, tmp_path / "symlink.txt", tmp_path / "hardlink.txt", run / "best" / "vocab.txt"):
         expect_error(capsys, "would replace its own input", "score", str(run), str(mine), "--out", str(out))
         assert mine.read_bytes() == text.read_bytes() and (run / "best" / "vocab.txt").read_bytes() == vocab
+    for option in ("--word-probs", "--cache-deltas"):
+        cache = ["--cache", "theta=0.3,lambda=0.1,window=10"] if option == "--cache-deltas" else []
+        expect_error(capsys, "would replace its own input", "eval", str(run), *cache, option, str(run / "vocab.txt"))
+    assert (run / "best" / "vocab.txt").read_bytes() == (run / "vocab.txt").read_bytes() == vocab
+    # an export writes no file over its model directory's (nor over --text)
+    expect_error(capsys, "would replace its own input", "export", str(run), "--format", "torchscript", "--out", str(run / "best"))
 
 
 # ------------------------------------------------------------------ standard streams

@@ -136,8 +136,8 @@ def check_output_file(option: str, path: str | None) -> None:
 
 
 def refuse_inputs(option: str, path: str | Path | None, inputs: Iterable[str | Path | None]) -> None:
-    """A ReglmError when the output ``path`` is one of the command's ``inputs`` (a file, or any
-    file directly inside an input directory), under any name: a symbolic or a hard link to it
+    """A ReglmError when the output ``path`` is one of the command's ``inputs`` (a file, an input
+    directory or any file directly inside one), under any name: a symbolic or a hard link to it
     is the same file. An output never replaces what the command reads."""
     if path is None:
         return
@@ -150,7 +150,7 @@ def refuse_inputs(option: str, path: str | Path | None, inputs: Iterable[str | P
             continue
         source = Path(source)
         try:
-            files = list(source.iterdir()) if source.is_dir() else [source]
+            files = [source, *source.iterdir()] if source.is_dir() else [source]
         except OSError:
             continue
         for file in files:
@@ -159,7 +159,8 @@ def refuse_inputs(option: str, path: str | Path | None, inputs: Iterable[str | P
             except OSError:
                 continue
             if (seen.st_dev, seen.st_ino) == (target.st_dev, target.st_ino):
-                raise ReglmError(f"{option} {path} is the same file as {file}, which this command reads: the output would replace its own input; choose another {option}")
+                where = "" if os.path.abspath(path) == os.path.abspath(file) else f" (the same file as {file})"
+                raise ReglmError(f"{option} {path}{where} is read by this command: the output would replace its own input; choose another {option.split(':')[0]}")
 
 
 def write_output(option: str, path: str, writer: Callable[[], None]) -> None:

@@ -63,8 +63,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     lm = load(directory)
     suffix = f"-{args.quantize}" if args.quantize else ""
     out = Path(args.out) if args.out else directory.with_name(f"{directory.name}-{args.format}{suffix}")
+    refuse_inputs("--out", out, [directory])
     for name in (FORMATS[args.format].file, VOCAB_FILE, TOKENIZER_FILE, SPEC_FILE):
-        refuse_inputs("--out", out / name, [directory, args.text])
+        refuse_inputs(f"--out {out}: the file", out / name, [directory, args.text])
     eval_ids, eval_source = _eval_text(args, lm, directory) if args.quantize else (None, "")
     with writing_into(out):
         spec = export_model(lm, out, args.format, args.quantize, eval_ids, eval_source, source=directory)
