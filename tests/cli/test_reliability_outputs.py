@@ -140,6 +140,13 @@ def test_export_never_deletes_a_file_it_did_not_write(run: Path, tmp_path: Path,
     err = capsys.readouterr().err
     assert err.startswith("reglm: error:") and "holds model.onnx, which no export wrote there" in err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    # an export.json that no export of reglm wrote does not make the directory an export
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "export.json").write_text('{"note": "mine"}')
+    (foreign / "vocab.txt").write_text("my words")
+    assert main(["export", str(run), "--format", "torchscript", "--out", str(foreign)]) == 2
+    assert "not an export.json of reglm" in capsys.readouterr().err and (foreign / "vocab.txt").read_text() == "my words"
 
 
 def test_outputs_never_write_over_their_own_input(run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -131,8 +131,8 @@ def _written_before(out: Path) -> set[str]:
         return set()
     spec = read_json(path, f"remove {path} or choose another --out")
     files = spec.get("files") if isinstance(spec, dict) else None
-    if files is None and isinstance(spec, dict):
-        files = [spec.get("file"), VOCAB_FILE, TOKENIZER_FILE]
+    if files is None and isinstance(spec, dict) and spec.get("format") in FORMATS and spec.get("file") == FORMATS[spec["format"]].file:
+        files = [spec["file"], VOCAB_FILE, TOKENIZER_FILE]
     if not isinstance(files, list):
         raise ReglmError(f"{path} is not an export.json of reglm (no list of files); remove it or choose another --out")
     return {name for name in files if isinstance(name, str) and name == Path(name).name} | {SPEC_FILE}
