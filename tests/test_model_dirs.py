@@ -23,7 +23,11 @@ from reglm.train.run import train
 @pytest.fixture(scope="module")
 def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run = tmp_path_factory.mktemp("model") / "run"
-    train(build_config("tiny", ["data.synthetic_sentences=200", "train.epochs=1", "train.finetune_epochs=0"]), run, progress=False)
+    train(
+        build_config("tiny", ["data.synthetic_sentences=200", "train.epochs=1", "train.finetune_epochs=0"]),
+        run,
+        progress=False,
+    )
     return run / "best"
 
 
@@ -57,7 +61,9 @@ def test_absurd_sizes_in_config_json_are_refused_before_allocating(copy: Path, c
         refused(copy, "do not belong to the model|too large to build", capsys)
 
 
-def test_a_model_larger_than_the_memory_is_refused(copy: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_model_larger_than_the_memory_is_refused(
+    copy: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr("reglm.train.setup.device_memory", lambda device: 100_000)
     refused(copy, r"loading needs about .* GiB, more than the", capsys)
 
@@ -71,7 +77,9 @@ def test_deep_or_huge_config_json_is_refused(copy: Path, capsys: pytest.CaptureF
     refused(copy, "larger than", capsys)
 
 
-@pytest.mark.parametrize("count", ["\u0663", "1" * 5000, "\u00b2"], ids=["arabic-indic-digit", "5000-digits", "superscript"])
+@pytest.mark.parametrize(
+    "count", ["\u0663", "1" * 5000, "\u00b2"], ids=["arabic-indic-digit", "5000-digits", "superscript"]
+)
 def test_odd_counts_in_vocab_txt_are_refused(count: str, copy: Path, capsys: pytest.CaptureFixture) -> None:
     vocab = copy / "vocab.txt"
     lines = vocab.read_text().splitlines()
@@ -81,7 +89,9 @@ def test_odd_counts_in_vocab_txt_are_refused(count: str, copy: Path, capsys: pyt
 
 
 @pytest.mark.parametrize("damage", ["integer", "nan", "shape", "extra"])
-def test_weights_of_another_dtype_shape_or_not_finite_are_refused(damage: str, copy: Path, capsys: pytest.CaptureFixture) -> None:
+def test_weights_of_another_dtype_shape_or_not_finite_are_refused(
+    damage: str, copy: Path, capsys: pytest.CaptureFixture
+) -> None:
     path = copy / "model.safetensors"
     tensors = load_file(str(path))
     name = next(iter(tensors))
@@ -94,7 +104,12 @@ def test_weights_of_another_dtype_shape_or_not_finite_are_refused(damage: str, c
     else:
         tensors["extra"] = torch.zeros(3)
     save_file(tensors, str(path))
-    fragment = {"integer": "is I32", "nan": "NaN or infinite", "shape": "the model needs F32", "extra": "holds tensors the model does not have"}[damage]
+    fragment = {
+        "integer": "is I32",
+        "nan": "NaN or infinite",
+        "shape": "the model needs F32",
+        "extra": "holds tensors the model does not have",
+    }[damage]
     refused(copy, fragment, capsys)
 
 

@@ -169,7 +169,9 @@ class TrainedModel:
             unit_scores = list(torch.split(flat, [len(units.ids) for units in encoded]))
         else:
             batch_tokens = max(256, BATCH_LOGITS // len(self.vocab))
-            unit_scores = sentence_log_probs(self.model, [units.ids for units in encoded], self.vocab.eos_id, self.device, batch_tokens, progress, self._window(batch_tokens))
+            ids = [units.ids for units in encoded]
+            window = self._window(batch_tokens)
+            unit_scores = sentence_log_probs(self.model, ids, self.vocab.eos_id, self.device, batch_tokens, progress, window)
         return [units.word_scores(logp, scale, eos) for units, logp in zip(encoded, unit_scores)]
 
     def next_words(self, prefix: str = "", k: int = 10, base: str | int = "e", exclude: Sequence[str] = (UNK,)) -> list[tuple[str, float]]:

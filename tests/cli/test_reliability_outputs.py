@@ -56,14 +56,20 @@ def expect_error(capsys: pytest.CaptureFixture, fragment: str, *argv: str) -> st
     with file_size_limit(1 << 30):
         code = main(list(argv))
     err = capsys.readouterr().err
-    assert code == 2 and "Traceback" not in err and err.startswith("reglm: error:") and len(err.strip().splitlines()) == 1, err
+    assert (
+        code == 2 and "Traceback" not in err and err.startswith("reglm: error:") and len(err.strip().splitlines()) == 1
+    ), err
     assert fragment in err, err
     return err
 
 
 def one_line_error(proc: subprocess.CompletedProcess, fragment: str) -> None:
     assert proc.returncode == 2, proc.stderr
-    assert "Traceback" not in proc.stderr and proc.stderr.startswith("reglm: error:") and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert (
+        "Traceback" not in proc.stderr
+        and proc.stderr.startswith("reglm: error:")
+        and len(proc.stderr.strip().splitlines()) == 1
+    ), proc.stderr
     assert fragment in proc.stderr, proc.stderr
 
 
@@ -95,22 +101,36 @@ def test_a_short_write_raises_and_the_good_file_stays(run: Path, tmp_path: Path)
         assert not [p for p in target.parent.iterdir() if p.name.endswith(".tmp")], name
 
 
-def test_score_out_under_a_file_size_limit_keeps_the_previous_scores(run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_score_out_under_a_file_size_limit_keeps_the_previous_scores(
+    run: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     out = tmp_path / "scores.tsv"
     out.write_text("previous scores\n")
     text = words(run, 2000)
     with file_size_limit():
         code = main(["score", str(run), str(text), "--out", str(out)])
     err = capsys.readouterr().err
-    assert code == 2 and err.startswith("reglm: error:") and "File too large" in err and str(out) in err and "--resume" not in err, err
+    assert (
+        code == 2
+        and err.startswith("reglm: error:")
+        and "File too large" in err
+        and str(out) in err
+        and "--resume" not in err
+    ), err
     assert out.read_text() == "previous scores\n" and sorted(p.name for p in tmp_path.iterdir()) == ["scores.tsv"]
 
 
-def test_export_checks_the_file_on_disk_and_a_short_write_keeps_the_previous_export(run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_export_checks_the_file_on_disk_and_a_short_write_keeps_the_previous_export(
+    run: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     out = tmp_path / "export"
     assert main(["export", str(run), "--format", "torchscript", "--out", str(out)]) == 0
     spec = json.loads((out / "export.json").read_text())
-    assert spec["check"]["on"] == "the model file read back from disk" and spec["files"] == ["model.pt", "vocab.txt", "export.json"]
+    assert spec["check"]["on"] == "the model file read back from disk" and spec["files"] == [
+        "model.pt",
+        "vocab.txt",
+        "export.json",
+    ]
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     assert len(before["model.pt"]) > LIMIT
     capsys.readouterr()
@@ -146,7 +166,9 @@ def test_export_never_deletes_a_file_it_did_not_write(run: Path, tmp_path: Path,
     (foreign / "export.json").write_text('{"note": "mine"}')
     (foreign / "vocab.txt").write_text("my words")
     assert main(["export", str(run), "--format", "torchscript", "--out", str(foreign)]) == 2
-    assert "not an export.json of reglm" in capsys.readouterr().err and (foreign / "vocab.txt").read_text() == "my words"
+    assert (
+        "not an export.json of reglm" in capsys.readouterr().err and (foreign / "vocab.txt").read_text() == "my words"
+    )
 
 
 def test_outputs_never_write_over_their_own_input(run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -164,13 +186,17 @@ def test_outputs_never_write_over_their_own_input(run: Path, tmp_path: Path, cap
         expect_error(capsys, "would replace its own input", "eval", str(run), *cache, option, str(run / "vocab.txt"))
     assert (run / "best" / "vocab.txt").read_bytes() == (run / "vocab.txt").read_bytes() == vocab
     # an export writes no file over its model directory's (nor over --text)
-    expect_error(capsys, "would replace its own input", "export", str(run), "--format", "torchscript", "--out", str(run / "best"))
+    expect_error(
+        capsys, "would replace its own input", "export", str(run), "--format", "torchscript", "--out", str(run / "best")
+    )
 
 
 # ------------------------------------------------------------------ standard streams
 
 
-def test_score_with_closed_or_full_standard_streams_is_one_line(run: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_score_with_closed_or_full_standard_streams_is_one_line(
+    run: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     text = str(words(run, 3000))
     # a process started with a closed stdin or stdout has None there (as `reglm score RUN - <&-`)
     monkeypatch.setattr(sys, "stdin", None)

@@ -21,8 +21,21 @@ def test_two_sigterms_in_a_row_exit_130_at_any_moment(tmp_path: Path) -> None:
     procs = {}
     for delay in delays:
         procs[delay] = subprocess.Popen(
-            [sys.executable, "-m", "reglm", "train", "--preset", "tiny", "--out", str(tmp_path / f"run{delay}"), *SMALL],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+            [
+                sys.executable,
+                "-m",
+                "reglm",
+                "train",
+                "--preset",
+                "tiny",
+                "--out",
+                str(tmp_path / f"run{delay}"),
+                *SMALL,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
     pending = sorted((started + delay + gap, delay) for delay in delays for gap in (0.0, 0.3))
     for when, delay in pending:
@@ -31,7 +44,9 @@ def test_two_sigterms_in_a_row_exit_130_at_any_moment(tmp_path: Path) -> None:
             procs[delay].send_signal(signal.SIGTERM)
     for delay, proc in procs.items():
         _, err = proc.communicate(timeout=300)
-        if "Fatal Python error: init_import_site" in err or (proc.returncode == -signal.SIGTERM and not err and not (tmp_path / f"run{delay}").exists()):
+        if "Fatal Python error: init_import_site" in err or (
+            proc.returncode == -signal.SIGTERM and not err and not (tmp_path / f"run{delay}").exists()
+        ):
             continue  # on a loaded machine the signal can beat the interpreter's own start, before any code of ours
         assert proc.returncode in (0, 130), (delay, proc.returncode, err)
         assert "Traceback" not in err, err

@@ -29,7 +29,9 @@ def corpus(root: Path, repeat: int = 50) -> Path:
     return root
 
 
-def test_an_id_outside_the_vocabulary_is_found_and_the_entry_rebuilt(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_an_id_outside_the_vocabulary_is_found_and_the_entry_rebuilt(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     root = corpus(tmp_path / "c")
     good = load_cached(root)
     expected = good.train.clone()
@@ -40,16 +42,25 @@ def test_an_id_outside_the_vocabulary_is_found_and_the_entry_rebuilt(tmp_path: P
         ids_file.write_bytes(bytes(data))
         again = load_cached(root)
         err = capsys.readouterr().err
-        assert f"{split}.ids holds the value 200, outside 0 .. {len(good.vocab) - 1}" in err and str(good.cache.path) in err, err
+        assert (
+            f"{split}.ids holds the value 200, outside 0 .. {len(good.vocab) - 1}" in err
+            and str(good.cache.path) in err
+        ), err
         assert torch.equal(again.train, expected) and int(again.split(split).max()) < len(good.vocab)
 
 
-def test_a_manifest_that_lies_about_the_dtype_or_the_count_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_a_manifest_that_lies_about_the_dtype_or_the_count_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     root = corpus(tmp_path / "c")
     good = load_cached(root)
     expected = good.train.clone()
     path = good.cache.path / MANIFEST
-    for edit, message in ((("dtype", "uint16"), "holds uint16"), (("tokens", -3), "not a count"), (("tokens", "12"), "not a count")):
+    for edit, message in (
+        (("dtype", "uint16"), "holds uint16"),
+        (("tokens", -3), "not a count"),
+        (("tokens", "12"), "not a count"),
+    ):
         manifest = json.loads(path.read_text())
         part = manifest["identity"]["splits"]["train"]
         part[edit[0]] = edit[1]

@@ -173,7 +173,7 @@ def test_sentence_plan_scores_every_target_once_from_its_sentence(max_tokens: in
             rows.append(pos.tolist())
     expected = [s if s[0] > 0 else s[1:] for s in sentences]
     pieces = [r[k : k + max_tokens] for r in expected for k in range(0, len(r), max_tokens)]
-    assert sorted(rows) == sorted(pieces), "one row per sentence (per piece of max_tokens), from the token before it to its own eos"
+    assert sorted(rows) == sorted(pieces), "a row per sentence (per piece of max_tokens), from the token before it to its eos"
     assert sorted(p for r in rows for p in r) == list(range(1, ids.numel()))
 
 
@@ -212,7 +212,9 @@ def old_sentence_batches(ids: torch.Tensor, eos: int, max_tokens: int, seed: int
         if end >= first:
             spans.append((first, end))
         first = end + 1
-    spans = [(begin, min(begin + max_tokens - 1, last)) for first, last in spans for begin in range(first, last + 1, max_tokens)]
+    spans = [
+        (begin, min(begin + max_tokens - 1, last)) for first, last in spans for begin in range(first, last + 1, max_tokens)
+    ]
     lengths = torch.tensor([last - begin + 1 for begin, last in spans], dtype=torch.float64)
     tiebreak = torch.rand(len(spans), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     groups: list[list[tuple[int, int]]] = [[]]

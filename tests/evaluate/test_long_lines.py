@@ -29,7 +29,9 @@ def test_a_sentence_longer_than_the_token_budget_is_cut_into_pieces_of_the_budge
         torch.testing.assert_close(window.targets[window.scored], ids[window.positions[window.scored]], rtol=0, atol=0)
         rows = window.scored.any(1)
         starts = window.positions[rows, 0]
-        torch.testing.assert_close(window.inputs[rows, 0], ids[starts - 1], rtol=0, atol=0)  # each piece starts after the token before it
+        torch.testing.assert_close(
+            window.inputs[rows, 0], ids[starts - 1], rtol=0, atol=0
+        )  # each piece starts after the token before it
     assert torch.equal(torch.sort(torch.cat(seen)).values, torch.arange(1, ids.numel())), "every target once"
 
 
@@ -54,7 +56,9 @@ def test_a_line_longer_than_a_transformers_context_is_scored_in_windows(transfor
     for begin, first, last in ContextPlan(torch.tensor(ids), window, window // 2).spans:
         for target in {first, (first + last) // 2, last}:
             alone = sentence_log_probs(lm.model, [ids[begin : target + 1]], ids[begin - 1], window=10**9)[0][-1]
-            torch.testing.assert_close(got[target - 1], alone, rtol=1e-4, atol=1e-4)  # float32 sums in another batch shape
+            torch.testing.assert_close(
+                got[target - 1], alone, rtol=1e-4, atol=1e-4
+            )  # float32 sums in another batch shape
 
 
 def test_a_line_of_100k_words_is_scored_in_bounded_work(transformer: reglm.TrainedModel) -> None:
@@ -65,9 +69,15 @@ def test_a_line_of_100k_words_is_scored_in_bounded_work(transformer: reglm.Train
 
 def test_a_long_sentence_of_a_stateful_model_is_the_one_pass_result(tmp_path: Path) -> None:
     run = tmp_path / "run"
-    train(build_config("tiny", ["data.synthetic_sentences=200", "train.epochs=1", "train.finetune_epochs=0"]), run, progress=False)
+    train(
+        build_config("tiny", ["data.synthetic_sentences=200", "train.epochs=1", "train.finetune_epochs=0"]),
+        run,
+        progress=False,
+    )
     lm = reglm.load(run)
     ids = torch.randint(1, len(lm.vocab), (300,), generator=torch.Generator().manual_seed(2)).tolist()
     whole = sentence_log_probs(lm.model, [ids], lm.vocab.eos_id, window=10**9)[0]
     for window in (7, 64):
-        torch.testing.assert_close(sentence_log_probs(lm.model, [ids, ids[:5]], lm.vocab.eos_id, window=window)[0], whole, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            sentence_log_probs(lm.model, [ids, ids[:5]], lm.vocab.eos_id, window=window)[0], whole, rtol=1e-5, atol=1e-5
+        )

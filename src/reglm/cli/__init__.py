@@ -57,7 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
 FIXES = {
     errno.ENOSPC: "free some disk space (or choose another path), then run the command again",
     errno.EDQUOT: "free some of your disk quota (or choose another path), then run the command again",
-    errno.EFBIG: "the file is larger than this process may write (ulimit -f, or the file system's limit); raise the limit or choose another path",
+    errno.EFBIG: (
+        "the file is larger than this process may write (ulimit -f, or the file system's limit); "
+        "raise the limit or choose another path"
+    ),
     errno.EACCES: "check the permissions of that path, or choose another one",
     errno.EPERM: "check the permissions of that path, or choose another one",
     errno.EROFS: "that file system is read-only; choose a path on a writable one",
@@ -81,7 +84,8 @@ def os_error_message(exc: OSError, command: str | None = None) -> str:
     reason = exc.strerror or str(exc)
     fix = FIXES.get(exc.errno or -1, "check the path and the disk, then try again")
     if command in RESUMABLE and exc.errno in SPACE:
-        fix = fix.replace("run the command again", "resume with `reglm train --resume RUN`").replace("try again", "resume with `reglm train --resume RUN`")
+        resume = "resume with `reglm train --resume RUN`"
+        fix = fix.replace("run the command again", resume).replace("try again", resume)
     return f"{where}{reason}; {fix}"
 
 

@@ -160,7 +160,10 @@ def refuse_inputs(option: str, path: str | Path | None, inputs: Iterable[str | P
                 continue
             if (seen.st_dev, seen.st_ino) == (target.st_dev, target.st_ino):
                 where = "" if os.path.abspath(path) == os.path.abspath(file) else f" (the same file as {file})"
-                raise ReglmError(f"{option} {path}{where} is read by this command: the output would replace its own input; choose another {option.split(':')[0]}")
+                raise ReglmError(
+                    f"{option} {path}{where} is read by this command: the output would replace its own input; "
+                    f"choose another {option.split(':')[0]}"
+                )
 
 
 def write_output(option: str, path: str, writer: Callable[[], None]) -> None:

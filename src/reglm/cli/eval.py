@@ -269,7 +269,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if loaded.subword and mode.name not in ("plain", "context-window"):
         raise ReglmError(f"{mode.flag} scores words one token at a time; {loaded.directory} is a sub-word (BPE) model: evaluate it plainly or with --context-window")
     directory, model, config, vocab, corpus, device = loaded.directory, loaded.model, loaded.config, loaded.vocab, loaded.corpus, loaded.device
-    inputs = [directory, directory.parent, Path(config.data.name).expanduser(), corpus.cache.path if corpus.cache is not None else None]
+    cached = corpus.cache.path if corpus.cache is not None else None
+    inputs = [directory, directory.parent, Path(config.data.name).expanduser(), cached]
     refuse_inputs("--word-probs", args.word_probs, inputs)
     refuse_inputs("--cache-deltas", args.cache_deltas, inputs)
     ids = getattr(corpus, split)

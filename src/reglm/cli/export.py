@@ -18,7 +18,11 @@ def register(sub: Any) -> None:
     p.add_argument("run", help="a run directory (its best/ or last/ model) or a model directory")
     p.add_argument("--format", required=True, metavar="onnx|torchscript", help="onnx (opset 17, run by onnxruntime) or torchscript (torch.jit.load)")
     p.add_argument("--quantize", metavar="int8", help="int8 dynamic quantization (LSTM, linear and embedding weights); reports the size and the perplexity change")
-    p.add_argument("--out", help="the export directory (default: the model directory's path + -FORMAT[-int8], e.g. RUN/best-onnx); the files of a previous export there are replaced, no other file is touched")
+    p.add_argument(
+        "--out",
+        help="the export directory (default: the model directory's path + -FORMAT[-int8], e.g. RUN/best-onnx); "
+        "the files of a previous export there are replaced, no other file is touched",
+    )
     p.add_argument("--text", help=f"with --quantize: a text file (one sentence per line) to measure the perplexity change on (default: the first {EVAL_TOKENS:,} tokens of the run's validation split)")
     p.add_argument("--checkpoint", choices=["best", "last"], default="best")
     p.set_defaults(func=cmd_export)

@@ -127,8 +127,11 @@ def _write_stdout(text: str) -> None:
     except BrokenPipeError:
         raise
     except OSError as exc:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # what stays buffered is dropped, not flushed at exit
-        raise ReglmError(f"cannot write the scores to standard output ({exc.strerror or exc}); give --out FILE on a disk with room") from None
+        # what stays buffered is dropped, not flushed again at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        reason = exc.strerror or exc
+        fix = "give --out FILE on a disk with room"
+        raise ReglmError(f"cannot write the scores to standard output ({reason}); {fix}") from None
 
 
 def _render(lines: list[Line], scored: list[list[Any]], args: argparse.Namespace) -> str:

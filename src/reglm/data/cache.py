@@ -247,7 +247,10 @@ def _map_corpus(entry: Path, manifest: dict[str, Any], name: str, vocab: Vocab |
     for split in SPLITS:
         part = identity["splits"][split]
         if part["dtype"] != dtype:
-            raise ValueError(f"the manifest says {split}.ids holds {part['dtype']}, but the ids of {len(vocab):,} words are written as {dtype}")
+            raise ValueError(
+                f"the manifest says {split}.ids holds {part['dtype']}, "
+                f"but the ids of {len(vocab):,} words are written as {dtype}"
+            )
         ids[split] = _map(entry / f"{split}.ids", dtype, part["tokens"], len(vocab))
         if identity["tokenizer"] == "bpe":
             ends[split] = _map(entry / f"{split}.ends", "bool", part["tokens"], 2)
@@ -266,11 +269,13 @@ def _map(path: Path, dtype: str, tokens: int, bound: int) -> torch.Tensor:
         raise ValueError(f"{path.name} holds {size:,} bytes, the manifest says {tokens:,} values of {itemsize} bytes (truncated?)")
     if tokens == 0:
         return torch.zeros(0, dtype=torch.bool if dtype == "bool" else torch.int32)
-    mapped = torch.from_file(str(path), shared=False, size=tokens, dtype=torch.uint8 if dtype == "bool" else _TORCH[dtype])
+    stored = torch.uint8 if dtype == "bool" else _TORCH[dtype]
+    mapped = torch.from_file(str(path), shared=False, size=tokens, dtype=stored)
     values = mapped if dtype in ("bool", "int32") else mapped.to(torch.int32)
     low, high = (int(v) for v in torch.aminmax(values))
     if low < 0 or high >= bound:
-        raise ValueError(f"{path.name} holds the value {low if low < 0 else high}, outside 0 .. {bound - 1} (a damaged byte?)")
+        bad = low if low < 0 else high
+        raise ValueError(f"{path.name} holds the value {bad}, outside 0 .. {bound - 1} (a damaged byte?)")
     return values.view(torch.bool) if dtype == "bool" else values
 
 

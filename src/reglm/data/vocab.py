@@ -203,7 +203,8 @@ class Vocab:
             parts = line.split("\t")
             if len(parts) != 2 or not parts[0] or not _COUNT.fullmatch(parts[1]):
                 raise ReglmError(
-                    f"vocabulary file {path} is malformed at line {lineno} (expected token<TAB>count, the count in at most 18 ASCII digits); "
+                    f"vocabulary file {path} is malformed at line {lineno} "
+                    "(expected token<TAB>count, the count in at most 18 ASCII digits); "
                     "it is damaged, restore it"
                 )
             itos.append(parts[0])

@@ -39,8 +39,8 @@ SentencePlan -- single sentences (section 4.3: "for billion word we batch indivi
     ``max_tokens`` targets, each read from scratch after the token before it (a window of the
     budget: attention and memory stay bounded whatever a line holds). Sentences of similar length
     are grouped ("we add examples of similar length until we reach this threshold") into batches
-    of at most ``max_tokens`` tokens, padding included; in training the batches' order is shuffled per epoch, from the seed and the
-    epoch alone.
+    of at most ``max_tokens`` tokens, padding included; in training the batches' order is shuffled
+    per epoch, from the seed and the epoch alone.
 
 Word counts: with ``word_ends: (N,) bool`` (``True`` where a token closes a word; sub-word
 models), a window's ``words`` counts the words its scored targets close, so that the perplexity

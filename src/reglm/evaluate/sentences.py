@@ -86,7 +86,10 @@ def sentence_log_probs(
     return scores
 
 
-def long_log_probs(model: torch.nn.Module, ids: Sequence[int], context: int, device: torch.device | str, window: int, batch_size: int = 1) -> Tensor:
+def long_log_probs(
+    model: torch.nn.Module, ids: Sequence[int], context: int, device: torch.device | str, window: int,
+    batch_size: int = 1,
+) -> Tensor:
     """Natural-log probability of every id of one sentence read after ``context``, in windows of
     ``window`` tokens: a stateful model carries its state from one window to the next, a
     stateless one reads every window's targets after up to ``window // 2`` tokens before them
@@ -95,5 +98,7 @@ def long_log_probs(model: torch.nn.Module, ids: Sequence[int], context: int, dev
     stream = torch.tensor([context, *ids], dtype=torch.long)
     stateful = model.init_state(1, device=device) is not None
     plan = StreamPlan(stream, 1, "all") if stateful else ContextPlan(stream, window, window // 2, batch_size)
-    totals = stream_pass([model], plan, window, lambda outs, w: {"nll": model.output_nll(outs[0], w.targets)}, device, keep=("nll",))
+    totals = stream_pass(
+        [model], plan, window, lambda outs, w: {"nll": model.output_nll(outs[0], w.targets)}, device, keep=("nll",),
+    )
     return -totals.kept["nll"][1].double().cpu()

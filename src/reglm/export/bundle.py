@@ -131,7 +131,10 @@ def _written_before(out: Path) -> set[str]:
         return set()
     spec = read_json(path, f"remove {path} or choose another --out")
     files = spec.get("files") if isinstance(spec, dict) else None
-    if files is None and isinstance(spec, dict) and spec.get("format") in FORMATS and spec.get("file") == FORMATS[spec["format"]].file:
+    kind = spec.get("format") if isinstance(spec, dict) else None
+    fmt = FORMATS.get(kind) if isinstance(kind, str) else None
+    older = fmt is not None and spec.get("file") == fmt.file
+    if files is None and older:
         files = [spec["file"], VOCAB_FILE, TOKENIZER_FILE]
     if not isinstance(files, list):
         raise ReglmError(f"{path} is not an export.json of reglm (no list of files); remove it or choose another --out")
@@ -155,7 +158,9 @@ def check_out(out: Path, files: Sequence[str] = ()) -> set[str]:
         raise ReglmError(f"--out {out} is a directory that is not empty and holds no export ({SPEC_FILE}); choose a new or empty directory")
     for name in files:
         if name not in ours and (out / name).exists():
-            raise ReglmError(f"--out {out} holds {name}, which no export wrote there; move it away or choose another --out")
+            raise ReglmError(
+                f"--out {out} holds {name}, which no export wrote there; move it away or choose another --out"
+            )
     return ours
 
 
@@ -221,12 +226,15 @@ def _require_close(format: str, fmt: Format, diff: float) -> None:
                          f"this is a bug of reglm or of {fmt.runtime()}: please report it")
 
 
-def _quantization(fmt: Format, module: InferenceLM, float32: bytes, data: bytes, eval_ids: Sequence[int] | Tensor, eval_source: str) -> dict[str, Any]:
+def _quantization(
+    fmt: Format, module: InferenceLM, float32: bytes, data: bytes, eval_ids: Sequence[int] | Tensor, eval_source: str,
+) -> dict[str, Any]:
     """What ``export.json`` says of an int8 export ``data`` (the file read back) against ``float32``."""
     ops = fmt.quantized_ops(data)
     if not ops:
         raise RuntimeError(f"{fmt.int8_method} quantized nothing in the {fmt.file} export")
-    ppl = {name: stream_perplexity(fmt.runner(blob), eval_ids, module.initial_state(1)) for name, blob in (("float32", float32), ("int8", data))}
+    blobs = {"float32": float32, "int8": data}
+    ppl = {name: stream_perplexity(fmt.runner(blob), eval_ids, module.initial_state(1)) for name, blob in blobs.items()}
     return {
         "method": fmt.int8_method,
         "quantized_ops": ops,
@@ -235,13 +243,19 @@ def _quantization(fmt: Format, module: InferenceLM, float32: bytes, data: bytes,
         "size_ratio": len(data) / len(float32),
         "perplexity": {
             "text": eval_source, "tokens": len(eval_ids) - 1,
-            "read": f"one stream in chunks of {CHUNK} tokens, state carried" if module.state_sizes else f"independent blocks of {CHUNK} tokens",
+            "read": (
+                f"one stream in chunks of {CHUNK} tokens, state carried" if module.state_sizes
+                else f"independent blocks of {CHUNK} tokens"
+            ),
             **ppl, "change": ppl["int8"] / ppl["float32"] - 1.0,
         },
     }
 
 
-def _spec(lm: Any, module: InferenceLM, format: str, fmt: Format, quantize: str | None, source: Path | None, diff: float, files: list[str]) -> dict[str, Any]:
+def _spec(
+    lm: Any, module: InferenceLM, format: str, fmt: Format, quantize: str | None, source: Path | None, diff: float,
+    files: list[str],
+) -> dict[str, Any]:
     """``export.json`` but for the quantization; ``diff``: the check on the file read back."""
     check = {
         "reference": "the trained PyTorch model (reglm), eval mode",

@@ -92,12 +92,15 @@ def _stored_tensors(path: Path) -> dict[str, tuple[str, list[int]]]:
     for name, info in header.items():
         shape = info.get("shape") if isinstance(info, dict) else None
         dtype = info.get("dtype") if isinstance(info, dict) else None
-        if dtype not in SAFETENSORS_DTYPES.values() or not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+        valid_shape = isinstance(shape, list) and all(_is_int(d) and d >= 0 for d in shape)
+        if dtype not in SAFETENSORS_DTYPES.values() or not valid_shape:
             raise ReglmError(f"{damaged} (tensor {name!r} has no valid dtype and shape); {fix}")
         tensors[name] = (dtype, shape)
         data += math.prod(shape) * _ITEM_BYTES[dtype]
     if data != size - 8 - length:
-        raise ReglmError(f"{damaged} (its tensors take {data:,} bytes, the file holds {size - 8 - length:,} after the header); {fix}")
+        raise ReglmError(
+            f"{damaged} (its tensors take {data:,} bytes, the file holds {size - 8 - length:,} after the header); {fix}"
+        )
     return tensors
 
 
@@ -120,10 +123,12 @@ def check_weights_file(path: Path, shapes: dict[str, torch.Tensor], groups: list
         want = shapes[names[0]]
         dtype, shape = stored[name]
         if dtype != SAFETENSORS_DTYPES.get(want.dtype) or shape != list(want.shape):
-            raise ReglmError(f"{path}: tensor {name!r} is {dtype} {shape}, the model needs {SAFETENSORS_DTYPES.get(want.dtype)} {list(want.shape)}; {fix}")
+            need = f"{SAFETENSORS_DTYPES.get(want.dtype)} {list(want.shape)}"
+            raise ReglmError(f"{path}: tensor {name!r} is {dtype} {shape}, the model needs {need}; {fix}")
     unexpected = sorted(set(stored) - seen)
     if unexpected:
-        raise ReglmError(f"{path} holds tensors the model does not have ({', '.join(map(repr, unexpected[:3]))}); {fix}")
+        names = ", ".join(map(repr, unexpected[:3]))
+        raise ReglmError(f"{path} holds tensors the model does not have ({names}); {fix}")
 
 
 def load_weights(model: torch.nn.Module, path: Path) -> None:
@@ -138,7 +143,10 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
         raise ReglmError(f"{path} cannot be read ({_short(exc)}): it is truncated, corrupted or not a model file; use another checkpoint or retrain") from None
     for name, tensor in tensors.items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise ReglmError(f"{path}: tensor {name!r} holds NaN or infinite values; the checkpoint is damaged (reglm never saves them), use another one")
+            raise ReglmError(
+                f"{path}: tensor {name!r} holds NaN or infinite values; "
+                "the checkpoint is damaged (reglm never saves them), use another one"
+            )
     state: dict[str, torch.Tensor] = {}
     missing = []
     for names in _alias_groups(model):
@@ -212,11 +220,15 @@ def load_model_dir(directory: Path, device: torch.device | str = "cpu") -> tuple
         with shapes_only():
             shapes = LanguageModel(config.model, len(vocab), vocab)
     except RuntimeError:
-        raise ReglmError(f"{directory / CONFIG_FILE} describes a model too large to build (its tensor sizes overflow); it is damaged, use another checkpoint") from None
+        raise ReglmError(
+            f"{directory / CONFIG_FILE} describes a model too large to build (its tensor sizes overflow); "
+            "it is damaged, use another checkpoint"
+        ) from None
     check_weights_file(weights, shapes.state_dict(), _alias_groups(shapes))
     from reglm.train.setup import check_model_size
 
-    check_model_size(config, len(vocab), torch.device(device), LOADING_BYTES_PER_PARAMETER, "loading", f"load it on a machine with more memory (or check {directory / CONFIG_FILE})")
+    fix = f"load it on a machine with more memory (or check {directory / CONFIG_FILE})"
+    check_model_size(config, len(vocab), torch.device(device), LOADING_BYTES_PER_PARAMETER, "loading", fix)
     model = LanguageModel(config.model, len(vocab), vocab)
     load_weights(model, weights)
     return model.to(device), config, vocab

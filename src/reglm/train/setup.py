@@ -104,7 +104,8 @@ def device_memory(device: torch.device) -> int | None:
 
 
 def check_model_size(
-    config: RunConfig, vocab_size: int, device: torch.device, per_parameter: int = TRAINING_BYTES_PER_PARAMETER, purpose: str = "training",
+    config: RunConfig, vocab_size: int, device: torch.device, per_parameter: int = TRAINING_BYTES_PER_PARAMETER,
+    purpose: str = "training",
     fix: str = "lower model.encoder.hidden_size, model.input.emb_size or model.encoder.num_layers (or data.max_vocab)",
 ) -> int:
     """The model's parameter count, counted without allocating anything; a model whose
