@@ -35,7 +35,6 @@ def test_two_sigterms_in_a_row_exit_130_at_any_moment(tmp_path: Path) -> None:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
-            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
     pending = sorted((started + delay + gap, delay) for delay in delays for gap in (0.0, 0.3))
     for when, delay in pending:

@@ -32,6 +32,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from reglm.config import RunConfig
+from reglm.config.presets import CONFIG_BYTES
 from reglm.data.bpe import BPEVocab
 from reglm.data.vocab import Vocab
 from reglm.errors import ReglmError
@@ -39,8 +40,6 @@ from reglm.io import read_json, write_bytes, write_json, write_with
 from reglm.models import LanguageModel, shapes_only
 from reglm.rundir import CONFIG_FILE, MODEL_FILE, STATE_FILE, TOKENIZER_FILE, VOCAB_FILE
 
-CONFIG_BYTES = 4 << 20
-"""The largest ``config.json`` read (reglm's are a few kilobytes)."""
 LOADING_BYTES_PER_PARAMETER = 12
 """Memory a loaded parameter takes at its peak: the file's bytes, the tensors read from them and
 the model's own float32 copy."""
