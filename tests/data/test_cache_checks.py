@@ -86,3 +86,25 @@ def test_a_build_killed_with_sigkill_leaves_nothing_behind_for_good(tmp_path: Pa
     assert staging, "the build was killed while its staging directory existed"
     corpus_ = load_cached(root, progress=False)
     assert not list(encoded.glob(".*.tmp")) and corpus_.train.numel() == 9 * 400_000
+
+
+def test_eval_rebuilds_a_damaged_entry_and_scores_as_before(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from reglm.cli import main
+    from reglm.config import build_config
+    from reglm.train.run import train
+
+    root = corpus(tmp_path / "c")
+    for split in ("valid", "test"):
+        (root / f"{split}.txt").write_text("a c b d\nb d a\n" * 10)
+    run = tmp_path / "run"
+    train(build_config("tiny", [f"data.name={root}", "train.epochs=1", "train.finetune_epochs=0"]), run, progress=False)
+    assert main(["eval", str(run), "--json"]) == 0
+    before = json.loads(capsys.readouterr().out)
+    entry = next(p for p in (tmp_path / "cache" / "encoded").iterdir() if p.is_dir() and not p.name.startswith("."))
+    data = bytearray((entry / "valid.ids").read_bytes())
+    data[0] = 250
+    (entry / "valid.ids").write_bytes(bytes(data))
+    assert main(["eval", str(run), "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert "valid.ids holds the value 250" in err and "Traceback" not in err, err
+    assert json.loads(out)["ppl"] == before["ppl"]
