@@ -120,3 +120,14 @@ def test_a_truncated_or_lying_weights_header_is_refused(copy: Path, capsys: pyte
     refused(copy, "not a complete safetensors file", capsys)
     path.write_bytes((10**15).to_bytes(8, "little") + data[8:])
     refused(copy, "header length does not fit", capsys)
+
+
+def test_a_deeply_nested_tokenizer_json_is_refused(tmp_path: Path) -> None:
+    pytest.importorskip("tokenizers", reason="BPE models need tokenizers (pip install 'reglm[bpe]')")
+    from reglm.data.bpe import BPEVocab
+    from reglm.data.vocab import Vocab
+
+    path = tmp_path / "tokenizer.json"
+    path.write_text('{"model": ' + "[" * 200_000 + "]" * 200_000 + "}")
+    with pytest.raises(ReglmError, match="not a reglm BPE tokenizer"):
+        BPEVocab.from_tokenizer_file(Vocab(["<eos>", "a"], [1, 1]), path)
