@@ -211,12 +211,14 @@ def test_cli_export_writes_the_directory_and_checks_it(model_dir: Path, cli_onnx
     assert [t["name"] for t in spec["interface"]["inputs"]] == ["tokens", "h0_0", "c0_0", "h0_1", "c0_1"]
     assert spec["interface"]["state"][1] == {"input": "c0_0", "output": "cn_0"}
     assert "check: max |log p(onnx) - log p(PyTorch)|" in printed and "state carried" in printed
-    # a second export replaces the first one as a whole
+    # a second export replaces the files the first one wrote, and only those: a user's file stays
     again = out.with_name("again")
     shutil.copytree(out, again)
-    (again / "stale.txt").write_text("x")
-    assert main(["export", str(model_dir), "--format", "onnx", "--out", str(again)]) == 0
-    assert sorted(p.name for p in again.iterdir()) == ["export.json", "model.onnx", "vocab.txt"]
+    (again / "notes.txt").write_text("mine")
+    assert main(["export", str(model_dir), "--format", "torchscript", "--out", str(again)]) == 0
+    assert sorted(p.name for p in again.iterdir()) == ["export.json", "model.pt", "notes.txt", "vocab.txt"]
+    assert (again / "notes.txt").read_text() == "mine"
+    assert json.loads((again / "export.json").read_text())["files"] == ["model.pt", "vocab.txt", "export.json"]
 
 
 @pytest.mark.parametrize("argv, message", [

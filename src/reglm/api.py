@@ -170,7 +170,9 @@ class TrainedModel:
             unit_scores = list(torch.split(flat, [len(units.ids) for units in encoded]))
         else:
             batch_tokens = max(256, BATCH_LOGITS // len(self.vocab))
-            unit_scores = sentence_log_probs(self.model, [units.ids for units in encoded], self.vocab.eos_id, self.device, batch_tokens, progress)
+            ids = [units.ids for units in encoded]
+            window = self._window(batch_tokens)
+            unit_scores = sentence_log_probs(self.model, ids, self.vocab.eos_id, self.device, batch_tokens, progress, window)
         return [units.word_scores(logp, scale, eos) for units, logp in zip(encoded, unit_scores)]
 
     def next_words(self, prefix: str = "", k: int = 10, base: str | int = "e", exclude: Sequence[str] = (UNK,)) -> list[tuple[str, float]]:
@@ -199,10 +201,25 @@ class TrainedModel:
         """``batch`` hypotheses at the start of a sentence, for a decoder to extend one word at a
         time in batched steps, fork and drop (:class:`~reglm.evaluate.incremental.Hypotheses`).
         ``context`` bounds the tokens a stateless model (the Transformer) re-reads per step; by
-        default the ``train.block_size`` it was trained on, or :data:`WINDOW` when unknown."""
+        default the context it was trained on, or :data:`WINDOW` when unknown."""
         if context is None:
-            context = self.run_config.train.block_size if self.run_config is not None else WINDOW
+            context = self._trained_context()
         return Hypotheses.start(self, batch, context, log_scale(base))
+
+    def _window(self, batch_tokens: int) -> int:
+        """The longest sentence scored in one piece: ``batch_tokens`` for a stateful model (longer
+        ones carry the state across windows, exactly); a stateless model's trained context
+        (:func:`~reglm.train.batching.trained_context`; :data:`WINDOW` without a run config)."""
+        if self.model.init_state(1, device=self.device) is not None:
+            return batch_tokens
+        return self._trained_context()
+
+    def _trained_context(self) -> int:
+        if self.run_config is None:
+            return WINDOW
+        from reglm.train.batching import trained_context
+
+        return trained_context(self.run_config.train)
 
     def _encode_sentence(self, sentence: str) -> SentenceUnits:
         """The ids of one sentence's words and its ``<eos>``, which of them close a word, and

@@ -166,13 +166,14 @@ def test_sentence_plan_scores_every_target_once_from_its_sentence(max_tokens: in
     sentences = split_sentences(ids.tolist(), eos)
     rows = []
     for w in plan.windows():
-        assert w.inputs.numel() <= max_tokens or w.inputs.size(0) == 1, "a batch stays within the budget unless one sentence exceeds it"
+        assert w.inputs.numel() <= max_tokens, "a batch stays within the budget, a longer sentence is cut into pieces"
         for row in range(w.inputs.size(0)):
             pos = w.positions[row][w.scored[row]]
             assert torch.equal(w.targets[row][w.scored[row]], ids[pos]) and torch.equal(w.inputs[row][w.scored[row]], ids[pos - 1])
             rows.append(pos.tolist())
     expected = [s if s[0] > 0 else s[1:] for s in sentences]
-    assert sorted(rows) == sorted(r for r in expected if r), "one row per sentence, from the eos before it to its own eos"
+    pieces = [r[k : k + max_tokens] for r in expected for k in range(0, len(r), max_tokens)]
+    assert sorted(rows) == sorted(pieces), "a row per sentence (per piece of max_tokens), from the token before it to its eos"
     assert sorted(p for r in rows for p in r) == list(range(1, ids.numel()))
 
 
@@ -200,8 +201,9 @@ def test_block_plan_reads_each_block_once_per_epoch() -> None:
 
 
 def old_sentence_batches(ids: torch.Tensor, eos: int, max_tokens: int, seed: int) -> list[list[tuple[int, int]]]:
-    """The sentence grouping as it was written first, a Python loop over (first, last) spans: the
-    reference the tensor plan must reproduce exactly (same batches, same order)."""
+    """The sentence grouping as it was written first, a Python loop over (first, last) spans, each
+    longer than ``max_tokens`` cut into pieces of ``max_tokens``: the reference the tensor plan must
+    reproduce exactly (same batches, same order)."""
     ends = torch.nonzero(ids == eos).flatten().tolist()
     if not ends or ends[-1] < ids.numel() - 1:
         ends.append(ids.numel() - 1)
@@ -210,6 +212,9 @@ def old_sentence_batches(ids: torch.Tensor, eos: int, max_tokens: int, seed: int
         if end >= first:
             spans.append((first, end))
         first = end + 1
+    spans = [
+        (begin, min(begin + max_tokens - 1, last)) for first, last in spans for begin in range(first, last + 1, max_tokens)
+    ]
     lengths = torch.tensor([last - begin + 1 for begin, last in spans], dtype=torch.float64)
     tiebreak = torch.rand(len(spans), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     groups: list[list[tuple[int, int]]] = [[]]

@@ -16,6 +16,7 @@ import argparse
 import errno
 import os
 import platform
+import signal
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -55,8 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 FIXES = {
-    errno.ENOSPC: "free some disk space (or choose another --out), then resume with `reglm train --resume RUN`",
-    errno.EDQUOT: "free some of your disk quota (or choose another --out), then resume with `reglm train --resume RUN`",
+    errno.ENOSPC: "free some disk space (or choose another path), then run the command again",
+    errno.EDQUOT: "free some of your disk quota (or choose another path), then run the command again",
+    errno.EFBIG: (
+        "the file is larger than this process may write (ulimit -f, or the file system's limit); "
+        "raise the limit or choose another path"
+    ),
     errno.EACCES: "check the permissions of that path, or choose another one",
     errno.EPERM: "check the permissions of that path, or choose another one",
     errno.EROFS: "that file system is read-only; choose a path on a writable one",
@@ -65,16 +70,23 @@ FIXES = {
     errno.EISDIR: "that path is a directory; give a file name",
     errno.ENOENT: "check that the path exists",
     errno.ENAMETOOLONG: "choose a shorter path",
-    errno.EIO: "the device reported an I/O error; check the disk, then resume",
+    errno.EIO: "the device reported an I/O error; check the disk, then try again",
 }
 """What to tell the user for the OS errors a command can meet (writes keep the previous file)."""
+RESUMABLE = ("train", "train-discriminator", "finetune")
+"""Commands whose run a failed write leaves resumable: their message says how to go on."""
+SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO)
 
 
-def os_error_message(exc: OSError) -> str:
-    """``exc`` as one line: the path, what went wrong and the fix."""
+def os_error_message(exc: OSError, command: str | None = None) -> str:
+    """``exc`` as one line: the path, what went wrong and the fix (for a write that a training
+    command failed, how to resume the run)."""
     where = f"{exc.filename}: " if exc.filename else ""
     reason = exc.strerror or str(exc)
     fix = FIXES.get(exc.errno or -1, "check the path and the disk, then try again")
+    if command in RESUMABLE and exc.errno in SPACE:
+        resume = "resume with `reglm train --resume RUN`"
+        fix = fix.replace("run the command again", resume).replace("try again", resume)
     return f"{where}{reason}; {fix}"
 
 
@@ -111,6 +123,9 @@ def _report(line: str, exc: BaseException | None = None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # a file-size limit (ulimit -f) makes a write fail with EFBIG, which reglm reports, rather
+    # than kill the process (Python's own start-up ignores SIGXFSZ too; an embedding may not)
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
         # Ctrl-C while the parser is built (it reads the installed packages' metadata) exits
         # like one during the heavy imports below: one line, status 130, no traceback.
@@ -129,10 +144,57 @@ def main(argv: list[str] | None = None) -> int:
         with _signals_deferred() as arrived:
             import reglm.train.run  # noqa: F401  (PyTorch and the rest of the heavy imports)
         if arrived:
+            if argv is None:
+                _ignore_signals()
             print("reglm: aborted", file=sys.stderr)
             return EXIT_INTERRUPTED
+    previous = {signum: signal.signal(signum, _interrupt) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
-        return args.func(args)
+        return _run(args)
+    finally:
+        if argv is None:
+            _ignore_signals()
+        else:
+            # called in-process with its arguments, not as the reglm program: give the handlers back
+            for signum, old in previous.items():
+                signal.signal(signum, old)
+
+
+def _ignore_signals() -> None:
+    """The reglm program has its exit status: SIGINT/SIGTERM are ignored while the interpreter
+    shuts down (Python puts back the default handlers there, and a signal during the slow unload
+    of PyTorch would end the process with 143 instead of the status decided)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def _abort_on_signals() -> None:
+    signal.signal(signal.SIGINT, _abort)
+    signal.signal(signal.SIGTERM, _abort)
+
+
+def _interrupt(signum: int, _frame: Any) -> None:
+    """SIGINT/SIGTERM while a command runs (and no handler of its own is installed, as
+    ``train``'s, :func:`~reglm.cli.common.stop_on_signals`): unwind as Ctrl-C does, and abort at
+    once on another signal."""
+    _abort_on_signals()
+    raise KeyboardInterrupt
+
+
+def _abort(signum: int, _frame: Any) -> None:
+    """A signal that arrives while the command is already stopping: exit at once, status 130."""
+    os.write(2, b"reglm: aborted\n")
+    os._exit(EXIT_INTERRUPTED)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Run the command; its errors become one line and the exit status. Once the command is over
+    (returned or raising), a signal aborts at once rather than interrupting the report."""
+    try:
+        try:
+            return args.func(args)
+        finally:
+            _abort_on_signals()
     except TrainingDiverged as exc:
         _report(f"reglm: error: {exc}", exc)
         return EXIT_DIVERGED
@@ -144,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except OSError as exc:
-        _report(f"reglm: error: {os_error_message(exc)}", exc)
+        _report(f"reglm: error: {os_error_message(exc, args.command)}", exc)
         return EXIT_USAGE
     except TrainingInterrupted as exc:
         _report(f"reglm: {exc}", exc)

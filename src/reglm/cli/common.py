@@ -6,7 +6,7 @@ import argparse
 import os
 import signal
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,6 +133,37 @@ def check_output_file(option: str, path: str | None) -> None:
     parent = next((p for p in target.absolute().parents if p.exists()), None)
     if parent is not None and not parent.is_dir():
         raise ReglmError(f"{option} {path}: {parent} is a file, not a directory; choose another path")
+
+
+def refuse_inputs(option: str, path: str | Path | None, inputs: Iterable[str | Path | None]) -> None:
+    """A ReglmError when the output ``path`` is one of the command's ``inputs`` (a file, an input
+    directory or any file directly inside one), under any name: a symbolic or a hard link to it
+    is the same file. An output never replaces what the command reads."""
+    if path is None:
+        return
+    try:
+        target = Path(path).stat()
+    except OSError:
+        return
+    for source in inputs:
+        if source is None or str(source) == "-":
+            continue
+        source = Path(source)
+        try:
+            files = [source, *source.iterdir()] if source.is_dir() else [source]
+        except OSError:
+            continue
+        for file in files:
+            try:
+                seen = file.stat()
+            except OSError:
+                continue
+            if (seen.st_dev, seen.st_ino) == (target.st_dev, target.st_ino):
+                where = "" if os.path.abspath(path) == os.path.abspath(file) else f" (the same file as {file})"
+                raise ReglmError(
+                    f"{option} {path}{where} is read by this command: the output would replace its own input; "
+                    f"choose another {option.split(':')[0]}"
+                )
 
 
 def write_output(option: str, path: str, writer: Callable[[], None]) -> None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from reglm.cli.common import add_data_options, check_output_file, load_scored_run, write_output
+from reglm.cli.common import add_data_options, check_output_file, load_scored_run, refuse_inputs, write_output
 from reglm.errors import ReglmError
 
 if TYPE_CHECKING:
@@ -269,6 +269,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if loaded.subword and mode.name not in ("plain", "context-window"):
         raise ReglmError(f"{mode.flag} scores words one token at a time; {loaded.directory} is a sub-word (BPE) model: evaluate it plainly or with --context-window")
     directory, model, config, vocab, corpus, device = loaded.directory, loaded.model, loaded.config, loaded.vocab, loaded.corpus, loaded.device
+    cached = corpus.cache.path if corpus.cache is not None else None
+    inputs = [directory, directory.parent, Path(config.data.name).expanduser(), cached]
+    refuse_inputs("--word-probs", args.word_probs, inputs)
+    refuse_inputs("--cache-deltas", args.cache_deltas, inputs)
     ids = getattr(corpus, split)
     default_batch_size = mode.batch_size(setting) if callable(mode.batch_size) else mode.batch_size
     batch_size = args.batch_size or default_batch_size or (config.train.eval_batch_size if split == "valid" else config.train.test_batch_size)

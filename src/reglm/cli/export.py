@@ -18,7 +18,11 @@ def register(sub: Any) -> None:
     p.add_argument("run", help="a run directory (its best/ or last/ model) or a model directory")
     p.add_argument("--format", required=True, metavar="onnx|torchscript", help="onnx (opset 17, run by onnxruntime) or torchscript (torch.jit.load)")
     p.add_argument("--quantize", metavar="int8", help="int8 dynamic quantization (LSTM, linear and embedding weights); reports the size and the perplexity change")
-    p.add_argument("--out", help="the export directory (default: the model directory's path + -FORMAT[-int8], e.g. RUN/best-onnx); a previous export there is replaced")
+    p.add_argument(
+        "--out",
+        help="the export directory (default: the model directory's path + -FORMAT[-int8], e.g. RUN/best-onnx); "
+        "the files of a previous export there are replaced, no other file is touched",
+    )
     p.add_argument("--text", help=f"with --quantize: a text file (one sentence per line) to measure the perplexity change on (default: the first {EVAL_TOKENS:,} tokens of the run's validation split)")
     p.add_argument("--checkpoint", choices=["best", "last"], default="best")
     p.set_defaults(func=cmd_export)
@@ -50,11 +54,11 @@ def _eval_text(args: argparse.Namespace, lm: Any, directory: Path) -> tuple[Any,
 
 def cmd_export(args: argparse.Namespace) -> int:
     from reglm.api import load
-    from reglm.cli.common import writing_into
+    from reglm.cli.common import refuse_inputs, writing_into
     from reglm.errors import ReglmError
     from reglm.export import export_model
-    from reglm.export.bundle import check_options
-    from reglm.rundir import model_dir
+    from reglm.export.bundle import FORMATS, SPEC_FILE, check_options
+    from reglm.rundir import TOKENIZER_FILE, VOCAB_FILE, model_dir
 
     check_options(args.format, args.quantize)
     if args.text is not None and args.quantize is None:
@@ -63,6 +67,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     lm = load(directory)
     suffix = f"-{args.quantize}" if args.quantize else ""
     out = Path(args.out) if args.out else directory.with_name(f"{directory.name}-{args.format}{suffix}")
+    refuse_inputs("--out", out, [directory])
+    for name in (FORMATS[args.format].file, VOCAB_FILE, TOKENIZER_FILE, SPEC_FILE):
+        refuse_inputs(f"--out {out}: the file", out / name, [directory, args.text])
     eval_ids, eval_source = _eval_text(args, lm, directory) if args.quantize else (None, "")
     with writing_into(out):
         spec = export_model(lm, out, args.format, args.quantize, eval_ids, eval_source, source=directory)

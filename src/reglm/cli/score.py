@@ -14,13 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from reglm.cli.common import check_output_file, write_output
+from reglm.cli.common import check_output_file, refuse_inputs, write_output
 from reglm.errors import ReglmError
 
 
@@ -53,6 +54,8 @@ def read_lines(path: str, fmt: str) -> list[Line]:
     or a plain line in an ``ID<TAB>sentence`` file, is a ReglmError naming it."""
     name = "standard input" if path == "-" else path
     if path == "-":
+        if sys.stdin is None:
+            raise ReglmError("standard input is closed; give the sentences in a FILE, or on an open standard input")
         data = sys.stdin.buffer.read()
     else:
         if Path(path).is_dir():
@@ -61,7 +64,7 @@ def read_lines(path: str, fmt: str) -> list[Line]:
             data = Path(path).read_bytes()
         except FileNotFoundError:
             raise ReglmError(f"{path} does not exist; give a text file with one sentence per line (or - for standard input)") from None
-    raw = data.split(b"\n")
+    raw = data.split(b"\n") if data else []
     if data.endswith(b"\n"):
         raw.pop()
     texts = []
@@ -87,6 +90,9 @@ def cmd_score(args: argparse.Namespace) -> int:
     from reglm.train.run import resolve_device
 
     check_output_file("--out", args.out)
+    refuse_inputs("--out", args.out, [args.file, args.run, Path(args.run) / args.checkpoint])
+    if args.out is None and sys.stdout is None:
+        raise ReglmError("standard output is closed; give --out FILE, or run with an open standard output")
     lines = read_lines(args.file, args.input)
     lm = load(args.run, args.checkpoint, resolve_device(args.device))
     if lm.vocab.unk_id is None and lm.subword is None:
@@ -99,8 +105,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - start
     text = _render(lines, scored, args)
     if args.out is None:
-        sys.stdout.write(text)
-        sys.stdout.flush()
+        _write_stdout(text)
     else:
         from reglm.io import write_text
 
@@ -111,6 +116,22 @@ def cmd_score(args: argparse.Namespace) -> int:
     rate = f"{len(lines) / seconds:.0f} sentences/s, {tokens / seconds:.0f} tokens/s" if seconds > 0 else "instant"
     print(f"scored {len(lines)} sentences, {tokens} tokens ({oov} OOV), perplexity {ppl:.2f}, in {seconds:.2f} s ({rate})", file=sys.stderr)
     return 0
+
+
+def _write_stdout(text: str) -> None:
+    """``text`` on standard output; a failing write (a full device) is a ReglmError (a reader
+    that left, ``BrokenPipeError``, ends the command quietly)."""
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise
+    except OSError as exc:
+        # what stays buffered is dropped, not flushed again at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        reason = exc.strerror or exc
+        fix = "give --out FILE on a disk with room"
+        raise ReglmError(f"cannot write the scores to standard output ({reason}); {fix}") from None
 
 
 def _render(lines: list[Line], scored: list[list[Any]], args: argparse.Namespace) -> str:

@@ -31,7 +31,6 @@ another does not inherit them); :func:`preset_metadata` reads and checks them:
 from __future__ import annotations
 
 import functools
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -348,13 +347,17 @@ def build_config(preset: str | None = None, overrides: list[str] | None = None) 
     return build(RunConfig, raw, f"preset {preset}" if preset else "options", sources=sources)
 
 
+CONFIG_BYTES = 4 << 20
+"""The largest run ``config.json`` read (reglm's are a few kilobytes)."""
+
+
 def load_config_file(path: Path) -> RunConfig:
+    from reglm.io import read_json
+
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        raw = read_json(path, "the run directory is damaged", max_bytes=CONFIG_BYTES)
     except FileNotFoundError:
         raise ReglmError(f"{path} is missing; is this a reglm run directory?") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ReglmError(f"{path} is not valid JSON ({exc}); the run directory is damaged") from None
     if not isinstance(raw, dict):
         raise ReglmError(f"{path} is not a reglm configuration; the run directory is damaged")
     return RunConfig.from_dict(raw, source=str(path))

@@ -180,7 +180,7 @@ class BPEVocab(Vocab):
             spec = json.loads(text)
             model = spec["model"]
             ok = model.get("type") == "BPE" and model.get("end_of_word_suffix") == SUFFIX and model.get("unk_token") == UNK
-        except (ValueError, KeyError, TypeError, AttributeError):
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):  # RecursionError: nested too deep
             ok = False
         if not ok:
             raise ReglmError(f"{path} is not a reglm BPE tokenizer (a tokenizers BPE model with end-of-word suffix {SUFFIX} and {UNK}); restore the model's own tokenizer.json")

@@ -24,16 +24,20 @@ checked (milliseconds; no file is read through), then every id file is mapped wi
 every process on the machine). torch computes on no 16-bit or 8-bit integer index type, so the
 ids of a uint8/uint16 file (vocabularies up to 65,536: PTB, WikiText-2, BPE) are widened to one
 int32 copy in memory; an int32 file (WikiText-103, the billion-word benchmark) is used in place.
-A truncated or resized file, a damaged manifest or vocabulary is reported and the entry rebuilt;
-a flipped byte inside an id file is caught by :func:`verify` (``reglm data prepare``), which
-re-hashes every file against the manifest.
+Every id is checked to lie inside the vocabulary on the way (one pass over the mapped file, as
+fast as reading its pages), and the dtype against the one the vocabulary's size gives. A
+truncated or resized file, an id out of range, a manifest that lies about a dtype or a count, a
+damaged manifest or vocabulary is reported and the entry rebuilt (or, in a read-only cache,
+refused with a ``reglm: error:`` naming it); a flipped byte that keeps an id in range is caught
+by :func:`verify` (``reglm data prepare``), which re-hashes every file against the manifest.
 
 Writing: an entry is built in a temporary sibling directory, every file fsynced, the manifest
 last, and renamed into place; a failure (a full disk, a directory that is not writable) removes
 the temporary directory and is a ReglmError, so no half-written entry is ever trusted. Builders
 of one entry take an exclusive ``flock`` on ``<name>-<key>.lock`` beside it: a second process
-waits, then finds the entry built and maps it. Readers take no lock, so a read-only cache that
-holds the entry already works.
+waits, then finds the entry built and maps it; a builder removes the staging directories of its
+entry that a killed build left. Readers take no lock, so a read-only cache that holds the entry
+already works.
 
 Encoding (:func:`reglm.data.encoding.encode_chunks`): the word rule in numpy over 8 MB pieces, the
 word types in a numpy hash table; the training split is counted and written with provisional ids
@@ -46,6 +50,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import glob
 import hashlib
 import json
 import multiprocessing
@@ -157,6 +162,7 @@ def load_cached(
     with _locked(entry, name):
         corpus = _open(entry, directory, name, quiet=True)
         if isinstance(corpus, str):
+            _remove_leftovers(entry)
             if progress:
                 print(f"reglm: encoding {name} into {entry}", file=sys.stderr)
             built, manifest = _build(entry, spec, directory, name, tokenizer, min_freq, max_vocab, bpe_vocab_size, vocab, progress)
@@ -237,23 +243,40 @@ def _map_corpus(entry: Path, manifest: dict[str, Any], name: str, vocab: Vocab |
     if identity["tokenizer"] == "bpe" and not isinstance(vocab, BPEVocab):
         vocab = BPEVocab.from_tokenizer_file(vocab, entry / TOKENIZER)
     ids, ends = {}, {}
+    dtype = id_dtype(len(vocab))
     for split in SPLITS:
         part = identity["splits"][split]
-        ids[split] = _map(entry / f"{split}.ids", part["dtype"], part["tokens"])
+        if part["dtype"] != dtype:
+            raise ValueError(
+                f"the manifest says {split}.ids holds {part['dtype']}, "
+                f"but the ids of {len(vocab):,} words are written as {dtype}"
+            )
+        ids[split] = _map(entry / f"{split}.ids", dtype, part["tokens"], len(vocab))
         if identity["tokenizer"] == "bpe":
-            ends[split] = _map(entry / f"{split}.ends", "bool", part["tokens"])
+            ends[split] = _map(entry / f"{split}.ends", "bool", part["tokens"], 2)
     info = CacheInfo(entry, manifest_hash(identity), identity["splits"]["train"]["dtype"])
     return Corpus(name=name, vocab=vocab, **ids, word_ends=ends or None, cache=info)
 
 
-def _map(path: Path, dtype: str, tokens: int) -> torch.Tensor:
-    """``tokens`` values of ``path`` mapped copy-on-write; uint8 / uint16 ids widened to int32."""
+def _map(path: Path, dtype: str, tokens: int, bound: int) -> torch.Tensor:
+    """``tokens`` values of ``path`` mapped copy-on-write, each checked to lie in ``0 .. bound - 1``
+    (one pass, as fast as reading the pages; uint8 / uint16 ids are widened to int32 on the way)."""
     itemsize = 1 if dtype in ("bool", "uint8") else np.dtype(dtype).itemsize
+    if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 0:
+        raise ValueError(f"the manifest gives {path.name} {tokens!r} values, not a count")
     size = path.stat().st_size
     if size != tokens * itemsize:
         raise ValueError(f"{path.name} holds {size:,} bytes, the manifest says {tokens:,} values of {itemsize} bytes (truncated?)")
-    mapped = torch.from_file(str(path), shared=False, size=tokens, dtype=torch.bool if dtype == "bool" else _TORCH[dtype])
-    return mapped if dtype in ("bool", "int32") else mapped.to(torch.int32)
+    if tokens == 0:
+        return torch.zeros(0, dtype=torch.bool if dtype == "bool" else torch.int32)
+    stored = torch.uint8 if dtype == "bool" else _TORCH[dtype]
+    mapped = torch.from_file(str(path), shared=False, size=tokens, dtype=stored)
+    values = mapped if dtype in ("bool", "int32") else mapped.to(torch.int32)
+    low, high = (int(v) for v in torch.aminmax(values))
+    if low < 0 or high >= bound:
+        bad = low if low < 0 else high
+        raise ValueError(f"{path.name} holds the value {bad}, outside 0 .. {bound - 1} (a damaged byte?)")
+    return values.view(torch.bool) if dtype == "bool" else values
 
 
 # --------------------------------------------------------------------------------------- writing
@@ -276,6 +299,15 @@ def _locked(entry: Path, name: str) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+def _remove_leftovers(entry: Path) -> None:
+    """Delete the staging directories of ``entry`` that a killed build left (``kill -9``, a lost
+    machine). Called under the entry's build lock: every builder of the entry holds it while its
+    staging directory exists, so one found now belongs to a process that is gone."""
+    for path in entry.parent.glob(f".{glob.escape(entry.name)}.*.tmp"):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _cache_error(exc: OSError, name: str) -> ReglmError:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import bisect
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -25,6 +26,9 @@ from reglm.io import write_text
 
 EOS = "<eos>"
 UNK = "<unk>"
+_COUNT = re.compile(r"[0-9]{1,18}")
+"""A count in ``vocab.txt``: plain ASCII digits, short enough for an int64 (``str.isdigit`` takes
+any script's digits, and ``int`` refuses a number of thousands of digits)."""
 
 
 class UnknownWordError(KeyError):
@@ -197,9 +201,10 @@ class Vocab:
             lines.pop()
         for lineno, line in enumerate(lines, 1):
             parts = line.split("\t")
-            if len(parts) != 2 or not parts[0] or not parts[1].isdigit():
+            if len(parts) != 2 or not parts[0] or not _COUNT.fullmatch(parts[1]):
                 raise ReglmError(
-                    f"vocabulary file {path} is malformed at line {lineno} (expected token<TAB>count); "
+                    f"vocabulary file {path} is malformed at line {lineno} "
+                    "(expected token<TAB>count, the count in at most 18 ASCII digits); "
                     "it is damaged, restore it"
                 )
             itos.append(parts[0])

@@ -35,10 +35,12 @@ words those tokens close. Two plans:
 SentencePlan -- single sentences (section 4.3: "for billion word we batch individual sentences"),
     each read from scratch: a sentence's inputs start at the ``<eos>`` that ends the one before and
     its targets run to its own ``<eos>`` (the first sentence's first word is the split's one
-    unscored token, as in every plan). Sentences of similar length are grouped ("we add examples of
-    similar length until we reach this threshold") into batches of at most ``max_tokens`` tokens,
-    padding included; in training the batches' order is shuffled per epoch, from the seed and the
-    epoch alone.
+    unscored token, as in every plan). A sentence longer than ``max_tokens`` is cut into pieces of
+    ``max_tokens`` targets, each read from scratch after the token before it (a window of the
+    budget: attention and memory stay bounded whatever a line holds). Sentences of similar length
+    are grouped ("we add examples of similar length until we reach this threshold") into batches
+    of at most ``max_tokens`` tokens, padding included; in training the batches' order is shuffled
+    per epoch, from the seed and the epoch alone.
 
 Word counts: with ``word_ends: (N,) bool`` (``True`` where a token closes a word; sub-word
 models), a window's ``words`` counts the words its scored targets close, so that the perplexity
@@ -302,7 +304,7 @@ class SentencePlan:
         last = self._sentence_ends(sentence_end)
         first = torch.cat([torch.ones(1, dtype=torch.long), last[:-1] + 1])
         keep = last >= first
-        self.first, self.last = first[keep], last[keep]
+        self.first, self.last = _cut(first[keep], last[keep], max_tokens)
         lengths = (self.last - self.first + 1).to(torch.float64)
         tiebreak = torch.rand(lengths.numel(), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
         self.by_length = torch.argsort(lengths + tiebreak)
@@ -358,6 +360,20 @@ class SentencePlan:
     def batch(self, epoch: int, index: int) -> Window:
         """Batch ``index`` of ``epoch`` in its shuffled order."""
         return self._batch(int(self.order(epoch)[index]))
+
+
+def _cut(first: Tensor, last: Tensor, room: int) -> tuple[Tensor, Tensor]:
+    """Sentences ``first .. last`` (first and last targets, ``(S,)``) with every sentence longer
+    than ``room`` tokens cut into consecutive pieces of ``room`` (the last one shorter), each a
+    sentence of its own read from scratch: no batch ever exceeds the token budget."""
+    pieces = (last - first) // room + 1
+    if not pieces.numel() or int(pieces.max()) <= 1:
+        return first, last
+    owner = torch.repeat_interleave(torch.arange(first.numel()), pieces)
+    start = torch.cumsum(pieces, 0) - pieces
+    k = torch.arange(owner.numel()) - start[owner]
+    begin = first[owner] + k * room
+    return begin, torch.minimum(begin + room - 1, last[owner])
 
 
 def _greedy_groups(widths: Tensor, max_tokens: int) -> Tensor:

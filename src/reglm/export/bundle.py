@@ -11,13 +11,18 @@ quantizes it to int8 and measures the perplexity change on a text, and then writ
       tokenizer.json          BPE models only: the sub-word tokenizer (Hugging Face tokenizers)
       export.json             format, tensor names and shapes, state pairs, special ids, checks
 
-All files are written into a hidden directory beside ``OUT`` and renamed into place at the end,
-so ``OUT`` is either the previous export or the new one, never a mix. ``OUT`` must be new, empty,
-or a previous export (it holds ``export.json``); anything else is refused.
+All files are written into a hidden directory beside ``OUT``; the check runs on the model file
+read back from there (what is on disk, not the bytes in memory), and the files are then renamed
+into ``OUT`` one by one, ``export.json`` last. ``OUT`` must be new, empty, or a previous export
+(it holds ``export.json``, which lists the files it wrote under ``files``); anything else is
+refused. An export replaces only the files a previous export wrote (and removes those the new one
+does not have, a ``model.pt`` after a switch to ONNX): a file of the user's in ``OUT`` is never
+deleted, and one in the way of a new file is refused.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
@@ -32,7 +37,7 @@ from reglm.errors import ReglmError
 from reglm.export import onnx, torchscript
 from reglm.export.modules import InferenceLM, inference_module, state_names
 from reglm.export.quantize import CHUNK, Step, quantize_module, stream_perplexity
-from reglm.io import temp_sibling, write_bytes, write_json
+from reglm.io import read_json, temp_sibling, write_bytes, write_json
 from reglm.rundir import TOKENIZER_FILE, VOCAB_FILE
 
 SPEC_FILE = "export.json"
@@ -118,8 +123,27 @@ def check_options(format: str, quantize: str | None) -> None:
         raise ReglmError(f"--quantize {quantize} is not supported; choose {' or '.join(QUANTIZATIONS)} (or leave it out for float32)")
 
 
-def check_out(out: Path) -> None:
-    """``out`` may be written: new, an empty directory or a previous export; else a ReglmError."""
+def _written_before(out: Path) -> set[str]:
+    """The files the export in ``out`` wrote (its ``export.json`` and the files it lists; an
+    older export, without the list: its model file, vocabulary and tokenizer); empty for none."""
+    path = out / SPEC_FILE
+    if not path.is_file():
+        return set()
+    spec = read_json(path, f"remove {path} or choose another --out")
+    files = spec.get("files") if isinstance(spec, dict) else None
+    kind = spec.get("format") if isinstance(spec, dict) else None
+    fmt = FORMATS.get(kind) if isinstance(kind, str) else None
+    older = fmt is not None and spec.get("file") == fmt.file
+    if files is None and older:
+        files = [spec["file"], VOCAB_FILE, TOKENIZER_FILE]
+    if not isinstance(files, list):
+        raise ReglmError(f"{path} is not an export.json of reglm (no list of files); remove it or choose another --out")
+    return {name for name in files if isinstance(name, str) and name == Path(name).name} | {SPEC_FILE}
+
+
+def check_out(out: Path, files: Sequence[str] = ()) -> set[str]:
+    """``out`` may be written with ``files``: it is new, an empty directory or a previous export,
+    and none of ``files`` there is a file of the user's; returns what the previous export wrote."""
     if out.exists() and not out.is_dir():
         raise ReglmError(f"--out {out} is a file, not a directory; choose another --out")
     for parent in out.absolute().parents:
@@ -127,23 +151,29 @@ def check_out(out: Path) -> None:
             if not parent.is_dir():
                 raise ReglmError(f"--out {out}: {parent} is a file, not a directory; choose another --out")
             break
-    if out.is_dir() and any(out.iterdir()) and not (out / SPEC_FILE).is_file():
+    if not out.is_dir():
+        return set()
+    ours = _written_before(out)
+    if not ours and any(out.iterdir()):
         raise ReglmError(f"--out {out} is a directory that is not empty and holds no export ({SPEC_FILE}); choose a new or empty directory")
+    for name in files:
+        if name not in ours and (out / name).exists():
+            raise ReglmError(
+                f"--out {out} holds {name}, which no export wrote there; move it away or choose another --out"
+            )
+    return ours
 
 
-def _publish(staging: Path, out: Path) -> None:
-    """Move the finished ``staging`` directory to ``out``, replacing a previous export there."""
-    previous = temp_sibling(out) if out.exists() else None
-    if previous is not None:
-        out.rename(previous)
-    try:
-        staging.rename(out)
-    except OSError:
-        if previous is not None:
-            previous.rename(out)
-        raise
-    if previous is not None:
-        shutil.rmtree(previous)
+def _publish(staging: Path, out: Path, files: Sequence[str]) -> None:
+    """Move ``files`` from the finished ``staging`` directory into ``out`` (``export.json`` last),
+    replacing what a previous export wrote there; then remove the previous export's files that
+    the new one does not have. Nothing else in ``out`` is touched."""
+    ours = check_out(out, files)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in sorted(files, key=lambda name: name == SPEC_FILE):
+        os.replace(staging / name, out / name)
+    for name in sorted(ours - set(files)):
+        (out / name).unlink(missing_ok=True)
 
 
 def export_model(
@@ -157,15 +187,76 @@ def export_model(
     if quantize is not None and (eval_ids is None or len(eval_ids) < 2):
         raise ReglmError("measuring the perplexity change of int8 needs a text of at least two tokens; give --text FILE")
     out = Path(out)
-    check_out(out)
     fmt = FORMATS[format]
+    files = [fmt.file, VOCAB_FILE, *([TOKENIZER_FILE] if lm.subword is not None else []), SPEC_FILE]
+    check_out(out, files)
     module = inference_module(lm.model)
     vocab_size = module.vocab_size
     data = fmt.export(module)
-    diff = stream_difference(lm.model, fmt.runner(data), module.initial_state, vocab_size)
+    float32 = data
+    if quantize is not None:
+        _require_close(format, fmt, stream_difference(lm.model, fmt.runner(float32), module.initial_state, vocab_size))
+        with tempfile.TemporaryDirectory() as work:
+            data = fmt.quantize(module, float32, Path(work))
+    staging = temp_sibling(out)
+    try:
+        staging.mkdir(parents=True)
+        write_bytes(staging / fmt.file, data)
+        on_disk = (staging / fmt.file).read_bytes()
+        diff = stream_difference(lm.model, fmt.runner(on_disk), module.initial_state, vocab_size)
+        if quantize is None:
+            _require_close(format, fmt, diff)
+        spec = _spec(lm, module, format, fmt, quantize, source, diff, files)
+        if quantize is not None:
+            spec["quantization"] = _quantization(fmt, module, float32, on_disk, eval_ids, eval_source)
+        lm.vocab.save(staging / VOCAB_FILE)
+        if lm.subword is not None:
+            lm.vocab.save_tokenizer(staging / TOKENIZER_FILE)
+        write_json(staging / SPEC_FILE, spec)
+        _publish(staging, out, files)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    return spec
+
+
+def _require_close(format: str, fmt: Format, diff: float) -> None:
     if not diff <= CHECK_TOLERANCE:
         raise ReglmError(f"the {format} export differs from the PyTorch model by {diff:.3g} in log-probability (> {CHECK_TOLERANCE:g}); nothing was written; "
                          f"this is a bug of reglm or of {fmt.runtime()}: please report it")
+
+
+def _quantization(
+    fmt: Format, module: InferenceLM, float32: bytes, data: bytes, eval_ids: Sequence[int] | Tensor, eval_source: str,
+) -> dict[str, Any]:
+    """What ``export.json`` says of an int8 export ``data`` (the file read back) against ``float32``."""
+    ops = fmt.quantized_ops(data)
+    if not ops:
+        raise RuntimeError(f"{fmt.int8_method} quantized nothing in the {fmt.file} export")
+    blobs = {"float32": float32, "int8": data}
+    ppl = {name: stream_perplexity(fmt.runner(blob), eval_ids, module.initial_state(1)) for name, blob in blobs.items()}
+    return {
+        "method": fmt.int8_method,
+        "quantized_ops": ops,
+        "float32_bytes": len(float32),
+        "int8_bytes": len(data),
+        "size_ratio": len(data) / len(float32),
+        "perplexity": {
+            "text": eval_source, "tokens": len(eval_ids) - 1,
+            "read": (
+                f"one stream in chunks of {CHUNK} tokens, state carried" if module.state_sizes
+                else f"independent blocks of {CHUNK} tokens"
+            ),
+            **ppl, "change": ppl["int8"] / ppl["float32"] - 1.0,
+        },
+    }
+
+
+def _spec(
+    lm: Any, module: InferenceLM, format: str, fmt: Format, quantize: str | None, source: Path | None, diff: float,
+    files: list[str],
+) -> dict[str, Any]:
+    """``export.json`` but for the quantization; ``diff``: the check on the file read back."""
     check = {
         "reference": "the trained PyTorch model (reglm), eval mode",
         "runtime": fmt.runtime(),
@@ -173,35 +264,17 @@ def export_model(
         "chunks": list(CHECK_CHUNKS),
         "state_carried": bool(module.state_sizes),
         "max_abs_log_prob_diff": diff,
+        "on": "the model file read back from disk",
     }
-    quantization = None
     if quantize is not None:
-        with tempfile.TemporaryDirectory() as work:
-            float32, data = data, fmt.quantize(module, data, Path(work))
-        ops = fmt.quantized_ops(data)
-        if not ops:
-            raise RuntimeError(f"{fmt.int8_method} quantized nothing in the {format} export")
-        check["max_abs_log_prob_diff"] = stream_difference(lm.model, fmt.runner(data), module.initial_state, vocab_size)
         check["note"] = "int8: the difference is the quantization error (no tolerance); the float32 export passed the check first"
-        ppl = {name: stream_perplexity(fmt.runner(blob), eval_ids, module.initial_state(1)) for name, blob in (("float32", float32), ("int8", data))}
-        quantization = {
-            "method": fmt.int8_method,
-            "quantized_ops": ops,
-            "float32_bytes": len(float32),
-            "int8_bytes": len(data),
-            "size_ratio": len(data) / len(float32),
-            "perplexity": {
-                "text": eval_source, "tokens": len(eval_ids) - 1,
-                "read": f"one stream in chunks of {CHUNK} tokens, state carried" if module.state_sizes else f"independent blocks of {CHUNK} tokens",
-                **ppl, "change": ppl["int8"] / ppl["float32"] - 1.0,
-            },
-        }
     from reglm import __version__
 
-    vocab = lm.vocab
-    spec = {
+    vocab, vocab_size = lm.vocab, module.vocab_size
+    return {
         "format": format,
         "file": fmt.file,
+        "files": files,
         **fmt.details,
         "precision": quantize or "float32",
         "stateful": bool(module.state_sizes),
@@ -216,19 +289,6 @@ def export_model(
             "parameters": lm.model.num_parameters(), "source": None if source is None else str(source),
         },
         "check": check,
-        "quantization": quantization,
+        "quantization": None,
         "versions": {"reglm": __version__, "torch": torch.__version__},
     }
-    staging = temp_sibling(out)
-    try:
-        write_bytes(staging / fmt.file, data)
-        vocab.save(staging / VOCAB_FILE)
-        if lm.subword is not None:
-            vocab.save_tokenizer(staging / TOKENIZER_FILE)
-        write_json(staging / SPEC_FILE, spec)
-        check_out(out)
-        _publish(staging, out)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
-    return spec

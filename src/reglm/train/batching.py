@@ -37,6 +37,11 @@ from reglm.train.schedules import sample_bptt
 class StreamBatches:
     carries_state = True
 
+    @staticmethod
+    def context(cfg: TrainConfig) -> int:
+        """The longest span of tokens the model reads at once in training (a BPTT window)."""
+        return cfg.bptt
+
     def __init__(self, ids: Tensor, cfg: TrainConfig, seed: int, device: torch.device, eos_id: int, shard: tuple[int, int] = (0, 1)) -> None:
         self.cfg = cfg
         _require_shares(cfg.batch_size, shard[1], "train.batch_size", "streams")
@@ -98,6 +103,10 @@ class _ShuffledBatches:
 
 
 class BlockBatches(_ShuffledBatches):
+    @staticmethod
+    def context(cfg: TrainConfig) -> int:
+        return cfg.block_size
+
     def __init__(self, ids: Tensor, cfg: TrainConfig, seed: int, device: torch.device, eos_id: int, shard: tuple[int, int] = (0, 1)) -> None:
         super().__init__(cfg)
         self.rank, self.world = shard
@@ -121,6 +130,11 @@ class BlockBatches(_ShuffledBatches):
 
 
 class SentenceBatches(_ShuffledBatches):
+    @staticmethod
+    def context(cfg: TrainConfig) -> int:
+        """A sentence longer than the token budget is cut into pieces of the budget."""
+        return cfg.max_tokens
+
     def __init__(self, ids: Tensor, cfg: TrainConfig, seed: int, device: torch.device, eos_id: int, shard: tuple[int, int] = (0, 1)) -> None:
         _require_shares(cfg.update_freq, shard[1], "train.update_freq", "batches of sentences per step")
         super().__init__(cfg, shard)
@@ -138,6 +152,12 @@ BATCHES = {"bptt": StreamBatches, "blocks": BlockBatches, "sentences": SentenceB
 def training_batches(ids: Tensor, cfg: TrainConfig, seed: int, device: torch.device, eos_id: int, shard: tuple[int, int] = (0, 1)) -> StreamBatches | BlockBatches | SentenceBatches:
     """The batches ``train.batching`` names; ``shard``: this process's share (rank, world size)."""
     return BATCHES[cfg.batching](ids, cfg, seed, device, eos_id, shard)
+
+
+def trained_context(cfg: TrainConfig) -> int:
+    """The longest span of tokens a model trained with ``cfg`` read at once: what a stateless
+    model may attend over when it scores a longer text (in windows of this many tokens)."""
+    return BATCHES[cfg.batching].context(cfg)
 
 
 def _require_shares(count: int, world: int, option: str, what: str) -> None:

@@ -32,12 +32,17 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from reglm.config import RunConfig
+from reglm.config.presets import CONFIG_BYTES
 from reglm.data.bpe import BPEVocab
 from reglm.data.vocab import Vocab
 from reglm.errors import ReglmError
-from reglm.io import write_bytes, write_json, write_with
-from reglm.models import LanguageModel
+from reglm.io import read_json, write_bytes, write_json, write_with
+from reglm.models import LanguageModel, shapes_only
 from reglm.rundir import CONFIG_FILE, MODEL_FILE, STATE_FILE, TOKENIZER_FILE, VOCAB_FILE
+
+LOADING_BYTES_PER_PARAMETER = 12
+"""Memory a loaded parameter takes at its peak: the file's bytes, the tensors read from them and
+the model's own float32 copy."""
 
 __all__ = ["CONFIG_FILE", "MODEL_FILE", "STATE_FILE", "TOKENIZER_FILE", "VOCAB_FILE", "load_model_dir", "load_state", "read_model_meta", "save_model_dir", "save_state"]
 
@@ -56,13 +61,91 @@ def weights_bytes(model: torch.nn.Module) -> bytes:
     return save_safetensors({names[0]: state[names[0]].contiguous() for names in _alias_groups(model)})
 
 
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
+    torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+}
+"""The safetensors header's name of each dtype a model's state can hold."""
+HEADER_BYTES = 100 << 20
+"""The largest safetensors header read (the format's own limit)."""
+
+
+def _stored_tensors(path: Path) -> dict[str, tuple[str, list[int]]]:
+    """The ``name: (dtype, shape)`` of every tensor in the safetensors file ``path``, from its
+    header alone (bounded, nothing else read), checked to describe exactly the bytes of the file."""
+    damaged = f"{path} is not a complete safetensors file"
+    fix = "it is truncated, corrupted or not a model file; use another checkpoint or retrain"
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        length = int.from_bytes(fh.read(8), "little") if size >= 8 else -1
+        if not 0 < length <= min(size - 8, HEADER_BYTES):
+            raise ReglmError(f"{damaged} (its header length does not fit the file); {fix}")
+        try:
+            header = json.loads(fh.read(length))
+        except (RecursionError, UnicodeDecodeError, ValueError):
+            raise ReglmError(f"{damaged} (its header is not JSON); {fix}") from None
+    if not isinstance(header, dict):
+        raise ReglmError(f"{damaged} (its header is not a table of tensors); {fix}")
+    header.pop("__metadata__", None)
+    tensors, data = {}, 0
+    for name, info in header.items():
+        shape = info.get("shape") if isinstance(info, dict) else None
+        dtype = info.get("dtype") if isinstance(info, dict) else None
+        valid_shape = isinstance(shape, list) and all(_is_int(d) and d >= 0 for d in shape)
+        if dtype not in SAFETENSORS_DTYPES.values() or not valid_shape:
+            raise ReglmError(f"{damaged} (tensor {name!r} has no valid dtype and shape); {fix}")
+        tensors[name] = (dtype, shape)
+        data += math.prod(shape) * _ITEM_BYTES[dtype]
+    if data != size - 8 - length:
+        raise ReglmError(
+            f"{damaged} (its tensors take {data:,} bytes, the file holds {size - 8 - length:,} after the header); {fix}"
+        )
+    return tensors
+
+
+_ITEM_BYTES = {name: torch.tensor([], dtype=dtype).element_size() for dtype, name in SAFETENSORS_DTYPES.items()}
+
+
+def check_weights_file(path: Path, shapes: dict[str, torch.Tensor], groups: list[list[str]]) -> None:
+    """A ReglmError unless the safetensors file ``path`` holds, under one name of each group of
+    shared names (``groups``), a tensor of the dtype and shape ``shapes`` gives it (the tensors of
+    a model built on the meta device), and nothing else: read from the header, before anything
+    is allocated, so that a ``config.json`` asking for absurd sizes is refused at once."""
+    stored = _stored_tensors(path)
+    fix = f"the weights do not belong to the model its {CONFIG_FILE} describes; use the checkpoint's own {CONFIG_FILE}"
+    seen = set()
+    for names in groups:
+        name = next((n for n in names if n in stored), None)
+        if name is None:
+            raise ReglmError(f"{path} has no tensor {names[0]!r}; {fix}")
+        seen.add(name)
+        want = shapes[names[0]]
+        dtype, shape = stored[name]
+        if dtype != SAFETENSORS_DTYPES.get(want.dtype) or shape != list(want.shape):
+            need = f"{SAFETENSORS_DTYPES.get(want.dtype)} {list(want.shape)}"
+            raise ReglmError(f"{path}: tensor {name!r} is {dtype} {shape}, the model needs {need}; {fix}")
+    unexpected = sorted(set(stored) - seen)
+    if unexpected:
+        names = ", ".join(map(repr, unexpected[:3]))
+        raise ReglmError(f"{path} holds tensors the model does not have ({names}); {fix}")
+
+
 def load_weights(model: torch.nn.Module, path: Path) -> None:
     """Load ``path`` (written by :func:`weights_bytes`, or by ``safetensors.torch.save_model``,
-    which may keep another name of a shared tensor) into ``model``, strictly."""
+    which may keep another name of a shared tensor) into ``model``, strictly: names, dtypes and
+    shapes as the model's, every floating-point value finite."""
+    path = Path(path)
+    check_weights_file(path, model.state_dict(), _alias_groups(model))
     try:
-        tensors = load_safetensors(Path(path).read_bytes())
+        tensors = load_safetensors(path.read_bytes())
     except (SafetensorError, ValueError, RuntimeError) as exc:
         raise ReglmError(f"{path} cannot be read ({_short(exc)}): it is truncated, corrupted or not a model file; use another checkpoint or retrain") from None
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ReglmError(
+                f"{path}: tensor {name!r} holds NaN or infinite values; "
+                "the checkpoint is damaged (reglm never saves them), use another one"
+            )
     state: dict[str, torch.Tensor] = {}
     missing = []
     for names in _alias_groups(model):
@@ -108,10 +191,7 @@ def read_model_meta(directory: Path) -> dict[str, Any]:
         raise ReglmError(f"{directory} is not a directory; give a run directory or its best/ or last/")
     if not path.is_file():
         raise ReglmError(f"{directory} is not a reglm model directory (it has no {CONFIG_FILE}; expected {MODEL_FILE}, {CONFIG_FILE}, {VOCAB_FILE})")
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ReglmError(f"{path} is not valid JSON ({exc}); the checkpoint is damaged, use another one (best/ or last/)") from None
+    meta = read_json(path, "the checkpoint is damaged, use another one (best/ or last/)", max_bytes=CONFIG_BYTES)
     if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
         raise ReglmError(f"{path} is not a reglm model config; point at a run directory or its best/ or last/")
     return meta
@@ -135,6 +215,19 @@ def load_model_dir(directory: Path, device: torch.device | str = "cpu") -> tuple
     weights = directory / MODEL_FILE
     if not weights.is_file():
         raise ReglmError(f"{weights} is missing; the model directory is incomplete")
+    try:
+        with shapes_only():
+            shapes = LanguageModel(config.model, len(vocab), vocab)
+    except RuntimeError:
+        raise ReglmError(
+            f"{directory / CONFIG_FILE} describes a model too large to build (its tensor sizes overflow); "
+            "it is damaged, use another checkpoint"
+        ) from None
+    check_weights_file(weights, shapes.state_dict(), _alias_groups(shapes))
+    from reglm.train.setup import check_model_size
+
+    fix = f"load it on a machine with more memory (or check {directory / CONFIG_FILE})"
+    check_model_size(config, len(vocab), torch.device(device), LOADING_BYTES_PER_PARAMETER, "loading", fix)
     model = LanguageModel(config.model, len(vocab), vocab)
     load_weights(model, weights)
     return model.to(device), config, vocab

@@ -103,18 +103,23 @@ def device_memory(device: torch.device) -> int | None:
         return None
 
 
-def check_model_size(config: RunConfig, vocab_size: int, device: torch.device) -> int:
-    """The model's parameter count, counted without allocating anything; a model whose training
-    would not fit in ``device``'s memory is a ReglmError naming the sizes to lower."""
-    fix = "lower model.encoder.hidden_size, model.input.emb_size or model.encoder.num_layers (or data.max_vocab)"
+def check_model_size(
+    config: RunConfig, vocab_size: int, device: torch.device, per_parameter: int = TRAINING_BYTES_PER_PARAMETER,
+    purpose: str = "training",
+    fix: str = "lower model.encoder.hidden_size, model.input.emb_size or model.encoder.num_layers (or data.max_vocab)",
+) -> int:
+    """The model's parameter count, counted without allocating anything; a model whose
+    ``purpose`` (training; loading, :func:`reglm.train.checkpoint.load_model_dir`), at
+    ``per_parameter`` bytes a parameter, would not fit in ``device``'s memory is a ReglmError
+    ending with ``fix``."""
     try:
         n = count_parameters(config.model, vocab_size)
     except RuntimeError:
         raise ReglmError(f"the model is too large to build (its tensor sizes overflow); {fix}") from None
-    need, have = n * TRAINING_BYTES_PER_PARAMETER, device_memory(device)
+    need, have = n * per_parameter, device_memory(device)
     if have is not None and need > have:
         raise ReglmError(
-            f"the model has {n:,} parameters: training needs about {need / 2**30:,.1f} GiB, more than the "
+            f"the model has {n:,} parameters: {purpose} needs about {need / 2**30:,.1f} GiB, more than the "
             f"{have / 2**30:,.1f} GiB of {device}; {fix}"
         )
     return n
