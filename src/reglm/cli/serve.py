@@ -113,8 +113,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     stops: list[int] = []
     # uvicorn handles SIGINT/SIGTERM while it runs (stop accepting, drain), then raises the signal
     # again for the handler it found: this one notes it, so that a requested stop exits with 0
+    server = uvicorn.Server(config)
     with handling_signals(lambda signum, _frame: stops.append(signum)):
-        uvicorn.Server(config).run(sockets=[sock])
+        server.run(sockets=[sock])
+    if not server.started and not stops:
+        raise ReglmError("the service did not start; the lines above say why")
     reason = f" on {signal.Signals(stops[0]).name}, requests in flight answered" if stops else ""
     print(f"reglm: stopped{reason}", file=sys.stderr, flush=True)
     return 0
