@@ -23,6 +23,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from reglm.encoders.lstm_segment import cell_lstm, segment_lstm
+
 LSTMState = tuple[Tensor, Tensor]
 
 
@@ -51,10 +53,41 @@ class _EvalChunk:
         return self.views
 
 
+CELL_MAX_STEPS = 32
+"""The longest gradient-free CPU call that runs on the step-by-step cell rather than oneDNN
+(:func:`lstm_kernel`; measured by ``benchmarks/export_latency.py --kernels``)."""
+
+
+def lstm_kernel(x: Tensor, needs_grad: bool, segment_gradients: bool) -> str:
+    """The kernel of one LSTM layer call over ``x: (B, T, I)`` -- the one place where it is
+    chosen, for every caller (training, evaluation, scoring, generation, ``next_words``, the
+    export checks, dynamic evaluation):
+
+    * ``"cudnn"``: every CUDA call (``torch.lstm``);
+    * ``"segment"``: a CPU call that needs gradients from a layer in gradient mode (dynamic
+      evaluation's working copy): :class:`~reglm.encoders.lstm_segment.SegmentLSTM`, whose
+      backward computes each weight gradient as one product for the whole segment;
+    * ``"cell"``: a gradient-free CPU call of at most :data:`CELL_MAX_STEPS` steps (a streamed
+      token, a short prompt): PyTorch's own cell step by step
+      (:func:`~reglm.encoders.lstm_segment.cell_lstm`, the values of ``torch.lstm`` with oneDNN
+      off). oneDNN's RNN primitive reorders every weight on every call, which a short call never
+      amortizes: one token through the PTB-sized stack took 4x longer with it;
+    * ``"onednn"``: every other CPU call (training, long windows): ``torch.lstm`` as PyTorch
+      dispatches it.
+    """
+    if x.is_cuda:
+        return "cudnn"
+    if needs_grad:
+        return "segment" if segment_gradients else "onednn"
+    return "cell" if x.size(1) <= CELL_MAX_STEPS else "onednn"
+
+
 def lstm_layer(layer: nn.Module, x: Tensor, state: LSTMState, weight_hh: Tensor) -> tuple[Tensor, LSTMState]:
     """One unidirectional batch-first LSTM layer over ``x: (B, T, I)`` from ``state`` with the
     layer's ``weight_ih_l0``, ``bias_ih_l0``, ``bias_hh_l0`` and the given recurrent weight
-    (the layer's own, or a DropConnect-dropped copy). Returns ``out: (B, T, H)`` and ``(h, c)``."""
+    (the layer's own, or a DropConnect-dropped copy), on the kernel :func:`lstm_kernel` picks
+    (``layer.segment_gradients``: the layer is in gradient mode). Returns ``out: (B, T, H)``
+    and ``(h, c)``."""
     params = [layer.weight_ih_l0, weight_hh, layer.bias_ih_l0, layer.bias_hh_l0]
     if x.is_cuda:
         if torch.is_grad_enabled():
@@ -65,8 +98,17 @@ def lstm_layer(layer: nn.Module, x: Tensor, state: LSTMState, weight_hh: Tensor)
     if torch.is_autocast_enabled(x.device.type):
         with torch.autocast(x.device.type, enabled=False):
             h0, c0 = state
-            out, h, c = torch.lstm(x.float(), (h0.float(), c0.float()), [p.float() for p in params], True, 1, 0.0, layer.training, False, True)
-    else:
-        # torch.lstm(input, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first)
-        out, h, c = torch.lstm(x, state, params, True, 1, 0.0, layer.training, False, True)
+            return _run(layer, x.float(), (h0.float(), c0.float()), [p.float() for p in params])
+    return _run(layer, x, state, params)
+
+
+def _run(layer: nn.Module, x: Tensor, state: LSTMState, params: list[Tensor]) -> tuple[Tensor, LSTMState]:
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, *state, *params))
+    kernel = lstm_kernel(x, needs_grad, layer.segment_gradients)
+    if kernel == "segment":
+        return segment_lstm(x, state, params)
+    if kernel == "cell":
+        return cell_lstm(x, state, params)
+    # torch.lstm(input, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first)
+    out, h, c = torch.lstm(x, state, params, True, 1, 0.0, layer.training, False, True)
     return out, (h, c)

@@ -94,10 +94,7 @@ per-element decay, then ``addcmul`` of the gradient by the per-element step
 from __future__ import annotations
 
 import copy
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator
-
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
@@ -122,26 +119,16 @@ def _gradient_copy(model: nn.Module, device: torch.device | str) -> nn.Module:
     return work
 
 
-@contextmanager
-def _native_cpu_kernels() -> Iterator[None]:
-    """oneDNN off for the block: PyTorch's own CPU LSTM kernel differentiates short segments
-    faster (see the module doc); CUDA is unaffected."""
-    previous = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = False
-    try:
-        yield
-    finally:
-        torch.backends.mkldnn.enabled = previous
-
-
 def _segment_grads(model: nn.Module, params: list[Tensor], window: Window, state: State | None) -> tuple[Tensor, tuple[Tensor, ...], State | None]:
     """Score the window and differentiate the mean NLL of its scored targets: (NLL ``(B, T)``,
     one gradient per parameter, detached new state)."""
-    with torch.enable_grad(), _native_cpu_kernels():
+    with torch.enable_grad():
         out = model(window.inputs, state)
         nll = model.output_nll(out, window.targets)
         loss = nll.mean() if window.scored is None else nll.masked_fill(~window.scored, 0).sum() / window.tokens
         grads = torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)
+    # an untied embedding's gradient stays sparse (its looked-up rows); a tied one came back dense
+    grads = tuple(g.to_dense() if g.is_sparse else g for g in grads)
     return nll.detach(), grads, detach_state(out.state)
 
 
