@@ -172,6 +172,36 @@ def test_two_updates_match_the_formula(model, train_ids, variant):
     assert not torch.allclose(result.token_nll[segment:], static[segment:])
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_float64_updates_match_autograd_through_torch_lstm(train_ids, tied):
+    """The working copy's gradients (segment kernel, sparse lookup gradients) against plain
+    autograd through ``torch.lstm`` on a dropout-free float64 copy, three segments: equal to
+    float64 rounding (1e-12 is about 10^4 ulps of the weights' magnitude)."""
+    model = tiny_model(tie_weights=tied).double()
+    ids = torch.randint(0, VOCAB, (3 * 4 + 1,))
+    stats = stats_of(model, train_ids)
+    spec = DynamicSpec(lr=3e-3, lam=0.3, eps=1e-4, segment=4)
+    ref = tiny_model(tie_weights=tied, **NO_DROPOUT).double()
+    ref.load_state_dict(model.state_dict())
+    ref.eval()
+    theta0 = [p.detach().clone() for p in ref.parameters()]
+    rms = [stats[name] for name, _ in ref.named_parameters()]
+    mean = sum(r.mean() for r in rms) / len(rms)
+    evaluator = DynamicEvaluator(model, stats)
+    assert evaluator.model.embedding.sparse_gradient
+    state, ref_state = None, None
+    for k in range(3):
+        x, y = ids[None, 4 * k : 4 * k + 4], ids[None, 4 * k + 1 : 4 * k + 5]
+        nll_ref, grads, ref_state = manual_grads(ref, x, y, ref_state)
+        with torch.no_grad():
+            for p, p0, g, r in zip(ref.parameters(), theta0, grads, rms):
+                p.copy_(p - spec.lr * g / (r + spec.eps) + torch.clamp(spec.lam * r / mean, max=1.0) * (p0 - p))
+        nll, state = evaluator.adapt(Window(x, y, None, torch.zeros_like(y), y.numel(), y.numel()), state, spec)
+        assert_close(nll, nll_ref, rtol=1e-12, atol=1e-12)
+    for (name, p), p_ref in zip(evaluator.model.named_parameters(), ref.parameters()):
+        assert_close(p.detach(), p_ref.detach(), rtol=1e-12, atol=1e-12, msg=name)
+
+
 # ---------------------------------------------------------------- dropout, adaptation, isolation
 
 

@@ -53,7 +53,7 @@ class _EvalChunk:
         return self.views
 
 
-CELL_MAX_STEPS = 32
+CELL_MAX_STEPS = 8
 """The longest gradient-free CPU call that runs on the step-by-step cell rather than oneDNN
 (:func:`lstm_kernel`; measured by ``benchmarks/export_latency.py --kernels``)."""
 

@@ -119,17 +119,29 @@ def _gradient_copy(model: nn.Module, device: torch.device | str) -> nn.Module:
     return work
 
 
-def _segment_grads(model: nn.Module, params: list[Tensor], window: Window, state: State | None) -> tuple[Tensor, tuple[Tensor, ...], State | None]:
-    """Score the window and differentiate the mean NLL of its scored targets: (NLL ``(B, T)``,
-    one gradient per parameter, detached new state)."""
+def segment_loss(model: nn.Module, window: Window, state: State | None) -> tuple[Tensor, Tensor, State | None]:
+    """The forward pass of one segment with gradients on: (NLL ``(B, T)``, the mean NLL of its
+    scored targets, the new state)."""
     with torch.enable_grad():
         out = model(window.inputs, state)
         nll = model.output_nll(out, window.targets)
         loss = nll.mean() if window.scored is None else nll.masked_fill(~window.scored, 0).sum() / window.tokens
-        grads = torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)
-    # an untied embedding's gradient stays sparse (its looked-up rows); a tied one came back dense
-    grads = tuple(g.to_dense() if g.is_sparse else g for g in grads)
-    return nll.detach(), grads, detach_state(out.state)
+    return nll, loss, out.state
+
+
+def segment_gradients(loss: Tensor, params: list[Tensor]) -> tuple[Tensor, ...]:
+    """The gradient of ``loss`` for every parameter, dense (zeros for an unused one); an untied
+    embedding's sparse lookup gradient is made dense here, a tied one arrives summed into the
+    output layer's dense gradient."""
+    grads = torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)
+    return tuple(g.to_dense() if g.is_sparse else g for g in grads)
+
+
+def _segment_grads(model: nn.Module, params: list[Tensor], window: Window, state: State | None) -> tuple[Tensor, tuple[Tensor, ...], State | None]:
+    """Score the window and differentiate the mean NLL of its scored targets: (NLL ``(B, T)``,
+    one gradient per parameter, detached new state)."""
+    nll, loss, state = segment_loss(model, window, state)
+    return nll.detach(), segment_gradients(loss, params), detach_state(state)
 
 
 def gradient_statistics(
@@ -217,15 +229,20 @@ class DynamicEvaluator:
         """Score the segment with the current weights, then update them on its scored targets.
         Returns the NLL ``(B, T)`` of the prediction made *before* the update and the detached
         state to pass with the next segment."""
-        decay, step = self._coefficients(spec)
         nll, grads, state = _segment_grads(self.model, self.params, window, state)
-        with torch.no_grad():
-            torch._foreach_lerp_(self.params, self.theta0, decay)
-            if spec.variant == "sgd":
-                torch._foreach_add_(self.params, grads, alpha=-step)
-            else:
-                torch._foreach_addcmul_(self.params, grads, step, value=-1.0)
+        self.update(grads, spec)
         return nll, state
+
+    @torch.no_grad()
+    def update(self, grads: tuple[Tensor, ...], spec: DynamicSpec) -> None:
+        """One update of every parameter by its gradient (the rule of the module doc), two
+        multi-tensor passes: the decay toward ``theta_0``, then the gradient step."""
+        decay, step = self._coefficients(spec)
+        torch._foreach_lerp_(self.params, self.theta0, decay)
+        if spec.variant == "sgd":
+            torch._foreach_add_(self.params, grads, alpha=-step)
+        else:
+            torch._foreach_addcmul_(self.params, grads, step, value=-1.0)
 
     def evaluate(self, ids: Tensor, spec: DynamicSpec, keep_token_nll: bool = False, progress: bool = False, desc: str = "dynamic") -> EvalResult:
         """One dynamic pass over ``ids: (N,)`` cut into ``spec.batch_size`` streams (every target
