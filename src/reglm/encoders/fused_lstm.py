@@ -1,8 +1,18 @@
-"""The fused LSTM kernel call of the LSTM encoders, with cuDNN's weight layout and a fixed precision.
+"""The LSTM kernel call of the LSTM encoders: which kernel runs a call, cuDNN's weight layout, a fixed precision.
 
 Both LSTM layers (:class:`~reglm.encoders.awd_lstm.WeightDropLSTM`, the unmasked path of
-:class:`~reglm.encoders.vd_lstm.VDLSTMLayer`) run one layer through ``torch.lstm`` here.
+:class:`~reglm.encoders.vd_lstm.VDLSTMLayer`) run one layer here, on the kernel
+:func:`lstm_kernel` picks -- the one place that choice is made, so training, evaluation,
+scoring, generation, ``next_words``, the export checks and dynamic evaluation all follow it.
 
+* **Kernel.** CUDA calls run cuDNN. On the CPU, short gradient-free calls (a streamed token, a
+  short prompt: at most :data:`CELL_MAX_STEPS` steps) run PyTorch's own LSTM cell step by step
+  (:func:`~reglm.encoders.lstm_segment.cell_lstm`), because oneDNN's RNN primitive -- PyTorch's
+  default CPU kernel -- reorders every weight on every call, which a short call never
+  amortizes; longer calls and training run oneDNN; a layer in gradient mode (dynamic
+  evaluation) is differentiated by :class:`~reglm.encoders.lstm_segment.SegmentLSTM`. The cell
+  uses no global switch (``torch.backends.mkldnn``), so concurrent callers cannot disturb
+  each other's kernel.
 * **Weight layout on CUDA.** cuDNN reads a layer's four tensors ``[W_ih, W_hh, b_ih, b_hh]``
   from one contiguous buffer; handed four separate tensors, it compacts them into a new buffer
   at every call and warns ("RNN module weights are not part of single contiguous chunk of
@@ -10,8 +20,7 @@ Both LSTM layers (:class:`~reglm.encoders.awd_lstm.WeightDropLSTM`, the unmasked
   evaluation (no gradient) a buffer kept per layer and rebuilt only when a parameter changed (its
   ``_version``, which every in-place update bumps); with gradients, one concatenation per call
   into which the DropConnect-dropped ``W_hh`` goes directly (that dropped copy exists anyway), so
-  the gradient reaches the parameters through it. On the CPU the tensors go as they are: the CPU
-  kernel reads them in place, and the CPU numbers stay those of every earlier version.
+  the gradient reaches the parameters through it. On the CPU the tensors go as they are.
 * **Precision.** The recurrence runs in float32 with a float32 state whatever autocast says:
   under CUDA autocast PyTorch's cuDNN RNN path casts to float16, not bfloat16, and re-flattens
   per call, and a low-precision carried state would be checkpointed so. Mixed precision
@@ -55,7 +64,9 @@ class _EvalChunk:
 
 CELL_MAX_STEPS = 8
 """The longest gradient-free CPU call that runs on the step-by-step cell rather than oneDNN
-(:func:`lstm_kernel`; measured by ``benchmarks/export_latency.py --kernels``)."""
+(:func:`lstm_kernel`). Measured on the PTB-sized stack, one thread (``benchmarks/export_latency.py
+--kernels``): the cell took 0.2x oneDNN's time for one token and 0.56x for 8 at batch 1, about the
+same at batch 8 x 8 steps and 1.2-1.3x at batch 8 x 16-32 steps."""
 
 
 def lstm_kernel(x: Tensor, needs_grad: bool, segment_gradients: bool) -> str:
@@ -70,8 +81,8 @@ def lstm_kernel(x: Tensor, needs_grad: bool, segment_gradients: bool) -> str:
     * ``"cell"``: a gradient-free CPU call of at most :data:`CELL_MAX_STEPS` steps (a streamed
       token, a short prompt): PyTorch's own cell step by step
       (:func:`~reglm.encoders.lstm_segment.cell_lstm`, the values of ``torch.lstm`` with oneDNN
-      off). oneDNN's RNN primitive reorders every weight on every call, which a short call never
-      amortizes: one token through the PTB-sized stack took 4x longer with it;
+      off), which reorders no weight: oneDNN's RNN primitive reorders every weight on every call,
+      and one token through the PTB-sized stack took 5x longer with it;
     * ``"onednn"``: every other CPU call (training, long windows): ``torch.lstm`` as PyTorch
       dispatches it.
     """
