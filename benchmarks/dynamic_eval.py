@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import statistics
 import time
 from pathlib import Path
@@ -143,30 +144,34 @@ def ms(seconds: list[float]) -> float:
     return 1e3 * statistics.median(seconds)
 
 
-def breakdown(model: LanguageModel, stats: dict, spec: DynamicSpec, ids: torch.Tensor, n: int, device: torch.device) -> dict:
+def breakdown(model: LanguageModel, stats: dict, output_stats: dict, spec: DynamicSpec, ids: torch.Tensor, n: int, device: torch.device) -> dict:
     """Median milliseconds per segment of each phase, every contender on the same ``n`` segments
-    (state carried), interleaved segment by segment."""
-    evaluator = DynamicEvaluator(model, stats, device)
+    (state carried), interleaved segment by segment; ``reglm-output`` is reglm with
+    ``adapt=output`` (``output_stats`` its statistics)."""
+    output_spec = dataclasses.replace(spec, adapt="output")
+    evaluators = {"reglm": (DynamicEvaluator(model, stats, device), spec),
+                  "reglm-output": (DynamicEvaluator(model, output_stats, device, "output"), output_spec)}
     loops = {name: MinimalLoop(model, stats, spec, native, adapt) for name, native, adapt in
              (("minimal", False, "all"), ("minimal-native", True, "all"), ("minimal-last", True, "last"))}
     plan = StreamPlan(ids, 1, "all").to(device)
     windows = [plan.window(s, spec.segment) for s in range(0, (n + 1) * spec.segment, spec.segment)]
-    times = {name: {"forward": [], "backward": [], "update": []} for name in ["reglm", *loops]}
-    states = {name: None for name in times}
+    times = {name: {"forward": [], "backward": [], "update": []} for name in [*evaluators, *loops]}
+    states = {name: None for name in evaluators}
     states.update({name: loop.init_state() for name, loop in loops.items()})
     order = list(times)
     for i, w in enumerate(windows):
         for name in order if i % 2 == 0 else order[::-1]:
             sync(device)
             t0 = time.perf_counter()
-            if name == "reglm":
-                _, loss, state = segment_loss(evaluator.model, w, states[name])
+            if name in evaluators:
+                evaluator, its_spec = evaluators[name]
+                _, loss, state = segment_loss(evaluator.model, w, states[name], encoder_grad=its_spec.adapt == "all")
                 sync(device)
                 t1 = time.perf_counter()
                 grads = segment_gradients(loss, evaluator.params)
                 sync(device)
                 t2 = time.perf_counter()
-                evaluator.update(grads, spec)
+                evaluator.update(grads, its_spec)
                 states[name] = detach_state(state)
             else:
                 loop = loops[name]
@@ -187,7 +192,9 @@ def breakdown(model: LanguageModel, stats: dict, spec: DynamicSpec, ids: torch.T
         row = {f"{phase}_ms": ms(v) for phase, v in phases.items()}
         row["total_ms"] = ms([sum(parts) for parts in zip(*phases.values())])
         out[name] = row
-    out["adapted_parameters"] = {"reglm": sum(p.numel() for p in evaluator.params), **{k: sum(p.numel() for p in v.params) for k, v in loops.items()}}
+    adapted = {name: evaluator.params for name, (evaluator, _) in evaluators.items()}
+    adapted.update({name: loop.params for name, loop in loops.items()})
+    out["adapted_parameters"] = {name: sum(p.numel() for p in params) for name, params in adapted.items()}
     return out
 
 
@@ -201,6 +208,11 @@ def measure(name: str, corpus, segment: int, args: argparse.Namespace, device: t
     sync(device)
     stats_seconds = time.perf_counter() - start
     stats_tokens = max(1, args.stats_tokens // (spec.stats_batch_size * 5)) * spec.stats_batch_size * 5
+    output_stats = gradient_statistics(model, corpus.train, dataclasses.replace(spec, adapt="output"), bptt=5, device=device)
+    per_segment = breakdown(model, stats, output_stats, spec, ids, args.segments, device)
+    head = {"size": name, "segment": segment, "model": SIZES[name], "vocab_size": len(corpus.vocab), "parameters": model.num_parameters()}
+    if args.breakdown_only:
+        return {**head, "per_segment": per_segment}
     loops = {"minimal": MinimalLoop(model, stats, spec, native=False), "minimal-native": MinimalLoop(model, stats, spec, native=True)}
     results = {}
 
@@ -221,11 +233,7 @@ def measure(name: str, corpus, segment: int, args: argparse.Namespace, device: t
     tokens = ids.numel() - 1
     baseline = min(("minimal", "minimal-native"), key=per_pass.get)
     return {
-        "size": name,
-        "segment": segment,
-        "model": SIZES[name],
-        "vocab_size": len(corpus.vocab),
-        "parameters": model.num_parameters(),
+        **head,
         "eval_tokens": tokens,
         "passes": passes,
         "seconds_per_pass": per_pass,
@@ -235,7 +243,7 @@ def measure(name: str, corpus, segment: int, args: argparse.Namespace, device: t
         "ratio_to_plain": per_pass["dynamic"] / per_pass["plain"],
         "loss": results,
         "statistics_pass": {"train_tokens": stats_tokens, "seconds": stats_seconds, "tokens_per_second": stats_tokens / stats_seconds},
-        "per_segment": breakdown(model, stats, spec, ids, args.segments, device),
+        "per_segment": per_segment,
     }
 
 
@@ -252,6 +260,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--warmup", type=int, default=1, help="untimed passes of each before timing")
     parser.add_argument("--rounds", type=int, default=3, help="timed passes of each, alternating the order")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--breakdown-only", action="store_true", help="only the per-phase breakdown, no full passes")
     parser.add_argument("--note", default=None, help="free text stored with the result (e.g. the machine's load)")
     parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/dynamic-eval-<device>.json")
     args = parser.parse_args(argv)
@@ -276,9 +285,10 @@ def main(argv: list[str] | None = None) -> dict:
     save(result, args.out or RESULTS / f"dynamic-eval-{device.type}.json")
     for r in runs:
         seg = r["per_segment"]
-        print(f"{r['size']:>8} segment {r['segment']}: dynamic / minimal ({r['minimal_baseline']}) = {r['ratio_to_minimal']:.2f}, "
-              f"dynamic / plain = {r['ratio_to_plain']:.2f}")
-        for name in ("reglm", "minimal", "minimal-native", "minimal-last"):
+        if not args.breakdown_only:
+            print(f"{r['size']:>8} segment {r['segment']}: dynamic / minimal ({r['minimal_baseline']}) = {r['ratio_to_minimal']:.2f}, "
+                  f"dynamic / plain = {r['ratio_to_plain']:.2f}")
+        for name in ("reglm", "reglm-output", "minimal", "minimal-native", "minimal-last"):
             s = seg[name]
             print(f"    {name:>15}: forward {s['forward_ms']:.1f}, backward {s['backward_ms']:.1f}, update {s['update_ms']:.1f}, total {s['total_ms']:.1f} ms/segment")
     return result

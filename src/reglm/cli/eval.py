@@ -218,8 +218,8 @@ EVAL_MODES: list[EvalMode] = [
     ),
     EvalMode(
         "dynamic", "SPEC", "dynamic evaluation (Krause et al. 2018): lr=,lambda=,eps=,segment=,variant=rms|sgd,max_train_tokens=N|all,batch_size=,"
-        "stats_batch_size=, any order; missing keys take the reference's lr=5e-5,lambda=0.002,eps=2e-5,segment=5,variant=rms,batch_size=1,"
-        "stats_batch_size=100 (variant=sgd needs lr)",
+        "stats_batch_size=,adapt=all|output, any order; missing keys take the reference's lr=5e-5,lambda=0.002,eps=2e-5,segment=5,"
+        "variant=rms,batch_size=1,stats_batch_size=100,adapt=all (variant=sgd needs lr)",
         _parse("reglm.evaluate.dynamic_spec", "parse_dynamic_spec"), _eval_dynamic, lambda spec: spec.batch_size,
     ),
     EvalMode(

@@ -104,26 +104,35 @@ from reglm.encoders.base import State, detach_state
 from reglm.evaluate.dynamic_spec import OPTION, DynamicGrid, DynamicSpec, train_split_error
 from reglm.evaluate.perplexity import EvalResult, in_stream_order
 
-def _gradient_copy(model: nn.Module, device: torch.device | str) -> nn.Module:
+def _gradient_copy(model: nn.Module, device: torch.device | str, adapt: str = "all") -> tuple[nn.Module, list[tuple[str, nn.Parameter]]]:
     """A deep copy of ``model`` on ``device`` that takes gradients with every dropout off: eval
     mode, then every module that declares ``gradient_mode()`` (the recurrent layers: cuDNN
-    backpropagates only in training mode) switched to it."""
+    backpropagates only in training mode) switched to it. Returns it with its adapted
+    ``(name, parameter)`` pairs (``adapt``: every parameter, or the output layer's), the only
+    ones that require gradients."""
     work = copy.deepcopy(model).to(device)
     work.eval()
     for module in work.modules():
         if hasattr(module, "gradient_mode"):
             module.gradient_mode()
+    named = list(work.named_parameters())
+    if adapt == "output":
+        output = {id(p) for p in work.output.parameters()}
+        named = [(name, p) for name, p in named if id(p) in output]
     for param in work.parameters():
-        param.requires_grad_(True)
+        param.requires_grad_(False)
         param.grad = None
-    return work
+    for _, param in named:
+        param.requires_grad_(True)
+    return work, named
 
 
-def segment_loss(model: nn.Module, window: Window, state: State | None) -> tuple[Tensor, Tensor, State | None]:
-    """The forward pass of one segment with gradients on: (NLL ``(B, T)``, the mean NLL of its
-    scored targets, the new state)."""
-    with torch.enable_grad():
+def segment_loss(model: nn.Module, window: Window, state: State | None, encoder_grad: bool = True) -> tuple[Tensor, Tensor, State | None]:
+    """The forward pass of one segment with gradients on (through the output layer only when not
+    ``encoder_grad``): (NLL ``(B, T)``, the mean NLL of its scored targets, the new state)."""
+    with torch.set_grad_enabled(encoder_grad):
         out = model(window.inputs, state)
+    with torch.enable_grad():
         nll = model.output_nll(out, window.targets)
         loss = nll.mean() if window.scored is None else nll.masked_fill(~window.scored, 0).sum() / window.tokens
     return nll, loss, out.state
@@ -137,10 +146,10 @@ def segment_gradients(loss: Tensor, params: list[Tensor]) -> tuple[Tensor, ...]:
     return tuple(g.to_dense() if g.is_sparse else g for g in grads)
 
 
-def _segment_grads(model: nn.Module, params: list[Tensor], window: Window, state: State | None) -> tuple[Tensor, tuple[Tensor, ...], State | None]:
+def _segment_grads(model: nn.Module, params: list[Tensor], window: Window, state: State | None, encoder_grad: bool = True) -> tuple[Tensor, tuple[Tensor, ...], State | None]:
     """Score the window and differentiate the mean NLL of its scored targets: (NLL ``(B, T)``,
     one gradient per parameter, detached new state)."""
-    nll, loss, state = segment_loss(model, window, state)
+    nll, loss, state = segment_loss(model, window, state, encoder_grad)
     return nll.detach(), segment_gradients(loss, params), detach_state(state)
 
 
@@ -166,9 +175,8 @@ def gradient_statistics(
     """
     train_split_error(train_ids, spec, bptt, OPTION)
     window = bptt or spec.segment
-    work = _gradient_copy(model, device)
-    params = list(work.parameters())
-    names = [name for name, _ in work.named_parameters()]
+    work, named = _gradient_copy(model, device, spec.adapt)
+    names, params = [name for name, _ in named], [p for _, p in named]
     plan = StreamPlan(train_ids, spec.stats_batch_size, "trim").to(device)
     starts = range(0, plan.columns - 1, window)
     if spec.max_train_tokens is not None:
@@ -176,7 +184,7 @@ def gradient_statistics(
     square_sums = [torch.zeros_like(p) for p in params]
     state = work.init_state(plan.batch_size, device=device)
     for start in tqdm(starts, desc=desc, disable=not progress, leave=False, unit="batch"):
-        _, grads, state = _segment_grads(work, params, plan.window(start, window), state)
+        _, grads, state = _segment_grads(work, params, plan.window(start, window), state, encoder_grad=spec.adapt == "all")
         torch._foreach_addcmul_(square_sums, grads, grads)
     return {name: s.div_(len(starts)).sqrt_() for name, s in zip(names, square_sums)}
 
@@ -185,15 +193,17 @@ class DynamicEvaluator:
     """A working copy of ``model`` that adapts while it scores, and the trained weights
     ``theta_0`` it decays toward and returns to after every pass.
 
-    ``stats`` (from :func:`gradient_statistics` on the same model) is needed for ``rms`` specs
-    only. The per-element coefficients of a spec (decay ``min(1, lam R / mean R)`` and step
+    ``adapt`` (a spec's ``adapt``) names the parameters it adapts: ``all``, or the ``output``
+    layer's (the encoder then runs without gradients; a spec with another ``adapt`` is refused).
+    ``stats`` (from :func:`gradient_statistics` on the same model and ``adapt``) is needed for
+    ``rms`` specs only. The per-element coefficients of a spec (decay ``min(1, lam R / mean R)`` and step
     ``lr / (R + eps)``) are computed once and kept for the next segments.
     """
 
-    def __init__(self, model: nn.Module, stats: dict[str, Tensor] | None = None, device: torch.device | str = "cpu") -> None:
+    def __init__(self, model: nn.Module, stats: dict[str, Tensor] | None = None, device: torch.device | str = "cpu", adapt: str = "all") -> None:
         self.device = torch.device(device)
-        self.model = _gradient_copy(model, self.device)
-        named = list(self.model.named_parameters())
+        self.scope = adapt
+        self.model, named = _gradient_copy(model, self.device, adapt)
         self.params = [p for _, p in named]
         self.theta0 = [p.detach().clone() for p in self.params]
         self.rms: list[Tensor] | None = None
@@ -229,7 +239,9 @@ class DynamicEvaluator:
         """Score the segment with the current weights, then update them on its scored targets.
         Returns the NLL ``(B, T)`` of the prediction made *before* the update and the detached
         state to pass with the next segment."""
-        nll, grads, state = _segment_grads(self.model, self.params, window, state)
+        if spec.adapt != self.scope:
+            raise ValueError(f"this evaluator adapts {self.scope!r} parameters, the spec asks for adapt={spec.adapt!r}")
+        nll, grads, state = _segment_grads(self.model, self.params, window, state, encoder_grad=self.scope == "all")
         self.update(grads, spec)
         return nll, state
 
@@ -281,7 +293,7 @@ def dynamic_evaluate(
 ) -> EvalResult:
     """Dynamically evaluate ``model`` on ``ids: (N,)`` (see the module doc); ``stats`` from
     :func:`gradient_statistics` for ``spec.variant == "rms"``. ``model`` is left unchanged."""
-    return DynamicEvaluator(model, stats, device).evaluate(ids, spec, keep_token_nll, progress, desc)
+    return DynamicEvaluator(model, stats, device, spec.adapt).evaluate(ids, spec, keep_token_nll, progress, desc)
 
 
 @dataclass
@@ -311,7 +323,7 @@ def dynamic_search(
     """Every ``(lr, lambda)`` of ``grid`` (with ``grid.spec``'s other settings) by dynamic
     evaluation on ``valid_ids: (N,)``, all on one working copy of ``model``; the best is the
     lowest loss (the first in grid order on a tie). ``stats`` as for :func:`dynamic_evaluate`."""
-    evaluator = DynamicEvaluator(model, stats, device)
+    evaluator = DynamicEvaluator(model, stats, device, grid.spec.adapt)
     specs = grid.specs()
     results = []
     for i, spec in enumerate(specs):
