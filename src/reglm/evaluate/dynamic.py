@@ -71,30 +71,40 @@ adversarial-softmax repositories ship the older version, see below):
   ours follows the spec's ``lr`` and ``lam`` instead. (The reference's ``--gridfast`` searches
   on the first 30,000 validation tokens; pass such a slice as the validation ids.)
 
-Speed: per segment one forward, one ``torch.autograd.grad`` and two fused multi-tensor
-(``torch._foreach_*``) updates over all parameters -- ``lerp`` toward ``theta_0`` by the
-per-element decay, then ``addcmul`` of the gradient by the per-element step
-``lr / (R + eps)``, both precomputed once per spec. No Python loop over tokens or parameters.
+Speed: per segment one forward, one ``torch.autograd.grad`` and two multi-tensor
+(``torch._foreach_*``) updates over the adapted parameters -- ``lerp`` toward ``theta_0`` by
+the per-element decay, then ``addcmul`` of the gradient by the per-element step
+``lr / (R + eps)``, both precomputed once per spec. No Python loop over parameters.
 
-* The passes that take gradients run with oneDNN off (``torch.backends.mkldnn.enabled``,
-  restored afterwards): on CPU its LSTM kernel pays a large fixed cost per call when
-  differentiated, and PyTorch's own kernel was 1.7x faster per 5-token segment at batch 1 for
-  the PTB-sized model (1.35x for the 100 x 5 statistics batches, equal for a 200/400 model) on
-  this project's 2-core CPU. CUDA is unaffected.
+* On the CPU each LSTM layer is differentiated by
+  :class:`~reglm.encoders.lstm_segment.SegmentLSTM` (the layers' ``gradient_mode()``): it keeps
+  the gates of the forward pass and computes each weight gradient of the segment as one matrix
+  product ``dG^T X``, where PyTorch's CPU LSTM backward writes a full ``4H x H`` gradient per time
+  step (a rank-1 product each) and sums them. The forward values are those of PyTorch's own
+  kernel; the gradients equal autograd's to rounding (tested in float64).
+* The input embedding's lookup gradient is sparse (its ``gradient_mode()``), so no dense
+  ``(V, E)`` zero matrix is written for it; autograd adds its rows to a tied output layer's dense
+  gradient, and an untied one is made dense once.
 * Gradients come from ``torch.autograd.grad``, which hands over the freshly computed tensors:
   accumulating into reused ``.grad`` buffers adds a zeroing and an addition pass over every
   parameter and measured 25% slower per segment (245 vs 197 ms, PTB-sized model, CPU).
-* Each segment still reads every weight for the forward and the backward pass, writes a full
-  gradient (PyTorch's CPU LSTM backward writes and sums one weight gradient per time step) and
-  streams the parameters, ``theta_0``, the gradient and both coefficient tensors through the
-  update, so at batch 1 and 5-token segments it costs about 13x plain evaluation on that CPU
-  (``benchmarks/dynamic_eval.py``); longer segments amortize part of it (about 7x at 20).
+* The update stays two passes: no stock multi-tensor operation combines a per-element decay
+  toward ``theta_0`` with a per-element gradient step, and a single pass would still read five
+  tensors and write one (six tensor streams against eight).
+* ``adapt=output`` adapts only the output layer (with a tied embedding, that matrix and the
+  bias): the encoder runs without gradients, so the backward pass and most of the update go.
+  That is not the paper's method (it adapts every parameter) and its effect on perplexity was
+  not measured here.
+
+Measured costs, the floor at the reference's segment length and what lowers it are in
+``docs/benchmarks.md`` (``benchmarks/dynamic_eval.py``).
 """
 
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
