@@ -25,7 +25,7 @@ for ``ptb``. The statistics pass (batch 100 x 5) is timed on its own on ``--stat
 training tokens.
 
     python benchmarks/dynamic_eval.py --sizes ptb --tokens 500 --segment 5,20 --threads 1
-    python benchmarks/dynamic_eval.py --sizes ptb --tokens 5000 --device cuda
+    python benchmarks/dynamic_eval.py --sizes ptb --tokens 2000 --rounds 2 --device cuda
 """
 
 from __future__ import annotations
