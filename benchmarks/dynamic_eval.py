@@ -147,22 +147,36 @@ def ms(seconds: list[float]) -> float:
 def breakdown(model: LanguageModel, stats: dict, output_stats: dict, spec: DynamicSpec, ids: torch.Tensor, n: int, device: torch.device) -> dict:
     """Median milliseconds per segment of each phase, every contender on the same ``n`` segments
     (state carried), interleaved segment by segment; ``reglm-output`` is reglm with
-    ``adapt=output`` (``output_stats`` its statistics)."""
+    ``adapt=output`` (``output_stats`` its statistics). ``plain`` is plain evaluation timed in the
+    same loop: one BPTT-70 window per segment (gradient-free, state carried), its time scaled to
+    the segment's tokens, so ``ratio_to_plain`` compares costs measured side by side."""
     output_spec = dataclasses.replace(spec, adapt="output")
     evaluators = {"reglm": (DynamicEvaluator(model, stats, device), spec),
                   "reglm-output": (DynamicEvaluator(model, output_stats, device, "output"), output_spec)}
     loops = {name: MinimalLoop(model, stats, spec, native, adapt) for name, native, adapt in
              (("minimal", False, "all"), ("minimal-native", True, "all"), ("minimal-last", True, "last"))}
+    plain_model = copy.deepcopy(model).eval()
     plan = StreamPlan(ids, 1, "all").to(device)
     windows = [plan.window(s, spec.segment) for s in range(0, (n + 1) * spec.segment, spec.segment)]
+    plain_windows = [plan.window(s % (plan.columns - PLAIN_BPTT), PLAIN_BPTT) for s in range(0, (n + 1) * PLAIN_BPTT, PLAIN_BPTT)]
     times = {name: {"forward": [], "backward": [], "update": []} for name in [*evaluators, *loops]}
-    states = {name: None for name in evaluators}
+    times["plain"] = {"forward": []}
+    states = {name: None for name in [*evaluators, "plain"]}
     states.update({name: loop.init_state() for name, loop in loops.items()})
     order = list(times)
     for i, w in enumerate(windows):
         for name in order if i % 2 == 0 else order[::-1]:
             sync(device)
             t0 = time.perf_counter()
+            if name == "plain":
+                with torch.no_grad():
+                    out = plain_model(plain_windows[i].inputs, states[name])
+                    plain_model.output_nll(out, plain_windows[i].targets)
+                states[name] = out.state
+                sync(device)
+                if i > 0:
+                    times[name]["forward"].append((time.perf_counter() - t0) * spec.segment / PLAIN_BPTT)
+                continue
             if name in evaluators:
                 evaluator, its_spec = evaluators[name]
                 _, loss, state = segment_loss(evaluator.model, w, states[name], encoder_grad=its_spec.adapt == "all")
@@ -195,6 +209,7 @@ def breakdown(model: LanguageModel, stats: dict, output_stats: dict, spec: Dynam
     adapted = {name: evaluator.params for name, (evaluator, _) in evaluators.items()}
     adapted.update({name: loop.params for name, loop in loops.items()})
     out["adapted_parameters"] = {name: sum(p.numel() for p in params) for name, params in adapted.items()}
+    out["ratio_to_plain"] = {name: out[name]["total_ms"] / out["plain"]["total_ms"] for name in [*evaluators, *loops]}
     return out
 
 
@@ -290,7 +305,8 @@ def main(argv: list[str] | None = None) -> dict:
                   f"dynamic / plain = {r['ratio_to_plain']:.2f}")
         for name in ("reglm", "reglm-output", "minimal", "minimal-native", "minimal-last"):
             s = seg[name]
-            print(f"    {name:>15}: forward {s['forward_ms']:.1f}, backward {s['backward_ms']:.1f}, update {s['update_ms']:.1f}, total {s['total_ms']:.1f} ms/segment")
+            print(f"    {name:>15}: forward {s['forward_ms']:.1f}, backward {s['backward_ms']:.1f}, update {s['update_ms']:.1f}, total {s['total_ms']:.1f} "
+                  f"ms/segment = {seg['ratio_to_plain'][name]:.2f} x plain ({seg['plain']['total_ms']:.1f} ms for the same tokens)")
     return result
 
 
