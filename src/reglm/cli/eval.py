@@ -149,7 +149,8 @@ def _run_dynamic(ctx: _EvalContext, spec: DynamicSpec, stats: dict[str, torch.Te
     from reglm.evaluate.dynamic import dynamic_evaluate
 
     result = dynamic_evaluate(ctx.model, ctx.ids, spec, stats, ctx.device, keep_token_nll=ctx.keep_token_nll, progress=ctx.progress, desc=f"{ctx.split} (dynamic)")
-    return _EvalOutcome(result, summary=f" | dynamic {spec.variant} lr={spec.lr:g} lambda={spec.lam:g} segment={spec.segment}", label="model+dynamic", report={"dynamic": spec.as_dict()})
+    return _EvalOutcome(result, summary=f" | dynamic {spec.variant} lr={spec.lr:g} lambda={spec.lam:g} segment={spec.segment}"
+                        + ("" if spec.adapt == "all" else f" adapt={spec.adapt}"), label="model+dynamic", report={"dynamic": spec.as_dict()})
 
 
 def _eval_dynamic(ctx: _EvalContext, spec: DynamicSpec) -> _EvalOutcome:
