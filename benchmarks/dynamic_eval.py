@@ -44,13 +44,21 @@ from harness import RESULTS, environment, interleaved, save, sync
 from reglm.config import ModelConfig
 from reglm.data import StreamPlan, resolve
 from reglm.encoders.base import detach_state
-from reglm.evaluate.dynamic import DynamicEvaluator, dynamic_evaluate, gradient_statistics, segment_gradients, segment_loss
+from reglm.evaluate.dynamic import (
+    DynamicEvaluator,
+    dynamic_evaluate,
+    gradient_statistics,
+    segment_gradients,
+    segment_loss,
+)
 from reglm.evaluate.dynamic_spec import DynamicSpec
 from reglm.evaluate.perplexity import evaluate
 from reglm.models import LanguageModel
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-REGULARIZATION = dict(tie_weights=True, embed_dropout=0.1, input_dropout=0.4, hidden_dropout=0.3, output_dropout=0.4, weight_dropout=0.5)
+REGULARIZATION = dict(
+    tie_weights=True, embed_dropout=0.1, input_dropout=0.4, hidden_dropout=0.3, output_dropout=0.4, weight_dropout=0.5
+)
 SIZES = {
     "ptb": dict(emb_size=400, hidden_size=1150, num_layers=3, **REGULARIZATION),
     "reduced": dict(emb_size=200, hidden_size=400, num_layers=3, **REGULARIZATION),
@@ -77,7 +85,9 @@ class MinimalLoop:
             names = list(named)
         else:
             last = len(self.layers) - 1
-            names = [n for n in named if n.startswith(f"encoder.layers.{last}.") or n.startswith(("embedding.", "output."))]
+            names = [
+                n for n in named if n.startswith(f"encoder.layers.{last}.") or n.startswith(("embedding.", "output."))
+            ]
         self.params = [named[n] for n in names]
         self.theta0 = [p.detach().clone() for p in self.params]
         rms = [stats[n] for n in named]
@@ -90,7 +100,10 @@ class MinimalLoop:
             p.requires_grad_(True)
 
     def init_state(self) -> list:
-        return [(torch.zeros(1, 1, p[1].size(1), device=self.device), torch.zeros(1, 1, p[1].size(1), device=self.device)) for p in self.layers]
+        return [
+            (torch.zeros(1, 1, p[1].size(1), device=self.device), torch.zeros(1, 1, p[1].size(1), device=self.device))
+            for p in self.layers
+        ]
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, state: list) -> tuple[torch.Tensor, torch.Tensor, list]:
         previous = torch.backends.mkldnn.enabled
@@ -103,7 +116,9 @@ class MinimalLoop:
                 with torch.set_grad_enabled(not lower):
                     h, hn, cn = torch.lstm(h, state[i], params, True, 1, 0.0, True, False, True)
                 new_state.append((hn.detach(), cn.detach()))
-            nll = F.cross_entropy(F.linear(h, self.weight, self.bias).view(-1, self.weight.size(0)), y.reshape(-1), reduction="none")
+            nll = F.cross_entropy(
+                F.linear(h, self.weight, self.bias).view(-1, self.weight.size(0)), y.reshape(-1), reduction="none"
+            )
         finally:
             torch.backends.mkldnn.enabled = previous
         return nll, nll.mean(), new_state
@@ -144,21 +159,39 @@ def ms(seconds: list[float]) -> float:
     return 1e3 * statistics.median(seconds)
 
 
-def breakdown(model: LanguageModel, stats: dict, output_stats: dict, spec: DynamicSpec, ids: torch.Tensor, n: int, device: torch.device) -> dict:
+def breakdown(
+    model: LanguageModel,
+    stats: dict,
+    output_stats: dict,
+    spec: DynamicSpec,
+    ids: torch.Tensor,
+    n: int,
+    device: torch.device,
+) -> dict:
     """Median milliseconds per segment of each phase, every contender on the same ``n`` segments
     (state carried), interleaved segment by segment; ``reglm-output`` is reglm with
     ``adapt=output`` (``output_stats`` its statistics). ``plain`` is plain evaluation timed in the
     same loop: one BPTT-70 window per segment (gradient-free, state carried), its time scaled to
     the segment's tokens, so ``ratio_to_plain`` compares costs measured side by side."""
     output_spec = dataclasses.replace(spec, adapt="output")
-    evaluators = {"reglm": (DynamicEvaluator(model, stats, device), spec),
-                  "reglm-output": (DynamicEvaluator(model, output_stats, device, "output"), output_spec)}
-    loops = {name: MinimalLoop(model, stats, spec, native, adapt) for name, native, adapt in
-             (("minimal", False, "all"), ("minimal-native", True, "all"), ("minimal-last", True, "last"))}
+    evaluators = {
+        "reglm": (DynamicEvaluator(model, stats, device), spec),
+        "reglm-output": (DynamicEvaluator(model, output_stats, device, "output"), output_spec),
+    }
+    loops = {
+        name: MinimalLoop(model, stats, spec, native, adapt)
+        for name, native, adapt in (
+            ("minimal", False, "all"),
+            ("minimal-native", True, "all"),
+            ("minimal-last", True, "last"),
+        )
+    }
     plain_model = copy.deepcopy(model).eval()
     plan = StreamPlan(ids, 1, "all").to(device)
     windows = [plan.window(s, spec.segment) for s in range(0, (n + 1) * spec.segment, spec.segment)]
-    plain_windows = [plan.window(s % (plan.columns - PLAIN_BPTT), PLAIN_BPTT) for s in range(0, (n + 1) * PLAIN_BPTT, PLAIN_BPTT)]
+    plain_windows = [
+        plan.window(s % (plan.columns - PLAIN_BPTT), PLAIN_BPTT) for s in range(0, (n + 1) * PLAIN_BPTT, PLAIN_BPTT)
+    ]
     times = {name: {"forward": [], "backward": [], "update": []} for name in [*evaluators, *loops]}
     times["plain"] = {"forward": []}
     states = {name: None for name in [*evaluators, "plain"]}
@@ -223,12 +256,23 @@ def measure(name: str, corpus, segment: int, args: argparse.Namespace, device: t
     sync(device)
     stats_seconds = time.perf_counter() - start
     stats_tokens = max(1, args.stats_tokens // (spec.stats_batch_size * 5)) * spec.stats_batch_size * 5
-    output_stats = gradient_statistics(model, corpus.train, dataclasses.replace(spec, adapt="output"), bptt=5, device=device)
+    output_stats = gradient_statistics(
+        model, corpus.train, dataclasses.replace(spec, adapt="output"), bptt=5, device=device
+    )
     per_segment = breakdown(model, stats, output_stats, spec, ids, args.segments, device)
-    head = {"size": name, "segment": segment, "model": SIZES[name], "vocab_size": len(corpus.vocab), "parameters": model.num_parameters()}
+    head = {
+        "size": name,
+        "segment": segment,
+        "model": SIZES[name],
+        "vocab_size": len(corpus.vocab),
+        "parameters": model.num_parameters(),
+    }
     if args.breakdown_only:
         return {**head, "per_segment": per_segment}
-    loops = {"minimal": MinimalLoop(model, stats, spec, native=False), "minimal-native": MinimalLoop(model, stats, spec, native=True)}
+    loops = {
+        "minimal": MinimalLoop(model, stats, spec, native=False),
+        "minimal-native": MinimalLoop(model, stats, spec, native=True),
+    }
     results = {}
 
     def dynamic(_i: int) -> None:
@@ -240,9 +284,15 @@ def measure(name: str, corpus, segment: int, args: argparse.Namespace, device: t
     def minimal(key: str):
         def run(_i: int) -> None:
             results[key] = loops[key].evaluate(ids.to(device))
+
         return run
 
-    contenders = {"dynamic": dynamic, "minimal": minimal("minimal"), "minimal-native": minimal("minimal-native"), "plain": plain}
+    contenders = {
+        "dynamic": dynamic,
+        "minimal": minimal("minimal"),
+        "minimal-native": minimal("minimal-native"),
+        "plain": plain,
+    }
     seconds, passes = interleaved(contenders, args.rounds, args.rounds, args.warmup, device)
     per_pass = {k: v / passes[k] for k, v in seconds.items()}
     tokens = ids.numel() - 1
@@ -257,7 +307,11 @@ def measure(name: str, corpus, segment: int, args: argparse.Namespace, device: t
         "ratio_to_minimal": per_pass["dynamic"] / per_pass[baseline],
         "ratio_to_plain": per_pass["dynamic"] / per_pass["plain"],
         "loss": results,
-        "statistics_pass": {"train_tokens": stats_tokens, "seconds": stats_seconds, "tokens_per_second": stats_tokens / stats_seconds},
+        "statistics_pass": {
+            "train_tokens": stats_tokens,
+            "seconds": stats_seconds,
+            "tokens_per_second": stats_tokens / stats_seconds,
+        },
         "per_segment": per_segment,
     }
 
@@ -269,7 +323,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--tokens", type=int, default=500, help="first N tokens of PTB valid to evaluate")
     parser.add_argument("--stats-tokens", type=int, default=5000, help="training tokens of the timed statistics pass")
     parser.add_argument("--segments", type=int, default=20, help="segments of the per-phase breakdown")
-    parser.add_argument("--data-dir", type=Path, default=SHARED_DATA, help="directory holding ptb/ (or the download cache)")
+    parser.add_argument(
+        "--data-dir", type=Path, default=SHARED_DATA, help="directory holding ptb/ (or the download cache)"
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed passes of each before timing")
@@ -281,15 +337,25 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     sizes = args.sizes.split(",")
     segments = [int(s) for s in args.segment.split(",")]
-    if any(s not in SIZES for s in sizes) or min(segments) < 1 or args.tokens < max(segments) * (args.segments + 2) or args.rounds < 1 or args.warmup < 0:
-        parser.error(f"--sizes from {sorted(SIZES)}; --segment >= 1; --tokens >= segment x (--segments + 2); --rounds >= 1; --warmup >= 0")
+    if (
+        any(s not in SIZES for s in sizes)
+        or min(segments) < 1
+        or args.tokens < max(segments) * (args.segments + 2)
+        or args.rounds < 1
+        or args.warmup < 0
+    ):
+        parser.error(
+            f"--sizes from {sorted(SIZES)}; --segment >= 1; --tokens >= segment x (--segments + 2); "
+            "--rounds >= 1; --warmup >= 0"
+        )
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     corpus = resolve("ptb", data_dir=str(args.data_dir))
     runs = [measure(name, corpus, segment, args, device) for name in sizes for segment in segments]
     result = {
-        "benchmark": "dynamic evaluation (rms, batch 1) against a minimal hand-written loop of the same math and plain evaluation (batch 1, BPTT 70), same random-weight model and PTB valid tokens",
+        "benchmark": "dynamic evaluation (rms, batch 1) against a minimal hand-written loop of the same math and "
+        "plain evaluation (batch 1, BPTT 70), same random-weight model and PTB valid tokens",
         **environment(device, "dynamic_eval.py", argv),
         "note": args.note,
         "warmup_passes": args.warmup,
@@ -301,12 +367,17 @@ def main(argv: list[str] | None = None) -> dict:
     for r in runs:
         seg = r["per_segment"]
         if not args.breakdown_only:
-            print(f"{r['size']:>8} segment {r['segment']}: dynamic / minimal ({r['minimal_baseline']}) = {r['ratio_to_minimal']:.2f}, "
-                  f"dynamic / plain = {r['ratio_to_plain']:.2f}")
+            print(
+                f"{r['size']:>8} segment {r['segment']}: dynamic / minimal ({r['minimal_baseline']}) = "
+                f"{r['ratio_to_minimal']:.2f}, dynamic / plain = {r['ratio_to_plain']:.2f}"
+            )
         for name in ("reglm", "reglm-output", "minimal", "minimal-native", "minimal-last"):
             s = seg[name]
-            print(f"    {name:>15}: forward {s['forward_ms']:.1f}, backward {s['backward_ms']:.1f}, update {s['update_ms']:.1f}, total {s['total_ms']:.1f} "
-                  f"ms/segment = {seg['ratio_to_plain'][name]:.2f} x plain ({seg['plain']['total_ms']:.1f} ms for the same tokens)")
+            print(
+                f"    {name:>15}: forward {s['forward_ms']:.1f}, backward {s['backward_ms']:.1f}, "
+                f"update {s['update_ms']:.1f}, total {s['total_ms']:.1f} ms/segment = "
+                f"{seg['ratio_to_plain'][name]:.2f} x plain ({seg['plain']['total_ms']:.1f} ms for the same tokens)"
+            )
     return result
 
 

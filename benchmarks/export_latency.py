@@ -132,7 +132,10 @@ def kernel_sweep(model: LanguageModel, args: argparse.Namespace) -> list[dict]:
     def stack(x: torch.Tensor, cell: bool) -> None:
         for params in layers:
             zeros = torch.zeros(1, x.size(0), params[1].size(1))
-            x = cell_lstm(x, (zeros, zeros), params)[0] if cell else torch.lstm(x, (zeros, zeros), params, True, 1, 0.0, False, False, True)[0]
+            if cell:
+                x = cell_lstm(x, (zeros, zeros), params)[0]
+            else:
+                x = torch.lstm(x, (zeros, zeros), params, True, 1, 0.0, False, False, True)[0]
 
     rows = []
     for batch, steps in SWEEP:
@@ -145,8 +148,11 @@ def kernel_sweep(model: LanguageModel, args: argparse.Namespace) -> list[dict]:
                 if r > 0:
                     times[cell].append(time.perf_counter() - start)
         cell_ms, onednn_ms = (1e3 * statistics.median(times[k]) for k in (True, False))
-        rows.append({"batch": batch, "steps": steps, "cell_ms": cell_ms, "onednn_ms": onednn_ms, "cell_over_onednn": cell_ms / onednn_ms,
-                     "chosen": "cell" if steps <= fused_lstm.CELL_MAX_STEPS else "onednn"})
+        rows.append({
+            "batch": batch, "steps": steps, "cell_ms": cell_ms, "onednn_ms": onednn_ms,
+            "cell_over_onednn": cell_ms / onednn_ms,
+            "chosen": "cell" if steps <= fused_lstm.CELL_MAX_STEPS else "onednn",
+        })
     return rows
 
 
@@ -158,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--kernels", action="store_true", help="also time the LSTM stack on the cell and on oneDNN over several B x T")
+    parser.add_argument("--kernels", action="store_true", help="also time the LSTM stack on the cell and on oneDNN")
     parser.add_argument("--kernel-repeats", type=int, default=6)
     parser.add_argument("--note", default=None, help="free text stored with the result (e.g. the machine's load)")
     parser.add_argument("--dry-run", action="store_true", help="a tiny model and few steps: checks that the script runs")

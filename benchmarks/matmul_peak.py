@@ -48,7 +48,10 @@ def main(argv: list[str] | None = None) -> dict:
         "size": args.size,
         "repeats": args.repeats,
         "load_average_before": load_before,
-        "results": {str(t): {"best_gflops": flops / min(v) / 1e9, "median_gflops": flops / statistics.median(v) / 1e9} for t, v in seconds.items()},
+        "results": {
+            str(t): {"best_gflops": flops / min(v) / 1e9, "median_gflops": flops / statistics.median(v) / 1e9}
+            for t, v in seconds.items()
+        },
     }
     save(result, args.out or RESULTS / "matmul-peak-cpu.json")
     return result

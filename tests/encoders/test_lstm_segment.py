@@ -25,11 +25,17 @@ def _params(lstm: torch.nn.Module) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("batch, steps", [(1, 5), (3, 4), (2, 1)])
 @pytest.mark.parametrize("onednn", [True, False])
-def test_segment_backward_equals_autograd_through_nn_lstm_in_float64(batch: int, steps: int, onednn: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_segment_backward_equals_autograd_through_nn_lstm_in_float64(
+    batch: int, steps: int, onednn: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     lstm = torch.nn.LSTM(6, 7, batch_first=True).double()
     x = torch.randn(batch, steps, 6, dtype=torch.float64, requires_grad=True)
     h0, c0 = (torch.randn(1, batch, 7, dtype=torch.float64, requires_grad=True) for _ in range(2))
-    weights = [torch.randn(batch, steps, 7, dtype=torch.float64), torch.randn(1, batch, 7, dtype=torch.float64), torch.randn(1, batch, 7, dtype=torch.float64)]
+    weights = [
+        torch.randn(batch, steps, 7, dtype=torch.float64),
+        torch.randn(1, batch, 7, dtype=torch.float64),
+        torch.randn(1, batch, 7, dtype=torch.float64),
+    ]
     inputs = [x, h0, c0, *_params(lstm)]
 
     def objective(out: torch.Tensor, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:

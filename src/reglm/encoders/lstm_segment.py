@@ -71,7 +71,9 @@ class SegmentLSTM(torch.autograd.Function):
     (1, B, H)``; ``out: (B, T, H)``, ``h_T, c_T: (1, B, H)`` (batch-first, as ``torch.lstm``)."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(
+        ctx: Any, x: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor, b_hh: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
         ctx.set_materialize_grads(False)
         gates, cells, hs, tanh_c = cell_steps(x, h0, c0, [w_ih, w_hh, b_ih, b_hh])
         ctx.save_for_backward(x, w_ih, w_hh, gates, cells, hs, tanh_c)
@@ -95,7 +97,11 @@ class SegmentLSTM(torch.autograd.Function):
             dh = dh_next if d_out_t is None else dh_next.add_(d_out_t[t])
             dc = dc_next.addcmul_(dh, o_dtanh[t])
             dg_t = d_gates[t]
-            torch.mul(dc.unsqueeze(1), factors[t, :, : 3 * hidden].view(batch, 3, hidden), out=dg_t[:, : 3 * hidden].view(batch, 3, hidden))
+            torch.mul(
+                dc.unsqueeze(1),
+                factors[t, :, : 3 * hidden].view(batch, 3, hidden),
+                out=dg_t[:, : 3 * hidden].view(batch, 3, hidden),
+            )
             torch.mul(dh, factors[t, :, 3 * hidden :], out=dg_t[:, 3 * hidden :])
             dc_next = dc * f[t]
             dh_next = torch.mm(dg_t, w_hh)

@@ -114,7 +114,9 @@ from reglm.encoders.base import State, detach_state
 from reglm.evaluate.dynamic_spec import OPTION, DynamicGrid, DynamicSpec, train_split_error
 from reglm.evaluate.perplexity import EvalResult, in_stream_order
 
-def _gradient_copy(model: nn.Module, device: torch.device | str, adapt: str = "all") -> tuple[nn.Module, list[tuple[str, nn.Parameter]]]:
+def _gradient_copy(
+    model: nn.Module, device: torch.device | str, adapt: str = "all"
+) -> tuple[nn.Module, list[tuple[str, nn.Parameter]]]:
     """A deep copy of ``model`` on ``device`` that takes gradients with every dropout off: eval
     mode, then every module that declares ``gradient_mode()`` (the recurrent layers: cuDNN
     backpropagates only in training mode) switched to it. Returns it with its adapted
@@ -137,7 +139,9 @@ def _gradient_copy(model: nn.Module, device: torch.device | str, adapt: str = "a
     return work, named
 
 
-def segment_loss(model: nn.Module, window: Window, state: State | None, encoder_grad: bool = True) -> tuple[Tensor, Tensor, State | None]:
+def segment_loss(
+    model: nn.Module, window: Window, state: State | None, encoder_grad: bool = True
+) -> tuple[Tensor, Tensor, State | None]:
     """The forward pass of one segment with gradients on (through the output layer only when not
     ``encoder_grad``): (NLL ``(B, T)``, the mean NLL of its scored targets, the new state)."""
     with torch.set_grad_enabled(encoder_grad):
@@ -156,7 +160,9 @@ def segment_gradients(loss: Tensor, params: list[Tensor]) -> tuple[Tensor, ...]:
     return tuple(g.to_dense() if g.is_sparse else g for g in grads)
 
 
-def _segment_grads(model: nn.Module, params: list[Tensor], window: Window, state: State | None, encoder_grad: bool = True) -> tuple[Tensor, tuple[Tensor, ...], State | None]:
+def _segment_grads(
+    model: nn.Module, params: list[Tensor], window: Window, state: State | None, encoder_grad: bool = True
+) -> tuple[Tensor, tuple[Tensor, ...], State | None]:
     """Score the window and differentiate the mean NLL of its scored targets: (NLL ``(B, T)``,
     one gradient per parameter, detached new state)."""
     nll, loss, state = segment_loss(model, window, state, encoder_grad)
@@ -194,7 +200,8 @@ def gradient_statistics(
     square_sums = [torch.zeros_like(p) for p in params]
     state = work.init_state(plan.batch_size, device=device)
     for start in tqdm(starts, desc=desc, disable=not progress, leave=False, unit="batch"):
-        _, grads, state = _segment_grads(work, params, plan.window(start, window), state, encoder_grad=spec.adapt == "all")
+        batch = plan.window(start, window)
+        _, grads, state = _segment_grads(work, params, batch, state, encoder_grad=spec.adapt == "all")
         torch._foreach_addcmul_(square_sums, grads, grads)
     return {name: s.div_(len(starts)).sqrt_() for name, s in zip(names, square_sums)}
 
@@ -210,7 +217,13 @@ class DynamicEvaluator:
     ``lr / (R + eps)``) are computed once and kept for the next segments.
     """
 
-    def __init__(self, model: nn.Module, stats: dict[str, Tensor] | None = None, device: torch.device | str = "cpu", adapt: str = "all") -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        stats: dict[str, Tensor] | None = None,
+        device: torch.device | str = "cpu",
+        adapt: str = "all",
+    ) -> None:
         self.device = torch.device(device)
         self.scope = adapt
         self.model, named = _gradient_copy(model, self.device, adapt)

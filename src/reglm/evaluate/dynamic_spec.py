@@ -73,7 +73,8 @@ class DynamicSpec:
     def as_dict(self) -> dict[str, float | int | str | None]:
         """The settings under the keys :func:`parse_dynamic_spec` reads."""
         return {"lr": self.lr, "lambda": self.lam, "eps": self.eps, "segment": self.segment, "variant": self.variant,
-                "max_train_tokens": self.max_train_tokens, "batch_size": self.batch_size, "stats_batch_size": self.stats_batch_size, "adapt": self.adapt}
+                "max_train_tokens": self.max_train_tokens, "batch_size": self.batch_size,
+                "stats_batch_size": self.stats_batch_size, "adapt": self.adapt}
 
 
 @dataclass(frozen=True)
@@ -109,7 +110,8 @@ class DynamicGrid:
 
 
 KEYS = {"lr": "lr", "lambda": "lam", "lam": "lam", "eps": "eps", "epsilon": "eps", "segment": "segment", "variant": "variant",
-        "max_train_tokens": "max_train_tokens", "batch_size": "batch_size", "stats_batch_size": "stats_batch_size", "adapt": "adapt"}
+        "max_train_tokens": "max_train_tokens", "batch_size": "batch_size", "stats_batch_size": "stats_batch_size",
+        "adapt": "adapt"}
 """spec key (aliases included) -> :class:`DynamicSpec` field"""
 
 
