@@ -251,7 +251,12 @@ STAGES: list[tuple[str, float, Callable[[Check, float], dict[str, Any]]]] = [
     ("throughput", 25, benchmark("throughput", ["--preset-size", "ptb", "--steps", "100"], ["--preset-size", "tiny", "--steps", "2", "--warmup", "1", "--rounds", "1"])),
     ("advsoft-overhead", 30, benchmark("advsoft_overhead", ["--steps", "60"], ["--preset-size", "tiny", "--vocab-sizes", "200", "--steps", "2", "--output-repeats", "1", "--warmup", "1", "--rounds", "1"])),
     ("cache-eval", 25, benchmark("cache_eval", ["--tokens", "20000"], ["--tokens", "400", "--emb-size", "16", "--hidden-size", "16", "--layers", "1", "--window", "50", "--bptt", "35", "--passes", "1", "--rounds", "1", "--reference-tokens", "70"], needs_ptb=True)),
-    ("dynamic-eval", 30, benchmark("dynamic_eval", ["--sizes", "ptb", "--tokens", "5000"], ["--sizes", "reduced", "--tokens", "200", "--stats-tokens", "100", "--segments", "2", "--warmup", "0", "--rounds", "1"], needs_ptb=True)),
+    ("dynamic-eval", 30, benchmark(
+        "dynamic_eval", ["--sizes", "ptb", "--tokens", "2000", "--rounds", "2"],
+        ["--sizes", "reduced", "--tokens", "200", "--stats-tokens", "100", "--segments", "2", "--warmup", "0",
+         "--rounds", "1"],
+        needs_ptb=True,
+    )),
     ("mos-throughput", 20, benchmark("mos_throughput", ["--steps", "50"], ["--batch-size", "4", "--bptt", "10", "--experts", "2", "--steps", "2", "--warmup", "1", "--rounds", "1"])),
     ("vd-lstm-costs", 30, benchmark("vd_lstm_costs", ["--size", "medium", "--steps", "60"], ["--size", "small", "--vocab-sizes", "1000", "--steps", "2", "--warmup", "1", "--rounds", "1"])),
     ("qrnn", 25, benchmark("qrnn", [], ["--dry-run"])),

@@ -211,3 +211,29 @@ def test_score_command_bad_input(capsys: pytest.CaptureFixture, model_dir: Path,
     assert code == 2 and "does not exist" in err
     code, _, err = _cli(capsys, "score", str(tmp_path), str(mixed))
     assert code == 2 and "reglm: error:" in err
+
+
+@pytest.mark.parametrize("family", ["awd-lstm", "vd-lstm-untied"])
+def test_streamed_tokens_on_the_short_call_kernel_equal_one_long_pass(family: str) -> None:
+    """Generation and ``next_words`` read one token (or a short prefix) per call, which runs on the
+    step-by-step cell (reglm.encoders.fused_lstm.lstm_kernel); one long pass runs on oneDNN. Both
+    give the same log-probabilities to float32 rounding."""
+    lm = _model(family)
+    tokens = lm.generate(30, seed=3)
+    ids = [lm.vocab.stoi[t] for t in tokens]
+    whole = lm.target_log_probs(ids)
+    state, streamed = lm.model.init_state(1), []
+    with torch.no_grad():
+        previous = lm.vocab.eos_id
+        for i in ids:
+            out = lm.model(torch.tensor([[previous]]), state)
+            streamed.append(float(lm.model.output_log_probs(out)[0, -1, i]))
+            state, previous = out.state, i
+    assert streamed == pytest.approx(whole.tolist(), abs=1e-5)
+    prefix = " ".join(tokens[:5]).replace(EOS, UNK)
+    best = lm.next_words(prefix, k=3)
+    encoded = [lm.vocab.stoi[t] for t in prefix.split()]
+    with torch.no_grad():
+        full = lm.model.log_probs(torch.tensor([[lm.vocab.eos_id, *encoded] + [0] * 40]))[0][0, len(encoded)]
+    full[lm.vocab.unk_id] = -math.inf
+    assert [v for _, v in best] == pytest.approx(torch.topk(full, 3).values.tolist(), abs=1e-5)

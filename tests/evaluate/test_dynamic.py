@@ -113,9 +113,9 @@ def test_gradient_statistics_read_the_reference_windows(model, length, monkeypat
 
     seen, original = [], dynamic._segment_grads
 
-    def spy(work, params, window, state):
+    def spy(work, params, window, state, **kwargs):
         seen.append(window.inputs.size(1))
-        return original(work, params, window, state)
+        return original(work, params, window, state, **kwargs)
 
     monkeypatch.setattr(dynamic, "_segment_grads", spy)
     gradient_statistics(model, torch.randint(0, VOCAB, (length,)), DynamicSpec(stats_batch_size=1), bptt=4)
@@ -170,6 +170,75 @@ def test_two_updates_match_the_formula(model, train_ids, variant):
     static = evaluate(model, ids, 1, segment, keep_token_nll=True).token_nll
     assert_close(result.token_nll[:segment], static[:segment])
     assert not torch.allclose(result.token_nll[segment:], static[segment:])
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_float64_updates_match_autograd_through_torch_lstm(train_ids, tied):
+    """The working copy's gradients (segment kernel, sparse lookup gradients) against plain
+    autograd through ``torch.lstm`` on a dropout-free float64 copy, three segments: equal to
+    float64 rounding (1e-12 is about 10^4 ulps of the weights' magnitude)."""
+    model = tiny_model(tie_weights=tied).double()
+    ids = torch.randint(0, VOCAB, (3 * 4 + 1,))
+    stats = stats_of(model, train_ids)
+    spec = DynamicSpec(lr=3e-3, lam=0.3, eps=1e-4, segment=4)
+    ref = tiny_model(tie_weights=tied, **NO_DROPOUT).double()
+    ref.load_state_dict(model.state_dict())
+    ref.eval()
+    theta0 = [p.detach().clone() for p in ref.parameters()]
+    rms = [stats[name] for name, _ in ref.named_parameters()]
+    mean = sum(r.mean() for r in rms) / len(rms)
+    evaluator = DynamicEvaluator(model, stats)
+    assert evaluator.model.embedding.sparse_gradient
+    state, ref_state = None, None
+    for k in range(3):
+        x, y = ids[None, 4 * k : 4 * k + 4], ids[None, 4 * k + 1 : 4 * k + 5]
+        nll_ref, grads, ref_state = manual_grads(ref, x, y, ref_state)
+        with torch.no_grad():
+            for p, p0, g, r in zip(ref.parameters(), theta0, grads, rms):
+                p.copy_(p - spec.lr * g / (r + spec.eps) + torch.clamp(spec.lam * r / mean, max=1.0) * (p0 - p))
+        nll, state = evaluator.adapt(Window(x, y, None, torch.zeros_like(y), y.numel(), y.numel()), state, spec)
+        assert_close(nll, nll_ref, rtol=1e-12, atol=1e-12)
+    for (name, p), p_ref in zip(evaluator.model.named_parameters(), ref.parameters()):
+        assert_close(p.detach(), p_ref.detach(), rtol=1e-12, atol=1e-12, msg=name)
+
+
+def test_adapt_output_updates_only_the_output_layer_by_its_own_gradient(train_ids):
+    """``adapt=output``: the gradient of the output layer alone (the encoder, input lookup
+    included, held fixed) and the rule with mean(R) over the adapted tensors, float64."""
+    model = tiny_model().double()
+    ids = torch.randint(0, VOCAB, (3 * 4 + 1,))
+    spec = DynamicSpec(lr=3e-3, lam=0.3, eps=1e-4, segment=4, adapt="output", stats_batch_size=8)
+    stats = gradient_statistics(model, train_ids, spec)
+    ref = tiny_model(**NO_DROPOUT).double()
+    ref.load_state_dict(model.state_dict())
+    ref.eval()
+    adapted = [(n, p) for n, p in ref.named_parameters() if any(p is q for q in ref.output.parameters())]
+    assert set(stats) == {n for n, _ in adapted} == {"embedding.weight", "output.bias"}
+    theta0 = {n: p.detach().clone() for n, p in ref.named_parameters()}
+    mean = sum(stats[n].mean() for n, _ in adapted) / len(adapted)
+    evaluator = DynamicEvaluator(model, stats, adapt="output")
+    state, ref_state = None, None
+    for k in range(3):
+        x, y = ids[None, 4 * k : 4 * k + 4], ids[None, 4 * k + 1 : 4 * k + 5]
+        with torch.no_grad():
+            out = ref(x, ref_state)
+        nll_ref = ref.output_nll(out, y)
+        grads = torch.autograd.grad(nll_ref.mean(), [p for _, p in adapted])
+        ref_state = out.state
+        with torch.no_grad():
+            for (n, p), g in zip(adapted, grads):
+                r = stats[n]
+                p.copy_(p - spec.lr * g / (r + spec.eps) + torch.clamp(spec.lam * r / mean, max=1.0) * (theta0[n] - p))
+        nll, state = evaluator.adapt(Window(x, y, None, torch.zeros_like(y), y.numel(), y.numel()), state, spec)
+        assert_close(nll, nll_ref.detach(), rtol=1e-12, atol=1e-12)
+    for (name, p), p_ref in zip(evaluator.model.named_parameters(), ref.parameters()):
+        assert_close(p.detach(), p_ref.detach(), rtol=1e-12, atol=1e-12, msg=name)
+        assert torch.equal(p.detach(), theta0[name]) == (name not in stats), name
+    with pytest.raises(ValueError, match="adapt"):
+        evaluator.adapt(Window(x, y, None, torch.zeros_like(y), y.numel(), y.numel()), None, DynamicSpec())
+    assert parse_dynamic_spec("adapt=output").adapt == "output"
+    with pytest.raises(ReglmError, match="adapt"):
+        parse_dynamic_spec("adapt=encoder")
 
 
 # ---------------------------------------------------------------- dropout, adaptation, isolation

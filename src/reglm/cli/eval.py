@@ -149,7 +149,10 @@ def _run_dynamic(ctx: _EvalContext, spec: DynamicSpec, stats: dict[str, torch.Te
     from reglm.evaluate.dynamic import dynamic_evaluate
 
     result = dynamic_evaluate(ctx.model, ctx.ids, spec, stats, ctx.device, keep_token_nll=ctx.keep_token_nll, progress=ctx.progress, desc=f"{ctx.split} (dynamic)")
-    return _EvalOutcome(result, summary=f" | dynamic {spec.variant} lr={spec.lr:g} lambda={spec.lam:g} segment={spec.segment}", label="model+dynamic", report={"dynamic": spec.as_dict()})
+    summary = f" | dynamic {spec.variant} lr={spec.lr:g} lambda={spec.lam:g} segment={spec.segment}"
+    if spec.adapt != "all":
+        summary += f" adapt={spec.adapt}"
+    return _EvalOutcome(result, summary=summary, label="model+dynamic", report={"dynamic": spec.as_dict()})
 
 
 def _eval_dynamic(ctx: _EvalContext, spec: DynamicSpec) -> _EvalOutcome:
@@ -218,8 +221,9 @@ EVAL_MODES: list[EvalMode] = [
     ),
     EvalMode(
         "dynamic", "SPEC", "dynamic evaluation (Krause et al. 2018): lr=,lambda=,eps=,segment=,variant=rms|sgd,max_train_tokens=N|all,batch_size=,"
-        "stats_batch_size=, any order; missing keys take the reference's lr=5e-5,lambda=0.002,eps=2e-5,segment=5,variant=rms,batch_size=1,"
-        "stats_batch_size=100 (variant=sgd needs lr)",
+        "stats_batch_size=,adapt=all|output, any order; missing keys take the reference's "
+        "lr=5e-5,lambda=0.002,eps=2e-5,segment=5,variant=rms,batch_size=1,stats_batch_size=100,adapt=all "
+        "(variant=sgd needs lr)",
         _parse("reglm.evaluate.dynamic_spec", "parse_dynamic_spec"), _eval_dynamic, lambda spec: spec.batch_size,
     ),
     EvalMode(

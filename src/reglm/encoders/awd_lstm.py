@@ -66,6 +66,7 @@ class WeightDropLSTM(nn.Module):
         self.input_size = input_size
         self.hidden_size = hidden_size
         self.weight_dropout = float(weight_dropout)
+        self.segment_gradients = False
         gates = 4 * hidden_size
         self.weight_ih_l0 = nn.Parameter(torch.empty(gates, input_size))
         self.weight_hh_l0 = nn.Parameter(torch.empty(gates, hidden_size))
@@ -99,9 +100,11 @@ class WeightDropLSTM(nn.Module):
         return lstm_layer(self, x, state, weight_hh)
 
     def gradient_mode(self) -> None:
-        """Training mode without DropConnect: deterministic, and differentiable by cuDNN (which
-        backpropagates only in training mode). Dynamic evaluation's working copy uses it."""
+        """Training mode without DropConnect: deterministic, differentiable by cuDNN (which
+        backpropagates only in training mode), and on the CPU differentiated by the segment kernel
+        (:func:`~reglm.encoders.fused_lstm.lstm_kernel`). Dynamic evaluation's working copy uses it."""
         self.weight_dropout = 0.0
+        self.segment_gradients = True
         self.train()
 
     def extra_repr(self) -> str:

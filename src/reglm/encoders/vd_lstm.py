@@ -81,6 +81,7 @@ class VDLSTMLayer(nn.Module):
         self.input_size = _check_size("input_size", input_size)
         self.hidden_size = _check_size("hidden_size", hidden_size)
         self.init_range = _check_init_range(init_range)
+        self.segment_gradients = False
         gates = 4 * self.hidden_size
         self.weight_ih_l0 = nn.Parameter(torch.empty(gates, self.input_size))
         self.weight_hh_l0 = nn.Parameter(torch.empty(gates, self.hidden_size))
@@ -143,7 +144,10 @@ class VDLSTMLayer(nn.Module):
         return torch.stack(outs, dim=1), (h.unsqueeze(0), c.unsqueeze(0))
 
     def gradient_mode(self) -> None:
-        """Training mode for cuDNN's backward; no mask is drawn while the encoder is in eval mode."""
+        """Training mode for cuDNN's backward, the segment kernel on the CPU
+        (:func:`~reglm.encoders.fused_lstm.lstm_kernel`); no mask is drawn while the encoder is
+        in eval mode."""
+        self.segment_gradients = True
         self.train()
 
     def extra_repr(self) -> str:

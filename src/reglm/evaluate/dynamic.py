@@ -71,32 +71,39 @@ adversarial-softmax repositories ship the older version, see below):
   ours follows the spec's ``lr`` and ``lam`` instead. (The reference's ``--gridfast`` searches
   on the first 30,000 validation tokens; pass such a slice as the validation ids.)
 
-Speed: per segment one forward, one ``torch.autograd.grad`` and two fused multi-tensor
-(``torch._foreach_*``) updates over all parameters -- ``lerp`` toward ``theta_0`` by the
-per-element decay, then ``addcmul`` of the gradient by the per-element step
-``lr / (R + eps)``, both precomputed once per spec. No Python loop over tokens or parameters.
+Speed: per segment one forward, one ``torch.autograd.grad`` and two multi-tensor
+(``torch._foreach_*``) updates over the adapted parameters -- ``lerp`` toward ``theta_0`` by
+the per-element decay, then ``addcmul`` of the gradient by the per-element step
+``lr / (R + eps)``, both precomputed once per spec. No Python loop over parameters.
 
-* The passes that take gradients run with oneDNN off (``torch.backends.mkldnn.enabled``,
-  restored afterwards): on CPU its LSTM kernel pays a large fixed cost per call when
-  differentiated, and PyTorch's own kernel was 1.7x faster per 5-token segment at batch 1 for
-  the PTB-sized model (1.35x for the 100 x 5 statistics batches, equal for a 200/400 model) on
-  this project's 2-core CPU. CUDA is unaffected.
+* On the CPU each LSTM layer is differentiated by
+  :class:`~reglm.encoders.lstm_segment.SegmentLSTM` (the layers' ``gradient_mode()``): it keeps
+  the gates of the forward pass and computes each weight gradient of the segment as one matrix
+  product ``dG^T X``, where PyTorch's CPU LSTM backward writes a full ``4H x H`` gradient per time
+  step (a rank-1 product each) and sums them. The forward values are those of PyTorch's own
+  kernel; the gradients equal autograd's to rounding (tested in float64).
+* The input embedding's lookup gradient is sparse (its ``gradient_mode()``), so no dense
+  ``(V, E)`` zero matrix is written for it; autograd adds its rows to a tied output layer's dense
+  gradient, and an untied one is made dense once.
 * Gradients come from ``torch.autograd.grad``, which hands over the freshly computed tensors:
   accumulating into reused ``.grad`` buffers adds a zeroing and an addition pass over every
   parameter and measured 25% slower per segment (245 vs 197 ms, PTB-sized model, CPU).
-* Each segment still reads every weight for the forward and the backward pass, writes a full
-  gradient (PyTorch's CPU LSTM backward writes and sums one weight gradient per time step) and
-  streams the parameters, ``theta_0``, the gradient and both coefficient tensors through the
-  update, so at batch 1 and 5-token segments it costs about 13x plain evaluation on that CPU
-  (``benchmarks/dynamic_eval.py``); longer segments amortize part of it (about 7x at 20).
+* The update stays two passes: no stock multi-tensor operation combines a per-element decay
+  toward ``theta_0`` with a per-element gradient step, and a single pass would still read five
+  tensors and write one (six tensor streams against eight).
+* ``adapt=output`` adapts only the output layer (with a tied embedding, that matrix and the
+  bias): the encoder runs without gradients, so the backward pass and most of the update go.
+  That is not the paper's method (it adapts every parameter) and its effect on perplexity was
+  not measured here.
+
+Measured costs, the floor at the reference's segment length and what lowers it are in
+``docs/benchmarks.md`` (``benchmarks/dynamic_eval.py``).
 """
 
 from __future__ import annotations
 
 import copy
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import torch
 from torch import Tensor, nn
@@ -107,42 +114,59 @@ from reglm.encoders.base import State, detach_state
 from reglm.evaluate.dynamic_spec import OPTION, DynamicGrid, DynamicSpec, train_split_error
 from reglm.evaluate.perplexity import EvalResult, in_stream_order
 
-def _gradient_copy(model: nn.Module, device: torch.device | str) -> nn.Module:
+def _gradient_copy(
+    model: nn.Module, device: torch.device | str, adapt: str = "all"
+) -> tuple[nn.Module, list[tuple[str, nn.Parameter]]]:
     """A deep copy of ``model`` on ``device`` that takes gradients with every dropout off: eval
     mode, then every module that declares ``gradient_mode()`` (the recurrent layers: cuDNN
-    backpropagates only in training mode) switched to it."""
+    backpropagates only in training mode) switched to it. Returns it with its adapted
+    ``(name, parameter)`` pairs (``adapt``: every parameter, or the output layer's), the only
+    ones that require gradients."""
     work = copy.deepcopy(model).to(device)
     work.eval()
     for module in work.modules():
         if hasattr(module, "gradient_mode"):
             module.gradient_mode()
+    named = list(work.named_parameters())
+    if adapt == "output":
+        output = {id(p) for p in work.output.parameters()}
+        named = [(name, p) for name, p in named if id(p) in output]
     for param in work.parameters():
-        param.requires_grad_(True)
+        param.requires_grad_(False)
         param.grad = None
-    return work
+    for _, param in named:
+        param.requires_grad_(True)
+    return work, named
 
 
-@contextmanager
-def _native_cpu_kernels() -> Iterator[None]:
-    """oneDNN off for the block: PyTorch's own CPU LSTM kernel differentiates short segments
-    faster (see the module doc); CUDA is unaffected."""
-    previous = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = False
-    try:
-        yield
-    finally:
-        torch.backends.mkldnn.enabled = previous
-
-
-def _segment_grads(model: nn.Module, params: list[Tensor], window: Window, state: State | None) -> tuple[Tensor, tuple[Tensor, ...], State | None]:
-    """Score the window and differentiate the mean NLL of its scored targets: (NLL ``(B, T)``,
-    one gradient per parameter, detached new state)."""
-    with torch.enable_grad(), _native_cpu_kernels():
+def segment_loss(
+    model: nn.Module, window: Window, state: State | None, encoder_grad: bool = True
+) -> tuple[Tensor, Tensor, State | None]:
+    """The forward pass of one segment with gradients on (through the output layer only when not
+    ``encoder_grad``): (NLL ``(B, T)``, the mean NLL of its scored targets, the new state)."""
+    with torch.set_grad_enabled(encoder_grad):
         out = model(window.inputs, state)
+    with torch.enable_grad():
         nll = model.output_nll(out, window.targets)
         loss = nll.mean() if window.scored is None else nll.masked_fill(~window.scored, 0).sum() / window.tokens
-        grads = torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)
-    return nll.detach(), grads, detach_state(out.state)
+    return nll, loss, out.state
+
+
+def segment_gradients(loss: Tensor, params: list[Tensor]) -> tuple[Tensor, ...]:
+    """The gradient of ``loss`` for every parameter, dense (zeros for an unused one); an untied
+    embedding's sparse lookup gradient is made dense here, a tied one arrives summed into the
+    output layer's dense gradient."""
+    grads = torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)
+    return tuple(g.to_dense() if g.is_sparse else g for g in grads)
+
+
+def _segment_grads(
+    model: nn.Module, params: list[Tensor], window: Window, state: State | None, encoder_grad: bool = True
+) -> tuple[Tensor, tuple[Tensor, ...], State | None]:
+    """Score the window and differentiate the mean NLL of its scored targets: (NLL ``(B, T)``,
+    one gradient per parameter, detached new state)."""
+    nll, loss, state = segment_loss(model, window, state, encoder_grad)
+    return nll.detach(), segment_gradients(loss, params), detach_state(state)
 
 
 def gradient_statistics(
@@ -167,9 +191,8 @@ def gradient_statistics(
     """
     train_split_error(train_ids, spec, bptt, OPTION)
     window = bptt or spec.segment
-    work = _gradient_copy(model, device)
-    params = list(work.parameters())
-    names = [name for name, _ in work.named_parameters()]
+    work, named = _gradient_copy(model, device, spec.adapt)
+    names, params = [name for name, _ in named], [p for _, p in named]
     plan = StreamPlan(train_ids, spec.stats_batch_size, "trim").to(device)
     starts = range(0, plan.columns - 1, window)
     if spec.max_train_tokens is not None:
@@ -177,7 +200,8 @@ def gradient_statistics(
     square_sums = [torch.zeros_like(p) for p in params]
     state = work.init_state(plan.batch_size, device=device)
     for start in tqdm(starts, desc=desc, disable=not progress, leave=False, unit="batch"):
-        _, grads, state = _segment_grads(work, params, plan.window(start, window), state)
+        batch = plan.window(start, window)
+        _, grads, state = _segment_grads(work, params, batch, state, encoder_grad=spec.adapt == "all")
         torch._foreach_addcmul_(square_sums, grads, grads)
     return {name: s.div_(len(starts)).sqrt_() for name, s in zip(names, square_sums)}
 
@@ -186,15 +210,23 @@ class DynamicEvaluator:
     """A working copy of ``model`` that adapts while it scores, and the trained weights
     ``theta_0`` it decays toward and returns to after every pass.
 
-    ``stats`` (from :func:`gradient_statistics` on the same model) is needed for ``rms`` specs
-    only. The per-element coefficients of a spec (decay ``min(1, lam R / mean R)`` and step
+    ``adapt`` (a spec's ``adapt``) names the parameters it adapts: ``all``, or the ``output``
+    layer's (the encoder then runs without gradients; a spec with another ``adapt`` is refused).
+    ``stats`` (from :func:`gradient_statistics` on the same model and ``adapt``) is needed for
+    ``rms`` specs only. The per-element coefficients of a spec (decay ``min(1, lam R / mean R)`` and step
     ``lr / (R + eps)``) are computed once and kept for the next segments.
     """
 
-    def __init__(self, model: nn.Module, stats: dict[str, Tensor] | None = None, device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        stats: dict[str, Tensor] | None = None,
+        device: torch.device | str = "cpu",
+        adapt: str = "all",
+    ) -> None:
         self.device = torch.device(device)
-        self.model = _gradient_copy(model, self.device)
-        named = list(self.model.named_parameters())
+        self.scope = adapt
+        self.model, named = _gradient_copy(model, self.device, adapt)
         self.params = [p for _, p in named]
         self.theta0 = [p.detach().clone() for p in self.params]
         self.rms: list[Tensor] | None = None
@@ -230,15 +262,22 @@ class DynamicEvaluator:
         """Score the segment with the current weights, then update them on its scored targets.
         Returns the NLL ``(B, T)`` of the prediction made *before* the update and the detached
         state to pass with the next segment."""
-        decay, step = self._coefficients(spec)
-        nll, grads, state = _segment_grads(self.model, self.params, window, state)
-        with torch.no_grad():
-            torch._foreach_lerp_(self.params, self.theta0, decay)
-            if spec.variant == "sgd":
-                torch._foreach_add_(self.params, grads, alpha=-step)
-            else:
-                torch._foreach_addcmul_(self.params, grads, step, value=-1.0)
+        if spec.adapt != self.scope:
+            raise ValueError(f"this evaluator adapts {self.scope!r} parameters, the spec asks for adapt={spec.adapt!r}")
+        nll, grads, state = _segment_grads(self.model, self.params, window, state, encoder_grad=self.scope == "all")
+        self.update(grads, spec)
         return nll, state
+
+    @torch.no_grad()
+    def update(self, grads: tuple[Tensor, ...], spec: DynamicSpec) -> None:
+        """One update of every parameter by its gradient (the rule of the module doc), two
+        multi-tensor passes: the decay toward ``theta_0``, then the gradient step."""
+        decay, step = self._coefficients(spec)
+        torch._foreach_lerp_(self.params, self.theta0, decay)
+        if spec.variant == "sgd":
+            torch._foreach_add_(self.params, grads, alpha=-step)
+        else:
+            torch._foreach_addcmul_(self.params, grads, step, value=-1.0)
 
     def evaluate(self, ids: Tensor, spec: DynamicSpec, keep_token_nll: bool = False, progress: bool = False, desc: str = "dynamic") -> EvalResult:
         """One dynamic pass over ``ids: (N,)`` cut into ``spec.batch_size`` streams (every target
@@ -277,7 +316,7 @@ def dynamic_evaluate(
 ) -> EvalResult:
     """Dynamically evaluate ``model`` on ``ids: (N,)`` (see the module doc); ``stats`` from
     :func:`gradient_statistics` for ``spec.variant == "rms"``. ``model`` is left unchanged."""
-    return DynamicEvaluator(model, stats, device).evaluate(ids, spec, keep_token_nll, progress, desc)
+    return DynamicEvaluator(model, stats, device, spec.adapt).evaluate(ids, spec, keep_token_nll, progress, desc)
 
 
 @dataclass
@@ -307,7 +346,7 @@ def dynamic_search(
     """Every ``(lr, lambda)`` of ``grid`` (with ``grid.spec``'s other settings) by dynamic
     evaluation on ``valid_ids: (N,)``, all on one working copy of ``model``; the best is the
     lowest loss (the first in grid order on a tie). ``stats`` as for :func:`dynamic_evaluate`."""
-    evaluator = DynamicEvaluator(model, stats, device)
+    evaluator = DynamicEvaluator(model, stats, device, grid.spec.adapt)
     specs = grid.specs()
     results = []
     for i, spec in enumerate(specs):

@@ -15,6 +15,7 @@ from reglm.config.parse import SpecError, spec_items, spec_value, under_option
 OPTION = "--dynamic"
 SEARCH_OPTION = "--dynamic-search"
 VARIANTS = ("rms", "sgd")
+ADAPTS = ("all", "output")
 DEFAULT_RMS_LR = 5e-5
 LR_FACTORS = (0.6, 0.8, 1.0, 1.2, 1.4, 2.0)
 LAMBDA_FACTORS = (0.5, 1.0, 1.5, 2.5)
@@ -41,10 +42,15 @@ class DynamicSpec:
     """streams scored side by side while evaluating (the reference uses 1)"""
     stats_batch_size: int = 100
     """streams per batch of the statistics pass (the reference's ``--batch_size``)"""
+    adapt: str = "all"
+    """``all`` parameters (the paper), or only the ``output`` layer's (with a tied embedding):
+    the encoder then runs without gradients, several times cheaper per segment"""
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
             raise SpecError(f"variant={self.variant!r} is unknown; choose {' or '.join(VARIANTS)}")
+        if self.adapt not in ADAPTS:
+            raise SpecError(f"adapt={self.adapt!r} is unknown; choose {' or '.join(ADAPTS)}")
         if self.lr is None:
             if self.variant == "sgd":
                 raise SpecError("variant=sgd has no default learning rate (the reference tunes only the rms rule); give lr=..., e.g. found with --dynamic-search")
@@ -67,7 +73,8 @@ class DynamicSpec:
     def as_dict(self) -> dict[str, float | int | str | None]:
         """The settings under the keys :func:`parse_dynamic_spec` reads."""
         return {"lr": self.lr, "lambda": self.lam, "eps": self.eps, "segment": self.segment, "variant": self.variant,
-                "max_train_tokens": self.max_train_tokens, "batch_size": self.batch_size, "stats_batch_size": self.stats_batch_size}
+                "max_train_tokens": self.max_train_tokens, "batch_size": self.batch_size,
+                "stats_batch_size": self.stats_batch_size, "adapt": self.adapt}
 
 
 @dataclass(frozen=True)
@@ -103,7 +110,8 @@ class DynamicGrid:
 
 
 KEYS = {"lr": "lr", "lambda": "lam", "lam": "lam", "eps": "eps", "epsilon": "eps", "segment": "segment", "variant": "variant",
-        "max_train_tokens": "max_train_tokens", "batch_size": "batch_size", "stats_batch_size": "stats_batch_size"}
+        "max_train_tokens": "max_train_tokens", "batch_size": "batch_size", "stats_batch_size": "stats_batch_size",
+        "adapt": "adapt"}
 """spec key (aliases included) -> :class:`DynamicSpec` field"""
 
 
@@ -112,8 +120,8 @@ def parse_dynamic_spec(text: str, option: str = OPTION) -> DynamicSpec:
     :class:`DynamicSpec`. Keys in any order, each at most once; a missing key takes its default
     and an empty text gives all defaults. Keys: ``lr``, ``lambda`` (or ``lam``), ``eps`` (or
     ``epsilon``), ``segment``, ``variant`` (``rms`` | ``sgd``), ``max_train_tokens`` (a number or
-    ``all``), ``batch_size``, ``stats_batch_size``. Raises :class:`ReglmError` naming ``option``
-    and the offending item."""
+    ``all``), ``batch_size``, ``stats_batch_size``, ``adapt`` (``all`` | ``output``). Raises
+    :class:`ReglmError` naming ``option`` and the offending item."""
     def build() -> DynamicSpec:
         values = {}
         if text.strip():

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from reglm.config.fields import check, check_prob, check_positive, kind_field, option
@@ -59,6 +60,7 @@ class WordEmbedding(nn.Module):
         nn.init.normal_(self.weight)
         nn.init.uniform_(self.weight, -cfg.init_range, cfg.init_range)
         self.dropout = LockedDropout(cfg.dropout)
+        self.sparse_gradient = False
 
     @classmethod
     def from_config(cls, cfg: EmbeddingConfig, vocab_size: int, vocab: object = None) -> WordEmbedding:
@@ -68,8 +70,16 @@ class WordEmbedding(nn.Module):
         """The ``(V, E)`` matrix a tied output layer uses as its own."""
         return self.weight
 
+    def gradient_mode(self) -> None:
+        """Sparse lookup gradients in eval mode (dynamic evaluation's working copy): only the
+        looked-up rows, never a dense ``(V, E)`` zero matrix; a tied output layer's dense gradient
+        takes them as a row sum."""
+        self.sparse_gradient = True
+
     def forward(self, ids: Tensor, noise_std: float = 0.0) -> Tensor:
         """``ids: (B, T) -> (B, T, E)``; ``noise_std``: the training-only input noise."""
+        if self.sparse_gradient and not self.training:
+            return F.embedding(ids, self.weight, sparse=True)
         x = embedding_dropout(ids, self.weight, self.cfg.embed_dropout, self.training)
         if self.training and noise_std > 0:
             x = x + noise_std * torch.randn_like(x)
