@@ -288,6 +288,7 @@ def resolve(
     max_vocab: int | None = None,
     synthetic_seed: int = 0,
     synthetic_sentences: int = 80_000,
+    synthetic_rule: str = "stream",
     tokenizer: str = "word",
     bpe_vocab_size: int = 32_000,
     vocab: Vocab | None = None,
@@ -297,7 +298,7 @@ def resolve(
     A built-in name (``ptb``, ``wikitext-2``, ``wikitext-103``, ``lm1b``) is downloaded when
     needed; ``synthetic`` is the synthetic trigram corpus of ``synthetic_seed`` with
     ``synthetic_sentences`` training sentences and one eighth of that for valid and for test
-    (the paper's 80k / 10k / 10k by default); an existing directory is read as a custom corpus
+    (the paper's 80k / 10k / 10k by default), under the reading ``synthetic_rule``; an existing directory is read as a custom corpus
     (a built-in name wins over a directory of that name: write ``./ptb``). Built-in and custom
     corpora are read through the encoded-corpus cache (:func:`reglm.data.cache.load_cached`:
     encoded once, memory-mapped afterwards, the same ids). ``min_freq`` / ``max_vocab`` shape
@@ -320,7 +321,7 @@ def resolve(
         if bpe:
             raise ReglmError("the synthetic corpus is word-level (its true probabilities are per word); use tokenizer=word, or bpe with a natural-text corpus")
         n_eval = synthetic_sentences // 8
-        return synthetic_corpus(seed=synthetic_seed, data_dir=data_dir, sizes=(synthetic_sentences, n_eval, n_eval))
+        return synthetic_corpus(seed=synthetic_seed, data_dir=data_dir, sizes=(synthetic_sentences, n_eval, n_eval), rule=synthetic_rule)
     if Path(name).expanduser().is_dir():
         return load_cached(Path(name).expanduser(), min_freq=min_freq, **options)
     raise ReglmError(

@@ -22,9 +22,10 @@ chosen word in one fixed context (event ``chosen_word`` in ``metrics.jsonl``): F
 panel; and the probabilities of the words of ``tracked_ranks``, each in its own fixed context
 (event ``tracked_word``): Figure 2, an almost frequent word (rank 75 by default) and a frequent
 one (rank 10), drawn for the fine-tunings of the perturbed model (our reading of the figure, whose
-caption names no starting model) into ``trigram-study-figure2.png``. The context is the test-set sentence prefix after which the chosen word has the highest
-true probability, read from the start of its sentence with a zero state -- our reading of the
-paper's "given some fixed context".
+caption names no starting model) into ``trigram-study-figure2.png``. The context is the test-set prefix after which the chosen word has the highest
+true probability, read with a zero state from the start of the sentence before its own (which
+holds the two words the true probability depends on) -- our reading of the paper's "given some
+fixed context".
 
 Table 1's columns, over test words (``<eos>`` targets, whose true probability is 1, excluded):
 perplexity, perplexity over the 50 most frequent training words and over the rest, their ratio
@@ -47,6 +48,7 @@ import torch
 
 from reglm.config import RunConfig, build_config, derive_config
 from reglm.data import Corpus
+from reglm.data.synthetic import RULES
 from reglm.data.vocab import EOS
 from reglm.errors import ReglmError
 from reglm.evaluate.perplexity import evaluate, perplexity
@@ -85,6 +87,8 @@ class TrigramStudySpec:
     (any rank: 1-50 are frequent, 51-150 almost frequent)"""
     n_frequent: int = 50
     seed: int = 0
+    synthetic_rule: str = "stream"
+    """the corpus's reading of appendix A (``data.synthetic_rule``); studies recorded without it used ``restart``"""
     device: str = "auto"
     extra: tuple[str, ...] = field(default_factory=tuple)
     """further ``key=value`` overrides of the initial model's run configuration"""
@@ -102,6 +106,8 @@ class TrigramStudySpec:
             raise ReglmError(f"--track-ranks {','.join(map(str, self.tracked_ranks))} must list frequency ranks >= 1 (e.g. 75,10)")
         if not self.n_frequent < self.chosen_rank:
             raise ReglmError(f"--chosen-rank {self.chosen_rank} must be beyond the {self.n_frequent} frequent words (the paper: an almost frequent word, ranks 51-150)")
+        if self.synthetic_rule not in RULES:
+            raise ReglmError(f"--synthetic-rule {self.synthetic_rule!r} must be one of {', '.join(RULES)}")
         if not (math.isfinite(self.perturb_bias) and self.perturb_bias < 0):
             raise ReglmError(f"--perturb-bias {self.perturb_bias} must be a negative number")
 
@@ -110,6 +116,7 @@ def initial_config(spec: TrigramStudySpec) -> RunConfig:
     """The initial model's run: appendix A's LSTM and optimizer on the synthetic corpus."""
     options = [
         "data.name=synthetic", f"data.synthetic_sentences={spec.sentences}", f"data.synthetic_seed={spec.seed}",
+        f"data.synthetic_rule={spec.synthetic_rule}",
         "model.encoder=awd-lstm", f"model.emb_size={spec.hidden}", f"model.hidden_size={spec.hidden}", "model.num_layers=2",
         "model.tie_weights=false", "model.embed_dropout=0", "model.input_dropout=0", "model.hidden_dropout=0",
         "model.output_dropout=0", "model.weight_dropout=0",
@@ -164,9 +171,11 @@ def chosen_word_prob(model: LanguageModel, context: torch.Tensor, word: int) -> 
 
 
 def fixed_context(corpus: Corpus, word: int) -> tuple[torch.Tensor, float]:
-    """The test-set sentence prefix after which ``word`` has its highest true probability, among
-    the positions where it occurs: ``(context ids from the sentence's <eos> on, true probability)``.
-    (Also the context of every tracked word of Figure 2.)"""
+    """The test-set prefix after which ``word`` has its highest true probability, among the
+    positions where it occurs: ``(context ids, true probability)``, the context running from the
+    ``<eos>`` before the previous sentence (so it holds the two words the true probability depends
+    on, also for a sentence's first words, which continue the sentence before), or from the split's
+    start. (Also the context of every tracked word of Figure 2.)"""
     assert corpus.truth is not None
     test, logp = corpus.test, corpus.truth["test"]
     hits = (test == word).nonzero().flatten()
@@ -175,7 +184,7 @@ def fixed_context(corpus: Corpus, word: int) -> tuple[torch.Tensor, float]:
         raise ReglmError(f"the chosen word {corpus.vocab.itos[word]!r} never occurs in the test split; choose another --chosen-rank or more --sentences")
     best = int(hits[logp[hits].argmax()])
     eos = (test[:best] == corpus.vocab.eos_id).nonzero().flatten()
-    start = int(eos[-1]) if eos.numel() else 0
+    start = int(eos[-2]) if eos.numel() > 1 else 0
     return test[start:best].clone(), float(logp[best].exp())
 
 
@@ -288,6 +297,7 @@ def _check_spec(out: Path, spec: TrigramStudySpec) -> None:
     current = json.loads(json.dumps(asdict(spec)))
     if path.is_file():
         saved = json.loads(path.read_text(encoding="utf-8"))
+        saved.setdefault("synthetic_rule", "restart")
         if saved != current:
             changed = sorted(key for key in set(saved) | set(current) if saved.get(key) != current.get(key))
             raise ReglmError(f"{out} holds a study started with other settings ({', '.join(changed)}); rerun with those settings to resume it, or choose another --out")
