@@ -62,6 +62,20 @@ def test_chosen_word_curve_has_one_point_per_step_from_the_start(study: tuple[Pa
     assert all(0 < p < 1 for p in curve["prob"])
 
 
+def test_validation_curve_and_the_perplexity_without_the_chosen_word(study: tuple[Path, dict]) -> None:
+    """Figure 1 (left): a validation perplexity after every fine-tuning step; section 3's perplexity
+    over every word but the chosen one, which the perturbed model's -20 bias makes far less likely."""
+    _, result = study
+    for stage in ("ftd-perturbed", "ce-0.1-perturbed"):
+        curve = result["curves"][stage]
+        assert curve["valid"]["step"] == curve["step"] and all(p > 1 for p in curve["valid"]["ppl"])
+    perturbed = result["table"]["perturbed model"]
+    assert perturbed["ppl_except_chosen"] < perturbed["test_ppl"]
+    initial = result["table"]["initial model"]
+    # one bias apart: the chosen word's mass goes to the other words, which only gain
+    assert perturbed["ppl_except_chosen"] <= initial["ppl_except_chosen"] and initial["ppl_except_chosen"] == pytest.approx(perturbed["ppl_except_chosen"], rel=1e-2)
+
+
 def test_true_row_is_the_true_log_probability_over_the_scored_words(study: tuple[Path, dict]) -> None:
     _, result = study
     corpus = load_corpus(initial_config(TrigramStudySpec(sentences=800)))

@@ -85,6 +85,9 @@ class TrigramStudySpec:
     tracked_ranks: tuple[int, ...] = (75, 10)
     """Figure 2: frequency ranks of further words whose probability every fine-tuning step logs
     (any rank: 1-50 are frequent, 51-150 almost frequent)"""
+    valid_sentences: int = 1000
+    """Figure 1 (left): after every fine-tuning step, the perplexity over the words of the first
+    this many validation sentences (0: not logged; studies recorded without it logged none)"""
     n_frequent: int = 50
     seed: int = 0
     synthetic_rule: str = "stream"
@@ -94,6 +97,8 @@ class TrigramStudySpec:
     """further ``key=value`` overrides of the initial model's run configuration"""
 
     def __post_init__(self) -> None:
+        if self.valid_sentences < 0:
+            raise ReglmError(f"--valid-sentences {self.valid_sentences} must be >= 0")
         for name in ("sentences", "hidden", "batch_size", "bptt", "epochs", "disc_epochs", "finetune_epochs", "n_frequent"):
             if getattr(self, name) < 1:
                 raise ReglmError(f"--{name.replace('_', '-')} {getattr(self, name)} must be >= 1")
@@ -146,17 +151,34 @@ class ChosenWordTracker:
     """A step hook: the model's probability of the chosen word after the fixed context, logged
     to the run's ``metrics.jsonl`` as ``{"event": "chosen_word", "step", "prob"}``, and of each
     ``tracked`` word ``(rank, context, word)`` after its own context, as ``{"event":
-    "tracked_word", "step", "rank", "prob"}`` (Figure 2)."""
+    "tracked_word", "step", "rank", "prob"}`` (Figure 2); with ``valid`` (ids of whole validation
+    sentences), the perplexity over its words as ``{"event": "valid_step", "step", "ppl"}``
+    (Figure 1, left)."""
 
-    def __init__(self, context: torch.Tensor, word: int, tracked: tuple[tuple[int, torch.Tensor, int], ...] = ()) -> None:
+    def __init__(
+        self, context: torch.Tensor, word: int, tracked: tuple[tuple[int, torch.Tensor, int], ...] = (), valid: torch.Tensor | None = None,
+    ) -> None:
         self.context = context
         self.word = word
         self.tracked = tracked
+        self.valid = valid
 
     def __call__(self, trainer: Trainer) -> None:
         trainer.metrics.log(event="chosen_word", step=trainer.step, prob=chosen_word_prob(trainer.model, self.context, self.word))
         for rank, context, word in self.tracked:
             trainer.metrics.log(event="tracked_word", step=trainer.step, rank=rank, prob=chosen_word_prob(trainer.model, context, word))
+        if self.valid is not None:
+            trainer.metrics.log(event="valid_step", step=trainer.step, ppl=word_perplexity(trainer.model, self.valid, trainer.vocab.eos_id))
+
+
+def word_perplexity(model: LanguageModel, ids: torch.Tensor, eos_id: int) -> float:
+    """Perplexity of ``model`` (put back in its mode) over the word targets of ``ids`` (``<eos>`` excluded), 64 streams."""
+    was_training = model.training
+    result = evaluate(model, ids, 64, 35, next(model.parameters()).device, keep_token_nll=True)
+    model.train(was_training)
+    assert result.token_nll is not None and result.positions is not None
+    words = ids[result.positions] != eos_id
+    return perplexity(float(result.token_nll.double()[words].mean()))
 
 
 @torch.no_grad()
@@ -194,8 +216,10 @@ def frequency_ranking(corpus: Corpus) -> list[int]:
     return sorted((i for i in range(len(vocab)) if vocab.itos[i] != EOS), key=lambda i: (-vocab.counts[i], vocab.itos[i]))
 
 
-def table_row(model: LanguageModel, corpus: Corpus, frequent: torch.Tensor, batch_size: int, device: torch.device) -> dict[str, float]:
-    """Table 1's columns for ``model`` over the test words (``<eos>`` targets excluded)."""
+def table_row(model: LanguageModel, corpus: Corpus, frequent: torch.Tensor, batch_size: int, device: torch.device, chosen: int) -> dict[str, float]:
+    """Table 1's columns for ``model`` over the test words (``<eos>`` targets excluded), and
+    ``ppl_except_chosen``, the perplexity over the words other than ``chosen`` (section 3: 84.56 for
+    the perturbed model fine-tuned with the discriminator)."""
     assert corpus.truth is not None
     result = evaluate(model, corpus.test, batch_size, 35, device, keep_token_nll=True)
     assert result.token_nll is not None and result.positions is not None
@@ -211,6 +235,7 @@ def table_row(model: LanguageModel, corpus: Corpus, frequent: torch.Tensor, batc
         "rare_ppl": perplexity(float(nll[rare].mean())),
         "logq_minus_logp_mean": float(-diff[words].mean()),
         "logq_minus_logp_std": float(diff[words].std()),
+        "ppl_except_chosen": perplexity(float(nll[words & (targets != chosen)].mean())),
     }
     row["ratio"] = row["rare_ppl"] / row["frequent_ppl"]
     return row
@@ -237,6 +262,10 @@ def run_trigram_study(out: Path, spec: TrigramStudySpec, progress: bool = False)
         raise ReglmError(f"--track-ranks {max(spec.tracked_ranks)} exceeds the {len(ranked)} words of the corpus")
     tracked = {rank: (ranked[rank - 1], *fixed_context(corpus, ranked[rank - 1])) for rank in spec.tracked_ranks}
     tracker_words = tuple((rank, ctx, word) for rank, (word, ctx, _) in tracked.items())
+    valid = None
+    if spec.valid_sentences:
+        ends = (corpus.valid == corpus.vocab.eos_id).nonzero().flatten()
+        valid = corpus.valid[: int(ends[min(spec.valid_sentences, ends.numel()) - 1]) + 1]
 
     _run_stage(out / "initial", config, corpus, progress)
     perturbed_dir = out / "perturbed"
@@ -258,17 +287,17 @@ def run_trigram_study(out: Path, spec: TrigramStudySpec, progress: bool = False)
         for stage, (objective, lr) in runs.items():
             options = [f"train.epochs={spec.finetune_epochs}", f"train.lr={lr}", "train.plateau_factor=none"]
             stage_config = derive_config(config, None, options, objective, "fine-tuning")
-            _run_stage(out / stage, stage_config, corpus, progress, ChosenWordTracker(context, chosen, tracker_words))
+            _run_stage(out / stage, stage_config, corpus, progress, ChosenWordTracker(context, chosen, tracker_words, valid))
             stages[stage] = {"base": name, "lr": lr, "objective": objective["kind"]}
 
     rows = {"true distribution": _true_row(corpus, frequent)}
     for name in ("initial", "perturbed"):
         model, _, _ = load_model_dir(bases[name], device)
-        rows[f"{name} model"] = table_row(model, corpus, frequent, config.train.test_batch_size, device)
+        rows[f"{name} model"] = table_row(model, corpus, frequent, config.train.test_batch_size, device, chosen)
         for stage, info in stages.items():
             if info["base"] == name:
                 tuned, _, _ = load_model_dir(out / stage / "best", device)
-                rows[stage] = table_row(tuned, corpus, frequent, config.train.test_batch_size, device)
+                rows[stage] = table_row(tuned, corpus, frequent, config.train.test_batch_size, device, chosen)
     curves = {stage: _read_curve(out / stage) for stage in stages}
     disc_prob = _p_hat(out, bases, context, chosen, device)
     result = {
@@ -298,6 +327,7 @@ def _check_spec(out: Path, spec: TrigramStudySpec) -> None:
     if path.is_file():
         saved = json.loads(path.read_text(encoding="utf-8"))
         saved.setdefault("synthetic_rule", "restart")
+        saved.setdefault("valid_sentences", 0)
         if saved != current:
             changed = sorted(key for key in set(saved) | set(current) if saved.get(key) != current.get(key))
             raise ReglmError(f"{out} holds a study started with other settings ({', '.join(changed)}); rerun with those settings to resume it, or choose another --out")
@@ -320,9 +350,11 @@ def _true_row(corpus: Corpus, frequent: torch.Tensor) -> dict[str, float]:
 
 
 def _read_curve(run_dir: Path) -> dict[str, Any]:
-    """The chosen word's curve (``step``, ``prob``) and each tracked word's (``tracked``: rank -> ``step``, ``prob``)."""
+    """The chosen word's curve (``step``, ``prob``), each tracked word's (``tracked``: rank -> ``step``,
+    ``prob``) and the validation perplexity's (``valid``: ``step``, ``ppl``)."""
     steps, probs = [], []
     tracked: dict[str, dict[str, list[float]]] = {}
+    valid: dict[str, list[float]] = {"step": [], "ppl": []}
     for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
         record = json.loads(line)
         if record.get("event") == "chosen_word":
@@ -332,7 +364,10 @@ def _read_curve(run_dir: Path) -> dict[str, Any]:
             curve = tracked.setdefault(str(record["rank"]), {"step": [], "prob": []})
             curve["step"].append(record["step"])
             curve["prob"].append(record["prob"])
-    return {"step": steps, "prob": probs, "tracked": tracked}
+        elif record.get("event") == "valid_step":
+            valid["step"].append(record["step"])
+            valid["ppl"].append(record["ppl"])
+    return {"step": steps, "prob": probs, "tracked": tracked, "valid": valid}
 
 
 @torch.no_grad()
