@@ -131,7 +131,8 @@ def cmd_presets(args: argparse.Namespace) -> int:
         print(json.dumps({"paper": args.paper, "tables": tables}))
         return 0
     for table in tables:
-        print(f"{args.paper}:{table['table']}  {table['caption']}" + (f"  [not reproducible here: {table['missing']}]" if table["missing"] else ""))
+        print(f"{args.paper}:{table['table']}  {table['caption']}" + (f"  [not reproducible here: {table['missing']}]" if table["missing"] else "")
+              + (f"  [one chain of runs: `reglm study {table['study']}`, which `reglm reproduce` runs]" if table["study"] else ""))
         if not table["rows"]:
             continue
         width = max(len(row["id"]) for row in table["rows"])
@@ -170,7 +171,7 @@ def _paper_tables(paper: str, table: str | None) -> list[dict[str, Any]]:
             record = {key: value for key, value in dataclasses.asdict(row).items() if key not in ("paper", "table", "reported")}
             reported = {key: value for key, value in dataclasses.asdict(row.reported).items() if value is not None}
             rows.append({**record, "reported": reported, "starts_from": None if starts is None else dataclasses.asdict(starts)})
-        out.append({"table": name, "caption": entry.caption, "missing": entry.missing, "rows": rows})
+        out.append({"table": name, "caption": entry.caption, "missing": entry.missing, "study": entry.study, "rows": rows})
     return out
 
 
