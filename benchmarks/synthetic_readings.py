@@ -81,10 +81,13 @@ def statistics(train: np.ndarray, test: np.ndarray, test_logp: np.ndarray, vocab
     ppl = float(np.exp(nll.mean()))
     per_sentence = -test_logp.mean(axis=1)
     out = {
-        "share_frequent": float(shares[:50].sum()), "share_almost": float(shares[50:150].sum()),
-        "share_rest": float(shares[150:].sum()), "test_ppl": ppl,
+        "share_frequent": float(shares[:50].sum()),
+        "share_almost": float(shares[50:150].sum()),
+        "share_rest": float(shares[150:].sum()),
+        "test_ppl": ppl,
         "test_ppl_se": ppl * float(per_sentence.std(ddof=1) / np.sqrt(len(per_sentence))),
-        "test_ppl_frequent": float(np.exp(nll[is_frequent].mean())), "test_ppl_rare": float(np.exp(nll[~is_frequent].mean())),
+        "test_ppl_frequent": float(np.exp(nll[is_frequent].mean())),
+        "test_ppl_rare": float(np.exp(nll[~is_frequent].mean())),
     }
     out["ratio"] = out["test_ppl_rare"] / out["test_ppl_frequent"]
     return out
@@ -94,7 +97,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--train", type=int, default=40000, help="training sentences sampled per reading")
     parser.add_argument("--test", type=int, default=10000, help="test sentences sampled per reading")
-    parser.add_argument("--burn-in", type=int, default=30, help="unemitted words before each sentence (burn-in readings)")
+    parser.add_argument(
+        "--burn-in", type=int, default=30, help="unemitted words before each sentence (burn-in readings)"
+    )
     args = parser.parse_args()
     readings = {
         "restart": TrigramLanguage(seed=0, rule="restart"),
@@ -113,10 +118,19 @@ def main() -> None:
         test, logp = lang.sample_with_log_prob(args.test, rng)
         results[name] = statistics(train, test, logp) | {"seconds": time.perf_counter() - start}
         s = results[name]
-        print(f"{name:20s} shares {100 * s['share_frequent']:.1f} / {100 * s['share_almost']:.1f} / {100 * s['share_rest']:.1f} %  "
-              f"ppl {s['test_ppl']:.2f} ± {s['test_ppl_se']:.2f}  frequent {s['test_ppl_frequent']:.2f}  "
-              f"rare {s['test_ppl_rare']:.2f}  ratio {s['ratio']:.1f}", flush=True)
-    record = {**environment(torch.device("cpu"), __file__, None), "options": vars(args), "paper": PAPER_STATS, "readings": results}
+        print(
+            f"{name:20s} shares {100 * s['share_frequent']:.1f} / {100 * s['share_almost']:.1f} / "
+            f"{100 * s['share_rest']:.1f} %  "
+            f"ppl {s['test_ppl']:.2f} ± {s['test_ppl_se']:.2f}  frequent {s['test_ppl_frequent']:.2f}  "
+            f"rare {s['test_ppl_rare']:.2f}  ratio {s['ratio']:.1f}",
+            flush=True,
+        )
+    record = {
+        **environment(torch.device("cpu"), __file__, None),
+        "options": vars(args),
+        "paper": PAPER_STATS,
+        "readings": results,
+    }
     save(record, RESULTS / "synthetic-readings.json")
 
 

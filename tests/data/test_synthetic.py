@@ -81,8 +81,9 @@ def test_next_word_probs_match_reference(rule: str, i: int, j: int) -> None:
 def test_rules_differ_only_where_a_context_has_two_words() -> None:
     stream, restart = TrigramLanguage(seed=0), TrigramLanguage(seed=0, rule="restart")
     assert stream.rule == "stream"
-    np.testing.assert_array_equal(stream.next_word_probs(np.array([0]), np.array([0])), restart.next_word_probs(np.array([0]), np.array([0])))
-    assert not np.allclose(stream.next_word_probs(np.array([3]), np.array([7])), restart.next_word_probs(np.array([3]), np.array([7])))
+    start, context = (np.array([0]), np.array([0])), (np.array([3]), np.array([7]))
+    np.testing.assert_array_equal(stream.next_word_probs(*start), restart.next_word_probs(*start))
+    assert not np.allclose(stream.next_word_probs(*context), restart.next_word_probs(*context))
     with pytest.raises(ValueError, match="rule"):
         TrigramLanguage(rule="stationary")
 
@@ -121,7 +122,8 @@ def test_stream_starts() -> None:
     lang = TrigramLanguage(seed=0)
     np.testing.assert_array_equal(lang.stream_starts(3), [0, 1, 2])
     starts = lang.stream_starts(100)
-    assert len(starts) == STREAMS and starts[0] == 0 and set(np.diff(np.append(starts, 100))) <= {100 // STREAMS, 100 // STREAMS + 1}
+    assert len(starts) == STREAMS and starts[0] == 0
+    assert set(np.diff(np.append(starts, 100))) <= {100 // STREAMS, 100 // STREAMS + 1}
     np.testing.assert_array_equal(TrigramLanguage(rule="restart").stream_starts(5), np.arange(5))
 
 
@@ -223,7 +225,8 @@ def test_corpus_is_cached_and_deterministic(small, tmp_path) -> None:
     assert torch.equal(again.train, corpus.train) and torch.equal(again.truth["test"], corpus.truth["test"])
     fresh = synthetic_corpus(seed=2, data_dir=tmp_path, sizes=SMALL)
     assert fresh.vocab == corpus.vocab and torch.equal(fresh.valid, corpus.valid)
-    assert (tmp_path / "synthetic-stream-2-200-50-50" / "valid.txt").read_bytes() == (directory / "valid.txt").read_bytes()
+    fresh_valid = tmp_path / "synthetic-stream-2-200-50-50" / "valid.txt"
+    assert fresh_valid.read_bytes() == (directory / "valid.txt").read_bytes()
     other = synthetic_corpus(seed=3, data_dir=tmp_path, sizes=SMALL)
     assert not torch.equal(other.train, corpus.train)
 

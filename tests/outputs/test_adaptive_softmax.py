@@ -113,8 +113,11 @@ def test_input_dropout_drops_what_the_head_and_the_tails_read_in_training_only(m
 def test_the_transformer_presets_drop_the_adaptive_softmax_input_as_the_authors_recipes() -> None:
     """fairseq's one adaptive_softmax_dropout sets both dropouts: 0.2 in transformer_lm_wiki103,
     0 in transformer_lm_gbw (and in Table 6's row without tail dropout)."""
-    for preset, rate in (("transformer-wt103-adp-t", 0.2), ("transformer-wt103-asm", 0.2), ("transformer-wt103-asm-t-nodim", 0.2),
-                         ("transformer-wt103-asm-tail-dropout0", 0.0), ("transformer-gbw-adp-t", 0.0), ("transformer-gbw-cnn", 0.0)):
+    rates = {
+        "transformer-wt103-adp-t": 0.2, "transformer-wt103-asm": 0.2, "transformer-wt103-asm-t-nodim": 0.2,
+        "transformer-wt103-asm-tail-dropout0": 0.0, "transformer-gbw-adp-t": 0.0, "transformer-gbw-cnn": 0.0,
+    }
+    for preset, rate in rates.items():
         output = build_config(preset, []).model.output
         assert (output.input_dropout, output.tail_dropout) == (rate, rate), preset
 
@@ -288,7 +291,8 @@ ADAPTIVE_IN = ["model.input=adaptive", "model.input.dim=16", "model.input.cutoff
     (["model.output.cutoffs=30,10"], "invalid option model.output.cutoffs: .*strictly increasing"),
     (["model.output.cutoffs=10,x"], "invalid option model.output.cutoffs"),
     (["model.output.cutoffs=10,30", "model.output.factor=2", "model.output.tail_dropout=1"], "invalid option model.output.tail_dropout"),
-    (["model.output.cutoffs=10,30", "model.output.factor=2", "model.output.input_dropout=-0.1"], "invalid option model.output.input_dropout"),
+    (["model.output.cutoffs=10,30", "model.output.factor=2", "model.output.input_dropout=-0.1"],
+     "invalid option model.output.input_dropout"),
     (["model.output.cutoffs=10,30", "model.output.factor=2", "model.output.tie=weights"], "invalid option model.output.tie: unknown 'weights'"),
     (["model.output.cutoffs=10,30,40", "model.output.factor=4", "model.output.tie=none"], "invalid option model.output.factor: band 4 of 4"),
     (["model.output.cutoffs=10,20", "model.output.factor=2"], "invalid option model.output.cutoffs: .*differs from model.input.cutoffs"),

@@ -117,8 +117,10 @@ def test_the_augmented_loss_alone_brings_w_into_the_embedding_span() -> None:
     ids = torch.zeros(4000, dtype=torch.long)
     for t in range(1, 4000):
         ids[t] = order[ids[t - 1]]
-    spec = dict(words=800, hidden=8, batch_size=4, bptt=10, taus=(10.0,), tau_a=10.0, runs=1, seed=1, lr=3e-3, output_bias=False)
-    sweep = run_subspace_study(ids, 200, SubspaceStudySpec(epochs=5, betas=(0.0, 1.0), **spec))["panels"]["beta"]["mean"]
+    spec = dict(words=800, hidden=8, batch_size=4, bptt=10, taus=(10.0,), tau_a=10.0, runs=1, seed=1, lr=3e-3,
+                output_bias=False)
+    sweep = run_subspace_study(ids, 200, SubspaceStudySpec(epochs=5, betas=(0.0, 1.0), **spec))
+    sweep = sweep["panels"]["beta"]["mean"]
     assert sweep[0] > 0.95 and sweep[1] < sweep[0] - 0.08
     long = run_subspace_study(ids, 200, SubspaceStudySpec(epochs=50, betas=(1.0,), **spec))
     assert long["panels"]["beta"]["mean"][0] < 0.2

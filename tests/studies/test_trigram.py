@@ -74,7 +74,8 @@ def test_validation_curve_and_the_perplexity_without_the_chosen_word(study: tupl
     assert perturbed["ppl_except_chosen"] < perturbed["test_ppl"]
     initial = result["table"]["initial model"]
     # one bias apart: the chosen word's mass goes to the other words, which only gain
-    assert perturbed["ppl_except_chosen"] <= initial["ppl_except_chosen"] and initial["ppl_except_chosen"] == pytest.approx(perturbed["ppl_except_chosen"], rel=1e-2)
+    assert perturbed["ppl_except_chosen"] <= initial["ppl_except_chosen"]
+    assert initial["ppl_except_chosen"] == pytest.approx(perturbed["ppl_except_chosen"], rel=1e-2)
 
 
 def test_true_row_is_the_true_log_probability_over_the_scored_words(study: tuple[Path, dict]) -> None:
@@ -99,7 +100,9 @@ def test_fixed_context_ends_where_the_chosen_word_is_most_likely(study: tuple[Pa
     assert result["true_prob"] == pytest.approx(prob)
 
 
-def test_reproduce_popov_1_runs_the_study_and_writes_table_1(study: tuple[Path, dict], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+def test_reproduce_popov_1_runs_the_study_and_writes_table_1(
+    study: tuple[Path, dict], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     """`reglm reproduce popov:1` sizes the study by --scale (appendix A at full scale) and writes
     Table 1 with the paper's numbers; here on the finished tiny study, so only the scoring runs."""
     from reglm.reproduce import Budget
@@ -107,24 +110,35 @@ def test_reproduce_popov_1_runs_the_study_and_writes_table_1(study: tuple[Path, 
     from reglm.reproduce.runs import claim_out, new_manifest
 
     full = table1.study_spec("full", Budget(), [])
-    assert (full.sentences, full.hidden, full.batch_size, full.lr, full.clip, full.bptt) == (80000, 256, 1024, 1.0, 1.0, 35)
-    assert initial_config(full).train.schedule.plateau_factor == 0.1 and initial_config(full).model.encoder.hidden_dropout == 0
+    assert (full.sentences, full.hidden, full.batch_size) == (80000, 256, 1024)
+    assert (full.lr, full.clip, full.bptt) == (1.0, 1.0, 35)
+    config = initial_config(full)
+    assert config.train.schedule.plateau_factor == 0.1 and config.model.encoder.hidden_dropout == 0
     reduced = table1.study_spec("reduced", Budget(epochs=2), ["data.data_dir=/x"])
-    assert (reduced.sentences, reduced.hidden, reduced.batch_size, reduced.epochs, reduced.finetune_epochs) == (20000, 64, 64, 2, 2)
+    sizes = (reduced.sentences, reduced.hidden, reduced.batch_size, reduced.epochs, reduced.finetune_epochs)
+    assert sizes == (20000, 64, 64, 2, 2)
     assert reduced.extra == ("data.data_dir=/x",)
     out = tmp_path / "popov-1"
-    claim_out(out, new_manifest("popov", "1", "full", Budget(), []))  # as a first, interrupted run of the command leaves it
+    claim_out(out, new_manifest("popov", "1", "full", Budget(), []))  # as an interrupted first run leaves it
     shutil.copytree(study[0], out / "study")
-    tiny = TrigramStudySpec(sentences=800, hidden=8, batch_size=8, bptt=12, epochs=1, disc_epochs=1, finetune_epochs=1, chosen_rank=60, ce_lrs=(0.1,))
+    tiny = TrigramStudySpec(
+        sentences=800, hidden=8, batch_size=8, bptt=12, epochs=1, disc_epochs=1, finetune_epochs=1, chosen_rank=60,
+        ce_lrs=(0.1,),
+    )
     monkeypatch.setattr(table1, "study_spec", lambda *args: tiny)
     assert main(["reproduce", "popov:1", "--out", str(out)]) == 0
     markdown = capsys.readouterr().out
     saved = json.loads((out / "table.json").read_text())
     assert markdown == (out / "table.md").read_text()
-    assert [r["id"] for r in saved["rows"]] == ["true distribution", "initial model", "ftd-initial", "perturbed model", "ftd-perturbed", "ce-0.1-initial", "ce-0.1-perturbed"]
+    assert [r["id"] for r in saved["rows"]] == [
+        "true distribution", "initial model", "ftd-initial", "perturbed model", "ftd-perturbed", "ce-0.1-initial",
+        "ce-0.1-perturbed",
+    ]
     rows = {r["id"]: r for r in saved["rows"]}
-    assert rows["ftd-perturbed"]["paper"] == dict(zip(table1.COLUMNS, (85.63, 31.27, 926.78, 29.6, -0.092, 0.521)), ppl_except_chosen=84.56)
-    assert rows["ftd-perturbed"]["reglm"]["test_ppl"] == pytest.approx(study[1]["table"]["ftd-perturbed"]["test_ppl"], rel=1e-6)
+    paper = dict(zip(table1.COLUMNS, (85.63, 31.27, 926.78, 29.6, -0.092, 0.521)), ppl_except_chosen=84.56)
+    assert rows["ftd-perturbed"]["paper"] == paper
+    ours = study[1]["table"]["ftd-perturbed"]["test_ppl"]
+    assert rows["ftd-perturbed"]["reglm"]["test_ppl"] == pytest.approx(ours, rel=1e-6)
     assert "| Perturbed model ftd. | " in markdown and "(85.63)" in markdown and "(paper: 84.56)" in markdown
     assert all(Path(f).is_file() for f in saved["figures"])
 
@@ -152,10 +166,15 @@ def test_bad_options_exit_2_without_writing(tmp_path: Path, options: list[str], 
     assert not (tmp_path / "s").exists()
 
 
-def test_a_study_recorded_before_the_rule_option_resumes_only_under_the_restart_rule(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_study_recorded_before_the_rule_option_resumes_only_under_the_restart_rule(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "old"
     out.mkdir()
-    spec = dataclasses.asdict(TrigramStudySpec(sentences=800, hidden=8, batch_size=8, bptt=12, epochs=1, disc_epochs=1, finetune_epochs=1, chosen_rank=60, ce_lrs=(0.1,)))
+    spec = dataclasses.asdict(TrigramStudySpec(
+        sentences=800, hidden=8, batch_size=8, bptt=12, epochs=1, disc_epochs=1, finetune_epochs=1, chosen_rank=60,
+        ce_lrs=(0.1,),
+    ))
     del spec["synthetic_rule"]
     (out / "study-spec.json").write_text(json.dumps(spec))
     assert main(["study", "trigram", "--out", str(out), *TINY]) == 2

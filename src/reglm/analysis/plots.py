@@ -94,7 +94,8 @@ def plot_trigram_study(result: dict[str, Any], path: Path | str) -> None:
         ax = axes.pop(0)
         for stage in perturbed:
             info, curve = result["stages"][stage], result["curves"][stage]["valid"]
-            ax.plot(curve["step"], curve["ppl"], label=f"{'discriminator' if info['objective'] == 'reverse-kl' else 'cross-entropy'}, lr {info['lr']:g}")
+            how = "discriminator" if info["objective"] == "reverse-kl" else "cross-entropy"
+            ax.plot(curve["step"], curve["ppl"], label=f"{how}, lr {info['lr']:g}")
         ax.set_xlabel("fine-tuning step")
         ax.set_ylabel("validation perplexity (words)")
         ax.set_title("perturbed model: validation perplexity")

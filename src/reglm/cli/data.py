@@ -32,8 +32,8 @@ def register(sub: Any) -> None:
         d.add_argument("--max-vocab", type=int)
         d.add_argument("--tokenizer", choices=["word", "bpe"], default="word", help="bpe: the sub-word corpus of --bpe-vocab-size units")
         d.add_argument("--bpe-vocab-size", type=int, default=32000)
-        d.add_argument("--synthetic-rule", default="stream", help="synthetic: the reading of the paper's rule (stream or restart; see `reglm config`)")
-        d.add_argument("--synthetic-sentences", type=int, default=80000, help="synthetic: training sentences (valid and test get one eighth each)")
+        d.add_argument("--synthetic-rule", default="stream", help="synthetic: stream or restart (`reglm config`)")
+        d.add_argument("--synthetic-sentences", type=int, default=80000, help="synthetic: training sentences")
         d.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_data)
     p = sub.add_parser("presets", help="list the bundled presets and the paper/table each reproduces; with --paper: a paper's table rows and their numbers")
@@ -62,8 +62,11 @@ def cmd_data(args: argparse.Namespace) -> int:
         path = download(args.name, args.data_dir)
         print(f"{args.name}: verified files in {path}")
         return 0
-    options = DataConfig(name=args.name, data_dir=args.data_dir, min_freq=args.min_freq, max_vocab=args.max_vocab, tokenizer=args.tokenizer, bpe_vocab_size=args.bpe_vocab_size,
-                         synthetic_rule=args.synthetic_rule, synthetic_sentences=args.synthetic_sentences)
+    options = DataConfig(
+        name=args.name, data_dir=args.data_dir, min_freq=args.min_freq, max_vocab=args.max_vocab,
+        tokenizer=args.tokenizer, bpe_vocab_size=args.bpe_vocab_size,
+        synthetic_rule=args.synthetic_rule, synthetic_sentences=args.synthetic_sentences,
+    )
 
     def read() -> Any:
         return resolve(
@@ -131,8 +134,10 @@ def cmd_presets(args: argparse.Namespace) -> int:
         print(json.dumps({"paper": args.paper, "tables": tables}))
         return 0
     for table in tables:
-        print(f"{args.paper}:{table['table']}  {table['caption']}" + (f"  [not reproducible here: {table['missing']}]" if table["missing"] else "")
-              + (f"  [one chain of runs: `reglm study {table['study']}`, which `reglm reproduce` runs]" if table["study"] else ""))
+        note = f"  [not reproducible here: {table['missing']}]" if table["missing"] else ""
+        if table["study"]:
+            note = f"  [one chain of runs: `reglm study {table['study']}`, which `reglm reproduce` runs]"
+        print(f"{args.paper}:{table['table']}  {table['caption']}{note}")
         if not table["rows"]:
             continue
         width = max(len(row["id"]) for row in table["rows"])
@@ -171,7 +176,8 @@ def _paper_tables(paper: str, table: str | None) -> list[dict[str, Any]]:
             record = {key: value for key, value in dataclasses.asdict(row).items() if key not in ("paper", "table", "reported")}
             reported = {key: value for key, value in dataclasses.asdict(row.reported).items() if value is not None}
             rows.append({**record, "reported": reported, "starts_from": None if starts is None else dataclasses.asdict(starts)})
-        out.append({"table": name, "caption": entry.caption, "missing": entry.missing, "study": entry.study, "rows": rows})
+        out.append({"table": name, "caption": entry.caption, "missing": entry.missing, "study": entry.study,
+                    "rows": rows})
     return out
 
 

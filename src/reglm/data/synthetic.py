@@ -93,7 +93,8 @@ class TrigramLanguage:
     """
 
     def __init__(
-        self, seed: int = 0, vocab_size: int = 1000, sentence_length: int = 10, gamma: float = 0.75, rule: str = "stream"
+        self, seed: int = 0, vocab_size: int = 1000, sentence_length: int = 10, gamma: float = 0.75,
+        rule: str = "stream",
     ) -> None:
         if not 1 <= vocab_size < 2**21:
             raise ValueError(f"vocab_size must be in [1, 2**21), got {vocab_size}")
@@ -240,10 +241,10 @@ class TrigramLanguage:
             words, lp = self._draw(padded[:, t], padded[:, t + 1], rng.random(len(starts)))
             padded[:, t + 2] = words
             logp[:, t] = lp
-        rows = [(padded[r, 2 : 2 + m * length].reshape(m, length), logp[r, : m * length].reshape(m, length)) for r, m in enumerate(sizes)]
-        if not rows:
+        if n_sentences == 0:
             return np.zeros((0, length), dtype=np.int64), np.zeros((0, length), dtype=np.float64)
-        return np.concatenate([r[0] for r in rows]), np.concatenate([r[1] for r in rows])
+        words = np.concatenate([padded[r, 2 : 2 + m * length].reshape(m, length) for r, m in enumerate(sizes)])
+        return words, np.concatenate([logp[r, : m * length].reshape(m, length) for r, m in enumerate(sizes)])
 
     def sample(self, n_sentences: int, rng: np.random.Generator) -> np.ndarray:
         """``(n, L)`` sentences of words in ``1..V``; same draws as :meth:`sample_with_log_prob`."""

@@ -99,7 +99,10 @@ class TransformerConfig:
     attention_dropout: float = option(0.0, "dropout on the attention probabilities (paper: 0.1)")
     relu_dropout: float = option(0.0, "dropout after the FFN's ReLU (fairseq's activation_dropout; paper: 0.1 wt103)")
     scale_input: bool = option(True, "multiply the input by sqrt(d_model) before the positions are added (the authors' fairseq code)")
-    final_norm: bool = option(True, "a LayerNorm after the last block (fairseq's default; the authors' wiki103 and billion-word recipes disable it)", arch=True)
+    final_norm: bool = option(
+        True, "a LayerNorm after the last block (fairseq's default; the authors' wiki103 and gbw recipes drop it)",
+        arch=True,
+    )
     output_dim: int | None = option(None, "size of the output (none: d_model; otherwise a linear projection without bias from d_model)", arch=True)
 
     def __post_init__(self) -> None:

@@ -101,7 +101,10 @@ class AdaptiveSoftmaxConfig:
     cutoffs: str = option("20000,60000", "comma-separated first ids of the tail clusters, e.g. 20000,60000; every cutoff < the vocabulary size", arch=True)
     factor: float = option(4.0, "k: cluster i has dimension d / k^(i-1), d the encoder output size (torch's div_value)", arch=True)
     tail_dropout: float = option(0.0, "dropout on each tail cluster's projected input (Baevski & Auli 5.4: 0.2 on WikiText-103)")
-    input_dropout: float = option(0.0, "dropout on the layer's input, before the head and the tail projections read it (the authors' code: the tail dropout's rate, 0.2 on WikiText-103)")
+    input_dropout: float = option(
+        0.0, "dropout on the layer's input, before the head and the tail projections read it "
+        "(the authors' code: the tail dropout's rate, 0.2 on WikiText-103)"
+    )
     tie: str | None = option("projections", "share with an adaptive input (Table 7): none, embeddings (word embeddings), projections (also the tail projections; the paper's best), head (also a head projection); with a word-embedding input only embeddings, at factor 1", arch=True)
     advsoft: AdvSoftConfig = option(AdvSoftConfig(), "the adversarial softmax, in the head and in the target's cluster (model.output.advsoft=relative|fixed|none)")
 
@@ -246,7 +249,10 @@ class AdaptiveSoftmax(OutputLayer):
                 matrix = tied_weight()
             else:
                 raise ReglmError(f"invalid option model.output.tie: {cfg.tie} needs an input layer with bands (model.input=adaptive); set tie=none")
-        return cls(in_features, vocab_size, cutoffs, cfg.factor, cfg.tail_dropout, cfg.tie, tied, cfg.advsoft.build(), matrix, cfg.input_dropout)
+        return cls(
+            in_features, vocab_size, cutoffs, cfg.factor, cfg.tail_dropout, cfg.tie, tied, cfg.advsoft.build(), matrix,
+            cfg.input_dropout,
+        )
 
     @property
     def num_bands(self) -> int:
@@ -349,5 +355,6 @@ class AdaptiveSoftmax(OutputLayer):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, vocab_size={self.vocab_size}, cutoffs={self.cutoffs}, band_dims={self.dims}, "
-            f"input_dropout={self.input_dropout}, tail_dropout={self.tail_dropout}, tie={self.tie}, advsoft={self.advsoft}"
+            f"input_dropout={self.input_dropout}, tail_dropout={self.tail_dropout}, tie={self.tie}, "
+            f"advsoft={self.advsoft}"
         )

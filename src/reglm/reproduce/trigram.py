@@ -50,39 +50,61 @@ def study_spec(scale: str, budget: Budget, options: list[str]) -> Any:
     from reglm.studies.trigram import TrigramStudySpec
 
     if budget.minutes is not None:
-        raise ReglmError("popov:1 is one chain of runs (the synthetic study); give --budget EPOCHS instead of --minutes")
+        raise ReglmError(
+            "popov:1 is one chain of runs (the synthetic study); give --budget EPOCHS instead of --minutes"
+        )
     spec = TrigramStudySpec(extra=tuple(options))
     if scale == "reduced":
         spec = replace(
-            spec, sentences=spec.sentences // WIDTH_FACTOR, hidden=spec.hidden // WIDTH_FACTOR, batch_size=spec.batch_size // WIDTH_FACTOR**2,
-            epochs=max(1, spec.epochs // EPOCH_FACTOR), disc_epochs=max(1, spec.disc_epochs // EPOCH_FACTOR),
+            spec,
+            sentences=spec.sentences // WIDTH_FACTOR,
+            hidden=spec.hidden // WIDTH_FACTOR,
+            batch_size=spec.batch_size // WIDTH_FACTOR**2,
+            epochs=max(1, spec.epochs // EPOCH_FACTOR),
+            disc_epochs=max(1, spec.disc_epochs // EPOCH_FACTOR),
         )
     if budget.epochs is not None:
         spec = replace(
-            spec, epochs=min(spec.epochs, budget.epochs), disc_epochs=min(spec.disc_epochs, budget.epochs),
+            spec,
+            epochs=min(spec.epochs, budget.epochs),
+            disc_epochs=min(spec.disc_epochs, budget.epochs),
             finetune_epochs=min(spec.finetune_epochs, budget.epochs),
         )
     return spec
 
 
-def reproduce_trigram(out: Path, rows: list[str] | None, scale: str, budget: Budget, options: list[str], progress: bool) -> tuple[dict[str, Any], str]:
+def reproduce_trigram(
+    out: Path, rows: list[str] | None, scale: str, budget: Budget, options: list[str], progress: bool
+) -> tuple[dict[str, Any], str]:
     """Run (or resume) the study in ``out/study`` and write ``out/table.md`` and ``out/table.json``;
     returns ``(table.json's content, table.md's)``."""
     from reglm.studies.trigram import run_trigram_study
 
     if rows:
-        raise ReglmError("popov:1's rows come from one chain of runs (the synthetic study) and are made together; leave out --rows")
+        raise ReglmError(
+            "popov:1's rows come from one chain of runs (the synthetic study) and are made together; leave out --rows"
+        )
     spec = study_spec(scale, budget, options)
     manifest = new_manifest("popov", "1", scale, budget, options)
     claim_out(out, manifest)
-    say(f"popov:1: the synthetic study in {out / STUDY} ({spec.sentences} sentences, {spec.hidden} units, {spec.batch_size} streams)")
+    say(
+        f"popov:1: the synthetic study in {out / STUDY} "
+        f"({spec.sentences} sentences, {spec.hidden} units, {spec.batch_size} streams)"
+    )
     result = run_trigram_study(out / STUDY, spec, progress)
     meta = {
-        **manifest, "command": command_line("popov:1", None, scale, budget, options), "minutes": result["seconds"] / 60,
+        **manifest,
+        "command": command_line("popov:1", None, scale, budget, options),
+        "minutes": result["seconds"] / 60,
         "study": str(out / STUDY / "trigram-study.json"),
         "figures": [str(out / STUDY / "trigram-study.png"), str(out / STUDY / "trigram-study-figure2.png")],
     }
-    table = {**meta, "chosen_word": result["chosen_word"], "chosen_rank": result["chosen_rank"], "rows": _records(result["table"])}
+    table = {
+        **meta,
+        "chosen_word": result["chosen_word"],
+        "chosen_rank": result["chosen_rank"],
+        "rows": _records(result["table"]),
+    }
     markdown = render(table)
     write_json(out / "table.json", table)
     write_text(out / "table.md", markdown)
@@ -95,7 +117,12 @@ def _records(rows: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
     for name in [n for n in PAPER_ROWS if n in rows] + [n for n in rows if n not in PAPER_ROWS]:
         row = rows[name]
         label, paper = PAPER_ROWS[name] if name in PAPER_ROWS else (_label(name), ())
-        record = {"id": name, "row": label, "reglm": {c: row[c] for c in COLUMNS if c in row}, "paper": dict(zip(COLUMNS, paper))}
+        record = {
+            "id": name,
+            "row": label,
+            "reglm": {c: row[c] for c in COLUMNS if c in row},
+            "paper": dict(zip(COLUMNS, paper)),
+        }
         if "ppl_except_chosen" in row:
             record["reglm"]["ppl_except_chosen"] = row["ppl_except_chosen"]
         if name == "ftd-perturbed":
@@ -122,9 +149,9 @@ def render(table: dict[str, Any]) -> str:
     lines = [
         "# popov:1: Popov & Kudinov 2019, Table 1 (fine-tuning results on synthetic data)",
         "",
-        f"`{table['command']}` ({table['minutes']:.1f} min of training and scoring). reglm's numbers, the paper's in parentheses;",
-        f"perplexities over the test words; frequent: the 50 most frequent training words. Chosen word: {table['chosen_word']} "
-        f"(frequency rank {table['chosen_rank']}).",
+        f"`{table['command']}` ({table['minutes']:.1f} min of training and scoring).",
+        "reglm's numbers, the paper's in parentheses; perplexities over the test words; frequent: the 50 most",
+        f"frequent training words. Chosen word: {table['chosen_word']} (frequency rank {table['chosen_rank']}).",
         "",
         "| model | test ppl | frequent ppl | rare ppl | ratio | log q − log p |",
         "|---|---:|---:|---:|---:|---:|",
@@ -136,15 +163,26 @@ def render(table: dict[str, Any]) -> str:
             diff = f"{ours['logq_minus_logp_mean']:+.3f} ± {ours['logq_minus_logp_std']:.3f}"
             if "logq_minus_logp_mean" in paper:
                 diff += f" ({paper['logq_minus_logp_mean']:+.3f} ± {paper['logq_minus_logp_std']:.3f})"
-        cells = [_cell(record, "test_ppl", 2), _cell(record, "frequent_ppl", 2), _cell(record, "rare_ppl", 2), _cell(record, "ratio", 1), diff]
+        cells = [
+            _cell(record, "test_ppl", 2),
+            _cell(record, "frequent_ppl", 2),
+            _cell(record, "rare_ppl", 2),
+            _cell(record, "ratio", 1),
+            diff,
+        ]
         lines.append(f"| {record['row']} | " + " | ".join(cells) + " |")
     by_id = {record["id"]: record for record in table["rows"]}
     lines.append("")
     true_ppl, initial = by_id["true distribution"]["reglm"]["test_ppl"], by_id["initial model"]["reglm"]["test_ppl"]
-    lines.append(f"- initial model / true distribution, test perplexity: {initial / true_ppl:.3f} (paper: {84.89 / 78.14:.3f})")
+    lines.append(
+        f"- initial model / true distribution, test perplexity: {initial / true_ppl:.3f} (paper: {84.89 / 78.14:.3f})"
+    )
     tuned = by_id["ftd-perturbed"]["reglm"].get("ppl_except_chosen")
     if tuned is not None and math.isfinite(tuned):
-        lines.append(f"- perturbed model fine-tuned with the discriminator, every word but the chosen one: {tuned:.2f} (paper: {PAPER_EXCEPT_CHOSEN})")
+        lines.append(
+            "- perturbed model fine-tuned with the discriminator, every word but the chosen one: "
+            f"{tuned:.2f} (paper: {PAPER_EXCEPT_CHOSEN})"
+        )
     lines.append(f"- Figure 1 (validation perplexity, the chosen word's probability per step): `{table['figures'][0]}`")
     lines.append(f"- Figure 2 (an almost frequent and a frequent word's probability per step): `{table['figures'][1]}`")
     return "\n".join(lines) + "\n"

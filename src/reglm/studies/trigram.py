@@ -22,10 +22,11 @@ chosen word in one fixed context (event ``chosen_word`` in ``metrics.jsonl``): F
 panel; and the probabilities of the words of ``tracked_ranks``, each in its own fixed context
 (event ``tracked_word``): Figure 2, an almost frequent word (rank 75 by default) and a frequent
 one (rank 10), drawn for the fine-tunings of the perturbed model (our reading of the figure, whose
-caption names no starting model) into ``trigram-study-figure2.png``. The context is the test-set prefix after which the chosen word has the highest
-true probability, read with a zero state from the start of the sentence before its own (which
-holds the two words the true probability depends on) -- our reading of the paper's "given some
-fixed context".
+caption names no starting model) into ``trigram-study-figure2.png``; and, with
+``valid_sentences``, the validation perplexity (event ``valid_step``): Figure 1's left panel. The
+context is the test-set prefix after which the chosen word has the highest true probability,
+read with a zero state from the start of the sentence before its own (which holds the two words
+the true probability depends on) -- our reading of the paper's "given some fixed context".
 
 Table 1's columns, over test words (``<eos>`` targets, whose true probability is 1, excluded):
 perplexity, perplexity over the 50 most frequent training words and over the rest, their ratio
@@ -156,7 +157,8 @@ class ChosenWordTracker:
     (Figure 1, left)."""
 
     def __init__(
-        self, context: torch.Tensor, word: int, tracked: tuple[tuple[int, torch.Tensor, int], ...] = (), valid: torch.Tensor | None = None,
+        self, context: torch.Tensor, word: int, tracked: tuple[tuple[int, torch.Tensor, int], ...] = (),
+        valid: torch.Tensor | None = None,
     ) -> None:
         self.context = context
         self.word = word
@@ -168,11 +170,13 @@ class ChosenWordTracker:
         for rank, context, word in self.tracked:
             trainer.metrics.log(event="tracked_word", step=trainer.step, rank=rank, prob=chosen_word_prob(trainer.model, context, word))
         if self.valid is not None:
-            trainer.metrics.log(event="valid_step", step=trainer.step, ppl=word_perplexity(trainer.model, self.valid, trainer.vocab.eos_id))
+            ppl = word_perplexity(trainer.model, self.valid, trainer.vocab.eos_id)
+            trainer.metrics.log(event="valid_step", step=trainer.step, ppl=ppl)
 
 
 def word_perplexity(model: LanguageModel, ids: torch.Tensor, eos_id: int) -> float:
-    """Perplexity of ``model`` (put back in its mode) over the word targets of ``ids`` (``<eos>`` excluded), 64 streams."""
+    """Perplexity of ``model`` over the word targets of ``ids`` (``<eos>`` excluded), read as 64
+    streams in eval mode; the model is put back in its mode."""
     was_training = model.training
     result = evaluate(model, ids, 64, 35, next(model.parameters()).device, keep_token_nll=True)
     model.train(was_training)
@@ -216,7 +220,9 @@ def frequency_ranking(corpus: Corpus) -> list[int]:
     return sorted((i for i in range(len(vocab)) if vocab.itos[i] != EOS), key=lambda i: (-vocab.counts[i], vocab.itos[i]))
 
 
-def table_row(model: LanguageModel, corpus: Corpus, frequent: torch.Tensor, batch_size: int, device: torch.device, chosen: int) -> dict[str, float]:
+def table_row(
+    model: LanguageModel, corpus: Corpus, frequent: torch.Tensor, batch_size: int, device: torch.device, chosen: int
+) -> dict[str, float]:
     """Table 1's columns for ``model`` over the test words (``<eos>`` targets excluded), and
     ``ppl_except_chosen``, the perplexity over the words other than ``chosen`` (section 3: 84.56 for
     the perturbed model fine-tuned with the discriminator)."""
@@ -287,7 +293,8 @@ def run_trigram_study(out: Path, spec: TrigramStudySpec, progress: bool = False)
         for stage, (objective, lr) in runs.items():
             options = [f"train.epochs={spec.finetune_epochs}", f"train.lr={lr}", "train.plateau_factor=none"]
             stage_config = derive_config(config, None, options, objective, "fine-tuning")
-            _run_stage(out / stage, stage_config, corpus, progress, ChosenWordTracker(context, chosen, tracker_words, valid))
+            tracker = ChosenWordTracker(context, chosen, tracker_words, valid)
+            _run_stage(out / stage, stage_config, corpus, progress, tracker)
             stages[stage] = {"base": name, "lr": lr, "objective": objective["kind"]}
 
     rows = {"true distribution": _true_row(corpus, frequent)}
