@@ -140,7 +140,7 @@ def test_reproduce_popov_1_runs_the_study_and_writes_table_1(
     ours = study[1]["table"]["ftd-perturbed"]["test_ppl"]
     assert rows["ftd-perturbed"]["reglm"]["test_ppl"] == pytest.approx(ours, rel=1e-6)
     assert "| Perturbed model ftd. | " in markdown and "(85.63)" in markdown and "(paper: 84.56)" in markdown
-    assert all(Path(f).is_file() for f in saved["figures"])
+    assert all((out / f).is_file() for f in saved["figures"])
 
 
 def test_rerun_reuses_finished_stages_and_refuses_other_settings(study: tuple[Path, dict], capsys: pytest.CaptureFixture[str]) -> None:

@@ -4,7 +4,7 @@ The table is not a set of preset rows but one chain of runs -- the initial model
 model, a discriminator for each, and their fine-tunings -- which :mod:`reglm.studies.trigram`
 trains (resumably) into ``OUT/study/``. This module sizes the study by ``--scale`` and
 ``--budget``, runs it, and writes ``table.md`` and ``table.json`` with the paper's numbers beside
-the study's, and the figures' paths (drawn by the study from the same runs).
+the study's, and the figures' paths relative to ``OUT`` (drawn by the study from the same runs).
 
 * ``--scale full``: appendix A -- 80k / 10k / 10k sentences, a 2-layer LSTM of 256 units and
   embedding, batches of 1,024 sentences (streams), SGD at lr 1.0, clipping 1.0, the rate ×0.1 on
@@ -96,8 +96,8 @@ def reproduce_trigram(
         **manifest,
         "command": command_line("popov:1", None, scale, budget, options),
         "minutes": result["seconds"] / 60,
-        "study": str(out / STUDY / "trigram-study.json"),
-        "figures": [str(out / STUDY / "trigram-study.png"), str(out / STUDY / "trigram-study-figure2.png")],
+        "study": f"{STUDY}/trigram-study.json",
+        "figures": [f"{STUDY}/trigram-study.png", f"{STUDY}/trigram-study-figure2.png"],
     }
     table = {
         **meta,
@@ -149,7 +149,7 @@ def render(table: dict[str, Any]) -> str:
     lines = [
         "# popov:1: Popov & Kudinov 2019, Table 1 (fine-tuning results on synthetic data)",
         "",
-        f"`{table['command']}` ({table['minutes']:.1f} min of training and scoring).",
+        f"`{table['command']}` (its last invocation: {table['minutes']:.1f} min; finished stages are reused).",
         "reglm's numbers, the paper's in parentheses; perplexities over the test words; frequent: the 50 most",
         f"frequent training words. Chosen word: {table['chosen_word']} (frequency rank {table['chosen_rank']}).",
         "",
