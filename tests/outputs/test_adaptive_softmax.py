@@ -119,7 +119,7 @@ def test_the_transformer_presets_drop_the_adaptive_softmax_input_as_the_authors_
     }
     for preset, rate in rates.items():
         output = build_config(preset, []).model.output
-        assert (output.input_dropout, output.tail_dropout) == (rate, rate), preset
+        assert (output.softmax_input_dropout, output.tail_dropout) == (rate, rate), preset
 
 
 @pytest.mark.parametrize("tie", ["none", "head"])
@@ -291,8 +291,8 @@ ADAPTIVE_IN = ["model.input=adaptive", "model.input.dim=16", "model.input.cutoff
     (["model.output.cutoffs=30,10"], "invalid option model.output.cutoffs: .*strictly increasing"),
     (["model.output.cutoffs=10,x"], "invalid option model.output.cutoffs"),
     (["model.output.cutoffs=10,30", "model.output.factor=2", "model.output.tail_dropout=1"], "invalid option model.output.tail_dropout"),
-    (["model.output.cutoffs=10,30", "model.output.factor=2", "model.output.input_dropout=-0.1"],
-     "invalid option model.output.input_dropout"),
+    (["model.output.cutoffs=10,30", "model.output.factor=2", "model.output.softmax_input_dropout=-0.1"],
+     "invalid option model.output.softmax_input_dropout"),
     (["model.output.cutoffs=10,30", "model.output.factor=2", "model.output.tie=weights"], "invalid option model.output.tie: unknown 'weights'"),
     (["model.output.cutoffs=10,30,40", "model.output.factor=4", "model.output.tie=none"], "invalid option model.output.factor: band 4 of 4"),
     (["model.output.cutoffs=10,20", "model.output.factor=2"], "invalid option model.output.cutoffs: .*differs from model.input.cutoffs"),

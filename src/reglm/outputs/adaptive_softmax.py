@@ -21,11 +21,11 @@ encoder output ``h: (d,)``:
 No biases anywhere (the authors' code has none; torch's ``AdaptiveLogSoftmaxWithLoss`` with
 ``head_bias=False`` computes the same function, with ``div_value = k``).
 
-**Tail dropout** (section 5.4) is ``tail_dropout``, standard dropout on every ``h_i`` (never on the
-head). **Input dropout** is ``input_dropout``: the authors' module (fairseq's ``AdaptiveSoftmax``,
-rate ``adaptive_softmax_dropout``) also drops its input ``h`` once, before the head and the tail
-projections read it, with the same rate as the tail dropout; the paper describes only the tail
-dropout. Both are off in evaluation.
+**Tail dropout** (section 5.4) is ``tail_dropout``, standard dropout on every ``h_i`` (never on
+the head). **Input dropout** is ``softmax_input_dropout`` (``input_dropout`` here): the authors'
+module (fairseq's ``AdaptiveSoftmax``, rate ``adaptive_softmax_dropout``) also drops its input
+``h`` once, before the head and the tail projections read it, with the same rate as the tail
+dropout; the paper describes only the tail dropout. Both are off in evaluation.
 
 **Weight sharing** (``tie``; Table 7) with an adaptive input of the same cutoffs, factor and
 ``d``, whose band ``i`` has the embedding ``E^in_i: (|V_i|, d_i)`` and the projection ``W_i: (d, d_i)``:
@@ -101,7 +101,7 @@ class AdaptiveSoftmaxConfig:
     cutoffs: str = option("20000,60000", "comma-separated first ids of the tail clusters, e.g. 20000,60000; every cutoff < the vocabulary size", arch=True)
     factor: float = option(4.0, "k: cluster i has dimension d / k^(i-1), d the encoder output size (torch's div_value)", arch=True)
     tail_dropout: float = option(0.0, "dropout on each tail cluster's projected input (Baevski & Auli 5.4: 0.2 on WikiText-103)")
-    input_dropout: float = option(
+    softmax_input_dropout: float = option(
         0.0, "dropout on the layer's input, before the head and the tail projections read it "
         "(the authors' code: the tail dropout's rate, 0.2 on WikiText-103)"
     )
@@ -112,7 +112,7 @@ class AdaptiveSoftmaxConfig:
         check(self.kind == "adaptive", "model.output.kind", f"unknown {self.kind!r}")
         check(math.isfinite(self.factor) and self.factor >= 1, "model.output.factor", f"{self.factor} must be finite and >= 1")
         check_prob(self.tail_dropout, "model.output.tail_dropout")
-        check_prob(self.input_dropout, "model.output.input_dropout")
+        check_prob(self.softmax_input_dropout, "model.output.softmax_input_dropout")
         if self.tie is None:  # `tie=none` on the command line reads as None
             object.__setattr__(self, "tie", "none")
         check_kind(self.tie, TIES, "model.output.tie")
@@ -251,7 +251,7 @@ class AdaptiveSoftmax(OutputLayer):
                 raise ReglmError(f"invalid option model.output.tie: {cfg.tie} needs an input layer with bands (model.input=adaptive); set tie=none")
         return cls(
             in_features, vocab_size, cutoffs, cfg.factor, cfg.tail_dropout, cfg.tie, tied, cfg.advsoft.build(), matrix,
-            cfg.input_dropout,
+            cfg.softmax_input_dropout,
         )
 
     @property
