@@ -19,6 +19,8 @@ class Table:
     """the ids of the table's rows, in the paper's order (each claimed by one preset's metadata)"""
     missing: str | None = None
     """the technique reglm lacks to produce this table's numbers (the table is refused), or None"""
+    study: str | None = None
+    """the study (``reglm study NAME``) whose chain of runs makes the table, instead of preset rows"""
     phrases: tuple[str, ...] = ()
     """next-words tables: the phrases whose next words the rows predict"""
 
@@ -79,8 +81,8 @@ PAPERS: dict[str, Paper] = {
         "discriminator-finetuning_popov-kudinov-2019.md",
         {
             "1": Table(
-                "fine-tuning results on synthetic data",
-                missing="the synthetic study (the perturbed model, frequent/rare perplexities): run it with `reglm study trigram --out DIR`",
+                "fine-tuning results on synthetic data (and Figures 1-2)",
+                study="trigram",
             ),
             "2": Table("quality after fine-tuning the DOC model on Penn Treebank", ('initial', 'no-dropout-disc', 'dropout-disc', 'no-dropout-no-disc', 'dropout-no-disc')),
             "3": Table(

@@ -58,6 +58,23 @@ def test_data_info(capsys: pytest.CaptureFixture, shared_data: Path) -> None:
     assert json.dumps(info).count("929589") >= 1 and json.dumps(info).count("10000") >= 1
 
 
+def test_data_info_synthetic_statistics(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    from reglm.data.synthetic import PAPER_STATS, synthetic_corpus, synthetic_stats
+
+    argv = ["data", "info", "synthetic", "--data-dir", str(tmp_path), "--synthetic-sentences", "80"]
+    code, out, _ = run_cli(capsys, *argv, "--json")
+    assert code == 0
+    info = json.loads(out)["synthetic"]
+    expected = synthetic_stats(synthetic_corpus(seed=0, data_dir=tmp_path, sizes=(80, 10, 10)))
+    assert info["rule"] == "stream" and info["paper"] == PAPER_STATS
+    assert info["measured"] == pytest.approx(expected, rel=1e-12)
+    code, out, _ = run_cli(capsys, *argv, "--synthetic-rule", "restart", "--json")
+    assert code == 0 and json.loads(out)["synthetic"]["measured"] != info["measured"]
+    code, out, _ = run_cli(capsys, *argv)
+    assert code == 0 and "test_ppl" in out and "(78.14)" in out
+    _expect_usage_error(capsys, "synthetic_rule", *argv, "--synthetic-rule", "stationary")
+
+
 def _expect_usage_error(capsys: pytest.CaptureFixture, fragment: str, *argv: str) -> None:
     code, _, err = run_cli(capsys, *argv)
     assert code == 2, err

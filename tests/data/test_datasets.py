@@ -162,7 +162,7 @@ def test_resolve_dispatch(tmp_path, monkeypatch) -> None:
     synthetic = resolve("synthetic", data_dir=tmp_path / "cache", synthetic_seed=3, synthetic_sentences=80)
     assert synthetic.name == "synthetic" and synthetic.truth is not None
     assert synthetic.valid.numel() == 10 * 11
-    assert (tmp_path / "cache" / "synthetic-3-80-10-10").is_dir()
+    assert (tmp_path / "cache" / "synthetic-stream-3-80-10-10").is_dir()
 
 
 def test_url_table_is_complete() -> None:

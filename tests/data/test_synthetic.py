@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from reglm.data.corpus import Corpus, read_tokens
-from reglm.data.synthetic import TrigramLanguage, synthetic_corpus, synthetic_stats
+from reglm.data.synthetic import STREAMS, TrigramLanguage, synthetic_corpus, synthetic_stats
 from reglm.data.vocab import EOS, Vocab
 from reglm.errors import ReglmError
 
@@ -23,7 +23,8 @@ def lang() -> TrigramLanguage:
 
 
 def reference_probs(lang: TrigramLanguage, i: int, j: int) -> list[float]:
-    """p(k | i, j) for k = 1..1000 straight from the appendix formulas, in plain Python."""
+    """p(k | i, j) for k = 1..1000 straight from the appendix formulas, in plain Python: under
+    ``restart`` one xi per triple in both beta factors, under ``stream`` a draw per factor."""
     gamma = 0.75
 
     def beta(a: int, b: int, xi: int) -> float:
@@ -35,7 +36,7 @@ def reference_probs(lang: TrigramLanguage, i: int, j: int) -> list[float]:
             weights.append((1 / 50) * math.log(k + 1) / math.log(51) if k <= 50 else 1 / k)
             continue
         xi = int(lang.xi(i, j, k))
-        w = beta(k, j, xi)
+        w = beta(k, j, xi if lang.rule == "restart" else int(lang.xi(i, j, k, factor=1)))
         if i > 0:
             w *= beta(i, j, xi)
         weights.append(w)
@@ -63,13 +64,28 @@ def test_xi_is_uniform_deterministic_and_seeded(lang: TrigramLanguage) -> None:
     assert np.array_equal(xi, TrigramLanguage(seed=0).xi(i, j, k))
     assert (TrigramLanguage(seed=1).xi(i, j, k) != xi).mean() > 0.7
     assert int(lang.xi(3, 4, 5)) == int(xi[2, 3, 4])
+    second = lang.xi(i, j, k, factor=1)
+    assert ((np.bincount(second.ravel(), minlength=6) - expected) ** 2 / expected).sum() < 30
+    assert (second == xi).mean() == pytest.approx(1 / 6, abs=0.01)  # the two draws of a triple are unrelated
 
 
+@pytest.mark.parametrize("rule", ["stream", "restart"])
 @pytest.mark.parametrize(("i", "j"), [(0, 0), (0, 7), (3, 7), (1000, 1), (50, 999), (12, 12)])
-def test_next_word_probs_match_reference(lang: TrigramLanguage, i: int, j: int) -> None:
+def test_next_word_probs_match_reference(rule: str, i: int, j: int) -> None:
+    lang = TrigramLanguage(seed=0, rule=rule)
     probs = lang.next_word_probs(np.array([i]), np.array([j]))
     assert probs.shape == (1, 1000)
     np.testing.assert_allclose(probs[0], reference_probs(lang, i, j), rtol=1e-12, atol=0)
+
+
+def test_rules_differ_only_where_a_context_has_two_words() -> None:
+    stream, restart = TrigramLanguage(seed=0), TrigramLanguage(seed=0, rule="restart")
+    assert stream.rule == "stream"
+    start, context = (np.array([0]), np.array([0])), (np.array([3]), np.array([7]))
+    np.testing.assert_array_equal(stream.next_word_probs(*start), restart.next_word_probs(*start))
+    assert not np.allclose(stream.next_word_probs(*context), restart.next_word_probs(*context))
+    with pytest.raises(ValueError, match="rule"):
+        TrigramLanguage(rule="stationary")
 
 
 def test_next_word_probs_normalize(lang: TrigramLanguage) -> None:
@@ -102,20 +118,66 @@ def test_sampling_frequencies_follow_the_conditional(lang: TrigramLanguage, i: i
     assert chi2 < 52.4  # 20 dof, p = 1e-4
 
 
-def test_sentences_and_log_prob(lang: TrigramLanguage) -> None:
+def test_stream_starts() -> None:
+    lang = TrigramLanguage(seed=0)
+    np.testing.assert_array_equal(lang.stream_starts(3), [0, 1, 2])
+    starts = lang.stream_starts(100)
+    assert len(starts) == STREAMS and starts[0] == 0
+    assert set(np.diff(np.append(starts, 100))) <= {100 // STREAMS, 100 // STREAMS + 1}
+    np.testing.assert_array_equal(TrigramLanguage(rule="restart").stream_starts(5), np.arange(5))
+
+
+def test_stream_sentences_continue_their_predecessor() -> None:
+    """A walk over the split: each word's context is the two words before it in the file, back to
+    the start context (0, 0) at the first row of each text."""
+    lang = TrigramLanguage(seed=1)
+    n = STREAMS + 3
+    sentences, logp = lang.sample_with_log_prob(n, np.random.default_rng(0))
+    assert sentences.shape == (n, 10)
+    starts = set(lang.stream_starts(n).tolist())
+    contexts = []
+    for row in range(n):
+        if row in starts:
+            i, j = 0, 0
+        for word in sentences[row]:
+            contexts.append((i, j))
+            i, j = j, int(word)
+    prev2, prev1 = np.array(contexts).T
+    probs = lang.next_word_probs(prev2, prev1)
+    expected = np.log(probs[np.arange(n * 10), sentences.ravel() - 1]).reshape(n, 10)
+    np.testing.assert_allclose(logp, expected, rtol=1e-12)
+    np.testing.assert_allclose(lang.log_prob(sentences), logp, rtol=1e-12)
+
+
+def test_stream_rule_concentrates_the_language() -> None:
+    """The stream reading keeps the chain in its usual mix of contexts; restarting every sentence
+    from the start context is flatter (full corpora, seed 0: top-50 share 67.6% vs 54.5%; here
+    1,000 sentences, where the sampling error of a share is about a point)."""
+    shares = {}
+    for rule in ("stream", "restart"):
+        words = TrigramLanguage(seed=0, rule=rule).sample(1000, np.random.default_rng(0)).ravel()
+        counts = np.sort(np.bincount(words, minlength=1001)[1:])[::-1]
+        shares[rule] = counts[:50].sum() / counts.sum()
+    assert shares["stream"] > 0.62 and shares["restart"] < 0.59 and shares["stream"] - shares["restart"] > 0.07
+
+
+@pytest.mark.parametrize("rule", ["stream", "restart"])
+def test_sentences_and_log_prob(rule: str) -> None:
+    lang = TrigramLanguage(seed=0, rule=rule)
     sentences, logp = lang.sample_with_log_prob(40, np.random.default_rng(3))
     assert sentences.shape == (40, 10) and logp.shape == (40, 10)
     assert sentences.min() >= 1 and sentences.max() <= 1000
     np.testing.assert_array_equal(sentences, lang.sample(40, np.random.default_rng(3)))
     direct = lang.log_prob(sentences)
     np.testing.assert_allclose(direct, logp, rtol=1e-12)
-    padded = np.concatenate([np.zeros((40, 2), dtype=np.int64), sentences], axis=1)
-    for t in range(10):
-        probs = lang.next_word_probs(padded[:, t], padded[:, t + 1])
-        gathered = np.log(probs[np.arange(40), sentences[:, t] - 1])
-        np.testing.assert_allclose(direct[:, t], gathered, rtol=1e-12)
+    if rule == "restart":  # every sentence from the start context
+        padded = np.concatenate([np.zeros((40, 2), dtype=np.int64), sentences], axis=1)
+        for t in range(10):
+            probs = lang.next_word_probs(padded[:, t], padded[:, t + 1])
+            gathered = np.log(probs[np.arange(40), sentences[:, t] - 1])
+            np.testing.assert_allclose(direct[:, t], gathered, rtol=1e-12)
     assert not np.array_equal(sentences, lang.sample(40, np.random.default_rng(4)))
-    assert not np.array_equal(sentences, TrigramLanguage(seed=5).sample(40, np.random.default_rng(3)))
+    assert not np.array_equal(sentences, TrigramLanguage(seed=5, rule=rule).sample(40, np.random.default_rng(3)))
 
 
 @pytest.fixture(scope="module")
@@ -126,8 +188,8 @@ def small(tmp_path_factory) -> tuple[Corpus, object]:
 
 def test_corpus_files_and_vocab(small) -> None:
     corpus, root = small
-    directory = root / "synthetic-2-200-50-50"
-    assert sorted(p.name for p in root.iterdir()) == ["synthetic-2-200-50-50"]
+    directory = root / "synthetic-stream-2-200-50-50"
+    assert sorted(p.name for p in root.iterdir()) == ["synthetic-stream-2-200-50-50"]
     lines = (directory / "train.txt").read_text(encoding="utf-8").splitlines()
     assert len(lines) == 200 and all(len(line.split()) == 10 for line in lines)
     assert corpus.train.numel() == 200 * 11 and corpus.valid.numel() == corpus.test.numel() == 50 * 11
@@ -150,27 +212,43 @@ def test_truth_aligned_with_ids(small) -> None:
         eos = ids == corpus.vocab.eos_id
         assert (truth[eos] == 0).all() and (truth[~eos] < 0).all()
         words = [int(tok[1:]) for tok in corpus.vocab.decode(ids[~eos].tolist())]
-        expected = lang.log_prob(np.array(words).reshape(-1, 10))
+        expected = lang.log_prob(np.array(words).reshape(-1, 10))  # the split's rows in file order
         np.testing.assert_allclose(truth[~eos].numpy(), expected.ravel(), rtol=1e-12)
 
 
 def test_corpus_is_cached_and_deterministic(small, tmp_path) -> None:
     corpus, root = small
-    directory = root / "synthetic-2-200-50-50"
+    directory = root / "synthetic-stream-2-200-50-50"
     stamp = (directory / "train.txt").stat().st_mtime_ns
     again = synthetic_corpus(seed=2, data_dir=root, sizes=SMALL)
     assert (directory / "train.txt").stat().st_mtime_ns == stamp
     assert torch.equal(again.train, corpus.train) and torch.equal(again.truth["test"], corpus.truth["test"])
     fresh = synthetic_corpus(seed=2, data_dir=tmp_path, sizes=SMALL)
     assert fresh.vocab == corpus.vocab and torch.equal(fresh.valid, corpus.valid)
-    assert (tmp_path / "synthetic-2-200-50-50" / "valid.txt").read_bytes() == (directory / "valid.txt").read_bytes()
+    fresh_valid = tmp_path / "synthetic-stream-2-200-50-50" / "valid.txt"
+    assert fresh_valid.read_bytes() == (directory / "valid.txt").read_bytes()
     other = synthetic_corpus(seed=3, data_dir=tmp_path, sizes=SMALL)
     assert not torch.equal(other.train, corpus.train)
 
 
+def test_restart_rule_keeps_its_own_directory(tmp_path) -> None:
+    """Corpora of the earlier reading stay where runs made with it find them, generated as before."""
+    corpus = synthetic_corpus(seed=2, data_dir=tmp_path, sizes=(20, 5, 5), rule="restart")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["synthetic-2-20-5-5"]
+    lines = (tmp_path / "synthetic-2-20-5-5" / "valid.txt").read_text(encoding="utf-8").split()
+    words = np.array([int(w[1:]) for w in lines]).reshape(5, 10)
+    rng = np.random.default_rng(2)
+    lang = TrigramLanguage(seed=2, rule="restart")
+    lang.sample(20, rng)
+    np.testing.assert_array_equal(words, lang.sample(5, rng))
+    np.testing.assert_allclose(corpus.truth["valid"].numpy().reshape(5, 11)[:, :10], lang.log_prob(words), rtol=1e-12)
+    with pytest.raises(ReglmError, match="synthetic rule"):
+        synthetic_corpus(seed=2, data_dir=tmp_path, sizes=(20, 5, 5), rule="stationary")
+
+
 def test_damaged_or_unwritable_cache(tmp_path) -> None:
     synthetic_corpus(seed=1, data_dir=tmp_path, sizes=(20, 5, 5))
-    (tmp_path / "synthetic-1-20-5-5" / "test-logprob.npy").unlink()
+    (tmp_path / "synthetic-stream-1-20-5-5" / "test-logprob.npy").unlink()
     with pytest.raises(ReglmError, match="test-logprob.npy; delete the directory"):
         synthetic_corpus(seed=1, data_dir=tmp_path, sizes=(20, 5, 5))
     blocker = tmp_path / "a-file"
@@ -191,6 +269,8 @@ def test_stats(small) -> None:
     assert stats["test_ppl"] == pytest.approx(math.exp(-truth[words].mean().item()))
     assert stats["test_ppl_rare"] > stats["test_ppl"] > stats["test_ppl_frequent"] > 1
     assert stats["ratio"] == pytest.approx(stats["test_ppl_rare"] / stats["test_ppl_frequent"])
+    per_sentence = truth.numpy().reshape(50, 11)[:, :10].mean(axis=1)
+    assert stats["test_ppl_se"] == pytest.approx(stats["test_ppl"] * per_sentence.std(ddof=1) / math.sqrt(50), rel=1e-9)
     plain = Corpus("plain", corpus.vocab, corpus.train, corpus.valid, corpus.test)
     with pytest.raises(ReglmError, match="synthetic"):
         synthetic_stats(plain)

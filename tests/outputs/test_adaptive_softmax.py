@@ -77,6 +77,51 @@ def test_log_probs_normalize_over_the_full_vocabulary(training: bool) -> None:
     torch.testing.assert_close(lp.exp().sum(-1), torch.ones(4, 5), rtol=0, atol=1e-5)
 
 
+def test_input_dropout_drops_what_the_head_and_the_tails_read_in_training_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """fairseq's AdaptiveSoftmax drops its input once (adaptive_softmax_dropout) before the head
+    and the tail projections: the head sees ``h`` with about ``p`` of its entries zeroed and the
+    rest scaled by ``1 / (1 - p)`` in training, ``h`` itself in evaluation; and the whole layer
+    equals torch's adaptive softmax on that one dropped input."""
+    p = 0.5
+    out = layer(input_dropout=p)
+    seen: list[torch.Tensor] = []
+    head_logits = out.head_logits
+    monkeypatch.setattr(out, "head_logits", lambda x: seen.append(x.detach().clone()) or head_logits(x))
+    h, y = torch.randn(4, 50, D), targets_in_every_band((4, 50))
+    flat = h.reshape(-1, D)
+    ref = torch_reference(out).eval()
+
+    out.train()
+    torch.manual_seed(3)
+    nll = out.score(wrap(h), y).nll
+    dropped = seen[-1]
+    kept = dropped != 0
+    assert 0.4 < 1 - kept.float().mean().item() < 0.6
+    torch.testing.assert_close(dropped[kept], flat[kept] / (1 - p))
+    torch.manual_seed(3)
+    expected_input = F.dropout(flat, p, True)
+    torch.testing.assert_close(dropped, expected_input)
+    torch.testing.assert_close(nll.reshape(-1), -ref(expected_input, y.reshape(-1)).output, rtol=1e-5, atol=1e-5)
+
+    out.eval()
+    nll = out.score(wrap(h), y).nll
+    torch.testing.assert_close(seen[-1], flat, rtol=0, atol=0)
+    torch.testing.assert_close(nll.reshape(-1), -ref(flat, y.reshape(-1)).output, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.predict(wrap(h)), ref.log_prob(flat).view(4, 50, V), rtol=1e-5, atol=1e-5)
+
+
+def test_the_transformer_presets_drop_the_adaptive_softmax_input_as_the_authors_recipes() -> None:
+    """fairseq's one adaptive_softmax_dropout sets both dropouts: 0.2 in transformer_lm_wiki103,
+    0 in transformer_lm_gbw (and in Table 6's row without tail dropout)."""
+    rates = {
+        "transformer-wt103-adp-t": 0.2, "transformer-wt103-asm": 0.2, "transformer-wt103-asm-t-nodim": 0.2,
+        "transformer-wt103-asm-tail-dropout0": 0.0, "transformer-gbw-adp-t": 0.0, "transformer-gbw-cnn": 0.0,
+    }
+    for preset, rate in rates.items():
+        output = build_config(preset, []).model.output
+        assert (output.softmax_input_dropout, output.tail_dropout) == (rate, rate), preset
+
+
 @pytest.mark.parametrize("tie", ["none", "head"])
 def test_score_equals_minus_predict_at_the_targets(tie: str) -> None:
     model = tied_model(tie)
@@ -246,6 +291,8 @@ ADAPTIVE_IN = ["model.input=adaptive", "model.input.dim=16", "model.input.cutoff
     (["model.output.cutoffs=30,10"], "invalid option model.output.cutoffs: .*strictly increasing"),
     (["model.output.cutoffs=10,x"], "invalid option model.output.cutoffs"),
     (["model.output.cutoffs=10,30", "model.output.factor=2", "model.output.tail_dropout=1"], "invalid option model.output.tail_dropout"),
+    (["model.output.cutoffs=10,30", "model.output.factor=2", "model.output.softmax_input_dropout=-0.1"],
+     "invalid option model.output.softmax_input_dropout"),
     (["model.output.cutoffs=10,30", "model.output.factor=2", "model.output.tie=weights"], "invalid option model.output.tie: unknown 'weights'"),
     (["model.output.cutoffs=10,30,40", "model.output.factor=4", "model.output.tie=none"], "invalid option model.output.factor: band 4 of 4"),
     (["model.output.cutoffs=10,20", "model.output.factor=2"], "invalid option model.output.cutoffs: .*differs from model.input.cutoffs"),

@@ -3,8 +3,10 @@ the chosen-word curve, resumption and bad input."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -61,6 +63,21 @@ def test_chosen_word_curve_has_one_point_per_step_from_the_start(study: tuple[Pa
     assert all(0 < p < 1 for p in curve["prob"])
 
 
+def test_validation_curve_and_the_perplexity_without_the_chosen_word(study: tuple[Path, dict]) -> None:
+    """Figure 1 (left): a validation perplexity after every fine-tuning step; section 3's perplexity
+    over every word but the chosen one, which the perturbed model's -20 bias makes far less likely."""
+    _, result = study
+    for stage in ("ftd-perturbed", "ce-0.1-perturbed"):
+        curve = result["curves"][stage]
+        assert curve["valid"]["step"] == curve["step"] and all(p > 1 for p in curve["valid"]["ppl"])
+    perturbed = result["table"]["perturbed model"]
+    assert perturbed["ppl_except_chosen"] < perturbed["test_ppl"]
+    initial = result["table"]["initial model"]
+    # one bias apart: the chosen word's mass goes to the other words, which only gain
+    assert perturbed["ppl_except_chosen"] <= initial["ppl_except_chosen"]
+    assert initial["ppl_except_chosen"] == pytest.approx(perturbed["ppl_except_chosen"], rel=1e-2)
+
+
 def test_true_row_is_the_true_log_probability_over_the_scored_words(study: tuple[Path, dict]) -> None:
     _, result = study
     corpus = load_corpus(initial_config(TrigramStudySpec(sentences=800)))
@@ -75,10 +92,55 @@ def test_fixed_context_ends_where_the_chosen_word_is_most_likely(study: tuple[Pa
     corpus = load_corpus(initial_config(TrigramStudySpec(sentences=800)))
     word = corpus.vocab.stoi[result["chosen_word"]]
     context, prob = fixed_context(corpus, word)
-    assert context[0] == corpus.vocab.eos_id and (context[1:] != corpus.vocab.eos_id).all()
+    eos = (context == corpus.vocab.eos_id).nonzero().flatten().tolist()
+    from_before_previous = len(eos) == 2 and eos[0] == 0 and eos[1] == 11  # <eos>, 10 words, <eos>, the prefix
+    assert from_before_previous or (len(eos) <= 1 and torch.equal(context, corpus.test[: len(context)]))
     hits = (corpus.test == word).nonzero().flatten()
     assert prob == pytest.approx(float(corpus.truth["test"][hits].exp().max()))
     assert result["true_prob"] == pytest.approx(prob)
+
+
+def test_reproduce_popov_1_runs_the_study_and_writes_table_1(
+    study: tuple[Path, dict], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`reglm reproduce popov:1` sizes the study by --scale (appendix A at full scale) and writes
+    Table 1 with the paper's numbers; here on the finished tiny study, so only the scoring runs."""
+    from reglm.reproduce import Budget
+    from reglm.reproduce import trigram as table1
+    from reglm.reproduce.runs import claim_out, new_manifest
+
+    full = table1.study_spec("full", Budget(), [])
+    assert (full.sentences, full.hidden, full.batch_size) == (80000, 256, 1024)
+    assert (full.lr, full.clip, full.bptt) == (1.0, 1.0, 35)
+    config = initial_config(full)
+    assert config.train.schedule.plateau_factor == 0.1 and config.model.encoder.hidden_dropout == 0
+    reduced = table1.study_spec("reduced", Budget(epochs=2), ["data.data_dir=/x"])
+    sizes = (reduced.sentences, reduced.hidden, reduced.batch_size, reduced.epochs, reduced.finetune_epochs)
+    assert sizes == (20000, 64, 64, 2, 2)
+    assert reduced.extra == ("data.data_dir=/x",)
+    out = tmp_path / "popov-1"
+    claim_out(out, new_manifest("popov", "1", "full", Budget(), []))  # as an interrupted first run leaves it
+    shutil.copytree(study[0], out / "study")
+    tiny = TrigramStudySpec(
+        sentences=800, hidden=8, batch_size=8, bptt=12, epochs=1, disc_epochs=1, finetune_epochs=1, chosen_rank=60,
+        ce_lrs=(0.1,),
+    )
+    monkeypatch.setattr(table1, "study_spec", lambda *args: tiny)
+    assert main(["reproduce", "popov:1", "--out", str(out)]) == 0
+    markdown = capsys.readouterr().out
+    saved = json.loads((out / "table.json").read_text())
+    assert markdown == (out / "table.md").read_text()
+    assert [r["id"] for r in saved["rows"]] == [
+        "true distribution", "initial model", "ftd-initial", "perturbed model", "ftd-perturbed", "ce-0.1-initial",
+        "ce-0.1-perturbed",
+    ]
+    rows = {r["id"]: r for r in saved["rows"]}
+    paper = dict(zip(table1.COLUMNS, (85.63, 31.27, 926.78, 29.6, -0.092, 0.521)), ppl_except_chosen=84.56)
+    assert rows["ftd-perturbed"]["paper"] == paper
+    ours = study[1]["table"]["ftd-perturbed"]["test_ppl"]
+    assert rows["ftd-perturbed"]["reglm"]["test_ppl"] == pytest.approx(ours, rel=1e-6)
+    assert "| Perturbed model ftd. | " in markdown and "(85.63)" in markdown and "(paper: 84.56)" in markdown
+    assert all((out / f).is_file() for f in saved["figures"])
 
 
 def test_rerun_reuses_finished_stages_and_refuses_other_settings(study: tuple[Path, dict], capsys: pytest.CaptureFixture[str]) -> None:
@@ -96,11 +158,28 @@ def test_rerun_reuses_finished_stages_and_refuses_other_settings(study: tuple[Pa
     (["--perturb-bias", "3"], "--perturb-bias"),
     (["--ce-lrs", "0.1,-1"], "--ce-lrs"),
     (["--disc-lr", "0"], "--disc-lr"),
+    (["--synthetic-rule", "stationary"], "--synthetic-rule"),
 ])
 def test_bad_options_exit_2_without_writing(tmp_path: Path, options: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["study", "trigram", "--out", str(tmp_path / "s"), *options]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
+
+
+def test_a_study_recorded_before_the_rule_option_resumes_only_under_the_restart_rule(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "old"
+    out.mkdir()
+    spec = dataclasses.asdict(TrigramStudySpec(
+        sentences=800, hidden=8, batch_size=8, bptt=12, epochs=1, disc_epochs=1, finetune_epochs=1, chosen_rank=60,
+        ce_lrs=(0.1,),
+    ))
+    del spec["synthetic_rule"]
+    (out / "study-spec.json").write_text(json.dumps(spec))
+    assert main(["study", "trigram", "--out", str(out), *TINY]) == 2
+    assert "other settings (synthetic_rule)" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["study-spec.json"]
 
 
 def test_spec_rejects_nonsense() -> None:

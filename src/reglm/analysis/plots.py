@@ -81,12 +81,26 @@ def embedding_diversity_figure(records: list[dict[str, Any]]) -> Figure:
 
 
 def plot_trigram_study(result: dict[str, Any], path: Path | str) -> None:
-    """Popov & Kudinov's Figure 1 (right) from :func:`reglm.studies.trigram.run_trigram_study`'s
-    result: the chosen word's probability in the fixed context after every fine-tuning step, one
+    """Popov & Kudinov's Figure 1 from :func:`reglm.studies.trigram.run_trigram_study`'s result:
+    left, the validation perplexity after every fine-tuning step of the perturbed model (when the
+    study logged it); then the chosen word's probability in the fixed context after every step, one
     panel per starting model (perturbed, initial), log y-scale, with the true probability and the
     discriminator's estimate ``p_hat`` as horizontal lines. Written atomically."""
-    fig = Figure(figsize=(11, 4.2), layout="constrained")
-    axes = fig.subplots(1, 2, sharey=True)
+    perturbed = [stage for stage, info in result["stages"].items() if info["base"] == "perturbed"]
+    with_valid = any(result["curves"][stage].get("valid", {}).get("step") for stage in perturbed)
+    fig = Figure(figsize=(16.5 if with_valid else 11, 4.2), layout="constrained")
+    axes = list(fig.subplots(1, 3 if with_valid else 2))
+    if with_valid:
+        ax = axes.pop(0)
+        for stage in perturbed:
+            info, curve = result["stages"][stage], result["curves"][stage]["valid"]
+            how = "discriminator" if info["objective"] == "reverse-kl" else "cross-entropy"
+            ax.plot(curve["step"], curve["ppl"], label=f"{how}, lr {info['lr']:g}")
+        ax.set_xlabel("fine-tuning step")
+        ax.set_ylabel("validation perplexity (words)")
+        ax.set_title("perturbed model: validation perplexity")
+        ax.legend(fontsize=8)
+    axes[1].sharey(axes[0])
     for ax, base in zip(axes, ("perturbed", "initial")):
         for stage, info in result["stages"].items():
             if info["base"] != base:

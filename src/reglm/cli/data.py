@@ -32,6 +32,8 @@ def register(sub: Any) -> None:
         d.add_argument("--max-vocab", type=int)
         d.add_argument("--tokenizer", choices=["word", "bpe"], default="word", help="bpe: the sub-word corpus of --bpe-vocab-size units")
         d.add_argument("--bpe-vocab-size", type=int, default=32000)
+        d.add_argument("--synthetic-rule", default="stream", help="synthetic: stream or restart (`reglm config`)")
+        d.add_argument("--synthetic-sentences", type=int, default=80000, help="synthetic: training sentences")
         d.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_data)
     p = sub.add_parser("presets", help="list the bundled presets and the paper/table each reproduces; with --paper: a paper's table rows and their numbers")
@@ -60,12 +62,17 @@ def cmd_data(args: argparse.Namespace) -> int:
         path = download(args.name, args.data_dir)
         print(f"{args.name}: verified files in {path}")
         return 0
-    options = DataConfig(name=args.name, data_dir=args.data_dir, min_freq=args.min_freq, max_vocab=args.max_vocab, tokenizer=args.tokenizer, bpe_vocab_size=args.bpe_vocab_size)
+    options = DataConfig(
+        name=args.name, data_dir=args.data_dir, min_freq=args.min_freq, max_vocab=args.max_vocab,
+        tokenizer=args.tokenizer, bpe_vocab_size=args.bpe_vocab_size,
+        synthetic_rule=args.synthetic_rule, synthetic_sentences=args.synthetic_sentences,
+    )
 
     def read() -> Any:
         return resolve(
             options.name, data_dir=options.data_dir, min_freq=options.min_freq, max_vocab=options.max_vocab,
-            tokenizer=options.tokenizer, bpe_vocab_size=options.bpe_vocab_size,
+            tokenizer=options.tokenizer, bpe_vocab_size=options.bpe_vocab_size, synthetic_rule=options.synthetic_rule,
+            synthetic_sentences=options.synthetic_sentences,
         )
 
     corpus = read()
@@ -82,12 +89,15 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 def _report(corpus: Any, args: argparse.Namespace) -> int:
     """Print a corpus's statistics and its cache entry (``prepare``: the entry and the vocabulary only)."""
-    from reglm.data import SOURCES, corpus_stats
+    from reglm.data import SOURCES, corpus_stats, synthetic_stats
     from reglm.data.cache import describe
+    from reglm.data.synthetic import PAPER_STATS
 
     stats = {"name": corpus.name, "vocab_size": len(corpus.vocab)} if args.data_command == "prepare" else corpus_stats(corpus)
     if args.name in SOURCES:
         stats["sentences"] = SOURCES[args.name].sentences
+    if args.data_command == "info" and corpus.truth is not None:
+        stats["synthetic"] = {"rule": args.synthetic_rule, "measured": synthetic_stats(corpus), "paper": PAPER_STATS}
     stats["cache"] = None if corpus.cache is None else describe(corpus.cache)
     if args.json:
         print(json.dumps(stats))
@@ -96,6 +106,11 @@ def _report(corpus: Any, args: argparse.Namespace) -> int:
         if key == "cache" and value is not None:
             shown = f"{value['path']} ({value['bytes'] / 2**20:,.1f} MiB, ids {value['dtype']}, manifest {value['manifest_hash'][:16]}, built {value['created']}, {value['age_s'] / 3600:,.1f} h ago)"
             print(f"{key:24s} {shown}")
+        elif key == "synthetic":
+            print(f"{key:24s} rule {value['rule']}; statistic: measured (paper)")
+            for name, measured in value["measured"].items():
+                paper = value["paper"].get(name)
+                print(f"  {name:22s} {measured:.4g}" + ("" if paper is None else f" ({paper:.4g})"))
         else:
             print(f"{key:24s} {value if value is not None else 'none (read in memory)'}")
     return 0
@@ -119,7 +134,10 @@ def cmd_presets(args: argparse.Namespace) -> int:
         print(json.dumps({"paper": args.paper, "tables": tables}))
         return 0
     for table in tables:
-        print(f"{args.paper}:{table['table']}  {table['caption']}" + (f"  [not reproducible here: {table['missing']}]" if table["missing"] else ""))
+        note = f"  [not reproducible here: {table['missing']}]" if table["missing"] else ""
+        if table["study"]:
+            note = f"  [one chain of runs: `reglm study {table['study']}`, which `reglm reproduce` runs]"
+        print(f"{args.paper}:{table['table']}  {table['caption']}{note}")
         if not table["rows"]:
             continue
         width = max(len(row["id"]) for row in table["rows"])
@@ -158,7 +176,8 @@ def _paper_tables(paper: str, table: str | None) -> list[dict[str, Any]]:
             record = {key: value for key, value in dataclasses.asdict(row).items() if key not in ("paper", "table", "reported")}
             reported = {key: value for key, value in dataclasses.asdict(row.reported).items() if value is not None}
             rows.append({**record, "reported": reported, "starts_from": None if starts is None else dataclasses.asdict(starts)})
-        out.append({"table": name, "caption": entry.caption, "missing": entry.missing, "rows": rows})
+        out.append({"table": name, "caption": entry.caption, "missing": entry.missing, "study": entry.study,
+                    "rows": rows})
     return out
 
 

@@ -42,6 +42,8 @@ def register(sub: Any) -> None:
         ("chosen-rank", int, "frequency rank of the perturbed word (default 100; 51-150 are 'almost frequent')"),
         ("perturb-bias", float, "the perturbed word's output bias (default -20)"),
         ("seed", int, "seed of the corpus and of every run (default 0)"),
+        ("synthetic-rule", str, "the corpus rule: stream (default) or restart (studies before the option)"),
+        ("valid-sentences", int, "Figure 1 (left): validation sentences scored after each step (1000; 0: off)"),
     ):
         t.add_argument(f"--{name}", type=kind, help=help_text)
     t.add_argument("--ce-lrs", help="comma-separated learning rates of the cross-entropy fine-tunings (default 0.1,0.01)")
@@ -90,7 +92,11 @@ def cmd_study(args: argparse.Namespace) -> int:
 def _study_trigram(args: argparse.Namespace) -> int:
     from reglm.studies.trigram import TrigramStudySpec, run_trigram_study
 
-    names = ("sentences", "hidden", "batch_size", "bptt", "lr", "clip", "epochs", "disc_epochs", "disc_lr", "finetune_epochs", "finetune_lr", "chosen_rank", "perturb_bias", "seed", "device")
+    names = (
+        "sentences", "hidden", "batch_size", "bptt", "lr", "clip", "epochs", "disc_epochs", "disc_lr",
+        "finetune_epochs", "finetune_lr", "chosen_rank", "perturb_bias", "seed", "synthetic_rule", "valid_sentences",
+        "device",
+    )
     options: dict[str, Any] = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     if args.ce_lrs is not None:
         options["ce_lrs"] = _floats("--ce-lrs", args.ce_lrs)

@@ -42,6 +42,12 @@ class DataConfig:
     max_vocab: int | None = option(None, "keep only the most frequent training words (<unk> and <eos> included)")
     synthetic_seed: int = option(0, "seed of the synthetic trigram language (its table and its samples)")
     synthetic_sentences: int = option(80000, "synthetic corpus: training sentences; valid and test get one eighth each (80k/10k/10k)")
+    synthetic_rule: str = option(
+        "stream",
+        "synthetic corpus: stream (sentences are pieces of one trigram text, an xi per beta factor: the "
+        "paper's statistics) or restart (every sentence starts afresh, one xi per triple: the reading of "
+        "runs whose config.json lacks this option)",
+    )
     tokenizer: str = option("word", "word (one unit per whitespace word) or bpe (sub-word units learnt on train.txt, Baevski & Auli 4.4; perplexity stays word-level)")
     bpe_vocab_size: int = option(32000, "bpe: units in all (characters, merged units, <unk>, <eos>), so about merges + alphabet; the paper's 32K codes (merges) gave 33,337 units on WikiText-103")
     train_parts: int = option(1, "train on one of this many parts of the training split (whole lines, about equal token counts; Inan et al. Table 2: 2); the vocabulary stays the whole training split's")
@@ -52,6 +58,10 @@ class DataConfig:
         check(self.max_vocab is None or self.max_vocab >= 3, "data.max_vocab", f"{self.max_vocab} must be >= 3 or none")
         check(self.synthetic_sentences >= 8, "data.synthetic_sentences", f"{self.synthetic_sentences} must be >= 8")
         check_seed(self.synthetic_seed, "data.synthetic_seed")
+        from reglm.data.synthetic import RULES
+
+        check(self.synthetic_rule in RULES, "data.synthetic_rule",
+              f"unknown {self.synthetic_rule!r}; choose {' or '.join(RULES)}")
         check(self.tokenizer in TOKENIZERS, "data.tokenizer", f"unknown {self.tokenizer!r}; choose {' or '.join(TOKENIZERS)}")
         check(self.bpe_vocab_size >= MIN_BPE_VOCAB, "data.bpe_vocab_size", f"{self.bpe_vocab_size} must be >= {MIN_BPE_VOCAB}")
         check(self.train_parts >= 1, "data.train_parts", f"{self.train_parts} must be >= 1")
@@ -237,9 +247,14 @@ class RunConfig:
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "config") -> RunConfig:
         """A config from its nested mapping (``to_dict()``, or a ``config.json`` of any reglm
-        version: the layout before components is migrated on read)."""
+        version: the layout before components is migrated on read, and a synthetic corpus named
+        without ``synthetic_rule``, written before that option existed, gets the rule of that
+        time, ``restart``)."""
         if is_flat_layout(raw):
             raw = migrate(raw)
+        data = raw.get("data")
+        if isinstance(data, dict) and "synthetic_rule" not in data and data.get("name", "synthetic") == "synthetic":
+            raw = {**raw, "data": {**data, "synthetic_rule": "restart"}}
         return build(cls, raw, source)
 
     def replace(self, overrides: dict[str, Any]) -> RunConfig:

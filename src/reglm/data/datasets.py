@@ -288,22 +288,23 @@ def resolve(
     max_vocab: int | None = None,
     synthetic_seed: int = 0,
     synthetic_sentences: int = 80_000,
+    synthetic_rule: str = "stream",
     tokenizer: str = "word",
     bpe_vocab_size: int = 32_000,
     vocab: Vocab | None = None,
 ) -> Corpus:
     """The corpus a ``data.name`` option designates.
 
-    A built-in name (``ptb``, ``wikitext-2``, ``wikitext-103``, ``lm1b``) is downloaded when
-    needed; ``synthetic`` is the synthetic trigram corpus of ``synthetic_seed`` with
-    ``synthetic_sentences`` training sentences and one eighth of that for valid and for test
-    (the paper's 80k / 10k / 10k by default); an existing directory is read as a custom corpus
+    A built-in name (``ptb``, ``wikitext-2``, ``wikitext-103``, ``lm1b``) is downloaded when needed;
+    ``synthetic`` is the synthetic trigram corpus of ``synthetic_seed`` with ``synthetic_sentences``
+    training sentences and one eighth of that for valid and for test (the paper's 80k / 10k / 10k by
+    default), under the reading ``synthetic_rule``; an existing directory is read as a custom corpus
     (a built-in name wins over a directory of that name: write ``./ptb``). Built-in and custom
-    corpora are read through the encoded-corpus cache (:func:`reglm.data.cache.load_cached`:
-    encoded once, memory-mapped afterwards, the same ids). ``min_freq`` / ``max_vocab`` shape
-    the vocabulary of built-in and custom corpora (the defaults keep every training word; a
-    built-in corpus's vocabulary is the benchmark's, ``min_freq`` can only cut it further: at
-    least 3 on ``lm1b``); the synthetic vocabulary is closed.
+    corpora are read through the encoded-corpus cache (:func:`reglm.data.cache.load_cached`: encoded
+    once, memory-mapped afterwards, the same ids). ``min_freq`` / ``max_vocab`` shape the vocabulary
+    of built-in and custom corpora (the defaults keep every training word; a built-in corpus's
+    vocabulary is the benchmark's, ``min_freq`` can only cut it further: at least 3 on ``lm1b``);
+    the synthetic vocabulary is closed.
 
     ``tokenizer="bpe"`` gives a sub-word corpus of a built-in or custom corpus
     (:mod:`reglm.data.bpe`): units of ``bpe_vocab_size`` learnt on ``train.txt``, every split
@@ -320,7 +321,8 @@ def resolve(
         if bpe:
             raise ReglmError("the synthetic corpus is word-level (its true probabilities are per word); use tokenizer=word, or bpe with a natural-text corpus")
         n_eval = synthetic_sentences // 8
-        return synthetic_corpus(seed=synthetic_seed, data_dir=data_dir, sizes=(synthetic_sentences, n_eval, n_eval))
+        sizes = (synthetic_sentences, n_eval, n_eval)
+        return synthetic_corpus(seed=synthetic_seed, data_dir=data_dir, sizes=sizes, rule=synthetic_rule)
     if Path(name).expanduser().is_dir():
         return load_cached(Path(name).expanduser(), min_freq=min_freq, **options)
     raise ReglmError(

@@ -9,20 +9,28 @@ probability proportional to ``alpha(j) * beta(i, j) * beta(k, j)`` with
 
 and ``xi`` uniform on {0, ..., 5}, drawn independently for each triple ``(i, j, k)``.
 
-Our reading, where the paper leaves room:
+Our reading, where the paper leaves room (``rule``; docs/discriminator-finetuning.md lists the
+readings measured against the paper's corpus statistics):
 
-* One ``xi_ijk`` per triple enters both beta factors of that triple. The next-word law is the
-  trigram law conditioned on the context, ``p(k | i, j) ∝ beta(i, j; xi_ijk) * beta(k, j; xi_ijk)``
-  (``alpha(j)`` and the ``i ** -gamma`` part of ``beta(i, j)`` do not depend on ``k`` and cancel).
-* ``xi`` is not stored (a 10^9 table): ``xi_ijk`` is a counter-based hash of ``(seed, i, j, k)``
-  (the splitmix64 finalizer, in vectorized uint64 arithmetic), so the 1000 conditionals of any
-  context are computed on demand, exactly and reproducibly.
-* Sentence start (id 0 is the start token): the first word is drawn from ``p(j) ∝ alpha(j)``
+* The next-word law is the trigram law conditioned on the context, ``p(k | i, j) ∝ beta(i, j) *
+  beta(k, j)`` (``alpha(j)`` does not depend on ``k`` and cancels).
+* ``xi`` is not stored (a 10^9 table): each draw is a counter-based hash of ``(seed, i, j, k)``
+  and the factor it enters (the splitmix64 finalizer, in vectorized uint64 arithmetic), so the
+  1000 conditionals of any context are computed on demand, exactly and reproducibly.
+* ``rule="stream"`` (the default): each beta factor of a triple draws its own ``xi`` (as a
+  ``beta`` that samples ``xi`` on every call would), and the sentences of a split are consecutive
+  10-word pieces of one text the trigram chain writes, so a sentence's first words are predicted
+  from the last two words of the sentence before; the start token only marks where a sentence
+  begins. A split is written by :data:`STREAMS` such texts side by side, one after the other in
+  the file, each beginning at the start context below.
+* ``rule="restart"`` (the reading before; its corpora are unchanged): one ``xi`` per triple
+  enters both beta factors, and every sentence begins afresh at the start context.
+* Start context (id 0 is the start token): the first word is drawn from ``p(j) ∝ alpha(j)``
   (the middle-word weight of the trigram law); the second word, in context ``(start, w1)``, from
-  ``p(k | start, w1) ∝ beta(k, w1; xi_{0, w1, k})`` (the start token contributes no beta factor).
+  ``p(k | start, w1) ∝ beta(k, w1)`` (the start token contributes no beta factor).
 * Corpus files hold one sentence per line, words written ``w1`` .. ``w1000``; the ``<eos>`` the
-  corpus rule appends after each line plays the start token's role: every sentence begins right
-  after an ``<eos>``. Since sentences have a fixed length, ``<eos>`` has true probability 1.
+  corpus rule appends after each line plays the start token's role. Since sentences have a fixed
+  length, ``<eos>`` has true probability 1.
 
 Every probability here is exact up to float64 rounding; sampling is inverse-CDF on the exact
 conditional.
@@ -30,6 +38,7 @@ conditional.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 from collections import Counter
@@ -48,7 +57,17 @@ _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MUL1 = np.uint64(0xBF58476D1CE4E5B9)
 _MUL2 = np.uint64(0x94D049BB133111EB)
 _ROWS_PER_CHUNK = 256
+_LOW32 = np.uint64(0xFFFFFFFF)
 DEFAULT_SIZES = (80000, 10000, 10000)
+RULES = ("stream", "restart")
+"""Readings of the paper's rule (see the module docstring); the first is the default."""
+STREAMS = 16
+"""``rule="stream"``: texts the trigram chain writes side by side for one split."""
+PAPER_STATS = {
+    "share_frequent": 0.705, "share_almost": 0.147, "share_rest": 0.148,
+    "test_ppl": 78.14, "test_ppl_frequent": 29.74, "test_ppl_rare": 766.53, "ratio": 25.8,
+}
+"""The paper's statistics of its corpus (appendix A; Table 1, true distribution)."""
 
 
 def _mix64(z: np.ndarray) -> np.ndarray:
@@ -70,13 +89,20 @@ class TrigramLanguage:
         vocab_size: number of words (1000 in the paper); at most ``2**21 - 1``.
         sentence_length: words per sentence (10 in the paper).
         gamma: the exponent of ``beta`` (0.75 in the paper).
+        rule: ``stream`` or ``restart``, the reading of the paper's rule (module docstring).
     """
 
-    def __init__(self, seed: int = 0, vocab_size: int = 1000, sentence_length: int = 10, gamma: float = 0.75) -> None:
+    def __init__(
+        self, seed: int = 0, vocab_size: int = 1000, sentence_length: int = 10, gamma: float = 0.75,
+        rule: str = "stream",
+    ) -> None:
         if not 1 <= vocab_size < 2**21:
             raise ValueError(f"vocab_size must be in [1, 2**21), got {vocab_size}")
         if sentence_length < 1:
             raise ValueError(f"sentence_length must be >= 1, got {sentence_length}")
+        if rule not in RULES:
+            raise ValueError(f"rule must be one of {', '.join(RULES)}, got {rule!r}")
+        self.rule = rule
         self.seed = seed
         self.vocab_size = vocab_size
         self.sentence_length = sentence_length
@@ -93,30 +119,42 @@ class TrigramLanguage:
         j = self._words.astype(np.float64)
         return np.where(j <= 50, np.log(j + 1) / (50 * np.log(51)), 1.0 / j)
 
-    def xi(self, i: np.ndarray, j: np.ndarray, k: np.ndarray) -> np.ndarray:
-        """``xi_ijk`` in ``{0..5}`` (int64), broadcast over ``i``, ``j``, ``k`` (ids in ``0..V``).
-
-        ``((mix64(i << 42 | j << 21 | k  ^  mix64(seed + golden)) >> 32) * 6) >> 32``: the key is
-        distinct per triple and ``mix64`` is a bijection, so triples get independent-looking draws.
-        """
+    def _hash(self, i: np.ndarray, j: np.ndarray, k: np.ndarray) -> np.ndarray:
+        """``mix64(i << 42 | j << 21 | k  ^  mix64(seed + golden))``, broadcast (uint64)."""
         key = (
             (np.asarray(i, dtype=np.uint64) << np.uint64(42))
             | (np.asarray(j, dtype=np.uint64) << np.uint64(21))
             | np.asarray(k, dtype=np.uint64)
         )
-        h = _mix64(np.asarray(key ^ self._seed_key, dtype=np.uint64))
-        return (((h >> np.uint64(32)) * np.uint64(6)) >> np.uint64(32)).astype(np.int64)
+        return _mix64(np.asarray(key ^ self._seed_key, dtype=np.uint64))
+
+    @staticmethod
+    def _to_xi(half: np.ndarray) -> np.ndarray:
+        """A 32-bit value -> ``{0..5}``: ``(half * 6) >> 32``."""
+        return ((half * np.uint64(6)) >> np.uint64(32)).astype(np.int64)
+
+    def xi(self, i: np.ndarray, j: np.ndarray, k: np.ndarray, factor: int = 0) -> np.ndarray:
+        """``xi_ijk`` in ``{0..5}`` (int64), broadcast over ``i``, ``j``, ``k`` (ids in ``0..V``).
+
+        From the hash of the triple: its high 32 bits (``factor=0``, the draw of the first beta
+        factor) or its low 32 bits (``factor=1``, the second factor's own draw under ``stream``).
+        The key is distinct per triple and ``mix64`` is a bijection, so the draws look independent.
+        """
+        h = self._hash(i, j, k)
+        return self._to_xi(h >> np.uint64(32) if factor == 0 else h & _LOW32)
 
     def _weights(self, prev2: np.ndarray, prev1: np.ndarray) -> np.ndarray:
         """``(n, V)`` unnormalized next-word weights of ``n`` contexts (see the module docstring)."""
         i = prev2[:, None]
         j = prev1[:, None]
         k = self._words[None, :]
-        xi = self.xi(i, j, k)
+        h = self._hash(i, j, k)
+        xi_i = self._to_xi(h >> np.uint64(32))
+        xi_k = xi_i if self.rule == "restart" else self._to_xi(h & _LOW32)
         pow_ = self._pow
-        w = pow_[np.abs(k - j + xi) + 1]
+        w = pow_[np.abs(k - j + xi_k) + 1]
         w *= pow_[k]
-        w *= pow_[(np.abs(i - j + xi) + 1) * (i > 0)]
+        w *= pow_[(np.abs(i - j + xi_i) + 1) * (i > 0)]
         start = prev1 == 0
         if start.any():
             w[start] = self.alpha()
@@ -180,55 +218,72 @@ class TrigramLanguage:
         prev2, prev1 = self._check_context(prev2, prev1)
         return self._draw(prev2, prev1, rng.random(len(prev1)))[0]
 
-    def sample_with_log_prob(self, n_sentences: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        """``(n, L)`` sentences and ``(n, L)`` their true per-word natural-log probabilities.
+    def stream_starts(self, n_sentences: int) -> np.ndarray:
+        """Rows of a split of ``n_sentences`` where the chain begins at the start context: every row
+        (``restart``), or the first row of each of ``min(STREAMS, n)`` near-equal runs (``stream``)."""
+        texts = n_sentences if self.rule == "restart" else min(STREAMS, n_sentences)
+        return np.arange(texts, dtype=np.int64) * n_sentences // max(texts, 1)
 
-        Position by position (all sentences at once): one ``rng.random(n)`` per position.
+    def sample_with_log_prob(self, n_sentences: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """``(n, L)`` sentences (a split, rows in file order) and ``(n, L)`` their true per-word natural-log
+        probabilities given their past (:meth:`log_prob`).
+
+        The texts of :meth:`stream_starts` are written side by side, word by word: one
+        ``rng.random(texts)`` per word (``restart``: one per position of the ``n`` sentences).
         """
         length = self.sentence_length
-        padded = np.zeros((n_sentences, length + 2), dtype=np.int64)
-        logp = np.empty((n_sentences, length), dtype=np.float64)
-        for t in range(length):
-            words, lp = self._draw(padded[:, t], padded[:, t + 1], rng.random(n_sentences))
+        starts = self.stream_starts(n_sentences)
+        sizes = np.diff(np.append(starts, n_sentences))
+        steps = int(sizes.max(initial=0)) * length
+        padded = np.zeros((len(starts), steps + 2), dtype=np.int64)
+        logp = np.empty((len(starts), steps), dtype=np.float64)
+        for t in range(steps):
+            words, lp = self._draw(padded[:, t], padded[:, t + 1], rng.random(len(starts)))
             padded[:, t + 2] = words
             logp[:, t] = lp
-        return padded[:, 2:], logp
+        if n_sentences == 0:
+            return np.zeros((0, length), dtype=np.int64), np.zeros((0, length), dtype=np.float64)
+        words = np.concatenate([padded[r, 2 : 2 + m * length].reshape(m, length) for r, m in enumerate(sizes)])
+        return words, np.concatenate([logp[r, : m * length].reshape(m, length) for r, m in enumerate(sizes)])
 
     def sample(self, n_sentences: int, rng: np.random.Generator) -> np.ndarray:
         """``(n, L)`` sentences of words in ``1..V``; same draws as :meth:`sample_with_log_prob`."""
         return self.sample_with_log_prob(n_sentences, rng)[0]
 
     def log_prob(self, sentences: np.ndarray) -> np.ndarray:
-        """``(n, L)`` natural-log true probability of each word of ``sentences`` ``(n, L)`` given its past."""
+        """``(n, L)`` natural-log true probability of each word of a split ``(n, L)`` given its past: the
+        words before it, back to the start context at the rows of :meth:`stream_starts`."""
         sentences = np.asarray(sentences, dtype=np.int64)
         n, length = sentences.shape
         if sentences.size and (sentences.min() < 1 or sentences.max() > self.vocab_size):
             raise ValueError(f"sentence words must be in 1..{self.vocab_size}")
-        padded = np.concatenate([np.zeros((n, 2), dtype=np.int64), sentences], axis=1)
-        out = np.empty((n, length), dtype=np.float64)
-        for t in range(length):
-            target = sentences[:, t] - 1
-            column = np.empty(n, dtype=np.float64)
-            for positions, rows, w in self._chunks(padded[:, t], padded[:, t + 1]):
-                column[positions] = np.log(w[rows, target[positions]]) - np.log(w.sum(axis=1)[rows])
-            out[:, t] = column
-        return out
+        flat = sentences.reshape(-1)
+        prev1 = np.concatenate([[0], flat[:-1]])
+        prev2 = np.concatenate([[0, 0], flat[:-2]])[: flat.size]
+        begins = self.stream_starts(n) * length
+        prev1[begins] = 0
+        prev2[begins] = 0
+        prev2[begins[begins + 1 < flat.size] + 1] = 0
+        out = np.empty(flat.size, dtype=np.float64)
+        for positions, rows, w in self._chunks(prev2, prev1):
+            out[positions] = np.log(w[rows, flat[positions] - 1]) - np.log(w.sum(axis=1)[rows])
+        return out.reshape(n, length)
 
 
-def _dirname(seed: int, sizes: tuple[int, int, int]) -> str:
+def _dirname(seed: int, sizes: tuple[int, int, int], rule: str) -> str:
     suffix = "" if tuple(sizes) == DEFAULT_SIZES else "-" + "-".join(str(s) for s in sizes)
-    return f"synthetic-{seed}{suffix}"
+    return f"synthetic-{seed}{suffix}" if rule == "restart" else f"synthetic-{rule}-{seed}{suffix}"
 
 
 _FILES = ("train.txt", "valid.txt", "test.txt", "valid-logprob.npy", "test-logprob.npy", "vocab.txt")
 
 
-def _generate(root: Path, seed: int, sizes: tuple[int, int, int]) -> None:
+def _generate(root: Path, seed: int, sizes: tuple[int, int, int], rule: str) -> None:
     """Sample the three splits and write them, with true log-probs and vocabulary, into ``root`` atomically.
 
     Sentences come from ``numpy.random.default_rng(seed)``: train, then valid, then test.
     """
-    lang = TrigramLanguage(seed=seed)
+    lang = TrigramLanguage(seed=seed, rule=rule)
     rng = np.random.default_rng(seed)
     names = np.array([""] + [f"w{k}" for k in range(1, lang.vocab_size + 1)], dtype=object)
     tmp = temp_sibling(root)
@@ -258,20 +313,25 @@ def _generate(root: Path, seed: int, sizes: tuple[int, int, int]) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def synthetic_corpus(seed: int = 0, data_dir: str | Path | None = None, sizes: tuple[int, int, int] = DEFAULT_SIZES) -> Corpus:
-    """The synthetic corpus of ``seed``, generated once into ``<cache>/synthetic-<seed>/`` and then read from there.
+def synthetic_corpus(
+    seed: int = 0, data_dir: str | Path | None = None, sizes: tuple[int, int, int] = DEFAULT_SIZES, rule: str = "stream"
+) -> Corpus:
+    """The synthetic corpus of ``seed`` and ``rule``, generated once into ``<cache>/synthetic-stream-<seed>/``
+    (``restart``: ``synthetic-<seed>/``) and then read from there.
 
     ``sizes`` are the train / valid / test sentence counts (the paper's 80k / 10k / 10k by
-    default; other sizes get their own directory ``synthetic-<seed>-<train>-<valid>-<test>``).
+    default; other sizes get their own directory, ``...-<seed>-<train>-<valid>-<test>``).
     The vocabulary is closed: all words plus ``<eos>``, ordered by training count (no ``<unk>``).
     ``Corpus.truth`` holds the true log-probabilities of valid and test, aligned with the id
     streams (0.0 at every ``<eos>``).
     """
     if len(sizes) != 3 or min(sizes) < 1:
         raise ReglmError(f"synthetic sizes {sizes} must be three positive sentence counts")
-    root = cache_dir(data_dir) / _dirname(seed, sizes)
+    if rule not in RULES:
+        raise ReglmError(f"unknown synthetic rule {rule!r}; choose one of {', '.join(RULES)}")
+    root = cache_dir(data_dir) / _dirname(seed, sizes, rule)
     if not root.is_dir():
-        _generate(root, seed, tuple(sizes))
+        _generate(root, seed, tuple(sizes), rule)
     missing = [f for f in _FILES if not (root / f).is_file()]
     if missing:
         raise ReglmError(f"synthetic corpus {root} lacks {', '.join(missing)}; delete the directory to generate it again")
@@ -298,7 +358,9 @@ def synthetic_stats(corpus: Corpus, n_frequent: int = 50, n_almost: int = 100) -
     ``n_almost``, and the rest (paper: 70.5% / 14.7% / 14.8%); ``test_ppl``, ``test_ppl_frequent``,
     ``test_ppl_rare``: the true perplexity over test words (``<eos>`` targets excluded), over
     those among the ``n_frequent`` most frequent training words, and over the others, and
-    ``ratio`` = rare / frequent (paper: 78.14, 29.74, 766.53, 25.8).
+    ``ratio`` = rare / frequent (paper: 78.14, 29.74, 766.53, 25.8); ``test_ppl_se``: the standard
+    error of ``test_ppl`` as an estimate of the language's perplexity (delta method over test
+    sentences, each sentence's mean log-probability one observation).
     """
     if corpus.truth is None:
         raise ReglmError(f"corpus {corpus.name!r} has no true probabilities; synthetic statistics need the synthetic corpus")
@@ -325,4 +387,7 @@ def synthetic_stats(corpus: Corpus, n_frequent: int = 50, n_almost: int = 100) -
         "test_ppl_rare": ppl(words & ~frequent[test]),
     }
     stats["ratio"] = stats["test_ppl_rare"] / stats["test_ppl_frequent"]
+    sentence = torch.cumsum(~words, 0) - (~words).long()
+    per_sentence = torch.bincount(sentence[words], weights=logp[words]) / torch.bincount(sentence[words])
+    stats["test_ppl_se"] = stats["test_ppl"] * float(per_sentence.std() / math.sqrt(per_sentence.numel()))
     return stats

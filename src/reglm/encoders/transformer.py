@@ -17,8 +17,8 @@ The computation, in order (``e``, ``N``, ``H``, ``e_ff`` are the paper's symbols
    normalization before the self-attention and FFN blocks instead of after"), each
    ``x = x + drop(attn(LN(x)))``, then ``x = x + drop(FFN(LN(x)))``;
 6. a final LayerNorm when ``final_norm`` (fairseq's default for pre-norm decoders; note that the
-   authors' wiki103 recipe, ``transformer_lm_wiki103``, sets ``no_decoder_final_norm`` and so
-   disables it, while their billion-word recipe keeps it);
+   authors' recipes, ``transformer_lm_wiki103`` and ``transformer_lm_gbw`` alike, set
+   ``no_decoder_final_norm`` and so disable it);
 7. a linear projection without bias ``e -> output_dim`` when ``output_dim`` is set and differs
    from ``e`` (section 4.1 again).
 
@@ -99,7 +99,10 @@ class TransformerConfig:
     attention_dropout: float = option(0.0, "dropout on the attention probabilities (paper: 0.1)")
     relu_dropout: float = option(0.0, "dropout after the FFN's ReLU (fairseq's activation_dropout; paper: 0.1 wt103)")
     scale_input: bool = option(True, "multiply the input by sqrt(d_model) before the positions are added (the authors' fairseq code)")
-    final_norm: bool = option(True, "a LayerNorm after the last block (fairseq's default; the authors' wiki103 recipe disables it)", arch=True)
+    final_norm: bool = option(
+        True, "a LayerNorm after the last block (fairseq's default; the authors' wiki103 and gbw recipes drop it)",
+        arch=True,
+    )
     output_dim: int | None = option(None, "size of the output (none: d_model; otherwise a linear projection without bias from d_model)", arch=True)
 
     def __post_init__(self) -> None:

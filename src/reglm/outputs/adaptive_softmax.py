@@ -21,9 +21,11 @@ encoder output ``h: (d,)``:
 No biases anywhere (the authors' code has none; torch's ``AdaptiveLogSoftmaxWithLoss`` with
 ``head_bias=False`` computes the same function, with ``div_value = k``).
 
-**Tail dropout** (section 5.4) is ``tail_dropout``, standard dropout on every ``h_i`` (never on the
-head). The authors' module also drops its input with the same rate; here that is the encoder's
-output dropout (``model.encoder.output_dropout``), which ``h`` has already been through.
+**Tail dropout** (section 5.4) is ``tail_dropout``, standard dropout on every ``h_i`` (never on
+the head). **Input dropout** is ``softmax_input_dropout`` (``input_dropout`` here): the authors'
+module (fairseq's ``AdaptiveSoftmax``, rate ``adaptive_softmax_dropout``) also drops its input
+``h`` once, before the head and the tail projections read it, with the same rate as the tail
+dropout; the paper describes only the tail dropout. Both are off in evaluation.
 
 **Weight sharing** (``tie``; Table 7) with an adaptive input of the same cutoffs, factor and
 ``d``, whose band ``i`` has the embedding ``E^in_i: (|V_i|, d_i)`` and the projection ``W_i: (d, d_i)``:
@@ -99,6 +101,10 @@ class AdaptiveSoftmaxConfig:
     cutoffs: str = option("20000,60000", "comma-separated first ids of the tail clusters, e.g. 20000,60000; every cutoff < the vocabulary size", arch=True)
     factor: float = option(4.0, "k: cluster i has dimension d / k^(i-1), d the encoder output size (torch's div_value)", arch=True)
     tail_dropout: float = option(0.0, "dropout on each tail cluster's projected input (Baevski & Auli 5.4: 0.2 on WikiText-103)")
+    softmax_input_dropout: float = option(
+        0.0, "dropout on the layer's input, before the head and the tail projections read it "
+        "(the authors' code: the tail dropout's rate, 0.2 on WikiText-103)"
+    )
     tie: str | None = option("projections", "share with an adaptive input (Table 7): none, embeddings (word embeddings), projections (also the tail projections; the paper's best), head (also a head projection); with a word-embedding input only embeddings, at factor 1", arch=True)
     advsoft: AdvSoftConfig = option(AdvSoftConfig(), "the adversarial softmax, in the head and in the target's cluster (model.output.advsoft=relative|fixed|none)")
 
@@ -106,6 +112,7 @@ class AdaptiveSoftmaxConfig:
         check(self.kind == "adaptive", "model.output.kind", f"unknown {self.kind!r}")
         check(math.isfinite(self.factor) and self.factor >= 1, "model.output.factor", f"{self.factor} must be finite and >= 1")
         check_prob(self.tail_dropout, "model.output.tail_dropout")
+        check_prob(self.softmax_input_dropout, "model.output.softmax_input_dropout")
         if self.tie is None:  # `tie=none` on the command line reads as None
             object.__setattr__(self, "tie", "none")
         check_kind(self.tie, TIES, "model.output.tie")
@@ -179,7 +186,7 @@ class AdaptiveSoftmax(OutputLayer):
     def __init__(
         self, in_features: int, vocab_size: int, cutoffs: tuple[int, ...], factor: float = 4.0, tail_dropout: float = 0.0,
         tie: str = "none", tied_bands: list[tuple[nn.Parameter, nn.Parameter]] | None = None, advsoft: AdvSoft | None = None,
-        tied_matrix: nn.Parameter | None = None,
+        tied_matrix: nn.Parameter | None = None, input_dropout: float = 0.0,
     ) -> None:
         super().__init__()
         cutoffs = valid_cutoffs(cutoffs, vocab_size)
@@ -193,6 +200,7 @@ class AdaptiveSoftmax(OutputLayer):
         self.bounds = (0, *cutoffs, vocab_size)
         self.dims = band_dims(in_features, factor, len(cutoffs) + 1, "model.output.factor")
         self.tail_dropout = tail_dropout
+        self.input_dropout = input_dropout
         self.tie = tie
         self.advsoft = advsoft
         if tied_bands is not None and tie != "none":
@@ -241,7 +249,10 @@ class AdaptiveSoftmax(OutputLayer):
                 matrix = tied_weight()
             else:
                 raise ReglmError(f"invalid option model.output.tie: {cfg.tie} needs an input layer with bands (model.input=adaptive); set tie=none")
-        return cls(in_features, vocab_size, cutoffs, cfg.factor, cfg.tail_dropout, cfg.tie, tied, cfg.advsoft.build(), matrix)
+        return cls(
+            in_features, vocab_size, cutoffs, cfg.factor, cfg.tail_dropout, cfg.tie, tied, cfg.advsoft.build(), matrix,
+            cfg.softmax_input_dropout,
+        )
 
     @property
     def num_bands(self) -> int:
@@ -276,9 +287,14 @@ class AdaptiveSoftmax(OutputLayer):
         """``h: (M, d) -> h_i: (M, d_i)`` for tail cluster ``j`` (0-based; band ``j + 2``): projected, then dropped."""
         return F.dropout(h @ self.tail_projections[j], self.tail_dropout, self.training)
 
+    def layer_input(self, h: Tensor) -> Tensor:
+        """``h: (..., d) -> (N, d)``: flattened, then dropped (``input_dropout``, in training only);
+        the head and every tail cluster read this one tensor."""
+        return F.dropout(h.reshape(-1, self.in_features), self.input_dropout, self.training)
+
     def log_probs(self, h: Tensor) -> Tensor:
         """``h: (..., d) -> (..., V)``: the full log-probabilities, in vocabulary order."""
-        flat = h.reshape(-1, self.in_features)
+        flat = self.layer_input(h)
         head = F.log_softmax(self.head_logits(flat), dim=-1)
         c1 = self.cutoffs[0]
         parts = [head[:, :c1]]
@@ -290,7 +306,7 @@ class AdaptiveSoftmax(OutputLayer):
     def nll_of(self, h: Tensor, targets: Tensor, adversarial: bool = False) -> Tensor:
         """``h: (..., d)``, ``targets: (...)`` -> ``(...)``: ``-log p(target)`` per token (under
         AdvSoft when ``adversarial``), without any ``(N, V)`` tensor."""
-        flat_h = h.reshape(-1, self.in_features)
+        flat_h = self.layer_input(h)
         flat_y = targets.reshape(-1)
         if adversarial and self.advsoft is None:
             raise ValueError("adversarial=True needs an output layer built with advsoft")
@@ -339,5 +355,6 @@ class AdaptiveSoftmax(OutputLayer):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, vocab_size={self.vocab_size}, cutoffs={self.cutoffs}, band_dims={self.dims}, "
-            f"tail_dropout={self.tail_dropout}, tie={self.tie}, advsoft={self.advsoft}"
+            f"input_dropout={self.input_dropout}, tail_dropout={self.tail_dropout}, tie={self.tie}, "
+            f"advsoft={self.advsoft}"
         )

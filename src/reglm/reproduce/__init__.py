@@ -32,7 +32,8 @@ table's directory, or the same table with other settings, is refused. The result
 
 Modules: :mod:`~reglm.reproduce.plan` (rows, runs, scale factors), :mod:`~reglm.reproduce.runs`
 (the output directory, training), :mod:`~reglm.reproduce.scoring` (the rows' scores and records),
-:mod:`~reglm.reproduce.table` (``table.md``).
+:mod:`~reglm.reproduce.table` (``table.md``); :mod:`~reglm.reproduce.trigram` makes ``popov:1``,
+a table made by one study's chain of runs rather than by preset rows.
 """
 
 from __future__ import annotations
@@ -81,7 +82,12 @@ def reproduce(
     (``data.data_dir=...``, ``train.device=...``); ``stop`` a :class:`~reglm.train.run.StopRequest`."""
     budget = budget or Budget()
     options = list(options or [])
-    paper, table, _ = parse_target(target)
+    paper, table, entry = parse_target(target)
+    if entry.study == "trigram":
+        from reglm.reproduce.trigram import reproduce_trigram
+
+        table_json, markdown = reproduce_trigram(Path(out).absolute(), rows, scale, budget, options, progress)
+        return Reproduction(table_json, markdown, Path(out).absolute())
     selected = select_rows(paper, table, rows)
     out = Path(out).absolute()
     planner = Planner(out, scale, budget, options)

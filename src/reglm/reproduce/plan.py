@@ -88,6 +88,10 @@ def select_rows(paper: str, table: str, wanted: list[str] | None) -> list[TableR
     entry = PAPERS[paper].tables[table]
     if entry.missing is not None:
         raise ReglmError(f"{paper}:{table} ({entry.caption}) needs a technique reglm lacks here: {entry.missing}")
+    if entry.study is not None:
+        raise ReglmError(
+            f"{paper}:{table} ({entry.caption}) is one chain of runs, `reglm study {entry.study}`, not preset rows"
+        )
     rows = table_rows(paper, table)
     if not wanted:
         return rows

@@ -22,9 +22,11 @@ chosen word in one fixed context (event ``chosen_word`` in ``metrics.jsonl``): F
 panel; and the probabilities of the words of ``tracked_ranks``, each in its own fixed context
 (event ``tracked_word``): Figure 2, an almost frequent word (rank 75 by default) and a frequent
 one (rank 10), drawn for the fine-tunings of the perturbed model (our reading of the figure, whose
-caption names no starting model) into ``trigram-study-figure2.png``. The context is the test-set sentence prefix after which the chosen word has the highest
-true probability, read from the start of its sentence with a zero state -- our reading of the
-paper's "given some fixed context".
+caption names no starting model) into ``trigram-study-figure2.png``; and, with
+``valid_sentences``, the validation perplexity (event ``valid_step``): Figure 1's left panel. The
+context is the test-set prefix after which the chosen word has the highest true probability,
+read with a zero state from the start of the sentence before its own (which holds the two words
+the true probability depends on) -- our reading of the paper's "given some fixed context".
 
 Table 1's columns, over test words (``<eos>`` targets, whose true probability is 1, excluded):
 perplexity, perplexity over the 50 most frequent training words and over the rest, their ratio
@@ -47,6 +49,7 @@ import torch
 
 from reglm.config import RunConfig, build_config, derive_config
 from reglm.data import Corpus
+from reglm.data.synthetic import RULES
 from reglm.data.vocab import EOS
 from reglm.errors import ReglmError
 from reglm.evaluate.perplexity import evaluate, perplexity
@@ -83,13 +86,20 @@ class TrigramStudySpec:
     tracked_ranks: tuple[int, ...] = (75, 10)
     """Figure 2: frequency ranks of further words whose probability every fine-tuning step logs
     (any rank: 1-50 are frequent, 51-150 almost frequent)"""
+    valid_sentences: int = 1000
+    """Figure 1 (left): after every fine-tuning step, the perplexity over the words of the first
+    this many validation sentences (0: not logged; studies recorded without it logged none)"""
     n_frequent: int = 50
     seed: int = 0
+    synthetic_rule: str = "stream"
+    """the corpus's reading of appendix A (``data.synthetic_rule``); studies recorded without it used ``restart``"""
     device: str = "auto"
     extra: tuple[str, ...] = field(default_factory=tuple)
     """further ``key=value`` overrides of the initial model's run configuration"""
 
     def __post_init__(self) -> None:
+        if self.valid_sentences < 0:
+            raise ReglmError(f"--valid-sentences {self.valid_sentences} must be >= 0")
         for name in ("sentences", "hidden", "batch_size", "bptt", "epochs", "disc_epochs", "finetune_epochs", "n_frequent"):
             if getattr(self, name) < 1:
                 raise ReglmError(f"--{name.replace('_', '-')} {getattr(self, name)} must be >= 1")
@@ -102,6 +112,8 @@ class TrigramStudySpec:
             raise ReglmError(f"--track-ranks {','.join(map(str, self.tracked_ranks))} must list frequency ranks >= 1 (e.g. 75,10)")
         if not self.n_frequent < self.chosen_rank:
             raise ReglmError(f"--chosen-rank {self.chosen_rank} must be beyond the {self.n_frequent} frequent words (the paper: an almost frequent word, ranks 51-150)")
+        if self.synthetic_rule not in RULES:
+            raise ReglmError(f"--synthetic-rule {self.synthetic_rule!r} must be one of {', '.join(RULES)}")
         if not (math.isfinite(self.perturb_bias) and self.perturb_bias < 0):
             raise ReglmError(f"--perturb-bias {self.perturb_bias} must be a negative number")
 
@@ -110,6 +122,7 @@ def initial_config(spec: TrigramStudySpec) -> RunConfig:
     """The initial model's run: appendix A's LSTM and optimizer on the synthetic corpus."""
     options = [
         "data.name=synthetic", f"data.synthetic_sentences={spec.sentences}", f"data.synthetic_seed={spec.seed}",
+        f"data.synthetic_rule={spec.synthetic_rule}",
         "model.encoder=awd-lstm", f"model.emb_size={spec.hidden}", f"model.hidden_size={spec.hidden}", "model.num_layers=2",
         "model.tie_weights=false", "model.embed_dropout=0", "model.input_dropout=0", "model.hidden_dropout=0",
         "model.output_dropout=0", "model.weight_dropout=0",
@@ -139,17 +152,37 @@ class ChosenWordTracker:
     """A step hook: the model's probability of the chosen word after the fixed context, logged
     to the run's ``metrics.jsonl`` as ``{"event": "chosen_word", "step", "prob"}``, and of each
     ``tracked`` word ``(rank, context, word)`` after its own context, as ``{"event":
-    "tracked_word", "step", "rank", "prob"}`` (Figure 2)."""
+    "tracked_word", "step", "rank", "prob"}`` (Figure 2); with ``valid`` (ids of whole validation
+    sentences), the perplexity over its words as ``{"event": "valid_step", "step", "ppl"}``
+    (Figure 1, left)."""
 
-    def __init__(self, context: torch.Tensor, word: int, tracked: tuple[tuple[int, torch.Tensor, int], ...] = ()) -> None:
+    def __init__(
+        self, context: torch.Tensor, word: int, tracked: tuple[tuple[int, torch.Tensor, int], ...] = (),
+        valid: torch.Tensor | None = None,
+    ) -> None:
         self.context = context
         self.word = word
         self.tracked = tracked
+        self.valid = valid
 
     def __call__(self, trainer: Trainer) -> None:
         trainer.metrics.log(event="chosen_word", step=trainer.step, prob=chosen_word_prob(trainer.model, self.context, self.word))
         for rank, context, word in self.tracked:
             trainer.metrics.log(event="tracked_word", step=trainer.step, rank=rank, prob=chosen_word_prob(trainer.model, context, word))
+        if self.valid is not None:
+            ppl = word_perplexity(trainer.model, self.valid, trainer.vocab.eos_id)
+            trainer.metrics.log(event="valid_step", step=trainer.step, ppl=ppl)
+
+
+def word_perplexity(model: LanguageModel, ids: torch.Tensor, eos_id: int) -> float:
+    """Perplexity of ``model`` over the word targets of ``ids`` (``<eos>`` excluded), read as 64
+    streams in eval mode; the model is put back in its mode."""
+    was_training = model.training
+    result = evaluate(model, ids, 64, 35, next(model.parameters()).device, keep_token_nll=True)
+    model.train(was_training)
+    assert result.token_nll is not None and result.positions is not None
+    words = ids[result.positions] != eos_id
+    return perplexity(float(result.token_nll.double()[words].mean()))
 
 
 @torch.no_grad()
@@ -164,9 +197,11 @@ def chosen_word_prob(model: LanguageModel, context: torch.Tensor, word: int) -> 
 
 
 def fixed_context(corpus: Corpus, word: int) -> tuple[torch.Tensor, float]:
-    """The test-set sentence prefix after which ``word`` has its highest true probability, among
-    the positions where it occurs: ``(context ids from the sentence's <eos> on, true probability)``.
-    (Also the context of every tracked word of Figure 2.)"""
+    """The test-set prefix after which ``word`` has its highest true probability, among the
+    positions where it occurs: ``(context ids, true probability)``, the context running from the
+    ``<eos>`` before the previous sentence (so it holds the two words the true probability depends
+    on, also for a sentence's first words, which continue the sentence before), or from the split's
+    start. (Also the context of every tracked word of Figure 2.)"""
     assert corpus.truth is not None
     test, logp = corpus.test, corpus.truth["test"]
     hits = (test == word).nonzero().flatten()
@@ -175,7 +210,7 @@ def fixed_context(corpus: Corpus, word: int) -> tuple[torch.Tensor, float]:
         raise ReglmError(f"the chosen word {corpus.vocab.itos[word]!r} never occurs in the test split; choose another --chosen-rank or more --sentences")
     best = int(hits[logp[hits].argmax()])
     eos = (test[:best] == corpus.vocab.eos_id).nonzero().flatten()
-    start = int(eos[-1]) if eos.numel() else 0
+    start = int(eos[-2]) if eos.numel() > 1 else 0
     return test[start:best].clone(), float(logp[best].exp())
 
 
@@ -185,8 +220,12 @@ def frequency_ranking(corpus: Corpus) -> list[int]:
     return sorted((i for i in range(len(vocab)) if vocab.itos[i] != EOS), key=lambda i: (-vocab.counts[i], vocab.itos[i]))
 
 
-def table_row(model: LanguageModel, corpus: Corpus, frequent: torch.Tensor, batch_size: int, device: torch.device) -> dict[str, float]:
-    """Table 1's columns for ``model`` over the test words (``<eos>`` targets excluded)."""
+def table_row(
+    model: LanguageModel, corpus: Corpus, frequent: torch.Tensor, batch_size: int, device: torch.device, chosen: int
+) -> dict[str, float]:
+    """Table 1's columns for ``model`` over the test words (``<eos>`` targets excluded), and
+    ``ppl_except_chosen``, the perplexity over the words other than ``chosen`` (section 3: 84.56 for
+    the perturbed model fine-tuned with the discriminator)."""
     assert corpus.truth is not None
     result = evaluate(model, corpus.test, batch_size, 35, device, keep_token_nll=True)
     assert result.token_nll is not None and result.positions is not None
@@ -202,6 +241,7 @@ def table_row(model: LanguageModel, corpus: Corpus, frequent: torch.Tensor, batc
         "rare_ppl": perplexity(float(nll[rare].mean())),
         "logq_minus_logp_mean": float(-diff[words].mean()),
         "logq_minus_logp_std": float(diff[words].std()),
+        "ppl_except_chosen": perplexity(float(nll[words & (targets != chosen)].mean())),
     }
     row["ratio"] = row["rare_ppl"] / row["frequent_ppl"]
     return row
@@ -228,6 +268,10 @@ def run_trigram_study(out: Path, spec: TrigramStudySpec, progress: bool = False)
         raise ReglmError(f"--track-ranks {max(spec.tracked_ranks)} exceeds the {len(ranked)} words of the corpus")
     tracked = {rank: (ranked[rank - 1], *fixed_context(corpus, ranked[rank - 1])) for rank in spec.tracked_ranks}
     tracker_words = tuple((rank, ctx, word) for rank, (word, ctx, _) in tracked.items())
+    valid = None
+    if spec.valid_sentences:
+        ends = (corpus.valid == corpus.vocab.eos_id).nonzero().flatten()
+        valid = corpus.valid[: int(ends[min(spec.valid_sentences, ends.numel()) - 1]) + 1]
 
     _run_stage(out / "initial", config, corpus, progress)
     perturbed_dir = out / "perturbed"
@@ -249,17 +293,18 @@ def run_trigram_study(out: Path, spec: TrigramStudySpec, progress: bool = False)
         for stage, (objective, lr) in runs.items():
             options = [f"train.epochs={spec.finetune_epochs}", f"train.lr={lr}", "train.plateau_factor=none"]
             stage_config = derive_config(config, None, options, objective, "fine-tuning")
-            _run_stage(out / stage, stage_config, corpus, progress, ChosenWordTracker(context, chosen, tracker_words))
+            tracker = ChosenWordTracker(context, chosen, tracker_words, valid)
+            _run_stage(out / stage, stage_config, corpus, progress, tracker)
             stages[stage] = {"base": name, "lr": lr, "objective": objective["kind"]}
 
     rows = {"true distribution": _true_row(corpus, frequent)}
     for name in ("initial", "perturbed"):
         model, _, _ = load_model_dir(bases[name], device)
-        rows[f"{name} model"] = table_row(model, corpus, frequent, config.train.test_batch_size, device)
+        rows[f"{name} model"] = table_row(model, corpus, frequent, config.train.test_batch_size, device, chosen)
         for stage, info in stages.items():
             if info["base"] == name:
                 tuned, _, _ = load_model_dir(out / stage / "best", device)
-                rows[stage] = table_row(tuned, corpus, frequent, config.train.test_batch_size, device)
+                rows[stage] = table_row(tuned, corpus, frequent, config.train.test_batch_size, device, chosen)
     curves = {stage: _read_curve(out / stage) for stage in stages}
     disc_prob = _p_hat(out, bases, context, chosen, device)
     result = {
@@ -288,6 +333,8 @@ def _check_spec(out: Path, spec: TrigramStudySpec) -> None:
     current = json.loads(json.dumps(asdict(spec)))
     if path.is_file():
         saved = json.loads(path.read_text(encoding="utf-8"))
+        saved.setdefault("synthetic_rule", "restart")
+        saved.setdefault("valid_sentences", 0)
         if saved != current:
             changed = sorted(key for key in set(saved) | set(current) if saved.get(key) != current.get(key))
             raise ReglmError(f"{out} holds a study started with other settings ({', '.join(changed)}); rerun with those settings to resume it, or choose another --out")
@@ -310,9 +357,11 @@ def _true_row(corpus: Corpus, frequent: torch.Tensor) -> dict[str, float]:
 
 
 def _read_curve(run_dir: Path) -> dict[str, Any]:
-    """The chosen word's curve (``step``, ``prob``) and each tracked word's (``tracked``: rank -> ``step``, ``prob``)."""
+    """The chosen word's curve (``step``, ``prob``), each tracked word's (``tracked``: rank -> ``step``,
+    ``prob``) and the validation perplexity's (``valid``: ``step``, ``ppl``)."""
     steps, probs = [], []
     tracked: dict[str, dict[str, list[float]]] = {}
+    valid: dict[str, list[float]] = {"step": [], "ppl": []}
     for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines():
         record = json.loads(line)
         if record.get("event") == "chosen_word":
@@ -322,7 +371,10 @@ def _read_curve(run_dir: Path) -> dict[str, Any]:
             curve = tracked.setdefault(str(record["rank"]), {"step": [], "prob": []})
             curve["step"].append(record["step"])
             curve["prob"].append(record["prob"])
-    return {"step": steps, "prob": probs, "tracked": tracked}
+        elif record.get("event") == "valid_step":
+            valid["step"].append(record["step"])
+            valid["ppl"].append(record["ppl"])
+    return {"step": steps, "prob": probs, "tracked": tracked, "valid": valid}
 
 
 @torch.no_grad()

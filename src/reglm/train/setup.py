@@ -47,7 +47,7 @@ def load_corpus(config: RunConfig, vocab: Vocab | None = None) -> Corpus:
     d = config.data
     corpus = resolve(
         d.name, data_dir=d.data_dir, min_freq=d.min_freq, max_vocab=d.max_vocab, synthetic_seed=d.synthetic_seed, synthetic_sentences=d.synthetic_sentences,
-        tokenizer=d.tokenizer, bpe_vocab_size=d.bpe_vocab_size, vocab=vocab,
+        synthetic_rule=d.synthetic_rule, tokenizer=d.tokenizer, bpe_vocab_size=d.bpe_vocab_size, vocab=vocab,
     )
     return training_part(corpus, d.train_part, d.train_parts)
 
