@@ -28,6 +28,7 @@ from reglm.config.fields import check, check_prob, kind_field, option
 from reglm.encoders.base import LockedDropoutStack, zero_state
 from reglm.encoders.fused_lstm import lstm_layer
 from reglm.layers.dropout import keep_mask
+from reglm.layers.inference import Frozen
 
 LSTMState = tuple[Tensor, Tensor]
 """One layer's ``(h, c)``, each ``(1, B, H)``."""
@@ -58,6 +59,8 @@ class WeightDropLSTM(nn.Module):
     Initialization: every weight and bias ``U(-1/sqrt(H), 1/sqrt(H))`` with ``H = hidden_size``
     (AWD-LSTM section 5; also ``torch.nn.LSTM``'s default).
     """
+
+    state_names = ("h", "c")
 
     def __init__(self, input_size: int, hidden_size: int, weight_dropout: float = 0.0) -> None:
         super().__init__()
@@ -95,6 +98,9 @@ class WeightDropLSTM(nn.Module):
             weight_hh = weight_hh * keep_mask(weight_hh.shape, self.weight_dropout, weight_hh)
         return lstm_layer(self, x, state, weight_hh)
 
+    def export_module(self, frozen: Frozen) -> nn.Module:
+        return LSTMExport(self)
+
     def gradient_mode(self) -> None:
         """Training mode without DropConnect: deterministic, and differentiable by cuDNN (which
         backpropagates only in training mode). Dynamic evaluation's working copy uses it."""
@@ -103,6 +109,23 @@ class WeightDropLSTM(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.input_size}, {self.hidden_size}, weight_dropout={self.weight_dropout}"
+
+
+class LSTMExport(nn.Module):
+    """The export module of an LSTM layer (this one, or VD-LSTM's): an ``nn.LSTM(batch_first=True)``
+    with the layer's weights (named alike), which the exporters and the int8 quantizer know;
+    ``forward(x, [h, c]) -> (out, [h_T, c_T])``, every tensor of the state ``(1, B, H)``."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        ref = layer.weight_hh_l0
+        self.lstm = nn.LSTM(layer.input_size, layer.hidden_size, batch_first=True, device=ref.device, dtype=ref.dtype)
+        self.lstm.load_state_dict({name: p.detach() for name, p in layer.named_parameters()})
+        self.lstm.requires_grad_(False)
+
+    def forward(self, x: Tensor, state: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+        out, (h, c) = self.lstm(x, (state[0], state[1]))
+        return out, [h, c]
 
 
 @dataclass(frozen=True)

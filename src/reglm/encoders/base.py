@@ -12,12 +12,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 import torch
 from torch import Tensor, nn
 
 from reglm.layers.dropout import LockedDropout
+from reglm.layers.inference import Frozen
 
 S = TypeVar("S", bound="State")
 LayerState = tuple[Tensor, ...]
@@ -127,8 +128,11 @@ class RecurrentStack(nn.Module):
     :class:`StackState` across windows.
 
     A layer is a module with ``hidden_size`` (``H_l``), ``init_state(B, device, dtype)`` (its zero
-    state: a tuple of tensors with the streams along the stack's ``stream_dim``) and
-    ``forward(x: (B, T, I), state or None) -> (out: (B, T, H_l), new state)``. A subclass builds
+    state: a tuple of tensors with the streams along the stack's ``stream_dim``), ``state_names``
+    (one short name per tensor, for the export's inputs and outputs),
+    ``forward(x: (B, T, I), state or None) -> (out: (B, T, H_l), new state)`` and
+    ``export_module(frozen)`` (its eval-mode computation as a plain module, see
+    :meth:`RecurrentStack.export_module`). A subclass builds
     its layers, passes them to ``__init__``, sets ``stream_dim`` and defines :meth:`step`: what one
     layer does within the stack (the dropout between layers, for instance). ``init_state``,
     ``load_state`` and ``forward`` are shared.
@@ -189,6 +193,51 @@ class RecurrentStack(nn.Module):
         state = StackState(new_state, self.stream_dim)
         return EncoderOutput(output=x, raw_output=layer_outputs[-1], layer_outputs=layer_outputs, state=state)
 
+    def export_module(self, frozen: Frozen) -> tuple[nn.Module, list[StateTensor]]:
+        """The stack of its layers' export modules (:class:`StackExport`) and its state tensors:
+        per layer, those of its zero state that hold anything (a QRNN layer of window 1 carries
+        an empty ``x_prev``, which the export leaves out), named by the layer's ``state_names``.
+        A layer's export module reads and returns exactly those tensors; every dropout is the
+        identity at evaluation, so :meth:`step` has no part in it."""
+        spec: list[StateTensor] = []
+        counts: list[int] = []
+        for l, layer in enumerate(self.layers):
+            zeros = layer.init_state(1, device="meta")
+            kept = [(name, zero.shape) for name, zero in zip(layer.state_names, zeros) if zero.numel()]
+            spec += [StateTensor(f"{n}0_{l}", f"{n}n_{l}", _shape_spec(shape, self.stream_dim)) for n, shape in kept]
+            counts.append(len(kept))
+        return StackExport([layer.export_module(frozen) for layer in self.layers], counts), spec
+
+
+class StackExport(nn.Module):
+    """``forward(x, state) -> (output, layer outputs, new state)``: the layers' export modules in
+    turn, layer ``l`` reading the next ``counts[l]`` tensors of the flat ``state``."""
+
+    def __init__(self, layers: Sequence[nn.Module], counts: Sequence[int]) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.counts = list(counts)
+
+    def forward(self, x: Tensor, state: list[Tensor]) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        outputs: list[Tensor] = []
+        new_state: list[Tensor] = []
+        start = 0
+        for l, layer in enumerate(self.layers):
+            x, layer_state = layer(x, state[start : start + self.counts[l]])
+            start += self.counts[l]
+            outputs.append(x)
+            new_state += layer_state
+        return x, outputs, new_state
+
+
+class StateTensor(NamedTuple):
+    """One state tensor of an export: its name as an input and as an output of the graph, and its
+    shape with ``"batch"`` for the streams' axis, e.g. ``("h0_0", "hn_0", (1, "batch", 8))``."""
+
+    input: str
+    output: str
+    shape: tuple[int | str, ...]
+
 
 class LockedDropoutStack(RecurrentStack):
     """A :class:`RecurrentStack` with locked dropout ``hidden_dropout`` on the output of every layer
@@ -210,6 +259,10 @@ def zero_state(ref: Tensor, shapes: Sequence[tuple[int, ...]], device: Device, d
     device = ref.device if device is None else device
     dtype = ref.dtype if dtype is None else dtype
     return tuple(torch.zeros(shape, device=device, dtype=dtype) for shape in shapes)
+
+
+def _shape_spec(shape: Sequence[int], stream_dim: int) -> tuple[int | str, ...]:
+    return tuple("batch" if i == stream_dim else n for i, n in enumerate(shape))
 
 
 def _shape_text(shape: Sequence[int], stream_dim: int) -> str:

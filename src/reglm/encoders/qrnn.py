@@ -83,6 +83,7 @@ from torch.autograd.function import once_differentiable
 from reglm.config.fields import check, check_prob, kind_field, option
 from reglm.encoders.base import LockedDropoutStack, zero_state
 from reglm.layers.dropout import keep_mask
+from reglm.layers.inference import Frozen
 
 QRNNLayerState = tuple[Tensor, Tensor]
 """One layer's ``(c, x_prev)``: ``(B, H)`` and ``(B, (k - 1) I)``."""
@@ -98,7 +99,8 @@ def fo_pool_reference(f: Tensor, z: Tensor, c0: Tensor) -> Tensor:
 
     ``f, z: (B, T, H)``, ``c0: (B, H)`` -> ``c: (B, T, H)``. The readable definition the scan
     (:func:`fo_pool`) is tested and benchmarked against; differentiable by autograd."""
-    c, outputs = c0, []
+    c = c0
+    outputs: list[Tensor] = []
     for t in range(f.size(1)):
         c = f[:, t] * c + (1 - f[:, t]) * z[:, t]
         outputs.append(c)
@@ -190,6 +192,8 @@ class QRNNLayer(nn.Module):
     * ``bias: (3H,)``.
     """
 
+    state_names = ("c", "x")
+
     def __init__(self, input_size: int, hidden_size: int, window: int = 1, weight_dropout: float = 0.0, zoneout: float = 0.0) -> None:
         super().__init__()
         if window not in WINDOWS:
@@ -244,8 +248,44 @@ class QRNNLayer(nn.Module):
         # and be saved whole in a checkpoint
         return o * c, (c[:, -1].clone(), x_last)
 
+    def export_module(self, frozen: Frozen) -> nn.Module:
+        return QRNNExport(self, frozen)
+
     def extra_repr(self) -> str:
         return f"{self.input_size}, {self.hidden_size}, window={self.window}, weight_dropout={self.weight_dropout}, zoneout={self.zoneout}"
+
+
+@torch.jit.script_if_tracing
+def fo_pool_loop(f: Tensor, z: Tensor, c0: Tensor) -> Tensor:
+    """:func:`fo_pool_reference`, scripted when it is traced: the exports keep it a loop over time,
+    so an exported graph reads any ``T`` (a traced scan would be fixed to the traced length)."""
+    return fo_pool_reference(f, z, c0)
+
+
+class QRNNExport(nn.Module):
+    """The export module of a :class:`QRNNLayer` in eval mode (no DropConnect; zoneout as its
+    expectation): ``forward(x, state) -> (h, new state)`` with the state ``[c]`` for window 1
+    (whose ``x_prev`` is empty) and ``[c, x_prev]`` for window 2, each ``(B, .)``. The gates are
+    an ``nn.Linear`` (which int8 quantizes), fo-pooling the step-by-step loop."""
+
+    def __init__(self, layer: QRNNLayer, frozen: Frozen) -> None:
+        super().__init__()
+        self.gates = frozen.linear(layer.weight, layer.bias)
+        self.window = layer.window
+        self.zoneout = layer.zoneout
+
+    def forward(self, x: Tensor, state: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+        source = x
+        if self.window == 2:
+            source = torch.cat([x, torch.cat([state[1].unsqueeze(1), x[:, :-1]], dim=1)], dim=-1)
+        z, f, o = self.gates(source).chunk(3, dim=-1)
+        z, f, o = torch.tanh(z), torch.sigmoid(f), torch.sigmoid(o)
+        if self.zoneout > 0.0:
+            f = 1.0 - (1.0 - f) * (1.0 - self.zoneout)
+        c = fo_pool_loop(f, z, state[0])
+        if self.window == 2:
+            return o * c, [c[:, -1], x[:, -1]]
+        return o * c, [c[:, -1]]
 
 
 # ---------------------------------------------------------------------- the encoder

@@ -35,10 +35,11 @@ import torch
 from torch import Tensor, nn
 
 from reglm.config.fields import check, check_positive, check_prob, kind_field, option
-from reglm.encoders.awd_lstm import LSTMState
+from reglm.encoders.awd_lstm import LSTMExport, LSTMState
 from reglm.encoders.base import RecurrentStack, zero_state
 from reglm.encoders.fused_lstm import lstm_layer
 from reglm.layers.dropout import keep_mask
+from reglm.layers.inference import Frozen
 
 
 def _check_size(name: str, value: int) -> int:
@@ -74,6 +75,8 @@ class VDLSTMLayer(nn.Module):
     Initialization: every weight and bias ``U(-init_range, init_range)`` (Zaremba et al., 2014:
     0.1 for the small, 0.05 for the medium and 0.04 for the large model).
     """
+
+    state_names = ("h", "c")
 
     def __init__(self, input_size: int, hidden_size: int, init_range: float) -> None:
         super().__init__()
@@ -137,6 +140,10 @@ class VDLSTMLayer(nn.Module):
                 h = torch.sigmoid(o) * torch.tanh(c)
             outs.append(h)
         return torch.stack(outs, dim=1), (h.unsqueeze(0), c.unsqueeze(0))
+
+    def export_module(self, frozen: Frozen) -> nn.Module:
+        """No mask at evaluation: the plain LSTM."""
+        return LSTMExport(self)
 
     def gradient_mode(self) -> None:
         """Training mode for cuDNN's backward; no mask is drawn while the encoder is in eval mode."""
