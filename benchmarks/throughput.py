@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from harness import RESULTS, environment, interleaved, random_batches, save
 
 from reglm.config import ModelConfig
-from reglm.encoders.base import LSTMStackState, detach_state
+from reglm.encoders.base import StackState, detach_state
 from reglm.models import LanguageModel
 from reglm.objectives.activation_reg import activation_reg, temporal_activation_reg
 from reglm.outputs.softmax import SoftmaxOutput
@@ -85,7 +85,7 @@ class Trainer:
         self.regularized = regularized
         self.params = list(model.parameters())
         self.optimizer = torch.optim.SGD(self.params, lr=LR, weight_decay=WEIGHT_DECAY)
-        self.state: LSTMStackState | list[tuple[Tensor, Tensor]] | None = None
+        self.state: StackState | list[tuple[Tensor, Tensor]] | None = None
         self.last_loss: Tensor | None = None
 
     def step(self, ids: Tensor, targets: Tensor) -> None:

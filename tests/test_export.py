@@ -29,8 +29,10 @@ from reglm.config import ModelConfig, RunConfig
 from reglm.config.schema import DataConfig
 from reglm.data.vocab import Vocab
 from reglm.errors import ReglmError
-from reglm.export import export_model, modules
+from reglm.export import export_model
 from reglm.models import LanguageModel
+from reglm.outputs.base import OutputLayer
+from reglm.outputs.mixture import MixtureOfSoftmaxes
 from reglm.train.checkpoint import save_model_dir
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
@@ -55,6 +57,12 @@ KINDS = {
         output__factor=2, output__tie="head",
     ),
     "transformer-tied-softmax": dict(emb_size=12, encoder="transformer", encoder__d_model=16, encoder__layers=1, encoder__heads=2, encoder__ffn_dim=32, encoder__output_dim=12),
+    "qrnn-window-2": dict(
+        encoder="qrnn", emb_size=8, hidden_size=12, num_layers=3, encoder__zoneout=0.2, weight_dropout=0.3, **DROPOUTS
+    ),
+    "qrnn-window-1-mos": dict(
+        encoder="qrnn", encoder__window=1, emb_size=6, hidden_size=10, num_layers=2, output="mos", n_experts=2
+    ),
     "char-cnn": dict(input="char-cnn", input__char_emb_size=4, input__filters="1:4,2:5", input__highway=1, input__dim=8, input__max_chars=6, hidden_size=12, tie_weights=False),
 }
 
@@ -123,7 +131,7 @@ def test_onnx_equals_pytorch_over_a_stream_with_carried_state(kind: str, onnx_ex
     assert _stream(lm, run, _zeros(spec, 3)) < 1e-4
 
 
-@pytest.mark.parametrize("kind", ["doc", "transformer-adaptive"])
+@pytest.mark.parametrize("kind", ["doc", "transformer-adaptive", "qrnn-window-2"])
 def test_torchscript_equals_pytorch(kind: str, tmp_path: Path) -> None:
     lm = _lm(kind)
     spec = export_model(lm, tmp_path / "ts", "torchscript")
@@ -132,9 +140,44 @@ def test_torchscript_equals_pytorch(kind: str, tmp_path: Path) -> None:
     assert _stream(lm, module, zeros) < 1e-5
 
 
+def test_the_exported_kinds_cover_every_registered_component() -> None:
+    """Every registered input layer, encoder and output layer is exported by the ONNX test above."""
+    from reglm.encoders import ENCODERS
+    from reglm.inputs import INPUTS
+    from reglm.outputs import OUTPUTS
+
+    built = [ModelConfig.build(**options) for options in KINDS.values()]
+    for stage, registry in (("input", INPUTS), ("encoder", ENCODERS), ("output", OUTPUTS)):
+        assert {getattr(cfg, stage).kind for cfg in built} == set(registry), stage
+
+
+def test_qrnn_state_is_its_carried_tensors_and_time_stays_dynamic(onnx_export) -> None:
+    """The first layer (window 2) carries c and its last input; the window-1 layers only c; the
+    graph's fo-pooling is a loop, so a chunk longer than any the export saw still matches."""
+    lm, directory = onnx_export("qrnn-window-2")
+    spec = json.loads((directory / "export.json").read_text())
+    shapes = {t["name"]: t["shape"] for t in spec["interface"]["inputs"][1:]}
+    assert shapes == {"c0_0": ["batch", 12], "x0_0": ["batch", 8], "c0_1": ["batch", 12], "c0_2": ["batch", 8]}
+    assert [s["output"] for s in spec["interface"]["state"]] == ["cn_0", "xn_0", "cn_1", "cn_2"]
+    import onnx
+    import onnxruntime as ort
+
+    assert "Loop" in {node.op_type for node in onnx.load(str(directory / spec["file"])).graph.node}
+    session = ort.InferenceSession(str(directory / spec["file"]), providers=["CPUExecutionProvider"])
+
+    def run(ids, state):
+        out = session.run(None, {"tokens": ids.numpy(), **dict(zip(shapes, state))})
+        return out[0], out[1:]
+
+    assert _stream(lm, run, _zeros(spec, 2), chunks=(17, 2), batch=2) < 1e-4
+
+
 def test_an_unexportable_kind_is_a_reglm_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delitem(modules.OUTPUTS, "doc")
-    with pytest.raises(ReglmError, match="model.output.kind=doc cannot be exported"):
+    """A component without its own inference module is refused by that declaration (the output
+    layers' default), naming its option."""
+    monkeypatch.setattr(MixtureOfSoftmaxes, "export_module", OutputLayer.export_module)
+    refused = "model.output.kind=doc cannot be exported: the output layer MixtureOfSoftmaxes has no inference module"
+    with pytest.raises(ReglmError, match=refused):
         export_model(_lm("doc"), tmp_path / "x", "torchscript")
     with pytest.raises(ReglmError, match="--format tflite is not supported"):
         export_model(_lm("vd-lstm"), tmp_path / "x", "tflite")

@@ -9,7 +9,7 @@ import torch
 
 from reglm.config import ModelConfig
 from reglm.encoders.awd_lstm import AWDLSTMEncoder, WeightDropLSTM
-from reglm.encoders.base import LSTMStackState, detach_state
+from reglm.encoders.base import StackState, detach_state
 from reglm.layers.dropout import keep_mask
 
 TIGHT = {"rtol": 1e-6, "atol": 1e-7}
@@ -170,7 +170,7 @@ def test_encoder_output_fields_and_state() -> None:
     assert all(torch.equal(h, torch.zeros_like(h)) and torch.equal(c, torch.zeros_like(c)) for h, c in zeros.layers)
     torch.testing.assert_close(enc(emb, zeros).output, out.output, rtol=0, atol=0)
     with pytest.raises(ValueError):
-        enc(emb, LSTMStackState(zeros.layers[:2]))
+        enc(emb, StackState(zeros.layers[:2], stream_dim=1))
 
 
 def test_encoder_applies_locked_dropout_between_layers_and_on_output() -> None:

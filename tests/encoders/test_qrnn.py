@@ -18,8 +18,8 @@ from reglm.cli import main
 from reglm.config import ModelConfig, build_config
 from reglm.encoders import ENCODERS
 from reglm.encoders import qrnn as qrnn_module
-from reglm.encoders.base import concat_states
-from reglm.encoders.qrnn import QRNNConfig, QRNNEncoder, QRNNLayer, QRNNState, affine_scan, fo_pool, fo_pool_reference
+from reglm.encoders.base import StackState, concat_states
+from reglm.encoders.qrnn import QRNNConfig, QRNNEncoder, QRNNLayer, affine_scan, fo_pool, fo_pool_reference
 from reglm.errors import ReglmError
 from reglm.evaluate.cache import CacheSpec, cache_evaluate
 from reglm.evaluate.dynamic import DynamicSpec, dynamic_evaluate
@@ -294,7 +294,7 @@ def test_state_protocol_round_trips() -> None:
     assert all(c.grad_fn is not None for c, _ in state.layers) and all(c.grad_fn is None for c, _ in state.detach().layers)
     joined = concat_states([state.select(slice(0, 1)), state.select(slice(1, 4))])
     reloaded = enc.load_state(joined.state_dict())
-    assert isinstance(reloaded, QRNNState)
+    assert isinstance(reloaded, StackState) and reloaded.stream_dim == 0
     for (c, x), (c2, x2) in zip(state.layers, reloaded.to("cpu").layers):
         assert torch.equal(c, c2) and torch.equal(x, x2)
     assert all(c.untyped_storage().nbytes() == c.numel() * c.element_size() for c, _ in state.layers), "no view of the (B, T, H) output"

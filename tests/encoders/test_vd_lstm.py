@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from reglm.encoders import vd_lstm
-from reglm.encoders.base import EncoderOutput, LSTMStackState
+from reglm.encoders.base import EncoderOutput, StackState
 from reglm.encoders.vd_lstm import VDLSTMEncoder, VDLSTMLayer
 from reglm.layers.dropout import keep_mask
 
@@ -143,7 +143,7 @@ def test_invalid_layer_arguments_and_mask_shape() -> None:
     with pytest.raises(ValueError):
         layer(torch.randn(2, 3, 3, dtype=F64), mask=torch.ones(2, 5, dtype=F64))
     with pytest.raises(ValueError):
-        _encoder()(torch.randn(2, 3, 3, dtype=F64), state=LSTMStackState(_encoder().init_state(2).layers[:1]))
+        _encoder()(torch.randn(2, 3, 3, dtype=F64), state=StackState(_encoder().init_state(2).layers[:1], stream_dim=1))
 
 
 # ----------------------------------------------------------------------------- mask=None: nn.LSTM
@@ -188,7 +188,8 @@ def test_encoder_without_dropout_equals_two_layer_nn_lstm(mode: str) -> None:
     enc.train(mode == "train_p0")
     ref = _nn_lstm_copy(enc)
     x = torch.randn(2, 5, 3, dtype=F64)
-    state = LSTMStackState([(torch.randn(1, 2, 4, dtype=F64), torch.randn(1, 2, 4, dtype=F64)) for _ in range(2)])
+    layers = [(torch.randn(1, 2, 4, dtype=F64), torch.randn(1, 2, 4, dtype=F64)) for _ in range(2)]
+    state = StackState(layers, stream_dim=1)
     res = enc(x, state)
     out_r, (h_r, c_r) = ref(x, (torch.cat([s[0] for s in state.layers]), torch.cat([s[1] for s in state.layers])))
     assert isinstance(res, EncoderOutput)
@@ -258,7 +259,8 @@ def test_encoder_ties_each_mask_to_recurrence_and_next_input(monkeypatch: pytest
     calls: list = []
     monkeypatch.setattr(vd_lstm, "keep_mask", _fake_keep_mask(masks, calls))
     emb = torch.randn(3, 6, 3, dtype=F64, requires_grad=True)
-    state = LSTMStackState([(torch.randn(1, 3, 4, dtype=F64), torch.randn(1, 3, 4, dtype=F64)) for _ in range(2)])
+    layers = [(torch.randn(1, 3, 4, dtype=F64), torch.randn(1, 3, 4, dtype=F64)) for _ in range(2)]
+    state = StackState(layers, stream_dim=1)
     res = enc(emb, state)
 
     assert calls == [((3, 4), 0.5, F64), ((3, 4), 0.5, F64)]  # one (B, H) mask per layer, one p

@@ -11,23 +11,24 @@ Techniques, with the paper's sections:
 * Independent embedding and hidden sizes (section 4.5): the first layer reads ``emb_size``
   features, the last one emits ``H_L = emb_size`` features so a tied output layer can read it,
   or ``H_L = last_hidden_size`` when set (the mixture of softmaxes projects it to ``emb_size``).
-* Hidden state carried across batches and detached (truncated BPTT): the encoder's state is an
-  :class:`~reglm.encoders.base.LSTMStackState`.
+* Hidden state carried across batches and detached (truncated BPTT): the encoder is a
+  :class:`~reglm.encoders.base.RecurrentStack`, its state a :class:`~reglm.encoders.base.StackState`
+  of every layer's ``(h, c)``.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from reglm.config.fields import check, check_prob, kind_field, option
-from reglm.encoders.base import EncoderOutput, LSTMStackState
+from reglm.encoders.base import LockedDropoutStack, zero_state
 from reglm.encoders.fused_lstm import lstm_layer
-from reglm.layers.dropout import LockedDropout, keep_mask
+from reglm.layers.dropout import keep_mask
+from reglm.layers.inference import Frozen
 
 LSTMState = tuple[Tensor, Tensor]
 """One layer's ``(h, c)``, each ``(1, B, H)``."""
@@ -59,6 +60,8 @@ class WeightDropLSTM(nn.Module):
     (AWD-LSTM section 5; also ``torch.nn.LSTM``'s default).
     """
 
+    state_names = ("h", "c")
+
     def __init__(self, input_size: int, hidden_size: int, weight_dropout: float = 0.0) -> None:
         super().__init__()
         if not 0.0 <= weight_dropout < 1.0:
@@ -82,10 +85,7 @@ class WeightDropLSTM(nn.Module):
 
     def init_state(self, batch_size: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> LSTMState:
         """Zero state ``(h0, c0)``, each ``(1, B, H)``, on the parameters' device/dtype by default."""
-        ref = self.weight_hh_l0
-        shape = (1, batch_size, self.hidden_size)
-        kwargs = {"device": device if device is not None else ref.device, "dtype": dtype if dtype is not None else ref.dtype}
-        return torch.zeros(shape, **kwargs), torch.zeros(shape, **kwargs)
+        return zero_state(self.weight_hh_l0, [(1, batch_size, self.hidden_size)] * 2, device, dtype)
 
     def forward(self, x: Tensor, state: LSTMState | None = None) -> tuple[Tensor, LSTMState]:
         """``x: (B, T, I)``, ``state: ((1, B, H), (1, B, H))`` or None (zeros).
@@ -99,6 +99,9 @@ class WeightDropLSTM(nn.Module):
             weight_hh = weight_hh * keep_mask(weight_hh.shape, self.weight_dropout, weight_hh)
         return lstm_layer(self, x, state, weight_hh)
 
+    def export_module(self, frozen: Frozen) -> nn.Module:
+        return LSTMExport(self)
+
     def gradient_mode(self) -> None:
         """Training mode without DropConnect: deterministic, differentiable by cuDNN (which
         backpropagates only in training mode), and on the CPU differentiated by the segment kernel
@@ -109,6 +112,23 @@ class WeightDropLSTM(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.input_size}, {self.hidden_size}, weight_dropout={self.weight_dropout}"
+
+
+class LSTMExport(nn.Module):
+    """The export module of an LSTM layer (this one, or VD-LSTM's): an ``nn.LSTM(batch_first=True)``
+    with the layer's weights (named alike), which the exporters and the int8 quantizer know;
+    ``forward(x, [h, c]) -> (out, [h_T, c_T])``, every tensor of the state ``(1, B, H)``."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        ref = layer.weight_hh_l0
+        self.lstm = nn.LSTM(layer.input_size, layer.hidden_size, batch_first=True, device=ref.device, dtype=ref.dtype)
+        self.lstm.load_state_dict({name: p.detach() for name, p in layer.named_parameters()})
+        self.lstm.requires_grad_(False)
+
+    def forward(self, x: Tensor, state: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+        out, (h, c) = self.lstm(x, (state[0], state[1]))
+        return out, [h, c]
 
 
 @dataclass(frozen=True)
@@ -139,7 +159,7 @@ class AWDLSTMConfig:
         return [self.hidden_size] * (self.num_layers - 1) + [self.output_size(input_size)]
 
 
-class AWDLSTMEncoder(nn.Module):
+class AWDLSTMEncoder(LockedDropoutStack):
     """A stack of ``cfg.num_layers`` :class:`WeightDropLSTM` layers (AWD-LSTM sections 2, 4.2, 4.5).
 
     Layer ``l`` reads ``input_size`` features (the embedding size ``E``) when ``l = 0`` and
@@ -158,43 +178,14 @@ class AWDLSTMEncoder(nn.Module):
     """
 
     Config = AWDLSTMConfig
+    stream_dim = 1
 
     def __init__(self, cfg: AWDLSTMConfig, input_size: int) -> None:
-        super().__init__()
         out_sizes = cfg.layer_sizes(input_size)
         in_sizes = [input_size] + out_sizes[:-1]
-        self.layers = nn.ModuleList(
-            WeightDropLSTM(i, h, cfg.weight_dropout) for i, h in zip(in_sizes, out_sizes)
-        )
-        self.hidden_dropout = LockedDropout(cfg.hidden_dropout)
-        self.output_dropout = LockedDropout(cfg.output_dropout)
-        self.output_size = out_sizes[-1]
-        self.layer_sizes = out_sizes
+        layers = [WeightDropLSTM(i, h, cfg.weight_dropout) for i, h in zip(in_sizes, out_sizes)]
+        super().__init__(layers, cfg.hidden_dropout, cfg.output_dropout)
 
     @classmethod
     def from_config(cls, cfg: AWDLSTMConfig, input_size: int) -> AWDLSTMEncoder:
         return cls(cfg, input_size)
-
-    def init_state(self, batch_size: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> LSTMStackState:
-        """Zero ``(h, c)`` for every layer, each ``(1, B, H_l)``."""
-        return LSTMStackState([layer.init_state(batch_size, device, dtype) for layer in self.layers])
-
-    def load_state(self, raw: Any) -> LSTMStackState:
-        """A state from its ``state_dict()``; ``ValueError`` when it does not fit these layers."""
-        return LSTMStackState.from_state_dict(raw, [layer.hidden_size for layer in self.layers])
-
-    def forward(self, emb: Tensor, state: LSTMStackState | None = None) -> EncoderOutput:
-        """``emb: (B, T, E)`` (already dropped by the input layer), ``state`` as from
-        :meth:`init_state` or a previous call, or None for zeros. Returns :class:`EncoderOutput`."""
-        if state is not None and len(state.layers) != len(self.layers):
-            raise ValueError(f"state has {len(state.layers)} layers, the encoder has {len(self.layers)}")
-        x = emb
-        layer_outputs: list[Tensor] = []
-        new_state: list[LSTMState] = []
-        last = len(self.layers) - 1
-        for l, layer in enumerate(self.layers):
-            raw, layer_state = layer(x, None if state is None else state.layers[l])
-            layer_outputs.append(raw)
-            new_state.append(layer_state)
-            x = self.hidden_dropout(raw) if l < last else self.output_dropout(raw)
-        return EncoderOutput(output=x, raw_output=layer_outputs[-1], layer_outputs=layer_outputs, state=LSTMStackState(new_state))

@@ -61,7 +61,8 @@ for the reference's ``Linear(k I, 3H)``.
 
 Layout is batch-first throughout: ``(B, T, E)`` in, ``(B, T, H_L)`` out. The state of layer ``l``
 is ``(c, x_prev)``: ``c: (B, H_l)`` and the layer's last input ``x_prev: (B, (k_l - 1) I_l)``
-(width 0 for a window-1 layer), in a :class:`QRNNState`. The reference keeps ``x_prev`` inside
+(width 0 for a window-1 layer), in the stack's :class:`~reglm.encoders.base.StackState` (streams
+first). The reference keeps ``x_prev`` inside
 the layer and clears it with ``reset()`` before every pass; here it is part of the carried state,
 zero at the start of every pass like ``c``, and saved in checkpoints, so a resumed run continues
 exactly. Every layer is differentiable in eval mode (no fused kernel), so dynamic evaluation
@@ -71,7 +72,6 @@ needs no ``gradient_mode``.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,8 +81,9 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from reglm.config.fields import check, check_prob, kind_field, option
-from reglm.encoders.base import EncoderOutput
-from reglm.layers.dropout import LockedDropout, keep_mask
+from reglm.encoders.base import LockedDropoutStack, zero_state
+from reglm.layers.dropout import keep_mask
+from reglm.layers.inference import Frozen
 
 QRNNLayerState = tuple[Tensor, Tensor]
 """One layer's ``(c, x_prev)``: ``(B, H)`` and ``(B, (k - 1) I)``."""
@@ -98,7 +99,8 @@ def fo_pool_reference(f: Tensor, z: Tensor, c0: Tensor) -> Tensor:
 
     ``f, z: (B, T, H)``, ``c0: (B, H)`` -> ``c: (B, T, H)``. The readable definition the scan
     (:func:`fo_pool`) is tested and benchmarked against; differentiable by autograd."""
-    c, outputs = c0, []
+    c = c0
+    outputs: list[Tensor] = []
     for t in range(f.size(1)):
         c = f[:, t] * c + (1 - f[:, t]) * z[:, t]
         outputs.append(c)
@@ -190,6 +192,8 @@ class QRNNLayer(nn.Module):
     * ``bias: (3H,)``.
     """
 
+    state_names = ("c", "x")
+
     def __init__(self, input_size: int, hidden_size: int, window: int = 1, weight_dropout: float = 0.0, zoneout: float = 0.0) -> None:
         super().__init__()
         if window not in WINDOWS:
@@ -219,8 +223,7 @@ class QRNNLayer(nn.Module):
 
     def init_state(self, batch_size: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> QRNNLayerState:
         """Zero ``(c, x_prev)``, ``(B, H)`` and ``(B, (k - 1) I)``, on the parameters' device/dtype by default."""
-        kwargs = {"device": device if device is not None else self.weight.device, "dtype": dtype if dtype is not None else self.weight.dtype}
-        return torch.zeros(batch_size, self.hidden_size, **kwargs), torch.zeros(batch_size, self.prev_size, **kwargs)
+        return zero_state(self.weight, [(batch_size, self.hidden_size), (batch_size, self.prev_size)], device, dtype)
 
     def forward(self, x: Tensor, state: QRNNLayerState | None = None) -> tuple[Tensor, QRNNLayerState]:
         """``x: (B, T, I)``, ``state`` or None (zeros) -> ``h: (B, T, H)`` and ``(c_T, x_prev)``."""
@@ -245,52 +248,44 @@ class QRNNLayer(nn.Module):
         # and be saved whole in a checkpoint
         return o * c, (c[:, -1].clone(), x_last)
 
+    def export_module(self, frozen: Frozen) -> nn.Module:
+        return QRNNExport(self, frozen)
+
     def extra_repr(self) -> str:
         return f"{self.input_size}, {self.hidden_size}, window={self.window}, weight_dropout={self.weight_dropout}, zoneout={self.zoneout}"
 
 
-# ---------------------------------------------------------------------- the carried state
+@torch.jit.script_if_tracing
+def fo_pool_loop(f: Tensor, z: Tensor, c0: Tensor) -> Tensor:
+    """:func:`fo_pool_reference`, scripted when it is traced: the exports keep it a loop over time,
+    so an exported graph reads any ``T`` (a traced scan would be fixed to the traced length)."""
+    return fo_pool_reference(f, z, c0)
 
 
-@dataclass
-class QRNNState:
-    """``(c, x_prev)`` of every layer of a QRNN stack: ``(B, H_l)`` and ``(B, (k_l - 1) I_l)``, the
-    stream axis first."""
+class QRNNExport(nn.Module):
+    """The export module of a :class:`QRNNLayer` in eval mode (no DropConnect; zoneout as its
+    expectation): ``forward(x, state) -> (h, new state)`` with the state ``[c]`` for window 1
+    (whose ``x_prev`` is empty) and ``[c, x_prev]`` for window 2, each ``(B, .)``. The gates are
+    an ``nn.Linear`` (which int8 quantizes), fo-pooling the step-by-step loop."""
 
-    layers: list[QRNNLayerState]
+    def __init__(self, layer: QRNNLayer, frozen: Frozen) -> None:
+        super().__init__()
+        self.gates = frozen.linear(layer.weight, layer.bias)
+        self.window = layer.window
+        self.zoneout = layer.zoneout
 
-    def detach(self) -> QRNNState:
-        return QRNNState([(c.detach(), x.detach()) for c, x in self.layers])
-
-    def select(self, streams: slice | Tensor) -> QRNNState:
-        return QRNNState([(c[streams], x[streams]) for c, x in self.layers])
-
-    def to(self, device: torch.device | str) -> QRNNState:
-        return QRNNState([(c.to(device), x.to(device)) for c, x in self.layers])
-
-    def state_dict(self) -> list[list[Tensor]]:
-        return [[c, x] for c, x in self.layers]
-
-    @classmethod
-    def cat(cls, states: Sequence[QRNNState]) -> QRNNState:
-        return cls([(torch.cat([c for c, _ in layer]), torch.cat([x for _, x in layer])) for layer in zip(*(s.layers for s in states))])
-
-    @classmethod
-    def from_state_dict(cls, raw: Any, sizes: Sequence[tuple[int, int]]) -> QRNNState:
-        """Rebuild a :meth:`state_dict` for layers of ``(H_l, (k_l - 1) I_l)`` sizes; ``ValueError`` if it does not fit."""
-        if not isinstance(raw, (list, tuple)) or len(raw) != len(sizes):
-            raise ValueError(f"expected the state of {len(sizes)} QRNN layers")
-        layers = []
-        for pair, (hidden, prev) in zip(raw, sizes):
-            if not isinstance(pair, (list, tuple)) or len(pair) != 2:
-                raise ValueError("expected (c, x_prev) for every QRNN layer")
-            c, x = pair
-            if not (isinstance(c, Tensor) and isinstance(x, Tensor)) or c.dim() != 2 or x.dim() != 2 or c.shape[1] != hidden or x.shape[1] != prev:
-                raise ValueError(f"expected c of shape (B, {hidden}) and x_prev of shape (B, {prev})")
-            if x.shape[0] != c.shape[0] or (layers and c.shape[0] != layers[0][0].shape[0]):
-                raise ValueError("the layers' states have different numbers of streams")
-            layers.append((c, x))
-        return cls(layers)
+    def forward(self, x: Tensor, state: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
+        source = x
+        if self.window == 2:
+            source = torch.cat([x, torch.cat([state[1].unsqueeze(1), x[:, :-1]], dim=1)], dim=-1)
+        z, f, o = self.gates(source).chunk(3, dim=-1)
+        z, f, o = torch.tanh(z), torch.sigmoid(f), torch.sigmoid(o)
+        if self.zoneout > 0.0:
+            f = 1.0 - (1.0 - f) * (1.0 - self.zoneout)
+        c = fo_pool_loop(f, z, state[0])
+        if self.window == 2:
+            return o * c, [c[:, -1], x[:, -1]]
+        return o * c, [c[:, -1]]
 
 
 # ---------------------------------------------------------------------- the encoder
@@ -328,50 +323,22 @@ class QRNNConfig:
         return [self.hidden_size] * (self.num_layers - 1) + [self.output_size(input_size)]
 
 
-class QRNNEncoder(nn.Module):
+class QRNNEncoder(LockedDropoutStack):
     """A stack of ``cfg.num_layers`` :class:`QRNNLayer` layers (module docstring): window
     ``cfg.window`` for the first, 1 for the others; DropConnect ``cfg.weight_dropout`` and zoneout
     ``cfg.zoneout`` in every layer; locked dropout ``cfg.hidden_dropout`` on the output of every
     layer but the last and ``cfg.output_dropout`` on the last one's."""
 
     Config = QRNNConfig
+    stream_dim = 0
 
     def __init__(self, cfg: QRNNConfig, input_size: int) -> None:
-        super().__init__()
         out_sizes = cfg.layer_sizes(input_size)
         in_sizes = [input_size] + out_sizes[:-1]
-        self.layers = nn.ModuleList(
-            QRNNLayer(i, h, cfg.window if l == 0 else 1, cfg.weight_dropout, cfg.zoneout) for l, (i, h) in enumerate(zip(in_sizes, out_sizes))
-        )
-        self.hidden_dropout = LockedDropout(cfg.hidden_dropout)
-        self.output_dropout = LockedDropout(cfg.output_dropout)
-        self.output_size = out_sizes[-1]
-        self.layer_sizes = out_sizes
+        windows = [cfg.window] + [1] * (cfg.num_layers - 1)
+        layers = [QRNNLayer(i, h, k, cfg.weight_dropout, cfg.zoneout) for i, h, k in zip(in_sizes, out_sizes, windows)]
+        super().__init__(layers, cfg.hidden_dropout, cfg.output_dropout)
 
     @classmethod
     def from_config(cls, cfg: QRNNConfig, input_size: int) -> QRNNEncoder:
         return cls(cfg, input_size)
-
-    def init_state(self, batch_size: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> QRNNState:
-        """Zero ``(c, x_prev)`` for every layer."""
-        return QRNNState([layer.init_state(batch_size, device, dtype) for layer in self.layers])
-
-    def load_state(self, raw: Any) -> QRNNState:
-        """A state from its ``state_dict()``; ``ValueError`` when it does not fit these layers."""
-        return QRNNState.from_state_dict(raw, [(layer.hidden_size, layer.prev_size) for layer in self.layers])
-
-    def forward(self, emb: Tensor, state: QRNNState | None = None) -> EncoderOutput:
-        """``emb: (B, T, E)`` (already dropped by the input layer), ``state`` as from
-        :meth:`init_state` or a previous call, or None for zeros. Returns :class:`EncoderOutput`."""
-        if state is not None and len(state.layers) != len(self.layers):
-            raise ValueError(f"state has {len(state.layers)} layers, the encoder has {len(self.layers)}")
-        x = emb
-        layer_outputs: list[Tensor] = []
-        new_state: list[QRNNLayerState] = []
-        last = len(self.layers) - 1
-        for l, layer in enumerate(self.layers):
-            raw, layer_state = layer(x, None if state is None else state.layers[l])
-            layer_outputs.append(raw)
-            new_state.append(layer_state)
-            x = self.hidden_dropout(raw) if l < last else self.output_dropout(raw)
-        return EncoderOutput(output=x, raw_output=layer_outputs[-1], layer_outputs=layer_outputs, state=QRNNState(new_state))

@@ -54,6 +54,7 @@ every sub-block's bf16 output is added to it). The forward pass has no host sync
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -63,7 +64,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from reglm.config.fields import check, check_prob, kind_field, option
-from reglm.encoders.base import EncoderOutput
+from reglm.encoders.base import EncoderOutput, StateTensor
+from reglm.layers.inference import Frozen
 
 
 def sinusoidal_positions(length: int, dim: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -76,14 +78,25 @@ def sinusoidal_positions(length: int, dim: int, device: torch.device | str | Non
     """
     if length < 0 or dim < 1:
         raise ValueError(f"need length >= 0 and dim >= 1, got {length}, {dim}")
+    steps = torch.arange(length, device=device, dtype=torch.float32)
+    return sinusoids(steps, position_frequencies(dim, device), dim % 2 == 1).to(dtype)
+
+
+def position_frequencies(dim: int, device: torch.device | str | None = None) -> Tensor:
+    """``f_i`` for ``i < dim // 2`` (:func:`sinusoidal_positions`), float32."""
     half = dim // 2
     step = math.log(10000.0) / max(half - 1, 1)
-    freqs = torch.exp(torch.arange(half, device=device, dtype=torch.float32) * -step)
-    angles = torch.arange(length, device=device, dtype=torch.float32)[:, None] * freqs[None, :]
+    return torch.exp(torch.arange(half, device=device, dtype=torch.float32) * -step)
+
+
+def sinusoids(steps: Tensor, freqs: Tensor, odd: bool) -> Tensor:
+    """``steps: (T,)`` float32 positions, ``freqs: (half,)`` -> ``(T, 2 half + odd)``
+    (:func:`sinusoidal_positions`); TorchScript-compatible, for the export module."""
+    angles = steps.unsqueeze(1) * freqs.unsqueeze(0)
     table = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
-    if dim % 2:
-        table = torch.cat([table, table.new_zeros(length, 1)], dim=1)
-    return table.to(dtype)
+    if odd:
+        table = torch.cat([table, torch.zeros_like(table[:, :1])], dim=1)
+    return table
 
 
 @dataclass(frozen=True)
@@ -176,7 +189,31 @@ class TransformerBlock(nn.Module):
         return x + F.dropout(self.fc2(h), self.dropout, self.training)
 
 
-class TransformerEncoder(nn.Module):
+class TransformerLayers(nn.Module):
+    """What the encoder and its export module share: steps 1, 2 and 4 to 7 of the module
+    docstring around the given positions (step 3), TorchScript-compatible."""
+
+    def body(self, x: Tensor, positions: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """``x: (B, T, I)``, ``positions: (T, e)`` in ``x``'s dtype -> the output and every
+        block's output."""
+        if self.input_scale != 1.0:
+            x = x * self.input_scale
+        if self.input_proj is not None:
+            x = self.input_proj(x)
+        x = x + positions
+        x = F.dropout(x, self.dropout, self.training)
+        layer_outputs: list[Tensor] = []
+        for block in self.blocks:
+            x = block(x)
+            layer_outputs.append(x)
+        if self.final_norm is not None:
+            x = self.final_norm(x)
+        if self.output_proj is not None:
+            x = self.output_proj(x)
+        return x, layer_outputs
+
+
+class TransformerEncoder(TransformerLayers):
     """The decoder-only Transformer of Baevski & Auli (2019), section 4.1; see the module docstring.
 
     Submodules: ``input_proj`` (``Linear(I, e, bias=False)``, or None when ``I == e``), ``blocks``
@@ -249,23 +286,36 @@ class TransformerEncoder(nn.Module):
             raise ValueError("the transformer encoder is stateless; pass state=None")
         if x.dim() != 3 or x.size(-1) != self.input_size:
             raise ValueError(f"expected input (B, T, {self.input_size}), got {tuple(x.shape)}")
-        dtype = x.dtype  # the residual stream's: under autocast the projection's bf16 output is promoted back
-        if self.input_scale != 1.0:
-            x = x * self.input_scale
-        if self.input_proj is not None:
-            x = self.input_proj(x)
-        x = x + self.positions(x.size(1), x.device, dtype)
-        x = F.dropout(x, self.dropout, self.training)
-        layer_outputs: list[Tensor] = []
-        for block in self.blocks:
-            x = block(x)
-            layer_outputs.append(x)
-        if self.final_norm is not None:
-            x = self.final_norm(x)
-        if self.output_proj is not None:
-            x = self.output_proj(x)
+        # the residual stream's dtype: under autocast the projection's bf16 output is promoted back
+        x, layer_outputs = self.body(x, self.positions(x.size(1), x.device, x.dtype))
         return EncoderOutput(output=x, raw_output=x, layer_outputs=layer_outputs, state=None)
+
+    def export_module(self, frozen: Frozen) -> tuple[nn.Module, list[StateTensor]]:
+        """A copy of the layers, with the positions computed in the graph for any length; no state."""
+        return TransformerExport(self), []
 
     def extra_repr(self) -> str:
         c = self.cfg
         return f"input_size={self.input_size}, d_model={c.d_model}, heads={c.heads}, ffn_dim={c.ffn_dim}, output_size={self.output_size}"
+
+
+class TransformerExport(TransformerLayers):
+    """The encoder's export module: copies of its layers, positions ``0 .. T-1`` computed in the
+    graph (so any ``T``); ``forward(x, state) -> (output, block outputs, state)``, stateless."""
+
+    def __init__(self, encoder: TransformerEncoder) -> None:
+        super().__init__()
+        self.input_scale = float(encoder.input_scale)
+        self.input_proj = copy.deepcopy(encoder.input_proj)
+        self.blocks = copy.deepcopy(encoder.blocks)
+        self.final_norm = copy.deepcopy(encoder.final_norm)
+        self.output_proj = copy.deepcopy(encoder.output_proj)
+        self.dropout = encoder.dropout
+        self.register_buffer("freqs", position_frequencies(encoder.d_model), persistent=False)
+        self.odd = encoder.d_model % 2 == 1
+        self.requires_grad_(False)
+
+    def forward(self, x: Tensor, state: list[Tensor]) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        steps = torch.arange(x.size(1), dtype=torch.float32, device=x.device)
+        x, layer_outputs = self.body(x, sinusoids(steps, self.freqs, self.odd).to(x.dtype))
+        return x, layer_outputs, state

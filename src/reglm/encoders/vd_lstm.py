@@ -30,16 +30,16 @@ nonlinearities and the cell update in one kernel, what ``nn.LSTMCell`` runs on C
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from reglm.config.fields import check, check_positive, check_prob, kind_field, option
-from reglm.encoders.awd_lstm import LSTMState
-from reglm.encoders.base import EncoderOutput, LSTMStackState
+from reglm.encoders.awd_lstm import LSTMExport, LSTMState
+from reglm.encoders.base import RecurrentStack, zero_state
 from reglm.encoders.fused_lstm import lstm_layer
 from reglm.layers.dropout import keep_mask
+from reglm.layers.inference import Frozen
 
 
 def _check_size(name: str, value: int) -> int:
@@ -76,6 +76,8 @@ class VDLSTMLayer(nn.Module):
     0.1 for the small, 0.05 for the medium and 0.04 for the large model).
     """
 
+    state_names = ("h", "c")
+
     def __init__(self, input_size: int, hidden_size: int, init_range: float) -> None:
         super().__init__()
         self.input_size = _check_size("input_size", input_size)
@@ -96,10 +98,7 @@ class VDLSTMLayer(nn.Module):
 
     def init_state(self, batch_size: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> LSTMState:
         """Zero state ``(h0, c0)``, each ``(1, B, H)``, on the parameters' device/dtype by default."""
-        ref = self.weight_hh_l0
-        shape = (1, batch_size, self.hidden_size)
-        kwargs = {"device": device if device is not None else ref.device, "dtype": dtype if dtype is not None else ref.dtype}
-        return torch.zeros(shape, **kwargs), torch.zeros(shape, **kwargs)
+        return zero_state(self.weight_hh_l0, [(1, batch_size, self.hidden_size)] * 2, device, dtype)
 
     def forward(self, x: Tensor, state: LSTMState | None = None, mask: Tensor | None = None) -> tuple[Tensor, LSTMState]:
         """``x: (B, T, I)``, ``state: ((1, B, H), (1, B, H))`` or None (zeros), ``mask: (B, H)`` or None.
@@ -143,6 +142,10 @@ class VDLSTMLayer(nn.Module):
             outs.append(h)
         return torch.stack(outs, dim=1), (h.unsqueeze(0), c.unsqueeze(0))
 
+    def export_module(self, frozen: Frozen) -> nn.Module:
+        """No mask at evaluation: the plain LSTM."""
+        return LSTMExport(self)
+
     def gradient_mode(self) -> None:
         """Training mode for cuDNN's backward, the segment kernel on the CPU
         (:func:`~reglm.encoders.fused_lstm.lstm_kernel`); no mask is drawn while the encoder is
@@ -177,7 +180,7 @@ class VDLSTMConfig:
         return [self.hidden_size] * self.num_layers
 
 
-class VDLSTMEncoder(nn.Module):
+class VDLSTMEncoder(RecurrentStack):
     """A stack of ``num_layers`` :class:`VDLSTMLayer` (Inan et al., section 6.1 and appendix A).
 
     Layer ``l`` reads ``emb_size`` features when ``l = 0`` and ``hidden_size`` otherwise; every
@@ -194,9 +197,9 @@ class VDLSTMEncoder(nn.Module):
     """
 
     Config = VDLSTMConfig
+    stream_dim = 1
 
     def __init__(self, emb_size: int, hidden_size: int, num_layers: int, dropout: float, init_range: float) -> None:
-        super().__init__()
         emb_size = _check_size("emb_size", emb_size)
         hidden_size = _check_size("hidden_size", hidden_size)
         num_layers = _check_size("num_layers", num_layers)
@@ -204,40 +207,22 @@ class VDLSTMEncoder(nn.Module):
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         init_range = _check_init_range(init_range)
         in_sizes = [emb_size] + [hidden_size] * (num_layers - 1)
-        self.layers = nn.ModuleList(VDLSTMLayer(i, hidden_size, init_range) for i in in_sizes)
-        self.output_size = hidden_size
-        self.layer_sizes = [hidden_size] * num_layers
+        super().__init__([VDLSTMLayer(i, hidden_size, init_range) for i in in_sizes])
         self.dropout = float(dropout)
 
     @classmethod
     def from_config(cls, cfg: VDLSTMConfig, input_size: int) -> VDLSTMEncoder:
         return cls(input_size, cfg.hidden_size, cfg.num_layers, cfg.hidden_dropout, cfg.init_range)
 
-    def init_state(self, batch_size: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> LSTMStackState:
-        """Zero ``(h, c)`` for every layer, each ``(1, B, H)``."""
-        return LSTMStackState([layer.init_state(batch_size, device, dtype) for layer in self.layers])
-
-    def load_state(self, raw: Any) -> LSTMStackState:
-        """A state from its ``state_dict()``; ``ValueError`` when it does not fit these layers."""
-        return LSTMStackState.from_state_dict(raw, [layer.hidden_size for layer in self.layers])
-
-    def forward(self, emb: Tensor, state: LSTMStackState | None = None) -> EncoderOutput:
-        """``emb: (B, T, E)`` (as the input layer left it), ``state`` as from :meth:`init_state`
-        or a previous call, or None for zeros. Returns :class:`EncoderOutput` (``output`` is
-        ``m_L * h^L_t`` in training, ``h^L_t`` otherwise; ``raw_output`` is ``h^L_t``)."""
-        if state is not None and len(state.layers) != len(self.layers):
-            raise ValueError(f"state has {len(state.layers)} layers, the encoder has {len(self.layers)}")
-        use_masks = self.training and self.dropout > 0.0
-        x = emb
-        layer_outputs: list[Tensor] = []
-        new_state: list[LSTMState] = []
-        for l, layer in enumerate(self.layers):
-            mask = keep_mask((emb.size(0), layer.hidden_size), self.dropout, emb) if use_masks else None
-            raw, layer_state = layer(x, None if state is None else state.layers[l], mask)
-            layer_outputs.append(raw)
-            new_state.append(layer_state)
-            x = raw if mask is None else mask.unsqueeze(1) * raw
-        return EncoderOutput(output=x, raw_output=layer_outputs[-1], layer_outputs=layer_outputs, state=LSTMStackState(new_state))
+    def step(self, l: int, x: Tensor, state: LSTMState | None, emb: Tensor) -> tuple[Tensor, LSTMState, Tensor]:
+        """Layer ``l`` with its keep mask ``m_l`` (in ``emb``'s dtype) in training, none otherwise;
+        the next input (the encoder ``output`` after the last layer) is ``m_l * h^l_t``."""
+        layer = self.layers[l]
+        mask = None
+        if self.training and self.dropout > 0.0:
+            mask = keep_mask((x.size(0), layer.hidden_size), self.dropout, emb)
+        raw, new_state = layer(x, state, mask)
+        return raw, new_state, raw if mask is None else mask.unsqueeze(1) * raw
 
     def extra_repr(self) -> str:
         return f"dropout={self.dropout}"

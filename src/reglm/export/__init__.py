@@ -1,7 +1,7 @@
 """Export a trained model for inference without reglm: ONNX or TorchScript, float32 or int8.
 
 * :mod:`reglm.export.modules` -- the inference-only module rebuilt from the trained weights (plain
-  ``nn.Embedding`` / ``nn.LSTM`` / ``nn.Linear``), one builder per component kind;
+  ``nn.Embedding`` / ``nn.LSTM`` / ``nn.Linear``), joined from the components' own export modules;
 * :mod:`reglm.export.onnx`, :mod:`reglm.export.torchscript` -- the two formats and their runners;
 * :mod:`reglm.export.quantize` -- int8 dynamic quantization and the perplexity that measures it;
 * :mod:`reglm.export.bundle` -- the export directory (:func:`export_model`), checked against

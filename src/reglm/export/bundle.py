@@ -35,7 +35,7 @@ from torch import Tensor
 
 from reglm.errors import ReglmError
 from reglm.export import onnx, torchscript
-from reglm.export.modules import InferenceLM, inference_module, state_names
+from reglm.export.modules import InferenceLM, inference_module
 from reglm.export.quantize import CHUNK, Step, quantize_module, stream_perplexity
 from reglm.io import read_json, temp_sibling, write_bytes, write_json
 from reglm.rundir import TOKENIZER_FILE, VOCAB_FILE
@@ -106,11 +106,13 @@ def stream_difference(model: torch.nn.Module, step: Step, initial: Callable[[int
 
 
 def _interface(module: InferenceLM, vocab_size: int) -> dict[str, Any]:
-    names = state_names(module.state_sizes)
+    state = module.state
     return {
-        "inputs": [{"name": "tokens", "dtype": "int64", "shape": ["batch", "time"]}] + [{"name": n.input, "dtype": "float32", "shape": [1, "batch", n.size]} for n in names],
-        "outputs": [{"name": "log_probs", "dtype": "float32", "shape": ["batch", "time", vocab_size]}] + [{"name": n.output, "dtype": "float32", "shape": [1, "batch", n.size]} for n in names],
-        "state": [{"input": n.input, "output": n.output} for n in names],
+        "inputs": [{"name": "tokens", "dtype": "int64", "shape": ["batch", "time"]}]
+        + [{"name": t.input, "dtype": "float32", "shape": list(t.shape)} for t in state],
+        "outputs": [{"name": "log_probs", "dtype": "float32", "shape": ["batch", "time", vocab_size]}]
+        + [{"name": t.output, "dtype": "float32", "shape": list(t.shape)} for t in state],
+        "state": [{"input": t.input, "output": t.output} for t in state],
         "log_probs": "natural log of the next token's probability, normalized over the vocabulary",
     }
 
@@ -244,7 +246,7 @@ def _quantization(
         "perplexity": {
             "text": eval_source, "tokens": len(eval_ids) - 1,
             "read": (
-                f"one stream in chunks of {CHUNK} tokens, state carried" if module.state_sizes
+                f"one stream in chunks of {CHUNK} tokens, state carried" if module.state
                 else f"independent blocks of {CHUNK} tokens"
             ),
             **ppl, "change": ppl["int8"] / ppl["float32"] - 1.0,
@@ -262,7 +264,7 @@ def _spec(
         "runtime": fmt.runtime(),
         "streams": CHECK_BATCH,
         "chunks": list(CHECK_CHUNKS),
-        "state_carried": bool(module.state_sizes),
+        "state_carried": bool(module.state),
         "max_abs_log_prob_diff": diff,
         "on": "the model file read back from disk",
     }
@@ -277,7 +279,7 @@ def _spec(
         "files": files,
         **fmt.details,
         "precision": quantize or "float32",
-        "stateful": bool(module.state_sizes),
+        "stateful": bool(module.state),
         "interface": _interface(module, vocab_size),
         "vocab": {
             "file": VOCAB_FILE, "size": len(vocab), "eos_id": vocab.eos_id, "unk_id": vocab.unk_id,

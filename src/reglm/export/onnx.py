@@ -12,10 +12,14 @@ warnings about ``nn.LSTM``'s shape checks are silenced.
 
 The graph (names as in ``export.json``; ``H_l`` the units of LSTM layer ``l``):
 
-* inputs: ``tokens: (batch, time) int64``, then for every LSTM layer ``h0_l, c0_l: (1, batch, H_l)
-  float32`` (none for a Transformer);
-* outputs: ``log_probs: (batch, time, V) float32`` (natural log), then ``hn_l, cn_l: (1, batch, H_l)``,
-  the state to feed as ``h0_l, c0_l`` with the next chunk.
+* inputs: ``tokens: (batch, time) int64``, then the encoder's state tensors (float32): for every
+  LSTM layer ``h0_l, c0_l: (1, batch, H_l)``; for every QRNN layer ``c0_l: (batch, H_l)``, and
+  ``x0_0: (batch, I)`` when the first layer's window is 2; none for a Transformer;
+* outputs: ``log_probs: (batch, time, V) float32`` (natural log), then the new state under the
+  same names with ``n`` for ``0`` (``hn_l, cn_l``...), to feed back with the next chunk.
+
+The QRNN's fo-pooling is a scripted loop over time, which the exporter writes as an ONNX
+``Loop``, so the graph reads any number of steps.
 
 int8 (:func:`quantize`) is ONNX Runtime's dynamic quantization of the exported graph:
 ``LSTM`` -> ``DynamicQuantizeLSTM``, ``MatMul`` -> ``MatMulInteger`` (activations quantized per call),
@@ -36,7 +40,7 @@ import torch
 from torch import Tensor
 
 from reglm.errors import ReglmError
-from reglm.export.modules import InferenceLM, state_names
+from reglm.export.modules import InferenceLM
 
 OPSET = 17
 """ONNX opset of the exported graph (17: the first with a native ``LayerNormalization``)."""
@@ -68,17 +72,18 @@ class _FlatState(torch.nn.Module):
 def export_bytes(lm: InferenceLM) -> bytes:
     """The float32 ONNX graph of ``lm``, serialized."""
     _runtime()
-    names = state_names(lm.state_sizes)
-    inputs = ["tokens", *(n.input for n in names)]
-    outputs = ["log_probs", *(n.output for n in names)]
+    inputs = ["tokens", *(t.input for t in lm.state)]
+    outputs = ["log_probs", *(t.output for t in lm.state)]
     dynamic = {"tokens": {0: "batch", 1: "time"}, "log_probs": {0: "batch", 1: "time"}}
-    dynamic.update({name: {1: "batch"} for n in names for name in (n.input, n.output)})
+    dynamic.update({name: {t.shape.index("batch"): "batch"} for t in lm.state for name in (t.input, t.output)})
     example = (torch.zeros(2, 3, dtype=torch.long), *lm.initial_state(2))
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*", category=DeprecationWarning)
         warnings.filterwarnings("ignore", message=".*batch_size other than 1.*", category=UserWarning)
         warnings.filterwarnings("ignore", message="The feature will be removed", category=DeprecationWarning)
+        # scripting the QRNN's loop while tracing
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\..* is deprecated.*", category=DeprecationWarning)
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)  # nn.LSTM's shape checks, constant for a trace
         torch.onnx.export(
             _FlatState(lm), example, buffer, dynamo=False, opset_version=OPSET, input_names=inputs, output_names=outputs,

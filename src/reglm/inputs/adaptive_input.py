@@ -44,6 +44,7 @@ from torch import Tensor, nn
 
 from reglm.config.fields import check, check_prob, kind_field, option
 from reglm.layers.dropout import LockedDropout
+from reglm.layers.inference import Frozen
 
 
 def parse_cutoffs(text: str, option_name: str) -> tuple[int, ...]:
@@ -204,5 +205,42 @@ class AdaptiveInput(nn.Module):
             x = x + noise_std * torch.randn_like(x)
         return self.dropout(x)
 
+    def export_module(self, frozen: Frozen) -> nn.Module:
+        """:class:`BandLookup`: every token looked up in every band, the one it falls in kept."""
+        spans = zip(pairwise(self.bounds), self.band_weights())
+        return BandLookup([BandExport(lo, hi, frozen.embedding(e), frozen.linear(p)) for (lo, hi), (e, p) in spans])
+
     def extra_repr(self) -> str:
         return f"vocab_size={self.vocab_size}, dim={self.dim}, cutoffs={self.cutoffs}, band_dims={self.dims}"
+
+
+class BandExport(nn.Module):
+    """One band ``[lo, hi)`` of the export module: ``W_i E_i[id - lo]`` (``(..., d)``), ids clamped into the band."""
+
+    def __init__(self, lo: int, hi: int, embedding: nn.Embedding, projection: nn.Linear) -> None:
+        super().__init__()
+        self.lo = lo
+        self.hi = hi
+        self.embedding = embedding
+        self.projection = projection
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        local = (tokens - self.lo).clamp(0, self.hi - self.lo - 1)
+        return self.projection(self.embedding(local))
+
+
+class BandLookup(nn.Module):
+    """``tokens: (B, T) -> (B, T, d)``: each token's vector from the band it falls in (the head
+    band's, replaced by each tail band's from its first id on). Unlike :meth:`AdaptiveInput.embed`,
+    which sorts tokens by band, this needs no data-dependent shapes (the export's choice)."""
+
+    def __init__(self, bands: list[BandExport]) -> None:
+        super().__init__()
+        self.head = bands[0]
+        self.tails = nn.ModuleList(bands[1:])
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        out = self.head(tokens)
+        for band in self.tails:
+            out = torch.where((tokens >= band.lo).unsqueeze(-1), band(tokens), out)
+        return out

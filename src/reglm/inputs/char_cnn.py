@@ -59,6 +59,7 @@ from torch import Tensor, nn
 
 from reglm.config.fields import check, kind_field, option
 from reglm.errors import ReglmError
+from reglm.layers.inference import EmbeddingLookup, Frozen
 
 ALPHABET = 257
 """Character ids: 0 is padding, ``1 + b`` is the byte ``b``."""
@@ -67,6 +68,8 @@ PAD = 0
 
 HIGHWAY_GATE_BIAS = -1.0
 """Initial bias of the highway gate ``g`` (fairseq's carry bias +1 in our sign convention)."""
+EXPORT_ROWS = 4096
+"""Words per batch when the export computes the word table."""
 
 
 def parse_filters(spec: str, option_name: str = "model.input.filters") -> tuple[tuple[int, int], ...]:
@@ -218,6 +221,19 @@ class CharCNN(nn.Module):
         if self.training and noise_std > 0:
             x = x + noise_std * torch.randn_like(x)
         return x
+
+    @torch.no_grad()
+    def export_module(self, frozen: Frozen) -> nn.Module:
+        """The CNN's output depends on the word only: its ``(V, dim)`` table, computed once
+        (:data:`EXPORT_ROWS` words at a time), as a lookup."""
+        if not self.spelled:
+            raise ReglmError(
+                "the char-cnn input layer has no spellings (built without a vocabulary); "
+                "export a model loaded from its model directory"
+            )
+        starts = range(0, self.spellings.size(0), EXPORT_ROWS)
+        rows = [self.word_vectors(self.spellings[i : i + EXPORT_ROWS]) for i in starts]
+        return EmbeddingLookup(frozen.embedding(torch.cat(rows)))
 
     def extra_repr(self) -> str:
         return f"vocab_size={self.vocab_size}, filters={self.cfg.filters!r}, highway={self.cfg.highway}, dim={self.cfg.dim}, max_chars={self.cfg.max_chars}"

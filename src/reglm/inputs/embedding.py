@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from reglm.config.fields import check, check_prob, check_positive, kind_field, option
 from reglm.layers.dropout import LockedDropout, embedding_dropout
+from reglm.layers.inference import EmbeddingLookup, Frozen
 
 
 @dataclass(frozen=True)
@@ -84,3 +85,7 @@ class WordEmbedding(nn.Module):
         if self.training and noise_std > 0:
             x = x + noise_std * torch.randn_like(x)
         return self.dropout(x)
+
+    def export_module(self, frozen: Frozen) -> nn.Module:
+        """The lookup in the trained matrix, shared with a softmax that ties to it."""
+        return EmbeddingLookup(frozen.embedding(self.weight, share=True))

@@ -88,6 +88,7 @@ from reglm.inputs.adaptive_input import (
     valid_cutoffs,
 )
 from reglm.outputs.adversarial import AdvSoft, AdvSoftConfig, perturb_target_logits_
+from reglm.layers.inference import Frozen
 from reglm.outputs.base import OutputLayer, OutputLoss
 
 TIES = ("none", "embeddings", "projections", "head")
@@ -352,9 +353,57 @@ class AdaptiveSoftmax(OutputLayer):
             "cluster; the discriminator objective needs model.output=softmax or mos"
         )
 
+    def export_module(self, frozen: Frozen) -> nn.Module:
+        """:class:`AdaptiveSoftmaxExport`; ``P_i: (d, d_i)`` is applied as ``h @ P_i``, an
+        ``nn.Linear`` with weight ``P_i^T``."""
+        head_projection = None if self.head_projection is None else frozen.linear(self.head_projection.t())
+        tails = [
+            TailExport(frozen.linear(self.tail_projections[j].t()), frozen.linear(self.band_weight(j + 1)))
+            for j in range(self.num_bands - 1)
+        ]
+        head = frozen.linear(self.band_weight(0))
+        return AdaptiveSoftmaxExport(head, head_projection, frozen.linear(self.cluster_weight), tails)
+
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, vocab_size={self.vocab_size}, cutoffs={self.cutoffs}, band_dims={self.dims}, "
             f"input_dropout={self.input_dropout}, tail_dropout={self.tail_dropout}, tie={self.tie}, "
             f"advsoft={self.advsoft}"
         )
+
+
+class TailExport(nn.Module):
+    """One tail cluster in the export: ``log softmax(E_i (P_i^T h))`` over its words."""
+
+    def __init__(self, projection: nn.Linear, words: nn.Linear) -> None:
+        super().__init__()
+        self.projection = projection
+        self.words = words
+
+    def forward(self, h: Tensor) -> Tensor:
+        return F.log_softmax(self.words(self.projection(h)), dim=-1)
+
+
+class AdaptiveSoftmaxExport(nn.Module):
+    """The adaptive softmax's export module at evaluation (:meth:`AdaptiveSoftmax.log_probs`): the
+    head's words, then every tail's words plus its cluster's head log-probability."""
+
+    def __init__(
+        self, head: nn.Linear, head_projection: nn.Linear | None, clusters: nn.Linear, tails: list[TailExport]
+    ) -> None:
+        super().__init__()
+        self.head = head
+        self.head_projection = head_projection
+        self.clusters = clusters
+        self.tails = nn.ModuleList(tails)
+        self.c1 = head.out_features
+
+    def forward(self, h: Tensor, layers: list[Tensor]) -> Tensor:
+        head_in = h
+        if self.head_projection is not None:
+            head_in = self.head_projection(h)
+        head = F.log_softmax(torch.cat([self.head(head_in), self.clusters(h)], dim=-1), dim=-1)
+        parts = [head[..., : self.c1]]
+        for j, tail in enumerate(self.tails):
+            parts.append(tail(h) + head[..., self.c1 + j : self.c1 + j + 1])
+        return torch.cat(parts, dim=-1)

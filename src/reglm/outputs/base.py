@@ -11,6 +11,10 @@ other field it needs: DOC's experts read ``layer_outputs``) and offers
 * ``full_logits(out) -> (B, T, V)``: logits whose softmax is the prediction, or a mixture's
   unnormalized log-mixture (what a discriminator reads through a sigmoid).
 
+* ``export_module(frozen) -> nn.Module``: its inference path for ``reglm export``
+  (:mod:`reglm.layers.inference`), ``forward(h: (B, T, H), layers: List[Tensor]) -> (B, T, V)``
+  log-probabilities; a layer that does not define one is refused by the exporter.
+
 Capabilities a layer may lack are declared, never discovered by ``isinstance``:
 ``"logits"`` (:meth:`full_logits`), ``"softmax-logits"`` (``keep_logits``: logits whose softmax is
 the prediction, which a temperature can divide), ``"advsoft"`` (``adversarial=True``).
@@ -26,6 +30,7 @@ from torch import Tensor, nn
 
 from reglm.encoders.base import EncoderOutput
 from reglm.errors import ReglmError
+from reglm.layers.inference import Frozen, NotExportable
 
 
 @dataclass
@@ -54,6 +59,10 @@ class OutputLayer(nn.Module, ABC):
     @abstractmethod
     def full_logits(self, out: EncoderOutput) -> Tensor:
         """Logits ``(B, T, V)`` (capability ``"logits"``)."""
+
+    def export_module(self, frozen: Frozen) -> nn.Module:
+        """The export-ready module (module docstring); by default there is none."""
+        raise NotExportable(f"the output layer {type(self).__name__} has no inference module")
 
     def nll(self, out: EncoderOutput, targets: Tensor) -> Tensor:
         """The clean per-token NLL ``(B, T)``."""

@@ -55,6 +55,7 @@ from torch import Tensor, nn
 from reglm.config.fields import check, check_kind, check_nonneg, check_prob, kind_field, option
 from reglm.encoders.base import EncoderOutput
 from reglm.layers.dropout import LockedDropout
+from reglm.layers.inference import Frozen
 from reglm.outputs.adversarial import AdvSoft, AdvSoftConfig, perturb_target_logits_
 from reglm.outputs.base import OutputLayer, OutputLoss
 
@@ -241,11 +242,56 @@ class MixtureOfSoftmaxes(OutputLayer):
         """``h: (B, T, H)``, ``targets: (B, T)`` -> ``(B, T)``: ``-log p(targets | h)`` per token."""
         return self.mix_score(h, targets, adversarial, extra).nll
 
+    def export_module(self, frozen: Frozen) -> nn.Module:
+        """:class:`MixtureExport`; a tied decoder stays the input layer's tensor."""
+        layers = zip(self.extra_latents, self.extra_layers)
+        extra = [ExtraLatent(frozen.linear(proj.weight, proj.bias), l) for proj, l in layers]
+        prior, latent = frozen.linear(self.prior.weight), frozen.linear(self.latent.weight, self.latent.bias)
+        decoder = frozen.linear(self.weight, self.bias, share=True)
+        return MixtureExport(prior, latent, extra, decoder, self.total_experts, self.emb_size)
+
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, emb_size={self.emb_size}, vocab_size={self.vocab_size}, "
             f"n_experts={self.n_experts}, extra_inputs={list(self.extra_inputs)}, advsoft={self.advsoft}"
         )
+
+
+class ExtraLatent(nn.Module):
+    """DOC's latent projection of encoder layer ``layer``, in the export: ``layers -> (B, T, k E)``."""
+
+    def __init__(self, proj: nn.Linear, layer: int) -> None:
+        super().__init__()
+        self.proj = proj
+        self.layer = layer
+
+    def forward(self, layers: list[Tensor]) -> Tensor:
+        return self.proj(layers[self.layer])
+
+
+class MixtureExport(nn.Module):
+    """The mixture's export module, at evaluation (no latent dropout): ``log sum_k pi_k
+    softmax(W h_k + b)`` (:meth:`MixtureOfSoftmaxes.log_probs`) for ``forward(h, layers)``."""
+
+    def __init__(
+        self, prior: nn.Linear, latent: nn.Linear, extra: list[ExtraLatent], decoder: nn.Linear, experts: int,
+        emb_size: int,
+    ) -> None:
+        super().__init__()
+        self.prior = prior
+        self.latent = latent
+        self.extra_latents = nn.ModuleList(extra)
+        self.decoder = decoder
+        self.experts = experts
+        self.emb_size = emb_size
+
+    def forward(self, h: Tensor, layers: list[Tensor]) -> Tensor:
+        log_prior = F.log_softmax(self.prior(h), dim=-1)  # (B, T, K)
+        latents = [self.latent(h)]
+        for extra in self.extra_latents:
+            latents.append(extra(layers))
+        latent = torch.tanh(torch.cat(latents, dim=-1)).view(h.size(0), h.size(1), self.experts, self.emb_size)
+        return log_mixture(F.log_softmax(self.decoder(latent), dim=-1), log_prior)  # experts (B, T, K, V)
 
 
 def log_mixture(expert_scores: Tensor, log_prior: Tensor) -> Tensor:

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from reglm.config.fields import check, check_positive, kind_field, option
 from reglm.encoders.base import EncoderOutput
 from reglm.outputs.adversarial import AdvSoft, AdvSoftConfig, perturb_target_logits_
+from reglm.layers.inference import Frozen
 from reglm.outputs.base import OutputLayer, OutputLoss
 
 
@@ -135,5 +136,20 @@ class SoftmaxOutput(OutputLayer):
     def full_logits(self, out: EncoderOutput) -> Tensor:
         return self.logits(out.output)
 
+    def export_module(self, frozen: Frozen) -> nn.Module:
+        """``log softmax(h W^T + b)``; a tied ``W`` stays the input layer's tensor."""
+        return SoftmaxExport(frozen.linear(self.weight, self.bias, share=True))
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, vocab_size={self.vocab_size}, bias={self.bias is not None}, advsoft={self.advsoft}"
+
+
+class SoftmaxExport(nn.Module):
+    """The softmax's export module: ``log softmax(proj(h))``."""
+
+    def __init__(self, proj: nn.Linear) -> None:
+        super().__init__()
+        self.proj = proj
+
+    def forward(self, h: Tensor, layers: list[Tensor]) -> Tensor:
+        return F.log_softmax(self.proj(h), dim=-1)
