@@ -16,7 +16,8 @@ from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
+
+from reglm.progress import track
 
 
 def length_batches(lengths: Sequence[int], batch_tokens: int) -> Iterator[list[int]]:
@@ -53,7 +54,7 @@ def sentence_log_probs(
     mode = model.training
     model.eval()
     try:
-        for batch in tqdm(batches, desc="score", disable=not progress, leave=False, unit="batch"):
+        for batch in track(batches, len(batches), "score", "batch", progress):
             width = lengths[batch[0]]
             targets = torch.full((len(batch), width), context, dtype=torch.long)
             for row, i in enumerate(batch):
