@@ -22,7 +22,7 @@ from importlib import metadata
 from typing import Any
 
 from reglm.cli import analyze, data, eval, export, generate, reproduce, score, study, train
-from reglm.cli.common import handling_signals
+from reglm.cli.common import add_threads_option, handling_signals, set_threads
 from reglm.errors import ReglmError, TrainingDiverged, TrainingInterrupted
 
 EXIT_USAGE = 2
@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for family in FAMILIES:
         family.register(sub)
+    for name, command in sub.choices.items():
+        if name not in LIGHT_COMMANDS:
+            add_threads_option(command)
     return parser
 
 
@@ -131,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
             print("reglm: aborted", file=sys.stderr)
             return EXIT_INTERRUPTED
     try:
+        if args.command not in LIGHT_COMMANDS:
+            set_threads(args.threads)
         return args.func(args)
     except TrainingDiverged as exc:
         _report(f"reglm: error: {exc}", exc)
