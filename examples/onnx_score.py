@@ -3,9 +3,8 @@
     python examples/onnx_score.py RUN/best-onnx "the company said it expects"
 
 Prints the natural-log probability of the sentence read from the start of a sentence (the state
-after `<eos>`), its final `<eos>` scored: what `reglm.load(RUN).score(sentence)` returns. A word
-outside the vocabulary scores log p(<unk>) - log(unknown_types), the unknown class shared among
-the word types it stands for (reglm's default; export.json gives the number).
+after `<eos>`), its final `<eos>` scored: what `reglm.load(RUN).score(sentence)` returns (an OOV
+word: log p(<unk>) - log(unknown_types), the unknown class shared among its word types).
 """
 
 import json
@@ -33,8 +32,7 @@ def score(export_dir: str, sentence: str) -> float:
         feeds[tensor["name"]] = np.zeros([1 if d == "batch" else d for d in tensor["shape"]], dtype=np.float32)
     log_probs = session.run(["log_probs"], feeds)[0][0]  # (time, V)
     oov = sum(word not in stoi for word in sentence.split())
-    total = float(log_probs[np.arange(len(ids)), ids].astype(np.float64).sum())
-    return total - oov * float(np.log(vocab["unknown_types"]))
+    return float(log_probs[np.arange(len(ids)), ids].astype(np.float64).sum() - oov * np.log(vocab["unknown_types"]))
 
 
 if __name__ == "__main__":

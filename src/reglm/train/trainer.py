@@ -152,6 +152,8 @@ class Trainer:
         """the pace of this session's steps, for the progress lines (reset when a stage begins)"""
         self.pace_from = (0.0, 0)
         """the stage's epochs done and the step when :attr:`pace` started"""
+        self.last_interval: tuple[float, float] | None = None
+        """the loss and tokens/s of the last log interval of this session, for the progress lines"""
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:
@@ -388,8 +390,8 @@ class Trainer:
             self.hidden = model.init_state(self.dist.share(cfg.batch_size), device=self.device)
         adversarial, noise_std = self._advsoft_on(), self._input_noise_std()
         bar = tqdm(total=batches.total, initial=self.position, disable=not self.progress, unit="tok/stream" if batches.carries_state else "batch", leave=False, desc=f"{self.stage} epoch {self.epoch + 1}")
-        window_nll, window_tokens, window_position, window_start = self.epoch_nll, self.epoch_tokens, self.position, time.perf_counter()
-        line_nll, line_tokens, line_start = self.epoch_nll, self.epoch_tokens, time.perf_counter()
+        window_nll, window_tokens, window_start = self.epoch_nll, self.epoch_tokens, time.perf_counter()
+        line_step, line_start = self.step, time.perf_counter()
         while not batches.done(self.position) and not self._out_of_steps():
             window, advance, factor = batches.next(self.position, self.epoch)
             lr = self.schedule.rate(self.stage, self.epoch, self.step) * factor
@@ -408,14 +410,13 @@ class Trainer:
                 elapsed = time.perf_counter() - window_start
                 self.metrics.log(event="step", stage=self.stage, epoch=self.epoch + 1, step=self.step, lr=lr, loss=mean, ppl=perplexity(mean), tokens_per_s=tokens / max(elapsed, 1e-9), averaging=self.averaging.active)
                 bar.set_postfix(loss=f"{mean:.3f}", ppl=f"{perplexity(mean):.1f}", run_eta=clock(self._run_eta()))
-                window_nll, window_tokens, window_position, window_start = self.epoch_nll, self.epoch_tokens, self.position, time.perf_counter()
+                self.last_interval = (mean, tokens / max(elapsed, 1e-9))
+                window_nll, window_tokens, window_start = self.epoch_nll, self.epoch_tokens, time.perf_counter()
             due = self.pace.due(self.step - self.pace_from[1], self._run_eta, force=logged)
             if not self.progress and self.dist.is_main and due:
-                self._flush()
-                tokens = self.epoch_tokens - line_tokens
-                mean = (self.epoch_nll - line_nll) / max(tokens, 1)
-                self._report_progress(mean, lr, tokens / max(time.perf_counter() - line_start, 1e-9))
-                line_nll, line_tokens, line_start = self.epoch_nll, self.epoch_tokens, time.perf_counter()
+                steps_per_s = (self.step - line_step) / max(time.perf_counter() - line_start, 1e-9)
+                self._report_progress(self.last_interval, lr, steps_per_s)
+                line_step, line_start = self.step, time.perf_counter()
             for hook in self.step_hooks:
                 hook(self)
             if cfg.checkpoint_interval and self.step % cfg.checkpoint_interval == 0:
@@ -426,15 +427,18 @@ class Trainer:
         bar.close()
         self._flush()
 
-    def _report_progress(self, loss: float, lr: float, tokens_per_s: float) -> None:
+    def _report_progress(self, interval: tuple[float, float] | None, lr: float, steps_per_s: float) -> None:
         """The progress line printed when no progress bar is shown (no terminal): at every log
         interval, after the first steps, and at least every :data:`reglm.progress.INTERVAL`
-        seconds: where in the epoch, speed, the loss since the last line, the rate and the ETA of
-        the whole run."""
+        seconds: where in the epoch, steps/s since the last line, the last log interval's tokens/s
+        and loss (``-`` before the first: reading the loss between log intervals would sync the
+        host, and every process of a distributed run), the rate and the ETA of the whole run."""
         total = self.batches.total
+        rate, loss = (f"{interval[1]:9,.0f}", f"{interval[0]:7.4f}") if interval else (f"{'-':>9s}", f"{'-':>7s}")
+        ppl = f"{perplexity(interval[0]):9.2f}" if interval else f"{'-':>9s}"
         self._say(
             f"| {self.stage} | epoch {self.epoch + 1:3d} | step {self.step:7d} | {self.position / max(total, 1):4.0%} of epoch | "
-            f"{tokens_per_s:9,.0f} tok/s | loss {loss:7.4f} | ppl {perplexity(loss):9.2f} | lr {lr:.4g} | "
+            f"{steps_per_s:6.3g} steps/s | {rate} tok/s | loss {loss} | ppl {ppl} | lr {lr:.4g} | "
             f"run ETA {clock(self._run_eta())}"
         )
 
