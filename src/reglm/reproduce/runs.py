@@ -89,6 +89,16 @@ class _Deadline:
         return self.signum is not None
 
     @property
+    def immediate(self) -> bool:
+        """The user's request's: whether a signal now interrupts at once (a run's final evaluation)."""
+        return self.user is not None and self.user.immediate
+
+    @immediate.setter
+    def immediate(self, value: bool) -> None:
+        if self.user is not None:
+            self.user.immediate = value
+
+    @property
     def by_user(self) -> bool:
         return self.user is not None and self.user.signum is not None
 

@@ -335,7 +335,11 @@ class Trainer:
                 self._end_epoch()
             if self.stop is not None:
                 self.stop.immediate = True
-            return self.dist.from_main(lambda: finish(self))
+            try:
+                return self.dist.from_main(lambda: finish(self))
+            finally:
+                if self.stop is not None:
+                    self.stop.immediate = False
         finally:
             self.close()
 
