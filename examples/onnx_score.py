@@ -3,7 +3,8 @@
     python examples/onnx_score.py RUN/best-onnx "the company said it expects"
 
 Prints the natural-log probability of the sentence read from the start of a sentence (the state
-after `<eos>`), its final `<eos>` scored: what `reglm.load(RUN).score(sentence)` returns.
+after `<eos>`), its final `<eos>` scored: what `reglm.load(RUN).score(sentence)` returns (an OOV
+word: log p(<unk>) - log(unknown_types), the unknown class shared among its word types).
 """
 
 import json
@@ -30,7 +31,8 @@ def score(export_dir: str, sentence: str) -> float:
     for tensor in spec["interface"]["inputs"][1:]:  # the zero state of one stream
         feeds[tensor["name"]] = np.zeros([1 if d == "batch" else d for d in tensor["shape"]], dtype=np.float32)
     log_probs = session.run(["log_probs"], feeds)[0][0]  # (time, V)
-    return float(log_probs[np.arange(len(ids)), ids].astype(np.float64).sum())
+    oov = sum(word not in stoi for word in sentence.split())
+    return float(log_probs[np.arange(len(ids)), ids].astype(np.float64).sum() - oov * np.log(vocab["unknown_types"]))
 
 
 if __name__ == "__main__":

@@ -361,6 +361,12 @@ def test_save_pretrained_refuses_unrelated_targets(model_dir: Path, tmp_path: Pa
     with pytest.raises(ReglmError, match="holds no reglm model"):
         lm.save_pretrained(tmp_path / "run")
     assert (tmp_path / "run" / "config.json").read_text() == "{}"
+    lm.save_pretrained(tmp_path / "saved")
+    before = (tmp_path / "saved" / "model.safetensors").read_bytes()
+    with pytest.raises(ReglmError, match="overwrite=True"):
+        lm.save_pretrained(tmp_path / "saved")
+    assert (tmp_path / "saved" / "model.safetensors").read_bytes() == before
+    assert lm.save_pretrained(tmp_path / "saved", overwrite=True) == tmp_path / "saved"
     with pytest.raises(ReglmError, match="does not exist"):
         reglm.from_pretrained(str(tmp_path / "nowhere"))
 

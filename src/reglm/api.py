@@ -11,6 +11,21 @@ A BPE model (``data.tokenizer=bpe``, its model directory holds ``tokenizer.json`
 word into its units first; :meth:`TrainedModel.score` then sums the units' log-probabilities and
 :meth:`TrainedModel.perplexity` is word-level, ``exp(-sum log p / words)`` with ``<eos>`` a word
 (the probability of a word is the product of its units', Baevski & Auli 2019, 4.4).
+
+Out-of-vocabulary words (``oov_penalty`` of the scoring methods, ``reglm score --oov-penalty``).
+A word outside the vocabulary is read as ``<unk>``, which stands for every unknown word at once
+and on most corpora is one of the most frequent tokens (about 5 % of PTB): its raw probability
+would let a misspelt or made-up word outscore a correct one. The scoring methods therefore give
+an OOV word, by default (``"share"``), ``log p(<unk>) - log n`` with ``n`` the number of word
+types ``<unk>`` stands for (:meth:`reglm.data.vocab.Vocab.unknown_types`): the unknown class's
+probability shared evenly among its words. ``oov_penalty=X`` (a number >= 0, in the units of
+``base``) gives ``log p(<unk>) - X`` instead, the fixed offset decoders use (pyctcdecode's
+``unk_score_offset=-10`` is ``X=10`` with ``base=10``); ``oov_penalty=None`` (or ``"none"``) the
+raw ``log p(<unk>)``, the papers' perplexity protocol, which :meth:`TrainedModel.perplexity` and
+``reglm eval`` keep. Only the OOV word's own score changes; the words after it are scored as
+after ``<unk>``. Example: with ``p(<unk>) = 0.05`` at some position and ``n = 4``, ``"share"``
+gives ``ln 0.05 - ln 4 = -4.382``, ``None`` gives ``ln 0.05 = -2.996``, and ``oov_penalty=2,
+base=10`` gives ``log10 0.05 - 2 = -3.301``.
 """
 
 from __future__ import annotations
@@ -36,6 +51,8 @@ from reglm.train.checkpoint import load_model_dir
 
 WINDOW = 256
 """Tokens per window when a text is read as one stream (:meth:`TrainedModel.target_log_probs`)."""
+OOV_SHARE = "share"
+"""The default ``oov_penalty``: the unknown class's probability shared among its word types."""
 BATCH_LOGITS = 1 << 25
 """Padded positions times vocabulary size per batch of sentences (128 MiB of float32 logits)."""
 
@@ -58,6 +75,40 @@ def log_scale(base: str | int) -> float:
     raise ReglmError(f"log base {base!r} is not supported; use e (natural log) or 10 (KenLM's and most ASR decoders')")
 
 
+def oov_offset(vocab: Vocab, oov_penalty: str | float | None, base: str | int = "e") -> float:
+    """The natural-log amount an OOV word's ``log p(<unk>)`` gets under ``oov_penalty`` (see the
+    module doc): ``-ln(unknown types)`` for ``"share"``, ``0`` for ``None``/``"none"``, ``-X`` in
+    ``base`` units for a number ``X >= 0``."""
+    if oov_penalty == OOV_SHARE:
+        return -math.log(vocab.unknown_types())
+    if oov_penalty is None or oov_penalty == "none":
+        return 0.0
+    try:
+        value = float(oov_penalty)
+    except (TypeError, ValueError):
+        raise ReglmError(
+            f"oov penalty {oov_penalty!r} is not share, none or a number; "
+            "e.g. --oov-penalty 10 subtracts 10 (in --base units) per OOV word"
+        ) from None
+    if not (math.isfinite(value) and value >= 0):
+        raise ReglmError(
+            f"oov penalty {oov_penalty!r} must be a number >= 0: it is subtracted from log p(<unk>) "
+            "(pyctcdecode's unk_score_offset=-10 is 10 with base 10)"
+        )
+    return -value / log_scale(base)
+
+
+def describe_oov(vocab: Vocab, oov_penalty: str | float | None, base: str | int = "e") -> str:
+    """How ``oov_penalty`` scores an OOV word, in words (the ``reglm score`` header)."""
+    log = "log10" if log_scale(base) != 1.0 else "ln"
+    if oov_penalty == OOV_SHARE:
+        n = vocab.unknown_types()
+        return f"{log} p(<unk>) - {log}({n}), the unknown class shared among its {n} word types"
+    if oov_penalty is None or oov_penalty == "none":
+        return f"{log} p(<unk>), the raw unknown class (the perplexity protocol)"
+    return f"{log} p(<unk>) - {float(oov_penalty):g}, a fixed penalty"
+
+
 def _word_index(ends: Sequence[bool]) -> list[int]:
     """For every unit, the index of the word it belongs to (``ends`` marks each word's last unit)."""
     index, word = [], 0
@@ -77,11 +128,15 @@ class SentenceUnits:
     ends: list[bool]
     oov: list[bool]
 
-    def word_scores(self, unit_log_probs: torch.Tensor, scale: float, eos: bool) -> list[WordScore]:
-        """The units' natural-log probabilities ``(len(ids),)`` summed into words, times ``scale``;
-        the ``<eos>`` word dropped unless ``eos``."""
+    def word_scores(self, unit_log_probs: torch.Tensor, scale: float, eos: bool, oov_offset: float = 0.0
+                    ) -> list[WordScore]:
+        """The units' natural-log probabilities ``(len(ids),)`` summed into words, plus
+        ``oov_offset`` for an OOV word, times ``scale``; the ``<eos>`` word dropped unless ``eos``."""
         sums = torch.zeros(len(self.words), dtype=torch.float64).index_add_(0, torch.tensor(_word_index(self.ends), dtype=torch.long), unit_log_probs.double())
-        scores = [WordScore(w, float(v) * scale, oov) for w, v, oov in zip(self.words, sums.tolist(), self.oov)]
+        scores = [
+            WordScore(w, (float(v) + (oov_offset if oov else 0.0)) * scale, oov)
+            for w, v, oov in zip(self.words, sums.tolist(), self.oov)
+        ]
         return scores if eos else scores[:-1]
 
 
@@ -136,33 +191,47 @@ class TrainedModel:
         totals = stream_pass([self.model], StreamPlan(stream, 1, "all"), WINDOW, lambda outs, w: {"nll": self.model.output_nll(outs[0], w.targets)}, self.device, keep=("nll",))
         return -totals.kept["nll"][1].double()
 
-    def score(self, sentence: str, base: str | int = "e", eos: bool = True) -> float:
+    def score(
+        self, sentence: str, base: str | int = "e", eos: bool = True, oov_penalty: str | float | None = OOV_SHARE
+    ) -> float:
         """Total log-probability of one sentence read after ``<eos>``, its final ``<eos>`` scored
         unless ``eos`` is false; natural log, or log10 with ``base=10``. A word outside the
-        vocabulary is scored as ``<unk>`` (:meth:`full_scores` flags it)."""
+        vocabulary is scored as ``<unk>`` with ``oov_penalty`` applied (see the module doc;
+        :meth:`full_scores` flags it)."""
         if not isinstance(sentence, str):
             raise ReglmError(f"score takes one sentence as a str, not {type(sentence).__name__}; for several sentences use score_batch")
-        return self.score_batch([sentence], base, eos)[0]
+        return self.score_batch([sentence], base, eos, oov_penalty=oov_penalty)[0]
 
-    def score_batch(self, sentences: Sequence[str], base: str | int = "e", eos: bool = True, carry: bool = False, progress: bool = False) -> list[float]:
+    def score_batch(
+        self, sentences: Sequence[str], base: str | int = "e", eos: bool = True, carry: bool = False,
+        progress: bool = False, oov_penalty: str | float | None = OOV_SHARE,
+    ) -> list[float]:
         """:meth:`score` of every sentence, computed in padded batches sorted by length (the same
         numbers as one at a time, up to float rounding). With ``carry`` the sentences are read
         as one text, each from the state the previous one left (a document, not an n-best list)."""
-        return [sum(w.log_prob for w in words) for words in self.full_scores_batch(sentences, base, eos, carry, progress)]
+        scored = self.full_scores_batch(sentences, base, eos, carry, progress, oov_penalty)
+        return [sum(w.log_prob for w in words) for words in scored]
 
-    def full_scores(self, sentence: str, base: str | int = "e", eos: bool = True) -> list[WordScore]:
+    def full_scores(
+        self, sentence: str, base: str | int = "e", eos: bool = True, oov_penalty: str | float | None = OOV_SHARE
+    ) -> list[WordScore]:
         """Per word of ``sentence`` (and its ``<eos>`` unless ``eos`` is false): the word, its
         log-probability given the words before it, and whether it is out of the vocabulary (like
-        KenLM's ``full_scores``). A sub-word model's word is the product of its units."""
+        KenLM's ``full_scores``; an OOV word's score follows ``oov_penalty``, see the module doc).
+        A sub-word model's word is the product of its units."""
         if not isinstance(sentence, str):
             raise ReglmError(f"full_scores takes one sentence as a str, not {type(sentence).__name__}; for several sentences use full_scores_batch")
-        return self.full_scores_batch([sentence], base, eos)[0]
+        return self.full_scores_batch([sentence], base, eos, oov_penalty=oov_penalty)[0]
 
-    def full_scores_batch(self, sentences: Sequence[str], base: str | int = "e", eos: bool = True, carry: bool = False, progress: bool = False) -> list[list[WordScore]]:
+    def full_scores_batch(
+        self, sentences: Sequence[str], base: str | int = "e", eos: bool = True, carry: bool = False,
+        progress: bool = False, oov_penalty: str | float | None = OOV_SHARE,
+    ) -> list[list[WordScore]]:
         """:meth:`full_scores` of every sentence (batched as in :meth:`score_batch`)."""
         if isinstance(sentences, str) or not all(isinstance(s, str) for s in sentences):
             raise ReglmError("expected a list of sentences, each a str; for one sentence use score or full_scores")
         scale = log_scale(base)
+        offset = oov_offset(self.vocab, oov_penalty, base)
         encoded = [self._encode_sentence(s) for s in sentences]
         if carry:
             stream = [i for units in encoded for i in units.ids]
@@ -173,7 +242,7 @@ class TrainedModel:
             ids = [units.ids for units in encoded]
             window = self._window(batch_tokens)
             unit_scores = sentence_log_probs(self.model, ids, self.vocab.eos_id, self.device, batch_tokens, progress, window)
-        return [units.word_scores(logp, scale, eos) for units, logp in zip(encoded, unit_scores)]
+        return [units.word_scores(logp, scale, eos, offset) for units, logp in zip(encoded, unit_scores)]
 
     def next_words(self, prefix: str = "", k: int = 10, base: str | int = "e", exclude: Sequence[str] = (UNK,)) -> list[tuple[str, float]]:
         """The ``k`` most likely next words after ``prefix`` (read from the start of a sentence),
@@ -242,8 +311,12 @@ class TrainedModel:
             raise ReglmError(f"{what} word(s) {', '.join(repr(t) for t in unknown[:5])} are not in the model's vocabulary; {hint}")
 
     def perplexity(self, text: str) -> float:
-        """exp(mean NLL) over every token of ``text`` (one ``<eos>`` per line); for a BPE model
-        word-level: exp(summed unit NLL / words of ``text``, ``<eos>`` included)."""
+        """exp(mean NLL) over every token of ``text`` (one ``<eos>`` per line), read in one stream
+        after an ``<eos>`` (the first token is scored, as in a sentence); for a BPE model
+        word-level: exp(summed unit NLL / words of ``text``, ``<eos>`` included). ``reglm eval``
+        follows the papers instead: the first token is context only (N - 1 targets), read in the
+        run's test batch of streams, so its number differs slightly on the same text (the
+        README's "One text, three numbers"). An OOV word gets the raw ``log p(<unk>)``."""
         if self.subword is None:
             logp = self.target_log_probs(self.text_to_ids(text))
             return perplexity(-float(logp.mean()))
@@ -300,13 +373,14 @@ class TrainedModel:
     :func:`load` or :func:`reglm.from_pretrained` loaded it (:meth:`save_pretrained` writes it
     back); else None."""
 
-    def save_pretrained(self, path: Path | str) -> Path:
+    def save_pretrained(self, path: Path | str, overwrite: bool = False) -> Path:
         """Write the model as a Hugging Face-style pretrained directory (``config.json``,
         ``model.safetensors``, ``vocab.txt``, and ``tokenizer.json`` for BPE), which
-        :func:`reglm.from_pretrained` and :func:`load` read back (:func:`reglm.hub.save_pretrained`)."""
+        :func:`reglm.from_pretrained` and :func:`load` read back (:func:`reglm.hub.save_pretrained`);
+        a directory that already holds a model is replaced only with ``overwrite``."""
         from reglm.hub import save_pretrained
 
-        return save_pretrained(self, path)
+        return save_pretrained(self, path, overwrite)
 
     def push_to_hub(self, repo_id: str, private: bool | None = None, token: str | None = None, commit_message: str = "Upload reglm model") -> str:
         """Upload :meth:`save_pretrained`'s directory to a Hugging Face Hub repository (the ``hub``

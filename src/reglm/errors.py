@@ -17,6 +17,7 @@ class TrainingDiverged(ReglmError):
 class TrainingInterrupted(Exception):
     """Raised after a checkpoint was saved in response to a stop request (SIGINT/SIGTERM)."""
 
-    def __init__(self, signum: int, run_dir: object, step: int):
+    def __init__(self, signum: int, run_dir: object, step: int, message: str | None = None):
         self.signum = signum
-        super().__init__(f"interrupted at step {step}; checkpoint saved. Resume with: reglm train --resume {run_dir}")
+        default = f"interrupted at step {step}; checkpoint saved. Resume with: reglm train --resume {run_dir}"
+        super().__init__(message or default)

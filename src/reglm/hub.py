@@ -37,23 +37,30 @@ REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
 INSTALL = "install the hub extra: pip install 'reglm[hub]'"
 
 
-def _check_target(path: Path) -> None:
+def _check_target(path: Path, overwrite: bool) -> None:
     if path.exists() and not path.is_dir():
         raise ReglmError(f"{path} is a file, not a directory; choose another path for save_pretrained")
-    if path.is_dir() and any(path.iterdir()) and not (path / MODEL_FILE).is_file():
-        raise ReglmError(f"{path} is a directory that is not empty and holds no reglm model ({MODEL_FILE}); choose a new or empty directory")
+    if path.is_dir() and any(path.iterdir()):
+        if not (path / MODEL_FILE).is_file():
+            raise ReglmError(
+                f"{path} is a directory that is not empty and holds no reglm model ({MODEL_FILE}); "
+                "choose a new or empty directory"
+            )
+        if not overwrite:
+            raise ReglmError(f"{path} already holds a model; choose a new or empty directory, or pass overwrite=True")
 
 
-def save_pretrained(lm: Any, path: Path | str) -> Path:
+def save_pretrained(lm: Any, path: Path | str, overwrite: bool = False) -> Path:
     """Write ``lm`` (a :class:`~reglm.api.TrainedModel`) as a model directory at ``path``, which
-    must be new, empty or a model directory (replaced file by file, each atomically).
+    must be new or empty, or, with ``overwrite``, a model directory (replaced file by file, each
+    atomically).
 
     The run configuration is the one ``lm`` was loaded with (``lm.run_config``, set by
     :func:`from_pretrained` and :func:`reglm.load`); a model without one (built by hand) gets
     its own model section with the defaults of every other section, as ``config.json`` says
     (``info.run_config``), so ``reglm eval`` on it needs ``--data``."""
     path = Path(path)
-    _check_target(path)
+    _check_target(path, overwrite)
     config = lm.run_config
     info: dict[str, Any] = {"saved_by": "save_pretrained", "run_config": "the run's"}
     if config is None:

@@ -227,7 +227,10 @@ def model_dir(path: Path | str, which: str = "best") -> Path:
         raise ReglmError(f"checkpoint {which!r} is unknown; choose best or last")
     if (path / which / MODEL_FILE).is_file():
         return path / which
-    raise ReglmError(f"{path} holds no {which}/{MODEL_FILE}; has the run finished an epoch?")
+    raise ReglmError(
+        f"{path} holds no {which}/{MODEL_FILE}; has the run finished an epoch? "
+        f"(reglm eval {path} --checkpoint state scores its latest {STATE_FILE})"
+    )
 
 
 def require_same_vocab(have: Vocab, want: Vocab, subject: str, other: str, fix: str, strict: bool = False) -> None:

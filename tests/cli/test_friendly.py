@@ -91,7 +91,7 @@ def test_progress_lines_without_a_terminal(trained: Trained) -> None:
     lines = [line for line in trained.stderr.splitlines() if "of epoch" in line]
     steps = [r for r in read_metrics(trained.run / "metrics.jsonl") if r["event"] == "step"]
     assert len(lines) == len(steps) >= 2, trained.stderr
-    assert all("tok/s" in line and "loss" in line and "lr" in line and "epoch ETA" in line for line in lines)
+    assert all("tok/s" in line and "loss" in line and "lr" in line and "run ETA" in line for line in lines)
     assert f"step {steps[0]['step']:7d}" in lines[0] and f"loss {steps[0]['loss']:7.4f}" in lines[0]
 
 

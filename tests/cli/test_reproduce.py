@@ -128,3 +128,12 @@ def test_a_row_that_starts_from_earlier_runs_counts_their_minutes_and_names_thei
     markdown = render_markdown({"table": "reglm:smoke", "command": "reglm reproduce reglm:smoke", "scale": "full", "budget": {"epochs": None, "minutes": None}, "minutes": 13.0, "runs": 3, "devices": ["cpu"]}, [record])
     assert "| 13.0 |" in markdown
     assert "`base` (3+0 epochs, 10.0 min, valid 120.00 / test 119.00); `middle` (2+0 epochs, 2.0 min)" in markdown
+
+
+def test_a_table_with_no_row_scored_exits_with_an_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "nothing"
+    assert main(["reproduce", "reglm:smoke", "--minutes", "1e-6", "--out", str(out)]) == 2
+    error = capsys.readouterr().err
+    assert "reglm: error: no row of reglm:smoke was scored" in error and "larger --minutes" in error
+    assert "Traceback" not in error
+    assert (out / "table.md").is_file(), "the table is still written"

@@ -21,7 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
+
+from reglm.progress import track
 
 RANK_TOLERANCE = 1e-3
 """Relative tolerance of :func:`summary`'s ``numerical_rank``: singular values above it count."""
@@ -75,7 +76,7 @@ def nearest_neighbor_distances(weight: Tensor, block_size: int = 1024, candidate
     k = min(candidates, num_rows - 1)
     out = torch.empty(num_rows, dtype=torch.float64, device=weight.device)
     starts = range(0, num_rows, block_size)
-    for start in tqdm(starts, desc="nearest neighbours", unit="block", disable=not progress, leave=False):
+    for start in track(starts, len(starts), "nearest neighbours", "block", progress):
         stop = min(start + block_size, num_rows)
         rows = torch.arange(start, stop, device=weight.device)
         partial = torch.addmm(sq.unsqueeze(0), approx[start:stop], approx.T, alpha=-2.0)

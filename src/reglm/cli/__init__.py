@@ -24,7 +24,7 @@ from importlib import metadata
 from typing import Any
 
 from reglm.cli import analyze, data, eval, export, generate, reproduce, score, serve, study, train
-from reglm.cli.common import handling_signals
+from reglm.cli.common import add_threads_option, handling_signals, set_threads
 from reglm.errors import ReglmError, TrainingDiverged, TrainingInterrupted
 
 EXIT_USAGE = 2
@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for family in FAMILIES:
         family.register(sub)
+    for name, command in sub.choices.items():
+        if name not in LIGHT_COMMANDS:
+            add_threads_option(command)
     return parser
 
 
@@ -192,6 +195,8 @@ def _run(args: argparse.Namespace) -> int:
     (returned or raising), a signal aborts at once rather than interrupting the report."""
     try:
         try:
+            if args.command not in LIGHT_COMMANDS:
+                set_threads(args.threads)
             return args.func(args)
         finally:
             _abort_on_signals()

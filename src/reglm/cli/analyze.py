@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +44,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     if args.top is not None and args.top < 2:
         raise ReglmError(f"--top {args.top} must be >= 2: nearest neighbours need two words")
     out = _out_dir(args.out, "embedding-diversity.png and .json")
-    progress = sys.stderr.isatty() and not args.json
+    progress = True
     records = [analyze_run(run, label, args.checkpoint, progress, args.top) for run, label in zip(args.runs, labels)]
     figure, data = out / "embedding-diversity.png", out / "embedding-diversity.json"
     with writing_into(out):
@@ -97,7 +96,7 @@ def _analyze_by_frequency(args: argparse.Namespace, labels: list[str]) -> int:
     if args.top is not None:
         raise ReglmError("--top selects words for the diversity analysis; --by-frequency bins every scored word, drop --top")
     out = _out_dir(args.out, "loss-by-frequency.png and .json")
-    progress = sys.stderr.isatty() and not args.json
+    progress = True
     records = []
     for run, label in zip(args.runs, labels):
         loaded = load_scored_run(run, args.checkpoint, args.data, args.data_dir)
@@ -112,9 +111,10 @@ def _analyze_by_frequency(args: argparse.Namespace, labels: list[str]) -> int:
         print(json.dumps({"figure": str(figure), "data": str(data), "runs": records}))
         return 0
     bins = records[0]["by_frequency"]["bins"]
-    rows = [{"label": r["label"], "ppl": r["ppl"], **{b: (m if m is not None else float("nan")) for b, m in zip(bins, r["by_frequency"]["mean_loss"])}} for r in records]
+    rows = [{"label": r["label"], "ppl": r["ppl"], **dict(zip(bins, r["by_frequency"]["mean_loss"]))} for r in records]
     print_table(rows, [(" ppl", "ppl", ".2f"), *((f" {b:>6s}", b, ".3f") for b in bins)])
-    print(f"(mean loss by training frequency of the word, {args.split}); wrote {figure} and {data}")
+    print(f"(mean loss by training frequency of the word, {args.split}; -: no word of the split in that bin); "
+          f"wrote {figure} and {data}")
     return 0
 
 

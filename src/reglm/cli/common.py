@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
 import sys
@@ -45,6 +46,33 @@ def add_data_options(p: argparse.ArgumentParser, with_vocab: bool = True) -> Non
         p.add_argument("--max-vocab", type=int, help="keep only this many most frequent words")
 
 
+DEFAULT_THREADS = 1
+"""PyTorch's CPU threads when neither ``--threads`` nor ``OMP_NUM_THREADS`` says (measured with
+``benchmarks/threads.py``: see the README's "CPU threads")."""
+
+
+def add_threads_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--threads", type=int, metavar="N",
+        help=f"CPU threads for PyTorch (default: $OMP_NUM_THREADS when set, else {DEFAULT_THREADS})",
+    )
+
+
+def set_threads(option: int | None) -> int:
+    """Set PyTorch's intra-op CPU threads: ``--threads N``, else ``$OMP_NUM_THREADS`` (which
+    PyTorch read at start), else :data:`DEFAULT_THREADS`. Returns the count."""
+    import torch
+
+    if option is not None and option < 1:
+        raise ReglmError(f"--threads {option} must be >= 1")
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if option is None and env.isdigit() and int(env) >= 1:
+        return torch.get_num_threads()
+    threads = option if option is not None else DEFAULT_THREADS
+    torch.set_num_threads(threads)
+    return threads
+
+
 @dataclass
 class ScoredRun:
     """A trained LM loaded with the corpus it is scored on (``reglm eval``, ``analyze --by-frequency``)."""
@@ -64,16 +92,20 @@ class ScoredRun:
 
 
 def load_scored_run(run: str, checkpoint: str, data: str | None, data_dir: str | None) -> ScoredRun:
-    """The ``checkpoint`` model of ``run`` (a run or model directory) on its device, and its corpus
-    (``data``/``data_dir`` override the run's), whose vocabulary must be the model's; a sub-word
-    model's tokenizer segments the corpus."""
-    from reglm.rundir import model_dir, require_kind, require_same_vocab
-    from reglm.train.checkpoint import load_model_dir
+    """The ``checkpoint`` model of ``run`` (a run or model directory; ``state``: the weights of
+    the run's latest ``state.pt``) on its device, and its corpus (``data``/``data_dir`` override
+    the run's), whose vocabulary must be the model's; a sub-word model's tokenizer segments the corpus."""
+    from reglm.rundir import STATE_FILE, model_dir, require_kind, require_same_vocab
+    from reglm.train.checkpoint import load_model_dir, load_state_model
     from reglm.train.run import load_corpus, resolve_device
 
-    directory = model_dir(run, checkpoint)
     device = resolve_device("auto")
-    model, config, vocab = load_model_dir(directory, device)
+    if checkpoint == "state":
+        directory = Path(run) / STATE_FILE
+        model, config, vocab = load_state_model(Path(run), device)
+    else:
+        directory = model_dir(run, checkpoint)
+        model, config, vocab = load_model_dir(directory, device)
     require_kind(config.objective.kind, directory, "lm")
     config = config.replace({"data": {key: value for key, value in (("name", data), ("data_dir", data_dir)) if value}})
     name = config.data.name
@@ -100,12 +132,16 @@ def handling_signals(handler: Callable[[int, Any], None]) -> Iterator[None]:
 @contextmanager
 def stop_on_signals() -> Iterator[Any]:
     """A :class:`~reglm.train.run.StopRequest` that SIGINT/SIGTERM set: the first signal asks the
-    trainer to checkpoint at the end of its step, a second one aborts at once."""
+    trainer to checkpoint at the end of its step, a second one aborts at once (so does the first
+    during the final evaluation of a complete run)."""
     from reglm.train.run import StopRequest
 
     stop = StopRequest()
 
     def handler(signum: int, _frame: Any) -> None:
+        if stop.immediate and not stop.requested:
+            stop.request(signum)
+            raise KeyboardInterrupt
         if stop.requested:
             raise KeyboardInterrupt
         stop.request(signum)
@@ -117,11 +153,17 @@ def stop_on_signals() -> Iterator[Any]:
 
 def print_table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]) -> None:
     """``rows`` as a text table under a ``run`` column of labels; ``columns`` are
-    ``(header, key, format spec)``, each right-aligned to its header's width."""
+    ``(header, key, format spec)``, each right-aligned to its header's width; a missing value
+    (None or NaN) is shown as ``-``."""
     width = max(len("run"), *(len(row["label"]) for row in rows))
     print(" ".join([f"{'run':{width}s}", *(f"{header:>{len(header)}s}" for header, _, _ in columns)]))
     for row in rows:
-        print(" ".join([f"{row['label']:{width}s}", *(f"{format(row[key], spec):>{len(header)}s}" for header, key, spec in columns)]))
+        cells = (f"{_cell(row[key], spec):>{len(header)}s}" for header, key, spec in columns)
+        print(" ".join([f"{row['label']:{width}s}", *cells]))
+
+
+def _cell(value: Any, spec: str) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
 
 
 def check_output_file(option: str, path: str | None) -> None:

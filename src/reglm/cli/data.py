@@ -99,21 +99,45 @@ def _report(corpus: Any, args: argparse.Namespace) -> int:
     if args.data_command == "info" and corpus.truth is not None:
         stats["synthetic"] = {"rule": args.synthetic_rule, "measured": synthetic_stats(corpus), "paper": PAPER_STATS}
     stats["cache"] = None if corpus.cache is None else describe(corpus.cache)
+    if corpus.vocab.unk_id is not None:
+        stats["unknown_types"] = corpus.vocab.unknown_types()
     if args.json:
         print(json.dumps(stats))
         return 0
-    for key, value in stats.items():
-        if key == "cache" and value is not None:
-            shown = f"{value['path']} ({value['bytes'] / 2**20:,.1f} MiB, ids {value['dtype']}, manifest {value['manifest_hash'][:16]}, built {value['created']}, {value['age_s'] / 3600:,.1f} h ago)"
-            print(f"{key:24s} {shown}")
-        elif key == "synthetic":
-            print(f"{key:24s} rule {value['rule']}; statistic: measured (paper)")
-            for name, measured in value["measured"].items():
-                paper = value["paper"].get(name)
-                print(f"  {name:22s} {measured:.4g}" + ("" if paper is None else f" ({paper:.4g})"))
-        else:
-            print(f"{key:24s} {value if value is not None else 'none (read in memory)'}")
+    print(_table(stats))
     return 0
+
+
+def _table(stats: dict[str, Any]) -> str:
+    """``reglm data info`` / ``prepare`` as text: the corpus, its vocabulary, one row per split, the cache."""
+    lines = [f"corpus      {stats['name']}"] + ([f"sentences   {stats['sentences']}"] if stats.get("sentences") else [])
+    vocab = f"vocabulary  {stats['vocab_size']:,} {'units (BPE)' if stats.get('tokenizer') == 'bpe' else 'words'}"
+    if "has_unk" in stats:
+        vocab += f", <unk> for {stats['unknown_types']:,} unknown word types" if stats["has_unk"] else ", no <unk>"
+    lines.append(vocab)
+    if "tokens" in stats:
+        words = "words" in stats
+        lines.append(f"{'split':10s} {'tokens':>12s}" + (f" {'words':>12s}" if words else "") + f" {'<unk>':>8s}")
+        for split, count in stats["tokens"].items():
+            row = f"{split:10s} {count:>12,}" + (f" {stats['words'][split]:>12,}" if words else "")
+            lines.append(row + f" {stats['unk_rate'][split]:>8.2%}")
+    synthetic = stats.get("synthetic")
+    if synthetic is not None:
+        lines.append(f"{'synthetic (rule ' + synthetic['rule'] + ')':34s} {'measured':>10s} {'paper':>10s}")
+        for name, measured in synthetic["measured"].items():
+            paper = synthetic["paper"].get(name)
+            lines.append(f"  {name:32s} {measured:>10.4g} {'-' if paper is None else format(paper, '.4g'):>10s}")
+    cache = stats["cache"]
+    if cache is None:
+        lines.append("cache       none (read in memory)")
+    else:
+        lines.append(f"cache       {cache['path']}")
+        lines.append(
+            f"            {cache['bytes'] / 2**20:,.1f} MiB, ids {cache['dtype']}, "
+            f"manifest {cache['manifest_hash'][:16]}, "
+            f"built {cache['created']} ({cache['age_s'] / 3600:,.1f} h ago)"
+        )
+    return "\n".join(lines)
 
 
 def cmd_presets(args: argparse.Namespace) -> int:

@@ -7,7 +7,6 @@ import argparse
 import dataclasses
 import importlib
 import json
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +28,15 @@ def register(sub: Any) -> None:
     p = sub.add_parser("eval", help="evaluate a trained run on a split, alone or with the neural cache")
     p.add_argument("run", help="run directory (or a model directory)")
     p.add_argument("--split", choices=["valid", "test"], help="split to score (default: valid; test with --cache-search or --dynamic-search)")
-    p.add_argument("--checkpoint", choices=["best", "last"], default="best")
+    p.add_argument(
+        "--checkpoint", choices=["best", "last", "state"], default="best",
+        help="best/ or last/ of the run, or state: the weights of its latest state.pt (a run interrupted mid-epoch; "
+        "the average once averaging runs)",
+    )
+    p.add_argument(
+        "--max-tokens", type=int, metavar="N",
+        help="score only the first N tokens of the split (a quick estimate; the searches tune on the first N of valid)",
+    )
     p.add_argument("--batch-size", type=int, help="streams (or blocks) per batch (default: the run's eval/test batch size; 1 with the cache)")
     p.add_argument("--block", type=int, metavar="L", help="score in stateless blocks of at most L tokens, scored parts ending at sentence ends (Baevski & Auli; default with --context-window: the run's train.block_size)")
     add_data_options(p, with_vocab=False)
@@ -37,7 +44,11 @@ def register(sub: Any) -> None:
     for mode in EVAL_MODES:
         modes.add_argument(mode.flag, nargs="?", const="", metavar=mode.metavar, dest=mode.dest, help=mode.help)
     p.add_argument("--cache-deltas", metavar="FILE", help="with --cache/--cache-search: write word, count, summed loss change (cache - model) per word type as TSV (AWD-LSTM Table 3)")
-    p.add_argument("--word-probs", metavar="FILE", help="write position, line, index, word, prob, log_prob of every token of the split as TSV (the first scored after <eos>)")
+    p.add_argument(
+        "--word-probs", metavar="FILE",
+        help="write position, line, index, word, prob, log_prob of every token of the split as TSV: "
+        "the first scored after <eos>, then the N-1 targets of the perplexity",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_eval)
 
@@ -155,6 +166,13 @@ def _run_dynamic(ctx: _EvalContext, spec: DynamicSpec, stats: dict[str, torch.Te
     return _EvalOutcome(result, summary=summary, label="model+dynamic", report={"dynamic": spec.as_dict()})
 
 
+def _stats_tokens(ctx: _EvalContext, spec: DynamicSpec) -> list[float]:
+    """The training tokens the gradient statistics read (none for ``variant=sgd``)."""
+    if spec.variant == "sgd" or ctx.train_ids is None:
+        return []
+    return [min(ctx.train_ids.numel(), spec.max_train_tokens or ctx.train_ids.numel())]
+
+
 def _eval_dynamic(ctx: _EvalContext, spec: DynamicSpec) -> _EvalOutcome:
     spec = dataclasses.replace(spec, batch_size=ctx.batch_size)
     return _run_dynamic(ctx, spec, _dynamic_stats(ctx, spec, "--dynamic"))
@@ -193,6 +211,8 @@ class EvalMode:
     batch_size: int | Callable[[Any], int] | None = None
     searches: bool = False
     """tunes on valid, so the scored split defaults to test"""
+    passes: Callable[[_EvalContext, Any], list[float]] = lambda ctx, setting: [ctx.ids.numel()]
+    """the tokens each pass of the mode reads, in order (the command's progress and ETA)"""
 
     @property
     def flag(self) -> str:
@@ -218,6 +238,7 @@ EVAL_MODES: list[EvalMode] = [
         "cache-search", "GRID", "tune the cache on valid and score the chosen values on --split (default test); GRID like window=500,2000;theta=0.1,0.3;"
         "lambda=0.05,0.1 (missing keys: window=100,500,1000,2000,3785;theta=0.1,0.3,0.662,1.0;lambda=0.05,0.1,0.1279,0.2,0.3)",
         _parse("reglm.evaluate.cache", "parse_cache_grid"), _eval_cache_search, 1, searches=True,
+        passes=lambda ctx, grid: [ctx.valid_ids.numel(), ctx.ids.numel()],
     ),
     EvalMode(
         "dynamic", "SPEC", "dynamic evaluation (Krause et al. 2018): lr=,lambda=,eps=,segment=,variant=rms|sgd,max_train_tokens=N|all,batch_size=,"
@@ -225,11 +246,14 @@ EVAL_MODES: list[EvalMode] = [
         "lr=5e-5,lambda=0.002,eps=2e-5,segment=5,variant=rms,batch_size=1,stats_batch_size=100,adapt=all "
         "(variant=sgd needs lr)",
         _parse("reglm.evaluate.dynamic_spec", "parse_dynamic_spec"), _eval_dynamic, lambda spec: spec.batch_size,
+        passes=lambda ctx, spec: [*_stats_tokens(ctx, spec), ctx.ids.numel()],
     ),
     EvalMode(
         "dynamic-search", "GRID", "tune dynamic evaluation's lr and lambda on valid and score the best on --split (default test); GRID like "
         "lr=3e-5,5e-5;lambda=0.001,0.002;segment=5 (missing lr/lambda: the reference's 24-point grid around the settings)",
         _parse("reglm.evaluate.dynamic_spec", "parse_dynamic_grid"), _eval_dynamic_search, lambda grid: grid.spec.batch_size, searches=True,
+        passes=lambda ctx, grid: [*_stats_tokens(ctx, grid.spec), *[ctx.valid_ids.numel()] * len(grid),
+                                  ctx.ids.numel()],
     ),
 ]
 """The ``reglm eval`` modes besides plain evaluation, at most one per command; a new
@@ -251,6 +275,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from reglm.evaluate.perplexity import Reading
     from reglm.evaluate.sentences import sentence_log_probs
     from reglm.evaluate.word_probs import write_loss_deltas, write_word_probs
+    from reglm.progress import plan
     from reglm.train.batching import eval_reading
     from reglm.train.results import truth_comparison
 
@@ -259,6 +284,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ReglmError("--cache-deltas compares the cache with the model alone; add --cache SPEC or --cache-search")
     if args.batch_size is not None and args.batch_size < 1:
         raise ReglmError(f"--batch-size {args.batch_size} must be >= 1")
+    if args.max_tokens is not None and args.max_tokens < 2:
+        raise ReglmError(f"--max-tokens {args.max_tokens} must be >= 2 (the first token is context, the rest scored)")
     if args.block is not None and args.block < 1:
         raise ReglmError(f"--block {args.block} must be >= 1")
     if args.block is not None and mode.name not in ("plain", "context-window"):
@@ -277,7 +304,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     inputs = [directory, directory.parent, Path(config.data.name).expanduser(), cached]
     refuse_inputs("--word-probs", args.word_probs, inputs)
     refuse_inputs("--cache-deltas", args.cache_deltas, inputs)
-    ids = getattr(corpus, split)
+    ids, valid_ids, word_ends = getattr(corpus, split), corpus.valid, corpus.split_word_ends(split)
+    if args.max_tokens is not None:
+        ids, valid_ids = ids[: args.max_tokens], valid_ids[: args.max_tokens]
+        word_ends = None if word_ends is None else word_ends[: args.max_tokens]
     default_batch_size = mode.batch_size(setting) if callable(mode.batch_size) else mode.batch_size
     batch_size = args.batch_size or default_batch_size or (config.train.eval_batch_size if split == "valid" else config.train.test_batch_size)
     reading = dataclasses.replace(eval_reading(config.train, split, vocab.eos_id), batch_size=batch_size)
@@ -285,8 +315,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
         reading = Reading(batch_size, config.train.bptt, args.block or config.train.block_size, 0, vocab.eos_id)
     truth = corpus.truth[split] if corpus.truth is not None else None
     keep = truth is not None or args.word_probs is not None or args.cache_deltas is not None
-    ctx = _EvalContext(model, ids, split, batch_size, config.train.bptt, reading, corpus.split_word_ends(split), device, keep, sys.stderr.isatty() and not args.json, corpus.valid, corpus.train)
-    outcome = mode.run(ctx, setting)
+    if args.max_tokens is not None and reading.block is None and ids.numel() - 1 < batch_size:
+        raise ReglmError(
+            f"the first {ids.numel()} tokens of {split} (--max-tokens) are too few for {batch_size} streams; "
+            "lower --batch-size or raise --max-tokens"
+        )
+    ctx = _EvalContext(
+        model, ids, split, batch_size, config.train.bptt, reading, word_ends, device, keep, True, valid_ids,
+        corpus.train,
+    )
+    with plan(mode.passes(ctx, setting)):
+        outcome = mode.run(ctx, setting)
     result = outcome.result
     if args.word_probs is not None:
         first = float(sentence_log_probs(model, [[int(ids[0])]], vocab.eos_id, device)[0][0])
@@ -294,6 +333,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.cache_deltas is not None:
         write_output("--cache-deltas", args.cache_deltas, lambda: write_loss_deltas(args.cache_deltas, result, outcome.baseline, ids, vocab))
     out = {"run": str(args.run), "checkpoint": str(directory), "split": split, "batch_size": batch_size, "mode": mode.name, **result.as_dict(), **outcome.report}
+    out["oov_penalty"] = "none"
+    if args.max_tokens is not None:
+        out["max_tokens"] = args.max_tokens
     for key, path in (("word_probs", args.word_probs), ("cache_deltas", args.cache_deltas)):
         if path is not None:
             out[key] = path
@@ -305,12 +347,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for line in outcome.lines:
         print(line)
     words = f" | words {result.words} (word-level ppl)" if result.words is not None and result.words != result.tokens else ""
-    print(f"{split}: loss {result.loss:.4f} | ppl {result.ppl:.2f} | tokens {result.tokens}{words}{outcome.summary}")
+    part = f" (first {ids.numel()} tokens)" if args.max_tokens is not None else ""
+    print(f"{split}{part}: loss {result.loss:.4f} | ppl {result.ppl:.2f} | tokens {result.tokens}"
+          f"{words}{outcome.summary}")
     if truth is not None:
         s = out["synthetic"]
         print(f"words only: {outcome.label} ppl {s['model_word_ppl']:.2f} | true ppl {s['true_word_ppl']:.2f}")
     if args.word_probs is not None:
-        print(f"wrote word probabilities to {args.word_probs} ({result.tokens + 1} rows: the first token scored after <eos>, then the {result.tokens} targets of the perplexity)")
+        print(f"wrote word probabilities to {args.word_probs} ({result.tokens + 1} rows: the first token scored "
+              f"after <eos>, then the {result.tokens} targets of the perplexity above)")
     if args.cache_deltas is not None:
         print(f"wrote cache loss deltas to {args.cache_deltas}")
     return 0

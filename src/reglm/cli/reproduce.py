@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from reglm.cli.common import stop_on_signals
+from reglm.errors import ReglmError
 
 
 def register(sub: Any) -> None:
@@ -41,7 +42,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     budget = Budget(args.budget, args.minutes)
     with stop_on_signals() as stop:
         try:
-            result = reproduce(args.target, Path(args.out), rows, args.scale, budget, options, stop, progress=sys.stderr.isatty() and not args.json)
+            result = reproduce(args.target, Path(args.out), rows, args.scale, budget, options, stop, progress=True)
         except TrainingInterrupted:
             print(f"reglm: reproduce interrupted; rerun the same command to resume ({args.out})", file=sys.stderr)
             raise
@@ -50,4 +51,15 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     else:
         print(result.markdown, end="")
         print(f"wrote {result.directory / 'table.md'} and {result.directory / 'table.json'}", file=sys.stderr)
+    records = result.table["records"]
+    if records and all("missing" in record["reglm"] for record in records):
+        unit = "minute" if args.minutes == 1 else "minutes"
+        minutes = "its budget"
+        if args.minutes:
+            minutes = f"--minutes {args.minutes:g} ({args.minutes:g} {unit} for the table)"
+        raise ReglmError(
+            f"no row of {args.target} was scored: with {minutes} every run stopped before its first epoch ended, "
+            "so no run has a model; "
+            "rerun with a larger --minutes (or --budget EPOCHS)"
+        )
     return 0

@@ -5,8 +5,11 @@ reads the lines as one text instead), its ``<eos>`` scored unless ``--no-eos``. 
 ``ID<TAB>sentence`` (an n-best list) echoes its id; otherwise a line is identified by its 1-based
 number. An empty line is a sentence of no words: it scores ``<eos>`` alone (nothing with
 ``--no-eos``: log-probability 0, 0 tokens, perplexity ``nan``). A word outside the vocabulary is
-scored as ``<unk>`` and counted in the ``oov`` column; a model without ``<unk>`` refuses the
-line instead.
+scored as ``<unk>`` under ``--oov-penalty`` (by default the unknown class's probability shared
+among its word types; see :mod:`reglm.api`) and counted in the ``oov`` column; a model without
+``<unk>`` refuses the line instead. The OOV setting is printed on standard error before the
+scores and is a field of every JSON line. The TSV is the ``csv`` module's dialect
+(:func:`reglm.evaluate.word_probs.tsv`).
 """
 
 from __future__ import annotations
@@ -35,6 +38,12 @@ def register(sub: Any) -> None:
     p.add_argument("--words", action="store_true", help="one row per word instead of per sentence: id, position, word, log-prob, OOV flag")
     p.add_argument("--input", choices=["auto", "plain", "ids"], default="auto", help="plain lines, or ID<TAB>sentence lines; auto: ids when the first line holds a tab")
     p.add_argument("--no-eos", dest="eos", action="store_false", help="do not score the <eos> that ends each sentence")
+    p.add_argument(
+        "--oov-penalty", default="share", metavar="share|none|X",
+        help="score of a word outside the vocabulary: share (default) log p(<unk>) - log(unknown word types "
+        "of the training text); X: log p(<unk>) - X in --base units (a decoder's unk offset, e.g. 10); "
+        "none: the raw log p(<unk>) (the perplexity protocol)",
+    )
     p.add_argument("--carry", action="store_true", help="carry the context from one line into the next (a document) instead of scoring each line alone")
     p.add_argument("--out", metavar="FILE", help="write the scores to FILE (written atomically) instead of standard output")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
@@ -86,7 +95,7 @@ def read_lines(path: str, fmt: str) -> list[Line]:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from reglm.api import load
+    from reglm.api import describe_oov, load, oov_offset
     from reglm.train.run import resolve_device
 
     check_output_file("--out", args.out)
@@ -100,8 +109,16 @@ def cmd_score(args: argparse.Namespace) -> int:
             unknown = [w for w in line.sentence.split() if w not in lm.vocab]
             if unknown:
                 raise ReglmError(f"line {number} ({line.id}): {unknown[0]!r} is not in the model's vocabulary, which has no <unk> to score it with; remove the line or use a model trained with <unk>")
+    penalty = None if args.oov_penalty == "none" else args.oov_penalty
+    oov_offset(lm.vocab, penalty, args.base)
+    setting = f"{describe_oov(lm.vocab, penalty, args.base)} (--oov-penalty {args.oov_penalty})"
+    print(f"reglm score: an OOV word scores {setting}", file=sys.stderr, flush=True)
+    from reglm.progress import plan
+
     start = time.perf_counter()
-    scored = lm.full_scores_batch([line.sentence for line in lines], args.base, args.eos, args.carry, progress=sys.stderr.isatty())
+    with plan([1]):
+        sentences = [line.sentence for line in lines]
+        scored = lm.full_scores_batch(sentences, args.base, args.eos, args.carry, progress=True, oov_penalty=penalty)
     seconds = time.perf_counter() - start
     text = _render(lines, scored, args)
     if args.out is None:
@@ -144,10 +161,14 @@ def _render(lines: list[Line], scored: list[list[Any]], args: argparse.Namespace
             rows.append({"id": line.id, column: sum(w.log_prob for w in words), "tokens": len(words), "oov": sum(w.oov for w in words), "ppl": _perplexity(words, args.base)})
     header = ["id", "position", "word", column, "oov"] if args.words else ["id", column, "tokens", "oov", "ppl"]
     if args.format == "jsonl":
-        return "".join(json.dumps({key: (None if isinstance(v, float) and math.isnan(v) else v) for key, v in row.items()}) + "\n" for row in rows)
-    body = ["\t".join(header)]
-    body += ["\t".join(_cell(row[key]) for key in header) for row in rows]
-    return "\n".join(body) + "\n"
+        named = args.oov_penalty in ("share", "none")
+        setting = {"oov_penalty": args.oov_penalty if named else float(args.oov_penalty)}
+        records = ({key: (None if isinstance(v, float) and math.isnan(v) else v) for key, v in row.items()} | setting
+                   for row in rows)
+        return "".join(json.dumps(record) + "\n" for record in records)
+    from reglm.evaluate.word_probs import tsv
+
+    return tsv(header, ([_cell(row[key]) for key in header] for row in rows))
 
 
 def _perplexity(words: list[Any], base: str) -> float:

@@ -19,7 +19,11 @@ def register(sub: Any) -> None:
     p.add_argument("--out", help="run directory (default: runs/<preset>-<time>)")
     p.add_argument("--resume", metavar="RUN", help="continue the run in RUN from its last checkpoint")
     _add_tensorboard(p)
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.lr=10 model.emb_size=400")
+    p.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE",
+        help="config overrides, e.g. train.optimizer.lr=10 model.input.emb_size=400 "
+        "(`reglm config` lists every option)",
+    )
 
     p.set_defaults(func=cmd_train)
 
@@ -30,7 +34,10 @@ def register(sub: Any) -> None:
     p.add_argument("--init-from-model", action="store_true", help="start from the language model's weights instead of a fresh initialization")
     p.add_argument("--out", help="run directory (default: runs/discriminator-<time>)")
     _add_tensorboard(p)
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="training overrides, e.g. train.lr=0.5 model.hidden_dropout=0")
+    p.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE",
+        help="training overrides, e.g. train.optimizer.lr=0.5 model.encoder.hidden_dropout=0",
+    )
 
     p.set_defaults(func=cmd_train_discriminator)
 
@@ -44,7 +51,10 @@ def register(sub: Any) -> None:
     p.add_argument("--preset", default="dfinetune", help="training settings (default: dfinetune, the paper's PTB settings; dfinetune-wt2)")
     p.add_argument("--out", help="run directory (default: runs/finetune-<time>)")
     _add_tensorboard(p)
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="training overrides, e.g. train.lr=0.1 model.hidden_dropout=0.3")
+    p.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE",
+        help="training overrides, e.g. train.optimizer.lr=0.1 model.encoder.hidden_dropout=0.3",
+    )
     p.set_defaults(func=cmd_finetune)
 
 

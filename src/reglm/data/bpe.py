@@ -142,6 +142,11 @@ class BPEVocab(Vocab):
     def __repr__(self) -> str:
         return f"BPEVocab(size={len(self)})"
 
+    def unknown_types(self) -> int:
+        """1: a sub-word vocabulary maps no word to ``<unk>`` (an unseen character is the ``<unk>``
+        unit), so scoring has no unknown class to share (:func:`reglm.api.oov_offset`)."""
+        return 1
+
     @classmethod
     def train(cls, word_counts: Mapping[str, int], vocab_size: int) -> BPEVocab:
         """Learn the units of a training text from its word counts (``<eos>`` / ``<unk>`` included

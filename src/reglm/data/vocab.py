@@ -8,7 +8,18 @@ present: the corpus rule appends one per line (see :mod:`reglm.data.corpus`). ``
 when the training text already contains it (PTB, WikiText) or when ``min_freq`` / ``max_vocab``
 dropped a word; it then carries the count of everything mapped to it.
 
-On disk a vocabulary is ``vocab.txt``: UTF-8, one ``token<TAB>count`` line per id, in id order.
+The vocabulary also records how many distinct training words ``min_freq`` / ``max_vocab`` mapped
+to ``<unk>`` and how many tokens they had (:attr:`Vocab.unk_types`, :attr:`Vocab.unk_tokens`):
+scoring shares the unknown class's probability among the unknown words
+(:meth:`Vocab.unknown_types`). Occurrences of ``<unk>`` already in the training text (PTB and
+WikiText come mapped) are words whose types nobody recorded; each is counted as a type of its own,
+the largest number the counts allow.
+
+On disk a vocabulary is ``vocab.txt``: UTF-8, one ``token<TAB>count`` line per id, in id order;
+the ``<unk>`` line of a vocabulary that dropped words carries two more fields,
+``<unk><TAB>count<TAB>unknown types<TAB>unknown tokens``. A file without them (as written before
+they were recorded) loads with both numbers 0: every ``<unk>`` of the training text then counts
+as a type of its own.
 """
 
 from __future__ import annotations
@@ -49,7 +60,7 @@ class Vocab:
         counts: training count of each id (0 for a special token never seen in training).
     """
 
-    def __init__(self, itos: list[str], counts: list[int]) -> None:
+    def __init__(self, itos: list[str], counts: list[int], unk_types: int = 0, unk_tokens: int = 0) -> None:
         if len(itos) != len(counts):
             raise ValueError(f"{len(itos)} tokens but {len(counts)} counts")
         if EOS not in itos:
@@ -59,6 +70,14 @@ class Vocab:
         self.stoi = {tok: i for i, tok in enumerate(self.itos)}
         if len(self.stoi) != len(self.itos):
             raise ValueError("duplicate tokens in the vocabulary")
+        unk_count = self.counts[self.stoi[UNK]] if UNK in self.stoi else 0
+        if not (0 <= unk_types <= unk_tokens <= unk_count):
+            raise ValueError(f"unk_types={unk_types}, unk_tokens={unk_tokens}: need 0 <= types <= tokens <= {unk_count}"
+                             f" (the {UNK} count)")
+        self.unk_types = int(unk_types)
+        """distinct training words mapped to ``<unk>`` by ``min_freq`` / ``max_vocab``"""
+        self.unk_tokens = int(unk_tokens)
+        """their occurrences in the training text (the rest of ``<unk>``'s count was ``<unk>`` already)"""
 
     @classmethod
     def build(cls, counter: Counter, min_freq: int = 1, max_vocab: int | None = None) -> "Vocab":
@@ -102,6 +121,8 @@ class Vocab:
                 room -= 1
             kept = kept[:room]
         kept_counts = counts[kept]
+        dropped = ranked[kept.size:] if max_vocab is not None else ranked[counts[ranked] < min_freq]
+        dropped = dropped[counts[dropped] > 0]
         specials = {EOS: int(counts[where[EOS]]) if EOS in where else 0}
         if has_unk:
             specials[UNK] = int(counts.sum()) - int(kept_counts.sum()) - specials[EOS]
@@ -120,7 +141,8 @@ class Vocab:
             position = at[token] + k
             itos.insert(position, token)
             all_counts.insert(position, specials[token])
-        vocab = cls(itos, all_counts)
+        unknown = (int(dropped.size), int(counts[dropped].sum())) if has_unk else (0, 0)
+        vocab = cls(itos, all_counts, *unknown)
         for token, i in where.items():
             table[i] = vocab.stoi.get(token, -1)
         if has_unk:
@@ -134,6 +156,13 @@ class Vocab:
     @property
     def unk_id(self) -> int | None:
         return self.stoi.get(UNK)
+
+    def unknown_types(self) -> int:
+        """How many word types ``<unk>`` stands for: the recorded dropped types plus one per
+        occurrence of ``<unk>`` the training text already held (at least 1)."""
+        if self.unk_id is None:
+            return 1
+        return max(1, self.unk_types + self.counts[self.unk_id] - self.unk_tokens)
 
     def __len__(self) -> int:
         return len(self.itos)
@@ -174,12 +203,14 @@ class Vocab:
         return hashlib.sha256("\n".join(self.itos).encode("utf-8")).hexdigest()
 
     def save(self, path: str | Path) -> None:
-        """Write ``token<TAB>count`` lines in id order, atomically (temp file + ``os.replace``)."""
+        """Write ``token<TAB>count`` lines in id order (the ``<unk>`` line with the unknown types
+        and tokens when words were dropped), atomically (temp file + ``os.replace``)."""
         path = Path(path)
         for tok in self.itos:
             if not tok or "\t" in tok or "\n" in tok:
                 raise ValueError(f"token {tok!r} cannot be stored in {path}")
-        text = "".join(f"{tok}\t{count}\n" for tok, count in zip(self.itos, self.counts))
+        extra = f"\t{self.unk_types}\t{self.unk_tokens}" if self.unk_tokens else ""
+        text = "".join(f"{tok}\t{count}{extra if tok == UNK else ''}\n" for tok, count in zip(self.itos, self.counts))
         write_text(path, text)
 
     @classmethod
@@ -196,11 +227,15 @@ class Vocab:
             raise ReglmError(f"vocabulary file {path} is not valid UTF-8; it is damaged, restore it") from None
         itos: list[str] = []
         counts: list[int] = []
+        unknown = (0, 0)
         lines = text.split("\n")
         if lines[-1] == "":
             lines.pop()
         for lineno, line in enumerate(lines, 1):
             parts = line.split("\t")
+            if parts[0] == UNK and len(parts) == 4 and _COUNT.fullmatch(parts[2]) and _COUNT.fullmatch(parts[3]):
+                unknown = (int(parts[2]), int(parts[3]))
+                parts = parts[:2]
             if len(parts) != 2 or not parts[0] or not _COUNT.fullmatch(parts[1]):
                 raise ReglmError(
                     f"vocabulary file {path} is malformed at line {lineno} "
@@ -211,4 +246,10 @@ class Vocab:
             counts.append(int(parts[1]))
         if EOS not in itos or len(set(itos)) != len(itos):
             raise ReglmError(f"vocabulary file {path} lacks {EOS} or repeats a token; it is damaged, restore it")
-        return cls(itos, counts)
+        try:
+            return cls(itos, counts, *unknown)
+        except ValueError:
+            raise ReglmError(
+                f"vocabulary file {path}: the unknown types and tokens on its {UNK} line exceed its count; "
+                "it is damaged, restore it"
+            ) from None

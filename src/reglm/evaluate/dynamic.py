@@ -107,12 +107,12 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from reglm.data.windows import StreamPlan, Window
 from reglm.encoders.base import State, detach_state
 from reglm.evaluate.dynamic_spec import OPTION, DynamicGrid, DynamicSpec, train_split_error
 from reglm.evaluate.perplexity import EvalResult, in_stream_order
+from reglm.progress import track
 
 def _gradient_copy(
     model: nn.Module, device: torch.device | str, adapt: str = "all"
@@ -199,9 +199,8 @@ def gradient_statistics(
         starts = starts[: max(1, spec.max_train_tokens // (plan.batch_size * window))]
     square_sums = [torch.zeros_like(p) for p in params]
     state = work.init_state(plan.batch_size, device=device)
-    for start in tqdm(starts, desc=desc, disable=not progress, leave=False, unit="batch"):
-        batch = plan.window(start, window)
-        _, grads, state = _segment_grads(work, params, batch, state, encoder_grad=spec.adapt == "all")
+    for start in track(starts, len(starts), desc, "batch", progress):
+        _, grads, state = _segment_grads(work, params, plan.window(start, window), state, encoder_grad=spec.adapt == "all")
         torch._foreach_addcmul_(square_sums, grads, grads)
     return {name: s.div_(len(starts)).sqrt_() for name, s in zip(names, square_sums)}
 
@@ -290,7 +289,7 @@ class DynamicEvaluator:
         count = 0
         pieces = []
         try:
-            for window in tqdm(plan.windows(spec.segment), total=plan.count(spec.segment), desc=desc, disable=not progress, leave=False, unit="segment"):
+            for window in track(plan.windows(spec.segment), plan.count(spec.segment), desc, "segment", progress):
                 nll, state = self.adapt(window, state, spec)
                 total += window.masked_sum(nll)
                 count += window.tokens

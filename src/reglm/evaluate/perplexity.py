@@ -19,10 +19,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from reglm.data.windows import ContextPlan, SentencePlan, StreamPlan, Window
 from reglm.encoders.base import EncoderOutput, State, detach_state
+from reglm.progress import track
 
 
 def perplexity(loss: float) -> float:
@@ -100,7 +100,7 @@ def stream_pass(
     pieces: dict[str, list[tuple[Tensor, Tensor]]] = {name: [] for name in keep}
     try:
         with torch.no_grad():
-            for window in tqdm(plan.windows(bptt), total=plan.count(bptt), desc=desc, disable=not progress, leave=False, unit="batch"):
+            for window in track(plan.windows(bptt), plan.count(bptt), desc, "batch", progress):
                 if not (plan.carries_state and states):
                     states = [m.init_state(window.inputs.size(0), device=device) for m in models]
                 outs = [m(window.inputs, s) for m, s in zip(models, states)]

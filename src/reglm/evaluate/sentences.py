@@ -22,7 +22,8 @@ from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
+
+from reglm.progress import track
 
 from reglm.data.windows import ContextPlan, StreamPlan
 from reglm.evaluate.perplexity import stream_pass
@@ -70,7 +71,7 @@ def sentence_log_probs(
     mode = model.training
     model.eval()
     try:
-        for batch in tqdm(batches, desc="score", disable=not progress, leave=False, unit="batch"):
+        for batch in track(batches, len(batches), "score", "batch", progress):
             width = lengths[batch[0]]
             targets = torch.full((len(batch), width), context, dtype=torch.long)
             for row, i in enumerate(batch):

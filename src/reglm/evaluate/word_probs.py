@@ -5,6 +5,12 @@ Both read an :class:`~reglm.evaluate.perplexity.EvalResult` that kept its per-to
 write a UTF-8 TSV file with a header line, atomically (:mod:`reglm.io`): a crash leaves the old
 file or the new one, never a partial one. An existing file is replaced.
 
+The TSV is written as Python's ``csv`` module writes it (:func:`tsv`): a field holding a double
+quote is quoted, its quotes doubled (the token ``"`` becomes the field ``"\"\"\""``), so that
+``csv.reader(f, delimiter="\\t")`` and ``pandas.read_csv(path, sep="\\t", keep_default_na=False)``
+read every row back exactly (``keep_default_na=False`` keeps words such as ``null`` or ``n/a``
+from turning into NaN).
+
 ``position`` is the index of the target in the split's token stream (its words in file order,
 one ``<eos>`` per line, 0-based); ``line`` (1-based) and ``index`` (0-based, the ``<eos>`` after
 the line's last word) say where it stands in the split's file. The evaluation scores every token
@@ -16,13 +22,27 @@ outside the reported perplexity.
 
 from __future__ import annotations
 
+import csv
+import io
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from reglm.data.vocab import Vocab
 from reglm.evaluate.perplexity import EvalResult
 from reglm.io import write_text
+
+
+def tsv(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
+    """``header`` and ``rows`` as TSV text in the ``csv`` module's dialect (tab-separated, a field
+    with a quote quoted, ``\n`` line ends)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, delimiter="\t", lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buffer.getvalue()
 
 
 def _flat(result: EvalResult) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,11 +66,10 @@ def write_word_probs(path: Path | str, result: EvalResult, ids: torch.Tensor, vo
         log_probs = torch.cat([torch.tensor([first_log_prob], dtype=torch.float64), log_probs])
     line_of, index_of = _places(ids, vocab.eos_id)
     targets = ids[positions].tolist()
-    lines = ["position\tline\tindex\tword\tprob\tlog_prob"]
     rows = zip(positions.tolist(), line_of[positions].tolist(), index_of[positions].tolist(), targets, log_probs.tolist(), torch.exp(log_probs).tolist())
-    for pos, line, index, target, logp, p in rows:
-        lines.append(f"{pos}\t{line}\t{index}\t{vocab.itos[target]}\t{p:.9g}\t{logp:.9g}")
-    write_text(Path(path), "\n".join(lines) + "\n")
+    body = ((pos, line, index, vocab.itos[target], f"{p:.9g}", f"{logp:.9g}")
+            for pos, line, index, target, logp, p in rows)
+    write_text(Path(path), tsv(["position", "line", "index", "word", "prob", "log_prob"], body))
 
 
 def _places(ids: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,6 +105,5 @@ def loss_deltas(result: EvalResult, baseline: EvalResult, ids: torch.Tensor, voc
 
 def write_loss_deltas(path: Path | str, result: EvalResult, baseline: EvalResult, ids: torch.Tensor, vocab: Vocab) -> None:
     """Write :func:`loss_deltas` as ``word, count, delta_loss`` rows."""
-    lines = ["word\tcount\tdelta_loss"]
-    lines += [f"{word}\t{count}\t{delta:.6f}" for word, count, delta in loss_deltas(result, baseline, ids, vocab)]
-    write_text(Path(path), "\n".join(lines) + "\n")
+    rows = ((word, count, f"{delta:.6f}") for word, count, delta in loss_deltas(result, baseline, ids, vocab))
+    write_text(Path(path), tsv(["word", "count", "delta_loss"], rows))

@@ -283,6 +283,7 @@ def _spec(
         "interface": _interface(module, vocab_size),
         "vocab": {
             "file": VOCAB_FILE, "size": len(vocab), "eos_id": vocab.eos_id, "unk_id": vocab.unk_id,
+            "unknown_types": vocab.unknown_types(),
             "tokenizer": TOKENIZER_FILE if lm.subword is not None else None,
             "lines": "token<TAB>training count; line i (from 0) is the token of id i",
         },

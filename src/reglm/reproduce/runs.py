@@ -89,6 +89,16 @@ class _Deadline:
         return self.signum is not None
 
     @property
+    def immediate(self) -> bool:
+        """The user's request's: whether a signal now interrupts at once (a run's final evaluation)."""
+        return self.user is not None and self.user.immediate
+
+    @immediate.setter
+    def immediate(self, value: bool) -> None:
+        if self.user is not None:
+            self.user.immediate = value
+
+    @property
     def by_user(self) -> bool:
         return self.user is not None and self.user.signum is not None
 
@@ -100,6 +110,7 @@ def say(text: str) -> None:
 def train_runs(runs: list[Run], budget: Budget, ledger: dict[str, Any], save: Any, stop: Any = None, progress: bool = False) -> None:
     """Train every run that is not finished: start it, or resume it; a run whose time budget
     is spent, or that starts from a run without a model, is left as it is."""
+    from reglm.progress import clock
     from reglm.train.run import resume, train
 
     share = None if budget.minutes is None else budget.minutes * 60 / len(runs)
@@ -119,10 +130,17 @@ def train_runs(runs: list[Run], budget: Budget, ledger: dict[str, Any], save: An
         left = None if share is None else share - entry["seconds"]
         if left is not None and left <= 0:
             entry["status"] = "budget"
-            say(f"run {i}/{len(runs)} {run.name}: its {share / 60:.1f} minutes are spent")
+            say(f"run {i}/{len(runs)} {run.name}: its {share / 60:.2g} minute(s) are spent")
             continue
         deadline = _Deadline(stop, left)
-        say(f"run {i}/{len(runs)} {run.name}: {'resuming' if is_run(run.directory) else 'training'}" + ("" if left is None else f", {left / 60:.1f} min left"))
+        spent = [ledger.get(r.name, {}).get("seconds", 0.0) for r in runs[i - 1:]]
+        table_left = None if share is None else sum(max(share - seconds, 0.0) for seconds in spent)
+        say(
+            f"run {i}/{len(runs)} {run.name}: {'resuming' if is_run(run.directory) else 'training'}"
+            + ("" if left is None or table_left is None else
+               f", {left / 60:.1f} min left; the table's training ends within {table_left / 60:.1f} min "
+               f"(ETA {clock(table_left)})")
+        )
         started = time.monotonic()
         try:
             if is_run(run.directory):
@@ -134,7 +152,7 @@ def train_runs(runs: list[Run], budget: Budget, ledger: dict[str, Any], save: An
             if deadline.by_user:
                 raise
             entry["status"] = "budget"
-            say(f"run {run.name}: its {share / 60:.1f} minutes are spent; its best model so far is scored")
+            say(f"run {run.name}: its {share / 60:.2g} minute(s) are spent; its best model so far is scored")
         finally:
             entry["seconds"] += time.monotonic() - started
             save()

@@ -61,7 +61,7 @@ class Scorer:
         if not best.is_dir():
             return {"missing": "no trained model (the run's time budget ended before its first epoch)"}
         results = read_json(run.directory / RESULTS_FILE)
-        if row.evaluation == "plain" and results is not None:
+        if row.evaluation == "plain" and results is not None and "missing" not in results:
             record = results.get("main") if plan.stage == "main" else results
             if record is None:
                 return {"missing": "the run recorded no main-stage scores"}

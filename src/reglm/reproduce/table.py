@@ -40,7 +40,8 @@ def render_markdown(meta: dict[str, Any], records: list[dict[str, Any]]) -> str:
         "",
         f"`{meta['command']}`: scale **{meta['scale']}**"
         + (f", at most {budget['epochs']} epoch(s) per stage" if budget["epochs"] else "")
-        + (f", {budget['minutes']:g} minutes for the table" if budget["minutes"] else "")
+        + (f", {budget['minutes']:g} {'minute' if budget['minutes'] == 1 else 'minutes'} for the table"
+           if budget["minutes"] else "")
         + f"; {meta['minutes']:.1f} minutes of training in all ({meta['runs']} run{'' if meta['runs'] == 1 else 's'}) on {', '.join(meta['devices']) or 'no device'}.",
         "",
     ]

@@ -79,7 +79,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from reglm.analysis.subspace import embedding_subspace_distance
 from reglm.config import MAX_SEED, ModelConfig
@@ -89,6 +88,7 @@ from reglm.errors import ReglmError
 from reglm.evaluate.perplexity import perplexity, stream_pass
 from reglm.models import LanguageModel
 from reglm.objectives.augmented_loss import augmented_kl
+from reglm.progress import track
 
 OPTIMIZERS = ("adam", "sgd")
 ENCODERS = ("vd-lstm", "awd-lstm")
@@ -322,7 +322,7 @@ def run_subspace_study(train_ids: Tensor, vocab_size: int, spec: SubspaceStudySp
     * ``trainings``: one record per training: ``run``, ``seed``, ``offset`` (of the slice),
       ``beta``, ``tau`` and :func:`train_point`'s ``distance``, ``final``, ``curve``, ``seconds``.
 
-    ``progress`` shows a tqdm bar over all trainings. Raises :class:`ReglmError` when the stream
+    ``progress`` reports the trainings done (:func:`reglm.progress.track`). Raises :class:`ReglmError` when the stream
     is shorter than ``spec.words`` or holds ids outside the vocabulary.
     """
     began = time.perf_counter()
@@ -335,16 +335,16 @@ def run_subspace_study(train_ids: Tensor, vocab_size: int, spec: SubspaceStudySp
     device = torch.device(device)
     points = spec.points()
     trainings: list[dict[str, Any]] = []
-    with tqdm(total=spec.runs * len(points), desc="subspace study", unit="training", disable=not progress) as bar:
-        for run in range(spec.runs):
-            seed = spec.seed + run
+    grid = [(run, beta, tau) for run in range(spec.runs) for beta, tau in points]
+    plans: dict[int, tuple[int, StreamPlan]] = {}
+    for run, beta, tau in track(grid, len(grid), "subspace study", "training", progress):
+        seed = spec.seed + run
+        if run not in plans:
             offset, ids = _slice(train_ids, spec.words, seed)
-            plan = StreamPlan(ids.to(torch.long), spec.batch_size, "trim").to(device)
-            for beta, tau in points:
-                record = train_point(plan, vocab_size, spec, beta, tau, seed)
-                trainings.append({"run": run, "seed": seed, "offset": offset, "beta": beta, "tau": tau, **record})
-                bar.set_postfix(beta=beta, tau=tau, distance=f"{record['distance']:.3f}")
-                bar.update(1)
+            plans = {run: (offset, StreamPlan(ids.to(torch.long), spec.batch_size, "trim").to(device))}
+        offset, plan = plans[run]
+        record = train_point(plan, vocab_size, spec, beta, tau, seed)
+        trainings.append({"run": run, "seed": seed, "offset": offset, "beta": beta, "tau": tau, **record})
 
     def panel(pairs: list[tuple[float, float]]) -> dict[str, Any]:
         per_point = [[t for t in trainings if (t["beta"], t["tau"]) == p] for p in pairs]

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -56,6 +55,7 @@ from reglm.evaluate.perplexity import evaluate, perplexity
 from reglm.io import write_json
 from reglm.models import LanguageModel
 from reglm.objectives.reverse_kl import log_p_hat
+from reglm.progress import Pace, clock, say
 from reglm.rundir import RESULTS_FILE, is_run
 from reglm.train.checkpoint import load_model_dir, save_model_dir
 from reglm.train.run import Trainer, load_corpus, resolve_device, resume, train
@@ -135,12 +135,39 @@ def initial_config(spec: TrigramStudySpec) -> RunConfig:
     return build_config(None, options)
 
 
-def _run_stage(run_dir: Path, config: RunConfig, corpus: Corpus, progress: bool, tracker: ChosenWordTracker | None = None) -> dict[str, Any]:
+class _StudyClock:
+    """The study's stages weighed by their planned epochs: a line as each stage starts, with the
+    whole study's ETA at the pace of the stages trained in this session (an upper bound: the
+    initial model's plateau schedule may end it before ``spec.epochs``)."""
+
+    def __init__(self, spec: TrigramStudySpec) -> None:
+        self.stages = 1 + 2 * (2 + len(spec.ce_lrs))
+        self.total = spec.epochs + 2 * (spec.disc_epochs + spec.finetune_epochs * (1 + len(spec.ce_lrs)))
+        self.done = 0.0
+        self.begun = 0
+        self.pace = Pace()
+
+    def stage(self, name: str, epochs: int, reused: bool) -> None:
+        self.begun += 1
+        if reused:
+            self.pace.start_fraction += epochs / self.total
+        else:
+            eta = clock(self.pace.eta(self.done / self.total))
+            done = f"{self.done / self.total:.0%} of the planned epochs done"
+            say(f"study stage {self.begun}/{self.stages} {name}: {done}, study ETA {eta}")
+        self.done += epochs
+
+
+def _run_stage(
+    run_dir: Path, config: RunConfig, corpus: Corpus, progress: bool, study: _StudyClock,
+    tracker: ChosenWordTracker | None = None,
+) -> dict[str, Any]:
     """Train one stage into ``run_dir``: reuse a finished one, resume an interrupted one."""
-    if (run_dir / RESULTS_FILE).is_file():
+    reused = (run_dir / RESULTS_FILE).is_file()
+    study.stage(run_dir.name, config.train.epochs, reused)
+    if reused:
         return {"run": str(run_dir), "reused": True}
     hooks = [] if tracker is None else [tracker]
-    print(f"study stage {run_dir.name}", file=sys.stderr, flush=True)
     if is_run(run_dir):
         resume(run_dir, progress, corpus=corpus, step_hooks=hooks)
     else:
@@ -273,7 +300,8 @@ def run_trigram_study(out: Path, spec: TrigramStudySpec, progress: bool = False)
         ends = (corpus.valid == corpus.vocab.eos_id).nonzero().flatten()
         valid = corpus.valid[: int(ends[min(spec.valid_sentences, ends.numel()) - 1]) + 1]
 
-    _run_stage(out / "initial", config, corpus, progress)
+    study = _StudyClock(spec)
+    _run_stage(out / "initial", config, corpus, progress, study)
     perturbed_dir = out / "perturbed"
     if not (perturbed_dir / "model.safetensors").is_file():
         model, saved_config, vocab = load_model_dir(out / "initial" / "best")
@@ -286,7 +314,7 @@ def run_trigram_study(out: Path, spec: TrigramStudySpec, progress: bool = False)
     for name, base in bases.items():
         disc_dir = out / f"disc-{name}"
         disc_config = derive_config(config, None, disc_options, {"kind": "discriminator", "base_model": str(base)}, "a discriminator")
-        _run_stage(disc_dir, disc_config, corpus, progress)
+        _run_stage(disc_dir, disc_config, corpus, progress, study)
         runs = {f"ftd-{name}": ({"kind": "reverse-kl", "base_model": str(base), "discriminator": str((disc_dir / "best").resolve())}, spec.finetune_lr)}
         for lr in spec.ce_lrs:
             runs[f"ce-{lr:g}-{name}"] = ({"kind": "lm", "base_model": str(base)}, lr)
@@ -294,7 +322,7 @@ def run_trigram_study(out: Path, spec: TrigramStudySpec, progress: bool = False)
             options = [f"train.epochs={spec.finetune_epochs}", f"train.lr={lr}", "train.plateau_factor=none"]
             stage_config = derive_config(config, None, options, objective, "fine-tuning")
             tracker = ChosenWordTracker(context, chosen, tracker_words, valid)
-            _run_stage(out / stage, stage_config, corpus, progress, tracker)
+            _run_stage(out / stage, stage_config, corpus, progress, study, tracker)
             stages[stage] = {"base": name, "lr": lr, "objective": objective["kind"]}
 
     rows = {"true distribution": _true_row(corpus, frequent)}

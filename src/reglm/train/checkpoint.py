@@ -348,3 +348,38 @@ def load_state(path: Path) -> dict[str, Any]:
 def _short(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0][:160] if text else type(exc).__name__
+
+
+def load_state_model(run_dir: Path, device: torch.device | str = "cpu") -> tuple[LanguageModel, RunConfig, Vocab]:
+    """The model of a run's latest ``state.pt`` (``reglm eval RUN --checkpoint state``): a run
+    interrupted before it wrote ``best/`` or ``last/`` (its first epoch) can be scored. These are
+    the weights validation would see: the averaged ones once averaging runs, else the iterate."""
+    from reglm.config import load_config_file
+    from reglm.config.build import registry
+
+    run_dir = Path(run_dir)
+    config = load_config_file(run_dir / CONFIG_FILE)
+    if config.data.tokenizer == "bpe":
+        raise ReglmError(
+            f"{run_dir}: --checkpoint state reads word models; a BPE run's tokenizer is saved with best/ and last/ "
+            "(evaluate those)"
+        )
+    vocab = Vocab.load(run_dir / VOCAB_FILE)
+    state = load_state(run_dir / STATE_FILE)
+    if state["vocab_fingerprint"] != vocab.fingerprint():
+        raise ReglmError(
+            f"{run_dir / STATE_FILE} was built for another vocabulary than {run_dir / VOCAB_FILE}; "
+            "restore the run's own files"
+        )
+    model = LanguageModel(config.model, len(vocab), vocab)
+    averaging = registry("averaging")[config.train.averaging.kind](config.train.averaging)
+    try:
+        model.load_state_dict(state["model"])
+        averaging.load_state_dict(state)
+        if averaging.active:
+            model.load_state_dict(averaging.averaged_state(model))
+    except (RuntimeError, KeyError, TypeError, ValueError) as exc:
+        raise ReglmError(
+            f"{run_dir / STATE_FILE} does not fit the run's {CONFIG_FILE} ({_short(exc)}); restore the run's own files"
+        ) from None
+    return model.to(device), config, vocab

@@ -9,16 +9,24 @@ A run with a fine-tuning stage also scores the best model of its main stage when
 ends (:func:`record_main_stage`, the ``main_best`` event of ``metrics.jsonl``), and
 ``results.json`` carries those scores as ``main``: the AWD-LSTM ablations and the adversarial
 softmax paper report both stages of one run.
+
+A stop requested during these final scores (SIGINT/SIGTERM on the command line) ends them at once:
+the run is complete (``best/``, ``last/`` and its last checkpoint are saved), ``results.json`` holds
+the scores done so far and, under ``missing``, the splits not scored and the command that scores
+them, and :class:`~reglm.errors.TrainingInterrupted` says the same.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from reglm.errors import TrainingInterrupted
 from reglm.evaluate.perplexity import EvalResult, evaluate, perplexity
 from reglm.io import write_json
 from reglm.rundir import METRICS_FILE, RESULTS_FILE
@@ -34,13 +42,17 @@ def finish(trainer: Trainer) -> dict[str, Any]:
     corpus = trainer.corpus
     results: dict[str, Any] = {"best": str(trainer.run_dir / "best"), "objective": trainer.objective.kind}
     if trainer.objective.kind != "lm":
-        for split in ("valid", "test"):
-            results[split] = trainer._score(model, split).metrics
+        with _stops_scoring(trainer, results):
+            for split in ("valid", "test"):
+                results[split] = trainer._score(model, split).metrics
         _record(trainer, results)
         trainer._say("best model: " + ", ".join(f"{split} {name} {value:.4g}" for split in ("valid", "test") for name, value in results[split].items() if name != "tokens"))
         return results
-    valid, test = _lm_scores(trainer, model)
-    results["valid"], results["test"] = valid.as_dict(), test.as_dict()
+    with _stops_scoring(trainer, results):
+        valid = _lm_score(trainer, model, "valid")
+        results["valid"] = valid.as_dict()
+        test = _lm_score(trainer, model, "test")
+        results["test"] = test.as_dict()
     main = main_stage_record(trainer.run_dir)
     if main is not None:
         results["main"] = main
@@ -54,12 +66,45 @@ def finish(trainer: Trainer) -> dict[str, Any]:
     return results
 
 
+@contextmanager
+def _stops_scoring(trainer: Trainer, results: dict[str, Any]) -> Iterator[None]:
+    """Around the final scores: a requested stop (the command line's signal handler raises
+    ``KeyboardInterrupt`` then) writes ``results.json`` with the splits not scored under ``missing``
+    and raises :class:`TrainingInterrupted`."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        if trainer.stop is None or not trainer.stop.requested:
+            raise
+        missing = [split for split in ("valid", "test") if split not in results]
+        how = f"reglm train --resume {trainer.run_dir}"
+        if missing == ["test"]:
+            how += f" (or reglm eval {trainer.run_dir} --split test to print it)"
+        results["missing"] = {"splits": missing, "why": "the final evaluation was interrupted", "how": how}
+        write_json(trainer.run_dir / RESULTS_FILE, results)
+        assert trainer.stop.signum is not None
+        raise TrainingInterrupted(
+            trainer.stop.signum, trainer.run_dir, trainer.step,
+            f"interrupted during the final evaluation; the run is complete (best/, last/ saved) but {RESULTS_FILE} "
+            f"lacks the {' and '.join(missing)} score{'s' if len(missing) > 1 else ''}; "
+            f"get {'it' if len(missing) == 1 else 'them'} with: {how}",
+        ) from None
+
+
+def _lm_score(trainer: Trainer, model: torch.nn.Module, split: str) -> EvalResult:
+    """``model`` on ``split``, read as the run reads it."""
+    corpus = trainer.corpus
+    keep = split == "test" and corpus.truth is not None
+    return evaluate(
+        model, getattr(corpus, split), device=trainer.device, keep_token_nll=keep, progress=trainer.dist.is_main,
+        desc=split,
+        word_ends=corpus.split_word_ends(split), reading=trainer.reading(split),
+    )
+
+
 def _lm_scores(trainer: Trainer, model: torch.nn.Module) -> tuple[EvalResult, EvalResult]:
     """``model`` on the validation and test splits, read as the run reads them."""
-    corpus = trainer.corpus
-    valid = evaluate(model, corpus.valid, device=trainer.device, progress=trainer.progress, desc="valid", word_ends=corpus.split_word_ends("valid"), reading=trainer.reading("valid"))
-    test = evaluate(model, corpus.test, device=trainer.device, keep_token_nll=corpus.truth is not None, progress=trainer.progress, desc="test", word_ends=corpus.split_word_ends("test"), reading=trainer.reading("test"))
-    return valid, test
+    return _lm_score(trainer, model, "valid"), _lm_score(trainer, model, "test")
 
 
 MAIN_EVENT = "main_best"

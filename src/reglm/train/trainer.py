@@ -62,6 +62,7 @@ from reglm.evaluate.perplexity import Reading, perplexity
 from reglm.io import write_json
 from reglm.models import LanguageModel
 from reglm.objectives.activation_reg import ActivationReg, TemporalActivationReg
+from reglm.progress import Pace, clock, say
 from reglm.rundir import CONFIG_FILE, ENVIRONMENT_FILE, METRICS_FILE, RunLock, claim_new, describe_previous
 from reglm.train.checkpoint import STATE_FILE, VOCAB_FILE, load_model_dir, save_model_dir, save_state
 from reglm.train.engine import StepEngine
@@ -75,10 +76,13 @@ from reglm.train.setup import check_model_size, manifest_hash, require_same_data
 
 class StopRequest:
     """A stop the trainer honours at the end of the current step: it saves a checkpoint and raises
-    :class:`TrainingInterrupted`. The command line sets it from its SIGINT/SIGTERM handlers."""
+    :class:`TrainingInterrupted`. The command line sets it from its SIGINT/SIGTERM handlers.
+    While :attr:`immediate` is set (the final evaluation of a run that is complete, which has
+    nothing to save), a signal interrupts at once (``KeyboardInterrupt``)."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self.immediate = False
 
     def request(self, signum: int) -> None:
         self.signum = signum
@@ -144,6 +148,12 @@ class Trainer:
         self.epoch_tokens = 0
         self.best_val = math.inf
         self.last_checkpoint: str | None = None
+        self.pace = Pace()
+        """the pace of this session's steps, for the progress lines (reset when a stage begins)"""
+        self.pace_from = (0.0, 0)
+        """the stage's epochs done and the step when :attr:`pace` started"""
+        self.last_interval: tuple[float, float] | None = None
+        """the loss and tokens/s of the last log interval of this session, for the progress lines"""
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:
@@ -313,6 +323,7 @@ class Trainer:
         when this returns or raises."""
         try:
             self.dist.parallelize(self.engine)
+            self._restart_pace()
             while self.stage != "done":
                 if self.stage == "main" and (self.epoch >= self.cfg.epochs or self._out_of_steps()):
                     self._begin_finetune() if self.cfg.finetune else self._set_stage("done")
@@ -322,7 +333,13 @@ class Trainer:
                     continue
                 self._train_epoch()
                 self._end_epoch()
-            return self.dist.from_main(lambda: finish(self))
+            if self.stop is not None:
+                self.stop.immediate = True
+            try:
+                return self.dist.from_main(lambda: finish(self))
+            finally:
+                if self.stop is not None:
+                    self.stop.immediate = False
         finally:
             self.close()
 
@@ -344,6 +361,7 @@ class Trainer:
         self.engine.optimizer = self._new_optimizer()
         self.averaging.begin_finetune(self.model.parameters())
         self.stage, self.epoch = "finetune", 0
+        self._restart_pace()
         self.metrics.log(event="stage", stage="finetune", step=self.step)
         self._say(f"fine-tuning: ASGD restarted with T=0 from {self.run_dir / 'best'}")
         self.save_checkpoint()
@@ -376,7 +394,8 @@ class Trainer:
             self.hidden = model.init_state(self.dist.share(cfg.batch_size), device=self.device)
         adversarial, noise_std = self._advsoft_on(), self._input_noise_std()
         bar = tqdm(total=batches.total, initial=self.position, disable=not self.progress, unit="tok/stream" if batches.carries_state else "batch", leave=False, desc=f"{self.stage} epoch {self.epoch + 1}")
-        window_nll, window_tokens, window_position, window_start = self.epoch_nll, self.epoch_tokens, self.position, time.perf_counter()
+        window_nll, window_tokens, window_start = self.epoch_nll, self.epoch_tokens, time.perf_counter()
+        line_step, line_start = self.step, time.perf_counter()
         while not batches.done(self.position) and not self._out_of_steps():
             window, advance, factor = batches.next(self.position, self.epoch)
             lr = self.schedule.rate(self.stage, self.epoch, self.step) * factor
@@ -387,16 +406,21 @@ class Trainer:
             self.position += advance
             self.step += 1
             bar.update(advance)
-            if self.step % cfg.log_interval == 0:
+            logged = self.step % cfg.log_interval == 0
+            if logged:
                 self._flush()
                 tokens = self.epoch_tokens - window_tokens
                 mean = (self.epoch_nll - window_nll) / max(tokens, 1)
                 elapsed = time.perf_counter() - window_start
                 self.metrics.log(event="step", stage=self.stage, epoch=self.epoch + 1, step=self.step, lr=lr, loss=mean, ppl=perplexity(mean), tokens_per_s=tokens / max(elapsed, 1e-9), averaging=self.averaging.active)
-                bar.set_postfix(loss=f"{mean:.3f}", ppl=f"{perplexity(mean):.1f}")
-                if not self.progress:
-                    self._report_progress(mean, lr, tokens / max(elapsed, 1e-9), (self.position - window_position) / max(elapsed, 1e-9))
-                window_nll, window_tokens, window_position, window_start = self.epoch_nll, self.epoch_tokens, self.position, time.perf_counter()
+                bar.set_postfix(loss=f"{mean:.3f}", ppl=f"{perplexity(mean):.1f}", run_eta=clock(self._run_eta()))
+                self.last_interval = (mean, tokens / max(elapsed, 1e-9))
+                window_nll, window_tokens, window_start = self.epoch_nll, self.epoch_tokens, time.perf_counter()
+            due = self.pace.due(self.step - self.pace_from[1], self._run_eta, force=logged)
+            if not self.progress and self.dist.is_main and due:
+                steps_per_s = (self.step - line_step) / max(time.perf_counter() - line_start, 1e-9)
+                self._report_progress(self.last_interval, lr, steps_per_s)
+                line_step, line_start = self.step, time.perf_counter()
             for hook in self.step_hooks:
                 hook(self)
             if cfg.checkpoint_interval and self.step % cfg.checkpoint_interval == 0:
@@ -407,23 +431,53 @@ class Trainer:
         bar.close()
         self._flush()
 
-    def _report_progress(self, loss: float, lr: float, tokens_per_s: float, advance_per_s: float) -> None:
-        """The progress line printed at every log interval when no progress bar is shown (no
-        terminal): where in the epoch, speed, the interval's loss, the rate and the epoch's ETA."""
+    def _report_progress(self, interval: tuple[float, float] | None, lr: float, steps_per_s: float) -> None:
+        """The progress line printed when no progress bar is shown (no terminal): at every log
+        interval, after the first steps, and at least every :data:`reglm.progress.INTERVAL`
+        seconds: where in the epoch, steps/s since the last line, the last log interval's tokens/s
+        and loss (``-`` before the first: reading the loss between log intervals would sync the
+        host, and every process of a distributed run), the rate and the ETA of the whole run."""
         total = self.batches.total
-        eta = (total - self.position) / advance_per_s if advance_per_s > 0 else math.inf
-        eta_text = time.strftime("%H:%M:%S", time.gmtime(eta)) if eta < 86400 else f"{eta / 3600:.0f} h"
+        rate, loss = (f"{interval[1]:9,.0f}", f"{interval[0]:7.4f}") if interval else (f"{'-':>9s}", f"{'-':>7s}")
+        ppl = f"{perplexity(interval[0]):9.2f}" if interval else f"{'-':>9s}"
         self._say(
             f"| {self.stage} | epoch {self.epoch + 1:3d} | step {self.step:7d} | {self.position / max(total, 1):4.0%} of epoch | "
-            f"{tokens_per_s:9,.0f} tok/s | loss {loss:7.4f} | ppl {perplexity(loss):9.2f} | lr {lr:.4g} | epoch ETA {eta_text}"
+            f"{steps_per_s:6.3g} steps/s | {rate} tok/s | loss {loss} | ppl {ppl} | lr {lr:.4g} | "
+            f"run ETA {clock(self._run_eta())}"
         )
+
+    def _restart_pace(self) -> None:
+        self.pace = Pace()
+        self.pace_from = (self._epochs_done(), self.step)
+
+    def _epochs_done(self) -> float:
+        """Epochs of the current stage done, the current one in part."""
+        return self.epoch + self.position / max(self.batches.total, 1)
+
+    def _run_eta(self) -> float:
+        """Seconds until the run ends, at this session's pace (validation included): the planned
+        epochs of the stage (or the steps left to ``train.max_steps``, whichever ends it first)
+        and, in the main stage, ``train.finetune_epochs`` more when fine-tuning follows (it may
+        stop earlier: an upper bound then)."""
+        cfg = self.cfg
+        done, (start, start_step) = self._epochs_done(), self.pace_from
+        if done <= start or self.step <= start_step:
+            return math.inf
+        per_epoch = self.pace.elapsed() / (done - start)
+        if self.stage == "finetune":
+            return max(cfg.finetune_epochs - done, 0.0) * per_epoch
+        left = max(cfg.epochs - done, 0.0)
+        if cfg.max_steps is not None:
+            left = min(left, max(cfg.max_steps - self.step, 0) * (done - start) / (self.step - start_step))
+        return (left + (cfg.finetune_epochs if cfg.finetune else 0)) * per_epoch
 
     def reading(self, split: str) -> Reading:
         """How validation (``valid``) and the final scores read a split (:func:`~reglm.train.batching.eval_reading`)."""
         return eval_reading(self.cfg, split, self.vocab.eos_id)
 
     def _score(self, model: torch.nn.Module, split: str) -> ObjectiveEval:
-        return self.objective.score(model, getattr(self.corpus, split), self.reading(split), self.device, self.progress, split, self.corpus.split_word_ends(split))
+        ids, word_ends = getattr(self.corpus, split), self.corpus.split_word_ends(split)
+        return self.objective.score(model, ids, self.reading(split), self.device, self.dist.is_main, split, word_ends)
 
     def _end_epoch(self) -> None:
         eval_model = self._eval_weights()
@@ -489,10 +543,7 @@ class Trainer:
     def _say(self, text: str) -> None:
         if not self.dist.is_main:
             return
-        if self.progress:
-            tqdm.write(text, file=sys.stderr)
-        else:
-            print(text, file=sys.stderr, flush=True)
+        say(text)
 
 
 def _first_line(exc: BaseException) -> str:
