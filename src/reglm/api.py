@@ -266,14 +266,18 @@ class TrainedModel:
         values, order = torch.topk(log_p, min(k, int(torch.isfinite(log_p).sum())))
         return [(self.vocab.itos[i], v * scale) for i, v in zip(order.tolist(), values.tolist())]
 
-    def start(self, batch: int = 1, base: str | int = "e", context: int | None = None) -> Hypotheses:
+    def start(
+        self, batch: int = 1, base: str | int = "e", context: int | None = None,
+        oov_penalty: str | float | None = OOV_SHARE,
+    ) -> Hypotheses:
         """``batch`` hypotheses at the start of a sentence, for a decoder to extend one word at a
         time in batched steps, fork and drop (:class:`~reglm.evaluate.incremental.Hypotheses`).
         ``context`` bounds the tokens a stateless model (the Transformer) re-reads per step; by
-        default the context it was trained on, or :data:`WINDOW` when unknown."""
+        default the context it was trained on, or :data:`WINDOW` when unknown. An OOV word is
+        scored under ``oov_penalty`` as by :meth:`score`."""
         if context is None:
             context = self._trained_context()
-        return Hypotheses.start(self, batch, context, log_scale(base))
+        return Hypotheses.start(self, batch, context, log_scale(base), oov_offset(self.vocab, oov_penalty, base))
 
     def _window(self, batch_tokens: int) -> int:
         """The longest sentence scored in one piece: ``batch_tokens`` for a stateful model (longer

@@ -6,6 +6,7 @@ direct forward over the window it keeps."""
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -35,12 +36,12 @@ def _bpe(preset: str, overrides: list[str]) -> TrainedModel:
     return TrainedModel(LanguageModel(build_config(preset, overrides).model, len(bpe)), bpe, torch.device("cpu"))
 
 
-def _advance_all(lm: TrainedModel, sentences: list[str]) -> list[list[float]]:
+def _advance_all(lm: TrainedModel, sentences: list[str], **start: Any) -> list[list[float]]:
     """Every sentence advanced word by word in one set of hypotheses, ``<eos>`` last; a finished
     hypothesis is dropped (``select``) as a decoder drops it. Returns each word's log-probability."""
     words = [s.split() + [EOS] for s in sentences]
     scores: list[list[float]] = [[] for _ in sentences]
-    hyps, rows = lm.start(len(sentences)), list(range(len(sentences)))
+    hyps, rows = lm.start(len(sentences), **start), list(range(len(sentences)))
     step = 0
     while rows:
         log_p = hyps.advance([words[r][step] for r in rows])
@@ -63,6 +64,18 @@ def test_word_by_word_gives_the_scores_of_whole_sentences(family: str) -> None:
     for words, row in zip(expected, got):
         assert row == pytest.approx([w.log_prob for w in words], abs=1e-5)
     assert [sum(row) for row in got] == pytest.approx(lm.score_batch(sentences), abs=1e-5)
+
+
+@pytest.mark.parametrize("penalty", ["share", None, 3.0])
+def test_an_unknown_word_scores_as_in_score_under_every_oov_setting(penalty: str | float | None) -> None:
+    lm = _family("awd-lstm")
+    sentences = ["w3 zebra w4", "w1 w2"]
+    got = _advance_all(lm, sentences, oov_penalty=penalty, base=10)
+    expected = lm.full_scores_batch(sentences, oov_penalty=penalty, base=10)
+    for words, row in zip(expected, got):
+        assert row == pytest.approx([w.log_prob for w in words], abs=1e-5)
+    raw = _advance_all(lm, sentences[:1], oov_penalty=None, base=10)[0]
+    assert (got[0][1] < raw[1]) == (penalty is not None) and got[0][0] == pytest.approx(raw[0], abs=1e-9)
 
 
 @pytest.mark.parametrize("family", ["awd-lstm", "mos", "transformer-adaptive"])

@@ -94,6 +94,7 @@ class Hypotheses:
         totals: Tensor,
         context: int | None,
         scale: float,
+        oov_offset: float = 0.0,
     ) -> None:
         self.lm = lm
         self.state = state
@@ -102,10 +103,13 @@ class Hypotheses:
         self.totals = totals
         self.context = context
         self.scale = scale
+        self.oov_offset = oov_offset
 
     @classmethod
-    def start(cls, lm: TrainedModel, batch: int, context: int | None, scale: float) -> Hypotheses:
-        """``batch`` empty hypotheses: each has read the ``<eos>`` that opens a sentence."""
+    def start(cls, lm: TrainedModel, batch: int, context: int | None, scale: float, oov_offset: float = 0.0) -> Hypotheses:
+        """``batch`` empty hypotheses: each has read the ``<eos>`` that opens a sentence.
+        ``oov_offset``: the natural-log amount an out-of-vocabulary word (given as a string to a
+        word model) gets on top of ``log p(<unk>)``, as :func:`reglm.api.oov_offset` says."""
         if not isinstance(batch, int) or batch < 1:
             raise ReglmError(f"the number of hypotheses must be a positive integer, not {batch!r}")
         if context is not None and (not isinstance(context, int) or context < 1):
@@ -116,7 +120,8 @@ class Hypotheses:
             out = model(torch.full((batch, 1), eos, dtype=torch.long, device=lm.device), state)
         prefixes = [[eos] for _ in range(batch)] if out.state is None else None
         return cls(
-            lm, out.state, _map(out, lambda t: t), prefixes, torch.zeros(batch, dtype=torch.float64), context, scale
+            lm, out.state, _map(out, lambda t: t), prefixes, torch.zeros(batch, dtype=torch.float64), context, scale,
+            oov_offset,
         )
 
     def __len__(self) -> int:
@@ -140,6 +145,7 @@ class Hypotheses:
             self.totals[index],
             self.context,
             self.scale,
+            self.oov_offset,
         )
 
     def _units(self, words: Sequence[str] | Tensor) -> list[list[int]]:
@@ -162,7 +168,8 @@ class Hypotheses:
     def advance(self, words: Sequence[str] | Tensor) -> Tensor:
         """Extend hypothesis ``b`` by ``words[b]`` (a word, ``<eos>`` to end the sentence, or a
         word id); returns each word's log-probability given its hypothesis, ``(B,)`` float64 on
-        the CPU, also added to :attr:`totals`. A word outside the vocabulary is read as ``<unk>``."""
+        the CPU, also added to :attr:`totals`. A word outside the vocabulary is read as ``<unk>``
+        and gets the OOV offset of :meth:`reglm.api.TrainedModel.start`'s ``oov_penalty``."""
         units = self._units(words)
         counts = torch.tensor([len(u) for u in units])
         width = int(counts.max())
@@ -183,10 +190,16 @@ class Hypotheses:
         predicting = self.last if before is None else _cat_time(self.last, before)
         nll = self.lm.model.output_nll(predicting, targets).double().cpu()
         mask = torch.arange(width)[None, :] < counts[:, None]
-        log_p = -(nll * mask).sum(1) * self.scale
+        log_p = (-(nll * mask).sum(1) + self._oov_offsets(words)) * self.scale
         self.last = _gather_time(fresh, ends)
         self.totals = self.totals + log_p
         return log_p
+
+    def _oov_offsets(self, words: Sequence[str] | Tensor) -> Tensor:
+        """``(B,)``: the OOV offset for each word outside a word model's vocabulary, else 0."""
+        if isinstance(words, Tensor) or self.lm.subword is not None or not self.oov_offset:
+            return torch.zeros(len(self), dtype=torch.float64)
+        return torch.tensor([self.oov_offset if w not in self.lm.vocab else 0.0 for w in words], dtype=torch.float64)
 
     def _encode_stateful(self, units: list[list[int]], counts: Tensor, targets: Tensor) -> EncoderOutput:
         """Run the encoder over each hypothesis' new units from its state, in groups of equal
