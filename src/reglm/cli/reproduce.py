@@ -51,7 +51,7 @@ def cmd_reproduce(args: argparse.Namespace) -> int:
     else:
         print(result.markdown, end="")
         print(f"wrote {result.directory / 'table.md'} and {result.directory / 'table.json'}", file=sys.stderr)
-    records = result.table["records"]
+    records = result.table.get("records", [])  # a paper table's rows; a study's table (popov:1) has its own
     if records and all("missing" in record["reglm"] for record in records):
         unit = "minute" if args.minutes == 1 else "minutes"
         minutes = "its budget"

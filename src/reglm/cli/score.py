@@ -112,7 +112,6 @@ def cmd_score(args: argparse.Namespace) -> int:
     penalty = None if args.oov_penalty == "none" else args.oov_penalty
     oov_offset(lm.vocab, penalty, args.base)
     setting = f"{describe_oov(lm.vocab, penalty, args.base)} (--oov-penalty {args.oov_penalty})"
-    print(f"reglm score: an OOV word scores {setting}", file=sys.stderr, flush=True)
     from reglm.progress import plan
 
     start = time.perf_counter()
@@ -132,6 +131,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     ppl = _perplexity([w for words in scored for w in words], args.base)
     rate = f"{len(lines) / seconds:.0f} sentences/s, {tokens / seconds:.0f} tokens/s" if seconds > 0 else "instant"
     print(f"scored {len(lines)} sentences, {tokens} tokens ({oov} OOV), perplexity {ppl:.2f}, in {seconds:.2f} s ({rate})", file=sys.stderr)
+    print(f"reglm score: an OOV word scored {setting}", file=sys.stderr)
     return 0
 
 
