@@ -14,12 +14,8 @@ __all__ = ["TrainedModel", "from_pretrained", "load", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("TrainedModel", "load"):
+    if name in ("TrainedModel", "load", "from_pretrained"):
         from reglm import api
 
         return getattr(api, name)
-    if name == "from_pretrained":
-        from reglm.hub import from_pretrained
-
-        return from_pretrained
     raise AttributeError(f"module 'reglm' has no attribute {name!r}")

@@ -45,6 +45,7 @@ from reglm.errors import ReglmError
 from reglm.evaluate.incremental import Hypotheses
 from reglm.evaluate.perplexity import perplexity, stream_pass
 from reglm.evaluate.sentences import sentence_log_probs
+from reglm.hub import pretrained_directory, push_to_hub, save_pretrained
 from reglm.models import LanguageModel
 from reglm.rundir import model_dir, require_kind
 from reglm.train.checkpoint import load_model_dir
@@ -382,15 +383,11 @@ class TrainedModel:
         ``model.safetensors``, ``vocab.txt``, and ``tokenizer.json`` for BPE), which
         :func:`reglm.from_pretrained` and :func:`load` read back (:func:`reglm.hub.save_pretrained`);
         a directory that already holds a model is replaced only with ``overwrite``."""
-        from reglm.hub import save_pretrained
-
         return save_pretrained(self, path, overwrite)
 
     def push_to_hub(self, repo_id: str, private: bool | None = None, token: str | None = None, commit_message: str = "Upload reglm model") -> str:
         """Upload :meth:`save_pretrained`'s directory to a Hugging Face Hub repository (the ``hub``
         extra); returns the commit's URL (:func:`reglm.hub.push_to_hub`)."""
-        from reglm.hub import push_to_hub
-
         return push_to_hub(self, repo_id, private, token, commit_message)
 
 
@@ -402,6 +399,17 @@ def load(path: Path | str, which: str = "best", device: str | torch.device = "cp
     lm = TrainedModel(model, vocab, torch.device(device))
     lm.run_config = config
     return lm
+
+
+def from_pretrained(
+    path_or_repo_id: Path | str, which: str = "best", device: str | torch.device = "cpu", revision: str | None = None,
+    token: str | None = None,
+) -> TrainedModel:
+    """A :class:`TrainedModel` from a local run directory (its ``which`` model), a model directory,
+    or a Hugging Face Hub repository holding a model directory (``revision``: a branch, tag or
+    commit; ``token``: for a private repository; :func:`reglm.hub.pretrained_directory`). It keeps
+    its run configuration (``run_config``), which :meth:`TrainedModel.save_pretrained` writes back."""
+    return load(pretrained_directory(path_or_repo_id, which, revision, token), which, device)
 
 
 def truncated(probs: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:

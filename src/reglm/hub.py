@@ -7,8 +7,9 @@ the vocabulary's size and fingerprint), ``model.safetensors`` (a tied matrix sto
 these functions are thin:
 
 * :func:`save_pretrained` (``TrainedModel.save_pretrained(path)``) writes that directory;
-* :func:`from_pretrained` (``reglm.from_pretrained(path_or_repo_id)``) loads a local run or model
-  directory, or downloads a Hub repository holding one (``huggingface_hub.snapshot_download``);
+* :func:`pretrained_directory` (read by ``reglm.from_pretrained(path_or_repo_id)``) is a local run
+  or model directory, or the download of a Hub repository holding one
+  (``huggingface_hub.snapshot_download``);
 * :func:`push_to_hub` (``TrainedModel.push_to_hub(repo_id)``) uploads the directory to a Hub
   repository, creating it if needed.
 
@@ -23,13 +24,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from reglm.config import RunConfig
 from reglm.config.schema import DataConfig
 from reglm.errors import ReglmError
 from reglm.rundir import CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE, VOCAB_FILE, model_dir
-from reglm.train.checkpoint import read_model_meta, save_model_dir
+from reglm.train.checkpoint import save_model_dir
 
 FILES = [CONFIG_FILE, MODEL_FILE, VOCAB_FILE, TOKENIZER_FILE]
 """What a pretrained directory holds (``tokenizer.json`` for BPE models only)."""
@@ -98,18 +98,14 @@ def _download(repo_id: str, revision: str | None, token: str | None) -> Path:
                          "check the path or the repo id, the network and the token") from None
 
 
-def from_pretrained(path_or_repo_id: Path | str, which: str = "best", device: str | torch.device = "cpu", revision: str | None = None, token: str | None = None) -> Any:
-    """A :class:`~reglm.api.TrainedModel` from a local run directory (its ``which`` model), a model
-    directory, or a Hugging Face Hub repository holding a model directory (``revision``: a branch,
-    tag or commit; ``token``: for a private repository). It keeps its run configuration
-    (``run_config``), which :meth:`~reglm.api.TrainedModel.save_pretrained` writes back."""
-    from reglm.api import load
-
+def pretrained_directory(
+    path_or_repo_id: Path | str, which: str = "best", revision: str | None = None, token: str | None = None
+) -> Path:
+    """The model directory :func:`reglm.from_pretrained` loads: the ``which`` model of a local run
+    directory, a model directory, or the download of a Hugging Face Hub repository holding one
+    (``revision``: a branch, tag or commit; ``token``: for a private repository)."""
     local = Path(path_or_repo_id)
-    directory = model_dir(local, which) if local.exists() else _download(str(path_or_repo_id), revision, token)
-    lm = load(directory, which, device)
-    lm.run_config = RunConfig.from_dict(read_model_meta(directory)["config"], source=str(directory / CONFIG_FILE))
-    return lm
+    return model_dir(local, which) if local.exists() else _download(str(path_or_repo_id), revision, token)
 
 
 def push_to_hub(lm: Any, repo_id: str, private: bool | None = None, token: str | None = None, commit_message: str = "Upload reglm model") -> str:

@@ -34,17 +34,27 @@ are ``lm.score``'s.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
-from reglm.data.vocab import UNK
+from reglm.data.bpe import BPEVocab
+from reglm.data.vocab import UNK, Vocab
 from reglm.encoders.base import EncoderOutput, State, concat_states, select_streams
 from reglm.errors import ReglmError
+from reglm.models import LanguageModel
 
-if TYPE_CHECKING:
-    from reglm.api import TrainedModel
+
+class ScoringModel(Protocol):
+    """What the hypotheses read of :class:`reglm.api.TrainedModel`."""
+
+    model: LanguageModel
+    vocab: Vocab
+    device: torch.device
+    subword: BPEVocab | None
+
+    def tokens_to_ids(self, tokens: list[str]) -> list[int]: ...
 
 
 def _map(out: EncoderOutput, fn: Callable[[Tensor], Tensor]) -> EncoderOutput:
@@ -87,7 +97,7 @@ class Hypotheses:
 
     def __init__(
         self,
-        lm: TrainedModel,
+        lm: ScoringModel,
         state: State | None,
         last: EncoderOutput,
         prefixes: list[list[int]] | None,
@@ -106,10 +116,10 @@ class Hypotheses:
         self.oov_offset = oov_offset
 
     @classmethod
-    def start(cls, lm: TrainedModel, batch: int, context: int | None, scale: float, oov_offset: float = 0.0) -> Hypotheses:
+    def start(cls, lm: ScoringModel, batch: int, context: int | None, scale: float, oov_offset: float = 0.0) -> Hypotheses:
         """``batch`` empty hypotheses: each has read the ``<eos>`` that opens a sentence.
         ``oov_offset``: the natural-log amount an out-of-vocabulary word (given as a string to a
-        word model) gets on top of ``log p(<unk>)``, as :func:`reglm.api.oov_offset` says."""
+        word model) gets on top of ``log p(<unk>)``, as ``reglm.api.oov_offset`` computes it."""
         if not isinstance(batch, int) or batch < 1:
             raise ReglmError(f"the number of hypotheses must be a positive integer, not {batch!r}")
         if context is not None and (not isinstance(context, int) or context < 1):
