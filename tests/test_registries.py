@@ -39,30 +39,71 @@ pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:D
 
 V = 60
 RUN = [
-    "data.synthetic_sentences=80", "train.epochs=1", "train.finetune=false", "train.max_steps=6", "train.checkpoint_interval=3",
-    "train.log_interval=100", "train.batch_size=4", "train.bptt=8", "train.bptt_min=3",
+    "data.synthetic_sentences=80",
+    "train.epochs=1",
+    "train.finetune=false",
+    "train.max_steps=6",
+    "train.checkpoint_interval=3",
+    "train.log_interval=100",
+    "train.batch_size=4",
+    "train.bptt=8",
+    "train.bptt_min=3",
 ]
 """A run of six optimizer steps on a tiny synthetic corpus (a vocabulary of about a thousand words)."""
 
 TRANSFORMER = [
-    "model.encoder=transformer", "model.encoder.d_model=16", "model.encoder.layers=1", "model.encoder.heads=2", "model.encoder.ffn_dim=32",
-    "model.encoder.dropout=0.1", "train.batching=blocks", "train.block_size=8", "train.ar_alpha=0", "train.tar_beta=0", "train.averaging=none",
+    "model.encoder=transformer",
+    "model.encoder.d_model=16",
+    "model.encoder.layers=1",
+    "model.encoder.heads=2",
+    "model.encoder.ffn_dim=32",
+    "model.encoder.dropout=0.1",
+    "train.batching=blocks",
+    "train.block_size=8",
+    "train.ar_alpha=0",
+    "train.tar_beta=0",
+    "train.averaging=none",
 ]
 CONFIGS: dict[tuple[str, str], list[str]] = {
     ("input", "embedding"): [],
-    ("input", "adaptive"): ["model.input=adaptive", "model.input.dim=16", "model.input.cutoffs=10,30", "model.input.factor=2", "model.output.tie_weights=false"],
+    ("input", "adaptive"): [
+        "model.input=adaptive",
+        "model.input.dim=16",
+        "model.input.cutoffs=10,30",
+        "model.input.factor=2",
+        "model.output.tie_weights=false",
+    ],
     ("input", "char-cnn"): [
-        "model.input=char-cnn", "model.input.char_emb_size=4", "model.input.filters=1:4,2:5", "model.input.dim=8", "model.input.max_chars=6",
+        "model.input=char-cnn",
+        "model.input.char_emb_size=4",
+        "model.input.filters=1:4,2:5",
+        "model.input.dim=8",
+        "model.input.max_chars=6",
         "model.output.tie_weights=false",
     ],
     ("encoder", "awd-lstm"): [],
-    ("encoder", "vd-lstm"): ["model.encoder=vd-lstm", "model.encoder.hidden_dropout=0.2", "model.output.tie_weights=false"],
+    ("encoder", "vd-lstm"): [
+        "model.encoder=vd-lstm",
+        "model.encoder.hidden_dropout=0.2",
+        "model.output.tie_weights=false",
+    ],
     ("encoder", "qrnn"): ["model.encoder=qrnn", "model.encoder.window=2", "model.encoder.zoneout=0.1"],
     ("encoder", "transformer"): TRANSFORMER,
     ("output", "softmax"): [],
     ("output", "mos"): ["model.output=mos", "model.output.n_experts=2", "model.output.latent_dropout=0.1"],
-    ("output", "doc"): ["model.output=doc", "model.output.n_experts=3", "model.output.doc_experts=2,1", "model.encoder.num_layers=3"],
-    ("output", "adaptive"): ["model.output=adaptive", "model.output.cutoffs=10,30", "model.output.factor=2", "model.output.tail_dropout=0.1", "model.output.tie=none"],
+    ("output", "doc"): [
+        "model.output=doc",
+        "model.output.n_experts=3",
+        "model.output.doc_experts=2,1",
+        "model.encoder.num_layers=3",
+    ],
+    ("output", "adaptive"): [
+        "model.output=adaptive",
+        "model.output.cutoffs=10,30",
+        "model.output.factor=2",
+        "model.output.tail_dropout=0.1",
+        "model.output.tie=none",
+    ],
 }
 """A tiny configuration of every registered kind (``tiny`` preset overrides)."""
 
@@ -144,7 +185,10 @@ def onnx_stream_difference(model: LanguageModel, directory: Path, ort) -> float:
     spec = json.loads((directory / "export.json").read_text())
     session = ort.InferenceSession(str(directory / spec["file"]), providers=["CPUExecutionProvider"])
     names = [t["name"] for t in spec["interface"]["inputs"]]
-    state = [np.zeros([2 if d == "batch" else d for d in t["shape"]], dtype=np.float32) for t in spec["interface"]["inputs"][1:]]
+    state = [
+        np.zeros([2 if d == "batch" else d for d in t["shape"]], dtype=np.float32)
+        for t in spec["interface"]["inputs"][1:]
+    ]
     reference, worst = model.init_state(2), 0.0
     with torch.no_grad():
         for seed, length in enumerate((4, 1, 5)):

@@ -238,7 +238,9 @@ class AdaptiveSoftmax(OutputLayer):
             raise ValueError(f"tied bands have shapes {got}, expected {expected}; tying needs the same cutoffs, factor and dimension")
 
     @classmethod
-    def from_config(cls, cfg: AdaptiveSoftmaxConfig, in_features: int, vocab_size: int, input_layer: InputLayer, encoder: nn.Module) -> AdaptiveSoftmax:
+    def from_config(
+        cls, cfg: AdaptiveSoftmaxConfig, in_features: int, vocab_size: int, input_layer: InputLayer, encoder: nn.Module
+    ) -> AdaptiveSoftmax:
         cutoffs = cfg.cutoff_values
         check_cutoffs_fit(cutoffs, vocab_size, "model.output.cutoffs")
         tied, matrix = None, None
