@@ -24,13 +24,16 @@ from safetensors.torch import load_file
 from reglm.api import TrainedModel
 from reglm.config import RunConfig, build_config
 from reglm.config.build import registry
+from reglm.config.fields import ComponentConfig
 from reglm.data.vocab import Vocab
-from reglm.encoders.base import state_dict_of
+from reglm.encoders.base import Encoder, state_dict_of
 from reglm.errors import ReglmError, TrainingInterrupted
 from reglm.evaluate.perplexity import evaluate
 from reglm.export import export_model
+from reglm.inputs.base import InputLayer
 from reglm.layers.inference import Frozen, NotExportable
 from reglm.models import LanguageModel
+from reglm.outputs.base import OutputLayer
 from reglm.train.checkpoint import _is_states, save_state
 from reglm.train.run import resume, train
 from reglm.train.trainer import StopRequest
@@ -228,3 +231,12 @@ def test_a_stopped_run_resumes_to_the_same_weights(family: str, kind: str, tmp_p
     resume(tmp_path / "resumed", progress=False)
     want, got = (load_file(str(tmp_path / run / "last" / "model.safetensors")) for run in ("straight", "resumed"))
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+
+@KINDS
+def test_every_component_derives_from_its_family_base(family: str, kind: str) -> None:
+    """What ``register`` checks of a component registered from outside the package holds for the
+    built-in kinds too (their registry line is a dictionary entry)."""
+    component = registry(family)[kind]
+    assert issubclass(component, {"input": InputLayer, "encoder": Encoder, "output": OutputLayer}[family])
+    assert issubclass(component.Config, ComponentConfig)

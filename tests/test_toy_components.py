@@ -18,10 +18,11 @@ from torch import nn
 
 from reglm.cli import main
 from reglm.config import build_config
-from reglm.config.build import register, registry
+from reglm.config.build import registry
 from reglm.encoders.base import StackLayer
 from reglm.errors import ReglmError, TrainingInterrupted
 from reglm.export import export_model
+from reglm.layers.component import register
 from reglm.train.checkpoint import load_state
 from reglm.train.run import train
 from reglm.train.trainer import StopRequest

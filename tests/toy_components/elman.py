@@ -8,9 +8,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from reglm.config.build import register
 from reglm.config.fields import ComponentConfig, check, check_prob, kind_field, option
 from reglm.encoders.base import LockedDropoutStack, StackLayer, zero_state
+from reglm.layers.component import register
 from reglm.layers.inference import Frozen
 
 

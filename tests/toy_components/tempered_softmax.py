@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from reglm.config.build import register
 from reglm.config.fields import ComponentConfig, kind_field
 from reglm.encoders.base import EncoderOutput
+from reglm.layers.component import register
 from reglm.layers.inference import Frozen
 from reglm.outputs.base import OutputLayer, OutputLoss
 

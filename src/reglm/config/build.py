@@ -88,36 +88,6 @@ def registry(family: str) -> dict[str, Any]:
     return getattr(importlib.import_module(module), name)
 
 
-BASES: dict[str, tuple[str, str]] = {
-    "input": ("reglm.inputs.base", "InputLayer"),
-    "encoder": ("reglm.encoders.base", "Encoder"),
-    "output": ("reglm.outputs.base", "OutputLayer"),
-}
-"""Model component family -> (module, base class): what a registered component derives from,
-which declares its optional parts (:mod:`reglm.layers.component`)."""
-
-
-def register(family: str, kind: str) -> Any:
-    """A class decorator adding a component to ``family``'s registry as ``kind``; a model
-    component must derive from its family's base (:data:`BASES`) and its ``Config`` from
-    :class:`~reglm.config.fields.ComponentConfig`; every ``Config`` is a dataclass with a
-    ``kind`` field: ``@register("encoder", "my-rnn")``."""
-    from reglm.config.fields import ComponentConfig
-
-    def add(cls: type) -> type:
-        if family in BASES:
-            base = getattr(importlib.import_module(BASES[family][0]), BASES[family][1])
-            config = getattr(cls, "Config", None)
-            if not (issubclass(cls, base) and isinstance(config, type) and issubclass(config, ComponentConfig)):
-                raise TypeError(f"a {family} must derive from {base.__name__} and its Config from ComponentConfig")
-        if not (dataclasses.is_dataclass(cls.Config) and "kind" in fields_of(cls.Config)):
-            raise TypeError(f"{cls.__name__}.Config must be a dataclass with a kind field")
-        registry(family)[kind] = cls
-        return cls
-
-    return add
-
-
 def family_configs(family: str) -> dict[str, type]:
     """kind -> config dataclass of a component family."""
     return {kind: component.Config for kind, component in registry(family).items()}
