@@ -122,8 +122,14 @@ def vocab() -> Vocab:
 
 
 def model_of(family: str, kind: str) -> LanguageModel:
+    """The kind's tiny model, every parameter moved off its initial value (a parameter that starts
+    at zero or one, such as a bias or a scale, would hide a component that forgets it)."""
     torch.manual_seed(0)
-    return LanguageModel(config_of(family, kind).model, V, vocab())
+    model = LanguageModel(config_of(family, kind).model, V, vocab())
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    return model
 
 
 def ids_of(*shape: int, seed: int = 3) -> torch.Tensor:
