@@ -55,6 +55,18 @@ class LanguageModel(nn.Module):
         ``input_noise``: std of the training-only Gaussian noise on the embedded input."""
         return self.encoder(self.embedding(ids, input_noise), state)
 
+    @property
+    def skips_parameters(self) -> bool:
+        """Whether a training step may leave some parameters without a gradient (declared by the
+        components, :class:`~reglm.layers.component.Component`): data-parallel training then
+        looks for unused parameters."""
+        return any(c.skips_parameters for c in (self.embedding, self.encoder, self.output))
+
+    def gradient_mode(self) -> None:
+        """Every component in its gradient mode (dynamic evaluation's working copy, in eval mode)."""
+        for component in (self.embedding, self.encoder, self.output):
+            component.gradient_mode()
+
     def init_state(self, batch_size: int, device: torch.device | str | None = None) -> State | None:
         """The encoder's zero state for ``batch_size`` streams (None for a stateless encoder)."""
         return self.encoder.init_state(batch_size, device)

@@ -23,6 +23,21 @@ def option(default: Any, help: str, **metadata: Any) -> Any:
     return field(default=default, metadata={"help": help, **metadata})
 
 
+class ComponentConfig:
+    """The base of the config dataclass of every input layer, encoder and output layer: the
+    optional parts of a model component's config, declared with their defaults.
+
+    * ``check_with(model_config)``: does this component fit the other two (sizes to tie, layers
+      to read); called by ``ModelConfig``; by default it fits;
+    * ``advsoft``: the adversarial-softmax config of an output layer that offers it (a field of
+      its dataclass), ``None`` for every other component."""
+
+    advsoft = None
+
+    def check_with(self, model: Any) -> None:
+        """A ReglmError naming the option when this component does not fit ``model``'s others."""
+
+
 def kind_field(kind: str, help: str) -> Any:
     """The ``kind`` field of a component config: which registered component it builds."""
     return field(default=kind, metadata={"help": help, "kind": True})

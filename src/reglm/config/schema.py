@@ -80,12 +80,10 @@ class ModelConfig:
     output: Any = _component("output", "softmax", "the output layer (model.output.kind: softmax, mos, doc)")
 
     def __post_init__(self) -> None:
-        """The checks across components: each component config may define
-        ``check_with(model_config)`` (does it fit the other two: sizes to tie, layers to read)."""
+        """The checks across components: each component config's ``check_with(model_config)``
+        (:class:`~reglm.config.fields.ComponentConfig`: does it fit the other two)."""
         for component in (self.input, self.encoder, self.output):
-            check_with = getattr(component, "check_with", None)
-            if check_with is not None:
-                check_with(self)
+            component.check_with(self)
 
     @classmethod
     def build(cls, **options: Any) -> ModelConfig:
@@ -229,9 +227,9 @@ class RunConfig:
         output = registry("output")[self.model.output.kind]
         if self.train.aug_gamma > 0:
             require(output, "softmax-logits", "train.aug_gamma", "the augmented loss divides the output layer's logits by a temperature")
-            check(hasattr(registry("input")[self.model.input.kind], "tied_weight"), "train.aug_gamma",
+            check("word-matrix" in registry("input")[self.model.input.kind].capabilities, "train.aug_gamma",
                   f"the augmented loss reads the word embedding matrix, which input layer {self.model.input.kind} does not have; set model.input=embedding or aug_gamma=0")
-        advsoft = getattr(self.model.output, "advsoft", None)
+        advsoft = self.model.output.advsoft
         if advsoft is not None and advsoft.kind != "none":
             require(output, "advsoft", "model.output.advsoft", "the adversarial softmax perturbs target logits")
         if self.objective.kind != "lm":

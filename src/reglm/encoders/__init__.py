@@ -1,9 +1,7 @@
 """Encoders: embedded tokens -> contextual vectors (:class:`~reglm.encoders.base.EncoderOutput`).
 
-``ENCODERS`` maps each ``model.encoder.kind`` to its class; a class has ``Config`` (its frozen
-config dataclass), ``from_config(cfg, input_size)``, ``output_size``, ``layer_sizes``,
-``init_state(B, device)`` / ``load_state(raw)`` (the opaque state, or None when stateless) and
-``forward(x, state) -> EncoderOutput``.
+``ENCODERS`` maps each ``model.encoder.kind`` to its class, an
+:class:`~reglm.encoders.base.Encoder` (its interface and declared optional parts).
 """
 
 from reglm.encoders.awd_lstm import AWDLSTMEncoder

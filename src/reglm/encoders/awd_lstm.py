@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from reglm.config.fields import check, check_prob, kind_field, option
-from reglm.encoders.base import LockedDropoutStack, zero_state
+from reglm.config.fields import ComponentConfig, check, check_prob, kind_field, option
+from reglm.encoders.base import LockedDropoutStack, StackLayer, zero_state
 from reglm.encoders.fused_lstm import lstm_layer
 from reglm.layers.dropout import keep_mask
 from reglm.layers.inference import Frozen
@@ -34,7 +34,7 @@ LSTMState = tuple[Tensor, Tensor]
 """One layer's ``(h, c)``, each ``(1, B, H)``."""
 
 
-class WeightDropLSTM(nn.Module):
+class WeightDropLSTM(StackLayer):
     """One LSTM layer with DropConnect on its recurrent weight (AWD-LSTM section 2).
 
     The LSTM is the paper's section-2 formulation (``i, f, o, c~`` from ``W x_t + U h_{t-1}``
@@ -132,7 +132,7 @@ class LSTMExport(nn.Module):
 
 
 @dataclass(frozen=True)
-class AWDLSTMConfig:
+class AWDLSTMConfig(ComponentConfig):
     """The AWD-LSTM encoder: weight-dropped LSTM layers with locked dropout between them."""
 
     kind: str = kind_field("awd-lstm", "encoder: awd-lstm (Merity et al.), vd-lstm (Zaremba et al.'s LSTM with Inan et al.'s variational dropout), qrnn (Bradbury et al.'s quasi-recurrent network with the AWD regularizers) or transformer (decoder-only, pre-LayerNorm; Baevski & Auli 2019)")

@@ -17,6 +17,7 @@ from typing import Any, NamedTuple, Protocol, TypeVar
 import torch
 from torch import Tensor, nn
 
+from reglm.layers.component import Component
 from reglm.layers.dropout import LockedDropout
 from reglm.layers.inference import Frozen
 
@@ -123,7 +124,38 @@ class StackState:
         return cls([tuple(torch.cat(parts, dim=dim) for parts in zip(*group)) for group in groups], dim)
 
 
-class RecurrentStack(nn.Module):
+class Encoder(Component):
+    """The base every encoder derives from.
+
+    An encoder has ``Config`` (its :class:`~reglm.config.fields.ComponentConfig` dataclass),
+    ``from_config(cfg, input_size)``, ``output_size`` (``H``), ``layer_sizes`` (every layer's
+    ``H_l``), ``init_state(B, device, dtype)`` and ``load_state(raw)`` (its opaque :class:`State`,
+    or ``None`` when it is stateless), ``forward(x: (B, T, I), state) -> EncoderOutput`` and
+    ``export_module(frozen) -> (module, state tensors)`` (:mod:`reglm.layers.inference`). Its
+    optional parts (``skips_parameters``, ``gradient_mode``, the export refusal) are declared by
+    :class:`~reglm.layers.component.Component`."""
+
+    role = "encoder"
+    output_size: int
+    layer_sizes: list[int]
+
+    def init_state(self, batch_size: int, device: Device = None, dtype: torch.dtype | None = None) -> State | None:
+        raise NotImplementedError
+
+    def load_state(self, raw: Any) -> State | None:
+        raise NotImplementedError
+
+
+class StackLayer(Component):
+    """The base of a layer of a :class:`RecurrentStack` (what it must have is in that class's
+    docstring); ``gradient_mode`` and ``export_module`` default as for a component."""
+
+    role = "layer"
+    hidden_size: int
+    state_names: tuple[str, ...]
+
+
+class RecurrentStack(Encoder):
     """The base of every stateful encoder: a stack of recurrent layers carrying a
     :class:`StackState` across windows.
 
@@ -132,7 +164,8 @@ class RecurrentStack(nn.Module):
     (one short name per tensor, for the export's inputs and outputs),
     ``forward(x: (B, T, I), state or None) -> (out: (B, T, H_l), new state)`` and
     ``export_module(frozen)`` (its eval-mode computation as a plain module, see
-    :meth:`RecurrentStack.export_module`). A subclass builds
+    :meth:`RecurrentStack.export_module`), and derives from :class:`StackLayer` (which declares
+    ``gradient_mode``: what dynamic evaluation switches on it). A subclass builds
     its layers, passes them to ``__init__``, sets ``stream_dim`` and defines :meth:`step`: what one
     layer does within the stack (the dropout between layers, for instance). ``init_state``,
     ``load_state`` and ``forward`` are shared.
@@ -141,11 +174,16 @@ class RecurrentStack(nn.Module):
     stream_dim: int = 0
     """The axis of the streams in every layer's state tensors."""
 
-    def __init__(self, layers: Sequence[nn.Module]) -> None:
+    def __init__(self, layers: Sequence[StackLayer]) -> None:
         super().__init__()
         self.layers = nn.ModuleList(layers)
         self.layer_sizes = [layer.hidden_size for layer in self.layers]
         self.output_size = self.layer_sizes[-1]
+
+    def gradient_mode(self) -> None:
+        """Every layer in its gradient mode."""
+        for layer in self.layers:
+            layer.gradient_mode()
 
     def init_state(self, batch_size: int, device: Device = None, dtype: torch.dtype | None = None) -> StackState:
         """The zero state of every layer, on the parameters' device/dtype by default."""

@@ -80,8 +80,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from reglm.config.fields import check, check_prob, kind_field, option
-from reglm.encoders.base import LockedDropoutStack, zero_state
+from reglm.config.fields import ComponentConfig, check, check_prob, kind_field, option
+from reglm.encoders.base import LockedDropoutStack, StackLayer, zero_state
 from reglm.layers.dropout import keep_mask
 from reglm.layers.inference import Frozen
 
@@ -183,7 +183,7 @@ def fo_pool(f: Tensor, z: Tensor, c0: Tensor) -> Tensor:
 # ---------------------------------------------------------------------- one layer
 
 
-class QRNNLayer(nn.Module):
+class QRNNLayer(StackLayer):
     """One QRNN-fo layer (module docstring): masked convolution of width ``window`` -> gates ->
     fo-pooling by the scan -> output gate, with DropConnect on the gate weights and zoneout.
 
@@ -292,7 +292,7 @@ class QRNNExport(nn.Module):
 
 
 @dataclass(frozen=True)
-class QRNNConfig:
+class QRNNConfig(ComponentConfig):
     """The QRNN encoder: QRNN-fo layers with DropConnect and locked dropout (Merity et al. 2018's recipe)."""
 
     kind: str = kind_field("qrnn", "encoder: awd-lstm (Merity et al.), vd-lstm (Zaremba et al.'s LSTM with Inan et al.'s variational dropout), qrnn (Bradbury et al.'s quasi-recurrent network with the AWD regularizers) or transformer (decoder-only, pre-LayerNorm; Baevski & Auli 2019)")

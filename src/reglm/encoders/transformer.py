@@ -63,8 +63,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from reglm.config.fields import check, check_prob, kind_field, option
-from reglm.encoders.base import EncoderOutput, StateTensor
+from reglm.config.fields import ComponentConfig, check, check_prob, kind_field, option
+from reglm.encoders.base import Encoder, EncoderOutput, StateTensor
 from reglm.layers.inference import Frozen
 
 
@@ -100,7 +100,7 @@ def sinusoids(steps: Tensor, freqs: Tensor, odd: bool) -> Tensor:
 
 
 @dataclass(frozen=True)
-class TransformerConfig:
+class TransformerConfig(ComponentConfig):
     """A decoder-only pre-LayerNorm Transformer (Baevski & Auli 2019, section 4.1)."""
 
     kind: str = kind_field("transformer", "encoder: awd-lstm (Merity et al.), vd-lstm (Zaremba et al.'s LSTM with Inan et al.'s variational dropout), qrnn (Bradbury et al.'s quasi-recurrent network with the AWD regularizers) or transformer (decoder-only, pre-LayerNorm; Baevski & Auli 2019)")
@@ -213,7 +213,7 @@ class TransformerLayers(nn.Module):
         return x, layer_outputs
 
 
-class TransformerEncoder(TransformerLayers):
+class TransformerEncoder(Encoder, TransformerLayers):
     """The decoder-only Transformer of Baevski & Auli (2019), section 4.1; see the module docstring.
 
     Submodules: ``input_proj`` (``Linear(I, e, bias=False)``, or None when ``I == e``), ``blocks``

@@ -34,9 +34,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from reglm.config.fields import check, check_positive, check_prob, kind_field, option
+from reglm.config.fields import ComponentConfig, check, check_positive, check_prob, kind_field, option
 from reglm.encoders.awd_lstm import LSTMExport, LSTMState
-from reglm.encoders.base import RecurrentStack, zero_state
+from reglm.encoders.base import RecurrentStack, StackLayer, zero_state
 from reglm.encoders.fused_lstm import lstm_layer
 from reglm.layers.dropout import keep_mask
 from reglm.layers.inference import Frozen
@@ -54,7 +54,7 @@ def _check_init_range(init_range: float) -> float:
     return float(init_range)
 
 
-class VDLSTMLayer(nn.Module):
+class VDLSTMLayer(StackLayer):
     """One LSTM layer whose recurrent input ``h_{t-1}`` can be multiplied by a fixed mask.
 
     The LSTM is Zaremba et al.'s (``i, f, o, g`` from ``W x_t + U h_{t-1}`` plus biases, in
@@ -158,7 +158,7 @@ class VDLSTMLayer(nn.Module):
 
 
 @dataclass(frozen=True)
-class VDLSTMConfig:
+class VDLSTMConfig(ComponentConfig):
     """Zaremba et al.'s LSTM with Inan et al.'s tied variational dropout."""
 
     kind: str = kind_field("vd-lstm", "encoder: awd-lstm (Merity et al.), vd-lstm (Zaremba et al.'s LSTM with Inan et al.'s variational dropout), qrnn (Bradbury et al.'s quasi-recurrent network with the AWD regularizers) or transformer (decoder-only, pre-LayerNorm; Baevski & Auli 2019)")

@@ -118,15 +118,13 @@ def _gradient_copy(
     model: nn.Module, device: torch.device | str, adapt: str = "all"
 ) -> tuple[nn.Module, list[tuple[str, nn.Parameter]]]:
     """A deep copy of ``model`` on ``device`` that takes gradients with every dropout off: eval
-    mode, then every module that declares ``gradient_mode()`` (the recurrent layers: cuDNN
+    mode, then every component's ``gradient_mode()`` (the recurrent layers': cuDNN
     backpropagates only in training mode) switched to it. Returns it with its adapted
     ``(name, parameter)`` pairs (``adapt``: every parameter, or the output layer's), the only
     ones that require gradients."""
     work = copy.deepcopy(model).to(device)
     work.eval()
-    for module in work.modules():
-        if hasattr(module, "gradient_mode"):
-            module.gradient_mode()
+    work.gradient_mode()
     named = list(work.named_parameters())
     if adapt == "output":
         output = {id(p) for p in work.output.parameters()}

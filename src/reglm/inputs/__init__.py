@@ -1,4 +1,5 @@
-"""Input layers: token ids -> vectors. ``INPUTS`` maps each ``model.input.kind`` to its layer."""
+"""Input layers: token ids -> vectors. ``INPUTS`` maps each ``model.input.kind`` to its layer, an
+:class:`~reglm.inputs.base.InputLayer`."""
 
 from reglm.inputs.adaptive_input import AdaptiveInput
 from reglm.inputs.char_cnn import CharCNN

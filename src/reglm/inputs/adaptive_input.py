@@ -42,7 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from reglm.config.fields import check, check_prob, kind_field, option
+from reglm.config.fields import ComponentConfig, check, check_prob, kind_field, option
+from reglm.inputs.base import InputLayer
 from reglm.layers.dropout import LockedDropout
 from reglm.layers.inference import Frozen
 
@@ -103,7 +104,7 @@ def band_dims(dim: int, factor: float, num_bands: int, option_name: str) -> tupl
 
 
 @dataclass(frozen=True)
-class AdaptiveInputConfig:
+class AdaptiveInputConfig(ComponentConfig):
     """Adaptive input embeddings: frequency bands of decreasing dimension, each projected to ``dim``."""
 
     kind: str = kind_field("adaptive", "input layer: embedding (a word embedding), adaptive (adaptive input, Baevski & Auli 2019) or char-cnn (a CNN over the word's UTF-8 bytes)")
@@ -129,7 +130,7 @@ class AdaptiveInputConfig:
         return self.dim
 
 
-class AdaptiveInput(nn.Module):
+class AdaptiveInput(InputLayer):
     """``ids: (B, T) -> (B, T, d)``; see the module docstring.
 
     Parameters: ``weights.i: (|V_i|, d_i)`` (band ``i+1``'s embedding) and ``projections.i: (d,
@@ -137,6 +138,7 @@ class AdaptiveInput(nn.Module):
     """
 
     Config = AdaptiveInputConfig
+    capabilities = frozenset({"bands"})
     skips_parameters = True
     """a band with no token in a batch gets no gradient (data-parallel training looks for unused parameters)"""
 

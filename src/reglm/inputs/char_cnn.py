@@ -57,8 +57,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from reglm.config.fields import check, kind_field, option
+from reglm.config.fields import ComponentConfig, check, kind_field, option
 from reglm.errors import ReglmError
+from reglm.inputs.base import InputLayer
 from reglm.layers.inference import EmbeddingLookup, Frozen
 
 ALPHABET = 257
@@ -99,7 +100,7 @@ def spell(words: list[str], max_chars: int) -> Tensor:
 
 
 @dataclass(frozen=True)
-class CharCNNConfig:
+class CharCNNConfig(ComponentConfig):
     """Words read through a convolution over their characters (Kim et al. 2016; Baevski & Auli 4.4)."""
 
     kind: str = kind_field("char-cnn", "input layer: embedding (a word embedding), adaptive (adaptive input, Baevski & Auli 2019) or char-cnn (a CNN over the word's UTF-8 bytes)")
@@ -152,7 +153,7 @@ class Highway(nn.Module):
         return g * F.relu(t) + (1 - g) * x
 
 
-class CharCNN(nn.Module):
+class CharCNN(InputLayer):
     """The character-CNN input layer; see the module docstring.
 
     Parameters: ``chars.weight: (257, char_emb_size)``, ``convs.k.{weight: (c_k, char_emb_size, w_k),

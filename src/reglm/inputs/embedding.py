@@ -19,13 +19,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from reglm.config.fields import check, check_prob, check_positive, kind_field, option
+from reglm.config.fields import ComponentConfig, check, check_positive, check_prob, kind_field, option
+from reglm.inputs.base import InputLayer
 from reglm.layers.dropout import LockedDropout, embedding_dropout
 from reglm.layers.inference import EmbeddingLookup, Frozen
 
 
 @dataclass(frozen=True)
-class EmbeddingConfig:
+class EmbeddingConfig(ComponentConfig):
     """A word embedding with embedding dropout, input noise and locked dropout."""
 
     kind: str = kind_field("embedding", "input layer: embedding (a word embedding), adaptive (adaptive input, Baevski & Auli 2019) or char-cnn (a CNN over the word's UTF-8 bytes)")
@@ -46,10 +47,11 @@ class EmbeddingConfig:
         return self.emb_size
 
 
-class WordEmbedding(nn.Module):
+class WordEmbedding(InputLayer):
     """The input layer; its parameter ``weight: (V, E)`` is the embedding (saved as ``embedding.weight``)."""
 
     Config = EmbeddingConfig
+    capabilities = frozenset({"word-matrix"})
 
     def __init__(self, cfg: EmbeddingConfig, vocab_size: int) -> None:
         super().__init__()

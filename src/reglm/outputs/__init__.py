@@ -1,8 +1,8 @@
 """Output layers: encoder output -> next-word distribution (:mod:`reglm.outputs.base`).
 
-``OUTPUTS`` maps each ``model.output.kind`` to its class; a class has ``Config`` (its frozen
-config dataclass), ``capabilities``, and ``from_config(cfg, in_features, vocab_size,
-input_layer, encoder)``.
+``OUTPUTS`` maps each ``model.output.kind`` to its class, an
+:class:`~reglm.outputs.base.OutputLayer` with ``Config`` (its frozen config dataclass),
+``capabilities``, and ``from_config(cfg, in_features, vocab_size, input_layer, encoder)``.
 """
 
 from reglm.outputs.adaptive_softmax import AdaptiveSoftmax

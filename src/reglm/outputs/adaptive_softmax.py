@@ -78,7 +78,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from reglm.config.fields import check, check_kind, check_prob, kind_field, option
+from reglm.config.fields import ComponentConfig, check, check_kind, check_prob, kind_field, option
 from reglm.encoders.base import EncoderOutput
 from reglm.errors import ReglmError
 from reglm.inputs.adaptive_input import (
@@ -87,6 +87,7 @@ from reglm.inputs.adaptive_input import (
     parse_cutoffs,
     valid_cutoffs,
 )
+from reglm.inputs.base import InputLayer
 from reglm.outputs.adversarial import AdvSoft, AdvSoftConfig, perturb_target_logits_
 from reglm.layers.inference import Frozen
 from reglm.outputs.base import OutputLayer, OutputLoss
@@ -95,7 +96,7 @@ TIES = ("none", "embeddings", "projections", "head")
 
 
 @dataclass(frozen=True)
-class AdaptiveSoftmaxConfig:
+class AdaptiveSoftmaxConfig(ComponentConfig):
     """An adaptive softmax: a head over frequent words and clusters, tails of decreasing dimension."""
 
     kind: str = kind_field("adaptive", "output layer: softmax, mos (mixture of softmaxes, Yang et al. 2018), doc (MoS with experts from intermediate layers too, Takase et al. 2018) or adaptive (adaptive softmax, Grave et al. 2017)")
@@ -237,17 +238,17 @@ class AdaptiveSoftmax(OutputLayer):
             raise ValueError(f"tied bands have shapes {got}, expected {expected}; tying needs the same cutoffs, factor and dimension")
 
     @classmethod
-    def from_config(cls, cfg: AdaptiveSoftmaxConfig, in_features: int, vocab_size: int, input_layer: nn.Module, encoder: nn.Module) -> AdaptiveSoftmax:
+    def from_config(
+        cls, cfg: AdaptiveSoftmaxConfig, in_features: int, vocab_size: int, input_layer: InputLayer, encoder: nn.Module
+    ) -> AdaptiveSoftmax:
         cutoffs = cfg.cutoff_values
         check_cutoffs_fit(cutoffs, vocab_size, "model.output.cutoffs")
         tied, matrix = None, None
         if cfg.tie != "none":
-            band_weights = getattr(input_layer, "band_weights", None)
-            tied_weight = getattr(input_layer, "tied_weight", None)
-            if band_weights is not None:
-                tied = band_weights()
-            elif cfg.tie == "embeddings" and tied_weight is not None:
-                matrix = tied_weight()
+            if "bands" in input_layer.capabilities:
+                tied = input_layer.band_weights()
+            elif cfg.tie == "embeddings" and "word-matrix" in input_layer.capabilities:
+                matrix = input_layer.tied_weight()
             else:
                 raise ReglmError(f"invalid option model.output.tie: {cfg.tie} needs an input layer with bands (model.input=adaptive); set tie=none")
         return cls(

@@ -13,7 +13,8 @@ other field it needs: DOC's experts read ``layer_outputs``) and offers
 
 * ``export_module(frozen) -> nn.Module``: its inference path for ``reglm export``
   (:mod:`reglm.layers.inference`), ``forward(h: (B, T, H), layers: List[Tensor]) -> (B, T, V)``
-  log-probabilities; a layer that does not define one is refused by the exporter.
+  log-probabilities; a layer that does not define one is refused by the exporter (the default
+  of :class:`~reglm.layers.component.Component`, with ``skips_parameters`` and ``gradient_mode``).
 
 Capabilities a layer may lack are declared, never discovered by ``isinstance``:
 ``"logits"`` (:meth:`full_logits`), ``"softmax-logits"`` (``keep_logits``: logits whose softmax is
@@ -26,11 +27,11 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
 
-from torch import Tensor, nn
+from torch import Tensor
 
 from reglm.encoders.base import EncoderOutput
 from reglm.errors import ReglmError
-from reglm.layers.inference import Frozen, NotExportable
+from reglm.layers.component import Component
 
 
 @dataclass
@@ -43,9 +44,10 @@ class OutputLoss:
     logits: Tensor | None = None
 
 
-class OutputLayer(nn.Module, ABC):
+class OutputLayer(Component, ABC):
     """Base of the output layers; see the module docstring."""
 
+    role = "output layer"
     capabilities: ClassVar[frozenset[str]] = frozenset()
 
     @abstractmethod
@@ -59,10 +61,6 @@ class OutputLayer(nn.Module, ABC):
     @abstractmethod
     def full_logits(self, out: EncoderOutput) -> Tensor:
         """Logits ``(B, T, V)`` (capability ``"logits"``)."""
-
-    def export_module(self, frozen: Frozen) -> nn.Module:
-        """The export-ready module (module docstring); by default there is none."""
-        raise NotExportable(f"the output layer {type(self).__name__} has no inference module")
 
     def nll(self, out: EncoderOutput, targets: Tensor) -> Tensor:
         """The clean per-token NLL ``(B, T)``."""

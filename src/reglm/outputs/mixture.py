@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from reglm.config.fields import check, check_kind, check_nonneg, check_prob, kind_field, option
+from reglm.config.fields import ComponentConfig, check, check_kind, check_nonneg, check_prob, kind_field, option
 from reglm.encoders.base import EncoderOutput
 from reglm.layers.dropout import LockedDropout
 from reglm.layers.inference import Frozen
@@ -63,7 +63,7 @@ KINDS = ("mos", "doc")
 
 
 @dataclass(frozen=True)
-class MixtureConfig:
+class MixtureConfig(ComponentConfig):
     """A mixture of softmaxes (``mos``), with experts from intermediate layers too (``doc``)."""
 
     kind: str = kind_field("mos", "output layer: softmax, mos (mixture of softmaxes, Yang et al. 2018), doc (MoS with experts from intermediate layers too, Takase et al. 2018) or adaptive (adaptive softmax, Grave et al. 2017)")

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from reglm.config.fields import check, check_positive, kind_field, option
+from reglm.config.fields import ComponentConfig, check, check_positive, kind_field, option
 from reglm.encoders.base import EncoderOutput
 from reglm.outputs.adversarial import AdvSoft, AdvSoftConfig, perturb_target_logits_
 from reglm.layers.inference import Frozen
@@ -24,7 +24,7 @@ from reglm.outputs.base import OutputLayer, OutputLoss
 
 
 @dataclass(frozen=True)
-class SoftmaxConfig:
+class SoftmaxConfig(ComponentConfig):
     """A softmax over the vocabulary."""
 
     kind: str = kind_field("softmax", "output layer: softmax, mos (mixture of softmaxes, Yang et al. 2018), doc (MoS with experts from intermediate layers too, Takase et al. 2018) or adaptive (adaptive softmax, Grave et al. 2017)")

@@ -280,7 +280,7 @@ class DataParallelGroup(SingleProcess):
         weights to every rank as it starts (they are equal already: the same seed built them)."""
         if isinstance(engine.loss, DistributedDataParallel):
             return
-        skips = any(getattr(module, "skips_parameters", False) for module in engine.model.modules())
+        skips = engine.model.skips_parameters
         ddp = DistributedDataParallel(_ChunkPass(engine), find_unused_parameters=skips, **_NO_FORWARD_BUFFER_SYNC)
         engine.loss, engine.no_sync, engine.token_total = ddp, ddp.no_sync, self.mean_tokens
 

@@ -367,7 +367,7 @@ class Trainer:
         self.save_checkpoint()
 
     def _advsoft_on(self) -> bool:
-        advsoft = getattr(self.config.model.output, "advsoft", None)
+        advsoft = self.config.model.output.advsoft
         return advsoft is not None and advsoft_on(advsoft.kind, self.cfg.advsoft_stop_epoch, self.cfg.advsoft_finetune, self.stage, self.epoch)
 
     def _input_noise_std(self) -> float:
