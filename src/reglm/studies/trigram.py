@@ -5,7 +5,8 @@ On the synthetic trigram corpus, whose true probabilities are known (:mod:`reglm
 1. ``initial/``: train the initial model -- a 2-layer LSTM of ``hidden`` units with embeddings of
    the same size, untied, no regularization, SGD at ``lr`` with global-norm clipping ``clip``,
    the learning rate multiplied by 0.1 whenever an epoch does not improve validation
-   (appendix A).
+   (appendix A); "trained to its optimum" is read as: until the third such drop
+   (``plateau_stop``), within ``epochs``.
 2. ``perturbed/``: the initial model with the output bias of one "almost frequent" word (the
    ``chosen_rank``-th most frequent training word; ranks 51-150 are almost frequent) set to
    ``perturb_bias``, a large negative value.
@@ -75,6 +76,11 @@ class TrigramStudySpec:
     clip: float = 1.0
     epochs: int = 100
     """upper bound on the initial model's epochs (the plateau schedule does the rest)"""
+    plateau_stop: float = 0.001
+    """"trained to its optimum", bounded: the initial model and the discriminators stop at the
+    epoch whose plateau drop takes the rate to ``lr * plateau_stop`` or below (0.001: the third
+    x0.1 drop; ``train.schedule.plateau_stop``), or at their epoch cap; 0: the cap alone (studies
+    recorded without it)"""
     disc_epochs: int = 30
     disc_lr: float | None = None
     """learning rate of the discriminators (none: ``lr``, as in appendix A)"""
@@ -108,6 +114,8 @@ class TrigramStudySpec:
                 raise ReglmError(f"--{name.replace('_', '-')} {getattr(self, name)} must be > 0")
         if not self.ce_lrs or any(not (math.isfinite(lr) and lr > 0) for lr in self.ce_lrs):
             raise ReglmError(f"--ce-lrs {','.join(map(str, self.ce_lrs))} must list learning rates > 0")
+        if not (math.isfinite(self.plateau_stop) and 0 <= self.plateau_stop < 1):
+            raise ReglmError(f"--plateau-stop {self.plateau_stop} must be in [0, 1) (0.001: the third x0.1 drop; 0: off)")
         if not self.tracked_ranks or any(rank < 1 for rank in self.tracked_ranks):
             raise ReglmError(f"--track-ranks {','.join(map(str, self.tracked_ranks))} must list frequency ranks >= 1 (e.g. 75,10)")
         if not self.n_frequent < self.chosen_rank:
@@ -129,6 +137,7 @@ def initial_config(spec: TrigramStudySpec) -> RunConfig:
         f"train.epochs={spec.epochs}", f"train.batch_size={spec.batch_size}", f"train.eval_batch_size={min(spec.batch_size, 64)}",
         f"train.test_batch_size={min(spec.batch_size, 64)}", f"train.bptt={spec.bptt}", "train.variable_bptt=false",
         f"train.lr={spec.lr}", f"train.clip={spec.clip}", "train.plateau_factor=0.1", "train.averaging=none", "train.finetune=false",
+        f"train.schedule.plateau_stop={spec.plateau_stop or 'none'}",
         "train.weight_decay=0", "train.ar_alpha=0", "train.tar_beta=0", f"train.device={spec.device}", f"seed={spec.seed}",
         *spec.extra,
     ]
@@ -335,6 +344,7 @@ def _check_spec(out: Path, spec: TrigramStudySpec) -> None:
         saved = json.loads(path.read_text(encoding="utf-8"))
         saved.setdefault("synthetic_rule", "restart")
         saved.setdefault("valid_sentences", 0)
+        saved.setdefault("plateau_stop", 0.0)
         if saved != current:
             changed = sorted(key for key in set(saved) | set(current) if saved.get(key) != current.get(key))
             raise ReglmError(f"{out} holds a study started with other settings ({', '.join(changed)}); rerun with those settings to resume it, or choose another --out")
