@@ -201,3 +201,23 @@ def test_a_study_recorded_before_the_plateau_stop_resumes_only_without_it(tmp_pa
     with pytest.raises(ReglmError, match=r"other settings \(plateau_stop\)"):
         _check_spec(tmp_path, spec)
     _check_spec(tmp_path, dataclasses.replace(spec, plateau_stop=0))
+
+
+def test_a_stop_request_ends_the_study_with_a_checkpoint(tmp_path: Path) -> None:
+    """SIGINT / SIGTERM (a StopRequest) end the running stage at the end of its step, as in
+    ``reglm train``: state.pt written, nothing further trained (a rerun resumes from it)."""
+    import signal
+
+    from reglm.errors import TrainingInterrupted
+    from reglm.studies.trigram import run_trigram_study
+    from reglm.train.checkpoint import load_state
+    from reglm.train.run import StopRequest
+
+    spec = TrigramStudySpec(sentences=800, hidden=8, batch_size=8, bptt=12, epochs=2, chosen_rank=60, valid_sentences=0)
+    stop = StopRequest()
+    stop.request(signal.SIGINT)
+    with pytest.raises(TrainingInterrupted):
+        run_trigram_study(tmp_path, spec, stop=stop)
+    state = load_state(tmp_path / "initial" / "state.pt")
+    assert (state["stage"], state["epoch"], state["step"]) == ("main", 0, 1)
+    assert not (tmp_path / "initial" / "results.json").exists() and not (tmp_path / "perturbed").exists()

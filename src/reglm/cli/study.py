@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from reglm.cli.common import add_data_options, writing_into
+from reglm.cli.common import add_data_options, stop_on_signals, writing_into
 from reglm.errors import ReglmError
 
 
@@ -110,7 +110,8 @@ def _study_trigram(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ReglmError(f"--out {out} is a file; give a directory for the study")
-    result = run_trigram_study(out, spec, progress=sys.stderr.isatty() and not args.json)
+    with stop_on_signals() as stop:
+        result = run_trigram_study(out, spec, progress=sys.stderr.isatty() and not args.json, stop=stop)
     if args.json:
         print(json.dumps(result))
         return 0

@@ -59,7 +59,7 @@ from reglm.models import LanguageModel
 from reglm.objectives.reverse_kl import log_p_hat
 from reglm.rundir import RESULTS_FILE, is_run
 from reglm.train.checkpoint import load_model_dir, save_model_dir
-from reglm.train.run import Trainer, load_corpus, resolve_device, resume, train
+from reglm.train.run import StopRequest, Trainer, load_corpus, resolve_device, resume, train
 
 
 
@@ -144,16 +144,20 @@ def initial_config(spec: TrigramStudySpec) -> RunConfig:
     return build_config(None, options)
 
 
-def _run_stage(run_dir: Path, config: RunConfig, corpus: Corpus, progress: bool, tracker: ChosenWordTracker | None = None) -> dict[str, Any]:
-    """Train one stage into ``run_dir``: reuse a finished one, resume an interrupted one."""
+def _run_stage(
+    run_dir: Path, config: RunConfig, corpus: Corpus, progress: bool, tracker: ChosenWordTracker | None = None,
+    stop: StopRequest | None = None,
+) -> dict[str, Any]:
+    """Train one stage into ``run_dir``: reuse a finished one, resume an interrupted one (``stop``:
+    honoured at the end of a step, as in ``reglm train``)."""
     if (run_dir / RESULTS_FILE).is_file():
         return {"run": str(run_dir), "reused": True}
     hooks = [] if tracker is None else [tracker]
     print(f"study stage {run_dir.name}", file=sys.stderr, flush=True)
     if is_run(run_dir):
-        resume(run_dir, progress, corpus=corpus, step_hooks=hooks)
+        resume(run_dir, progress, stop, corpus=corpus, step_hooks=hooks)
     else:
-        train(config, run_dir, progress, corpus=corpus, step_hooks=hooks)
+        train(config, run_dir, progress, stop, corpus=corpus, step_hooks=hooks)
     return {"run": str(run_dir), "reused": False}
 
 
@@ -256,8 +260,12 @@ def table_row(
     return row
 
 
-def run_trigram_study(out: Path, spec: TrigramStudySpec, progress: bool = False) -> dict[str, Any]:
-    """Run (or resume) the whole study in ``out``; returns and writes ``trigram-study.json``."""
+def run_trigram_study(
+    out: Path, spec: TrigramStudySpec, progress: bool = False, stop: StopRequest | None = None
+) -> dict[str, Any]:
+    """Run (or resume) the whole study in ``out``; returns and writes ``trigram-study.json``
+    (``stop``: a stop request, as SIGINT or SIGTERM sets it, ends the current stage with a
+    checkpoint and raises :class:`~reglm.errors.TrainingInterrupted`; rerun to resume)."""
     from reglm.analysis.plots import plot_trigram_figure2, plot_trigram_study  # first: without matplotlib, stop before training
 
     started = time.perf_counter()
@@ -282,7 +290,7 @@ def run_trigram_study(out: Path, spec: TrigramStudySpec, progress: bool = False)
         ends = (corpus.valid == corpus.vocab.eos_id).nonzero().flatten()
         valid = corpus.valid[: int(ends[min(spec.valid_sentences, ends.numel()) - 1]) + 1]
 
-    _run_stage(out / "initial", config, corpus, progress)
+    _run_stage(out / "initial", config, corpus, progress, stop=stop)
     perturbed_dir = out / "perturbed"
     if not (perturbed_dir / "model.safetensors").is_file():
         model, saved_config, vocab = load_model_dir(out / "initial" / "best")
@@ -295,7 +303,7 @@ def run_trigram_study(out: Path, spec: TrigramStudySpec, progress: bool = False)
     for name, base in bases.items():
         disc_dir = out / f"disc-{name}"
         disc_config = derive_config(config, None, disc_options, {"kind": "discriminator", "base_model": str(base)}, "a discriminator")
-        _run_stage(disc_dir, disc_config, corpus, progress)
+        _run_stage(disc_dir, disc_config, corpus, progress, stop=stop)
         runs = {f"ftd-{name}": ({"kind": "reverse-kl", "base_model": str(base), "discriminator": str((disc_dir / "best").resolve())}, spec.finetune_lr)}
         for lr in spec.ce_lrs:
             runs[f"ce-{lr:g}-{name}"] = ({"kind": "lm", "base_model": str(base)}, lr)
@@ -303,7 +311,7 @@ def run_trigram_study(out: Path, spec: TrigramStudySpec, progress: bool = False)
             options = [f"train.epochs={spec.finetune_epochs}", f"train.lr={lr}", "train.plateau_factor=none"]
             stage_config = derive_config(config, None, options, objective, "fine-tuning")
             tracker = ChosenWordTracker(context, chosen, tracker_words, valid)
-            _run_stage(out / stage, stage_config, corpus, progress, tracker)
+            _run_stage(out / stage, stage_config, corpus, progress, tracker, stop)
             stages[stage] = {"base": name, "lr": lr, "objective": objective["kind"]}
 
     rows = {"true distribution": _true_row(corpus, frequent)}
