@@ -114,6 +114,8 @@ def test_reproduce_popov_1_runs_the_study_and_writes_table_1(
     assert (full.lr, full.clip, full.bptt) == (1.0, 1.0, 35)
     config = initial_config(full)
     assert config.train.schedule.plateau_factor == 0.1 and config.model.encoder.hidden_dropout == 0
+    assert config.train.schedule.plateau_stop == 0.001 and config.train.epochs == 100
+    assert initial_config(dataclasses.replace(full, plateau_stop=0)).train.schedule.plateau_stop is None
     reduced = table1.study_spec("reduced", Budget(epochs=2), ["data.data_dir=/x"])
     sizes = (reduced.sentences, reduced.hidden, reduced.batch_size, reduced.epochs, reduced.finetune_epochs)
     assert sizes == (20000, 64, 64, 2, 2)
@@ -159,6 +161,7 @@ def test_rerun_reuses_finished_stages_and_refuses_other_settings(study: tuple[Pa
     (["--ce-lrs", "0.1,-1"], "--ce-lrs"),
     (["--disc-lr", "0"], "--disc-lr"),
     (["--synthetic-rule", "stationary"], "--synthetic-rule"),
+    (["--plateau-stop", "1"], "--plateau-stop"),
 ])
 def test_bad_options_exit_2_without_writing(tmp_path: Path, options: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["study", "trigram", "--out", str(tmp_path / "s"), *options]) == 2
@@ -185,3 +188,36 @@ def test_a_study_recorded_before_the_rule_option_resumes_only_under_the_restart_
 def test_spec_rejects_nonsense() -> None:
     with pytest.raises(ReglmError, match="--hidden"):
         TrigramStudySpec(hidden=0)
+
+
+def test_a_study_recorded_before_the_plateau_stop_resumes_only_without_it(tmp_path: Path) -> None:
+    """Studies recorded before ``plateau_stop`` trained to their epoch caps: they resume with 0 (off)."""
+    from reglm.studies.trigram import _check_spec
+
+    spec = TrigramStudySpec(sentences=800, hidden=8, chosen_rank=60)
+    saved = dataclasses.asdict(spec)
+    del saved["plateau_stop"]
+    tmp_path.joinpath("study-spec.json").write_text(json.dumps(saved))
+    with pytest.raises(ReglmError, match=r"other settings \(plateau_stop\)"):
+        _check_spec(tmp_path, spec)
+    _check_spec(tmp_path, dataclasses.replace(spec, plateau_stop=0))
+
+
+def test_a_stop_request_ends_the_study_with_a_checkpoint(tmp_path: Path) -> None:
+    """SIGINT / SIGTERM (a StopRequest) end the running stage at the end of its step, as in
+    ``reglm train``: state.pt written, nothing further trained (a rerun resumes from it)."""
+    import signal
+
+    from reglm.errors import TrainingInterrupted
+    from reglm.studies.trigram import run_trigram_study
+    from reglm.train.checkpoint import load_state
+    from reglm.train.run import StopRequest
+
+    spec = TrigramStudySpec(sentences=800, hidden=8, batch_size=8, bptt=12, epochs=2, chosen_rank=60, valid_sentences=0)
+    stop = StopRequest()
+    stop.request(signal.SIGINT)
+    with pytest.raises(TrainingInterrupted):
+        run_trigram_study(tmp_path, spec, stop=stop)
+    state = load_state(tmp_path / "initial" / "state.pt")
+    assert (state["stage"], state["epoch"], state["step"]) == ("main", 0, 1)
+    assert not (tmp_path / "initial" / "results.json").exists() and not (tmp_path / "perturbed").exists()

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import math
+import signal
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
 
-from reglm.train.schedules import sample_bptt, scaled_lr
+from reglm.config import RunConfig, build_config
+from reglm.errors import ReglmError, TrainingInterrupted
+from reglm.train.checkpoint import load_state
+from reglm.train.run import load_corpus, resume, train
+from reglm.train.schedules import DecaySchedule, DecayScheduleConfig, sample_bptt, scaled_lr
+from reglm.train.trainer import StopRequest, Trainer
 
 
 def _draw(seed: int, count: int, **kw) -> list[int]:
@@ -100,3 +109,72 @@ def test_the_papers_wikitext103_schedule_ends_its_fourth_cycle_at_286k_updates()
     end = config.train.max_steps
     assert schedule.rate("main", 0, end - 1) == pytest.approx(1e-5 * 0.75**3, rel=1e-3), "the fourth cycle ends at its minimum"
     assert schedule.rate("main", 0, 16_000 + 18_000) == pytest.approx(0.75), "each cycle starts at the shrunk maximum"
+
+
+def test_plateau_stop_holds_at_the_drop_that_reaches_it_despite_rounding() -> None:
+    """0.1 ** 3 is 0.0010000000000000002 in floating point: the third x0.1 drop still reaches 0.001."""
+    schedule = DecaySchedule(DecayScheduleConfig(plateau_factor=0.1, plateau_stop=0.001), lr=1.0, finetune_lr=None)
+    exhausted = []
+    for improved in (True, False, True, False, False):
+        schedule.epoch_end(improved, 1.0)
+        exhausted.append(schedule.exhausted("main"))
+    assert exhausted == [False, False, False, False, True]
+    assert not schedule.exhausted("finetune")
+    assert not DecaySchedule(DecayScheduleConfig(plateau_factor=0.1), lr=1.0, finetune_lr=None).exhausted("main")
+    with pytest.raises(ReglmError, match="plateau_stop"):
+        build_config(None, ["train.schedule.plateau_stop=1"])
+
+
+def _stalling_config(epochs: int = 10) -> RunConfig:
+    """A tiny run whose rate (1e-12) cannot move a parameter by one ulp: the first epoch improves
+    on the initial infinite best, every later one gives the same validation score, so each drops
+    the rate by 0.1 and plateau_stop=0.01 ends the main stage after epoch 1 + 2 = 3."""
+    return build_config("tiny", [
+        "data.synthetic_sentences=120", f"train.epochs={epochs}", "train.lr=1e-12", "train.averaging=none",
+        "train.finetune=false", "train.plateau_factor=0.1", "train.schedule.plateau_stop=0.01",
+    ])
+
+
+def _epoch_events(run: Path) -> list[tuple[int, float]]:
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [(row["epoch"], row["lr"]) for row in lines if row["event"] == "epoch"]
+
+
+class _StopWhen(StopRequest):
+    """A stop request raised, as SIGINT would, when ``condition(trainer)`` holds at a stop check
+    (the end of every step and of every epoch)."""
+
+    def __init__(self, condition: Callable[[Trainer], bool]) -> None:
+        self.condition, self.trainer, self.raised = condition, None, None
+
+    @property  # type: ignore[override]
+    def signum(self) -> int | None:
+        if self.raised is None and self.trainer is not None and self.condition(self.trainer):
+            self.raised = signal.SIGINT
+        return self.raised
+
+    @signum.setter
+    def signum(self, value: int | None) -> None:
+        self.raised = value
+
+
+def test_plateau_stop_ends_the_main_stage_and_a_resumed_run_ends_where_the_uninterrupted_one_did(tmp_path: Path) -> None:
+    reference = tmp_path / "reference"
+    results = train(_stalling_config(), reference, progress=False)
+    assert [epoch for epoch, _ in _epoch_events(reference)] == [1, 2, 3]
+    assert [lr for _, lr in _epoch_events(reference)] == pytest.approx([1e-12, 1e-12, 1e-13])
+    assert math.isfinite(results["test"]["ppl"])
+    # stopped mid-way through epoch 3 (scale 0.1 in state.pt), and right after epoch 3's drop (scale 0.01)
+    conditions = {"mid": lambda t: t.epoch == 2 and t.position > 0, "end": lambda t: t.epoch == 3}
+    for name, condition in conditions.items():
+        run, stop = tmp_path / name, _StopWhen(condition)
+        trainer = Trainer(_stalling_config(), run, load_corpus(_stalling_config()), progress=False, stop=stop)
+        trainer.start()
+        stop.trainer = trainer
+        with pytest.raises(TrainingInterrupted):
+            trainer.run()
+        state = load_state(run / "state.pt")
+        assert (state["stage"], state["epoch"], state["schedule"]["scale"]) == (("main", 2, 0.1) if name == "mid" else ("main", 3, 0.1 * 0.1))
+        resumed = resume(run, progress=False)
+        assert _epoch_events(run) == _epoch_events(reference), name
+        assert resumed["test"]["ppl"] == pytest.approx(results["test"]["ppl"], rel=1e-6), name

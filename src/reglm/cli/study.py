@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from reglm.cli.common import add_data_options, writing_into
+from reglm.cli.common import add_data_options, stop_on_signals, writing_into
 from reglm.errors import ReglmError
 
 
@@ -35,7 +35,8 @@ def register(sub: Any) -> None:
         ("lr", float, "initial model's and discriminators' learning rate (default 1.0)"),
         ("clip", float, "gradient clipping (default 1.0)"),
         ("epochs", int, "most epochs of the initial model (default 100; the rate drops x0.1 on plateaus)"),
-        ("disc-epochs", int, "discriminator epochs (default 30)"),
+        ("plateau-stop", float, "stop initial model, discriminators at rate lr x this (0.001: 3rd drop; 0: off)"),
+        ("disc-epochs", int, "most discriminator epochs (default 30)"),
         ("disc-lr", float, "discriminators' learning rate (default: --lr)"),
         ("finetune-epochs", int, "fine-tuning epochs (default 2)"),
         ("finetune-lr", float, "learning rate of the discriminator fine-tuning (default 1.0)"),
@@ -93,7 +94,7 @@ def _study_trigram(args: argparse.Namespace) -> int:
     from reglm.studies.trigram import TrigramStudySpec, run_trigram_study
 
     names = (
-        "sentences", "hidden", "batch_size", "bptt", "lr", "clip", "epochs", "disc_epochs", "disc_lr",
+        "sentences", "hidden", "batch_size", "bptt", "lr", "clip", "epochs", "plateau_stop", "disc_epochs", "disc_lr",
         "finetune_epochs", "finetune_lr", "chosen_rank", "perturb_bias", "seed", "synthetic_rule", "valid_sentences",
         "device",
     )
@@ -109,7 +110,8 @@ def _study_trigram(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ReglmError(f"--out {out} is a file; give a directory for the study")
-    result = run_trigram_study(out, spec, progress=sys.stderr.isatty() and not args.json)
+    with stop_on_signals() as stop:
+        result = run_trigram_study(out, spec, progress=sys.stderr.isatty() and not args.json, stop=stop)
     if args.json:
         print(json.dumps(result))
         return 0

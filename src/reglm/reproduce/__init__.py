@@ -86,7 +86,7 @@ def reproduce(
     if entry.study == "trigram":
         from reglm.reproduce.trigram import reproduce_trigram
 
-        table_json, markdown = reproduce_trigram(Path(out).absolute(), rows, scale, budget, options, progress)
+        table_json, markdown = reproduce_trigram(Path(out).absolute(), rows, scale, budget, options, progress, stop)
         return Reproduction(table_json, markdown, Path(out).absolute())
     selected = select_rows(paper, table, rows)
     out = Path(out).absolute()

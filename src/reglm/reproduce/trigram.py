@@ -74,7 +74,7 @@ def study_spec(scale: str, budget: Budget, options: list[str]) -> Any:
 
 
 def reproduce_trigram(
-    out: Path, rows: list[str] | None, scale: str, budget: Budget, options: list[str], progress: bool
+    out: Path, rows: list[str] | None, scale: str, budget: Budget, options: list[str], progress: bool, stop: Any = None,
 ) -> tuple[dict[str, Any], str]:
     """Run (or resume) the study in ``out/study`` and write ``out/table.md`` and ``out/table.json``;
     returns ``(table.json's content, table.md's)``."""
@@ -91,7 +91,7 @@ def reproduce_trigram(
         f"popov:1: the synthetic study in {out / STUDY} "
         f"({spec.sentences} sentences, {spec.hidden} units, {spec.batch_size} streams)"
     )
-    result = run_trigram_study(out / STUDY, spec, progress)
+    result = run_trigram_study(out / STUDY, spec, progress, stop)
     meta = {
         **manifest,
         "command": command_line("popov:1", None, scale, budget, options),

@@ -5,7 +5,8 @@ On the synthetic trigram corpus, whose true probabilities are known (:mod:`reglm
 1. ``initial/``: train the initial model -- a 2-layer LSTM of ``hidden`` units with embeddings of
    the same size, untied, no regularization, SGD at ``lr`` with global-norm clipping ``clip``,
    the learning rate multiplied by 0.1 whenever an epoch does not improve validation
-   (appendix A).
+   (appendix A); "trained to its optimum" is read as: until the third such drop
+   (``plateau_stop``), within ``epochs``.
 2. ``perturbed/``: the initial model with the output bias of one "almost frequent" word (the
    ``chosen_rank``-th most frequent training word; ranks 51-150 are almost frequent) set to
    ``perturb_bias``, a large negative value.
@@ -58,7 +59,7 @@ from reglm.objectives.reverse_kl import log_p_hat
 from reglm.progress import Pace, clock, say
 from reglm.rundir import RESULTS_FILE, is_run
 from reglm.train.checkpoint import load_model_dir, save_model_dir
-from reglm.train.run import Trainer, load_corpus, resolve_device, resume, train
+from reglm.train.run import StopRequest, Trainer, load_corpus, resolve_device, resume, train
 
 
 
@@ -75,6 +76,11 @@ class TrigramStudySpec:
     clip: float = 1.0
     epochs: int = 100
     """upper bound on the initial model's epochs (the plateau schedule does the rest)"""
+    plateau_stop: float = 0.001
+    """"trained to its optimum", bounded: the initial model and the discriminators stop at the
+    epoch whose plateau drop takes the rate to ``lr * plateau_stop`` or below (0.001: the third
+    x0.1 drop; ``train.schedule.plateau_stop``), or at their epoch cap; 0: the cap alone (studies
+    recorded without it)"""
     disc_epochs: int = 30
     disc_lr: float | None = None
     """learning rate of the discriminators (none: ``lr``, as in appendix A)"""
@@ -108,6 +114,8 @@ class TrigramStudySpec:
                 raise ReglmError(f"--{name.replace('_', '-')} {getattr(self, name)} must be > 0")
         if not self.ce_lrs or any(not (math.isfinite(lr) and lr > 0) for lr in self.ce_lrs):
             raise ReglmError(f"--ce-lrs {','.join(map(str, self.ce_lrs))} must list learning rates > 0")
+        if not (math.isfinite(self.plateau_stop) and 0 <= self.plateau_stop < 1):
+            raise ReglmError(f"--plateau-stop {self.plateau_stop} must be in [0, 1) (0.001: the third x0.1 drop; 0: off)")
         if not self.tracked_ranks or any(rank < 1 for rank in self.tracked_ranks):
             raise ReglmError(f"--track-ranks {','.join(map(str, self.tracked_ranks))} must list frequency ranks >= 1 (e.g. 75,10)")
         if not self.n_frequent < self.chosen_rank:
@@ -129,6 +137,7 @@ def initial_config(spec: TrigramStudySpec) -> RunConfig:
         f"train.epochs={spec.epochs}", f"train.batch_size={spec.batch_size}", f"train.eval_batch_size={min(spec.batch_size, 64)}",
         f"train.test_batch_size={min(spec.batch_size, 64)}", f"train.bptt={spec.bptt}", "train.variable_bptt=false",
         f"train.lr={spec.lr}", f"train.clip={spec.clip}", "train.plateau_factor=0.1", "train.averaging=none", "train.finetune=false",
+        f"train.schedule.plateau_stop={spec.plateau_stop or 'none'}",
         "train.weight_decay=0", "train.ar_alpha=0", "train.tar_beta=0", f"train.device={spec.device}", f"seed={spec.seed}",
         *spec.extra,
     ]
@@ -160,18 +169,19 @@ class _StudyClock:
 
 def _run_stage(
     run_dir: Path, config: RunConfig, corpus: Corpus, progress: bool, study: _StudyClock,
-    tracker: ChosenWordTracker | None = None,
+    tracker: ChosenWordTracker | None = None, stop: StopRequest | None = None,
 ) -> dict[str, Any]:
-    """Train one stage into ``run_dir``: reuse a finished one, resume an interrupted one."""
+    """Train one stage into ``run_dir``: reuse a finished one, resume an interrupted one (``stop``:
+    honoured at the end of a step, as in ``reglm train``)."""
     reused = (run_dir / RESULTS_FILE).is_file()
     study.stage(run_dir.name, config.train.epochs, reused)
     if reused:
         return {"run": str(run_dir), "reused": True}
     hooks = [] if tracker is None else [tracker]
     if is_run(run_dir):
-        resume(run_dir, progress, corpus=corpus, step_hooks=hooks)
+        resume(run_dir, progress, stop, corpus=corpus, step_hooks=hooks)
     else:
-        train(config, run_dir, progress, corpus=corpus, step_hooks=hooks)
+        train(config, run_dir, progress, stop, corpus=corpus, step_hooks=hooks)
     return {"run": str(run_dir), "reused": False}
 
 
@@ -274,8 +284,12 @@ def table_row(
     return row
 
 
-def run_trigram_study(out: Path, spec: TrigramStudySpec, progress: bool = False) -> dict[str, Any]:
-    """Run (or resume) the whole study in ``out``; returns and writes ``trigram-study.json``."""
+def run_trigram_study(
+    out: Path, spec: TrigramStudySpec, progress: bool = False, stop: StopRequest | None = None
+) -> dict[str, Any]:
+    """Run (or resume) the whole study in ``out``; returns and writes ``trigram-study.json``
+    (``stop``: a stop request, as SIGINT or SIGTERM sets it, ends the current stage with a
+    checkpoint and raises :class:`~reglm.errors.TrainingInterrupted`; rerun to resume)."""
     from reglm.analysis.plots import plot_trigram_figure2, plot_trigram_study  # first: without matplotlib, stop before training
 
     started = time.perf_counter()
@@ -301,7 +315,7 @@ def run_trigram_study(out: Path, spec: TrigramStudySpec, progress: bool = False)
         valid = corpus.valid[: int(ends[min(spec.valid_sentences, ends.numel()) - 1]) + 1]
 
     study = _StudyClock(spec)
-    _run_stage(out / "initial", config, corpus, progress, study)
+    _run_stage(out / "initial", config, corpus, progress, study, stop=stop)
     perturbed_dir = out / "perturbed"
     if not (perturbed_dir / "model.safetensors").is_file():
         model, saved_config, vocab = load_model_dir(out / "initial" / "best")
@@ -314,7 +328,7 @@ def run_trigram_study(out: Path, spec: TrigramStudySpec, progress: bool = False)
     for name, base in bases.items():
         disc_dir = out / f"disc-{name}"
         disc_config = derive_config(config, None, disc_options, {"kind": "discriminator", "base_model": str(base)}, "a discriminator")
-        _run_stage(disc_dir, disc_config, corpus, progress, study)
+        _run_stage(disc_dir, disc_config, corpus, progress, study, stop=stop)
         runs = {f"ftd-{name}": ({"kind": "reverse-kl", "base_model": str(base), "discriminator": str((disc_dir / "best").resolve())}, spec.finetune_lr)}
         for lr in spec.ce_lrs:
             runs[f"ce-{lr:g}-{name}"] = ({"kind": "lm", "base_model": str(base)}, lr)
@@ -322,7 +336,7 @@ def run_trigram_study(out: Path, spec: TrigramStudySpec, progress: bool = False)
             options = [f"train.epochs={spec.finetune_epochs}", f"train.lr={lr}", "train.plateau_factor=none"]
             stage_config = derive_config(config, None, options, objective, "fine-tuning")
             tracker = ChosenWordTracker(context, chosen, tracker_words, valid)
-            _run_stage(out / stage, stage_config, corpus, progress, study, tracker)
+            _run_stage(out / stage, stage_config, corpus, progress, study, tracker, stop)
             stages[stage] = {"base": name, "lr": lr, "objective": objective["kind"]}
 
     rows = {"true distribution": _true_row(corpus, frequent)}
@@ -363,6 +377,7 @@ def _check_spec(out: Path, spec: TrigramStudySpec) -> None:
         saved = json.loads(path.read_text(encoding="utf-8"))
         saved.setdefault("synthetic_rule", "restart")
         saved.setdefault("valid_sentences", 0)
+        saved.setdefault("plateau_stop", 0.0)
         if saved != current:
             changed = sorted(key for key in set(saved) | set(current) if saved.get(key) != current.get(key))
             raise ReglmError(f"{out} holds a study started with other settings ({', '.join(changed)}); rerun with those settings to resume it, or choose another --out")

@@ -108,9 +108,17 @@ class DecayScheduleConfig:
     plateau_factor: float | None = option(None, "multiply the rate by this whenever an epoch does not improve the best validation score (Popov & Kudinov's synthetic study: 0.1); none: off")
     nonmono_factor: float | None = option(None, "multiply the rate by this whenever NT-ASGD's non-monotone criterion (reference variant, interval nonmono_interval) fires on the validation score, instead of starting to average (AWD-LSTM Table 4 '- NT-ASGD': 0.5); none: off")
     nonmono_interval: int = option(5, "the non-monotone interval n (in epochs) of nonmono_factor's criterion")
+    plateau_stop: float | None = option(
+        None,
+        "end the main stage once the plateau and non-monotone drops have multiplied the rate by this or less "
+        "(plateau_factor=0.1 plateau_stop=0.001: stop at the third drop instead of training on at lr / 1000); "
+        "none: train.epochs alone ends it",
+    )
 
     def __post_init__(self) -> None:
         check(self.kind == "decay", "train.schedule.kind", f"unknown {self.kind!r}")
+        stop = self.plateau_stop
+        check(stop is None or (math.isfinite(stop) and 0 < stop < 1), "train.schedule.plateau_stop", f"{stop} must be in (0, 1) or none")
         check(self.nonmono_factor is None or (math.isfinite(self.nonmono_factor) and 0 < self.nonmono_factor < 1), "train.schedule.nonmono_factor", f"{self.nonmono_factor} must be in (0, 1) or none")
         check(self.nonmono_interval >= 1, "train.schedule.nonmono_interval", f"{self.nonmono_interval} must be >= 1")
         check(math.isfinite(self.decay) and 0 < self.decay <= 1, "train.schedule.decay", f"{self.decay} must be in (0, 1]")
@@ -158,6 +166,13 @@ class DecaySchedule:
             factor *= self.cfg.nonmono_factor
         self.scale *= factor
         return factor != 1.0
+
+    def exhausted(self, stage: str) -> bool:
+        """Whether the drops have taken the main stage's rate to ``plateau_stop`` (a relative
+        tolerance of 1e-9 absorbs rounding: 0.1 ** 3 is 0.0010000000000000002); the scale is in
+        the checkpoint, so a resumed run decides as the uninterrupted one did."""
+        stop = self.cfg.plateau_stop
+        return stage == "main" and stop is not None and self.scale <= stop * (1 + 1e-9)
 
     def state_dict(self) -> dict[str, Any]:
         return {"scale": self.scale, "nonmono": self.trigger.state_dict()}
@@ -224,6 +239,10 @@ class CosineSchedule:
 
     def epoch_end(self, improved: bool, valid: float | None = None) -> bool:
         """A step-based schedule ignores validation."""
+        return False
+
+    def exhausted(self, stage: str) -> bool:
+        """Only ``train.epochs`` or ``train.max_steps`` end a cosine schedule's main stage."""
         return False
 
     def state_dict(self) -> dict[str, float]:

@@ -325,7 +325,8 @@ class Trainer:
             self.dist.parallelize(self.engine)
             self._restart_pace()
             while self.stage != "done":
-                if self.stage == "main" and (self.epoch >= self.cfg.epochs or self._out_of_steps()):
+                main_over = self.epoch >= self.cfg.epochs or self._out_of_steps() or self.schedule.exhausted(self.stage)
+                if self.stage == "main" and main_over:
                     self._begin_finetune() if self.cfg.finetune else self._set_stage("done")
                     continue
                 if self.stage == "finetune" and self.epoch >= self.cfg.finetune_epochs:
@@ -506,7 +507,8 @@ class Trainer:
         if self.schedule.epoch_end(improved, val.selection):
             rate = self.schedule.rate(self.stage, self.epoch, self.step)
             self.metrics.log(event="plateau", stage=self.stage, epoch=self.epoch, step=self.step, lr=rate)
-            self._say(f"validation stalled: learning rate -> {rate:.4g}")
+            ends = "; the stage ends (train.schedule.plateau_stop)" if self.schedule.exhausted(self.stage) else ""
+            self._say(f"validation stalled: learning rate -> {rate:.4g}{ends}")
         self.dist.on_main(lambda: save_model_dir(self.run_dir / "last", eval_model, self.config, self.vocab, info))
         if self.stage == "main":
             if self.averaging.main_epoch_end(val.selection, self.model.parameters()):
