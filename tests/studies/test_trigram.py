@@ -111,7 +111,7 @@ def test_reproduce_popov_1_runs_the_study_and_writes_table_1(
 
     full = table1.study_spec("full", Budget(), [])
     assert (full.sentences, full.hidden, full.batch_size) == (80000, 256, 1024)
-    assert (full.lr, full.clip, full.bptt) == (1.0, 1.0, 35)
+    assert (full.lr, full.clip, full.bptt) == (1.0, 1.0, 11)  # a batch of 1,024 ten-word sentences
     config = initial_config(full)
     assert config.train.schedule.plateau_factor == 0.1 and config.model.encoder.hidden_dropout == 0
     assert config.train.schedule.plateau_stop == 0.001 and config.train.epochs == 100

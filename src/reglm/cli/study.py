@@ -31,7 +31,7 @@ def register(sub: Any) -> None:
         ("sentences", int, "training sentences (default 80000, the paper's)"),
         ("hidden", int, "LSTM units and embedding size (default 256)"),
         ("batch-size", int, "streams per batch (default 1024)"),
-        ("bptt", int, "BPTT window (default 35)"),
+        ("bptt", int, "BPTT window (default 11: one 10-word sentence and its <eos> per stream, so a batch holds 1024 sentences)"),
         ("lr", float, "initial model's and discriminators' learning rate (default 1.0)"),
         ("clip", float, "gradient clipping (default 1.0)"),
         ("epochs", int, "most epochs of the initial model (default 100; the rate drops x0.1 on plateaus)"),

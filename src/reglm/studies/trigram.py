@@ -71,7 +71,10 @@ class TrigramStudySpec:
     """training sentences of the synthetic corpus (valid and test get one eighth each)"""
     hidden: int = 256
     batch_size: int = 1024
-    bptt: int = 35
+    bptt: int = 11
+    """tokens per stream and step: 11 (10 words and the ``<eos>``) makes a batch of ``batch_size``
+    streams hold 1,024 sentences, appendix A's "batches containing 1024 sentences" (78 SGD steps
+    per epoch of 80k sentences; studies recorded before it used 35: resume them with --bptt 35)"""
     lr: float = 1.0
     clip: float = 1.0
     epochs: int = 100
