@@ -52,3 +52,21 @@ def test_two_sigterms_in_a_row_exit_130_at_any_moment(tmp_path: Path) -> None:
         state = tmp_path / f"run{delay}" / "state.pt"
         if state.exists():
             load_state(state)  # whatever happened, the run stays resumable
+
+
+def test_an_interrupt_caught_inside_evaluated_code_keeps_the_exit_status(tmp_path: Path) -> None:
+    """A KeyboardInterrupt that ends an ``exec`` of a string (a signal landing in dataclass or
+    namedtuple creation) and is caught still made ``python -m`` die by SIGINT; the program's exit
+    keeps the status it decided."""
+    (tmp_path / "interrupted_then_exits.py").write_text(
+        "try:\n"
+        "    exec('raise KeyboardInterrupt')\n"
+        "except KeyboardInterrupt:\n"
+        "    pass\n"
+        "from reglm.__main__ import exit_with\n"
+        "exit_with(130)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "interrupted_then_exits"], cwd=tmp_path, capture_output=True, timeout=60
+    )
+    assert proc.returncode == 130, (proc.returncode, proc.stderr)
