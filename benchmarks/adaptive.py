@@ -54,9 +54,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
-
 from harness import RESULTS, PeakMemory, autocast_of, environment, interleaved, optimizer_bytes, save, tensor_bytes
+from torch import Tensor, nn
 
 from reglm.config import build_config
 from reglm.data.vocab import EOS, UNK, Vocab
@@ -69,9 +68,12 @@ VOCAB = 267_735
 CONFIGS = {name: f"transformer-wt103-{name.lower()}" for name in ("SM", "SM-T", "ASM", "CNN", "ADP", "ADP-T")}
 
 PAPER = {  # Table 3: training time (hours, one 8-GPU machine; * a modified regime for memory) and parameters
-    "SM": {"train_hours": 57, "params": 476.8e6}, "SM-T": {"train_hours": 56, "params": 339.7e6},
-    "ASM": {"train_hours": 35, "params": 263.1e6}, "CNN": {"train_hours": 70, "params": 266.3e6},
-    "ADP": {"train_hours": 34, "params": 291.3e6}, "ADP-T": {"train_hours": 30, "params": 246.9e6},
+    "SM": {"train_hours": 57, "params": 476.8e6},
+    "SM-T": {"train_hours": 56, "params": 339.7e6},
+    "ASM": {"train_hours": 35, "params": 263.1e6},
+    "CNN": {"train_hours": 70, "params": 266.3e6},
+    "ADP": {"train_hours": 34, "params": 291.3e6},
+    "ADP-T": {"train_hours": 30, "params": 246.9e6},
 }
 
 TARGET_ADPT_OVER_SM = 0.6
@@ -100,7 +102,9 @@ def zipf_ids(count: int, vocab: int, exponent: float, generator: torch.Generator
     return torch.multinomial(weights, count, replacement=True, generator=generator)
 
 
-def zipf_batches(vocab: int, batch_size: int, bptt: int, exponent: float, seed: int, device: torch.device, count: int = 4) -> list[tuple[Tensor, Tensor]]:
+def zipf_batches(
+    vocab: int, batch_size: int, bptt: int, exponent: float, seed: int, device: torch.device, count: int = 4
+) -> list[tuple[Tensor, Tensor]]:
     """``count`` batches ``(inputs, targets)``, each ``(batch_size, bptt)``, targets shifted by one."""
     generator = torch.Generator().manual_seed(seed)
     batches = []
@@ -124,7 +128,15 @@ def band_shares(ids: Tensor, cutoffs: tuple[int, ...]) -> list[float]:
 class Stepper:
     """One model trained on fixed batches: forward, mean NLL, backward, clipping, SGD; ``__call__(i)`` is step ``i``."""
 
-    def __init__(self, model: LanguageModel, batches: list[tuple[Tensor, Tensor]], lr: float, momentum: float, clip: float, autocast: Callable[[], Any]) -> None:
+    def __init__(
+        self,
+        model: LanguageModel,
+        batches: list[tuple[Tensor, Tensor]],
+        lr: float,
+        momentum: float,
+        clip: float,
+        autocast: Callable[[], Any],
+    ) -> None:
         self.model = model.train()
         self.batches = batches
         self.params = list(model.parameters())
@@ -168,7 +180,11 @@ def measure_models(args: argparse.Namespace, device: torch.device, vocab: Vocab,
         steppers[name] = Stepper(model, batches, t.optimizer.lr, momentum, t.clip, autocast)
         split = model.parameter_split()
         info[name] = {
-            "preset": preset, "overrides": overrides, "lr": t.optimizer.lr, "momentum": momentum, "clip": t.clip,
+            "preset": preset,
+            "overrides": overrides,
+            "lr": t.optimizer.lr,
+            "momentum": momentum,
+            "clip": t.clip,
             "parameters": {**split, "total": model.num_parameters()},
             "paper": PAPER[name],
         }
@@ -178,16 +194,18 @@ def measure_models(args: argparse.Namespace, device: torch.device, vocab: Vocab,
     for name, stepper in steppers.items():
         transient = probe.measure(lambda s=stepper: [s(i) for i in range(args.memory_steps)])
         persistent = stepper.persistent_bytes()
-        info[name].update({
-            "timed_steps": done[name],
-            "seconds_per_step": per_step[name],
-            "tokens_per_s": args.batch_size * args.bptt / per_step[name],
-            "final_loss": float(stepper.last_loss),
-            "persistent_bytes": persistent,
-            "step_transient_peak_bytes": transient,
-            "peak_memory_bytes": None if transient is None else persistent + transient,
-            "state_bytes": tensor_bytes(stepper.params) + stepper.grad_bytes + optimizer_bytes(stepper.optimizer),
-        })
+        info[name].update(
+            {
+                "timed_steps": done[name],
+                "seconds_per_step": per_step[name],
+                "tokens_per_s": args.batch_size * args.bptt / per_step[name],
+                "final_loss": float(stepper.last_loss),
+                "persistent_bytes": persistent,
+                "step_transient_peak_bytes": transient,
+                "peak_memory_bytes": None if transient is None else persistent + transient,
+                "state_bytes": tensor_bytes(stepper.params) + stepper.grad_bytes + optimizer_bytes(stepper.optimizer),
+            }
+        )
     base = "SM" if "SM" in per_step else names[0]
     for name in names:
         info[name]["time_ratio_to_sm"] = per_step[name] / per_step[base]
@@ -202,7 +220,7 @@ def measure_models(args: argparse.Namespace, device: torch.device, vocab: Vocab,
     adpt = ratios["time_over_sm"].get("ADP-T") if base == "SM" else None
     return {
         "reduction": f"model.encoder.layers={args.layers} (paper 16); other overrides: {args.override or 'none'}; "
-                     f"batches of {args.batch_size} x {args.bptt} tokens (paper 65K tokens per update)",
+        f"batches of {args.batch_size} x {args.bptt} tokens (paper 65K tokens per update)",
         "overrides": overrides,
         "batch_size": args.batch_size,
         "bptt": args.bptt,
@@ -225,7 +243,14 @@ def measure_models(args: argparse.Namespace, device: torch.device, vocab: Vocab,
 class OutputStepper:
     """Forward (mean NLL of fixed hidden states) and backward of one adaptive softmax."""
 
-    def __init__(self, loss_of: Callable[[Tensor, Tensor], Tensor], module: nn.Module, hidden: Tensor, targets: Tensor, autocast: Callable[[], Any]) -> None:
+    def __init__(
+        self,
+        loss_of: Callable[[Tensor, Tensor], Tensor],
+        module: nn.Module,
+        hidden: Tensor,
+        targets: Tensor,
+        autocast: Callable[[], Any],
+    ) -> None:
         self.loss_of, self.module, self.targets, self.autocast = loss_of, module, targets, autocast
         self.hidden = hidden.requires_grad_(True)
         self.last_loss: Tensor | None = None
@@ -242,7 +267,9 @@ class OutputStepper:
 
 def torch_twin(ours: AdaptiveSoftmax) -> nn.AdaptiveLogSoftmaxWithLoss:
     """``torch.nn.AdaptiveLogSoftmaxWithLoss`` with ``ours``'s weights (the same function)."""
-    ref = nn.AdaptiveLogSoftmaxWithLoss(ours.in_features, ours.vocab_size, list(ours.cutoffs), div_value=ours.dims[0] / ours.dims[1], head_bias=False)
+    ref = nn.AdaptiveLogSoftmaxWithLoss(
+        ours.in_features, ours.vocab_size, list(ours.cutoffs), div_value=ours.dims[0] / ours.dims[1], head_bias=False
+    )
     with torch.no_grad():
         ref.head.weight.copy_(torch.cat([ours.head_weight, ours.cluster_weight]))
         for j, tail in enumerate(ref.tail):
@@ -274,18 +301,29 @@ def measure_softmax(args: argparse.Namespace, device: torch.device, probe: PeakM
     for name, stepper in steppers.items():
         transient = probe.measure(lambda s=stepper: [s(i) for i in range(args.memory_steps)])
         persistent = tensor_bytes([*stepper.module.parameters(), stepper.hidden])
-        memory[name] = {"persistent_bytes": persistent, "step_transient_peak_bytes": transient, "peak_memory_bytes": None if transient is None else persistent + transient}
+        memory[name] = {
+            "persistent_bytes": persistent,
+            "step_transient_peak_bytes": transient,
+            "peak_memory_bytes": None if transient is None else persistent + transient,
+        }
     ratio = per_step["reglm"] / per_step["torch"]
     losses = {name: float(s.last_loss) for name, s in steppers.items()}
     return {
-        "vocab_size": VOCAB, "cutoffs": list(cutoffs), "div_value": factor, "in_features": d, "tokens": n, "precision": precision,
+        "vocab_size": VOCAB,
+        "cutoffs": list(cutoffs),
+        "div_value": factor,
+        "in_features": d,
+        "tokens": n,
+        "precision": precision,
         "band_shares": band_shares(targets, cutoffs),
         "timed_steps": done,
         "seconds_per_step": per_step,
         "tokens_per_s": {name: n / s for name, s in per_step.items()},
         "time_ratio_reglm_over_torch": ratio,
         "memory": memory,
-        "memory_ratio_reglm_over_torch": None if memory["torch"]["peak_memory_bytes"] is None else memory["reglm"]["peak_memory_bytes"] / memory["torch"]["peak_memory_bytes"],
+        "memory_ratio_reglm_over_torch": None
+        if memory["torch"]["peak_memory_bytes"] is None
+        else memory["reglm"]["peak_memory_bytes"] / memory["torch"]["peak_memory_bytes"],
         "loss": losses,
         "loss_abs_diff": abs(losses["reglm"] - losses["torch"]),
         "target_ratio": TARGET_OURS_OVER_TORCH,
@@ -299,27 +337,69 @@ def measure_softmax(args: argparse.Namespace, device: torch.device, probe: PeakM
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast forward passes to bfloat16 (as train.precision=bf16)")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's); 1 is steadier on a shared machine")
+    parser.add_argument(
+        "--precision",
+        choices=["fp32", "bf16"],
+        default="fp32",
+        help="bf16: autocast forward passes to bfloat16 (as train.precision=bf16)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for torch (default: torch's); 1 is steadier on a shared machine",
+    )
     parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated subset of {','.join(CONFIGS)}")
     parser.add_argument("--layers", type=int, default=2, help="model.encoder.layers of every preset (the paper: 16)")
-    parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE", help="further preset override for every model, repeatable (e.g. model.encoder.ffn_dim=2048)")
+    parser.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="further preset override for every model, repeatable (e.g. model.encoder.ffn_dim=2048)",
+    )
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--bptt", type=int, default=64, help="tokens per sequence")
-    parser.add_argument("--optimizer", choices=["sgd", "nesterov"], default="sgd", help="nesterov: the presets' momentum (0.99) and its buffer")
+    parser.add_argument(
+        "--optimizer",
+        choices=["sgd", "nesterov"],
+        default="sgd",
+        help="nesterov: the presets' momentum (0.99) and its buffer",
+    )
     parser.add_argument("--zipf", type=float, default=1.0, help="exponent s of the Zipfian ids, p(id) ~ (id + 1)^-s")
     parser.add_argument("--steps", type=int, default=12, help="timed training steps per model")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per contender before timing")
     parser.add_argument("--rounds", type=int, default=4, help="alternating timed rounds the steps are split into")
-    parser.add_argument("--memory-steps", type=int, default=2, help="steps per contender over which the peak memory is taken, after the timing")
+    parser.add_argument(
+        "--memory-steps",
+        type=int,
+        default=2,
+        help="steps per contender over which the peak memory is taken, after the timing",
+    )
     parser.add_argument("--softmax-tokens", type=int, default=2048, help="N, tokens per adaptive-softmax step")
-    parser.add_argument("--softmax-features", type=int, default=1024, help="in_features of the adaptive-softmax comparison (d; must be divisible by 16)")
-    parser.add_argument("--softmax-steps", type=int, default=12, help="timed adaptive-softmax steps per contender (0: skip the comparison)")
+    parser.add_argument(
+        "--softmax-features",
+        type=int,
+        default=1024,
+        help="in_features of the adaptive-softmax comparison (d; must be divisible by 16)",
+    )
+    parser.add_argument(
+        "--softmax-steps",
+        type=int,
+        default=12,
+        help="timed adaptive-softmax steps per contender (0: skip the comparison)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/adaptive-<device>.json")
     args = parser.parse_args(argv)
-    if min(args.steps, args.rounds, args.memory_steps, args.layers, args.batch_size, args.bptt) < 1 or args.warmup < 0 or args.softmax_steps < 0:
-        parser.error("--steps, --rounds, --memory-steps, --layers, --batch-size and --bptt must be >= 1, --warmup and --softmax-steps >= 0")
+    if (
+        min(args.steps, args.rounds, args.memory_steps, args.layers, args.batch_size, args.bptt) < 1
+        or args.warmup < 0
+        or args.softmax_steps < 0
+    ):
+        parser.error(
+            "--steps, --rounds, --memory-steps, --layers, --batch-size and --bptt must be >= 1, --warmup and --softmax-steps >= 0"
+        )
     unknown = [n for n in args.configs.split(",") if n.strip() not in CONFIGS]
     if unknown:
         parser.error(f"--configs: unknown {unknown}; choose from {','.join(CONFIGS)}")
@@ -356,14 +436,20 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{'config':6s} {'params':>8s} {'s/step':>8s} {'x SM':>6s} {'paper':>6s} {'peak MiB':>9s}")
     for name, c in steps["configs"].items():
         peak = c["peak_memory_bytes"]
-        print(f"{name:6s} {c['parameters']['total'] / 1e6:7.1f}M {c['seconds_per_step']:8.4f} {c['time_ratio_to_sm']:6.3f} {c['paper_time_ratio_to_sm']:6.3f} "
-              f"{'-' if peak is None else f'{peak / 2**20:9.0f}'}")
+        print(
+            f"{name:6s} {c['parameters']['total'] / 1e6:7.1f}M {c['seconds_per_step']:8.4f} {c['time_ratio_to_sm']:6.3f} {c['paper_time_ratio_to_sm']:6.3f} "
+            f"{'-' if peak is None else f'{peak / 2**20:9.0f}'}"
+        )
     if "time_cnn_over_adp_t" in steps["ratios"]:
-        print(f"CNN / ADP-T: {steps['ratios']['time_cnn_over_adp_t']:.2f}x (paper {steps['ratios']['paper_time_cnn_over_adp_t']:.2f}x)")
+        print(
+            f"CNN / ADP-T: {steps['ratios']['time_cnn_over_adp_t']:.2f}x (paper {steps['ratios']['paper_time_cnn_over_adp_t']:.2f}x)"
+        )
     if "adaptive_softmax" in result:
         a = result["adaptive_softmax"]
-        print(f"adaptive softmax fwd+bwd, N={a['tokens']}: reglm {a['seconds_per_step']['reglm']:.4f} s, torch {a['seconds_per_step']['torch']:.4f} s, "
-              f"ratio {a['time_ratio_reglm_over_torch']:.3f} (loss diff {a['loss_abs_diff']:.2e})")
+        print(
+            f"adaptive softmax fwd+bwd, N={a['tokens']}: reglm {a['seconds_per_step']['reglm']:.4f} s, torch {a['seconds_per_step']['torch']:.4f} s, "
+            f"ratio {a['time_ratio_reglm_over_torch']:.3f} (loss diff {a['loss_abs_diff']:.2e})"
+        )
     return result
 
 

@@ -20,13 +20,13 @@ import os
 from pathlib import Path
 
 import torch
-
 from harness import RESULTS, environment, interleaved, random_batches, save
+from throughput import AR_ALPHA, CLIP, LR, PRESETS, TAR_BETA, WEIGHT_DECAY
+
 from reglm.config import ModelConfig
 from reglm.encoders.base import detach_state
 from reglm.models import LanguageModel
 from reglm.objectives.activation_reg import activation_reg, temporal_activation_reg
-from throughput import AR_ALPHA, CLIP, LR, PRESETS, TAR_BETA, WEIGHT_DECAY
 
 TARGET_OVERHEAD = {"cuda": 0.03, "cpu": 0.05}
 ALPHA = 0.005
@@ -35,7 +35,9 @@ ALPHA = 0.005
 class Stepper:
     """One model trained with the AWD-LSTM step; ``adversarial`` picks the loss."""
 
-    def __init__(self, model: LanguageModel, adversarial: bool, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    def __init__(
+        self, model: LanguageModel, adversarial: bool, batches: list[tuple[torch.Tensor, torch.Tensor]]
+    ) -> None:
         self.model = model.train()
         self.adversarial = adversarial
         self.batches = batches
@@ -78,12 +80,26 @@ def measure(cfg: dict, vocab: int, batch: int, bptt: int, args: argparse.Namespa
     adv = LanguageModel(adv_cfg, vocab).to(device)
     adv.load_state_dict(plain.state_dict())
     batches = random_batches(vocab, batch, bptt, args.seed, device)
-    full, full_steps = interleaved({"advsoft": Stepper(adv, True, batches), "plain": Stepper(plain, False, batches)}, args.steps, args.rounds, args.warmup, device)
-    hidden = torch.randn(batch, bptt, plain_cfg.input.emb_size, generator=torch.Generator().manual_seed(args.seed + 1)).to(device)
+    full, full_steps = interleaved(
+        {"advsoft": Stepper(adv, True, batches), "plain": Stepper(plain, False, batches)},
+        args.steps,
+        args.rounds,
+        args.warmup,
+        device,
+    )
+    hidden = torch.randn(
+        batch, bptt, plain_cfg.input.emb_size, generator=torch.Generator().manual_seed(args.seed + 1)
+    ).to(device)
     out_steps = args.steps * args.output_repeats
     output, output_done = interleaved(
-        {"advsoft": OutputStepper(adv, True, hidden.clone(), batches[0][1]), "plain": OutputStepper(plain, False, hidden.clone(), batches[0][1])},
-        out_steps, args.rounds, args.warmup, device,
+        {
+            "advsoft": OutputStepper(adv, True, hidden.clone(), batches[0][1]),
+            "plain": OutputStepper(plain, False, hidden.clone(), batches[0][1]),
+        },
+        out_steps,
+        args.rounds,
+        args.warmup,
+        device,
     )
     return {
         "vocab_size": vocab,
@@ -102,7 +118,9 @@ def measure(cfg: dict, vocab: int, batch: int, bptt: int, args: argparse.Namespa
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset-size", choices=sorted(PRESETS), default="ptb", help="model and batch shapes (throughput.py's)")
+    parser.add_argument(
+        "--preset-size", choices=sorted(PRESETS), default="ptb", help="model and batch shapes (throughput.py's)"
+    )
     parser.add_argument("--vocab-sizes", default="10000,33278", help="comma-separated; PTB and WikiText-2 by default")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--steps", type=int, default=60, help="timed full training steps per model and vocabulary")
@@ -110,7 +128,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/advsoft-overhead-<device>.json")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="default: benchmarks/results/advsoft-overhead-<device>.json"
+    )
     args = parser.parse_args(argv)
     if args.steps < 1 or args.rounds < 1 or args.warmup < 0 or args.output_repeats < 1:
         parser.error("--steps, --rounds and --output-repeats must be >= 1, --warmup >= 0")
@@ -137,7 +157,9 @@ def main(argv: list[str] | None = None) -> dict:
     result["load_average_before_after"] = [load_before, result.pop("load_average")]
     save(result, args.out or RESULTS / f"advsoft-overhead-{device.type}.json")
     for r in runs:
-        print(f"V={r['vocab_size']:>6}: full step overhead {100 * r['full_step']['overhead']:+.2f}% | output layer only {100 * r['output_layer_only']['overhead']:+.2f}%")
+        print(
+            f"V={r['vocab_size']:>6}: full step overhead {100 * r['full_step']['overhead']:+.2f}% | output layer only {100 * r['output_layer_only']['overhead']:+.2f}%"
+        )
     return result
 
 

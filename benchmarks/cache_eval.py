@@ -32,9 +32,8 @@ import os
 from pathlib import Path
 
 import torch
-from torch import Tensor
-
 from harness import RESULTS, environment, interleaved, save
+from torch import Tensor
 
 from reglm.config import ModelConfig
 from reglm.data import StreamPlan, resolve
@@ -96,7 +95,9 @@ class PerToken:
 
     def __init__(self, prep: Prepared, spec: CacheSpec, onehot: bool) -> None:
         self.prep, self.spec, self.onehot = prep, spec, onehot
-        self.history_onehot = torch.nn.functional.one_hot(prep.y, prep.p_model.size(1)).to(prep.h.dtype) if onehot else None
+        self.history_onehot = (
+            torch.nn.functional.one_hot(prep.y, prep.p_model.size(1)).to(prep.h.dtype) if onehot else None
+        )
         self.losses: list[float] = []
 
     def __call__(self, i: int) -> None:
@@ -120,7 +121,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("REGLM_SHARED_DATA", SHARED_DATA)), help="directory holding ptb/ (default: ../shared/data)")
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path(os.environ.get("REGLM_SHARED_DATA", SHARED_DATA)),
+        help="directory holding ptb/ (default: ../shared/data)",
+    )
     parser.add_argument("--tokens", type=int, help="score only the first N tokens of PTB valid (default: all 73,760)")
     parser.add_argument("--emb-size", type=int, default=400)
     parser.add_argument("--hidden-size", type=int, default=400)
@@ -132,12 +138,22 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--passes", type=int, default=2, help="(a) timed full passes per contender")
     parser.add_argument("--rounds", type=int, default=2, help="(a) rounds, alternating which contender goes first")
     parser.add_argument("--warmup", type=int, default=0, help="(a) untimed full passes per contender")
-    parser.add_argument("--reference-tokens", type=int, default=280, help="(b) positions timed after the first W (a multiple of --bptt)")
+    parser.add_argument(
+        "--reference-tokens", type=int, default=280, help="(b) positions timed after the first W (a multiple of --bptt)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/cache-eval-<device>.json")
     args = parser.parse_args(argv)
-    if args.passes < 1 or args.rounds < 1 or args.warmup < 0 or args.reference_tokens < args.bptt or args.reference_tokens % args.bptt:
-        parser.error("--passes and --rounds must be >= 1, --warmup >= 0, --reference-tokens a positive multiple of --bptt")
+    if (
+        args.passes < 1
+        or args.rounds < 1
+        or args.warmup < 0
+        or args.reference_tokens < args.bptt
+        or args.reference_tokens % args.bptt
+    ):
+        parser.error(
+            "--passes and --rounds must be >= 1, --warmup >= 0, --reference-tokens a positive multiple of --bptt"
+        )
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -157,7 +173,9 @@ def main(argv: list[str] | None = None) -> dict:
     def cache_pass(_i: int) -> None:
         outputs["cache"] = cache_evaluate(model, ids, spec, 1, args.bptt, device)
 
-    seconds, done = interleaved({"plain": plain_pass, "cache": cache_pass}, args.passes, args.rounds, args.warmup, device)
+    seconds, done = interleaved(
+        {"plain": plain_pass, "cache": cache_pass}, args.passes, args.rounds, args.warmup, device
+    )
     plain, cached = outputs["plain"], outputs["cache"]
     assert cached.plain.loss == plain.loss, "the cache pass scores the same targets as plain evaluation"
     pass_seconds = {name: seconds[name] / done[name] for name in seconds}
@@ -165,11 +183,17 @@ def main(argv: list[str] | None = None) -> dict:
 
     prep = Prepared(model, ids, args.window, args.reference_tokens, args.bptt, device)
     steps = args.reference_tokens // args.bptt
-    contenders = {"vectorized": Vectorized(prep, spec), "per_token_onehot": PerToken(prep, spec, onehot=True), "per_token_indexed": PerToken(prep, spec, onehot=False)}
+    contenders = {
+        "vectorized": Vectorized(prep, spec),
+        "per_token_onehot": PerToken(prep, spec, onehot=True),
+        "per_token_indexed": PerToken(prep, spec, onehot=False),
+    }
     ref_seconds, ref_done = interleaved(contenders, 2 * steps, 2, 1, device)
     totals = {name: sum(c.losses[-steps:]) for name, c in contenders.items()}
     for name, total in totals.items():
-        assert math.isclose(total, totals["vectorized"], rel_tol=1e-4), f"{name} disagrees with the vectorized cache: {total} vs {totals['vectorized']}"
+        assert math.isclose(total, totals["vectorized"], rel_tol=1e-4), (
+            f"{name} disagrees with the vectorized cache: {total} vs {totals['vectorized']}"
+        )
     per_token = {name: ref_seconds[name] / (ref_done[name] * args.bptt) for name in contenders}
     speedup = {name: per_token[name] / per_token["vectorized"] for name in contenders if name != "vectorized"}
 
@@ -204,7 +228,9 @@ def main(argv: list[str] | None = None) -> dict:
     }
     save(result, args.out or RESULTS / f"cache-eval-{device.type}.json")
     print(f"(a) cache / plain evaluation time: {ratio:.3f}x (target <= {TARGET_RATIO}x)")
-    print(f"(b) vectorized vs per-token at W={args.window}: {speedup['per_token_onehot']:.0f}x (one-hot, reference code), {speedup['per_token_indexed']:.1f}x (index_add) (target >= {TARGET_SPEEDUP:.0f}x)")
+    print(
+        f"(b) vectorized vs per-token at W={args.window}: {speedup['per_token_onehot']:.0f}x (one-hot, reference code), {speedup['per_token_indexed']:.1f}x (index_add) (target >= {TARGET_SPEEDUP:.0f}x)"
+    )
     return result
 
 

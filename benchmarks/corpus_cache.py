@@ -40,7 +40,6 @@ from typing import Any
 
 import numpy as np
 import torch
-
 from harness import RESULTS, environment, save
 
 from reglm.data.cache import load_cached
@@ -147,7 +146,9 @@ print(json.dumps(out))
 
 def child(directory: Path, mode: str, cache: Path) -> dict[str, Any]:
     env = {**os.environ, "REGLM_DATA_DIR": str(cache), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-c", CHILD, str(directory), mode], env=env, capture_output=True, text=True, check=True)
+    done = subprocess.run(
+        [sys.executable, "-c", CHILD, str(directory), mode], env=env, capture_output=True, text=True, check=True
+    )
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -165,11 +166,16 @@ def measure(name: str, directory: Path, baseline: bool, cache_root: Path) -> dic
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu + _children_cpu() - children
     tokens = sum(corpus.split(s).numel() for s in ("train", "valid", "test"))
     row: dict[str, Any] = {
-        "tokens": tokens, "train_tokens": corpus.train.numel(), "vocab_size": len(corpus.vocab), "dtype": corpus.cache.dtype,
+        "tokens": tokens,
+        "train_tokens": corpus.train.numel(),
+        "vocab_size": len(corpus.vocab),
+        "dtype": corpus.cache.dtype,
         "cache_bytes": sum(p.stat().st_size for p in corpus.cache.path.iterdir()),
         "load_average_before": [round(x, 2) for x in load],
-        "first_encode_s": round(wall, 3), "first_encode_cpu_s": round(cpu, 3),
-        "first_encode_tokens_per_s": round(tokens / wall), "first_encode_tokens_per_cpu_s": round(tokens / cpu),
+        "first_encode_s": round(wall, 3),
+        "first_encode_cpu_s": round(cpu, 3),
+        "first_encode_tokens_per_s": round(tokens / wall),
+        "first_encode_tokens_per_cpu_s": round(tokens / cpu),
     }
     if baseline:
         start = time.perf_counter()
@@ -189,22 +195,41 @@ def measure(name: str, directory: Path, baseline: bool, cache_root: Path) -> dic
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tokens", type=int, default=WT103_TOKENS[0], help="training tokens of the generated corpus (its valid/test keep WikiText-103's sizes)")
-    parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "reglm-corpus-cache-bench", help="where the generated corpus is kept between runs")
-    parser.add_argument("--skip-baseline-large", action="store_true", help="do not run the old reader on the generated corpus (minutes)")
+    parser.add_argument(
+        "--tokens",
+        type=int,
+        default=WT103_TOKENS[0],
+        help="training tokens of the generated corpus (its valid/test keep WikiText-103's sizes)",
+    )
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path(tempfile.gettempdir()) / "reglm-corpus-cache-bench",
+        help="where the generated corpus is kept between runs",
+    )
+    parser.add_argument(
+        "--skip-baseline-large", action="store_true", help="do not run the old reader on the generated corpus (minutes)"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "corpus-cache-cpu.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    corpora = {name: SHARED_DATA / name for name in ("ptb", "wikitext-2") if (SHARED_DATA / name / "train.txt").is_file()}
+    corpora = {
+        name: SHARED_DATA / name for name in ("ptb", "wikitext-2") if (SHARED_DATA / name / "train.txt").is_file()
+    }
     sizes = (args.tokens, *WT103_TOKENS[1:])
     generated = generate(args.workdir / f"zipf-{args.tokens}", sizes, WT103_TYPES)
     corpora[f"generated-{args.tokens // 1_000_000}M"] = generated
-    results: dict[str, Any] = {"environment": environment(torch.device("cpu"), "benchmarks/corpus_cache.py", argv), "targets": {"cached_startup_s": TARGET_STARTUP_S, "first_encode_tokens_per_s": TARGET_TOKENS_PER_S}}
+    results: dict[str, Any] = {
+        "environment": environment(torch.device("cpu"), "benchmarks/corpus_cache.py", argv),
+        "targets": {"cached_startup_s": TARGET_STARTUP_S, "first_encode_tokens_per_s": TARGET_TOKENS_PER_S},
+    }
     with tempfile.TemporaryDirectory(prefix="reglm-cache-") as cache_root:
         for name, directory in corpora.items():
             baseline = not (args.skip_baseline_large and name.startswith("generated"))
             results[name] = measure(name, directory, baseline, Path(cache_root))
-            print(name, json.dumps({k: v for k, v in results[name].items() if not isinstance(v, dict)}), file=sys.stderr)
+            print(
+                name, json.dumps({k: v for k, v in results[name].items() if not isinstance(v, dict)}), file=sys.stderr
+            )
     save(results, args.out)
 
 

@@ -62,7 +62,16 @@ def worker(args: argparse.Namespace) -> None:
     """One rank: build the trainer, take the warm-up steps, time the others; rank 0 writes the JSON."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     batch = args.batch * world if args.scaling == "weak" else args.batch
-    config = build_config(args.preset, [f"train.device={args.device}", f"train.batch_size={batch}", "train.small_batch_size=none", "train.update_freq=1", f"seed={args.seed}"])
+    config = build_config(
+        args.preset,
+        [
+            f"train.device={args.device}",
+            f"train.batch_size={batch}",
+            "train.small_batch_size=none",
+            "train.update_freq=1",
+            f"seed={args.seed}",
+        ],
+    )
     with launch() as group, tempfile.TemporaryDirectory() as tmp:
         corpus = random_corpus(args.vocab_size or 1000, args.tokens, args.seed)
         trainer = Trainer(config, Path(tmp), corpus, progress=False, dist=group)
@@ -96,7 +105,18 @@ def worker(args: argparse.Namespace) -> None:
         seconds = time.perf_counter() - start
         _, tokens, finite = group.sum_losses(*engine.flush())
         if group.is_main:
-            Path(args.json).write_text(json.dumps({"world_size": world, "global_batch": batch, "seconds": seconds, "tokens": tokens, "finite": finite, "parameters": trainer.model.num_parameters()}))
+            Path(args.json).write_text(
+                json.dumps(
+                    {
+                        "world_size": world,
+                        "global_batch": batch,
+                        "seconds": seconds,
+                        "tokens": tokens,
+                        "finite": finite,
+                        "parameters": trainer.model.num_parameters(),
+                    }
+                )
+            )
 
 
 def _free_port() -> int:
@@ -110,11 +130,37 @@ def run_world(args: argparse.Namespace, preset: str, world: int, threads: int) -
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
         command = [
-            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_port", str(_free_port()), __file__, "--worker",
-            "--preset", preset, "--device", args.device, "--batch", str(args.batch), "--scaling", args.scaling, "--steps", str(args.steps),
-            "--warmup", str(args.warmup), "--tokens", str(args.tokens), "--seed", str(args.seed), "--json", str(out),
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(world),
+            "--master_port",
+            str(_free_port()),
+            __file__,
+            "--worker",
+            "--preset",
+            preset,
+            "--device",
+            args.device,
+            "--batch",
+            str(args.batch),
+            "--scaling",
+            args.scaling,
+            "--steps",
+            str(args.steps),
+            "--warmup",
+            str(args.warmup),
+            "--tokens",
+            str(args.tokens),
+            "--seed",
+            str(args.seed),
+            "--json",
+            str(out),
         ] + (["--vocab-size", str(args.vocab_size)] if args.vocab_size else [])
-        proc = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": str(threads)}, capture_output=True, text=True)
+        proc = subprocess.run(
+            command, env={**os.environ, "OMP_NUM_THREADS": str(threads)}, capture_output=True, text=True
+        )
         if proc.returncode != 0:
             raise SystemExit(f"{preset} with {world} processes failed:\n{proc.stderr[-3000:]}")
         return json.loads(out.read_text())
@@ -122,20 +168,45 @@ def run_world(args: argparse.Namespace, preset: str, world: int, threads: int) -
 
 def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--presets", default="tiny,transformer-tiny", help="comma-separated presets (their models; the data is random)")
+    parser.add_argument(
+        "--presets", default="tiny,transformer-tiny", help="comma-separated presets (their models; the data is random)"
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--worlds", default=None, help="comma-separated world sizes (default: 1,2 on a CPU, 1,2,4,8 up to the GPUs present)")
-    parser.add_argument("--scaling", choices=["weak", "strong"], default="weak", help="weak: --batch per process; strong: --batch in all")
+    parser.add_argument(
+        "--worlds",
+        default=None,
+        help="comma-separated world sizes (default: 1,2 on a CPU, 1,2,4,8 up to the GPUs present)",
+    )
+    parser.add_argument(
+        "--scaling",
+        choices=["weak", "strong"],
+        default="weak",
+        help="weak: --batch per process; strong: --batch in all",
+    )
     parser.add_argument("--batch", type=int, default=8, help="streams or blocks (per process with weak scaling)")
-    parser.add_argument("--vocab-size", type=int, default=None, help="default 1,000 (the tiny presets'); a paper preset needs its vocabulary's size")
+    parser.add_argument(
+        "--vocab-size",
+        type=int,
+        default=None,
+        help="default 1,000 (the tiny presets'); a paper preset needs its vocabulary's size",
+    )
     parser.add_argument("--tokens", type=int, default=200_000, help="length of the random training stream")
     parser.add_argument("--steps", type=int, default=60, help="timed steps per launch")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=2, help="launches per world size, in alternating order")
-    parser.add_argument("--threads", type=int, default=1, help="intra-op threads per process on a CPU (OMP_NUM_THREADS)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="intra-op threads per process on a CPU (OMP_NUM_THREADS)"
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dry-run", action="store_true", help="2 steps, one round: checks the script, measures nothing of interest")
-    parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/distributed-<device>.json (a dry run saves nothing unless given)")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="2 steps, one round: checks the script, measures nothing of interest"
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="default: benchmarks/results/distributed-<device>.json (a dry run saves nothing unless given)",
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--preset", help=argparse.SUPPRESS)
     parser.add_argument("--json", help=argparse.SUPPRESS)
@@ -159,7 +230,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         for r in range(args.rounds):
             for n in worlds if r % 2 == 0 else worlds[::-1]:
                 runs[n].append(run_world(args, preset, n, args.threads))
-                print(f"{preset}: {n} process(es), round {r + 1}: {runs[n][-1]['tokens'] / runs[n][-1]['seconds']:,.0f} tok/s", flush=True)
+                print(
+                    f"{preset}: {n} process(es), round {r + 1}: {runs[n][-1]['tokens'] / runs[n][-1]['seconds']:,.0f} tok/s",
+                    flush=True,
+                )
         tps = {n: sum(m["tokens"] for m in ms) / sum(m["seconds"] for m in ms) for n, ms in runs.items()}
         efficiency = {n: tps[n] / (n * tps[1]) for n in worlds}
         marginal = {b: (tps[b] - tps[a]) / ((b - a) * tps[1]) for a, b in zip(worlds, worlds[1:])}
@@ -186,7 +260,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         "dry_run": args.dry_run,
         "presets": presets,
         "target_efficiency": target,
-        "meets_target": None if target is None else all(e >= target for name, p in presets.items() if "transformer" in name for n, e in p["efficiency"].items() if n > 1),
+        "meets_target": None
+        if target is None
+        else all(
+            e >= target
+            for name, p in presets.items()
+            if "transformer" in name
+            for n, e in p["efficiency"].items()
+            if n > 1
+        ),
     }
     out = args.out or (None if args.dry_run else RESULTS / f"distributed-{device.type}.json")
     if out is None:
@@ -195,7 +277,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
     else:
         save(result, out)
     for name, p in presets.items():
-        print(f"{name}: " + ", ".join(f"{n} proc {p['tokens_per_s'][n]:,.0f} tok/s (efficiency {p['efficiency'][n]:.2f})" for n in worlds))
+        print(
+            f"{name}: "
+            + ", ".join(
+                f"{n} proc {p['tokens_per_s'][n]:,.0f} tok/s (efficiency {p['efficiency'][n]:.2f})" for n in worlds
+            )
+        )
     return result
 
 

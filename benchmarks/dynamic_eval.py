@@ -39,8 +39,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
 from harness import RESULTS, environment, interleaved, save, sync
+
 from reglm.config import ModelConfig
 from reglm.data import StreamPlan, resolve
 from reglm.encoders.base import detach_state

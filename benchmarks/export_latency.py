@@ -36,11 +36,11 @@ import time
 from pathlib import Path
 
 import torch
+from harness import RESULTS, environment, save
 
 import reglm.encoders.fused_lstm as fused_lstm
-from harness import RESULTS, environment, save
-from reglm.encoders.lstm_segment import cell_lstm
 from reglm.config import ModelConfig
+from reglm.encoders.lstm_segment import cell_lstm
 from reglm.export import onnx, torchscript
 from reglm.export.modules import inference_module
 from reglm.export.quantize import quantize_module
@@ -93,7 +93,9 @@ def measure(name: str, config: dict, vocab: int, args: argparse.Namespace) -> di
     torch.manual_seed(args.seed)
     model = LanguageModel(ModelConfig.build(**config), vocab).eval()
     runs = contenders(model, args.threads)
-    tokens = torch.randint(0, vocab, (args.warmup + args.steps, 1, 1), generator=torch.Generator().manual_seed(args.seed))
+    tokens = torch.randint(
+        0, vocab, (args.warmup + args.steps, 1, 1), generator=torch.Generator().manual_seed(args.seed)
+    )
     states = {k: state for k, (_, state) in runs.items()}
     for k, (step, _) in runs.items():
         for i in range(args.warmup):
@@ -148,11 +150,16 @@ def kernel_sweep(model: LanguageModel, args: argparse.Namespace) -> list[dict]:
                 if r > 0:
                     times[cell].append(time.perf_counter() - start)
         cell_ms, onednn_ms = (1e3 * statistics.median(times[k]) for k in (True, False))
-        rows.append({
-            "batch": batch, "steps": steps, "cell_ms": cell_ms, "onednn_ms": onednn_ms,
-            "cell_over_onednn": cell_ms / onednn_ms,
-            "chosen": "cell" if steps <= fused_lstm.CELL_MAX_STEPS else "onednn",
-        })
+        rows.append(
+            {
+                "batch": batch,
+                "steps": steps,
+                "cell_ms": cell_ms,
+                "onednn_ms": onednn_ms,
+                "cell_over_onednn": cell_ms / onednn_ms,
+                "chosen": "cell" if steps <= fused_lstm.CELL_MAX_STEPS else "onednn",
+            }
+        )
     return rows
 
 
@@ -167,7 +174,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--kernels", action="store_true", help="also time the LSTM stack on the cell and on oneDNN")
     parser.add_argument("--kernel-repeats", type=int, default=6)
     parser.add_argument("--note", default=None, help="free text stored with the result (e.g. the machine's load)")
-    parser.add_argument("--dry-run", action="store_true", help="a tiny model and few steps: checks that the script runs")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="a tiny model and few steps: checks that the script runs"
+    )
     parser.add_argument("--out", type=Path, help="result file (default: benchmarks/results/export-latency-cpu.json)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)

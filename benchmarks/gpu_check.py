@@ -62,11 +62,27 @@ FAMILIES = {
     "mos": ("mos-tiny", []),
     "doc": ("mos-tiny", ["model.output=doc", "model.output.doc_experts=2"]),
     "transformer-adaptive": ("transformer-tiny", []),
-    "transformer-char-cnn": ("transformer-tiny", ["model.input=char-cnn", "model.output=softmax", "model.output.tie_weights=false"]),
+    "transformer-char-cnn": (
+        "transformer-tiny",
+        ["model.input=char-cnn", "model.output=softmax", "model.output.tie_weights=false"],
+    ),
 }
 """Every input / encoder / output family, at test sizes (the CUDA tests' list)."""
 
-SUMMARY_KEYS = ("ratio", "overhead", "speedup", "meets", "tokens_per_s", "mfu", "seconds_per_epoch", "valid_ppl", "passed", "failed", "error", "skipped")
+SUMMARY_KEYS = (
+    "ratio",
+    "overhead",
+    "speedup",
+    "meets",
+    "tokens_per_s",
+    "mfu",
+    "seconds_per_epoch",
+    "valid_ppl",
+    "passed",
+    "failed",
+    "error",
+    "skipped",
+)
 
 
 def ptb_dir() -> Path | None:
@@ -104,7 +120,9 @@ class Check:
         """Run one stage if its budget still fits; record its numbers, or why it did not run."""
         began = time.monotonic()
         if self.left() < seconds * 0.5:
-            record: dict[str, Any] = {"skipped": f"{self.left():.0f} s left of the budget, the stage needs about {seconds:.0f} s"}
+            record: dict[str, Any] = {
+                "skipped": f"{self.left():.0f} s left of the budget, the stage needs about {seconds:.0f} s"
+            }
         else:
             try:
                 record = stage(self, min(seconds, self.left()))
@@ -124,8 +142,19 @@ class Check:
 
     def reglm(self, argv: list[str], timeout: float) -> subprocess.CompletedProcess:
         """``python -m reglm ARGV`` from the working tree, its output captured."""
-        env = {**os.environ, "PYTHONPATH": str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""), "REGLM_DATA_DIR": str(self.work / "data")}
-        return subprocess.run([sys.executable, "-m", "reglm", *argv], cwd=self.work, env=env, capture_output=True, text=True, timeout=timeout)
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(REPO / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""),
+            "REGLM_DATA_DIR": str(self.work / "data"),
+        }
+        return subprocess.run(
+            [sys.executable, "-m", "reglm", *argv],
+            cwd=self.work,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
 
 
 # --------------------------------------------------------------------------------------- stages
@@ -141,8 +170,15 @@ def smoke(check: Check, _seconds: float) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for family, (preset, overrides) in families.items():
         for precision in ("fp32",) if check.dry else ("fp32", "bf16"):
-            small = [f"data.synthetic_sentences={100 if check.dry else 200}", f"train.max_steps={steps}", "train.finetune=false", "train.epochs=1"]
-            config = build_config(preset, [*overrides, *small, f"train.device={check.device}", f"train.precision={precision}"])
+            small = [
+                f"data.synthetic_sentences={100 if check.dry else 200}",
+                f"train.max_steps={steps}",
+                "train.finetune=false",
+                "train.epochs=1",
+            ]
+            config = build_config(
+                preset, [*overrides, *small, f"train.device={check.device}", f"train.precision={precision}"]
+            )
             results = train(config, check.work / f"smoke-{family}-{precision}", progress=False)
             finite = all(math.isfinite(results[split]["loss"]) for split in ("valid", "test"))
             out[f"{family}/{precision}"] = {"valid_ppl": results["valid"]["ppl"], "finite": finite}
@@ -159,13 +195,35 @@ def cuda_tests(check: Check, seconds: float) -> dict[str, Any]:
     except ImportError:
         return {"skipped": "pytest is not installed on this machine"}
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-o", "addopts=", "-p", "no:cacheprovider", "tests"], cwd=REPO, env=env, capture_output=True, text=True, timeout=seconds)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-o", "addopts=", "-p", "no:cacheprovider", "tests"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=seconds,
+    )
     tail = proc.stdout.strip().splitlines()[-1:] or [""]
-    counts = {word: int(n) for n, word in (part.split()[:2] for part in tail[0].replace(" in ", ", ").split(", ") if part.split()[:1] and part.split()[0].isdigit())}
-    return {"exit_code": proc.returncode, "passed": counts.get("passed", 0), "failed": counts.get("failed", 0) + counts.get("error", 0), "summary": tail[0], "failures": proc.stdout[-3000:] if proc.returncode else ""}
+    counts = {
+        word: int(n)
+        for n, word in (
+            part.split()[:2]
+            for part in tail[0].replace(" in ", ", ").split(", ")
+            if part.split()[:1] and part.split()[0].isdigit()
+        )
+    }
+    return {
+        "exit_code": proc.returncode,
+        "passed": counts.get("passed", 0),
+        "failed": counts.get("failed", 0) + counts.get("error", 0),
+        "summary": tail[0],
+        "failures": proc.stdout[-3000:] if proc.returncode else "",
+    }
 
 
-def benchmark(script: str, full: list[str], dry: list[str], needs_ptb: bool = False) -> Callable[[Check, float], dict[str, Any]]:
+def benchmark(
+    script: str, full: list[str], dry: list[str], needs_ptb: bool = False
+) -> Callable[[Check, float], dict[str, Any]]:
     """A stage that runs ``benchmarks/SCRIPT.py`` in this process and keeps its result."""
 
     def stage(check: Check, _seconds: float) -> dict[str, Any]:
@@ -196,7 +254,9 @@ def epoch_time(check: Check, seconds: float) -> dict[str, Any]:
         return {"skipped": "no PTB data (set REGLM_SHARED_DATA, or put ptb/ under shared/data)"}
     steps, interval = (6, 2) if check.dry else (120, 20)
     run = check.work / "epoch"
-    proc = check.reglm([*_ptb_run(check, [f"train.max_steps={steps}", f"train.log_interval={interval}"]), "--out", str(run)], seconds)
+    proc = check.reglm(
+        [*_ptb_run(check, [f"train.max_steps={steps}", f"train.log_interval={interval}"]), "--out", str(run)], seconds
+    )
     if proc.returncode != 0:
         return {"error": f"reglm train exited {proc.returncode}: {proc.stderr.strip()[-400:]}"}
     events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -204,16 +264,34 @@ def epoch_time(check: Check, seconds: float) -> dict[str, Any]:
     from reglm.config import build_config
     from reglm.train.setup import load_corpus
 
-    config = build_config("tiny" if check.dry else "awd-lstm-ptb", ["data.synthetic_sentences=100"] if check.dry else ["data.name=ptb", f"data.data_dir={check.data}"])
+    config = build_config(
+        "tiny" if check.dry else "awd-lstm-ptb",
+        ["data.synthetic_sentences=100"] if check.dry else ["data.name=ptb", f"data.data_dir={check.data}"],
+    )
     train_tokens = int(load_corpus(config).train.numel())
     rate = sum(rates) / len(rates) if rates else float("nan")
-    return {"steps": steps, "train_tokens": train_tokens, "tokens_per_s": rate, "seconds_per_epoch": train_tokens / rate, "reference_seconds_per_epoch": 65.0, "reference_device": "Quadro GP100 (AWD-LSTM paper)", "target_seconds_per_epoch": 10.0}
+    return {
+        "steps": steps,
+        "train_tokens": train_tokens,
+        "tokens_per_s": rate,
+        "seconds_per_epoch": train_tokens / rate,
+        "reference_seconds_per_epoch": 65.0,
+        "reference_device": "Quadro GP100 (AWD-LSTM paper)",
+        "target_seconds_per_epoch": 10.0,
+    }
 
 
 def _trained_for(check: Check, argv: list[str], run: Path, seconds: float) -> list[dict[str, Any]]:
     """``reglm ARGV`` for ``seconds``, then SIGTERM (a checkpoint, then exit); its epoch events."""
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "REGLM_DATA_DIR": str(check.work / "data")}
-    proc = subprocess.Popen([sys.executable, "-m", "reglm", *argv, "--out", str(run)], cwd=check.work, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "reglm", *argv, "--out", str(run)],
+        cwd=check.work,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         proc.wait(timeout=seconds)
     except subprocess.TimeoutExpired:
@@ -224,7 +302,11 @@ def _trained_for(check: Check, argv: list[str], run: Path, seconds: float) -> li
             proc.kill()
     metrics = run / "metrics.jsonl"
     events = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
-    return [{"epoch": e["epoch"], "valid_ppl": e["valid_ppl"], "time": e["time"]} for e in events if e.get("event") == "epoch"]
+    return [
+        {"epoch": e["epoch"], "valid_ppl": e["valid_ppl"], "time": e["time"]}
+        for e in events
+        if e.get("event") == "epoch"
+    ]
 
 
 def ptb_curve(check: Check, seconds: float) -> dict[str, Any]:
@@ -232,7 +314,9 @@ def ptb_curve(check: Check, seconds: float) -> dict[str, Any]:
         return {"skipped": "no PTB data (set REGLM_SHARED_DATA, or put ptb/ under shared/data)"}
     # the dry run trains one tiny epoch to its end (the stop by SIGTERM is the GPU run's path)
     main_share = 90 if check.dry else seconds * 0.6 - 5
-    curve = _trained_for(check, _ptb_run(check, ["train.epochs=1"] if check.dry else []), check.work / "curve", main_share)
+    curve = _trained_for(
+        check, _ptb_run(check, ["train.epochs=1"] if check.dry else []), check.work / "curve", main_share
+    )
     out: dict[str, Any] = {"awd-lstm-ptb": curve, "valid_ppl": curve[-1]["valid_ppl"] if curve else None}
     if check.dry:
         return out
@@ -240,7 +324,14 @@ def ptb_curve(check: Check, seconds: float) -> dict[str, Any]:
         if check.left() < 45:
             out[cell] = "not run: time is up"
             continue
-        argv = ["train", "--preset", cell, "data.name=ptb", f"data.data_dir={check.data}", f"train.device={check.device}"]
+        argv = [
+            "train",
+            "--preset",
+            cell,
+            "data.name=ptb",
+            f"data.data_dir={check.data}",
+            f"train.device={check.device}",
+        ]
         out[cell] = _trained_for(check, argv, check.work / cell, min(check.left() - 25, seconds * 0.1))
     return out
 
@@ -248,25 +339,159 @@ def ptb_curve(check: Check, seconds: float) -> dict[str, Any]:
 STAGES: list[tuple[str, float, Callable[[Check, float], dict[str, Any]]]] = [
     ("smoke", 70, smoke),
     ("cuda-tests", 90, cuda_tests),
-    ("throughput", 25, benchmark("throughput", ["--preset-size", "ptb", "--steps", "100"], ["--preset-size", "tiny", "--steps", "2", "--warmup", "1", "--rounds", "1"])),
-    ("advsoft-overhead", 30, benchmark("advsoft_overhead", ["--steps", "60"], ["--preset-size", "tiny", "--vocab-sizes", "200", "--steps", "2", "--output-repeats", "1", "--warmup", "1", "--rounds", "1"])),
-    ("cache-eval", 25, benchmark("cache_eval", ["--tokens", "20000"], ["--tokens", "400", "--emb-size", "16", "--hidden-size", "16", "--layers", "1", "--window", "50", "--bptt", "35", "--passes", "1", "--rounds", "1", "--reference-tokens", "70"], needs_ptb=True)),
-    ("dynamic-eval", 30, benchmark(
-        "dynamic_eval", ["--sizes", "ptb", "--tokens", "2000", "--rounds", "2"],
-        ["--sizes", "reduced", "--tokens", "200", "--stats-tokens", "100", "--segments", "2", "--warmup", "0",
-         "--rounds", "1"],
-        needs_ptb=True,
-    )),
-    ("mos-throughput", 20, benchmark("mos_throughput", ["--steps", "50"], ["--batch-size", "4", "--bptt", "10", "--experts", "2", "--steps", "2", "--warmup", "1", "--rounds", "1"])),
-    ("vd-lstm-costs", 30, benchmark("vd_lstm_costs", ["--size", "medium", "--steps", "60"], ["--size", "small", "--vocab-sizes", "1000", "--steps", "2", "--warmup", "1", "--rounds", "1"])),
+    (
+        "throughput",
+        25,
+        benchmark(
+            "throughput",
+            ["--preset-size", "ptb", "--steps", "100"],
+            ["--preset-size", "tiny", "--steps", "2", "--warmup", "1", "--rounds", "1"],
+        ),
+    ),
+    (
+        "advsoft-overhead",
+        30,
+        benchmark(
+            "advsoft_overhead",
+            ["--steps", "60"],
+            [
+                "--preset-size",
+                "tiny",
+                "--vocab-sizes",
+                "200",
+                "--steps",
+                "2",
+                "--output-repeats",
+                "1",
+                "--warmup",
+                "1",
+                "--rounds",
+                "1",
+            ],
+        ),
+    ),
+    (
+        "cache-eval",
+        25,
+        benchmark(
+            "cache_eval",
+            ["--tokens", "20000"],
+            [
+                "--tokens",
+                "400",
+                "--emb-size",
+                "16",
+                "--hidden-size",
+                "16",
+                "--layers",
+                "1",
+                "--window",
+                "50",
+                "--bptt",
+                "35",
+                "--passes",
+                "1",
+                "--rounds",
+                "1",
+                "--reference-tokens",
+                "70",
+            ],
+            needs_ptb=True,
+        ),
+    ),
+    (
+        "dynamic-eval",
+        30,
+        benchmark(
+            "dynamic_eval",
+            ["--sizes", "ptb", "--tokens", "2000", "--rounds", "2"],
+            [
+                "--sizes",
+                "reduced",
+                "--tokens",
+                "200",
+                "--stats-tokens",
+                "100",
+                "--segments",
+                "2",
+                "--warmup",
+                "0",
+                "--rounds",
+                "1",
+            ],
+            needs_ptb=True,
+        ),
+    ),
+    (
+        "mos-throughput",
+        20,
+        benchmark(
+            "mos_throughput",
+            ["--steps", "50"],
+            ["--batch-size", "4", "--bptt", "10", "--experts", "2", "--steps", "2", "--warmup", "1", "--rounds", "1"],
+        ),
+    ),
+    (
+        "vd-lstm-costs",
+        30,
+        benchmark(
+            "vd_lstm_costs",
+            ["--size", "medium", "--steps", "60"],
+            ["--size", "small", "--vocab-sizes", "1000", "--steps", "2", "--warmup", "1", "--rounds", "1"],
+        ),
+    ),
     ("qrnn", 25, benchmark("qrnn", [], ["--dry-run"])),
     ("transformer-body", 30, benchmark("transformer_body", ["--precision", "bf16"], ["--dry-run"])),
-    ("adaptive", 40, benchmark("adaptive", ["--precision", "bf16", "--steps", "8", "--rounds", "2"], [
-        "--configs", "ADP-T", "--steps", "1", "--warmup", "0", "--rounds", "1", "--memory-steps", "1", "--batch-size", "1", "--bptt", "8",
-        "--softmax-steps", "1", "--softmax-tokens", "64", "--softmax-features", "64", "--layers", "1",
-        "--override", "model.encoder.d_model=64", "--override", "model.encoder.ffn_dim=128", "--override", "model.encoder.heads=2", "--override", "model.input.dim=64",
-    ])),
-    ("score-throughput", 40, benchmark("score_throughput", ["--sentences", "1000", "--passes", "2"], ["--preset", "tiny", "--sentences", "20", "--passes", "1"], needs_ptb=True)),
+    (
+        "adaptive",
+        40,
+        benchmark(
+            "adaptive",
+            ["--precision", "bf16", "--steps", "8", "--rounds", "2"],
+            [
+                "--configs",
+                "ADP-T",
+                "--steps",
+                "1",
+                "--warmup",
+                "0",
+                "--rounds",
+                "1",
+                "--memory-steps",
+                "1",
+                "--batch-size",
+                "1",
+                "--bptt",
+                "8",
+                "--softmax-steps",
+                "1",
+                "--softmax-tokens",
+                "64",
+                "--softmax-features",
+                "64",
+                "--layers",
+                "1",
+                "--override",
+                "model.encoder.d_model=64",
+                "--override",
+                "model.encoder.ffn_dim=128",
+                "--override",
+                "model.encoder.heads=2",
+                "--override",
+                "model.input.dim=64",
+            ],
+        ),
+    ),
+    (
+        "score-throughput",
+        40,
+        benchmark(
+            "score_throughput",
+            ["--sentences", "1000", "--passes", "2"],
+            ["--preset", "tiny", "--sentences", "20", "--passes", "1"],
+            needs_ptb=True,
+        ),
+    ),
     ("awd-lstm-ptb-epoch", 50, epoch_time),
     ("ptb-curve", 600, ptb_curve),
 ]
@@ -283,7 +508,11 @@ def summary_rows(result: dict[str, Any]) -> list[tuple[str, str, Any]]:
                 walk(stage, item, f"{path}.{key}" if path else str(key))
             return
         leaf = path.rsplit(".", 1)[-1]
-        if isinstance(value, (int, float, str, bool)) and any(k in leaf for k in SUMMARY_KEYS) and not leaf.startswith(("target", "paper", "reference")):
+        if (
+            isinstance(value, (int, float, str, bool))
+            and any(k in leaf for k in SUMMARY_KEYS)
+            and not leaf.startswith(("target", "paper", "reference"))
+        ):
             rows.append((stage, path, value))
 
     for stage, record in result["stages"].items():
@@ -294,10 +523,19 @@ def summary_rows(result: dict[str, Any]) -> list[tuple[str, str, Any]]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dry-run", action="store_true", help="every stage on the CPU at tiny sizes: checks the script")
-    parser.add_argument("--budget", type=float, default=None, help=f"seconds for the whole check (default {BUDGET_S}; dry run 300)")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="every stage on the CPU at tiny sizes: checks the script"
+    )
+    parser.add_argument(
+        "--budget", type=float, default=None, help=f"seconds for the whole check (default {BUDGET_S}; dry run 300)"
+    )
     parser.add_argument("--only", help="comma-separated stages to run (default: all)")
-    parser.add_argument("--out", type=Path, default=None, help="result file (default: $OUT/gpu-check-<device>.json, $OUT defaulting to benchmarks/results/)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="result file (default: $OUT/gpu-check-<device>.json, $OUT defaulting to benchmarks/results/)",
+    )
     args = parser.parse_args(argv)
     args.budget = args.budget or (300.0 if args.dry_run else BUDGET_S)
     names = [name for name, _, _ in STAGES]

@@ -53,7 +53,9 @@ def timed(step: Callable[[int], None], steps: int, offset: int, device: torch.de
     return time.perf_counter() - start
 
 
-def interleaved(steps_of: dict[str, Callable[[int], None]], steps: int, rounds: int, warmup: int, device: torch.device) -> tuple[dict[str, float], dict[str, int]]:
+def interleaved(
+    steps_of: dict[str, Callable[[int], None]], steps: int, rounds: int, warmup: int, device: torch.device
+) -> tuple[dict[str, float], dict[str, int]]:
     """Warm every contender up, then time ``steps`` steps of each split into ``rounds`` rounds
     whose order alternates. Returns (seconds, steps done) per contender."""
     for step in steps_of.values():
@@ -72,7 +74,9 @@ def interleaved(steps_of: dict[str, Callable[[int], None]], steps: int, rounds: 
     return seconds, done
 
 
-def random_batches(vocab: int, batch_size: int, bptt: int, seed: int, device: torch.device, count: int = 4) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def random_batches(
+    vocab: int, batch_size: int, bptt: int, seed: int, device: torch.device, count: int = 4
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """``count`` batches of uniformly random ids: ``(inputs, targets)``, each ``(batch_size, bptt)``,
     targets shifted by one, drawn from a generator seeded with ``seed``."""
     generator = torch.Generator().manual_seed(seed)

@@ -29,7 +29,6 @@ import random
 from pathlib import Path
 
 import torch
-
 from harness import RESULTS, environment, interleaved, save
 
 from reglm.api import TrainedModel

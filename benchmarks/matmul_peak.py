@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from harness import RESULTS, environment, save
 
 

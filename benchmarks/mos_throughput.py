@@ -22,14 +22,13 @@ import os
 from pathlib import Path
 
 import torch
-
 from harness import RESULTS, environment, interleaved, random_batches, save
 
 from reglm.config import build_config
 from reglm.encoders.base import detach_state
 from reglm.models import LanguageModel
-from reglm.outputs.softmax import SoftmaxConfig
 from reglm.objectives.activation_reg import activation_reg, temporal_activation_reg
+from reglm.outputs.softmax import SoftmaxConfig
 
 VOCAB = {"ptb": 10_000, "wikitext-2": 33_278}
 
@@ -37,7 +36,16 @@ VOCAB = {"ptb": 10_000, "wikitext-2": 33_278}
 class Stepper:
     """One model trained with the recipe's step on fixed batches; ``__call__(i)`` is step ``i``."""
 
-    def __init__(self, model: LanguageModel, batches: list[tuple[torch.Tensor, torch.Tensor]], lr: float, clip: float, weight_decay: float, ar: float, tar: float) -> None:
+    def __init__(
+        self,
+        model: LanguageModel,
+        batches: list[tuple[torch.Tensor, torch.Tensor]],
+        lr: float,
+        clip: float,
+        weight_decay: float,
+        ar: float,
+        tar: float,
+    ) -> None:
         self.model = model.train()
         self.batches = batches
         self.params = list(model.parameters())
@@ -50,7 +58,12 @@ class Stepper:
         ids, targets = self.batches[i % len(self.batches)]
         out = self.model(ids, self.state)
         scored = self.model.output_loss(out, targets)
-        loss = scored.nll.mean() + scored.penalty + activation_reg(out.output, self.ar) + temporal_activation_reg(out.raw_output, self.tar)
+        loss = (
+            scored.nll.mean()
+            + scored.penalty
+            + activation_reg(out.output, self.ar)
+            + temporal_activation_reg(out.raw_output, self.tar)
+        )
         self.state = detach_state(out.state)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params, self.clip)
@@ -61,7 +74,9 @@ class Stepper:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", default="mos-awd-lstm-ptb", help="a MoS preset: model sizes, dropouts, lr, clip, AR/TAR")
+    parser.add_argument(
+        "--preset", default="mos-awd-lstm-ptb", help="a MoS preset: model sizes, dropouts, lr, clip, AR/TAR"
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--batch-size", type=int, default=None, help="default: the preset's batch_size")
     parser.add_argument("--bptt", type=int, default=None, help="default: the preset's bptt")
@@ -69,9 +84,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=50, help="timed training steps per model")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per model before timing")
     parser.add_argument("--rounds", type=int, default=5, help="alternating timed rounds the steps are split into")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's); 1 is steadier on a shared machine")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for torch (default: torch's); 1 is steadier on a shared machine",
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/mos-throughput-<device>.json")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="default: benchmarks/results/mos-throughput-<device>.json"
+    )
     args = parser.parse_args(argv)
     if args.steps < 1 or args.rounds < 1 or args.warmup < 0 or (args.threads is not None and args.threads < 1):
         parser.error("--steps, --rounds and --threads must be >= 1, --warmup >= 0")
@@ -96,7 +118,10 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(args.seed)
     batches = random_batches(vocab, batch_size, bptt, args.seed, device)
     models = {"mos": LanguageModel(mos_cfg, vocab).to(device), "softmax": LanguageModel(plain_cfg, vocab).to(device)}
-    steppers = {name: Stepper(m, batches, t.optimizer.lr, t.clip, t.optimizer.weight_decay, t.ar_alpha, t.tar_beta) for name, m in models.items()}
+    steppers = {
+        name: Stepper(m, batches, t.optimizer.lr, t.clip, t.optimizer.weight_decay, t.ar_alpha, t.tar_beta)
+        for name, m in models.items()
+    }
     seconds, steps_done = interleaved(steppers, args.steps, args.rounds, args.warmup, device)
 
     tokens = {name: steps_done[name] * batch_size * bptt for name in steppers}

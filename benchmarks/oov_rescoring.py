@@ -17,7 +17,6 @@ import statistics
 from pathlib import Path
 
 import torch
-
 from harness import RESULTS, environment, save
 
 import reglm
@@ -42,9 +41,13 @@ def main(argv: list[str] | None = None) -> None:
         words[len(words) // 2] = NONSENSE
         nonsense.append(" ".join(words))
     settings: list[str | float | None] = [None, "share", *(float(p) for p in args.penalties.split(","))]
-    result = {**environment(torch.device("cpu"), "benchmarks/oov_rescoring.py", argv), "run": args.run,
-              "pairs": len(correct),
-              "unknown_types": lm.vocab.unknown_types(), "baseline": "none"}
+    result = {
+        **environment(torch.device("cpu"), "benchmarks/oov_rescoring.py", argv),
+        "run": args.run,
+        "pairs": len(correct),
+        "unknown_types": lm.vocab.unknown_types(),
+        "baseline": "none",
+    }
     unk_scores = [lm.full_scores(s, oov_penalty=None)[len(s.split()) // 2].log_prob for s in nonsense[:100]]
     result["mean_ln_p_unk_at_the_word"] = statistics.fmean(unk_scores)
     result["settings"] = {}

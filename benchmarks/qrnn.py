@@ -46,10 +46,14 @@ def _sizes(text: str) -> list[tuple[int, int]]:
         raise argparse.ArgumentTypeError(f"{text!r}: expected BxH[,BxH...], e.g. 20x1550") from None
 
 
-def training_throughput(presets: dict[str, str], vocab_size: int, batch_size: int, bptt: int, args: argparse.Namespace, device: torch.device) -> dict:
+def training_throughput(
+    presets: dict[str, str], vocab_size: int, batch_size: int, bptt: int, args: argparse.Namespace, device: torch.device
+) -> dict:
     torch.manual_seed(args.seed)
     batches = random_batches(vocab_size, batch_size, bptt, args.seed, device)
-    models = {name: LanguageModel(build_config(preset).model, vocab_size).to(device) for name, preset in presets.items()}
+    models = {
+        name: LanguageModel(build_config(preset).model, vocab_size).to(device) for name, preset in presets.items()
+    }
     trainers = {name: Trainer(model, regularized=True) for name, model in models.items()}
     steps_of = {name: (lambda i, t=t: t.step(*batches[i % len(batches)])) for name, t in trainers.items()}
     seconds, done = interleaved(steps_of, args.steps, args.rounds, args.warmup, device)
@@ -57,9 +61,14 @@ def training_throughput(presets: dict[str, str], vocab_size: int, batch_size: in
     return {
         "presets": presets,
         "parameters": {name: model.num_parameters() for name, model in models.items()},
-        "vocab_size": vocab_size, "batch_size": batch_size, "bptt": bptt,
-        "warmup_steps": args.warmup, "timed_steps": done, "rounds": args.rounds,
-        "seconds": seconds, "tokens_per_s": tps,
+        "vocab_size": vocab_size,
+        "batch_size": batch_size,
+        "bptt": bptt,
+        "warmup_steps": args.warmup,
+        "timed_steps": done,
+        "rounds": args.rounds,
+        "seconds": seconds,
+        "tokens_per_s": tps,
         "ratio_qrnn_over_awd_lstm": tps["qrnn"] / tps["awd-lstm"],
         "final_loss": {name: float(t.last_loss) for name, t in trainers.items()},
     }
@@ -75,19 +84,23 @@ def scan_versus_loop(batch: int, hidden: int, steps: int, args: argparse.Namespa
     def train_step(pool):
         def step(_: int) -> None:
             torch.autograd.grad((pool(f, z, c0) * weights).sum(), (f, z, c0))
+
         return step
 
     def eval_step(pool):
         def step(_: int) -> None:
             with torch.no_grad():
                 pool(f, z, c0)
+
         return step
 
     with torch.no_grad():
         difference = (fo_pool(f, z, c0) - fo_pool_reference(f, z, c0)).abs().max().item()
     result = {"batch": batch, "hidden": hidden, "steps": steps, "max_abs_difference": difference}
     for mode, make in (("forward_backward", train_step), ("forward", eval_step)):
-        seconds, done = interleaved({"scan": make(fo_pool), "loop": make(fo_pool_reference)}, args.scan_repeats, args.rounds, 1, device)
+        seconds, done = interleaved(
+            {"scan": make(fo_pool), "loop": make(fo_pool_reference)}, args.scan_repeats, args.rounds, 1, device
+        )
         per_call = {name: seconds[name] / done[name] for name in seconds}
         result[mode] = {"seconds_per_call": per_call, "speedup_scan_over_loop": per_call["loop"] / per_call["scan"]}
     result["meets_target"] = result["forward_backward"]["speedup_scan_over_loop"] >= SCAN_TARGET
@@ -100,17 +113,41 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=20, help="timed training steps per model")
     parser.add_argument("--warmup", type=int, default=2, help="untimed training steps per model before timing")
     parser.add_argument("--rounds", type=int, default=4, help="alternating timed rounds the steps are split into")
-    parser.add_argument("--batch-size", type=int, default=20, help="training streams per batch, both models (the reference README's PTB comparison: 20)")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=20,
+        help="training streams per batch, both models (the reference README's PTB comparison: 20)",
+    )
     parser.add_argument("--bptt", type=int, default=70)
-    parser.add_argument("--scan-sizes", type=_sizes, default=_sizes("20x1550,8x256"), help="BxH of the scan comparison (default: the qrnn-ptb layer, and a small one)")
+    parser.add_argument(
+        "--scan-sizes",
+        type=_sizes,
+        default=_sizes("20x1550,8x256"),
+        help="BxH of the scan comparison (default: the qrnn-ptb layer, and a small one)",
+    )
     parser.add_argument("--scan-steps", type=int, default=70, help="T of the scan comparison")
     parser.add_argument("--scan-repeats", type=int, default=20, help="timed calls of each pooling per mode")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dry-run", action="store_true", help="the tiny presets and a small scan, 2 steps: checks the script, measures nothing of interest")
-    parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/qrnn-<device>.json (a dry run saves nothing unless given)")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="the tiny presets and a small scan, 2 steps: checks the script, measures nothing of interest",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="default: benchmarks/results/qrnn-<device>.json (a dry run saves nothing unless given)",
+    )
     args = parser.parse_args(argv)
-    if min(args.steps, args.rounds, args.scan_repeats, args.scan_steps, args.batch_size, args.bptt) < 1 or args.warmup < 0:
-        parser.error("--steps, --rounds, --scan-repeats, --scan-steps, --batch-size and --bptt must be >= 1, --warmup >= 0")
+    if (
+        min(args.steps, args.rounds, args.scan_repeats, args.scan_steps, args.batch_size, args.bptt) < 1
+        or args.warmup < 0
+    ):
+        parser.error(
+            "--steps, --rounds, --scan-repeats, --scan-steps, --batch-size and --bptt must be >= 1, --warmup >= 0"
+        )
     presets, vocab_size = MODELS, 10_000
     if args.dry_run:
         presets, vocab_size = DRY_MODELS, 1_000
@@ -128,7 +165,9 @@ def main(argv: list[str] | None = None) -> dict:
     }
     out = args.out or (None if args.dry_run else RESULTS / f"qrnn-{device.type}.json")
     if out is None:
-        print(f"dry run: QRNN {result['training']['tokens_per_s']['qrnn']:,.0f} tok/s, scan {result['scan'][0]['forward_backward']['speedup_scan_over_loop']:.1f}x the loop (not saved)")
+        print(
+            f"dry run: QRNN {result['training']['tokens_per_s']['qrnn']:,.0f} tok/s, scan {result['scan'][0]['forward_backward']['speedup_scan_over_loop']:.1f}x the loop (not saved)"
+        )
     else:
         save(result, out)
     return result

@@ -23,7 +23,6 @@ import os
 from pathlib import Path
 
 import torch
-
 from harness import RESULTS, environment, interleaved, save
 
 from reglm.api import BATCH_LOGITS, TrainedModel
@@ -37,7 +36,9 @@ TARGET_OF_CEILING = 0.8
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
-def padded_batches(lm: TrainedModel, sentences: list[str], batch_tokens: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+def padded_batches(
+    lm: TrainedModel, sentences: list[str], batch_tokens: int
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """The ceiling's input: ``(inputs, targets, mask)`` per batch, as ``score_batch`` forms them."""
     eos = lm.vocab.eos_id
     encoded = [lm.tokens_to_ids(s.split()) + [eos] for s in sentences]
@@ -58,12 +59,19 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--data-dir", type=Path, default=Path(os.environ.get("REGLM_SHARED_DATA", SHARED_DATA)), help="directory holding ptb/ (default: ../shared/data)")
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path(os.environ.get("REGLM_SHARED_DATA", SHARED_DATA)),
+        help="directory holding ptb/ (default: ../shared/data)",
+    )
     parser.add_argument("--preset", default="awd-lstm-ptb", help="the architecture scored (random weights)")
     parser.add_argument("--sentences", type=int, default=1000)
     parser.add_argument("--passes", type=int, default=2, help="timed passes over the sentences per contender")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/score-throughput-<device>.json")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="default: benchmarks/results/score-throughput-<device>.json"
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -93,10 +101,14 @@ def main(argv: list[str] | None = None) -> dict:
             total += (nll * mask).sum(dtype=torch.float64)
         outputs["ceiling"] = float(total)
 
-    seconds, done = interleaved({"one_at_a_time": one_at_a_time, "batched": batched, "ceiling": ceiling}, args.passes, args.passes, 1, device)
+    seconds, done = interleaved(
+        {"one_at_a_time": one_at_a_time, "batched": batched, "ceiling": ceiling}, args.passes, args.passes, 1, device
+    )
     per_pass = {name: seconds[name] / done[name] for name in seconds}
     total_one, total_batched = sum(outputs["one_at_a_time"]), sum(outputs["batched"])
-    assert abs(total_one - total_batched) <= 1e-4 * abs(total_one), f"batching changed the scores: {total_one} vs {total_batched}"
+    assert abs(total_one - total_batched) <= 1e-4 * abs(total_one), (
+        f"batching changed the scores: {total_one} vs {total_batched}"
+    )
     assert abs(total_batched + outputs["ceiling"]) <= 1e-4 * abs(total_batched), "the ceiling scores the same targets"
     over_one = per_pass["one_at_a_time"] / per_pass["batched"]
     of_ceiling = per_pass["ceiling"] / per_pass["batched"]
@@ -104,8 +116,20 @@ def main(argv: list[str] | None = None) -> dict:
         "benchmark": "sentence scoring throughput: batched vs one at a time vs the bare forward pass",
         **env,
         "load_average_end": os.getloadavg(),
-        "model": {"preset": args.preset, "random_weights": True, "vocab_size": len(corpus.vocab), "parameters": model.num_parameters()},
-        "data": {"corpus": "ptb", "split": "test", "sentences": len(lines), "tokens": tokens, "batch_tokens": batch_tokens, "batches": len(batches)},
+        "model": {
+            "preset": args.preset,
+            "random_weights": True,
+            "vocab_size": len(corpus.vocab),
+            "parameters": model.num_parameters(),
+        },
+        "data": {
+            "corpus": "ptb",
+            "split": "test",
+            "sentences": len(lines),
+            "tokens": tokens,
+            "batch_tokens": batch_tokens,
+            "batches": len(batches),
+        },
         "timed_passes": done,
         "seconds_per_pass": per_pass,
         "sentences_per_s": {name: len(lines) / s for name, s in per_pass.items()},

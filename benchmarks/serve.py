@@ -28,7 +28,6 @@ from pathlib import Path
 
 import httpx
 import torch
-
 from harness import RESULTS, environment, save
 
 import reglm

@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from harness import RESULTS, environment, save
 
 from reglm.config import build_config
@@ -52,8 +51,12 @@ def main(argv: list[str] | None = None) -> None:
     ids = corpus.test[: args.tokens]
     torch.manual_seed(0)
     model = LanguageModel(build_config("vd-lstm-ptb-small").model, len(corpus.vocab)).eval()
-    result = {**environment(torch.device("cpu"), "benchmarks/threads.py", argv), "cpu_count": os.cpu_count(),
-              "tokens": int(ids.numel()), "hogs": args.hogs}
+    result = {
+        **environment(torch.device("cpu"), "benchmarks/threads.py", argv),
+        "cpu_count": os.cpu_count(),
+        "tokens": int(ids.numel()),
+        "hogs": args.hogs,
+    }
     _time(model, ids[:2000], 1)
     for condition in ("idle", "loaded"):
         count = args.hogs if condition == "loaded" else 0
@@ -63,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
         seconds: dict[int, list[float]] = {1: [], 2: []}
         try:
             for r in range(args.rounds):
-                for threads in ((1, 2) if r % 2 == 0 else (2, 1)):
+                for threads in (1, 2) if r % 2 == 0 else (2, 1):
                     seconds[threads].append(_time(model, ids, threads))
         finally:
             for hog in hogs:

@@ -22,9 +22,8 @@ import os
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
-
 from harness import RESULTS, environment, interleaved, random_batches, save
+from torch import Tensor, nn
 
 from reglm.config import ModelConfig
 from reglm.encoders.base import StackState, detach_state
@@ -38,17 +37,37 @@ from reglm.outputs.softmax import SoftmaxOutput
 PRESETS = {
     "ptb": {
         "model": dict(
-            emb_size=400, hidden_size=1150, num_layers=3, tie_weights=True, embed_dropout=0.1,
-            input_dropout=0.4, hidden_dropout=0.3, output_dropout=0.4, weight_dropout=0.5, init_range=0.1,
+            emb_size=400,
+            hidden_size=1150,
+            num_layers=3,
+            tie_weights=True,
+            embed_dropout=0.1,
+            input_dropout=0.4,
+            hidden_dropout=0.3,
+            output_dropout=0.4,
+            weight_dropout=0.5,
+            init_range=0.1,
         ),
-        "vocab_size": 10_000, "batch_size": 40, "bptt": 70,
+        "vocab_size": 10_000,
+        "batch_size": 40,
+        "bptt": 70,
     },
     "tiny": {
         "model": dict(
-            emb_size=32, hidden_size=64, num_layers=2, tie_weights=True, embed_dropout=0.1,
-            input_dropout=0.4, hidden_dropout=0.3, output_dropout=0.4, weight_dropout=0.5, init_range=0.1,
+            emb_size=32,
+            hidden_size=64,
+            num_layers=2,
+            tie_weights=True,
+            embed_dropout=0.1,
+            input_dropout=0.4,
+            hidden_dropout=0.3,
+            output_dropout=0.4,
+            weight_dropout=0.5,
+            init_range=0.1,
         ),
-        "vocab_size": 1_000, "batch_size": 8, "bptt": 20,
+        "vocab_size": 1_000,
+        "batch_size": 8,
+        "bptt": 20,
     },
 }
 AR_ALPHA, TAR_BETA, LR, CLIP, WEIGHT_DECAY = 2.0, 1.0, 30.0, 0.25, 1.2e-6
@@ -67,7 +86,9 @@ class PlainLSTMLM(nn.Module):
         self.lstms = nn.ModuleList(nn.LSTM(i, h, batch_first=True) for i, h in sizes)
         self.output = SoftmaxOutput(emb, vocab_size, self.embedding.weight)
 
-    def forward(self, ids: Tensor, state: list[tuple[Tensor, Tensor]] | None) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+    def forward(
+        self, ids: Tensor, state: list[tuple[Tensor, Tensor]] | None
+    ) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
         """``ids: (B, T)`` -> (last-layer output ``(B, T, E)``, new state)."""
         x = self.embedding(ids)
         new_state = []

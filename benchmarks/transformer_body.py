@@ -66,22 +66,53 @@ def model_flops_per_token(encoder: TransformerEncoder, layers: int, block: int, 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--precision", choices=["fp32", "bf16"], default="bf16", help="bf16: autocast the forward pass (fp32 weights), as train.precision=bf16")
+    parser.add_argument(
+        "--precision",
+        choices=["fp32", "bf16"],
+        default="bf16",
+        help="bf16: autocast the forward pass (fp32 weights), as train.precision=bf16",
+    )
     parser.add_argument("--compile", action="store_true", help="torch.compile the body, as train.compile=true")
-    parser.add_argument("--batch-size", type=int, default=16, help="blocks per step (the preset: 8 per chunk, 16 chunks per update)")
+    parser.add_argument(
+        "--batch-size", type=int, default=16, help="blocks per step (the preset: 8 per chunk, 16 chunks per update)"
+    )
     parser.add_argument("--block", type=int, default=512, help="tokens per block (train.block_size)")
     parser.add_argument("--steps", type=int, default=30, help="timed steps")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation, autotuning)")
-    parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE", help="further preset override, repeatable (e.g. model.encoder.layers=8)")
-    parser.add_argument("--peak-tflops", type=float, default=None, help="the device's dense peak for the precision (default: H100/H200 989, A100 312 in bf16)")
+    parser.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="further preset override, repeatable (e.g. model.encoder.layers=8)",
+    )
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="the device's dense peak for the precision (default: H100/H200 989, A100 312 in bf16)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
-    parser.add_argument("--dry-run", action="store_true", help="2 blocks of width 64 on the CPU, fp32, 3 steps: checks the script, measures nothing of interest")
-    parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/transformer-body-<device>.json")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="2 blocks of width 64 on the CPU, fp32, 3 steps: checks the script, measures nothing of interest",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=None, help="default: benchmarks/results/transformer-body-<device>.json"
+    )
     args = parser.parse_args(argv)
     overrides = list(args.override)
     if args.dry_run:
         args.device, args.precision, args.steps, args.warmup, args.batch_size, args.block = "cpu", "fp32", 3, 1, 2, 32
-        overrides = ["model.encoder.layers=2", "model.encoder.d_model=64", "model.encoder.heads=4", "model.encoder.ffn_dim=128", "model.input.dim=64", *overrides]
+        overrides = [
+            "model.encoder.layers=2",
+            "model.encoder.d_model=64",
+            "model.encoder.heads=4",
+            "model.encoder.ffn_dim=128",
+            "model.input.dim=64",
+            *overrides,
+        ]
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -125,23 +156,47 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "benchmark": "Transformer body (transformer-wt103-adp-t): training tokens/s, peak memory, model-FLOPs utilization",
         **environment(device, "benchmarks/transformer_body.py", argv),
-        "preset": PRESET, "overrides": overrides, "dry_run": args.dry_run,
-        "body": {"layers": cfg.layers, "d_model": cfg.d_model, "heads": cfg.heads, "ffn_dim": cfg.ffn_dim, "parameters": sum(p.numel() for p in encoder.parameters())},
-        "precision": args.precision, "compile": args.compile, "batch_size": args.batch_size, "block": args.block, "tokens_per_step": tokens,
-        "warmup_steps": args.warmup, "timed_steps": args.steps,
-        "seconds_per_step": seconds, "tokens_per_s": tokens / seconds,
+        "preset": PRESET,
+        "overrides": overrides,
+        "dry_run": args.dry_run,
+        "body": {
+            "layers": cfg.layers,
+            "d_model": cfg.d_model,
+            "heads": cfg.heads,
+            "ffn_dim": cfg.ffn_dim,
+            "parameters": sum(p.numel() for p in encoder.parameters()),
+        },
+        "precision": args.precision,
+        "compile": args.compile,
+        "batch_size": args.batch_size,
+        "block": args.block,
+        "tokens_per_step": tokens,
+        "warmup_steps": args.warmup,
+        "timed_steps": args.steps,
+        "seconds_per_step": seconds,
+        "tokens_per_s": tokens / seconds,
         "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
-        "model_flops_per_token": flops_per_token, "flops_convention": "6 N + 12 L T e (PaLM appendix B), N = matrix parameters of the body",
-        "achieved_tflops": achieved / 1e12, "peak_tflops": peak, "mfu": mfu,
-        "target_mfu": TARGET_MFU, "meets_target": None if mfu is None else mfu >= TARGET_MFU,
+        "model_flops_per_token": flops_per_token,
+        "flops_convention": "6 N + 12 L T e (PaLM appendix B), N = matrix parameters of the body",
+        "achieved_tflops": achieved / 1e12,
+        "peak_tflops": peak,
+        "mfu": mfu,
+        "target_mfu": TARGET_MFU,
+        "meets_target": None if mfu is None else mfu >= TARGET_MFU,
     }
     out = args.out or RESULTS / f"transformer-body-{device.type}{'-dry-run' if args.dry_run else ''}.json"
     if args.dry_run and args.out is None:
         print(f"dry run: {tokens / seconds:,.0f} tokens/s on {result['device_name']} (not saved)")
         return 0
     save(result, out)
-    mfu_text = "n/a (no known peak for this device)" if mfu is None else f"{100 * mfu:.1f}% (target >= {100 * TARGET_MFU:.0f}%)"
-    print(f"{tokens / seconds:,.0f} tokens/s, {seconds * 1e3:.1f} ms/step, {achieved / 1e12:.1f} TFLOP/s, MFU {mfu_text}")
+    mfu_text = (
+        "n/a (no known peak for this device)"
+        if mfu is None
+        else f"{100 * mfu:.1f}% (target >= {100 * TARGET_MFU:.0f}%)"
+    )
+    print(
+        f"{tokens / seconds:,.0f} tokens/s, {seconds * 1e3:.1f} ms/step, {achieved / 1e12:.1f} TFLOP/s, MFU {mfu_text}"
+    )
     return 0
 
 

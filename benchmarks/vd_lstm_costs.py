@@ -20,8 +20,8 @@ import argparse
 from pathlib import Path
 
 import torch
-
 from harness import RESULTS, environment, interleaved, random_batches, save
+
 from reglm.config import ModelConfig
 from reglm.encoders.base import detach_state
 from reglm.models import LanguageModel
@@ -35,7 +35,9 @@ BATCH, BPTT, TAU, GAMMA, CLIP = 20, 35, 20.0, 0.65, 5.0
 class Stepper:
     """One model trained with the VD-LSTM presets' step (summed over time, clipped SGD at lr 1)."""
 
-    def __init__(self, model: LanguageModel, aug_gamma: float, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    def __init__(
+        self, model: LanguageModel, aug_gamma: float, batches: list[tuple[torch.Tensor, torch.Tensor]]
+    ) -> None:
         self.model = model.train()
         self.terms = [AugmentedLoss(aug_gamma, TAU)] if aug_gamma > 0 else []
         self.batches = batches
@@ -60,7 +62,15 @@ class Stepper:
 
 
 def measure(units: int, dropout: float, vocab: int, args: argparse.Namespace, device: torch.device) -> dict:
-    base = dict(encoder="vd-lstm", emb_size=units, hidden_size=units, num_layers=2, input_dropout=dropout, hidden_dropout=dropout, tie_weights=False)
+    base = dict(
+        encoder="vd-lstm",
+        emb_size=units,
+        hidden_size=units,
+        num_layers=2,
+        input_dropout=dropout,
+        hidden_dropout=dropout,
+        tie_weights=False,
+    )
     configs = {
         "vd": (ModelConfig.build(**base), 0.0),
         "vd+al": (ModelConfig.build(**base), GAMMA),
@@ -93,7 +103,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/vd-lstm-costs-<size>-<device>.json")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="default: benchmarks/results/vd-lstm-costs-<size>-<device>.json"
+    )
     args = parser.parse_args(argv)
     if args.steps < 1 or args.rounds < 1 or args.warmup < 0:
         parser.error("--steps and --rounds must be >= 1, --warmup >= 0")
@@ -105,12 +117,24 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "benchmark": "VD-LSTM training step: masks vs fused kernel, augmented loss, reused embeddings",
         **environment(device, "vd_lstm_costs.py", argv),
-        "size": args.size, "units": units, "dropout": dropout, "batch_size": BATCH, "bptt": BPTT, "aug_tau": TAU, "aug_gamma": GAMMA,
-        "warmup_steps": args.warmup, "rounds": args.rounds, "results": runs,
+        "size": args.size,
+        "units": units,
+        "dropout": dropout,
+        "batch_size": BATCH,
+        "bptt": BPTT,
+        "aug_tau": TAU,
+        "aug_gamma": GAMMA,
+        "warmup_steps": args.warmup,
+        "rounds": args.rounds,
+        "results": runs,
     }
     save(result, args.out or RESULTS / f"vd-lstm-costs-{args.size}-{device.type}.json")
     for r in runs:
-        print(f"V={r['vocab_size']}: " + ", ".join(f"{name} {ratio:.3f}x" for name, ratio in r["ratio_to_vd"].items()) + " of vd's step time")
+        print(
+            f"V={r['vocab_size']}: "
+            + ", ".join(f"{name} {ratio:.3f}x" for name, ratio in r["ratio_to_vd"].items())
+            + " of vd's step time"
+        )
     return result
 
 

@@ -44,26 +44,73 @@ DROPOUTS = dict(embed_dropout=0.1, input_dropout=0.2, hidden_dropout=0.2, output
 
 KINDS = {
     "awd-lstm-tied": dict(emb_size=8, hidden_size=12, num_layers=3, weight_dropout=0.4, **DROPOUTS),
-    "awd-lstm-untied-no-bias": dict(emb_size=8, hidden_size=12, num_layers=2, tie_weights=False, output_bias=False, **DROPOUTS),
+    "awd-lstm-untied-no-bias": dict(
+        emb_size=8, hidden_size=12, num_layers=2, tie_weights=False, output_bias=False, **DROPOUTS
+    ),
     "vd-lstm": dict(encoder="vd-lstm", emb_size=8, hidden_size=10, num_layers=2, hidden_dropout=0.3, tie_weights=False),
-    "doc": dict(emb_size=6, hidden_size=10, last_hidden_size=9, num_layers=3, output="doc", n_experts=3, doc_experts="2,1", latent_dropout=0.2),
+    "doc": dict(
+        emb_size=6,
+        hidden_size=10,
+        last_hidden_size=9,
+        num_layers=3,
+        output="doc",
+        n_experts=3,
+        doc_experts="2,1",
+        latent_dropout=0.2,
+    ),
     "adaptive-softmax-lstm": dict(
-        input="adaptive", input__dim=8, input__cutoffs="10,30", input__factor=2, hidden_size=12,
-        output="adaptive", output__cutoffs="10,30", output__factor=2, output__tie="projections", output__tail_dropout=0.2,
+        input="adaptive",
+        input__dim=8,
+        input__cutoffs="10,30",
+        input__factor=2,
+        hidden_size=12,
+        output="adaptive",
+        output__cutoffs="10,30",
+        output__factor=2,
+        output__tie="projections",
+        output__tail_dropout=0.2,
     ),
     "transformer-adaptive": dict(
-        input="adaptive", input__dim=16, input__cutoffs="10,30", input__factor=2, encoder="transformer", encoder__d_model=16,
-        encoder__layers=2, encoder__heads=2, encoder__ffn_dim=32, encoder__dropout=0.1, output="adaptive", output__cutoffs="10,30",
-        output__factor=2, output__tie="head",
+        input="adaptive",
+        input__dim=16,
+        input__cutoffs="10,30",
+        input__factor=2,
+        encoder="transformer",
+        encoder__d_model=16,
+        encoder__layers=2,
+        encoder__heads=2,
+        encoder__ffn_dim=32,
+        encoder__dropout=0.1,
+        output="adaptive",
+        output__cutoffs="10,30",
+        output__factor=2,
+        output__tie="head",
     ),
-    "transformer-tied-softmax": dict(emb_size=12, encoder="transformer", encoder__d_model=16, encoder__layers=1, encoder__heads=2, encoder__ffn_dim=32, encoder__output_dim=12),
+    "transformer-tied-softmax": dict(
+        emb_size=12,
+        encoder="transformer",
+        encoder__d_model=16,
+        encoder__layers=1,
+        encoder__heads=2,
+        encoder__ffn_dim=32,
+        encoder__output_dim=12,
+    ),
     "qrnn-window-2": dict(
         encoder="qrnn", emb_size=8, hidden_size=12, num_layers=3, encoder__zoneout=0.2, weight_dropout=0.3, **DROPOUTS
     ),
     "qrnn-window-1-mos": dict(
         encoder="qrnn", encoder__window=1, emb_size=6, hidden_size=10, num_layers=2, output="mos", n_experts=2
     ),
-    "char-cnn": dict(input="char-cnn", input__char_emb_size=4, input__filters="1:4,2:5", input__highway=1, input__dim=8, input__max_chars=6, hidden_size=12, tie_weights=False),
+    "char-cnn": dict(
+        input="char-cnn",
+        input__char_emb_size=4,
+        input__filters="1:4,2:5",
+        input__highway=1,
+        input__dim=8,
+        input__max_chars=6,
+        hidden_size=12,
+        tie_weights=False,
+    ),
 }
 
 
@@ -93,7 +140,10 @@ def _stream(lm: TrainedModel, run, initial: list[torch.Tensor], chunks=(4, 1, 6)
 
 
 def _zeros(spec: dict, batch: int) -> list:
-    return [np.zeros([batch if d == "batch" else d for d in t["shape"]], dtype=np.float32) for t in spec["interface"]["inputs"][1:]]
+    return [
+        np.zeros([batch if d == "batch" else d for d in t["shape"]], dtype=np.float32)
+        for t in spec["interface"]["inputs"][1:]
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +171,9 @@ def test_onnx_equals_pytorch_over_a_stream_with_carried_state(kind: str, onnx_ex
     assert spec["check"]["max_abs_log_prob_diff"] < 1e-4
     session = ort.InferenceSession(str(directory / spec["file"]), providers=["CPUExecutionProvider"])
     names = [t["name"] for t in spec["interface"]["inputs"]]
-    assert [i.name for i in session.get_inputs()] == names and [o.name for o in session.get_outputs()] == [t["name"] for t in spec["interface"]["outputs"]]
+    assert [i.name for i in session.get_inputs()] == names and [o.name for o in session.get_outputs()] == [
+        t["name"] for t in spec["interface"]["outputs"]
+    ]
     assert spec["stateful"] == (lm.model.cfg.encoder.kind != "transformer") == bool(spec["interface"]["state"])
 
     def run(ids, state):
@@ -213,7 +265,9 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         (data / f"{split}.txt").write_text("\n".join(_sentences(rng, n)) + "\n")
     words = [w for line in (data / "train.txt").read_text().splitlines() for w in [*line.split(), "<eos>"]]
     vocab = Vocab.build(Counter(words))
-    cfg = ModelConfig.build(emb_size=16, hidden_size=24, num_layers=2, weight_dropout=0.2, hidden_dropout=0.1, output_dropout=0.1)
+    cfg = ModelConfig.build(
+        emb_size=16, hidden_size=24, num_layers=2, weight_dropout=0.2, hidden_dropout=0.1, output_dropout=0.1
+    )
     torch.manual_seed(0)
     model = LanguageModel(cfg, len(vocab))
     stream = torch.tensor(vocab.encode(words))
@@ -264,15 +318,20 @@ def test_cli_export_writes_the_directory_and_checks_it(model_dir: Path, cli_onnx
     assert json.loads((again / "export.json").read_text())["files"] == ["model.pt", "vocab.txt", "export.json"]
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["export", "MISSING", "--format", "onnx"], "does not exist"),
-    (["export", "MODEL", "--format", "tflite"], "--format tflite is not supported; choose onnx or torchscript"),
-    (["export", "MODEL", "--format", "torchscript", "--quantize", "int4"], "--quantize int4 is not supported"),
-    (["export", "MODEL", "--format", "torchscript", "--out", "UNRELATED"], "not empty and holds no export"),
-    (["export", "MODEL", "--format", "onnx", "--text", "MISSING"], "--text measures the perplexity change of int8"),
-    (["export", "MODEL", "--format", "onnx", "--quantize", "int8", "--text", "MISSING"], "cannot be read"),
-])
-def test_cli_export_bad_input_is_one_line_and_exit_2(argv: list[str], message: str, model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["export", "MISSING", "--format", "onnx"], "does not exist"),
+        (["export", "MODEL", "--format", "tflite"], "--format tflite is not supported; choose onnx or torchscript"),
+        (["export", "MODEL", "--format", "torchscript", "--quantize", "int4"], "--quantize int4 is not supported"),
+        (["export", "MODEL", "--format", "torchscript", "--out", "UNRELATED"], "not empty and holds no export"),
+        (["export", "MODEL", "--format", "onnx", "--text", "MISSING"], "--text measures the perplexity change of int8"),
+        (["export", "MODEL", "--format", "onnx", "--quantize", "int8", "--text", "MISSING"], "cannot be read"),
+    ],
+)
+def test_cli_export_bad_input_is_one_line_and_exit_2(
+    argv: list[str], message: str, model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     unrelated = tmp_path / "mine"
     unrelated.mkdir()
     (unrelated / "notes.txt").write_text("keep me")
@@ -280,13 +339,19 @@ def test_cli_export_bad_input_is_one_line_and_exit_2(argv: list[str], message: s
     assert main([paths.get(a, a) for a in argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("reglm: error: ") and err.count("\n") == 1 and message in err
-    assert (unrelated / "notes.txt").read_text() == "keep me" and sorted(p.name for p in unrelated.iterdir()) == ["notes.txt"]
+    assert (unrelated / "notes.txt").read_text() == "keep me" and sorted(p.name for p in unrelated.iterdir()) == [
+        "notes.txt"
+    ]
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
-def test_int8_really_quantizes_and_costs_under_two_percent(fmt: str, model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_int8_really_quantizes_and_costs_under_two_percent(
+    fmt: str, model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     if fmt == "onnx":
-        onnx = pytest.importorskip("onnx", reason="the ONNX export needs onnx and onnxruntime (pip install 'reglm[export]')")
+        onnx = pytest.importorskip(
+            "onnx", reason="the ONNX export needs onnx and onnxruntime (pip install 'reglm[export]')"
+        )
         pytest.importorskip("onnxruntime", reason="the ONNX export needs onnxruntime (pip install 'reglm[export]')")
     out = tmp_path / fmt
     # ONNX: the run's validation split; TorchScript: a text of one's own
@@ -294,16 +359,26 @@ def test_int8_really_quantizes_and_costs_under_two_percent(fmt: str, model_dir: 
     assert main(["export", str(model_dir), "--format", fmt, "--quantize", "int8", "--out", str(out), *text]) == 0
     spec = json.loads((out / "export.json").read_text())
     quant = spec["quantization"]
-    assert spec["precision"] == "int8" and quant["int8_bytes"] == (out / spec["file"]).stat().st_size < quant["float32_bytes"]
-    assert quant["perplexity"]["text"] == (text[1] if text else f"the first {quant['perplexity']['tokens']} tokens of {model_dir.parent / 'data'} valid")
+    assert (
+        spec["precision"] == "int8"
+        and quant["int8_bytes"] == (out / spec["file"]).stat().st_size < quant["float32_bytes"]
+    )
+    assert quant["perplexity"]["text"] == (
+        text[1] if text else f"the first {quant['perplexity']['tokens']} tokens of {model_dir.parent / 'data'} valid"
+    )
     assert abs(quant["perplexity"]["change"]) < 0.02
-    assert quant["perplexity"]["float32"] < 15, "the trained model must be far from uniform (50 words) for the comparison to mean something"
+    assert quant["perplexity"]["float32"] < 15, (
+        "the trained model must be far from uniform (50 words) for the comparison to mean something"
+    )
     if fmt == "onnx":
         ops = {node.op_type for node in onnx.load(str(out / "model.onnx")).graph.node}
         assert {"DynamicQuantizeLSTM", "MatMulInteger"} <= ops and "LSTM" not in ops
     else:
         types = {m._c._type().qualified_name() for m in torch.jit.load(str(out / "model.pt")).modules()}
-        assert {"__torch__.torch.ao.nn.quantized.dynamic.modules.rnn.LSTM", "__torch__.torch.ao.nn.quantized.dynamic.modules.linear.Linear"} <= types
+        assert {
+            "__torch__.torch.ao.nn.quantized.dynamic.modules.rnn.LSTM",
+            "__torch__.torch.ao.nn.quantized.dynamic.modules.linear.Linear",
+        } <= types
         assert not any(t.endswith("torch.nn.modules.rnn.LSTM") for t in types)
     assert "int8:" in capsys.readouterr().out
 
@@ -315,10 +390,17 @@ def _example():
     return module
 
 
-def test_example_loader_uses_numpy_and_onnxruntime_only_and_reproduces_score(model_dir: Path, cli_onnx: tuple[Path, str], onnx_export) -> None:
+def test_example_loader_uses_numpy_and_onnxruntime_only_and_reproduces_score(
+    model_dir: Path, cli_onnx: tuple[Path, str], onnx_export
+) -> None:
     source = (REPO / "examples" / "onnx_score.py").read_text()
     assert len(source.splitlines()) <= 40
-    imported = {alias.name.split(".")[0] for node in ast.walk(ast.parse(source)) if isinstance(node, (ast.Import, ast.ImportFrom)) for alias in getattr(node, "names", [])}
+    imported = {
+        alias.name.split(".")[0]
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, (ast.Import, ast.ImportFrom))
+        for alias in getattr(node, "names", [])
+    }
     imported |= {node.module.split(".")[0] for node in ast.walk(ast.parse(source)) if isinstance(node, ast.ImportFrom)}
     assert imported <= {"json", "sys", "pathlib", "Path", "numpy", "onnxruntime"}
     example = _example()
@@ -371,8 +453,12 @@ def test_save_pretrained_refuses_unrelated_targets(model_dir: Path, tmp_path: Pa
         reglm.from_pretrained(str(tmp_path / "nowhere"))
 
 
-def test_hub_download_and_upload_go_through_huggingface_hub(model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    hub = pytest.importorskip("huggingface_hub", reason="the Hub integration needs huggingface_hub (pip install 'reglm[hub]')")
+def test_hub_download_and_upload_go_through_huggingface_hub(
+    model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hub = pytest.importorskip(
+        "huggingface_hub", reason="the Hub integration needs huggingface_hub (pip install 'reglm[hub]')"
+    )
     lm = reglm.from_pretrained(model_dir)
     calls = []
 
@@ -397,4 +483,7 @@ def test_hub_download_and_upload_go_through_huggingface_hub(model_dir: Path, tmp
     assert calls[0] == ("someone/tiny-lstm", "v1", ["config.json", "model.safetensors", "vocab.txt", "tokenizer.json"])
     assert remote.score("w1 w4") == lm.score("w1 w4") and remote.run_config == lm.run_config
     assert lm.push_to_hub("someone/tiny-lstm", private=True) == "https://example.invalid/commit/1"
-    assert calls[1:] == [("create", "someone/tiny-lstm", True, True), ("upload", "someone/tiny-lstm", ["config.json", "model.safetensors", "vocab.txt"])]
+    assert calls[1:] == [
+        ("create", "someone/tiny-lstm", True, True),
+        ("upload", "someone/tiny-lstm", ["config.json", "model.safetensors", "vocab.txt"]),
+    ]

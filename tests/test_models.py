@@ -17,8 +17,14 @@ V = 40
 
 def _cfg(**kw) -> ModelConfig:
     base = dict(
-        emb_size=8, hidden_size=12, num_layers=3, embed_dropout=0.1, input_dropout=0.3,
-        hidden_dropout=0.2, output_dropout=0.3, weight_dropout=0.5,
+        emb_size=8,
+        hidden_size=12,
+        num_layers=3,
+        embed_dropout=0.1,
+        input_dropout=0.3,
+        hidden_dropout=0.2,
+        output_dropout=0.3,
+        weight_dropout=0.5,
     )
     base.update(kw)
     return ModelConfig.build(**base)

@@ -16,8 +16,8 @@ from reglm.models import LanguageModel
 from reglm.objectives.augmented_loss import AugmentedLoss, augmented_kl
 from reglm.objectives.base import TermInputs
 from reglm.train.checkpoint import load_model_dir, save_model_dir
-from reglm.train.run import load_corpus, train
 from reglm.train.metrics import read_metrics
+from reglm.train.run import load_corpus, train
 
 VD = dict(encoder="vd-lstm", emb_size=12, hidden_size=12, num_layers=2, input_dropout=0.3, hidden_dropout=0.3)
 
@@ -31,7 +31,9 @@ def test_reused_embeddings_share_one_tensor_and_have_no_output_bias(tmp_path: Pa
     assert model.num_parameters() == sum(p.numel() for p in model.encoder.parameters()) + 30 * 12
     h = torch.randn(2, 3, 12)
     torch.testing.assert_close(model.output.logits(h), h @ model.embedding.weight.T)
-    config = build_config(None, ["model.encoder=vd-lstm", "model.emb_size=12", "model.hidden_size=12", "model.output_bias=false"])
+    config = build_config(
+        None, ["model.encoder=vd-lstm", "model.emb_size=12", "model.hidden_size=12", "model.output_bias=false"]
+    )
     corpus = load_corpus(build_config(None, ["data.synthetic_sentences=8"]))
     model = LanguageModel(config.model, len(corpus.vocab))
     save_model_dir(tmp_path / "m", model, config, corpus.vocab)
@@ -88,10 +90,21 @@ def test_vd_lstm_model_equals_torch_lstm_in_eval_mode() -> None:
 
 
 def test_training_a_vd_lstm_real_model_end_to_end(tmp_path: Path) -> None:
-    config = build_config("vd-lstm-ptb-small-real", [
-        "data.name=synthetic", "data.synthetic_sentences=200", "model.emb_size=16", "model.hidden_size=16",
-        "train.epochs=2", "train.batch_size=8", "train.eval_batch_size=4", "train.test_batch_size=4", "train.bptt=12", "train.log_interval=5",
-    ])
+    config = build_config(
+        "vd-lstm-ptb-small-real",
+        [
+            "data.name=synthetic",
+            "data.synthetic_sentences=200",
+            "model.emb_size=16",
+            "model.hidden_size=16",
+            "train.epochs=2",
+            "train.batch_size=8",
+            "train.eval_batch_size=4",
+            "train.test_batch_size=4",
+            "train.bptt=12",
+            "train.log_interval=5",
+        ],
+    )
     results = train(config, tmp_path / "run", progress=False)
     assert results["test"]["ppl"] < 1001
     epochs = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["event"] == "epoch"]
@@ -101,7 +114,11 @@ def test_training_a_vd_lstm_real_model_end_to_end(tmp_path: Path) -> None:
 
 
 TABLE1 = {
-    ("ptb", "small"): 0.7, ("ptb", "medium"): 0.5, ("ptb", "large"): 0.35, ("wt2", "small"): 0.8, ("wt2", "medium"): 0.6,
+    ("ptb", "small"): 0.7,
+    ("ptb", "medium"): 0.5,
+    ("ptb", "large"): 0.35,
+    ("wt2", "small"): 0.8,
+    ("wt2", "medium"): 0.6,
 }
 
 
@@ -117,7 +134,11 @@ def test_every_table1_cell_has_a_preset(cell: tuple[str, str], variant: str) -> 
     assert (e.kind, i.emb_size, e.hidden_size, e.num_layers) == ("vd-lstm", units, units, 2)
     assert e.hidden_dropout == i.dropout == TABLE1[cell] and i.embed_dropout == 0
     assert (t.optimizer.lr, t.bptt, t.variable_bptt, t.averaging.kind) == (1.0, 35, False, "none")
-    assert (t.schedule.decay_start, t.schedule.decay, t.clip) == {"small": (5, 0.9, 5.0), "medium": (10, 0.9, 5.0), "large": (1, 0.97, 6.0)}[size]
+    assert (t.schedule.decay_start, t.schedule.decay, t.clip) == {
+        "small": (5, 0.9, 5.0),
+        "medium": (10, 0.9, 5.0),
+        "large": (1, 0.97, 6.0),
+    }[size]
     assert o.tie_weights == (not o.bias) == (variant in ("-re", "-real"))
     if variant in ("-al", "-real"):
         assert t.aug_tau == 20.0 and (0.5 <= t.aug_gamma <= 0.8 if dataset == "ptb" else 1.0 <= t.aug_gamma <= 1.5)
@@ -125,17 +146,23 @@ def test_every_table1_cell_has_a_preset(cell: tuple[str, str], variant: str) -> 
         assert t.aug_gamma == 0
 
 
-@pytest.mark.parametrize(("overrides", "fragment"), [
-    (["train.aug_tau=0"], "invalid option train.aug_tau"),
-    (["train.aug_tau=-1"], "invalid option train.aug_tau"),
-    (["train.aug_gamma=-0.1"], "invalid option train.aug_gamma"),
-    (["model.encoder=vd-lstm", "model.emb_size=20", "model.hidden_size=30"], "invalid option model.output.tie_weights"),
-    (["model.encoder=vd-lstm", "model.weight_dropout=0.5"], "unknown option model.encoder.weight_dropout"),
-    (["model.output=mos", "model.output_bias=false"], "unknown option model.output.bias"),
-    (["model.output=mos", "train.aug_gamma=1"], "invalid option train.aug_gamma"),
-    (["train.lr_decay=1.5"], "invalid option train.schedule.decay"),
-    (["train.plateau_factor=1"], "invalid option train.schedule.plateau_factor"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "fragment"),
+    [
+        (["train.aug_tau=0"], "invalid option train.aug_tau"),
+        (["train.aug_tau=-1"], "invalid option train.aug_tau"),
+        (["train.aug_gamma=-0.1"], "invalid option train.aug_gamma"),
+        (
+            ["model.encoder=vd-lstm", "model.emb_size=20", "model.hidden_size=30"],
+            "invalid option model.output.tie_weights",
+        ),
+        (["model.encoder=vd-lstm", "model.weight_dropout=0.5"], "unknown option model.encoder.weight_dropout"),
+        (["model.output=mos", "model.output_bias=false"], "unknown option model.output.bias"),
+        (["model.output=mos", "train.aug_gamma=1"], "invalid option train.aug_gamma"),
+        (["train.lr_decay=1.5"], "invalid option train.schedule.decay"),
+        (["train.plateau_factor=1"], "invalid option train.schedule.plateau_factor"),
+    ],
+)
 def test_bad_options_are_config_errors(overrides: list[str], fragment: str) -> None:
     with pytest.raises(ReglmError, match=fragment):
         build_config(None, overrides)
@@ -143,7 +170,10 @@ def test_bad_options_are_config_errors(overrides: list[str], fragment: str) -> N
 
 def test_reused_embeddings_with_a_projection_are_allowed() -> None:
     """A mixture of softmaxes projects the hidden state to emb_size, so tying works with emb != hidden."""
-    config = build_config(None, ["model.encoder=vd-lstm", "model.emb_size=20", "model.hidden_size=30", "model.output=mos", "model.n_experts=2"])
+    config = build_config(
+        None,
+        ["model.encoder=vd-lstm", "model.emb_size=20", "model.hidden_size=30", "model.output=mos", "model.n_experts=2"],
+    )
     model = LanguageModel(config.model, 40)
     assert model.output.weight is model.embedding.weight
 
@@ -157,7 +187,10 @@ def test_analyze_subspace_reports_each_run(tmp_path: Path, capsys: pytest.Captur
     train(build_config("tiny", small), tmp_path / "tied", progress=False)
     train(build_config("tiny", [*small, "model.tie_weights=false"]), tmp_path / "untied", progress=False)
     out = tmp_path / "analysis"
-    assert main(["analyze", str(tmp_path / "tied"), str(tmp_path / "untied"), "--subspace", "--out", str(out), "--json"]) == 0
+    assert (
+        main(["analyze", str(tmp_path / "tied"), str(tmp_path / "untied"), "--subspace", "--out", str(out), "--json"])
+        == 0
+    )
     rows = json.loads(capsys.readouterr().out)["runs"]
     assert rows[0]["tied"] and rows[0]["distance"] < 1e-6
     assert not rows[1]["tied"] and rows[1]["distance"] > 0.5
@@ -175,11 +208,36 @@ def test_study_subspace_command_writes_both_panels(tmp_path: Path, capsys: pytes
     words = [f"w{i}" for i in range(25)]
     g = torch.Generator().manual_seed(0)
     for split, lines in (("train", 60), ("valid", 5), ("test", 5)):
-        text = "\n".join(" ".join(words[int(i)] for i in torch.randint(0, 25, (12,), generator=g)) for _ in range(lines))
+        text = "\n".join(
+            " ".join(words[int(i)] for i in torch.randint(0, 25, (12,), generator=g)) for _ in range(lines)
+        )
         (corpus / f"{split}.txt").write_text(text + "\n")
     out = tmp_path / "study"
-    args = ["study", "subspace", "--out", str(out), "--data", str(corpus), "--words", "500", "--hidden", "6", "--epochs", "1",
-            "--runs", "2", "--betas", "0,1", "--taus", "2,10", "--batch-size", "4", "--bptt", "8", "--json"]
+    args = [
+        "study",
+        "subspace",
+        "--out",
+        str(out),
+        "--data",
+        str(corpus),
+        "--words",
+        "500",
+        "--hidden",
+        "6",
+        "--epochs",
+        "1",
+        "--runs",
+        "2",
+        "--betas",
+        "0,1",
+        "--taus",
+        "2,10",
+        "--batch-size",
+        "4",
+        "--bptt",
+        "8",
+        "--json",
+    ]
     assert main(args) == 0
     printed = json.loads(capsys.readouterr().out)
     saved = json.loads((out / "subspace-study.json").read_text())
@@ -195,6 +253,8 @@ def test_trainer_weights_the_augmented_loss_by_gamma_tau() -> None:
     from reglm.train.objective import LMObjective
 
     config = build_config("vd-lstm-ptb-small-al", ["data.name=synthetic"])
-    objective = LMObjective(config, load_corpus(build_config(None, ["data.synthetic_sentences=8"])).vocab, torch.device("cpu"))
+    objective = LMObjective(
+        config, load_corpus(build_config(None, ["data.synthetic_sentences=8"])).vocab, torch.device("cpu")
+    )
     (term,) = objective.terms
     assert (term.weight, term.tau, term.target_grad) == (pytest.approx(0.65 * 20.0), 20.0, False)

@@ -67,7 +67,9 @@ def test_batch_size_and_order_change_nothing() -> None:
     many = sentence_log_probs(lm.model, sentences, lm.vocab.eos_id, batch_tokens=1000)
     for a, b in zip(one, many):
         assert torch.allclose(a, b, atol=1e-6)
-    assert sorted(i for batch in length_batches([3, 0, 5, 1, 5], 10) for i in batch) == [0, 2, 3, 4], "every non-empty sentence once"
+    assert sorted(i for batch in length_batches([3, 0, 5, 1, 5], 10) for i in batch) == [0, 2, 3, 4], (
+        "every non-empty sentence once"
+    )
     assert list(length_batches([3, 0, 5, 1, 5], 10)) == [[2, 4], [0, 3]]
 
 
@@ -92,7 +94,9 @@ def test_carry_reads_the_lines_as_one_text() -> None:
     expected = lm.target_log_probs(stream)
     carried = [w.log_prob for words in lm.full_scores_batch(SENTENCES, carry=True) for w in words]
     assert carried == pytest.approx(expected.tolist(), abs=1e-6)
-    assert lm.score_batch(SENTENCES, carry=True) != pytest.approx(lm.score_batch(SENTENCES), abs=1e-3), "the context matters"
+    assert lm.score_batch(SENTENCES, carry=True) != pytest.approx(lm.score_batch(SENTENCES), abs=1e-3), (
+        "the context matters"
+    )
 
 
 def test_sub_word_model_scores_words_as_products_of_their_units() -> None:
@@ -172,12 +176,16 @@ def _cli(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
     return code, out, err
 
 
-def test_score_command_matches_the_api_and_echoes_nbest_ids(capsys: pytest.CaptureFixture, model_dir: Path, tmp_path: Path) -> None:
+def test_score_command_matches_the_api_and_echoes_nbest_ids(
+    capsys: pytest.CaptureFixture, model_dir: Path, tmp_path: Path
+) -> None:
     from reglm.api import load
 
     lm = load(model_dir)
     nbest = tmp_path / "nbest.txt"
-    nbest.write_text("".join(f"utt1-{i}\t{s}\n" for i, s in enumerate(SENTENCES)) + "utt2-0\tw1 zebra\n", encoding="utf-8")
+    nbest.write_text(
+        "".join(f"utt1-{i}\t{s}\n" for i, s in enumerate(SENTENCES)) + "utt2-0\tw1 zebra\n", encoding="utf-8"
+    )
     code, out, err = _cli(capsys, "score", str(model_dir), str(nbest), "--base", "10")
     assert code == 0 and "sentences/s" in err and "tokens/s" in err
     lines = out.splitlines()
@@ -193,10 +201,19 @@ def test_score_command_matches_the_api_and_echoes_nbest_ids(capsys: pytest.Captu
     plain = tmp_path / "plain.txt"
     plain.write_text("\n".join(SENTENCES[:3]) + "\n", encoding="utf-8")
     out_file = tmp_path / "words.jsonl"
-    code, _, _ = _cli(capsys, "score", str(model_dir), str(plain), "--words", "--format", "jsonl", "--no-eos", "--out", str(out_file))
+    code, _, _ = _cli(
+        capsys, "score", str(model_dir), str(plain), "--words", "--format", "jsonl", "--no-eos", "--out", str(out_file)
+    )
     records = [json.loads(line) for line in out_file.read_text().splitlines()]
-    assert code == 0 and [(r["id"], r["position"], r["word"]) for r in records] == [("1", 0, "w1"), ("1", 1, "w2"), ("1", 2, "w3"), ("3", 0, "w7")]
-    assert [r["ln_prob"] for r in records] == pytest.approx([w.log_prob for s in SENTENCES[:3] for w in lm.full_scores(s, eos=False)], abs=1e-6)
+    assert code == 0 and [(r["id"], r["position"], r["word"]) for r in records] == [
+        ("1", 0, "w1"),
+        ("1", 1, "w2"),
+        ("1", 2, "w3"),
+        ("3", 0, "w7"),
+    ]
+    assert [r["ln_prob"] for r in records] == pytest.approx(
+        [w.log_prob for s in SENTENCES[:3] for w in lm.full_scores(s, eos=False)], abs=1e-6
+    )
 
 
 def test_score_command_bad_input(capsys: pytest.CaptureFixture, model_dir: Path, tmp_path: Path) -> None:

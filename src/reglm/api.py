@@ -129,11 +129,14 @@ class SentenceUnits:
     ends: list[bool]
     oov: list[bool]
 
-    def word_scores(self, unit_log_probs: torch.Tensor, scale: float, eos: bool, oov_offset: float = 0.0
-                    ) -> list[WordScore]:
+    def word_scores(
+        self, unit_log_probs: torch.Tensor, scale: float, eos: bool, oov_offset: float = 0.0
+    ) -> list[WordScore]:
         """The units' natural-log probabilities ``(len(ids),)`` summed into words, plus
         ``oov_offset`` for an OOV word, times ``scale``; the ``<eos>`` word dropped unless ``eos``."""
-        sums = torch.zeros(len(self.words), dtype=torch.float64).index_add_(0, torch.tensor(_word_index(self.ends), dtype=torch.long), unit_log_probs.double())
+        sums = torch.zeros(len(self.words), dtype=torch.float64).index_add_(
+            0, torch.tensor(_word_index(self.ends), dtype=torch.long), unit_log_probs.double()
+        )
         scores = [
             WordScore(w, (float(v) + (oov_offset if oov else 0.0)) * scale, oov)
             for w, v, oov in zip(self.words, sums.tolist(), self.oov)
@@ -163,7 +166,9 @@ class TrainedModel:
             elif self.vocab.unk_id is not None:
                 ids.append(self.vocab.unk_id)
             else:
-                raise ReglmError(f"the word {tok!r} is not in the model's vocabulary ({len(self.vocab)} words, no <unk>); use only known words")
+                raise ReglmError(
+                    f"the word {tok!r} is not in the model's vocabulary ({len(self.vocab)} words, no <unk>); use only known words"
+                )
         return ids
 
     def text_to_ids(self, text: str) -> list[int]:
@@ -189,7 +194,14 @@ class TrainedModel:
     def target_log_probs(self, ids: list[int]) -> torch.Tensor:
         """Natural-log probability of each id given the ones before it, starting after ``<eos>``."""
         stream = torch.tensor([self.vocab.eos_id, *ids], dtype=torch.long)
-        totals = stream_pass([self.model], StreamPlan(stream, 1, "all"), WINDOW, lambda outs, w: {"nll": self.model.output_nll(outs[0], w.targets)}, self.device, keep=("nll",))
+        totals = stream_pass(
+            [self.model],
+            StreamPlan(stream, 1, "all"),
+            WINDOW,
+            lambda outs, w: {"nll": self.model.output_nll(outs[0], w.targets)},
+            self.device,
+            keep=("nll",),
+        )
         return -totals.kept["nll"][1].double()
 
     def score(
@@ -200,12 +212,19 @@ class TrainedModel:
         vocabulary is scored as ``<unk>`` with ``oov_penalty`` applied (see the module doc;
         :meth:`full_scores` flags it)."""
         if not isinstance(sentence, str):
-            raise ReglmError(f"score takes one sentence as a str, not {type(sentence).__name__}; for several sentences use score_batch")
+            raise ReglmError(
+                f"score takes one sentence as a str, not {type(sentence).__name__}; for several sentences use score_batch"
+            )
         return self.score_batch([sentence], base, eos, oov_penalty=oov_penalty)[0]
 
     def score_batch(
-        self, sentences: Sequence[str], base: str | int = "e", eos: bool = True, carry: bool = False,
-        progress: bool = False, oov_penalty: str | float | None = OOV_SHARE,
+        self,
+        sentences: Sequence[str],
+        base: str | int = "e",
+        eos: bool = True,
+        carry: bool = False,
+        progress: bool = False,
+        oov_penalty: str | float | None = OOV_SHARE,
     ) -> list[float]:
         """:meth:`score` of every sentence, computed in padded batches sorted by length (the same
         numbers as one at a time, up to float rounding). With ``carry`` the sentences are read
@@ -221,12 +240,19 @@ class TrainedModel:
         KenLM's ``full_scores``; an OOV word's score follows ``oov_penalty``, see the module doc).
         A sub-word model's word is the product of its units."""
         if not isinstance(sentence, str):
-            raise ReglmError(f"full_scores takes one sentence as a str, not {type(sentence).__name__}; for several sentences use full_scores_batch")
+            raise ReglmError(
+                f"full_scores takes one sentence as a str, not {type(sentence).__name__}; for several sentences use full_scores_batch"
+            )
         return self.full_scores_batch([sentence], base, eos, oov_penalty=oov_penalty)[0]
 
     def full_scores_batch(
-        self, sentences: Sequence[str], base: str | int = "e", eos: bool = True, carry: bool = False,
-        progress: bool = False, oov_penalty: str | float | None = OOV_SHARE,
+        self,
+        sentences: Sequence[str],
+        base: str | int = "e",
+        eos: bool = True,
+        carry: bool = False,
+        progress: bool = False,
+        oov_penalty: str | float | None = OOV_SHARE,
     ) -> list[list[WordScore]]:
         """:meth:`full_scores` of every sentence (batched as in :meth:`score_batch`)."""
         if isinstance(sentences, str) or not all(isinstance(s, str) for s in sentences):
@@ -242,17 +268,23 @@ class TrainedModel:
             batch_tokens = max(256, BATCH_LOGITS // len(self.vocab))
             ids = [units.ids for units in encoded]
             window = self._window(batch_tokens)
-            unit_scores = sentence_log_probs(self.model, ids, self.vocab.eos_id, self.device, batch_tokens, progress, window)
+            unit_scores = sentence_log_probs(
+                self.model, ids, self.vocab.eos_id, self.device, batch_tokens, progress, window
+            )
         return [units.word_scores(logp, scale, eos, offset) for units, logp in zip(encoded, unit_scores)]
 
-    def next_words(self, prefix: str = "", k: int = 10, base: str | int = "e", exclude: Sequence[str] = (UNK,)) -> list[tuple[str, float]]:
+    def next_words(
+        self, prefix: str = "", k: int = 10, base: str | int = "e", exclude: Sequence[str] = (UNK,)
+    ) -> list[tuple[str, float]]:
         """The ``k`` most likely next words after ``prefix`` (read from the start of a sentence),
         most likely first, with their log-probabilities; the words of ``exclude`` are never
         proposed (by default ``<unk>``; ``<eos>`` is proposed: the sentence may end)."""
         if not isinstance(prefix, str):
             raise ReglmError(f"next_words takes the prefix as a str, not {type(prefix).__name__}")
         if self.subword is not None:
-            raise ReglmError("next_words proposes whole words; this is a sub-word (BPE) model, whose next token is a unit: use generate, or a word-level model")
+            raise ReglmError(
+                "next_words proposes whole words; this is a sub-word (BPE) model, whose next token is a unit: use generate, or a word-level model"
+            )
         if not isinstance(k, int) or k < 1:
             raise ReglmError(f"k={k!r} must be a positive integer")
         scale = log_scale(base)
@@ -268,7 +300,10 @@ class TrainedModel:
         return [(self.vocab.itos[i], v * scale) for i, v in zip(order.tolist(), values.tolist())]
 
     def start(
-        self, batch: int = 1, base: str | int = "e", context: int | None = None,
+        self,
+        batch: int = 1,
+        base: str | int = "e",
+        context: int | None = None,
         oov_penalty: str | float | None = OOV_SHARE,
     ) -> Hypotheses:
         """``batch`` hypotheses at the start of a sentence, for a decoder to extend one word at a
@@ -307,13 +342,21 @@ class TrainedModel:
             for w, flag in zip(word_ids, unit_oov):
                 oov[w] = oov[w] or flag
             return SentenceUnits(words, ids, ends, oov)
-        return SentenceUnits(words, self.tokens_to_ids(words), [True] * len(words), [w not in self.vocab for w in words])
+        return SentenceUnits(
+            words, self.tokens_to_ids(words), [True] * len(words), [w not in self.vocab for w in words]
+        )
 
     def _require_known(self, tokens: list[str], what: str) -> None:
         unknown = [t for t in tokens if t not in self.vocab]
         if unknown:
-            hint = f"rephrase the {what} or write {UNK}" if self.vocab.unk_id is not None else f"rephrase the {what} with words of the vocabulary (vocab.txt of the run)"
-            raise ReglmError(f"{what} word(s) {', '.join(repr(t) for t in unknown[:5])} are not in the model's vocabulary; {hint}")
+            hint = (
+                f"rephrase the {what} or write {UNK}"
+                if self.vocab.unk_id is not None
+                else f"rephrase the {what} with words of the vocabulary (vocab.txt of the run)"
+            )
+            raise ReglmError(
+                f"{what} word(s) {', '.join(repr(t) for t in unknown[:5])} are not in the model's vocabulary; {hint}"
+            )
 
     def perplexity(self, text: str) -> float:
         """exp(mean NLL) over every token of ``text`` (one ``<eos>`` per line), read in one stream
@@ -329,12 +372,28 @@ class TrainedModel:
         logp = self.target_log_probs(ids)
         return perplexity(-float(logp.sum()) / max(sum(ends), 1))
 
-    def generate(self, words: int, temperature: float = 1.0, seed: int = 0, prompt: str = "", top_k: int | None = None, top_p: float | None = None) -> list[str]:
+    def generate(
+        self,
+        words: int,
+        temperature: float = 1.0,
+        seed: int = 0,
+        prompt: str = "",
+        top_k: int | None = None,
+        top_p: float | None = None,
+    ) -> list[str]:
         """Sample ``words`` tokens after ``prompt``; returns the prompt's tokens and the sampled ones."""
         return list(self.stream(words, temperature, seed, prompt, top_k, top_p))
 
     @torch.no_grad()
-    def stream(self, words: int, temperature: float = 1.0, seed: int = 0, prompt: str = "", top_k: int | None = None, top_p: float | None = None) -> Iterator[str]:
+    def stream(
+        self,
+        words: int,
+        temperature: float = 1.0,
+        seed: int = 0,
+        prompt: str = "",
+        top_k: int | None = None,
+        top_p: float | None = None,
+    ) -> Iterator[str]:
         """:meth:`generate` as it goes: yields the prompt's tokens, then each sampled token as soon
         as it is drawn (no limit on ``words``; memory stays constant).
 
@@ -385,7 +444,13 @@ class TrainedModel:
         a directory that already holds a model is replaced only with ``overwrite``."""
         return save_pretrained(self, path, overwrite)
 
-    def push_to_hub(self, repo_id: str, private: bool | None = None, token: str | None = None, commit_message: str = "Upload reglm model") -> str:
+    def push_to_hub(
+        self,
+        repo_id: str,
+        private: bool | None = None,
+        token: str | None = None,
+        commit_message: str = "Upload reglm model",
+    ) -> str:
         """Upload :meth:`save_pretrained`'s directory to a Hugging Face Hub repository (the ``hub``
         extra); returns the commit's URL (:func:`reglm.hub.push_to_hub`)."""
         return push_to_hub(self, repo_id, private, token, commit_message)
@@ -402,7 +467,10 @@ def load(path: Path | str, which: str = "best", device: str | torch.device = "cp
 
 
 def from_pretrained(
-    path_or_repo_id: Path | str, which: str = "best", device: str | torch.device = "cpu", revision: str | None = None,
+    path_or_repo_id: Path | str,
+    which: str = "best",
+    device: str | torch.device = "cpu",
+    revision: str | None = None,
     token: str | None = None,
 ) -> TrainedModel:
     """A :class:`TrainedModel` from a local run directory (its ``which`` model), a model directory,

@@ -24,7 +24,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-
 from reglm.config import RunConfig
 from reglm.config.schema import DataConfig
 from reglm.errors import ReglmError
@@ -66,7 +65,9 @@ def save_pretrained(lm: Any, path: Path | str, overwrite: bool = False) -> Path:
     if config is None:
         data = DataConfig(name="unknown", tokenizer="bpe" if lm.subword is not None else "word")
         config = dataclasses.replace(RunConfig(), data=data, model=lm.model.cfg)
-        info["run_config"] = "unknown: the model section is the model's, every other section is a default (data.name=unknown)"
+        info["run_config"] = (
+            "unknown: the model section is the model's, every other section is a default (data.name=unknown)"
+        )
     save_model_dir(path, lm.model, config, lm.vocab, info)
     return path
 
@@ -86,16 +87,22 @@ def _short(exc: BaseException) -> str:
 
 def _download(repo_id: str, revision: str | None, token: str | None) -> Path:
     if not REPO_ID.match(repo_id):
-        raise ReglmError(f"{repo_id} does not exist; give a run directory, a model directory or a Hugging Face Hub repo id (user/name)")
+        raise ReglmError(
+            f"{repo_id} does not exist; give a run directory, a model directory or a Hugging Face Hub repo id (user/name)"
+        )
     try:
         hub = _hub()
     except ReglmError:
-        raise ReglmError(f"{repo_id} is not a local directory; to download it from the Hugging Face Hub, {INSTALL}") from None
+        raise ReglmError(
+            f"{repo_id} is not a local directory; to download it from the Hugging Face Hub, {INSTALL}"
+        ) from None
     try:
         return Path(hub.snapshot_download(repo_id, revision=revision, token=token, allow_patterns=FILES))
     except Exception as exc:  # huggingface_hub raises many types (HTTP, offline, not found); all mean the same here
-        raise ReglmError(f"{repo_id} is not a local directory and could not be downloaded from the Hugging Face Hub ({_short(exc)}); "
-                         "check the path or the repo id, the network and the token") from None
+        raise ReglmError(
+            f"{repo_id} is not a local directory and could not be downloaded from the Hugging Face Hub ({_short(exc)}); "
+            "check the path or the repo id, the network and the token"
+        ) from None
 
 
 def pretrained_directory(
@@ -108,7 +115,13 @@ def pretrained_directory(
     return model_dir(local, which) if local.exists() else _download(str(path_or_repo_id), revision, token)
 
 
-def push_to_hub(lm: Any, repo_id: str, private: bool | None = None, token: str | None = None, commit_message: str = "Upload reglm model") -> str:
+def push_to_hub(
+    lm: Any,
+    repo_id: str,
+    private: bool | None = None,
+    token: str | None = None,
+    commit_message: str = "Upload reglm model",
+) -> str:
     """Upload ``lm``'s :func:`save_pretrained` directory to the Hub repository ``repo_id`` (created
     when missing; ``private`` for a new one); returns the commit's URL."""
     if not REPO_ID.match(repo_id):
@@ -120,5 +133,7 @@ def push_to_hub(lm: Any, repo_id: str, private: bool | None = None, token: str |
             api.create_repo(repo_id, private=private, exist_ok=True)
             commit = api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message)
         except Exception as exc:  # as in _download: network, authentication and HTTP errors alike
-            raise ReglmError(f"uploading to the Hugging Face Hub repo {repo_id} failed ({_short(exc)}); check the network and the token (huggingface-cli login)") from None
+            raise ReglmError(
+                f"uploading to the Hugging Face Hub repo {repo_id} failed ({_short(exc)}); check the network and the token (huggingface-cli login)"
+            ) from None
     return str(getattr(commit, "commit_url", commit))

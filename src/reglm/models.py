@@ -48,7 +48,9 @@ class LanguageModel(nn.Module):
         self.vocab_size = vocab_size
         self.embedding = INPUTS[cfg.input.kind].from_config(cfg.input, vocab_size, vocab)
         self.encoder = ENCODERS[cfg.encoder.kind].from_config(cfg.encoder, self.embedding.output_size)
-        self.output: OutputLayer = OUTPUTS[cfg.output.kind].from_config(cfg.output, self.encoder.output_size, vocab_size, self.embedding, self.encoder)
+        self.output: OutputLayer = OUTPUTS[cfg.output.kind].from_config(
+            cfg.output, self.encoder.output_size, vocab_size, self.embedding, self.encoder
+        )
 
     def forward(self, ids: Tensor, state: State | None = None, input_noise: float = 0.0) -> EncoderOutput:
         """``ids: (B, T)``, ``state`` from :meth:`init_state` / a previous call, or None (zeros);
@@ -71,7 +73,9 @@ class LanguageModel(nn.Module):
         """The encoder's zero state for ``batch_size`` streams (None for a stateless encoder)."""
         return self.encoder.init_state(batch_size, device)
 
-    def output_loss(self, out: EncoderOutput, targets: Tensor, adversarial: bool = False, keep_logits: bool = False) -> OutputLoss:
+    def output_loss(
+        self, out: EncoderOutput, targets: Tensor, adversarial: bool = False, keep_logits: bool = False
+    ) -> OutputLoss:
         """The output layer's training loss of ``targets: (B, T)``: per-token NLL (under the
         adversarial softmax when ``adversarial``), its own penalty, and the clean softmax logits
         when ``keep_logits`` (for objective terms that read them)."""
@@ -125,7 +129,13 @@ class _ShapesOnly(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         first = args[0] if args else (kwargs or {}).get("tensor")  # torch.nn.init passes it by name
-        if isinstance(first, Tensor) and first.is_meta and (getattr(func, "__module__", None) == "torch.nn.init" or getattr(func, "__name__", "") in _IN_PLACE_FILLS):
+        if (
+            isinstance(first, Tensor)
+            and first.is_meta
+            and (
+                getattr(func, "__module__", None) == "torch.nn.init" or getattr(func, "__name__", "") in _IN_PLACE_FILLS
+            )
+        ):
             return first
         return func(*args, **(kwargs or {}))
 

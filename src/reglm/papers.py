@@ -41,16 +41,42 @@ PAPERS: dict[str, Paper] = {
         "Merity, Keskar & Socher 2018, Regularizing and Optimizing LSTM Language Models (ICLR)",
         "awd-lstm_merity-keskar-socher-2017.md",
         {
-            "1": Table("single-model perplexity on Penn Treebank (own rows: AWD-LSTM, + continuous cache pointer)", ('awd-lstm', 'awd-lstm-cache')),
-            "2": Table("single-model perplexity on WikiText-2 (own rows: AWD-LSTM, + continuous cache pointer)", ('awd-lstm', 'awd-lstm-cache')),
+            "1": Table(
+                "single-model perplexity on Penn Treebank (own rows: AWD-LSTM, + continuous cache pointer)",
+                ("awd-lstm", "awd-lstm-cache"),
+            ),
+            "2": Table(
+                "single-model perplexity on WikiText-2 (own rows: AWD-LSTM, + continuous cache pointer)",
+                ("awd-lstm", "awd-lstm-cache"),
+            ),
             "3": Table(
                 "summed loss change per word when the cache is added (WikiText-2 validation)",
                 missing="a per-word table, not a perplexity one: write it with `reglm eval RUN --cache window=3785,theta=0.662,lambda=0.1279 --cache-deltas FILE` on a trained awd-lstm-wt2 run",
             ),
             "4": Table(
                 "model ablations on Penn Treebank and WikiText-2",
-                ('ptb-awd-lstm', 'ptb-no-finetune', 'ptb-no-ntasgd', 'ptb-no-variable-bptt', 'ptb-no-embed-dropout', 'ptb-no-weight-decay', 'ptb-no-ar-tar', 'ptb-full-size-embedding', 'ptb-no-weight-drop')
-                + ('wt2-awd-lstm', 'wt2-no-finetune', 'wt2-no-ntasgd', 'wt2-no-variable-bptt', 'wt2-no-embed-dropout', 'wt2-no-weight-decay', 'wt2-no-ar-tar', 'wt2-full-size-embedding', 'wt2-no-weight-drop'),
+                (
+                    "ptb-awd-lstm",
+                    "ptb-no-finetune",
+                    "ptb-no-ntasgd",
+                    "ptb-no-variable-bptt",
+                    "ptb-no-embed-dropout",
+                    "ptb-no-weight-decay",
+                    "ptb-no-ar-tar",
+                    "ptb-full-size-embedding",
+                    "ptb-no-weight-drop",
+                )
+                + (
+                    "wt2-awd-lstm",
+                    "wt2-no-finetune",
+                    "wt2-no-ntasgd",
+                    "wt2-no-variable-bptt",
+                    "wt2-no-embed-dropout",
+                    "wt2-no-weight-decay",
+                    "wt2-no-ar-tar",
+                    "wt2-full-size-embedding",
+                    "wt2-no-weight-drop",
+                ),
             ),
         },
     ),
@@ -60,10 +86,20 @@ PAPERS: dict[str, Paper] = {
         {
             "1": Table(
                 "the four models at three sizes on Penn Treebank and WikiText-2 (PTB small: re-trained from the first session's final weights, footnote 4)",
-                tuple(f"{data}-{size}-{model}" for data, sizes in (("ptb", ("small", "medium", "large")), ("wt2", ("small", "medium"))) for size in sizes for model in MODELS),
+                tuple(
+                    f"{data}-{size}-{model}"
+                    for data, sizes in (("ptb", ("small", "medium", "large")), ("wt2", ("small", "medium")))
+                    for size in sizes
+                    for model in MODELS
+                ),
             ),
-            "2": Table("the four small models trained on each half of the WikiText-2 training set, with the full vocabulary", tuple(f"part{part}-{model}" for part in (1, 2) for model in MODELS)),
-            "3": Table("comparison with previous work on Penn Treebank (own row: VD-LSTM +REAL large)", ('vd-lstm-real-large',)),
+            "2": Table(
+                "the four small models trained on each half of the WikiText-2 training set, with the full vocabulary",
+                tuple(f"part{part}-{model}" for part in (1, 2) for model in MODELS),
+            ),
+            "3": Table(
+                "comparison with previous work on Penn Treebank (own row: VD-LSTM +REAL large)", ("vd-lstm-real-large",)
+            ),
             "4": Table(
                 "top-10 next-word predictions of the large VD-LSTM and VD-LSTM +REAL after phrases of the PTB test set",
                 ("vd-lstm-large", "vd-lstm-real-large"),
@@ -84,11 +120,30 @@ PAPERS: dict[str, Paper] = {
                 "fine-tuning results on synthetic data (and Figures 1-2)",
                 study="trigram",
             ),
-            "2": Table("quality after fine-tuning the DOC model on Penn Treebank", ('initial', 'no-dropout-disc', 'dropout-disc', 'no-dropout-no-disc', 'dropout-no-disc')),
+            "2": Table(
+                "quality after fine-tuning the DOC model on Penn Treebank",
+                ("initial", "no-dropout-disc", "dropout-disc", "no-dropout-no-disc", "dropout-no-disc"),
+            ),
             "3": Table(
                 "perplexity of MoS and DOC, trained, fine-tuned with the discriminator and with dynamic evaluation, on PTB and WikiText-2",
-                ('ptb-mos-original', 'ptb-mos-ours', 'ptb-mos-finetuned', 'ptb-mos-original-dynamic', 'ptb-mos-finetuned-dynamic', 'ptb-doc-original', 'ptb-doc-ours', 'ptb-doc-finetuned')
-                + ('wt2-mos-original', 'wt2-mos-ours', 'wt2-mos-finetuned', 'wt2-mos-original-dynamic', 'wt2-mos-finetuned-dynamic', 'wt2-doc-original'),
+                (
+                    "ptb-mos-original",
+                    "ptb-mos-ours",
+                    "ptb-mos-finetuned",
+                    "ptb-mos-original-dynamic",
+                    "ptb-mos-finetuned-dynamic",
+                    "ptb-doc-original",
+                    "ptb-doc-ours",
+                    "ptb-doc-finetuned",
+                )
+                + (
+                    "wt2-mos-original",
+                    "wt2-mos-ours",
+                    "wt2-mos-finetuned",
+                    "wt2-mos-original-dynamic",
+                    "wt2-mos-finetuned-dynamic",
+                    "wt2-doc-original",
+                ),
             ),
         },
     ),
@@ -98,7 +153,12 @@ PAPERS: dict[str, Paper] = {
         {
             "text": Table(
                 "the rows section 5.1 describes (both stages, then dynamic evaluation) for AWD-LSTM and MoS; our copy ends before the result tables, so only the abstract's two test perplexities are known",
-                tuple(f"{data}-{model}{stage}" for data in ("ptb", "wt2") for model in ("awd-lstm-advsoft", "mos-advsoft") for stage in ("-stage1", "", "-dynamic")),
+                tuple(
+                    f"{data}-{model}{stage}"
+                    for data in ("ptb", "wt2")
+                    for model in ("awd-lstm-advsoft", "mos-advsoft")
+                    for stage in ("-stage1", "", "-dynamic")
+                ),
             ),
         },
     ),
@@ -106,21 +166,51 @@ PAPERS: dict[str, Paper] = {
         "Baevski & Auli 2019, Adaptive Input Representations for Neural Language Modeling (ICLR)",
         "adaptive-input_baevski-auli-2019.txt",
         {
-            "1": Table("test perplexity on billion word (own rows)", ("char-cnn", "adaptive-inputs", "adaptive-inputs-large", "adaptive-inputs-very-large")),
+            "1": Table(
+                "test perplexity on billion word (own rows)",
+                ("char-cnn", "adaptive-inputs", "adaptive-inputs-large", "adaptive-inputs-very-large"),
+            ),
             "2": Table("test perplexity on WikiText-103 (own row)", ("adaptive-inputs",)),
-            "3": Table("input and output layer factorizations on WikiText-103", ("sm", "bpe", "bpe-t", "sm-t", "asm", "cnn", "adp", "adp-t")),
-            "4": Table("input and output layer factorizations on billion word", ("bpe-t", "bpe", "asm", "cnn", "adp", "adp-t")),
+            "3": Table(
+                "input and output layer factorizations on WikiText-103",
+                ("sm", "bpe", "bpe-t", "sm-t", "asm", "cnn", "adp", "adp-t"),
+            ),
+            "4": Table(
+                "input and output layer factorizations on billion word", ("bpe-t", "bpe", "asm", "cnn", "adp", "adp-t")
+            ),
             "5": Table(
                 "context sizes in training and inference on WikiText-103",
-                ("block512-ctx0", "block512-ctx480", "block2048-ctx0", "block2048-ctx1536", "block3072-ctx0", "block3072-ctx2560"),
+                (
+                    "block512-ctx0",
+                    "block512-ctx480",
+                    "block2048-ctx0",
+                    "block2048-ctx1536",
+                    "block3072-ctx0",
+                    "block3072-ctx2560",
+                ),
             ),
-            "6": Table("regularizing rare words in the adaptive softmax on WikiText-103", ("softmax", "adaptive-tail-dropout-0", "adaptive-tail-dropout-0.2")),
+            "6": Table(
+                "regularizing rare words in the adaptive softmax on WikiText-103",
+                ("softmax", "adaptive-tail-dropout-0", "adaptive-tail-dropout-0.2"),
+            ),
             "7": Table(
                 "validation perplexity of the appendix's input and output variants on WikiText-103 (the repeated 512d tied softmax row once)",
                 (
-                    "emb256-adaptive", "emb128-adaptive", "emb64-adaptive", "emb32-adaptive", "emb512-softmax-tied", "emb512-softmax-tied-dropout0.4",
-                    "emb512-softmax", "emb512-softmax-dropout0.4", "emb256-softmax-tied", "emb256-softmax", "emb64-softmax512",
-                    "adaptive-tied-emb", "adaptive-tied-emb-proj", "adaptive-tied-emb-proj-head", "emb512-adaptive-tied-nodim",
+                    "emb256-adaptive",
+                    "emb128-adaptive",
+                    "emb64-adaptive",
+                    "emb32-adaptive",
+                    "emb512-softmax-tied",
+                    "emb512-softmax-tied-dropout0.4",
+                    "emb512-softmax",
+                    "emb512-softmax-dropout0.4",
+                    "emb256-softmax-tied",
+                    "emb256-softmax",
+                    "emb64-softmax512",
+                    "adaptive-tied-emb",
+                    "adaptive-tied-emb-proj",
+                    "adaptive-tied-emb-proj-head",
+                    "emb512-adaptive-tied-nodim",
                 ),
             ),
             "8": Table(
@@ -132,7 +222,12 @@ PAPERS: dict[str, Paper] = {
     "reglm": Paper(
         "reglm, the toolkit's own tables",
         "",
-        {"smoke": Table("the smoke table: a tiny AWD-LSTM and a tiny VD-LSTM on 100 synthetic sentences, to check `reglm reproduce` end to end in seconds (no paper numbers)", ("awd", "vd"))},
+        {
+            "smoke": Table(
+                "the smoke table: a tiny AWD-LSTM and a tiny VD-LSTM on 100 synthetic sentences, to check `reglm reproduce` end to end in seconds (no paper numbers)",
+                ("awd", "vd"),
+            )
+        },
     ),
 }
 """Every paper a preset may name in ``paper.name``, with its tables."""

@@ -80,7 +80,12 @@ class RunLock:
 
 
 def _holder() -> dict[str, Any]:
-    return {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S %z"), "argv": sys.argv}
+    return {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        "argv": sys.argv,
+    }
 
 
 def _read_record(fd: int) -> dict[str, Any] | None:
@@ -177,14 +182,18 @@ def claim_new(run_dir: Path) -> RunLock:
 
     def refuse_if_used(locked: bool) -> None:
         if is_run(run_dir):
-            raise ReglmError(f"{run_dir} already holds a run; resume it with `reglm train --resume {run_dir}`, or choose another --out")
+            raise ReglmError(
+                f"{run_dir} already holds a run; resume it with `reglm train --resume {run_dir}`, or choose another --out"
+            )
         if run_dir.is_dir():
             if not locked:
                 _refuse_if_held(run_dir)
             entries = _foreign_entries(run_dir)
             if entries:
                 shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
-                raise ReglmError(f"--out {run_dir} is a directory that is not empty and holds no run ({shown}); choose a new or empty directory")
+                raise ReglmError(
+                    f"--out {run_dir} is a directory that is not empty and holds no run ({shown}); choose a new or empty directory"
+                )
 
     refuse_if_used(locked=False)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -203,9 +212,13 @@ def claim_existing(run_dir: Path) -> RunLock:
     if not run_dir.exists():
         raise ReglmError(f"run directory {run_dir} does not exist; give the --out of a run started with `reglm train`")
     if not run_dir.is_dir():
-        raise ReglmError(f"{run_dir} is a file, not a run directory; give the --out of a run started with `reglm train`")
+        raise ReglmError(
+            f"{run_dir} is a file, not a run directory; give the --out of a run started with `reglm train`"
+        )
     if not is_run(run_dir):
-        raise ReglmError(f"{run_dir} holds no run ({CONFIG_FILE} is missing); start one there with `reglm train --out {run_dir}`")
+        raise ReglmError(
+            f"{run_dir} holds no run ({CONFIG_FILE} is missing); start one there with `reglm train --out {run_dir}`"
+        )
     return acquire(run_dir)
 
 
@@ -252,6 +265,10 @@ def require_kind(kind: str, directory: Path, want: str) -> None:
     """A ReglmError when the model in ``directory`` (trained with objective ``kind``) is not of the
     kind ``want`` (``lm``: a language model; ``discriminator``)."""
     if want == "discriminator" and kind != "discriminator":
-        raise ReglmError(f"{directory} is not a discriminator (its run minimized objective {kind!r}); train one with `reglm train-discriminator RUN`")
+        raise ReglmError(
+            f"{directory} is not a discriminator (its run minimized objective {kind!r}); train one with `reglm train-discriminator RUN`"
+        )
     if want == "lm" and kind == "discriminator":
-        raise ReglmError(f"{directory} is a discriminator (Popov & Kudinov), not a language model; use it with `reglm finetune RUN --discriminator {directory}`")
+        raise ReglmError(
+            f"{directory} is a discriminator (Popov & Kudinov), not a language model; use it with `reglm finetune RUN --discriminator {directory}`"
+        )

@@ -14,7 +14,14 @@ import pytest
 import torch
 from torch import nn
 
-from reglm.analysis import effective_rank, gaussian_kde, nearest_neighbor_distances, normalized_singular_values, scott_bandwidth, summary
+from reglm.analysis import (
+    effective_rank,
+    gaussian_kde,
+    nearest_neighbor_distances,
+    normalized_singular_values,
+    scott_bandwidth,
+    summary,
+)
 from reglm.analysis import runs as analysis_runs
 from reglm.cli import main
 from reglm.config import build_config
@@ -36,7 +43,16 @@ def brute_force_nn(weight: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------- nearest-neighbour distances
 
 
-@pytest.mark.parametrize("rows, dim, block_size, dtype", [(50, 8, 7, torch.float32), (33, 5, 33, torch.float64), (64, 16, 1000, torch.float32), (101, 3, 10, torch.float64), (2, 4, 1, torch.float32)])
+@pytest.mark.parametrize(
+    "rows, dim, block_size, dtype",
+    [
+        (50, 8, 7, torch.float32),
+        (33, 5, 33, torch.float64),
+        (64, 16, 1000, torch.float32),
+        (101, 3, 10, torch.float64),
+        (2, 4, 1, torch.float32),
+    ],
+)
 def test_nn_distances_match_brute_force(rows: int, dim: int, block_size: int, dtype: torch.dtype) -> None:
     weight = torch.randn(rows, dim, dtype=dtype)
     got = nearest_neighbor_distances(weight, block_size=block_size)
@@ -57,8 +73,16 @@ def test_large_common_offset_keeps_full_precision() -> None:
     weight = 1e4 + 1e-2 * torch.randn(60, 12, dtype=torch.float64)
     expected = brute_force_nn(weight)
     x = weight.float()
-    naive = (x.pow(2).sum(1, keepdim=True) + x.pow(2).sum(1) - 2 * x @ x.T).fill_diagonal_(math.inf).clamp_min(0).min(dim=1).values.sqrt()
-    assert float(((naive.double() - expected).abs() / expected).max()) > 0.1, "the float32 expansion alone must fail on this input"
+    naive = (
+        (x.pow(2).sum(1, keepdim=True) + x.pow(2).sum(1) - 2 * x @ x.T)
+        .fill_diagonal_(math.inf)
+        .clamp_min(0)
+        .min(dim=1)
+        .values.sqrt()
+    )
+    assert float(((naive.double() - expected).abs() / expected).max()) > 0.1, (
+        "the float32 expansion alone must fail on this input"
+    )
     torch.testing.assert_close(nearest_neighbor_distances(weight, block_size=16), expected, rtol=1e-12, atol=0.0)
 
 
@@ -114,7 +138,9 @@ def test_effective_rank_of_rank_one_matrix_is_one_and_formula() -> None:
     weight = torch.outer(torch.randn(30, dtype=torch.float64), torch.randn(8, dtype=torch.float64))
     assert effective_rank(normalized_singular_values(weight)) == pytest.approx(1.0, abs=1e-6)
     p = [0.75, 0.25]
-    assert effective_rank(torch.tensor([3.0, 1.0, 0.0])) == pytest.approx(math.exp(-sum(q * math.log(q) for q in p)), rel=1e-12)
+    assert effective_rank(torch.tensor([3.0, 1.0, 0.0])) == pytest.approx(
+        math.exp(-sum(q * math.log(q) for q in p)), rel=1e-12
+    )
     with pytest.raises(ValueError):
         effective_rank(torch.tensor([1.0, -0.5]))
 
@@ -148,7 +174,10 @@ def test_kde_matches_direct_sum_of_gaussians() -> None:
     samples = [0.1, 0.4, 0.45, 1.3, 2.0]
     grid = [-0.5, 0.0, 0.42, 1.0, 3.0]
     h = 0.3
-    expected = [sum(math.exp(-((g - x) ** 2) / (2 * h * h)) / (h * math.sqrt(2 * math.pi)) for x in samples) / len(samples) for g in grid]
+    expected = [
+        sum(math.exp(-((g - x) ** 2) / (2 * h * h)) / (h * math.sqrt(2 * math.pi)) for x in samples) / len(samples)
+        for g in grid
+    ]
     np.testing.assert_allclose(gaussian_kde(samples, grid, h, chunk_elements=7), expected, rtol=1e-12)
     default = gaussian_kde(np.array(samples), np.array(grid))
     np.testing.assert_allclose(default, gaussian_kde(samples, grid, scott_bandwidth(np.array(samples))), rtol=1e-12)
@@ -161,7 +190,9 @@ def test_kde_matches_direct_sum_of_gaussians() -> None:
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny run: 2 main epochs, then 1 fine-tuning epoch."""
     run = tmp_path_factory.mktemp("analysis") / "tiny-run"
-    train(build_config("tiny", ["train.epochs=2", "train.finetune=true", "train.finetune_epochs=1"]), run, progress=False)
+    train(
+        build_config("tiny", ["train.epochs=2", "train.finetune=true", "train.finetune_epochs=1"]), run, progress=False
+    )
     return run
 
 
@@ -249,7 +280,9 @@ def test_analyze_bad_input(run_dir: Path, tmp_path: Path, capsys: pytest.Capture
     shutil.rmtree(no_best / "best")
     _expect_error(capsys, out, "no best/ model", str(no_best))
 
-    _expect_error(capsys, out, "--labels gives 3 label(s) for 2 run(s)", str(run_dir), str(run_dir), "--labels", "a,b,c")
+    _expect_error(
+        capsys, out, "--labels gives 3 label(s) for 2 run(s)", str(run_dir), str(run_dir), "--labels", "a,b,c"
+    )
     assert sorted(p.name for p in out.iterdir()) == ["embedding-diversity.json"]
 
 

@@ -21,7 +21,9 @@ def _decade(count: int) -> int:
 
 def test_decades_are_the_papers_bins() -> None:
     counts = torch.tensor([0, 1, 9, 10, 99, 100, 999, 1000, 99_999, 100_000, 999_999, 1_000_000, 50_000_000])
-    assert frequency_bin(counts).tolist() == [_decade(int(c)) for c in counts] == [0, 0, 0, 1, 1, 2, 2, 3, 4, 5, 5, 6, 6]
+    assert (
+        frequency_bin(counts).tolist() == [_decade(int(c)) for c in counts] == [0, 0, 0, 1, 1, 2, 2, 3, 4, 5, 5, 6, 6]
+    )
 
 
 def _slow(nll: list[float], scored: list[bool], keys: list[int], counts: list[int], ends: list[bool]) -> dict:
@@ -61,19 +63,34 @@ def test_binned_loss_equals_a_word_by_word_reference(subword: bool) -> None:
     nll = torch.rand(n - 1, generator=gen, dtype=torch.float64) * 8
     got = loss_by_frequency(nll, positions, keys, counts, ends if subword else None)
     full = [math.nan] + nll.tolist()
-    want = _slow(full, [False] + [True] * (n - 1), keys.tolist(), counts.tolist(), ends.tolist() if subword else [True] * n)
+    want = _slow(
+        full, [False] + [True] * (n - 1), keys.tolist(), counts.tolist(), ends.tolist() if subword else [True] * n
+    )
     assert got["words"] == want["words"]
-    for got_means, want_means in ((got["by_frequency"]["mean_loss"], want["own"]), (got["by_previous_frequency"]["mean_loss"], want["previous"])):
+    for got_means, want_means in (
+        (got["by_frequency"]["mean_loss"], want["own"]),
+        (got["by_previous_frequency"]["mean_loss"], want["previous"]),
+    ):
         assert [m is None for m in got_means] == [m is None for m in want_means]
-        assert [m for m in got_means if m is not None] == pytest.approx([m for m in want_means if m is not None], rel=1e-12)
+        assert [m for m in got_means if m is not None] == pytest.approx(
+            [m for m in want_means if m is not None], rel=1e-12
+        )
     assert sum(got["by_frequency"]["targets"]) == got["words"]
 
 
-def test_analyze_by_frequency_writes_the_figure_and_data_for_several_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_analyze_by_frequency_writes_the_figure_and_data_for_several_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     runs = []
     for name, preset in (("lstm", "tiny"), ("transformer", "transformer-tiny")):
         run = tmp_path / name
-        train(build_config(preset, ["train.epochs=1", "train.finetune=false"] if preset == "tiny" else ["train.epochs=1"]), run, progress=False)
+        train(
+            build_config(
+                preset, ["train.epochs=1", "train.finetune=false"] if preset == "tiny" else ["train.epochs=1"]
+            ),
+            run,
+            progress=False,
+        )
         runs.append(str(run))
     out = tmp_path / "figures"
     assert main(["analyze", *runs, "--by-frequency", "--split", "valid", "--out", str(out)]) == 0

@@ -48,7 +48,9 @@ def test_matches_principal_angles_and_is_basis_invariant(n: int, c1: int, c2: in
     x, y = torch.randn(n, c1, dtype=torch.float64), torch.randn(n, c2, dtype=torch.float64)
     d = subspace_distance(x, y)
     assert 0.0 <= d <= 1.0
-    assert d**2 == pytest.approx(reference_distance(x, y) ** 2, abs=1e-12)  # squares: d ~ 1e-8 when span(y) lies in span(x)
+    assert d**2 == pytest.approx(
+        reference_distance(x, y) ** 2, abs=1e-12
+    )  # squares: d ~ 1e-8 when span(y) lies in span(x)
     assert subspace_distance(x @ invertible(c1), y @ invertible(c2)) ** 2 == pytest.approx(d**2, abs=1e-10)
     if c1 == c2:
         assert subspace_distance(y, x) == pytest.approx(d, abs=1e-12)
@@ -71,7 +73,10 @@ def test_rank_deficient_matrices_use_their_column_space() -> None:
     y = torch.randn(30, 3, dtype=torch.float64)
     assert subspace_distance(y, x) == pytest.approx(subspace_distance(y, b), abs=1e-10)
     wide = torch.randn(4, 7, dtype=torch.float64)  # more columns than rows: spans all of R^4
-    assert orthonormal_basis(wide).shape == (4, 4) and subspace_distance(wide, torch.randn(4, 2, dtype=torch.float64)) < 1e-7
+    assert (
+        orthonormal_basis(wide).shape == (4, 4)
+        and subspace_distance(wide, torch.randn(4, 2, dtype=torch.float64)) < 1e-7
+    )
     with pytest.raises(ValueError, match="zeros"):
         subspace_distance(torch.zeros(10, 2), y[:10])
     with pytest.raises(ValueError, match="same n"):
@@ -92,7 +97,10 @@ def test_untied_random_model_is_near_the_random_value() -> None:
 
 
 def test_mixture_of_softmaxes_is_refused() -> None:
-    model = LanguageModel(ModelConfig.build(emb_size=6, hidden_size=10, last_hidden_size=9, output="mos", n_experts=2, tie_weights=False), 23)
+    model = LanguageModel(
+        ModelConfig.build(emb_size=6, hidden_size=10, last_hidden_size=9, output="mos", n_experts=2, tie_weights=False),
+        23,
+    )
     with pytest.raises(ReglmError, match="mixture of softmaxes"):
         embedding_subspace_distance(model)
 

@@ -85,7 +85,9 @@ def _expect_usage_error(capsys: pytest.CaptureFixture, fragment: str, *argv: str
 
 
 def test_bad_data_inputs(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
-    _expect_usage_error(capsys, "does not exist", "train", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "r"))
+    _expect_usage_error(
+        capsys, "does not exist", "train", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "r")
+    )
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     (corpus / "train.txt").write_text("a b c\n")
@@ -104,8 +106,12 @@ def test_bad_data_inputs(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
 
 def test_bad_options(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
     _expect_usage_error(capsys, "unknown preset", "train", "--preset", "nope", "--out", str(tmp_path / "a"))
-    _expect_usage_error(capsys, "unknown override key", "train", "--preset", "tiny", "train.nope=3", "--out", str(tmp_path / "b"))
-    _expect_usage_error(capsys, "weight_dropout", "train", "--preset", "tiny", "weight_dropout=2", "--out", str(tmp_path / "c"))
+    _expect_usage_error(
+        capsys, "unknown override key", "train", "--preset", "tiny", "train.nope=3", "--out", str(tmp_path / "b")
+    )
+    _expect_usage_error(
+        capsys, "weight_dropout", "train", "--preset", "tiny", "weight_dropout=2", "--out", str(tmp_path / "c")
+    )
     assert not any((tmp_path / n).exists() for n in "abc")
 
 
@@ -157,28 +163,56 @@ def _tsv(path: Path) -> list[dict[str, str]]:
 def test_eval_with_cache_and_word_outputs(capsys: pytest.CaptureFixture, run_dir: Path, tmp_path: Path) -> None:
     code, out, _ = run_cli(capsys, "eval", str(run_dir), "--split", "test", "--batch-size", "4", "--json")
     plain = json.loads(out)
-    code, out, _ = run_cli(capsys, "eval", str(run_dir), "--split", "test", "--batch-size", "4", "--cache", "window=50,theta=0.5,lambda=0", "--json")
+    code, out, _ = run_cli(
+        capsys,
+        "eval",
+        str(run_dir),
+        "--split",
+        "test",
+        "--batch-size",
+        "4",
+        "--cache",
+        "window=50,theta=0.5,lambda=0",
+        "--json",
+    )
     assert code == 0 and json.loads(out)["loss"] == plain["loss"], "lambda=0 is plain evaluation"
 
     probs, deltas = tmp_path / "out" / "probs.tsv", tmp_path / "deltas.tsv"
-    code, out, _ = run_cli(capsys, "eval", str(run_dir), "--cache", "lambda=0.2,window=50,theta=0.5", "--word-probs", str(probs), "--cache-deltas", str(deltas), "--json")
+    code, out, _ = run_cli(
+        capsys,
+        "eval",
+        str(run_dir),
+        "--cache",
+        "lambda=0.2,window=50,theta=0.5",
+        "--word-probs",
+        str(probs),
+        "--cache-deltas",
+        str(deltas),
+        "--json",
+    )
     assert code == 0
     result = json.loads(out)
     assert result["mode"] == "cache" and result["split"] == "valid" and result["batch_size"] == 1
     assert result["cache"] == {"window": 50, "theta": 0.5, "lambda": 0.2}
     assert result["model_ppl"] > 1 and result["word_probs"] == str(probs)
     rows = _tsv(probs)
-    assert len(rows) == result["tokens"] + 1 and [int(r["position"]) for r in rows] == list(range(len(rows))), "every token, the first after <eos>"
+    assert len(rows) == result["tokens"] + 1 and [int(r["position"]) for r in rows] == list(range(len(rows))), (
+        "every token, the first after <eos>"
+    )
     assert sum(float(r["log_prob"]) for r in rows[1:]) == pytest.approx(-result["loss"] * result["tokens"], rel=1e-6)
     table = _tsv(deltas)
     assert sum(int(r["count"]) for r in table) == result["tokens"]
-    assert sum(float(r["delta_loss"]) for r in table) == pytest.approx((result["loss"] - result["model_loss"]) * result["tokens"], abs=1e-3)
+    assert sum(float(r["delta_loss"]) for r in table) == pytest.approx(
+        (result["loss"] - result["model_loss"]) * result["tokens"], abs=1e-3
+    )
 
     code, out, _ = run_cli(capsys, "eval", str(run_dir), "--word-probs", str(probs), "--json")
     result = json.loads(out)
     assert code == 0 and result["mode"] == "plain" and len(_tsv(probs)) == result["tokens"] + 1
 
-    code, out, _ = run_cli(capsys, "eval", str(run_dir), "--cache-search", "window=20,100;theta=0.3;lambda=0.1,0.3", "--json")
+    code, out, _ = run_cli(
+        capsys, "eval", str(run_dir), "--cache-search", "window=20,100;theta=0.3;lambda=0.1,0.3", "--json"
+    )
     assert code == 0
     result = json.loads(out)
     assert result["mode"] == "cache-search" and result["split"] == "test" and result["search"]["split"] == "valid"
@@ -200,8 +234,26 @@ def test_bad_cache_options(capsys: pytest.CaptureFixture, run_dir: Path, tmp_pat
         ("window=100,gamma=1", "--cache: unknown key 'gamma'"),
     ):
         _expect_usage_error(capsys, fragment, "eval", str(run_dir), "--cache", spec, "--word-probs", str(probs))
-    _expect_usage_error(capsys, "--cache-search: window=0", "eval", str(run_dir), "--cache-search", "window=0,10", "--word-probs", str(probs))
-    _expect_usage_error(capsys, "--cache-deltas", "eval", str(run_dir), "--cache-deltas", str(tmp_path / "d.tsv"), "--word-probs", str(probs))
+    _expect_usage_error(
+        capsys,
+        "--cache-search: window=0",
+        "eval",
+        str(run_dir),
+        "--cache-search",
+        "window=0,10",
+        "--word-probs",
+        str(probs),
+    )
+    _expect_usage_error(
+        capsys,
+        "--cache-deltas",
+        "eval",
+        str(run_dir),
+        "--cache-deltas",
+        str(tmp_path / "d.tsv"),
+        "--word-probs",
+        str(probs),
+    )
     _expect_usage_error(capsys, "--word-probs", "eval", str(run_dir), "--cache", "--word-probs", str(tmp_path))
     with pytest.raises(SystemExit) as info:
         main(["eval", str(run_dir), "--cache", "window=10", "--cache-search"])
@@ -212,18 +264,31 @@ def test_bad_cache_options(capsys: pytest.CaptureFixture, run_dir: Path, tmp_pat
 def test_eval_with_dynamic_evaluation(capsys: pytest.CaptureFixture, run_dir: Path, tmp_path: Path) -> None:
     code, out, _ = run_cli(capsys, "eval", str(run_dir), "--batch-size", "2", "--json")
     plain = json.loads(out)
-    code, out, _ = run_cli(capsys, "eval", str(run_dir), "--batch-size", "2", "--dynamic", "lr=0,lambda=0,max_train_tokens=2000", "--json")
+    code, out, _ = run_cli(
+        capsys, "eval", str(run_dir), "--batch-size", "2", "--dynamic", "lr=0,lambda=0,max_train_tokens=2000", "--json"
+    )
     result = json.loads(out)
     assert code == 0 and result["mode"] == "dynamic" and result["batch_size"] == 2
     assert result["loss"] == pytest.approx(plain["loss"], abs=1e-6), "lr = lambda = 0 is plain evaluation"
 
     probs = tmp_path / "probs.tsv"
-    code, out, _ = run_cli(capsys, "eval", str(run_dir), "--dynamic", "variant=sgd,lr=0.5,lambda=0.01,batch_size=3", "--word-probs", str(probs), "--json")
+    code, out, _ = run_cli(
+        capsys,
+        "eval",
+        str(run_dir),
+        "--dynamic",
+        "variant=sgd,lr=0.5,lambda=0.01,batch_size=3",
+        "--word-probs",
+        str(probs),
+        "--json",
+    )
     result = json.loads(out)
     assert code == 0 and result["batch_size"] == 3 and result["dynamic"]["variant"] == "sgd"
     assert len(_tsv(probs)) == result["tokens"] + 1
 
-    code, out, _ = run_cli(capsys, "eval", str(run_dir), "--dynamic-search", "lr=0,1e-3;lambda=0,0.01;max_train_tokens=2000", "--json")
+    code, out, _ = run_cli(
+        capsys, "eval", str(run_dir), "--dynamic-search", "lr=0,1e-3;lambda=0,0.01;max_train_tokens=2000", "--json"
+    )
     result = json.loads(out)
     assert code == 0 and result["mode"] == "dynamic-search" and result["split"] == "test"
     assert len(result["search"]["results"]) == 4
@@ -231,7 +296,13 @@ def test_eval_with_dynamic_evaluation(capsys: pytest.CaptureFixture, run_dir: Pa
 
 def test_bad_dynamic_options(capsys: pytest.CaptureFixture, run_dir: Path, tmp_path: Path) -> None:
     probs = tmp_path / "probs.tsv"
-    for spec, fragment in (("lr=-1", "--dynamic"), ("segment=0", "--dynamic"), ("variant=adam", "--dynamic"), ("speed=3", "--dynamic"), ("variant=sgd", "lr")):
+    for spec, fragment in (
+        ("lr=-1", "--dynamic"),
+        ("segment=0", "--dynamic"),
+        ("variant=adam", "--dynamic"),
+        ("speed=3", "--dynamic"),
+        ("variant=sgd", "lr"),
+    ):
         _expect_usage_error(capsys, fragment, "eval", str(run_dir), "--dynamic", spec, "--word-probs", str(probs))
     with pytest.raises(SystemExit) as info:
         main(["eval", str(run_dir), "--dynamic", "--cache"])

@@ -32,7 +32,9 @@ def test_context_zero_equals_plain_block_evaluation(transformer_run: Path, capsy
     assert zero["loss"] == plain["loss"] and zero["tokens"] == plain["tokens"]
 
 
-def test_every_token_is_scored_once_with_context(transformer_run: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+def test_every_token_is_scored_once_with_context(
+    transformer_run: Path, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
     valid = load_corpus(build_config("transformer-tiny")).valid
     probs = tmp_path / "probs.tsv"
     result = _eval(capsys, str(transformer_run), "--context-window", "8", "--block", "16", "--word-probs", str(probs))
@@ -45,12 +47,17 @@ def test_every_token_is_scored_once_with_context(transformer_run: Path, capsys: 
     assert result["loss"] != plain["loss"], "the context must change what the model sees"
 
 
-@pytest.mark.parametrize(("argv", "fragment"), [
-    (["--context-window", "16", "--block", "16"], "must be smaller than the block"),
-    (["--context-window", "-1", "--block", "16"], "--context-window"),
-    (["--context-window", "x"], "--context-window"),
-])
-def test_bad_context_windows_are_clear_errors(transformer_run: Path, capsys: pytest.CaptureFixture[str], argv: list[str], fragment: str) -> None:
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (["--context-window", "16", "--block", "16"], "must be smaller than the block"),
+        (["--context-window", "-1", "--block", "16"], "--context-window"),
+        (["--context-window", "x"], "--context-window"),
+    ],
+)
+def test_bad_context_windows_are_clear_errors(
+    transformer_run: Path, capsys: pytest.CaptureFixture[str], argv: list[str], fragment: str
+) -> None:
     assert main(["eval", str(transformer_run), *argv]) == 2
     err = capsys.readouterr().err
     assert fragment in err and "Traceback" not in err

@@ -49,14 +49,28 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Trained]:
     os.chdir(work)
     try:
         with contextlib.redirect_stderr(stderr):
-            code = main(["train", "--preset", "tiny", "--data", "corpus", "--out", "run", *(["--tensorboard"] if HAS_TENSORBOARD else []), *SMALL])
+            code = main(
+                [
+                    "train",
+                    "--preset",
+                    "tiny",
+                    "--data",
+                    "corpus",
+                    "--out",
+                    "run",
+                    *(["--tensorboard"] if HAS_TENSORBOARD else []),
+                    *SMALL,
+                ]
+            )
     finally:
         os.chdir(before)
     assert code == 0, stderr.getvalue()
     yield Trained(work, work / "run", stderr.getvalue())
 
 
-def test_relative_corpus_is_stored_absolute(trained: Trained, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+def test_relative_corpus_is_stored_absolute(
+    trained: Trained, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     for config in (trained.run / "config.json", trained.run / "best" / "config.json"):
         saved = json.loads(config.read_text())
         name = saved.get("config", saved)["data"]["name"]
@@ -66,7 +80,9 @@ def test_relative_corpus_is_stored_absolute(trained: Trained, tmp_path: Path, mo
     assert json.loads(capsys.readouterr().out)["tokens"] > 0
 
 
-def test_old_relative_corpus_works_from_its_directory_only(trained: Trained, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+def test_old_relative_corpus_works_from_its_directory_only(
+    trained: Trained, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     old = trained.work / "old-run"
     old.mkdir()
     best = old / "best"
@@ -103,7 +119,9 @@ def test_tensorboard_holds_the_metrics(trained: Trained) -> None:
     board.Reload()
     records = read_metrics(trained.run / "metrics.jsonl")
     steps = [r for r in records if r["event"] == "step"]
-    assert [(e.step, pytest.approx(e.value, rel=1e-6)) for e in board.Scalars("step/loss")] == [(r["step"], r["loss"]) for r in steps]
+    assert [(e.step, pytest.approx(e.value, rel=1e-6)) for e in board.Scalars("step/loss")] == [
+        (r["step"], r["loss"]) for r in steps
+    ]
     (epoch,) = [r for r in records if r["event"] == "epoch"]
     assert [e.value for e in board.Scalars("epoch/valid_ppl")] == [pytest.approx(epoch["valid_ppl"], rel=1e-6)]
     assert "final/test_ppl" in board.Tags()["scalars"]
@@ -129,12 +147,29 @@ def test_tensorboard_after_resume_shows_no_step_twice(tmp_path: Path) -> None:
     assert [(e.step, e.value) for e in board.Scalars("step/loss")] == [(1, 1.0), (2, 2.0), (3, 30.0)]
 
 
-def test_tensorboard_missing_names_the_extra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, trained: Trained) -> None:
+def test_tensorboard_missing_names_the_extra(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, trained: Trained
+) -> None:
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
     with pytest.raises(ReglmError, match=r"pip install 'reglm\[tensorboard\]'"):
         MetricsLog(tmp_path / "metrics.jsonl", tensorboard=True)
     out = tmp_path / "run"
-    assert main(["train", "--preset", "tiny", "--data", str(trained.work / "corpus"), "--out", str(out), "--tensorboard", *SMALL]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--preset",
+                "tiny",
+                "--data",
+                str(trained.work / "corpus"),
+                "--out",
+                str(out),
+                "--tensorboard",
+                *SMALL,
+            ]
+        )
+        == 2
+    )
     assert "reglm[tensorboard]" in capsys.readouterr().err and not out.exists()
 
 
@@ -156,6 +191,7 @@ def fresh_without_matplotlib() -> Iterator[_Blocker]:
     """reglm imported afresh, with matplotlib as if it were not installed: every import of it,
     at the top of a module or inside a function, is recorded and fails. The modules of before
     are back afterwards."""
+
     def ours(name: str) -> bool:
         return name.split(".")[0] in ("reglm", "matplotlib")
 
@@ -177,7 +213,21 @@ def test_train_never_imports_matplotlib_and_plots_name_the_extra(
     trained: Trained, tmp_path: Path, capsys: pytest.CaptureFixture, fresh_without_matplotlib: _Blocker
 ) -> None:
     fresh_main = importlib.import_module("reglm.cli").main
-    assert fresh_main(["train", "--preset", "tiny", "--data", str(trained.work / "corpus"), "--out", str(tmp_path / "run"), *SMALL]) == 0
+    assert (
+        fresh_main(
+            [
+                "train",
+                "--preset",
+                "tiny",
+                "--data",
+                str(trained.work / "corpus"),
+                "--out",
+                str(tmp_path / "run"),
+                *SMALL,
+            ]
+        )
+        == 0
+    )
     assert fresh_without_matplotlib.attempts == []
     capsys.readouterr()
     assert fresh_main(["analyze", str(trained.run), "--out", str(tmp_path / "analysis")]) == 2
@@ -192,7 +242,13 @@ def test_fine_tuning_legend_only_for_runs_that_fine_tune() -> None:
 
     def record(finetune_start: int | None) -> dict:
         epochs = [{"global_epoch": i, "train_ppl": 10.0 / i, "valid_ppl": 12.0 / i} for i in (1, 2, 3)]
-        return {"label": "run", "kde": {"grid": [0.0, 1.0], "density": [0.5, 0.5]}, "singular_values": [1.0, 0.5], "epochs": epochs, "finetune_start_epoch": finetune_start}
+        return {
+            "label": "run",
+            "kde": {"grid": [0.0, 1.0], "density": [0.5, 0.5]},
+            "singular_values": [1.0, 0.5],
+            "epochs": epochs,
+            "finetune_start_epoch": finetune_start,
+        }
 
     def legend(records: list[dict]) -> list[str]:
         return [text.get_text() for text in embedding_diversity_figure(records).axes[2].get_legend().get_texts()]

@@ -88,7 +88,9 @@ def test_overrides_and_a_human_table(capsys: pytest.CaptureFixture[str]) -> None
     assert "267,735" in out and "246.9M" in out
 
 
-def test_a_corpus_without_a_known_vocabulary_needs_vocab_size(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+def test_a_corpus_without_a_known_vocabulary_needs_vocab_size(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
     assert main(["params", "--preset", "transformer-gbw-adp-t"]) == 0
     assert "793,471 (the published lm1b vocabulary)" in capsys.readouterr().out
     assert main(["params", "--preset", "tiny", f"data.name={tmp_path / 'nowhere'}"]) == 2

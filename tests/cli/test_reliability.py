@@ -46,11 +46,17 @@ def expect_error(capsys: pytest.CaptureFixture, fragment: str, *argv: str, code:
 
 def snapshot(directory: Path) -> dict[str, bytes]:
     """Every file below ``directory`` (the lock file aside) and its bytes."""
-    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file() and p.name != LOCK_FILE}
+    return {
+        str(p.relative_to(directory)): p.read_bytes()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and p.name != LOCK_FILE
+    }
 
 
 def cli(*argv: str, **kwargs) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "reglm", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+    return subprocess.Popen(
+        [sys.executable, "-m", "reglm", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs
+    )
 
 
 def same_weights(a: Path, b: Path) -> bool:
@@ -98,7 +104,9 @@ def test_kill_9_at_random_moments_never_leaves_a_dead_end(tmp_path: Path, refere
     assert outcomes.count("resumed") >= 5, outcomes
 
 
-def test_a_run_killed_before_its_first_checkpoint_starts_over(tmp_path: Path, reference: Path, capsys: pytest.CaptureFixture) -> None:
+def test_a_run_killed_before_its_first_checkpoint_starts_over(
+    tmp_path: Path, reference: Path, capsys: pytest.CaptureFixture
+) -> None:
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.json").write_text(json.dumps(build_config("tiny", SMALL).to_dict()))
@@ -136,7 +144,9 @@ def test_two_trainings_into_one_out(tmp_path: Path, reference: Path) -> None:
     assert same_weights(reference / "best", run / "best")
 
 
-def test_a_held_run_is_refused_and_a_stale_lock_taken_over(tmp_path: Path, reference: Path, capsys: pytest.CaptureFixture) -> None:
+def test_a_held_run_is_refused_and_a_stale_lock_taken_over(
+    tmp_path: Path, reference: Path, capsys: pytest.CaptureFixture
+) -> None:
     run = tmp_path / "run"
     shutil.copytree(reference, run)
     before = snapshot(run)
@@ -193,6 +203,7 @@ def _poison_at_epoch_end(epoch: int, rows: slice | None = None):
             with torch.no_grad():
                 weight = trainer.model.embedding.weight
                 (weight if rows is None else weight[rows]).fill_(float("nan"))
+
     return hook
 
 
@@ -202,7 +213,10 @@ def test_nan_validation_at_an_epoch_end_writes_nothing(tmp_path: Path) -> None:
     trainer = Trainer(config, run, load_corpus(config), progress=False)
     trainer.step_hooks.append(_poison_at_epoch_end(2))
     trainer.start()
-    with pytest.raises(TrainingDiverged, match=r"validation score became nan.*Last good checkpoint: .*state.pt \(stage main, epoch 1, step \d+\)"):
+    with pytest.raises(
+        TrainingDiverged,
+        match=r"validation score became nan.*Last good checkpoint: .*state.pt \(stage main, epoch 1, step \d+\)",
+    ):
         trainer.run()
     state = load_state(run / "state.pt")
     assert (state["stage"], state["epoch"]) == ("main", 1)
@@ -227,7 +241,9 @@ def test_a_non_finite_parameter_is_divergence_even_with_a_finite_loss(tmp_path: 
 
 
 def test_divergence_exits_3_through_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    rc, _, err = run_cli(capsys, "train", "--preset", "tiny", "--out", str(tmp_path / "run"), *SMALL, "train.lr=1e30", "train.clip=0")
+    rc, _, err = run_cli(
+        capsys, "train", "--preset", "tiny", "--out", str(tmp_path / "run"), *SMALL, "train.lr=1e30", "train.clip=0"
+    )
     assert rc == 3 and "Traceback" not in err and "Last good checkpoint" in err, err
 
 
@@ -242,7 +258,12 @@ def test_perplexity_never_overflows() -> None:
 
 def _mount_tmpfs(path: Path, size: str) -> bool:
     path.mkdir(parents=True, exist_ok=True)
-    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True).returncode == 0
+    return (
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True
+        ).returncode
+        == 0
+    )
 
 
 def test_a_full_disk_is_a_clear_error_and_keeps_the_last_checkpoint(tmp_path: Path, reference: Path) -> None:
@@ -279,12 +300,21 @@ def test_unreadable_and_unwritable_files_are_clear_errors(tmp_path: Path, refere
     weights = run / "best" / "model.safetensors"
     weights.chmod(0)
     out = subprocess.run([*prefix, sys.executable, "-m", "reglm", "eval", str(run)], capture_output=True, text=True)
-    assert out.returncode == 2 and "Traceback" not in out.stderr and "Permission denied" in out.stderr and str(weights) in out.stderr, out.stderr
+    assert (
+        out.returncode == 2
+        and "Traceback" not in out.stderr
+        and "Permission denied" in out.stderr
+        and str(weights) in out.stderr
+    ), out.stderr
     weights.chmod(0o644)
     locked = tmp_path / "locked"
     locked.mkdir()
     locked.chmod(0o555)
-    out = subprocess.run([*prefix, sys.executable, "-m", "reglm", "train", "--preset", "tiny", "--out", str(locked / "run"), *SMALL], capture_output=True, text=True)
+    out = subprocess.run(
+        [*prefix, sys.executable, "-m", "reglm", "train", "--preset", "tiny", "--out", str(locked / "run"), *SMALL],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 2 and "Traceback" not in out.stderr and "Permission denied" in out.stderr, out.stderr
     assert list(locked.iterdir()) == []
 
@@ -292,7 +322,15 @@ def test_unreadable_and_unwritable_files_are_clear_errors(tmp_path: Path, refere
 def test_sigint_during_start_up_exits_130_without_a_traceback(tmp_path: Path) -> None:
     for delay in (0.2, 0.5, 0.9, 1.4):
         # a terminal's disposition: a job started in the background may inherit SIGINT ignored
-        proc = cli("train", "--preset", "tiny", "--out", str(tmp_path / f"run{delay}"), *SMALL, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        proc = cli(
+            "train",
+            "--preset",
+            "tiny",
+            "--out",
+            str(tmp_path / f"run{delay}"),
+            *SMALL,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
         time.sleep(delay)
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=120)
@@ -307,17 +345,54 @@ def test_sigint_during_start_up_exits_130_without_a_traceback(tmp_path: Path) ->
 
 def test_absurd_sizes_and_seeds_are_refused_before_allocating(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     started = time.perf_counter()
-    expect_error(capsys, "lower model.encoder.hidden_size", "train", "--preset", "tiny", "--out", str(tmp_path / "a"), "model.hidden_size=1000000000")
-    expect_error(capsys, "lower model.encoder.hidden_size", "train", "--preset", "tiny", "--out", str(tmp_path / "b"), "model.hidden_size=2000000")
+    expect_error(
+        capsys,
+        "lower model.encoder.hidden_size",
+        "train",
+        "--preset",
+        "tiny",
+        "--out",
+        str(tmp_path / "a"),
+        "model.hidden_size=1000000000",
+    )
+    expect_error(
+        capsys,
+        "lower model.encoder.hidden_size",
+        "train",
+        "--preset",
+        "tiny",
+        "--out",
+        str(tmp_path / "b"),
+        "model.hidden_size=2000000",
+    )
     assert time.perf_counter() - started < 30
     expect_error(capsys, "seed", "train", "--preset", "tiny", "--out", str(tmp_path / "c"), "seed=99999999999999999999")
     expect_error(capsys, "seed", "train", "--preset", "tiny", "--out", str(tmp_path / "d"), "seed=-1")
-    expect_error(capsys, "train.eval_batch_size", "train", "--preset", "tiny", "--out", str(tmp_path / "e"), *SMALL, "train.eval_batch_size=100000")
+    expect_error(
+        capsys,
+        "train.eval_batch_size",
+        "train",
+        "--preset",
+        "tiny",
+        "--out",
+        str(tmp_path / "e"),
+        *SMALL,
+        "train.eval_batch_size=100000",
+    )
     assert not any((tmp_path / n).exists() for n in "abcde")
 
 
-def test_damaged_state_entries_are_refused_before_anything_is_written(tmp_path: Path, reference: Path, capsys: pytest.CaptureFixture) -> None:
-    for entry, value in (("step", None), ("stage", "sideways"), ("epoch_nll", "x"), ("model", {"embedding.weight": torch.zeros(2, 2)}), ("optimizer", {"state": {}, "param_groups": []}), ("position", 10**9)):
+def test_damaged_state_entries_are_refused_before_anything_is_written(
+    tmp_path: Path, reference: Path, capsys: pytest.CaptureFixture
+) -> None:
+    for entry, value in (
+        ("step", None),
+        ("stage", "sideways"),
+        ("epoch_nll", "x"),
+        ("model", {"embedding.weight": torch.zeros(2, 2)}),
+        ("optimizer", {"state": {}, "param_groups": []}),
+        ("position", 10**9),
+    ):
         run = tmp_path / f"run-{entry}"
         shutil.copytree(reference, run)
         state = torch.load(run / "state.pt", weights_only=True)
@@ -335,7 +410,9 @@ def test_damaged_state_entries_are_refused_before_anything_is_written(tmp_path: 
 def test_sampling_at_a_vanishing_temperature_is_greedy(reference: Path, capsys: pytest.CaptureFixture) -> None:
     outs = []
     for seed in ("1", "2"):
-        rc, out, err = run_cli(capsys, "generate", str(reference), "--words", "15", "--temperature", "1e-45", "--seed", seed)
+        rc, out, err = run_cli(
+            capsys, "generate", str(reference), "--words", "15", "--temperature", "1e-45", "--seed", seed
+        )
         assert rc == 0, err
         outs.append(out)
     assert outs[0] == outs[1], "a vanishing temperature leaves no randomness"

@@ -39,7 +39,9 @@ class StopWhen(StopRequest):
         self.raised = value
 
 
-def test_reproduce_resumes_without_retraining_and_writes_both_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_reproduce_resumes_without_retraining_and_writes_both_files(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "smoke"
     second = out / "runs" / "smoke-vd"
     with pytest.raises(TrainingInterrupted):
@@ -51,10 +53,17 @@ def test_reproduce_resumes_without_retraining_and_writes_both_files(tmp_path: Pa
 
     assert main(["reproduce", "reglm:smoke", "--out", str(out)]) == 0
     printed, log = capsys.readouterr()
-    assert finished.stat().st_mtime_ns == stamp and "run 1/2 smoke-awd: done, skipped" in log and "run 2/2 smoke-vd: resuming" in log
+    assert (
+        finished.stat().st_mtime_ns == stamp
+        and "run 1/2 smoke-awd: done, skipped" in log
+        and "run 2/2 smoke-vd: resuming" in log
+    )
     assert len(json.loads((second / "environment.json").read_text())) == 2  # started, then resumed
     results = json.loads(finished.read_text())
-    assert results["main"]["test"]["ppl"] > 1 and results["main"]["best_epoch"] in (1, 2)  # stage 1 scored before fine-tuning
+    assert results["main"]["test"]["ppl"] > 1 and results["main"]["best_epoch"] in (
+        1,
+        2,
+    )  # stage 1 scored before fine-tuning
 
     markdown = (out / "table.md").read_text()
     assert markdown == printed and COLUMNS in markdown
@@ -63,15 +72,34 @@ def test_reproduce_resumes_without_retraining_and_writes_both_files(tmp_path: Pa
     table = json.loads((out / "table.json").read_text())
     assert table["table"] == "reglm:smoke" and [record["id"] for record in table["records"]] == ["awd", "vd"]
     awd, vd = table["records"]
-    assert awd["reglm"]["test"] == pytest.approx(results["test"]["ppl"]) and awd["reglm"]["params"] == awd["reglm"]["params_full_scale"]
-    assert awd["budget"]["epochs"] == {"main": 2, "finetune": 1} and vd["budget"]["epochs"] == {"main": 2, "finetune": 0}
-    assert awd["budget"]["device"].startswith("cpu") and awd["paper"] == {"valid": None, "test": None, "params": None, "params_count": None}
+    assert (
+        awd["reglm"]["test"] == pytest.approx(results["test"]["ppl"])
+        and awd["reglm"]["params"] == awd["reglm"]["params_full_scale"]
+    )
+    assert awd["budget"]["epochs"] == {"main": 2, "finetune": 1} and vd["budget"]["epochs"] == {
+        "main": 2,
+        "finetune": 0,
+    }
+    assert awd["budget"]["device"].startswith("cpu") and awd["paper"] == {
+        "valid": None,
+        "test": None,
+        "params": None,
+        "params_count": None,
+    }
 
     run = Run("smoke-awd", load_config_file(finished.parent / "config.json"), finished.parent)
-    for evaluation, spec in (("cache", "window=20,theta=0.5,lambda=0.1"), ("dynamic-search", "lr=1e-4,3e-4;lambda=0.002;max_train_tokens=500")):
+    for evaluation, spec in (
+        ("cache", "window=20,theta=0.5,lambda=0.1"),
+        ("dynamic-search", "lr=1e-4,3e-4;lambda=0.002;max_train_tokens=500"),
+    ):
         row = TableRow("smoke-awd", "reglm", "smoke", "awd", "tiny", Reported(), evaluation, spec)
         scores = Scorer().score(RowPlan(row, run, "final"))
-        assert 1 < scores["valid"] < 2 * awd["reglm"]["valid"] and 1 < scores["test"] and scores["setting"] and scores["params"] == awd["reglm"]["params"]
+        assert (
+            1 < scores["valid"] < 2 * awd["reglm"]["valid"]
+            and 1 < scores["test"]
+            and scores["setting"]
+            and scores["params"] == awd["reglm"]["params"]
+        )
 
     for argv, fragment in (
         (["reproduce", "nobody:1"], "unknown paper 'nobody'"),
@@ -94,10 +122,14 @@ def test_a_spent_time_budget_stops_the_runs_and_says_so(tmp_path: Path) -> None:
     table = reproduce("reglm:smoke", out, budget=Budget(minutes=1e-6)).table
     for record in table["records"]:
         assert record["budget"]["status"] == "budget" and record["reglm"]["missing"].startswith("no trained model")
-        assert (out / "runs" / record["run"] / "state.pt").is_file() and not (out / "runs" / record["run"] / "results.json").exists()
+        assert (out / "runs" / record["run"] / "state.pt").is_file() and not (
+            out / "runs" / record["run"] / "results.json"
+        ).exists()
     assert "--minutes 1e-06" in (out / "table.md").read_text()
     again = reproduce("reglm:smoke", out, budget=Budget(minutes=1e-6)).table
-    assert [r["budget"]["minutes"] for r in again["records"]] == [r["budget"]["minutes"] for r in table["records"]]  # nothing trained again
+    assert [r["budget"]["minutes"] for r in again["records"]] == [
+        r["budget"]["minutes"] for r in table["records"]
+    ]  # nothing trained again
 
 
 def test_a_row_that_starts_from_earlier_runs_counts_their_minutes_and_names_their_scores(tmp_path: Path) -> None:
@@ -107,7 +139,9 @@ def test_a_row_that_starts_from_earlier_runs_counts_their_minutes_and_names_thei
     def run_dir(name: str, valid: float | None, epochs: int) -> Path:
         directory = tmp_path / name
         directory.mkdir()
-        (directory / "metrics.jsonl").write_text("".join(json.dumps({"event": "epoch", "stage": "main"}) + "\n" for _ in range(epochs)))
+        (directory / "metrics.jsonl").write_text(
+            "".join(json.dumps({"event": "epoch", "stage": "main"}) + "\n" for _ in range(epochs))
+        )
         if valid is not None:
             (directory / "results.json").write_text(json.dumps({"valid": {"ppl": valid}, "test": {"ppl": valid - 1}}))
         return directory
@@ -123,9 +157,26 @@ def test_a_row_that_starts_from_earlier_runs_counts_their_minutes_and_names_thei
     budget = record["budget"]
     assert [item["run"] for item in budget["earlier_runs"]] == ["base", "middle"]
     assert budget["minutes"] == 1.0 and budget["minutes_with_earlier_runs"] == 13.0
-    assert budget["earlier_runs"][0] == {"run": "base", "epochs": {"main": 3, "finetune": 0}, "minutes": 10.0, "valid": 120.0, "test": 119.0}
+    assert budget["earlier_runs"][0] == {
+        "run": "base",
+        "epochs": {"main": 3, "finetune": 0},
+        "minutes": 10.0,
+        "valid": 120.0,
+        "test": 119.0,
+    }
     assert budget["earlier_runs"][1]["valid"] is None
-    markdown = render_markdown({"table": "reglm:smoke", "command": "reglm reproduce reglm:smoke", "scale": "full", "budget": {"epochs": None, "minutes": None}, "minutes": 13.0, "runs": 3, "devices": ["cpu"]}, [record])
+    markdown = render_markdown(
+        {
+            "table": "reglm:smoke",
+            "command": "reglm reproduce reglm:smoke",
+            "scale": "full",
+            "budget": {"epochs": None, "minutes": None},
+            "minutes": 13.0,
+            "runs": 3,
+            "devices": ["cpu"],
+        },
+        [record],
+    )
     assert "| 13.0 |" in markdown
     assert "`base` (3+0 epochs, 10.0 min, valid 120.00 / test 119.00); `middle` (2+0 epochs, 2.0 min)" in markdown
 

@@ -37,9 +37,20 @@ def test_the_flat_config_reads_as_the_component_layout(old_run: Path) -> None:
     flat = json.loads((old_run / "config.json").read_text())
     assert isinstance(flat["model"]["encoder"], str) and "lr" in flat["train"], "the fixture is of the old layout"
     config = load_config_file(old_run / "config.json")
-    assert (config.model.encoder.kind, config.model.input.emb_size, config.model.encoder.hidden_size) == ("awd-lstm", 8, 8)
-    assert (config.model.encoder.weight_dropout, config.model.input.dropout) == (flat["model"]["weight_dropout"], flat["model"]["input_dropout"])
-    assert (config.train.optimizer.lr, config.train.averaging.kind, config.train.averaging.nonmono) == (flat["train"]["lr"], "ntasgd", flat["train"]["nonmono"])
+    assert (config.model.encoder.kind, config.model.input.emb_size, config.model.encoder.hidden_size) == (
+        "awd-lstm",
+        8,
+        8,
+    )
+    assert (config.model.encoder.weight_dropout, config.model.input.dropout) == (
+        flat["model"]["weight_dropout"],
+        flat["model"]["input_dropout"],
+    )
+    assert (config.train.optimizer.lr, config.train.averaging.kind, config.train.averaging.nonmono) == (
+        flat["train"]["lr"],
+        "ntasgd",
+        flat["train"]["nonmono"],
+    )
     state = load_state(old_run / "state.pt")
     assert state["format"] == 2 and state["schedule"] == {"scale": 1.0} and "lr_scale" not in state
 
@@ -99,7 +110,9 @@ def test_an_old_run_resumes_to_the_weights_of_an_uninterrupted_one(old_run: Path
     for sub in ("best", "last"):
         assert resumed[sub].keys() == uninterrupted[sub].keys(), sub
         for name, tensor in resumed[sub].items():
-            torch.testing.assert_close(tensor, uninterrupted[sub][name], rtol=0, atol=CROSS_MACHINE_ATOL, msg=f"{sub}/{name}")
+            torch.testing.assert_close(
+                tensor, uninterrupted[sub][name], rtol=0, atol=CROSS_MACHINE_ATOL, msg=f"{sub}/{name}"
+            )
 
 
 def test_a_synthetic_run_of_before_the_rule_option_keeps_its_corpus(old_run: Path) -> None:

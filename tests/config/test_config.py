@@ -4,12 +4,23 @@ from __future__ import annotations
 
 import pytest
 
-from reglm.config import ModelConfig, RunConfig, build_config, describe_options, list_presets, load_preset, parse_assignments
+from reglm.config import (
+    ModelConfig,
+    RunConfig,
+    build_config,
+    describe_options,
+    list_presets,
+    load_preset,
+    parse_assignments,
+)
 from reglm.errors import ReglmError
 
 
 def test_overrides_are_typed_and_nested() -> None:
-    cfg = build_config(None, ["train.lr=12", "emb_size=64", "bptt_max=none", "tie_weights=false", "seed=7", "model.encoder.hidden_size=30"])
+    cfg = build_config(
+        None,
+        ["train.lr=12", "emb_size=64", "bptt_max=none", "tie_weights=false", "seed=7", "model.encoder.hidden_size=30"],
+    )
     assert cfg.train.optimizer.lr == 12.0 and isinstance(cfg.train.optimizer.lr, float)
     assert cfg.model.input.emb_size == 64
     assert cfg.train.bptt_max is None
@@ -37,7 +48,14 @@ def test_awd_presets_match_the_paper(name: str, expected: dict) -> None:
     assert cfg.data.name == expected["data"]
     assert t.batch_size == expected["batch"] and m.input.dropout == expected["dropouti"]
     assert (e.hidden_dropout, e.output_dropout, m.input.embed_dropout, e.weight_dropout) == (0.3, 0.4, 0.1, 0.5)
-    assert (t.optimizer.lr, t.clip, t.epochs, t.eval_batch_size, t.test_batch_size, t.bptt) == (30.0, 0.25, 750, 10, 1, 70)
+    assert (t.optimizer.lr, t.clip, t.epochs, t.eval_batch_size, t.test_batch_size, t.bptt) == (
+        30.0,
+        0.25,
+        750,
+        10,
+        1,
+        70,
+    )
     assert (t.ar_alpha, t.tar_beta, t.averaging.nonmono, t.averaging.kind, t.finetune) == (2.0, 1.0, 5, "ntasgd", True)
     assert m.output.tie_weights
 
@@ -85,25 +103,65 @@ def test_unknown_preset_lists_the_known_ones() -> None:
 
 
 def test_override_parse_shape() -> None:
-    assert parse_assignments(["train.lr=1", "seed=2", "x=1e-9", "y=none"]) == [("train.lr", 1), ("seed", 2), ("x", 1e-9), ("y", None)]
+    assert parse_assignments(["train.lr=1", "seed=2", "x=1e-9", "y=none"]) == [
+        ("train.lr", 1),
+        ("seed", 2),
+        ("x", 1e-9),
+        ("y", None),
+    ]
 
 
 def test_old_flat_names_are_aliases_of_their_component_paths() -> None:
-    old = build_config(None, ["model.emb_size=40", "model.hidden_size=50", "model.input_dropout=0.3", "model.advsoft=relative", "model.advsoft_alpha=0.2", "train.lr=5", "train.trigger=paper", "train.lr_decay=0.5"])
-    new = build_config(None, ["model.input.emb_size=40", "model.encoder.hidden_size=50", "model.input.dropout=0.3", "model.output.advsoft=relative", "model.output.advsoft.alpha=0.2", "train.optimizer.lr=5", "train.averaging.trigger=paper", "train.schedule.decay=0.5"])
+    old = build_config(
+        None,
+        [
+            "model.emb_size=40",
+            "model.hidden_size=50",
+            "model.input_dropout=0.3",
+            "model.advsoft=relative",
+            "model.advsoft_alpha=0.2",
+            "train.lr=5",
+            "train.trigger=paper",
+            "train.lr_decay=0.5",
+        ],
+    )
+    new = build_config(
+        None,
+        [
+            "model.input.emb_size=40",
+            "model.encoder.hidden_size=50",
+            "model.input.dropout=0.3",
+            "model.output.advsoft=relative",
+            "model.output.advsoft.alpha=0.2",
+            "train.optimizer.lr=5",
+            "train.averaging.trigger=paper",
+            "train.schedule.decay=0.5",
+        ],
+    )
     assert old == new
 
 
 def test_changing_a_kind_keeps_the_settings_the_new_kind_has() -> None:
     cfg = build_config("tiny", ["model.encoder=vd-lstm", "model.encoder.hidden_size=16"])
-    assert cfg.model.encoder.kind == "vd-lstm" and cfg.model.encoder.num_layers == 2 and cfg.model.encoder.hidden_dropout == 0.1
+    assert (
+        cfg.model.encoder.kind == "vd-lstm"
+        and cfg.model.encoder.num_layers == 2
+        and cfg.model.encoder.hidden_dropout == 0.1
+    )
     assert not hasattr(cfg.model.encoder, "weight_dropout")
     assert build_config("mos-tiny", ["model.output=doc", "model.output.doc_experts=2"]).model.output.n_experts == 3
 
 
 def test_a_pattern_sets_every_matching_option_that_exists() -> None:
     awd = build_config("mos-tiny", ["model.*dropout=0"])
-    dropouts = (awd.model.input.dropout, awd.model.input.embed_dropout, awd.model.encoder.hidden_dropout, awd.model.encoder.output_dropout, awd.model.encoder.weight_dropout, awd.model.output.latent_dropout)
+    dropouts = (
+        awd.model.input.dropout,
+        awd.model.input.embed_dropout,
+        awd.model.encoder.hidden_dropout,
+        awd.model.encoder.output_dropout,
+        awd.model.encoder.weight_dropout,
+        awd.model.output.latent_dropout,
+    )
     assert dropouts == (0.0,) * 6
     vd = build_config("vd-lstm-ptb-small", ["model.*dropout=0"])
     assert (vd.model.input.dropout, vd.model.encoder.hidden_dropout) == (0.0, 0.0)
@@ -116,20 +174,70 @@ def test_model_config_build_takes_any_key_form() -> None:
 
 def test_a_config_of_the_flat_layout_migrates_on_read() -> None:
     flat = {
-        "data": {"name": "synthetic"}, "seed": 3,
-        "model": {"encoder": "vd-lstm", "emb_size": 12, "hidden_size": 12, "last_hidden_size": None, "num_layers": 2, "tie_weights": True, "embed_dropout": 0.0,
-                  "input_dropout": 0.5, "hidden_dropout": 0.4, "output_dropout": 0.0, "weight_dropout": 0.0, "init_range": 0.05, "output_bias": False,
-                  "advsoft": None, "advsoft_alpha": 0.005, "output": "softmax", "n_experts": 15, "latent_dropout": 0.1, "doc_experts": None, "mixture_penalty": 0.0},
-        "train": {"lr": 1.0, "weight_decay": 0.0, "optimizer": "sgd", "trigger": "reference", "nonmono": 5, "lr_decay": 0.9, "lr_decay_start": 5, "plateau_factor": None, "epochs": 4},
+        "data": {"name": "synthetic"},
+        "seed": 3,
+        "model": {
+            "encoder": "vd-lstm",
+            "emb_size": 12,
+            "hidden_size": 12,
+            "last_hidden_size": None,
+            "num_layers": 2,
+            "tie_weights": True,
+            "embed_dropout": 0.0,
+            "input_dropout": 0.5,
+            "hidden_dropout": 0.4,
+            "output_dropout": 0.0,
+            "weight_dropout": 0.0,
+            "init_range": 0.05,
+            "output_bias": False,
+            "advsoft": None,
+            "advsoft_alpha": 0.005,
+            "output": "softmax",
+            "n_experts": 15,
+            "latent_dropout": 0.1,
+            "doc_experts": None,
+            "mixture_penalty": 0.0,
+        },
+        "train": {
+            "lr": 1.0,
+            "weight_decay": 0.0,
+            "optimizer": "sgd",
+            "trigger": "reference",
+            "nonmono": 5,
+            "lr_decay": 0.9,
+            "lr_decay_start": 5,
+            "plateau_factor": None,
+            "epochs": 4,
+        },
     }
     cfg = RunConfig.from_dict(flat)
     m, t = cfg.model, cfg.train
-    assert (m.encoder.kind, m.encoder.hidden_size, m.encoder.hidden_dropout, m.encoder.init_range) == ("vd-lstm", 12, 0.4, 0.05)
-    assert (m.input.dropout, m.input.init_range, m.output.bias, m.output.tie_weights, m.output.init_range) == (0.5, 0.05, False, True, 0.05)
-    assert (t.optimizer.lr, t.averaging.kind, t.schedule.decay, t.schedule.decay_start, t.epochs) == (1.0, "none", 0.9, 5, 4)
+    assert (m.encoder.kind, m.encoder.hidden_size, m.encoder.hidden_dropout, m.encoder.init_range) == (
+        "vd-lstm",
+        12,
+        0.4,
+        0.05,
+    )
+    assert (m.input.dropout, m.input.init_range, m.output.bias, m.output.tie_weights, m.output.init_range) == (
+        0.5,
+        0.05,
+        False,
+        True,
+        0.05,
+    )
+    assert (t.optimizer.lr, t.averaging.kind, t.schedule.decay, t.schedule.decay_start, t.epochs) == (
+        1.0,
+        "none",
+        0.9,
+        5,
+        4,
+    )
 
 
-@pytest.mark.parametrize(("name", "base", "noise"), [("awd-lstm-advsoft-ptb", "awd-lstm-ptb", 0.15), ("awd-lstm-advsoft-wt2", "awd-lstm-wt2", 0.175)])
+@pytest.mark.parametrize(
+    ("name", "base", "noise"),
+    [("awd-lstm-advsoft-ptb", "awd-lstm-ptb", 0.15), ("awd-lstm-advsoft-wt2", "awd-lstm-wt2", 0.175)],
+)
 def test_advsoft_presets_keep_the_awd_lstm_hyperparameters(name: str, base: str, noise: float) -> None:
     """Wang et al. 2019, section 5: "all other the parameters and architectures untouched"."""
     cfg, ref = build_config(name), build_config(base)
@@ -137,10 +245,25 @@ def test_advsoft_presets_keep_the_awd_lstm_hyperparameters(name: str, base: str,
     advsoft = cfg.model.output.advsoft
     assert (advsoft.kind, advsoft.alpha, advsoft.grad) == ("relative", 0.005, "stop")
     assert (cfg.model.input, cfg.model.encoder) == (ref.model.input, ref.model.encoder)
-    assert {k: v for k, v in cfg.model.output.__dict__.items() if k != "advsoft"} == {k: v for k, v in ref.model.output.__dict__.items() if k != "advsoft"}
-    noise_fields = {"input_noise_std", "input_noise_anneal", "input_noise_epochs", "finetune_input_noise_std", "advsoft_finetune", "advsoft_stop_epoch"}
-    assert {k: v for k, v in cfg.train.__dict__.items() if k not in noise_fields} == {k: v for k, v in ref.train.__dict__.items() if k not in noise_fields}
-    assert (cfg.train.input_noise_std, cfg.train.input_noise_anneal, cfg.train.finetune_input_noise_std) == (noise, "constant", 0.0)
+    assert {k: v for k, v in cfg.model.output.__dict__.items() if k != "advsoft"} == {
+        k: v for k, v in ref.model.output.__dict__.items() if k != "advsoft"
+    }
+    noise_fields = {
+        "input_noise_std",
+        "input_noise_anneal",
+        "input_noise_epochs",
+        "finetune_input_noise_std",
+        "advsoft_finetune",
+        "advsoft_stop_epoch",
+    }
+    assert {k: v for k, v in cfg.train.__dict__.items() if k not in noise_fields} == {
+        k: v for k, v in ref.train.__dict__.items() if k not in noise_fields
+    }
+    assert (cfg.train.input_noise_std, cfg.train.input_noise_anneal, cfg.train.finetune_input_noise_std) == (
+        noise,
+        "constant",
+        0.0,
+    )
 
 
 def test_presets_extend_other_presets(tmp_path) -> None:
@@ -172,7 +295,10 @@ def test_reglm_config_lists_every_option_with_the_default_kinds_values() -> None
     lines = {line.split()[0]: line for line in describe_options().splitlines()}
     assert "'ntasgd'" in lines["train.averaging.kind"] and "[none, ntasgd]" in lines["train.averaging.kind"]
     assert "'awd-lstm'" in lines["model.encoder.kind"] and "transformer" in lines["model.encoder.kind"]
-    for family, kinds in (("model.input.kind", ("embedding", "adaptive", "char-cnn")), ("model.output.kind", ("softmax", "mos", "doc", "adaptive"))):
+    for family, kinds in (
+        ("model.input.kind", ("embedding", "adaptive", "char-cnn")),
+        ("model.output.kind", ("softmax", "mos", "doc", "adaptive")),
+    ):
         assert all(kind in lines[family] for kind in kinds)
     assert "'reference'" in lines["train.averaging.trigger"]
     assert "[nesterov]" in lines["train.optimizer.momentum"] and "[cosine]" in lines["train.schedule.warmup_steps"]
@@ -229,5 +355,7 @@ def test_the_resolved_lines_set_the_same_config_again(preset: str) -> None:
 
 
 def test_a_kind_written_none_is_the_kind_none() -> None:
-    cfg = build_config("advsoft-tiny", ["model.output.advsoft.kind=none", "train.averaging.kind=none", "train.finetune=false"])
+    cfg = build_config(
+        "advsoft-tiny", ["model.output.advsoft.kind=none", "train.averaging.kind=none", "train.finetune=false"]
+    )
     assert (cfg.model.output.advsoft.kind, cfg.train.averaging.kind) == ("none", "none")

@@ -66,7 +66,9 @@ def test_units_are_frequency_ordered_and_specials_stay_whole(corpus_dir: Path) -
     words = read_tokens(corpus_dir / "train.txt")
     assert vocab.counts[vocab.eos_id] == words.count(EOS) == 4  # one <eos> per line, blank lines included
     assert vocab.counts[vocab.unk_id] == words.count(UNK) == 2
-    assert vocab.units("the") == ["the" + SUFFIX] and len(vocab.units("lowest")) > 1  # the most frequent word is one unit
+    assert (
+        vocab.units("the") == ["the" + SUFFIX] and len(vocab.units("lowest")) > 1
+    )  # the most frequent word is one unit
     assert len(vocab) <= SIZE
 
 
@@ -75,13 +77,17 @@ def test_same_text_and_settings_give_the_same_units_and_ids(corpus_dir: Path) ->
     b = load_directory(corpus_dir, tokenizer="bpe", bpe_vocab_size=SIZE)
     assert a.vocab == b.vocab and a.vocab.tokenizer_fingerprint() == b.vocab.tokenizer_fingerprint()
     for split in ("train", "valid", "test"):
-        assert torch.equal(a.split(split), b.split(split)) and torch.equal(a.split_word_ends(split), b.split_word_ends(split))
+        assert torch.equal(a.split(split), b.split(split)) and torch.equal(
+            a.split_word_ends(split), b.split_word_ends(split)
+        )
     # another process (the learner's hash maps are seeded per process) learns the same tokenizer
     code = (
         "import sys; from reglm.data import load_directory; "
         f"c = load_directory(sys.argv[1], tokenizer='bpe', bpe_vocab_size={SIZE}); print(c.vocab.tokenizer_fingerprint())"
     )
-    out = subprocess.run([sys.executable, "-c", code, str(corpus_dir)], capture_output=True, text=True, check=True).stdout.strip()
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(corpus_dir)], capture_output=True, text=True, check=True
+    ).stdout.strip()
     assert out == a.vocab.tokenizer_fingerprint()
 
 
@@ -153,7 +159,9 @@ def test_tokenizer_json_round_trip_gives_the_same_units(corpus_dir: Path, tmp_pa
     for line in (corpus_dir / "valid.txt").read_text(encoding="utf-8").splitlines():
         stream += plain.encode(line).ids + [vocab.eos_id]
     assert stream == corpus.valid.tolist()
-    assert plain.encode("a\x1clow").tokens == vocab.decode(vocab.encode_words(["a", "low"])[0])  # str.split's whitespace
+    assert plain.encode("a\x1clow").tokens == vocab.decode(
+        vocab.encode_words(["a", "low"])[0]
+    )  # str.split's whitespace
     vocab.save(tmp_path / VOCAB_FILE)
     loaded = BPEVocab.from_tokenizer_file(Vocab.load(tmp_path / VOCAB_FILE), path)
     assert loaded == vocab and loaded.tokenizer_fingerprint() == vocab.tokenizer_fingerprint()
@@ -166,7 +174,9 @@ def test_tokenizer_json_round_trip_gives_the_same_units(corpus_dir: Path, tmp_pa
 
 def test_a_tokenizer_that_does_not_match_the_vocabulary_is_refused(corpus_dir: Path, tmp_path: Path) -> None:
     vocab = load_directory(corpus_dir, tokenizer="bpe", bpe_vocab_size=SIZE).vocab
-    other = load_directory(write_corpus(tmp_path / "other", "xy yx xyz zyx\n" * 3, "xy\n", "yx\n"), tokenizer="bpe", bpe_vocab_size=SIZE).vocab
+    other = load_directory(
+        write_corpus(tmp_path / "other", "xy yx xyz zyx\n" * 3, "xy\n", "yx\n"), tokenizer="bpe", bpe_vocab_size=SIZE
+    ).vocab
     other.save_tokenizer(tmp_path / "other.json")
     with pytest.raises(ReglmError, match="does not match the vocabulary"):
         BPEVocab.from_tokenizer_file(vocab, tmp_path / "other.json")
@@ -188,7 +198,17 @@ def test_a_tokenizer_that_does_not_match_the_vocabulary_is_refused(corpus_dir: P
 
 
 def _bpe_config(corpus_dir: Path):
-    return build_config(None, [f"data.name={corpus_dir}", "data.tokenizer=bpe", f"data.bpe_vocab_size={SIZE}", "model.emb_size=8", "model.hidden_size=8", "model.num_layers=1"])
+    return build_config(
+        None,
+        [
+            f"data.name={corpus_dir}",
+            "data.tokenizer=bpe",
+            f"data.bpe_vocab_size={SIZE}",
+            "model.emb_size=8",
+            "model.hidden_size=8",
+            "model.num_layers=1",
+        ],
+    )
 
 
 def test_model_directory_holds_the_tokenizer_and_refuses_a_mismatch(corpus_dir: Path, tmp_path: Path) -> None:
@@ -207,7 +227,9 @@ def test_model_directory_holds_the_tokenizer_and_refuses_a_mismatch(corpus_dir: 
     with pytest.raises(ReglmError, match="merges differ"):
         load_model_dir(tmp_path / "m")
     # a model directory whose tokenizer.json is another corpus's
-    other = load_directory(write_corpus(tmp_path / "other", "xy yx xyz zyx\n" * 3, "xy\n", "yx\n"), tokenizer="bpe", bpe_vocab_size=SIZE).vocab
+    other = load_directory(
+        write_corpus(tmp_path / "other", "xy yx xyz zyx\n" * 3, "xy\n", "yx\n"), tokenizer="bpe", bpe_vocab_size=SIZE
+    ).vocab
     other.save_tokenizer(tmp_path / "m" / TOKENIZER_FILE)
     with pytest.raises(ReglmError, match="does not match the vocabulary"):
         load_model_dir(tmp_path / "m")
@@ -215,7 +237,9 @@ def test_model_directory_holds_the_tokenizer_and_refuses_a_mismatch(corpus_dir: 
     with pytest.raises(ReglmError, match="tokenizer.json is missing"):
         load_model_dir(tmp_path / "m")
     # a word model directory with a stray tokenizer.json
-    word_config = build_config(None, [f"data.name={corpus_dir}", "model.emb_size=8", "model.hidden_size=8", "model.num_layers=1"])
+    word_config = build_config(
+        None, [f"data.name={corpus_dir}", "model.emb_size=8", "model.hidden_size=8", "model.num_layers=1"]
+    )
     words = load_directory(corpus_dir)
     save_model_dir(tmp_path / "w", LanguageModel(word_config.model, len(words.vocab)), word_config, words.vocab)
     assert not (tmp_path / "w" / TOKENIZER_FILE).exists()

@@ -42,8 +42,39 @@ def awkward_text(seed: int, lines: int) -> str:
     the 8- and 15-byte keys), words equal up to byte 16, non-ASCII and control characters inside
     words, literal <eos> / <unk>, blank lines and CRLF."""
     rng = random.Random(seed)
-    spaces = [" ", "  ", "\t", "\r", "\x0b", "\x0c", "\x1c", "\x1f", "\x85", "\xa0", "\u1680", "\u2003", "\u2028", "\u2029", "\u202f", "\u205f", "\u3000"]
-    words = ["the", "a", "ünïcödé", "\u2013dash", "x\x01y", EOS, UNK, "=", "verylongword" * 3, "0123456789abcdefXY", "0123456789abcdefXZ", "日本語"]
+    spaces = [
+        " ",
+        "  ",
+        "\t",
+        "\r",
+        "\x0b",
+        "\x0c",
+        "\x1c",
+        "\x1f",
+        "\x85",
+        "\xa0",
+        "\u1680",
+        "\u2003",
+        "\u2028",
+        "\u2029",
+        "\u202f",
+        "\u205f",
+        "\u3000",
+    ]
+    words = [
+        "the",
+        "a",
+        "ünïcödé",
+        "\u2013dash",
+        "x\x01y",
+        EOS,
+        UNK,
+        "=",
+        "verylongword" * 3,
+        "0123456789abcdefXY",
+        "0123456789abcdefXZ",
+        "日本語",
+    ]
     words += [f"w{rng.randrange(400)}" for _ in range(60)]
     out = []
     for _ in range(lines):
@@ -61,7 +92,14 @@ def reference(path: Path, vocab: object) -> list[int]:
 
 def test_fast_reader_is_the_line_rule_on_awkward_text(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(encoding, "CHUNK_BYTES", 97)  # many pieces, lines longer than a piece
-    root = write_corpus(tmp_path / "c", {"train": "\ufeff" + awkward_text(0, 300), "valid": awkward_text(1, 60) + "\nno final newline", "test": awkward_text(2, 40)})
+    root = write_corpus(
+        tmp_path / "c",
+        {
+            "train": "\ufeff" + awkward_text(0, 300),
+            "valid": awkward_text(1, 60) + "\nno final newline",
+            "test": awkward_text(2, 40),
+        },
+    )
     got = load_directory(root)
     vocab = got.vocab
     tokens = read_tokens(root / "train.txt")
@@ -84,7 +122,9 @@ def test_colliding_hashes_never_merge_words(tmp_path: Path, monkeypatch: pytest.
 
 
 def test_cache_hit_gives_the_ids_of_a_fresh_encode(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    root = write_corpus(tmp_path / "c", {"train": awkward_text(3, 400), "valid": awkward_text(4, 50), "test": awkward_text(5, 50)})
+    root = write_corpus(
+        tmp_path / "c", {"train": awkward_text(3, 400), "valid": awkward_text(4, 50), "test": awkward_text(5, 50)}
+    )
     fresh = load_directory(root, min_freq=2)
     built = load_cached(root, min_freq=2)
     manifest = (built.cache.path / "manifest.json").stat().st_mtime_ns
@@ -107,13 +147,17 @@ def test_large_vocabulary_is_mapped_in_place_and_views_do_not_copy(tmp_path: Pat
     train = "\n".join(" ".join(words[i::7]) for i in range(7)) + "\n"
     root = write_corpus(tmp_path / "big", {"train": train, "valid": "t1 t2\n", "test": "t3\n"})
     corpus = load_cached(root)
-    assert corpus.cache.dtype == "int32" and (corpus.cache.path / "train.ids").stat().st_size == 4 * corpus.train.numel()
+    assert (
+        corpus.cache.dtype == "int32" and (corpus.cache.path / "train.ids").stat().st_size == 4 * corpus.train.numel()
+    )
     assert corpus.train.is_shared(), "a file mapping, not a copy in memory"
     ids = corpus.train
     plan = StreamPlan(ids, 10, "trim")
     assert plan.data.untyped_storage().data_ptr() == ids.untyped_storage().data_ptr()
     window = plan.window(0, 5)
-    assert window.inputs.dtype == torch.long and torch.equal(window.inputs, ids[: plan.data.numel()].view(10, -1)[:, :5].long())
+    assert window.inputs.dtype == torch.long and torch.equal(
+        window.inputs, ids[: plan.data.numel()].view(10, -1)[:, :5].long()
+    )
     assert BlockPlan(ids, 64, 4, seed=0).ids.untyped_storage().data_ptr() == ids.untyped_storage().data_ptr()
 
 
@@ -127,7 +171,9 @@ def test_touched_or_changed_source_invalidates_the_entry(tmp_path: Path, capsys:
     assert touched.cache.manifest_hash == first.cache.manifest_hash, "the same text encodes to the same hash"
     (root / "valid.txt").write_text("a b\n", encoding="utf-8")
     changed = load_cached(root)
-    assert changed.cache.manifest_hash != first.cache.manifest_hash and changed.valid.tolist() == [changed.vocab.stoi[w] for w in ("a", "b", EOS)]
+    assert changed.cache.manifest_hash != first.cache.manifest_hash and changed.valid.tolist() == [
+        changed.vocab.stoi[w] for w in ("a", "b", EOS)
+    ]
 
 
 def test_damaged_entries_are_detected_and_rebuilt(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -175,7 +221,9 @@ def test_two_processes_preparing_at_once_build_once(tmp_path: Path) -> None:
     root = write_corpus(tmp_path / "c", {"train": "a b c\nb c a\n" * 20, "valid": "a c\n", "test": "b\n"})
     log = tmp_path / "builds"
     context = multiprocessing.get_context("fork")
-    workers = [context.Process(target=_prepare, args=(str(root), os.environ["REGLM_DATA_DIR"], str(log))) for _ in range(2)]
+    workers = [
+        context.Process(target=_prepare, args=(str(root), os.environ["REGLM_DATA_DIR"], str(log))) for _ in range(2)
+    ]
     for w in workers:
         w.start()
     for w in workers:
@@ -187,7 +235,9 @@ def test_two_processes_preparing_at_once_build_once(tmp_path: Path) -> None:
     assert len(results) == 2 and all(np.array_equal(r, expected) for r in results)
 
 
-def test_unwritable_cache_and_full_disk_leave_nothing_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+def test_unwritable_cache_and_full_disk_leave_nothing_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     from reglm.cli import main
 
     root = write_corpus(tmp_path / "c", {"train": "a b c\nb c\n" * 100, "valid": "a c\n", "test": "b\n"})
@@ -208,13 +258,23 @@ def test_unwritable_cache_and_full_disk_leave_nothing_behind(tmp_path: Path, mon
     monkeypatch.setattr(cache._IdFile, "write", fills_up)
     with pytest.raises(ReglmError, match="No space left on device.*free some space"):
         load_cached(root)
-    assert sorted(p.name for p in cache_root().iterdir()) == [next(cache_root().iterdir()).name] and next(cache_root().iterdir()).suffix == ".lock"
+    assert (
+        sorted(p.name for p in cache_root().iterdir()) == [next(cache_root().iterdir()).name]
+        and next(cache_root().iterdir()).suffix == ".lock"
+    )
     monkeypatch.setattr(cache._IdFile, "write", write)
     assert load_cached(root).train.numel() == 700
 
 
 def test_id_dtype_is_the_smallest_that_holds_the_vocabulary() -> None:
-    assert [id_dtype(n) for n in (2, 256, 257, 65_536, 65_537, 2**31)] == ["uint8", "uint8", "uint16", "uint16", "int32", "int32"]
+    assert [id_dtype(n) for n in (2, 256, 257, 65_536, 65_537, 2**31)] == [
+        "uint8",
+        "uint8",
+        "uint16",
+        "uint16",
+        "int32",
+        "int32",
+    ]
     with pytest.raises(ReglmError, match="more than an int32 id file holds.*data.max_vocab"):
         id_dtype(2**31 + 1)
 
@@ -232,20 +292,30 @@ def test_a_fixed_vocabulary_reuses_the_entry_that_built_it(tmp_path: Path) -> No
 
 def test_subword_corpora_are_cached_too(tmp_path: Path) -> None:
     pytest.importorskip("tokenizers")
-    root = write_corpus(tmp_path / "c", {"train": "lower lowest newer newest\nwider widest\n" * 20, "valid": "lowest newer\n", "test": "wide\n"})
+    root = write_corpus(
+        tmp_path / "c",
+        {"train": "lower lowest newer newest\nwider widest\n" * 20, "valid": "lowest newer\n", "test": "wide\n"},
+    )
     fresh = load_directory(root, tokenizer="bpe", bpe_vocab_size=40)
     built = load_cached(root, tokenizer="bpe", bpe_vocab_size=40)
     hit = load_cached(root, tokenizer="bpe", bpe_vocab_size=40)
     assert hit.vocab == fresh.vocab and hit.tokenizer is not None and hit.cache.path == built.cache.path
     for split in SPLITS:
-        assert torch.equal(hit.split(split).long(), fresh.split(split)) and torch.equal(hit.split_word_ends(split), fresh.split_word_ends(split))
+        assert torch.equal(hit.split(split).long(), fresh.split(split)) and torch.equal(
+            hit.split_word_ends(split), fresh.split_word_ends(split)
+        )
 
 
 def test_stream_and_block_views_over_cached_ptb_are_batchify_and_get_batch(shared_data: Path) -> None:
     """The AWD-LSTM reference's batchify / get_batch (time-major there, batch-first here) and
     its blocks, against the plans over the cached PTB; the built-in counts are unchanged."""
     corpus = resolve("ptb", data_dir=shared_data)
-    assert corpus.cache is not None and (corpus.train.numel(), corpus.valid.numel(), corpus.test.numel(), len(corpus.vocab)) == (929_589, 73_760, 82_430, 10_000)
+    assert corpus.cache is not None and (
+        corpus.train.numel(),
+        corpus.valid.numel(),
+        corpus.test.numel(),
+        len(corpus.vocab),
+    ) == (929_589, 73_760, 82_430, 10_000)
     assert torch.equal(corpus.train.long(), load_directory(shared_data / "ptb").train)
     data = corpus.train.long()
     bsz, bptt = 20, 35
@@ -253,7 +323,9 @@ def test_stream_and_block_views_over_cached_ptb_are_batchify_and_get_batch(share
     plan = StreamPlan(corpus.train, bsz, "trim")
     for i, window in zip(range(0, 200 * bptt, bptt), plan.windows(bptt)):
         seq_len = min(bptt, len(source) - 1 - i)
-        assert torch.equal(window.inputs, source[i : i + seq_len].t()) and torch.equal(window.targets.t().reshape(-1), source[i + 1 : i + 1 + seq_len].reshape(-1))
+        assert torch.equal(window.inputs, source[i : i + seq_len].t()) and torch.equal(
+            window.targets.t().reshape(-1), source[i + 1 : i + 1 + seq_len].reshape(-1)
+        )
     blocks = BlockPlan(corpus.train, 512, 8, seed=3)
     for index in (0, blocks.batches - 1):
         window = blocks.batch(2, index)
@@ -267,7 +339,9 @@ def test_several_processes_encode_parts_to_the_same_ids(tmp_path: Path, monkeypa
     an error in a later part names the line of the whole file."""
     monkeypatch.setattr(cache, "PARALLEL_BYTES", 256)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
-    root = write_corpus(tmp_path / "c", {"train": awkward_text(6, 300), "valid": awkward_text(7, 30), "test": awkward_text(8, 30)})
+    root = write_corpus(
+        tmp_path / "c", {"train": awkward_text(6, 300), "valid": awkward_text(7, 30), "test": awkward_text(8, 30)}
+    )
     assert len(cache._parts(root / "train.txt")) == 4
     fresh, got = load_directory(root, max_vocab=300), load_cached(root, max_vocab=300)
     assert got.vocab == fresh.vocab and all(torch.equal(got.split(s).long(), fresh.split(s)) for s in SPLITS)
@@ -282,11 +356,21 @@ def test_run_directories_record_the_entry_and_resume_refuses_another(tmp_path: P
     root = write_corpus(tmp_path / "c", {"train": "a b\n", "valid": "a\n", "test": "b\n"})
     corpus = load_cached(root)
     record = session_record(torch.device("cpu"), corpus)
-    assert record["data"] == {"name": "c", "cache": str(corpus.cache.path), "manifest_hash": corpus.cache.manifest_hash} and "torch" in record
+    assert (
+        record["data"] == {"name": "c", "cache": str(corpus.cache.path), "manifest_hash": corpus.cache.manifest_hash}
+        and "torch" in record
+    )
     state = tmp_path / "run" / "state.pt"
     require_same_data(corpus.cache.manifest_hash, corpus, state)
     require_same_data(None, corpus, state)  # a run directory from before the cache
-    other = Corpus(corpus.name, corpus.vocab, corpus.train, corpus.valid, corpus.test, cache=CacheInfo(corpus.cache.path, "0" * 64, "uint8"))
+    other = Corpus(
+        corpus.name,
+        corpus.vocab,
+        corpus.train,
+        corpus.valid,
+        corpus.test,
+        cache=CacheInfo(corpus.cache.path, "0" * 64, "uint8"),
+    )
     with pytest.raises(ReglmError, match="trained on the encoded corpus .* now encodes to 0000"):
         require_same_data(corpus.cache.manifest_hash, other, state)
 
@@ -297,13 +381,22 @@ def test_resume_refuses_a_corpus_that_encodes_differently(tmp_path: Path) -> Non
     from reglm.train.run import resume, train
 
     rng = random.Random(0)
-    texts = {split: "\n".join(" ".join(rng.choice("abcde") for _ in range(6)) for _ in range(n)) + "\n" for split, n in (("train", 120), ("valid", 20), ("test", 20))}
+    texts = {
+        split: "\n".join(" ".join(rng.choice("abcde") for _ in range(6)) for _ in range(n)) + "\n"
+        for split, n in (("train", 120), ("valid", 20), ("test", 20))
+    }
     root = write_corpus(tmp_path / "c", texts)
     run = tmp_path / "run"
-    train(build_config("tiny", [f"data.name={root}", "train.epochs=1", "train.finetune=false", "train.max_steps=2"]), run, progress=False)
+    train(
+        build_config("tiny", [f"data.name={root}", "train.epochs=1", "train.finetune=false", "train.max_steps=2"]),
+        run,
+        progress=False,
+    )
     recorded = load_state(run / "state.pt")["data_manifest"]
     assert recorded == load_cached(root).cache.manifest_hash
     assert json.loads((run / "environment.json").read_text())[0]["data"]["manifest_hash"] == recorded
-    (root / "valid.txt").write_text(texts["valid"][::-1].strip() + "\n", encoding="utf-8")  # the same words, another text
+    (root / "valid.txt").write_text(
+        texts["valid"][::-1].strip() + "\n", encoding="utf-8"
+    )  # the same words, another text
     with pytest.raises(ReglmError, match="trained on the encoded corpus"):
         resume(run, progress=False)

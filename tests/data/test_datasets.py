@@ -177,9 +177,16 @@ def test_url_table_is_complete() -> None:
 def test_billion_word_source_is_the_published_release() -> None:
     lm1b = SOURCES["lm1b"]
     assert lm1b.url == "http://www.statmt.org/lm-benchmark/1-billion-word-language-modeling-benchmark-r13output.tar.gz"
-    assert (lm1b.archive_bytes, lm1b.archive_sha256) == (1_792_209_805, "01ba60381110baf7f189dfd2b8374de371e8c9a340835793f190bdae9e90a34e")
+    assert (lm1b.archive_bytes, lm1b.archive_sha256) == (
+        1_792_209_805,
+        "01ba60381110baf7f189dfd2b8374de371e8c9a340835793f190bdae9e90a34e",
+    )
     train = lm1b.members["train"]
-    assert len(train) == 99 and train[0].endswith("training-monolingual.tokenized.shuffled/news.en-00001-of-00100") and train[-1].endswith("news.en-00099-of-00100")
+    assert (
+        len(train) == 99
+        and train[0].endswith("training-monolingual.tokenized.shuffled/news.en-00001-of-00100")
+        and train[-1].endswith("news.en-00099-of-00100")
+    )
     assert lm1b.members["test"][0].endswith("heldout-monolingual.tokenized.shuffled/news.en.heldout-00000-of-00050")
     assert lm1b.members["valid"][0].endswith("heldout-monolingual.tokenized.shuffled/news.en.heldout-00001-of-00050")
     assert lm1b.tokens == (798_949_912, None, 159_658) and lm1b.min_freq == 3 and lm1b.sentences
@@ -201,16 +208,26 @@ def test_a_sharded_release_is_joined_in_order_checked_and_cut_at_its_min_freq(mo
                 tf.addfile(info, io.BytesIO(text.encode()))
     digest = hashlib.sha256(archive.read_bytes()).hexdigest()
     source = Source(
-        url=archive.as_uri(), members={split: tuple(m) for split, m in names.items()}, tokens=(10, None, 3), vocab_size=0,
-        archive_sha256=digest, archive_bytes=archive.stat().st_size, min_freq=3, sentences=True,
+        url=archive.as_uri(),
+        members={split: tuple(m) for split, m in names.items()},
+        tokens=(10, None, 3),
+        vocab_size=0,
+        archive_sha256=digest,
+        archive_bytes=archive.stat().st_size,
+        min_freq=3,
+        sentences=True,
     )
     monkeypatch.setitem(SOURCES, "shards", source)
     target = download("shards", data_dir=tmp_path / "cache")
     assert (target / "train.txt").read_text() == "".join(SHARDS["train"])
     corpus = resolve("shards", data_dir=tmp_path / "cache")
-    assert corpus.vocab.itos == ["<unk>", "<eos>", "a"] and corpus.vocab.counts == [4, 3, 3], "b and c, seen twice, fall below the benchmark's cut"
+    assert corpus.vocab.itos == ["<unk>", "<eos>", "a"] and corpus.vocab.counts == [4, 3, 3], (
+        "b and c, seen twice, fall below the benchmark's cut"
+    )
     assert corpus.test.tolist() == [0, 0, 1]
-    assert resolve("shards", data_dir=tmp_path / "cache", min_freq=5).vocab.itos == ["<unk>", "<eos>"], "min_freq cuts further"
+    assert resolve("shards", data_dir=tmp_path / "cache", min_freq=5).vocab.itos == ["<unk>", "<eos>"], (
+        "min_freq cuts further"
+    )
     monkeypatch.setitem(SOURCES, "shards", dataclasses.replace(source, archive_sha256="0" * 64))
     with pytest.raises(ReglmError, match="damaged or has changed.*sha256"):
         download("shards", data_dir=tmp_path / "other")

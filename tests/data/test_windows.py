@@ -102,7 +102,9 @@ def test_word_counts() -> None:
     assert sum(w.words for w in context.windows()) == int(ends[1:].sum())
 
 
-@pytest.mark.parametrize(("n", "block", "context", "batch"), [(2, 1, 0, 1), (20, 5, 0, 2), (20, 5, 3, 2), (37, 8, 7, 3), (100, 16, 10, 4)])
+@pytest.mark.parametrize(
+    ("n", "block", "context", "batch"), [(2, 1, 0, 1), (20, 5, 0, 2), (20, 5, 3, 2), (37, 8, 7, 3), (100, 16, 10, 4)]
+)
 def test_context_windows_score_every_target_once(n: int, block: int, context: int, batch: int) -> None:
     ids = torch.randint(0, 1000, (n,))
     plan = ContextPlan(ids, block, context, batch)
@@ -140,7 +142,9 @@ def test_context_windows_end_at_sentence_ends() -> None:
     for w in plan.windows():
         pos = w.positions[w.scored]
         last = int(pos[-1])
-        assert ids[last] == eos or last == ids.numel() - 1 or all(ids[p] != eos for p in pos), "a block's scored part stops at a sentence end inside it"
+        assert ids[last] == eos or last == ids.numel() - 1 or all(ids[p] != eos for p in pos), (
+            "a block's scored part stops at a sentence end inside it"
+        )
         seen += pos.tolist()
     assert sorted(seen) == list(range(1, ids.numel()))
 
@@ -169,11 +173,15 @@ def test_sentence_plan_scores_every_target_once_from_its_sentence(max_tokens: in
         assert w.inputs.numel() <= max_tokens, "a batch stays within the budget, a longer sentence is cut into pieces"
         for row in range(w.inputs.size(0)):
             pos = w.positions[row][w.scored[row]]
-            assert torch.equal(w.targets[row][w.scored[row]], ids[pos]) and torch.equal(w.inputs[row][w.scored[row]], ids[pos - 1])
+            assert torch.equal(w.targets[row][w.scored[row]], ids[pos]) and torch.equal(
+                w.inputs[row][w.scored[row]], ids[pos - 1]
+            )
             rows.append(pos.tolist())
     expected = [s if s[0] > 0 else s[1:] for s in sentences]
     pieces = [r[k : k + max_tokens] for r in expected for k in range(0, len(r), max_tokens)]
-    assert sorted(rows) == sorted(pieces), "a row per sentence (per piece of max_tokens), from the token before it to its eos"
+    assert sorted(rows) == sorted(pieces), (
+        "a row per sentence (per piece of max_tokens), from the token before it to its eos"
+    )
     assert sorted(p for r in rows for p in r) == list(range(1, ids.numel()))
 
 
@@ -183,8 +191,12 @@ def test_sentence_plan_groups_similar_lengths_and_shuffles_per_epoch() -> None:
     ids = torch.cat([torch.cat([torch.full((n - 1,), 7), torch.tensor([eos])]) for n in lengths])
     plan = SentencePlan(ids, eos, max_tokens=10, seed=1)
     widths = [(plan.last[rows] - plan.first[rows] + 1).tolist() for rows in map(plan.group, range(plan.batches))]
-    assert all(max(w) - min(w) <= 3 for w in widths) and sorted(sum(widths, [])) == sorted([n if i else n - 1 for i, n in enumerate(lengths)])
-    assert plan.order(0).tolist() == SentencePlan(ids, eos, 10, seed=1).order(0).tolist(), "the order is a function of seed and epoch"
+    assert all(max(w) - min(w) <= 3 for w in widths) and sorted(sum(widths, [])) == sorted(
+        [n if i else n - 1 for i, n in enumerate(lengths)]
+    )
+    assert plan.order(0).tolist() == SentencePlan(ids, eos, 10, seed=1).order(0).tolist(), (
+        "the order is a function of seed and epoch"
+    )
     orders = {tuple(plan.order(epoch).tolist()) for epoch in range(6)}
     assert len(orders) > 1 and all(sorted(o) == list(range(plan.batches)) for o in orders)
 
@@ -213,7 +225,9 @@ def old_sentence_batches(ids: torch.Tensor, eos: int, max_tokens: int, seed: int
             spans.append((first, end))
         first = end + 1
     spans = [
-        (begin, min(begin + max_tokens - 1, last)) for first, last in spans for begin in range(first, last + 1, max_tokens)
+        (begin, min(begin + max_tokens - 1, last))
+        for first, last in spans
+        for begin in range(first, last + 1, max_tokens)
     ]
     lengths = torch.tensor([last - begin + 1 for begin, last in spans], dtype=torch.float64)
     tiebreak = torch.rand(len(spans), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
@@ -234,10 +248,14 @@ def test_sentence_plan_groups_exactly_as_the_loop_did(max_tokens: int, seed: int
     ids[100:104] = 0  # blank lines: sentences of their end alone
     plan = SentencePlan(ids.to(torch.int32), 0, max_tokens, seed=seed)
     expected = old_sentence_batches(ids, 0, max_tokens, seed)
-    got = [list(zip(plan.first[rows].tolist(), plan.last[rows].tolist())) for rows in map(plan.group, range(plan.batches))]
+    got = [
+        list(zip(plan.first[rows].tolist(), plan.last[rows].tolist())) for rows in map(plan.group, range(plan.batches))
+    ]
     assert got == expected
     batch = plan.batch(2, 0)
-    assert batch.inputs.dtype == torch.long and torch.equal(batch.targets[batch.scored], ids[batch.positions[batch.scored]])
+    assert batch.inputs.dtype == torch.long and torch.equal(
+        batch.targets[batch.scored], ids[batch.positions[batch.scored]]
+    )
 
 
 def test_stream_shards_are_disjoint_views_that_together_are_the_streams() -> None:
@@ -245,8 +263,12 @@ def test_stream_shards_are_disjoint_views_that_together_are_the_streams() -> Non
     whole = StreamPlan(ids, 4, "trim")
     halves = [StreamPlan(ids, 4, "trim", shard=(r, 2)) for r in range(2)]
     assert torch.equal(torch.cat([h.data for h in halves]), whole.data)
-    assert all(h.data.untyped_storage().data_ptr() == ids.untyped_storage().data_ptr() for h in halves), "views of the stream, no copy"
+    assert all(h.data.untyped_storage().data_ptr() == ids.untyped_storage().data_ptr() for h in halves), (
+        "views of the stream, no copy"
+    )
     for h, rows in zip(halves, (slice(0, 2), slice(2, 4))):
         window, reference = h.window(3, 5), whole.window(3, 5)
-        assert torch.equal(window.inputs, reference.inputs[rows]) and torch.equal(window.positions, reference.positions[rows])
+        assert torch.equal(window.inputs, reference.inputs[rows]) and torch.equal(
+            window.positions, reference.positions[rows]
+        )
     assert sum(h.tokens for h in halves) == whole.tokens

@@ -110,7 +110,9 @@ def test_weight_drop_uses_one_mask_for_every_time_step() -> None:
     dropped = layer.weight_hh_l0.detach() * keep_mask(layer.weight_hh_l0.shape, p, layer.weight_hh_l0)
     with torch.no_grad():
         expected = _reference_lstm(x, layer.weight_ih_l0, dropped, layer.bias_ih_l0, layer.bias_hh_l0, h0[0], c0[0])
-        undropped = _reference_lstm(x, layer.weight_ih_l0, layer.weight_hh_l0, layer.bias_ih_l0, layer.bias_hh_l0, h0[0], c0[0])
+        undropped = _reference_lstm(
+            x, layer.weight_ih_l0, layer.weight_hh_l0, layer.bias_ih_l0, layer.bias_hh_l0, h0[0], c0[0]
+        )
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(h[0], expected[:, -1], rtol=1e-5, atol=1e-6)
     assert (out - undropped).abs().max() > 1e-3
@@ -128,7 +130,15 @@ def test_weight_drop_rejects_bad_probability() -> None:
 
 
 def _encoder(**kw) -> AWDLSTMEncoder:
-    base = dict(emb_size=6, hidden_size=10, num_layers=3, input_dropout=0.0, hidden_dropout=0.0, output_dropout=0.0, weight_dropout=0.0)
+    base = dict(
+        emb_size=6,
+        hidden_size=10,
+        num_layers=3,
+        input_dropout=0.0,
+        hidden_dropout=0.0,
+        output_dropout=0.0,
+        weight_dropout=0.0,
+    )
     base.update(kw)
     cfg = ModelConfig.build(**base)
     return AWDLSTMEncoder(cfg.encoder, cfg.input.emb_size)

@@ -28,7 +28,9 @@ def test_chunk_views_one_buffer_in_order_and_computes_the_same() -> None:
     base = views[0].data_ptr()
     offsets = [v.data_ptr() - base for v in views]
     sizes = [p.numel() * p.element_size() for p in _params(layer)]
-    assert offsets == [0, sizes[0], sizes[0] + sizes[1], sizes[0] + sizes[1] + sizes[2]], "W_ih, W_hh, b_ih, b_hh back to back"
+    assert offsets == [0, sizes[0], sizes[0] + sizes[1], sizes[0] + sizes[1] + sizes[2]], (
+        "W_ih, W_hh, b_ih, b_hh back to back"
+    )
     x = torch.randn(3, 4, 5)
     state = layer.init_state(3)
     ref, h, c = torch.lstm(x, state, _params(layer), True, 1, 0.0, True, False, True)
@@ -73,7 +75,9 @@ def test_cuda_weight_dropped_lstm_needs_no_compaction_and_equals_nn_lstm() -> No
     assert not [w for w in caught if "contiguous chunk of memory" in str(w.message)], "cuDNN compacted the weights"
     torch.testing.assert_close(out, ref(x)[0], rtol=1e-5, atol=1e-5)
     assert torch.equal(out, again)
-    assert layer.weight_hh_l0.grad is not None and (layer.weight_hh_l0.grad == 0).any(), "DropConnect zeroes some gradient entries"
+    assert layer.weight_hh_l0.grad is not None and (layer.weight_hh_l0.grad == 0).any(), (
+        "DropConnect zeroes some gradient entries"
+    )
 
 
 @cuda
@@ -100,7 +104,7 @@ def test_cuda_fused_masked_vd_lstm_step_equals_the_cpu_loop() -> None:
     out_gpu, (h_gpu, _) = gpu(x.cuda(), tuple(s.cuda() for s in state), mask.cuda())
     torch.testing.assert_close(out_gpu.cpu(), out_cpu, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(h_gpu.cpu(), h_cpu, rtol=1e-5, atol=1e-5)
-    (out_cpu ** 2).sum().backward()
-    (out_gpu ** 2).sum().backward()
+    (out_cpu**2).sum().backward()
+    (out_gpu**2).sum().backward()
     for a, b in zip(_params(cpu), _params(gpu)):
         torch.testing.assert_close(b.grad.cpu(), a.grad, rtol=1e-4, atol=1e-5)

@@ -125,7 +125,9 @@ def test_scan_on_cuda_equals_the_loop_and_trains_under_bf16_autocast() -> None:
 # ---------------------------------------------------------------- one layer
 
 
-def _hand_qrnn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, window: int, c: torch.Tensor, x_prev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _hand_qrnn(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, window: int, c: torch.Tensor, x_prev: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """QRNN-fo written out step by step from the paper's equations (independent of the module)."""
     hidden = bias.numel() // 3
     outputs = []
@@ -220,7 +222,9 @@ def test_dropconnect_masks_are_constant_over_time_and_off_in_eval(monkeypatch: p
 def test_dropconnect_gradients_reach_the_raw_weight_through_the_mask(monkeypatch: pytest.MonkeyPatch) -> None:
     masks = []
     keep_mask = qrnn_module.keep_mask
-    monkeypatch.setattr(qrnn_module, "keep_mask", lambda shape, p, like: masks.append(keep_mask(shape, p, like)) or masks[-1])
+    monkeypatch.setattr(
+        qrnn_module, "keep_mask", lambda shape, p, like: masks.append(keep_mask(shape, p, like)) or masks[-1]
+    )
     layer = QRNNLayer(3, 4, weight_dropout=0.5).double()
     layer(torch.randn(2, 5, 3, **F64))[0].sum().backward()
     assert (layer.weight.grad[masks[0] == 0] == 0).all()
@@ -291,13 +295,17 @@ def test_state_protocol_round_trips() -> None:
     enc = _encoder()
     state = enc(torch.randn(4, 3, 5, **F64)).state
     assert [tuple(c.shape) + tuple(x.shape) for c, x in state.layers] == [(4, 6, 4, 5), (4, 6, 4, 0), (4, 5, 4, 0)]
-    assert all(c.grad_fn is not None for c, _ in state.layers) and all(c.grad_fn is None for c, _ in state.detach().layers)
+    assert all(c.grad_fn is not None for c, _ in state.layers) and all(
+        c.grad_fn is None for c, _ in state.detach().layers
+    )
     joined = concat_states([state.select(slice(0, 1)), state.select(slice(1, 4))])
     reloaded = enc.load_state(joined.state_dict())
     assert isinstance(reloaded, StackState) and reloaded.stream_dim == 0
     for (c, x), (c2, x2) in zip(state.layers, reloaded.to("cpu").layers):
         assert torch.equal(c, c2) and torch.equal(x, x2)
-    assert all(c.untyped_storage().nbytes() == c.numel() * c.element_size() for c, _ in state.layers), "no view of the (B, T, H) output"
+    assert all(c.untyped_storage().nbytes() == c.numel() * c.element_size() for c, _ in state.layers), (
+        "no view of the (B, T, H) output"
+    )
 
 
 @pytest.mark.parametrize(
@@ -305,11 +313,31 @@ def test_state_protocol_round_trips() -> None:
     [
         None,
         [[torch.zeros(2, 6), torch.zeros(2, 5)]] * 2,  # too few layers
-        [[torch.zeros(2, 7), torch.zeros(2, 5)], [torch.zeros(2, 6), torch.zeros(2, 0)], [torch.zeros(2, 5), torch.zeros(2, 0)]],
-        [[torch.zeros(2, 6), torch.zeros(2, 6)], [torch.zeros(2, 6), torch.zeros(2, 0)], [torch.zeros(2, 5), torch.zeros(2, 0)]],
-        [[torch.zeros(2, 6), torch.zeros(3, 5)], [torch.zeros(2, 6), torch.zeros(2, 0)], [torch.zeros(2, 5), torch.zeros(2, 0)]],
-        [[torch.zeros(2, 6), torch.zeros(2, 5)], [torch.zeros(3, 6), torch.zeros(3, 0)], [torch.zeros(2, 5), torch.zeros(2, 0)]],
-        [[torch.zeros(1, 2, 6), torch.zeros(2, 5)], [torch.zeros(2, 6), torch.zeros(2, 0)], [torch.zeros(2, 5), torch.zeros(2, 0)]],
+        [
+            [torch.zeros(2, 7), torch.zeros(2, 5)],
+            [torch.zeros(2, 6), torch.zeros(2, 0)],
+            [torch.zeros(2, 5), torch.zeros(2, 0)],
+        ],
+        [
+            [torch.zeros(2, 6), torch.zeros(2, 6)],
+            [torch.zeros(2, 6), torch.zeros(2, 0)],
+            [torch.zeros(2, 5), torch.zeros(2, 0)],
+        ],
+        [
+            [torch.zeros(2, 6), torch.zeros(3, 5)],
+            [torch.zeros(2, 6), torch.zeros(2, 0)],
+            [torch.zeros(2, 5), torch.zeros(2, 0)],
+        ],
+        [
+            [torch.zeros(2, 6), torch.zeros(2, 5)],
+            [torch.zeros(3, 6), torch.zeros(3, 0)],
+            [torch.zeros(2, 5), torch.zeros(2, 0)],
+        ],
+        [
+            [torch.zeros(1, 2, 6), torch.zeros(2, 5)],
+            [torch.zeros(2, 6), torch.zeros(2, 0)],
+            [torch.zeros(2, 5), torch.zeros(2, 0)],
+        ],
         [[torch.zeros(2, 6)], [torch.zeros(2, 6), torch.zeros(2, 0)], [torch.zeros(2, 5), torch.zeros(2, 0)]],
     ],
     ids=["none", "layers", "hidden", "prev", "prev-streams", "layer-streams", "lstm-layout", "pair"],
@@ -321,8 +349,14 @@ def test_load_state_rejects_what_does_not_fit(raw) -> None:
 
 @pytest.mark.parametrize(
     "override, option",
-    [("window=3", "model.encoder.window"), ("window=0", "model.encoder.window"), ("hidden_size=0", "model.encoder.hidden_size"),
-     ("num_layers=0", "model.encoder.num_layers"), ("zoneout=1.0", "model.encoder.zoneout"), ("weight_dropout=-0.1", "model.encoder.weight_dropout")],
+    [
+        ("window=3", "model.encoder.window"),
+        ("window=0", "model.encoder.window"),
+        ("hidden_size=0", "model.encoder.hidden_size"),
+        ("num_layers=0", "model.encoder.num_layers"),
+        ("zoneout=1.0", "model.encoder.zoneout"),
+        ("weight_dropout=-0.1", "model.encoder.weight_dropout"),
+    ],
 )
 def test_bad_config_names_the_option(override: str, option: str) -> None:
     with pytest.raises(ReglmError, match=rf"invalid option {option}:"):
@@ -331,7 +365,11 @@ def test_bad_config_names_the_option(override: str, option: str) -> None:
 
 def test_switching_the_kind_keeps_the_shared_options() -> None:
     encoder = build_config("tiny", ["model.encoder=qrnn"]).model.encoder
-    assert isinstance(encoder, QRNNConfig) and (encoder.hidden_size, encoder.weight_dropout, encoder.window) == (24, 0.3, 2)
+    assert isinstance(encoder, QRNNConfig) and (encoder.hidden_size, encoder.weight_dropout, encoder.window) == (
+        24,
+        0.3,
+        2,
+    )
 
 
 # ---------------------------------------------------------------- evaluation-time methods on a QRNN
@@ -369,7 +407,13 @@ def test_cache_at_lambda_zero_is_plain_evaluation() -> None:
 # ---------------------------------------------------------------- the CLI: resume, presets
 
 
-RUN = ["data.synthetic_sentences=200", "train.epochs=1", "train.finetune=false", "train.checkpoint_interval=4", "train.log_interval=5"]
+RUN = [
+    "data.synthetic_sentences=200",
+    "train.epochs=1",
+    "train.finetune=false",
+    "train.checkpoint_interval=4",
+    "train.log_interval=5",
+]
 
 
 def test_a_cli_run_resumes_bit_exactly(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -390,9 +434,19 @@ def test_a_cli_run_resumes_bit_exactly(tmp_path: Path, capsys: pytest.CaptureFix
     assert main(["train", "--resume", str(run)]) == 0
     capsys.readouterr()
     for sub in ("best", "last"):
-        want, got = load_file(str(reference / sub / "model.safetensors")), load_file(str(run / sub / "model.safetensors"))
+        want, got = (
+            load_file(str(reference / sub / "model.safetensors")),
+            load_file(str(run / sub / "model.safetensors")),
+        )
         assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want), sub
-    epochs = [[r["valid_loss"] for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines()) if r["event"] == "epoch"] for d in (reference, run)]
+    epochs = [
+        [
+            r["valid_loss"]
+            for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())
+            if r["event"] == "epoch"
+        ]
+        for d in (reference, run)
+    ]
     assert epochs[0] == epochs[1] and len(epochs[0]) == 1
 
 
@@ -418,11 +472,24 @@ def test_the_ptb_preset_is_the_reference_architecture() -> None:
     modules count 24,020,150 parameters: nn.Linear(800, 4650), 2 x nn.Linear(1550, 4650),
     nn.Linear(1550, 1200), the 10,000 x 400 embedding and the decoder bias."""
     linear = lambda i, o: i * o + o  # noqa: E731
-    assert linear(800, 4650) + 2 * linear(1550, 4650) + linear(1550, 1200) + 10_000 * 400 + 10_000 == PRESETS["qrnn-ptb"]
+    assert (
+        linear(800, 4650) + 2 * linear(1550, 4650) + linear(1550, 1200) + 10_000 * 400 + 10_000 == PRESETS["qrnn-ptb"]
+    )
     config = build_config("qrnn-ptb")
-    assert (config.seed, config.train.batch_size, config.train.clip, config.train.finetune_epochs) == (9001, 20, 0.2, 300)
+    assert (config.seed, config.train.batch_size, config.train.clip, config.train.finetune_epochs) == (
+        9001,
+        20,
+        0.2,
+        300,
+    )
     enc = config.model.encoder
-    assert (enc.hidden_size, enc.num_layers, enc.window, enc.weight_dropout, enc.hidden_dropout) == (1550, 4, 2, 0.1, 0.3)
+    assert (enc.hidden_size, enc.num_layers, enc.window, enc.weight_dropout, enc.hidden_dropout) == (
+        1550,
+        4,
+        2,
+        0.1,
+        0.3,
+    )
 
 
 def test_the_wt103_preset_divides_the_rate_by_ten_after_epoch_12() -> None:

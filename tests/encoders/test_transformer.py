@@ -20,7 +20,14 @@ from reglm.errors import ReglmError
 from reglm.models import LanguageModel
 
 TIGHT = {"rtol": 1e-5, "atol": 1e-5}
-SMALL = {"encoder": "transformer", "encoder__d_model": 16, "encoder__layers": 2, "encoder__heads": 4, "encoder__ffn_dim": 24, "emb_size": 16}
+SMALL = {
+    "encoder": "transformer",
+    "encoder__d_model": 16,
+    "encoder__layers": 2,
+    "encoder__heads": 4,
+    "encoder__ffn_dim": 24,
+    "emb_size": 16,
+}
 
 
 def _encoder(input_size: int = 16, **options: object) -> TransformerEncoder:
@@ -105,7 +112,9 @@ def test_equals_slow_reference_in_eval_mode(options: dict, input_size: int) -> N
 
 
 def test_future_tokens_never_change_earlier_log_probs() -> None:
-    model = LanguageModel(ModelConfig.build(**SMALL, encoder__dropout=0.2, encoder__attention_dropout=0.2), vocab_size=30).eval()
+    model = LanguageModel(
+        ModelConfig.build(**SMALL, encoder__dropout=0.2, encoder__attention_dropout=0.2), vocab_size=30
+    ).eval()
     ids = torch.randint(0, 30, (2, 12))
     base, state = model.log_probs(ids)
     assert state is None
@@ -118,8 +127,15 @@ def test_future_tokens_never_change_earlier_log_probs() -> None:
 
 
 def test_config_builder_accepts_the_transformer() -> None:
-    cfg = build_config(None, ["model.encoder=transformer", "model.encoder.d_model=24", "model.encoder.heads=3", "model.input.emb_size=24"])
-    assert isinstance(cfg.model.encoder, TransformerConfig) and cfg.model.encoder.d_model == 24 and cfg.model.encoder.heads == 3
+    cfg = build_config(
+        None,
+        ["model.encoder=transformer", "model.encoder.d_model=24", "model.encoder.heads=3", "model.input.emb_size=24"],
+    )
+    assert (
+        isinstance(cfg.model.encoder, TransformerConfig)
+        and cfg.model.encoder.d_model == 24
+        and cfg.model.encoder.heads == 3
+    )
     assert ENCODERS["transformer"] is TransformerEncoder
 
 
@@ -218,7 +234,16 @@ def test_stateless_interface() -> None:
 
 @pytest.mark.parametrize(
     "options",
-    [{"heads": 5}, {"layers": 0}, {"d_model": 0}, {"ffn_dim": 0}, {"dropout": 1.0}, {"attention_dropout": -0.1}, {"relu_dropout": 1.5}, {"output_dim": 0}],
+    [
+        {"heads": 5},
+        {"layers": 0},
+        {"d_model": 0},
+        {"ffn_dim": 0},
+        {"dropout": 1.0},
+        {"attention_dropout": -0.1},
+        {"relu_dropout": 1.5},
+        {"output_dim": 0},
+    ],
 )
 def test_config_validation(options: dict) -> None:
     with pytest.raises(ReglmError):
@@ -255,8 +280,15 @@ def test_tiny_transformer_trains_one_epoch(tmp_path: Path) -> None:
     from reglm.train.run import train
 
     overrides = [
-        "model.encoder=transformer", "model.encoder.d_model=16", "model.encoder.layers=2", "model.encoder.heads=2",
-        "model.encoder.ffn_dim=32", "model.input.emb_size=16", "train.epochs=1", "train.finetune=false", "data.synthetic_sentences=100",
+        "model.encoder=transformer",
+        "model.encoder.d_model=16",
+        "model.encoder.layers=2",
+        "model.encoder.heads=2",
+        "model.encoder.ffn_dim=32",
+        "model.input.emb_size=16",
+        "train.epochs=1",
+        "train.finetune=false",
+        "data.synthetic_sentences=100",
     ]
     results = train(build_config("tiny", overrides), tmp_path / "run", progress=False)
     for split in ("valid", "test"):

@@ -96,7 +96,9 @@ def reference_cache_nll(model: LanguageModel, ids: torch.Tensor, spec: CacheSpec
 
 @pytest.mark.parametrize("batch_size", [1, 2])
 @pytest.mark.parametrize("spec", [CacheSpec(5, 2.0, 0.3), CacheSpec(12, 0.7, 0.5), CacheSpec(1000, 1.5, 0.2)])
-def test_vectorized_cache_equals_per_token_reference(model: LanguageModel, ids: torch.Tensor, spec: CacheSpec, batch_size: int) -> None:
+def test_vectorized_cache_equals_per_token_reference(
+    model: LanguageModel, ids: torch.Tensor, spec: CacheSpec, batch_size: int
+) -> None:
     # bptt 7: windows smaller and larger than a bptt window, and one longer than the stream
     result = cache_evaluate(model, ids, spec, batch_size, bptt=7, keep_token_nll=True)
     expected = reference_cache_nll(model, ids, spec, batch_size)
@@ -107,7 +109,9 @@ def test_vectorized_cache_equals_per_token_reference(model: LanguageModel, ids: 
 
 @pytest.mark.parametrize("batch_size", [1, 2, 3])
 @pytest.mark.parametrize("bptt", [4, 9])
-def test_lambda_zero_equals_plain_evaluation_exactly(model: LanguageModel, ids: torch.Tensor, batch_size: int, bptt: int) -> None:
+def test_lambda_zero_equals_plain_evaluation_exactly(
+    model: LanguageModel, ids: torch.Tensor, batch_size: int, bptt: int
+) -> None:
     plain = evaluate(model, ids, batch_size, bptt, keep_token_nll=True)
     result = cache_evaluate(model, ids, CacheSpec(6, 1.0, 0.0), batch_size, bptt, keep_token_nll=True)
     assert result.loss == plain.loss and result.tokens == plain.tokens
@@ -118,7 +122,9 @@ def test_lambda_zero_equals_plain_evaluation_exactly(model: LanguageModel, ids: 
 
 @pytest.mark.parametrize("lam", [0.0, 0.3])
 @torch.no_grad()
-def test_full_distribution_sums_to_one_and_matches_the_evaluation(model: LanguageModel, ids: torch.Tensor, lam: float) -> None:
+def test_full_distribution_sums_to_one_and_matches_the_evaluation(
+    model: LanguageModel, ids: torch.Tensor, lam: float
+) -> None:
     spec = CacheSpec(6, 1.5, lam)
     even = ids[: ids.numel() - (ids.numel() - 1) % 2]  # an even number of targets: two streams of equal length
     data = torch.stack(streams_of(even, 2))
@@ -128,7 +134,9 @@ def test_full_distribution_sums_to_one_and_matches_the_evaluation(model: Languag
     assert log_p.shape == (2, y.size(1), V)
     torch.testing.assert_close(log_p.exp().sum(-1), torch.ones(2, y.size(1)), rtol=0, atol=1e-5)
     result = cache_evaluate(model, even, spec, 2, bptt=5, keep_token_nll=True)
-    torch.testing.assert_close(-log_p.gather(2, y.unsqueeze(-1)).squeeze(-1).flatten(), result.token_nll, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        -log_p.gather(2, y.unsqueeze(-1)).squeeze(-1).flatten(), result.token_nll, rtol=1e-5, atol=1e-5
+    )
 
 
 def test_evaluated_probabilities_of_every_next_word_sum_to_one(model: LanguageModel, ids: torch.Tensor) -> None:
@@ -148,7 +156,9 @@ def test_theta_zero_attends_uniformly_to_the_available_history(model: LanguageMo
     plain = evaluate(model, ids, 1, 6, keep_token_nll=True)
     y = ids[1:].tolist()
     p = torch.exp(-result.token_nll.double())
-    assert float(p[0]) == pytest.approx(math.exp(-float(plain.token_nll[0])), rel=1e-6), "position 0 has no cache: the model alone"
+    assert float(p[0]) == pytest.approx(math.exp(-float(plain.token_nll[0])), rel=1e-6), (
+        "position 0 has no cache: the model alone"
+    )
     for t in range(1, len(y)):
         seen = y[max(0, t - window) : t]
         assert float(p[t]) == pytest.approx(seen.count(y[t]) / len(seen), abs=1e-6)
@@ -168,11 +178,15 @@ def test_search_picks_the_setting_with_the_lowest_loss(model: LanguageModel, ids
     assert search.model_loss == pytest.approx(evaluate(model, ids, 2, 7).loss, rel=1e-12)
 
 
-def test_loss_delta_table_sums_to_the_total_loss_difference(model: LanguageModel, ids: torch.Tensor, vocab: Vocab, tmp_path: Path) -> None:
+def test_loss_delta_table_sums_to_the_total_loss_difference(
+    model: LanguageModel, ids: torch.Tensor, vocab: Vocab, tmp_path: Path
+) -> None:
     result = cache_evaluate(model, ids, CacheSpec(10, 2.0, 0.3), 2, bptt=7, keep_token_nll=True)
     rows = loss_deltas(result, result.plain, ids, vocab)
     assert sum(count for _, count, _ in rows) == result.tokens
-    assert sum(delta for _, _, delta in rows) == pytest.approx((result.loss - result.plain.loss) * result.tokens, rel=1e-9, abs=1e-9)
+    assert sum(delta for _, _, delta in rows) == pytest.approx(
+        (result.loss - result.plain.loss) * result.tokens, rel=1e-9, abs=1e-9
+    )
     assert [delta for _, _, delta in rows] == sorted(delta for _, _, delta in rows), "most helped (most negative) first"
     targets = ids[result.positions.flatten()]
     diff = (result.token_nll - result.plain.token_nll).flatten().double()
@@ -188,7 +202,9 @@ def test_loss_delta_table_sums_to_the_total_loss_difference(model: LanguageModel
 
 
 @pytest.mark.parametrize("cached", [False, True])
-def test_word_probs_file_matches_the_per_token_nll(model: LanguageModel, ids: torch.Tensor, vocab: Vocab, tmp_path: Path, cached: bool) -> None:
+def test_word_probs_file_matches_the_per_token_nll(
+    model: LanguageModel, ids: torch.Tensor, vocab: Vocab, tmp_path: Path, cached: bool
+) -> None:
     if cached:
         result = cache_evaluate(model, ids, CacheSpec(10, 2.0, 0.3), 3, bptt=7, keep_token_nll=True)
     else:
@@ -272,7 +288,13 @@ def test_parse_cache_grid() -> None:
     assert grid == CacheGrid((500, 2000), (0.1, 0.3), (0.05, 0.1)) and len(grid) == 8
     assert parse_cache_grid("") == DEFAULT_GRID
     assert parse_cache_grid("theta=0.5") == CacheGrid(DEFAULT_GRID.windows, (0.5,), DEFAULT_GRID.lams)
-    for text, fragment in (("window=0,10", "window=0"), ("theta=1;theta=2", "twice"), ("lambda=2", "lambda=2"), ("beta=1", "unknown key"), ("window=10,", "window")):
+    for text, fragment in (
+        ("window=0,10", "window=0"),
+        ("theta=1;theta=2", "twice"),
+        ("lambda=2", "lambda=2"),
+        ("beta=1", "unknown key"),
+        ("window=10,", "window"),
+    ):
         with pytest.raises(ReglmError, match="--cache-search") as info:
             parse_cache_grid(text)
         assert fragment in str(info.value)

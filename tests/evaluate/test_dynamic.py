@@ -16,7 +16,13 @@ from reglm.data.windows import Window
 from reglm.encoders.awd_lstm import WeightDropLSTM
 from reglm.errors import ReglmError
 from reglm.evaluate.dynamic import DynamicEvaluator, dynamic_evaluate, dynamic_search, gradient_statistics
-from reglm.evaluate.dynamic_spec import DynamicGrid, DynamicSpec, check_training_data, parse_dynamic_grid, parse_dynamic_spec
+from reglm.evaluate.dynamic_spec import (
+    DynamicGrid,
+    DynamicSpec,
+    check_training_data,
+    parse_dynamic_grid,
+    parse_dynamic_spec,
+)
 from reglm.evaluate.perplexity import evaluate
 from reglm.models import LanguageModel
 
@@ -26,7 +32,9 @@ NO_DROPOUT = {key: 0.0 for key in DROPOUTS}
 
 
 def tiny_model(**overrides) -> LanguageModel:
-    cfg = ModelConfig.build(**{**dict(emb_size=12, hidden_size=20, num_layers=2, tie_weights=True), **DROPOUTS, **overrides})
+    cfg = ModelConfig.build(
+        **{**dict(emb_size=12, hidden_size=20, num_layers=2, tie_weights=True), **DROPOUTS, **overrides}
+    )
     return LanguageModel(cfg, VOCAB)
 
 
@@ -76,7 +84,9 @@ def test_lr0_lambda0_equals_evaluate_window_for_window(model, train_ids, ids, va
 @pytest.mark.parametrize("segment", [1, 3, 11, 100])
 def test_lr0_total_independent_of_segment_length(model, train_ids, ids, segment):
     stats = stats_of(model, train_ids)
-    dyn = dynamic_evaluate(model, ids, DynamicSpec(lr=0.0, lam=0.0, segment=segment, batch_size=2), stats, keep_token_nll=True)
+    dyn = dynamic_evaluate(
+        model, ids, DynamicSpec(lr=0.0, lam=0.0, segment=segment, batch_size=2), stats, keep_token_nll=True
+    )
     ref = evaluate(model, ids, batch_size=2, bptt=7, keep_token_nll=True)
     assert dyn.tokens == ref.tokens
     assert_close(dyn.loss, ref.loss, rtol=1e-6, atol=0.0)
@@ -278,7 +288,11 @@ def test_mixture_of_softmaxes_output_adapts_without_latent_dropout(train_ids, id
     assert_close(still.loss, evaluate(model, ids, 2, 7).loss, rtol=1e-6, atol=0.0)
 
 
-@pytest.mark.parametrize("spec", [DynamicSpec(lr=1e-3, lam=0.0, stats_batch_size=8), DynamicSpec(lr=1.0, lam=0.0, variant="sgd")], ids=["rms", "sgd"])
+@pytest.mark.parametrize(
+    "spec",
+    [DynamicSpec(lr=1e-3, lam=0.0, stats_batch_size=8), DynamicSpec(lr=1.0, lam=0.0, variant="sgd")],
+    ids=["rms", "sgd"],
+)
 def test_adaptation_lowers_the_loss_on_a_repeated_phrase(train_ids, spec):
     model = tiny_model(**NO_DROPOUT)
     ids = torch.randint(0, VOCAB, (9,)).repeat(40)
@@ -338,19 +352,40 @@ def test_rms_needs_statistics(model, ids):
 
 
 def test_parse_spec_any_order_aliases_and_defaults():
-    assert parse_dynamic_spec("") == DynamicSpec() == DynamicSpec(lr=5e-5, lam=0.002, eps=2e-5, segment=5, variant="rms", batch_size=1, stats_batch_size=100)
+    assert (
+        parse_dynamic_spec("")
+        == DynamicSpec()
+        == DynamicSpec(lr=5e-5, lam=0.002, eps=2e-5, segment=5, variant="rms", batch_size=1, stats_batch_size=100)
+    )
     spec = parse_dynamic_spec(" variant=rms, segment=5 ,lambda=0.02,lr=2e-5,eps=1e-3,max_train_tokens=2e5 ")
     assert spec == DynamicSpec(lr=2e-5, lam=0.02, eps=1e-3, segment=5, max_train_tokens=200000)
-    assert parse_dynamic_spec("lam=0.1,epsilon=1e-4,max_train_tokens=all,batch_size=4,stats_batch_size=20") == DynamicSpec(lam=0.1, eps=1e-4, batch_size=4, stats_batch_size=20)
+    assert parse_dynamic_spec(
+        "lam=0.1,epsilon=1e-4,max_train_tokens=all,batch_size=4,stats_batch_size=20"
+    ) == DynamicSpec(lam=0.1, eps=1e-4, batch_size=4, stats_batch_size=20)
     assert parse_dynamic_spec("variant=sgd,lr=0.5").variant == "sgd"
 
 
-@pytest.mark.parametrize("text, named", [
-    ("foo=1", "foo"), ("lr=abc", "lr"), ("lr=-1", "lr"), ("lr=nan", "lr"), ("lambda=-0.1", "lambda"), ("lambda=1.5", "lambda"),
-    ("eps=0", "eps"), ("segment=0", "segment"), ("segment=2.5", "segment"), ("variant=adam", "variant"), ("lr", "lr"),
-    ("lr=1e-5,lr=2e-5", "lr"), ("variant=sgd", "lr"), ("max_train_tokens=0", "max_train_tokens"), ("batch_size=0", "batch_size"),
-    ("segment=5,", "''"),
-])
+@pytest.mark.parametrize(
+    "text, named",
+    [
+        ("foo=1", "foo"),
+        ("lr=abc", "lr"),
+        ("lr=-1", "lr"),
+        ("lr=nan", "lr"),
+        ("lambda=-0.1", "lambda"),
+        ("lambda=1.5", "lambda"),
+        ("eps=0", "eps"),
+        ("segment=0", "segment"),
+        ("segment=2.5", "segment"),
+        ("variant=adam", "variant"),
+        ("lr", "lr"),
+        ("lr=1e-5,lr=2e-5", "lr"),
+        ("variant=sgd", "lr"),
+        ("max_train_tokens=0", "max_train_tokens"),
+        ("batch_size=0", "batch_size"),
+        ("segment=5,", "''"),
+    ],
+)
 def test_parse_spec_errors_name_the_option_and_key(text, named):
     with pytest.raises(ReglmError, match="^--dynamic: ") as info:
         parse_dynamic_spec(text)
@@ -381,10 +416,19 @@ def test_parse_grid_lists_and_fixed_settings():
     assert sgd.lrs == (0.1, 1.0) and sgd.lams == DynamicGrid.around(sgd.spec).lams
 
 
-@pytest.mark.parametrize("text, named", [
-    ("segment=5,10", "segment"), ("lambda=0.1,2", "lambda"), ("lr=1e-5,-1", "lr"), ("lr=", "lr"), ("variant=sgd;lambda=0.1", "lr"),
-    ("foo=1", "foo"), ("lr=x", "lr"), ("lr=1;lr=2", "lr"),
-])
+@pytest.mark.parametrize(
+    "text, named",
+    [
+        ("segment=5,10", "segment"),
+        ("lambda=0.1,2", "lambda"),
+        ("lr=1e-5,-1", "lr"),
+        ("lr=", "lr"),
+        ("variant=sgd;lambda=0.1", "lr"),
+        ("foo=1", "foo"),
+        ("lr=x", "lr"),
+        ("lr=1;lr=2", "lr"),
+    ],
+)
 def test_parse_grid_errors_name_the_option_and_key(text, named):
     with pytest.raises(ReglmError, match="^--dynamic-search: ") as info:
         parse_dynamic_grid(text)

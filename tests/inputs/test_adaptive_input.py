@@ -77,10 +77,18 @@ def test_dropout_and_noise_only_in_training() -> None:
 
 def test_registered_and_built_from_overrides() -> None:
     assert INPUTS["adaptive"] is AdaptiveInput
-    config = build_config(None, [
-        "model.input=adaptive", "model.input.dim=16", "model.input.cutoffs=10,30", "model.input.factor=2",
-        "model.output=adaptive", "model.output.cutoffs=10,30", "model.output.factor=2",
-    ])
+    config = build_config(
+        None,
+        [
+            "model.input=adaptive",
+            "model.input.dim=16",
+            "model.input.cutoffs=10,30",
+            "model.input.factor=2",
+            "model.output=adaptive",
+            "model.output.cutoffs=10,30",
+            "model.output.factor=2",
+        ],
+    )
     assert isinstance(config.model.input, AdaptiveInputConfig) and config.model.input.cutoff_values == (10, 30)
     model = LanguageModel(config.model, V)
     assert isinstance(model.embedding, AdaptiveInput) and model.embedding.dims == (16, 8, 4)
@@ -91,15 +99,18 @@ def test_registered_and_built_from_overrides() -> None:
 BASE = ["model.input=adaptive", "model.input.dim=16", "model.output=adaptive", "model.output.tie=none"]
 
 
-@pytest.mark.parametrize(("overrides", "fragment"), [
-    (["model.input.cutoffs=30,10"], "invalid option model.input.cutoffs: .*strictly increasing"),
-    (["model.input.cutoffs=10,10"], "invalid option model.input.cutoffs: .*strictly increasing"),
-    (["model.input.cutoffs=0,10"], "invalid option model.input.cutoffs"),
-    (["model.input.cutoffs=ten"], "invalid option model.input.cutoffs"),
-    (["model.input.cutoffs=10,20,30", "model.input.factor=4"], "invalid option model.input.factor: band 4 of 4"),
-    (["model.input.factor=0.5"], "invalid option model.input.factor"),
-    (["model.input.dropout=1.0"], "invalid option model.input.dropout"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "fragment"),
+    [
+        (["model.input.cutoffs=30,10"], "invalid option model.input.cutoffs: .*strictly increasing"),
+        (["model.input.cutoffs=10,10"], "invalid option model.input.cutoffs: .*strictly increasing"),
+        (["model.input.cutoffs=0,10"], "invalid option model.input.cutoffs"),
+        (["model.input.cutoffs=ten"], "invalid option model.input.cutoffs"),
+        (["model.input.cutoffs=10,20,30", "model.input.factor=4"], "invalid option model.input.factor: band 4 of 4"),
+        (["model.input.factor=0.5"], "invalid option model.input.factor"),
+        (["model.input.dropout=1.0"], "invalid option model.input.dropout"),
+    ],
+)
 def test_bad_options_are_config_errors(overrides: list[str], fragment: str) -> None:
     with pytest.raises(ReglmError, match=fragment):
         build_config(None, [*BASE, "model.output.cutoffs=10,30", *overrides])

@@ -31,7 +31,13 @@ def _layer(words: list[str] = WORDS, **options: object) -> CharCNN:
 
 def _closed_form(char_emb: int, filters: list[tuple[int, int]], highway: int, dim: int, alphabet: int = 257) -> int:
     F_ = sum(c for _, c in filters)
-    return alphabet * char_emb + sum(w * char_emb * c + c for w, c in filters) + highway * (2 * F_ * F_ + 2 * F_) + F_ * dim + dim
+    return (
+        alphabet * char_emb
+        + sum(w * char_emb * c + c for w, c in filters)
+        + highway * (2 * F_ * F_ + 2 * F_)
+        + F_ * dim
+        + dim
+    )
 
 
 def test_parameter_count_closed_form_at_the_papers_filters() -> None:
@@ -51,7 +57,9 @@ def test_parameter_count_closed_form_at_the_papers_filters() -> None:
 def test_parameter_count_small_and_in_a_model() -> None:
     layer = _layer()
     assert sum(p.numel() for p in layer.parameters()) == _closed_form(6, [(1, 4), (2, 5), (3, 7)], 2, 9)
-    cfg = ModelConfig.build(input="char-cnn", **{f"input__{k}": v for k, v in SMALL.items()}, hidden_size=12, tie_weights=False)
+    cfg = ModelConfig.build(
+        input="char-cnn", **{f"input__{k}": v for k, v in SMALL.items()}, hidden_size=12, tie_weights=False
+    )
     model = LanguageModel(cfg, len(WORDS), _vocab())
     assert count_parameters(cfg, len(WORDS)) == model.num_parameters()
     assert model.parameter_split()["input"] == _closed_form(6, [(1, 4), (2, 5), (3, 7)], 2, 9)
@@ -87,7 +95,9 @@ def _reference(layer: CharCNN, word: int) -> torch.Tensor:
     pooled = []
     for conv in layer.convs:
         w = conv.weight.shape[-1]
-        windows = torch.stack([(chars[i : i + w].T * conv.weight).sum(dim=(1, 2)) + conv.bias for i in range(chars.size(0) - w + 1)])
+        windows = torch.stack(
+            [(chars[i : i + w].T * conv.weight).sum(dim=(1, 2)) + conv.bias for i in range(chars.size(0) - w + 1)]
+        )
         pooled.append(windows.max(dim=0).values)
     y = torch.relu(torch.cat(pooled))
     for hw in layer.highways:
@@ -148,7 +158,12 @@ def test_placeholder_without_vocabulary_and_loading_restores_spellings() -> None
 def test_saved_model_reloads_with_the_same_spellings(tmp_path: Path) -> None:
     from reglm.train.checkpoint import load_model_dir, save_model_dir
 
-    overrides = ["model.input=char-cnn", *(f"model.input.{k}={v}" for k, v in SMALL.items()), "model.output.tie_weights=false", "model.encoder.hidden_size=8"]
+    overrides = [
+        "model.input=char-cnn",
+        *(f"model.input.{k}={v}" for k, v in SMALL.items()),
+        "model.output.tie_weights=false",
+        "model.encoder.hidden_size=8",
+    ]
     config = build_config(None, overrides)
     vocab = Vocab.build(Counter({w: 10 - i for i, w in enumerate(WORDS)}))
     model = LanguageModel(config.model, len(vocab), vocab).eval()
@@ -164,13 +179,23 @@ def test_saved_model_reloads_with_the_same_spellings(tmp_path: Path) -> None:
 def test_a_tied_output_layer_refuses_the_char_cnn(output: str) -> None:
     with pytest.raises(ReglmError, match="tie_weights"):
         ModelConfig.build(input="char-cnn", output=output, tie_weights=True)
-    ModelConfig.build(input="char-cnn", output=output, tie_weights=False, **({"n_experts": 2} if output == "mos" else {}))
+    ModelConfig.build(
+        input="char-cnn", output=output, tie_weights=False, **({"n_experts": 2} if output == "mos" else {})
+    )
 
 
 @pytest.mark.parametrize(
     "options, option",
-    [({"filters": "1:128,2"}, "filters"), ({"filters": "0:5"}, "filters"), ({"filters": "a:b"}, "filters"), ({"filters": ""}, "filters"),
-     ({"max_chars": 6}, "max_chars"), ({"highway": -1}, "highway"), ({"dim": 0}, "dim"), ({"char_emb_size": 0}, "char_emb_size")],
+    [
+        ({"filters": "1:128,2"}, "filters"),
+        ({"filters": "0:5"}, "filters"),
+        ({"filters": "a:b"}, "filters"),
+        ({"filters": ""}, "filters"),
+        ({"max_chars": 6}, "max_chars"),
+        ({"highway": -1}, "highway"),
+        ({"dim": 0}, "dim"),
+        ({"char_emb_size": 0}, "char_emb_size"),
+    ],
 )
 def test_config_validation(options: dict, option: str) -> None:
     with pytest.raises(ReglmError, match=f"model.input.{option}"):
@@ -187,8 +212,15 @@ def test_tiny_char_cnn_model_trains_one_epoch(tmp_path: Path) -> None:
     from reglm.train.run import train
 
     overrides = [
-        "model.input=char-cnn", "model.input.char_emb_size=8", "model.input.filters=1:8,2:8,3:8", "model.input.dim=16",
-        "model.input.max_chars=12", "model.output.tie_weights=false", "train.epochs=1", "train.finetune=false", "data.synthetic_sentences=100",
+        "model.input=char-cnn",
+        "model.input.char_emb_size=8",
+        "model.input.filters=1:8,2:8,3:8",
+        "model.input.dim=16",
+        "model.input.max_chars=12",
+        "model.output.tie_weights=false",
+        "train.epochs=1",
+        "train.finetune=false",
+        "data.synthetic_sentences=100",
     ]
     results = train(build_config("tiny", overrides), tmp_path / "run", progress=False)
     for split in ("valid", "test"):

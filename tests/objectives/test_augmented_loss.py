@@ -88,7 +88,10 @@ def test_target_gradient_switch() -> None:
     augmented_kl(z, targets, emb, 2.0, target_grad=True).sum().backward()
     assert emb.grad is not None and float(emb.grad.abs().max()) > 0
     # and that gradient is the true one of KL(y_tilde(L) || y_hat(z))
-    assert torch.autograd.gradcheck(lambda a, b: augmented_kl(a, targets, b, 1.5, target_grad=True), (z.detach().requires_grad_(), emb.detach().requires_grad_()))
+    assert torch.autograd.gradcheck(
+        lambda a, b: augmented_kl(a, targets, b, 1.5, target_grad=True),
+        (z.detach().requires_grad_(), emb.detach().requires_grad_()),
+    )
 
 
 def test_no_vocabulary_squared_memory() -> None:

@@ -114,8 +114,12 @@ def test_the_transformer_presets_drop_the_adaptive_softmax_input_as_the_authors_
     """fairseq's one adaptive_softmax_dropout sets both dropouts: 0.2 in transformer_lm_wiki103,
     0 in transformer_lm_gbw (and in Table 6's row without tail dropout)."""
     rates = {
-        "transformer-wt103-adp-t": 0.2, "transformer-wt103-asm": 0.2, "transformer-wt103-asm-t-nodim": 0.2,
-        "transformer-wt103-asm-tail-dropout0": 0.0, "transformer-gbw-adp-t": 0.0, "transformer-gbw-cnn": 0.0,
+        "transformer-wt103-adp-t": 0.2,
+        "transformer-wt103-asm": 0.2,
+        "transformer-wt103-asm-t-nodim": 0.2,
+        "transformer-wt103-asm-tail-dropout0": 0.0,
+        "transformer-gbw-adp-t": 0.0,
+        "transformer-gbw-cnn": 0.0,
     }
     for preset, rate in rates.items():
         output = build_config(preset, []).model.output
@@ -158,12 +162,24 @@ def test_score_never_builds_an_n_by_v_tensor() -> None:
 
 
 def tied_model(tie: str, advsoft: str = "none", **extra: str) -> LanguageModel:
-    config = build_config(None, [
-        "model.input=adaptive", f"model.input.dim={D}", "model.input.cutoffs=10,30", "model.input.factor=2", "model.input.dropout=0",
-        "model.encoder.hidden_size=12", "model.encoder.num_layers=1", "model.output=adaptive", "model.output.cutoffs=10,30",
-        "model.output.factor=2", f"model.output.tie={tie}", f"model.output.advsoft={advsoft}",
-        *(f"{key}={value}" for key, value in extra.items()),
-    ])
+    config = build_config(
+        None,
+        [
+            "model.input=adaptive",
+            f"model.input.dim={D}",
+            "model.input.cutoffs=10,30",
+            "model.input.factor=2",
+            "model.input.dropout=0",
+            "model.encoder.hidden_size=12",
+            "model.encoder.num_layers=1",
+            "model.output=adaptive",
+            "model.output.cutoffs=10,30",
+            "model.output.factor=2",
+            f"model.output.tie={tie}",
+            f"model.output.advsoft={advsoft}",
+            *(f"{key}={value}" for key, value in extra.items()),
+        ],
+    )
     return LanguageModel(config.model, V)
 
 
@@ -195,11 +211,21 @@ def assert_sharing(model: LanguageModel, tie: str) -> None:
 def test_each_tie_option_shares_what_table7_says_and_keeps_it_through_a_checkpoint(tie: str, tmp_path: Path) -> None:
     model = tied_model(tie)
     assert_sharing(model, tie)
-    config = build_config(None, [
-        "model.input=adaptive", f"model.input.dim={D}", "model.input.cutoffs=10,30", "model.input.factor=2",
-        "model.encoder.hidden_size=12", "model.encoder.num_layers=1", "model.output=adaptive", "model.output.cutoffs=10,30",
-        "model.output.factor=2", f"model.output.tie={tie}",
-    ])
+    config = build_config(
+        None,
+        [
+            "model.input=adaptive",
+            f"model.input.dim={D}",
+            "model.input.cutoffs=10,30",
+            "model.input.factor=2",
+            "model.encoder.hidden_size=12",
+            "model.encoder.num_layers=1",
+            "model.output=adaptive",
+            "model.output.cutoffs=10,30",
+            "model.output.factor=2",
+            f"model.output.tie={tie}",
+        ],
+    )
     model = LanguageModel(config.model, V)
     vocab = Vocab([f"w{i}" for i in range(V - 1)] + ["<eos>"], list(range(V, 0, -1)))
     save_model_dir(tmp_path / "m", model, config, vocab)
@@ -220,6 +246,7 @@ def test_tied_head_projection_is_applied_before_the_head_word_embeddings() -> No
 
 def direct_adversarial_nll(out: AdaptiveSoftmax, h: torch.Tensor, y: torch.Tensor, adv: AdvSoft) -> torch.Tensor:
     """Token by token: lower the target's head row and, for a tail word, its row in the cluster."""
+
     def eps(row: torch.Tensor) -> float:
         return adv.alpha * float(row.norm()) if adv.mode == "relative" else adv.epsilon
 
@@ -244,7 +271,9 @@ def direct_adversarial_nll(out: AdaptiveSoftmax, h: torch.Tensor, y: torch.Tenso
 
 @pytest.mark.parametrize(("tie", "mode"), [("none", "relative"), ("head", "relative"), ("projections", "fixed")])
 def test_advsoft_equals_a_direct_computation_and_only_lowers_target_probabilities(tie: str, mode: str) -> None:
-    model = tied_model(tie, advsoft=mode, **{"model.output.advsoft.alpha": "0.3", "model.output.advsoft.epsilon": "0.4"})
+    model = tied_model(
+        tie, advsoft=mode, **{"model.output.advsoft.alpha": "0.3", "model.output.advsoft.epsilon": "0.4"}
+    )
     out = model.output.eval()
     h, y = 2 * torch.randn(3, 7, D), targets_in_every_band((3, 7))
     with torch.no_grad():
@@ -284,22 +313,54 @@ def test_full_logits_and_kept_logits_are_refused() -> None:
         out.score(wrap(h), torch.zeros(1, 2, dtype=torch.long), keep_logits=True)
 
 
-ADAPTIVE_IN = ["model.input=adaptive", "model.input.dim=16", "model.input.cutoffs=10,30", "model.input.factor=2", "model.output=adaptive"]
+ADAPTIVE_IN = [
+    "model.input=adaptive",
+    "model.input.dim=16",
+    "model.input.cutoffs=10,30",
+    "model.input.factor=2",
+    "model.output=adaptive",
+]
 
 
-@pytest.mark.parametrize(("overrides", "fragment"), [
-    (["model.output.cutoffs=30,10"], "invalid option model.output.cutoffs: .*strictly increasing"),
-    (["model.output.cutoffs=10,x"], "invalid option model.output.cutoffs"),
-    (["model.output.cutoffs=10,30", "model.output.factor=2", "model.output.tail_dropout=1"], "invalid option model.output.tail_dropout"),
-    (["model.output.cutoffs=10,30", "model.output.factor=2", "model.output.softmax_input_dropout=-0.1"],
-     "invalid option model.output.softmax_input_dropout"),
-    (["model.output.cutoffs=10,30", "model.output.factor=2", "model.output.tie=weights"], "invalid option model.output.tie: unknown 'weights'"),
-    (["model.output.cutoffs=10,30,40", "model.output.factor=4", "model.output.tie=none"], "invalid option model.output.factor: band 4 of 4"),
-    (["model.output.cutoffs=10,20", "model.output.factor=2"], "invalid option model.output.cutoffs: .*differs from model.input.cutoffs"),
-    (["model.output.cutoffs=10,30", "model.output.factor=4"], "invalid option model.output.factor: .*differs from model.input.factor"),
-    (["model.output.cutoffs=10,30", "model.output.factor=2", "model.encoder.last_hidden_size=8"], "invalid option model.output.tie: .*8 features"),
-    (["model.output.cutoffs=10,30", "model.output.factor=2", "train.aug_gamma=1"], "invalid option train.aug_gamma"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "fragment"),
+    [
+        (["model.output.cutoffs=30,10"], "invalid option model.output.cutoffs: .*strictly increasing"),
+        (["model.output.cutoffs=10,x"], "invalid option model.output.cutoffs"),
+        (
+            ["model.output.cutoffs=10,30", "model.output.factor=2", "model.output.tail_dropout=1"],
+            "invalid option model.output.tail_dropout",
+        ),
+        (
+            ["model.output.cutoffs=10,30", "model.output.factor=2", "model.output.softmax_input_dropout=-0.1"],
+            "invalid option model.output.softmax_input_dropout",
+        ),
+        (
+            ["model.output.cutoffs=10,30", "model.output.factor=2", "model.output.tie=weights"],
+            "invalid option model.output.tie: unknown 'weights'",
+        ),
+        (
+            ["model.output.cutoffs=10,30,40", "model.output.factor=4", "model.output.tie=none"],
+            "invalid option model.output.factor: band 4 of 4",
+        ),
+        (
+            ["model.output.cutoffs=10,20", "model.output.factor=2"],
+            "invalid option model.output.cutoffs: .*differs from model.input.cutoffs",
+        ),
+        (
+            ["model.output.cutoffs=10,30", "model.output.factor=4"],
+            "invalid option model.output.factor: .*differs from model.input.factor",
+        ),
+        (
+            ["model.output.cutoffs=10,30", "model.output.factor=2", "model.encoder.last_hidden_size=8"],
+            "invalid option model.output.tie: .*8 features",
+        ),
+        (
+            ["model.output.cutoffs=10,30", "model.output.factor=2", "train.aug_gamma=1"],
+            "invalid option train.aug_gamma",
+        ),
+    ],
+)
 def test_bad_options_are_config_errors(overrides: list[str], fragment: str) -> None:
     with pytest.raises(ReglmError, match=fragment):
         build_config(None, [*ADAPTIVE_IN, *overrides])
@@ -307,22 +368,56 @@ def test_bad_options_are_config_errors(overrides: list[str], fragment: str) -> N
 
 @pytest.mark.parametrize("tie", ["projections", "head"])
 def test_tying_projections_to_a_word_embedding_is_a_config_error(tie: str) -> None:
-    with pytest.raises(ReglmError, match=f"invalid option model.output.tie: tie={tie} shares parameters with an adaptive input, not with input layer embedding"):
-        build_config(None, ["model.input.emb_size=16", "model.output=adaptive", "model.output.cutoffs=10,30", f"model.output.tie={tie}"])
+    with pytest.raises(
+        ReglmError,
+        match=f"invalid option model.output.tie: tie={tie} shares parameters with an adaptive input, not with input layer embedding",
+    ):
+        build_config(
+            None,
+            [
+                "model.input.emb_size=16",
+                "model.output=adaptive",
+                "model.output.cutoffs=10,30",
+                f"model.output.tie={tie}",
+            ],
+        )
 
 
-@pytest.mark.parametrize(("overrides", "fragment"), [
-    (["model.output.factor=4"], "invalid option model.output.factor: 4: a word embedding has one size for every word"),
-    (["model.output.factor=1", "model.input.emb_size=8"], "ties to a word embedding of size 8"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "fragment"),
+    [
+        (
+            ["model.output.factor=4"],
+            "invalid option model.output.factor: 4: a word embedding has one size for every word",
+        ),
+        (["model.output.factor=1", "model.input.emb_size=8"], "ties to a word embedding of size 8"),
+    ],
+)
 def test_tying_embeddings_to_a_word_embedding_needs_factor_1_and_its_size(overrides: list[str], fragment: str) -> None:
     with pytest.raises(ReglmError, match=fragment):
-        build_config(None, ["model.input.emb_size=16", "model.encoder.last_hidden_size=16", "model.output=adaptive", "model.output.cutoffs=10,30",
-                            "model.output.tie=embeddings", *overrides])
+        build_config(
+            None,
+            [
+                "model.input.emb_size=16",
+                "model.encoder.last_hidden_size=16",
+                "model.output=adaptive",
+                "model.output.cutoffs=10,30",
+                "model.output.tie=embeddings",
+                *overrides,
+            ],
+        )
 
 
-WORD_TIED = ["model.input.emb_size=16", "model.encoder.hidden_size=12", "model.encoder.num_layers=1", "model.encoder.last_hidden_size=16",
-             "model.output=adaptive", "model.output.cutoffs=10,30", "model.output.factor=1", "model.output.tie=embeddings"]
+WORD_TIED = [
+    "model.input.emb_size=16",
+    "model.encoder.hidden_size=12",
+    "model.encoder.num_layers=1",
+    "model.encoder.last_hidden_size=16",
+    "model.output=adaptive",
+    "model.output.cutoffs=10,30",
+    "model.output.factor=1",
+    "model.output.tie=embeddings",
+]
 """Table 7's "512d Adaptive (no dim reduction, tied)" at toy size"""
 
 
@@ -333,7 +428,11 @@ def test_a_word_embedding_tied_at_factor_1_is_the_softmax_of_its_rows(tmp_path: 
     model = LanguageModel(config.model, V).eval()
     out, emb = model.output, model.embedding.weight
     assert out.tied_matrix is emb and out.dims == (16, 16, 16)
-    assert sum(p.numel() for p in out.parameters() if p is not emb) == model.parameter_split()["output"] == 2 * 16 * 16 + 2 * 16
+    assert (
+        sum(p.numel() for p in out.parameters() if p is not emb)
+        == model.parameter_split()["output"]
+        == 2 * 16 * 16 + 2 * 16
+    )
     ref = torch.nn.AdaptiveLogSoftmaxWithLoss(16, V, [10, 30], div_value=1.0, head_bias=False)
     with torch.no_grad():
         ref.head.weight.copy_(torch.cat([emb[:10], out.cluster_weight]))
@@ -354,14 +453,20 @@ def test_a_word_embedding_tied_at_factor_1_is_the_softmax_of_its_rows(tmp_path: 
 
 
 def test_untied_adaptive_softmax_over_a_word_embedding_is_allowed() -> None:
-    config = build_config(None, ["model.input.emb_size=16", "model.output=adaptive", "model.output.cutoffs=10,30", "model.output.tie=none"])
+    config = build_config(
+        None,
+        ["model.input.emb_size=16", "model.output=adaptive", "model.output.cutoffs=10,30", "model.output.tie=none"],
+    )
     model = LanguageModel(config.model, V)
     assert model.output.dims == (16, 4, 1)
     assert model.output_nll(model(torch.randint(0, V, (2, 3))), torch.randint(0, V, (2, 3))).shape == (2, 3)
 
 
 def test_cutoffs_beyond_the_vocabulary_are_a_config_error_at_build_time() -> None:
-    config = build_config(None, ["model.input.emb_size=16", "model.output=adaptive", "model.output.cutoffs=10,60", "model.output.tie=none"])
+    config = build_config(
+        None,
+        ["model.input.emb_size=16", "model.output=adaptive", "model.output.cutoffs=10,60", "model.output.tie=none"],
+    )
     with pytest.raises(ReglmError, match="invalid option model.output.cutoffs: .*beyond the vocabulary of 60 words"):
         LanguageModel(config.model, V)
 
@@ -369,12 +474,24 @@ def test_cutoffs_beyond_the_vocabulary_are_a_config_error_at_build_time() -> Non
 def test_a_tiny_run_trains_with_adaptive_input_and_adaptive_softmax(tmp_path: Path) -> None:
     from reglm.train.run import train
 
-    config = build_config("tiny", [
-        "data.synthetic_sentences=100", "train.epochs=1", "train.finetune=false",
-        "model.input=adaptive", "model.input.dim=24", "model.input.cutoffs=200,500", "model.input.factor=2",
-        "model.output=adaptive", "model.output.cutoffs=200,500", "model.output.factor=2", "model.output.tie=projections",
-        "model.output.tail_dropout=0.2", "model.output.advsoft=relative",
-    ])
+    config = build_config(
+        "tiny",
+        [
+            "data.synthetic_sentences=100",
+            "train.epochs=1",
+            "train.finetune=false",
+            "model.input=adaptive",
+            "model.input.dim=24",
+            "model.input.cutoffs=200,500",
+            "model.input.factor=2",
+            "model.output=adaptive",
+            "model.output.cutoffs=200,500",
+            "model.output.factor=2",
+            "model.output.tie=projections",
+            "model.output.tail_dropout=0.2",
+            "model.output.advsoft=relative",
+        ],
+    )
     assert config.model.input.dropout == 0.2  # the preset's input dropout carries over to the adaptive input
     results = train(config, tmp_path / "run", progress=False)
     assert math.isfinite(results["test"]["ppl"]) and results["test"]["ppl"] < 1001

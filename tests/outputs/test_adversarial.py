@@ -16,8 +16,8 @@ from reglm.evaluate.perplexity import evaluate
 from reglm.models import LanguageModel
 from reglm.outputs.adversarial import AdvSoft
 from reglm.outputs.softmax import SoftmaxOutput
-from reglm.train.run import train
 from reglm.train.metrics import read_metrics
+from reglm.train.run import train
 from reglm.train.schedules import annealed_std
 
 
@@ -41,7 +41,9 @@ def _project(delta: torch.Tensor, radius: float) -> torch.Tensor:
     return delta * torch.clamp(radius / norms, max=1.0)
 
 
-def _min_over_ball(w: torch.Tensor, h: torch.Tensor, b: torch.Tensor, i: int, radius: float, rows: list[int], seed: int) -> float:
+def _min_over_ball(
+    w: torch.Tensor, h: torch.Tensor, b: torch.Tensor, i: int, radius: float, rows: list[int], seed: int
+) -> float:
     """min over ||delta_j|| <= radius (j in rows) of log softmax_i(w + delta), by projected gradient
     (each row's step normalized on its own, so rows with tiny gradients still converge)."""
     g = torch.Generator().manual_seed(seed)
@@ -82,7 +84,10 @@ def test_output_layer_nll_matches_equation_7_per_token() -> None:
     weight = torch.nn.Parameter(torch.randn(vocab, dim))
     h = torch.randn(2, 5, dim)
     targets = torch.tensor([[3, 3, 1, 3, 0], [1, 1, 4, 3, 10]])
-    for advsoft, eps_of in ((AdvSoft(mode="fixed", epsilon=0.4), lambda y: 0.4), (AdvSoft(mode="relative", alpha=0.3), lambda y: 0.3 * float(weight[y].detach().norm()))):
+    for advsoft, eps_of in (
+        (AdvSoft(mode="fixed", epsilon=0.4), lambda y: 0.4),
+        (AdvSoft(mode="relative", alpha=0.3), lambda y: 0.3 * float(weight[y].detach().norm())),
+    ):
         layer = SoftmaxOutput(dim, vocab, weight, advsoft)
         with torch.no_grad():
             layer.bias.normal_()
@@ -199,7 +204,9 @@ def test_positive_only_perturbs_only_tokens_aligned_with_their_target() -> None:
 def test_evaluation_is_clean_whatever_the_option() -> None:
     torch.manual_seed(0)
     plain = LanguageModel(ModelConfig.build(emb_size=8, hidden_size=12, num_layers=2), 30)
-    adv = LanguageModel(ModelConfig.build(emb_size=8, hidden_size=12, num_layers=2, advsoft="relative", advsoft_alpha=1.0), 30)
+    adv = LanguageModel(
+        ModelConfig.build(emb_size=8, hidden_size=12, num_layers=2, advsoft="relative", advsoft_alpha=1.0), 30
+    )
     adv.load_state_dict(plain.state_dict())
     plain.eval(), adv.eval()
     ids = torch.randint(0, 30, (3, 9))
@@ -217,7 +224,12 @@ def test_adversarial_needs_an_advsoft_layer() -> None:
 
 def test_input_noise_only_in_training() -> None:
     torch.manual_seed(0)
-    model = LanguageModel(ModelConfig.build(emb_size=8, hidden_size=12, num_layers=1, input_dropout=0, hidden_dropout=0, output_dropout=0), 20)
+    model = LanguageModel(
+        ModelConfig.build(
+            emb_size=8, hidden_size=12, num_layers=1, input_dropout=0, hidden_dropout=0, output_dropout=0
+        ),
+        20,
+    )
     ids = torch.randint(0, 20, (2, 6))
     model.eval()
     torch.testing.assert_close(model(ids, input_noise=0.5).output, model(ids).output, rtol=0, atol=0)
@@ -232,14 +244,24 @@ def test_input_noise_only_in_training() -> None:
 
 @pytest.mark.parametrize(
     ("schedule", "epoch", "expected"),
-    [("constant", 7, 0.2), ("linear", 0, 0.2), ("linear", 5, 0.1), ("linear", 10, 0.0), ("linear", 30, 0.0), ("exponential", 10, 0.1), ("exponential", 20, 0.05)],
+    [
+        ("constant", 7, 0.2),
+        ("linear", 0, 0.2),
+        ("linear", 5, 0.1),
+        ("linear", 10, 0.0),
+        ("linear", 30, 0.0),
+        ("exponential", 10, 0.1),
+        ("exponential", 20, 0.05),
+    ],
 )
 def test_noise_schedules(schedule: str, epoch: int, expected: float) -> None:
     assert annealed_std(0.2, schedule, epoch, 10) == pytest.approx(expected)
 
 
 def test_training_switches_advsoft_off_by_epoch_and_stage(tmp_path: Path) -> None:
-    config = build_config("advsoft-tiny", ["train.advsoft_stop_epoch=2", "train.advsoft_finetune=false", "data.synthetic_sentences=200"])
+    config = build_config(
+        "advsoft-tiny", ["train.advsoft_stop_epoch=2", "train.advsoft_finetune=false", "data.synthetic_sentences=200"]
+    )
     train(config, tmp_path / "run", progress=False)
     epochs = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["event"] == "epoch"]
     main_stage = [r for r in epochs if r["stage"] == "main"]
@@ -297,7 +319,10 @@ def test_theorem_3_3_recognizable_words_are_separated() -> None:
     adv, contexts = _train_output_layer(adversarial=True)
     g = torch.Generator().manual_seed(5)
     cases = [(plain, contexts), (adv, contexts)]
-    cases += [(torch.randn(40, 3, generator=g, dtype=torch.float64), torch.randn(40, 3, generator=g, dtype=torch.float64)) for _ in range(20)]
+    cases += [
+        (torch.randn(40, 3, generator=g, dtype=torch.float64), torch.randn(40, 3, generator=g, dtype=torch.float64))
+        for _ in range(20)
+    ]
     checked = 0
     for w, h in cases:
         eps = _recognizability(w, h)
@@ -311,10 +336,15 @@ def test_theorem_3_3_recognizable_words_are_separated() -> None:
 @pytest.mark.parametrize(
     ("override", "named"),
     [
-        ("model.advsoft_alpha=-0.1", "model.output.advsoft.alpha"), ("model.output.advsoft.alpha=.nan", "model.output.advsoft.alpha"),
-        ("model.advsoft_epsilon=.inf", "model.output.advsoft.epsilon"), ("model.output.advsoft.epsilon=-1", "model.output.advsoft.epsilon"),
-        ("model.advsoft=sometimes", "model.output.advsoft.kind"), ("model.advsoft_grad=none", "model.output.advsoft.grad"),
-        ("train.input_noise_std=-0.1", "train.input_noise_std"), ("train.input_noise_anneal=cosine", "train.input_noise_anneal"), ("train.advsoft_stop_epoch=-1", "train.advsoft_stop_epoch"),
+        ("model.advsoft_alpha=-0.1", "model.output.advsoft.alpha"),
+        ("model.output.advsoft.alpha=.nan", "model.output.advsoft.alpha"),
+        ("model.advsoft_epsilon=.inf", "model.output.advsoft.epsilon"),
+        ("model.output.advsoft.epsilon=-1", "model.output.advsoft.epsilon"),
+        ("model.advsoft=sometimes", "model.output.advsoft.kind"),
+        ("model.advsoft_grad=none", "model.output.advsoft.grad"),
+        ("train.input_noise_std=-0.1", "train.input_noise_std"),
+        ("train.input_noise_anneal=cosine", "train.input_noise_anneal"),
+        ("train.advsoft_stop_epoch=-1", "train.advsoft_stop_epoch"),
     ],
 )
 def test_bad_advsoft_options_exit_2(tmp_path: Path, override: str, named: str, capsys: pytest.CaptureFixture) -> None:

@@ -24,20 +24,36 @@ from reglm.train.checkpoint import load_state
 from reglm.train.run import StopRequest, Trainer, TrainingInterrupted, load_corpus, resume, train
 
 V = 23
-NO_DROPOUT = dict(embed_dropout=0.0, input_dropout=0.0, hidden_dropout=0.0, output_dropout=0.0, weight_dropout=0.0, latent_dropout=0.0)
+NO_DROPOUT = dict(
+    embed_dropout=0.0, input_dropout=0.0, hidden_dropout=0.0, output_dropout=0.0, weight_dropout=0.0, latent_dropout=0.0
+)
 
 
 def _cfg(**kw) -> ModelConfig:
     base = dict(
-        emb_size=6, hidden_size=10, last_hidden_size=9, num_layers=3, output="mos", n_experts=4, latent_dropout=0.3,
-        embed_dropout=0.1, input_dropout=0.2, hidden_dropout=0.2, output_dropout=0.2, weight_dropout=0.3,
+        emb_size=6,
+        hidden_size=10,
+        last_hidden_size=9,
+        num_layers=3,
+        output="mos",
+        n_experts=4,
+        latent_dropout=0.3,
+        embed_dropout=0.1,
+        input_dropout=0.2,
+        hidden_dropout=0.2,
+        output_dropout=0.2,
+        weight_dropout=0.3,
     )
     return ModelConfig.build(**{**base, **kw})
 
 
-def _layer(n_experts: int, extra_inputs=(), advsoft: AdvSoft | None = None, in_features: int = 5, emb: int = 4, vocab: int = 11) -> MixtureOfSoftmaxes:
+def _layer(
+    n_experts: int, extra_inputs=(), advsoft: AdvSoft | None = None, in_features: int = 5, emb: int = 4, vocab: int = 11
+) -> MixtureOfSoftmaxes:
     torch.manual_seed(3)
-    layer = MixtureOfSoftmaxes(in_features, emb, vocab, n_experts, 0.0, advsoft=advsoft, extra_inputs=extra_inputs).double()
+    layer = MixtureOfSoftmaxes(
+        in_features, emb, vocab, n_experts, 0.0, advsoft=advsoft, extra_inputs=extra_inputs
+    ).double()
     with torch.no_grad():
         layer.bias.normal_()
         layer.weight.normal_()
@@ -60,7 +76,9 @@ def _direct_experts(layer: MixtureOfSoftmaxes, h: torch.Tensor, extra=()) -> tup
 def _direct_log_probs(layer: MixtureOfSoftmaxes, h: torch.Tensor, extra=()) -> torch.Tensor:
     """log sum_k pi_k softmax(W h_k + b), mixing probabilities (fine for moderate logits)."""
     pi, latents = _direct_experts(layer, h, extra)
-    probs = sum(pi[:, k : k + 1] * torch.softmax(hk @ layer.weight.t() + layer.bias, dim=-1) for k, hk in enumerate(latents))
+    probs = sum(
+        pi[:, k : k + 1] * torch.softmax(hk @ layer.weight.t() + layer.bias, dim=-1) for k, hk in enumerate(latents)
+    )
     return probs.log().view(*h.shape[:-1], -1)
 
 
@@ -107,7 +125,9 @@ def test_mixture_equals_a_direct_per_expert_computation(extra_inputs) -> None:
     with torch.no_grad():
         expected = _direct_log_probs(layer, h, extra)
         torch.testing.assert_close(layer.log_probs(h, extra), expected)
-        torch.testing.assert_close(layer.nll_of(h, targets, extra=extra), -expected.gather(-1, targets.unsqueeze(-1)).squeeze(-1))
+        torch.testing.assert_close(
+            layer.nll_of(h, targets, extra=extra), -expected.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        )
         pi, _ = _direct_experts(layer, h, extra)
         torch.testing.assert_close(layer.mix_score(h, targets, extra=extra).weights, pi.view(2, 4, -1))
 
@@ -156,7 +176,9 @@ def test_log_space_mixing_keeps_what_probability_mixing_underflows() -> None:
     assert float(nll.detach()) > 150
     with torch.no_grad():
         pi, latents = _direct_experts(layer, h)
-        naive = sum(pi[:, k] * torch.softmax(hk @ layer.weight.t() + layer.bias, dim=-1)[:, 2] for k, hk in enumerate(latents))
+        naive = sum(
+            pi[:, k] * torch.softmax(hk @ layer.weight.t() + layer.bias, dim=-1)[:, 2] for k, hk in enumerate(latents)
+        )
     assert float(naive) == 0.0, "probability mixing underflows in float32 here"
     nll.sum().backward()
     assert torch.isfinite(h.grad).all() and all(torch.isfinite(p.grad).all() for p in layer.parameters())
@@ -164,14 +186,21 @@ def test_log_space_mixing_keeps_what_probability_mixing_underflows() -> None:
 
 def _direct_log_probs_log_space(layer: MixtureOfSoftmaxes, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     pi, latents = _direct_experts(layer, h)
-    terms = torch.stack([pi[:, k].log() + torch.log_softmax(hk @ layer.weight.t() + layer.bias, dim=-1)[:, int(targets)] for k, hk in enumerate(latents)])
+    terms = torch.stack(
+        [
+            pi[:, k].log() + torch.log_softmax(hk @ layer.weight.t() + layer.bias, dim=-1)[:, int(targets)]
+            for k, hk in enumerate(latents)
+        ]
+    )
     return torch.logsumexp(terms, dim=0).view(targets.shape)
 
 
 # ------------------------------------------------------------------ AdvSoft per expert
 
 
-@pytest.mark.parametrize("advsoft", [AdvSoft(mode="fixed", epsilon=0.7), AdvSoft(mode="relative", alpha=0.4)], ids=["fixed", "relative"])
+@pytest.mark.parametrize(
+    "advsoft", [AdvSoft(mode="fixed", epsilon=0.7), AdvSoft(mode="relative", alpha=0.4)], ids=["fixed", "relative"]
+)
 def test_advsoft_perturbs_each_expert_before_mixing(advsoft: AdvSoft) -> None:
     layer = _layer(3, ((7, 2),), advsoft)
     h = torch.randn(2, 5, 5, dtype=torch.float64)
@@ -199,7 +228,9 @@ def test_advsoft_perturbs_each_expert_before_mixing(advsoft: AdvSoft) -> None:
     for a, b in zip(got_grads, torch.autograd.grad(expected.sum(), params)):
         torch.testing.assert_close(a, b)
     with torch.no_grad():
-        assert torch.all(got > layer.nll_of(h, targets, extra=extra)), "the adversary only lowers the target's probability"
+        assert torch.all(got > layer.nll_of(h, targets, extra=extra)), (
+            "the adversary only lowers the target's probability"
+        )
 
 
 def test_advsoft_mixture_evaluates_clean() -> None:
@@ -258,8 +289,24 @@ def test_the_penalty_reaches_the_training_step(tmp_path: Path) -> None:
 
 
 def _one_step_grads(tmp_path: Path, small_batch: int) -> tuple[dict[str, torch.Tensor], Trainer]:
-    overrides = [f"{k}=0" for k in ("embed_dropout", "input_dropout", "hidden_dropout", "output_dropout", "weight_dropout", "latent_dropout")]
-    overrides += ["data.synthetic_sentences=8", "train.variable_bptt=false", "train.bptt=12", f"train.small_batch_size={small_batch}", "train.clip=0"]
+    overrides = [
+        f"{k}=0"
+        for k in (
+            "embed_dropout",
+            "input_dropout",
+            "hidden_dropout",
+            "output_dropout",
+            "weight_dropout",
+            "latent_dropout",
+        )
+    ]
+    overrides += [
+        "data.synthetic_sentences=8",
+        "train.variable_bptt=false",
+        "train.bptt=12",
+        f"train.small_batch_size={small_batch}",
+        "train.clip=0",
+    ]
     config = build_config("mos-tiny", overrides)
     trainer = Trainer(config, tmp_path / f"run{small_batch}", load_corpus(config), progress=False)
     trainer._train_epoch()
@@ -347,8 +394,16 @@ def test_bad_mixture_options_name_the_option(override: str, option: str) -> None
     "bad, option, fixed",
     [
         (["model.last_hidden_size=20"], "last_hidden_size", ["model.last_hidden_size=20", "model.tie_weights=false"]),
-        (["model.mixture_penalty=0.1"], "model.output.mixture_penalty", ["model.mixture_penalty=0.1", "model.output=mos"]),
-        (["model.output=mos", "model.doc_experts=3"], "model.output.doc_experts", ["model.output=doc", "model.doc_experts=3"]),
+        (
+            ["model.mixture_penalty=0.1"],
+            "model.output.mixture_penalty",
+            ["model.mixture_penalty=0.1", "model.output=mos"],
+        ),
+        (
+            ["model.output=mos", "model.doc_experts=3"],
+            "model.output.doc_experts",
+            ["model.output=doc", "model.doc_experts=3"],
+        ),
     ],
 )
 def test_options_that_do_not_fit_the_output_layer(bad: list[str], option: str, fixed: list[str]) -> None:
@@ -374,8 +429,15 @@ def test_mos_presets_follow_their_sources(name: str) -> None:
     assert (e.hidden_size, e.last_hidden_size, i.emb_size) == ((960, 620, 280) if ptb else (1150, 650, 300))
     assert (i.dropout, e.hidden_dropout, o.latent_dropout) == ((0.4, 0.225, 0.29) if ptb else (0.55, 0.2, 0.29))
     assert (e.output_dropout, i.embed_dropout, e.weight_dropout) == (0.4, 0.1, 0.5)
-    assert (t.optimizer.lr, t.batch_size, t.small_batch_size, t.bptt_max) == ((20.0, 12, None, 110) if ptb else (15.0, 15, 5, 90))
+    assert (t.optimizer.lr, t.batch_size, t.small_batch_size, t.bptt_max) == (
+        (20.0, 12, None, 110) if ptb else (15.0, 15, 5, 90)
+    )
     assert (t.epochs, t.finetune, t.bptt, t.clip, t.eval_batch_size, t.test_batch_size) == (1000, True, 70, 0.25, 10, 1)
     assert cfg.seed == (28 if ptb else 1882)
     if "advsoft" in name:
-        assert (o.advsoft.kind, o.advsoft.alpha, t.input_noise_std, t.finetune_input_noise_std) == ("relative", 0.005, 0.15, 0.0)
+        assert (o.advsoft.kind, o.advsoft.alpha, t.input_noise_std, t.finetune_input_noise_std) == (
+            "relative",
+            0.005,
+            0.15,
+            0.0,
+        )

@@ -9,15 +9,26 @@ import pytest
 import torch
 
 from reglm.analysis.plots import plot_subspace_study
-from reglm.studies.subspace import SubspaceStudySpec, normalize_rows_, run_subspace_study, study_objective
 from reglm.errors import ReglmError
 from reglm.objectives.augmented_loss import augmented_kl
+from reglm.studies.subspace import SubspaceStudySpec, normalize_rows_, run_subspace_study, study_objective
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def tiny_spec(**kw) -> SubspaceStudySpec:
-    base = dict(words=600, hidden=8, epochs=1, batch_size=4, bptt=10, betas=(0.0, 1.0), taus=(1.0, 10.0), tau_a=10.0, runs=1, seed=3)
+    base = dict(
+        words=600,
+        hidden=8,
+        epochs=1,
+        batch_size=4,
+        bptt=10,
+        betas=(0.0, 1.0),
+        taus=(1.0, 10.0),
+        tau_a=10.0,
+        runs=1,
+        seed=3,
+    )
     return SubspaceStudySpec(**{**base, **kw})
 
 
@@ -68,7 +79,9 @@ def test_tiny_study_structure_and_plot(tmp_path) -> None:
 
 def test_study_with_sgd_and_two_runs() -> None:
     ids = torch.randint(0, 25, (1500,))
-    result = run_subspace_study(ids, 25, tiny_spec(optimizer="sgd", runs=2, betas=(1.0,), taus=(10.0,), output_bias=False, encoder="awd-lstm"))
+    result = run_subspace_study(
+        ids, 25, tiny_spec(optimizer="sgd", runs=2, betas=(1.0,), taus=(10.0,), output_bias=False, encoder="awd-lstm")
+    )
     assert result["spec"]["lr"] == 1.0 and result["spec"]["clip"] == 5.0
     assert len(result["trainings"]) == 2 and [len(d) for d in result["panels"]["beta"]["distances"]] == [2]
     assert result["panels"]["beta"]["std"][0] >= 0 and {t["seed"] for t in result["trainings"]} == {3, 4}
@@ -117,8 +130,9 @@ def test_the_augmented_loss_alone_brings_w_into_the_embedding_span() -> None:
     ids = torch.zeros(4000, dtype=torch.long)
     for t in range(1, 4000):
         ids[t] = order[ids[t - 1]]
-    spec = dict(words=800, hidden=8, batch_size=4, bptt=10, taus=(10.0,), tau_a=10.0, runs=1, seed=1, lr=3e-3,
-                output_bias=False)
+    spec = dict(
+        words=800, hidden=8, batch_size=4, bptt=10, taus=(10.0,), tau_a=10.0, runs=1, seed=1, lr=3e-3, output_bias=False
+    )
     sweep = run_subspace_study(ids, 200, SubspaceStudySpec(epochs=5, betas=(0.0, 1.0), **spec))
     sweep = sweep["panels"]["beta"]["mean"]
     assert sweep[0] > 0.95 and sweep[1] < sweep[0] - 0.08

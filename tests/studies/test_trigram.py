@@ -12,13 +12,32 @@ from pathlib import Path
 import pytest
 import torch
 
-from reglm.studies.trigram import TrigramStudySpec, fixed_context, frequency_ranking, initial_config
 from reglm.cli import main
 from reglm.errors import ReglmError
+from reglm.studies.trigram import TrigramStudySpec, fixed_context, frequency_ranking, initial_config
 from reglm.train.checkpoint import load_model_dir
 from reglm.train.run import load_corpus
 
-TINY = ["--sentences", "800", "--hidden", "8", "--batch-size", "8", "--bptt", "12", "--epochs", "1", "--disc-epochs", "1", "--finetune-epochs", "1", "--chosen-rank", "60", "--ce-lrs", "0.1"]
+TINY = [
+    "--sentences",
+    "800",
+    "--hidden",
+    "8",
+    "--batch-size",
+    "8",
+    "--bptt",
+    "12",
+    "--epochs",
+    "1",
+    "--disc-epochs",
+    "1",
+    "--finetune-epochs",
+    "1",
+    "--chosen-rank",
+    "60",
+    "--ce-lrs",
+    "0.1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -30,10 +49,26 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
 
 def test_every_stage_is_a_run_and_the_figure_is_written(study: tuple[Path, dict]) -> None:
     out, result = study
-    for stage in ("initial", "disc-initial", "disc-perturbed", "ftd-initial", "ftd-perturbed", "ce-0.1-initial", "ce-0.1-perturbed"):
+    for stage in (
+        "initial",
+        "disc-initial",
+        "disc-perturbed",
+        "ftd-initial",
+        "ftd-perturbed",
+        "ce-0.1-initial",
+        "ce-0.1-perturbed",
+    ):
         assert (out / stage / "results.json").is_file(), stage
     assert (out / "trigram-study.png").stat().st_size > 0
-    assert set(result["table"]) == {"true distribution", "initial model", "perturbed model", "ftd-initial", "ftd-perturbed", "ce-0.1-initial", "ce-0.1-perturbed"}
+    assert set(result["table"]) == {
+        "true distribution",
+        "initial model",
+        "perturbed model",
+        "ftd-initial",
+        "ftd-perturbed",
+        "ce-0.1-initial",
+        "ce-0.1-perturbed",
+    }
     for row in result["table"].values():
         assert row["ratio"] == pytest.approx(row["rare_ppl"] / row["frequent_ppl"])
 
@@ -56,7 +91,11 @@ def test_perturbed_model_differs_only_in_the_chosen_words_bias(study: tuple[Path
 
 def test_chosen_word_curve_has_one_point_per_step_from_the_start(study: tuple[Path, dict]) -> None:
     out, result = study
-    steps = [json.loads(line)["step"] for line in (out / "ftd-perturbed" / "metrics.jsonl").read_text().splitlines() if '"chosen_word"' in line]
+    steps = [
+        json.loads(line)["step"]
+        for line in (out / "ftd-perturbed" / "metrics.jsonl").read_text().splitlines()
+        if '"chosen_word"' in line
+    ]
     curve = result["curves"]["ftd-perturbed"]
     assert curve["step"] == steps == list(range(len(steps)))
     assert curve["prob"][0] == pytest.approx(result["p_hat"]["perturbed"]["q0"], rel=1e-5)
@@ -84,7 +123,9 @@ def test_true_row_is_the_true_log_probability_over_the_scored_words(study: tuple
     ids, logp = corpus.test, corpus.truth["test"]
     rows, true = ids[1:], logp[1:]  # every target of the split, whatever the batch size
     words = rows != corpus.vocab.eos_id
-    assert result["table"]["true distribution"]["test_ppl"] == pytest.approx(math.exp(-float(true[words].double().mean())))
+    assert result["table"]["true distribution"]["test_ppl"] == pytest.approx(
+        math.exp(-float(true[words].double().mean()))
+    )
 
 
 def test_fixed_context_ends_where_the_chosen_word_is_most_likely(study: tuple[Path, dict]) -> None:
@@ -124,7 +165,14 @@ def test_reproduce_popov_1_runs_the_study_and_writes_table_1(
     claim_out(out, new_manifest("popov", "1", "full", Budget(), []))  # as an interrupted first run leaves it
     shutil.copytree(study[0], out / "study")
     tiny = TrigramStudySpec(
-        sentences=800, hidden=8, batch_size=8, bptt=12, epochs=1, disc_epochs=1, finetune_epochs=1, chosen_rank=60,
+        sentences=800,
+        hidden=8,
+        batch_size=8,
+        bptt=12,
+        epochs=1,
+        disc_epochs=1,
+        finetune_epochs=1,
+        chosen_rank=60,
         ce_lrs=(0.1,),
     )
     monkeypatch.setattr(table1, "study_spec", lambda *args: tiny)
@@ -133,7 +181,12 @@ def test_reproduce_popov_1_runs_the_study_and_writes_table_1(
     saved = json.loads((out / "table.json").read_text())
     assert markdown == (out / "table.md").read_text()
     assert [r["id"] for r in saved["rows"]] == [
-        "true distribution", "initial model", "ftd-initial", "perturbed model", "ftd-perturbed", "ce-0.1-initial",
+        "true distribution",
+        "initial model",
+        "ftd-initial",
+        "perturbed model",
+        "ftd-perturbed",
+        "ce-0.1-initial",
         "ce-0.1-perturbed",
     ]
     rows = {r["id"]: r for r in saved["rows"]}
@@ -145,7 +198,9 @@ def test_reproduce_popov_1_runs_the_study_and_writes_table_1(
     assert all((out / f).is_file() for f in saved["figures"])
 
 
-def test_rerun_reuses_finished_stages_and_refuses_other_settings(study: tuple[Path, dict], capsys: pytest.CaptureFixture[str]) -> None:
+def test_rerun_reuses_finished_stages_and_refuses_other_settings(
+    study: tuple[Path, dict], capsys: pytest.CaptureFixture[str]
+) -> None:
     out, result = study
     before = (out / "initial" / "best" / "model.safetensors").read_bytes()
     assert main(["study", "trigram", "--out", str(out), *TINY]) == 0
@@ -155,15 +210,20 @@ def test_rerun_reuses_finished_stages_and_refuses_other_settings(study: tuple[Pa
     assert "other settings (ce_lrs)" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize(("options", "message"), [
-    (["--chosen-rank", "10"], "--chosen-rank 10 must be beyond"),
-    (["--perturb-bias", "3"], "--perturb-bias"),
-    (["--ce-lrs", "0.1,-1"], "--ce-lrs"),
-    (["--disc-lr", "0"], "--disc-lr"),
-    (["--synthetic-rule", "stationary"], "--synthetic-rule"),
-    (["--plateau-stop", "1"], "--plateau-stop"),
-])
-def test_bad_options_exit_2_without_writing(tmp_path: Path, options: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--chosen-rank", "10"], "--chosen-rank 10 must be beyond"),
+        (["--perturb-bias", "3"], "--perturb-bias"),
+        (["--ce-lrs", "0.1,-1"], "--ce-lrs"),
+        (["--disc-lr", "0"], "--disc-lr"),
+        (["--synthetic-rule", "stationary"], "--synthetic-rule"),
+        (["--plateau-stop", "1"], "--plateau-stop"),
+    ],
+)
+def test_bad_options_exit_2_without_writing(
+    tmp_path: Path, options: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert main(["study", "trigram", "--out", str(tmp_path / "s"), *options]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "s").exists()
@@ -174,10 +234,19 @@ def test_a_study_recorded_before_the_rule_option_resumes_only_under_the_restart_
 ) -> None:
     out = tmp_path / "old"
     out.mkdir()
-    spec = dataclasses.asdict(TrigramStudySpec(
-        sentences=800, hidden=8, batch_size=8, bptt=12, epochs=1, disc_epochs=1, finetune_epochs=1, chosen_rank=60,
-        ce_lrs=(0.1,),
-    ))
+    spec = dataclasses.asdict(
+        TrigramStudySpec(
+            sentences=800,
+            hidden=8,
+            batch_size=8,
+            bptt=12,
+            epochs=1,
+            disc_epochs=1,
+            finetune_epochs=1,
+            chosen_rank=60,
+            ce_lrs=(0.1,),
+        )
+    )
     del spec["synthetic_rule"]
     (out / "study-spec.json").write_text(json.dumps(spec))
     assert main(["study", "trigram", "--out", str(out), *TINY]) == 2

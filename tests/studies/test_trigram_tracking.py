@@ -21,7 +21,9 @@ from reglm.train.metrics import MetricsLog
 def test_tracked_words_are_logged_every_step_and_read_back_by_rank(tmp_path: Path) -> None:
     model = LanguageModel(ModelConfig.build(emb_size=4, hidden_size=4, num_layers=1, tie_weights=False), 12)
     contexts = {75: torch.tensor([0, 3, 4]), 10: torch.tensor([0, 7])}
-    tracker = ChosenWordTracker(torch.tensor([0, 1]), 2, tuple((rank, ctx, rank % 12) for rank, ctx in contexts.items()))
+    tracker = ChosenWordTracker(
+        torch.tensor([0, 1]), 2, tuple((rank, ctx, rank % 12) for rank, ctx in contexts.items())
+    )
     trainer = SimpleNamespace(model=model, metrics=MetricsLog(tmp_path / "metrics.jsonl"), step=0)
     for step in range(3):
         trainer.step = step
@@ -32,10 +34,14 @@ def test_tracked_words_are_logged_every_step_and_read_back_by_rank(tmp_path: Pat
         assert curve["tracked"][str(rank)]["step"] == [0, 1, 2]
         assert curve["tracked"][str(rank)]["prob"][0] == pytest.approx(chosen_word_prob(model, ctx, rank % 12))
 
-    stages = {"ftd-perturbed": {"base": "perturbed", "lr": 1.0, "objective": "reverse-kl"}, "ce-0.1-initial": {"base": "initial", "lr": 0.1, "objective": "lm"}}
+    stages = {
+        "ftd-perturbed": {"base": "perturbed", "lr": 1.0, "objective": "reverse-kl"},
+        "ce-0.1-initial": {"base": "initial", "lr": 0.1, "objective": "lm"},
+    }
     result = {
         "tracked": {"75": {"word": "w75", "true_prob": 0.01}, "10": {"word": "w10", "true_prob": 0.2}},
-        "stages": stages, "curves": {stage: curve for stage in stages},
+        "stages": stages,
+        "curves": {stage: curve for stage in stages},
     }
     plot_trigram_figure2(result, tmp_path / "figure2.png")
     assert (tmp_path / "figure2.png").read_bytes()[:4] == b"\x89PNG"

@@ -32,7 +32,15 @@ from reglm.train.run import load_corpus, resume, train
 
 CPU = ["train.device=cpu"]
 """gloo on the CPU, also on a machine with a GPU (where ``auto`` would put every rank on CUDA)."""
-AWD = [*CPU, "model.*dropout=0", "train.small_batch_size=2", "train.max_steps=6", "train.epochs=1", "train.finetune=false", "train.log_interval=3"]
+AWD = [
+    *CPU,
+    "model.*dropout=0",
+    "train.small_batch_size=2",
+    "train.max_steps=6",
+    "train.epochs=1",
+    "train.finetune=false",
+    "train.log_interval=3",
+]
 """The tiny AWD-LSTM without dropout, 8 streams in chunks of 2: one process takes 4 chunks, each of two ranks 2."""
 TRANSFORMER = [*CPU, "model.*dropout=0", "train.clip=0", "train.max_steps=6", "train.epochs=1", "train.log_interval=3"]
 """The tiny Transformer (8 blocks a batch, chunks of 4) without dropout: one process takes 2 chunks,
@@ -52,18 +60,29 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(rank: int, world: int, port: int, argv: list[str], log: Path, prepare: Callable[[int], None] | None) -> None:
+def _rank_main(
+    rank: int, world: int, port: int, argv: list[str], log: Path, prepare: Callable[[int], None] | None
+) -> None:
     fh = open(log, "w", buffering=1)
     os.dup2(fh.fileno(), 1)
     os.dup2(fh.fileno(), 2)
     sys.stdout = sys.stderr = fh
-    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        WORLD_SIZE=str(world),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
     if prepare is not None:
         prepare(rank)
     sys.exit(main(argv))
 
 
-def start(tmp: Path, argv: list[str], world: int = 2, ranks: range | None = None, prepare: Callable[[int], None] | None = None) -> list[multiprocessing.Process]:
+def start(
+    tmp: Path, argv: list[str], world: int = 2, ranks: range | None = None, prepare: Callable[[int], None] | None = None
+) -> list[multiprocessing.Process]:
     """``reglm *argv`` as ``ranks`` (default all) of ``world`` processes, forked; ``prepare(rank)`` runs first in each."""
     port, ctx = _free_port(), multiprocessing.get_context("fork")
     procs = []
@@ -119,7 +138,9 @@ def _no_writes_under(root: Path) -> Callable[[int], None]:
     def hook(event: str, args: tuple) -> None:
         if event == "open" and inside(args[0]) and (args[2] or 0) & writing:
             raise PermissionError(f"rank 1 wrote {args[0]}")
-        if event in ("os.rename", "os.replace", "os.remove", "os.mkdir", "os.rmdir", "os.truncate") and any(inside(a) for a in args[:2]):
+        if event in ("os.rename", "os.replace", "os.remove", "os.mkdir", "os.rmdir", "os.truncate") and any(
+            inside(a) for a in args[:2]
+        ):
             raise PermissionError(f"rank 1 {event} {args[:2]}")
 
     def prepare(rank: int) -> None:
@@ -151,10 +172,16 @@ def test_only_rank_0_writes_and_speaks(awd_runs: tuple[Path, Path, list[Rank]]) 
     events = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
     assert [e["event"] for e in events] == ["step", "step", "epoch", "final"]
     (session,) = json.loads((two / "environment.json").read_text())
-    assert session["distributed"] == {"world_size": 2, "backend": "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo", "processes_per_node": 2}
+    assert session["distributed"] == {
+        "world_size": 2,
+        "backend": "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo",
+        "processes_per_node": 2,
+    }
     assert "best model:" in ranks[0].log and "reglm" not in ranks[1].log and "best model" not in ranks[1].log
     assert load_state(two / "state.pt")["distributed"]["world_size"] == 2
-    assert not any("find_unused_parameters" in rank.log for rank in ranks)  # every LSTM parameter has a gradient: no search, no warning
+    assert not any(
+        "find_unused_parameters" in rank.log for rank in ranks
+    )  # every LSTM parameter has a gradient: no search, no warning
 
 
 def test_evaluation_equals_one_process(awd_runs: tuple[Path, Path, list[Rank]]) -> None:
@@ -164,7 +191,12 @@ def test_evaluation_equals_one_process(awd_runs: tuple[Path, Path, list[Rank]]) 
     corpus = load_corpus(config)
     results = json.loads((two / "results.json").read_text())
     for split in ("valid", "test"):
-        assert evaluate(model, getattr(corpus, split), reading=eval_reading(config.train, split, corpus.vocab.eos_id)).as_dict() == results[split]
+        assert (
+            evaluate(
+                model, getattr(corpus, split), reading=eval_reading(config.train, split, corpus.vocab.eos_id)
+            ).as_dict()
+            == results[split]
+        )
 
 
 SENTENCES = ["train.batching=sentences", "train.max_tokens=64", "train.update_freq=2", "train.small_batch_size=none"]
@@ -177,7 +209,13 @@ def ragged_corpus(directory: Path) -> Path:
     g = torch.Generator().manual_seed(5)
     directory.mkdir()
     for split, lines in (("train", 1200), ("valid", 60), ("test", 60)):
-        text = "\n".join(" ".join(f"w{int(w)}" for w in torch.randint(0, 600, (int(torch.randint(1, 21, (1,), generator=g)),), generator=g)) for _ in range(lines))
+        text = "\n".join(
+            " ".join(
+                f"w{int(w)}"
+                for w in torch.randint(0, 600, (int(torch.randint(1, 21, (1,), generator=g)),), generator=g)
+            )
+            for _ in range(lines)
+        )
         (directory / f"{split}.txt").write_text(text + "\n")
     return directory
 
@@ -200,7 +238,11 @@ def test_each_rank_reads_its_share_of_the_global_batch() -> None:
     ids = torch.randint(1, 50, (4000,))
     ids[::9] = 0
     blocks = build_config("transformer-tiny", ["train.batch_size=4", "train.small_batch_size=none"]).train
-    for cfg in (blocks, replace(blocks, batching="bptt"), replace(blocks, batching="sentences", max_tokens=40, update_freq=4)):
+    for cfg in (
+        blocks,
+        replace(blocks, batching="bptt"),
+        replace(blocks, batching="sentences", max_tokens=40, update_freq=4),
+    ):
         whole = training_batches(ids, cfg, 3, torch.device("cpu"), 0)
         parts = [training_batches(ids, cfg, 3, torch.device("cpu"), 0, (rank, 2)) for rank in range(2)]
         assert whole.total == parts[0].total == parts[1].total
@@ -209,7 +251,9 @@ def test_each_rank_reads_its_share_of_the_global_batch() -> None:
             shares = [part.next(position, 1) for part in parts]
             assert all(share[1:] == (advance, factor) for share in shares)
             if cfg.batching == "sentences":
-                assert [w.positions.tolist() for w in batch] == [w.positions.tolist() for share in shares for w in share[0]]
+                assert [w.positions.tolist() for w in batch] == [
+                    w.positions.tolist() for share in shares for w in share[0]
+                ]
             else:
                 assert torch.equal(batch.positions, torch.cat([share[0].positions for share in shares]))
 
@@ -257,7 +301,9 @@ def test_sigterm_on_one_rank_checkpoints_once_and_resumes_bit_exactly(tmp_path: 
     assert ranks[0].log.count("checkpoint saved") == 1 and "reglm: interrupted" not in ranks[1].log
     stopped = load_state(run / "state.pt")
     assert 0 < stopped["step"] < 30
-    assert [h.shape[1] for h, _ in stopped["hidden"]] == [8, 8], "the carried state of all 8 streams, gathered from both ranks"
+    assert [h.shape[1] for h, _ in stopped["hidden"]] == [8, 8], (
+        "the carried state of all 8 streams, gathered from both ranks"
+    )
     (tmp_path / "resume").mkdir()
     resumed = launch(tmp_path / "resume", ["train", "--resume", str(run)])
     assert [r.code for r in resumed] == [0, 0], resumed[0].log
@@ -287,7 +333,11 @@ def _nan_at_step_4(rank: int) -> None:
 
 def test_nan_on_rank_1_stops_both_with_exit_3_and_one_message(tmp_path: Path) -> None:
     run = tmp_path / "run"
-    ranks = launch(tmp_path, train_cli("tiny", run, [*CPU, "train.max_steps=10", "train.log_interval=4", "train.finetune=false"]), prepare=_nan_at_step_4)
+    ranks = launch(
+        tmp_path,
+        train_cli("tiny", run, [*CPU, "train.max_steps=10", "train.log_interval=4", "train.finetune=false"]),
+        prepare=_nan_at_step_4,
+    )
     assert [r.code for r in ranks] == [3, 3], ranks[0].log
     assert "reglm: error: the training loss became NaN or infinite (at or before this step) at step 4" in ranks[0].log
     assert "reglm: error" not in ranks[1].log
@@ -295,19 +345,28 @@ def test_nan_on_rank_1_stops_both_with_exit_3_and_one_message(tmp_path: Path) ->
     assert state["step"] == 0 and all(t.isfinite().all() for t in state["model"].values())
 
 
-def test_bad_input_is_one_error_on_rank_0_and_exit_2_everywhere(tmp_path: Path, awd_runs: tuple[Path, Path, list[Rank]]) -> None:
+def test_bad_input_is_one_error_on_rank_0_and_exit_2_everywhere(
+    tmp_path: Path, awd_runs: tuple[Path, Path, list[Rank]]
+) -> None:
     one, two, _ = awd_runs
     (tmp_path / "batch").mkdir()
     ranks = launch(tmp_path / "batch", train_cli("tiny", tmp_path / "odd", [*CPU, "train.batch_size=5"]))
     assert [r.code for r in ranks] == [2, 2]
-    assert "reglm: error: train.batch_size=5 streams cannot be split evenly over 2 processes" in ranks[0].log and "reglm: error" not in ranks[1].log
+    assert (
+        "reglm: error: train.batch_size=5 streams cannot be split evenly over 2 processes" in ranks[0].log
+        and "reglm: error" not in ranks[1].log
+    )
     assert not (tmp_path / "odd").exists()
 
     (tmp_path / "resume").mkdir()
     ranks = launch(tmp_path / "resume", ["train", "--resume", str(one)])
     assert [r.code for r in ranks] == [2, 2]
-    assert "was written by 1 process and this run has 2; resume it with plain `reglm train --resume RUN`" in ranks[0].log
-    with pytest.raises(ReglmError, match="was written by 2 processes and this run has 1; resume it with 2 processes in all"):
+    assert (
+        "was written by 1 process and this run has 2; resume it with plain `reglm train --resume RUN`" in ranks[0].log
+    )
+    with pytest.raises(
+        ReglmError, match="was written by 2 processes and this run has 1; resume it with 2 processes in all"
+    ):
         resume(two, progress=False)
 
     (tmp_path / "alone").mkdir()
@@ -326,7 +385,9 @@ def test_a_damaged_distributed_entry_is_refused(tmp_path: Path, awd_runs: tuple[
     assert state["hidden"] is None and len(state["distributed"]["ranks"]) == 2
     state["distributed"]["world_size"] = 3
     torch.save(state, tmp_path / "state.pt")
-    with pytest.raises(ReglmError, match="is damaged: its 'distributed' entry is not the world size and every process's RNG"):
+    with pytest.raises(
+        ReglmError, match="is damaged: its 'distributed' entry is not the world size and every process's RNG"
+    ):
         load_state(tmp_path / "state.pt")
 
 
@@ -347,7 +408,15 @@ def test_nccl_on_two_gpus_updates_as_one_gpu(tmp_path: Path) -> None:
     float rounding, which cuDNN and the reduction order do not keep bit-exact."""
     cuda = ["train.device=cuda", *TRANSFORMER[1:]]
     one, two, log = tmp_path / "one", tmp_path / "two", tmp_path / "torchrun.log"
-    args = ["--nproc_per_node", "2", "--master_port", str(_free_port()), "-m", "reglm", *train_cli("transformer-tiny", two, cuda)]
+    args = [
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "reglm",
+        *train_cli("transformer-tiny", two, cuda),
+    ]
     agent = multiprocessing.get_context("fork").Process(target=_torchrun, args=(args, log))
     agent.start()
     agent.join(300)

@@ -98,7 +98,9 @@ def test_trigger_rejects_bad_options_and_damaged_state() -> None:
 # ------------------------------------------------------------------ averager
 
 
-def _sgd_iterates(model: nn.Module, steps: int, start_at: int, averager: ParameterAverager) -> list[dict[str, torch.Tensor]]:
+def _sgd_iterates(
+    model: nn.Module, steps: int, start_at: int, averager: ParameterAverager
+) -> list[dict[str, torch.Tensor]]:
     """Run ``steps`` SGD steps; averaging starts at the iterate after ``start_at`` steps. Returns the averaged iterates."""
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     x = torch.randn(16, 4)

@@ -14,12 +14,13 @@ from safetensors.torch import load_file
 from reglm.cli import main
 from reglm.config import build_config, derive_config
 from reglm.errors import ReglmError
+from reglm.evaluate.perplexity import Reading
 from reglm.objectives.reverse_kl import discriminator_loss
 from reglm.train.checkpoint import load_model_dir
-from reglm.train.run import Trainer, load_corpus, resume, train
 from reglm.train.metrics import read_metrics
 from reglm.train.objective import score_split
-from reglm.evaluate.perplexity import Reading
+from reglm.train.run import Trainer, load_corpus, resume, train
+
 
 class Stop(Exception):
     """Raised by a step hook to cut a run short."""
@@ -29,6 +30,7 @@ def stop_after(step: int):
     def hook(trainer: Trainer) -> None:
         if trainer.step == step:
             raise Stop
+
     return hook
 
 
@@ -83,7 +85,9 @@ def test_discriminator_validation_equals_a_direct_computation(disc_run: Path, lm
     assert got["loss"] == pytest.approx(float(direct), rel=1e-5)
 
 
-def test_reverse_kl_finetuning_starts_from_q0_and_reports_table2_columns(disc_run: Path, lm_run: Path, tmp_path: Path) -> None:
+def test_reverse_kl_finetuning_starts_from_q0_and_reports_table2_columns(
+    disc_run: Path, lm_run: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "ft"
     assert main(["finetune", str(lm_run), "--discriminator", str(disc_run), "--out", str(out), "train.epochs=1"]) == 0
     records = read_metrics(out / "metrics.jsonl")
@@ -95,20 +99,33 @@ def test_reverse_kl_finetuning_starts_from_q0_and_reports_table2_columns(disc_ru
     assert epoch["valid_loss"] == pytest.approx(epoch["valid_nll"] + epoch["valid_rev_kl"])
     assert epoch["valid_ppl"] == pytest.approx(math.exp(epoch["valid_nll"]))
     tuned, config, _ = load_model_dir(out / "best")
-    assert config.objective.kind == "reverse-kl" and config.objective.discriminator == str((disc_run / "best").resolve())
+    assert config.objective.kind == "reverse-kl" and config.objective.discriminator == str(
+        (disc_run / "best").resolve()
+    )
     with torch.no_grad():
         log_probs, _ = tuned.eval().log_probs(torch.randint(0, tuned.vocab_size, (2, 9)))
-    torch.testing.assert_close(log_probs.double().exp().sum(-1), torch.ones(2, 9, dtype=torch.float64), rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        log_probs.double().exp().sum(-1), torch.ones(2, 9, dtype=torch.float64), rtol=0, atol=1e-5
+    )
     initial, _, _ = load_model_dir(lm_run / "best")
-    assert any(not torch.equal(a, b) for a, b in zip(tuned.state_dict().values(), initial.state_dict().values())), "fine-tuning must move the model"
-    assert config.model.encoder.hidden_dropout == 0 and config.model.encoder.weight_dropout == 0 and config.train.epochs == 1
+    assert any(not torch.equal(a, b) for a, b in zip(tuned.state_dict().values(), initial.state_dict().values())), (
+        "fine-tuning must move the model"
+    )
+    assert (
+        config.model.encoder.hidden_dropout == 0
+        and config.model.encoder.weight_dropout == 0
+        and config.train.epochs == 1
+    )
 
 
 def test_finetuning_gradient_is_that_of_loss_12(disc_run: Path, lm_run: Path) -> None:
     """One step of the trainer's objective equals eq. (12) written out with the three models."""
     config = derive_config(
-        load_model_dir(lm_run / "best")[1], "dfinetune", [],
-        {"kind": "reverse-kl", "base_model": str(lm_run / "best"), "discriminator": str(disc_run / "best")}, "fine-tuning",
+        load_model_dir(lm_run / "best")[1],
+        "dfinetune",
+        [],
+        {"kind": "reverse-kl", "base_model": str(lm_run / "best"), "discriminator": str(disc_run / "best")},
+        "fine-tuning",
     )
     corpus = load_corpus(config)
     trainer = Trainer(config, lm_run.parent / "unused", corpus, progress=False)
@@ -130,9 +147,25 @@ def test_finetuning_gradient_is_that_of_loss_12(disc_run: Path, lm_run: Path) ->
 
 
 def test_without_discriminator_and_cross_entropy_finetuning(lm_run: Path, tmp_path: Path) -> None:
-    assert main(["finetune", str(lm_run), "--without-discriminator", "--out", str(tmp_path / "nod"), "train.epochs=1"]) == 0
+    assert (
+        main(["finetune", str(lm_run), "--without-discriminator", "--out", str(tmp_path / "nod"), "train.epochs=1"])
+        == 0
+    )
     assert load_model_dir(tmp_path / "nod" / "best")[1].objective.discriminator is None
-    assert main(["finetune", str(lm_run), "--cross-entropy", "--out", str(tmp_path / "ce"), "train.epochs=1", "train.lr=0.5"]) == 0
+    assert (
+        main(
+            [
+                "finetune",
+                str(lm_run),
+                "--cross-entropy",
+                "--out",
+                str(tmp_path / "ce"),
+                "train.epochs=1",
+                "train.lr=0.5",
+            ]
+        )
+        == 0
+    )
     records = read_metrics(tmp_path / "ce" / "metrics.jsonl")
     assert [r["event"] for r in records][0] == "initial"
     assert "valid_rev_kl" not in _epochs(tmp_path / "ce")[0]
@@ -141,7 +174,13 @@ def test_without_discriminator_and_cross_entropy_finetuning(lm_run: Path, tmp_pa
 def test_reverse_kl_run_resumes_bit_exactly(disc_run: Path, lm_run: Path, tmp_path: Path) -> None:
     """The frozen models' carried states are part of the checkpoint."""
     objective = {"kind": "reverse-kl", "base_model": str(lm_run / "best"), "discriminator": str(disc_run / "best")}
-    config = derive_config(load_model_dir(lm_run / "best")[1], "dfinetune", ["train.epochs=2", "train.checkpoint_interval=3"], objective, "fine-tuning")
+    config = derive_config(
+        load_model_dir(lm_run / "best")[1],
+        "dfinetune",
+        ["train.epochs=2", "train.checkpoint_interval=3"],
+        objective,
+        "fine-tuning",
+    )
     train(config, tmp_path / "reference", progress=False)
 
     corpus = load_corpus(config)
@@ -165,7 +204,9 @@ def test_finetune_refuses_a_non_discriminator(lm_run: Path, tmp_path: Path, caps
     assert not out.exists()
 
 
-def test_finetune_refuses_a_discriminator_of_another_architecture(lm_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_finetune_refuses_a_discriminator_of_another_architecture(
+    lm_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     other = tmp_path / "other"
     train(build_config("tiny", [*SMALL, "model.emb_size=12"]), other, progress=False)
     assert main(["train-discriminator", str(other), "--out", str(tmp_path / "odisc"), "train.epochs=1"]) == 0
@@ -175,7 +216,9 @@ def test_finetune_refuses_a_discriminator_of_another_architecture(lm_run: Path, 
     assert not out.exists()
 
 
-def test_discriminator_commands_reject_bad_input(lm_run: Path, disc_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_discriminator_commands_reject_bad_input(
+    lm_run: Path, disc_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "bad"
     assert main(["train-discriminator", str(lm_run), "--out", str(out), "model.hidden_size=30"]) == 2
     assert "keeps the architecture" in capsys.readouterr().err
@@ -190,7 +233,13 @@ def test_discriminator_commands_reject_bad_input(lm_run: Path, disc_run: Path, t
 
 
 def test_discriminator_initialized_from_the_model(lm_run: Path, tmp_path: Path) -> None:
-    config = derive_config(load_model_dir(lm_run / "best")[1], "discriminator", [], {"kind": "discriminator", "base_model": str(lm_run / "best"), "init_from_base": True}, "a discriminator")
+    config = derive_config(
+        load_model_dir(lm_run / "best")[1],
+        "discriminator",
+        [],
+        {"kind": "discriminator", "base_model": str(lm_run / "best"), "init_from_base": True},
+        "a discriminator",
+    )
     trainer = Trainer(config, tmp_path / "run", load_corpus(config), progress=False)
     trainer.objective.prepare(trainer.model)
     q0, _, _ = load_model_dir(lm_run / "best")
@@ -205,13 +254,34 @@ def _lrs(run: Path) -> list[float]:
 
 
 def test_epoch_decay_follows_zaremba_and_inan(tmp_path: Path) -> None:
-    config = build_config("tiny", ["data.synthetic_sentences=100", "train.epochs=5", "train.finetune=false", "train.averaging=none", "train.lr=2", "train.lr_decay=0.5", "train.lr_decay_start=2"])
+    config = build_config(
+        "tiny",
+        [
+            "data.synthetic_sentences=100",
+            "train.epochs=5",
+            "train.finetune=false",
+            "train.averaging=none",
+            "train.lr=2",
+            "train.lr_decay=0.5",
+            "train.lr_decay_start=2",
+        ],
+    )
     train(config, tmp_path / "run", progress=False)
     assert _lrs(tmp_path / "run") == [2, 2, 1, 0.5, 0.25]
 
 
 def test_plateau_schedule_divides_the_rate_when_validation_stalls(tmp_path: Path) -> None:
-    config = build_config("tiny", ["data.synthetic_sentences=100", "train.epochs=4", "train.finetune=false", "train.averaging=none", "train.lr=1e-9", "train.plateau_factor=0.1"])
+    config = build_config(
+        "tiny",
+        [
+            "data.synthetic_sentences=100",
+            "train.epochs=4",
+            "train.finetune=false",
+            "train.averaging=none",
+            "train.lr=1e-9",
+            "train.plateau_factor=0.1",
+        ],
+    )
     trainer = Trainer(config, tmp_path / "run", load_corpus(config), progress=False)
     trainer.start()
     trainer.run()
@@ -228,7 +298,21 @@ def test_plateau_schedule_divides_the_rate_when_validation_stalls(tmp_path: Path
 def test_sequence_loss_scales_the_gradient_by_the_window_length(tmp_path: Path) -> None:
     """Summing over T steps and averaging over streams = T x the per-token mean: one SGD step
     with lr and clipping off equals a mean-loss step with T x the learning rate."""
-    base = ["data.synthetic_sentences=100", "train.epochs=1", "train.finetune=false", "train.averaging=none", "train.variable_bptt=false", "train.clip=0", "train.bptt=10", "model.input_dropout=0", "model.hidden_dropout=0", "model.output_dropout=0", "model.weight_dropout=0", "model.embed_dropout=0", "train.weight_decay=0"]
+    base = [
+        "data.synthetic_sentences=100",
+        "train.epochs=1",
+        "train.finetune=false",
+        "train.averaging=none",
+        "train.variable_bptt=false",
+        "train.clip=0",
+        "train.bptt=10",
+        "model.input_dropout=0",
+        "model.hidden_dropout=0",
+        "model.output_dropout=0",
+        "model.weight_dropout=0",
+        "model.embed_dropout=0",
+        "train.weight_decay=0",
+    ]
     models = []
     for extra in (["train.sequence_loss=true", "train.lr=0.01"], ["train.lr=0.1"]):
         config = build_config("tiny", base + extra)

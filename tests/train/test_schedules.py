@@ -88,10 +88,15 @@ def test_cosine_schedule_against_hand_computed_rates() -> None:
     cfg = CosineScheduleConfig(warmup_steps=4, warmup_init_lr=0.0, min_lr=0.1, period=4, t_mult=2, shrink=0.5)
     schedule = CosineSchedule(cfg, lr=1.0, finetune_lr=None)
     hand = {
-        0: 0.0, 2: 0.5,  # linear warm-up from 0 to the maximum 1
-        4: 1.0, 6: 0.1 + 0.9 * 0.5, 7: 0.1 + 0.9 * (1 + math.cos(math.pi * 3 / 4)) / 2,  # cycle 0: 4 steps, 1 -> 0.1
-        8: 0.5, 12: 0.05 + 0.45 * 0.5,  # cycle 1: 8 steps, max and min halved
-        16: 0.25, 24: 0.025 + 0.225 * 0.5,  # cycle 2: 16 steps
+        0: 0.0,
+        2: 0.5,  # linear warm-up from 0 to the maximum 1
+        4: 1.0,
+        6: 0.1 + 0.9 * 0.5,
+        7: 0.1 + 0.9 * (1 + math.cos(math.pi * 3 / 4)) / 2,  # cycle 0: 4 steps, 1 -> 0.1
+        8: 0.5,
+        12: 0.05 + 0.45 * 0.5,  # cycle 1: 8 steps, max and min halved
+        16: 0.25,
+        24: 0.025 + 0.225 * 0.5,  # cycle 2: 16 steps
     }
     for step, rate in hand.items():
         assert schedule.rate("main", 0, step) == pytest.approx(rate, abs=1e-12), step
@@ -107,7 +112,9 @@ def test_the_papers_wikitext103_schedule_ends_its_fourth_cycle_at_286k_updates()
     assert config.train.max_steps == 16_000 + 18_000 * (1 + 2 + 4 + 8)
     assert schedule.rate("main", 0, 0) == pytest.approx(1e-7) and schedule.rate("main", 0, 16_000) == pytest.approx(1.0)
     end = config.train.max_steps
-    assert schedule.rate("main", 0, end - 1) == pytest.approx(1e-5 * 0.75**3, rel=1e-3), "the fourth cycle ends at its minimum"
+    assert schedule.rate("main", 0, end - 1) == pytest.approx(1e-5 * 0.75**3, rel=1e-3), (
+        "the fourth cycle ends at its minimum"
+    )
     assert schedule.rate("main", 0, 16_000 + 18_000) == pytest.approx(0.75), "each cycle starts at the shrunk maximum"
 
 
@@ -129,10 +136,18 @@ def _stalling_config(epochs: int = 10) -> RunConfig:
     """A tiny run whose rate (1e-12) cannot move a parameter by one ulp: the first epoch improves
     on the initial infinite best, every later one gives the same validation score, so each drops
     the rate by 0.1 and plateau_stop=0.01 ends the main stage after epoch 1 + 2 = 3."""
-    return build_config("tiny", [
-        "data.synthetic_sentences=120", f"train.epochs={epochs}", "train.lr=1e-12", "train.averaging=none",
-        "train.finetune=false", "train.plateau_factor=0.1", "train.schedule.plateau_stop=0.01",
-    ])
+    return build_config(
+        "tiny",
+        [
+            "data.synthetic_sentences=120",
+            f"train.epochs={epochs}",
+            "train.lr=1e-12",
+            "train.averaging=none",
+            "train.finetune=false",
+            "train.plateau_factor=0.1",
+            "train.schedule.plateau_stop=0.01",
+        ],
+    )
 
 
 def _epoch_events(run: Path) -> list[tuple[int, float]]:
@@ -158,7 +173,9 @@ class _StopWhen(StopRequest):
         self.raised = value
 
 
-def test_plateau_stop_ends_the_main_stage_and_a_resumed_run_ends_where_the_uninterrupted_one_did(tmp_path: Path) -> None:
+def test_plateau_stop_ends_the_main_stage_and_a_resumed_run_ends_where_the_uninterrupted_one_did(
+    tmp_path: Path,
+) -> None:
     reference = tmp_path / "reference"
     results = train(_stalling_config(), reference, progress=False)
     assert [epoch for epoch, _ in _epoch_events(reference)] == [1, 2, 3]
@@ -174,7 +191,9 @@ def test_plateau_stop_ends_the_main_stage_and_a_resumed_run_ends_where_the_unint
         with pytest.raises(TrainingInterrupted):
             trainer.run()
         state = load_state(run / "state.pt")
-        assert (state["stage"], state["epoch"], state["schedule"]["scale"]) == (("main", 2, 0.1) if name == "mid" else ("main", 3, 0.1 * 0.1))
+        assert (state["stage"], state["epoch"], state["schedule"]["scale"]) == (
+            ("main", 2, 0.1) if name == "mid" else ("main", 3, 0.1 * 0.1)
+        )
         resumed = resume(run, progress=False)
         assert _epoch_events(run) == _epoch_events(reference), name
         assert resumed["test"]["ppl"] == pytest.approx(results["test"]["ppl"], rel=1e-6), name

@@ -14,12 +14,16 @@ from reglm.data.windows import SentencePlan, Window
 from reglm.train.checkpoint import load_state
 from reglm.train.metrics import read_metrics
 from reglm.train.run import Trainer, load_corpus, resume, train
-
 from tests.train.test_train import _interrupt_and_resume
 
 NO_DROPOUT = [
-    "model.encoder.dropout=0", "model.encoder.attention_dropout=0", "model.encoder.relu_dropout=0",
-    "model.input.dropout=0", "model.output.tail_dropout=0", "train.clip=0", "train.optimizer=sgd",
+    "model.encoder.dropout=0",
+    "model.encoder.attention_dropout=0",
+    "model.encoder.relu_dropout=0",
+    "model.input.dropout=0",
+    "model.output.tail_dropout=0",
+    "train.clip=0",
+    "train.optimizer=sgd",
 ]
 
 
@@ -32,9 +36,12 @@ def _merged(windows: list[Window]) -> Window:
 
     scored = [torch.ones_like(w.inputs, dtype=torch.bool) if w.scored is None else w.scored for w in windows]
     return Window(
-        torch.cat([pad(w.inputs, 0) for w in windows]), torch.cat([pad(w.targets, 0) for w in windows]),
-        torch.cat([pad(s, False) for s in scored]), torch.cat([pad(w.positions, -1) for w in windows]),
-        sum(w.tokens for w in windows), sum(w.words for w in windows),
+        torch.cat([pad(w.inputs, 0) for w in windows]),
+        torch.cat([pad(w.targets, 0) for w in windows]),
+        torch.cat([pad(s, False) for s in scored]),
+        torch.cat([pad(w.positions, -1) for w in windows]),
+        sum(w.tokens for w in windows),
+        sum(w.words for w in windows),
     )
 
 
@@ -62,7 +69,16 @@ def _step_delta(trainer: Trainer, batch: Window | list[Window]) -> dict[str, tor
 def test_accumulated_batches_step_like_one_batch_holding_them_all(tmp_path: Path, batching: str) -> None:
     """update_freq windows, each its own chunk weighted by its scored targets, give the update of
     one padded batch of all their rows (the mean loss over every scored target)."""
-    config = build_config("transformer-tiny", [*NO_DROPOUT, f"train.batching={batching}", "train.max_tokens=96", "train.update_freq=3", "train.small_batch_size=none"])
+    config = build_config(
+        "transformer-tiny",
+        [
+            *NO_DROPOUT,
+            f"train.batching={batching}",
+            "train.max_tokens=96",
+            "train.update_freq=3",
+            "train.small_batch_size=none",
+        ],
+    )
     trainer = Trainer(config, tmp_path / "run", load_corpus(config), progress=False)
     windows, advance, _ = trainer.batches.next(0, 1)
     assert advance == 3 and len(windows) == 3
@@ -77,14 +93,32 @@ def test_accumulated_batches_step_like_one_batch_holding_them_all(tmp_path: Path
 
 def test_padding_never_changes_the_update(tmp_path: Path) -> None:
     """A sentence batch with extra padding columns (unscored) gives the same update."""
-    config = build_config("transformer-tiny", [*NO_DROPOUT, "train.batching=sentences", "train.max_tokens=96", "train.small_batch_size=none"])
+    config = build_config(
+        "transformer-tiny",
+        [*NO_DROPOUT, "train.batching=sentences", "train.max_tokens=96", "train.small_batch_size=none"],
+    )
     trainer = Trainer(config, tmp_path / "run", load_corpus(config), progress=False)
     window, _, _ = trainer.batches.next(0, 1)
-    padded = _merged([window, Window(window.inputs[:1, :1], window.targets[:1, :1], torch.zeros(1, 1, dtype=torch.bool), torch.full((1, 1), -1), 0, 0)])
+    padded = _merged(
+        [
+            window,
+            Window(
+                window.inputs[:1, :1],
+                window.targets[:1, :1],
+                torch.zeros(1, 1, dtype=torch.bool),
+                torch.full((1, 1), -1),
+                0,
+                0,
+            ),
+        ]
+    )
     wide = Window(
-        torch.nn.functional.pad(padded.inputs, (0, 5)), torch.nn.functional.pad(padded.targets, (0, 5)),
-        torch.nn.functional.pad(padded.scored, (0, 5), value=False), torch.nn.functional.pad(padded.positions, (0, 5), value=-1),
-        padded.tokens, padded.words,
+        torch.nn.functional.pad(padded.inputs, (0, 5)),
+        torch.nn.functional.pad(padded.targets, (0, 5)),
+        torch.nn.functional.pad(padded.scored, (0, 5), value=False),
+        torch.nn.functional.pad(padded.positions, (0, 5), value=-1),
+        padded.tokens,
+        padded.words,
     )
     plain, widened = _step_delta(trainer, window), _step_delta(trainer, wide)
     for key in plain:
@@ -92,7 +126,10 @@ def test_padding_never_changes_the_update(tmp_path: Path) -> None:
 
 
 def test_sentence_batches_keep_the_token_budget_and_read_every_sentence(tmp_path: Path) -> None:
-    config = build_config("transformer-tiny", ["train.batching=sentences", "train.max_tokens=64", "train.epochs=1", "train.small_batch_size=none"])
+    config = build_config(
+        "transformer-tiny",
+        ["train.batching=sentences", "train.max_tokens=64", "train.epochs=1", "train.small_batch_size=none"],
+    )
     corpus = load_corpus(config)
     trainer = Trainer(config, tmp_path / "run", corpus, progress=False)
     plan = trainer.batches.plan
@@ -107,7 +144,14 @@ def test_sentence_batches_keep_the_token_budget_and_read_every_sentence(tmp_path
     assert len(epochs) == 1 and epochs[0]["valid_ppl"] < 1001
 
 
-RESUME = ["train.update_freq=2", "train.small_batch_size=none", "train.epochs=3", "train.checkpoint_interval=5", "train.log_interval=5", "data.synthetic_sentences=1200"]
+RESUME = [
+    "train.update_freq=2",
+    "train.small_batch_size=none",
+    "train.epochs=3",
+    "train.checkpoint_interval=5",
+    "train.log_interval=5",
+    "data.synthetic_sentences=1200",
+]
 
 
 def test_a_transformer_run_resumes_bit_exactly(tmp_path: Path) -> None:

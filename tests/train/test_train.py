@@ -17,10 +17,16 @@ from safetensors.torch import load_file
 from reglm.config import build_config
 from reglm.errors import ReglmError
 from reglm.train.checkpoint import load_state
-from reglm.train.run import Trainer, TrainingDiverged, load_corpus, resume, train
 from reglm.train.metrics import read_metrics
+from reglm.train.run import Trainer, TrainingDiverged, load_corpus, resume, train
 
-RESUME_OVERRIDES = ["data.synthetic_sentences=2400", "train.epochs=3", "train.finetune_epochs=1", "train.checkpoint_interval=40", "train.log_interval=50"]
+RESUME_OVERRIDES = [
+    "data.synthetic_sentences=2400",
+    "train.epochs=3",
+    "train.finetune_epochs=1",
+    "train.checkpoint_interval=40",
+    "train.log_interval=50",
+]
 
 
 def _weights(directory: Path) -> dict[str, torch.Tensor]:
@@ -84,9 +90,13 @@ def test_refuses_to_overwrite_a_run(tiny_run: tuple[Path, dict]) -> None:
     assert (run / "state.pt").read_bytes() == before
 
 
-def _spawn(run: Path, extra: list[str], preset: str = "tiny", overrides: list[str] = RESUME_OVERRIDES) -> subprocess.Popen:
+def _spawn(
+    run: Path, extra: list[str], preset: str = "tiny", overrides: list[str] = RESUME_OVERRIDES
+) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "reglm", "train", "--preset", preset, "--out", str(run), *overrides, *extra]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    return subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+    )
 
 
 def _wait_for_checkpoint(proc: subprocess.Popen, path: Path, timeout: float = 120.0) -> None:
@@ -104,7 +114,9 @@ def reference_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run
 
 
-def _interrupt_and_resume(run: Path, reference: Path, how: str, preset: str = "tiny", overrides: list[str] = RESUME_OVERRIDES) -> None:
+def _interrupt_and_resume(
+    run: Path, reference: Path, how: str, preset: str = "tiny", overrides: list[str] = RESUME_OVERRIDES
+) -> None:
     proc = _spawn(run, [], preset, overrides)
     _wait_for_checkpoint(proc, run / "state.pt")
     sig = {"sigint": signal.SIGINT, "sigterm": signal.SIGTERM, "kill9": signal.SIGKILL}[how]
@@ -158,7 +170,10 @@ def test_non_finite_loss_stops_without_touching_checkpoints(tmp_path: Path) -> N
 
 
 def test_finetune_lr_applies_to_the_finetune_stage_only(tmp_path: Path) -> None:
-    config = build_config("tiny", ["train.variable_bptt=false", "train.finetune_lr=3.5", "train.log_interval=5", "data.synthetic_sentences=200"])
+    config = build_config(
+        "tiny",
+        ["train.variable_bptt=false", "train.finetune_lr=3.5", "train.log_interval=5", "data.synthetic_sentences=200"],
+    )
     train(config, tmp_path / "run", progress=False)
     steps = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["event"] == "step"]
     assert {r["lr"] for r in steps if r["stage"] == "main"} == {config.train.optimizer.lr}

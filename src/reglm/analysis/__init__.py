@@ -5,7 +5,14 @@ singular values, effective rank, Gaussian KDE), :mod:`reglm.analysis.runs` reads
 and :mod:`reglm.analysis.plots` draws every figure of the toolkit; ``reglm analyze`` ties them together.
 """
 
-from reglm.analysis.embeddings import effective_rank, gaussian_kde, nearest_neighbor_distances, normalized_singular_values, scott_bandwidth, summary
+from reglm.analysis.embeddings import (
+    effective_rank,
+    gaussian_kde,
+    nearest_neighbor_distances,
+    normalized_singular_values,
+    scott_bandwidth,
+    summary,
+)
 from reglm.analysis.runs import analyze_run, output_embedding, read_curve
 
 __all__ = [

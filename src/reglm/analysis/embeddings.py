@@ -31,7 +31,9 @@ _U32 = 2.0**-24
 """Unit roundoff of float32."""
 
 
-def nearest_neighbor_distances(weight: Tensor, block_size: int = 1024, candidates: int = 4, progress: bool = False) -> Tensor:
+def nearest_neighbor_distances(
+    weight: Tensor, block_size: int = 1024, candidates: int = 4, progress: bool = False
+) -> Tensor:
     """``weight: (V, E)`` -> ``(V,)`` float64: each row's Euclidean distance to its nearest other row.
 
     Exact (to float64 rounding) without ever holding a ``V x V`` matrix. Rows are processed in
@@ -144,7 +146,12 @@ def scott_bandwidth(samples: np.ndarray | Tensor) -> float:
     return x.size ** (-0.2) * std
 
 
-def gaussian_kde(samples: np.ndarray | Tensor, grid: np.ndarray | Tensor, bandwidth: float | None = None, chunk_elements: int = 1 << 20) -> np.ndarray:
+def gaussian_kde(
+    samples: np.ndarray | Tensor,
+    grid: np.ndarray | Tensor,
+    bandwidth: float | None = None,
+    chunk_elements: int = 1 << 20,
+) -> np.ndarray:
     """Gaussian kernel density estimate of 1-D ``samples: (n,)`` evaluated at ``grid: (G,)`` -> ``(G,)`` float64.
 
     ``f(g) = 1 / (n h sqrt(2 pi)) * sum_i exp(-(g - x_i)^2 / (2 h^2))`` with ``h = bandwidth``,

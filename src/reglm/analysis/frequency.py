@@ -57,7 +57,9 @@ def word_level(token_nll: Tensor, positions: Tensor, word_ends: Tensor | None, n
     return (total[last + 1] - total[first])[complete], first[complete], last[complete]
 
 
-def loss_by_frequency(token_nll: Tensor, positions: Tensor, word_keys: Tensor, key_counts: Tensor, word_ends: Tensor | None = None) -> dict[str, Any]:
+def loss_by_frequency(
+    token_nll: Tensor, positions: Tensor, word_keys: Tensor, key_counts: Tensor, word_ends: Tensor | None = None
+) -> dict[str, Any]:
     """Figures 2 and 3 for one model on one split.
 
     ``token_nll, positions: (M,)`` every scored target's NLL and stream index; ``word_keys: (N,)``
@@ -79,7 +81,9 @@ def loss_by_frequency(token_nll: Tensor, positions: Tensor, word_keys: Tensor, k
     }
 
 
-def word_keys(ids: Tensor, word_ends: Tensor | None, train_ids: Tensor, train_word_ends: Tensor | None, vocab: Any) -> tuple[Tensor, Tensor]:
+def word_keys(
+    ids: Tensor, word_ends: Tensor | None, train_ids: Tensor, train_word_ends: Tensor | None, vocab: Any
+) -> tuple[Tensor, Tensor]:
     """``(keys, counts)`` for :func:`loss_by_frequency`: a word model's keys are its ids and the
     counts those of the training split; a sub-word model's words are re-joined from their units
     (``vocab.join``) on both splits and numbered, a split's word unseen in training counting 0."""
@@ -99,14 +103,29 @@ def word_keys(ids: Tensor, word_ends: Tensor | None, train_ids: Tensor, train_wo
     return keys, torch.tensor([*counts, 0], dtype=torch.long)
 
 
-def frequency_analysis(model: torch.nn.Module, corpus: Any, split: str, reading: Any, device: torch.device | str, progress: bool = False) -> dict[str, Any]:
+def frequency_analysis(
+    model: torch.nn.Module, corpus: Any, split: str, reading: Any, device: torch.device | str, progress: bool = False
+) -> dict[str, Any]:
     """Score ``split`` of ``corpus`` with ``model`` as ``reading`` says and bin the loss of every
     word by its and its predecessor's training frequency (:func:`loss_by_frequency`); also the
     split's perplexity (word-level)."""
     from reglm.evaluate.perplexity import evaluate
 
     ids, word_ends = getattr(corpus, split), corpus.split_word_ends(split)
-    result = evaluate(model, ids, device=device, keep_token_nll=True, progress=progress, desc=f"{split} (by frequency)", word_ends=word_ends, reading=reading)
+    result = evaluate(
+        model,
+        ids,
+        device=device,
+        keep_token_nll=True,
+        progress=progress,
+        desc=f"{split} (by frequency)",
+        word_ends=word_ends,
+        reading=reading,
+    )
     assert result.token_nll is not None and result.positions is not None
     keys, counts = word_keys(ids, word_ends, corpus.train, corpus.split_word_ends("train"), corpus.vocab)
-    return {"split": split, "ppl": result.ppl, **loss_by_frequency(result.token_nll, result.positions, keys, counts, word_ends)}
+    return {
+        "split": split,
+        "ppl": result.ppl,
+        **loss_by_frequency(result.token_nll, result.positions, keys, counts, word_ends),
+    }

@@ -31,7 +31,9 @@ try:
     from matplotlib.lines import Line2D
     from matplotlib.ticker import MaxNLocator
 except ImportError as exc:
-    raise ReglmError(f"this command draws figures with matplotlib, which cannot be imported ({exc}); install it with: pip install 'reglm[analysis]'") from None
+    raise ReglmError(
+        f"this command draws figures with matplotlib, which cannot be imported ({exc}); install it with: pip install 'reglm[analysis]'"
+    ) from None
 
 
 def plot_embedding_diversity(records: list[dict[str, Any]], path: Path | str) -> None:
@@ -53,18 +55,31 @@ def embedding_diversity_figure(records: list[dict[str, Any]]) -> Figure:
         singular = record["singular_values"]
         sv_ax.plot(range(1, len(singular) + 1), singular, color=colour, label=record["label"])
         x = [e["global_epoch"] for e in record["epochs"]]
-        ppl_ax.plot(x, [e["valid_ppl"] for e in record["epochs"]], color=colour, linestyle="-", marker=".", label=record["label"])
+        ppl_ax.plot(
+            x,
+            [e["valid_ppl"] for e in record["epochs"]],
+            color=colour,
+            linestyle="-",
+            marker=".",
+            label=record["label"],
+        )
         ppl_ax.plot(x, [e["train_ppl"] for e in record["epochs"]], color=colour, linestyle="--", marker=".")
         if record["finetune_start_epoch"] is not None:
             ppl_ax.axvline(record["finetune_start_epoch"] - 0.5, color=colour, linestyle=":", linewidth=1.2)
 
-    kde_ax.set(title="(a) Distance to the nearest neighbour (KDE)", xlabel="Euclidean distance to nearest neighbour", ylabel="density")
+    kde_ax.set(
+        title="(a) Distance to the nearest neighbour (KDE)",
+        xlabel="Euclidean distance to nearest neighbour",
+        ylabel="density",
+    )
     kde_ax.set_ylim(bottom=0)
     sv_ax.set_yscale("log", nonpositive="mask")
     sv_ax.set(title="(b) Normalized singular values (log scale)", xlabel="index", ylabel=r"$\sigma_i / \sigma_1$")
     ppl_ax.set_yscale("log")
     ppl_ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ppl_ax.set(title="(c) Training and validation perplexity", xlabel="epoch (main, then fine-tuning)", ylabel="perplexity")
+    ppl_ax.set(
+        title="(c) Training and validation perplexity", xlabel="epoch (main, then fine-tuning)", ylabel="perplexity"
+    )
     for ax in (kde_ax, sv_ax):
         ax.legend(title="run")
         ax.grid(True, alpha=0.3)
@@ -106,10 +121,16 @@ def plot_trigram_study(result: dict[str, Any], path: Path | str) -> None:
             if info["base"] != base:
                 continue
             curve = result["curves"][stage]
-            label = f"discriminator, lr {info['lr']:g}" if info["objective"] == "reverse-kl" else f"cross-entropy, lr {info['lr']:g}"
+            label = (
+                f"discriminator, lr {info['lr']:g}"
+                if info["objective"] == "reverse-kl"
+                else f"cross-entropy, lr {info['lr']:g}"
+            )
             ax.plot(curve["step"], curve["prob"], label=label)
         ax.axhline(result["true_prob"], color="black", linestyle="--", linewidth=1, label="true p")
-        ax.axhline(result["p_hat"][base]["p_hat"], color="grey", linestyle=":", linewidth=1, label="discriminator's p_hat")
+        ax.axhline(
+            result["p_hat"][base]["p_hat"], color="grey", linestyle=":", linewidth=1, label="discriminator's p_hat"
+        )
         ax.set_yscale("log")
         ax.set_xlabel("fine-tuning step")
         ax.set_title(f"{base} model: p({result['chosen_word']} | fixed context)")
@@ -132,7 +153,11 @@ def plot_trigram_figure2(result: dict[str, Any], path: Path | str) -> None:
             if info["base"] != "perturbed":
                 continue
             curve = result["curves"][stage]["tracked"][rank]
-            label = f"discriminator, lr {info['lr']:g}" if info["objective"] == "reverse-kl" else f"cross-entropy, lr {info['lr']:g}"
+            label = (
+                f"discriminator, lr {info['lr']:g}"
+                if info["objective"] == "reverse-kl"
+                else f"cross-entropy, lr {info['lr']:g}"
+            )
             ax.plot(curve["step"], curve["prob"], label=label)
         ax.axhline(word["true_prob"], color="black", linestyle="--", linewidth=1, label="true p")
         kind = "frequent" if int(rank) <= 50 else "almost frequent" if int(rank) <= 150 else "rare"
@@ -159,14 +184,20 @@ def plot_subspace_study(result: dict[str, Any], path: Path | str) -> None:
         ax.set_ylim(0.0, 1.02)
         ax.grid(True, alpha=0.3)
     beta_ax.set(
-        title=rf"(a) Subspace distance at $\tau$ = {result['panels']['beta']['tau']:g}" "\n" r"for different proportions of $J^{aug}$",
-        xlabel=r"Proportion of augmented loss ($\beta$)", ylabel="Normalized distance",
+        title=rf"(a) Subspace distance at $\tau$ = {result['panels']['beta']['tau']:g}"
+        "\n"
+        r"for different proportions of $J^{aug}$",
+        xlabel=r"Proportion of augmented loss ($\beta$)",
+        ylabel="Normalized distance",
     )
     tau_ax.set(
         title="(b) Subspace distance at different temperatures\n" r"when only $J^{aug}$ is used ($\beta$ = 1)",
-        xlabel=r"Temperature ($\tau$)", ylabel="Normalized distance",
+        xlabel=r"Temperature ($\tau$)",
+        ylabel="Normalized distance",
     )
-    fig.suptitle(rf"Distance between span($L^T$) and span($W$) (Inan et al. 2017, Fig. 1); mean $\pm$ std over {runs} run(s)")
+    fig.suptitle(
+        rf"Distance between span($L^T$) and span($W$) (Inan et al. 2017, Fig. 1); mean $\pm$ std over {runs} run(s)"
+    )
     write_with(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=110))
 
 
@@ -178,7 +209,10 @@ def plot_loss_by_frequency(records: list[dict[str, Any]], path: Path | str) -> N
     fig = Figure(figsize=(13, 4.4), layout="constrained")
     axes = fig.subplots(1, 2, sharey=True)
     width = 0.8 / max(len(records), 1)
-    panels = (("by_frequency", "(a) Loss by word frequency", "word frequency bin"), ("by_previous_frequency", "(b) Loss by the previous word's frequency", "previous word frequency bin"))
+    panels = (
+        ("by_frequency", "(a) Loss by word frequency", "word frequency bin"),
+        ("by_previous_frequency", "(b) Loss by the previous word's frequency", "previous word frequency bin"),
+    )
     for ax, (key, title, xlabel) in zip(axes, panels):
         labels = records[0][key]["bins"] if records else []
         for i, record in enumerate(records):

@@ -16,7 +16,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from reglm.analysis.embeddings import gaussian_kde, nearest_neighbor_distances, normalized_singular_values, scott_bandwidth, summary
+from reglm.analysis.embeddings import (
+    gaussian_kde,
+    nearest_neighbor_distances,
+    normalized_singular_values,
+    scott_bandwidth,
+    summary,
+)
 from reglm.errors import ReglmError
 from reglm.train.checkpoint import MODEL_FILE, load_model_dir
 from reglm.train.metrics import read_metrics
@@ -39,7 +45,9 @@ def read_curve(run_dir: Path | str) -> dict[str, Any]:
     """
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
-        raise ReglmError(f"{path} is missing: the analysis needs the run's training log; give a run directory written by `reglm train` (not a bare model directory)")
+        raise ReglmError(
+            f"{path} is missing: the analysis needs the run's training log; give a run directory written by `reglm train` (not a bare model directory)"
+        )
     try:
         records = read_metrics(path)
     except (OSError, UnicodeDecodeError) as exc:
@@ -53,12 +61,21 @@ def read_curve(run_dir: Path | str) -> dict[str, Any]:
             finetune_start = len(epochs) + 1
         elif record.get("event") == "epoch":
             try:
-                entry = {"stage": str(record["stage"]), "epoch": int(record["epoch"]), "train_ppl": float(record["train_ppl"]), "valid_ppl": float(record["valid_ppl"])}
+                entry = {
+                    "stage": str(record["stage"]),
+                    "epoch": int(record["epoch"]),
+                    "train_ppl": float(record["train_ppl"]),
+                    "valid_ppl": float(record["valid_ppl"]),
+                }
             except (KeyError, TypeError, ValueError):
-                raise ReglmError(f"{path}: epoch event {len(epochs) + 1} lacks stage/epoch/train_ppl/valid_ppl; the log is damaged, restore it from the run") from None
+                raise ReglmError(
+                    f"{path}: epoch event {len(epochs) + 1} lacks stage/epoch/train_ppl/valid_ppl; the log is damaged, restore it from the run"
+                ) from None
             epochs.append({**entry, "global_epoch": len(epochs) + 1})
     if not epochs:
-        raise ReglmError(f"{path} holds no epoch events: the run has not finished an epoch; train (or resume) it for at least one epoch")
+        raise ReglmError(
+            f"{path} holds no epoch events: the run has not finished an epoch; train (or resume) it for at least one epoch"
+        )
     return {"epochs": epochs, "finetune_start_epoch": finetune_start}
 
 
@@ -69,19 +86,27 @@ def output_embedding(run_dir: Path | str, checkpoint: str = "best") -> Tensor:
         raise ReglmError(f"checkpoint {checkpoint!r} is unknown; choose best or last")
     directory = run_dir / checkpoint
     if not (directory / MODEL_FILE).is_file():
-        raise ReglmError(f"{directory / MODEL_FILE} is missing: {run_dir} has no {checkpoint}/ model; train the run for at least one epoch or choose the other --checkpoint")
+        raise ReglmError(
+            f"{directory / MODEL_FILE} is missing: {run_dir} has no {checkpoint}/ model; train the run for at least one epoch or choose the other --checkpoint"
+        )
     model, _, _ = load_model_dir(directory)
     weight = getattr(model.output, "weight", None)
     if not isinstance(weight, Tensor) or weight.dim() != 2:
-        raise ReglmError(f"{directory}: the output layer ({type(model.output).__name__}) has no (V, E) weight matrix, so the run has no output embedding to analyze")
+        raise ReglmError(
+            f"{directory}: the output layer ({type(model.output).__name__}) has no (V, E) weight matrix, so the run has no output embedding to analyze"
+        )
     if weight.size(0) < 2:
-        raise ReglmError(f"{directory}: the vocabulary has {weight.size(0)} word(s); nearest neighbours need at least 2")
+        raise ReglmError(
+            f"{directory}: the vocabulary has {weight.size(0)} word(s); nearest neighbours need at least 2"
+        )
     if not bool(torch.isfinite(weight).all()):
         raise ReglmError(f"{directory}: the output embedding holds NaN or infinite values; analyze another checkpoint")
     return weight.detach()
 
 
-def analyze_run(run_dir: Path | str, label: str, checkpoint: str = "best", progress: bool = False, top: int | None = None) -> dict[str, Any]:
+def analyze_run(
+    run_dir: Path | str, label: str, checkpoint: str = "best", progress: bool = False, top: int | None = None
+) -> dict[str, Any]:
     """Every measure of one run, as the JSON-ready record ``reglm analyze`` writes.
 
     ``top``: analyze only the rows of the ``top`` most frequent training words (the vocabulary
@@ -109,7 +134,9 @@ def analyze_run(run_dir: Path | str, label: str, checkpoint: str = "best", progr
         singular = normalized_singular_values(weight)
         bandwidth = scott_bandwidth(distances)
     except ValueError as exc:
-        raise ReglmError(f"{run_dir / checkpoint}: the output embedding cannot be analyzed ({exc}); is the checkpoint trained?") from None
+        raise ReglmError(
+            f"{run_dir / checkpoint}: the output embedding cannot be analyzed ({exc}); is the checkpoint trained?"
+        ) from None
     d = distances.numpy()
     grid = np.linspace(max(0.0, d.min() - KDE_MARGIN * bandwidth), d.max() + KDE_MARGIN * bandwidth, KDE_POINTS)
     density = gaussian_kde(d, grid, bandwidth)

@@ -77,7 +77,9 @@ def subspace_distance(x: Tensor, y: Tensor) -> float:
     (see :func:`orthonormal_basis`).
     """
     if x.dim() != 2 or y.dim() != 2 or x.size(0) != y.size(0):
-        raise ValueError(f"expected (n, c1) and (n, c2) matrices with the same n, got {tuple(x.shape)} and {tuple(y.shape)}")
+        raise ValueError(
+            f"expected (n, c1) and (n, c2) matrices with the same n, got {tuple(x.shape)} and {tuple(y.shape)}"
+        )
     u = orthonormal_basis(x)
     v = orthonormal_basis(y).to(u.device)
     overlap = float((u.T @ v).pow(2).sum()) / v.size(1)
@@ -108,12 +110,18 @@ def embedding_subspace_distance(model: nn.Module) -> float:
     vocab_size = embedding.weight.size(0)
     if "softmax-logits" not in getattr(output, "capabilities", ()):
         kind = type(output).__name__
-        hint = " (a mixture of softmaxes has no single output projection W with logits W h + b)" if "Mixture" in kind else ""
+        hint = (
+            " (a mixture of softmaxes has no single output projection W with logits W h + b)"
+            if "Mixture" in kind
+            else ""
+        )
         raise ReglmError(
             f"the subspace distance between L^T and W needs a plain softmax output layer, the model has {kind}{hint}; "
             "train the model with model.output=softmax"
         )
     weight = output.weight
     if weight.dim() != 2 or weight.size(0) != vocab_size:
-        raise ReglmError(f"the output weight has shape {tuple(weight.shape)}, expected ({vocab_size}, H); the model is not a reglm LanguageModel")
+        raise ReglmError(
+            f"the output weight has shape {tuple(weight.shape)}, expected ({vocab_size}, H); the model is not a reglm LanguageModel"
+        )
     return subspace_distance(embedding.weight, weight)

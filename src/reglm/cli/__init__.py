@@ -48,7 +48,12 @@ def version_line() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="reglm", description="Regularized word-level neural language models.")
-    parser.add_argument("--version", action="version", version=version_line(), help="print the versions of reglm, torch and Python, and exit")
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=version_line(),
+        help="print the versions of reglm, torch and Python, and exit",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for family in FAMILIES:
         family.register(sub)
@@ -121,7 +126,11 @@ def _report(line: str, exc: BaseException | None = None) -> None:
     unless ``exc`` is one the rank met on its own (``every_rank``: a rendezvous it cannot reach,
     the other processes lost). The environment is read here, not torch.distributed: the
     message may come before the process group exists, or after it is gone."""
-    if getattr(exc, "every_rank", False) or os.environ.get("WORLD_SIZE", "1") in ("", "1") or os.environ.get("RANK", "0") == "0":
+    if (
+        getattr(exc, "every_rank", False)
+        or os.environ.get("WORLD_SIZE", "1") in ("", "1")
+        or os.environ.get("RANK", "0") == "0"
+    ):
         print(line, file=sys.stderr)
 
 

@@ -14,16 +14,39 @@ from reglm.errors import ReglmError
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("analyze", help="embedding diversity of trained runs (Wang, Gong & Liu 2019, Figure 1): figure + JSON; or --subspace, or --by-frequency")
+    p = sub.add_parser(
+        "analyze",
+        help="embedding diversity of trained runs (Wang, Gong & Liu 2019, Figure 1): figure + JSON; or --subspace, or --by-frequency",
+    )
     p.add_argument("runs", nargs="+", metavar="RUN", help="run directories written by reglm train")
-    p.add_argument("--out", default="analysis", help="directory for embedding-diversity.png and .json (default: analysis/)")
+    p.add_argument(
+        "--out", default="analysis", help="directory for embedding-diversity.png and .json (default: analysis/)"
+    )
     p.add_argument("--checkpoint", choices=["best", "last"], default="best")
     p.add_argument("--labels", help="comma-separated legend labels, one per run (default: the run directory names)")
-    p.add_argument("--top", type=int, metavar="K", help="analyze only the K most frequent training words (default: every word, as the paper)")
-    p.add_argument("--subspace", action="store_true", help="instead: the subspace distance between the input embedding L^T and the output projection W (Inan et al. 2017, appendix B) -> subspace.json")
-    p.add_argument("--by-frequency", action="store_true", help="instead: the loss binned by the training frequency of each word and of the word before it "
-                   "(Baevski & Auli 2019, Figures 2 and 3) -> loss-by-frequency.png and .json")
-    p.add_argument("--split", choices=["valid", "test"], default="test", help="with --by-frequency: the split to score (default: test, as the paper)")
+    p.add_argument(
+        "--top",
+        type=int,
+        metavar="K",
+        help="analyze only the K most frequent training words (default: every word, as the paper)",
+    )
+    p.add_argument(
+        "--subspace",
+        action="store_true",
+        help="instead: the subspace distance between the input embedding L^T and the output projection W (Inan et al. 2017, appendix B) -> subspace.json",
+    )
+    p.add_argument(
+        "--by-frequency",
+        action="store_true",
+        help="instead: the loss binned by the training frequency of each word and of the word before it "
+        "(Baevski & Auli 2019, Figures 2 and 3) -> loss-by-frequency.png and .json",
+    )
+    p.add_argument(
+        "--split",
+        choices=["valid", "test"],
+        default="test",
+        help="with --by-frequency: the split to score (default: test, as the paper)",
+    )
     add_data_options(p, with_vocab=False)
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object instead of a table")
     p.set_defaults(func=cmd_analyze)
@@ -50,11 +73,24 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     with writing_into(out):
         plot_embedding_diversity(records, figure)
         write_json(data, {"figure": figure.name, "runs": records})
-    rows = [{key: r[key] for key in ("label", "path", "checkpoint", "vocab_size", "embedding_dim", "analyzed_words")} | r["summary"] for r in records]
+    rows = [
+        {key: r[key] for key in ("label", "path", "checkpoint", "vocab_size", "embedding_dim", "analyzed_words")}
+        | r["summary"]
+        for r in records
+    ]
     if args.json:
         print(json.dumps({"figure": str(figure), "data": str(data), "runs": rows}))
         return 0
-    print_table(rows, [("   words", "analyzed_words", "d"), ("  mean NN", "nn_mean", ".4f"), (" median NN", "nn_median", ".4f"), (" eff. rank", "effective_rank", ".2f"), (" best valid ppl", "best_valid_ppl", ".2f")])
+    print_table(
+        rows,
+        [
+            ("   words", "analyzed_words", "d"),
+            ("  mean NN", "nn_mean", ".4f"),
+            (" median NN", "nn_median", ".4f"),
+            (" eff. rank", "effective_rank", ".2f"),
+            (" best valid ppl", "best_valid_ppl", ".2f"),
+        ],
+    )
     print(f"wrote {figure} and {data}")
     return 0
 
@@ -62,26 +98,39 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 def _analyze_subspace(args: argparse.Namespace, labels: list[str]) -> int:
     """``reglm analyze RUN... --subspace``: Inan et al.'s appendix-B distance of every run."""
     from reglm.analysis.subspace import embedding_subspace_distance
-    from reglm.rundir import model_dir
     from reglm.io import write_json
+    from reglm.rundir import model_dir
     from reglm.train.checkpoint import load_model_dir
 
     if args.top is not None:
-        raise ReglmError("--top selects words for the diversity analysis; the subspace distance uses whole matrices, drop --top")
+        raise ReglmError(
+            "--top selects words for the diversity analysis; the subspace distance uses whole matrices, drop --top"
+        )
     out = _out_dir(args.out, "subspace.json")
     rows = []
     for run, label in zip(args.runs, labels):
         directory = model_dir(run, args.checkpoint)
         model, config, _ = load_model_dir(directory)
         distance = embedding_subspace_distance(model)  # refuses output layers without one (V, H) matrix first
-        rows.append({"label": label, "path": str(directory), "tied": config.model.output.tie_weights, "distance": distance})
+        rows.append(
+            {"label": label, "path": str(directory), "tied": config.model.output.tie_weights, "distance": distance}
+        )
     data = out / "subspace.json"
     with writing_into(out):
-        write_json(data, {"metric": "Inan et al. 2017, appendix B: d^2 = 1 - ||U^T V||_F^2 / C between span(L^T) and span(W)", "runs": rows})
+        write_json(
+            data,
+            {
+                "metric": "Inan et al. 2017, appendix B: d^2 = 1 - ||U^T V||_F^2 / C between span(L^T) and span(W)",
+                "runs": rows,
+            },
+        )
     if args.json:
         print(json.dumps({"data": str(data), "runs": rows}))
         return 0
-    print_table([{**row, "tied": str(row["tied"]).lower()} for row in rows], [(" tied", "tied", ""), (" subspace distance", "distance", ".4f")])
+    print_table(
+        [{**row, "tied": str(row["tied"]).lower()} for row in rows],
+        [(" tied", "tied", ""), (" subspace distance", "distance", ".4f")],
+    )
     print(f"wrote {data}")
     return 0
 
@@ -94,7 +143,9 @@ def _analyze_by_frequency(args: argparse.Namespace, labels: list[str]) -> int:
     from reglm.train.batching import eval_reading
 
     if args.top is not None:
-        raise ReglmError("--top selects words for the diversity analysis; --by-frequency bins every scored word, drop --top")
+        raise ReglmError(
+            "--top selects words for the diversity analysis; --by-frequency bins every scored word, drop --top"
+        )
     out = _out_dir(args.out, "loss-by-frequency.png and .json")
     progress = True
     records = []
@@ -106,15 +157,24 @@ def _analyze_by_frequency(args: argparse.Namespace, labels: list[str]) -> int:
     figure, data = out / "loss-by-frequency.png", out / "loss-by-frequency.json"
     with writing_into(out):
         plot_loss_by_frequency(records, figure)
-        write_json(data, {"figure": figure.name, "loss": "mean NLL (nats) of the words in each bin of training counts", "runs": records})
+        write_json(
+            data,
+            {
+                "figure": figure.name,
+                "loss": "mean NLL (nats) of the words in each bin of training counts",
+                "runs": records,
+            },
+        )
     if args.json:
         print(json.dumps({"figure": str(figure), "data": str(data), "runs": records}))
         return 0
     bins = records[0]["by_frequency"]["bins"]
     rows = [{"label": r["label"], "ppl": r["ppl"], **dict(zip(bins, r["by_frequency"]["mean_loss"]))} for r in records]
     print_table(rows, [(" ppl", "ppl", ".2f"), *((f" {b:>6s}", b, ".3f") for b in bins)])
-    print(f"(mean loss by training frequency of the word, {args.split}; -: no word of the split in that bin); "
-          f"wrote {figure} and {data}")
+    print(
+        f"(mean loss by training frequency of the word, {args.split}; -: no word of the split in that bin); "
+        f"wrote {figure} and {data}"
+    )
     return 0
 
 

@@ -39,8 +39,13 @@ def with_absolute_paths(config: Any) -> Any:
 
 
 def add_data_options(p: argparse.ArgumentParser, with_vocab: bool = True) -> None:
-    p.add_argument("--data", help="ptb, wikitext-2, wikitext-103, lm1b, synthetic, or a directory with train.txt/valid.txt/test.txt")
-    p.add_argument("--data-dir", help="download cache for built-in corpora (default: $REGLM_DATA_DIR or ~/.cache/reglm)")
+    p.add_argument(
+        "--data",
+        help="ptb, wikitext-2, wikitext-103, lm1b, synthetic, or a directory with train.txt/valid.txt/test.txt",
+    )
+    p.add_argument(
+        "--data-dir", help="download cache for built-in corpora (default: $REGLM_DATA_DIR or ~/.cache/reglm)"
+    )
     if with_vocab:
         p.add_argument("--min-freq", type=int, help="map training words seen fewer times to <unk>")
         p.add_argument("--max-vocab", type=int, help="keep only this many most frequent words")
@@ -53,7 +58,9 @@ DEFAULT_THREADS = 1
 
 def add_threads_option(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--threads", type=int, metavar="N",
+        "--threads",
+        type=int,
+        metavar="N",
         help=f"CPU threads for PyTorch (default: $OMP_NUM_THREADS when set, else {DEFAULT_THREADS})",
     )
 
@@ -111,10 +118,19 @@ def load_scored_run(run: str, checkpoint: str, data: str | None, data_dir: str |
     name = config.data.name
     if data is None and _custom_corpus(name) and not Path(name).expanduser().is_dir():
         relative = "" if Path(name).expanduser().is_absolute() else f", read from the current directory {Path.cwd()}"
-        raise ReglmError(f"the corpus directory the model was trained on, {name!r} (data.name in {directory / 'config.json'}{relative}), does not exist; give the corpus with --data DIR")
+        raise ReglmError(
+            f"the corpus directory the model was trained on, {name!r} (data.name in {directory / 'config.json'}{relative}), does not exist; give the corpus with --data DIR"
+        )
     loaded = ScoredRun(directory, model, config, vocab, None, device)
     loaded.corpus = load_corpus(config, vocab if loaded.subword else None)
-    require_same_vocab(vocab, loaded.corpus.vocab, f"the checkpoint {directory}", f"the corpus {config.data.name!r}", "evaluate on the corpus it was trained on", strict=True)
+    require_same_vocab(
+        vocab,
+        loaded.corpus.vocab,
+        f"the checkpoint {directory}",
+        f"the corpus {config.data.name!r}",
+        "evaluate on the corpus it was trained on",
+        strict=True,
+    )
     return loaded
 
 
@@ -145,7 +161,11 @@ def stop_on_signals() -> Iterator[Any]:
         if stop.requested:
             raise KeyboardInterrupt
         stop.request(signum)
-        print("reglm: stop requested: saving a checkpoint at the end of this step (send again to abort without saving)", file=sys.stderr, flush=True)
+        print(
+            "reglm: stop requested: saving a checkpoint at the end of this step (send again to abort without saving)",
+            file=sys.stderr,
+            flush=True,
+        )
 
     with handling_signals(handler):
         yield stop
@@ -221,7 +241,9 @@ def run_labels(labels: str | None, runs: list[str]) -> list[str]:
         return [Path(run).resolve().name or str(run) for run in runs]
     names = [name.strip() for name in labels.split(",")]
     if len(names) != len(runs):
-        raise ReglmError(f"--labels gives {len(names)} label(s) for {len(runs)} run(s); give one label per run, separated by commas")
+        raise ReglmError(
+            f"--labels gives {len(names)} label(s) for {len(runs)} run(s); give one label per run, separated by commas"
+        )
     if not all(names):
         raise ReglmError(f"--labels {labels!r} holds an empty label; give a non-empty label for every run")
     return names
@@ -234,4 +256,6 @@ def writing_into(out: Path) -> Iterator[None]:
     try:
         yield
     except OSError as exc:
-        raise ReglmError(f"cannot write into --out {out} ({exc.strerror or exc}); choose a writable directory") from None
+        raise ReglmError(
+            f"cannot write into --out {out} ({exc.strerror or exc}); choose a writable directory"
+        ) from None

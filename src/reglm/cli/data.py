@@ -22,35 +22,69 @@ def register(sub: Any) -> None:
     d.add_argument("name")
     d.add_argument("--data-dir")
     for command, text in (
-        ("info", "token counts, vocabulary size, OOV rate and encoded-cache entry (path, size, dtype, age) of a corpus"),
-        ("prepare", "encode a corpus into the cache ahead of a job (download it first when needed), or re-hash an existing entry and rebuild it when damaged"),
+        (
+            "info",
+            "token counts, vocabulary size, OOV rate and encoded-cache entry (path, size, dtype, age) of a corpus",
+        ),
+        (
+            "prepare",
+            "encode a corpus into the cache ahead of a job (download it first when needed), or re-hash an existing entry and rebuild it when damaged",
+        ),
     ):
         d = dsub.add_parser(command, help=text)
         d.add_argument("name")
         d.add_argument("--data-dir")
         d.add_argument("--min-freq", type=int, default=1)
         d.add_argument("--max-vocab", type=int)
-        d.add_argument("--tokenizer", choices=["word", "bpe"], default="word", help="bpe: the sub-word corpus of --bpe-vocab-size units")
+        d.add_argument(
+            "--tokenizer",
+            choices=["word", "bpe"],
+            default="word",
+            help="bpe: the sub-word corpus of --bpe-vocab-size units",
+        )
         d.add_argument("--bpe-vocab-size", type=int, default=32000)
         d.add_argument("--synthetic-rule", default="stream", help="synthetic: stream or restart (`reglm config`)")
         d.add_argument("--synthetic-sentences", type=int, default=80000, help="synthetic: training sentences")
         d.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_data)
-    p = sub.add_parser("presets", help="list the bundled presets and the paper/table each reproduces; with --paper: a paper's table rows and their numbers")
-    p.add_argument("--paper", help=f"list this paper's tables and their rows ({', '.join(PAPERS)}), with the paper's numbers")
+    p = sub.add_parser(
+        "presets",
+        help="list the bundled presets and the paper/table each reproduces; with --paper: a paper's table rows and their numbers",
+    )
+    p.add_argument(
+        "--paper", help=f"list this paper's tables and their rows ({', '.join(PAPERS)}), with the paper's numbers"
+    )
     p.add_argument("--table", help="with --paper: only this table")
     p.add_argument("--json", action="store_true", help="with --paper: print one JSON object")
     p.set_defaults(func=cmd_presets)
-    p = sub.add_parser("config", help="list every configuration option with its default; with --preset or overrides: the resolved configuration")
+    p = sub.add_parser(
+        "config",
+        help="list every configuration option with its default; with --preset or overrides: the resolved configuration",
+    )
     p.add_argument("--preset", help="show this preset's resolved configuration (a bundled preset or a YAML file)")
-    p.add_argument("--json", action="store_true", help="print the resolved configuration as one JSON object (the defaults without --preset or overrides)")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="options on top of the preset, as for `reglm train`")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print the resolved configuration as one JSON object (the defaults without --preset or overrides)",
+    )
+    p.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="options on top of the preset, as for `reglm train`"
+    )
     p.set_defaults(func=cmd_config)
-    p = sub.add_parser("params", help="count a configuration's parameters (input layer, body, output layer) without allocating them")
+    p = sub.add_parser(
+        "params", help="count a configuration's parameters (input layer, body, output layer) without allocating them"
+    )
     p.add_argument("--preset", help="bundled preset name or YAML file")
-    p.add_argument("--vocab-size", type=int, metavar="V", help="vocabulary size (default: the corpus's, when it is a built-in or synthetic one or an existing directory)")
+    p.add_argument(
+        "--vocab-size",
+        type=int,
+        metavar="V",
+        help="vocabulary size (default: the corpus's, when it is a built-in or synthetic one or an existing directory)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="options on top of the preset, as for `reglm train`")
+    p.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="options on top of the preset, as for `reglm train`"
+    )
     p.set_defaults(func=cmd_params)
 
 
@@ -63,15 +97,25 @@ def cmd_data(args: argparse.Namespace) -> int:
         print(f"{args.name}: verified files in {path}")
         return 0
     options = DataConfig(
-        name=args.name, data_dir=args.data_dir, min_freq=args.min_freq, max_vocab=args.max_vocab,
-        tokenizer=args.tokenizer, bpe_vocab_size=args.bpe_vocab_size,
-        synthetic_rule=args.synthetic_rule, synthetic_sentences=args.synthetic_sentences,
+        name=args.name,
+        data_dir=args.data_dir,
+        min_freq=args.min_freq,
+        max_vocab=args.max_vocab,
+        tokenizer=args.tokenizer,
+        bpe_vocab_size=args.bpe_vocab_size,
+        synthetic_rule=args.synthetic_rule,
+        synthetic_sentences=args.synthetic_sentences,
     )
 
     def read() -> Any:
         return resolve(
-            options.name, data_dir=options.data_dir, min_freq=options.min_freq, max_vocab=options.max_vocab,
-            tokenizer=options.tokenizer, bpe_vocab_size=options.bpe_vocab_size, synthetic_rule=options.synthetic_rule,
+            options.name,
+            data_dir=options.data_dir,
+            min_freq=options.min_freq,
+            max_vocab=options.max_vocab,
+            tokenizer=options.tokenizer,
+            bpe_vocab_size=options.bpe_vocab_size,
+            synthetic_rule=options.synthetic_rule,
             synthetic_sentences=options.synthetic_sentences,
         )
 
@@ -81,7 +125,10 @@ def cmd_data(args: argparse.Namespace) -> int:
 
         damaged = verify(corpus.cache.path)
         if damaged:
-            print(f"reglm: {', '.join(damaged)} in {corpus.cache.path} differ from its manifest (damaged); encoding {args.name} again", file=sys.stderr)
+            print(
+                f"reglm: {', '.join(damaged)} in {corpus.cache.path} differ from its manifest (damaged); encoding {args.name} again",
+                file=sys.stderr,
+            )
             discard(corpus.cache.path, args.name)
             corpus = read()
     return _report(corpus, args)
@@ -93,7 +140,11 @@ def _report(corpus: Any, args: argparse.Namespace) -> int:
     from reglm.data.cache import describe
     from reglm.data.synthetic import PAPER_STATS
 
-    stats = {"name": corpus.name, "vocab_size": len(corpus.vocab)} if args.data_command == "prepare" else corpus_stats(corpus)
+    stats = (
+        {"name": corpus.name, "vocab_size": len(corpus.vocab)}
+        if args.data_command == "prepare"
+        else corpus_stats(corpus)
+    )
     if args.name in SOURCES:
         stats["sentences"] = SOURCES[args.name].sentences
     if args.data_command == "info" and corpus.truth is not None:
@@ -147,7 +198,9 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
     if args.paper is None:
         if args.table is not None or args.json:
-            raise ReglmError("--table and --json list a paper's rows: give --paper NAME too (e.g. --paper inan --table 1)")
+            raise ReglmError(
+                "--table and --json list a paper's rows: give --paper NAME too (e.g. --paper inan --table 1)"
+            )
         presets = list_presets()
         width = max(len(name) for name, _ in presets)
         for name, description in presets:
@@ -169,13 +222,19 @@ def cmd_presets(args: argparse.Namespace) -> int:
         print(f"  {'id':{width}s}  {'preset':{preset_width}s}  {'valid':>7s}  {'test':>7s}  {'params':>6s}  evaluation")
         for row in table["rows"]:
             rep = row["reported"]
-            how = row["evaluation"] + (f" {row['spec']}" if row["spec"] else "") + (", main stage" if row["stage"] == "main" else "")
+            how = (
+                row["evaluation"]
+                + (f" {row['spec']}" if row["spec"] else "")
+                + (", main stage" if row["stage"] == "main" else "")
+            )
             if "top10" in rep:
                 how += f" (the top 10 after {len(rep['top10'])} phrases)"
             if row["starts_from"]:
                 how += f", after {row['starts_from']['run']}"
             shown = [f"{rep[key]:7.2f}" if rep.get(key) is not None else f"{'-':>7s}" for key in ("valid", "test")]
-            print(f"  {row['id']:{width}s}  {row['preset']:{preset_width}s}  {shown[0]}  {shown[1]}  {rep.get('params') or '-':>6s}  {how}")
+            print(
+                f"  {row['id']:{width}s}  {row['preset']:{preset_width}s}  {shown[0]}  {shown[1]}  {rep.get('params') or '-':>6s}  {how}"
+            )
     return 0
 
 
@@ -197,11 +256,18 @@ def _paper_tables(paper: str, table: str | None) -> list[dict[str, Any]]:
         rows = []
         for row in table_rows(paper, name):
             starts = preset_metadata(row.preset).starts_from
-            record = {key: value for key, value in dataclasses.asdict(row).items() if key not in ("paper", "table", "reported")}
+            record = {
+                key: value
+                for key, value in dataclasses.asdict(row).items()
+                if key not in ("paper", "table", "reported")
+            }
             reported = {key: value for key, value in dataclasses.asdict(row.reported).items() if value is not None}
-            rows.append({**record, "reported": reported, "starts_from": None if starts is None else dataclasses.asdict(starts)})
-        out.append({"table": name, "caption": entry.caption, "missing": entry.missing, "study": entry.study,
-                    "rows": rows})
+            rows.append(
+                {**record, "reported": reported, "starts_from": None if starts is None else dataclasses.asdict(starts)}
+            )
+        out.append(
+            {"table": name, "caption": entry.caption, "missing": entry.missing, "study": entry.study, "rows": rows}
+        )
     return out
 
 
@@ -238,7 +304,9 @@ def _vocab_size(config: Any, given: int | None) -> tuple[int, str]:
     if Path(data.name).expanduser().is_dir():
         corpus = resolve(data.name, data_dir=data.data_dir, min_freq=data.min_freq, max_vocab=data.max_vocab)
         return len(corpus.vocab), f"the corpus {data.name}"
-    raise ReglmError(f"corpus {data.name!r} is neither built in nor an existing directory; give --vocab-size V (billion word: 793471)")
+    raise ReglmError(
+        f"corpus {data.name!r} is neither built in nor an existing directory; give --vocab-size V (billion word: 793471)"
+    )
 
 
 SYNTHETIC_VOCAB_SIZE = 1001

@@ -27,25 +27,47 @@ if TYPE_CHECKING:
 def register(sub: Any) -> None:
     p = sub.add_parser("eval", help="evaluate a trained run on a split, alone or with the neural cache")
     p.add_argument("run", help="run directory (or a model directory)")
-    p.add_argument("--split", choices=["valid", "test"], help="split to score (default: valid; test with --cache-search or --dynamic-search)")
     p.add_argument(
-        "--checkpoint", choices=["best", "last", "state"], default="best",
+        "--split",
+        choices=["valid", "test"],
+        help="split to score (default: valid; test with --cache-search or --dynamic-search)",
+    )
+    p.add_argument(
+        "--checkpoint",
+        choices=["best", "last", "state"],
+        default="best",
         help="best/ or last/ of the run, or state: the weights of its latest state.pt (a run interrupted mid-epoch; "
         "the average once averaging runs)",
     )
     p.add_argument(
-        "--max-tokens", type=int, metavar="N",
+        "--max-tokens",
+        type=int,
+        metavar="N",
         help="score only the first N tokens of the split (a quick estimate; the searches tune on the first N of valid)",
     )
-    p.add_argument("--batch-size", type=int, help="streams (or blocks) per batch (default: the run's eval/test batch size; 1 with the cache)")
-    p.add_argument("--block", type=int, metavar="L", help="score in stateless blocks of at most L tokens, scored parts ending at sentence ends (Baevski & Auli; default with --context-window: the run's train.block_size)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        help="streams (or blocks) per batch (default: the run's eval/test batch size; 1 with the cache)",
+    )
+    p.add_argument(
+        "--block",
+        type=int,
+        metavar="L",
+        help="score in stateless blocks of at most L tokens, scored parts ending at sentence ends (Baevski & Auli; default with --context-window: the run's train.block_size)",
+    )
     add_data_options(p, with_vocab=False)
     modes = p.add_mutually_exclusive_group()
     for mode in EVAL_MODES:
         modes.add_argument(mode.flag, nargs="?", const="", metavar=mode.metavar, dest=mode.dest, help=mode.help)
-    p.add_argument("--cache-deltas", metavar="FILE", help="with --cache/--cache-search: write word, count, summed loss change (cache - model) per word type as TSV (AWD-LSTM Table 3)")
     p.add_argument(
-        "--word-probs", metavar="FILE",
+        "--cache-deltas",
+        metavar="FILE",
+        help="with --cache/--cache-search: write word, count, summed loss change (cache - model) per word type as TSV (AWD-LSTM Table 3)",
+    )
+    p.add_argument(
+        "--word-probs",
+        metavar="FILE",
         help="write position, line, index, word, prob, log_prob of every token of the split as TSV: "
         "the first scored after <eos>, then the N-1 targets of the perplexity",
     )
@@ -95,7 +117,16 @@ class _EvalOutcome:
 def _eval_plain(ctx: _EvalContext, _setting: None) -> _EvalOutcome:
     from reglm.evaluate.perplexity import evaluate
 
-    result = evaluate(ctx.model, ctx.ids, device=ctx.device, keep_token_nll=ctx.keep_token_nll, progress=ctx.progress, desc=ctx.split, word_ends=ctx.word_ends, reading=ctx.reading)
+    result = evaluate(
+        ctx.model,
+        ctx.ids,
+        device=ctx.device,
+        keep_token_nll=ctx.keep_token_nll,
+        progress=ctx.progress,
+        desc=ctx.split,
+        word_ends=ctx.word_ends,
+        reading=ctx.reading,
+    )
     return _EvalOutcome(result, report={"reading": _reading_report(ctx.reading)})
 
 
@@ -103,15 +134,24 @@ def _reading_report(reading: Reading) -> dict[str, Any]:
     if reading.max_tokens is not None:
         return {"kind": "sentences", "max_tokens": reading.max_tokens}
     if reading.block is not None:
-        return {"kind": "blocks", "block": reading.block, "context": reading.context, "whole_sentences": reading.sentence_end is not None}
+        return {
+            "kind": "blocks",
+            "block": reading.block,
+            "context": reading.context,
+            "whole_sentences": reading.sentence_end is not None,
+        }
     return {"kind": "streams", "bptt": reading.bptt}
 
 
 def _eval_context_window(ctx: _EvalContext, context: int) -> _EvalOutcome:
     if ctx.reading.block is None:
-        raise ReglmError("--context-window reads blocks; give --block L (or evaluate a run trained with train.batching=blocks)")
+        raise ReglmError(
+            "--context-window reads blocks; give --block L (or evaluate a run trained with train.batching=blocks)"
+        )
     if context >= ctx.reading.block:
-        raise ReglmError(f"--context-window {context} must be smaller than the block ({ctx.reading.block} tokens, --block); lower it or raise --block")
+        raise ReglmError(
+            f"--context-window {context} must be smaller than the block ({ctx.reading.block} tokens, --block); lower it or raise --block"
+        )
     ctx.reading = dataclasses.replace(ctx.reading, context=context)
     outcome = _eval_plain(ctx, None)
     outcome.summary = f" | blocks of {ctx.reading.block}, {context} tokens of context"
@@ -132,17 +172,43 @@ def parse_context(text: str, option: str) -> int:
 def _eval_cache(ctx: _EvalContext, spec: CacheSpec) -> _EvalOutcome:
     from reglm.evaluate.cache import cache_evaluate
 
-    result = cache_evaluate(ctx.model, ctx.ids, spec, ctx.batch_size, ctx.bptt, ctx.device, keep_token_nll=ctx.keep_token_nll, progress=ctx.progress, desc=ctx.split)
-    return _EvalOutcome(result, summary=f" | cache {spec} | model alone ppl {result.plain.ppl:.2f}", label="model+cache", baseline=result.plain)
+    result = cache_evaluate(
+        ctx.model,
+        ctx.ids,
+        spec,
+        ctx.batch_size,
+        ctx.bptt,
+        ctx.device,
+        keep_token_nll=ctx.keep_token_nll,
+        progress=ctx.progress,
+        desc=ctx.split,
+    )
+    return _EvalOutcome(
+        result,
+        summary=f" | cache {spec} | model alone ppl {result.plain.ppl:.2f}",
+        label="model+cache",
+        baseline=result.plain,
+    )
 
 
 def _eval_cache_search(ctx: _EvalContext, grid: CacheGrid) -> _EvalOutcome:
     from reglm.evaluate.cache import cache_search
 
-    search = cache_search(ctx.model, ctx.valid_ids, grid, ctx.batch_size, ctx.bptt, ctx.device, progress=ctx.progress, desc="cache search (valid)")
+    search = cache_search(
+        ctx.model,
+        ctx.valid_ids,
+        grid,
+        ctx.batch_size,
+        ctx.bptt,
+        ctx.device,
+        progress=ctx.progress,
+        desc="cache search (valid)",
+    )
     outcome = _eval_cache(ctx, search.best)
     outcome.report["search"] = {"split": "valid", "grid": grid.as_dict(), **search.as_dict()}
-    outcome.lines.append(f"cache search on valid ({len(grid)} settings): best {search.best} | loss {search.loss:.4f} | ppl {search.ppl:.2f} | model alone ppl {search.model_ppl:.2f}")
+    outcome.lines.append(
+        f"cache search on valid ({len(grid)} settings): best {search.best} | loss {search.loss:.4f} | ppl {search.ppl:.2f} | model alone ppl {search.model_ppl:.2f}"
+    )
     return outcome
 
 
@@ -159,7 +225,16 @@ def _dynamic_stats(ctx: _EvalContext, spec: DynamicSpec, option: str) -> dict[st
 def _run_dynamic(ctx: _EvalContext, spec: DynamicSpec, stats: dict[str, torch.Tensor] | None) -> _EvalOutcome:
     from reglm.evaluate.dynamic import dynamic_evaluate
 
-    result = dynamic_evaluate(ctx.model, ctx.ids, spec, stats, ctx.device, keep_token_nll=ctx.keep_token_nll, progress=ctx.progress, desc=f"{ctx.split} (dynamic)")
+    result = dynamic_evaluate(
+        ctx.model,
+        ctx.ids,
+        spec,
+        stats,
+        ctx.device,
+        keep_token_nll=ctx.keep_token_nll,
+        progress=ctx.progress,
+        desc=f"{ctx.split} (dynamic)",
+    )
     summary = f" | dynamic {spec.variant} lr={spec.lr:g} lambda={spec.lam:g} segment={spec.segment}"
     if spec.adapt != "all":
         summary += f" adapt={spec.adapt}"
@@ -186,14 +261,18 @@ def _eval_dynamic_search(ctx: _EvalContext, grid: DynamicGrid) -> _EvalOutcome:
     search = dynamic_search(ctx.model, ctx.valid_ids, grid, stats, ctx.device, progress=ctx.progress)
     outcome = _run_dynamic(ctx, search.best, stats)
     outcome.report["search"] = {"split": "valid", "grid": grid.as_dict(), **search.as_dict()}
-    outcome.lines.append(f"dynamic search on valid ({len(grid)} settings): best lr={search.best.lr:g} lambda={search.best.lam:g} | loss {search.best_result.loss:.4f} | ppl {search.best_result.ppl:.2f}")
+    outcome.lines.append(
+        f"dynamic search on valid ({len(grid)} settings): best lr={search.best.lr:g} lambda={search.best.lam:g} | loss {search.best_result.loss:.4f} | ppl {search.best_result.ppl:.2f}"
+    )
     return outcome
 
 
 def _parse(module: str, name: str) -> Callable[[str, str], Any]:
     """``module.name`` (a spec parser), imported on use so that ``reglm --help`` stays light."""
+
     def parse(text: str, option: str) -> Any:
         return getattr(importlib.import_module(module), name)(text, option)
+
     return parse
 
 
@@ -225,35 +304,59 @@ class EvalMode:
 
 EVAL_MODES: list[EvalMode] = [
     EvalMode(
-        "context-window", "C", "score stateless blocks of complete sentences of up to --block tokens (default: the run's train.block_size) whose first C "
+        "context-window",
+        "C",
+        "score stateless blocks of complete sentences of up to --block tokens (default: the run's train.block_size) whose first C "
         "tokens only give context, every token scored once (Baevski & Auli Table 5; C=0 is plain block evaluation)",
-        parse_context, _eval_context_window,
+        parse_context,
+        _eval_context_window,
     ),
     EvalMode(
-        "cache", "SPEC", "mix in the continuous cache pointer (Grave et al. 2017): window=W,theta=T,lambda=L, any order; missing keys take the "
+        "cache",
+        "SPEC",
+        "mix in the continuous cache pointer (Grave et al. 2017): window=W,theta=T,lambda=L, any order; missing keys take the "
         "AWD-LSTM PTB values window=2000,theta=1.0,lambda=0.1 (WikiText-2: window=3785,theta=0.662,lambda=0.1279)",
-        _parse("reglm.evaluate.cache", "parse_cache_spec"), _eval_cache, 1,
+        _parse("reglm.evaluate.cache", "parse_cache_spec"),
+        _eval_cache,
+        1,
     ),
     EvalMode(
-        "cache-search", "GRID", "tune the cache on valid and score the chosen values on --split (default test); GRID like window=500,2000;theta=0.1,0.3;"
+        "cache-search",
+        "GRID",
+        "tune the cache on valid and score the chosen values on --split (default test); GRID like window=500,2000;theta=0.1,0.3;"
         "lambda=0.05,0.1 (missing keys: window=100,500,1000,2000,3785;theta=0.1,0.3,0.662,1.0;lambda=0.05,0.1,0.1279,0.2,0.3)",
-        _parse("reglm.evaluate.cache", "parse_cache_grid"), _eval_cache_search, 1, searches=True,
+        _parse("reglm.evaluate.cache", "parse_cache_grid"),
+        _eval_cache_search,
+        1,
+        searches=True,
         passes=lambda ctx, grid: [ctx.valid_ids.numel(), ctx.ids.numel()],
     ),
     EvalMode(
-        "dynamic", "SPEC", "dynamic evaluation (Krause et al. 2018): lr=,lambda=,eps=,segment=,variant=rms|sgd,max_train_tokens=N|all,batch_size=,"
+        "dynamic",
+        "SPEC",
+        "dynamic evaluation (Krause et al. 2018): lr=,lambda=,eps=,segment=,variant=rms|sgd,max_train_tokens=N|all,batch_size=,"
         "stats_batch_size=,adapt=all|output, any order; missing keys take the reference's "
         "lr=5e-5,lambda=0.002,eps=2e-5,segment=5,variant=rms,batch_size=1,stats_batch_size=100,adapt=all "
         "(variant=sgd needs lr)",
-        _parse("reglm.evaluate.dynamic_spec", "parse_dynamic_spec"), _eval_dynamic, lambda spec: spec.batch_size,
+        _parse("reglm.evaluate.dynamic_spec", "parse_dynamic_spec"),
+        _eval_dynamic,
+        lambda spec: spec.batch_size,
         passes=lambda ctx, spec: [*_stats_tokens(ctx, spec), ctx.ids.numel()],
     ),
     EvalMode(
-        "dynamic-search", "GRID", "tune dynamic evaluation's lr and lambda on valid and score the best on --split (default test); GRID like "
+        "dynamic-search",
+        "GRID",
+        "tune dynamic evaluation's lr and lambda on valid and score the best on --split (default test); GRID like "
         "lr=3e-5,5e-5;lambda=0.001,0.002;segment=5 (missing lr/lambda: the reference's 24-point grid around the settings)",
-        _parse("reglm.evaluate.dynamic_spec", "parse_dynamic_grid"), _eval_dynamic_search, lambda grid: grid.spec.batch_size, searches=True,
-        passes=lambda ctx, grid: [*_stats_tokens(ctx, grid.spec), *[ctx.valid_ids.numel()] * len(grid),
-                                  ctx.ids.numel()],
+        _parse("reglm.evaluate.dynamic_spec", "parse_dynamic_grid"),
+        _eval_dynamic_search,
+        lambda grid: grid.spec.batch_size,
+        searches=True,
+        passes=lambda ctx, grid: [
+            *_stats_tokens(ctx, grid.spec),
+            *[ctx.valid_ids.numel()] * len(grid),
+            ctx.ids.numel(),
+        ],
     ),
 ]
 """The ``reglm eval`` modes besides plain evaluation, at most one per command; a new
@@ -289,17 +392,32 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.block is not None and args.block < 1:
         raise ReglmError(f"--block {args.block} must be >= 1")
     if args.block is not None and mode.name not in ("plain", "context-window"):
-        raise ReglmError(f"--block reads stateless blocks; {mode.flag} reads streams with the state carried: drop one of them")
+        raise ReglmError(
+            f"--block reads stateless blocks; {mode.flag} reads streams with the state carried: drop one of them"
+        )
     check_output_file("--word-probs", args.word_probs)
     check_output_file("--cache-deltas", args.cache_deltas)
-    if args.word_probs is not None and args.cache_deltas is not None and Path(args.word_probs).absolute() == Path(args.cache_deltas).absolute():
+    if (
+        args.word_probs is not None
+        and args.cache_deltas is not None
+        and Path(args.word_probs).absolute() == Path(args.cache_deltas).absolute()
+    ):
         raise ReglmError("--word-probs and --cache-deltas name the same file; give two paths")
     split = args.split or ("test" if mode.searches else "valid")
 
     loaded = load_scored_run(args.run, args.checkpoint, args.data, args.data_dir)
     if loaded.subword and mode.name not in ("plain", "context-window"):
-        raise ReglmError(f"{mode.flag} scores words one token at a time; {loaded.directory} is a sub-word (BPE) model: evaluate it plainly or with --context-window")
-    directory, model, config, vocab, corpus, device = loaded.directory, loaded.model, loaded.config, loaded.vocab, loaded.corpus, loaded.device
+        raise ReglmError(
+            f"{mode.flag} scores words one token at a time; {loaded.directory} is a sub-word (BPE) model: evaluate it plainly or with --context-window"
+        )
+    directory, model, config, vocab, corpus, device = (
+        loaded.directory,
+        loaded.model,
+        loaded.config,
+        loaded.vocab,
+        loaded.corpus,
+        loaded.device,
+    )
     cached = corpus.cache.path if corpus.cache is not None else None
     inputs = [directory, directory.parent, Path(config.data.name).expanduser(), cached]
     refuse_inputs("--word-probs", args.word_probs, inputs)
@@ -309,7 +427,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         ids, valid_ids = ids[: args.max_tokens], valid_ids[: args.max_tokens]
         word_ends = None if word_ends is None else word_ends[: args.max_tokens]
     default_batch_size = mode.batch_size(setting) if callable(mode.batch_size) else mode.batch_size
-    batch_size = args.batch_size or default_batch_size or (config.train.eval_batch_size if split == "valid" else config.train.test_batch_size)
+    batch_size = (
+        args.batch_size
+        or default_batch_size
+        or (config.train.eval_batch_size if split == "valid" else config.train.test_batch_size)
+    )
     reading = dataclasses.replace(eval_reading(config.train, split, vocab.eos_id), batch_size=batch_size)
     if args.block is not None or (mode.name == "context-window" and reading.block is None):
         reading = Reading(batch_size, config.train.bptt, args.block or config.train.block_size, 0, vocab.eos_id)
@@ -321,7 +443,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
             "lower --batch-size or raise --max-tokens"
         )
     ctx = _EvalContext(
-        model, ids, split, batch_size, config.train.bptt, reading, word_ends, device, keep, True, valid_ids,
+        model,
+        ids,
+        split,
+        batch_size,
+        config.train.bptt,
+        reading,
+        word_ends,
+        device,
+        keep,
+        True,
+        valid_ids,
         corpus.train,
     )
     with plan(mode.passes(ctx, setting)):
@@ -329,10 +461,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
     result = outcome.result
     if args.word_probs is not None:
         first = float(sentence_log_probs(model, [[int(ids[0])]], vocab.eos_id, device)[0][0])
-        write_output("--word-probs", args.word_probs, lambda: write_word_probs(args.word_probs, result, ids, vocab, first))
+        write_output(
+            "--word-probs", args.word_probs, lambda: write_word_probs(args.word_probs, result, ids, vocab, first)
+        )
     if args.cache_deltas is not None:
-        write_output("--cache-deltas", args.cache_deltas, lambda: write_loss_deltas(args.cache_deltas, result, outcome.baseline, ids, vocab))
-    out = {"run": str(args.run), "checkpoint": str(directory), "split": split, "batch_size": batch_size, "mode": mode.name, **result.as_dict(), **outcome.report}
+        write_output(
+            "--cache-deltas",
+            args.cache_deltas,
+            lambda: write_loss_deltas(args.cache_deltas, result, outcome.baseline, ids, vocab),
+        )
+    out = {
+        "run": str(args.run),
+        "checkpoint": str(directory),
+        "split": split,
+        "batch_size": batch_size,
+        "mode": mode.name,
+        **result.as_dict(),
+        **outcome.report,
+    }
     out["oov_penalty"] = "none"
     if args.max_tokens is not None:
         out["max_tokens"] = args.max_tokens
@@ -346,18 +492,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return 0
     for line in outcome.lines:
         print(line)
-    words = f" | words {result.words} (word-level ppl)" if result.words is not None and result.words != result.tokens else ""
+    words = (
+        f" | words {result.words} (word-level ppl)"
+        if result.words is not None and result.words != result.tokens
+        else ""
+    )
     part = f" (first {ids.numel()} tokens)" if args.max_tokens is not None else ""
-    print(f"{split}{part}: loss {result.loss:.4f} | ppl {result.ppl:.2f} | tokens {result.tokens}"
-          f"{words}{outcome.summary}")
+    print(
+        f"{split}{part}: loss {result.loss:.4f} | ppl {result.ppl:.2f} | tokens {result.tokens}{words}{outcome.summary}"
+    )
     if truth is not None:
         s = out["synthetic"]
         print(f"words only: {outcome.label} ppl {s['model_word_ppl']:.2f} | true ppl {s['true_word_ppl']:.2f}")
     if args.word_probs is not None:
-        print(f"wrote word probabilities to {args.word_probs} ({result.tokens + 1} rows: the first token scored "
-              f"after <eos>, then the {result.tokens} targets of the perplexity above)")
+        print(
+            f"wrote word probabilities to {args.word_probs} ({result.tokens + 1} rows: the first token scored "
+            f"after <eos>, then the {result.tokens} targets of the perplexity above)"
+        )
     if args.cache_deltas is not None:
         print(f"wrote cache loss deltas to {args.cache_deltas}")
     return 0
-
-

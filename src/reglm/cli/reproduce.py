@@ -13,15 +13,40 @@ from reglm.errors import ReglmError
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("reproduce", help="train a paper table's rows and print them beside the paper's numbers (resumable)")
-    p.add_argument("target", metavar="PAPER:TABLE", help="e.g. merity:1, inan:2, popov:3 (`reglm presets --paper NAME` lists a paper's tables and rows)")
-    p.add_argument("--rows", help="comma-separated row ids, or prefixes that end at a dash (ptb-small picks ptb-small-vd, ptb-small-al, ...); default: every row")
+    p = sub.add_parser(
+        "reproduce", help="train a paper table's rows and print them beside the paper's numbers (resumable)"
+    )
+    p.add_argument(
+        "target",
+        metavar="PAPER:TABLE",
+        help="e.g. merity:1, inan:2, popov:3 (`reglm presets --paper NAME` lists a paper's tables and rows)",
+    )
+    p.add_argument(
+        "--rows",
+        help="comma-separated row ids, or prefixes that end at a dash (ptb-small picks ptb-small-vd, ptb-small-al, ...); default: every row",
+    )
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--budget", type=int, metavar="EPOCHS", help="cap every stage of every run at this many epochs")
-    budget.add_argument("--minutes", type=float, metavar="M", help="give every run M / (number of runs) minutes of training; the best model so far is scored")
-    p.add_argument("--scale", choices=["full", "reduced"], default="full", help="full: the papers' recipes (GPU); reduced: LSTM sizes / 4, epochs / 10 (a CPU shows a table's ordering)")
-    p.add_argument("--out", required=True, help="directory of the table: one run directory per run under runs/, table.md and table.json (rerun to resume)")
-    p.add_argument("--data-dir", help="download cache or directory holding ptb/ and wikitext-2/ (data.data_dir of every run)")
+    budget.add_argument(
+        "--minutes",
+        type=float,
+        metavar="M",
+        help="give every run M / (number of runs) minutes of training; the best model so far is scored",
+    )
+    p.add_argument(
+        "--scale",
+        choices=["full", "reduced"],
+        default="full",
+        help="full: the papers' recipes (GPU); reduced: LSTM sizes / 4, epochs / 10 (a CPU shows a table's ordering)",
+    )
+    p.add_argument(
+        "--out",
+        required=True,
+        help="directory of the table: one run directory per run under runs/, table.md and table.json (rerun to resume)",
+    )
+    p.add_argument(
+        "--data-dir", help="download cache or directory holding ptb/ and wikitext-2/ (data.data_dir of every run)"
+    )
     p.add_argument("--device", help="auto, cpu, cuda (train.device of every run; default auto)")
     p.add_argument("--json", action="store_true", help="print table.json instead of table.md")
     p.set_defaults(func=cmd_reproduce)

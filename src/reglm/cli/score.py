@@ -29,23 +29,55 @@ from reglm.errors import ReglmError
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("score", help="score every line of a file as a sentence (n-best rescoring): log-probability, tokens, OOVs, perplexity")
-    p.add_argument("run", help="run directory (or a model directory); only its vocabulary and model are read, no corpus")
+    p = sub.add_parser(
+        "score",
+        help="score every line of a file as a sentence (n-best rescoring): log-probability, tokens, OOVs, perplexity",
+    )
+    p.add_argument(
+        "run", help="run directory (or a model directory); only its vocabulary and model are read, no corpus"
+    )
     p.add_argument("file", help="one sentence per line, or ID<TAB>sentence per line; - reads standard input")
     p.add_argument("--checkpoint", choices=["best", "last"], default="best")
-    p.add_argument("--base", choices=["e", "10"], default="e", help="log base of the output: e (natural) or 10 (KenLM, ASR decoders); the column header says which")
-    p.add_argument("--format", choices=["tsv", "jsonl"], default="tsv", help="output format (TSV with a header line, or one JSON object per line)")
-    p.add_argument("--words", action="store_true", help="one row per word instead of per sentence: id, position, word, log-prob, OOV flag")
-    p.add_argument("--input", choices=["auto", "plain", "ids"], default="auto", help="plain lines, or ID<TAB>sentence lines; auto: ids when the first line holds a tab")
+    p.add_argument(
+        "--base",
+        choices=["e", "10"],
+        default="e",
+        help="log base of the output: e (natural) or 10 (KenLM, ASR decoders); the column header says which",
+    )
+    p.add_argument(
+        "--format",
+        choices=["tsv", "jsonl"],
+        default="tsv",
+        help="output format (TSV with a header line, or one JSON object per line)",
+    )
+    p.add_argument(
+        "--words",
+        action="store_true",
+        help="one row per word instead of per sentence: id, position, word, log-prob, OOV flag",
+    )
+    p.add_argument(
+        "--input",
+        choices=["auto", "plain", "ids"],
+        default="auto",
+        help="plain lines, or ID<TAB>sentence lines; auto: ids when the first line holds a tab",
+    )
     p.add_argument("--no-eos", dest="eos", action="store_false", help="do not score the <eos> that ends each sentence")
     p.add_argument(
-        "--oov-penalty", default="share", metavar="share|none|X",
+        "--oov-penalty",
+        default="share",
+        metavar="share|none|X",
         help="score of a word outside the vocabulary: share (default) log p(<unk>) - log(unknown word types "
         "of the training text); X: log p(<unk>) - X in --base units (a decoder's unk offset, e.g. 10); "
         "none: the raw log p(<unk>) (the perplexity protocol)",
     )
-    p.add_argument("--carry", action="store_true", help="carry the context from one line into the next (a document) instead of scoring each line alone")
-    p.add_argument("--out", metavar="FILE", help="write the scores to FILE (written atomically) instead of standard output")
+    p.add_argument(
+        "--carry",
+        action="store_true",
+        help="carry the context from one line into the next (a document) instead of scoring each line alone",
+    )
+    p.add_argument(
+        "--out", metavar="FILE", help="write the scores to FILE (written atomically) instead of standard output"
+    )
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
     p.set_defaults(func=cmd_score)
 
@@ -72,7 +104,9 @@ def read_lines(path: str, fmt: str) -> list[Line]:
         try:
             data = Path(path).read_bytes()
         except FileNotFoundError:
-            raise ReglmError(f"{path} does not exist; give a text file with one sentence per line (or - for standard input)") from None
+            raise ReglmError(
+                f"{path} does not exist; give a text file with one sentence per line (or - for standard input)"
+            ) from None
     raw = data.split(b"\n") if data else []
     if data.endswith(b"\n"):
         raw.pop()
@@ -81,14 +115,18 @@ def read_lines(path: str, fmt: str) -> list[Line]:
         try:
             texts.append(line.decode("utf-8").removesuffix("\r"))
         except UnicodeDecodeError as exc:
-            raise ReglmError(f"{name} line {number} is not UTF-8 (byte {exc.start}); convert the file to UTF-8 (e.g. iconv -t utf-8)") from None
+            raise ReglmError(
+                f"{name} line {number} is not UTF-8 (byte {exc.start}); convert the file to UTF-8 (e.g. iconv -t utf-8)"
+            ) from None
     with_ids = fmt == "ids" or (fmt == "auto" and bool(texts) and "\t" in texts[0])
     if not with_ids:
         return [Line(str(number), text) for number, text in enumerate(texts, 1)]
     lines = []
     for number, text in enumerate(texts, 1):
         if "\t" not in text:
-            raise ReglmError(f"{name} line {number} has no tab: the file is read as ID<TAB>sentence lines; give every line an id, or pass --input plain")
+            raise ReglmError(
+                f"{name} line {number} has no tab: the file is read as ID<TAB>sentence lines; give every line an id, or pass --input plain"
+            )
         ident, sentence = text.split("\t", 1)
         lines.append(Line(ident, sentence))
     return lines
@@ -108,7 +146,9 @@ def cmd_score(args: argparse.Namespace) -> int:
         for number, line in enumerate(lines, 1):
             unknown = [w for w in line.sentence.split() if w not in lm.vocab]
             if unknown:
-                raise ReglmError(f"line {number} ({line.id}): {unknown[0]!r} is not in the model's vocabulary, which has no <unk> to score it with; remove the line or use a model trained with <unk>")
+                raise ReglmError(
+                    f"line {number} ({line.id}): {unknown[0]!r} is not in the model's vocabulary, which has no <unk> to score it with; remove the line or use a model trained with <unk>"
+                )
     penalty = None if args.oov_penalty == "none" else args.oov_penalty
     oov_offset(lm.vocab, penalty, args.base)
     setting = f"{describe_oov(lm.vocab, penalty, args.base)} (--oov-penalty {args.oov_penalty})"
@@ -130,7 +170,10 @@ def cmd_score(args: argparse.Namespace) -> int:
     oov = sum(w.oov for words in scored for w in words)
     ppl = _perplexity([w for words in scored for w in words], args.base)
     rate = f"{len(lines) / seconds:.0f} sentences/s, {tokens / seconds:.0f} tokens/s" if seconds > 0 else "instant"
-    print(f"scored {len(lines)} sentences, {tokens} tokens ({oov} OOV), perplexity {ppl:.2f}, in {seconds:.2f} s ({rate})", file=sys.stderr)
+    print(
+        f"scored {len(lines)} sentences, {tokens} tokens ({oov} OOV), perplexity {ppl:.2f}, in {seconds:.2f} s ({rate})",
+        file=sys.stderr,
+    )
     print(f"reglm score: an OOV word scored {setting}", file=sys.stderr)
     return 0
 
@@ -156,15 +199,28 @@ def _render(lines: list[Line], scored: list[list[Any]], args: argparse.Namespace
     rows: list[dict[str, Any]] = []
     for line, words in zip(lines, scored):
         if args.words:
-            rows.extend({"id": line.id, "position": i, "word": w.word, column: w.log_prob, "oov": int(w.oov)} for i, w in enumerate(words))
+            rows.extend(
+                {"id": line.id, "position": i, "word": w.word, column: w.log_prob, "oov": int(w.oov)}
+                for i, w in enumerate(words)
+            )
         else:
-            rows.append({"id": line.id, column: sum(w.log_prob for w in words), "tokens": len(words), "oov": sum(w.oov for w in words), "ppl": _perplexity(words, args.base)})
+            rows.append(
+                {
+                    "id": line.id,
+                    column: sum(w.log_prob for w in words),
+                    "tokens": len(words),
+                    "oov": sum(w.oov for w in words),
+                    "ppl": _perplexity(words, args.base),
+                }
+            )
     header = ["id", "position", "word", column, "oov"] if args.words else ["id", column, "tokens", "oov", "ppl"]
     if args.format == "jsonl":
         named = args.oov_penalty in ("share", "none")
         setting = {"oov_penalty": args.oov_penalty if named else float(args.oov_penalty)}
-        records = ({key: (None if isinstance(v, float) and math.isnan(v) else v) for key, v in row.items()} | setting
-                   for row in rows)
+        records = (
+            {key: (None if isinstance(v, float) and math.isnan(v) else v) for key, v in row.items()} | setting
+            for row in rows
+        )
         return "".join(json.dumps(record) + "\n" for record in records)
     from reglm.evaluate.word_probs import tsv
 

@@ -25,13 +25,24 @@ def register(sub: Any) -> None:
     p = sub.add_parser("study", help="the papers' controlled experiments, end to end: figure + JSON")
     p.set_defaults(func=cmd_study)
     ssub = p.add_subparsers(dest="study", required=True)
-    t = ssub.add_parser("trigram", help="Popov & Kudinov 2019, section 3: discriminator fine-tuning on the synthetic trigram corpus (Table 1, Figure 1)")
-    t.add_argument("--out", required=True, help="study directory: one run directory per stage, trigram-study.json and .png (resumable)")
+    t = ssub.add_parser(
+        "trigram",
+        help="Popov & Kudinov 2019, section 3: discriminator fine-tuning on the synthetic trigram corpus (Table 1, Figure 1)",
+    )
+    t.add_argument(
+        "--out",
+        required=True,
+        help="study directory: one run directory per stage, trigram-study.json and .png (resumable)",
+    )
     for name, kind, help_text in (
         ("sentences", int, "training sentences (default 80000, the paper's)"),
         ("hidden", int, "LSTM units and embedding size (default 256)"),
         ("batch-size", int, "streams per batch (default 1024)"),
-        ("bptt", int, "BPTT window (default 11: one 10-word sentence and its <eos> per stream, so a batch holds 1024 sentences)"),
+        (
+            "bptt",
+            int,
+            "BPTT window (default 11: one 10-word sentence and its <eos> per stream, so a batch holds 1024 sentences)",
+        ),
         ("lr", float, "initial model's and discriminators' learning rate (default 1.0)"),
         ("clip", float, "gradient clipping (default 1.0)"),
         ("epochs", int, "most epochs of the initial model (default 100; the rate drops x0.1 on plateaus)"),
@@ -47,11 +58,19 @@ def register(sub: Any) -> None:
         ("valid-sentences", int, "Figure 1 (left): validation sentences scored after each step (1000; 0: off)"),
     ):
         t.add_argument(f"--{name}", type=kind, help=help_text)
-    t.add_argument("--ce-lrs", help="comma-separated learning rates of the cross-entropy fine-tunings (default 0.1,0.01)")
-    t.add_argument("--track-ranks", help="Figure 2: comma-separated frequency ranks of words whose probability every fine-tuning step logs (default 75,10: an almost frequent and a frequent word)")
+    t.add_argument(
+        "--ce-lrs", help="comma-separated learning rates of the cross-entropy fine-tunings (default 0.1,0.01)"
+    )
+    t.add_argument(
+        "--track-ranks",
+        help="Figure 2: comma-separated frequency ranks of words whose probability every fine-tuning step logs (default 75,10: an almost frequent and a frequent word)",
+    )
     t.add_argument("--device", help="auto, cpu, cuda (default auto)")
     t.add_argument("--json", action="store_true", help="print the result as one JSON object instead of a table")
-    t = ssub.add_parser("subspace", help="Inan et al. 2017, section 6.2: subspace distance vs the augmented loss's weight and temperature (Figure 1)")
+    t = ssub.add_parser(
+        "subspace",
+        help="Inan et al. 2017, section 6.2: subspace distance vs the augmented loss's weight and temperature (Figure 1)",
+    )
     t.add_argument("--out", required=True, help="directory for subspace-study.json and .png")
     add_data_options(t, with_vocab=False)
     for name, kind, help_text in (
@@ -68,11 +87,19 @@ def register(sub: Any) -> None:
     ):
         t.add_argument(f"--{name}", type=kind, help=help_text)
     t.add_argument("--optimizer", choices=["adam", "sgd"], help="default adam (the paper does not say)")
-    t.add_argument("--encoder", choices=["vd-lstm", "awd-lstm"], help="the LSTM (default vd-lstm without dropout, initialized U(-0.1, 0.1))")
-    t.add_argument("--target-grad", action="store_true", help="let gradient flow into the embedding through y_tilde too")
+    t.add_argument(
+        "--encoder",
+        choices=["vd-lstm", "awd-lstm"],
+        help="the LSTM (default vd-lstm without dropout, initialized U(-0.1, 0.1))",
+    )
+    t.add_argument(
+        "--target-grad", action="store_true", help="let gradient flow into the embedding through y_tilde too"
+    )
     t.add_argument("--free-embedding", action="store_true", help="do not keep the input-embedding rows at unit norm")
     t.add_argument("--no-output-bias", action="store_true", help="b = 0, as the paper's section 4 assumes")
-    t.add_argument("--betas", help="panel (a): comma-separated proportions of the augmented loss (default 0,0.2,0.4,0.6,0.8,1)")
+    t.add_argument(
+        "--betas", help="panel (a): comma-separated proportions of the augmented loss (default 0,0.2,0.4,0.6,0.8,1)"
+    )
     t.add_argument("--taus", help="panel (b): comma-separated temperatures (default 1,2,5,10,20,40)")
     t.add_argument("--device", default="auto", help="auto, cpu, cuda (default auto)")
     t.add_argument("--json", action="store_true", help="print the result as one JSON object instead of a table")
@@ -94,8 +121,23 @@ def _study_trigram(args: argparse.Namespace) -> int:
     from reglm.studies.trigram import TrigramStudySpec, run_trigram_study
 
     names = (
-        "sentences", "hidden", "batch_size", "bptt", "lr", "clip", "epochs", "plateau_stop", "disc_epochs", "disc_lr",
-        "finetune_epochs", "finetune_lr", "chosen_rank", "perturb_bias", "seed", "synthetic_rule", "valid_sentences",
+        "sentences",
+        "hidden",
+        "batch_size",
+        "bptt",
+        "lr",
+        "clip",
+        "epochs",
+        "plateau_stop",
+        "disc_epochs",
+        "disc_lr",
+        "finetune_epochs",
+        "finetune_lr",
+        "chosen_rank",
+        "perturb_bias",
+        "seed",
+        "synthetic_rule",
+        "valid_sentences",
         "device",
     )
     options: dict[str, Any] = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
@@ -115,25 +157,48 @@ def _study_trigram(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result))
         return 0
-    print(f"chosen word {result['chosen_word']} (rank {result['chosen_rank']}); fixed context: {' '.join(result['context'])}")
+    print(
+        f"chosen word {result['chosen_word']} (rank {result['chosen_rank']}); fixed context: {' '.join(result['context'])}"
+    )
     print(f"{'model':24s} {'test ppl':>9s} {'freq ppl':>9s} {'rare ppl':>9s} {'ratio':>6s} {'log q - log p':>16s}")
     for name, row in result["table"].items():
-        diff = f"{row['logq_minus_logp_mean']:+.3f} ± {row['logq_minus_logp_std']:.3f}" if "logq_minus_logp_mean" in row else ""
-        print(f"{name:24s} {row['test_ppl']:9.2f} {row['frequent_ppl']:9.2f} {row['rare_ppl']:9.2f} {row['ratio']:6.1f} {diff:>16s}")
+        diff = (
+            f"{row['logq_minus_logp_mean']:+.3f} ± {row['logq_minus_logp_std']:.3f}"
+            if "logq_minus_logp_mean" in row
+            else ""
+        )
+        print(
+            f"{name:24s} {row['test_ppl']:9.2f} {row['frequent_ppl']:9.2f} {row['rare_ppl']:9.2f} {row['ratio']:6.1f} {diff:>16s}"
+        )
     for rank, word in result["tracked"].items():
-        print(f"figure 2: word {word['word']} (rank {rank}), true probability {word['true_prob']:.3g} after: {' '.join(word['context'])}")
+        print(
+            f"figure 2: word {word['word']} (rank {rank}), true probability {word['true_prob']:.3g} after: {' '.join(word['context'])}"
+        )
     print(f"wrote {out / 'trigram-study.json'}, {out / 'trigram-study.png'} and {out / 'trigram-study-figure2.png'}")
     return 0
 
 
 def _study_subspace(args: argparse.Namespace) -> int:
     from reglm.analysis.plots import plot_subspace_study
-    from reglm.studies.subspace import SubspaceStudySpec, run_subspace_study
     from reglm.data import resolve
     from reglm.io import write_json
+    from reglm.studies.subspace import SubspaceStudySpec, run_subspace_study
     from reglm.train.run import resolve_device
 
-    names = ("words", "hidden", "epochs", "batch_size", "bptt", "lr", "clip", "tau_a", "runs", "seed", "optimizer", "encoder")
+    names = (
+        "words",
+        "hidden",
+        "epochs",
+        "batch_size",
+        "bptt",
+        "lr",
+        "clip",
+        "tau_a",
+        "runs",
+        "seed",
+        "optimizer",
+        "encoder",
+    )
     options: dict[str, Any] = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     options.update(target_grad=args.target_grad, unit_norm=not args.free_embedding, output_bias=not args.no_output_bias)
     for name in ("betas", "taus"):
@@ -144,7 +209,13 @@ def _study_subspace(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise ReglmError(f"--out {out} is a file; give a directory for subspace-study.json and .png")
     corpus = resolve(args.data or "ptb", data_dir=args.data_dir)
-    result = run_subspace_study(corpus.train, len(corpus.vocab), spec, resolve_device(args.device), progress=sys.stderr.isatty() and not args.json)
+    result = run_subspace_study(
+        corpus.train,
+        len(corpus.vocab),
+        spec,
+        resolve_device(args.device),
+        progress=sys.stderr.isatty() and not args.json,
+    )
     result["data"] = corpus.name
     data, figure = out / "subspace-study.json", out / "subspace-study.png"
     with writing_into(out):

@@ -20,46 +20,79 @@ def register(sub: Any) -> None:
     p.add_argument("--resume", metavar="RUN", help="continue the run in RUN from its last checkpoint")
     _add_tensorboard(p)
     p.add_argument(
-        "overrides", nargs="*", metavar="KEY=VALUE",
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
         help="config overrides, e.g. train.optimizer.lr=10 model.input.emb_size=400 "
         "(`reglm config` lists every option)",
     )
 
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("train-discriminator", help="train a discriminator against a trained model (Popov & Kudinov 2019, eq. 6)")
+    p = sub.add_parser(
+        "train-discriminator", help="train a discriminator against a trained model (Popov & Kudinov 2019, eq. 6)"
+    )
     p.add_argument("run", help="the language model's run directory (or model directory): the frozen q0")
     p.add_argument("--checkpoint", choices=["best", "last"], default="best")
-    p.add_argument("--preset", default="discriminator", help="training settings (default: discriminator, the paper's PTB settings; discriminator-wt2)")
-    p.add_argument("--init-from-model", action="store_true", help="start from the language model's weights instead of a fresh initialization")
+    p.add_argument(
+        "--preset",
+        default="discriminator",
+        help="training settings (default: discriminator, the paper's PTB settings; discriminator-wt2)",
+    )
+    p.add_argument(
+        "--init-from-model",
+        action="store_true",
+        help="start from the language model's weights instead of a fresh initialization",
+    )
     p.add_argument("--out", help="run directory (default: runs/discriminator-<time>)")
     _add_tensorboard(p)
     p.add_argument(
-        "overrides", nargs="*", metavar="KEY=VALUE",
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
         help="training overrides, e.g. train.optimizer.lr=0.5 model.encoder.hidden_dropout=0",
     )
 
     p.set_defaults(func=cmd_train_discriminator)
 
-    p = sub.add_parser("finetune", help="fine-tune a trained model with a discriminator-estimated reverse KL (Popov & Kudinov 2019, eq. 12)")
+    p = sub.add_parser(
+        "finetune",
+        help="fine-tune a trained model with a discriminator-estimated reverse KL (Popov & Kudinov 2019, eq. 12)",
+    )
     p.add_argument("run", help="the language model's run directory (or model directory): the starting point q0")
     p.add_argument("--checkpoint", choices=["best", "last"], default="best")
     how = p.add_mutually_exclusive_group(required=True)
     how.add_argument("--discriminator", metavar="DISC_RUN", help="a run of `reglm train-discriminator` for this model")
-    how.add_argument("--without-discriminator", action="store_true", help="r = 1/2 everywhere (the paper's ablation, Table 2)")
-    how.add_argument("--cross-entropy", action="store_true", help="fine-tune with cross-entropy only (the baseline of the paper's section 3)")
-    p.add_argument("--preset", default="dfinetune", help="training settings (default: dfinetune, the paper's PTB settings; dfinetune-wt2)")
+    how.add_argument(
+        "--without-discriminator", action="store_true", help="r = 1/2 everywhere (the paper's ablation, Table 2)"
+    )
+    how.add_argument(
+        "--cross-entropy",
+        action="store_true",
+        help="fine-tune with cross-entropy only (the baseline of the paper's section 3)",
+    )
+    p.add_argument(
+        "--preset",
+        default="dfinetune",
+        help="training settings (default: dfinetune, the paper's PTB settings; dfinetune-wt2)",
+    )
     p.add_argument("--out", help="run directory (default: runs/finetune-<time>)")
     _add_tensorboard(p)
     p.add_argument(
-        "overrides", nargs="*", metavar="KEY=VALUE",
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
         help="training overrides, e.g. train.optimizer.lr=0.1 model.encoder.hidden_dropout=0.3",
     )
     p.set_defaults(func=cmd_finetune)
 
 
 def _add_tensorboard(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tensorboard", action="store_true", help="also write the metrics as TensorBoard scalars into RUN/tensorboard/ (train.tensorboard=true; pip install 'reglm[tensorboard]')")
+    p.add_argument(
+        "--tensorboard",
+        action="store_true",
+        help="also write the metrics as TensorBoard scalars into RUN/tensorboard/ (train.tensorboard=true; pip install 'reglm[tensorboard]')",
+    )
 
 
 def _overrides(args: argparse.Namespace) -> list[str]:
@@ -73,26 +106,39 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if args.resume:
         if args.preset or args.overrides or args.data or args.out or args.tensorboard:
-            raise ReglmError("--resume continues a run with its saved configuration; drop --preset/--data/--out/--tensorboard/overrides")
+            raise ReglmError(
+                "--resume continues a run with its saved configuration; drop --preset/--data/--out/--tensorboard/overrides"
+            )
         with stop_on_signals() as stop:
             resume(Path(args.resume), stop=stop)
         return 0
     extra = _overrides(args)
-    for flag, key in (("data", "data.name"), ("data_dir", "data.data_dir"), ("min_freq", "data.min_freq"), ("max_vocab", "data.max_vocab")):
+    for flag, key in (
+        ("data", "data.name"),
+        ("data_dir", "data.data_dir"),
+        ("min_freq", "data.min_freq"),
+        ("max_vocab", "data.max_vocab"),
+    ):
         value = getattr(args, flag)
         if value is not None:
             extra.append(f"{key}={value}")
     config = with_absolute_paths(build_config(args.preset, extra))
-    out = Path(args.out) if args.out else Path("runs") / f"{Path(args.preset or 'default').stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = (
+        Path(args.out)
+        if args.out
+        else Path("runs") / f"{Path(args.preset or 'default').stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    )
     with stop_on_signals() as stop:
         train(config, out, stop=stop)
     return 0
 
 
-def _continue_from(run: str, checkpoint: str, preset: str, overrides: list[str], objective: dict[str, Any], what: str, out: str | None) -> None:
+def _continue_from(
+    run: str, checkpoint: str, preset: str, overrides: list[str], objective: dict[str, Any], what: str, out: str | None
+) -> None:
     """Train a run that starts from the trained model in ``run`` (a discriminator, a fine-tuning)."""
-    from reglm.rundir import model_dir, require_kind
     from reglm.config import RunConfig, derive_config
+    from reglm.rundir import model_dir, require_kind
     from reglm.train.checkpoint import read_model_meta
     from reglm.train.run import train
 
@@ -101,7 +147,11 @@ def _continue_from(run: str, checkpoint: str, preset: str, overrides: list[str],
     require_kind(base.objective.kind, directory, "lm")
     config = derive_config(base, preset, overrides, {"base_model": str(directory), **objective}, what)
     with stop_on_signals() as stop:
-        train(config, Path(out) if out else Path("runs") / f"{objective['kind']}-{time.strftime('%Y%m%d-%H%M%S')}", stop=stop)
+        train(
+            config,
+            Path(out) if out else Path("runs") / f"{objective['kind']}-{time.strftime('%Y%m%d-%H%M%S')}",
+            stop=stop,
+        )
 
 
 def cmd_train_discriminator(args: argparse.Namespace) -> int:
@@ -120,5 +170,3 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         objective = {"kind": "reverse-kl", "discriminator": disc}
     _continue_from(args.run, args.checkpoint, args.preset, _overrides(args), objective, "fine-tuning", args.out)
     return 0
-
-

@@ -2,10 +2,17 @@
 ``key=value`` options (:mod:`reglm.config.build`)."""
 
 from reglm.config.build import describe, describe_values
-from reglm.config.parse import parse_assignments, parse_value
 from reglm.config.fields import MAX_SEED
+from reglm.config.parse import parse_assignments, parse_value
 from reglm.config.presets import build_config, derive_config, list_presets, load_config_file, load_preset
-from reglm.config.schema import DataConfig, ModelConfig, ObjectiveConfig, RunConfig, TrainConfig, architecture_differences
+from reglm.config.schema import (
+    DataConfig,
+    ModelConfig,
+    ObjectiveConfig,
+    RunConfig,
+    TrainConfig,
+    architecture_differences,
+)
 
 
 def describe_options() -> str:

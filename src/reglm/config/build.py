@@ -160,10 +160,14 @@ def _kind_error(family: str, kind: Any, path: Path) -> ReglmError:
     hint = ""
     if path[-1] == "optimizer" and kind in OLD_AVERAGING:
         hint = f"; the averaging policy is now train.averaging={OLD_AVERAGING[kind]}"
-    return ReglmError(f"invalid option {_option_name(path)}: unknown {family} {kind!r}{did_you_mean(kind, configs)}; choose one of {', '.join(configs)}{hint}")
+    return ReglmError(
+        f"invalid option {_option_name(path)}: unknown {family} {kind!r}{did_you_mean(kind, configs)}; choose one of {', '.join(configs)}{hint}"
+    )
 
 
-def assign(raw: dict[str, Any], root: type, path: Path, value: Any, lenient: bool = False, prefix: Path = ()) -> list[Path]:
+def assign(
+    raw: dict[str, Any], root: type, path: Path, value: Any, lenient: bool = False, prefix: Path = ()
+) -> list[Path]:
     """Set ``path`` to ``value`` in the raw mapping of ``root`` (in place), schema-aware: a
     component's kind is resolved as the walk goes, and setting a kind drops the settings the new
     kind lacks. Returns the full paths of the options set. An unknown path is a ReglmError naming
@@ -175,7 +179,9 @@ def assign(raw: dict[str, Any], root: type, path: Path, value: Any, lenient: boo
         if lenient:
             return []
         kind = f" (kind {raw.get('kind')!r} has no such option)" if "kind" in fields and raw.get("kind") else ""
-        raise ReglmError(f"unknown option {_option_name((*prefix, *path))}{kind}; the options here are: {', '.join(sorted(fields))} (`reglm config` lists them all)")
+        raise ReglmError(
+            f"unknown option {_option_name((*prefix, *path))}{kind}; the options here are: {', '.join(sorted(fields))} (`reglm config` lists them all)"
+        )
     f = fields[name]
     hint = hints_of(root)[name]
     family = f.metadata.get("family")
@@ -193,12 +199,26 @@ def assign(raw: dict[str, Any], root: type, path: Path, value: Any, lenient: boo
         if kinded and (isinstance(value, str) or value is None):
             value = {"kind": "none" if value is None else value}
         if not isinstance(value, dict):
-            raise ReglmError(f"invalid option {_option_name((*prefix, name))}: expected {'a kind or ' if kinded else ''}a mapping of options, got {value!r}")
-        return [p for key, sub in _flatten(value) for p in _assign_inside(current, f, child_cls, key, sub, lenient, (*prefix, name))]
+            raise ReglmError(
+                f"invalid option {_option_name((*prefix, name))}: expected {'a kind or ' if kinded else ''}a mapping of options, got {value!r}"
+            )
+        return [
+            p
+            for key, sub in _flatten(value)
+            for p in _assign_inside(current, f, child_cls, key, sub, lenient, (*prefix, name))
+        ]
     return _assign_inside(current, f, child_cls, rest, value, lenient, (*prefix, name))
 
 
-def _assign_inside(current: dict[str, Any], f: dataclasses.Field, child_cls: type | None, key: Path, value: Any, lenient: bool, where: Path) -> list[Path]:
+def _assign_inside(
+    current: dict[str, Any],
+    f: dataclasses.Field,
+    child_cls: type | None,
+    key: Path,
+    value: Any,
+    lenient: bool,
+    where: Path,
+) -> list[Path]:
     """One assignment inside a section's or component's mapping; a new kind first drops the
     settings it lacks."""
     family = f.metadata.get("family")
@@ -239,7 +259,13 @@ def _flatten(mapping: dict[str, Any], prefix: Path = ()) -> Iterator[tuple[Path,
             yield path, value
 
 
-def apply(raw: dict[str, Any], root: type, assignments: Iterable[tuple[Any, ...]], lenient: bool = False, sources: dict[str, str] | None = None) -> dict[str, Any]:
+def apply(
+    raw: dict[str, Any],
+    root: type,
+    assignments: Iterable[tuple[Any, ...]],
+    lenient: bool = False,
+    sources: dict[str, str] | None = None,
+) -> dict[str, Any]:
     """Apply ``(key, value)`` assignments in order: a key is a full path, an alias, a unique
     option name, or a ``*`` pattern over the options that exist.
 
@@ -269,6 +295,7 @@ def kinds_first(assignments: Iterable[tuple[Any, ...]], root: type) -> list[tupl
     """``assignments`` with those that choose a component's kind first (stable otherwise), so
     that one layer of options may name a kind after the options it brings
     (``model.n_experts=5 model.output=mos``)."""
+
     def chooses_kind(item: tuple[Any, ...]) -> bool:
         key, value = item[0], item[1]
         if "*" in key or "?" in key:
@@ -354,13 +381,23 @@ def resolve_key(key: str, root: type) -> list[Path]:
     if path in known or path in sections:
         return [path]
     if "." in key:
-        raise ReglmError(f"unknown override key {key!r}{_suggest_key(path, known | sections)}; `reglm config` lists the keys")
+        raise ReglmError(
+            f"unknown override key {key!r}{_suggest_key(path, known | sections)}; `reglm config` lists the keys"
+        )
     owners = sorted({p for p in known | sections if p[-1] == key})
-    owners += [tuple(targets[0].split(".")) for alias, targets in ALIASES.items() if alias.split(".")[-1] == key and len(targets) == 1 and tuple(targets[0].split(".")) not in owners]
+    owners += [
+        tuple(targets[0].split("."))
+        for alias, targets in ALIASES.items()
+        if alias.split(".")[-1] == key and len(targets) == 1 and tuple(targets[0].split(".")) not in owners
+    ]
     if not owners:
-        raise ReglmError(f"unknown override key {key!r}{_suggest_key(path, known | sections)}; `reglm config` lists the keys")
+        raise ReglmError(
+            f"unknown override key {key!r}{_suggest_key(path, known | sections)}; `reglm config` lists the keys"
+        )
     if len(owners) > 1:
-        raise ReglmError(f"override key {key!r} is ambiguous; write one of {', '.join(_option_name(o) for o in owners)}")
+        raise ReglmError(
+            f"override key {key!r} is ambiguous; write one of {', '.join(_option_name(o) for o in owners)}"
+        )
     return [owners[0]]
 
 
@@ -433,7 +470,9 @@ def build(cls: type, raw: Any, where: str, prefix: str = "", sources: dict[str, 
     unknown = sorted(set(raw) - set(fields))
     if unknown:
         hint = did_you_mean(unknown[0], fields) if len(unknown) == 1 else ""
-        raise ReglmError(f"{where}: unknown option(s) {', '.join(prefix + u for u in unknown)}{hint}; `reglm config` lists the options")
+        raise ReglmError(
+            f"{where}: unknown option(s) {', '.join(prefix + u for u in unknown)}{hint}; `reglm config` lists the options"
+        )
     sources = sources or {}
     kwargs = {}
     for name, f in fields.items():
@@ -475,6 +514,7 @@ def describe(root: type) -> str:
 def describe_values(config: Any) -> str:
     """One ``key=value`` line per option of a built config, kinds first, each written as an
     override that sets it (``none``, ``true``/``false``), so a line can be pasted back."""
+
     def text(value: Any) -> str:
         if value is None or isinstance(value, bool):
             return {None: "none", True: "true", False: "false"}[value]

@@ -34,7 +34,9 @@ def parse_value(text: str) -> Any:
     return value
 
 
-def parse_assignments(items: Iterable[str], what: str = "override", example: str = "train.lr=10") -> list[tuple[str, Any]]:
+def parse_assignments(
+    items: Iterable[str], what: str = "override", example: str = "train.lr=10"
+) -> list[tuple[str, Any]]:
     """``["train.lr=10", "emb_size=400"]`` -> ``[("train.lr", 10), ("emb_size", 400)]``."""
     out = []
     for item in items:
@@ -54,7 +56,9 @@ class SpecError(ReglmError):
         self.detail = detail
 
 
-def spec_items(text: str, option: str, keys: dict[str, str], sep: str = ",", example: str = "") -> dict[str, tuple[str, str]]:
+def spec_items(
+    text: str, option: str, keys: dict[str, str], sep: str = ",", example: str = ""
+) -> dict[str, tuple[str, str]]:
     """The ``key=value`` items of an option's spec, split on ``sep``: ``{field: (key as written,
     value text)}``. ``keys`` maps every accepted key (aliases included) to its field; a malformed
     item, an unknown key or a field given twice is a ReglmError naming ``option``."""
@@ -62,7 +66,9 @@ def spec_items(text: str, option: str, keys: dict[str, str], sep: str = ",", exa
     for item in text.split(sep):
         key, eq, value = (part.strip() for part in item.partition("="))
         if not eq or not key or not value:
-            raise SpecError(f"{option}: {text!r} is malformed: expected key=value items separated by {sep!r}, got {item.strip()!r} (e.g. {option} {example})")
+            raise SpecError(
+                f"{option}: {text!r} is malformed: expected key=value items separated by {sep!r}, got {item.strip()!r} (e.g. {option} {example})"
+            )
         if key not in keys:
             raise SpecError(f"{option}: unknown key {key!r}; valid keys: {', '.join(sorted(keys))}")
         if keys[key] in items:

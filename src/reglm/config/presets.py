@@ -78,7 +78,9 @@ def load_preset(name: str, _chain: tuple[str, ...] = ()) -> list[tuple[str, Any]
         known = [n for n, _ in list_presets()]
         hint = did_you_mean(name, known)
         if hint:
-            raise ReglmError(f"unknown preset {name!r}{hint}; `reglm presets` lists them all, or give a path to a .yaml file")
+            raise ReglmError(
+                f"unknown preset {name!r}{hint}; `reglm presets` lists them all, or give a path to a .yaml file"
+            )
         raise ReglmError(f"unknown preset {name!r}; choose one of: {', '.join(known)} (or give a path to a .yaml file)")
     raw = _read_raw(path)
     for key in ("description", "source", *METADATA_KEYS):
@@ -90,7 +92,9 @@ def load_preset(name: str, _chain: tuple[str, ...] = ()) -> list[tuple[str, Any]
     if not isinstance(parent, str):
         raise ReglmError(f"preset file {path}: extends must name one preset, got {parent!r}")
     if parent in _chain or parent == name:
-        raise ReglmError(f"preset file {path}: extends {parent!r} forms a cycle ({' -> '.join((*_chain, name, parent))})")
+        raise ReglmError(
+            f"preset file {path}: extends {parent!r} forms a cycle ({' -> '.join((*_chain, name, parent))})"
+        )
     return load_preset(parent, (*_chain, name)) + own
 
 
@@ -208,15 +212,25 @@ def _reported(value: Any, where: str) -> Reported:
     raw = _mapping(value if value is not None else {}, where, _REPORTED_KEYS)
     params = raw.get("params")
     if params is not None:
-        if isinstance(params, bool) or not (isinstance(params, int) and params > 0 or isinstance(params, str) and _PARAMS.match(params)):
-            raise ReglmError(f"{where}.params must be the count as printed, like 24M or 2.51B (or a whole number), got {params!r}")
+        if isinstance(params, bool) or not (
+            isinstance(params, int) and params > 0 or isinstance(params, str) and _PARAMS.match(params)
+        ):
+            raise ReglmError(
+                f"{where}.params must be the count as printed, like 24M or 2.51B (or a whole number), got {params!r}"
+            )
         params = str(params)
     top10 = raw.get("top10")
     if top10 is not None:
-        if not isinstance(top10, list) or not top10 or not all(isinstance(item, str) and item.strip() for item in top10):
+        if (
+            not isinstance(top10, list)
+            or not top10
+            or not all(isinstance(item, str) and item.strip() for item in top10)
+        ):
             raise ReglmError(f"{where}.top10 must list, per phrase, the printed words and probabilities as one text")
         top10 = tuple(item.strip() for item in top10)
-    return Reported(_perplexity(raw.get("valid"), f"{where}.valid"), _perplexity(raw.get("test"), f"{where}.test"), params, top10)
+    return Reported(
+        _perplexity(raw.get("valid"), f"{where}.valid"), _perplexity(raw.get("test"), f"{where}.test"), params, top10
+    )
 
 
 def _table_row(preset: str, value: Any, where: str) -> TableRow:
@@ -227,10 +241,19 @@ def _table_row(preset: str, value: Any, where: str) -> TableRow:
     paper = _choice(raw["name"], f"{where}.name", tuple(PAPERS))
     table = _text(raw["table"], f"{where}.table")
     if table not in PAPERS[paper].tables:
-        raise ReglmError(f"{where}.table {table!r}: {paper} has no such table; its tables are {', '.join(PAPERS[paper].tables)}")
+        raise ReglmError(
+            f"{where}.table {table!r}: {paper} has no such table; its tables are {', '.join(PAPERS[paper].tables)}"
+        )
     row = TableRow(
-        preset=preset, paper=paper, table=table,
-        id=_text(raw["id"], f"{where}.id", _ID, "must be lower-case letters, digits, dots and dashes (it is typed after --rows)"),
+        preset=preset,
+        paper=paper,
+        table=table,
+        id=_text(
+            raw["id"],
+            f"{where}.id",
+            _ID,
+            "must be lower-case letters, digits, dots and dashes (it is typed after --rows)",
+        ),
         row=_text(raw["row"], f"{where}.row"),
         reported=_reported(raw.get("reported"), f"{where}.reported"),
         evaluation=_choice(raw.get("evaluation", "plain"), f"{where}.evaluation", EVALUATIONS),
@@ -239,9 +262,13 @@ def _table_row(preset: str, value: Any, where: str) -> TableRow:
         note=None if raw.get("note") is None else _text(raw["note"], f"{where}.note"),
     )
     if row.spec is not None and row.evaluation in ("plain", "next-words"):
-        raise ReglmError(f"{where}.spec is read by a cache or dynamic evaluation only, not by evaluation {row.evaluation}; drop it")
+        raise ReglmError(
+            f"{where}.spec is read by a cache or dynamic evaluation only, not by evaluation {row.evaluation}; drop it"
+        )
     if row.evaluation != "plain" and row.stage == "main":
-        raise ReglmError(f"{where}: stage main is read by plain evaluation only; evaluate the final model ({row.evaluation}) or make the row plain")
+        raise ReglmError(
+            f"{where}: stage main is read by plain evaluation only; evaluate the final model ({row.evaluation}) or make the row plain"
+        )
     if (row.evaluation == "next-words") != (row.reported.top10 is not None):
         raise ReglmError(f"{where}: a next-words row states reported.top10 (and only such a row does)")
     return row
@@ -255,7 +282,11 @@ def _starts_from(value: Any, where: str) -> StartsFrom:
     discriminator = raw.get("discriminator")
     if discriminator is not None and objective != "reverse-kl":
         raise ReglmError(f"{where}.discriminator is read by objective reverse-kl only; drop it")
-    return StartsFrom(_text(raw["run"], f"{where}.run"), objective, None if discriminator is None else _text(discriminator, f"{where}.discriminator"))
+    return StartsFrom(
+        _text(raw["run"], f"{where}.run"),
+        objective,
+        None if discriminator is None else _text(discriminator, f"{where}.discriminator"),
+    )
 
 
 def _read_raw(path: Path) -> dict[str, Any]:
@@ -283,7 +314,10 @@ def metadata_of(name: str, raw: dict[str, Any]) -> PresetMetadata:
     where = f"preset {name}"
     entries = raw.get("paper")
     entries = [] if entries is None else entries if isinstance(entries, list) else [entries]
-    rows = tuple(_table_row(name, entry, f"{where}: paper" + (f"[{i}]" if len(entries) > 1 else "")) for i, entry in enumerate(entries))
+    rows = tuple(
+        _table_row(name, entry, f"{where}: paper" + (f"[{i}]" if len(entries) > 1 else ""))
+        for i, entry in enumerate(entries)
+    )
     starts = None if raw.get("starts_from") is None else _starts_from(raw["starts_from"], f"{where}: starts_from")
     if starts is not None:
         for other in (starts.run, starts.discriminator):
@@ -307,16 +341,23 @@ def table_rows(paper: str | None = None, table: str | None = None) -> list[Table
     for row in rows:
         other = seen.setdefault((row.paper, row.table, row.id), row.preset)
         if other != row.preset:
-            raise ReglmError(f"presets {other} and {row.preset} both claim row {row.id!r} of {row.key}; give one of them another id")
+            raise ReglmError(
+                f"presets {other} and {row.preset} both claim row {row.id!r} of {row.key}; give one of them another id"
+            )
         if row.id not in PAPERS[row.paper].tables[row.table].rows:
-            raise ReglmError(f"preset {row.preset}: row {row.id!r} is not a row of {row.key}; add it to the table's rows in reglm/papers.py, in the paper's order")
+            raise ReglmError(
+                f"preset {row.preset}: row {row.id!r} is not a row of {row.key}; add it to the table's rows in reglm/papers.py, in the paper's order"
+            )
     papers = list(PAPERS)
 
     def order(row: TableRow) -> tuple[int, int, int]:
         tables = PAPERS[row.paper].tables
         return papers.index(row.paper), list(tables).index(row.table), tables[row.table].rows.index(row.id)
 
-    return sorted((row for row in rows if (paper is None or row.paper == paper) and (table is None or row.table == table)), key=order)
+    return sorted(
+        (row for row in rows if (paper is None or row.paper == paper) and (table is None or row.table == table)),
+        key=order,
+    )
 
 
 def _apply_preset(raw: dict[str, Any], preset: str) -> None:
@@ -331,7 +372,9 @@ def _apply_preset(raw: dict[str, Any], preset: str) -> None:
 def _apply_overrides(raw: dict[str, Any], overrides: list[str], sources: dict[str, str]) -> None:
     """``key=value`` overrides on ``raw``, kinds first; ``sources`` learns which override set
     which option, so a bad value names the override as written, not the preset under it."""
-    items = [(key, value, f"override {text.strip()}") for (key, value), text in zip(parse_assignments(overrides), overrides)]
+    items = [
+        (key, value, f"override {text.strip()}") for (key, value), text in zip(parse_assignments(overrides), overrides)
+    ]
     apply(raw, RunConfig, kinds_first(items, RunConfig), sources=sources)
 
 
@@ -363,7 +406,9 @@ def load_config_file(path: Path) -> RunConfig:
     return RunConfig.from_dict(raw, source=str(path))
 
 
-def derive_config(base: RunConfig, preset: str | None, overrides: list[str], objective: dict[str, Any], what: str) -> RunConfig:
+def derive_config(
+    base: RunConfig, preset: str | None, overrides: list[str], objective: dict[str, Any], what: str
+) -> RunConfig:
     """The configuration of a run that continues from a trained model (a discriminator, a
     fine-tuning): ``base``'s, then the preset's and the overrides' training options, then
     ``objective``. The architecture and the data must stay the base model's."""
@@ -377,7 +422,9 @@ def derive_config(base: RunConfig, preset: str | None, overrides: list[str], obj
     config = build(RunConfig, raw, f"preset {preset}" if preset else "options", sources=sources)
     diff = architecture_differences(base.model, config.model)
     if diff:
-        raise ReglmError(f"{what} keeps the architecture of the model it starts from, but the options change {'; '.join(diff)}; drop those overrides")
+        raise ReglmError(
+            f"{what} keeps the architecture of the model it starts from, but the options change {'; '.join(diff)}; drop those overrides"
+        )
     if config.data != base.data:
         raise ReglmError(f"{what} reads the data the model was trained on; drop the data.* overrides")
     return config

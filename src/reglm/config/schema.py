@@ -23,7 +23,9 @@ from reglm.config.fields import check, check_kind, check_nonneg, check_seed, opt
 
 
 def _component(family: str, default_kind: str, help: str) -> Any:
-    return field(default_factory=lambda: family_configs(family)[default_kind](), metadata={"help": help, "family": family})
+    return field(
+        default_factory=lambda: family_configs(family)[default_kind](), metadata={"help": help, "family": family}
+    )
 
 
 TOKENIZERS = ("word", "bpe")
@@ -36,21 +38,37 @@ learnt vocabulary always holds every training character, whatever the setting)."
 class DataConfig:
     """Which corpus to read and how to build its vocabulary."""
 
-    name: str = option("synthetic", "ptb, wikitext-2, wikitext-103, lm1b, synthetic, or a directory holding train.txt/valid.txt/test.txt")
-    data_dir: str | None = option(None, "download cache for built-in corpora (default: $REGLM_DATA_DIR or ~/.cache/reglm)")
+    name: str = option(
+        "synthetic",
+        "ptb, wikitext-2, wikitext-103, lm1b, synthetic, or a directory holding train.txt/valid.txt/test.txt",
+    )
+    data_dir: str | None = option(
+        None, "download cache for built-in corpora (default: $REGLM_DATA_DIR or ~/.cache/reglm)"
+    )
     min_freq: int = option(1, "training words seen fewer times become <unk>")
     max_vocab: int | None = option(None, "keep only the most frequent training words (<unk> and <eos> included)")
     synthetic_seed: int = option(0, "seed of the synthetic trigram language (its table and its samples)")
-    synthetic_sentences: int = option(80000, "synthetic corpus: training sentences; valid and test get one eighth each (80k/10k/10k)")
+    synthetic_sentences: int = option(
+        80000, "synthetic corpus: training sentences; valid and test get one eighth each (80k/10k/10k)"
+    )
     synthetic_rule: str = option(
         "stream",
         "synthetic corpus: stream (sentences are pieces of one trigram text, an xi per beta factor: the "
         "paper's statistics) or restart (every sentence starts afresh, one xi per triple: the reading of "
         "runs whose config.json lacks this option)",
     )
-    tokenizer: str = option("word", "word (one unit per whitespace word) or bpe (sub-word units learnt on train.txt, Baevski & Auli 4.4; perplexity stays word-level)")
-    bpe_vocab_size: int = option(32000, "bpe: units in all (characters, merged units, <unk>, <eos>), so about merges + alphabet; the paper's 32K codes (merges) gave 33,337 units on WikiText-103")
-    train_parts: int = option(1, "train on one of this many parts of the training split (whole lines, about equal token counts; Inan et al. Table 2: 2); the vocabulary stays the whole training split's")
+    tokenizer: str = option(
+        "word",
+        "word (one unit per whitespace word) or bpe (sub-word units learnt on train.txt, Baevski & Auli 4.4; perplexity stays word-level)",
+    )
+    bpe_vocab_size: int = option(
+        32000,
+        "bpe: units in all (characters, merged units, <unk>, <eos>), so about merges + alphabet; the paper's 32K codes (merges) gave 33,337 units on WikiText-103",
+    )
+    train_parts: int = option(
+        1,
+        "train on one of this many parts of the training split (whole lines, about equal token counts; Inan et al. Table 2: 2); the vocabulary stays the whole training split's",
+    )
     train_part: int = option(1, "which part (1-based) of data.train_parts the run trains on")
 
     def __post_init__(self) -> None:
@@ -60,15 +78,38 @@ class DataConfig:
         check_seed(self.synthetic_seed, "data.synthetic_seed")
         from reglm.data.synthetic import RULES
 
-        check(self.synthetic_rule in RULES, "data.synthetic_rule",
-              f"unknown {self.synthetic_rule!r}; choose {' or '.join(RULES)}")
-        check(self.tokenizer in TOKENIZERS, "data.tokenizer", f"unknown {self.tokenizer!r}; choose {' or '.join(TOKENIZERS)}")
-        check(self.bpe_vocab_size >= MIN_BPE_VOCAB, "data.bpe_vocab_size", f"{self.bpe_vocab_size} must be >= {MIN_BPE_VOCAB}")
+        check(
+            self.synthetic_rule in RULES,
+            "data.synthetic_rule",
+            f"unknown {self.synthetic_rule!r}; choose {' or '.join(RULES)}",
+        )
+        check(
+            self.tokenizer in TOKENIZERS,
+            "data.tokenizer",
+            f"unknown {self.tokenizer!r}; choose {' or '.join(TOKENIZERS)}",
+        )
+        check(
+            self.bpe_vocab_size >= MIN_BPE_VOCAB,
+            "data.bpe_vocab_size",
+            f"{self.bpe_vocab_size} must be >= {MIN_BPE_VOCAB}",
+        )
         check(self.train_parts >= 1, "data.train_parts", f"{self.train_parts} must be >= 1")
-        check(1 <= self.train_part <= self.train_parts, "data.train_part", f"{self.train_part} must be between 1 and data.train_parts={self.train_parts}")
+        check(
+            1 <= self.train_part <= self.train_parts,
+            "data.train_part",
+            f"{self.train_part} must be between 1 and data.train_parts={self.train_parts}",
+        )
         if self.tokenizer == "bpe":
-            check(self.min_freq == 1 and self.max_vocab is None, "data.tokenizer", "bpe has no word vocabulary to cut: leave data.min_freq=1 and data.max_vocab=none, and size the units with data.bpe_vocab_size")
-            check(self.name != "synthetic", "data.tokenizer", "the synthetic corpus is word-level (its true probabilities are per word); use tokenizer=word, or bpe with a natural-text corpus")
+            check(
+                self.min_freq == 1 and self.max_vocab is None,
+                "data.tokenizer",
+                "bpe has no word vocabulary to cut: leave data.min_freq=1 and data.max_vocab=none, and size the units with data.bpe_vocab_size",
+            )
+            check(
+                self.name != "synthetic",
+                "data.tokenizer",
+                "the synthetic corpus is word-level (its true probabilities are per word); use tokenizer=word, or bpe with a natural-text corpus",
+            )
 
 
 @dataclass(frozen=True)
@@ -76,7 +117,9 @@ class ModelConfig:
     """The language model: input layer -> encoder -> output layer, each a component chosen by kind."""
 
     input: Any = _component("input", "embedding", "the input layer (model.input.kind: embedding)")
-    encoder: Any = _component("encoder", "awd-lstm", "the encoder (model.encoder.kind: awd-lstm, vd-lstm, qrnn, transformer)")
+    encoder: Any = _component(
+        "encoder", "awd-lstm", "the encoder (model.encoder.kind: awd-lstm, vd-lstm, qrnn, transformer)"
+    )
     output: Any = _component("output", "softmax", "the output layer (model.output.kind: softmax, mos, doc)")
 
     def __post_init__(self) -> None:
@@ -90,7 +133,11 @@ class ModelConfig:
         """A model config from ``option=value`` pairs of the ``model`` section, by full path
         (``encoder__hidden_size`` for ``encoder.hidden_size``), old flat name or unique name:
         ``ModelConfig.build(emb_size=16, hidden_size=24, input_dropout=0.2)``."""
-        raw = apply({}, RunConfig, kinds_first([(f"model.{key.replace('__', '.')}", value) for key, value in options.items()], RunConfig))
+        raw = apply(
+            {},
+            RunConfig,
+            kinds_first([(f"model.{key.replace('__', '.')}", value) for key, value in options.items()], RunConfig),
+        )
         return RunConfig.from_dict(raw, "ModelConfig.build").model
 
 
@@ -103,7 +150,10 @@ class TrainConfig:
 
     epochs: int = option(6, "epochs of the main stage")
     batch_size: int = option(32, "training streams per batch")
-    small_batch_size: int | None = option(None, "gradient accumulation: streams per forward/backward chunk, each with its own carried state, one step per batch (none: batch_size; the MoS code's small_batch_size)")
+    small_batch_size: int | None = option(
+        None,
+        "gradient accumulation: streams per forward/backward chunk, each with its own carried state, one step per batch (none: batch_size; the MoS code's small_batch_size)",
+    )
     eval_batch_size: int = option(10, "streams per batch for validation")
     test_batch_size: int = option(1, "streams per batch for the final test evaluation")
     bptt: int = option(35, "base BPTT length")
@@ -112,72 +162,173 @@ class TrainConfig:
     bptt_std: float = option(5.0, "standard deviation of the sampled length around the base")
     bptt_min: int = option(5, "shortest sampled BPTT length")
     bptt_max: int | None = option(None, "longest sampled BPTT length (none: no cap)")
-    batching: str = option("bptt", "how the training split is read: bptt (batch_size contiguous streams, the state carried; the LSTM papers'), blocks (shuffled blocks of block_size tokens, each from scratch; Baevski & Auli 4.3, WikiText-103) or sentences (single sentences, similar lengths grouped up to max_tokens; billion word)")
-    block_size: int = option(512, "batching=blocks: tokens per block, in training and evaluation (Baevski & Auli 4.3 and Table 5: 512, 2048, 3072); batch_size blocks per batch")
-    max_tokens: int = option(4096, "batching=sentences: tokens per batch, padding included (Baevski & Auli 4.3: B = 4096 per GPU on WikiText-103, 2048 on billion word)")
-    update_freq: int = option(1, "batching=blocks or sentences: batches accumulated into each optimizer step (fairseq's update frequency; Baevski & Auli 4.3)")
-    eval_context: int = option(0, "batching=blocks: evaluation windows of block_size tokens whose first eval_context only give context (Baevski & Auli Table 5: 480, 1536, 2560)")
-    eval_whole_sentences: bool = option(True, "batching=blocks: the scored part of an evaluation window ends at a sentence end (<eos>) when one falls inside it")
-    max_steps: int | None = option(None, "end the main stage after this many optimizer steps, mid-epoch if need be (the adaptive-input recipes count updates); none: train.epochs decides")
-    precision: str = option("fp32", "fp32, or bf16: autocast the forward pass to bfloat16 on CUDA (fp32 master weights; LayerNorm, softmax and the loss stay fp32); a CPU run stays fp32")
-    compile: bool = option(False, "run the forward pass through torch.compile (the uncompiled module is what checkpoints save)")
+    batching: str = option(
+        "bptt",
+        "how the training split is read: bptt (batch_size contiguous streams, the state carried; the LSTM papers'), blocks (shuffled blocks of block_size tokens, each from scratch; Baevski & Auli 4.3, WikiText-103) or sentences (single sentences, similar lengths grouped up to max_tokens; billion word)",
+    )
+    block_size: int = option(
+        512,
+        "batching=blocks: tokens per block, in training and evaluation (Baevski & Auli 4.3 and Table 5: 512, 2048, 3072); batch_size blocks per batch",
+    )
+    max_tokens: int = option(
+        4096,
+        "batching=sentences: tokens per batch, padding included (Baevski & Auli 4.3: B = 4096 per GPU on WikiText-103, 2048 on billion word)",
+    )
+    update_freq: int = option(
+        1,
+        "batching=blocks or sentences: batches accumulated into each optimizer step (fairseq's update frequency; Baevski & Auli 4.3)",
+    )
+    eval_context: int = option(
+        0,
+        "batching=blocks: evaluation windows of block_size tokens whose first eval_context only give context (Baevski & Auli Table 5: 480, 1536, 2560)",
+    )
+    eval_whole_sentences: bool = option(
+        True,
+        "batching=blocks: the scored part of an evaluation window ends at a sentence end (<eos>) when one falls inside it",
+    )
+    max_steps: int | None = option(
+        None,
+        "end the main stage after this many optimizer steps, mid-epoch if need be (the adaptive-input recipes count updates); none: train.epochs decides",
+    )
+    precision: str = option(
+        "fp32",
+        "fp32, or bf16: autocast the forward pass to bfloat16 on CUDA (fp32 master weights; LayerNorm, softmax and the loss stay fp32); a CPU run stays fp32",
+    )
+    compile: bool = option(
+        False, "run the forward pass through torch.compile (the uncompiled module is what checkpoints save)"
+    )
     optimizer: Any = _component("optimizer", "sgd", "the optimizer (train.optimizer.kind: sgd)")
     averaging: Any = _component("averaging", "ntasgd", "the averaging policy (train.averaging.kind: ntasgd, none)")
     schedule: Any = _component("schedule", "decay", "the learning-rate schedule (train.schedule.kind: decay)")
     clip: float = option(0.25, "gradient clipping: maximum global norm (0: off)")
     ar_alpha: float = option(2.0, "activation regularization coefficient (AR, on the dropped last-layer output)")
     tar_beta: float = option(1.0, "temporal activation regularization coefficient (TAR, on the undropped output)")
-    finetune: bool = option(False, "after the main stage, restart ASGD with T=0 from the best model (AWD-LSTM section 5; needs averaging=ntasgd)")
-    finetune_epochs: int = option(500, "upper bound on fine-tuning epochs; the non-monotone criterion normally stops it first")
+    finetune: bool = option(
+        False,
+        "after the main stage, restart ASGD with T=0 from the best model (AWD-LSTM section 5; needs averaging=ntasgd)",
+    )
+    finetune_epochs: int = option(
+        500, "upper bound on fine-tuning epochs; the non-monotone criterion normally stops it first"
+    )
     finetune_lr: float | None = option(None, "learning rate of the fine-tuning stage (none: the optimizer's lr)")
-    sequence_loss: bool = option(False, "sum the token losses over each BPTT window and average over streams (Zaremba et al.'s and Inan et al.'s reduction; lr and clip then refer to that sum); false: mean per token")
-    aug_gamma: float = option(0.0, "augmented loss (Inan et al. eqs. 3.1-3.7): weight alpha = aug_gamma * aug_tau of KL(y_tilde || y_hat); 0: off")
+    sequence_loss: bool = option(
+        False,
+        "sum the token losses over each BPTT window and average over streams (Zaremba et al.'s and Inan et al.'s reduction; lr and clip then refer to that sum); false: mean per token",
+    )
+    aug_gamma: float = option(
+        0.0,
+        "augmented loss (Inan et al. eqs. 3.1-3.7): weight alpha = aug_gamma * aug_tau of KL(y_tilde || y_hat); 0: off",
+    )
     aug_tau: float = option(20.0, "augmented loss temperature tau (Inan et al. appendix A: 20)")
-    aug_target_grad: bool = option(False, "augmented loss: let gradient flow into the embedding through the target y_tilde = softmax(L^T u / tau) (false: y_tilde is a constant target)")
+    aug_target_grad: bool = option(
+        False,
+        "augmented loss: let gradient flow into the embedding through the target y_tilde = softmax(L^T u / tau) (false: y_tilde is a constant target)",
+    )
     advsoft_stop_epoch: int | None = option(None, "switch AdvSoft off after this main-stage epoch (none: keep it on)")
     advsoft_finetune: bool = option(True, "keep AdvSoft on during the fine-tuning stage")
-    input_noise_std: float = option(0.0, "std of Gaussian noise added to the input embeddings in training (Wang et al. 2019, section 5)")
-    input_noise_anneal: str = option("constant", "input noise schedule over main-stage epochs: constant, linear (to 0 at input_noise_epochs) or exponential (half-life input_noise_epochs)")
-    input_noise_epochs: float = option(100.0, "input noise schedule length: linear: epochs to reach 0; exponential: half-life in epochs")
-    finetune_input_noise_std: float = option(0.0, "std of the input-embedding noise during fine-tuning (the authors' code: none)")
-    log_interval: int = option(200, "log training metrics every this many steps (without a terminal, also print a progress line)")
-    tensorboard: bool = option(False, "also write the logged metrics as TensorBoard scalars into RUN/tensorboard/ (needs pip install 'reglm[tensorboard]')")
-    checkpoint_interval: int = option(0, "also write a resumable checkpoint every this many steps (0: only at epoch ends)")
+    input_noise_std: float = option(
+        0.0, "std of Gaussian noise added to the input embeddings in training (Wang et al. 2019, section 5)"
+    )
+    input_noise_anneal: str = option(
+        "constant",
+        "input noise schedule over main-stage epochs: constant, linear (to 0 at input_noise_epochs) or exponential (half-life input_noise_epochs)",
+    )
+    input_noise_epochs: float = option(
+        100.0, "input noise schedule length: linear: epochs to reach 0; exponential: half-life in epochs"
+    )
+    finetune_input_noise_std: float = option(
+        0.0, "std of the input-embedding noise during fine-tuning (the authors' code: none)"
+    )
+    log_interval: int = option(
+        200, "log training metrics every this many steps (without a terminal, also print a progress line)"
+    )
+    tensorboard: bool = option(
+        False,
+        "also write the logged metrics as TensorBoard scalars into RUN/tensorboard/ (needs pip install 'reglm[tensorboard]')",
+    )
+    checkpoint_interval: int = option(
+        0, "also write a resumable checkpoint every this many steps (0: only at epoch ends)"
+    )
     device: str = option("auto", "auto, cpu, cuda or cuda:N")
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "eval_batch_size", "test_batch_size", "bptt", "bptt_min", "log_interval"):
             check(getattr(self, name) >= 1, f"train.{name}", f"{getattr(self, name)} must be >= 1")
-        check(self.bptt_max is None or self.bptt_max >= self.bptt_min, "train.bptt_max", "must be >= train.bptt_min or none")
         check(
-            self.small_batch_size is None or (self.small_batch_size >= 1 and self.batch_size % self.small_batch_size == 0), "train.small_batch_size",
+            self.bptt_max is None or self.bptt_max >= self.bptt_min,
+            "train.bptt_max",
+            "must be >= train.bptt_min or none",
+        )
+        check(
+            self.small_batch_size is None
+            or (self.small_batch_size >= 1 and self.batch_size % self.small_batch_size == 0),
+            "train.small_batch_size",
             f"{self.small_batch_size} must divide train.batch_size ({self.batch_size}) or be none",
         )
         check(0.0 <= self.bptt_p <= 1.0, "train.bptt_p", f"{self.bptt_p} must be in [0, 1]")
         check(self.bptt_std >= 0, "train.bptt_std", f"{self.bptt_std} must be >= 0")
         for name in ("clip", "ar_alpha", "tar_beta", "input_noise_std", "finetune_input_noise_std"):
             check_nonneg(getattr(self, name), f"train.{name}")
-        check(self.finetune_lr is None or (math.isfinite(self.finetune_lr) and self.finetune_lr > 0), "train.finetune_lr", f"{self.finetune_lr} must be > 0 or none")
+        check(
+            self.finetune_lr is None or (math.isfinite(self.finetune_lr) and self.finetune_lr > 0),
+            "train.finetune_lr",
+            f"{self.finetune_lr} must be > 0 or none",
+        )
         check(self.finetune_epochs >= 0, "train.finetune_epochs", "must be >= 0")
-        check(not self.finetune or self.averaging.kind == "ntasgd", "train.finetune", "is ASGD restarted from the best model and stopped by NT-ASGD's criterion; set train.averaging=ntasgd or finetune=false")
-        check(self.advsoft_stop_epoch is None or self.advsoft_stop_epoch >= 0, "train.advsoft_stop_epoch", "must be >= 0 or none")
-        check(self.input_noise_anneal in ("constant", "linear", "exponential"), "train.input_noise_anneal", f"unknown {self.input_noise_anneal!r}; choose constant, linear or exponential")
-        check(math.isfinite(self.input_noise_epochs) and self.input_noise_epochs > 0, "train.input_noise_epochs", f"{self.input_noise_epochs} must be finite and > 0")
+        check(
+            not self.finetune or self.averaging.kind == "ntasgd",
+            "train.finetune",
+            "is ASGD restarted from the best model and stopped by NT-ASGD's criterion; set train.averaging=ntasgd or finetune=false",
+        )
+        check(
+            self.advsoft_stop_epoch is None or self.advsoft_stop_epoch >= 0,
+            "train.advsoft_stop_epoch",
+            "must be >= 0 or none",
+        )
+        check(
+            self.input_noise_anneal in ("constant", "linear", "exponential"),
+            "train.input_noise_anneal",
+            f"unknown {self.input_noise_anneal!r}; choose constant, linear or exponential",
+        )
+        check(
+            math.isfinite(self.input_noise_epochs) and self.input_noise_epochs > 0,
+            "train.input_noise_epochs",
+            f"{self.input_noise_epochs} must be finite and > 0",
+        )
         check(self.checkpoint_interval >= 0, "train.checkpoint_interval", "must be >= 0")
-        check(math.isfinite(self.aug_gamma) and self.aug_gamma >= 0, "train.aug_gamma", f"{self.aug_gamma} must be >= 0 (0 turns the augmented loss off)")
+        check(
+            math.isfinite(self.aug_gamma) and self.aug_gamma >= 0,
+            "train.aug_gamma",
+            f"{self.aug_gamma} must be >= 0 (0 turns the augmented loss off)",
+        )
         check(math.isfinite(self.aug_tau) and self.aug_tau > 0, "train.aug_tau", f"{self.aug_tau} must be > 0")
-        check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), "train.device", f"unknown device {self.device!r}")
+        check(
+            self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
+            "train.device",
+            f"unknown device {self.device!r}",
+        )
         check_kind(self.batching, BATCHINGS, "train.batching")
         for name in ("block_size", "max_tokens", "update_freq"):
             check(getattr(self, name) >= 1, f"train.{name}", f"{getattr(self, name)} must be >= 1")
-        check(self.small_batch_size is None or (self.batching != "sentences" and self.update_freq == 1), "train.small_batch_size",
-              "cuts one batch of equal rows into chunks; with batching=sentences or train.update_freq > 1 set it to none (update_freq accumulates)")
-        check(self.update_freq == 1 or self.batching != "bptt", "train.update_freq",
-              "accumulates batches read from scratch (batching=blocks or sentences); BPTT streams accumulate chunks of streams: set train.small_batch_size")
+        check(
+            self.small_batch_size is None or (self.batching != "sentences" and self.update_freq == 1),
+            "train.small_batch_size",
+            "cuts one batch of equal rows into chunks; with batching=sentences or train.update_freq > 1 set it to none (update_freq accumulates)",
+        )
+        check(
+            self.update_freq == 1 or self.batching != "bptt",
+            "train.update_freq",
+            "accumulates batches read from scratch (batching=blocks or sentences); BPTT streams accumulate chunks of streams: set train.small_batch_size",
+        )
         check(self.eval_context >= 0, "train.eval_context", f"{self.eval_context} must be >= 0")
-        check(self.eval_context == 0 or (self.batching == "blocks" and self.eval_context < self.block_size), "train.eval_context",
-              f"{self.eval_context} needs batching=blocks and a train.block_size larger than it (the context is part of each evaluation block); lower it or set eval_context=0")
-        check(self.max_steps is None or self.max_steps >= 1, "train.max_steps", f"{self.max_steps} must be >= 1 or none")
+        check(
+            self.eval_context == 0 or (self.batching == "blocks" and self.eval_context < self.block_size),
+            "train.eval_context",
+            f"{self.eval_context} needs batching=blocks and a train.block_size larger than it (the context is part of each evaluation block); lower it or set eval_context=0",
+        )
+        check(
+            self.max_steps is None or self.max_steps >= 1, "train.max_steps", f"{self.max_steps} must be >= 1 or none"
+        )
         check(self.precision in ("fp32", "bf16"), "train.precision", f"unknown {self.precision!r}; choose fp32 or bf16")
 
 
@@ -195,16 +346,39 @@ class ObjectiveConfig:
     with r = 1/2 when it is none (the paper's "without discriminator").
     """
 
-    kind: str = option("lm", "lm (cross-entropy), discriminator (Popov & Kudinov eq. 6) or reverse-kl (fine-tuning, eq. 12)")
-    base_model: str | None = option(None, "model directory of the initial model q0 (discriminator and reverse-kl); for lm: start from its weights")
-    discriminator: str | None = option(None, "reverse-kl: model directory of the trained discriminator (none: r = 1/2, the 'without discriminator' ablation)")
-    init_from_base: bool = option(False, "discriminator: start from the base model's weights instead of a fresh initialization")
+    kind: str = option(
+        "lm", "lm (cross-entropy), discriminator (Popov & Kudinov eq. 6) or reverse-kl (fine-tuning, eq. 12)"
+    )
+    base_model: str | None = option(
+        None, "model directory of the initial model q0 (discriminator and reverse-kl); for lm: start from its weights"
+    )
+    discriminator: str | None = option(
+        None,
+        "reverse-kl: model directory of the trained discriminator (none: r = 1/2, the 'without discriminator' ablation)",
+    )
+    init_from_base: bool = option(
+        False, "discriminator: start from the base model's weights instead of a fresh initialization"
+    )
 
     def __post_init__(self) -> None:
-        check(self.kind in OBJECTIVES, "objective.kind", f"unknown {self.kind!r}; choose lm, discriminator or reverse-kl")
-        check(self.kind == "lm" or self.base_model is not None, "objective.base_model", f"objective {self.kind} needs the initial model q0; give its model directory")
-        check(self.discriminator is None or self.kind == "reverse-kl", "objective.discriminator", "is only read by objective.kind=reverse-kl; set it to none")
-        check(not self.init_from_base or self.kind == "discriminator", "objective.init_from_base", "is only read by objective.kind=discriminator")
+        check(
+            self.kind in OBJECTIVES, "objective.kind", f"unknown {self.kind!r}; choose lm, discriminator or reverse-kl"
+        )
+        check(
+            self.kind == "lm" or self.base_model is not None,
+            "objective.base_model",
+            f"objective {self.kind} needs the initial model q0; give its model directory",
+        )
+        check(
+            self.discriminator is None or self.kind == "reverse-kl",
+            "objective.discriminator",
+            "is only read by objective.kind=reverse-kl; set it to none",
+        )
+        check(
+            not self.init_from_base or self.kind == "discriminator",
+            "objective.init_from_base",
+            "is only read by objective.kind=discriminator",
+        )
 
 
 @dataclass(frozen=True)
@@ -226,15 +400,29 @@ class RunConfig:
         check_seed(self.seed, "seed")
         output = registry("output")[self.model.output.kind]
         if self.train.aug_gamma > 0:
-            require(output, "softmax-logits", "train.aug_gamma", "the augmented loss divides the output layer's logits by a temperature")
-            check("word-matrix" in registry("input")[self.model.input.kind].capabilities, "train.aug_gamma",
-                  f"the augmented loss reads the word embedding matrix, which input layer {self.model.input.kind} does not have; set model.input=embedding or aug_gamma=0")
+            require(
+                output,
+                "softmax-logits",
+                "train.aug_gamma",
+                "the augmented loss divides the output layer's logits by a temperature",
+            )
+            check(
+                "word-matrix" in registry("input")[self.model.input.kind].capabilities,
+                "train.aug_gamma",
+                f"the augmented loss reads the word embedding matrix, which input layer {self.model.input.kind} does not have; set model.input=embedding or aug_gamma=0",
+            )
         advsoft = self.model.output.advsoft
         if advsoft is not None and advsoft.kind != "none":
             require(output, "advsoft", "model.output.advsoft", "the adversarial softmax perturbs target logits")
         if self.objective.kind != "lm":
-            require(output, "logits", "objective.kind", f"objective {self.objective.kind} reads the output layer's logits")
-            check(self.data.tokenizer == "word", "data.tokenizer", f"objective {self.objective.kind} compares word distributions; use tokenizer=word")
+            require(
+                output, "logits", "objective.kind", f"objective {self.objective.kind} reads the output layer's logits"
+            )
+            check(
+                self.data.tokenizer == "word",
+                "data.tokenizer",
+                f"objective {self.objective.kind} compares word distributions; use tokenizer=word",
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -264,7 +452,9 @@ class RunConfig:
 def is_flat_layout(raw: dict[str, Any]) -> bool:
     """Whether ``raw`` is a config of the layout before components (``model.emb_size``...)."""
     model, train = raw.get("model"), raw.get("train")
-    return (isinstance(model, dict) and (isinstance(model.get("encoder"), str) or "emb_size" in model)) or (isinstance(train, dict) and "lr" in train)
+    return (isinstance(model, dict) and (isinstance(model.get("encoder"), str) or "emb_size" in model)) or (
+        isinstance(train, dict) and "lr" in train
+    )
 
 
 def migrate(raw: dict[str, Any]) -> dict[str, Any]:
@@ -280,7 +470,9 @@ def migrate(raw: dict[str, Any]) -> dict[str, Any]:
     averaging = train.pop("optimizer", "ntasgd")
     first.append(("train.averaging", OLD_AVERAGING.get(averaging, averaging)))
     apply(new, RunConfig, first)
-    rest = [(f"model.{key}", value) for key, value in model.items()] + [(f"train.{key}", value) for key, value in train.items()]
+    rest = [(f"model.{key}", value) for key, value in model.items()] + [
+        (f"train.{key}", value) for key, value in train.items()
+    ]
     rest += [(key, value) for key, value in nested_assignments(raw)]
     return apply(new, RunConfig, rest, lenient=True)
 

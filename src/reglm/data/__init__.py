@@ -2,7 +2,18 @@
 
 from reglm.data.bpe import BPEVocab, is_subword
 from reglm.data.cache import load_cached
-from reglm.data.corpus import SPLITS, CacheInfo, Corpus, cache_dir, corpus_stats, encode_file, encode_subword_file, iter_lines, load_directory, read_tokens
+from reglm.data.corpus import (
+    SPLITS,
+    CacheInfo,
+    Corpus,
+    cache_dir,
+    corpus_stats,
+    encode_file,
+    encode_subword_file,
+    iter_lines,
+    load_directory,
+    read_tokens,
+)
 from reglm.data.datasets import SOURCES, Source, download, resolve
 from reglm.data.synthetic import TrigramLanguage, synthetic_corpus, synthetic_stats
 from reglm.data.vocab import EOS, UNK, UnknownWordError, Vocab

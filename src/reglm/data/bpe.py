@@ -66,11 +66,33 @@ def require_tokenizers() -> Any:
     try:
         import tokenizers
     except ImportError:
-        raise ReglmError('BPE (data.tokenizer=bpe, or a model with a tokenizer.json) needs the Hugging Face tokenizers library; pip install "reglm[bpe]"') from None
+        raise ReglmError(
+            'BPE (data.tokenizer=bpe, or a model with a tokenizer.json) needs the Hugging Face tokenizers library; pip install "reglm[bpe]"'
+        ) from None
     return tokenizers
 
 
-WHITESPACE = (0x09, 0x0A, 0x0B, 0x0C, 0x0D, 0x1C, 0x1D, 0x1E, 0x1F, 0x20, 0x85, 0xA0, 0x1680, *range(0x2000, 0x200B), 0x2028, 0x2029, 0x202F, 0x205F, 0x3000)
+WHITESPACE = (
+    0x09,
+    0x0A,
+    0x0B,
+    0x0C,
+    0x0D,
+    0x1C,
+    0x1D,
+    0x1E,
+    0x1F,
+    0x20,
+    0x85,
+    0xA0,
+    0x1680,
+    *range(0x2000, 0x200B),
+    0x2028,
+    0x2029,
+    0x202F,
+    0x205F,
+    0x3000,
+)
 """The code points ``str.isspace`` accepts, i.e. what ``str.split()`` splits on (Rust's
 ``char::is_whitespace``, behind ``tokenizers``' ``WhitespaceSplit``, lacks U+001C..U+001F)."""
 
@@ -86,7 +108,11 @@ def _pipeline(model: Any, learner: bool = False) -> Any:
     with the faster ``WhitespaceSplit``; the tokenizer that is kept splits exactly like ``str.split``."""
     tk = require_tokenizers()
     tok = tk.Tokenizer(model)
-    tok.pre_tokenizer = tk.pre_tokenizers.WhitespaceSplit() if learner else tk.pre_tokenizers.Split(tk.Regex(whitespace_pattern()), "removed")
+    tok.pre_tokenizer = (
+        tk.pre_tokenizers.WhitespaceSplit()
+        if learner
+        else tk.pre_tokenizers.Split(tk.Regex(whitespace_pattern()), "removed")
+    )
     tok.decoder = tk.decoders.BPEDecoder(suffix=SUFFIX)
     tok.add_special_tokens(list(SPECIALS))
     return tok
@@ -154,7 +180,11 @@ class BPEVocab(Vocab):
         tk = require_tokenizers()
         learner = _pipeline(tk.models.BPE(unk_token=UNK, end_of_word_suffix=SUFFIX), learner=True)
         trainer = tk.trainers.BpeTrainer(
-            vocab_size=vocab_size, min_frequency=MIN_MERGE_COUNT, special_tokens=list(SPECIALS), end_of_word_suffix=SUFFIX, show_progress=False
+            vocab_size=vocab_size,
+            min_frequency=MIN_MERGE_COUNT,
+            special_tokens=list(SPECIALS),
+            end_of_word_suffix=SUFFIX,
+            show_progress=False,
         )
         words = sorted((w, int(c)) for w, c in word_counts.items() if w not in SPECIALS and c > 0)
         learner.train_from_iterator(_repeated(words), trainer, length=sum(-(-c // _CHUNK) for _, c in words))
@@ -178,21 +208,33 @@ class BPEVocab(Vocab):
         try:
             text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
-            raise ReglmError(f"{path} is missing; a BPE model needs the tokenizer.json it was trained with (copy it from the run's model directory)") from None
+            raise ReglmError(
+                f"{path} is missing; a BPE model needs the tokenizer.json it was trained with (copy it from the run's model directory)"
+            ) from None
         except UnicodeDecodeError:
-            raise ReglmError(f"{path} is not valid UTF-8; it is damaged, restore the model's own tokenizer.json") from None
+            raise ReglmError(
+                f"{path} is not valid UTF-8; it is damaged, restore the model's own tokenizer.json"
+            ) from None
         try:
             spec = json.loads(text)
             model = spec["model"]
-            ok = model.get("type") == "BPE" and model.get("end_of_word_suffix") == SUFFIX and model.get("unk_token") == UNK
+            ok = (
+                model.get("type") == "BPE"
+                and model.get("end_of_word_suffix") == SUFFIX
+                and model.get("unk_token") == UNK
+            )
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError):  # RecursionError: nested too deep
             ok = False
         if not ok:
-            raise ReglmError(f"{path} is not a reglm BPE tokenizer (a tokenizers BPE model with end-of-word suffix {SUFFIX} and {UNK}); restore the model's own tokenizer.json")
+            raise ReglmError(
+                f"{path} is not a reglm BPE tokenizer (a tokenizers BPE model with end-of-word suffix {SUFFIX} and {UNK}); restore the model's own tokenizer.json"
+            )
         try:
             hf = tk.Tokenizer.from_str(text)
         except Exception as exc:  # tokenizers raises plain Exceptions for a bad file
-            raise ReglmError(f"{path} cannot be read by tokenizers ({str(exc)[:160]}); restore the model's own tokenizer.json") from None
+            raise ReglmError(
+                f"{path} cannot be read by tokenizers ({str(exc)[:160]}); restore the model's own tokenizer.json"
+            ) from None
         return cls(vocab.itos, vocab.counts, hf, str(path))
 
     # ----------------------------------------------------------------------------------- encoding
@@ -217,7 +259,9 @@ class BPEVocab(Vocab):
             ends.append(True)
         return ids, ends
 
-    def encode_stream(self, types: Sequence[str], type_ids: np.ndarray, chunk: int = 1 << 22) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_stream(
+        self, types: Sequence[str], type_ids: np.ndarray, chunk: int = 1 << 22
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(ids, word_ends)``, both ``(N,)`` (int64, bool), of a word stream given as the index
         ``type_ids: (W,)`` into its word types ``types``; ``word_ends.sum() == W``."""
         flat, lengths = _flatten(_segment(self.hf_tokenizer, list(types)))
@@ -247,7 +291,9 @@ class BPEVocab(Vocab):
         stands for an unseen last character then does not end its word).
         """
         ids = list(ids)
-        ends = [i == self.eos_id or self.itos[i].endswith(SUFFIX) for i in ids] if word_ends is None else list(word_ends)
+        ends = (
+            [i == self.eos_id or self.itos[i].endswith(SUFFIX) for i in ids] if word_ends is None else list(word_ends)
+        )
         words: list[str] = []
         current: list[str] = []
         for i, end in zip(ids, ends):
@@ -283,14 +329,22 @@ def _check_tokenizer(hf: Any, vocab: Vocab, source: str) -> None:
         extra = sorted(set(have) - set(vocab.stoi))
         lacking = sorted(set(vocab.stoi) - set(have))
         moved = sum(1 for u, i in have.items() if u in vocab.stoi and vocab.stoi[u] != i)
-        detail = f"{len(extra)} units only in the tokenizer, {len(lacking)} only in the vocabulary, {moved} with other ids"
+        detail = (
+            f"{len(extra)} units only in the tokenizer, {len(lacking)} only in the vocabulary, {moved} with other ids"
+        )
         raise ReglmError(
             f"{source} does not match the vocabulary ({len(have):,} units vs {len(vocab):,}: {detail}); "
             "a BPE model needs the tokenizer.json and vocab.txt saved together; restore both from the same run"
         )
-    added = {t.content for t in hf.get_added_tokens_decoder().values()} if hasattr(hf, "get_added_tokens_decoder") else set(SPECIALS)
+    added = (
+        {t.content for t in hf.get_added_tokens_decoder().values()}
+        if hasattr(hf, "get_added_tokens_decoder")
+        else set(SPECIALS)
+    )
     if not set(SPECIALS) <= added:
-        raise ReglmError(f"{source} does not treat {UNK} and {EOS} as special units; restore the model's own tokenizer.json")
+        raise ReglmError(
+            f"{source} does not treat {UNK} and {EOS} as special units; restore the model's own tokenizer.json"
+        )
 
 
 def is_subword(vocab: Vocab | None) -> bool:

@@ -101,7 +101,9 @@ def id_dtype(vocab_size: int) -> str:
     )
 
 
-def settings(directory: Path, tokenizer: str, min_freq: int, max_vocab: int | None, bpe_vocab_size: int, vocab: Vocab | None) -> dict[str, Any]:
+def settings(
+    directory: Path, tokenizer: str, min_freq: int, max_vocab: int | None, bpe_vocab_size: int, vocab: Vocab | None
+) -> dict[str, Any]:
     """What fixes a corpus's ids besides its text: the key of its entry is a hash of this."""
     out: dict[str, Any] = {"format": FORMAT, "source": str(directory.resolve()), "tokenizer": tokenizer}
     if tokenizer == "word":
@@ -165,7 +167,9 @@ def load_cached(
             _remove_leftovers(entry)
             if progress:
                 print(f"reglm: encoding {name} into {entry}", file=sys.stderr)
-            built, manifest = _build(entry, spec, directory, name, tokenizer, min_freq, max_vocab, bpe_vocab_size, vocab, progress)
+            built, manifest = _build(
+                entry, spec, directory, name, tokenizer, min_freq, max_vocab, bpe_vocab_size, vocab, progress
+            )
             corpus = _map_corpus(entry, manifest, name, built)
     if vocab is not None:
         corpus.vocab = vocab
@@ -191,7 +195,11 @@ def read_manifest(entry: Path) -> dict[str, Any] | str:
         return "missing"
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         return f"its {MANIFEST} is unreadable ({exc})"
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(manifest.get("identity"), dict):
+    if (
+        not isinstance(manifest, dict)
+        or manifest.get("format") != FORMAT
+        or not isinstance(manifest.get("identity"), dict)
+    ):
         return f"its {MANIFEST} is not a format-{FORMAT} manifest"
     return manifest
 
@@ -267,7 +275,9 @@ def _map(path: Path, dtype: str, tokens: int, bound: int) -> torch.Tensor:
         raise ValueError(f"the manifest gives {path.name} {tokens!r} values, not a count")
     size = path.stat().st_size
     if size != tokens * itemsize:
-        raise ValueError(f"{path.name} holds {size:,} bytes, the manifest says {tokens:,} values of {itemsize} bytes (truncated?)")
+        raise ValueError(
+            f"{path.name} holds {size:,} bytes, the manifest says {tokens:,} values of {itemsize} bytes (truncated?)"
+        )
     if tokens == 0:
         return torch.zeros(0, dtype=torch.bool if dtype == "bool" else torch.int32)
     stored = torch.uint8 if dtype == "bool" else _TORCH[dtype]
@@ -317,7 +327,9 @@ def _cache_error(exc: OSError, name: str) -> ReglmError:
         fix = "free some space there, or point REGLM_DATA_DIR at a disk with room"
     else:
         fix = "make it writable, or point REGLM_DATA_DIR at a writable directory"
-    return ReglmError(f"cannot write the encoded cache of {name} ({where}: {exc.strerror or exc}); {fix}; nothing half-written was kept")
+    return ReglmError(
+        f"cannot write the encoded cache of {name} ({where}: {exc.strerror or exc}); {fix}; nothing half-written was kept"
+    )
 
 
 class _IdFile:
@@ -355,8 +367,16 @@ def _write(path: Path, values: np.ndarray) -> str:
 
 
 def _build(
-    entry: Path, spec: dict[str, Any], directory: Path, name: str, tokenizer: str, min_freq: int, max_vocab: int | None,
-    bpe_vocab_size: int, vocab: Vocab | None, progress: bool,
+    entry: Path,
+    spec: dict[str, Any],
+    directory: Path,
+    name: str,
+    tokenizer: str,
+    min_freq: int,
+    max_vocab: int | None,
+    bpe_vocab_size: int,
+    vocab: Vocab | None,
+    progress: bool,
 ) -> tuple[Vocab, dict[str, Any]]:
     """Encode the corpus into a temporary sibling of ``entry`` and rename it into place; returns
     its vocabulary and manifest."""
@@ -375,15 +395,26 @@ def _build(
         stored = {"itos": vocab.itos, "counts": vocab.counts}
         stored |= {"unk_types": vocab.unk_types, "unk_tokens": vocab.unk_tokens}
         write_text(staging / VOCAB, json.dumps(stored, ensure_ascii=False))
-        identity: dict[str, Any] = {"tokenizer": tokenizer, "vocab_fingerprint": vocab.fingerprint(), "vocab_size": len(vocab), "splits": splits}
+        identity: dict[str, Any] = {
+            "tokenizer": tokenizer,
+            "vocab_fingerprint": vocab.fingerprint(),
+            "vocab_size": len(vocab),
+            "splits": splits,
+        }
         if isinstance(vocab, BPEVocab):
             vocab.save_tokenizer(staging / TOKENIZER)
             identity["merges"] = vocab.tokenizer_fingerprint()
         from reglm import __version__
 
         manifest = {
-            "format": FORMAT, "name": name, "settings": spec, "sources": sources, "identity": identity,
-            "created": time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(started)), "seconds": round(time.time() - started, 3), "reglm": __version__,
+            "format": FORMAT,
+            "name": name,
+            "settings": spec,
+            "sources": sources,
+            "identity": identity,
+            "created": time.strftime("%Y-%m-%d %H:%M:%S %z", time.localtime(started)),
+            "seconds": round(time.time() - started, 3),
+            "reglm": __version__,
         }
         write_json(staging / MANIFEST, manifest)
         _fsync_dir(staging)
@@ -413,7 +444,13 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _encode_words(
-    staging: Path, directory: Path, name: str, vocab: Vocab | None, min_freq: int, max_vocab: int | None, progress: bool,
+    staging: Path,
+    directory: Path,
+    name: str,
+    vocab: Vocab | None,
+    min_freq: int,
+    max_vocab: int | None,
+    progress: bool,
 ) -> tuple[Vocab, dict[str, Any]]:
     """Write the three id files of a word corpus; returns the vocabulary and the splits' manifest entries."""
     splits: dict[str, Any] = {}
@@ -426,7 +463,15 @@ def _encode_words(
             continue
         out = _IdFile(staging / f"{split}.ids")
         try:
-            for ids in encode_chunks(directory / f"{split}.txt", types, vocab.eos_id, vocab.unk_id, dtype=dtype, progress=progress, desc=f"{name} {split}"):
+            for ids in encode_chunks(
+                directory / f"{split}.txt",
+                types,
+                vocab.eos_id,
+                vocab.unk_id,
+                dtype=dtype,
+                progress=progress,
+                desc=f"{name} {split}",
+            ):
                 out.write(ids)
         finally:
             digest = out.close()
@@ -434,7 +479,9 @@ def _encode_words(
     return vocab, splits
 
 
-def _encode_train(staging: Path, path: Path, name: str, min_freq: int, max_vocab: int | None, progress: bool) -> tuple[Vocab, dict[str, Any]]:
+def _encode_train(
+    staging: Path, path: Path, name: str, min_freq: int, max_vocab: int | None, progress: bool
+) -> tuple[Vocab, dict[str, Any]]:
     """Count and encode the training split (provisional int32 ids on disk, one part per worker),
     build the vocabulary, then remap every part through its table into ``train.ids``.
 
@@ -450,7 +497,9 @@ def _encode_train(staging: Path, path: Path, name: str, min_freq: int, max_vocab
     try:
         for k in range(1, len(parts)):
             receive, send = context.Pipe(duplex=False)
-            worker = context.Process(target=_part_worker, args=(path, bounds[k], bounds[k + 1], parts[k], send), daemon=True)
+            worker = context.Process(
+                target=_part_worker, args=(path, bounds[k], bounds[k + 1], parts[k], send), daemon=True
+            )
             worker.start()
             send.close()
             workers.append((worker, receive))
@@ -521,12 +570,25 @@ def _parts(path: Path) -> list[int]:
     return [*bounds, size]
 
 
-def _encode_part(path: Path, start: int, stop: int, out_path: Path, types: WordTypes, progress: bool, desc: str) -> tuple[np.ndarray, int]:
+def _encode_part(
+    path: Path, start: int, stop: int, out_path: Path, types: WordTypes, progress: bool, desc: str
+) -> tuple[np.ndarray, int]:
     """Encode bytes ``start .. stop`` of ``path`` with ``types`` growing; provisional int32 ids to
     ``out_path``. Returns the count of every type and how many words the part holds."""
     counts = np.zeros(0, dtype=np.int64)
     out = _IdFile(out_path, final=False)
-    pieces = encode_chunks(path, types, eos=0, grow=True, dtype=np.int32, progress=progress, desc=desc, start=start, stop=stop, require_words=False)
+    pieces = encode_chunks(
+        path,
+        types,
+        eos=0,
+        grow=True,
+        dtype=np.int32,
+        progress=progress,
+        desc=desc,
+        start=start,
+        stop=stop,
+        require_words=False,
+    )
     try:
         while True:
             try:
@@ -555,7 +617,9 @@ def _part_worker(path: Path, start: int, stop: int, out_path: Path, send: Any) -
     send.close()
 
 
-def _encode_subwords(staging: Path, directory: Path, name: str, vocab: Vocab | None, bpe_vocab_size: int) -> tuple[BPEVocab, dict[str, Any]]:
+def _encode_subwords(
+    staging: Path, directory: Path, name: str, vocab: Vocab | None, bpe_vocab_size: int
+) -> tuple[BPEVocab, dict[str, Any]]:
     """Segment a sub-word corpus in memory (:func:`reglm.data.corpus.load_directory`'s way) and write it."""
     corpus = _load_subword(directory, name, vocab, bpe_vocab_size)
     assert isinstance(corpus.vocab, BPEVocab) and corpus.word_ends is not None
@@ -564,7 +628,9 @@ def _encode_subwords(staging: Path, directory: Path, name: str, vocab: Vocab | N
     for split in SPLITS:
         ids = corpus.split(split).numpy()
         splits[split] = {
-            "tokens": int(ids.size), "dtype": dtype, "sha256": _write(staging / f"{split}.ids", ids.astype(dtype)),
+            "tokens": int(ids.size),
+            "dtype": dtype,
+            "sha256": _write(staging / f"{split}.ids", ids.astype(dtype)),
             "ends_sha256": _write(staging / f"{split}.ends", corpus.word_ends[split].numpy().astype(np.uint8)),
         }
     return corpus.vocab, splits
@@ -610,6 +676,10 @@ def describe(info: CacheInfo) -> dict[str, Any]:
     files = [p for p in info.path.iterdir() if p.is_file()]
     age = time.time() - (info.path / MANIFEST).stat().st_mtime
     return {
-        "path": str(info.path), "bytes": sum(p.stat().st_size for p in files), "dtype": info.dtype,
-        "manifest_hash": info.manifest_hash, "created": created, "age_s": round(age, 1),
+        "path": str(info.path),
+        "bytes": sum(p.stat().st_size for p in files),
+        "dtype": info.dtype,
+        "manifest_hash": info.manifest_hash,
+        "created": created,
+        "age_s": round(age, 1),
     }

@@ -146,7 +146,9 @@ def encode_file(path: str | Path, vocab: Vocab) -> torch.Tensor:
     A word outside the vocabulary becomes ``<unk>``; without ``<unk>`` it raises
     :class:`ReglmError` naming the word, the file and the line.
     """
-    return torch.from_numpy(np.concatenate(list(encode_chunks(path, WordTypes.of(vocab.itos), vocab.eos_id, vocab.unk_id))))
+    return torch.from_numpy(
+        np.concatenate(list(encode_chunks(path, WordTypes.of(vocab.itos), vocab.eos_id, vocab.unk_id)))
+    )
 
 
 def encode_subword_file(path: str | Path, vocab: BPEVocab) -> tuple[torch.Tensor, torch.Tensor]:
@@ -165,7 +167,11 @@ def _load_subword(path: Path, name: str, vocab: Vocab | None, bpe_vocab_size: in
             vocab = BPEVocab.train(dict(zip(types, np.bincount(ids, minlength=len(types)).tolist())), bpe_vocab_size)
         streams[split] = vocab.encode_stream(types, ids)
     return Corpus(
-        name=name, vocab=vocab, train=streams["train"][0], valid=streams["valid"][0], test=streams["test"][0],
+        name=name,
+        vocab=vocab,
+        train=streams["train"][0],
+        valid=streams["valid"][0],
+        test=streams["test"][0],
         word_ends={split: ends for split, (_, ends) in streams.items()},
     )
 
@@ -211,14 +217,22 @@ def check_directory(path: Path, tokenizer: str, min_freq: int, max_vocab: int | 
     if isinstance(vocab, BPEVocab):
         tokenizer = "bpe"
     if tokenizer == "bpe" and (min_freq != 1 or max_vocab is not None):
-        raise ReglmError("min_freq / max_vocab cut word vocabularies; a BPE corpus has none: leave them at their defaults and set bpe_vocab_size")
+        raise ReglmError(
+            "min_freq / max_vocab cut word vocabularies; a BPE corpus has none: leave them at their defaults and set bpe_vocab_size"
+        )
     if tokenizer == "bpe" and vocab is not None and not isinstance(vocab, BPEVocab):
-        raise ReglmError("tokenizer=bpe was asked for with a word vocabulary; pass the BPE model's vocabulary (with its tokenizer.json), or tokenizer=word")
+        raise ReglmError(
+            "tokenizer=bpe was asked for with a word vocabulary; pass the BPE model's vocabulary (with its tokenizer.json), or tokenizer=word"
+        )
     if not path.is_dir():
-        raise ReglmError(f"corpus directory {path} does not exist; give a directory holding train.txt, valid.txt and test.txt")
+        raise ReglmError(
+            f"corpus directory {path} does not exist; give a directory holding train.txt, valid.txt and test.txt"
+        )
     for split in SPLITS:
         if not (path / f"{split}.txt").is_file():
-            raise ReglmError(f"{path / f'{split}.txt'} is missing; a corpus directory needs train.txt, valid.txt and test.txt")
+            raise ReglmError(
+                f"{path / f'{split}.txt'} is missing; a corpus directory needs train.txt, valid.txt and test.txt"
+            )
     return tokenizer
 
 

@@ -60,10 +60,10 @@ from reglm.data.bpe import BPEVocab
 from reglm.data.cache import load_cached
 from reglm.data.corpus import SPLITS, Corpus, cache_dir
 from reglm.data.encoding import count_file
-from reglm.data.vocab import Vocab
 from reglm.data.synthetic import synthetic_corpus
-from reglm.io import temp_sibling
+from reglm.data.vocab import Vocab
 from reglm.errors import ReglmError
+from reglm.io import temp_sibling
 
 
 @dataclass(frozen=True)
@@ -124,7 +124,9 @@ SOURCES: dict[str, Source] = {
     "lm1b": Source(
         url=f"http://www.statmt.org/lm-benchmark/{_LM1B}.tar.gz",
         members={
-            "train": tuple(f"{_LM1B}/training-monolingual.tokenized.shuffled/news.en-{i:05d}-of-00100" for i in range(1, 100)),
+            "train": tuple(
+                f"{_LM1B}/training-monolingual.tokenized.shuffled/news.en-{i:05d}-of-00100" for i in range(1, 100)
+            ),
             "valid": (f"{_LM1B}/heldout-monolingual.tokenized.shuffled/news.en.heldout-00001-of-00050",),
             "test": (f"{_LM1B}/heldout-monolingual.tokenized.shuffled/news.en.heldout-00000-of-00050",),
         },
@@ -166,11 +168,15 @@ def _verify(name: str, directory: Path, where: str, counts: bool = True) -> None
         with_types = split == "train" and source.min_freq == 1
         if expected is None and not with_types:
             continue
-        n, types = count_file(directory / f"{split}.txt", types=with_types, progress=progress, desc=f"verifying {name} {split}")
+        n, types = count_file(
+            directory / f"{split}.txt", types=with_types, progress=progress, desc=f"verifying {name} {split}"
+        )
         if expected is not None and n != expected:
             raise ReglmError(f"{name} {split}.txt has {n:,} tokens, the published file {expected:,}; {where}")
         if types is not None and types != source.vocab_size:
-            raise ReglmError(f"{name} train.txt has {types:,} word types, the published file {source.vocab_size:,}; {where}")
+            raise ReglmError(
+                f"{name} train.txt has {types:,} word types, the published file {source.vocab_size:,}; {where}"
+            )
 
 
 def _fetch(url: str, dest: Path, name: str, manual: str) -> tuple[int, str]:
@@ -179,13 +185,17 @@ def _fetch(url: str, dest: Path, name: str, manual: str) -> tuple[int, str]:
     try:
         out = open(dest, "xb")
     except OSError as exc:
-        raise ReglmError(f"cannot write into the data cache {dest.parent} ({exc}); pass --data-dir with a writable directory") from None
+        raise ReglmError(
+            f"cannot write into the data cache {dest.parent} ({exc}); pass --data-dir with a writable directory"
+        ) from None
     digest, size = hashlib.sha256(), 0
     with out:
         try:
             with urllib.request.urlopen(url, timeout=60) as response:
                 total = int(response.headers.get("Content-Length") or 0) or None
-                with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {name}", disable=not sys.stderr.isatty()) as bar:
+                with tqdm(
+                    total=total, unit="B", unit_scale=True, desc=f"downloading {name}", disable=not sys.stderr.isatty()
+                ) as bar:
                     for block in iter(lambda: response.read(1 << 20), b""):
                         out.write(block)
                         digest.update(block)
@@ -245,7 +255,12 @@ def download(name: str, data_dir: str | Path | None = None) -> Path:
     target = cache_dir(data_dir) / name
     if all((target / f"{split}.txt").is_file() for split in SPLITS):
         if source.sha256 is not None and target.resolve() not in _verified:
-            _verify(name, target, f"delete {target} to download it again, or pass the directory itself as a custom corpus", counts=False)
+            _verify(
+                name,
+                target,
+                f"delete {target} to download it again, or pass the directory itself as a custom corpus",
+                counts=False,
+            )
             _verified.add(target.resolve())
         return target
     members = [m for split in SPLITS for m in source.members[split]]
@@ -257,12 +272,16 @@ def download(name: str, data_dir: str | Path | None = None) -> Path:
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise ReglmError(f"cannot write into the data cache {target.parent} ({exc}); pass --data-dir with a writable directory") from None
+        raise ReglmError(
+            f"cannot write into the data cache {target.parent} ({exc}); pass --data-dir with a writable directory"
+        ) from None
     archive = temp_sibling(target.parent / f"{name}.archive")
     staging = temp_sibling(target)
     try:
         size, digest = _fetch(source.url, archive, name, manual)
-        if (source.archive_bytes is not None and size != source.archive_bytes) or (source.archive_sha256 is not None and digest != source.archive_sha256):
+        if (source.archive_bytes is not None and size != source.archive_bytes) or (
+            source.archive_sha256 is not None and digest != source.archive_sha256
+        ):
             raise ReglmError(
                 f"the download from {source.url} is damaged or has changed ({size:,} bytes, sha256 {digest}; "
                 f"published: {source.archive_bytes} bytes, sha256 {source.archive_sha256}); {manual}"
@@ -316,10 +335,14 @@ def resolve(
     options = dict(max_vocab=max_vocab, tokenizer=tokenizer, bpe_vocab_size=bpe_vocab_size, vocab=vocab)
     if name in SOURCES:
         directory = download(name, data_dir)
-        return load_cached(directory, name=name, min_freq=min_freq if bpe else max(min_freq, SOURCES[name].min_freq), **options)
+        return load_cached(
+            directory, name=name, min_freq=min_freq if bpe else max(min_freq, SOURCES[name].min_freq), **options
+        )
     if name == "synthetic":
         if bpe:
-            raise ReglmError("the synthetic corpus is word-level (its true probabilities are per word); use tokenizer=word, or bpe with a natural-text corpus")
+            raise ReglmError(
+                "the synthetic corpus is word-level (its true probabilities are per word); use tokenizer=word, or bpe with a natural-text corpus"
+            )
         n_eval = synthetic_sentences // 8
         sizes = (synthetic_sentences, n_eval, n_eval)
         return synthetic_corpus(seed=synthetic_seed, data_dir=data_dir, sizes=sizes, rule=synthetic_rule)

@@ -224,7 +224,11 @@ class WordTypes:
                     slots = self._slots(words.k1[rows], words.k2[rows])
                     continue
                 ids = self._store(words, rows[won])
-                self.slot_k1[slots[won]], self.slot_k2[slots[won]], self.slot_ids[slots[won]] = words.k1[rows[won]], words.k2[rows[won]], ids
+                self.slot_k1[slots[won]], self.slot_k2[slots[won]], self.slot_ids[slots[won]] = (
+                    words.k1[rows[won]],
+                    words.k2[rows[won]],
+                    ids,
+                )
             k2 = _gather(self.slot_k2, slots)
             ids = _gather(self.slot_ids, slots)
             hit = (k2 == words.k2[rows]) & (_gather(self.slot_k1, slots) == words.k1[rows])
@@ -308,7 +312,9 @@ class WordTypes:
         return [raw[a:b].decode("utf-8") for a, b in spans]
 
 
-def _chunks(path: Path, progress: bool, desc: str, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, bytes]]:
+def _chunks(
+    path: Path, progress: bool, desc: str, start: int = 0, stop: int | None = None
+) -> Iterator[tuple[int, bytes]]:
     """``(offset, data)`` for consecutive pieces of a UTF-8 file (bytes ``start .. stop``, where
     ``start`` and ``stop`` are line starts), each of whole lines ending with ``\n`` (one is added
     to a last line without it), the byte-order mark at the file's start dropped; ``offset`` is
@@ -339,7 +345,9 @@ def _chunks(path: Path, progress: bool, desc: str, start: int = 0, stop: int | N
                     try:
                         data.decode("utf-8")
                     except UnicodeDecodeError as exc:
-                        raise ReglmError(f"{path} is not valid UTF-8 at line {line_of(path, at + exc.start)}; re-encode the file as UTF-8") from None
+                        raise ReglmError(
+                            f"{path} is not valid UTF-8 at line {line_of(path, at + exc.start)}; re-encode the file as UTF-8"
+                        ) from None
                     yield at, data
                 if not block:
                     return
@@ -359,8 +367,17 @@ def line_of(path: Path, offset: int) -> int:
 
 
 def encode_chunks(
-    path: str | Path, types: WordTypes, eos: int, unk: int | None = None, grow: bool = False, dtype: Any = np.int64, progress: bool = False, desc: str = "encoding",
-    start: int = 0, stop: int | None = None, require_words: bool = True,
+    path: str | Path,
+    types: WordTypes,
+    eos: int,
+    unk: int | None = None,
+    grow: bool = False,
+    dtype: Any = np.int64,
+    progress: bool = False,
+    desc: str = "encoding",
+    start: int = 0,
+    stop: int | None = None,
+    require_words: bool = True,
 ) -> Generator[np.ndarray, None, int]:
     """The id stream of a file (or of its bytes ``start .. stop``, at line starts) under the rule,
     in pieces: every word's id in ``types`` and ``eos`` at every line end.
@@ -399,7 +416,9 @@ def encode_chunks(
     return n_words
 
 
-def count_file(path: str | Path, types: bool = False, progress: bool = False, desc: str = "counting") -> tuple[int, int | None]:
+def count_file(
+    path: str | Path, types: bool = False, progress: bool = False, desc: str = "counting"
+) -> tuple[int, int | None]:
     """``(tokens, word types)`` of a file under the rule (types ``<eos>`` included; ``None``
     unless ``types``), without keeping its ids."""
     table = WordTypes.of([EOS]) if types else None

@@ -50,8 +50,8 @@ import torch
 
 from reglm.data.corpus import Corpus, cache_dir, load_directory
 from reglm.data.vocab import EOS, Vocab
-from reglm.io import temp_sibling
 from reglm.errors import ReglmError
+from reglm.io import temp_sibling
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _MUL1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -64,8 +64,13 @@ RULES = ("stream", "restart")
 STREAMS = 16
 """``rule="stream"``: texts the trigram chain writes side by side for one split."""
 PAPER_STATS = {
-    "share_frequent": 0.705, "share_almost": 0.147, "share_rest": 0.148,
-    "test_ppl": 78.14, "test_ppl_frequent": 29.74, "test_ppl_rare": 766.53, "ratio": 25.8,
+    "share_frequent": 0.705,
+    "share_almost": 0.147,
+    "share_rest": 0.148,
+    "test_ppl": 78.14,
+    "test_ppl_frequent": 29.74,
+    "test_ppl_rare": 766.53,
+    "ratio": 25.8,
 }
 """The paper's statistics of its corpus (appendix A; Table 1, true distribution)."""
 
@@ -93,7 +98,11 @@ class TrigramLanguage:
     """
 
     def __init__(
-        self, seed: int = 0, vocab_size: int = 1000, sentence_length: int = 10, gamma: float = 0.75,
+        self,
+        seed: int = 0,
+        vocab_size: int = 1000,
+        sentence_length: int = 10,
+        gamma: float = 0.75,
         rule: str = "stream",
     ) -> None:
         if not 1 <= vocab_size < 2**21:
@@ -290,7 +299,9 @@ def _generate(root: Path, seed: int, sizes: tuple[int, int, int], rule: str) -> 
     try:
         tmp.mkdir(parents=True)
     except OSError as exc:
-        raise ReglmError(f"cannot write the synthetic corpus under {root.parent} ({exc}); pass --data-dir with a writable directory") from None
+        raise ReglmError(
+            f"cannot write the synthetic corpus under {root.parent} ({exc}); pass --data-dir with a writable directory"
+        ) from None
     try:
         counts = np.zeros(lang.vocab_size + 1, dtype=np.int64)
         for split, n in zip(("train", "valid", "test"), sizes):
@@ -308,7 +319,9 @@ def _generate(root: Path, seed: int, sizes: tuple[int, int, int], rule: str) -> 
             os.replace(tmp, root)
         except OSError as exc:  # another process may have finished the same corpus first
             if not all((root / f).is_file() for f in _FILES):
-                raise ReglmError(f"cannot move the synthetic corpus into {root} ({exc}); remove {root} or pass --data-dir") from None
+                raise ReglmError(
+                    f"cannot move the synthetic corpus into {root} ({exc}); remove {root} or pass --data-dir"
+                ) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -334,17 +347,23 @@ def synthetic_corpus(
         _generate(root, seed, tuple(sizes), rule)
     missing = [f for f in _FILES if not (root / f).is_file()]
     if missing:
-        raise ReglmError(f"synthetic corpus {root} lacks {', '.join(missing)}; delete the directory to generate it again")
+        raise ReglmError(
+            f"synthetic corpus {root} lacks {', '.join(missing)}; delete the directory to generate it again"
+        )
     corpus = load_directory(root, name="synthetic", vocab=Vocab.load(root / "vocab.txt"))
     truth = {}
     for split in ("valid", "test"):
         try:
             logp = np.load(root / f"{split}-logprob.npy")
         except (OSError, ValueError) as exc:
-            raise ReglmError(f"{root / f'{split}-logprob.npy'} is unreadable ({exc}); delete {root} to generate it again") from None
+            raise ReglmError(
+                f"{root / f'{split}-logprob.npy'} is unreadable ({exc}); delete {root} to generate it again"
+            ) from None
         stream = np.concatenate([logp, np.zeros((logp.shape[0], 1))], axis=1).reshape(-1)
         if logp.ndim != 2 or stream.size != corpus.split(split).numel():
-            raise ReglmError(f"{root / f'{split}-logprob.npy'} does not match {split}.txt; delete {root} to generate it again")
+            raise ReglmError(
+                f"{root / f'{split}-logprob.npy'} does not match {split}.txt; delete {root} to generate it again"
+            )
         truth[split] = torch.from_numpy(stream)
     corpus.truth = truth
     return corpus
@@ -363,7 +382,9 @@ def synthetic_stats(corpus: Corpus, n_frequent: int = 50, n_almost: int = 100) -
     sentences, each sentence's mean log-probability one observation).
     """
     if corpus.truth is None:
-        raise ReglmError(f"corpus {corpus.name!r} has no true probabilities; synthetic statistics need the synthetic corpus")
+        raise ReglmError(
+            f"corpus {corpus.name!r} has no true probabilities; synthetic statistics need the synthetic corpus"
+        )
     vocab = corpus.vocab
     word_ids = [i for i in range(len(vocab)) if vocab.itos[i] != EOS]
     ranked = sorted(word_ids, key=lambda i: (-vocab.counts[i], vocab.itos[i]))

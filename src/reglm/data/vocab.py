@@ -24,8 +24,8 @@ as a type of its own.
 
 from __future__ import annotations
 
-import hashlib
 import bisect
+import hashlib
 import re
 from collections import Counter
 from pathlib import Path
@@ -72,8 +72,10 @@ class Vocab:
             raise ValueError("duplicate tokens in the vocabulary")
         unk_count = self.counts[self.stoi[UNK]] if UNK in self.stoi else 0
         if not (0 <= unk_types <= unk_tokens <= unk_count):
-            raise ValueError(f"unk_types={unk_types}, unk_tokens={unk_tokens}: need 0 <= types <= tokens <= {unk_count}"
-                             f" (the {UNK} count)")
+            raise ValueError(
+                f"unk_types={unk_types}, unk_tokens={unk_tokens}: need 0 <= types <= tokens <= {unk_count}"
+                f" (the {UNK} count)"
+            )
         self.unk_types = int(unk_types)
         """distinct training words mapped to ``<unk>`` by ``min_freq`` / ``max_vocab``"""
         self.unk_tokens = int(unk_tokens)
@@ -92,10 +94,14 @@ class Vocab:
         Ids follow descending count, ties broken by the token string.
         """
         words = list(counter)
-        return cls.from_counts(words, np.fromiter((counter[w] for w in words), dtype=np.int64, count=len(words)), min_freq, max_vocab)[0]
+        return cls.from_counts(
+            words, np.fromiter((counter[w] for w in words), dtype=np.int64, count=len(words)), min_freq, max_vocab
+        )[0]
 
     @classmethod
-    def from_counts(cls, types: list[str], counts: np.ndarray, min_freq: int = 1, max_vocab: int | None = None) -> tuple["Vocab", np.ndarray]:
+    def from_counts(
+        cls, types: list[str], counts: np.ndarray, min_freq: int = 1, max_vocab: int | None = None
+    ) -> tuple["Vocab", np.ndarray]:
         """:meth:`build` of the distinct ``types`` seen ``counts: (n,)`` times, and ``(n,)`` int64:
         the id of each type (``<unk>``'s for a dropped one).
 
@@ -121,7 +127,7 @@ class Vocab:
                 room -= 1
             kept = kept[:room]
         kept_counts = counts[kept]
-        dropped = ranked[kept.size:] if max_vocab is not None else ranked[counts[ranked] < min_freq]
+        dropped = ranked[kept.size :] if max_vocab is not None else ranked[counts[ranked] < min_freq]
         dropped = dropped[counts[dropped] > 0]
         specials = {EOS: int(counts[where[EOS]]) if EOS in where else 0}
         if has_unk:
@@ -133,7 +139,9 @@ class Vocab:
             hi = int(np.searchsorted(-kept_counts, -count, side="right"))
             at[token] = bisect.bisect_left(itos, token, lo, hi)
         order = sorted(specials, key=lambda t: (at[t], -specials[t], t))
-        ids = np.arange(kept.size) + np.searchsorted(np.array([at[t] for t in order]), np.arange(kept.size), side="right")
+        ids = np.arange(kept.size) + np.searchsorted(
+            np.array([at[t] for t in order]), np.arange(kept.size), side="right"
+        )
         table = np.full(len(types), -1, dtype=np.int64)
         table[kept] = ids
         all_counts = kept_counts.tolist()

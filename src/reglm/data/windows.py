@@ -84,7 +84,9 @@ class Window:
 
     def to(self, device: torch.device | str) -> Window:
         scored = None if self.scored is None else self.scored.to(device)
-        return Window(self.inputs.to(device), self.targets.to(device), scored, self.positions, self.tokens, self.words, self.start)
+        return Window(
+            self.inputs.to(device), self.targets.to(device), scored, self.positions, self.tokens, self.words, self.start
+        )
 
     def scored_values(self, values: Tensor) -> tuple[Tensor, Tensor]:
         """``(positions, values)`` of the scored targets, both 1-D, from ``values: (B, T)`` (on the CPU)."""
@@ -113,7 +115,14 @@ class StreamPlan:
     carries_state = True
     """consecutive windows continue the same streams"""
 
-    def __init__(self, ids: Tensor, batch_size: int, cover: str = "all", word_ends: Tensor | None = None, shard: tuple[int, int] = (0, 1)) -> None:
+    def __init__(
+        self,
+        ids: Tensor,
+        batch_size: int,
+        cover: str = "all",
+        word_ends: Tensor | None = None,
+        shard: tuple[int, int] = (0, 1),
+    ) -> None:
         if ids.dim() != 1:
             raise ValueError(f"expected a 1-D id stream, got shape {tuple(ids.shape)}")
         if batch_size < 1:
@@ -146,7 +155,9 @@ class StreamPlan:
         else:
             targets = n - 1
             if targets < batch_size:
-                raise ReglmError(f"a split of {n} tokens has {targets} targets, too few for batch size {batch_size} (one stream each); lower the batch size")
+                raise ReglmError(
+                    f"a split of {n} tokens has {targets} targets, too few for batch size {batch_size} (one stream each); lower the batch size"
+                )
             q, r = divmod(targets, batch_size)
             lengths = torch.full((batch_size,), q, dtype=torch.long)
             lengths[:r] += 1
@@ -196,7 +207,15 @@ class StreamPlan:
         tokens = positions.numel() if scored is None else int(scored.sum())
         scored_dev = None if scored is None else scored.to(self.data.device)
         columns = self.data[:, start : start + s + 1].long()
-        return Window(columns[:, :-1], columns[:, 1:], scored_dev, positions, tokens, _word_count(self.word_ends, positions, scored, tokens), start)
+        return Window(
+            columns[:, :-1],
+            columns[:, 1:],
+            scored_dev,
+            positions,
+            tokens,
+            _word_count(self.word_ends, positions, scored, tokens),
+            start,
+        )
 
     def windows(self, length: int) -> Iterator[Window]:
         """Consecutive windows of ``length`` columns, left to right."""
@@ -217,7 +236,14 @@ class ContextPlan:
     """every window is read from scratch"""
 
     def __init__(
-        self, ids: Tensor, block: int, context: int = 0, batch_size: int = 1, word_ends: Tensor | None = None, pad_id: int = 0, sentence_ends: Tensor | None = None,
+        self,
+        ids: Tensor,
+        block: int,
+        context: int = 0,
+        batch_size: int = 1,
+        word_ends: Tensor | None = None,
+        pad_id: int = 0,
+        sentence_ends: Tensor | None = None,
     ) -> None:
         if ids.dim() != 1 or ids.numel() < 2:
             raise ValueError("expected a 1-D id stream of at least 2 tokens")
@@ -279,7 +305,9 @@ def _gather(ids: Tensor, begin: Tensor, first: Tensor, last: Tensor, pad_id: int
     scored = inside & (target_pos >= first.unsqueeze(1))
     positions = torch.where(scored, target_pos, -1)
     tokens = int(scored.sum())
-    return Window(inputs, targets, scored.to(ids.device), positions, tokens, _word_count(word_ends, positions, scored, tokens))
+    return Window(
+        inputs, targets, scored.to(ids.device), positions, tokens, _word_count(word_ends, positions, scored, tokens)
+    )
 
 
 class SentencePlan:
@@ -294,7 +322,15 @@ class SentencePlan:
 
     carries_state = False
 
-    def __init__(self, ids: Tensor, sentence_end: int, max_tokens: int, word_ends: Tensor | None = None, pad_id: int = 0, seed: int = 0) -> None:
+    def __init__(
+        self,
+        ids: Tensor,
+        sentence_end: int,
+        max_tokens: int,
+        word_ends: Tensor | None = None,
+        pad_id: int = 0,
+        seed: int = 0,
+    ) -> None:
         if ids.dim() != 1 or ids.numel() < 2:
             raise ValueError("expected a 1-D id stream of at least 2 tokens")
         if max_tokens < 1:
@@ -354,7 +390,10 @@ class SentencePlan:
     def order(self, epoch: int) -> Tensor:
         """The batch order of (0-based) ``epoch`` (a function of the seed and the epoch alone)."""
         if self._order is None or self._order[0] != epoch:
-            self._order = (epoch, torch.randperm(self.batches, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)))
+            self._order = (
+                epoch,
+                torch.randperm(self.batches, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)),
+            )
         return self._order[1]
 
     def batch(self, epoch: int, index: int) -> Window:
@@ -427,13 +466,18 @@ class BlockPlan:
     def order(self, epoch: int) -> Tensor:
         """The block order of (0-based) ``epoch`` (a function of the seed and the epoch alone)."""
         if self._order is None or self._order[0] != epoch:
-            self._order = (epoch, torch.randperm(self.n_blocks, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)))
+            self._order = (
+                epoch,
+                torch.randperm(self.n_blocks, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)),
+            )
         return self._order[1]
 
     def batch(self, epoch: int, index: int) -> Window:
         """Batch ``index`` of ``epoch``: ``(B, block)`` inputs and targets."""
         rows = self.order(epoch)[index * self.batch_size : (index + 1) * self.batch_size]
-        stream_index = (rows * self.block).unsqueeze(1) + self._offsets  # (B, block + 1), built per batch (WikiText-103: 200K blocks)
+        stream_index = (rows * self.block).unsqueeze(
+            1
+        ) + self._offsets  # (B, block + 1), built per batch (WikiText-103: 200K blocks)
         data = self.ids[stream_index.to(self.ids.device)].long()
         positions = stream_index[:, 1:]
         return Window(data[:, :-1], data[:, 1:], None, positions, positions.numel(), positions.numel())

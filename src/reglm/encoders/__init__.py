@@ -5,10 +5,15 @@
 """
 
 from reglm.encoders.awd_lstm import AWDLSTMEncoder
-from reglm.encoders.vd_lstm import VDLSTMEncoder
 from reglm.encoders.qrnn import QRNNEncoder
 from reglm.encoders.transformer import TransformerEncoder
+from reglm.encoders.vd_lstm import VDLSTMEncoder
 
-ENCODERS = {"awd-lstm": AWDLSTMEncoder, "vd-lstm": VDLSTMEncoder, "qrnn": QRNNEncoder, "transformer": TransformerEncoder}
+ENCODERS = {
+    "awd-lstm": AWDLSTMEncoder,
+    "vd-lstm": VDLSTMEncoder,
+    "qrnn": QRNNEncoder,
+    "transformer": TransformerEncoder,
+}
 
 __all__ = ["ENCODERS", "AWDLSTMEncoder", "QRNNEncoder", "VDLSTMEncoder"]

@@ -83,7 +83,9 @@ class WeightDropLSTM(StackLayer):
         for param in self.parameters():
             nn.init.uniform_(param, -bound, bound)
 
-    def init_state(self, batch_size: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> LSTMState:
+    def init_state(
+        self, batch_size: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> LSTMState:
         """Zero state ``(h0, c0)``, each ``(1, B, H)``, on the parameters' device/dtype by default."""
         return zero_state(self.weight_hh_l0, [(1, batch_size, self.hidden_size)] * 2, device, dtype)
 
@@ -135,9 +137,16 @@ class LSTMExport(nn.Module):
 class AWDLSTMConfig(ComponentConfig):
     """The AWD-LSTM encoder: weight-dropped LSTM layers with locked dropout between them."""
 
-    kind: str = kind_field("awd-lstm", "encoder: awd-lstm (Merity et al.), vd-lstm (Zaremba et al.'s LSTM with Inan et al.'s variational dropout), qrnn (Bradbury et al.'s quasi-recurrent network with the AWD regularizers) or transformer (decoder-only, pre-LayerNorm; Baevski & Auli 2019)")
+    kind: str = kind_field(
+        "awd-lstm",
+        "encoder: awd-lstm (Merity et al.), vd-lstm (Zaremba et al.'s LSTM with Inan et al.'s variational dropout), qrnn (Bradbury et al.'s quasi-recurrent network with the AWD regularizers) or transformer (decoder-only, pre-LayerNorm; Baevski & Auli 2019)",
+    )
     hidden_size: int = option(256, "LSTM hidden size of every layer but the last", arch=True)
-    last_hidden_size: int | None = option(None, "hidden size of the last layer (none: the input size, so a tied softmax reads it; MoS's nhidlast)", arch=True)
+    last_hidden_size: int | None = option(
+        None,
+        "hidden size of the last layer (none: the input size, so a tied softmax reads it; MoS's nhidlast)",
+        arch=True,
+    )
     num_layers: int = option(2, "number of stacked LSTM layers", arch=True)
     hidden_dropout: float = option(0.1, "locked dropout between LSTM layers")
     output_dropout: float = option(0.1, "locked dropout on the last layer's output")
@@ -146,7 +155,11 @@ class AWDLSTMConfig(ComponentConfig):
     def __post_init__(self) -> None:
         for name in ("hidden_size", "num_layers"):
             check(getattr(self, name) >= 1, f"model.encoder.{name}", f"{getattr(self, name)} must be >= 1")
-        check(self.last_hidden_size is None or self.last_hidden_size >= 1, "model.encoder.last_hidden_size", f"{self.last_hidden_size} must be >= 1 or none")
+        check(
+            self.last_hidden_size is None or self.last_hidden_size >= 1,
+            "model.encoder.last_hidden_size",
+            f"{self.last_hidden_size} must be >= 1 or none",
+        )
         for name in ("hidden_dropout", "output_dropout", "weight_dropout"):
             check_prob(getattr(self, name), f"model.encoder.{name}")
 

@@ -194,7 +194,9 @@ class QRNNLayer(StackLayer):
 
     state_names = ("c", "x")
 
-    def __init__(self, input_size: int, hidden_size: int, window: int = 1, weight_dropout: float = 0.0, zoneout: float = 0.0) -> None:
+    def __init__(
+        self, input_size: int, hidden_size: int, window: int = 1, weight_dropout: float = 0.0, zoneout: float = 0.0
+    ) -> None:
         super().__init__()
         if window not in WINDOWS:
             raise ValueError(f"window must be 1 or 2, got {window}")
@@ -221,7 +223,9 @@ class QRNNLayer(StackLayer):
         for param in (self.weight, self.bias):
             nn.init.uniform_(param, -bound, bound)
 
-    def init_state(self, batch_size: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> QRNNLayerState:
+    def init_state(
+        self, batch_size: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> QRNNLayerState:
         """Zero ``(c, x_prev)``, ``(B, H)`` and ``(B, (k - 1) I)``, on the parameters' device/dtype by default."""
         return zero_state(self.weight, [(batch_size, self.hidden_size), (batch_size, self.prev_size)], device, dtype)
 
@@ -295,22 +299,41 @@ class QRNNExport(nn.Module):
 class QRNNConfig(ComponentConfig):
     """The QRNN encoder: QRNN-fo layers with DropConnect and locked dropout (Merity et al. 2018's recipe)."""
 
-    kind: str = kind_field("qrnn", "encoder: awd-lstm (Merity et al.), vd-lstm (Zaremba et al.'s LSTM with Inan et al.'s variational dropout), qrnn (Bradbury et al.'s quasi-recurrent network with the AWD regularizers) or transformer (decoder-only, pre-LayerNorm; Baevski & Auli 2019)")
+    kind: str = kind_field(
+        "qrnn",
+        "encoder: awd-lstm (Merity et al.), vd-lstm (Zaremba et al.'s LSTM with Inan et al.'s variational dropout), qrnn (Bradbury et al.'s quasi-recurrent network with the AWD regularizers) or transformer (decoder-only, pre-LayerNorm; Baevski & Auli 2019)",
+    )
     hidden_size: int = option(256, "QRNN hidden size of every layer but the last", arch=True)
-    last_hidden_size: int | None = option(None, "hidden size of the last layer (none: the input size, so a tied softmax reads it)", arch=True)
+    last_hidden_size: int | None = option(
+        None, "hidden size of the last layer (none: the input size, so a tied softmax reads it)", arch=True
+    )
     num_layers: int = option(2, "number of stacked QRNN layers", arch=True)
-    window: int = option(2, "width of the first layer's masked convolution over time, 1 or 2 (the others use 1; the reference: 2)", arch=True)
+    window: int = option(
+        2,
+        "width of the first layer's masked convolution over time, 1 or 2 (the others use 1; the reference: 2)",
+        arch=True,
+    )
     hidden_dropout: float = option(0.1, "locked dropout between QRNN layers")
     output_dropout: float = option(0.1, "locked dropout on the last layer's output")
     weight_dropout: float = option(0.0, "DropConnect on every layer's gate weights W (the reference's wdrop)")
-    zoneout: float = option(0.0, "zoneout on the forget gates: probability that a channel keeps its previous c (Bradbury et al. 2.1)")
+    zoneout: float = option(
+        0.0, "zoneout on the forget gates: probability that a channel keeps its previous c (Bradbury et al. 2.1)"
+    )
 
     def __post_init__(self) -> None:
         check(self.kind == "qrnn", "model.encoder.kind", f"unknown {self.kind!r}")
         for name in ("hidden_size", "num_layers"):
             check(getattr(self, name) >= 1, f"model.encoder.{name}", f"{getattr(self, name)} must be >= 1")
-        check(self.last_hidden_size is None or self.last_hidden_size >= 1, "model.encoder.last_hidden_size", f"{self.last_hidden_size} must be >= 1 or none")
-        check(self.window in WINDOWS, "model.encoder.window", f"{self.window} must be 1 or 2 (the convolution reads x_t, or x_t and x_(t-1))")
+        check(
+            self.last_hidden_size is None or self.last_hidden_size >= 1,
+            "model.encoder.last_hidden_size",
+            f"{self.last_hidden_size} must be >= 1 or none",
+        )
+        check(
+            self.window in WINDOWS,
+            "model.encoder.window",
+            f"{self.window} must be 1 or 2 (the convolution reads x_t, or x_t and x_(t-1))",
+        )
         for name in ("hidden_dropout", "output_dropout", "weight_dropout", "zoneout"):
             check_prob(getattr(self, name), f"model.encoder.{name}")
 

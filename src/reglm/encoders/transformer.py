@@ -68,7 +68,9 @@ from reglm.encoders.base import Encoder, EncoderOutput, StateTensor
 from reglm.layers.inference import Frozen
 
 
-def sinusoidal_positions(length: int, dim: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
+def sinusoidal_positions(
+    length: int, dim: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
+) -> Tensor:
     """The ``(length, dim)`` sinusoidal position embeddings of positions ``0 .. length - 1``.
 
     With ``half = dim // 2`` and ``f_i = exp(-log(10000) * i / (half - 1))`` for ``i < half``
@@ -103,28 +105,47 @@ def sinusoids(steps: Tensor, freqs: Tensor, odd: bool) -> Tensor:
 class TransformerConfig(ComponentConfig):
     """A decoder-only pre-LayerNorm Transformer (Baevski & Auli 2019, section 4.1)."""
 
-    kind: str = kind_field("transformer", "encoder: awd-lstm (Merity et al.), vd-lstm (Zaremba et al.'s LSTM with Inan et al.'s variational dropout), qrnn (Bradbury et al.'s quasi-recurrent network with the AWD regularizers) or transformer (decoder-only, pre-LayerNorm; Baevski & Auli 2019)")
+    kind: str = kind_field(
+        "transformer",
+        "encoder: awd-lstm (Merity et al.), vd-lstm (Zaremba et al.'s LSTM with Inan et al.'s variational dropout), qrnn (Bradbury et al.'s quasi-recurrent network with the AWD regularizers) or transformer (decoder-only, pre-LayerNorm; Baevski & Auli 2019)",
+    )
     d_model: int = option(512, "e: width of the residual stream, attention and block outputs", arch=True)
     layers: int = option(6, "N: number of blocks (the paper: 16)", arch=True)
     heads: int = option(8, "H: attention heads; must divide d_model (the paper: 16)", arch=True)
     ffn_dim: int = option(2048, "e_ff: inner size of the feed-forward sub-block (the paper: 4096)", arch=True)
-    dropout: float = option(0.1, "dropout on the embedded input (after positions) and on each sub-block's output before its residual add (paper: 0.3 wt103, 0.1 gbw)")
+    dropout: float = option(
+        0.1,
+        "dropout on the embedded input (after positions) and on each sub-block's output before its residual add (paper: 0.3 wt103, 0.1 gbw)",
+    )
     attention_dropout: float = option(0.0, "dropout on the attention probabilities (paper: 0.1)")
     relu_dropout: float = option(0.0, "dropout after the FFN's ReLU (fairseq's activation_dropout; paper: 0.1 wt103)")
-    scale_input: bool = option(True, "multiply the input by sqrt(d_model) before the positions are added (the authors' fairseq code)")
+    scale_input: bool = option(
+        True, "multiply the input by sqrt(d_model) before the positions are added (the authors' fairseq code)"
+    )
     final_norm: bool = option(
-        True, "a LayerNorm after the last block (fairseq's default; the authors' wiki103 and gbw recipes drop it)",
+        True,
+        "a LayerNorm after the last block (fairseq's default; the authors' wiki103 and gbw recipes drop it)",
         arch=True,
     )
-    output_dim: int | None = option(None, "size of the output (none: d_model; otherwise a linear projection without bias from d_model)", arch=True)
+    output_dim: int | None = option(
+        None, "size of the output (none: d_model; otherwise a linear projection without bias from d_model)", arch=True
+    )
 
     def __post_init__(self) -> None:
         check(self.kind == "transformer", "model.encoder.kind", f"unknown {self.kind!r}")
         for name in ("d_model", "layers", "heads", "ffn_dim"):
             value = getattr(self, name)
             check(value >= 1, f"model.encoder.{name}", f"{value} must be >= 1")
-        check(self.d_model % self.heads == 0, "model.encoder.heads", f"{self.heads} heads must divide model.encoder.d_model ({self.d_model})")
-        check(self.output_dim is None or self.output_dim >= 1, "model.encoder.output_dim", f"{self.output_dim} must be >= 1 or none")
+        check(
+            self.d_model % self.heads == 0,
+            "model.encoder.heads",
+            f"{self.heads} heads must divide model.encoder.d_model ({self.d_model})",
+        )
+        check(
+            self.output_dim is None or self.output_dim >= 1,
+            "model.encoder.output_dim",
+            f"{self.output_dim} must be >= 1 or none",
+        )
         for name in ("dropout", "attention_dropout", "relu_dropout"):
             check_prob(getattr(self, name), f"model.encoder.{name}")
 
@@ -158,7 +179,9 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """``x: (B, T, e) -> (B, T, e)``; position ``t`` reads positions ``0 .. t`` only."""
         batch, length, _ = x.shape
-        q, k, v = self.qkv(x).view(batch, length, 3, self.heads, self.d_model // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = (
+            self.qkv(x).view(batch, length, 3, self.heads, self.d_model // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        )
         # q, k, v: (B, H, T, e / H)
         p = self.attention_dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
@@ -172,7 +195,9 @@ class TransformerBlock(nn.Module):
     Parameters: ``4(e^2 + e)`` attention, ``2 e e_ff + e_ff + e`` FFN, ``4e`` in the two LayerNorms.
     """
 
-    def __init__(self, d_model: int, heads: int, ffn_dim: int, dropout: float, attention_dropout: float, relu_dropout: float) -> None:
+    def __init__(
+        self, d_model: int, heads: int, ffn_dim: int, dropout: float, attention_dropout: float, relu_dropout: float
+    ) -> None:
         super().__init__()
         self.attn_norm = nn.LayerNorm(d_model)
         self.attn = CausalSelfAttention(d_model, heads, attention_dropout)
@@ -234,7 +259,8 @@ class TransformerEncoder(Encoder, TransformerLayers):
         self.input_scale = math.sqrt(e) if cfg.scale_input else 1.0
         self.input_proj = nn.Linear(input_size, e, bias=False) if input_size != e else None
         self.blocks = nn.ModuleList(
-            TransformerBlock(e, cfg.heads, cfg.ffn_dim, cfg.dropout, cfg.attention_dropout, cfg.relu_dropout) for _ in range(cfg.layers)
+            TransformerBlock(e, cfg.heads, cfg.ffn_dim, cfg.dropout, cfg.attention_dropout, cfg.relu_dropout)
+            for _ in range(cfg.layers)
         )
         self.final_norm = nn.LayerNorm(e) if cfg.final_norm else None
         out = cfg.output_size(input_size)
@@ -260,7 +286,9 @@ class TransformerEncoder(Encoder, TransformerLayers):
     def from_config(cls, cfg: TransformerConfig, input_size: int) -> TransformerEncoder:
         return cls(cfg, input_size)
 
-    def init_state(self, batch_size: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+    def init_state(
+        self, batch_size: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> None:
         """Stateless: always None."""
 
     def load_state(self, raw: Any) -> None:

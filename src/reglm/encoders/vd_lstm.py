@@ -96,11 +96,15 @@ class VDLSTMLayer(StackLayer):
         for param in self.parameters():
             nn.init.uniform_(param, -self.init_range, self.init_range)
 
-    def init_state(self, batch_size: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> LSTMState:
+    def init_state(
+        self, batch_size: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> LSTMState:
         """Zero state ``(h0, c0)``, each ``(1, B, H)``, on the parameters' device/dtype by default."""
         return zero_state(self.weight_hh_l0, [(1, batch_size, self.hidden_size)] * 2, device, dtype)
 
-    def forward(self, x: Tensor, state: LSTMState | None = None, mask: Tensor | None = None) -> tuple[Tensor, LSTMState]:
+    def forward(
+        self, x: Tensor, state: LSTMState | None = None, mask: Tensor | None = None
+    ) -> tuple[Tensor, LSTMState]:
         """``x: (B, T, I)``, ``state: ((1, B, H), (1, B, H))`` or None (zeros), ``mask: (B, H)`` or None.
 
         Returns ``out: (B, T, H)`` (the unmasked hidden state ``h_t`` at every step) and the
@@ -161,10 +165,16 @@ class VDLSTMLayer(StackLayer):
 class VDLSTMConfig(ComponentConfig):
     """Zaremba et al.'s LSTM with Inan et al.'s tied variational dropout."""
 
-    kind: str = kind_field("vd-lstm", "encoder: awd-lstm (Merity et al.), vd-lstm (Zaremba et al.'s LSTM with Inan et al.'s variational dropout), qrnn (Bradbury et al.'s quasi-recurrent network with the AWD regularizers) or transformer (decoder-only, pre-LayerNorm; Baevski & Auli 2019)")
+    kind: str = kind_field(
+        "vd-lstm",
+        "encoder: awd-lstm (Merity et al.), vd-lstm (Zaremba et al.'s LSTM with Inan et al.'s variational dropout), qrnn (Bradbury et al.'s quasi-recurrent network with the AWD regularizers) or transformer (decoder-only, pre-LayerNorm; Baevski & Auli 2019)",
+    )
     hidden_size: int = option(256, "LSTM hidden size of every layer", arch=True)
     num_layers: int = option(2, "number of stacked LSTM layers", arch=True)
-    hidden_dropout: float = option(0.1, "the one dropout probability: the per-layer masks on h_{t-1} and on the next layer's input (Inan et al. appendix A)")
+    hidden_dropout: float = option(
+        0.1,
+        "the one dropout probability: the per-layer masks on h_{t-1} and on the next layer's input (Inan et al. appendix A)",
+    )
     init_range: float = option(0.1, "every LSTM weight is initialized U(-init_range, init_range) (Zaremba et al.)")
 
     def __post_init__(self) -> None:

@@ -53,9 +53,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from reglm.config.parse import SpecError, spec_items, spec_value, under_option
 from reglm.data.windows import StreamPlan, Window
 from reglm.encoders.base import EncoderOutput
-from reglm.config.parse import SpecError, spec_items, spec_value, under_option
 from reglm.evaluate.perplexity import EvalResult, perplexity, stream_pass, totals_result
 
 KEYS = {"window": "window", "theta": "theta", "lambda": "lam"}
@@ -65,9 +65,13 @@ KEYS = {"window": "window", "theta": "theta", "lambda": "lam"}
 def _check(key: str, value: float) -> None:
     """A :class:`SpecError` when ``key=value`` is out of range."""
     if key == "window" and not (isinstance(value, int) and value >= 1):
-        raise SpecError(f"window={value} must be an integer >= 1 (the number of past positions the cache holds, e.g. window=2000)")
+        raise SpecError(
+            f"window={value} must be an integer >= 1 (the number of past positions the cache holds, e.g. window=2000)"
+        )
     if key == "theta" and not (math.isfinite(value) and value >= 0):
-        raise SpecError(f"theta={value} must be a finite number >= 0 (the flatness of the cache attention, e.g. theta=1.0)")
+        raise SpecError(
+            f"theta={value} must be a finite number >= 0 (the flatness of the cache attention, e.g. theta=1.0)"
+        )
     if key == "lambda" and not 0 <= value <= 1:
         raise SpecError(f"lambda={value} must be in [0, 1] (the weight of the cache in the mixture, e.g. lambda=0.1)")
 
@@ -104,6 +108,7 @@ def parse_cache_spec(text: str, option: str = "--cache") -> CacheSpec:
 
     Raises :class:`ReglmError` naming ``option`` and the bad field.
     """
+
     def build() -> CacheSpec:
         values = dataclasses.asdict(DEFAULT_SPEC)
         if text.strip():
@@ -136,7 +141,9 @@ class CacheGrid:
         return {"window": list(self.windows), "theta": list(self.thetas), "lambda": list(self.lams)}
 
 
-DEFAULT_GRID = CacheGrid(windows=(100, 500, 1000, 2000, 3785), thetas=(0.1, 0.3, 0.662, 1.0), lams=(0.05, 0.1, 0.1279, 0.2, 0.3))
+DEFAULT_GRID = CacheGrid(
+    windows=(100, 500, 1000, 2000, 3785), thetas=(0.1, 0.3, 0.662, 1.0), lams=(0.05, 0.1, 0.1279, 0.2, 0.3)
+)
 """``--cache-search`` without a value: 100 settings around both papers' values."""
 
 
@@ -144,11 +151,16 @@ def parse_cache_grid(text: str, option: str = "--cache-search") -> CacheGrid:
     """``"window=500,2000;theta=0.1,0.3;lambda=0.05,0.1"`` -> :class:`CacheGrid`: groups separated
     by ``;``, values by ``,``; a missing key (or ``""``) takes the :data:`DEFAULT_GRID` values;
     repeated values count once. Raises :class:`ReglmError` naming ``option`` and the bad field."""
+
     def build() -> CacheGrid:
         values = {"window": DEFAULT_GRID.windows, "theta": DEFAULT_GRID.thetas, "lam": DEFAULT_GRID.lams}
         if text.strip():
-            for name, (key, items) in spec_items(text, option, KEYS, ";", "window=500,2000;theta=0.1,0.3;lambda=0.05,0.1").items():
-                values[name] = tuple(dict.fromkeys(spec_value(CacheSpec, name, key, item.strip(), option) for item in items.split(",")))
+            for name, (key, items) in spec_items(
+                text, option, KEYS, ";", "window=500,2000;theta=0.1,0.3;lambda=0.05,0.1"
+            ).items():
+                values[name] = tuple(
+                    dict.fromkeys(spec_value(CacheSpec, name, key, item.strip(), option) for item in items.split(","))
+                )
         return CacheGrid(windows=values["window"], thetas=values["theta"], lams=values["lam"])
 
     return under_option(option, build)
@@ -195,7 +207,15 @@ class CacheSearch:
         return perplexity(self.model_loss)
 
     def as_dict(self) -> dict[str, object]:
-        return {"best": self.best.as_dict(), "loss": self.loss, "ppl": self.ppl, "model_loss": self.model_loss, "model_ppl": self.model_ppl, "tokens": self.tokens, "results": self.results}
+        return {
+            "best": self.best.as_dict(),
+            "loss": self.loss,
+            "ppl": self.ppl,
+            "model_loss": self.model_loss,
+            "model_ppl": self.model_ppl,
+            "tokens": self.tokens,
+            "results": self.results,
+        }
 
 
 def _log(x: float) -> float:
@@ -205,7 +225,11 @@ def _log(x: float) -> float:
 def band_mask(queries: int, history: int, window: int, device: torch.device | str | None = None) -> Tensor:
     """``(T, M + T)`` bool: query ``t`` (position ``M + t`` of the keys) may attend key ``k`` iff
     ``1 <= M + t - k <= window``, i.e. the ``window`` positions before it."""
-    gap = history + torch.arange(queries, device=device).unsqueeze(1) - torch.arange(history + queries, device=device).unsqueeze(0)
+    gap = (
+        history
+        + torch.arange(queries, device=device).unsqueeze(1)
+        - torch.arange(history + queries, device=device).unsqueeze(0)
+    )
     return (gap >= 1) & (gap <= window)
 
 
@@ -213,7 +237,9 @@ def band_mask(queries: int, history: int, window: int, device: torch.device | st
 def _band_bias(queries: int, history: int, window: int, device: torch.device, dtype: torch.dtype) -> Tensor:
     """:func:`band_mask` as an additive ``(T, M + T)`` bias: 0 where allowed, -inf elsewhere
     (memoized: every full-window bptt window of a pass has the same one)."""
-    return torch.zeros(queries, history + queries, device=device, dtype=dtype).masked_fill_(~band_mask(queries, history, window, device), -math.inf)
+    return torch.zeros(queries, history + queries, device=device, dtype=dtype).masked_fill_(
+        ~band_mask(queries, history, window, device), -math.inf
+    )
 
 
 def cache_nll(
@@ -259,7 +285,9 @@ class _CacheWindows:
     ``(B, T)`` and the cache mixture's for every grid point ``(nW, nθ, nλ, B, T)``, keeping the
     last ``max(windows)`` positions of every stream as the cache."""
 
-    def __init__(self, model: torch.nn.Module, windows: Sequence[int], thetas: Sequence[float], lams: Sequence[float]) -> None:
+    def __init__(
+        self, model: torch.nn.Module, windows: Sequence[int], thetas: Sequence[float], lams: Sequence[float]
+    ) -> None:
         self.model, self.windows, self.thetas, self.lams = model, list(windows), thetas, lams
         self.keep = max(windows)
         self.past_h: Tensor | None = None
@@ -303,10 +331,26 @@ def cache_evaluate(
         values = step(outs, window)
         return {"model": values["model"], "mixed": values["cache"][0, 0, 0]}
 
-    totals = stream_pass([model], StreamPlan(ids, batch_size, "all"), bptt, per_window, device, progress, desc, ("model", "mixed") if keep_token_nll else ())
+    totals = stream_pass(
+        [model],
+        StreamPlan(ids, batch_size, "all"),
+        bptt,
+        per_window,
+        device,
+        progress,
+        desc,
+        ("model", "mixed") if keep_token_nll else (),
+    )
     plain = totals_result(totals, "model")
     mixed = totals_result(totals, "mixed")
-    return CacheResult(loss=mixed.loss, tokens=mixed.tokens, token_nll=mixed.token_nll, positions=mixed.positions, spec=spec, plain=plain)
+    return CacheResult(
+        loss=mixed.loss,
+        tokens=mixed.tokens,
+        token_nll=mixed.token_nll,
+        positions=mixed.positions,
+        spec=spec,
+        plain=plain,
+    )
 
 
 @torch.no_grad()
@@ -331,14 +375,22 @@ def cache_search(
     totals = stream_pass([model], StreamPlan(ids, batch_size, "all"), bptt, step, device, progress, desc)
     losses = totals.means["cache"].cpu()
     results = [
-        {"window": w, "theta": theta, "lambda": lam, "loss": float(losses[i, j, k]), "ppl": perplexity(float(losses[i, j, k]))}
+        {
+            "window": w,
+            "theta": theta,
+            "lambda": lam,
+            "loss": float(losses[i, j, k]),
+            "ppl": perplexity(float(losses[i, j, k])),
+        }
         for i, w in enumerate(grid.windows)
         for j, theta in enumerate(grid.thetas)
         for k, lam in enumerate(grid.lams)
     ]
     best = min(range(len(results)), key=lambda n: results[n]["loss"])
     spec = CacheSpec(results[best]["window"], results[best]["theta"], results[best]["lambda"])
-    return CacheSearch(best=spec, loss=results[best]["loss"], model_loss=totals.mean("model"), tokens=totals.tokens, results=results)
+    return CacheSearch(
+        best=spec, loss=results[best]["loss"], model_loss=totals.mean("model"), tokens=totals.tokens, results=results
+    )
 
 
 def cache_distribution(log_p_model: Tensor, states: Tensor, next_ids: Tensor, history: int, spec: CacheSpec) -> Tensor:

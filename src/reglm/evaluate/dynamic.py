@@ -114,6 +114,7 @@ from reglm.evaluate.dynamic_spec import OPTION, DynamicGrid, DynamicSpec, train_
 from reglm.evaluate.perplexity import EvalResult, in_stream_order
 from reglm.progress import track
 
+
 def _gradient_copy(
     model: nn.Module, device: torch.device | str, adapt: str = "all"
 ) -> tuple[nn.Module, list[tuple[str, nn.Parameter]]]:
@@ -198,7 +199,9 @@ def gradient_statistics(
     square_sums = [torch.zeros_like(p) for p in params]
     state = work.init_state(plan.batch_size, device=device)
     for start in track(starts, len(starts), desc, "batch", progress):
-        _, grads, state = _segment_grads(work, params, plan.window(start, window), state, encoder_grad=spec.adapt == "all")
+        _, grads, state = _segment_grads(
+            work, params, plan.window(start, window), state, encoder_grad=spec.adapt == "all"
+        )
         torch._foreach_addcmul_(square_sums, grads, grads)
     return {name: s.div_(len(starts)).sqrt_() for name, s in zip(names, square_sums)}
 
@@ -276,7 +279,14 @@ class DynamicEvaluator:
         else:
             torch._foreach_addcmul_(self.params, grads, step, value=-1.0)
 
-    def evaluate(self, ids: Tensor, spec: DynamicSpec, keep_token_nll: bool = False, progress: bool = False, desc: str = "dynamic") -> EvalResult:
+    def evaluate(
+        self,
+        ids: Tensor,
+        spec: DynamicSpec,
+        keep_token_nll: bool = False,
+        progress: bool = False,
+        desc: str = "dynamic",
+    ) -> EvalResult:
         """One dynamic pass over ``ids: (N,)`` cut into ``spec.batch_size`` streams (every target
         once, :class:`~reglm.data.windows.StreamPlan`), in segments of ``spec.segment`` tokens;
         the weights are back at ``theta_0`` afterwards. ``token_nll``/``positions`` as

@@ -53,7 +53,9 @@ class DynamicSpec:
             raise SpecError(f"adapt={self.adapt!r} is unknown; choose {' or '.join(ADAPTS)}")
         if self.lr is None:
             if self.variant == "sgd":
-                raise SpecError("variant=sgd has no default learning rate (the reference tunes only the rms rule); give lr=..., e.g. found with --dynamic-search")
+                raise SpecError(
+                    "variant=sgd has no default learning rate (the reference tunes only the rms rule); give lr=..., e.g. found with --dynamic-search"
+                )
             object.__setattr__(self, "lr", DEFAULT_RMS_LR)
         for key, value in (("lr", self.lr), ("lambda", self.lam), ("eps", self.eps)):
             if not math.isfinite(value):
@@ -61,7 +63,9 @@ class DynamicSpec:
         if self.lr < 0:
             raise SpecError(f"lr={self.lr} must be >= 0")
         if not 0.0 <= self.lam <= 1.0:
-            raise SpecError(f"lambda={self.lam} must be in [0, 1] (1 pulls the weights all the way back to the trained ones at every update)")
+            raise SpecError(
+                f"lambda={self.lam} must be in [0, 1] (1 pulls the weights all the way back to the trained ones at every update)"
+            )
         if self.eps <= 0:
             raise SpecError(f"eps={self.eps} must be > 0")
         for key in ("segment", "batch_size", "stats_batch_size"):
@@ -72,9 +76,17 @@ class DynamicSpec:
 
     def as_dict(self) -> dict[str, float | int | str | None]:
         """The settings under the keys :func:`parse_dynamic_spec` reads."""
-        return {"lr": self.lr, "lambda": self.lam, "eps": self.eps, "segment": self.segment, "variant": self.variant,
-                "max_train_tokens": self.max_train_tokens, "batch_size": self.batch_size,
-                "stats_batch_size": self.stats_batch_size, "adapt": self.adapt}
+        return {
+            "lr": self.lr,
+            "lambda": self.lam,
+            "eps": self.eps,
+            "segment": self.segment,
+            "variant": self.variant,
+            "max_train_tokens": self.max_train_tokens,
+            "batch_size": self.batch_size,
+            "stats_batch_size": self.stats_batch_size,
+            "adapt": self.adapt,
+        }
 
 
 @dataclass(frozen=True)
@@ -88,7 +100,9 @@ class DynamicGrid:
 
     def __post_init__(self) -> None:
         if not self.lrs or not self.lams:
-            raise SpecError(f"the search grid needs at least one lr and one lambda (got {len(self.lrs)} and {len(self.lams)})")
+            raise SpecError(
+                f"the search grid needs at least one lr and one lambda (got {len(self.lrs)} and {len(self.lams)})"
+            )
         self.specs()
 
     @classmethod
@@ -109,9 +123,19 @@ class DynamicGrid:
         return {**self.spec.as_dict(), "lr": list(self.lrs), "lambda": list(self.lams)}
 
 
-KEYS = {"lr": "lr", "lambda": "lam", "lam": "lam", "eps": "eps", "epsilon": "eps", "segment": "segment", "variant": "variant",
-        "max_train_tokens": "max_train_tokens", "batch_size": "batch_size", "stats_batch_size": "stats_batch_size",
-        "adapt": "adapt"}
+KEYS = {
+    "lr": "lr",
+    "lambda": "lam",
+    "lam": "lam",
+    "eps": "eps",
+    "epsilon": "eps",
+    "segment": "segment",
+    "variant": "variant",
+    "max_train_tokens": "max_train_tokens",
+    "batch_size": "batch_size",
+    "stats_batch_size": "stats_batch_size",
+    "adapt": "adapt",
+}
 """spec key (aliases included) -> :class:`DynamicSpec` field"""
 
 
@@ -122,6 +146,7 @@ def parse_dynamic_spec(text: str, option: str = OPTION) -> DynamicSpec:
     ``epsilon``), ``segment``, ``variant`` (``rms`` | ``sgd``), ``max_train_tokens`` (a number or
     ``all``), ``batch_size``, ``stats_batch_size``, ``adapt`` (``all`` | ``output``). Raises
     :class:`ReglmError` naming ``option`` and the offending item."""
+
     def build() -> DynamicSpec:
         values = {}
         if text.strip():
@@ -138,6 +163,7 @@ def parse_dynamic_grid(text: str, option: str = SEARCH_OPTION) -> DynamicGrid:
     every other :func:`parse_dynamic_spec` key one value, fixed for the whole search. A missing
     ``lr`` or ``lambda`` takes the :meth:`DynamicGrid.around` values of the fixed settings (the
     reference's grid for ``""``). Raises :class:`ReglmError` naming ``option``."""
+
     def build() -> DynamicGrid:
         fixed: dict = {}
         lists: dict[str, tuple[float, ...]] = {}
@@ -145,7 +171,9 @@ def parse_dynamic_grid(text: str, option: str = SEARCH_OPTION) -> DynamicGrid:
             for name, (key, value) in spec_items(text, option, KEYS, ";", "lr=3e-5,5e-5;lambda=0.001,0.002").items():
                 parts = [part.strip() for part in value.split(",")]
                 if name in ("lr", "lam"):
-                    lists[name] = tuple(dict.fromkeys(spec_value(DynamicSpec, name, key, part, option) for part in parts))
+                    lists[name] = tuple(
+                        dict.fromkeys(spec_value(DynamicSpec, name, key, part, option) for part in parts)
+                    )
                 elif len(parts) > 1:
                     raise SpecError(f"{key}={value!r}: only lr and lambda take several values")
                 else:
@@ -157,7 +185,9 @@ def parse_dynamic_grid(text: str, option: str = SEARCH_OPTION) -> DynamicGrid:
     return under_option(option, build)
 
 
-def check_training_data(train_ids: Tensor | None, spec: DynamicSpec, bptt: int | None = None, option: str = OPTION) -> None:
+def check_training_data(
+    train_ids: Tensor | None, spec: DynamicSpec, bptt: int | None = None, option: str = OPTION
+) -> None:
     """Raise :class:`ReglmError` naming ``option`` when the ``rms`` rule cannot get its gradient
     statistics: no training split (``None`` or empty), or one too short for
     ``spec.stats_batch_size`` streams of at least ``bptt + 2`` tokens (default

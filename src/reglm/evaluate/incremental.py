@@ -116,7 +116,9 @@ class Hypotheses:
         self.oov_offset = oov_offset
 
     @classmethod
-    def start(cls, lm: ScoringModel, batch: int, context: int | None, scale: float, oov_offset: float = 0.0) -> Hypotheses:
+    def start(
+        cls, lm: ScoringModel, batch: int, context: int | None, scale: float, oov_offset: float = 0.0
+    ) -> Hypotheses:
         """``batch`` empty hypotheses: each has read the ``<eos>`` that opens a sentence.
         ``oov_offset``: the natural-log amount an out-of-vocabulary word (given as a string to a
         word model) gets on top of ``log p(<unk>)``, as ``reglm.api.oov_offset`` computes it."""
@@ -130,7 +132,13 @@ class Hypotheses:
             out = model(torch.full((batch, 1), eos, dtype=torch.long, device=lm.device), state)
         prefixes = [[eos] for _ in range(batch)] if out.state is None else None
         return cls(
-            lm, out.state, _map(out, lambda t: t), prefixes, torch.zeros(batch, dtype=torch.float64), context, scale,
+            lm,
+            out.state,
+            _map(out, lambda t: t),
+            prefixes,
+            torch.zeros(batch, dtype=torch.float64),
+            context,
+            scale,
             oov_offset,
         )
 

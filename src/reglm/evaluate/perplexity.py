@@ -172,7 +172,16 @@ def evaluate(
     """
     reading = reading if reading is not None else Reading(batch_size, bptt)
     plan = reading.plan(ids, word_ends)
-    totals = stream_pass([model], plan, reading.bptt, lambda outs, w: {"nll": model.output_nll(outs[0], w.targets)}, device, progress, desc, ("nll",) if keep_token_nll else ())
+    totals = stream_pass(
+        [model],
+        plan,
+        reading.bptt,
+        lambda outs, w: {"nll": model.output_nll(outs[0], w.targets)},
+        device,
+        progress,
+        desc,
+        ("nll",) if keep_token_nll else (),
+    )
     return totals_result(totals, "nll", word_ends is not None)
 
 

@@ -23,10 +23,9 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor
 
-from reglm.progress import track
-
 from reglm.data.windows import ContextPlan, StreamPlan
 from reglm.evaluate.perplexity import stream_pass
+from reglm.progress import track
 
 
 def length_batches(lengths: Sequence[int], batch_tokens: int) -> Iterator[list[int]]:
@@ -88,7 +87,11 @@ def sentence_log_probs(
 
 
 def long_log_probs(
-    model: torch.nn.Module, ids: Sequence[int], context: int, device: torch.device | str, window: int,
+    model: torch.nn.Module,
+    ids: Sequence[int],
+    context: int,
+    device: torch.device | str,
+    window: int,
     batch_size: int = 1,
 ) -> Tensor:
     """Natural-log probability of every id of one sentence read after ``context``, in windows of
@@ -100,6 +103,11 @@ def long_log_probs(
     stateful = model.init_state(1, device=device) is not None
     plan = StreamPlan(stream, 1, "all") if stateful else ContextPlan(stream, window, window // 2, batch_size)
     totals = stream_pass(
-        [model], plan, window, lambda outs, w: {"nll": model.output_nll(outs[0], w.targets)}, device, keep=("nll",),
+        [model],
+        plan,
+        window,
+        lambda outs, w: {"nll": model.output_nll(outs[0], w.targets)},
+        device,
+        keep=("nll",),
     )
     return -totals.kept["nll"][1].double().cpu()

@@ -52,7 +52,9 @@ def _flat(result: EvalResult) -> tuple[torch.Tensor, torch.Tensor]:
     return result.positions, result.token_nll
 
 
-def write_word_probs(path: Path | str, result: EvalResult, ids: torch.Tensor, vocab: Vocab, first_log_prob: float | None = None) -> None:
+def write_word_probs(
+    path: Path | str, result: EvalResult, ids: torch.Tensor, vocab: Vocab, first_log_prob: float | None = None
+) -> None:
     """Write ``position, line, index, word, prob, log_prob`` per scored target of ``ids`` (N,), in
     stream order, preceded by the first token's row when ``first_log_prob`` is given.
 
@@ -66,9 +68,17 @@ def write_word_probs(path: Path | str, result: EvalResult, ids: torch.Tensor, vo
         log_probs = torch.cat([torch.tensor([first_log_prob], dtype=torch.float64), log_probs])
     line_of, index_of = _places(ids, vocab.eos_id)
     targets = ids[positions].tolist()
-    rows = zip(positions.tolist(), line_of[positions].tolist(), index_of[positions].tolist(), targets, log_probs.tolist(), torch.exp(log_probs).tolist())
-    body = ((pos, line, index, vocab.itos[target], f"{p:.9g}", f"{logp:.9g}")
-            for pos, line, index, target, logp, p in rows)
+    rows = zip(
+        positions.tolist(),
+        line_of[positions].tolist(),
+        index_of[positions].tolist(),
+        targets,
+        log_probs.tolist(),
+        torch.exp(log_probs).tolist(),
+    )
+    body = (
+        (pos, line, index, vocab.itos[target], f"{p:.9g}", f"{logp:.9g}") for pos, line, index, target, logp, p in rows
+    )
     write_text(Path(path), tsv(["position", "line", "index", "word", "prob", "log_prob"], body))
 
 
@@ -84,7 +94,9 @@ def _places(ids: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]
     return line, position - starts
 
 
-def loss_deltas(result: EvalResult, baseline: EvalResult, ids: torch.Tensor, vocab: Vocab) -> list[tuple[str, int, float]]:
+def loss_deltas(
+    result: EvalResult, baseline: EvalResult, ids: torch.Tensor, vocab: Vocab
+) -> list[tuple[str, int, float]]:
     """Per target word type: ``(word, count, delta)``, ``delta`` = the sum over its occurrences of
     ``nll_result - nll_baseline`` (nats; negative: ``result`` predicts it better), sorted by
     ``delta`` (most helped first), ties by word. The two results must score the same targets.
@@ -103,7 +115,9 @@ def loss_deltas(result: EvalResult, baseline: EvalResult, ids: torch.Tensor, voc
     return sorted(rows, key=lambda row: (row[2], row[0]))
 
 
-def write_loss_deltas(path: Path | str, result: EvalResult, baseline: EvalResult, ids: torch.Tensor, vocab: Vocab) -> None:
+def write_loss_deltas(
+    path: Path | str, result: EvalResult, baseline: EvalResult, ids: torch.Tensor, vocab: Vocab
+) -> None:
     """Write :func:`loss_deltas` as ``word, count, delta_loss`` rows."""
     rows = ((word, count, f"{delta:.6f}") for word, count, delta in loss_deltas(result, baseline, ids, vocab))
     write_text(Path(path), tsv(["word", "count", "delta_loss"], rows))

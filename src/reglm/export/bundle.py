@@ -73,21 +73,34 @@ class Format:
 
 FORMATS = {
     "onnx": Format(
-        onnx.FILE, onnx.export_bytes, lambda _module, data, work: onnx.quantize(data, work), onnx.runner, onnx.quantized_ops,
-        lambda: _versions("onnxruntime", "onnx"), "onnxruntime.quantization.quantize_dynamic (QInt8 weights; LSTM, MatMul and embedding Gather)",
+        onnx.FILE,
+        onnx.export_bytes,
+        lambda _module, data, work: onnx.quantize(data, work),
+        onnx.runner,
+        onnx.quantized_ops,
+        lambda: _versions("onnxruntime", "onnx"),
+        "onnxruntime.quantization.quantize_dynamic (QInt8 weights; LSTM, MatMul and embedding Gather)",
         {"opset": onnx.OPSET},
     ),
     "torchscript": Format(
-        torchscript.FILE, torchscript.export_bytes, lambda module, _data, _work: torchscript.export_bytes(quantize_module(module)),
-        torchscript.runner, torchscript.quantized_ops, lambda: _versions("torch"),
+        torchscript.FILE,
+        torchscript.export_bytes,
+        lambda module, _data, _work: torchscript.export_bytes(quantize_module(module)),
+        torchscript.runner,
+        torchscript.quantized_ops,
+        lambda: _versions("torch"),
         "torch.ao.quantization.quantize_dynamic (qint8 nn.LSTM and nn.Linear, 8-bit rows of nn.Embedding)",
-        {"call": "forward(tokens: Tensor, state: List[Tensor]) -> Tuple[Tensor, List[Tensor]]; state in the order of interface.state"},
+        {
+            "call": "forward(tokens: Tensor, state: List[Tensor]) -> Tuple[Tensor, List[Tensor]]; state in the order of interface.state"
+        },
     ),
 }
 
 
 @torch.no_grad()
-def stream_difference(model: torch.nn.Module, step: Step, initial: Callable[[int], list[Tensor]], vocab_size: int, seed: int = 0) -> float:
+def stream_difference(
+    model: torch.nn.Module, step: Step, initial: Callable[[int], list[Tensor]], vocab_size: int, seed: int = 0
+) -> float:
     """Largest |log p| difference between ``model`` (a :class:`~reglm.models.LanguageModel` in eval
     mode) and ``step`` over :data:`CHECK_CHUNKS` chunks of :data:`CHECK_BATCH` random streams,
     each side carrying its own state from its zero state (``initial(B)`` for ``step``)."""
@@ -122,7 +135,9 @@ def check_options(format: str, quantize: str | None) -> None:
     if format not in FORMATS:
         raise ReglmError(f"--format {format} is not supported; choose {' or '.join(FORMATS)}")
     if quantize is not None and quantize not in QUANTIZATIONS:
-        raise ReglmError(f"--quantize {quantize} is not supported; choose {' or '.join(QUANTIZATIONS)} (or leave it out for float32)")
+        raise ReglmError(
+            f"--quantize {quantize} is not supported; choose {' or '.join(QUANTIZATIONS)} (or leave it out for float32)"
+        )
 
 
 def _written_before(out: Path) -> set[str]:
@@ -157,7 +172,9 @@ def check_out(out: Path, files: Sequence[str] = ()) -> set[str]:
         return set()
     ours = _written_before(out)
     if not ours and any(out.iterdir()):
-        raise ReglmError(f"--out {out} is a directory that is not empty and holds no export ({SPEC_FILE}); choose a new or empty directory")
+        raise ReglmError(
+            f"--out {out} is a directory that is not empty and holds no export ({SPEC_FILE}); choose a new or empty directory"
+        )
     for name in files:
         if name not in ours and (out / name).exists():
             raise ReglmError(
@@ -179,7 +196,12 @@ def _publish(staging: Path, out: Path, files: Sequence[str]) -> None:
 
 
 def export_model(
-    lm: Any, out: Path, format: str, quantize: str | None = None, eval_ids: Sequence[int] | Tensor | None = None, eval_source: str = "",
+    lm: Any,
+    out: Path,
+    format: str,
+    quantize: str | None = None,
+    eval_ids: Sequence[int] | Tensor | None = None,
+    eval_source: str = "",
     source: Path | None = None,
 ) -> dict[str, Any]:
     """Export ``lm`` (a :class:`~reglm.api.TrainedModel`) into the directory ``out``; returns what
@@ -187,7 +209,9 @@ def export_model(
     ``eval_source``) to measure the perplexity change; ``source`` is recorded as the model's origin."""
     check_options(format, quantize)
     if quantize is not None and (eval_ids is None or len(eval_ids) < 2):
-        raise ReglmError("measuring the perplexity change of int8 needs a text of at least two tokens; give --text FILE")
+        raise ReglmError(
+            "measuring the perplexity change of int8 needs a text of at least two tokens; give --text FILE"
+        )
     out = Path(out)
     fmt = FORMATS[format]
     files = [fmt.file, VOCAB_FILE, *([TOKENIZER_FILE] if lm.subword is not None else []), SPEC_FILE]
@@ -224,12 +248,19 @@ def export_model(
 
 def _require_close(format: str, fmt: Format, diff: float) -> None:
     if not diff <= CHECK_TOLERANCE:
-        raise ReglmError(f"the {format} export differs from the PyTorch model by {diff:.3g} in log-probability (> {CHECK_TOLERANCE:g}); nothing was written; "
-                         f"this is a bug of reglm or of {fmt.runtime()}: please report it")
+        raise ReglmError(
+            f"the {format} export differs from the PyTorch model by {diff:.3g} in log-probability (> {CHECK_TOLERANCE:g}); nothing was written; "
+            f"this is a bug of reglm or of {fmt.runtime()}: please report it"
+        )
 
 
 def _quantization(
-    fmt: Format, module: InferenceLM, float32: bytes, data: bytes, eval_ids: Sequence[int] | Tensor, eval_source: str,
+    fmt: Format,
+    module: InferenceLM,
+    float32: bytes,
+    data: bytes,
+    eval_ids: Sequence[int] | Tensor,
+    eval_source: str,
 ) -> dict[str, Any]:
     """What ``export.json`` says of an int8 export ``data`` (the file read back) against ``float32``."""
     ops = fmt.quantized_ops(data)
@@ -244,18 +275,27 @@ def _quantization(
         "int8_bytes": len(data),
         "size_ratio": len(data) / len(float32),
         "perplexity": {
-            "text": eval_source, "tokens": len(eval_ids) - 1,
+            "text": eval_source,
+            "tokens": len(eval_ids) - 1,
             "read": (
-                f"one stream in chunks of {CHUNK} tokens, state carried" if module.state
+                f"one stream in chunks of {CHUNK} tokens, state carried"
+                if module.state
                 else f"independent blocks of {CHUNK} tokens"
             ),
-            **ppl, "change": ppl["int8"] / ppl["float32"] - 1.0,
+            **ppl,
+            "change": ppl["int8"] / ppl["float32"] - 1.0,
         },
     }
 
 
 def _spec(
-    lm: Any, module: InferenceLM, format: str, fmt: Format, quantize: str | None, source: Path | None, diff: float,
+    lm: Any,
+    module: InferenceLM,
+    format: str,
+    fmt: Format,
+    quantize: str | None,
+    source: Path | None,
+    diff: float,
     files: list[str],
 ) -> dict[str, Any]:
     """``export.json`` but for the quantization; ``diff``: the check on the file read back."""
@@ -269,7 +309,9 @@ def _spec(
         "on": "the model file read back from disk",
     }
     if quantize is not None:
-        check["note"] = "int8: the difference is the quantization error (no tolerance); the float32 export passed the check first"
+        check["note"] = (
+            "int8: the difference is the quantization error (no tolerance); the float32 export passed the check first"
+        )
     from reglm import __version__
 
     vocab, vocab_size = lm.vocab, module.vocab_size
@@ -282,14 +324,20 @@ def _spec(
         "stateful": bool(module.state),
         "interface": _interface(module, vocab_size),
         "vocab": {
-            "file": VOCAB_FILE, "size": len(vocab), "eos_id": vocab.eos_id, "unk_id": vocab.unk_id,
+            "file": VOCAB_FILE,
+            "size": len(vocab),
+            "eos_id": vocab.eos_id,
+            "unk_id": vocab.unk_id,
             "unknown_types": vocab.unknown_types(),
             "tokenizer": TOKENIZER_FILE if lm.subword is not None else None,
             "lines": "token<TAB>training count; line i (from 0) is the token of id i",
         },
         "model": {
-            "input": lm.model.cfg.input.kind, "encoder": lm.model.cfg.encoder.kind, "output": lm.model.cfg.output.kind,
-            "parameters": lm.model.num_parameters(), "source": None if source is None else str(source),
+            "input": lm.model.cfg.input.kind,
+            "encoder": lm.model.cfg.encoder.kind,
+            "output": lm.model.cfg.output.kind,
+            "parameters": lm.model.num_parameters(),
+            "source": None if source is None else str(source),
         },
         "check": check,
         "quantization": None,

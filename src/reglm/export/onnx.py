@@ -79,15 +79,26 @@ def export_bytes(lm: InferenceLM) -> bytes:
     example = (torch.zeros(2, 3, dtype=torch.long), *lm.initial_state(2))
     buffer = io.BytesIO()
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*", category=DeprecationWarning)
+        warnings.filterwarnings(
+            "ignore", message=".*legacy TorchScript-based ONNX export.*", category=DeprecationWarning
+        )
         warnings.filterwarnings("ignore", message=".*batch_size other than 1.*", category=UserWarning)
         warnings.filterwarnings("ignore", message="The feature will be removed", category=DeprecationWarning)
         # scripting the QRNN's loop while tracing
         warnings.filterwarnings("ignore", message=r".*torch\.jit\..* is deprecated.*", category=DeprecationWarning)
-        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)  # nn.LSTM's shape checks, constant for a trace
+        warnings.filterwarnings(
+            "ignore", category=torch.jit.TracerWarning
+        )  # nn.LSTM's shape checks, constant for a trace
         torch.onnx.export(
-            _FlatState(lm), example, buffer, dynamo=False, opset_version=OPSET, input_names=inputs, output_names=outputs,
-            dynamic_axes=dynamic, do_constant_folding=True,
+            _FlatState(lm),
+            example,
+            buffer,
+            dynamo=False,
+            opset_version=OPSET,
+            input_names=inputs,
+            output_names=outputs,
+            dynamic_axes=dynamic,
+            do_constant_folding=True,
         )
     return buffer.getvalue()
 
@@ -140,7 +151,17 @@ def quantize(model: bytes, workdir: Path) -> bytes:
     return data
 
 
-INTEGER_OPS = frozenset({"DynamicQuantizeLSTM", "MatMulInteger", "DynamicQuantizeLinear", "DequantizeLinear", "DynamicQuantizeMatMul", "QAttention", "QGemm"})
+INTEGER_OPS = frozenset(
+    {
+        "DynamicQuantizeLSTM",
+        "MatMulInteger",
+        "DynamicQuantizeLinear",
+        "DequantizeLinear",
+        "DynamicQuantizeMatMul",
+        "QAttention",
+        "QGemm",
+    }
+)
 
 
 def quantized_ops(model: bytes) -> list[str]:

@@ -41,9 +41,15 @@ def quantize_module(module: InferenceLM) -> nn.Module:
     scale and offset per row)."""
     from torch.ao.quantization import default_dynamic_qconfig, float_qparams_weight_only_qconfig
 
-    spec = {nn.LSTM: default_dynamic_qconfig, nn.Linear: default_dynamic_qconfig, nn.Embedding: float_qparams_weight_only_qconfig}
+    spec = {
+        nn.LSTM: default_dynamic_qconfig,
+        nn.Linear: default_dynamic_qconfig,
+        nn.Embedding: float_qparams_weight_only_qconfig,
+    }
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*torch.ao.quantization is deprecated.*", category=DeprecationWarning)
+        warnings.filterwarnings(
+            "ignore", message=".*torch.ao.quantization is deprecated.*", category=DeprecationWarning
+        )
         warnings.filterwarnings("ignore", message=".*quantize_per_tensor.*deprecated.*", category=UserWarning)
         return torch.ao.quantization.quantize_dynamic(module, spec, dtype=torch.qint8)
 

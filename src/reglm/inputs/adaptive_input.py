@@ -52,13 +52,15 @@ def parse_cutoffs(text: str, option_name: str) -> tuple[int, ...]:
     """``"20000,60000"`` -> ``(20000, 60000)``: at least one integer, each > 0, strictly increasing."""
     items = [item.strip() for item in str(text).split(",")]
     check(
-        all(item.isdigit() for item in items), option_name,
+        all(item.isdigit() for item in items),
+        option_name,
         f"{text!r} must be comma-separated whole numbers, the first id of each tail band, e.g. 20000,60000",
     )
     cutoffs = tuple(int(item) for item in items)
     check(cutoffs[0] > 0, option_name, f"{text!r}: the first cutoff must be > 0 (the head band would be empty)")
     check(
-        all(a < b for a, b in pairwise(cutoffs)), option_name,
+        all(a < b for a, b in pairwise(cutoffs)),
+        option_name,
         f"{text!r} must be strictly increasing (every band non-empty), e.g. 20000,60000",
     )
     return cutoffs
@@ -67,7 +69,8 @@ def parse_cutoffs(text: str, option_name: str) -> tuple[int, ...]:
 def check_cutoffs_fit(cutoffs: tuple[int, ...], vocab_size: int, option_name: str) -> None:
     """Every cutoff below ``vocab_size``, so the last band is not empty."""
     check(
-        cutoffs[-1] < vocab_size, option_name,
+        cutoffs[-1] < vocab_size,
+        option_name,
         f"{','.join(map(str, cutoffs))} reaches beyond the vocabulary of {vocab_size} words; every cutoff must be "
         f"< {vocab_size} (lower the cutoffs or drop the last one)",
     )
@@ -95,7 +98,8 @@ def band_dims(dim: int, factor: float, num_bands: int, option_name: str) -> tupl
             value = round(quotient)
             exact = math.isclose(quotient, value, rel_tol=0, abs_tol=1e-9)
         check(
-            exact and value >= 1, option_name,
+            exact and value >= 1,
+            option_name,
             f"band {i + 1} of {num_bands} would have dimension {dim} / {factor:g}^{i} = {dim / factor**i:g}, not a whole number >= 1; "
             f"choose a dimension divisible by factor^{num_bands - 1}, another factor, or fewer cutoffs",
         )
@@ -107,16 +111,32 @@ def band_dims(dim: int, factor: float, num_bands: int, option_name: str) -> tupl
 class AdaptiveInputConfig(ComponentConfig):
     """Adaptive input embeddings: frequency bands of decreasing dimension, each projected to ``dim``."""
 
-    kind: str = kind_field("adaptive", "input layer: embedding (a word embedding), adaptive (adaptive input, Baevski & Auli 2019) or char-cnn (a CNN over the word's UTF-8 bytes)")
-    dim: int = option(1024, "d: the head band's embedding size and the layer's output size (section 4.4: 1024)", arch=True)
-    cutoffs: str = option("20000,60000", "comma-separated first ids of the tail bands, e.g. 20000,60000 (WikiText-103: bands 20K/40K/rest); every cutoff < the vocabulary size", arch=True)
+    kind: str = kind_field(
+        "adaptive",
+        "input layer: embedding (a word embedding), adaptive (adaptive input, Baevski & Auli 2019) or char-cnn (a CNN over the word's UTF-8 bytes)",
+    )
+    dim: int = option(
+        1024, "d: the head band's embedding size and the layer's output size (section 4.4: 1024)", arch=True
+    )
+    cutoffs: str = option(
+        "20000,60000",
+        "comma-separated first ids of the tail bands, e.g. 20000,60000 (WikiText-103: bands 20K/40K/rest); every cutoff < the vocabulary size",
+        arch=True,
+    )
     factor: float = option(4.0, "k: band i has dimension dim / k^(i-1) (section 3: k = 4)", arch=True)
-    dropout: float = option(0.0, "locked dropout on the layer's output (the authors apply their model's dropout there, outside the layer; 0: as published)")
+    dropout: float = option(
+        0.0,
+        "locked dropout on the layer's output (the authors apply their model's dropout there, outside the layer; 0: as published)",
+    )
 
     def __post_init__(self) -> None:
         check(self.kind == "adaptive", "model.input.kind", f"unknown {self.kind!r}")
         check(self.dim >= 1, "model.input.dim", f"{self.dim} must be >= 1")
-        check(math.isfinite(self.factor) and self.factor >= 1, "model.input.factor", f"{self.factor} must be finite and >= 1")
+        check(
+            math.isfinite(self.factor) and self.factor >= 1,
+            "model.input.factor",
+            f"{self.factor} must be finite and >= 1",
+        )
         check_prob(self.dropout, "model.input.dropout")
         band_dims(self.dim, self.factor, len(self.cutoff_values) + 1, "model.input.factor")
 
@@ -142,7 +162,9 @@ class AdaptiveInput(InputLayer):
     skips_parameters = True
     """a band with no token in a batch gets no gradient (data-parallel training looks for unused parameters)"""
 
-    def __init__(self, vocab_size: int, dim: int, cutoffs: tuple[int, ...], factor: float = 4.0, dropout: float = 0.0) -> None:
+    def __init__(
+        self, vocab_size: int, dim: int, cutoffs: tuple[int, ...], factor: float = 4.0, dropout: float = 0.0
+    ) -> None:
         super().__init__()
         cutoffs = valid_cutoffs(cutoffs, vocab_size)
         self.vocab_size = vocab_size

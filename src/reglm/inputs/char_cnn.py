@@ -79,7 +79,9 @@ def parse_filters(spec: str, option_name: str = "model.input.filters") -> tuple[
     for item in str(spec).split(","):
         parts = item.strip().split(":")
         ok = len(parts) == 2 and all(p.strip().isdigit() and int(p) >= 1 for p in parts)
-        check(ok, option_name, f"{spec!r} must be comma-separated width:features pairs of integers >= 1, e.g. 1:128,2:256")
+        check(
+            ok, option_name, f"{spec!r} must be comma-separated width:features pairs of integers >= 1, e.g. 1:128,2:256"
+        )
         filters.append((int(parts[0]), int(parts[1])))
     return tuple(filters)
 
@@ -103,12 +105,23 @@ def spell(words: list[str], max_chars: int) -> Tensor:
 class CharCNNConfig(ComponentConfig):
     """Words read through a convolution over their characters (Kim et al. 2016; Baevski & Auli 4.4)."""
 
-    kind: str = kind_field("char-cnn", "input layer: embedding (a word embedding), adaptive (adaptive input, Baevski & Auli 2019) or char-cnn (a CNN over the word's UTF-8 bytes)")
+    kind: str = kind_field(
+        "char-cnn",
+        "input layer: embedding (a word embedding), adaptive (adaptive input, Baevski & Auli 2019) or char-cnn (a CNN over the word's UTF-8 bytes)",
+    )
     char_emb_size: int = option(128, "size of the character (byte) embeddings (the paper: 128)", arch=True)
-    filters: str = option("1:128,2:256,3:384,4:512,5:512,6:512,7:512", "convolution filters, width:features, comma-separated (the paper's seven)", arch=True)
-    highway: int = option(1, "highway layers after the max-pooling (the paper: 1 for wikitext-103, 2 for billion word)", arch=True)
+    filters: str = option(
+        "1:128,2:256,3:384,4:512,5:512,6:512,7:512",
+        "convolution filters, width:features, comma-separated (the paper's seven)",
+        arch=True,
+    )
+    highway: int = option(
+        1, "highway layers after the max-pooling (the paper: 1 for wikitext-103, 2 for billion word)", arch=True
+    )
     dim: int = option(512, "output size: the projection after the highway layers", arch=True)
-    max_chars: int = option(50, "bytes of a word that are read; longer words are truncated (>= the widest filter)", arch=True)
+    max_chars: int = option(
+        50, "bytes of a word that are read; longer words are truncated (>= the widest filter)", arch=True
+    )
 
     def __post_init__(self) -> None:
         check(self.kind == "char-cnn", "model.input.kind", f"unknown {self.kind!r}")
@@ -116,7 +129,11 @@ class CharCNNConfig(ComponentConfig):
             check(getattr(self, name) >= 1, f"model.input.{name}", f"{getattr(self, name)} must be >= 1")
         check(self.highway >= 0, "model.input.highway", f"{self.highway} must be >= 0")
         widest = max(width for width, _ in self.filter_list)
-        check(self.max_chars >= widest, "model.input.max_chars", f"{self.max_chars} must be >= the widest filter ({widest}) in model.input.filters")
+        check(
+            self.max_chars >= widest,
+            "model.input.max_chars",
+            f"{self.max_chars} must be >= the widest filter ({widest}) in model.input.filters",
+        )
 
     @property
     def filter_list(self) -> tuple[tuple[int, int], ...]:

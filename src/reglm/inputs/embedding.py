@@ -29,9 +29,14 @@ from reglm.layers.inference import EmbeddingLookup, Frozen
 class EmbeddingConfig(ComponentConfig):
     """A word embedding with embedding dropout, input noise and locked dropout."""
 
-    kind: str = kind_field("embedding", "input layer: embedding (a word embedding), adaptive (adaptive input, Baevski & Auli 2019) or char-cnn (a CNN over the word's UTF-8 bytes)")
+    kind: str = kind_field(
+        "embedding",
+        "input layer: embedding (a word embedding), adaptive (adaptive input, Baevski & Auli 2019) or char-cnn (a CNN over the word's UTF-8 bytes)",
+    )
     emb_size: int = option(200, "word embedding size E (input and, when tied, output)", arch=True)
-    embed_dropout: float = option(0.0, "embedding dropout: probability of dropping a whole word type per batch (AWD-LSTM 4.3)")
+    embed_dropout: float = option(
+        0.0, "embedding dropout: probability of dropping a whole word type per batch (AWD-LSTM 4.3)"
+    )
     dropout: float = option(0.1, "locked dropout on the embedded words (AWD-LSTM 4.2; the old model.input_dropout)")
     init_range: float = option(0.1, "the embedding is initialized U(-init_range, init_range)")
 

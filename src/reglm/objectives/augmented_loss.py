@@ -62,7 +62,12 @@ def augmented_kl(logits: Tensor, targets: Tensor, embedding: Tensor, tau: float,
     """
     if not (math.isfinite(tau) and tau > 0):
         raise ValueError(f"the temperature tau must be a finite number > 0, got {tau}")
-    if logits.dim() != 2 or targets.shape != logits.shape[:1] or embedding.dim() != 2 or embedding.size(0) != logits.size(1):
+    if (
+        logits.dim() != 2
+        or targets.shape != logits.shape[:1]
+        or embedding.dim() != 2
+        or embedding.size(0) != logits.size(1)
+    ):
         raise ValueError(
             f"expected logits (N, V), targets (N,) and embedding (V, E); got {tuple(logits.shape)}, "
             f"{tuple(targets.shape)} and {tuple(embedding.shape)}"
@@ -95,4 +100,7 @@ class AugmentedLoss:
     def __call__(self, inputs: TermInputs) -> Tensor:
         assert inputs.logits is not None
         embedding = inputs.model.embedding.tied_weight()
-        return self.weight * augmented_kl(inputs.logits, inputs.targets.reshape(-1), embedding, self.tau, self.target_grad).mean()
+        return (
+            self.weight
+            * augmented_kl(inputs.logits, inputs.targets.reshape(-1), embedding, self.tau, self.target_grad).mean()
+        )

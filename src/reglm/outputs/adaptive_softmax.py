@@ -88,8 +88,8 @@ from reglm.inputs.adaptive_input import (
     valid_cutoffs,
 )
 from reglm.inputs.base import InputLayer
-from reglm.outputs.adversarial import AdvSoft, AdvSoftConfig, perturb_target_logits_
 from reglm.layers.inference import Frozen
+from reglm.outputs.adversarial import AdvSoft, AdvSoftConfig, perturb_target_logits_
 from reglm.outputs.base import OutputLayer, OutputLoss
 
 TIES = ("none", "embeddings", "projections", "head")
@@ -99,20 +99,43 @@ TIES = ("none", "embeddings", "projections", "head")
 class AdaptiveSoftmaxConfig(ComponentConfig):
     """An adaptive softmax: a head over frequent words and clusters, tails of decreasing dimension."""
 
-    kind: str = kind_field("adaptive", "output layer: softmax, mos (mixture of softmaxes, Yang et al. 2018), doc (MoS with experts from intermediate layers too, Takase et al. 2018) or adaptive (adaptive softmax, Grave et al. 2017)")
-    cutoffs: str = option("20000,60000", "comma-separated first ids of the tail clusters, e.g. 20000,60000; every cutoff < the vocabulary size", arch=True)
-    factor: float = option(4.0, "k: cluster i has dimension d / k^(i-1), d the encoder output size (torch's div_value)", arch=True)
-    tail_dropout: float = option(0.0, "dropout on each tail cluster's projected input (Baevski & Auli 5.4: 0.2 on WikiText-103)")
-    softmax_input_dropout: float = option(
-        0.0, "dropout on the layer's input, before the head and the tail projections read it "
-        "(the authors' code: the tail dropout's rate, 0.2 on WikiText-103)"
+    kind: str = kind_field(
+        "adaptive",
+        "output layer: softmax, mos (mixture of softmaxes, Yang et al. 2018), doc (MoS with experts from intermediate layers too, Takase et al. 2018) or adaptive (adaptive softmax, Grave et al. 2017)",
     )
-    tie: str | None = option("projections", "share with an adaptive input (Table 7): none, embeddings (word embeddings), projections (also the tail projections; the paper's best), head (also a head projection); with a word-embedding input only embeddings, at factor 1", arch=True)
-    advsoft: AdvSoftConfig = option(AdvSoftConfig(), "the adversarial softmax, in the head and in the target's cluster (model.output.advsoft=relative|fixed|none)")
+    cutoffs: str = option(
+        "20000,60000",
+        "comma-separated first ids of the tail clusters, e.g. 20000,60000; every cutoff < the vocabulary size",
+        arch=True,
+    )
+    factor: float = option(
+        4.0, "k: cluster i has dimension d / k^(i-1), d the encoder output size (torch's div_value)", arch=True
+    )
+    tail_dropout: float = option(
+        0.0, "dropout on each tail cluster's projected input (Baevski & Auli 5.4: 0.2 on WikiText-103)"
+    )
+    softmax_input_dropout: float = option(
+        0.0,
+        "dropout on the layer's input, before the head and the tail projections read it "
+        "(the authors' code: the tail dropout's rate, 0.2 on WikiText-103)",
+    )
+    tie: str | None = option(
+        "projections",
+        "share with an adaptive input (Table 7): none, embeddings (word embeddings), projections (also the tail projections; the paper's best), head (also a head projection); with a word-embedding input only embeddings, at factor 1",
+        arch=True,
+    )
+    advsoft: AdvSoftConfig = option(
+        AdvSoftConfig(),
+        "the adversarial softmax, in the head and in the target's cluster (model.output.advsoft=relative|fixed|none)",
+    )
 
     def __post_init__(self) -> None:
         check(self.kind == "adaptive", "model.output.kind", f"unknown {self.kind!r}")
-        check(math.isfinite(self.factor) and self.factor >= 1, "model.output.factor", f"{self.factor} must be finite and >= 1")
+        check(
+            math.isfinite(self.factor) and self.factor >= 1,
+            "model.output.factor",
+            f"{self.factor} must be finite and >= 1",
+        )
         check_prob(self.tail_dropout, "model.output.tail_dropout")
         check_prob(self.softmax_input_dropout, "model.output.softmax_input_dropout")
         if self.tie is None:  # `tie=none` on the command line reads as None
@@ -134,32 +157,42 @@ class AdaptiveSoftmaxConfig(ComponentConfig):
         inp = model.input
         if inp.kind == "embedding":
             check(
-                self.tie == "embeddings", "model.output.tie",
+                self.tie == "embeddings",
+                "model.output.tie",
                 f"tie={self.tie} shares parameters with an adaptive input, not with input layer embedding; set model.input=adaptive, "
                 "model.output.tie=none, or tie=embeddings with factor=1",
             )
-            check(self.factor == 1, "model.output.factor", f"{self.factor:g}: a word embedding has one size for every word, so tying the "
-                  "adaptive softmax to it needs factor=1 (no dim reduction); set factor=1 or model.output.tie=none")
             check(
-                features == inp.emb_size, "model.output.tie",
+                self.factor == 1,
+                "model.output.factor",
+                f"{self.factor:g}: a word embedding has one size for every word, so tying the "
+                "adaptive softmax to it needs factor=1 (no dim reduction); set factor=1 or model.output.tie=none",
+            )
+            check(
+                features == inp.emb_size,
+                "model.output.tie",
                 f"the adaptive softmax reads the encoder output ({features} features from encoder {model.encoder.kind}) but ties to a "
                 f"word embedding of size {inp.emb_size}; make them equal (model.encoder.output_dim) or set tie=none",
             )
             return
         check(
-            inp.kind == "adaptive", "model.output.tie",
+            inp.kind == "adaptive",
+            "model.output.tie",
             f"tie={self.tie} shares parameters with an adaptive input, not with input layer {inp.kind}; set model.input=adaptive or model.output.tie=none",
         )
         check(
-            inp.cutoff_values == self.cutoff_values, "model.output.cutoffs",
+            inp.cutoff_values == self.cutoff_values,
+            "model.output.cutoffs",
             f"{self.cutoffs!r} differs from model.input.cutoffs {inp.cutoffs!r}; tied bands must be the same (or set model.output.tie=none)",
         )
         check(
-            inp.factor == self.factor, "model.output.factor",
+            inp.factor == self.factor,
+            "model.output.factor",
             f"{self.factor:g} differs from model.input.factor {inp.factor:g}; tied bands must have the same dimensions (or set model.output.tie=none)",
         )
         check(
-            features == inp.dim, "model.output.tie",
+            features == inp.dim,
+            "model.output.tie",
             f"the adaptive softmax reads the encoder output ({features} features from encoder {model.encoder.kind}) but ties to "
             f"bands of an adaptive input of dim {inp.dim}; make them equal (model.encoder.last_hidden_size or hidden_size) or set tie=none",
         )
@@ -186,16 +219,26 @@ class AdaptiveSoftmax(OutputLayer):
     """a tail cluster with no target in a batch gets no gradient (data-parallel training looks for unused parameters)"""
 
     def __init__(
-        self, in_features: int, vocab_size: int, cutoffs: tuple[int, ...], factor: float = 4.0, tail_dropout: float = 0.0,
-        tie: str = "none", tied_bands: list[tuple[nn.Parameter, nn.Parameter]] | None = None, advsoft: AdvSoft | None = None,
-        tied_matrix: nn.Parameter | None = None, input_dropout: float = 0.0,
+        self,
+        in_features: int,
+        vocab_size: int,
+        cutoffs: tuple[int, ...],
+        factor: float = 4.0,
+        tail_dropout: float = 0.0,
+        tie: str = "none",
+        tied_bands: list[tuple[nn.Parameter, nn.Parameter]] | None = None,
+        advsoft: AdvSoft | None = None,
+        tied_matrix: nn.Parameter | None = None,
+        input_dropout: float = 0.0,
     ) -> None:
         super().__init__()
         cutoffs = valid_cutoffs(cutoffs, vocab_size)
         if tie not in TIES:
             raise ValueError(f"tie must be one of {TIES}, got {tie!r}")
         if tie != "none" and tied_bands is None and (tie != "embeddings" or tied_matrix is None):
-            raise ValueError(f"tie={tie} needs the adaptive input's tied_bands (or, for tie=embeddings, a word embedding's tied_matrix)")
+            raise ValueError(
+                f"tie={tie} needs the adaptive input's tied_bands (or, for tie=embeddings, a word embedding's tied_matrix)"
+            )
         self.in_features = in_features
         self.vocab_size = vocab_size
         self.cutoffs = cutoffs
@@ -216,7 +259,9 @@ class AdaptiveSoftmax(OutputLayer):
         self.head_projection = tied_bands[0][1] if tie == "head" else None
         if tied_matrix is not None and tied_bands is None:
             if set(self.dims) != {in_features} or tuple(tied_matrix.shape) != (vocab_size, in_features):
-                raise ValueError(f"a tied word embedding {tuple(tied_matrix.shape)} needs factor 1 and shape ({vocab_size}, {in_features})")
+                raise ValueError(
+                    f"a tied word embedding {tuple(tied_matrix.shape)} needs factor 1 and shape ({vocab_size}, {in_features})"
+                )
             self.tied_matrix = tied_matrix
             self.tail_projections = nn.ParameterList(own(in_features, in_features) for _ in range(1, n))
             return
@@ -232,10 +277,14 @@ class AdaptiveSoftmax(OutputLayer):
         )
 
     def _check_tied_shapes(self, tied_bands: list[tuple[nn.Parameter, nn.Parameter]]) -> None:
-        expected = [((self.bounds[i + 1] - self.bounds[i], d_i), (self.in_features, d_i)) for i, d_i in enumerate(self.dims)]
+        expected = [
+            ((self.bounds[i + 1] - self.bounds[i], d_i), (self.in_features, d_i)) for i, d_i in enumerate(self.dims)
+        ]
         got = [(tuple(e.shape), tuple(p.shape)) for e, p in tied_bands]
         if got != expected:
-            raise ValueError(f"tied bands have shapes {got}, expected {expected}; tying needs the same cutoffs, factor and dimension")
+            raise ValueError(
+                f"tied bands have shapes {got}, expected {expected}; tying needs the same cutoffs, factor and dimension"
+            )
 
     @classmethod
     def from_config(
@@ -250,9 +299,19 @@ class AdaptiveSoftmax(OutputLayer):
             elif cfg.tie == "embeddings" and "word-matrix" in input_layer.capabilities:
                 matrix = input_layer.tied_weight()
             else:
-                raise ReglmError(f"invalid option model.output.tie: {cfg.tie} needs an input layer with bands (model.input=adaptive); set tie=none")
+                raise ReglmError(
+                    f"invalid option model.output.tie: {cfg.tie} needs an input layer with bands (model.input=adaptive); set tie=none"
+                )
         return cls(
-            in_features, vocab_size, cutoffs, cfg.factor, cfg.tail_dropout, cfg.tie, tied, cfg.advsoft.build(), matrix,
+            in_features,
+            vocab_size,
+            cutoffs,
+            cfg.factor,
+            cfg.tail_dropout,
+            cfg.tie,
+            tied,
+            cfg.advsoft.build(),
+            matrix,
             cfg.softmax_input_dropout,
         )
 
@@ -318,8 +377,16 @@ class AdaptiveSoftmax(OutputLayer):
         entry = torch.where(band == 0, flat_y, c1 + band - 1)
         logits = self.head_logits(flat_h)
         if adv is not None:
-            x = flat_h if self.head_projection is None else torch.where((band == 0).unsqueeze(-1), self.head_input(flat_h), flat_h)
-            rows = F.embedding(entry, torch.cat([self.band_weight(0), self.cluster_weight])) if adv.needs_target_weight() else None
+            x = (
+                flat_h
+                if self.head_projection is None
+                else torch.where((band == 0).unsqueeze(-1), self.head_input(flat_h), flat_h)
+            )
+            rows = (
+                F.embedding(entry, torch.cat([self.band_weight(0), self.cluster_weight]))
+                if adv.needs_target_weight()
+                else None
+            )
             perturb_target_logits_(logits, entry, adv.margin(x, rows))
         nll = F.cross_entropy(logits, entry, reduction="none")
         if self.num_bands > 1:
@@ -339,9 +406,13 @@ class AdaptiveSoftmax(OutputLayer):
 
     # ------------------------------------------------------------------ the output interface
 
-    def score(self, out: EncoderOutput, targets: Tensor, adversarial: bool = False, keep_logits: bool = False) -> OutputLoss:
+    def score(
+        self, out: EncoderOutput, targets: Tensor, adversarial: bool = False, keep_logits: bool = False
+    ) -> OutputLoss:
         if keep_logits:
-            raise ValueError("the adaptive softmax has no logits whose softmax is the prediction (no softmax-logits capability)")
+            raise ValueError(
+                "the adaptive softmax has no logits whose softmax is the prediction (no softmax-logits capability)"
+            )
         nll = self.nll_of(out.output, targets, adversarial)
         return OutputLoss(nll, nll.new_zeros(()))
 

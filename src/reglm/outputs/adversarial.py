@@ -88,11 +88,19 @@ class AdvSoft:
 class AdvSoftConfig:
     """``model.output.advsoft``: the adversarial softmax of an output layer (``kind=none``: off)."""
 
-    kind: str = kind_field("none", "adversarial softmax (Wang et al. 2019): none (off), relative (epsilon_y = alpha * ||w_y||) or fixed (epsilon)")
+    kind: str = kind_field(
+        "none",
+        "adversarial softmax (Wang et al. 2019): none (off), relative (epsilon_y = alpha * ||w_y||) or fixed (epsilon)",
+    )
     alpha: float = option(0.005, "relative mode: epsilon_y = alpha * ||w_y|| (the Remark after Algorithm 1)")
     epsilon: float = option(0.01, "fixed mode: the radius epsilon of the perturbation ball")
-    grad: str = option("stop", "gradient through the margin epsilon_y*||h||: stop (none; Algorithm 1), hidden (through ||h||, as the authors' code), full (ablation)")
-    positive_only: bool = option(False, "perturb only tokens with cos(h, w_y) > 0 (the authors' code; the paper perturbs all)")
+    grad: str = option(
+        "stop",
+        "gradient through the margin epsilon_y*||h||: stop (none; Algorithm 1), hidden (through ||h||, as the authors' code), full (ablation)",
+    )
+    positive_only: bool = option(
+        False, "perturb only tokens with cos(h, w_y) > 0 (the authors' code; the paper perturbs all)"
+    )
 
     def __post_init__(self) -> None:
         check_kind(self.kind, ("none", *EPSILON_MODES), "model.output.advsoft.kind")
@@ -104,7 +112,9 @@ class AdvSoftConfig:
         """The :class:`AdvSoft` settings, or None when off."""
         if self.kind == "none":
             return None
-        return AdvSoft(mode=self.kind, alpha=self.alpha, epsilon=self.epsilon, grad=self.grad, positive_only=self.positive_only)
+        return AdvSoft(
+            mode=self.kind, alpha=self.alpha, epsilon=self.epsilon, grad=self.grad, positive_only=self.positive_only
+        )
 
 
 def perturb_target_logits_(logits: Tensor, targets: Tensor, margin: Tensor) -> Tensor:

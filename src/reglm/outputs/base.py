@@ -51,7 +51,9 @@ class OutputLayer(Component, ABC):
     capabilities: ClassVar[frozenset[str]] = frozenset()
 
     @abstractmethod
-    def score(self, out: EncoderOutput, targets: Tensor, adversarial: bool = False, keep_logits: bool = False) -> OutputLoss:
+    def score(
+        self, out: EncoderOutput, targets: Tensor, adversarial: bool = False, keep_logits: bool = False
+    ) -> OutputLoss:
         """The training loss of ``targets: (B, T)``."""
 
     @abstractmethod
@@ -71,4 +73,6 @@ def require(layer: type[OutputLayer] | OutputLayer, capability: str, option: str
     """A ReglmError naming ``option`` when the output layer lacks ``capability``."""
     if capability not in layer.capabilities:
         name = layer.__name__ if isinstance(layer, type) else type(layer).__name__
-        raise ReglmError(f"invalid option {option}: {why}, which the output layer {name} does not offer ({capability}); choose another output layer or turn the option off")
+        raise ReglmError(
+            f"invalid option {option}: {why}, which the output layer {name} does not offer ({capability}); choose another output layer or turn the option off"
+        )

@@ -66,25 +66,46 @@ KINDS = ("mos", "doc")
 class MixtureConfig(ComponentConfig):
     """A mixture of softmaxes (``mos``), with experts from intermediate layers too (``doc``)."""
 
-    kind: str = kind_field("mos", "output layer: softmax, mos (mixture of softmaxes, Yang et al. 2018), doc (MoS with experts from intermediate layers too, Takase et al. 2018) or adaptive (adaptive softmax, Grave et al. 2017)")
+    kind: str = kind_field(
+        "mos",
+        "output layer: softmax, mos (mixture of softmaxes, Yang et al. 2018), doc (MoS with experts from intermediate layers too, Takase et al. 2018) or adaptive (adaptive softmax, Grave et al. 2017)",
+    )
     tie_weights: bool = option(True, "share the input embedding with the experts' output embedding", arch=True)
     n_experts: int = option(15, "softmax experts computed from the last encoder layer", arch=True)
-    latent_dropout: float = option(0.1, "locked dropout on the experts' latent vectors tanh(W_k h) (the MoS code's dropoutl)")
-    doc_experts: str | None = option(None, "doc: extra experts per intermediate layer, comma-separated counts for layers 1..L-1 (e.g. 0,5 with 3 layers); none: no extra experts", arch=True)
-    mixture_penalty: float = option(0.0, "coefficient lambda_beta of DOC's penalty on the variation of the mixture weights (the DOC code's --var)")
-    advsoft: AdvSoftConfig = option(AdvSoftConfig(), "the adversarial softmax, per expert (model.output.advsoft=relative|fixed|none)")
+    latent_dropout: float = option(
+        0.1, "locked dropout on the experts' latent vectors tanh(W_k h) (the MoS code's dropoutl)"
+    )
+    doc_experts: str | None = option(
+        None,
+        "doc: extra experts per intermediate layer, comma-separated counts for layers 1..L-1 (e.g. 0,5 with 3 layers); none: no extra experts",
+        arch=True,
+    )
+    mixture_penalty: float = option(
+        0.0, "coefficient lambda_beta of DOC's penalty on the variation of the mixture weights (the DOC code's --var)"
+    )
+    advsoft: AdvSoftConfig = option(
+        AdvSoftConfig(), "the adversarial softmax, per expert (model.output.advsoft=relative|fixed|none)"
+    )
 
     def __post_init__(self) -> None:
         check_kind(self.kind, KINDS, "model.output.kind")
         check(self.n_experts >= 1, "model.output.n_experts", f"{self.n_experts} must be >= 1")
         check_prob(self.latent_dropout, "model.output.latent_dropout")
         check_nonneg(self.mixture_penalty, "model.output.mixture_penalty")
-        check(self.doc_experts is None or self.kind == "doc", "model.output.doc_experts", f"is only read with kind=doc (now {self.kind}); set it to none")
+        check(
+            self.doc_experts is None or self.kind == "doc",
+            "model.output.doc_experts",
+            f"is only read with kind=doc (now {self.kind}); set it to none",
+        )
 
     def check_with(self, model: Any) -> None:
         """DOC's counts name the encoder's intermediate layers; tying needs a word embedding."""
         self.doc_expert_counts(len(model.encoder.layer_sizes(model.input.output_size)))
-        check(not self.tie_weights or model.input.kind == "embedding", "model.output.tie_weights", f"a mixture ties to a word embedding, not to input layer {model.input.kind}; set tie_weights=false")
+        check(
+            not self.tie_weights or model.input.kind == "embedding",
+            "model.output.tie_weights",
+            f"a mixture ties to a word embedding, not to input layer {model.input.kind}; set tie_weights=false",
+        )
 
     def doc_expert_counts(self, num_layers: int) -> tuple[int, ...]:
         """The extra DOC experts of encoder layers ``1 .. num_layers - 1`` (0-based layer
@@ -92,9 +113,14 @@ class MixtureConfig(ComponentConfig):
         if self.doc_experts is None:
             return (0,) * (num_layers - 1)
         items = [item.strip() for item in self.doc_experts.split(",")]
-        check(all(item.isdigit() for item in items), "model.output.doc_experts", f"{self.doc_experts!r} must be comma-separated counts >= 0, e.g. 0,5")
         check(
-            len(items) == num_layers - 1, "model.output.doc_experts",
+            all(item.isdigit() for item in items),
+            "model.output.doc_experts",
+            f"{self.doc_experts!r} must be comma-separated counts >= 0, e.g. 0,5",
+        )
+        check(
+            len(items) == num_layers - 1,
+            "model.output.doc_experts",
             f"{self.doc_experts!r} gives {len(items)} count(s); give one per intermediate layer ({num_layers - 1} for {num_layers} encoder layers)",
         )
         return tuple(int(item) for item in items)
@@ -141,7 +167,9 @@ class MixtureOfSoftmaxes(OutputLayer):
     ) -> None:
         super().__init__()
         if n_experts < 1 or any(k < 1 for _, k in extra_inputs):
-            raise ValueError(f"every expert count must be >= 1, got n_experts={n_experts}, extra_inputs={list(extra_inputs)}")
+            raise ValueError(
+                f"every expert count must be >= 1, got n_experts={n_experts}, extra_inputs={list(extra_inputs)}"
+            )
         self.in_features = in_features
         self.emb_size = emb_size
         self.vocab_size = vocab_size
@@ -157,21 +185,31 @@ class MixtureOfSoftmaxes(OutputLayer):
             self.weight = nn.Parameter(torch.empty(vocab_size, emb_size).uniform_(-0.1, 0.1))
         else:
             if tuple(tied_weight.shape) != (vocab_size, emb_size):
-                raise ValueError(f"tied weight has shape {tuple(tied_weight.shape)}, expected ({vocab_size}, {emb_size})")
+                raise ValueError(
+                    f"tied weight has shape {tuple(tied_weight.shape)}, expected ({vocab_size}, {emb_size})"
+                )
             self.weight = tied_weight
         self.bias = nn.Parameter(torch.zeros(vocab_size))
         self.extra_layers: list[int] = []
         self.penalty = 0.0
 
     @classmethod
-    def from_config(cls, cfg: MixtureConfig, in_features: int, vocab_size: int, input_layer: nn.Module, encoder: nn.Module) -> MixtureOfSoftmaxes:
+    def from_config(
+        cls, cfg: MixtureConfig, in_features: int, vocab_size: int, input_layer: nn.Module, encoder: nn.Module
+    ) -> MixtureOfSoftmaxes:
         """DOC's extra experts read the encoder layers ``cfg.doc_experts`` names."""
         counts = cfg.doc_expert_counts(len(encoder.layer_sizes))
         extra_layers = [l for l, k in enumerate(counts) if k > 0]
         tied = input_layer.tied_weight() if cfg.tie_weights else None
         emb_size = input_layer.output_size
         layer = cls(
-            in_features, emb_size, vocab_size, cfg.n_experts, cfg.latent_dropout, tied, cfg.advsoft.build(),
+            in_features,
+            emb_size,
+            vocab_size,
+            cfg.n_experts,
+            cfg.latent_dropout,
+            tied,
+            cfg.advsoft.build(),
             [(encoder.layer_sizes[l], counts[l]) for l in extra_layers],
         )
         layer.extra_layers, layer.penalty = extra_layers, cfg.mixture_penalty
@@ -181,7 +219,9 @@ class MixtureOfSoftmaxes(OutputLayer):
         """DOC: the undropped outputs ``(B, T, H_l)`` of the intermediate layers that feed experts."""
         return [out.layer_outputs[l] for l in self.extra_layers]
 
-    def score(self, out: EncoderOutput, targets: Tensor, adversarial: bool = False, keep_logits: bool = False) -> OutputLoss:
+    def score(
+        self, out: EncoderOutput, targets: Tensor, adversarial: bool = False, keep_logits: bool = False
+    ) -> OutputLoss:
         """The NLL and DOC's penalty ``lambda_beta * mixture_weight_penalty(pi)`` from one mixture."""
         if keep_logits:
             raise ValueError("a mixture of softmaxes has no softmax logits to keep")
@@ -208,7 +248,9 @@ class MixtureOfSoftmaxes(OutputLayer):
     def log_probs(self, h: Tensor, extra: Sequence[Tensor] = ()) -> Tensor:
         """``h: (B, T, H) -> (B, T, V)``: ``log sum_k pi_k softmax(W h_k + b)``, mixed in log space."""
         log_prior, latent = self.mixture(h, extra)
-        expert_log_probs = F.log_softmax(F.linear(latent, self.weight, self.bias), dim=-1).view(-1, self.total_experts, self.vocab_size)
+        expert_log_probs = F.log_softmax(F.linear(latent, self.weight, self.bias), dim=-1).view(
+            -1, self.total_experts, self.vocab_size
+        )
         return log_mixture(expert_log_probs, log_prior).view(*h.shape[:-1], self.vocab_size)
 
     def logits(self, h: Tensor, extra: Sequence[Tensor] = ()) -> Tensor:
@@ -223,7 +265,9 @@ class MixtureOfSoftmaxes(OutputLayer):
         expert_logits = F.linear(latent, self.weight, self.bias).view(-1, self.total_experts, self.vocab_size)
         return log_mixture(expert_logits, log_prior).view(*h.shape[:-1], self.vocab_size)
 
-    def mix_score(self, h: Tensor, targets: Tensor, adversarial: bool = False, extra: Sequence[Tensor] = ()) -> MixtureScore:
+    def mix_score(
+        self, h: Tensor, targets: Tensor, adversarial: bool = False, extra: Sequence[Tensor] = ()
+    ) -> MixtureScore:
         """``h: (B, T, H)``, ``targets: (B, T)`` -> :class:`MixtureScore`; under AdvSoft (per
         expert, before mixing) when ``adversarial`` (needs ``advsoft``)."""
         log_prior, latent = self.mixture(h, extra)
@@ -236,7 +280,9 @@ class MixtureOfSoftmaxes(OutputLayer):
             perturb_target_logits_(logits, expert_targets, self.advsoft.margin(latent, target_weight))
         expert_log_p = -F.cross_entropy(logits, expert_targets, reduction="none").view(-1, self.total_experts)
         log_p = torch.logsumexp(log_prior + expert_log_p, dim=-1)
-        return MixtureScore(nll=-log_p.view(targets.shape), weights=log_prior.exp().view(*targets.shape, self.total_experts))
+        return MixtureScore(
+            nll=-log_p.view(targets.shape), weights=log_prior.exp().view(*targets.shape, self.total_experts)
+        )
 
     def nll_of(self, h: Tensor, targets: Tensor, adversarial: bool = False, extra: Sequence[Tensor] = ()) -> Tensor:
         """``h: (B, T, H)``, ``targets: (B, T)`` -> ``(B, T)``: ``-log p(targets | h)`` per token."""
@@ -274,7 +320,12 @@ class MixtureExport(nn.Module):
     softmax(W h_k + b)`` (:meth:`MixtureOfSoftmaxes.log_probs`) for ``forward(h, layers)``."""
 
     def __init__(
-        self, prior: nn.Linear, latent: nn.Linear, extra: list[ExtraLatent], decoder: nn.Linear, experts: int,
+        self,
+        prior: nn.Linear,
+        latent: nn.Linear,
+        extra: list[ExtraLatent],
+        decoder: nn.Linear,
+        experts: int,
         emb_size: int,
     ) -> None:
         super().__init__()

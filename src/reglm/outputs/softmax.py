@@ -18,8 +18,8 @@ from torch import Tensor, nn
 
 from reglm.config.fields import ComponentConfig, check, check_positive, kind_field, option
 from reglm.encoders.base import EncoderOutput
-from reglm.outputs.adversarial import AdvSoft, AdvSoftConfig, perturb_target_logits_
 from reglm.layers.inference import Frozen
+from reglm.outputs.adversarial import AdvSoft, AdvSoftConfig, perturb_target_logits_
 from reglm.outputs.base import OutputLayer, OutputLoss
 
 
@@ -27,11 +27,20 @@ from reglm.outputs.base import OutputLayer, OutputLoss
 class SoftmaxConfig(ComponentConfig):
     """A softmax over the vocabulary."""
 
-    kind: str = kind_field("softmax", "output layer: softmax, mos (mixture of softmaxes, Yang et al. 2018), doc (MoS with experts from intermediate layers too, Takase et al. 2018) or adaptive (adaptive softmax, Grave et al. 2017)")
-    tie_weights: bool = option(True, "share the input embedding with the output projection (Inan et al.; Press & Wolf)", arch=True)
-    bias: bool = option(True, "the softmax has a bias; false: fixed at zero (Inan et al.'s reused embeddings, RE)", arch=True)
+    kind: str = kind_field(
+        "softmax",
+        "output layer: softmax, mos (mixture of softmaxes, Yang et al. 2018), doc (MoS with experts from intermediate layers too, Takase et al. 2018) or adaptive (adaptive softmax, Grave et al. 2017)",
+    )
+    tie_weights: bool = option(
+        True, "share the input embedding with the output projection (Inan et al.; Press & Wolf)", arch=True
+    )
+    bias: bool = option(
+        True, "the softmax has a bias; false: fixed at zero (Inan et al.'s reused embeddings, RE)", arch=True
+    )
     init_range: float = option(0.1, "an untied projection is initialized U(-init_range, init_range)")
-    advsoft: AdvSoftConfig = option(AdvSoftConfig(), "the adversarial softmax (model.output.advsoft=relative|fixed|none)")
+    advsoft: AdvSoftConfig = option(
+        AdvSoftConfig(), "the adversarial softmax (model.output.advsoft=relative|fixed|none)"
+    )
 
     def __post_init__(self) -> None:
         check(self.kind == "softmax", "model.output.kind", f"unknown {self.kind!r}")
@@ -41,11 +50,16 @@ class SoftmaxConfig(ComponentConfig):
         """A tied softmax reads the encoder output as a word embedding of the input layer's size."""
         if not self.tie_weights:
             return
-        check(model.input.kind == "embedding", "model.output.tie_weights", f"a softmax ties to a word embedding, not to input layer {model.input.kind}; set tie_weights=false")
+        check(
+            model.input.kind == "embedding",
+            "model.output.tie_weights",
+            f"a softmax ties to a word embedding, not to input layer {model.input.kind}; set tie_weights=false",
+        )
         emb = model.input.output_size
         features = model.encoder.output_size(emb)
         check(
-            features == emb, "model.output.tie_weights",
+            features == emb,
+            "model.output.tie_weights",
             f"a tied softmax reads the encoder output ({features} features from encoder {model.encoder.kind}) as an embedding of "
             f"size {emb}; make them equal (model.encoder.hidden_size or last_hidden_size), set tie_weights=false, or use an output "
             "layer that projects (model.output=mos)",
@@ -69,8 +83,13 @@ class SoftmaxOutput(OutputLayer):
     capabilities = frozenset({"logits", "softmax-logits", "advsoft"})
 
     def __init__(
-        self, in_features: int, vocab_size: int, tied_weight: nn.Parameter | None = None, advsoft: AdvSoft | None = None,
-        bias: bool = True, init_range: float = 0.1,
+        self,
+        in_features: int,
+        vocab_size: int,
+        tied_weight: nn.Parameter | None = None,
+        advsoft: AdvSoft | None = None,
+        bias: bool = True,
+        init_range: float = 0.1,
     ) -> None:
         super().__init__()
         self.in_features = in_features
@@ -88,7 +107,9 @@ class SoftmaxOutput(OutputLayer):
         self.bias = nn.Parameter(torch.zeros(vocab_size)) if bias else None
 
     @classmethod
-    def from_config(cls, cfg: SoftmaxConfig, in_features: int, vocab_size: int, input_layer: nn.Module, encoder: nn.Module) -> SoftmaxOutput:
+    def from_config(
+        cls, cfg: SoftmaxConfig, in_features: int, vocab_size: int, input_layer: nn.Module, encoder: nn.Module
+    ) -> SoftmaxOutput:
         tied = input_layer.tied_weight() if cfg.tie_weights else None
         return cls(in_features, vocab_size, tied, cfg.advsoft.build(), bias=cfg.bias, init_range=cfg.init_range)
 
@@ -121,7 +142,9 @@ class SoftmaxOutput(OutputLayer):
 
     # ------------------------------------------------------------------ the output interface
 
-    def score(self, out: EncoderOutput, targets: Tensor, adversarial: bool = False, keep_logits: bool = False) -> OutputLoss:
+    def score(
+        self, out: EncoderOutput, targets: Tensor, adversarial: bool = False, keep_logits: bool = False
+    ) -> OutputLoss:
         flat_h = out.output.reshape(-1, self.in_features)
         logits = self.logits(flat_h)
         kept = logits if keep_logits else None

@@ -60,9 +60,21 @@ from reglm.reproduce.scoring import Scorer, device_of, row_record, score_rows
 from reglm.reproduce.table import command_line, render_markdown
 
 __all__ = [
-    "EPOCH_FACTOR", "SCALES", "WIDTH_FACTOR", "Budget", "Planner", "Reproduction", "RowPlan", "Run", "Scorer",
-    "render_markdown", "reproduce", "row_record", "select_rows",
+    "EPOCH_FACTOR",
+    "SCALES",
+    "WIDTH_FACTOR",
+    "Budget",
+    "Planner",
+    "Reproduction",
+    "RowPlan",
+    "Run",
+    "Scorer",
+    "render_markdown",
+    "reproduce",
+    "row_record",
+    "select_rows",
 ]
+
 
 @dataclass(frozen=True)
 class Reproduction:
@@ -74,8 +86,14 @@ class Reproduction:
 
 
 def reproduce(
-    target: str, out: Path, rows: list[str] | None = None, scale: str = "full", budget: Budget | None = None,
-    options: list[str] | None = None, stop: Any = None, progress: bool = False,
+    target: str,
+    out: Path,
+    rows: list[str] | None = None,
+    scale: str = "full",
+    budget: Budget | None = None,
+    options: list[str] | None = None,
+    stop: Any = None,
+    progress: bool = False,
 ) -> Reproduction:
     """Train (or resume) and score the rows of ``target`` (``PAPER:TABLE``) in ``out``, and write
     ``table.md`` and ``table.json`` there. ``options`` are ``key=value`` options for every base run
@@ -114,4 +132,3 @@ def reproduce(
     write_json(out / "table.json", table_json)
     write_text(out / "table.md", markdown)
     return Reproduction(table_json, markdown, out)
-

@@ -74,7 +74,9 @@ def parse_target(text: str) -> tuple[str, str, Table]:
     if not sep or not paper or not table:
         raise ReglmError(f"{text!r} is not PAPER:TABLE (e.g. inan:1); papers: {', '.join(PAPERS)}")
     if paper not in PAPERS:
-        raise ReglmError(f"unknown paper {paper!r}; choose one of {', '.join(PAPERS)} (`reglm presets --paper NAME` lists a paper's tables)")
+        raise ReglmError(
+            f"unknown paper {paper!r}; choose one of {', '.join(PAPERS)} (`reglm presets --paper NAME` lists a paper's tables)"
+        )
     tables = PAPERS[paper].tables
     if table not in tables:
         raise ReglmError(f"{paper} has no table {table!r}; its tables are {', '.join(tables)}")
@@ -99,7 +101,9 @@ def select_rows(paper: str, table: str, wanted: list[str] | None) -> list[TableR
     for name in wanted:
         hits = [row for row in rows if row.id == name or row.id.startswith(f"{name}-")]
         if not hits:
-            raise ReglmError(f"{paper}:{table} has no row {name!r}; its rows are {', '.join(row.id for row in rows)} (a prefix such as {rows[0].id.rsplit('-', 1)[0]!r} picks a group)")
+            raise ReglmError(
+                f"{paper}:{table} has no row {name!r}; its rows are {', '.join(row.id for row in rows)} (a prefix such as {rows[0].id.rsplit('-', 1)[0]!r} picks a group)"
+            )
         chosen.extend(row for row in hits if row not in chosen)
     return [row for row in rows if row in chosen]
 
@@ -132,8 +136,11 @@ def epoch_overrides(config: RunConfig, scale: str, budget: Budget) -> list[str]:
     if scale == "reduced":
         epochs, finetune_epochs = _fewer(epochs), _fewer(finetune_epochs)
         if t.schedule.kind == "decay":
-            out += [f"train.schedule.decay_start={_half_up(t.schedule.decay_start / EPOCH_FACTOR)}", f"train.schedule.decay={t.schedule.decay ** EPOCH_FACTOR!r}",
-                    f"train.schedule.nonmono_interval={_fewer(t.schedule.nonmono_interval)}"]
+            out += [
+                f"train.schedule.decay_start={_half_up(t.schedule.decay_start / EPOCH_FACTOR)}",
+                f"train.schedule.decay={t.schedule.decay**EPOCH_FACTOR!r}",
+                f"train.schedule.nonmono_interval={_fewer(t.schedule.nonmono_interval)}",
+            ]
         if t.averaging.kind == "ntasgd":
             out.append(f"train.averaging.nonmono={_fewer(t.averaging.nonmono)}")
     if budget.epochs is not None:
@@ -144,7 +151,10 @@ def epoch_overrides(config: RunConfig, scale: str, budget: Budget) -> list[str]:
 def _size_options(config: RunConfig, shrink: Any = int) -> list[str]:
     """The LSTM sizes of ``config`` as options, each passed through ``shrink``."""
     m = config.model
-    out = [f"model.input.emb_size={shrink(m.input.emb_size)}", f"model.encoder.hidden_size={shrink(m.encoder.hidden_size)}"]
+    out = [
+        f"model.input.emb_size={shrink(m.input.emb_size)}",
+        f"model.encoder.hidden_size={shrink(m.encoder.hidden_size)}",
+    ]
     last = getattr(m.encoder, "last_hidden_size", None)
     if last is not None:
         out.append(f"model.encoder.last_hidden_size={shrink(last)}")
@@ -155,7 +165,9 @@ def width_overrides(config: RunConfig, preset: str) -> list[str]:
     """``--scale reduced``: every LSTM size divided by :data:`WIDTH_FACTOR`."""
     m = config.model
     if m.encoder.kind not in LSTM_ENCODERS or m.input.kind != "embedding":
-        raise ReglmError(f"--scale reduced shrinks LSTM models with a word embedding; {preset} has a {m.encoder.kind} encoder and a {m.input.kind} input: use --scale full")
+        raise ReglmError(
+            f"--scale reduced shrinks LSTM models with a word embedding; {preset} has a {m.encoder.kind} encoder and a {m.input.kind} input: use --scale full"
+        )
     return _size_options(config, _shrink)
 
 
@@ -197,7 +209,9 @@ class Planner:
         # a preset that extends the base run's own (a re-training) would set its full sizes again
         sizes = _size_options(base.config) if self.scale == "reduced" else []
         config = derive_config(base.config, preset, sizes, objective, what)
-        return derive_config(base.config, preset, [*sizes, *epoch_overrides(config, self.scale, self.budget)], objective, what), tuple(needs)
+        return derive_config(
+            base.config, preset, [*sizes, *epoch_overrides(config, self.scale, self.budget)], objective, what
+        ), tuple(needs)
 
     def run(self, preset: str) -> Run:
         """The run of ``preset``: planned once, with the runs it starts from planned before it."""
@@ -226,7 +240,11 @@ class Planner:
                 # a run without fine-tuning: its final model is its main-stage model, unless a
                 # planned run differs from it only by a fine-tuning stage and records that model
                 main_key = config_key(plan.run.config, FINETUNE_FIELDS)
-                sharing = [run for run in self.runs if run.config.train.finetune and config_key(run.config, FINETUNE_FIELDS) == main_key]
+                sharing = [
+                    run
+                    for run in self.runs
+                    if run.config.train.finetune and config_key(run.config, FINETUNE_FIELDS) == main_key
+                ]
                 if sharing:
                     plan.run = sharing[0]
                 else:
@@ -258,4 +276,3 @@ def _full_params(preset: str, options: list[str]) -> int | None:
     name = config.data.name
     vocab = SYNTHETIC_VOCAB_SIZE if name == "synthetic" else SOURCES[name].vocab_size if name in SOURCES else None
     return None if vocab is None else count_parameters(config.model, vocab)
-

@@ -36,21 +36,35 @@ def claim_out(out: Path, manifest: dict[str, Any]) -> dict[str, Any]:
         except (OSError, ValueError) as exc:
             raise ReglmError(f"{path} cannot be read ({exc}); give another --out") from None
         if saved.get("table") != manifest["table"]:
-            raise ReglmError(f"--out {out} holds the runs of {saved.get('table')}, not {manifest['table']}; give another --out")
+            raise ReglmError(
+                f"--out {out} holds the runs of {saved.get('table')}, not {manifest['table']}; give another --out"
+            )
         changed = [key for key in ("scale", "budget", "options") if saved.get(key) != manifest[key]]
         if changed:
-            shown = "; ".join(f"{key}: {_setting(key, saved.get(key))}, now {_setting(key, manifest[key])}" for key in changed)
-            raise ReglmError(f"--out {out} holds runs of {manifest['table']} made with other settings ({shown}); rerun with those settings to resume it, or give another --out")
+            shown = "; ".join(
+                f"{key}: {_setting(key, saved.get(key))}, now {_setting(key, manifest[key])}" for key in changed
+            )
+            raise ReglmError(
+                f"--out {out} holds runs of {manifest['table']} made with other settings ({shown}); rerun with those settings to resume it, or give another --out"
+            )
         return saved.get("ledger", {})
     if out.is_dir() and any(out.iterdir()):
-        raise ReglmError(f"--out {out} is not empty and holds no `reglm reproduce` table ({MANIFEST}); give a new or empty directory")
+        raise ReglmError(
+            f"--out {out} is not empty and holds no `reglm reproduce` table ({MANIFEST}); give a new or empty directory"
+        )
     write_json(path, {**manifest, "ledger": {}})
     return {}
 
 
 def _setting(key: str, value: Any) -> str:
     if key == "budget" and isinstance(value, dict):
-        return f"--budget {value['epochs']}" if value.get("epochs") else f"--minutes {value['minutes']:g}" if value.get("minutes") else "no budget"
+        return (
+            f"--budget {value['epochs']}"
+            if value.get("epochs")
+            else f"--minutes {value['minutes']:g}"
+            if value.get("minutes")
+            else "no budget"
+        )
     if key == "options":
         return " ".join(value) if value else "no data or device options"
     return str(value)
@@ -107,7 +121,9 @@ def say(text: str) -> None:
     print(f"reproduce: {text}", file=sys.stderr, flush=True)
 
 
-def train_runs(runs: list[Run], budget: Budget, ledger: dict[str, Any], save: Any, stop: Any = None, progress: bool = False) -> None:
+def train_runs(
+    runs: list[Run], budget: Budget, ledger: dict[str, Any], save: Any, stop: Any = None, progress: bool = False
+) -> None:
     """Train every run that is not finished: start it, or resume it; a run whose time budget
     is spent, or that starts from a run without a model, is left as it is."""
     from reglm.progress import clock
@@ -117,7 +133,9 @@ def train_runs(runs: list[Run], budget: Budget, ledger: dict[str, Any], save: An
     for i, run in enumerate(runs, 1):
         entry = ledger.setdefault(run.name, {"seconds": 0.0, "status": "planned"})
         if is_run(run.directory) and config_key(load_config_file(run.directory / CONFIG_FILE)) != run.key:
-            raise ReglmError(f"{run.directory} was trained with another configuration than the preset {run.name} now gives (was it edited?); give another --out")
+            raise ReglmError(
+                f"{run.directory} was trained with another configuration than the preset {run.name} now gives (was it edited?); give another --out"
+            )
         if (run.directory / RESULTS_FILE).is_file() or entry["status"] == "budget":
             entry["status"] = "done" if (run.directory / RESULTS_FILE).is_file() else entry["status"]
             say(f"run {i}/{len(runs)} {run.name}: {entry['status']}, skipped")
@@ -125,7 +143,9 @@ def train_runs(runs: list[Run], budget: Budget, ledger: dict[str, Any], save: An
         missing = [need.name for need in run.needs if not (need.directory / "best").is_dir()]
         if missing:
             entry["status"] = "blocked"
-            say(f"run {i}/{len(runs)} {run.name}: not started, {', '.join(missing)} has no trained model (its time budget ended before its first epoch)")
+            say(
+                f"run {i}/{len(runs)} {run.name}: not started, {', '.join(missing)} has no trained model (its time budget ended before its first epoch)"
+            )
             continue
         left = None if share is None else share - entry["seconds"]
         if left is not None and left <= 0:
@@ -133,13 +153,16 @@ def train_runs(runs: list[Run], budget: Budget, ledger: dict[str, Any], save: An
             say(f"run {i}/{len(runs)} {run.name}: its {share / 60:.2g} minute(s) are spent")
             continue
         deadline = _Deadline(stop, left)
-        spent = [ledger.get(r.name, {}).get("seconds", 0.0) for r in runs[i - 1:]]
+        spent = [ledger.get(r.name, {}).get("seconds", 0.0) for r in runs[i - 1 :]]
         table_left = None if share is None else sum(max(share - seconds, 0.0) for seconds in spent)
         say(
             f"run {i}/{len(runs)} {run.name}: {'resuming' if is_run(run.directory) else 'training'}"
-            + ("" if left is None or table_left is None else
-               f", {left / 60:.1f} min left; the table's training ends within {table_left / 60:.1f} min "
-               f"(ETA {clock(table_left)})")
+            + (
+                ""
+                if left is None or table_left is None
+                else f", {left / 60:.1f} min left; the table's training ends within {table_left / 60:.1f} min "
+                f"(ETA {clock(table_left)})"
+            )
         )
         started = time.monotonic()
         try:
@@ -156,5 +179,3 @@ def train_runs(runs: list[Run], budget: Budget, ledger: dict[str, Any], save: An
         finally:
             entry["seconds"] += time.monotonic() - started
             save()
-
-

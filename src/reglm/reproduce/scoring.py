@@ -37,7 +37,11 @@ def device_of(run_dir: Path) -> str | None:
     device = last.get("device")
     if device is None:
         return None
-    return f"{device} ({last['gpu']})" if last.get("gpu") else f"{device} ({last.get('cpu_count')} cores, {last.get('torch_threads')} threads)"
+    return (
+        f"{device} ({last['gpu']})"
+        if last.get("gpu")
+        else f"{device} ({last.get('cpu_count')} cores, {last.get('torch_threads')} threads)"
+    )
 
 
 class Scorer:
@@ -91,9 +95,23 @@ class Scorer:
 
             record = main_stage_record(run.directory) if plan.stage == "main" else None
             if record is not None:
-                return {"valid": record["valid"]["ppl"], "test": record["test"]["ppl"], "note": "time budget spent in the fine-tuning stage: its main-stage record"}
-            scores = {split: evaluate(model, getattr(corpus, split), device=device, progress=self.progress, desc=split, word_ends=corpus.split_word_ends(split),
-                                      reading=eval_reading(config.train, split, vocab.eos_id)).ppl for split in ("valid", "test")}
+                return {
+                    "valid": record["valid"]["ppl"],
+                    "test": record["test"]["ppl"],
+                    "note": "time budget spent in the fine-tuning stage: its main-stage record",
+                }
+            scores = {
+                split: evaluate(
+                    model,
+                    getattr(corpus, split),
+                    device=device,
+                    progress=self.progress,
+                    desc=split,
+                    word_ends=corpus.split_word_ends(split),
+                    reading=eval_reading(config.train, split, vocab.eos_id),
+                ).ppl
+                for split in ("valid", "test")
+            }
             return {**scores, "note": "time budget spent: the best model so far"}
         if row.evaluation in ("cache", "cache-search"):
             from reglm.evaluate.cache import (
@@ -105,11 +123,23 @@ class Scorer:
 
             if row.evaluation == "cache":
                 spec = parse_cache_spec(row.spec or "", f"preset {row.preset}: paper.spec")
-                valid = cache_evaluate(model, corpus.valid, spec, 1, bptt, device, progress=self.progress, desc="valid (cache)").ppl
+                valid = cache_evaluate(
+                    model, corpus.valid, spec, 1, bptt, device, progress=self.progress, desc="valid (cache)"
+                ).ppl
             else:
-                search = cache_search(model, corpus.valid, parse_cache_grid(row.spec or "", f"preset {row.preset}: paper.spec"), 1, bptt, device, progress=self.progress)
+                search = cache_search(
+                    model,
+                    corpus.valid,
+                    parse_cache_grid(row.spec or "", f"preset {row.preset}: paper.spec"),
+                    1,
+                    bptt,
+                    device,
+                    progress=self.progress,
+                )
                 spec, valid = search.best, search.ppl
-            test = cache_evaluate(model, corpus.test, spec, 1, bptt, device, progress=self.progress, desc="test (cache)").ppl
+            test = cache_evaluate(
+                model, corpus.test, spec, 1, bptt, device, progress=self.progress, desc="test (cache)"
+            ).ppl
             return {"valid": valid, "test": test, "setting": str(spec)}
         if row.evaluation in ("dynamic", "dynamic-search"):
             from reglm.evaluate.dynamic import (
@@ -134,15 +164,22 @@ class Scorer:
                 search = dynamic_search(model, corpus.valid, grid, stats, device, progress=self.progress)
                 spec, valid = search.best, search.best_result.ppl
             else:
-                valid = dynamic_evaluate(model, corpus.valid, spec, stats, device, progress=self.progress, desc="valid (dynamic)").ppl
-            test = dynamic_evaluate(model, corpus.test, spec, stats, device, progress=self.progress, desc="test (dynamic)").ppl
+                valid = dynamic_evaluate(
+                    model, corpus.valid, spec, stats, device, progress=self.progress, desc="valid (dynamic)"
+                ).ppl
+            test = dynamic_evaluate(
+                model, corpus.test, spec, stats, device, progress=self.progress, desc="test (dynamic)"
+            ).ppl
             return {"valid": valid, "test": test, "setting": f"{spec.variant} lr={spec.lr:g} lambda={spec.lam:g}"}
         from reglm.api import load
 
         lm = load(run.directory / "best", device=device)
         table = PAPERS[row.paper].tables[row.table]
         with torch.no_grad():
-            top = [", ".join(f"{word} {math.exp(logp):.2f}" for word, logp in lm.next_words(phrase, 10, exclude=())) for phrase in table.phrases]
+            top = [
+                ", ".join(f"{word} {math.exp(logp):.2f}" for word, logp in lm.next_words(phrase, 10, exclude=()))
+                for phrase in table.phrases
+            ]
         return {"top10": top}
 
 
@@ -161,7 +198,14 @@ def score_rows(out: Path, plans: list[RowPlan], ledger: dict[str, Any], progress
         run, row = plan.run, plan.row
         path = Path(out) / ROWS / f"{row.id}.json"
         entry = ledger.get(run.name, {})
-        fingerprint = {"run": run.name, "stage": plan.stage, "evaluation": row.evaluation, "spec": row.spec, "status": entry.get("status"), "epochs": epochs_trained(run.directory)}
+        fingerprint = {
+            "run": run.name,
+            "stage": plan.stage,
+            "evaluation": row.evaluation,
+            "spec": row.spec,
+            "status": entry.get("status"),
+            "epochs": epochs_trained(run.directory),
+        }
         cached = read_json(path)
         if cached is not None and cached.get("fingerprint") == fingerprint:
             ours = cached["ours"]
@@ -194,7 +238,9 @@ def _earlier_runs(run: Run, ledger: dict[str, Any]) -> list[dict[str, Any]]:
     for need in {need.name: need for need in run_chain(run)[:-1]}.values():
         results = read_json(need.directory / RESULTS_FILE) or {}
         ppl = {split: results.get(split, {}).get("ppl") for split in ("valid", "test")}
-        out.append({"run": need.name, "epochs": epochs_trained(need.directory), "minutes": _minutes(ledger, need), **ppl})
+        out.append(
+            {"run": need.name, "epochs": epochs_trained(need.directory), "minutes": _minutes(ledger, need), **ppl}
+        )
     return out
 
 
@@ -205,10 +251,22 @@ def row_record(plan: RowPlan, ours: dict[str, Any], ledger: dict[str, Any]) -> d
     entry = ledger.get(run.name, {})
     earlier = _earlier_runs(run, ledger)
     return {
-        "id": row.id, "row": row.row, "preset": row.preset, "run": run.name,
+        "id": row.id,
+        "row": row.row,
+        "preset": row.preset,
+        "run": run.name,
         "starts_from": [need.name for need in run.needs],
-        "evaluation": row.evaluation, "stage": plan.stage, "spec": row.spec, "note": row.note,
-        "paper": {"valid": rep.valid, "test": rep.test, "params": rep.params, "params_count": rep.params_count, **({"top10": list(rep.top10)} if rep.top10 else {})},
+        "evaluation": row.evaluation,
+        "stage": plan.stage,
+        "spec": row.spec,
+        "note": row.note,
+        "paper": {
+            "valid": rep.valid,
+            "test": rep.test,
+            "params": rep.params,
+            "params_count": rep.params_count,
+            **({"top10": list(rep.top10)} if rep.top10 else {}),
+        },
         "reglm": {**ours, "params_full_scale": plan.full_params},
         "budget": {
             "planned_epochs": {"main": t.epochs, "finetune": t.finetune_epochs if t.finetune else 0},
@@ -220,5 +278,3 @@ def row_record(plan: RowPlan, ours: dict[str, Any], ledger: dict[str, Any]) -> d
             "device": device_of(run.directory),
         },
     }
-
-

@@ -40,14 +40,22 @@ def render_markdown(meta: dict[str, Any], records: list[dict[str, Any]]) -> str:
         "",
         f"`{meta['command']}`: scale **{meta['scale']}**"
         + (f", at most {budget['epochs']} epoch(s) per stage" if budget["epochs"] else "")
-        + (f", {budget['minutes']:g} {'minute' if budget['minutes'] == 1 else 'minutes'} for the table"
-           if budget["minutes"] else "")
+        + (
+            f", {budget['minutes']:g} {'minute' if budget['minutes'] == 1 else 'minutes'} for the table"
+            if budget["minutes"]
+            else ""
+        )
         + f"; {meta['minutes']:.1f} minutes of training in all ({meta['runs']} run{'' if meta['runs'] == 1 else 's'}) on {', '.join(meta['devices']) or 'no device'}.",
         "",
     ]
     if entry.phrases:
         for record in records:
-            lines += [f"## {record['row']} (`{record['preset']}`)", "", "| phrase | paper's top 10 | reglm's top 10 |", "|---|---|---|"]
+            lines += [
+                f"## {record['row']} (`{record['preset']}`)",
+                "",
+                "| phrase | paper's top 10 | reglm's top 10 |",
+                "|---|---|---|",
+            ]
             ours = record["reglm"].get("top10") or ["–"] * len(entry.phrases)
             for phrase, theirs, mine in zip(entry.phrases, record["paper"]["top10"], ours):
                 lines.append(f"| {_cell(phrase)} | {_cell(theirs)} | {_cell(mine)} |")
@@ -60,7 +68,11 @@ def render_markdown(meta: dict[str, Any], records: list[dict[str, Any]]) -> str:
     notes = []
     for record in records:
         ours, theirs, budget = record["reglm"], record["paper"], record["budget"]
-        evaluated = f"{record['evaluation']}" + (f" {ours['setting']}" if ours.get("setting") else "") + (", main stage" if record["stage"] == "main" else "")
+        evaluated = (
+            f"{record['evaluation']}"
+            + (f" {ours['setting']}" if ours.get("setting") else "")
+            + (", main stage" if record["stage"] == "main" else "")
+        )
         epochs = f"{budget['epochs']['main']}+{budget['epochs']['finetune']}"
         lines.append(
             f"| {_cell(record['row'])} (`{record['id']}`) | {_printed(theirs['valid'])} | {_printed(theirs['test'])} | {_num(ours.get('valid'))} | {_num(ours.get('test'))} "
@@ -73,10 +85,17 @@ def render_markdown(meta: dict[str, Any], records: list[dict[str, Any]]) -> str:
         if budget["earlier_runs"]:
             chain = "; ".join(
                 f"`{item['run']}` ({item['epochs']['main']}+{item['epochs']['finetune']} epochs, {item['minutes']:.1f} min"
-                + (f", valid {item['valid']:.2f} / test {item['test']:.2f}" if item["valid"] is not None and item["test"] is not None else "") + ")"
+                + (
+                    f", valid {item['valid']:.2f} / test {item['test']:.2f}"
+                    if item["valid"] is not None and item["test"] is not None
+                    else ""
+                )
+                + ")"
                 for item in budget["earlier_runs"]
             )
-            notes.append(f"- `{record['id']}`: run `{record['run']}` starts from {chain}; the minutes column counts them")
+            notes.append(
+                f"- `{record['id']}`: run `{record['run']}` starts from {chain}; the minutes column counts them"
+            )
     if notes:
         lines += ["", *notes]
     return "\n".join(lines) + "\n"
@@ -91,10 +110,14 @@ def command_line(target: str, rows: list[str] | None, scale: str, budget: Budget
     """The ``reglm reproduce`` command line that makes (or resumes) this table."""
     flags = {"data.data_dir": "--data-dir", "train.device": "--device"}
     words = ["reglm reproduce", target, *(["--rows", ",".join(rows)] if rows else []), "--scale", scale]
-    words += ["--budget", str(budget.epochs)] if budget.epochs else ["--minutes", f"{budget.minutes:g}"] if budget.minutes else []
+    words += (
+        ["--budget", str(budget.epochs)]
+        if budget.epochs
+        else ["--minutes", f"{budget.minutes:g}"]
+        if budget.minutes
+        else []
+    )
     for option in options:
         key, _, value = option.partition("=")
         words += [flags[key], value] if key in flags else [option]
     return " ".join(words)
-
-

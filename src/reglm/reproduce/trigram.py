@@ -74,7 +74,13 @@ def study_spec(scale: str, budget: Budget, options: list[str]) -> Any:
 
 
 def reproduce_trigram(
-    out: Path, rows: list[str] | None, scale: str, budget: Budget, options: list[str], progress: bool, stop: Any = None,
+    out: Path,
+    rows: list[str] | None,
+    scale: str,
+    budget: Budget,
+    options: list[str],
+    progress: bool,
+    stop: Any = None,
 ) -> tuple[dict[str, Any], str]:
     """Run (or resume) the study in ``out/study`` and write ``out/table.md`` and ``out/table.json``;
     returns ``(table.json's content, table.md's)``."""

@@ -154,7 +154,13 @@ class SubspaceStudySpec:
             object.__setattr__(self, "lr", DEFAULT_LR[self.optimizer])
         if self.clip is None:
             object.__setattr__(self, "clip", DEFAULT_CLIP[self.optimizer])
-        for option, value in (("--hidden", self.hidden), ("--epochs", self.epochs), ("--batch-size", self.batch_size), ("--bptt", self.bptt), ("--runs", self.runs)):
+        for option, value in (
+            ("--hidden", self.hidden),
+            ("--epochs", self.epochs),
+            ("--batch-size", self.batch_size),
+            ("--bptt", self.bptt),
+            ("--runs", self.runs),
+        ):
             if value < 1:
                 raise ReglmError(f"{option}: {value} must be >= 1")
         if not 0 <= self.seed <= MAX_SEED - self.runs:
@@ -201,12 +207,23 @@ def study_model_config(spec: SubspaceStudySpec) -> ModelConfig:
     """The unregularized, untied 2-layer LSTM of section 6.2: ``emb_size = hidden_size = spec.hidden``, all dropouts 0."""
     lstm_dropouts = {"output_dropout": 0.0, "weight_dropout": 0.0} if spec.encoder == "awd-lstm" else {}
     return ModelConfig.build(
-        encoder=spec.encoder, emb_size=spec.hidden, hidden_size=spec.hidden, num_layers=2, tie_weights=False,
-        embed_dropout=0.0, input_dropout=0.0, hidden_dropout=0.0, **lstm_dropouts, output="softmax", output_bias=spec.output_bias,
+        encoder=spec.encoder,
+        emb_size=spec.hidden,
+        hidden_size=spec.hidden,
+        num_layers=2,
+        tie_weights=False,
+        embed_dropout=0.0,
+        input_dropout=0.0,
+        hidden_dropout=0.0,
+        **lstm_dropouts,
+        output="softmax",
+        output_bias=spec.output_bias,
     )
 
 
-def study_objective(logits: Tensor, targets: Tensor, embedding: Tensor, beta: float, tau: float, target_grad: bool = False) -> Tensor:
+def study_objective(
+    logits: Tensor, targets: Tensor, embedding: Tensor, beta: float, tau: float, target_grad: bool = False
+) -> Tensor:
     """Eq. 6.1: ``beta * J_aug * tau^2 * |V| + (1 - beta) * J`` (scalar).
 
     ``logits: (N, V)``, ``targets: (N,)``, ``embedding: (V, E)`` (the input embedding ``L^T``);
@@ -242,14 +259,19 @@ def _evaluate(model: LanguageModel, plan: StreamPlan, bptt: int, tau: float) -> 
         logits = model.output.logits(outs[0].output).reshape(-1, model.vocab_size)
         flat = window.targets.reshape(-1)
         shape = window.targets.shape
-        return {"nll": F.cross_entropy(logits, flat, reduction="none").view(shape), "aug": augmented_kl(logits, flat, model.embedding.weight, tau).view(shape)}
+        return {
+            "nll": F.cross_entropy(logits, flat, reduction="none").view(shape),
+            "aug": augmented_kl(logits, flat, model.embedding.weight, tau).view(shape),
+        }
 
     totals = stream_pass([model], plan, bptt, per_window, plan.data.device)
     nll = totals.mean("nll")
     return {"nll": nll, "ppl": perplexity(nll), "aug": totals.mean("aug")}
 
 
-def train_point(plan: StreamPlan, vocab_size: int, spec: SubspaceStudySpec, beta: float, tau: float, seed: int) -> dict[str, Any]:
+def train_point(
+    plan: StreamPlan, vocab_size: int, spec: SubspaceStudySpec, beta: float, tau: float, seed: int
+) -> dict[str, Any]:
     """One training of the study on ``plan`` (the slice's streams, on the target device).
 
     The model is initialized from ``seed``. Returns ``{"distance", "final": {"nll", "ppl", "aug"},
@@ -307,7 +329,13 @@ def _stats(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def run_subspace_study(train_ids: Tensor, vocab_size: int, spec: SubspaceStudySpec, device: str | torch.device = "cpu", progress: bool = False) -> dict[str, Any]:
+def run_subspace_study(
+    train_ids: Tensor,
+    vocab_size: int,
+    spec: SubspaceStudySpec,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+) -> dict[str, Any]:
     """Run the section-6.2 study on the training stream ``train_ids: (N,)`` of a ``vocab_size`` vocabulary.
 
     For every run ``r`` (seed ``spec.seed + r``: slice and initialization) and every distinct
@@ -329,9 +357,13 @@ def run_subspace_study(train_ids: Tensor, vocab_size: int, spec: SubspaceStudySp
     if train_ids.dim() != 1:
         raise ValueError(f"expected a 1-D id stream, got shape {tuple(train_ids.shape)}")
     if train_ids.numel() < spec.words:
-        raise ReglmError(f"--words: {spec.words} exceeds the {train_ids.numel():,} training tokens; give at most {train_ids.numel()}")
+        raise ReglmError(
+            f"--words: {spec.words} exceeds the {train_ids.numel():,} training tokens; give at most {train_ids.numel()}"
+        )
     if vocab_size < 2 or int(train_ids.min()) < 0 or int(train_ids.max()) >= vocab_size:
-        raise ReglmError(f"the training ids must lie in [0, {vocab_size}) for a vocabulary of {vocab_size}; pass the corpus's own vocabulary size")
+        raise ReglmError(
+            f"the training ids must lie in [0, {vocab_size}) for a vocabulary of {vocab_size}; pass the corpus's own vocabulary size"
+        )
     device = torch.device(device)
     points = spec.points()
     trainings: list[dict[str, Any]] = []

@@ -62,7 +62,6 @@ from reglm.train.checkpoint import load_model_dir, save_model_dir
 from reglm.train.run import StopRequest, Trainer, load_corpus, resolve_device, resume, train
 
 
-
 @dataclass(frozen=True)
 class TrigramStudySpec:
     """Settings of the study; the defaults are the paper's (appendix A) where it gives them."""
@@ -109,7 +108,16 @@ class TrigramStudySpec:
     def __post_init__(self) -> None:
         if self.valid_sentences < 0:
             raise ReglmError(f"--valid-sentences {self.valid_sentences} must be >= 0")
-        for name in ("sentences", "hidden", "batch_size", "bptt", "epochs", "disc_epochs", "finetune_epochs", "n_frequent"):
+        for name in (
+            "sentences",
+            "hidden",
+            "batch_size",
+            "bptt",
+            "epochs",
+            "disc_epochs",
+            "finetune_epochs",
+            "n_frequent",
+        ):
             if getattr(self, name) < 1:
                 raise ReglmError(f"--{name.replace('_', '-')} {getattr(self, name)} must be >= 1")
         for name in ("lr", "clip", "finetune_lr", "disc_lr"):
@@ -118,11 +126,17 @@ class TrigramStudySpec:
         if not self.ce_lrs or any(not (math.isfinite(lr) and lr > 0) for lr in self.ce_lrs):
             raise ReglmError(f"--ce-lrs {','.join(map(str, self.ce_lrs))} must list learning rates > 0")
         if not (math.isfinite(self.plateau_stop) and 0 <= self.plateau_stop < 1):
-            raise ReglmError(f"--plateau-stop {self.plateau_stop} must be in [0, 1) (0.001: the third x0.1 drop; 0: off)")
+            raise ReglmError(
+                f"--plateau-stop {self.plateau_stop} must be in [0, 1) (0.001: the third x0.1 drop; 0: off)"
+            )
         if not self.tracked_ranks or any(rank < 1 for rank in self.tracked_ranks):
-            raise ReglmError(f"--track-ranks {','.join(map(str, self.tracked_ranks))} must list frequency ranks >= 1 (e.g. 75,10)")
+            raise ReglmError(
+                f"--track-ranks {','.join(map(str, self.tracked_ranks))} must list frequency ranks >= 1 (e.g. 75,10)"
+            )
         if not self.n_frequent < self.chosen_rank:
-            raise ReglmError(f"--chosen-rank {self.chosen_rank} must be beyond the {self.n_frequent} frequent words (the paper: an almost frequent word, ranks 51-150)")
+            raise ReglmError(
+                f"--chosen-rank {self.chosen_rank} must be beyond the {self.n_frequent} frequent words (the paper: an almost frequent word, ranks 51-150)"
+            )
         if self.synthetic_rule not in RULES:
             raise ReglmError(f"--synthetic-rule {self.synthetic_rule!r} must be one of {', '.join(RULES)}")
         if not (math.isfinite(self.perturb_bias) and self.perturb_bias < 0):
@@ -132,16 +146,37 @@ class TrigramStudySpec:
 def initial_config(spec: TrigramStudySpec) -> RunConfig:
     """The initial model's run: appendix A's LSTM and optimizer on the synthetic corpus."""
     options = [
-        "data.name=synthetic", f"data.synthetic_sentences={spec.sentences}", f"data.synthetic_seed={spec.seed}",
+        "data.name=synthetic",
+        f"data.synthetic_sentences={spec.sentences}",
+        f"data.synthetic_seed={spec.seed}",
         f"data.synthetic_rule={spec.synthetic_rule}",
-        "model.encoder=awd-lstm", f"model.emb_size={spec.hidden}", f"model.hidden_size={spec.hidden}", "model.num_layers=2",
-        "model.tie_weights=false", "model.embed_dropout=0", "model.input_dropout=0", "model.hidden_dropout=0",
-        "model.output_dropout=0", "model.weight_dropout=0",
-        f"train.epochs={spec.epochs}", f"train.batch_size={spec.batch_size}", f"train.eval_batch_size={min(spec.batch_size, 64)}",
-        f"train.test_batch_size={min(spec.batch_size, 64)}", f"train.bptt={spec.bptt}", "train.variable_bptt=false",
-        f"train.lr={spec.lr}", f"train.clip={spec.clip}", "train.plateau_factor=0.1", "train.averaging=none", "train.finetune=false",
+        "model.encoder=awd-lstm",
+        f"model.emb_size={spec.hidden}",
+        f"model.hidden_size={spec.hidden}",
+        "model.num_layers=2",
+        "model.tie_weights=false",
+        "model.embed_dropout=0",
+        "model.input_dropout=0",
+        "model.hidden_dropout=0",
+        "model.output_dropout=0",
+        "model.weight_dropout=0",
+        f"train.epochs={spec.epochs}",
+        f"train.batch_size={spec.batch_size}",
+        f"train.eval_batch_size={min(spec.batch_size, 64)}",
+        f"train.test_batch_size={min(spec.batch_size, 64)}",
+        f"train.bptt={spec.bptt}",
+        "train.variable_bptt=false",
+        f"train.lr={spec.lr}",
+        f"train.clip={spec.clip}",
+        "train.plateau_factor=0.1",
+        "train.averaging=none",
+        "train.finetune=false",
         f"train.schedule.plateau_stop={spec.plateau_stop or 'none'}",
-        "train.weight_decay=0", "train.ar_alpha=0", "train.tar_beta=0", f"train.device={spec.device}", f"seed={spec.seed}",
+        "train.weight_decay=0",
+        "train.ar_alpha=0",
+        "train.tar_beta=0",
+        f"train.device={spec.device}",
+        f"seed={spec.seed}",
         *spec.extra,
     ]
     return build_config(None, options)
@@ -171,8 +206,13 @@ class _StudyClock:
 
 
 def _run_stage(
-    run_dir: Path, config: RunConfig, corpus: Corpus, progress: bool, study: _StudyClock,
-    tracker: ChosenWordTracker | None = None, stop: StopRequest | None = None,
+    run_dir: Path,
+    config: RunConfig,
+    corpus: Corpus,
+    progress: bool,
+    study: _StudyClock,
+    tracker: ChosenWordTracker | None = None,
+    stop: StopRequest | None = None,
 ) -> dict[str, Any]:
     """Train one stage into ``run_dir``: reuse a finished one, resume an interrupted one (``stop``:
     honoured at the end of a step, as in ``reglm train``)."""
@@ -197,7 +237,10 @@ class ChosenWordTracker:
     (Figure 1, left)."""
 
     def __init__(
-        self, context: torch.Tensor, word: int, tracked: tuple[tuple[int, torch.Tensor, int], ...] = (),
+        self,
+        context: torch.Tensor,
+        word: int,
+        tracked: tuple[tuple[int, torch.Tensor, int], ...] = (),
         valid: torch.Tensor | None = None,
     ) -> None:
         self.context = context
@@ -206,9 +249,13 @@ class ChosenWordTracker:
         self.valid = valid
 
     def __call__(self, trainer: Trainer) -> None:
-        trainer.metrics.log(event="chosen_word", step=trainer.step, prob=chosen_word_prob(trainer.model, self.context, self.word))
+        trainer.metrics.log(
+            event="chosen_word", step=trainer.step, prob=chosen_word_prob(trainer.model, self.context, self.word)
+        )
         for rank, context, word in self.tracked:
-            trainer.metrics.log(event="tracked_word", step=trainer.step, rank=rank, prob=chosen_word_prob(trainer.model, context, word))
+            trainer.metrics.log(
+                event="tracked_word", step=trainer.step, rank=rank, prob=chosen_word_prob(trainer.model, context, word)
+            )
         if self.valid is not None:
             ppl = word_perplexity(trainer.model, self.valid, trainer.vocab.eos_id)
             trainer.metrics.log(event="valid_step", step=trainer.step, ppl=ppl)
@@ -247,7 +294,9 @@ def fixed_context(corpus: Corpus, word: int) -> tuple[torch.Tensor, float]:
     hits = (test == word).nonzero().flatten()
     hits = hits[hits > 0]
     if hits.numel() == 0:
-        raise ReglmError(f"the chosen word {corpus.vocab.itos[word]!r} never occurs in the test split; choose another --chosen-rank or more --sentences")
+        raise ReglmError(
+            f"the chosen word {corpus.vocab.itos[word]!r} never occurs in the test split; choose another --chosen-rank or more --sentences"
+        )
     best = int(hits[logp[hits].argmax()])
     eos = (test[:best] == corpus.vocab.eos_id).nonzero().flatten()
     start = int(eos[-2]) if eos.numel() > 1 else 0
@@ -257,7 +306,9 @@ def fixed_context(corpus: Corpus, word: int) -> tuple[torch.Tensor, float]:
 def frequency_ranking(corpus: Corpus) -> list[int]:
     """Word ids (``<eos>`` excluded) from the most to the least frequent in training."""
     vocab = corpus.vocab
-    return sorted((i for i in range(len(vocab)) if vocab.itos[i] != EOS), key=lambda i: (-vocab.counts[i], vocab.itos[i]))
+    return sorted(
+        (i for i in range(len(vocab)) if vocab.itos[i] != EOS), key=lambda i: (-vocab.counts[i], vocab.itos[i])
+    )
 
 
 def table_row(
@@ -293,7 +344,10 @@ def run_trigram_study(
     """Run (or resume) the whole study in ``out``; returns and writes ``trigram-study.json``
     (``stop``: a stop request, as SIGINT or SIGTERM sets it, ends the current stage with a
     checkpoint and raises :class:`~reglm.errors.TrainingInterrupted`; rerun to resume)."""
-    from reglm.analysis.plots import plot_trigram_figure2, plot_trigram_study  # first: without matplotlib, stop before training
+    from reglm.analysis.plots import (  # first: without matplotlib, stop before training
+        plot_trigram_figure2,
+        plot_trigram_study,
+    )
 
     started = time.perf_counter()
     out = Path(out)
@@ -324,15 +378,28 @@ def run_trigram_study(
         model, saved_config, vocab = load_model_dir(out / "initial" / "best")
         with torch.no_grad():
             model.output.bias[chosen] = spec.perturb_bias
-        save_model_dir(perturbed_dir, model, saved_config, vocab, {"perturbed_word": corpus.vocab.itos[chosen], "bias": spec.perturb_bias})
+        save_model_dir(
+            perturbed_dir,
+            model,
+            saved_config,
+            vocab,
+            {"perturbed_word": corpus.vocab.itos[chosen], "bias": spec.perturb_bias},
+        )
     bases = {"initial": (out / "initial" / "best").resolve(), "perturbed": perturbed_dir.resolve()}
     disc_options = [f"train.epochs={spec.disc_epochs}", f"train.lr={spec.disc_lr or spec.lr}"]
     stages: dict[str, dict[str, Any]] = {}
     for name, base in bases.items():
         disc_dir = out / f"disc-{name}"
-        disc_config = derive_config(config, None, disc_options, {"kind": "discriminator", "base_model": str(base)}, "a discriminator")
+        disc_config = derive_config(
+            config, None, disc_options, {"kind": "discriminator", "base_model": str(base)}, "a discriminator"
+        )
         _run_stage(disc_dir, disc_config, corpus, progress, study, stop=stop)
-        runs = {f"ftd-{name}": ({"kind": "reverse-kl", "base_model": str(base), "discriminator": str((disc_dir / "best").resolve())}, spec.finetune_lr)}
+        runs = {
+            f"ftd-{name}": (
+                {"kind": "reverse-kl", "base_model": str(base), "discriminator": str((disc_dir / "best").resolve())},
+                spec.finetune_lr,
+            )
+        }
         for lr in spec.ce_lrs:
             runs[f"ce-{lr:g}-{name}"] = ({"kind": "lm", "base_model": str(base)}, lr)
         for stage, (objective, lr) in runs.items():
@@ -359,7 +426,14 @@ def run_trigram_study(
         "context": [corpus.vocab.itos[i] for i in context.tolist()],
         "true_prob": true_prob,
         "p_hat": disc_prob,
-        "tracked": {str(rank): {"word": corpus.vocab.itos[word], "context": [corpus.vocab.itos[i] for i in ctx.tolist()], "true_prob": prob} for rank, (word, ctx, prob) in tracked.items()},
+        "tracked": {
+            str(rank): {
+                "word": corpus.vocab.itos[word],
+                "context": [corpus.vocab.itos[i] for i in ctx.tolist()],
+                "true_prob": prob,
+            }
+            for rank, (word, ctx, prob) in tracked.items()
+        },
         "table": rows,
         "stages": stages,
         "curves": curves,
@@ -383,7 +457,9 @@ def _check_spec(out: Path, spec: TrigramStudySpec) -> None:
         saved.setdefault("plateau_stop", 0.0)
         if saved != current:
             changed = sorted(key for key in set(saved) | set(current) if saved.get(key) != current.get(key))
-            raise ReglmError(f"{out} holds a study started with other settings ({', '.join(changed)}); rerun with those settings to resume it, or choose another --out")
+            raise ReglmError(
+                f"{out} holds a study started with other settings ({', '.join(changed)}); rerun with those settings to resume it, or choose another --out"
+            )
         return
     write_json(path, current)
 
@@ -397,7 +473,10 @@ def _true_row(corpus: Corpus, frequent: torch.Tensor) -> dict[str, float]:
     words = targets != corpus.vocab.eos_id
     logp = corpus.truth["test"][positions].double()
     freq, rare = words & frequent[targets], words & ~frequent[targets]
-    row = {name: perplexity(-float(logp[mask].mean())) for name, mask in (("test_ppl", words), ("frequent_ppl", freq), ("rare_ppl", rare))}
+    row = {
+        name: perplexity(-float(logp[mask].mean()))
+        for name, mask in (("test_ppl", words), ("frequent_ppl", freq), ("rare_ppl", rare))
+    }
     row["ratio"] = row["rare_ppl"] / row["frequent_ppl"]
     return row
 
@@ -424,7 +503,9 @@ def _read_curve(run_dir: Path) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def _p_hat(out: Path, bases: dict[str, Path], context: torch.Tensor, word: int, device: torch.device) -> dict[str, dict[str, float]]:
+def _p_hat(
+    out: Path, bases: dict[str, Path], context: torch.Tensor, word: int, device: torch.device
+) -> dict[str, dict[str, float]]:
     """For each base model: its probability of the chosen word in the fixed context and the
     discriminator's estimate ``p_hat = q0 exp(-s)`` (eq. 8) there."""
     values = {}

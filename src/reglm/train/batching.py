@@ -42,7 +42,15 @@ class StreamBatches:
         """The longest span of tokens the model reads at once in training (a BPTT window)."""
         return cfg.bptt
 
-    def __init__(self, ids: Tensor, cfg: TrainConfig, seed: int, device: torch.device, eos_id: int, shard: tuple[int, int] = (0, 1)) -> None:
+    def __init__(
+        self,
+        ids: Tensor,
+        cfg: TrainConfig,
+        seed: int,
+        device: torch.device,
+        eos_id: int,
+        shard: tuple[int, int] = (0, 1),
+    ) -> None:
         self.cfg = cfg
         _require_shares(cfg.batch_size, shard[1], "train.batch_size", "streams")
         self.plan = StreamPlan(ids, cfg.batch_size, "trim", shard=shard).to(device)
@@ -63,7 +71,11 @@ class StreamBatches:
     def next(self, position: int, epoch: int) -> tuple[Window, int, float]:
         """The batch at ``position``: (window, how far the position advances, learning-rate factor)."""
         cfg = self.cfg
-        seq_len = sample_bptt(self.rng, cfg.bptt, cfg.bptt_p, cfg.bptt_std, cfg.bptt_min, cfg.bptt_max) if cfg.variable_bptt else cfg.bptt
+        seq_len = (
+            sample_bptt(self.rng, cfg.bptt, cfg.bptt_p, cfg.bptt_std, cfg.bptt_min, cfg.bptt_max)
+            if cfg.variable_bptt
+            else cfg.bptt
+        )
         window = self.plan.window(position, seq_len)
         return window, window.inputs.size(1), seq_len / cfg.bptt
 
@@ -107,7 +119,15 @@ class BlockBatches(_ShuffledBatches):
     def context(cfg: TrainConfig) -> int:
         return cfg.block_size
 
-    def __init__(self, ids: Tensor, cfg: TrainConfig, seed: int, device: torch.device, eos_id: int, shard: tuple[int, int] = (0, 1)) -> None:
+    def __init__(
+        self,
+        ids: Tensor,
+        cfg: TrainConfig,
+        seed: int,
+        device: torch.device,
+        eos_id: int,
+        shard: tuple[int, int] = (0, 1),
+    ) -> None:
         super().__init__(cfg)
         self.rank, self.world = shard
         _require_shares(cfg.batch_size, self.world, "train.batch_size", "blocks")
@@ -135,7 +155,15 @@ class SentenceBatches(_ShuffledBatches):
         """A sentence longer than the token budget is cut into pieces of the budget."""
         return cfg.max_tokens
 
-    def __init__(self, ids: Tensor, cfg: TrainConfig, seed: int, device: torch.device, eos_id: int, shard: tuple[int, int] = (0, 1)) -> None:
+    def __init__(
+        self,
+        ids: Tensor,
+        cfg: TrainConfig,
+        seed: int,
+        device: torch.device,
+        eos_id: int,
+        shard: tuple[int, int] = (0, 1),
+    ) -> None:
         _require_shares(cfg.update_freq, shard[1], "train.update_freq", "batches of sentences per step")
         super().__init__(cfg, shard)
         self.plan = SentencePlan(ids, eos_id, cfg.max_tokens, seed=seed).to(device)
@@ -149,7 +177,9 @@ class SentenceBatches(_ShuffledBatches):
 BATCHES = {"bptt": StreamBatches, "blocks": BlockBatches, "sentences": SentenceBatches}
 
 
-def training_batches(ids: Tensor, cfg: TrainConfig, seed: int, device: torch.device, eos_id: int, shard: tuple[int, int] = (0, 1)) -> StreamBatches | BlockBatches | SentenceBatches:
+def training_batches(
+    ids: Tensor, cfg: TrainConfig, seed: int, device: torch.device, eos_id: int, shard: tuple[int, int] = (0, 1)
+) -> StreamBatches | BlockBatches | SentenceBatches:
     """The batches ``train.batching`` names; ``shard``: this process's share (rank, world size)."""
     return BATCHES[cfg.batching](ids, cfg, seed, device, eos_id, shard)
 
@@ -175,5 +205,7 @@ def eval_reading(cfg: TrainConfig, split: str, eos_id: int) -> Reading:
     if cfg.batching == "sentences":
         return Reading(batch_size, cfg.bptt, sentence_end=eos_id, max_tokens=cfg.max_tokens)
     if cfg.batching == "blocks":
-        return Reading(batch_size, cfg.bptt, cfg.block_size, cfg.eval_context, eos_id if cfg.eval_whole_sentences else None)
+        return Reading(
+            batch_size, cfg.bptt, cfg.block_size, cfg.eval_context, eos_id if cfg.eval_whole_sentences else None
+        )
     return Reading(batch_size, cfg.bptt)

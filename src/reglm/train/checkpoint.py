@@ -44,7 +44,18 @@ LOADING_BYTES_PER_PARAMETER = 12
 """Memory a loaded parameter takes at its peak: the file's bytes, the tensors read from them and
 the model's own float32 copy."""
 
-__all__ = ["CONFIG_FILE", "MODEL_FILE", "STATE_FILE", "TOKENIZER_FILE", "VOCAB_FILE", "load_model_dir", "load_state", "read_model_meta", "save_model_dir", "save_state"]
+__all__ = [
+    "CONFIG_FILE",
+    "MODEL_FILE",
+    "STATE_FILE",
+    "TOKENIZER_FILE",
+    "VOCAB_FILE",
+    "load_model_dir",
+    "load_state",
+    "read_model_meta",
+    "save_model_dir",
+    "save_state",
+]
 
 
 def _alias_groups(model: torch.nn.Module) -> list[list[str]]:
@@ -62,8 +73,16 @@ def weights_bytes(model: torch.nn.Module) -> bytes:
 
 
 SAFETENSORS_DTYPES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
-    torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
 }
 """The safetensors header's name of each dtype a model's state can hold."""
 HEADER_BYTES = 100 << 20
@@ -139,7 +158,9 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
     try:
         tensors = load_safetensors(path.read_bytes())
     except (SafetensorError, ValueError, RuntimeError) as exc:
-        raise ReglmError(f"{path} cannot be read ({_short(exc)}): it is truncated, corrupted or not a model file; use another checkpoint or retrain") from None
+        raise ReglmError(
+            f"{path} cannot be read ({_short(exc)}): it is truncated, corrupted or not a model file; use another checkpoint or retrain"
+        ) from None
     for name, tensor in tensors.items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise ReglmError(
@@ -157,23 +178,36 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
             state[name] = tensors[stored[0]]
     unexpected = sorted(set(tensors) - set(state))
     if missing or unexpected:
-        raise ReglmError(f"{path} does not match the model in {CONFIG_FILE} (missing {sorted(missing)[:3]}, unexpected {unexpected[:3]}); use the checkpoint's own config.json")
+        raise ReglmError(
+            f"{path} does not match the model in {CONFIG_FILE} (missing {sorted(missing)[:3]}, unexpected {unexpected[:3]}); use the checkpoint's own config.json"
+        )
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
-        raise ReglmError(f"{path} does not fit the model in {CONFIG_FILE} ({_short(exc)}); use the checkpoint's own config.json") from None
+        raise ReglmError(
+            f"{path} does not fit the model in {CONFIG_FILE} ({_short(exc)}); use the checkpoint's own config.json"
+        ) from None
 
 
-def save_model_dir(directory: Path, model: torch.nn.Module, config: RunConfig, vocab: Vocab, info: dict[str, Any] | None = None) -> None:
+def save_model_dir(
+    directory: Path, model: torch.nn.Module, config: RunConfig, vocab: Vocab, info: dict[str, Any] | None = None
+) -> None:
     """Write ``model`` (its current weights), its config and vocabulary into ``directory``
     (and ``tokenizer.json`` when ``vocab`` is a BPE model's :class:`~reglm.data.bpe.BPEVocab`)."""
     directory = Path(directory)
     subword = isinstance(vocab, BPEVocab)
     if subword != (config.data.tokenizer == "bpe"):
-        raise ValueError(f"config data.tokenizer={config.data.tokenizer} but the vocabulary is {'a BPE' if subword else 'a word'} vocabulary")
+        raise ValueError(
+            f"config data.tokenizer={config.data.tokenizer} but the vocabulary is {'a BPE' if subword else 'a word'} vocabulary"
+        )
     directory.mkdir(parents=True, exist_ok=True)
     write_bytes(directory / MODEL_FILE, weights_bytes(model))
-    meta = {"config": config.to_dict(), "vocab_size": len(vocab), "vocab_fingerprint": vocab.fingerprint(), "info": info or {}}
+    meta = {
+        "config": config.to_dict(),
+        "vocab_size": len(vocab),
+        "vocab_fingerprint": vocab.fingerprint(),
+        "info": info or {},
+    }
     if subword:
         meta["tokenizer_fingerprint"] = vocab.tokenizer_fingerprint()
     write_json(directory / CONFIG_FILE, meta)
@@ -190,7 +224,9 @@ def read_model_meta(directory: Path) -> dict[str, Any]:
     if not directory.is_dir():
         raise ReglmError(f"{directory} is not a directory; give a run directory or its best/ or last/")
     if not path.is_file():
-        raise ReglmError(f"{directory} is not a reglm model directory (it has no {CONFIG_FILE}; expected {MODEL_FILE}, {CONFIG_FILE}, {VOCAB_FILE})")
+        raise ReglmError(
+            f"{directory} is not a reglm model directory (it has no {CONFIG_FILE}; expected {MODEL_FILE}, {CONFIG_FILE}, {VOCAB_FILE})"
+        )
     meta = read_json(path, "the checkpoint is damaged, use another one (best/ or last/)", max_bytes=CONFIG_BYTES)
     if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
         raise ReglmError(f"{path} is not a reglm model config; point at a run directory or its best/ or last/")
@@ -204,7 +240,9 @@ def load_model_dir(directory: Path, device: torch.device | str = "cpu") -> tuple
     config = RunConfig.from_dict(meta["config"], source=str(directory / CONFIG_FILE))
     vocab_path = directory / VOCAB_FILE
     if not vocab_path.is_file():
-        raise ReglmError(f"{vocab_path} is missing; the model directory is incomplete (copy the run's vocab.txt into it)")
+        raise ReglmError(
+            f"{vocab_path} is missing; the model directory is incomplete (copy the run's vocab.txt into it)"
+        )
     vocab = Vocab.load(vocab_path)
     if len(vocab) != meta.get("vocab_size") or vocab.fingerprint() != meta.get("vocab_fingerprint"):
         raise ReglmError(
@@ -240,14 +278,20 @@ def _with_tokenizer(directory: Path, config: RunConfig, meta: dict[str, Any], vo
     bpe = config.data.tokenizer == "bpe"
     if not bpe:
         if path.exists():
-            raise ReglmError(f"{directory} holds a {TOKENIZER_FILE} but its {CONFIG_FILE} is a word model (data.tokenizer=word); remove the stray {path}")
+            raise ReglmError(
+                f"{directory} holds a {TOKENIZER_FILE} but its {CONFIG_FILE} is a word model (data.tokenizer=word); remove the stray {path}"
+            )
         return vocab
     if not path.is_file():
-        raise ReglmError(f"{path} is missing; the model directory of a BPE model (data.tokenizer=bpe) needs the tokenizer.json it was trained with (copy it from the run's model directory)")
+        raise ReglmError(
+            f"{path} is missing; the model directory of a BPE model (data.tokenizer=bpe) needs the tokenizer.json it was trained with (copy it from the run's model directory)"
+        )
     subword = BPEVocab.from_tokenizer_file(vocab, path)
     expected = meta.get("tokenizer_fingerprint")
     if expected is not None and subword.tokenizer_fingerprint() != expected:
-        raise ReglmError(f"{path} is not the tokenizer this checkpoint was saved with (its merges differ); restore the model directory's own tokenizer.json")
+        raise ReglmError(
+            f"{path} is not the tokenizer this checkpoint was saved with (its merges differ); restore the model directory's own tokenizer.json"
+        )
     return subword
 
 
@@ -269,11 +313,18 @@ def _is_tensor_dict(value: Any) -> bool:
 
 def _is_states(value: Any) -> bool:
     """A carried encoder state: None, or ``[[h, c], ...]`` tensors."""
-    return value is None or (isinstance(value, list) and all(isinstance(p, (list, tuple)) and all(isinstance(t, torch.Tensor) for t in p) for p in value))
+    return value is None or (
+        isinstance(value, list)
+        and all(isinstance(p, (list, tuple)) and all(isinstance(t, torch.Tensor) for t in p) for p in value)
+    )
 
 
 def _is_rng(value: Any) -> bool:
-    return isinstance(value, dict) and "torch" in value and all(isinstance(t, torch.Tensor) and t.dtype == torch.uint8 for t in value.values())
+    return (
+        isinstance(value, dict)
+        and "torch" in value
+        and all(isinstance(t, torch.Tensor) and t.dtype == torch.uint8 for t in value.values())
+    )
 
 
 def _is_rank_parts(value: Any) -> bool:
@@ -281,8 +332,13 @@ def _is_rank_parts(value: Any) -> bool:
     if not isinstance(value, dict) or not _is_int(value.get("world_size")) or value["world_size"] < 2:
         return False
     ranks = value.get("ranks")
-    return isinstance(ranks, list) and len(ranks) == value["world_size"] and all(
-        isinstance(part, dict) and _is_rng(part.get("rng")) and isinstance(part.get("objective"), dict) for part in ranks
+    return (
+        isinstance(ranks, list)
+        and len(ranks) == value["world_size"]
+        and all(
+            isinstance(part, dict) and _is_rng(part.get("rng")) and isinstance(part.get("objective"), dict)
+            for part in ranks
+        )
     )
 
 
@@ -329,7 +385,9 @@ def load_state(path: Path) -> dict[str, Any]:
     except OSError:
         raise
     except Exception as exc:  # torch raises many types for a damaged file; all mean the same to the user
-        raise ReglmError(f"{path} cannot be read ({_short(exc)}): the training state is truncated or corrupted; {fix}") from None
+        raise ReglmError(
+            f"{path} cannot be read ({_short(exc)}): the training state is truncated or corrupted; {fix}"
+        ) from None
     if not isinstance(state, dict):
         raise ReglmError(f"{path} is not a reglm training state; {fix}")
     if state.get("format") == 1:

@@ -78,7 +78,11 @@ TIMEOUT_ENV = "REGLM_DIST_TIMEOUT"
 DEFAULT_TIMEOUT = 1800.0
 """Seconds a rank waits at the rendezvous and in any collective (PyTorch's own default)."""
 
-_NO_FORWARD_BUFFER_SYNC = {"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters else {"broadcast_buffers": False}
+_NO_FORWARD_BUFFER_SYNC = (
+    {"forward_sync_buffers": False}
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+    else {"broadcast_buffers": False}
+)
 """The models' buffers are constants, identical on every rank: no broadcast before each forward
 (the keyword was renamed in newer PyTorch)."""
 
@@ -206,9 +210,13 @@ class DataParallelGroup(SingleProcess):
         if device.type != "cuda":
             return device
         if device.index is not None:
-            raise ReglmError(f"train.device={name}, but under torchrun every process trains on cuda:LOCAL_RANK (this one on cuda:{self.local_rank}); set train.device=cuda or auto")
+            raise ReglmError(
+                f"train.device={name}, but under torchrun every process trains on cuda:LOCAL_RANK (this one on cuda:{self.local_rank}); set train.device=cuda or auto"
+            )
         if self.local_rank >= torch.cuda.device_count():
-            raise ReglmError(f"LOCAL_RANK={self.local_rank}, but this machine has {torch.cuda.device_count()} CUDA devices; start at most that many processes per node (torchrun --nproc_per_node)")
+            raise ReglmError(
+                f"LOCAL_RANK={self.local_rank}, but this machine has {torch.cuda.device_count()} CUDA devices; start at most that many processes per node (torchrun --nproc_per_node)"
+            )
         device = torch.device("cuda", self.local_rank)
         torch.cuda.set_device(device)
         return device
@@ -218,7 +226,13 @@ class DataParallelGroup(SingleProcess):
         torch.manual_seed(seed + self.rank)
 
     def record(self) -> dict[str, Any]:
-        return {"distributed": {"world_size": self.world_size, "backend": str(dist.get_backend()), "processes_per_node": _env_int("LOCAL_WORLD_SIZE", None)}}
+        return {
+            "distributed": {
+                "world_size": self.world_size,
+                "backend": str(dist.get_backend()),
+                "processes_per_node": _env_int("LOCAL_WORLD_SIZE", None),
+            }
+        }
 
     # ------------------------------------------------------------------ agreements
 
@@ -297,12 +311,19 @@ class DataParallelGroup(SingleProcess):
         ``hidden`` the carried state of all ``B`` streams of the global batch, joined in rank
         order (what one process would carry), and ``distributed`` the world size and each
         rank's RNG states and objective state (frozen models' carried states)."""
-        mine = _tensors(lambda t: t.detach().cpu(), {"rng": state["rng"], "objective": state["objective"], "hidden": state["hidden"]})
+        mine = _tensors(
+            lambda t: t.detach().cpu(),
+            {"rng": state["rng"], "objective": state["objective"], "hidden": state["hidden"]},
+        )
         parts: list[Any] | None = [None] * self.world_size if self.is_main else None
         dist.gather_object(mine, parts, dst=0)
         if parts is None:
             return state
-        hidden = None if state["hidden"] is None else state_dict_of(concat_states([encoder.load_state(part["hidden"]) for part in parts]))
+        hidden = (
+            None
+            if state["hidden"] is None
+            else state_dict_of(concat_states([encoder.load_state(part["hidden"]) for part in parts]))
+        )
         ranks = [{"rng": part["rng"], "objective": part["objective"]} for part in parts]
         return {**state, "hidden": hidden, "distributed": {"world_size": self.world_size, "ranks": ranks}}
 
@@ -344,10 +365,14 @@ def launch() -> Iterator[SingleProcess]:
 
 def _join(world: int) -> DataParallelGroup:
     if not dist.is_available():
-        raise RankError(f"WORLD_SIZE={world}, but this PyTorch build has no torch.distributed; run one process (plain reglm train)")
+        raise RankError(
+            f"WORLD_SIZE={world}, but this PyTorch build has no torch.distributed; run one process (plain reglm train)"
+        )
     rank, timeout = _env_int("RANK", None), _timeout()
     if rank is None or not 0 <= rank < world:
-        raise RankError(f"WORLD_SIZE={world} needs RANK in [0, {world}) in the environment; start the processes with torchrun")
+        raise RankError(
+            f"WORLD_SIZE={world} needs RANK in [0, {world}) in the environment; start the processes with torchrun"
+        )
     local_rank = _env_int("LOCAL_RANK", rank)
     owned = not dist.is_initialized()
     if owned:
@@ -362,7 +387,9 @@ def _join(world: int) -> DataParallelGroup:
                 f"check that the endpoint is reachable from every node, or set {TIMEOUT_ENV} to wait longer"
             ) from None
     elif dist.get_world_size() != world or dist.get_rank() != rank:
-        raise RankError(f"the process group already joined has rank {dist.get_rank()} of {dist.get_world_size()}, but the environment says {rank} of {world}")
+        raise RankError(
+            f"the process group already joined has rank {dist.get_rank()} of {dist.get_world_size()}, but the environment says {rank} of {world}"
+        )
     return DataParallelGroup(rank, world, local_rank, owned)
 
 
@@ -373,7 +400,9 @@ def _env_int(name: str, default: int | None) -> int | None:
     try:
         return int(value)
     except ValueError:
-        raise RankError(f"{name}={value!r} in the environment is not an integer; start the processes with torchrun") from None
+        raise RankError(
+            f"{name}={value!r} in the environment is not an integer; start the processes with torchrun"
+        ) from None
 
 
 def _timeout() -> float:
@@ -393,7 +422,11 @@ def _require_world(state: dict[str, Any], world: int, path: Path) -> None:
     saved = state.get("distributed", {"world_size": 1})["world_size"]
     if saved == world:
         return
-    how = "plain `reglm train --resume RUN` (it was a single-process run)" if saved == 1 else f"{saved} processes in all (torchrun --nproc_per_node ... [--nnodes ...] -m reglm train --resume RUN)"
+    how = (
+        "plain `reglm train --resume RUN` (it was a single-process run)"
+        if saved == 1
+        else f"{saved} processes in all (torchrun --nproc_per_node ... [--nnodes ...] -m reglm train --resume RUN)"
+    )
     raise ReglmError(
         f"{path} was written by {saved} process{'es' if saved > 1 else ''} and this run has {world}; resume it with {how}: "
         "a run's streams, carried states and random states are split per process and are not re-split for another number"

@@ -91,7 +91,14 @@ class StepEngine:
         self._finite: Tensor | None = None
         self._tokens = 0
 
-    def step(self, batch: Window | Sequence[Window], state: State | None, lr: float, adversarial: bool = False, input_noise: float = 0.0) -> State | None:
+    def step(
+        self,
+        batch: Window | Sequence[Window],
+        state: State | None,
+        lr: float,
+        adversarial: bool = False,
+        input_noise: float = 0.0,
+    ) -> State | None:
         """One optimizer step on ``batch`` from the carried ``state``; returns the new state.
 
         ``batch`` is one window, cut into chunks of streams (``train.small_batch_size``), or a
@@ -118,14 +125,22 @@ class StepEngine:
         self.optimizer.step()
         return concat_states(chunk_states) if isinstance(batch, Window) else None
 
-    def chunk_pass(self, window: Chunk, state: State | None, adversarial: bool, input_noise: float) -> tuple[Tensor, Tensor, State | None]:
+    def chunk_pass(
+        self, window: Chunk, state: State | None, adversarial: bool, input_noise: float
+    ) -> tuple[Tensor, Tensor, State | None]:
         """The forward pass of one chunk from ``state``: ``(its mean NLL over the scored targets,
         the loss it backpropagates, its new state)``."""
         model, x, y = self.model, window.inputs, window.targets
         with self.autocast():
             out = self.forward(x, state, input_noise=input_noise)
-            scored = self.objective.chunk_loss(model, out, x, y, window.streams, window.batch_size, adversarial, self.keep_logits)
-            raw_loss = scored.nll.mean() if window.scored is None else scored.nll.masked_fill(~window.scored, 0).sum() / window.tokens
+            scored = self.objective.chunk_loss(
+                model, out, x, y, window.streams, window.batch_size, adversarial, self.keep_logits
+            )
+            raw_loss = (
+                scored.nll.mean()
+                if window.scored is None
+                else scored.nll.masked_fill(~window.scored, 0).sum() / window.tokens
+            )
             loss = raw_loss + scored.penalty
             inputs = TermInputs(out, y, scored.logits, model)
             for term in self.terms:
@@ -138,7 +153,10 @@ class StepEngine:
         """The passes of a step: the configured stream chunks of one window, or each window whole."""
         if not isinstance(batch, Window):
             return [(Chunk.whole(window), None) for window in batch]
-        return [(Chunk.of(batch, streams), select_streams(state, streams)) for streams in self.chunks_of(batch.inputs.size(0))]
+        return [
+            (Chunk.of(batch, streams), select_streams(state, streams))
+            for streams in self.chunks_of(batch.inputs.size(0))
+        ]
 
     def chunks_of(self, rows: int) -> list[slice]:
         """The stream slices a window of ``rows`` streams is cut into (all of it when no chunk size is set)."""

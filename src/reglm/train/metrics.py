@@ -69,7 +69,9 @@ class TensorBoardLog:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            raise ReglmError("train.tensorboard=true (--tensorboard) needs the tensorboard package: pip install 'reglm[tensorboard]', or set train.tensorboard=false") from None
+            raise ReglmError(
+                "train.tensorboard=true (--tensorboard) needs the tensorboard package: pip install 'reglm[tensorboard]', or set train.tensorboard=false"
+            ) from None
         self.log_dir = log_dir
         self._summary_writer = SummaryWriter
         self.writer: Any = None
@@ -86,7 +88,9 @@ class TensorBoardLog:
         event = record.get("event", "metrics")
         for key, value in record.items():
             if key not in ("time", "step", "epoch") and isinstance(value, (int, float)):
-                self.writer.add_scalar(f"{event}/{key}", float(value), global_step=record.get("step"), walltime=record["time"])
+                self.writer.add_scalar(
+                    f"{event}/{key}", float(value), global_step=record.get("step"), walltime=record["time"]
+                )
         self.writer.flush()
 
     def close(self) -> None:

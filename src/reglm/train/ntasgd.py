@@ -84,7 +84,9 @@ class NonMonotoneTrigger:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         log = state.get("log") if isinstance(state, dict) else None
         if not isinstance(log, list) or not all(isinstance(x, (int, float)) for x in log):
-            raise ReglmError("the NT-ASGD trigger state is damaged (expected a list of validation values); start a new run")
+            raise ReglmError(
+                "the NT-ASGD trigger state is damaged (expected a list of validation values); start a new run"
+            )
         self._log = [float(x) for x in log]
 
 
@@ -189,7 +191,9 @@ class ParameterAverager:
             or count < 0
             or (count == 0) != (len(avg) == 0)
         ):
-            raise ReglmError("the parameter-averaging state is damaged (expected a count and a list of tensors); start a new run")
+            raise ReglmError(
+                "the parameter-averaging state is damaged (expected a count and a list of tensors); start a new run"
+            )
         self._avg = [a.to(self.dtype) for a in avg]
         self._count = count
 

@@ -38,13 +38,13 @@ from reglm.config import RunConfig
 from reglm.data.vocab import Vocab
 from reglm.data.windows import Window
 from reglm.encoders.base import EncoderOutput, State, concat_states, detach_state, select_streams, state_dict_of
-from reglm.rundir import require_kind, require_same_architecture, require_same_vocab
 from reglm.evaluate.perplexity import Reading, evaluate, perplexity, stream_pass
 from reglm.models import LanguageModel
 from reglm.objectives.augmented_loss import AugmentedLoss
 from reglm.objectives.base import Term
 from reglm.objectives.reverse_kl import discriminator_loss_parts, finetune_loss
 from reglm.outputs.base import OutputLoss
+from reglm.rundir import require_kind, require_same_architecture, require_same_vocab
 from reglm.train.checkpoint import load_model_dir
 
 
@@ -93,7 +93,9 @@ class LMObjective:
         self.config = config
         self.base = _load_base(config, vocab, device) if config.objective.base_model else None
         cfg = config.train
-        self.terms: list[Term] = [AugmentedLoss(cfg.aug_gamma, cfg.aug_tau, cfg.aug_target_grad)] if cfg.aug_gamma > 0 else []
+        self.terms: list[Term] = (
+            [AugmentedLoss(cfg.aug_gamma, cfg.aug_tau, cfg.aug_target_grad)] if cfg.aug_gamma > 0 else []
+        )
 
     def prepare(self, model: LanguageModel) -> None:
         """At a fresh start: copy the base model's weights, if the run has one."""
@@ -103,7 +105,17 @@ class LMObjective:
     def initial_model(self) -> LanguageModel | None:
         return self.base
 
-    def chunk_loss(self, model: LanguageModel, out: EncoderOutput, x: Tensor, y: Tensor, streams: slice, batch_size: int, adversarial: bool, keep_logits: bool = False) -> OutputLoss:
+    def chunk_loss(
+        self,
+        model: LanguageModel,
+        out: EncoderOutput,
+        x: Tensor,
+        y: Tensor,
+        streams: slice,
+        batch_size: int,
+        adversarial: bool,
+        keep_logits: bool = False,
+    ) -> OutputLoss:
         return model.output_loss(out, y, adversarial=adversarial, keep_logits=keep_logits)
 
     def end_step(self) -> None:
@@ -118,7 +130,16 @@ class LMObjective:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
 
-    def score(self, model: LanguageModel, ids: Tensor, reading: Reading, device: torch.device, progress: bool, desc: str, word_ends: Tensor | None = None) -> ObjectiveEval:
+    def score(
+        self,
+        model: LanguageModel,
+        ids: Tensor,
+        reading: Reading,
+        device: torch.device,
+        progress: bool,
+        desc: str,
+        word_ends: Tensor | None = None,
+    ) -> ObjectiveEval:
         result = evaluate(model, ids, device=device, progress=progress, desc=desc, word_ends=word_ends, reading=reading)
         return ObjectiveEval(result.as_dict(), result.loss)
 
@@ -168,16 +189,37 @@ class DiscriminatorObjective(_FrozenObjective):
     def initial_model(self) -> LanguageModel | None:
         return None
 
-    def chunk_loss(self, model: LanguageModel, out: EncoderOutput, x: Tensor, y: Tensor, streams: slice, batch_size: int, adversarial: bool, keep_logits: bool = False) -> OutputLoss:
+    def chunk_loss(
+        self,
+        model: LanguageModel,
+        out: EncoderOutput,
+        x: Tensor,
+        y: Tensor,
+        streams: slice,
+        batch_size: int,
+        adversarial: bool,
+        keep_logits: bool = False,
+    ) -> OutputLoss:
         q0_out = self.frozen[0].run(x, streams, batch_size)
         with torch.no_grad():
             q0_log_probs = self.q0.output_log_probs(q0_out)
         loss_q, loss_p = discriminator_loss_parts(model.output_logits(out), q0_log_probs, y)
         return OutputLoss(loss_q + loss_p, loss_q.new_zeros(()))
 
-    def score(self, model: LanguageModel, ids: Tensor, reading: Reading, device: torch.device, progress: bool, desc: str, word_ends: Tensor | None = None) -> ObjectiveEval:
+    def score(
+        self,
+        model: LanguageModel,
+        ids: Tensor,
+        reading: Reading,
+        device: torch.device,
+        progress: bool,
+        desc: str,
+        word_ends: Tensor | None = None,
+    ) -> ObjectiveEval:
         def per_token(outs: list[EncoderOutput], w: Window) -> dict[str, Tensor]:
-            loss_q, loss_p = discriminator_loss_parts(model.output_logits(outs[0]), self.q0.output_log_probs(outs[1]), w.targets)
+            loss_q, loss_p = discriminator_loss_parts(
+                model.output_logits(outs[0]), self.q0.output_log_probs(outs[1]), w.targets
+            )
             return {"loss": loss_q + loss_p, "loss_q": loss_q, "loss_p": loss_p}
 
         metrics = score_split([model, self.q0], ids, reading, device, per_token, progress, desc)
@@ -205,21 +247,44 @@ class ReverseKLObjective(_FrozenObjective):
         log_q = -model.output_nll(outs[0], y)
         with torch.no_grad():
             log_q0 = -self.q0.output_nll(outs[1], y)
-            disc = None if self.disc is None else self.disc.output_logits(outs[2]).gather(-1, y.unsqueeze(-1)).squeeze(-1)
+            disc = (
+                None if self.disc is None else self.disc.output_logits(outs[2]).gather(-1, y.unsqueeze(-1)).squeeze(-1)
+            )
         loss, t_log_t = finetune_loss(log_q, log_q0, disc)
         return loss, -log_q, t_log_t
 
-    def chunk_loss(self, model: LanguageModel, out: EncoderOutput, x: Tensor, y: Tensor, streams: slice, batch_size: int, adversarial: bool, keep_logits: bool = False) -> OutputLoss:
+    def chunk_loss(
+        self,
+        model: LanguageModel,
+        out: EncoderOutput,
+        x: Tensor,
+        y: Tensor,
+        streams: slice,
+        batch_size: int,
+        adversarial: bool,
+        keep_logits: bool = False,
+    ) -> OutputLoss:
         outs = [out, *(f.run(x, streams, batch_size) for f in self.frozen)]
         loss, _, _ = self._terms(model, outs, y)
         return OutputLoss(loss, loss.new_zeros(()))
 
-    def score(self, model: LanguageModel, ids: Tensor, reading: Reading, device: torch.device, progress: bool, desc: str, word_ends: Tensor | None = None) -> ObjectiveEval:
+    def score(
+        self,
+        model: LanguageModel,
+        ids: Tensor,
+        reading: Reading,
+        device: torch.device,
+        progress: bool,
+        desc: str,
+        word_ends: Tensor | None = None,
+    ) -> ObjectiveEval:
         def per_token(outs: list[EncoderOutput], w: Window) -> dict[str, Tensor]:
             _, nll, t_log_t = self._terms(model, outs, w.targets)
             return {"nll": nll, "rev_kl": t_log_t}
 
-        return reverse_kl_eval(score_split([model, *(f.model for f in self.frozen)], ids, reading, device, per_token, progress, desc))
+        return reverse_kl_eval(
+            score_split([model, *(f.model for f in self.frozen)], ids, reading, device, per_token, progress, desc)
+        )
 
 
 def reverse_kl_eval(means: dict[str, float]) -> ObjectiveEval:
@@ -231,8 +296,13 @@ def reverse_kl_eval(means: dict[str, float]) -> ObjectiveEval:
 
 
 def score_split(
-    models: list[LanguageModel], ids: Tensor, reading: Reading, device: torch.device | str,
-    per_token: Callable[[list[EncoderOutput], Window], dict[str, Tensor]], progress: bool = False, desc: str = "eval",
+    models: list[LanguageModel],
+    ids: Tensor,
+    reading: Reading,
+    device: torch.device | str,
+    per_token: Callable[[list[EncoderOutput], Window], dict[str, Tensor]],
+    progress: bool = False,
+    desc: str = "eval",
 ) -> dict[str, float]:
     """One deterministic pass of several models over ``ids`` (:func:`~reglm.evaluate.perplexity.stream_pass`,
     every target once), each model carrying its own state; returns the mean over target tokens
@@ -259,8 +329,15 @@ def _load_base(config: RunConfig, vocab: Vocab, device: torch.device) -> Languag
     path = Path(str(config.objective.base_model))
     model, base_config, base_vocab = load_model_dir(path, device)
     require_kind(base_config.objective.kind, path, "lm")
-    require_same_vocab(base_vocab, vocab, f"the base model {path}", "this run's corpus", "use the data it was trained on")
-    require_same_architecture(config.model, base_config.model, "this run's model", f"the objective needs the base model's ({path}) architecture")
+    require_same_vocab(
+        base_vocab, vocab, f"the base model {path}", "this run's corpus", "use the data it was trained on"
+    )
+    require_same_architecture(
+        config.model,
+        base_config.model,
+        "this run's model",
+        f"the objective needs the base model's ({path}) architecture",
+    )
     return model
 
 

@@ -87,7 +87,9 @@ class AdamConfig:
         check(self.kind == "adam", "train.optimizer.kind", f"unknown {self.kind!r}")
         check_positive(self.lr, "train.optimizer.lr")
         for name in ("beta1", "beta2"):
-            check(0.0 <= getattr(self, name) < 1.0, f"train.optimizer.{name}", f"{getattr(self, name)} must be in [0, 1)")
+            check(
+                0.0 <= getattr(self, name) < 1.0, f"train.optimizer.{name}", f"{getattr(self, name)} must be in [0, 1)"
+            )
         check_positive(self.eps, "train.optimizer.eps")
         check_nonneg(self.weight_decay, "train.optimizer.weight_decay")
 
@@ -99,7 +101,9 @@ class Adam:
     def build(cfg: AdamConfig, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
         params = list(params)
         fused = bool(params) and params[0].device.type in ("cpu", "cuda")
-        return torch.optim.Adam(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay, fused=fused)
+        return torch.optim.Adam(
+            params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=cfg.weight_decay, fused=fused
+        )
 
 
 OPTIMIZERS = {"sgd": SGD, "nesterov": Nesterov, "adam": Adam}
@@ -109,7 +113,9 @@ OPTIMIZERS = {"sgd": SGD, "nesterov": Nesterov, "adam": Adam}
 class NoAveragingConfig:
     """No averaging: the iterate is the model."""
 
-    kind: str = kind_field("none", "averaging: ntasgd (averaging once the non-monotone trigger fires, AWD-LSTM) or none")
+    kind: str = kind_field(
+        "none", "averaging: ntasgd (averaging once the non-monotone trigger fires, AWD-LSTM) or none"
+    )
 
     def __post_init__(self) -> None:
         check(self.kind == "none", "train.averaging.kind", f"unknown {self.kind!r}")
@@ -119,8 +125,13 @@ class NoAveragingConfig:
 class NTASGDConfig:
     """Non-monotonically triggered averaging (AWD-LSTM section 3)."""
 
-    kind: str = kind_field("ntasgd", "averaging: ntasgd (averaging once the non-monotone trigger fires, AWD-LSTM) or none")
-    trigger: str = option("reference", "the non-monotone trigger: reference (worse than the best older than n logs) or paper (Algorithm 1)")
+    kind: str = kind_field(
+        "ntasgd", "averaging: ntasgd (averaging once the non-monotone trigger fires, AWD-LSTM) or none"
+    )
+    trigger: str = option(
+        "reference",
+        "the non-monotone trigger: reference (worse than the best older than n logs) or paper (Algorithm 1)",
+    )
     nonmono: int = option(5, "non-monotone interval n (in epochs); the fine-tuning stage stops on the same criterion")
 
     def __post_init__(self) -> None:

@@ -46,7 +46,15 @@ def finish(trainer: Trainer) -> dict[str, Any]:
             for split in ("valid", "test"):
                 results[split] = trainer._score(model, split).metrics
         _record(trainer, results)
-        trainer._say("best model: " + ", ".join(f"{split} {name} {value:.4g}" for split in ("valid", "test") for name, value in results[split].items() if name != "tokens"))
+        trainer._say(
+            "best model: "
+            + ", ".join(
+                f"{split} {name} {value:.4g}"
+                for split in ("valid", "test")
+                for name, value in results[split].items()
+                if name != "tokens"
+            )
+        )
         return results
     with _stops_scoring(trainer, results):
         valid = _lm_score(trainer, model, "valid")
@@ -62,7 +70,9 @@ def finish(trainer: Trainer) -> dict[str, Any]:
     trainer._say(f"best model: valid ppl {valid.ppl:.2f}, test ppl {test.ppl:.2f} ({test.tokens} tokens)")
     if "synthetic" in results:
         s = results["synthetic"]
-        trainer._say(f"synthetic test, words only: model ppl {s['model_word_ppl']:.2f} vs true ppl {s['true_word_ppl']:.2f}")
+        trainer._say(
+            f"synthetic test, words only: model ppl {s['model_word_ppl']:.2f} vs true ppl {s['true_word_ppl']:.2f}"
+        )
     return results
 
 
@@ -84,7 +94,9 @@ def _stops_scoring(trainer: Trainer, results: dict[str, Any]) -> Iterator[None]:
         write_json(trainer.run_dir / RESULTS_FILE, results)
         assert trainer.stop.signum is not None
         raise TrainingInterrupted(
-            trainer.stop.signum, trainer.run_dir, trainer.step,
+            trainer.stop.signum,
+            trainer.run_dir,
+            trainer.step,
             f"interrupted during the final evaluation; the run is complete (best/, last/ saved) but {RESULTS_FILE} "
             f"lacks the {' and '.join(missing)} score{'s' if len(missing) > 1 else ''}; "
             f"get {'it' if len(missing) == 1 else 'them'} with: {how}",
@@ -96,9 +108,14 @@ def _lm_score(trainer: Trainer, model: torch.nn.Module, split: str) -> EvalResul
     corpus = trainer.corpus
     keep = split == "test" and corpus.truth is not None
     return evaluate(
-        model, getattr(corpus, split), device=trainer.device, keep_token_nll=keep, progress=trainer.dist.is_main,
+        model,
+        getattr(corpus, split),
+        device=trainer.device,
+        keep_token_nll=keep,
+        progress=trainer.dist.is_main,
         desc=split,
-        word_ends=corpus.split_word_ends(split), reading=trainer.reading(split),
+        word_ends=corpus.split_word_ends(split),
+        reading=trainer.reading(split),
     )
 
 
@@ -120,7 +137,12 @@ def record_main_stage(trainer: Trainer) -> None:
     model, _, _ = load_model_dir(best, trainer.device)
     epoch = read_model_meta(best)["info"].get("epoch")
     valid, test = _lm_scores(trainer, model)
-    scores = {f"{split}_{key}": value for split, result in (("valid", valid), ("test", test)) for key, value in result.as_dict().items() if key in SPLIT_KEYS}
+    scores = {
+        f"{split}_{key}": value
+        for split, result in (("valid", valid), ("test", test))
+        for key, value in result.as_dict().items()
+        if key in SPLIT_KEYS
+    }
     trainer.metrics.log(event=MAIN_EVENT, step=trainer.step, best_epoch=epoch, **scores)
     trainer._say(f"main stage: best model (epoch {epoch}) valid ppl {valid.ppl:.2f}, test ppl {test.ppl:.2f}")
 
@@ -137,13 +159,18 @@ def main_stage_record(run_dir: Path) -> dict[str, Any] | None:
             record = json.loads(line)
     if record is None:
         return None
-    out: dict[str, Any] = {split: {key: record[f"{split}_{key}"] for key in SPLIT_KEYS if f"{split}_{key}" in record} for split in ("valid", "test")}
+    out: dict[str, Any] = {
+        split: {key: record[f"{split}_{key}"] for key in SPLIT_KEYS if f"{split}_{key}" in record}
+        for split in ("valid", "test")
+    }
     out["best_epoch"] = record.get("best_epoch")
     return out
 
 
 def _record(trainer: Trainer, results: dict[str, Any]) -> None:
-    trainer.metrics.log(event="final", step=trainer.step, **{f"{k}_{m}": v for k in ("valid", "test") for m, v in results[k].items()})
+    trainer.metrics.log(
+        event="final", step=trainer.step, **{f"{k}_{m}": v for k in ("valid", "test") for m, v in results[k].items()}
+    )
     write_json(trainer.run_dir / RESULTS_FILE, results)
 
 

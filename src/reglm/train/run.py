@@ -24,18 +24,39 @@ from reglm.config import RunConfig, load_config_file
 from reglm.data import Corpus, Vocab
 from reglm.errors import TrainingDiverged, TrainingInterrupted
 from reglm.io import write_json
-from reglm.rundir import CONFIG_FILE, ENVIRONMENT_FILE, STATE_FILE, VOCAB_FILE, RunLock, claim_existing, require_same_vocab
+from reglm.rundir import (
+    CONFIG_FILE,
+    ENVIRONMENT_FILE,
+    STATE_FILE,
+    VOCAB_FILE,
+    RunLock,
+    claim_existing,
+    require_same_vocab,
+)
 from reglm.train.checkpoint import load_state
 from reglm.train.distributed import launch
 from reglm.train.setup import load_corpus, resolve_device, session_record
 from reglm.train.trainer import StepHook, StopRequest, Trainer
 
-__all__ = ["StopRequest", "Trainer", "TrainingDiverged", "TrainingInterrupted", "load_corpus", "resolve_device", "resume", "train"]
+__all__ = [
+    "StopRequest",
+    "Trainer",
+    "TrainingDiverged",
+    "TrainingInterrupted",
+    "load_corpus",
+    "resolve_device",
+    "resume",
+    "train",
+]
 
 
 def train(
-    config: RunConfig, run_dir: Path, progress: bool | None = None, stop: StopRequest | None = None,
-    corpus: Corpus | None = None, step_hooks: Sequence[StepHook] = (),
+    config: RunConfig,
+    run_dir: Path,
+    progress: bool | None = None,
+    stop: StopRequest | None = None,
+    corpus: Corpus | None = None,
+    step_hooks: Sequence[StepHook] = (),
 ) -> dict[str, Any]:
     """Start a new run in ``run_dir`` and train it to the end (``corpus``: the one ``config``
     names, when already loaded; ``step_hooks``: see :attr:`Trainer.step_hooks`)."""
@@ -46,7 +67,9 @@ def train(
         trainer.step_hooks.extend(step_hooks)
         try:
             trainer.start()
-            trainer._say(f"run {run_dir}: {trainer.model.num_parameters():,} parameters, vocabulary {len(corpus.vocab):,}, device {trainer.device}")
+            trainer._say(
+                f"run {run_dir}: {trainer.model.num_parameters():,} parameters, vocabulary {len(corpus.vocab):,}, device {trainer.device}"
+            )
         except BaseException:
             trainer.close()
             raise
@@ -54,7 +77,11 @@ def train(
 
 
 def resume(
-    run_dir: Path, progress: bool | None = None, stop: StopRequest | None = None, corpus: Corpus | None = None, step_hooks: Sequence[StepHook] = (),
+    run_dir: Path,
+    progress: bool | None = None,
+    stop: StopRequest | None = None,
+    corpus: Corpus | None = None,
+    step_hooks: Sequence[StepHook] = (),
 ) -> dict[str, Any]:
     """Continue the run in ``run_dir`` from its last checkpoint (or start it over from its
     ``config.json`` when it stopped before writing one). Everything is checked before anything
@@ -69,7 +96,14 @@ def resume(
                 state = load_state(run_dir / STATE_FILE) if (run_dir / STATE_FILE).is_file() else None
                 corpus = corpus if corpus is not None else load_corpus(config)
                 if state is not None:
-                    require_same_vocab(corpus.vocab, Vocab.load(run_dir / VOCAB_FILE), f"the corpus {config.data.name!r}", f"{run_dir / VOCAB_FILE}", "resume with the data the run was started on", strict=True)
+                    require_same_vocab(
+                        corpus.vocab,
+                        Vocab.load(run_dir / VOCAB_FILE),
+                        f"the corpus {config.data.name!r}",
+                        f"{run_dir / VOCAB_FILE}",
+                        "resume with the data the run was started on",
+                        strict=True,
+                    )
                 trainer = Trainer(config, run_dir, corpus, progress, stop, lock, dist)
                 trainer.step_hooks.extend(step_hooks)
         except BaseException:
@@ -85,7 +119,9 @@ def resume(
                     trainer.load_state_dict(state)
                 session = session_record(trainer.device, trainer.corpus) | dist.record()
                 dist.on_main(lambda: write_json(run_dir / ENVIRONMENT_FILE, _read_environment(run_dir) + [session]))
-                trainer._say(f"resuming {run_dir} at stage {trainer.stage}, epoch {trainer.epoch + (trainer.stage != 'done')}, step {trainer.step}")
+                trainer._say(
+                    f"resuming {run_dir} at stage {trainer.stage}, epoch {trainer.epoch + (trainer.stage != 'done')}, step {trainer.step}"
+                )
         except BaseException:
             trainer.close()
             raise

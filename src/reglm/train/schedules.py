@@ -101,12 +101,29 @@ class DecayScheduleConfig:
     decay_epochs)`` times the plateau factor accumulated so far; fine-tuning runs at
     ``train.finetune_lr``."""
 
-    kind: str = kind_field("decay", "learning-rate schedule: decay (per-epoch decay and plateau drops) or cosine (warm-up, then cosine cycles)")
-    decay: float = option(1.0, "multiply the rate by this every epoch after decay_start (Zaremba et al.; Inan et al. appendix A: 0.9 / 0.97); 1: no decay")
-    decay_start: int = option(0, "main-stage epoch after which the decay applies: epoch e runs at lr * decay ** max(0, e - decay_start)")
-    decay_epochs: int | None = option(None, "apply the decay for this many epochs after decay_start, then hold the rate (decay=0.1 decay_start=12 decay_epochs=1: divide by 10 once, after epoch 12, the AWD-LSTM code's --when 12); none: every epoch")
-    plateau_factor: float | None = option(None, "multiply the rate by this whenever an epoch does not improve the best validation score (Popov & Kudinov's synthetic study: 0.1); none: off")
-    nonmono_factor: float | None = option(None, "multiply the rate by this whenever NT-ASGD's non-monotone criterion (reference variant, interval nonmono_interval) fires on the validation score, instead of starting to average (AWD-LSTM Table 4 '- NT-ASGD': 0.5); none: off")
+    kind: str = kind_field(
+        "decay",
+        "learning-rate schedule: decay (per-epoch decay and plateau drops) or cosine (warm-up, then cosine cycles)",
+    )
+    decay: float = option(
+        1.0,
+        "multiply the rate by this every epoch after decay_start (Zaremba et al.; Inan et al. appendix A: 0.9 / 0.97); 1: no decay",
+    )
+    decay_start: int = option(
+        0, "main-stage epoch after which the decay applies: epoch e runs at lr * decay ** max(0, e - decay_start)"
+    )
+    decay_epochs: int | None = option(
+        None,
+        "apply the decay for this many epochs after decay_start, then hold the rate (decay=0.1 decay_start=12 decay_epochs=1: divide by 10 once, after epoch 12, the AWD-LSTM code's --when 12); none: every epoch",
+    )
+    plateau_factor: float | None = option(
+        None,
+        "multiply the rate by this whenever an epoch does not improve the best validation score (Popov & Kudinov's synthetic study: 0.1); none: off",
+    )
+    nonmono_factor: float | None = option(
+        None,
+        "multiply the rate by this whenever NT-ASGD's non-monotone criterion (reference variant, interval nonmono_interval) fires on the validation score, instead of starting to average (AWD-LSTM Table 4 '- NT-ASGD': 0.5); none: off",
+    )
     nonmono_interval: int = option(5, "the non-monotone interval n (in epochs) of nonmono_factor's criterion")
     plateau_stop: float | None = option(
         None,
@@ -118,13 +135,31 @@ class DecayScheduleConfig:
     def __post_init__(self) -> None:
         check(self.kind == "decay", "train.schedule.kind", f"unknown {self.kind!r}")
         stop = self.plateau_stop
-        check(stop is None or (math.isfinite(stop) and 0 < stop < 1), "train.schedule.plateau_stop", f"{stop} must be in (0, 1) or none")
-        check(self.nonmono_factor is None or (math.isfinite(self.nonmono_factor) and 0 < self.nonmono_factor < 1), "train.schedule.nonmono_factor", f"{self.nonmono_factor} must be in (0, 1) or none")
+        check(
+            stop is None or (math.isfinite(stop) and 0 < stop < 1),
+            "train.schedule.plateau_stop",
+            f"{stop} must be in (0, 1) or none",
+        )
+        check(
+            self.nonmono_factor is None or (math.isfinite(self.nonmono_factor) and 0 < self.nonmono_factor < 1),
+            "train.schedule.nonmono_factor",
+            f"{self.nonmono_factor} must be in (0, 1) or none",
+        )
         check(self.nonmono_interval >= 1, "train.schedule.nonmono_interval", f"{self.nonmono_interval} must be >= 1")
-        check(math.isfinite(self.decay) and 0 < self.decay <= 1, "train.schedule.decay", f"{self.decay} must be in (0, 1]")
+        check(
+            math.isfinite(self.decay) and 0 < self.decay <= 1, "train.schedule.decay", f"{self.decay} must be in (0, 1]"
+        )
         check(self.decay_start >= 0, "train.schedule.decay_start", f"{self.decay_start} must be >= 0")
-        check(self.decay_epochs is None or self.decay_epochs >= 1, "train.schedule.decay_epochs", f"{self.decay_epochs} must be >= 1 or none")
-        check(self.plateau_factor is None or (math.isfinite(self.plateau_factor) and 0 < self.plateau_factor < 1), "train.schedule.plateau_factor", f"{self.plateau_factor} must be in (0, 1) or none")
+        check(
+            self.decay_epochs is None or self.decay_epochs >= 1,
+            "train.schedule.decay_epochs",
+            f"{self.decay_epochs} must be >= 1 or none",
+        )
+        check(
+            self.plateau_factor is None or (math.isfinite(self.plateau_factor) and 0 < self.plateau_factor < 1),
+            "train.schedule.plateau_factor",
+            f"{self.plateau_factor} must be in (0, 1) or none",
+        )
 
 
 class DecaySchedule:
@@ -189,22 +224,36 @@ class DecaySchedule:
 class CosineScheduleConfig:
     """Linear warm-up, then cosine cycles (SGDR, Loshchilov & Hutter 2016; Baevski & Auli section 4.5)."""
 
-    kind: str = kind_field("cosine", "learning-rate schedule: decay (per-epoch decay and plateau drops) or cosine (warm-up, then cosine cycles)")
+    kind: str = kind_field(
+        "cosine",
+        "learning-rate schedule: decay (per-epoch decay and plateau drops) or cosine (warm-up, then cosine cycles)",
+    )
     warmup_steps: int = option(16000, "steps of linear warm-up from warmup_init_lr to the optimizer's lr (the maximum)")
     warmup_init_lr: float = option(1e-7, "the rate at step 0 of the warm-up")
     min_lr: float = option(1e-5, "the minimum of the first cycle")
     period: int = option(18000, "steps of the first cycle (WikiText-103: 18K; billion word: 137K)")
     t_mult: float = option(2.0, "each cycle runs this many times as long as the one before")
-    shrink: float = option(0.75, "the maximum and minimum rates of each cycle are those of the one before times this (M: 0.75 WikiText-103, 0.6 billion word)")
+    shrink: float = option(
+        0.75,
+        "the maximum and minimum rates of each cycle are those of the one before times this (M: 0.75 WikiText-103, 0.6 billion word)",
+    )
 
     def __post_init__(self) -> None:
         check(self.kind == "cosine", "train.schedule.kind", f"unknown {self.kind!r}")
         check(self.warmup_steps >= 0, "train.schedule.warmup_steps", f"{self.warmup_steps} must be >= 0")
         check(self.period >= 1, "train.schedule.period", f"{self.period} must be >= 1")
         check(math.isfinite(self.t_mult) and self.t_mult >= 1, "train.schedule.t_mult", f"{self.t_mult} must be >= 1")
-        check(math.isfinite(self.shrink) and 0 < self.shrink <= 1, "train.schedule.shrink", f"{self.shrink} must be in (0, 1]")
+        check(
+            math.isfinite(self.shrink) and 0 < self.shrink <= 1,
+            "train.schedule.shrink",
+            f"{self.shrink} must be in (0, 1]",
+        )
         for name in ("warmup_init_lr", "min_lr"):
-            check(math.isfinite(getattr(self, name)) and getattr(self, name) >= 0, f"train.schedule.{name}", f"{getattr(self, name)} must be >= 0")
+            check(
+                math.isfinite(getattr(self, name)) and getattr(self, name) >= 0,
+                f"train.schedule.{name}",
+                f"{getattr(self, name)} must be >= 0",
+            )
 
 
 class CosineSchedule:

@@ -46,8 +46,16 @@ def load_corpus(config: RunConfig, vocab: Vocab | None = None) -> Corpus:
     models the segmentation, instead of building them from the training split."""
     d = config.data
     corpus = resolve(
-        d.name, data_dir=d.data_dir, min_freq=d.min_freq, max_vocab=d.max_vocab, synthetic_seed=d.synthetic_seed, synthetic_sentences=d.synthetic_sentences,
-        synthetic_rule=d.synthetic_rule, tokenizer=d.tokenizer, bpe_vocab_size=d.bpe_vocab_size, vocab=vocab,
+        d.name,
+        data_dir=d.data_dir,
+        min_freq=d.min_freq,
+        max_vocab=d.max_vocab,
+        synthetic_seed=d.synthetic_seed,
+        synthetic_sentences=d.synthetic_sentences,
+        synthetic_rule=d.synthetic_rule,
+        tokenizer=d.tokenizer,
+        bpe_vocab_size=d.bpe_vocab_size,
+        vocab=vocab,
     )
     return training_part(corpus, d.train_part, d.train_parts)
 
@@ -62,11 +70,22 @@ def training_part(corpus: Corpus, part: int, parts: int) -> Corpus:
         return corpus
     ids = corpus.train
     line_ends = (ids == corpus.vocab.eos_id).nonzero().flatten() + 1
-    cuts = [0, *(int(line_ends[min(int(torch.searchsorted(line_ends, k * ids.numel() // parts)), line_ends.numel() - 1)]) for k in range(1, parts)), ids.numel()]
+    cuts = [
+        0,
+        *(
+            int(line_ends[min(int(torch.searchsorted(line_ends, k * ids.numel() // parts)), line_ends.numel() - 1)])
+            for k in range(1, parts)
+        ),
+        ids.numel(),
+    ]
     start, end = cuts[part - 1], cuts[part]
     if end <= start + 1:
-        raise ReglmError(f"data.train_part={part} of data.train_parts={parts} leaves no training text ({ids.numel()} tokens in {line_ends.numel()} lines); lower data.train_parts")
-    word_ends = None if corpus.word_ends is None else {**corpus.word_ends, "train": corpus.word_ends["train"][start:end]}
+        raise ReglmError(
+            f"data.train_part={part} of data.train_parts={parts} leaves no training text ({ids.numel()} tokens in {line_ends.numel()} lines); lower data.train_parts"
+        )
+    word_ends = (
+        None if corpus.word_ends is None else {**corpus.word_ends, "train": corpus.word_ends["train"][start:end]}
+    )
     return dataclasses.replace(corpus, train=ids[start:end], word_ends=word_ends)
 
 
@@ -78,7 +97,11 @@ def manifest_hash(corpus: Corpus) -> str | None:
 def session_record(device: torch.device, corpus: Corpus) -> dict[str, Any]:
     """One session of ``environment.json``: versions, device and commit, and the corpus it read."""
     info = corpus.cache
-    data = {"name": corpus.name, "cache": None if info is None else str(info.path), "manifest_hash": manifest_hash(corpus)}
+    data = {
+        "name": corpus.name,
+        "cache": None if info is None else str(info.path),
+        "manifest_hash": manifest_hash(corpus),
+    }
     return {**environment(device), "data": data}
 
 
@@ -104,7 +127,10 @@ def device_memory(device: torch.device) -> int | None:
 
 
 def check_model_size(
-    config: RunConfig, vocab_size: int, device: torch.device, per_parameter: int = TRAINING_BYTES_PER_PARAMETER,
+    config: RunConfig,
+    vocab_size: int,
+    device: torch.device,
+    per_parameter: int = TRAINING_BYTES_PER_PARAMETER,
     purpose: str = "training",
     fix: str = "lower model.encoder.hidden_size, model.input.emb_size or model.encoder.num_layers (or data.max_vocab)",
 ) -> int:

@@ -64,15 +64,16 @@ from reglm.models import LanguageModel
 from reglm.objectives.activation_reg import ActivationReg, TemporalActivationReg
 from reglm.progress import Pace, clock, say
 from reglm.rundir import CONFIG_FILE, ENVIRONMENT_FILE, METRICS_FILE, RunLock, claim_new, describe_previous
+from reglm.train.batching import eval_reading, training_batches
 from reglm.train.checkpoint import STATE_FILE, VOCAB_FILE, load_model_dir, save_model_dir, save_state
+from reglm.train.distributed import SINGLE, SilentLog, SingleProcess
 from reglm.train.engine import StepEngine
 from reglm.train.metrics import MetricsLog
 from reglm.train.objective import ObjectiveEval, make_objective
 from reglm.train.results import finish, record_main_stage
-from reglm.train.batching import eval_reading, training_batches
-from reglm.train.distributed import SINGLE, SilentLog, SingleProcess
 from reglm.train.schedules import advsoft_on, annealed_std
 from reglm.train.setup import check_model_size, manifest_hash, require_same_data, session_record
+
 
 class StopRequest:
     """A stop the trainer honours at the end of the current step: it saves a checkpoint and raises
@@ -104,7 +105,13 @@ class Trainer:
     """Owns the model, optimizer, averaging, schedule and position of one run directory."""
 
     def __init__(
-        self, config: RunConfig, run_dir: Path, corpus: Corpus, progress: bool | None = None, stop: StopRequest | None = None, lock: RunLock | None = None,
+        self,
+        config: RunConfig,
+        run_dir: Path,
+        corpus: Corpus,
+        progress: bool | None = None,
+        stop: StopRequest | None = None,
+        lock: RunLock | None = None,
         dist: SingleProcess = SINGLE,
     ):
         self.config = config
@@ -119,19 +126,34 @@ class Trainer:
         self.stop = stop
         self.lock = lock
         check_model_size(config, len(self.vocab), self.device)
-        for split, batch_size, option in (("valid", cfg.eval_batch_size, "train.eval_batch_size"), ("test", cfg.test_batch_size, "train.test_batch_size")):
+        for split, batch_size, option in (
+            ("valid", cfg.eval_batch_size, "train.eval_batch_size"),
+            ("test", cfg.test_batch_size, "train.test_batch_size"),
+        ):
             ids = getattr(corpus, split)
             if ids.numel() - 1 < batch_size:
-                raise ReglmError(f"{option}={batch_size} is too large for the {split} split ({ids.numel()} tokens): each stream needs at least one target; lower {option}")
+                raise ReglmError(
+                    f"{option}={batch_size} is too large for the {split} split ({ids.numel()} tokens): each stream needs at least one target; lower {option}"
+                )
         torch.manual_seed(config.seed)
         self.model = LanguageModel(config.model, len(self.vocab), self.vocab).to(self.device)
         self.eval_model = LanguageModel(config.model, len(self.vocab), self.vocab).to(self.device)
         dist.seed(config.seed)
         self.batches = training_batches(corpus.train, cfg, config.seed, self.device, self.vocab.eos_id, dist.shard)
-        self.metrics = MetricsLog(self.run_dir / METRICS_FILE, tensorboard=cfg.tensorboard) if dist.is_main else SilentLog()
+        self.metrics = (
+            MetricsLog(self.run_dir / METRICS_FILE, tensorboard=cfg.tensorboard) if dist.is_main else SilentLog()
+        )
         self.objective = make_objective(config, self.vocab, self.device)
         terms = [*self.objective.terms, ActivationReg(cfg.ar_alpha), TemporalActivationReg(cfg.tar_beta)]
-        self.engine = StepEngine(self.model, self.objective, terms, cfg.small_batch_size, cfg.clip, cfg.sequence_loss, autocast=self._autocast)
+        self.engine = StepEngine(
+            self.model,
+            self.objective,
+            terms,
+            cfg.small_batch_size,
+            cfg.clip,
+            cfg.sequence_loss,
+            autocast=self._autocast,
+        )
         if cfg.compile:
             self.engine.forward = torch.compile(self.model)
         self.engine.optimizer = self._new_optimizer()
@@ -169,6 +191,7 @@ class Trainer:
         """Claim a fresh run directory (:func:`reglm.rundir.claim_new`), write its files, let the
         objective set the starting weights (:meth:`prepare`) and write the first ``state.pt``, so
         the run can be resumed from its first step on."""
+
         def claim() -> None:
             if self.lock is None:
                 self.lock = claim_new(self.run_dir)
@@ -181,7 +204,9 @@ class Trainer:
     def restart(self) -> None:
         """Start over a claimed run directory whose run never wrote a checkpoint: its
         ``config.json`` stays, the rest is written afresh, as by :meth:`start`."""
-        self._say(f"{self.run_dir} has no checkpoint yet (it stopped before its first step); starting it over from its {CONFIG_FILE}")
+        self._say(
+            f"{self.run_dir} has no checkpoint yet (it stopped before its first step); starting it over from its {CONFIG_FILE}"
+        )
         self._begin()
 
     def _begin(self) -> None:
@@ -203,8 +228,19 @@ class Trainer:
         self.objective.prepare(self.model)
         if self.objective.initial_model() is not None:
             val = self.dist.from_main(lambda: self._score(self.model, "valid"))
-            self.metrics.log(event="initial", step=0, **{f"valid_{name}": value for name, value in val.metrics.items() if name != "tokens"})
-            self._say("initial model: " + ", ".join(f"valid {name} {value:.4g}" for name, value in val.metrics.items() if name not in ("tokens", "words")))
+            self.metrics.log(
+                event="initial",
+                step=0,
+                **{f"valid_{name}": value for name, value in val.metrics.items() if name != "tokens"},
+            )
+            self._say(
+                "initial model: "
+                + ", ".join(
+                    f"valid {name} {value:.4g}"
+                    for name, value in val.metrics.items()
+                    if name not in ("tokens", "words")
+                )
+            )
 
     def _report_takeover(self) -> None:
         line = describe_previous(self.lock) if self.lock is not None else None
@@ -253,10 +289,14 @@ class Trainer:
         path = self.run_dir / STATE_FILE
         state = self.dist.local_state(state, self.model.encoder, self.cfg.batch_size, path)
         if state["vocab_fingerprint"] != self.vocab.fingerprint():
-            raise ReglmError(f"{path} was built for another vocabulary than the corpus {self.config.data.name!r} now gives; resume with the original data")
+            raise ReglmError(
+                f"{path} was built for another vocabulary than the corpus {self.config.data.name!r} now gives; resume with the original data"
+            )
         require_same_data(state.get("data_manifest"), self.corpus, path)
         if not self.batches.fits(state["position"]):
-            raise ReglmError(f"{path} does not fit the run in {CONFIG_FILE} (its position in the training stream is beyond it); resume it with its own config.json")
+            raise ReglmError(
+                f"{path} does not fit the run in {CONFIG_FILE} (its position in the training stream is beyond it); resume it with its own config.json"
+            )
         entry = "model"
         try:
             self.model.load_state_dict(state["model"])
@@ -277,10 +317,21 @@ class Trainer:
             if self.device.type == "cuda" and "cuda" in state["rng"]:
                 torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
         except (RuntimeError, KeyError, TypeError, ValueError, IndexError) as exc:
-            raise ReglmError(f"{path}: its {entry!r} entry does not fit the run in {CONFIG_FILE} ({_first_line(exc)}); resume with the run's own files, or start a new run with another --out") from None
-        self.stage, self.epoch, self.step, self.position = state["stage"], state["epoch"], state["step"], state["position"]
+            raise ReglmError(
+                f"{path}: its {entry!r} entry does not fit the run in {CONFIG_FILE} ({_first_line(exc)}); resume with the run's own files, or start a new run with another --out"
+            ) from None
+        self.stage, self.epoch, self.step, self.position = (
+            state["stage"],
+            state["epoch"],
+            state["step"],
+            state["position"],
+        )
         self.hidden = hidden
-        self.epoch_nll, self.epoch_tokens, self.best_val = float(state["epoch_nll"]), state["epoch_tokens"], float(state["best_val"])
+        self.epoch_nll, self.epoch_tokens, self.best_val = (
+            float(state["epoch_nll"]),
+            state["epoch_tokens"],
+            float(state["best_val"]),
+        )
         self.metrics.truncate(state["metrics_bytes"], first_step=self.step + 1)
         self.last_checkpoint = self._checkpoint_name()
 
@@ -369,7 +420,9 @@ class Trainer:
 
     def _advsoft_on(self) -> bool:
         advsoft = self.config.model.output.advsoft
-        return advsoft is not None and advsoft_on(advsoft.kind, self.cfg.advsoft_stop_epoch, self.cfg.advsoft_finetune, self.stage, self.epoch)
+        return advsoft is not None and advsoft_on(
+            advsoft.kind, self.cfg.advsoft_stop_epoch, self.cfg.advsoft_finetune, self.stage, self.epoch
+        )
 
     def _input_noise_std(self) -> float:
         cfg = self.cfg
@@ -394,7 +447,14 @@ class Trainer:
         if self.hidden is None or not batches.carries_state:
             self.hidden = model.init_state(self.dist.share(cfg.batch_size), device=self.device)
         adversarial, noise_std = self._advsoft_on(), self._input_noise_std()
-        bar = tqdm(total=batches.total, initial=self.position, disable=not self.progress, unit="tok/stream" if batches.carries_state else "batch", leave=False, desc=f"{self.stage} epoch {self.epoch + 1}")
+        bar = tqdm(
+            total=batches.total,
+            initial=self.position,
+            disable=not self.progress,
+            unit="tok/stream" if batches.carries_state else "batch",
+            leave=False,
+            desc=f"{self.stage} epoch {self.epoch + 1}",
+        )
         window_nll, window_tokens, window_start = self.epoch_nll, self.epoch_tokens, time.perf_counter()
         line_step, line_start = self.step, time.perf_counter()
         while not batches.done(self.position) and not self._out_of_steps():
@@ -413,7 +473,17 @@ class Trainer:
                 tokens = self.epoch_tokens - window_tokens
                 mean = (self.epoch_nll - window_nll) / max(tokens, 1)
                 elapsed = time.perf_counter() - window_start
-                self.metrics.log(event="step", stage=self.stage, epoch=self.epoch + 1, step=self.step, lr=lr, loss=mean, ppl=perplexity(mean), tokens_per_s=tokens / max(elapsed, 1e-9), averaging=self.averaging.active)
+                self.metrics.log(
+                    event="step",
+                    stage=self.stage,
+                    epoch=self.epoch + 1,
+                    step=self.step,
+                    lr=lr,
+                    loss=mean,
+                    ppl=perplexity(mean),
+                    tokens_per_s=tokens / max(elapsed, 1e-9),
+                    averaging=self.averaging.active,
+                )
                 bar.set_postfix(loss=f"{mean:.3f}", ppl=f"{perplexity(mean):.1f}", run_eta=clock(self._run_eta()))
                 self.last_interval = (mean, tokens / max(elapsed, 1e-9))
                 window_nll, window_tokens, window_start = self.epoch_nll, self.epoch_tokens, time.perf_counter()
@@ -494,12 +564,27 @@ class Trainer:
         valid = {f"valid_{name}": value for name, value in val.metrics.items() if name != "tokens"}
         averaging = self.averaging.active
         self.metrics.log(
-            event="epoch", stage=self.stage, epoch=self.epoch, step=self.step,
-            train_loss=train_loss, train_ppl=perplexity(train_loss), **valid,
-            lr=lr, averaging=averaging, best=improved, advsoft=adversarial, input_noise=noise_std,
+            event="epoch",
+            stage=self.stage,
+            epoch=self.epoch,
+            step=self.step,
+            train_loss=train_loss,
+            train_ppl=perplexity(train_loss),
+            **valid,
+            lr=lr,
+            averaging=averaging,
+            best=improved,
+            advsoft=adversarial,
+            input_noise=noise_std,
         )
-        shown = " | ".join(f"valid {name} {value:9.4g}" for name, value in val.metrics.items() if name not in ("tokens", "words"))
-        self._say(f"| {self.stage} | epoch {self.epoch:3d} | step {self.step:7d} | train loss {train_loss:7.4f} | {shown}" + (" | averaging" if averaging else "") + (" | best" if improved else ""))
+        shown = " | ".join(
+            f"valid {name} {value:9.4g}" for name, value in val.metrics.items() if name not in ("tokens", "words")
+        )
+        self._say(
+            f"| {self.stage} | epoch {self.epoch:3d} | step {self.step:7d} | train loss {train_loss:7.4f} | {shown}"
+            + (" | averaging" if averaging else "")
+            + (" | best" if improved else "")
+        )
         info = {"stage": self.stage, "epoch": self.epoch, "step": self.step, **valid, "averaged": averaging}
         if improved:
             self.best_val = val.selection
@@ -512,7 +597,9 @@ class Trainer:
         self.dist.on_main(lambda: save_model_dir(self.run_dir / "last", eval_model, self.config, self.vocab, info))
         if self.stage == "main":
             if self.averaging.main_epoch_end(val.selection, self.model.parameters()):
-                self.metrics.log(event="trigger", stage=self.stage, epoch=self.epoch, step=self.step, valid_loss=val.selection)
+                self.metrics.log(
+                    event="trigger", stage=self.stage, epoch=self.epoch, step=self.step, valid_loss=val.selection
+                )
                 self._say(f"NT-ASGD: averaging starts after epoch {self.epoch} (step {self.step})")
         elif self.stage == "finetune" and self.averaging.finetune_epoch_end(val.selection):
             self.metrics.log(event="finetune_stop", epoch=self.epoch, step=self.step, valid_loss=val.selection)
