@@ -62,6 +62,20 @@ def test_commands_report_progress_without_a_terminal(
     assert re.search(r"^valid: \d+/\d+ batch .* \| command \d+% \| ETA", err, re.M)
 
 
+def test_a_run_asked_for_progress_prints_lines_not_a_bar_without_a_terminal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The studies and reproduce ask their runs for progress; into a log file that is lines (a tqdm
+    bar there would be a stream of carriage returns)."""
+    from reglm.config import build_config
+    from reglm.train.run import train
+
+    monkeypatch.setattr(reglm.progress, "INTERVAL", 0.0)
+    train(build_config("tiny", TINY[2:]), tmp_path / "run", progress=True)
+    err = capsys.readouterr().err
+    assert "\r" not in err and re.search(r"\| main \| epoch +1 \| step +\d+ .* run ETA", err), err[-2000:]
+
+
 def test_the_thread_count_is_chosen(monkeypatch: pytest.MonkeyPatch) -> None:
     before = torch.get_num_threads()
     try:

@@ -122,7 +122,8 @@ class Trainer:
         self.dist = dist
         """the processes of the run (:mod:`reglm.train.distributed`): rank 0 alone writes, logs and evaluates"""
         self.device = dist.device(cfg.device)
-        self.progress = (sys.stderr.isatty() if progress is None else progress) and dist.is_main
+        # a bar only on a terminal (progress=False: none); a log file or a pipe gets progress lines
+        self.progress = progress is not False and sys.stderr.isatty() and dist.is_main
         self.stop = stop
         self.lock = lock
         check_model_size(config, len(self.vocab), self.device)
