@@ -12,6 +12,7 @@ an uninterrupted one. A kind registered without an entry in :data:`CONFIGS` fail
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
 from pathlib import Path
@@ -28,6 +29,7 @@ from reglm.config.fields import ComponentConfig
 from reglm.data.vocab import Vocab
 from reglm.encoders.base import Encoder, state_dict_of
 from reglm.errors import ReglmError, TrainingInterrupted
+from reglm.evaluate.modes import MODES, EvalContext, batch_size_for, reading_for
 from reglm.evaluate.perplexity import evaluate
 from reglm.export import export_model
 from reglm.inputs.base import InputLayer
@@ -110,6 +112,16 @@ CONFIGS: dict[tuple[str, str], list[str]] = {
 }
 """A tiny configuration of every registered kind (``tiny`` preset overrides)."""
 
+MODE_SPECS: dict[str, str] = {
+    "plain": "",
+    "context-window": "4",
+    "cache": "window=20,theta=0.3,lambda=0.1",
+    "cache-search": "window=10,20;theta=0.3;lambda=0.1,0.2",
+    "dynamic": "lr=1e-3,lambda=0.002,segment=5,variant=sgd",
+    "dynamic-search": "lr=1e-4,1e-3;lambda=0.002;segment=5;variant=sgd",
+}
+"""A small setting of every registered evaluation mode (its flag's text)."""
+
 KINDS = pytest.mark.parametrize("family, kind", list(CONFIGS), ids=[f"{f}-{k}" for f, k in CONFIGS])
 
 
@@ -167,6 +179,28 @@ def test_evaluation_scores_every_token_once_at_any_batch_size(family: str, kind:
         result = evaluate(model, ids, batch_size, bptt=7, keep_token_nll=True)
         assert result.tokens == len(ids) - 1, batch_size
         assert sorted(result.positions.tolist()) == list(range(1, len(ids))), batch_size
+        assert torch.isfinite(result.token_nll).all()
+
+
+def test_every_evaluation_mode_is_in_the_suite() -> None:
+    assert set(MODE_SPECS) == set(MODES)
+
+
+@pytest.mark.parametrize("name", list(MODE_SPECS))
+def test_every_evaluation_mode_scores_every_token_once_at_any_batch_size(name: str) -> None:
+    """Each mode on a tiny model, at its own batch size and at the sizes it is given: the split's
+    N - 1 targets each scored once, finite, whatever the batching."""
+    mode, model, ids = MODES[name], model_of("input", "embedding"), ids_of(47)
+    setting = mode.parse(MODE_SPECS[name], f"--{name}")
+    train = config_of("input", "embedding").train
+    for given in (None, 1, 3):
+        batch_size = batch_size_for(mode, setting, train, "test", given)
+        block = 12 if mode.needs_blocks else None
+        reading = dataclasses.replace(reading_for(mode, train, "test", vocab().eos_id, batch_size, block), bptt=7)
+        ctx = EvalContext(model, ids, "test", batch_size, 7, reading, None, torch.device("cpu"), True, False, ids, ids)
+        result = mode.run(ctx, setting).result
+        assert result.tokens == len(ids) - 1, (given, batch_size)
+        assert sorted(result.positions.tolist()) == list(range(1, len(ids))), (given, batch_size)
         assert torch.isfinite(result.token_nll).all()
 
 

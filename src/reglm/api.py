@@ -43,7 +43,7 @@ from reglm.data.vocab import EOS, UNK, Vocab
 from reglm.data.windows import StreamPlan
 from reglm.errors import ReglmError
 from reglm.evaluate.incremental import Hypotheses
-from reglm.evaluate.perplexity import perplexity, stream_pass
+from reglm.evaluate.perplexity import EvalResult, perplexity, stream_pass
 from reglm.evaluate.sentences import sentence_log_probs
 from reglm.hub import pretrained_directory, push_to_hub, save_pretrained
 from reglm.models import LanguageModel
@@ -371,6 +371,49 @@ class TrainedModel:
         ids, ends = self.text_to_units(text)
         logp = self.target_log_probs(ids)
         return perplexity(-float(logp.sum()) / max(sum(ends), 1))
+
+    def evaluate(
+        self,
+        text: str,
+        mode: str = "plain",
+        spec: str | None = None,
+        valid: str | None = None,
+        train: str | None = None,
+    ) -> EvalResult:
+        """``text`` (one ``<eos>`` per line) scored as ``reglm eval`` scores a test split with
+        evaluation ``mode`` (a name of :data:`reglm.evaluate.modes.MODES`) and its ``spec`` (the
+        text of its flag): the first token is context only, read as the run reads its test split.
+        A search tunes on the text ``valid``; dynamic evaluation's ``rms`` rule takes its gradient
+        statistics on the text ``train``."""
+        from reglm.config.schema import TrainConfig
+        from reglm.evaluate.modes import EvalContext, batch_size_for, mode_named, reading_for, refuse_subwords
+
+        chosen = mode_named(mode)
+        setting = chosen.parse(spec or "", f"mode {mode} spec")
+        if self.subword is not None:
+            refuse_subwords(chosen, "this model")
+        if chosen.searches and valid is None:
+            raise ReglmError(f"evaluation mode {mode} tunes on validation text; pass valid=TEXT")
+        config = self.run_config.train if self.run_config is not None else TrainConfig()
+        ids, ends = self.text_to_units(text)
+        if len(ids) < 2:
+            raise ReglmError("evaluate needs a text of at least 2 tokens (the first is context, the rest scored)")
+        batch_size = batch_size_for(chosen, setting, config, "test")
+        ctx = EvalContext(
+            self.model,
+            torch.tensor(ids),
+            "test",
+            batch_size,
+            config.bptt,
+            reading_for(chosen, config, "test", self.vocab.eos_id, batch_size),
+            torch.tensor(ends) if self.subword is not None else None,
+            self.device,
+            False,
+            False,
+            None if valid is None else torch.tensor(self.text_to_units(valid)[0]),
+            None if train is None else torch.tensor(self.text_to_units(train)[0]),
+        )
+        return chosen.run(ctx, setting).result
 
     def generate(
         self,

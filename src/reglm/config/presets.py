@@ -44,6 +44,7 @@ from reglm.config.build import apply, build, did_you_mean, kinds_first, nested_a
 from reglm.config.parse import parse_assignments
 from reglm.config.schema import RunConfig, architecture_differences
 from reglm.errors import ReglmError
+from reglm.evaluate.modes import MODES
 from reglm.papers import PAPERS
 
 
@@ -100,9 +101,10 @@ def load_preset(name: str, _chain: tuple[str, ...] = ()) -> list[tuple[str, Any]
 
 METADATA_KEYS = ("paper", "starts_from")
 """Top-level keys of a preset file that are metadata, not options (see the module docstring)."""
-EVALUATIONS = ("plain", "cache", "cache-search", "dynamic", "dynamic-search", "next-words")
-"""How a row's numbers are measured: plain perplexity, or a ``reglm eval`` mode (with ``spec``),
-or the top-k next words after phrases (``lm.next_words``)."""
+EVALUATIONS = (*MODES, "next-words")
+"""How a row's numbers are measured: an evaluation mode (:data:`reglm.evaluate.modes.MODES`:
+plain perplexity, or a ``reglm eval`` mode with ``spec``), or the top-k next words after phrases
+(``lm.next_words``)."""
 STAGES = ("final", "main")
 STARTS_FROM_OBJECTIVES = ("lm", "discriminator", "reverse-kl")
 _ROW_KEYS = ("name", "table", "id", "row", "reported", "evaluation", "spec", "stage", "note")

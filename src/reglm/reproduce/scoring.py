@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from reglm.config import RunConfig
+from reglm.evaluate.modes import MODES
 from reglm.io import write_json
 from reglm.papers import PAPERS
 from reglm.reproduce.plan import ROWS, RowPlan, Run, run_chain
@@ -77,11 +78,45 @@ class Scorer:
         model, _, _ = load_model_dir(best)
         return {**out, "params": model.num_parameters()}
 
+    def _run_mode(
+        self, plan: RowPlan, model: Any, config: RunConfig, vocab: Any, corpus: Any, device: Any
+    ) -> dict[str, Any]:
+        """Valid and test perplexity of ``plan``'s row by its evaluation mode (a search tunes on
+        valid once and scores its choice on test), with the setting scored."""
+        from reglm.evaluate.modes import EvalContext, batch_size_for, reading_for
+
+        row = plan.row
+        mode = MODES[row.evaluation]
+        setting = mode.parse(row.spec or "", f"preset {row.preset}: paper.spec")
+        splits = ("test",) if mode.searches else ("valid", "test")
+        memo: dict[str, Any] = {}
+        outcomes = {}
+        for split in splits:
+            batch_size = batch_size_for(mode, setting, config.train, split)
+            ctx = EvalContext(
+                model,
+                getattr(corpus, split),
+                split,
+                batch_size,
+                config.train.bptt,
+                reading_for(mode, config.train, split, vocab.eos_id, batch_size),
+                corpus.split_word_ends(split),
+                device,
+                False,
+                self.progress,
+                corpus.valid,
+                corpus.train,
+                memo,
+            )
+            outcomes[split] = mode.run(ctx, setting)
+        test = outcomes["test"]
+        valid = test.tuned_ppl if mode.searches else outcomes["valid"].result.ppl
+        out = {"valid": valid, "test": test.result.ppl}
+        return {**out, "setting": test.setting} if test.setting else out
+
     def _measure(self, plan: RowPlan) -> dict[str, Any]:
         import torch
 
-        from reglm.evaluate.perplexity import evaluate
-        from reglm.train.batching import eval_reading
         from reglm.train.checkpoint import load_model_dir
         from reglm.train.setup import resolve_device
 
@@ -89,7 +124,6 @@ class Scorer:
         device = resolve_device(run.config.train.device)
         model, config, vocab = load_model_dir(run.directory / "best", device)
         corpus = self.corpus(config)
-        bptt = config.train.bptt
         if row.evaluation == "plain":
             from reglm.train.results import main_stage_record
 
@@ -100,77 +134,10 @@ class Scorer:
                     "test": record["test"]["ppl"],
                     "note": "time budget spent in the fine-tuning stage: its main-stage record",
                 }
-            scores = {
-                split: evaluate(
-                    model,
-                    getattr(corpus, split),
-                    device=device,
-                    progress=self.progress,
-                    desc=split,
-                    word_ends=corpus.split_word_ends(split),
-                    reading=eval_reading(config.train, split, vocab.eos_id),
-                ).ppl
-                for split in ("valid", "test")
-            }
+            scores = self._run_mode(plan, model, config, vocab, corpus, device)
             return {**scores, "note": "time budget spent: the best model so far"}
-        if row.evaluation in ("cache", "cache-search"):
-            from reglm.evaluate.cache import (
-                cache_evaluate,
-                cache_search,
-                parse_cache_grid,
-                parse_cache_spec,
-            )
-
-            if row.evaluation == "cache":
-                spec = parse_cache_spec(row.spec or "", f"preset {row.preset}: paper.spec")
-                valid = cache_evaluate(
-                    model, corpus.valid, spec, 1, bptt, device, progress=self.progress, desc="valid (cache)"
-                ).ppl
-            else:
-                search = cache_search(
-                    model,
-                    corpus.valid,
-                    parse_cache_grid(row.spec or "", f"preset {row.preset}: paper.spec"),
-                    1,
-                    bptt,
-                    device,
-                    progress=self.progress,
-                )
-                spec, valid = search.best, search.ppl
-            test = cache_evaluate(
-                model, corpus.test, spec, 1, bptt, device, progress=self.progress, desc="test (cache)"
-            ).ppl
-            return {"valid": valid, "test": test, "setting": str(spec)}
-        if row.evaluation in ("dynamic", "dynamic-search"):
-            from reglm.evaluate.dynamic import (
-                dynamic_evaluate,
-                dynamic_search,
-                gradient_statistics,
-            )
-            from reglm.evaluate.dynamic_spec import (
-                check_training_data,
-                parse_dynamic_grid,
-                parse_dynamic_spec,
-            )
-
-            option = f"preset {row.preset}: paper.spec"
-            grid = parse_dynamic_grid(row.spec or "", option) if row.evaluation == "dynamic-search" else None
-            spec = grid.spec if grid is not None else parse_dynamic_spec(row.spec or "", option)
-            stats = None
-            if spec.variant != "sgd":
-                check_training_data(corpus.train, spec, option=option)
-                stats = gradient_statistics(model, corpus.train, spec, device=device, progress=self.progress)
-            if grid is not None:
-                search = dynamic_search(model, corpus.valid, grid, stats, device, progress=self.progress)
-                spec, valid = search.best, search.best_result.ppl
-            else:
-                valid = dynamic_evaluate(
-                    model, corpus.valid, spec, stats, device, progress=self.progress, desc="valid (dynamic)"
-                ).ppl
-            test = dynamic_evaluate(
-                model, corpus.test, spec, stats, device, progress=self.progress, desc="test (dynamic)"
-            ).ppl
-            return {"valid": valid, "test": test, "setting": f"{spec.variant} lr={spec.lr:g} lambda={spec.lam:g}"}
+        if row.evaluation in MODES:
+            return self._run_mode(plan, model, config, vocab, corpus, device)
         from reglm.api import load
 
         lm = load(run.directory / "best", device=device)
