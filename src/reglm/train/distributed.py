@@ -58,7 +58,8 @@ from __future__ import annotations
 import inspect
 import os
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
@@ -158,8 +159,9 @@ class SingleProcess:
         """The engine's loss sums over every rank: ``(NLL, tokens, every loss finite)``."""
         return nll, tokens, finite
 
-    def parallelize(self, engine: Any) -> None:
-        """Nothing: one process computes its own gradients."""
+    def chunk_passes(self, model: nn.Module, chunk_pass: Callable[..., Any]) -> ChunkPasses:
+        """The step engine's chunk pass as it is: one process computes its own gradients."""
+        return ChunkPasses(chunk_pass, nullcontext, _same)
 
     def broadcast_module(self, module: nn.Module) -> None:
         """Nothing: there is no other rank to copy to."""
@@ -177,15 +179,31 @@ class SingleProcess:
 SINGLE = SingleProcess()
 
 
+@dataclass(frozen=True)
+class ChunkPasses:
+    """How the step engine (:mod:`reglm.train.engine`) runs the chunks of a step under a
+    strategy: ``run`` a chunk's pass, ``no_sync`` around every chunk but the last (no gradient
+    all-reduce), and ``token_total``, what a step's scored targets count as when a chunk's share
+    is taken of them."""
+
+    run: Callable[..., Any]
+    no_sync: Callable[[], AbstractContextManager]
+    token_total: Callable[[int], float]
+
+
+def _same(tokens: int) -> int:
+    return tokens
+
+
 class _ChunkPass(nn.Module):
     """What DDP wraps: the model as its one child (DDP finds and averages its parameters), and the
     step engine's chunk pass as its forward, so that every parameter a step touches -- the output
     layer's and the objective terms' too -- is used inside DDP's forward."""
 
-    def __init__(self, engine: Any) -> None:
+    def __init__(self, model: nn.Module, chunk_pass: Callable[..., Any]) -> None:
         super().__init__()
-        self.model = engine.model
-        self.run = engine.chunk_pass
+        self.model = model
+        self.run = chunk_pass
 
     def forward(self, *args: Any) -> Any:
         return self.run(*args)
@@ -288,15 +306,15 @@ class DataParallelGroup(SingleProcess):
 
     # ------------------------------------------------------------------ gradients and weights
 
-    def parallelize(self, engine: Any) -> None:
-        """Make ``engine`` data-parallel (once): DDP over its chunk pass, ``no_sync`` for its
+    def chunk_passes(self, model: nn.Module, chunk_pass: Callable[..., Any]) -> ChunkPasses:
+        """The step engine's chunk pass made data-parallel: DDP over it, ``no_sync`` for the
         accumulation chunks, chunk weights over the mean tokens per rank. DDP copies rank 0's
         weights to every rank as it starts (they are equal already: the same seed built them)."""
-        if isinstance(engine.loss, DistributedDataParallel):
-            return
-        skips = engine.model.skips_parameters
-        ddp = DistributedDataParallel(_ChunkPass(engine), find_unused_parameters=skips, **_NO_FORWARD_BUFFER_SYNC)
-        engine.loss, engine.no_sync, engine.token_total = ddp, ddp.no_sync, self.mean_tokens
+        skips = model.skips_parameters
+        ddp = DistributedDataParallel(
+            _ChunkPass(model, chunk_pass), find_unused_parameters=skips, **_NO_FORWARD_BUFFER_SYNC
+        )
+        return ChunkPasses(ddp, ddp.no_sync, self.mean_tokens)
 
     @torch.no_grad()
     def broadcast_module(self, module: nn.Module) -> None:
