@@ -58,8 +58,7 @@ from __future__ import annotations
 import inspect
 import os
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
@@ -71,6 +70,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from reglm.encoders.base import concat_states, select_streams, state_dict_of
 from reglm.errors import ReglmError
+from reglm.train.engine import ChunkPasses
 from reglm.train.setup import resolve_device
 
 T = TypeVar("T")
@@ -161,7 +161,7 @@ class SingleProcess:
 
     def chunk_passes(self, model: nn.Module, chunk_pass: Callable[..., Any]) -> ChunkPasses:
         """The step engine's chunk pass as it is: one process computes its own gradients."""
-        return ChunkPasses(chunk_pass, nullcontext, _same)
+        return ChunkPasses.local(chunk_pass)
 
     def broadcast_module(self, module: nn.Module) -> None:
         """Nothing: there is no other rank to copy to."""
@@ -177,22 +177,6 @@ class SingleProcess:
 
 
 SINGLE = SingleProcess()
-
-
-@dataclass(frozen=True)
-class ChunkPasses:
-    """How the step engine (:mod:`reglm.train.engine`) runs the chunks of a step under a
-    strategy: ``run`` a chunk's pass, ``no_sync`` around every chunk but the last (no gradient
-    all-reduce), and ``token_total``, what a step's scored targets count as when a chunk's share
-    is taken of them."""
-
-    run: Callable[..., Any]
-    no_sync: Callable[[], AbstractContextManager]
-    token_total: Callable[[int], float]
-
-
-def _same(tokens: int) -> int:
-    return tokens
 
 
 class _ChunkPass(nn.Module):

@@ -28,7 +28,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -36,7 +36,6 @@ from torch import Tensor
 from reglm.data.windows import Window
 from reglm.encoders.base import State, concat_states, detach_state, select_streams
 from reglm.objectives.base import Term, TermInputs
-from reglm.train.distributed import SINGLE, ChunkPasses, SingleProcess
 
 
 @dataclass
@@ -63,6 +62,28 @@ class Chunk:
         return Chunk(window.inputs, window.targets, window.scored, window.tokens, slice(0, rows), rows)
 
 
+@dataclass(frozen=True)
+class ChunkPasses:
+    """How the chunks of a step run under a data-parallel strategy: ``run`` a chunk's pass,
+    ``no_sync`` around every chunk but the last (no gradient all-reduce), and ``token_total``,
+    what a step's scored targets count as when a chunk's share is taken of them."""
+
+    run: Callable[..., tuple[Tensor, Tensor, State | None]]
+    no_sync: Callable[[], AbstractContextManager]
+    token_total: Callable[[int], float]
+
+    @staticmethod
+    def local(chunk_pass: Callable[..., tuple[Tensor, Tensor, State | None]]) -> ChunkPasses:
+        """One process: the pass as it is, nothing to skip, its own token count."""
+        return ChunkPasses(chunk_pass, nullcontext, _same)
+
+
+class Parallel(Protocol):
+    """A data-parallel strategy (:mod:`reglm.train.distributed`)."""
+
+    def chunk_passes(self, model: torch.nn.Module, chunk_pass: Callable[..., Any]) -> ChunkPasses: ...
+
+
 class StepEngine:
     def __init__(
         self,
@@ -73,7 +94,7 @@ class StepEngine:
         chunk_size: int | None,
         clip: float,
         sequence_loss: bool,
-        parallel: SingleProcess = SINGLE,
+        parallel: Parallel | None = None,
         autocast: Callable[[], AbstractContextManager] = nullcontext,
         compile: bool = False,
     ) -> None:
@@ -90,7 +111,7 @@ class StepEngine:
         self.forward: Callable[..., Any] = torch.compile(model) if compile else model
         """what runs the forward pass: the model, or its ``torch.compile`` wrapper"""
         self._passes: ChunkPasses | None = None
-        """how the chunks run under :attr:`parallel`, made at the first step"""
+        """how the chunks run under :attr:`parallel` (one process when None), made at the first step"""
         self._nll_sum: Tensor | None = None
         self._finite: Tensor | None = None
         self._tokens = 0
@@ -111,7 +132,10 @@ class StepEngine:
         masks padding) is weighted by its share of the batch's scored targets."""
         model = self.model
         if self._passes is None:
-            self._passes = self.parallel.chunk_passes(model, self.chunk_pass)
+            if self.parallel is None:
+                self._passes = ChunkPasses.local(self.chunk_pass)
+            else:
+                self._passes = self.parallel.chunk_passes(model, self.chunk_pass)
         passes = self._passes
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -190,3 +214,7 @@ class StepEngine:
         nll, finite, tokens = float(self._nll_sum), bool(self._finite), self._tokens
         self._nll_sum, self._finite, self._tokens = None, None, 0
         return nll, tokens, finite
+
+
+def _same(tokens: int) -> int:
+    return tokens
