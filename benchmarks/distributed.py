@@ -75,7 +75,6 @@ def worker(args: argparse.Namespace) -> None:
     with launch() as group, tempfile.TemporaryDirectory() as tmp:
         corpus = random_corpus(args.vocab_size or 1000, args.tokens, args.seed)
         trainer = Trainer(config, Path(tmp), corpus, progress=False, dist=group)
-        group.parallelize(trainer.engine)
         trainer.model.train()
         batches, engine, device = trainer.batches, trainer.engine, trainer.device
         position, epoch = 0, 0

@@ -70,6 +70,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from reglm.encoders.base import concat_states, select_streams, state_dict_of
 from reglm.errors import ReglmError
+from reglm.train.engine import ChunkPasses
 from reglm.train.setup import resolve_device
 
 T = TypeVar("T")
@@ -158,8 +159,9 @@ class SingleProcess:
         """The engine's loss sums over every rank: ``(NLL, tokens, every loss finite)``."""
         return nll, tokens, finite
 
-    def parallelize(self, engine: Any) -> None:
-        """Nothing: one process computes its own gradients."""
+    def chunk_passes(self, model: nn.Module, chunk_pass: Callable[..., Any]) -> ChunkPasses:
+        """The step engine's chunk pass as it is: one process computes its own gradients."""
+        return ChunkPasses.local(chunk_pass)
 
     def broadcast_module(self, module: nn.Module) -> None:
         """Nothing: there is no other rank to copy to."""
@@ -182,10 +184,10 @@ class _ChunkPass(nn.Module):
     step engine's chunk pass as its forward, so that every parameter a step touches -- the output
     layer's and the objective terms' too -- is used inside DDP's forward."""
 
-    def __init__(self, engine: Any) -> None:
+    def __init__(self, model: nn.Module, chunk_pass: Callable[..., Any]) -> None:
         super().__init__()
-        self.model = engine.model
-        self.run = engine.chunk_pass
+        self.model = model
+        self.run = chunk_pass
 
     def forward(self, *args: Any) -> Any:
         return self.run(*args)
@@ -288,15 +290,15 @@ class DataParallelGroup(SingleProcess):
 
     # ------------------------------------------------------------------ gradients and weights
 
-    def parallelize(self, engine: Any) -> None:
-        """Make ``engine`` data-parallel (once): DDP over its chunk pass, ``no_sync`` for its
+    def chunk_passes(self, model: nn.Module, chunk_pass: Callable[..., Any]) -> ChunkPasses:
+        """The step engine's chunk pass made data-parallel: DDP over it, ``no_sync`` for the
         accumulation chunks, chunk weights over the mean tokens per rank. DDP copies rank 0's
         weights to every rank as it starts (they are equal already: the same seed built them)."""
-        if isinstance(engine.loss, DistributedDataParallel):
-            return
-        skips = engine.model.skips_parameters
-        ddp = DistributedDataParallel(_ChunkPass(engine), find_unused_parameters=skips, **_NO_FORWARD_BUFFER_SYNC)
-        engine.loss, engine.no_sync, engine.token_total = ddp, ddp.no_sync, self.mean_tokens
+        skips = model.skips_parameters
+        ddp = DistributedDataParallel(
+            _ChunkPass(model, chunk_pass), find_unused_parameters=skips, **_NO_FORWARD_BUFFER_SYNC
+        )
+        return ChunkPasses(ddp, ddp.no_sync, self.mean_tokens)
 
     @torch.no_grad()
     def broadcast_module(self, module: nn.Module) -> None:

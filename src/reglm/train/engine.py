@@ -13,10 +13,14 @@ It knows nothing of NT-ASGD, BPTT lengths, stages or checkpoints: the trainer
 (:mod:`reglm.train.run`) gives it windows and rates. The loss sum and a finiteness flag stay on
 the device; :meth:`StepEngine.flush` reads them (one host sync), which the trainer does at log
 intervals and before every checkpoint, so the hot loop never waits for the device otherwise.
-``autocast`` and ``no_sync`` are context factories for mixed precision and for skipping the
-gradient all-reduce of accumulation chunks under data parallelism; both default to no-ops. Data
-parallelism (:mod:`reglm.train.distributed`) also replaces ``loss`` (a chunk's pass, run inside
-DistributedDataParallel) and ``token_total`` (the count a chunk's share is taken of).
+
+Its constructor says all it runs with: the model, the objective and its terms, the optimizer
+(fine-tuning restarts it through :meth:`StepEngine.replace_optimizer`), the data-parallel strategy
+(:mod:`reglm.train.distributed`; one process by default), ``autocast`` (a context factory for
+mixed precision, a no-op by default) and whether the forward pass runs through ``torch.compile``.
+The strategy makes the chunk pass data-parallel at the first step, once the weights are final
+(resumed, or a base model's): DDP then runs each chunk, skips the gradient all-reduce of every
+accumulation chunk but the last, and takes a chunk's share of the mean tokens per process.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -58,35 +62,56 @@ class Chunk:
         return Chunk(window.inputs, window.targets, window.scored, window.tokens, slice(0, rows), rows)
 
 
+@dataclass(frozen=True)
+class ChunkPasses:
+    """How the chunks of a step run under a data-parallel strategy: ``run`` a chunk's pass,
+    ``no_sync`` around every chunk but the last (no gradient all-reduce), and ``token_total``,
+    what a step's scored targets count as when a chunk's share is taken of them."""
+
+    run: Callable[..., tuple[Tensor, Tensor, State | None]]
+    no_sync: Callable[[], AbstractContextManager]
+    token_total: Callable[[int], float]
+
+    @staticmethod
+    def local(chunk_pass: Callable[..., tuple[Tensor, Tensor, State | None]]) -> ChunkPasses:
+        """One process: the pass as it is, nothing to skip, its own token count."""
+        return ChunkPasses(chunk_pass, nullcontext, _same)
+
+
+class Parallel(Protocol):
+    """A data-parallel strategy (:mod:`reglm.train.distributed`)."""
+
+    def chunk_passes(self, model: torch.nn.Module, chunk_pass: Callable[..., Any]) -> ChunkPasses: ...
+
+
 class StepEngine:
     def __init__(
         self,
         model: torch.nn.Module,
         objective: object,
         terms: Sequence[Term],
+        optimizer: torch.optim.Optimizer,
         chunk_size: int | None,
         clip: float,
         sequence_loss: bool,
+        parallel: Parallel | None = None,
         autocast: Callable[[], AbstractContextManager] = nullcontext,
-        no_sync: Callable[[], AbstractContextManager] = nullcontext,
+        compile: bool = False,
     ) -> None:
         self.model = model
         self.objective = objective
         self.terms = list(terms)
         self.keep_logits = any("logits" in term.reads for term in self.terms)
+        self.optimizer = optimizer
         self.chunk_size = chunk_size
         self.clip = clip
         self.sequence_loss = sequence_loss
+        self.parallel = parallel
         self.autocast = autocast
-        self.no_sync = no_sync
-        self.optimizer: torch.optim.Optimizer | None = None
-        self.forward: Callable[..., Any] = model
+        self.forward: Callable[..., Any] = torch.compile(model) if compile else model
         """what runs the forward pass: the model, or its ``torch.compile`` wrapper"""
-        self.loss: Callable[[Chunk, State | None, bool, float], tuple[Tensor, Tensor, State | None]] = self.chunk_pass
-        """what runs a chunk: :meth:`chunk_pass`, or its data-parallel wrapper (:mod:`reglm.train.distributed`)"""
-        self.token_total: Callable[[int], float] = _same
-        """what a step's scored targets are counted as when a chunk's share is taken of them: this
-        process's own count, or, under data parallelism, the mean over the processes"""
+        self._passes: ChunkPasses | None = None
+        """how the chunks run under :attr:`parallel` (one process when None), made at the first step"""
         self._nll_sum: Tensor | None = None
         self._finite: Tensor | None = None
         self._tokens = 0
@@ -105,18 +130,23 @@ class StepEngine:
         sequence of windows read from scratch (``train.update_freq`` batches of sentences or
         blocks), each its own chunk. A chunk's mean loss over its scored targets (``scored``
         masks padding) is weighted by its share of the batch's scored targets."""
-        assert self.optimizer is not None, "set StepEngine.optimizer first"
         model = self.model
+        if self._passes is None:
+            if self.parallel is None:
+                self._passes = ChunkPasses.local(self.chunk_pass)
+            else:
+                self._passes = self.parallel.chunk_passes(model, self.chunk_pass)
+        passes = self._passes
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
         chunks = self._chunks(batch, state)
-        total = self.token_total(sum(window.tokens for window, _ in chunks))
+        total = passes.token_total(sum(window.tokens for window, _ in chunks))
         chunk_states = []
         for i, (window, chunk_state) in enumerate(chunks):
-            sync = nullcontext() if i == len(chunks) - 1 else self.no_sync()
+            sync = nullcontext() if i == len(chunks) - 1 else passes.no_sync()
             with sync:
-                raw_loss, loss, new_state = self.loss(window, chunk_state, adversarial, input_noise)
+                raw_loss, loss, new_state = passes.run(window, chunk_state, adversarial, input_noise)
                 (loss * (window.tokens / total)).backward()
             chunk_states.append(detach_state(new_state))
             self._accumulate(raw_loss.detach(), loss.detach(), window.tokens)
@@ -124,6 +154,10 @@ class StepEngine:
             torch.nn.utils.clip_grad_norm_(model.parameters(), self.clip)
         self.optimizer.step()
         return concat_states(chunk_states) if isinstance(batch, Window) else None
+
+    def replace_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Step with ``optimizer`` from now on (fine-tuning restarts the optimizer)."""
+        self.optimizer = optimizer
 
     def chunk_pass(
         self, window: Chunk, state: State | None, adversarial: bool, input_noise: float

@@ -22,18 +22,48 @@ import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
+from reglm.data import Corpus, Vocab
 from reglm.errors import TrainingInterrupted
-from reglm.evaluate.perplexity import EvalResult, evaluate, perplexity
+from reglm.evaluate.perplexity import EvalResult, Reading, evaluate, perplexity
 from reglm.io import write_json
 from reglm.rundir import METRICS_FILE, RESULTS_FILE
 from reglm.train.checkpoint import load_model_dir, read_model_meta
+from reglm.train.distributed import SingleProcess
+from reglm.train.objective import ObjectiveEval
 
-if TYPE_CHECKING:
-    from reglm.train.trainer import Trainer
+
+class Trainer(Protocol):
+    """What the final scores read of a run: :class:`reglm.train.trainer.Trainer` is one (this
+    module does not import it: the trainer calls :func:`finish` and :func:`record_main_stage`)."""
+
+    run_dir: Path
+    device: torch.device
+    corpus: Corpus
+    vocab: Vocab
+    objective: Any
+    """the run's objective (:mod:`reglm.train.objective`): its ``kind``"""
+    metrics: Any
+    """``metrics.jsonl`` (:class:`~reglm.train.metrics.MetricsLog`): its ``log``"""
+    dist: SingleProcess
+    stop: Any
+    """the :class:`~reglm.train.trainer.StopRequest` the run honours, or None"""
+    step: int
+
+    def reading(self, split: str) -> Reading:
+        """How ``split`` is read (as validation reads it during the run)."""
+        ...
+
+    def score(self, model: torch.nn.Module, split: str) -> ObjectiveEval:
+        """``model`` on ``split`` under the run's objective."""
+        ...
+
+    def say(self, text: str) -> None:
+        """Print ``text`` (on the main process only)."""
+        ...
 
 
 def finish(trainer: Trainer) -> dict[str, Any]:
@@ -44,9 +74,9 @@ def finish(trainer: Trainer) -> dict[str, Any]:
     if trainer.objective.kind != "lm":
         with _stops_scoring(trainer, results):
             for split in ("valid", "test"):
-                results[split] = trainer._score(model, split).metrics
+                results[split] = trainer.score(model, split).metrics
         _record(trainer, results)
-        trainer._say(
+        trainer.say(
             "best model: "
             + ", ".join(
                 f"{split} {name} {value:.4g}"
@@ -67,10 +97,10 @@ def finish(trainer: Trainer) -> dict[str, Any]:
     if corpus.truth is not None:
         results["synthetic"] = truth_comparison(test, corpus.test, corpus.truth["test"], trainer.vocab.eos_id)
     _record(trainer, results)
-    trainer._say(f"best model: valid ppl {valid.ppl:.2f}, test ppl {test.ppl:.2f} ({test.tokens} tokens)")
+    trainer.say(f"best model: valid ppl {valid.ppl:.2f}, test ppl {test.ppl:.2f} ({test.tokens} tokens)")
     if "synthetic" in results:
         s = results["synthetic"]
-        trainer._say(
+        trainer.say(
             f"synthetic test, words only: model ppl {s['model_word_ppl']:.2f} vs true ppl {s['true_word_ppl']:.2f}"
         )
     return results
@@ -144,7 +174,7 @@ def record_main_stage(trainer: Trainer) -> None:
         if key in SPLIT_KEYS
     }
     trainer.metrics.log(event=MAIN_EVENT, step=trainer.step, best_epoch=epoch, **scores)
-    trainer._say(f"main stage: best model (epoch {epoch}) valid ppl {valid.ppl:.2f}, test ppl {test.ppl:.2f}")
+    trainer.say(f"main stage: best model (epoch {epoch}) valid ppl {valid.ppl:.2f}, test ppl {test.ppl:.2f}")
 
 
 def main_stage_record(run_dir: Path) -> dict[str, Any] | None:

@@ -67,7 +67,7 @@ def train(
         trainer.step_hooks.extend(step_hooks)
         try:
             trainer.start()
-            trainer._say(
+            trainer.say(
                 f"run {run_dir}: {trainer.model.num_parameters():,} parameters, vocabulary {len(corpus.vocab):,}, device {trainer.device}"
             )
         except BaseException:
@@ -119,7 +119,7 @@ def resume(
                     trainer.load_state_dict(state)
                 session = session_record(trainer.device, trainer.corpus) | dist.record()
                 dist.on_main(lambda: write_json(run_dir / ENVIRONMENT_FILE, _read_environment(run_dir) + [session]))
-                trainer._say(
+                trainer.say(
                     f"resuming {run_dir} at stage {trainer.stage}, epoch {trainer.epoch + (trainer.stage != 'done')}, step {trainer.step}"
                 )
         except BaseException:

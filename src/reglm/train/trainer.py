@@ -150,14 +150,14 @@ class Trainer:
             self.model,
             self.objective,
             terms,
+            self._new_optimizer(),
             cfg.small_batch_size,
             cfg.clip,
             cfg.sequence_loss,
+            parallel=dist,
             autocast=self._autocast,
+            compile=cfg.compile,
         )
-        if cfg.compile:
-            self.engine.forward = torch.compile(self.model)
-        self.engine.optimizer = self._new_optimizer()
         self.averaging = registry("averaging")[cfg.averaging.kind](cfg.averaging)
         self.schedule = registry("schedule")[cfg.schedule.kind](cfg.schedule, cfg.optimizer.lr, cfg.finetune_lr)
         self.step_hooks: list[StepHook] = []
@@ -180,7 +180,6 @@ class Trainer:
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:
-        assert self.engine.optimizer is not None
         return self.engine.optimizer
 
     def _new_optimizer(self) -> torch.optim.Optimizer:
@@ -205,7 +204,7 @@ class Trainer:
     def restart(self) -> None:
         """Start over a claimed run directory whose run never wrote a checkpoint: its
         ``config.json`` stays, the rest is written afresh, as by :meth:`start`."""
-        self._say(
+        self.say(
             f"{self.run_dir} has no checkpoint yet (it stopped before its first step); starting it over from its {CONFIG_FILE}"
         )
         self._begin()
@@ -228,13 +227,13 @@ class Trainer:
         validation scores as the ``initial`` event (Table 2's "Initial model" row of Popov & Kudinov)."""
         self.objective.prepare(self.model)
         if self.objective.initial_model() is not None:
-            val = self.dist.from_main(lambda: self._score(self.model, "valid"))
+            val = self.dist.from_main(lambda: self.score(self.model, "valid"))
             self.metrics.log(
                 event="initial",
                 step=0,
                 **{f"valid_{name}": value for name, value in val.metrics.items() if name != "tokens"},
             )
-            self._say(
+            self.say(
                 "initial model: "
                 + ", ".join(
                     f"valid {name} {value:.4g}"
@@ -246,7 +245,7 @@ class Trainer:
     def _report_takeover(self) -> None:
         line = describe_previous(self.lock) if self.lock is not None else None
         if line:
-            self._say(line)
+            self.say(line)
 
     def close(self) -> None:
         """Close the metrics log and release the run directory."""
@@ -374,7 +373,6 @@ class Trainer:
         """Train until the run is done; returns the final results. The run directory is released
         when this returns or raises."""
         try:
-            self.dist.parallelize(self.engine)
             self._restart_pace()
             while self.stage != "done":
                 main_over = self.epoch >= self.cfg.epochs or self._out_of_steps() or self.schedule.exhausted(self.stage)
@@ -411,12 +409,12 @@ class Trainer:
 
         self.dist.on_main(hot_start)
         self.dist.broadcast_module(self.model)
-        self.engine.optimizer = self._new_optimizer()
+        self.engine.replace_optimizer(self._new_optimizer())
         self.averaging.begin_finetune(self.model.parameters())
         self.stage, self.epoch = "finetune", 0
         self._restart_pace()
         self.metrics.log(event="stage", stage="finetune", step=self.step)
-        self._say(f"fine-tuning: ASGD restarted with T=0 from {self.run_dir / 'best'}")
+        self.say(f"fine-tuning: ASGD restarted with T=0 from {self.run_dir / 'best'}")
         self.save_checkpoint()
 
     def _advsoft_on(self) -> bool:
@@ -512,7 +510,7 @@ class Trainer:
         total = self.batches.total
         rate, loss = (f"{interval[1]:9,.0f}", f"{interval[0]:7.4f}") if interval else (f"{'-':>9s}", f"{'-':>7s}")
         ppl = f"{perplexity(interval[0]):9.2f}" if interval else f"{'-':>9s}"
-        self._say(
+        self.say(
             f"| {self.stage} | epoch {self.epoch + 1:3d} | step {self.step:7d} | {self.position / max(total, 1):4.0%} of epoch | "
             f"{steps_per_s:6.3g} steps/s | {rate} tok/s | loss {loss} | ppl {ppl} | lr {lr:.4g} | "
             f"run ETA {clock(self._run_eta())}"
@@ -547,13 +545,13 @@ class Trainer:
         """How validation (``valid``) and the final scores read a split (:func:`~reglm.train.batching.eval_reading`)."""
         return eval_reading(self.cfg, split, self.vocab.eos_id)
 
-    def _score(self, model: torch.nn.Module, split: str) -> ObjectiveEval:
+    def score(self, model: torch.nn.Module, split: str) -> ObjectiveEval:
         ids, word_ends = getattr(self.corpus, split), self.corpus.split_word_ends(split)
         return self.objective.score(model, ids, self.reading(split), self.device, self.dist.is_main, split, word_ends)
 
     def _end_epoch(self) -> None:
         eval_model = self._eval_weights()
-        val = self.dist.from_main(lambda: self._score(eval_model, "valid"))
+        val = self.dist.from_main(lambda: self.score(eval_model, "valid"))
         if not math.isfinite(val.selection):
             raise self._diverged(f"the validation score became {val.selection}")
         self._require_finite(eval_model)
@@ -581,7 +579,7 @@ class Trainer:
         shown = " | ".join(
             f"valid {name} {value:9.4g}" for name, value in val.metrics.items() if name not in ("tokens", "words")
         )
-        self._say(
+        self.say(
             f"| {self.stage} | epoch {self.epoch:3d} | step {self.step:7d} | train loss {train_loss:7.4f} | {shown}"
             + (" | averaging" if averaging else "")
             + (" | best" if improved else "")
@@ -594,17 +592,17 @@ class Trainer:
             rate = self.schedule.rate(self.stage, self.epoch, self.step)
             self.metrics.log(event="plateau", stage=self.stage, epoch=self.epoch, step=self.step, lr=rate)
             ends = "; the stage ends (train.schedule.plateau_stop)" if self.schedule.exhausted(self.stage) else ""
-            self._say(f"validation stalled: learning rate -> {rate:.4g}{ends}")
+            self.say(f"validation stalled: learning rate -> {rate:.4g}{ends}")
         self.dist.on_main(lambda: save_model_dir(self.run_dir / "last", eval_model, self.config, self.vocab, info))
         if self.stage == "main":
             if self.averaging.main_epoch_end(val.selection, self.model.parameters()):
                 self.metrics.log(
                     event="trigger", stage=self.stage, epoch=self.epoch, step=self.step, valid_loss=val.selection
                 )
-                self._say(f"NT-ASGD: averaging starts after epoch {self.epoch} (step {self.step})")
+                self.say(f"NT-ASGD: averaging starts after epoch {self.epoch} (step {self.step})")
         elif self.stage == "finetune" and self.averaging.finetune_epoch_end(val.selection):
             self.metrics.log(event="finetune_stop", epoch=self.epoch, step=self.step, valid_loss=val.selection)
-            self._say(f"fine-tuning stops after epoch {self.epoch}: the non-monotone criterion fired")
+            self.say(f"fine-tuning stops after epoch {self.epoch}: the non-monotone criterion fired")
             self.stage = "done"
         self.position, self.hidden, self.epoch_nll, self.epoch_tokens = 0, None, 0.0, 0
         self.objective.reset()
@@ -630,7 +628,7 @@ class Trainer:
             self.eval_model.load_state_dict(self.model.state_dict())
         return self.eval_model
 
-    def _say(self, text: str) -> None:
+    def say(self, text: str) -> None:
         if not self.dist.is_main:
             return
         say(text)
