@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 
 from reglm.api import TrainedModel
 from reglm.config import RunConfig, build_config
-from reglm.config.build import registry
+from reglm.config.build import component_class, family_configs, registry
 from reglm.config.fields import ComponentConfig
 from reglm.data.vocab import Vocab
 from reglm.encoders.base import Encoder, state_dict_of
@@ -280,3 +280,26 @@ def test_every_component_derives_from_its_family_base(family: str, kind: str) ->
     component = registry(family)[kind]
     assert issubclass(component, {"input": InputLayer, "encoder": Encoder, "output": OutputLayer}[family])
     assert issubclass(component.Config, ComponentConfig)
+
+
+@pytest.mark.parametrize("family", ["input", "encoder", "output", "optimizer", "averaging", "schedule"])
+def test_a_config_naming_another_class_s_kind_cannot_be_built(family: str) -> None:
+    """The registry picks the component by its config's kind and no config checks its own kind:
+    the one check (``component_class``) accepts every registered kind's config and refuses a
+    config whose kind names another class's component."""
+    configs = family_configs(family)
+    for kind, config in configs.items():
+        assert component_class(family, config(kind=kind)) is registry(family)[kind]
+    first = next(iter(configs.values()))
+    other = next(kind for kind, config in configs.items() if config is not first)
+    with pytest.raises(ReglmError, match=rf"{family}\.kind: {first.__name__} is the config of .*, not of '{other}'"):
+        component_class(family, first(kind=other))
+
+
+def test_a_model_of_a_config_naming_another_kind_is_refused() -> None:
+    model = config_of("encoder", "awd-lstm").model
+    wrong = dataclasses.replace(model, encoder=type(model.encoder)(kind="vd-lstm"))
+    with pytest.raises(
+        ReglmError, match=r"model\.encoder\.kind: AWDLSTMConfig is the config of awd-lstm, not of 'vd-lstm'"
+    ):
+        LanguageModel(wrong, V, vocab())

@@ -101,7 +101,7 @@ class AdaptiveSoftmaxConfig(ComponentConfig):
 
     kind: str = kind_field(
         "adaptive",
-        "output layer: softmax, mos (mixture of softmaxes, Yang et al. 2018), doc (MoS with experts from intermediate layers too, Takase et al. 2018) or adaptive (adaptive softmax, Grave et al. 2017)",
+        "adaptive softmax, Grave et al. 2017",
     )
     cutoffs: str = option(
         "20000,60000",
@@ -130,7 +130,6 @@ class AdaptiveSoftmaxConfig(ComponentConfig):
     )
 
     def __post_init__(self) -> None:
-        check(self.kind == "adaptive", "model.output.kind", f"unknown {self.kind!r}")
         check(
             math.isfinite(self.factor) and self.factor >= 1,
             "model.output.factor",

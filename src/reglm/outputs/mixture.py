@@ -52,14 +52,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from reglm.config.fields import ComponentConfig, check, check_kind, check_nonneg, check_prob, kind_field, option
+from reglm.config.fields import ComponentConfig, check, check_nonneg, check_prob, kind_field, option
 from reglm.encoders.base import EncoderOutput
 from reglm.layers.dropout import LockedDropout
 from reglm.layers.inference import Frozen
 from reglm.outputs.adversarial import AdvSoft, AdvSoftConfig, perturb_target_logits_
 from reglm.outputs.base import OutputLayer, OutputLoss
-
-KINDS = ("mos", "doc")
 
 
 @dataclass(frozen=True)
@@ -68,7 +66,7 @@ class MixtureConfig(ComponentConfig):
 
     kind: str = kind_field(
         "mos",
-        "output layer: softmax, mos (mixture of softmaxes, Yang et al. 2018), doc (MoS with experts from intermediate layers too, Takase et al. 2018) or adaptive (adaptive softmax, Grave et al. 2017)",
+        "mixture of softmaxes, Yang et al. 2018; doc: with experts from intermediate layers too, Takase et al. 2018",
     )
     tie_weights: bool = option(True, "share the input embedding with the experts' output embedding", arch=True)
     n_experts: int = option(15, "softmax experts computed from the last encoder layer", arch=True)
@@ -88,7 +86,6 @@ class MixtureConfig(ComponentConfig):
     )
 
     def __post_init__(self) -> None:
-        check_kind(self.kind, KINDS, "model.output.kind")
         check(self.n_experts >= 1, "model.output.n_experts", f"{self.n_experts} must be >= 1")
         check_prob(self.latent_dropout, "model.output.latent_dropout")
         check_nonneg(self.mixture_penalty, "model.output.mixture_penalty")
