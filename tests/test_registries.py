@@ -166,8 +166,8 @@ def test_state_round_trips_through_state_pt(family: str, kind: str, tmp_path: Pa
         assert _is_states(raw)
         loaded = model.encoder.load_state(raw)
         assert (loaded is None) == (first.state is None)
-        want = model.output_log_probs(model(ids[:, 6:], first.state))
-        got = model.output_log_probs(model(ids[:, 6:], loaded))
+        want = model.output.predict(model(ids[:, 6:], first.state))
+        got = model.output.predict(model(ids[:, 6:], loaded))
     assert torch.equal(want, got)
 
 
@@ -239,7 +239,7 @@ def onnx_stream_difference(model: LanguageModel, directory: Path, ort) -> float:
             out = model(ids, reference)
             reference = out.state
             log_probs, *state = session.run(None, {"tokens": ids.numpy(), **dict(zip(names[1:], state))})
-            worst = max(worst, float((torch.as_tensor(log_probs) - model.output_log_probs(out)).abs().max()))
+            worst = max(worst, float((torch.as_tensor(log_probs) - model.output.predict(out)).abs().max()))
     return worst
 
 
@@ -249,7 +249,7 @@ def test_every_parameter_takes_a_gradient_or_the_model_declares_it_skips(family:
     declares ``skips_parameters``; any other model must use every parameter in a step."""
     model = model_of(family, kind).train()
     ids = ids_of(4, 9)
-    loss = model.output_loss(model(ids[:, :-1], model.init_state(4)), ids[:, 1:])
+    loss = model.output.score(model(ids[:, :-1], model.init_state(4)), ids[:, 1:])
     (loss.nll.mean() + loss.penalty).backward()
     unused = [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert model.skips_parameters or unused == []

@@ -98,12 +98,12 @@ class LanguageModel(nn.Module):
     def nll(self, ids: Tensor, targets: Tensor, state: State | None = None) -> tuple[Tensor, State | None]:
         """``ids, targets: (B, T)`` -> (per-token NLL ``(B, T)``, new state)."""
         out = self(ids, state)
-        return self.output_nll(out, targets), out.state
+        return self.output.nll(out, targets), out.state
 
     def log_probs(self, ids: Tensor, state: State | None = None) -> tuple[Tensor, State | None]:
         """``ids: (B, T)`` -> (log-probabilities of the next word ``(B, T, V)``, new state)."""
         out = self(ids, state)
-        return self.output_log_probs(out), out.state
+        return self.output.predict(out), out.state
 
     def num_parameters(self) -> int:
         """Number of parameter scalars; a tied matrix counts once."""

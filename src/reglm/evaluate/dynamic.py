@@ -146,7 +146,7 @@ def segment_loss(
     with torch.set_grad_enabled(encoder_grad):
         out = model(window.inputs, state)
     with torch.enable_grad():
-        nll = model.output_nll(out, window.targets)
+        nll = model.output.nll(out, window.targets)
         loss = nll.mean() if window.scored is None else nll.masked_fill(~window.scored, 0).sum() / window.tokens
     return nll, loss, out.state
 

@@ -516,6 +516,6 @@ def _p_hat(
         q0.eval()
         disc.eval()
         log_q0 = q0.log_probs(ids)[0][0, -1]
-        log_p_hat_ = log_p_hat(log_q0, disc.output_logits(disc(ids))[0, -1])
+        log_p_hat_ = log_p_hat(log_q0, disc.output.full_logits(disc(ids))[0, -1])
         values[name] = {"q0": float(log_q0[word].exp()), "p_hat": float(log_p_hat_[word].exp())}
     return values
