@@ -125,8 +125,8 @@ class _ShapesOnly(TorchFunctionMode):
     """Inside :func:`shapes_only`: initializers on meta tensors return the tensor untouched.
 
     A meta tensor has no values to initialize, but ``torch.nn.init`` on one runs PyTorch's Python
-    reference kernels, whose first call imports ``torch._dynamo`` (3 s of every ``reglm train``
-    start on a 2-core CPU) to compute nothing."""
+    reference kernels, whose first call imports ``torch._dynamo`` (seconds of every start of
+    ``reglm train``; docs/benchmarks.md) to compute nothing."""
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         first = args[0] if args else (kwargs or {}).get("tensor")  # torch.nn.init passes it by name
