@@ -8,6 +8,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from reglm.config.build import component_class
 from reglm.config.fields import ComponentConfig, check, check_kind, check_prob, kind_field, option
 from reglm.inputs.adaptive_input import band_dims, parse_cutoffs
 from reglm.outputs.adversarial import AdvSoftConfig
@@ -71,7 +72,8 @@ class AdaptiveSoftmaxConfig(ComponentConfig):
         if self.tie == "none":
             return
         inp = model.input
-        if inp.kind == "embedding":
+        capabilities = component_class("input", inp).capabilities
+        if "word-matrix" in capabilities:
             check(
                 self.tie == "embeddings",
                 "model.output.tie",
@@ -85,14 +87,14 @@ class AdaptiveSoftmaxConfig(ComponentConfig):
                 "adaptive softmax to it needs factor=1 (no dim reduction); set factor=1 or model.output.tie=none",
             )
             check(
-                features == inp.emb_size,
+                features == inp.output_size,
                 "model.output.tie",
                 f"the adaptive softmax reads the encoder output ({features} features from encoder {model.encoder.kind}) but ties to a "
-                f"word embedding of size {inp.emb_size}; make them equal (model.encoder.output_dim) or set tie=none",
+                f"word embedding of size {inp.output_size}; make them equal (model.encoder.output_dim) or set tie=none",
             )
             return
         check(
-            inp.kind == "adaptive",
+            "bands" in capabilities,
             "model.output.tie",
             f"tie={self.tie} shares parameters with an adaptive input, not with input layer {inp.kind}; set model.input=adaptive or model.output.tie=none",
         )

@@ -52,6 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from reglm.config.build import component_class
 from reglm.config.fields import ComponentConfig, check, check_nonneg, check_prob, kind_field, option
 from reglm.encoders.base import EncoderOutput
 from reglm.layers.dropout import LockedDropout
@@ -99,7 +100,7 @@ class MixtureConfig(ComponentConfig):
         """DOC's counts name the encoder's intermediate layers; tying needs a word embedding."""
         self.doc_expert_counts(len(model.encoder.layer_sizes(model.input.output_size)))
         check(
-            not self.tie_weights or model.input.kind == "embedding",
+            not self.tie_weights or "word-matrix" in component_class("input", model.input).capabilities,
             "model.output.tie_weights",
             f"a mixture ties to a word embedding, not to input layer {model.input.kind}; set tie_weights=false",
         )

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from reglm.config.build import component_class
 from reglm.config.fields import ComponentConfig, check, check_positive, kind_field, option
 from reglm.encoders.base import EncoderOutput
 from reglm.layers.inference import Frozen
@@ -50,7 +51,7 @@ class SoftmaxConfig(ComponentConfig):
         if not self.tie_weights:
             return
         check(
-            model.input.kind == "embedding",
+            "word-matrix" in component_class("input", model.input).capabilities,
             "model.output.tie_weights",
             f"a softmax ties to a word embedding, not to input layer {model.input.kind}; set tie_weights=false",
         )
