@@ -383,8 +383,9 @@ def leaf_paths(raw: dict[str, Any], root: type, prefix: Path = ()) -> list[Path]
 
 
 def _all_paths(root: type, prefix: Path = ()) -> Iterator[tuple[Path, dataclasses.Field, Any, list[str], str]]:
-    """Every option of every kind: ``(path, field, annotation, kinds that have it, help)``; a
-    component's ``kind`` is helped by its family's registered kinds (:func:`kinds_help`)."""
+    """Every option of every kind: ``(path, field, annotation, kinds that have it, help)``. The
+    help of a component field or of a kinded dataclass is printed on its ``kind`` line, before
+    the kinds: a component's registered kinds (:func:`kinds_help`), a dataclass's own."""
     hints = hints_of(root)
     for name, f in fields_of(root).items():
         family = f.metadata.get("family")
@@ -401,7 +402,10 @@ def _all_paths(root: type, prefix: Path = ()) -> Iterator[tuple[Path, dataclasse
             for path, (sub_f, sub_hint, kinds, text) in merged.items():
                 yield path, sub_f, sub_hint, kinds, text
         elif dataclasses.is_dataclass(hint):
-            yield from _all_paths(hint, (*prefix, name))
+            for path, sub_f, sub_hint, kinds, text in _all_paths(hint, (*prefix, name)):
+                if path == (*prefix, name, "kind") and "help" in f.metadata:
+                    text = f"{f.metadata['help']}: {text}"
+                yield path, sub_f, sub_hint, kinds, text
         else:
             yield (*prefix, name), f, hint, [], f.metadata.get("help", "")
 

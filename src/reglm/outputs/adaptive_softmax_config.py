@@ -44,7 +44,7 @@ class AdaptiveSoftmaxConfig(ComponentConfig):
     )
     advsoft: AdvSoftConfig = option(
         AdvSoftConfig(),
-        "the adversarial softmax, in the head and in the target's cluster (model.output.advsoft=relative|fixed|none)",
+        "the adversarial softmax, in the head and in the target's cluster",
     )
 
     def __post_init__(self) -> None:

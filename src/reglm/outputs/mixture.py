@@ -82,9 +82,7 @@ class MixtureConfig(ComponentConfig):
     mixture_penalty: float = option(
         0.0, "coefficient lambda_beta of DOC's penalty on the variation of the mixture weights (the DOC code's --var)"
     )
-    advsoft: AdvSoftConfig = option(
-        AdvSoftConfig(), "the adversarial softmax, per expert (model.output.advsoft=relative|fixed|none)"
-    )
+    advsoft: AdvSoftConfig = option(AdvSoftConfig(), "the adversarial softmax, per expert")
 
     def __post_init__(self) -> None:
         check(self.n_experts >= 1, "model.output.n_experts", f"{self.n_experts} must be >= 1")

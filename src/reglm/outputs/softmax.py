@@ -39,9 +39,7 @@ class SoftmaxConfig(ComponentConfig):
         True, "the softmax has a bias; false: fixed at zero (Inan et al.'s reused embeddings, RE)", arch=True
     )
     init_range: float = option(0.1, "an untied projection is initialized U(-init_range, init_range)")
-    advsoft: AdvSoftConfig = option(
-        AdvSoftConfig(), "the adversarial softmax (model.output.advsoft=relative|fixed|none)"
-    )
+    advsoft: AdvSoftConfig = option(AdvSoftConfig(), "the adversarial softmax")
 
     def __post_init__(self) -> None:
         check_positive(self.init_range, "model.output.init_range")
