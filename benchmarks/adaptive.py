@@ -150,7 +150,7 @@ class Stepper:
         ids, targets = self.batches[i % len(self.batches)]
         with self.autocast():
             out = self.model(ids)
-            scored = self.model.output_loss(out, targets)
+            scored = self.model.output.score(out, targets)
             loss = scored.nll.mean() + scored.penalty
         loss.backward()
         if self.clip > 0:

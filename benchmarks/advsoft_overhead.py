@@ -48,7 +48,7 @@ class Stepper:
     def __call__(self, i: int) -> None:
         ids, targets = self.batches[i % len(self.batches)]
         out = self.model(ids, self.state)
-        loss = self.model.output_loss(out, targets, adversarial=self.adversarial).nll.mean()
+        loss = self.model.output.score(out, targets, adversarial=self.adversarial).nll.mean()
         loss = loss + activation_reg(out.output, AR_ALPHA) + temporal_activation_reg(out.raw_output, TAR_BETA)
         self.state = detach_state(out.state)
         loss.backward()

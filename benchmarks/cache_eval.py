@@ -61,8 +61,8 @@ class Prepared:
             out = model(w.inputs, state)
             state = detach_state(out.state)
             hs.append(out.output[0])
-            nlls.append(model.output_nll(out, w.targets)[0])
-            probs.append(model.output_log_probs(out)[0].exp())
+            nlls.append(model.output.nll(out, w.targets)[0])
+            probs.append(model.output.predict(out)[0].exp())
         self.h, self.nll = torch.cat(hs), torch.cat(nlls)
         self.y = plan.data[0, 1:]
         self.p_model = torch.cat(probs)[window:]

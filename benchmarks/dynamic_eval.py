@@ -204,7 +204,7 @@ def breakdown(
             if name == "plain":
                 with torch.no_grad():
                     out = plain_model(plain_windows[i].inputs, states[name])
-                    plain_model.output_nll(out, plain_windows[i].targets)
+                    plain_model.output.nll(out, plain_windows[i].targets)
                 states[name] = out.state
                 sync(device)
                 if i > 0:

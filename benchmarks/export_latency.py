@@ -65,7 +65,7 @@ def contenders(model: LanguageModel, threads: int) -> dict:
 
     def reference(tokens, state):
         out = model(tokens, state)
-        return model.output_log_probs(out), out.state
+        return model.output.predict(out), out.state
 
     def onednn(tokens, state):
         longest, fused_lstm.CELL_MAX_STEPS = fused_lstm.CELL_MAX_STEPS, 0

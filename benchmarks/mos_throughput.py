@@ -57,7 +57,7 @@ class Stepper:
     def __call__(self, i: int) -> None:
         ids, targets = self.batches[i % len(self.batches)]
         out = self.model(ids, self.state)
-        scored = self.model.output_loss(out, targets)
+        scored = self.model.output.score(out, targets)
         loss = (
             scored.nll.mean()
             + scored.penalty

@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
     def ceiling(_i: int) -> None:
         total = torch.zeros((), dtype=torch.float64, device=device)
         for inputs, targets, mask in batches:
-            nll = model.output_nll(model(inputs, model.init_state(inputs.size(0), device=device)), targets)
+            nll = model.output.nll(model(inputs, model.init_state(inputs.size(0), device=device)), targets)
             total += (nll * mask).sum(dtype=torch.float64)
         outputs["ceiling"] = float(total)
 

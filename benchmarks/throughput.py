@@ -112,7 +112,7 @@ class Trainer:
     def step(self, ids: Tensor, targets: Tensor) -> None:
         if self.regularized:
             out = self.model(ids, self.state)
-            loss = self.model.output_loss(out, targets).nll.mean()
+            loss = self.model.output.score(out, targets).nll.mean()
             loss = loss + activation_reg(out.output, AR_ALPHA) + temporal_activation_reg(out.raw_output, TAR_BETA)
             self.state = detach_state(out.state)
         else:

@@ -48,7 +48,7 @@ class Stepper:
     def __call__(self, i: int) -> None:
         ids, targets = self.batches[i % len(self.batches)]
         out = self.model(ids, self.state)
-        scored = self.model.output_loss(out, targets, keep_logits=bool(self.terms))
+        scored = self.model.output.score(out, targets, keep_logits=bool(self.terms))
         loss = scored.nll.mean() + scored.penalty
         inputs = TermInputs(out, targets, scored.logits, self.model)
         for term in self.terms:

@@ -64,7 +64,7 @@ def test_evaluate_equals_a_slow_token_loop(run: Path, batch_size: int) -> None:
             for t in range(first, first + n):
                 out = lm.model(ids[None, t - 1 : t], state)
                 state = out.state
-                total += float(lm.model.output_nll(out, ids[None, t : t + 1]))
+                total += float(lm.model.output.nll(out, ids[None, t : t + 1]))
                 count += 1
             first += n
     assert fast.tokens == count == 202

@@ -135,7 +135,7 @@ def _stream(lm: TrainedModel, run, initial: list[torch.Tensor], chunks=(4, 1, 6)
             out = lm.model(ids, reference)
             reference = out.state
             log_probs, state = run(ids, state)
-            worst = max(worst, float((torch.as_tensor(log_probs) - lm.model.output_log_probs(out)).abs().max()))
+            worst = max(worst, float((torch.as_tensor(log_probs) - lm.model.output.predict(out)).abs().max()))
     return worst
 
 

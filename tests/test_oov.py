@@ -90,7 +90,7 @@ def test_the_three_settings_on_a_hand_example() -> None:
     lm = TrainedModel(LanguageModel(build_config("tiny").model, len(words)), vocab, torch.device("cpu"))
     with torch.no_grad():
         out = lm.model(torch.tensor([[vocab.eos_id, vocab.stoi["a"]]]), lm.model.init_state(1))
-        log_p = lm.model.output_log_probs(out)[0].double()
+        log_p = lm.model.output.predict(out)[0].double()
     raw = float(log_p[1, vocab.unk_id])
     by_setting = {setting: lm.full_scores("a zzz", oov_penalty=setting)[1] for setting in ("share", None, "none", 2.5)}
     assert all(w.word == "zzz" and w.oov for w in by_setting.values())

@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 
 from reglm.api import TrainedModel
 from reglm.config import RunConfig, build_config
-from reglm.config.build import registry
+from reglm.config.build import component_class, family_configs, registry
 from reglm.config.fields import ComponentConfig
 from reglm.data.vocab import Vocab
 from reglm.encoders.base import Encoder, state_dict_of
@@ -166,8 +166,8 @@ def test_state_round_trips_through_state_pt(family: str, kind: str, tmp_path: Pa
         assert _is_states(raw)
         loaded = model.encoder.load_state(raw)
         assert (loaded is None) == (first.state is None)
-        want = model.output_log_probs(model(ids[:, 6:], first.state))
-        got = model.output_log_probs(model(ids[:, 6:], loaded))
+        want = model.output.predict(model(ids[:, 6:], first.state))
+        got = model.output.predict(model(ids[:, 6:], loaded))
     assert torch.equal(want, got)
 
 
@@ -239,7 +239,7 @@ def onnx_stream_difference(model: LanguageModel, directory: Path, ort) -> float:
             out = model(ids, reference)
             reference = out.state
             log_probs, *state = session.run(None, {"tokens": ids.numpy(), **dict(zip(names[1:], state))})
-            worst = max(worst, float((torch.as_tensor(log_probs) - model.output_log_probs(out)).abs().max()))
+            worst = max(worst, float((torch.as_tensor(log_probs) - model.output.predict(out)).abs().max()))
     return worst
 
 
@@ -249,7 +249,7 @@ def test_every_parameter_takes_a_gradient_or_the_model_declares_it_skips(family:
     declares ``skips_parameters``; any other model must use every parameter in a step."""
     model = model_of(family, kind).train()
     ids = ids_of(4, 9)
-    loss = model.output_loss(model(ids[:, :-1], model.init_state(4)), ids[:, 1:])
+    loss = model.output.score(model(ids[:, :-1], model.init_state(4)), ids[:, 1:])
     (loss.nll.mean() + loss.penalty).backward()
     unused = [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert model.skips_parameters or unused == []
@@ -280,3 +280,26 @@ def test_every_component_derives_from_its_family_base(family: str, kind: str) ->
     component = registry(family)[kind]
     assert issubclass(component, {"input": InputLayer, "encoder": Encoder, "output": OutputLayer}[family])
     assert issubclass(component.Config, ComponentConfig)
+
+
+@pytest.mark.parametrize("family", ["input", "encoder", "output", "optimizer", "averaging", "schedule"])
+def test_a_config_naming_another_class_s_kind_cannot_be_built(family: str) -> None:
+    """The registry picks the component by its config's kind and no config checks its own kind:
+    the one check (``component_class``) accepts every registered kind's config and refuses a
+    config whose kind names another class's component."""
+    configs = family_configs(family)
+    for kind, config in configs.items():
+        assert component_class(family, config(kind=kind)) is registry(family)[kind]
+    first = next(iter(configs.values()))
+    other = next(kind for kind, config in configs.items() if config is not first)
+    with pytest.raises(ReglmError, match=rf"{family}\.kind: {first.__name__} is the config of .*, not of '{other}'"):
+        component_class(family, first(kind=other))
+
+
+def test_a_model_of_a_config_naming_another_kind_is_refused() -> None:
+    model = config_of("encoder", "awd-lstm").model
+    wrong = dataclasses.replace(model, encoder=type(model.encoder)(kind="vd-lstm"))
+    with pytest.raises(
+        ReglmError, match=r"model\.encoder\.kind: AWDLSTMConfig is the config of awd-lstm, not of 'vd-lstm'"
+    ):
+        LanguageModel(wrong, V, vocab())

@@ -55,8 +55,8 @@ def test_augmented_loss_term_is_alpha_times_the_mean_kl() -> None:
     model = LanguageModel(ModelConfig.build(**VD, tie_weights=False), 30)
     ids, y = torch.randint(0, 30, (2, 5)), torch.randint(0, 30, (2, 5))
     out = model(ids)
-    plain = model.output_loss(out, y)
-    scored = model.output_loss(out, y, keep_logits=True)
+    plain = model.output.score(out, y)
+    scored = model.output.score(out, y, keep_logits=True)
     logits = model.output.logits(out.output).reshape(-1, 30)
     torch.testing.assert_close(scored.logits, logits)
     term = AugmentedLoss(gamma=0.65, tau=20.0)
@@ -71,10 +71,10 @@ def test_augmented_loss_reads_clean_logits_under_advsoft() -> None:
     model = LanguageModel(ModelConfig.build(**VD, tie_weights=True, advsoft="relative", advsoft_alpha=0.5), 30)
     ids, y = torch.randint(0, 30, (2, 5)), torch.randint(0, 30, (2, 5))
     out = model(ids)
-    both = model.output_loss(out, y, adversarial=True, keep_logits=True)
-    torch.testing.assert_close(both.nll, model.output_loss(out, y, adversarial=True).nll)
+    both = model.output.score(out, y, adversarial=True, keep_logits=True)
+    torch.testing.assert_close(both.nll, model.output.score(out, y, adversarial=True).nll)
     torch.testing.assert_close(both.logits, model.output.logits(out.output).reshape(-1, 30), rtol=0, atol=0)
-    assert not torch.allclose(both.nll, model.output_loss(out, y).nll)
+    assert not torch.allclose(both.nll, model.output.score(out, y).nll)
 
 
 def test_vd_lstm_model_equals_torch_lstm_in_eval_mode() -> None:

@@ -46,7 +46,7 @@ def _alone(lm: TrainedModel, sentence: str) -> torch.Tensor:
     ids = [lm.vocab.eos_id, *(lm.vocab.stoi.get(w, lm.vocab.unk_id) for w in sentence.split()), lm.vocab.eos_id]
     with torch.no_grad():
         out = lm.model(torch.tensor([ids[:-1]]), lm.model.init_state(1))
-        return -lm.model.output_nll(out, torch.tensor([ids[1:]]))[0].double()
+        return -lm.model.output.nll(out, torch.tensor([ids[1:]]))[0].double()
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -109,7 +109,7 @@ def test_sub_word_model_scores_words_as_products_of_their_units() -> None:
     assert len(ids) > 3, "some word has several units"
     with torch.no_grad():
         out = lm.model(torch.tensor([[bpe.eos_id, *ids[:-1]]]), lm.model.init_state(1))
-        units = -lm.model.output_nll(out, torch.tensor([ids]))[0].double()
+        units = -lm.model.output.nll(out, torch.tensor([ids]))[0].double()
     words = lm.full_scores("lowest newer")
     assert [w.word for w in words] == ["lowest", "newer", EOS]
     cut = [i + 1 for i, end in enumerate(ends) if end]
@@ -245,7 +245,7 @@ def test_streamed_tokens_on_the_short_call_kernel_equal_one_long_pass(family: st
         previous = lm.vocab.eos_id
         for i in ids:
             out = lm.model(torch.tensor([[previous]]), state)
-            streamed.append(float(lm.model.output_log_probs(out)[0, -1, i]))
+            streamed.append(float(lm.model.output.predict(out)[0, -1, i]))
             state, previous = out.state, i
     assert streamed == pytest.approx(whole.tolist(), abs=1e-5)
     prefix = " ".join(tokens[:5]).replace(EOS, UNK)

@@ -115,3 +115,15 @@ def test_register_refuses_a_class_outside_the_family_base() -> None:
     with pytest.raises(TypeError, match="must derive from Encoder"):
         register("encoder", "plain")(Plain)
     assert "plain" not in registry("encoder")
+
+
+def test_help_and_errors_list_a_newly_registered_kind(toys: None, capsys: pytest.CaptureFixture[str]) -> None:
+    """The kinds in ``reglm config`` and in an unknown-kind error come from the registry when
+    they are printed: the toys' files add them with no other edit."""
+    main(["config"])
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.strip()}
+    assert "toy-elman (a stack of Elman layers)" in lines["model.encoder.kind"]
+    assert "toy-softmax (a softmax with a learned temperature)" in lines["model.output.kind"]
+    assert "awd-lstm (Merity et al.'s AWD-LSTM)" in lines["model.encoder.kind"]
+    with pytest.raises(ReglmError, match=r"unknown encoder 'elman'.*choose one of awd-lstm, .*, toy-elman"):
+        build_config("tiny", ["model.encoder=elman"])

@@ -1,7 +1,8 @@
 """The language model: input layer -> encoder -> output layer, assembled from registries.
 
-Each stage is a component chosen by its config's ``kind``: ``INPUTS`` (:mod:`reglm.inputs`),
-``ENCODERS`` (:mod:`reglm.encoders`), ``OUTPUTS`` (:mod:`reglm.outputs`). The model knows
+Each stage is a component chosen by its config's ``kind`` in its family's registry
+(:func:`~reglm.config.build.component_class`): ``INPUTS`` (:mod:`reglm.inputs`), ``ENCODERS``
+(:mod:`reglm.encoders`), ``OUTPUTS`` (:mod:`reglm.outputs`). The model knows
 nothing of what a component is: the input layer turns ids into vectors (and offers the matrix a
 tied output layer shares), the encoder returns an :class:`~reglm.encoders.base.EncoderOutput`
 with an opaque state, and the output layer implements :mod:`reglm.outputs.base`. Tying
@@ -24,11 +25,9 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from reglm.config import ModelConfig
+from reglm.config.build import component_class
 from reglm.data.vocab import Vocab
-from reglm.encoders import ENCODERS
 from reglm.encoders.base import EncoderOutput, State
-from reglm.inputs import INPUTS
-from reglm.outputs import OUTPUTS
 from reglm.outputs.base import OutputLayer, OutputLoss
 
 
@@ -46,9 +45,11 @@ class LanguageModel(nn.Module):
             raise ValueError(f"the vocabulary has {len(vocab)} words, not {vocab_size}")
         self.cfg = cfg
         self.vocab_size = vocab_size
-        self.embedding = INPUTS[cfg.input.kind].from_config(cfg.input, vocab_size, vocab)
-        self.encoder = ENCODERS[cfg.encoder.kind].from_config(cfg.encoder, self.embedding.output_size)
-        self.output: OutputLayer = OUTPUTS[cfg.output.kind].from_config(
+        self.embedding = component_class("input", cfg.input, "model.input").from_config(cfg.input, vocab_size, vocab)
+        self.encoder = component_class("encoder", cfg.encoder, "model.encoder").from_config(
+            cfg.encoder, self.embedding.output_size
+        )
+        self.output: OutputLayer = component_class("output", cfg.output, "model.output").from_config(
             cfg.output, self.encoder.output_size, vocab_size, self.embedding, self.encoder
         )
 
@@ -97,12 +98,12 @@ class LanguageModel(nn.Module):
     def nll(self, ids: Tensor, targets: Tensor, state: State | None = None) -> tuple[Tensor, State | None]:
         """``ids, targets: (B, T)`` -> (per-token NLL ``(B, T)``, new state)."""
         out = self(ids, state)
-        return self.output_nll(out, targets), out.state
+        return self.output.nll(out, targets), out.state
 
     def log_probs(self, ids: Tensor, state: State | None = None) -> tuple[Tensor, State | None]:
         """``ids: (B, T)`` -> (log-probabilities of the next word ``(B, T, V)``, new state)."""
         out = self(ids, state)
-        return self.output_log_probs(out), out.state
+        return self.output.predict(out), out.state
 
     def num_parameters(self) -> int:
         """Number of parameter scalars; a tied matrix counts once."""
@@ -124,8 +125,8 @@ class _ShapesOnly(TorchFunctionMode):
     """Inside :func:`shapes_only`: initializers on meta tensors return the tensor untouched.
 
     A meta tensor has no values to initialize, but ``torch.nn.init`` on one runs PyTorch's Python
-    reference kernels, whose first call imports ``torch._dynamo`` (3 s of every ``reglm train``
-    start on a 2-core CPU) to compute nothing."""
+    reference kernels, whose first call imports ``torch._dynamo`` (seconds of every start of
+    ``reglm train``; docs/benchmarks.md) to compute nothing."""
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         first = args[0] if args else (kwargs or {}).get("tensor")  # torch.nn.init passes it by name

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from reglm.data import cache, encoding
+from reglm.data import cache, cache_encode, encoding
 from reglm.data.cache import cache_root, id_dtype, load_cached, verify
 from reglm.data.corpus import CacheInfo, Corpus, encode_file, load_directory, read_tokens
 from reglm.data.datasets import resolve
@@ -202,7 +202,7 @@ def _prepare(root: str, cache_dir: str, log: str) -> None:
     """A process that reads the corpus with a slow build (so that two overlap); it records every
     build it does in ``log``."""
     os.environ["REGLM_DATA_DIR"] = cache_dir
-    encode = cache._encode_words
+    encode = cache.encode_words
 
     def slow(*args: object, **kwargs: object) -> object:
         with open(log, "a") as f:
@@ -212,7 +212,7 @@ def _prepare(root: str, cache_dir: str, log: str) -> None:
         time.sleep(0.5)
         return encode(*args, **kwargs)
 
-    cache._encode_words = slow
+    cache.encode_words = slow
     corpus = load_cached(root)
     np.save(f"{log}.{os.getpid()}.npy", corpus.train.numpy())
 
@@ -248,21 +248,21 @@ def test_unwritable_cache_and_full_disk_leave_nothing_behind(
     err = capsys.readouterr().err
     assert err.startswith("reglm: error: cannot write the encoded cache") and "REGLM_DATA_DIR" in err
     monkeypatch.setenv("REGLM_DATA_DIR", str(tmp_path / "cache"))
-    write = cache._IdFile.write
+    write = cache_encode.IdFile.write
 
     def fills_up(self: object, values: np.ndarray) -> None:
         if self.path.name == "valid.ids":  # type: ignore[attr-defined]
             raise OSError(errno.ENOSPC, "No space left on device")
         write(self, values)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(cache._IdFile, "write", fills_up)
+    monkeypatch.setattr(cache_encode.IdFile, "write", fills_up)
     with pytest.raises(ReglmError, match="No space left on device.*free some space"):
         load_cached(root)
     assert (
         sorted(p.name for p in cache_root().iterdir()) == [next(cache_root().iterdir()).name]
         and next(cache_root().iterdir()).suffix == ".lock"
     )
-    monkeypatch.setattr(cache._IdFile, "write", write)
+    monkeypatch.setattr(cache_encode.IdFile, "write", write)
     assert load_cached(root).train.numel() == 700
 
 
@@ -337,12 +337,12 @@ def test_stream_and_block_views_over_cached_ptb_are_batchify_and_get_batch(share
 def test_several_processes_encode_parts_to_the_same_ids(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A training file cut into parts (one per worker, forked) merges into the ids of one pass;
     an error in a later part names the line of the whole file."""
-    monkeypatch.setattr(cache, "PARALLEL_BYTES", 256)
+    monkeypatch.setattr(cache_encode, "PARALLEL_BYTES", 256)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
     root = write_corpus(
         tmp_path / "c", {"train": awkward_text(6, 300), "valid": awkward_text(7, 30), "test": awkward_text(8, 30)}
     )
-    assert len(cache._parts(root / "train.txt")) == 4
+    assert len(cache_encode._parts(root / "train.txt")) == 4
     fresh, got = load_directory(root, max_vocab=300), load_cached(root, max_vocab=300)
     assert got.vocab == fresh.vocab and all(torch.equal(got.split(s).long(), fresh.split(s)) for s in SPLITS)
     lines = (root / "train.txt").read_bytes().split(b"\n")

@@ -78,7 +78,7 @@ def reference_cache_nll(model: LanguageModel, ids: torch.Tensor, spec: CacheSpec
         x, y = row[:-1], row[1:]
         out = model(x.unsqueeze(0))
         h = out.output[0]
-        p_model = model.output_log_probs(out)[0].double().exp()
+        p_model = model.output.predict(out)[0].double().exp()
         nll = []
         for t in range(y.numel()):
             first = max(0, t - spec.window)
@@ -130,7 +130,7 @@ def test_full_distribution_sums_to_one_and_matches_the_evaluation(
     data = torch.stack(streams_of(even, 2))
     x, y = data[:, :-1], data[:, 1:]
     out = model(x)
-    log_p = cache_distribution(model.output_log_probs(out), out.output, y, 0, spec)
+    log_p = cache_distribution(model.output.predict(out), out.output, y, 0, spec)
     assert log_p.shape == (2, y.size(1), V)
     torch.testing.assert_close(log_p.exp().sum(-1), torch.ones(2, y.size(1)), rtol=0, atol=1e-5)
     result = cache_evaluate(model, even, spec, 2, bptt=5, keep_token_nll=True)

@@ -61,7 +61,7 @@ def manual_grads(model: LanguageModel, x: torch.Tensor, y: torch.Tensor, state):
     """Gradient of the mean NLL with plain ``backward`` on an eval-mode, dropout-free model."""
     model.zero_grad(set_to_none=True)
     out = model(x, state)
-    nll = model.output_nll(out, y)
+    nll = model.output.nll(out, y)
     nll.mean().backward()
     return nll.detach(), [p.grad.clone() for p in model.parameters()], out.state.detach()
 
@@ -232,7 +232,7 @@ def test_adapt_output_updates_only_the_output_layer_by_its_own_gradient(train_id
         x, y = ids[None, 4 * k : 4 * k + 4], ids[None, 4 * k + 1 : 4 * k + 5]
         with torch.no_grad():
             out = ref(x, ref_state)
-        nll_ref = ref.output_nll(out, y)
+        nll_ref = ref.output.nll(out, y)
         grads = torch.autograd.grad(nll_ref.mean(), [p for _, p in adapted])
         ref_state = out.state
         with torch.no_grad():

@@ -459,7 +459,7 @@ def test_untied_adaptive_softmax_over_a_word_embedding_is_allowed() -> None:
     )
     model = LanguageModel(config.model, V)
     assert model.output.dims == (16, 4, 1)
-    assert model.output_nll(model(torch.randint(0, V, (2, 3))), torch.randint(0, V, (2, 3))).shape == (2, 3)
+    assert model.output.nll(model(torch.randint(0, V, (2, 3))), torch.randint(0, V, (2, 3))).shape == (2, 3)
 
 
 def test_cutoffs_beyond_the_vocabulary_are_a_config_error_at_build_time() -> None:

@@ -138,7 +138,7 @@ def test_doc_experts_read_the_intermediate_layers() -> None:
     ids = torch.randint(0, V, (2, 6))
     with torch.no_grad():
         out = model(ids)
-        got = model.output_log_probs(out)
+        got = model.output.predict(out)
         expected = _direct_log_probs(model.output, out.output, out.layer_outputs[:2])
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
@@ -243,7 +243,7 @@ def test_advsoft_mixture_evaluates_clean() -> None:
         torch.testing.assert_close(adv.log_probs(ids)[0], plain.log_probs(ids)[0], rtol=0, atol=0)
         torch.testing.assert_close(adv.nll(ids, ids)[0], plain.nll(ids, ids)[0], rtol=0, atol=0)
         out = adv(ids)
-        assert torch.all(adv.output_loss(out, ids, adversarial=True).nll > adv.output_nll(out, ids))
+        assert torch.all(adv.output.score(out, ids, adversarial=True).nll > adv.output.nll(out, ids))
 
 
 # ------------------------------------------------------------------ the DOC penalty
@@ -264,14 +264,14 @@ def test_model_adds_the_weighted_penalty_of_its_mixture_weights() -> None:
     model = LanguageModel(_cfg(output="doc", doc_experts="0,2", mixture_penalty=0.01, **NO_DROPOUT), V).train()
     ids, targets = torch.randint(0, V, (3, 6)), torch.randint(0, V, (3, 6))
     out = model(ids)
-    loss = model.output_loss(out, targets)
+    loss = model.output.score(out, targets)
     pi = torch.softmax(out.output @ model.output.prior.weight.t(), dim=-1)
     torch.testing.assert_close(loss.penalty, 0.01 * mixture_weight_penalty(pi))
-    torch.testing.assert_close(loss.nll, model.output_nll(out, targets))
+    torch.testing.assert_close(loss.nll, model.output.nll(out, targets))
     (grad,) = torch.autograd.grad(loss.penalty, model.output.prior.weight)
     assert grad.abs().sum() > 0
     plain = LanguageModel(ModelConfig.build(emb_size=6, hidden_size=10, num_layers=2), V)
-    assert float(plain.output_loss(plain(ids), targets).penalty) == 0.0
+    assert float(plain.output.score(plain(ids), targets).penalty) == 0.0
 
 
 def test_the_penalty_reaches_the_training_step(tmp_path: Path) -> None:

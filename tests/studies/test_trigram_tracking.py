@@ -14,7 +14,8 @@ from reglm.cli import main
 from reglm.config import ModelConfig
 from reglm.errors import ReglmError
 from reglm.models import LanguageModel
-from reglm.studies.trigram import ChosenWordTracker, TrigramStudySpec, _read_curve, chosen_word_prob
+from reglm.studies.trigram import TrigramStudySpec
+from reglm.studies.trigram_measures import ChosenWordTracker, chosen_word_prob, read_curve
 from reglm.train.metrics import MetricsLog
 
 
@@ -28,7 +29,7 @@ def test_tracked_words_are_logged_every_step_and_read_back_by_rank(tmp_path: Pat
     for step in range(3):
         trainer.step = step
         tracker(trainer)
-    curve = _read_curve(tmp_path)
+    curve = read_curve(tmp_path)
     assert curve["step"] == [0, 1, 2] and set(curve["tracked"]) == {"75", "10"}
     for rank, ctx in contexts.items():
         assert curve["tracked"][str(rank)]["step"] == [0, 1, 2]

@@ -55,7 +55,7 @@ class ElmanExport(nn.Module):
 class ElmanConfig(ComponentConfig):
     """A stack of Elman layers; the last one as wide as the input (so a softmax can tie to it)."""
 
-    kind: str = kind_field("toy-elman", "encoder: toy-elman (a stack of Elman layers)")
+    kind: str = kind_field("toy-elman", "a stack of Elman layers")
     hidden_size: int = option(16, "hidden size of every layer but the last", arch=True)
     num_layers: int = option(2, "number of layers", arch=True)
     hidden_dropout: float = option(0.1, "locked dropout between layers")

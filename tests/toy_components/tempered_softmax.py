@@ -18,7 +18,7 @@ from reglm.outputs.base import OutputLayer, OutputLoss
 
 @dataclass(frozen=True)
 class TemperedSoftmaxConfig(ComponentConfig):
-    kind: str = kind_field("toy-softmax", "output layer: toy-softmax (a softmax with a learned temperature)")
+    kind: str = kind_field("toy-softmax", "a softmax with a learned temperature")
 
 
 @register("output", "toy-softmax")

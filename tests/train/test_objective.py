@@ -75,12 +75,14 @@ def test_discriminator_validation_equals_a_direct_computation(disc_run: Path, lm
     disc.eval(), q0.eval()
 
     def per_token(outs, window):
-        return {"loss": discriminator_loss(disc.output_logits(outs[0]), q0.output_log_probs(outs[1]), window.targets)}
+        return {
+            "loss": discriminator_loss(disc.output.full_logits(outs[0]), q0.output.predict(outs[1]), window.targets)
+        }
 
     got = score_split([disc, q0], ids, Reading(batch_size=1, bptt=7), "cpu", per_token)
     with torch.no_grad():
         x, y = ids[:-1].unsqueeze(0), ids[1:].unsqueeze(0)
-        direct = discriminator_loss(disc.output_logits(disc(x)), q0.output_log_probs(q0(x)), y).mean()
+        direct = discriminator_loss(disc.output.full_logits(disc(x)), q0.output.predict(q0(x)), y).mean()
     assert got["tokens"] == 399
     assert got["loss"] == pytest.approx(float(direct), rel=1e-5)
 
@@ -137,9 +139,9 @@ def test_finetuning_gradient_is_that_of_loss_12(disc_run: Path, lm_run: Path) ->
     disc, _, _ = load_model_dir(disc_run / "best")
     q0.eval(), disc.eval()
     with torch.no_grad():
-        log_q0 = -q0.output_nll(q0(x), y)
-        s = disc.output_logits(disc(x)).gather(-1, y.unsqueeze(-1)).squeeze(-1)
-    log_q = -trainer.model.output_nll(out, y)
+        log_q0 = -q0.output.nll(q0(x), y)
+        s = disc.output.full_logits(disc(x)).gather(-1, y.unsqueeze(-1)).squeeze(-1)
+    log_q = -trainer.model.output.nll(out, y)
     log_t = log_q - log_q0 + s
     expected = -log_q + log_t.exp() * log_t
     torch.testing.assert_close(got, expected)

@@ -93,6 +93,39 @@ def family_configs(family: str) -> dict[str, type]:
     return {kind: component.Config for kind, component in registry(family).items()}
 
 
+def kinds_help(family: str, described: bool = False) -> str:
+    """The registered kinds of ``family`` as help texts and errors list them, read from its
+    registry when they are printed, so a newly registered kind is listed with no other edit:
+    ``"awd-lstm, vd-lstm, qrnn, transformer"``; ``described``: each with the help of its
+    config's ``kind`` field, the kinds sharing a config together
+    (``"softmax (a softmax over the vocabulary), mos or doc (...), ..."``)."""
+    if not described:
+        return ", ".join(registry(family))
+    groups: dict[type, list[str]] = {}
+    for kind, config in family_configs(family).items():
+        groups.setdefault(config, []).append(kind)
+    parts = []
+    for config, kinds in groups.items():
+        about = fields_of(config)["kind"].metadata.get("help")
+        parts.append(f"{' or '.join(kinds)} ({about})" if about else " or ".join(kinds))
+    return ", ".join(parts)
+
+
+def component_class(family: str, config: Any, where: str = "") -> type:
+    """The registered component that ``config`` builds: the one its ``kind`` names, which must be
+    the component whose ``Config`` it is. The one check that a config's kind agrees with its
+    class (the registry picks the class by kind; a config cannot name another kind's component)."""
+    component = registry(family).get(config.kind)
+    if component is None or type(config) is not component.Config:
+        owners = [kind for kind, cls in family_configs(family).items() if cls is type(config)]
+        raise ReglmError(
+            f"invalid option {where or family}.kind: {type(config).__name__} is the config of "
+            f"{' or '.join(owners) or 'no registered ' + family}, not of {config.kind!r}; "
+            f"choose one of {kinds_help(family)}"
+        )
+    return component
+
+
 @functools.cache
 def hints_of(cls: type) -> dict[str, Any]:
     """The resolved annotations of a config dataclass (cached: resolving them is slow; read only)."""
@@ -161,7 +194,8 @@ def _kind_error(family: str, kind: Any, path: Path) -> ReglmError:
     if path[-1] == "optimizer" and kind in OLD_AVERAGING:
         hint = f"; the averaging policy is now train.averaging={OLD_AVERAGING[kind]}"
     return ReglmError(
-        f"invalid option {_option_name(path)}: unknown {family} {kind!r}{did_you_mean(kind, configs)}; choose one of {', '.join(configs)}{hint}"
+        f"invalid option {_option_name(path)}: unknown {family} {kind!r}{did_you_mean(kind, configs)}; "
+        f"choose one of {kinds_help(family)}{hint}"
     )
 
 
@@ -348,25 +382,32 @@ def leaf_paths(raw: dict[str, Any], root: type, prefix: Path = ()) -> list[Path]
     return out
 
 
-def _all_paths(root: type, prefix: Path = ()) -> Iterator[tuple[Path, dataclasses.Field, Any, list[str]]]:
-    """Every option of every kind: ``(path, field, annotation, kinds that have it)``."""
+def _all_paths(root: type, prefix: Path = ()) -> Iterator[tuple[Path, dataclasses.Field, Any, list[str], str]]:
+    """Every option of every kind: ``(path, field, annotation, kinds that have it, help)``. The
+    help of a component field or of a kinded dataclass is printed on its ``kind`` line, before
+    the kinds: a component's registered kinds (:func:`kinds_help`), a dataclass's own."""
     hints = hints_of(root)
     for name, f in fields_of(root).items():
         family = f.metadata.get("family")
         hint = hints[name]
         if family is not None:
-            merged: dict[Path, tuple[dataclasses.Field, Any, list[str]]] = {}
+            merged: dict[Path, tuple[dataclasses.Field, Any, list[str], str]] = {}
             for kind, cls in family_configs(family).items():
-                for path, sub_f, sub_hint, _ in _all_paths(cls, (*prefix, name)):
-                    entry = merged.setdefault(path, (sub_f, sub_hint, []))
+                for path, sub_f, sub_hint, _, text in _all_paths(cls, (*prefix, name)):
+                    if path == (*prefix, name, "kind"):
+                        text = f"{f.metadata['help']}: {kinds_help(family, described=True)}"
+                    entry = merged.setdefault(path, (sub_f, sub_hint, [], text))
                     if kind not in entry[2]:
                         entry[2].append(kind)
-            for path, (sub_f, sub_hint, kinds) in merged.items():
-                yield path, sub_f, sub_hint, kinds
+            for path, (sub_f, sub_hint, kinds, text) in merged.items():
+                yield path, sub_f, sub_hint, kinds, text
         elif dataclasses.is_dataclass(hint):
-            yield from _all_paths(hint, (*prefix, name))
+            for path, sub_f, sub_hint, kinds, text in _all_paths(hint, (*prefix, name)):
+                if path == (*prefix, name, "kind") and "help" in f.metadata:
+                    text = f"{f.metadata['help']}: {text}"
+                yield path, sub_f, sub_hint, kinds, text
         else:
-            yield (*prefix, name), f, hint, []
+            yield (*prefix, name), f, hint, [], f.metadata.get("help", "")
 
 
 def resolve_key(key: str, root: type) -> list[Path]:
@@ -487,6 +528,7 @@ def build(cls: type, raw: Any, where: str, prefix: str = "", sources: dict[str, 
             if kind not in configs:
                 raise _kind_error(family, kind, tuple(f"{prefix}{name}".split(".")))
             kwargs[name] = build(configs[kind], value, where, f"{prefix}{name}.", sources)
+            component_class(family, kwargs[name], f"{prefix}{name}")
         elif dataclasses.is_dataclass(hint):
             if _is_kinded(hint) and not isinstance(value, dict):
                 value = {"kind": "none" if value is None else value}
@@ -500,14 +542,14 @@ def describe(root: type) -> str:
     """One line per option of every kind: key, type, default, the kinds that have it, help."""
     lines = []
     defaults = root()
-    for path, f, hint, kinds in _all_paths(root):
+    for path, f, hint, kinds, text in _all_paths(root):
         if path[-1] == "kind" and not kinds:
             continue
         default = _default_of(defaults, path, None if f.default is dataclasses.MISSING else f.default)
         type_name = str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
         key = _option_name(path)
         scope = f" [{', '.join(kinds)}]" if kinds else ""
-        lines.append(f"{key:34s} {type_name:12s} {default!r:12s} {f.metadata.get('help', '')}{scope}")
+        lines.append(f"{key:34s} {type_name:12s} {default!r:12s} {text}{scope}")
     return "\n".join(lines)
 
 

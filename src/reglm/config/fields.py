@@ -39,7 +39,10 @@ class ComponentConfig:
 
 
 def kind_field(kind: str, help: str) -> Any:
-    """The ``kind`` field of a component config: which registered component it builds."""
+    """The ``kind`` field of a component config: which registered component it builds; ``help``
+    says what this kind is (``reglm config`` lists every registered kind of the family with it).
+    That the kind is one of its class's is checked once, where the registry picks the class
+    (:func:`~reglm.config.build.component_class`)."""
     return field(default=kind, metadata={"help": help, "kind": True})
 
 

@@ -22,9 +22,11 @@ from reglm.config.build import OLD_AVERAGING, apply, build, family_configs, kind
 from reglm.config.fields import check, check_kind, check_nonneg, check_seed, option
 
 
-def _component(family: str, default_kind: str, help: str) -> Any:
+def _component(family: str, default_kind: str, what: str) -> Any:
+    """A component field: ``what`` it is; ``reglm config`` lists its kinds from the registry
+    (:func:`~reglm.config.build.kinds_help`), so no help text here names them."""
     return field(
-        default_factory=lambda: family_configs(family)[default_kind](), metadata={"help": help, "family": family}
+        default_factory=lambda: family_configs(family)[default_kind](), metadata={"help": what, "family": family}
     )
 
 
@@ -116,11 +118,9 @@ class DataConfig:
 class ModelConfig:
     """The language model: input layer -> encoder -> output layer, each a component chosen by kind."""
 
-    input: Any = _component("input", "embedding", "the input layer (model.input.kind: embedding)")
-    encoder: Any = _component(
-        "encoder", "awd-lstm", "the encoder (model.encoder.kind: awd-lstm, vd-lstm, qrnn, transformer)"
-    )
-    output: Any = _component("output", "softmax", "the output layer (model.output.kind: softmax, mos, doc)")
+    input: Any = _component("input", "embedding", "input layer")
+    encoder: Any = _component("encoder", "awd-lstm", "encoder")
+    output: Any = _component("output", "softmax", "output layer")
 
     def __post_init__(self) -> None:
         """The checks across components: each component config's ``check_with(model_config)``
@@ -197,9 +197,9 @@ class TrainConfig:
     compile: bool = option(
         False, "run the forward pass through torch.compile (the uncompiled module is what checkpoints save)"
     )
-    optimizer: Any = _component("optimizer", "sgd", "the optimizer (train.optimizer.kind: sgd)")
-    averaging: Any = _component("averaging", "ntasgd", "the averaging policy (train.averaging.kind: ntasgd, none)")
-    schedule: Any = _component("schedule", "decay", "the learning-rate schedule (train.schedule.kind: decay)")
+    optimizer: Any = _component("optimizer", "sgd", "optimizer")
+    averaging: Any = _component("averaging", "ntasgd", "averaging")
+    schedule: Any = _component("schedule", "decay", "learning-rate schedule")
     clip: float = option(0.25, "gradient clipping: maximum global norm (0: off)")
     ar_alpha: float = option(2.0, "activation regularization coefficient (AR, on the dropped last-layer output)")
     tar_beta: float = option(1.0, "temporal activation regularization coefficient (TAR, on the undropped output)")

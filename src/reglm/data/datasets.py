@@ -12,7 +12,7 @@ failure nothing is left behind. Every corpus is then read through the encoded-co
 Verification:
 
 * PTB and WikiText-2: the sha256 of every extracted split. Cached copies are hashed again
-  the first time a process uses them (about 0.1 s), so a damaged cache is caught; reading
+  the first time a process uses them, so a damaged cache is caught; reading
   needs no write access.
 * WikiText-103: no per-file sha256 is known here, so a download is verified by the published
   counts under the corpus rule (:mod:`reglm.data.corpus`): 103,227,021 / 217,646 / 245,569

@@ -139,7 +139,7 @@ class AWDLSTMConfig(ComponentConfig):
 
     kind: str = kind_field(
         "awd-lstm",
-        "encoder: awd-lstm (Merity et al.), vd-lstm (Zaremba et al.'s LSTM with Inan et al.'s variational dropout), qrnn (Bradbury et al.'s quasi-recurrent network with the AWD regularizers) or transformer (decoder-only, pre-LayerNorm; Baevski & Auli 2019)",
+        "Merity et al.'s AWD-LSTM",
     )
     hidden_size: int = option(256, "LSTM hidden size of every layer but the last", arch=True)
     last_hidden_size: int | None = option(

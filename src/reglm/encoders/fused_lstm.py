@@ -64,9 +64,8 @@ class _EvalChunk:
 
 CELL_MAX_STEPS = 8
 """The longest gradient-free CPU call that runs on the step-by-step cell rather than oneDNN
-(:func:`lstm_kernel`). Measured on the PTB-sized stack, one thread (``benchmarks/export_latency.py
---kernels``): the cell took 0.28x oneDNN's time for one token and 0.68x for 8 at batch 1, 1.0-1.07x
-at batch 8 x 8-16 steps; on the 650 x 2 VD-LSTM 0.47x, 0.76x and 0.99-1.07x."""
+(:func:`lstm_kernel`): where the cell stops winning in ``benchmarks/export_latency.py --kernels``
+(docs/benchmarks.md, "Exported models: streamed-token latency")."""
 
 
 def lstm_kernel(x: Tensor, needs_grad: bool, segment_gradients: bool) -> str:
@@ -82,7 +81,7 @@ def lstm_kernel(x: Tensor, needs_grad: bool, segment_gradients: bool) -> str:
       token, a short prompt): PyTorch's own cell step by step
       (:func:`~reglm.encoders.lstm_segment.cell_lstm`, the values of ``torch.lstm`` with oneDNN
       off), which reorders no weight: oneDNN's RNN primitive reorders every weight on every call,
-      and one token through the PTB-sized stack took 3.6x longer with it;
+      which a one-token call never amortizes (docs/benchmarks.md);
     * ``"onednn"``: every other CPU call (training, long windows): ``torch.lstm`` as PyTorch
       dispatches it.
     """

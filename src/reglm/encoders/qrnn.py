@@ -301,7 +301,7 @@ class QRNNConfig(ComponentConfig):
 
     kind: str = kind_field(
         "qrnn",
-        "encoder: awd-lstm (Merity et al.), vd-lstm (Zaremba et al.'s LSTM with Inan et al.'s variational dropout), qrnn (Bradbury et al.'s quasi-recurrent network with the AWD regularizers) or transformer (decoder-only, pre-LayerNorm; Baevski & Auli 2019)",
+        "Bradbury et al.'s quasi-recurrent network with the AWD regularizers",
     )
     hidden_size: int = option(256, "QRNN hidden size of every layer but the last", arch=True)
     last_hidden_size: int | None = option(
@@ -321,7 +321,6 @@ class QRNNConfig(ComponentConfig):
     )
 
     def __post_init__(self) -> None:
-        check(self.kind == "qrnn", "model.encoder.kind", f"unknown {self.kind!r}")
         for name in ("hidden_size", "num_layers"):
             check(getattr(self, name) >= 1, f"model.encoder.{name}", f"{getattr(self, name)} must be >= 1")
         check(

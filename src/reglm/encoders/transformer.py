@@ -107,7 +107,7 @@ class TransformerConfig(ComponentConfig):
 
     kind: str = kind_field(
         "transformer",
-        "encoder: awd-lstm (Merity et al.), vd-lstm (Zaremba et al.'s LSTM with Inan et al.'s variational dropout), qrnn (Bradbury et al.'s quasi-recurrent network with the AWD regularizers) or transformer (decoder-only, pre-LayerNorm; Baevski & Auli 2019)",
+        "decoder-only, pre-LayerNorm; Baevski & Auli 2019",
     )
     d_model: int = option(512, "e: width of the residual stream, attention and block outputs", arch=True)
     layers: int = option(6, "N: number of blocks (the paper: 16)", arch=True)
@@ -132,7 +132,6 @@ class TransformerConfig(ComponentConfig):
     )
 
     def __post_init__(self) -> None:
-        check(self.kind == "transformer", "model.encoder.kind", f"unknown {self.kind!r}")
         for name in ("d_model", "layers", "heads", "ffn_dim"):
             value = getattr(self, name)
             check(value >= 1, f"model.encoder.{name}", f"{value} must be >= 1")

@@ -167,7 +167,7 @@ class VDLSTMConfig(ComponentConfig):
 
     kind: str = kind_field(
         "vd-lstm",
-        "encoder: awd-lstm (Merity et al.), vd-lstm (Zaremba et al.'s LSTM with Inan et al.'s variational dropout), qrnn (Bradbury et al.'s quasi-recurrent network with the AWD regularizers) or transformer (decoder-only, pre-LayerNorm; Baevski & Auli 2019)",
+        "Zaremba et al.'s LSTM with Inan et al.'s variational dropout",
     )
     hidden_size: int = option(256, "LSTM hidden size of every layer", arch=True)
     num_layers: int = option(2, "number of stacked LSTM layers", arch=True)

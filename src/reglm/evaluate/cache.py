@@ -295,7 +295,7 @@ class _CacheWindows:
 
     def __call__(self, outs: list[EncoderOutput], window: Window) -> dict[str, Tensor]:
         out, y = outs[0], window.targets
-        nll_model = self.model.output_nll(out, y)
+        nll_model = self.model.output.nll(out, y)
         h = out.output
         if self.past_h is None or self.past_y is None:
             self.past_h, self.past_y = h[:, :0], y[:, :0]

@@ -87,7 +87,8 @@ the per-element decay, then ``addcmul`` of the gradient by the per-element step
   gradient, and an untied one is made dense once.
 * Gradients come from ``torch.autograd.grad``, which hands over the freshly computed tensors:
   accumulating into reused ``.grad`` buffers adds a zeroing and an addition pass over every
-  parameter and measured 25% slower per segment (245 vs 197 ms, PTB-sized model, CPU).
+  parameter and was measurably slower per segment (docs/benchmarks.md, "Measurements behind
+  choices in the code").
 * The update stays two passes: no stock multi-tensor operation combines a per-element decay
   toward ``theta_0`` with a per-element gradient step, and a single pass would still read five
   tensors and write one (six tensor streams against eight).
@@ -146,7 +147,7 @@ def segment_loss(
     with torch.set_grad_enabled(encoder_grad):
         out = model(window.inputs, state)
     with torch.enable_grad():
-        nll = model.output_nll(out, window.targets)
+        nll = model.output.nll(out, window.targets)
         loss = nll.mean() if window.scored is None else nll.masked_fill(~window.scored, 0).sum() / window.tokens
     return nll, loss, out.state
 

@@ -206,7 +206,7 @@ class Hypotheses:
             else None
         )
         predicting = self.last if before is None else _cat_time(self.last, before)
-        nll = self.lm.model.output_nll(predicting, targets).double().cpu()
+        nll = self.lm.model.output.nll(predicting, targets).double().cpu()
         mask = torch.arange(width)[None, :] < counts[:, None]
         log_p = (-(nll * mask).sum(1) + self._oov_offsets(words)) * self.scale
         self.last = _gather_time(fresh, ends)
@@ -267,7 +267,7 @@ class Hypotheses:
             raise ReglmError(
                 "a sub-word (BPE) model's next token is a unit, not a word; next-word lists need a word-level model"
             )
-        return self.lm.model.output_log_probs(self.last)[:, 0].double() * self.scale
+        return self.lm.model.output.predict(self.last)[:, 0].double() * self.scale
 
     def top_k(self, k: int, exclude: Sequence[str] = (UNK,)) -> tuple[Tensor, Tensor]:
         """``(log_probs, ids)``, both ``(B, k)``: each hypothesis' ``k`` likeliest next words,

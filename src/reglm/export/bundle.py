@@ -114,7 +114,7 @@ def stream_difference(
         out = model(ids.to(device), reference)
         reference = out.state
         log_probs, state = step(ids, state)
-        worst = max(worst, float((log_probs - model.output_log_probs(out).cpu()).abs().max()))
+        worst = max(worst, float((log_probs - model.output.predict(out).cpu()).abs().max()))
     return worst
 
 

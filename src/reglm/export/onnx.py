@@ -2,8 +2,8 @@
 
 The exporter is PyTorch's TorchScript-based one (``torch.onnx.export(..., dynamo=False)``) at
 opset :data:`OPSET`. The default exporter of torch >= 2.9 (``dynamo=True``, built on
-``torch.export``) needs the ``onnxscript`` package, took about 19 s for a 2-layer toy LSTM here
-(the TorchScript-based one: well under a second) and specializes dimensions of size 1 away, so
+``torch.export``) needs the ``onnxscript`` package, exports far more slowly (docs/deployment.md)
+and specializes dimensions of size 1 away, so
 that a model exported from a batch of one stream refuses two; the TorchScript-based exporter is
 deprecated in torch 2.9+ but present and working in 2.13, needs only ``onnx``, and writes a
 native ``LSTM`` op whose batch and time dimensions stay dynamic. Its deprecation warnings, its

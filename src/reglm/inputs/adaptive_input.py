@@ -113,7 +113,7 @@ class AdaptiveInputConfig(ComponentConfig):
 
     kind: str = kind_field(
         "adaptive",
-        "input layer: embedding (a word embedding), adaptive (adaptive input, Baevski & Auli 2019) or char-cnn (a CNN over the word's UTF-8 bytes)",
+        "adaptive input, Baevski & Auli 2019",
     )
     dim: int = option(
         1024, "d: the head band's embedding size and the layer's output size (section 4.4: 1024)", arch=True
@@ -130,7 +130,6 @@ class AdaptiveInputConfig(ComponentConfig):
     )
 
     def __post_init__(self) -> None:
-        check(self.kind == "adaptive", "model.input.kind", f"unknown {self.kind!r}")
         check(self.dim >= 1, "model.input.dim", f"{self.dim} must be >= 1")
         check(
             math.isfinite(self.factor) and self.factor >= 1,

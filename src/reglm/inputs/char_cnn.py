@@ -107,7 +107,7 @@ class CharCNNConfig(ComponentConfig):
 
     kind: str = kind_field(
         "char-cnn",
-        "input layer: embedding (a word embedding), adaptive (adaptive input, Baevski & Auli 2019) or char-cnn (a CNN over the word's UTF-8 bytes)",
+        "a CNN over the word's UTF-8 bytes",
     )
     char_emb_size: int = option(128, "size of the character (byte) embeddings (the paper: 128)", arch=True)
     filters: str = option(
@@ -124,7 +124,6 @@ class CharCNNConfig(ComponentConfig):
     )
 
     def __post_init__(self) -> None:
-        check(self.kind == "char-cnn", "model.input.kind", f"unknown {self.kind!r}")
         for name in ("char_emb_size", "dim", "max_chars"):
             check(getattr(self, name) >= 1, f"model.input.{name}", f"{getattr(self, name)} must be >= 1")
         check(self.highway >= 0, "model.input.highway", f"{self.highway} must be >= 0")

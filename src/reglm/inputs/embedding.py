@@ -31,7 +31,7 @@ class EmbeddingConfig(ComponentConfig):
 
     kind: str = kind_field(
         "embedding",
-        "input layer: embedding (a word embedding), adaptive (adaptive input, Baevski & Auli 2019) or char-cnn (a CNN over the word's UTF-8 bytes)",
+        "a word embedding",
     )
     emb_size: int = option(200, "word embedding size E (input and, when tied, output)", arch=True)
     embed_dropout: float = option(
@@ -41,7 +41,6 @@ class EmbeddingConfig(ComponentConfig):
     init_range: float = option(0.1, "the embedding is initialized U(-init_range, init_range)")
 
     def __post_init__(self) -> None:
-        check(self.kind == "embedding", "model.input.kind", f"unknown {self.kind!r}")
         check(self.emb_size >= 1, "model.input.emb_size", f"{self.emb_size} must be >= 1")
         check_prob(self.embed_dropout, "model.input.embed_dropout")
         check_prob(self.dropout, "model.input.dropout")

@@ -28,8 +28,8 @@ def keep_mask(shape: tuple[int, ...], p: float, like: Tensor) -> Tensor:
 
     Sampled as ``U >= p`` with ``U ~ Uniform[0, 1)`` (probability ``1 - p``) on ``like``'s device,
     in ``like``'s dtype (float32 for half types, so ``p`` is not rounded to 8 bits). On CPU this
-    is about 3x faster than ``Tensor.bernoulli_``, which matters for DropConnect on the
-    ``(4H, H)`` recurrent matrices at every step.
+    is faster than ``Tensor.bernoulli_`` (docs/benchmarks.md), which matters for DropConnect on
+    the ``(4H, H)`` recurrent matrices at every step.
     """
     dtype = like.dtype if like.dtype in (torch.float32, torch.float64) else torch.float32
     mask = torch.rand(shape, device=like.device, dtype=dtype).ge_(p).div_(1.0 - p)

@@ -90,7 +90,7 @@ class AdvSoftConfig:
 
     kind: str = kind_field(
         "none",
-        "adversarial softmax (Wang et al. 2019): none (off), relative (epsilon_y = alpha * ||w_y||) or fixed (epsilon)",
+        "none (off), relative (epsilon_y = alpha * ||w_y||) or fixed (epsilon); Wang et al. 2019",
     )
     alpha: float = option(0.005, "relative mode: epsilon_y = alpha * ||w_y|| (the Remark after Algorithm 1)")
     epsilon: float = option(0.01, "fixed mode: the radius epsilon of the perturbation ball")

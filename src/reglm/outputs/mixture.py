@@ -52,14 +52,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from reglm.config.fields import ComponentConfig, check, check_kind, check_nonneg, check_prob, kind_field, option
+from reglm.config.build import component_class
+from reglm.config.fields import ComponentConfig, check, check_nonneg, check_prob, kind_field, option
 from reglm.encoders.base import EncoderOutput
 from reglm.layers.dropout import LockedDropout
 from reglm.layers.inference import Frozen
 from reglm.outputs.adversarial import AdvSoft, AdvSoftConfig, perturb_target_logits_
 from reglm.outputs.base import OutputLayer, OutputLoss
-
-KINDS = ("mos", "doc")
 
 
 @dataclass(frozen=True)
@@ -68,7 +67,7 @@ class MixtureConfig(ComponentConfig):
 
     kind: str = kind_field(
         "mos",
-        "output layer: softmax, mos (mixture of softmaxes, Yang et al. 2018), doc (MoS with experts from intermediate layers too, Takase et al. 2018) or adaptive (adaptive softmax, Grave et al. 2017)",
+        "mixture of softmaxes, Yang et al. 2018; doc: with experts from intermediate layers too, Takase et al. 2018",
     )
     tie_weights: bool = option(True, "share the input embedding with the experts' output embedding", arch=True)
     n_experts: int = option(15, "softmax experts computed from the last encoder layer", arch=True)
@@ -83,12 +82,9 @@ class MixtureConfig(ComponentConfig):
     mixture_penalty: float = option(
         0.0, "coefficient lambda_beta of DOC's penalty on the variation of the mixture weights (the DOC code's --var)"
     )
-    advsoft: AdvSoftConfig = option(
-        AdvSoftConfig(), "the adversarial softmax, per expert (model.output.advsoft=relative|fixed|none)"
-    )
+    advsoft: AdvSoftConfig = option(AdvSoftConfig(), "the adversarial softmax, per expert")
 
     def __post_init__(self) -> None:
-        check_kind(self.kind, KINDS, "model.output.kind")
         check(self.n_experts >= 1, "model.output.n_experts", f"{self.n_experts} must be >= 1")
         check_prob(self.latent_dropout, "model.output.latent_dropout")
         check_nonneg(self.mixture_penalty, "model.output.mixture_penalty")
@@ -102,7 +98,7 @@ class MixtureConfig(ComponentConfig):
         """DOC's counts name the encoder's intermediate layers; tying needs a word embedding."""
         self.doc_expert_counts(len(model.encoder.layer_sizes(model.input.output_size)))
         check(
-            not self.tie_weights or model.input.kind == "embedding",
+            not self.tie_weights or "word-matrix" in component_class("input", model.input).capabilities,
             "model.output.tie_weights",
             f"a mixture ties to a word embedding, not to input layer {model.input.kind}; set tie_weights=false",
         )

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from reglm.config.build import component_class
 from reglm.config.fields import ComponentConfig, check, check_positive, kind_field, option
 from reglm.encoders.base import EncoderOutput
 from reglm.layers.inference import Frozen
@@ -29,7 +30,7 @@ class SoftmaxConfig(ComponentConfig):
 
     kind: str = kind_field(
         "softmax",
-        "output layer: softmax, mos (mixture of softmaxes, Yang et al. 2018), doc (MoS with experts from intermediate layers too, Takase et al. 2018) or adaptive (adaptive softmax, Grave et al. 2017)",
+        "a softmax over the vocabulary",
     )
     tie_weights: bool = option(
         True, "share the input embedding with the output projection (Inan et al.; Press & Wolf)", arch=True
@@ -38,12 +39,9 @@ class SoftmaxConfig(ComponentConfig):
         True, "the softmax has a bias; false: fixed at zero (Inan et al.'s reused embeddings, RE)", arch=True
     )
     init_range: float = option(0.1, "an untied projection is initialized U(-init_range, init_range)")
-    advsoft: AdvSoftConfig = option(
-        AdvSoftConfig(), "the adversarial softmax (model.output.advsoft=relative|fixed|none)"
-    )
+    advsoft: AdvSoftConfig = option(AdvSoftConfig(), "the adversarial softmax")
 
     def __post_init__(self) -> None:
-        check(self.kind == "softmax", "model.output.kind", f"unknown {self.kind!r}")
         check_positive(self.init_range, "model.output.init_range")
 
     def check_with(self, model: Any) -> None:
@@ -51,7 +49,7 @@ class SoftmaxConfig(ComponentConfig):
         if not self.tie_weights:
             return
         check(
-            model.input.kind == "embedding",
+            "word-matrix" in component_class("input", model.input).capabilities,
             "model.output.tie_weights",
             f"a softmax ties to a word embedding, not to input layer {model.input.kind}; set tie_weights=false",
         )

@@ -53,18 +53,18 @@ Choices where the paper is silent (all are :class:`SubspaceStudySpec` options):
   initialization, so within a run every ``(beta, tau)`` point starts from the same weights on
   the same words: the sweep compares like with like.
 
-Costs and convergence (PTB, ``|V| = 10,000``, one CPU thread): a step of ``5 x 35`` tokens takes
-0.14 s (the two ``(N, 300) x (300, V)`` products -- logits and target similarities -- their
-backward and the softmaxes over ``V``), an epoch of 20,000 words about 17 s, one training of the
-default 40 epochs about 11 minutes, the default study (11 distinct points x 10 runs) about 20
-hours -- a GPU helps. The distance falls slowly and then faster: at ``beta = 1``, ``tau = 10`` one
-run went 0.979 / 0.955 / 0.942 / 0.915 / 0.856 / 0.762 after 1 / 5 / 10 / 15 / 20 / 25 epochs,
-still falling by 0.02 per epoch, while ``beta = 0`` stays at (slightly above) the random value
-0.985. The paper's 0.06 needs longer training than the default; ``epochs`` is an option, and
-every training records its per-epoch curve. With eq. 6.1's ``tau^2 |V|`` the augmented term
-dominates the gradient already at ``beta = 0.5`` (summed over ``V`` it is about ``sqrt(|V|)``
-times the size of ``J``'s): after 20 epochs the training-slice perplexity was about 5,700 at
-``beta = 0.5`` against 71-85 at ``beta = 0``, and the distance nearly that of ``beta = 1``.
+Costs and convergence: a step is dominated by the two ``(N, 300) x (300, V)`` products -- logits
+and target similarities -- their backward and the softmaxes over ``V``; the default study (11
+distinct points x 10 runs) takes many hours on one CPU thread at PTB's ``|V|``
+(docs/benchmarks.md, "Measurements behind choices in the code") -- a GPU helps. The distance falls
+slowly and then faster: at ``beta = 1``, ``tau = 10`` one run went 0.979 / 0.955 / 0.942 / 0.915 /
+0.856 / 0.762 after 1 / 5 / 10 / 15 / 20 / 25 epochs, still falling by 0.02 per epoch, while
+``beta = 0`` stays at (slightly above) the random value 0.985. The paper's 0.06 needs longer
+training than the default; ``epochs`` is an option, and every training records its per-epoch
+curve. With eq. 6.1's ``tau^2 |V|`` the augmented term dominates the gradient already at
+``beta = 0.5`` (summed over ``V`` it is about ``sqrt(|V|)`` times the size of ``J``'s): after 20
+epochs the training-slice perplexity was about 5,700 at ``beta = 0.5`` against 71-85 at
+``beta = 0``, and the distance nearly that of ``beta = 1``.
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ DEFAULT_LR = {"adam": 2e-3, "sgd": 1.0}
 DEFAULT_CLIP = {"adam": 0.0, "sgd": 5.0}
 """Gradient-norm clipping when ``SubspaceStudySpec.clip`` is None (0: off); SGD's is appendix A's."""
 DEFAULT_EPOCHS = 40
-"""Passes over the 20,000-word slice: about 11 minutes per training on one CPU thread (PTB); see the module docstring."""
+"""Passes over the 20,000-word slice; see the module docstring."""
 
 
 @dataclass(frozen=True)
