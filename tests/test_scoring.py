@@ -16,8 +16,8 @@ from reglm.config import build_config
 from reglm.data.vocab import EOS, UNK, Vocab
 from reglm.errors import ReglmError
 from reglm.evaluate.sentences import length_batches, sentence_log_probs
+from reglm.modeldir import save_model_dir
 from reglm.models import LanguageModel
-from reglm.train.checkpoint import save_model_dir
 
 V = 60
 WORDS = [f"w{i}" for i in range(1, V - 1)]

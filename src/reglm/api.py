@@ -46,9 +46,9 @@ from reglm.evaluate.incremental import Hypotheses
 from reglm.evaluate.perplexity import EvalResult, perplexity, stream_pass
 from reglm.evaluate.sentences import sentence_log_probs
 from reglm.hub import pretrained_directory, push_to_hub, save_pretrained
+from reglm.modeldir import load_model_dir
 from reglm.models import LanguageModel
 from reglm.rundir import model_dir, require_kind
-from reglm.train.checkpoint import load_model_dir
 
 WINDOW = 256
 """Tokens per window when a text is read as one stream (:meth:`TrainedModel.target_log_probs`)."""
@@ -387,6 +387,7 @@ class TrainedModel:
         statistics on the text ``train``."""
         from reglm.config.schema import TrainConfig
         from reglm.evaluate.modes import EvalContext, batch_size_for, mode_named, reading_for, refuse_subwords
+        from reglm.train.batching import eval_reading
 
         chosen = mode_named(mode)
         setting = chosen.parse(spec or "", f"mode {mode} spec")
@@ -405,7 +406,7 @@ class TrainedModel:
             "test",
             batch_size,
             config.bptt,
-            reading_for(chosen, config, "test", self.vocab.eos_id, batch_size),
+            reading_for(chosen, eval_reading(config, "test", self.vocab.eos_id), config, self.vocab.eos_id, batch_size),
             torch.tensor(ends) if self.subword is not None else None,
             self.device,
             False,

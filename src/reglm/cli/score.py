@@ -134,7 +134,7 @@ def read_lines(path: str, fmt: str) -> list[Line]:
 
 def cmd_score(args: argparse.Namespace) -> int:
     from reglm.api import describe_oov, load, oov_offset
-    from reglm.train.run import resolve_device
+    from reglm.devices import resolve_device
 
     check_output_file("--out", args.out)
     refuse_inputs("--out", args.out, [args.file, args.run, Path(args.run) / args.checkpoint])

@@ -364,15 +364,15 @@ def batch_size_for(mode: EvalMode, setting: Any, train: TrainConfig, split: str,
 
 
 def reading_for(
-    mode: EvalMode, train: TrainConfig, split: str, eos_id: int, batch_size: int, block: int | None = None
+    mode: EvalMode, run_reading: Reading, train: TrainConfig, eos_id: int, batch_size: int, block: int | None = None
 ) -> Reading:
-    """How ``mode`` reads ``split`` plainly: as the run reads it, with ``batch_size`` streams (or
-    blocks); in blocks of ``block`` tokens when given, or of ``train.block_size`` when the mode
-    reads blocks only and the run reads streams."""
+    """How ``mode`` reads a split plainly: as the run reads it (``run_reading``, its batching's
+    reading of the split, given by the caller), with ``batch_size`` streams (or blocks); in blocks
+    of ``block`` tokens when given, or of ``train.block_size`` when the mode reads blocks only and
+    the run reads streams."""
     from reglm.evaluate.perplexity import Reading
-    from reglm.train.batching import eval_reading
 
-    reading = dataclasses.replace(eval_reading(train, split, eos_id), batch_size=batch_size)
+    reading = dataclasses.replace(run_reading, batch_size=batch_size)
     if block is not None or (mode.needs_blocks and reading.block is None):
         reading = Reading(batch_size, train.bptt, block or train.block_size, 0, eos_id)
     return reading

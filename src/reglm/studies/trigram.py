@@ -48,18 +48,19 @@ from typing import Any
 import torch
 
 from reglm.config import RunConfig, build_config, derive_config
-from reglm.data import Corpus
+from reglm.data import Corpus, load_corpus
 from reglm.data.synthetic import RULES
 from reglm.data.vocab import EOS
+from reglm.devices import resolve_device
 from reglm.errors import ReglmError
 from reglm.evaluate.perplexity import evaluate, perplexity
 from reglm.io import write_json
+from reglm.modeldir import load_model_dir, save_model_dir
 from reglm.models import LanguageModel
 from reglm.objectives.reverse_kl import log_p_hat
 from reglm.progress import Pace, clock, say
 from reglm.rundir import RESULTS_FILE, is_run
-from reglm.train.checkpoint import load_model_dir, save_model_dir
-from reglm.train.run import StopRequest, Trainer, load_corpus, resolve_device, resume, train
+from reglm.train.run import StopRequest, Trainer, resume, train
 
 
 @dataclass(frozen=True)
