@@ -43,7 +43,7 @@ from reglm.data.vocab import EOS, UNK, Vocab
 from reglm.data.windows import StreamPlan
 from reglm.errors import ReglmError
 from reglm.evaluate.incremental import Hypotheses
-from reglm.evaluate.perplexity import EvalResult, perplexity, stream_pass
+from reglm.evaluate.perplexity import EvalResult, perplexity_of, stream_pass
 from reglm.evaluate.sentences import sentence_log_probs
 from reglm.hub import pretrained_directory, push_to_hub, save_pretrained
 from reglm.modeldir import load_model_dir
@@ -367,10 +367,10 @@ class TrainedModel:
         README's "One text, three numbers"). An OOV word gets the raw ``log p(<unk>)``."""
         if self.subword is None:
             logp = self.target_log_probs(self.text_to_ids(text))
-            return perplexity(-float(logp.mean()))
+            return perplexity_of(-float(logp.sum()), logp.numel())
         ids, ends = self.text_to_units(text)
         logp = self.target_log_probs(ids)
-        return perplexity(-float(logp.sum()) / max(sum(ends), 1))
+        return perplexity_of(-float(logp.sum()), max(sum(ends), 1))
 
     def evaluate(
         self,

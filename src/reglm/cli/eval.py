@@ -82,6 +82,7 @@ def _eval_mode(args: argparse.Namespace) -> tuple[EvalMode, Any]:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from reglm.evaluate.perplexity import ReadingKind
     from reglm.evaluate.sentences import sentence_log_probs
     from reglm.evaluate.word_probs import write_loss_deltas, write_word_probs
     from reglm.progress import plan
@@ -135,7 +136,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     reading = reading_for(mode, run_reading, config.train, vocab.eos_id, batch_size, args.block)
     truth = corpus.truth[split] if corpus.truth is not None else None
     keep = truth is not None or args.word_probs is not None or args.cache_deltas is not None
-    if args.max_tokens is not None and reading.block is None and ids.numel() - 1 < batch_size:
+    if args.max_tokens is not None and reading.kind is not ReadingKind.BLOCKS and ids.numel() - 1 < batch_size:
         raise ReglmError(
             f"the first {ids.numel()} tokens of {split} (--max-tokens) are too few for {batch_size} streams; "
             "lower --batch-size or raise --max-tokens"

@@ -228,12 +228,10 @@ def _render(lines: list[Line], scored: list[list[Any]], args: argparse.Namespace
 
 
 def _perplexity(words: list[Any], base: str) -> float:
-    """``exp(-ln p / tokens)`` of scored words (``nan`` for none; ``inf`` where it overflows)."""
-    from reglm.evaluate.perplexity import perplexity
+    """The perplexity of scored words (their log-probabilities in ``base`` units)."""
+    from reglm.evaluate.perplexity import perplexity_of
 
-    if not words:
-        return math.nan
-    return perplexity(-sum(w.log_prob for w in words) * (math.log(10.0) if base == "10" else 1.0) / len(words))
+    return perplexity_of(-sum(w.log_prob for w in words), len(words), base)
 
 
 def _cell(value: Any) -> str:
