@@ -133,8 +133,9 @@ def read_lines(path: str, fmt: str) -> list[Line]:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from reglm.api import describe_oov, load, oov_offset
+    from reglm.api import load
     from reglm.devices import resolve_device
+    from reglm.evaluate.words import describe_oov, oov_offset
 
     check_output_file("--out", args.out)
     refuse_inputs("--out", args.out, [args.file, args.run, Path(args.run) / args.checkpoint])

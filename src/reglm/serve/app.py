@@ -30,9 +30,10 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from starlette.exceptions import HTTPException
 
-from reglm.api import TrainedModel, WordScore, log_scale
+from reglm.api import TrainedModel
 from reglm.errors import ReglmError
 from reglm.evaluate.perplexity import perplexity_of
+from reglm.evaluate.words import WordScore, log_scale
 from reglm.serve.batching import Batcher
 
 
