@@ -40,7 +40,9 @@ SentencePlan -- single sentences (section 4.3: "for billion word we batch indivi
     budget: attention and memory stay bounded whatever a line holds). Sentences of similar length
     are grouped ("we add examples of similar length until we reach this threshold") into batches
     of at most ``max_tokens`` tokens, padding included; in training the batches' order is shuffled
-    per epoch, from the seed and the epoch alone.
+    per epoch, from the seed and the epoch alone. Scoring (``reglm score``, the API) gives its
+    sentences one by one (:meth:`SentencePlan.of_sentences`): each read after a context token,
+    grouped longest first, never cut (scoring reads a line longer than its window in windows).
 
 Word counts: with ``word_ends: (N,) bool`` (``True`` where a token closes a word; sub-word
 models), a window's ``words`` counts the words its scored targets close, so that the perplexity
