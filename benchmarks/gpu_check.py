@@ -262,7 +262,7 @@ def epoch_time(check: Check, seconds: float) -> dict[str, Any]:
     events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     rates = [e["tokens_per_s"] for e in events if e.get("event") == "step"][1:]  # the first interval warms up
     from reglm.config import build_config
-    from reglm.train.setup import load_corpus
+    from reglm.data import load_corpus
 
     config = build_config(
         "tiny" if check.dry else "awd-lstm-ptb",

@@ -28,7 +28,7 @@ from harness import RESULTS, environment, interleaved, save
 from reglm.api import BATCH_LOGITS, TrainedModel
 from reglm.config import build_config
 from reglm.data import resolve
-from reglm.evaluate.sentences import length_batches
+from reglm.data.windows import SentencePlan
 from reglm.models import LanguageModel
 
 TARGET_OVER_ONE = 10.0
@@ -41,18 +41,8 @@ def padded_batches(
 ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """The ceiling's input: ``(inputs, targets, mask)`` per batch, as ``score_batch`` forms them."""
     eos = lm.vocab.eos_id
-    encoded = [lm.tokens_to_ids(s.split()) + [eos] for s in sentences]
-    batches = []
-    for batch in length_batches([len(e) for e in encoded], batch_tokens):
-        width = len(encoded[batch[0]])
-        targets = torch.full((len(batch), width), eos, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.bool)
-        for row, i in enumerate(batch):
-            targets[row, : len(encoded[i])] = torch.tensor(encoded[i])
-            mask[row, : len(encoded[i])] = True
-        inputs = torch.cat([torch.full((len(batch), 1), eos, dtype=torch.long), targets[:, :-1]], dim=1)
-        batches.append((inputs.to(lm.device), targets.to(lm.device), mask.to(lm.device)))
-    return batches
+    plan = SentencePlan.of_sentences([lm.tokens_to_ids(s.split()) + [eos] for s in sentences], eos, batch_tokens)
+    return [(w.inputs.to(lm.device), w.targets.to(lm.device), w.scored.to(lm.device)) for w in plan.windows()]
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -33,8 +33,8 @@ from harness import RESULTS, environment, save
 import reglm
 from reglm.config import build_config
 from reglm.data import resolve
+from reglm.modeldir import save_model_dir
 from reglm.models import LanguageModel
-from reglm.train.checkpoint import save_model_dir
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 TARGET_OF_OFFLINE = 0.7

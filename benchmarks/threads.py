@@ -37,7 +37,7 @@ def _hog() -> None:
 def _time(model: LanguageModel, ids: torch.Tensor, threads: int) -> float:
     torch.set_num_threads(threads)
     start = time.perf_counter()
-    evaluate(model, ids, reading=Reading(1, 35))
+    evaluate(model, ids, reading=Reading.streams(1, 35))
     return time.perf_counter() - start
 
 

@@ -30,10 +30,10 @@ from reglm.config.schema import DataConfig
 from reglm.data.vocab import Vocab
 from reglm.errors import ReglmError
 from reglm.export import export_model
+from reglm.modeldir import save_model_dir
 from reglm.models import LanguageModel
 from reglm.outputs.base import OutputLayer
 from reglm.outputs.mixture import MixtureOfSoftmaxes
-from reglm.train.checkpoint import save_model_dir
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:DeprecationWarning")
 

@@ -64,7 +64,7 @@ def test_absurd_sizes_in_config_json_are_refused_before_allocating(copy: Path, c
 def test_a_model_larger_than_the_memory_is_refused(
     copy: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("reglm.train.setup.device_memory", lambda device: 100_000)
+    monkeypatch.setattr("reglm.devices.device_memory", lambda device: 100_000)
     refused(copy, r"loading needs about .* GiB, more than the", capsys)
 
 

@@ -15,11 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from reglm.api import TrainedModel, load, oov_offset
+from reglm.api import TrainedModel, load
 from reglm.cli import main
 from reglm.config import build_config
 from reglm.data.vocab import EOS, UNK, Vocab
 from reglm.errors import ReglmError
+from reglm.evaluate.words import oov_offset
 from reglm.models import LanguageModel
 from reglm.train.run import train
 

@@ -36,6 +36,7 @@ from reglm.inputs.base import InputLayer
 from reglm.layers.inference import Frozen, NotExportable
 from reglm.models import LanguageModel
 from reglm.outputs.base import OutputLayer
+from reglm.train.batching import eval_reading
 from reglm.train.checkpoint import _is_states, save_state
 from reglm.train.run import resume, train
 from reglm.train.trainer import StopRequest
@@ -196,7 +197,8 @@ def test_every_evaluation_mode_scores_every_token_once_at_any_batch_size(name: s
     for given in (None, 1, 3):
         batch_size = batch_size_for(mode, setting, train, "test", given)
         block = 12 if mode.needs_blocks else None
-        reading = dataclasses.replace(reading_for(mode, train, "test", vocab().eos_id, batch_size, block), bptt=7)
+        run_reading = eval_reading(train, "test", vocab().eos_id)
+        reading = dataclasses.replace(reading_for(mode, run_reading, train, vocab().eos_id, batch_size, block), bptt=7)
         ctx = EvalContext(model, ids, "test", batch_size, 7, reading, None, torch.device("cpu"), True, False, ids, ids)
         result = mode.run(ctx, setting).result
         assert result.tokens == len(ids) - 1, (given, batch_size)

@@ -11,13 +11,14 @@ import pytest
 import torch
 
 from reglm.config import ModelConfig, build_config, list_presets
+from reglm.data import load_corpus
 from reglm.errors import ReglmError
+from reglm.metrics import read_metrics
+from reglm.modeldir import load_model_dir, save_model_dir
 from reglm.models import LanguageModel
 from reglm.objectives.augmented_loss import AugmentedLoss, augmented_kl
 from reglm.objectives.base import TermInputs
-from reglm.train.checkpoint import load_model_dir, save_model_dir
-from reglm.train.metrics import read_metrics
-from reglm.train.run import load_corpus, train
+from reglm.train.run import train
 
 VD = dict(encoder="vd-lstm", emb_size=12, hidden_size=12, num_layers=2, input_dropout=0.3, hidden_dropout=0.3)
 

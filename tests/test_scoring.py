@@ -14,10 +14,11 @@ from reglm.api import TrainedModel, truncated
 from reglm.cli import main
 from reglm.config import build_config
 from reglm.data.vocab import EOS, UNK, Vocab
+from reglm.data.windows import SentencePlan
 from reglm.errors import ReglmError
-from reglm.evaluate.sentences import length_batches, sentence_log_probs
+from reglm.evaluate.sentences import sentence_log_probs
+from reglm.modeldir import save_model_dir
 from reglm.models import LanguageModel
-from reglm.train.checkpoint import save_model_dir
 
 V = 60
 WORDS = [f"w{i}" for i in range(1, V - 1)]
@@ -67,10 +68,25 @@ def test_batch_size_and_order_change_nothing() -> None:
     many = sentence_log_probs(lm.model, sentences, lm.vocab.eos_id, batch_tokens=1000)
     for a, b in zip(one, many):
         assert torch.allclose(a, b, atol=1e-6)
-    assert sorted(i for batch in length_batches([3, 0, 5, 1, 5], 10) for i in batch) == [0, 2, 3, 4], (
-        "every non-empty sentence once"
-    )
-    assert list(length_batches([3, 0, 5, 1, 5], 10)) == [[2, 4], [0, 3]]
+    plan = SentencePlan.of_sentences([[7] * 3, [7] * 5, [7], [7] * 5], 0, 10)
+    assert [plan.group(k).tolist() for k in range(plan.batches)] == [[1, 3], [0, 2]], "longest first, 10 positions"
+
+
+def test_the_sentence_plan_reads_each_given_sentence_after_the_context_in_the_order_given() -> None:
+    """Scoring's batches are the window planner's: every id of every sentence a target once, its
+    input the id before it (the context before the first), a sentence holding the context id
+    (an ``<eos>`` written in a line) still one sentence."""
+    sentences = [[5, 6], [4, 0, 3, 9, 8], [2], [7, 7, 7]]
+    plan = SentencePlan.of_sentences(sentences, 0, 6)
+    seen = []
+    for window in plan.windows():
+        assert window.inputs.numel() <= 6 or window.inputs.size(0) == 1
+        for row in range(window.inputs.size(0)):
+            scored = window.scored[row]
+            targets, inputs = window.targets[row][scored].tolist(), window.inputs[row][scored].tolist()
+            assert targets in sentences and inputs == [0, *targets[:-1]]
+            seen.append(window.positions[row][scored])
+    assert torch.equal(torch.sort(torch.cat(seen)).values, torch.tensor([1, 2, 4, 5, 6, 7, 8, 10, 12, 13, 14]))
 
 
 def test_log10_oov_and_no_eos() -> None:

@@ -14,12 +14,12 @@ import torch
 
 from reglm.config import ModelConfig, architecture_differences, build_config
 from reglm.config.presets import metadata_of, preset_metadata, table_rows
+from reglm.data import load_corpus
 from reglm.errors import ReglmError
 from reglm.models import LanguageModel
 from reglm.papers import PAPERS
 from reglm.reproduce import Budget, Planner, select_rows
 from reglm.train.schedules import DecaySchedule, DecayScheduleConfig
-from reglm.train.setup import load_corpus
 from tests.conftest import REPO
 
 PAPER_TEXTS = REPO.parent / "shared" / "papers"

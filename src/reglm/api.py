@@ -12,29 +12,15 @@ word into its units first; :meth:`TrainedModel.score` then sums the units' log-p
 :meth:`TrainedModel.perplexity` is word-level, ``exp(-sum log p / words)`` with ``<eos>`` a word
 (the probability of a word is the product of its units', Baevski & Auli 2019, 4.4).
 
-Out-of-vocabulary words (``oov_penalty`` of the scoring methods, ``reglm score --oov-penalty``).
-A word outside the vocabulary is read as ``<unk>``, which stands for every unknown word at once
-and on most corpora is one of the most frequent tokens (about 5 % of PTB): its raw probability
-would let a misspelt or made-up word outscore a correct one. The scoring methods therefore give
-an OOV word, by default (``"share"``), ``log p(<unk>) - log n`` with ``n`` the number of word
-types ``<unk>`` stands for (:meth:`reglm.data.vocab.Vocab.unknown_types`): the unknown class's
-probability shared evenly among its words. ``oov_penalty=X`` (a number >= 0, in the units of
-``base``) gives ``log p(<unk>) - X`` instead, the fixed offset decoders use (pyctcdecode's
-``unk_score_offset=-10`` is ``X=10`` with ``base=10``); ``oov_penalty=None`` (or ``"none"``) the
-raw ``log p(<unk>)``, the papers' perplexity protocol, which :meth:`TrainedModel.perplexity` and
-``reglm eval`` keep. Only the OOV word's own score changes; the words after it are scored as
-after ``<unk>``. Example: with ``p(<unk>) = 0.05`` at some position and ``n = 4``, ``"share"``
-gives ``ln 0.05 - ln 4 = -4.382``, ``None`` gives ``ln 0.05 = -2.996``, and ``oov_penalty=2,
-base=10`` gives ``log10 0.05 - 2 = -3.301``.
+An out-of-vocabulary word is scored under ``oov_penalty`` (``reglm score --oov-penalty``):
+:mod:`reglm.evaluate.words` says how.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 
@@ -43,105 +29,18 @@ from reglm.data.vocab import EOS, UNK, Vocab
 from reglm.data.windows import StreamPlan
 from reglm.errors import ReglmError
 from reglm.evaluate.incremental import Hypotheses
-from reglm.evaluate.perplexity import EvalResult, perplexity, stream_pass
+from reglm.evaluate.perplexity import EvalResult, perplexity_of, stream_pass
 from reglm.evaluate.sentences import sentence_log_probs
+from reglm.evaluate.words import OOV_SHARE, SentenceUnits, WordScore, log_scale, oov_offset, word_index
 from reglm.hub import pretrained_directory, push_to_hub, save_pretrained
+from reglm.modeldir import load_model_dir
 from reglm.models import LanguageModel
 from reglm.rundir import model_dir, require_kind
-from reglm.train.checkpoint import load_model_dir
 
 WINDOW = 256
 """Tokens per window when a text is read as one stream (:meth:`TrainedModel.target_log_probs`)."""
-OOV_SHARE = "share"
-"""The default ``oov_penalty``: the unknown class's probability shared among its word types."""
 BATCH_LOGITS = 1 << 25
 """Padded positions times vocabulary size per batch of sentences (128 MiB of float32 logits)."""
-
-
-class WordScore(NamedTuple):
-    """One word of a scored sentence: the word as given, its log-probability, and whether it is
-    out of the vocabulary (then scored as ``<unk>``)."""
-
-    word: str
-    log_prob: float
-    oov: bool
-
-
-def log_scale(base: str | int) -> float:
-    """The factor that turns a natural log into a log of ``base`` (``"e"`` or ``10``)."""
-    if base in ("e", "E"):
-        return 1.0
-    if base in (10, "10"):
-        return 1.0 / math.log(10.0)
-    raise ReglmError(f"log base {base!r} is not supported; use e (natural log) or 10 (KenLM's and most ASR decoders')")
-
-
-def oov_offset(vocab: Vocab, oov_penalty: str | float | None, base: str | int = "e") -> float:
-    """The natural-log amount an OOV word's ``log p(<unk>)`` gets under ``oov_penalty`` (see the
-    module doc): ``-ln(unknown types)`` for ``"share"``, ``0`` for ``None``/``"none"``, ``-X`` in
-    ``base`` units for a number ``X >= 0``."""
-    if oov_penalty == OOV_SHARE:
-        return -math.log(vocab.unknown_types())
-    if oov_penalty is None or oov_penalty == "none":
-        return 0.0
-    try:
-        value = float(oov_penalty)
-    except (TypeError, ValueError):
-        raise ReglmError(
-            f"oov penalty {oov_penalty!r} is not share, none or a number; "
-            "e.g. --oov-penalty 10 subtracts 10 (in --base units) per OOV word"
-        ) from None
-    if not (math.isfinite(value) and value >= 0):
-        raise ReglmError(
-            f"oov penalty {oov_penalty!r} must be a number >= 0: it is subtracted from log p(<unk>) "
-            "(pyctcdecode's unk_score_offset=-10 is 10 with base 10)"
-        )
-    return -value / log_scale(base)
-
-
-def describe_oov(vocab: Vocab, oov_penalty: str | float | None, base: str | int = "e") -> str:
-    """How ``oov_penalty`` scores an OOV word, in words (the ``reglm score`` header)."""
-    log = "log10" if log_scale(base) != 1.0 else "ln"
-    if oov_penalty == OOV_SHARE:
-        n = vocab.unknown_types()
-        return f"{log} p(<unk>) - {log}({n}), the unknown class shared among its {n} word types"
-    if oov_penalty is None or oov_penalty == "none":
-        return f"{log} p(<unk>), the raw unknown class (the perplexity protocol)"
-    return f"{log} p(<unk>) - {float(oov_penalty):g}, a fixed penalty"
-
-
-def _word_index(ends: Sequence[bool]) -> list[int]:
-    """For every unit, the index of the word it belongs to (``ends`` marks each word's last unit)."""
-    index, word = [], 0
-    for end in ends:
-        index.append(word)
-        word += bool(end)
-    return index
-
-
-@dataclass
-class SentenceUnits:
-    """One sentence as the model reads it: its words (the last is ``<eos>``), the ids of their
-    units, which unit closes each word, and which words are out of the vocabulary."""
-
-    words: list[str]
-    ids: list[int]
-    ends: list[bool]
-    oov: list[bool]
-
-    def word_scores(
-        self, unit_log_probs: torch.Tensor, scale: float, eos: bool, oov_offset: float = 0.0
-    ) -> list[WordScore]:
-        """The units' natural-log probabilities ``(len(ids),)`` summed into words, plus
-        ``oov_offset`` for an OOV word, times ``scale``; the ``<eos>`` word dropped unless ``eos``."""
-        sums = torch.zeros(len(self.words), dtype=torch.float64).index_add_(
-            0, torch.tensor(_word_index(self.ends), dtype=torch.long), unit_log_probs.double()
-        )
-        scores = [
-            WordScore(w, (float(v) + (oov_offset if oov else 0.0)) * scale, oov)
-            for w, v, oov in zip(self.words, sums.tolist(), self.oov)
-        ]
-        return scores if eos else scores[:-1]
 
 
 class TrainedModel:
@@ -337,7 +236,7 @@ class TrainedModel:
         if self.subword is not None:
             ids, ends = self.subword.encode_words(words)
             unk = self.vocab.unk_id
-            word_ids, unit_oov = _word_index(ends), [i == unk for i in ids]
+            word_ids, unit_oov = word_index(ends), [i == unk for i in ids]
             oov = [False] * len(words)
             for w, flag in zip(word_ids, unit_oov):
                 oov[w] = oov[w] or flag
@@ -367,10 +266,10 @@ class TrainedModel:
         README's "One text, three numbers"). An OOV word gets the raw ``log p(<unk>)``."""
         if self.subword is None:
             logp = self.target_log_probs(self.text_to_ids(text))
-            return perplexity(-float(logp.mean()))
+            return perplexity_of(-float(logp.sum()), logp.numel())
         ids, ends = self.text_to_units(text)
         logp = self.target_log_probs(ids)
-        return perplexity(-float(logp.sum()) / max(sum(ends), 1))
+        return perplexity_of(-float(logp.sum()), max(sum(ends), 1))
 
     def evaluate(
         self,
@@ -387,6 +286,7 @@ class TrainedModel:
         statistics on the text ``train``."""
         from reglm.config.schema import TrainConfig
         from reglm.evaluate.modes import EvalContext, batch_size_for, mode_named, reading_for, refuse_subwords
+        from reglm.train.batching import eval_reading
 
         chosen = mode_named(mode)
         setting = chosen.parse(spec or "", f"mode {mode} spec")
@@ -405,7 +305,7 @@ class TrainedModel:
             "test",
             batch_size,
             config.bptt,
-            reading_for(chosen, config, "test", self.vocab.eos_id, batch_size),
+            reading_for(chosen, eval_reading(config, "test", self.vocab.eos_id), config, self.vocab.eos_id, batch_size),
             torch.tensor(ends) if self.subword is not None else None,
             self.device,
             False,
@@ -545,16 +445,3 @@ def _lines(text: str) -> list[str]:
     if text.endswith("\n"):
         lines.pop()
     return lines
-
-
-def render(tokens: list[str]) -> str:
-    """Tokens as text: ``<eos>`` ends a line."""
-    lines, current = [], []
-    for tok in tokens:
-        if tok == EOS:
-            lines.append(" ".join(current))
-            current = []
-        else:
-            current.append(tok)
-    lines.append(" ".join(current))
-    return "\n".join(lines)

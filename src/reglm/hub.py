@@ -1,6 +1,6 @@
 """Hugging Face conventions: ``save_pretrained`` / ``from_pretrained`` directories and the Hub.
 
-A reglm model directory (a run's ``best/`` or ``last/``, :mod:`reglm.train.checkpoint`) already has
+A reglm model directory (a run's ``best/`` or ``last/``, :mod:`reglm.modeldir`) already has
 the layout of a Hugging Face pretrained directory -- ``config.json`` (the run configuration plus
 the vocabulary's size and fingerprint), ``model.safetensors`` (a tied matrix stored once),
 ``vocab.txt`` and, for a BPE model, ``tokenizer.json`` (Hugging Face ``tokenizers`` format) -- so
@@ -27,8 +27,8 @@ from typing import Any
 from reglm.config import RunConfig
 from reglm.config.schema import DataConfig
 from reglm.errors import ReglmError
+from reglm.modeldir import save_model_dir
 from reglm.rundir import CONFIG_FILE, MODEL_FILE, TOKENIZER_FILE, VOCAB_FILE, model_dir
-from reglm.train.checkpoint import save_model_dir
 
 FILES = [CONFIG_FILE, MODEL_FILE, VOCAB_FILE, TOKENIZER_FILE]
 """What a pretrained directory holds (``tokenizer.json`` for BPE models only)."""

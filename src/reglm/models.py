@@ -7,7 +7,7 @@ nothing of what a component is: the input layer turns ids into vectors (and offe
 tied output layer shares), the encoder returns an :class:`~reglm.encoders.base.EncoderOutput`
 with an opaque state, and the output layer implements :mod:`reglm.outputs.base`. Tying
 (``model.output.tie_weights``) registers the input layer's matrix in the output layer as one
-Parameter under both names; ``safetensors`` stores it once (:mod:`reglm.train.checkpoint`).
+Parameter under both names; ``safetensors`` stores it once (:mod:`reglm.modeldir`).
 
 Training-only input noise (Wang et al. 2019, section 5) is passed to :meth:`LanguageModel.forward`
 by the trainer per its schedule; the objective terms (AR/TAR, the augmented loss;

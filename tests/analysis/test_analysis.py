@@ -26,7 +26,7 @@ from reglm.analysis import runs as analysis_runs
 from reglm.cli import main
 from reglm.config import build_config
 from reglm.errors import ReglmError
-from reglm.train.checkpoint import load_model_dir
+from reglm.modeldir import load_model_dir
 from reglm.train.run import train
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -10,7 +10,8 @@ import pytest
 
 from reglm.cli import main
 from reglm.config import build_config
-from reglm.train.run import load_corpus, train
+from reglm.data import load_corpus
+from reglm.train.run import train
 
 
 @pytest.fixture(scope="module")

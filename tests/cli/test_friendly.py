@@ -20,7 +20,7 @@ import pytest
 
 from reglm.cli import main
 from reglm.errors import ReglmError
-from reglm.train.metrics import TENSORBOARD_DIR, MetricsLog, read_metrics
+from reglm.metrics import TENSORBOARD_DIR, MetricsLog, read_metrics
 
 HAS_TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
 SMALL = ["train.epochs=1", "train.finetune=false", "train.log_interval=4"]

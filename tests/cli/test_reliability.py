@@ -20,11 +20,12 @@ from safetensors.torch import load_file
 
 from reglm.cli import main
 from reglm.config import build_config
+from reglm.data import load_corpus
 from reglm.errors import ReglmError, TrainingDiverged
 from reglm.evaluate.perplexity import EvalResult, perplexity
 from reglm.rundir import LOCK_FILE, acquire
 from reglm.train.checkpoint import load_state
-from reglm.train.run import Trainer, load_corpus, resume, train
+from reglm.train.run import Trainer, resume, train
 
 SMALL = ["data.synthetic_sentences=200", "train.epochs=2", "train.finetune_epochs=1", "train.checkpoint_interval=10"]
 

@@ -21,7 +21,8 @@ import torch
 from reglm.cli import main
 from reglm.config import build_config
 from reglm.io import write_bytes
-from reglm.train.checkpoint import load_model_dir, save_model_dir, save_state
+from reglm.modeldir import load_model_dir, save_model_dir
+from reglm.train.checkpoint import save_state
 from reglm.train.run import train
 
 SMALL = ["data.synthetic_sentences=200", "train.epochs=1", "train.finetune_epochs=0"]

@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 from reglm.cli import main
 from reglm.config import build_config, load_config_file
 from reglm.io import write_json
-from reglm.train.checkpoint import load_model_dir, load_state, save_state
+from reglm.modeldir import load_model_dir
+from reglm.train.checkpoint import load_state, save_state
 from reglm.train.run import resume, train
 
 FIXTURES = Path(__file__).parents[1] / "fixtures"

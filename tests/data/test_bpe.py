@@ -22,9 +22,9 @@ from reglm.data.corpus import encode_subword_file
 from reglm.data.vocab import EOS, UNK, Vocab
 from reglm.errors import ReglmError
 from reglm.evaluate.perplexity import evaluate
+from reglm.modeldir import load_model_dir, save_model_dir
 from reglm.models import LanguageModel
 from reglm.rundir import TOKENIZER_FILE, VOCAB_FILE
-from reglm.train.checkpoint import load_model_dir, save_model_dir
 
 TRAIN = """the lower lowest newer newest low low widest wider <unk> the the
  a lowest newest widest  lower\tlow the <unk>

@@ -10,9 +10,9 @@ import pytest
 
 import reglm
 from reglm.cli import main
+from reglm.data import load_corpus
 from reglm.errors import ReglmError
 from reglm.evaluate.modes import MODES
-from reglm.train.setup import load_corpus
 from tests.test_registries import MODE_SPECS
 
 STATS = ",max_train_tokens=400,stats_batch_size=4"

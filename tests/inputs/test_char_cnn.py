@@ -156,7 +156,7 @@ def test_placeholder_without_vocabulary_and_loading_restores_spellings() -> None
 
 
 def test_saved_model_reloads_with_the_same_spellings(tmp_path: Path) -> None:
-    from reglm.train.checkpoint import load_model_dir, save_model_dir
+    from reglm.modeldir import load_model_dir, save_model_dir
 
     overrides = [
         "model.input=char-cnn",

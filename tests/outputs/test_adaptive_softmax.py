@@ -15,11 +15,11 @@ from reglm.config import build_config
 from reglm.data.vocab import Vocab
 from reglm.encoders.base import EncoderOutput
 from reglm.errors import ReglmError
+from reglm.modeldir import load_model_dir, save_model_dir
 from reglm.models import LanguageModel
 from reglm.outputs import OUTPUTS
 from reglm.outputs.adaptive_softmax import AdaptiveSoftmax
 from reglm.outputs.adversarial import AdvSoft
-from reglm.train.checkpoint import load_model_dir, save_model_dir
 
 V, D, CUTOFFS, K = 60, 16, (10, 30), 2.0
 

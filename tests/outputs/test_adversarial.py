@@ -13,10 +13,10 @@ from reglm.cli import main
 from reglm.config import ModelConfig, build_config
 from reglm.errors import ReglmError
 from reglm.evaluate.perplexity import evaluate
+from reglm.metrics import read_metrics
 from reglm.models import LanguageModel
 from reglm.outputs.adversarial import AdvSoft
 from reglm.outputs.softmax import SoftmaxOutput
-from reglm.train.metrics import read_metrics
 from reglm.train.run import train
 from reglm.train.schedules import annealed_std
 

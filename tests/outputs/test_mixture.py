@@ -16,12 +16,13 @@ from safetensors.torch import load_file
 
 from reglm.cli import main
 from reglm.config import ModelConfig, build_config
+from reglm.data import load_corpus
 from reglm.errors import ReglmError
 from reglm.models import LanguageModel
 from reglm.outputs.adversarial import AdvSoft
 from reglm.outputs.mixture import MixtureOfSoftmaxes, mixture_weight_penalty
 from reglm.train.checkpoint import load_state
-from reglm.train.run import StopRequest, Trainer, TrainingInterrupted, load_corpus, resume, train
+from reglm.train.run import StopRequest, Trainer, TrainingInterrupted, resume, train
 
 V = 23
 NO_DROPOUT = dict(

@@ -28,8 +28,8 @@ import reglm  # noqa: E402
 from reglm.api import TrainedModel  # noqa: E402
 from reglm.cli import main  # noqa: E402
 from reglm.config import build_config  # noqa: E402
+from reglm.modeldir import save_model_dir  # noqa: E402
 from reglm.serve.batching import Batcher  # noqa: E402
-from reglm.train.checkpoint import save_model_dir  # noqa: E402
 from tests.test_scoring import _model  # noqa: E402
 
 LIMITS = ["--max-sentences", "20", "--max-words", "30", "--max-body-bytes", "4096", "--max-k", "50"]

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from reglm.cli import main
+from reglm.data import load_corpus
 from reglm.errors import ReglmError
+from reglm.modeldir import load_model_dir
 from reglm.studies.trigram import TrigramStudySpec, fixed_context, frequency_ranking, initial_config
-from reglm.train.checkpoint import load_model_dir
-from reglm.train.run import load_corpus
 
 TINY = [
     "--sentences",

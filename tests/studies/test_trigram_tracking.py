@@ -13,10 +13,10 @@ from reglm.analysis.plots import plot_trigram_figure2
 from reglm.cli import main
 from reglm.config import ModelConfig
 from reglm.errors import ReglmError
+from reglm.metrics import MetricsLog
 from reglm.models import LanguageModel
 from reglm.studies.trigram import TrigramStudySpec
 from reglm.studies.trigram_measures import ChosenWordTracker, chosen_word_prob, read_curve
-from reglm.train.metrics import MetricsLog
 
 
 def test_tracked_words_are_logged_every_step_and_read_back_by_rank(tmp_path: Path) -> None:

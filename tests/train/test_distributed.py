@@ -24,11 +24,13 @@ import torch
 
 from reglm.cli import main
 from reglm.config import build_config
+from reglm.data import load_corpus
 from reglm.errors import ReglmError
 from reglm.evaluate.perplexity import evaluate
+from reglm.modeldir import load_model_dir
 from reglm.train.batching import eval_reading, training_batches
-from reglm.train.checkpoint import load_model_dir, load_state
-from reglm.train.run import load_corpus, resume, train
+from reglm.train.checkpoint import load_state
+from reglm.train.run import resume, train
 
 CPU = ["train.device=cpu"]
 """gloo on the CPU, also on a machine with a GPU (where ``auto`` would put every rank on CUDA)."""

@@ -13,13 +13,14 @@ from safetensors.torch import load_file
 
 from reglm.cli import main
 from reglm.config import build_config, derive_config
+from reglm.data import load_corpus
 from reglm.errors import ReglmError
 from reglm.evaluate.perplexity import Reading
+from reglm.metrics import read_metrics
+from reglm.modeldir import load_model_dir
 from reglm.objectives.reverse_kl import discriminator_loss
-from reglm.train.checkpoint import load_model_dir
-from reglm.train.metrics import read_metrics
 from reglm.train.objective import score_split
-from reglm.train.run import Trainer, load_corpus, resume, train
+from reglm.train.run import Trainer, resume, train
 
 
 class Stop(Exception):

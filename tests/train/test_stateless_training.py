@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from reglm.config import build_config
+from reglm.data import load_corpus
 from reglm.data.windows import SentencePlan, Window
+from reglm.metrics import read_metrics
 from reglm.train.checkpoint import load_state
-from reglm.train.metrics import read_metrics
-from reglm.train.run import Trainer, load_corpus, resume, train
+from reglm.train.run import Trainer, resume, train
 from tests.train.test_train import _interrupt_and_resume
 
 NO_DROPOUT = [

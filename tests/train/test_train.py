@@ -15,10 +15,11 @@ import torch
 from safetensors.torch import load_file
 
 from reglm.config import build_config
+from reglm.data import load_corpus
 from reglm.errors import ReglmError
+from reglm.metrics import read_metrics
 from reglm.train.checkpoint import load_state
-from reglm.train.metrics import read_metrics
-from reglm.train.run import Trainer, TrainingDiverged, load_corpus, resume, train
+from reglm.train.run import Trainer, TrainingDiverged, resume, train
 
 RESUME_OVERRIDES = [
     "data.synthetic_sentences=2400",

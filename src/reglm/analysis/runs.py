@@ -24,8 +24,9 @@ from reglm.analysis.embeddings import (
     summary,
 )
 from reglm.errors import ReglmError
-from reglm.train.checkpoint import MODEL_FILE, load_model_dir
-from reglm.train.metrics import read_metrics
+from reglm.metrics import read_metrics
+from reglm.modeldir import load_model_dir
+from reglm.rundir import MODEL_FILE
 
 METRICS_FILE = "metrics.jsonl"
 KDE_POINTS = 512

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import importlib
 import os
 import platform
 import signal
@@ -118,6 +119,8 @@ def _signals_deferred() -> Iterator[list[int]]:
 
 LIGHT_COMMANDS = ("presets", "config")
 """Commands that never import PyTorch."""
+TRAINING_COMMANDS = ("train", "train-discriminator", "finetune", "study", "reproduce")
+"""Commands that train, and import the trainer up front; the others load models only."""
 
 
 def _report(line: str, exc: BaseException | None = None) -> None:
@@ -154,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     if args.command not in LIGHT_COMMANDS:
         with _signals_deferred() as arrived:
-            import reglm.train.run  # noqa: F401  (PyTorch and the rest of the heavy imports)
+            # PyTorch and the rest of the heavy imports: the trainer's, or a model directory's
+            importlib.import_module("reglm.train.run" if args.command in TRAINING_COMMANDS else "reglm.modeldir")
         if arrived:
             if argv is None:
                 _ignore_signals()
@@ -187,7 +191,7 @@ def _abort_on_signals() -> None:
 
 def _interrupt(signum: int, _frame: Any) -> None:
     """SIGINT/SIGTERM while a command runs (and no handler of its own is installed, as
-    ``train``'s, :func:`~reglm.cli.common.stop_on_signals`): unwind as Ctrl-C does, and abort at
+    ``train``'s, :func:`~reglm.cli.train.stop_on_signals`): unwind as Ctrl-C does, and abort at
     once on another signal."""
     _abort_on_signals()
     raise KeyboardInterrupt

@@ -99,8 +99,8 @@ def _analyze_subspace(args: argparse.Namespace, labels: list[str]) -> int:
     """``reglm analyze RUN... --subspace``: Inan et al.'s appendix-B distance of every run."""
     from reglm.analysis.subspace import embedding_subspace_distance
     from reglm.io import write_json
+    from reglm.modeldir import load_model_dir
     from reglm.rundir import model_dir
-    from reglm.train.checkpoint import load_model_dir
 
     if args.top is not None:
         raise ReglmError(

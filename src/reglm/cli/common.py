@@ -6,7 +6,6 @@ import argparse
 import math
 import os
 import signal
-import sys
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -102,9 +101,11 @@ def load_scored_run(run: str, checkpoint: str, data: str | None, data_dir: str |
     """The ``checkpoint`` model of ``run`` (a run or model directory; ``state``: the weights of
     the run's latest ``state.pt``) on its device, and its corpus (``data``/``data_dir`` override
     the run's), whose vocabulary must be the model's; a sub-word model's tokenizer segments the corpus."""
+    from reglm.data import load_corpus
+    from reglm.devices import resolve_device
+    from reglm.modeldir import load_model_dir
     from reglm.rundir import STATE_FILE, model_dir, require_kind, require_same_vocab
-    from reglm.train.checkpoint import load_model_dir, load_state_model
-    from reglm.train.run import load_corpus, resolve_device
+    from reglm.train.checkpoint import load_state_model
 
     device = resolve_device("auto")
     if checkpoint == "state":
@@ -143,32 +144,6 @@ def handling_signals(handler: Callable[[int, Any], None]) -> Iterator[None]:
     finally:
         for signum, old in previous.items():
             signal.signal(signum, old)
-
-
-@contextmanager
-def stop_on_signals() -> Iterator[Any]:
-    """A :class:`~reglm.train.run.StopRequest` that SIGINT/SIGTERM set: the first signal asks the
-    trainer to checkpoint at the end of its step, a second one aborts at once (so does the first
-    during the final evaluation of a complete run)."""
-    from reglm.train.run import StopRequest
-
-    stop = StopRequest()
-
-    def handler(signum: int, _frame: Any) -> None:
-        if stop.immediate and not stop.requested:
-            stop.request(signum)
-            raise KeyboardInterrupt
-        if stop.requested:
-            raise KeyboardInterrupt
-        stop.request(signum)
-        print(
-            "reglm: stop requested: saving a checkpoint at the end of this step (send again to abort without saving)",
-            file=sys.stderr,
-            flush=True,
-        )
-
-    with handling_signals(handler):
-        yield stop
 
 
 def print_table(rows: list[dict[str, Any]], columns: list[tuple[str, str, str]]) -> None:

@@ -296,6 +296,8 @@ def _vocab_size(config: Any, given: int | None) -> tuple[int, str]:
     if data.tokenizer == "bpe":
         return data.bpe_vocab_size, "data.bpe_vocab_size"
     if data.name == "synthetic":
+        from reglm.data.synthetic import SYNTHETIC_VOCAB_SIZE
+
         return SYNTHETIC_VOCAB_SIZE, "the synthetic corpus"
     if data.name in SOURCES:
         return SOURCES[data.name].vocab_size, f"the published {data.name} vocabulary"
@@ -307,10 +309,6 @@ def _vocab_size(config: Any, given: int | None) -> tuple[int, str]:
     raise ReglmError(
         f"corpus {data.name!r} is neither built in nor an existing directory; give --vocab-size V (billion word: 793471)"
     )
-
-
-SYNTHETIC_VOCAB_SIZE = 1001
-"""the synthetic trigram corpus: 1000 words and ``<eos>``"""
 
 
 def cmd_params(args: argparse.Namespace) -> int:

@@ -82,9 +82,11 @@ def _eval_mode(args: argparse.Namespace) -> tuple[EvalMode, Any]:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from reglm.evaluate.perplexity import ReadingKind
     from reglm.evaluate.sentences import sentence_log_probs
     from reglm.evaluate.word_probs import write_loss_deltas, write_word_probs
     from reglm.progress import plan
+    from reglm.train.batching import eval_reading
     from reglm.train.results import truth_comparison
 
     mode, setting = _eval_mode(args)
@@ -130,10 +132,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         ids, valid_ids = ids[: args.max_tokens], valid_ids[: args.max_tokens]
         word_ends = None if word_ends is None else word_ends[: args.max_tokens]
     batch_size = batch_size_for(mode, setting, config.train, split, args.batch_size)
-    reading = reading_for(mode, config.train, split, vocab.eos_id, batch_size, args.block)
+    run_reading = eval_reading(config.train, split, vocab.eos_id)
+    reading = reading_for(mode, run_reading, config.train, vocab.eos_id, batch_size, args.block)
     truth = corpus.truth[split] if corpus.truth is not None else None
     keep = truth is not None or args.word_probs is not None or args.cache_deltas is not None
-    if args.max_tokens is not None and reading.block is None and ids.numel() - 1 < batch_size:
+    if args.max_tokens is not None and reading.kind is not ReadingKind.BLOCKS and ids.numel() - 1 < batch_size:
         raise ReglmError(
             f"the first {ids.numel()} tokens of {split} (--max-tokens) are too few for {batch_size} streams; "
             "lower --batch-size or raise --max-tokens"

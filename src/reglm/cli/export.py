@@ -55,8 +55,8 @@ def _eval_text(args: argparse.Namespace, lm: Any, directory: Path) -> tuple[Any,
             ) from None
         return [lm.vocab.eos_id, *lm.text_to_ids(text)], str(path)
     from reglm.config import RunConfig
-    from reglm.train.checkpoint import read_model_meta
-    from reglm.train.setup import load_corpus
+    from reglm.data import load_corpus
+    from reglm.modeldir import read_model_meta
 
     config = RunConfig.from_dict(read_model_meta(directory)["config"], source=str(directory))
     try:

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from reglm.cli.common import stop_on_signals
+from reglm.cli.train import stop_on_signals
 from reglm.errors import ReglmError
 
 

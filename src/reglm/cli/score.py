@@ -133,8 +133,9 @@ def read_lines(path: str, fmt: str) -> list[Line]:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from reglm.api import describe_oov, load, oov_offset
-    from reglm.train.run import resolve_device
+    from reglm.api import load
+    from reglm.devices import resolve_device
+    from reglm.evaluate.words import describe_oov, oov_offset
 
     check_output_file("--out", args.out)
     refuse_inputs("--out", args.out, [args.file, args.run, Path(args.run) / args.checkpoint])
@@ -228,12 +229,10 @@ def _render(lines: list[Line], scored: list[list[Any]], args: argparse.Namespace
 
 
 def _perplexity(words: list[Any], base: str) -> float:
-    """``exp(-ln p / tokens)`` of scored words (``nan`` for none; ``inf`` where it overflows)."""
-    from reglm.evaluate.perplexity import perplexity
+    """The perplexity of scored words (their log-probabilities in ``base`` units)."""
+    from reglm.evaluate.perplexity import perplexity_of
 
-    if not words:
-        return math.nan
-    return perplexity(-sum(w.log_prob for w in words) * (math.log(10.0) if base == "10" else 1.0) / len(words))
+    return perplexity_of(-sum(w.log_prob for w in words), len(words), base)
 
 
 def _cell(value: Any) -> str:

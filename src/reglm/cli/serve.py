@@ -91,7 +91,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             f"reglm serve needs the serve extra ({exc.name} is missing): pip install 'reglm[serve]'"
         ) from None
     from reglm.api import load
-    from reglm.train.run import resolve_device
+    from reglm.devices import resolve_device
 
     limits = Limits(args.max_body_bytes, args.max_sentences, args.max_words, args.max_k)
     batching = Batching(args.max_wait_ms, args.max_batch_tokens)

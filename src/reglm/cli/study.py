@@ -16,7 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from reglm.cli.common import add_data_options, stop_on_signals, writing_into
+from reglm.cli.common import add_data_options, writing_into
+from reglm.cli.train import stop_on_signals
 from reglm.errors import ReglmError
 
 
@@ -181,9 +182,9 @@ def _study_trigram(args: argparse.Namespace) -> int:
 def _study_subspace(args: argparse.Namespace) -> int:
     from reglm.analysis.plots import plot_subspace_study
     from reglm.data import resolve
+    from reglm.devices import resolve_device
     from reglm.io import write_json
     from reglm.studies.subspace import SubspaceStudySpec, run_subspace_study
-    from reglm.train.run import resolve_device
 
     names = (
         "words",

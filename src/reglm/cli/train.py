@@ -4,11 +4,14 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from reglm.cli.common import add_data_options, stop_on_signals, with_absolute_paths
+from reglm.cli.common import add_data_options, handling_signals, with_absolute_paths
 from reglm.errors import ReglmError
 
 
@@ -138,8 +141,8 @@ def _continue_from(
 ) -> None:
     """Train a run that starts from the trained model in ``run`` (a discriminator, a fine-tuning)."""
     from reglm.config import RunConfig, derive_config
+    from reglm.modeldir import read_model_meta
     from reglm.rundir import model_dir, require_kind
-    from reglm.train.checkpoint import read_model_meta
     from reglm.train.run import train
 
     directory = model_dir(run, checkpoint).resolve()
@@ -170,3 +173,29 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         objective = {"kind": "reverse-kl", "discriminator": disc}
     _continue_from(args.run, args.checkpoint, args.preset, _overrides(args), objective, "fine-tuning", args.out)
     return 0
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[Any]:
+    """A :class:`~reglm.train.run.StopRequest` that SIGINT/SIGTERM set: the first signal asks the
+    trainer to checkpoint at the end of its step, a second one aborts at once (so does the first
+    during the final evaluation of a complete run)."""
+    from reglm.train.run import StopRequest
+
+    stop = StopRequest()
+
+    def handler(signum: int, _frame: Any) -> None:
+        if stop.immediate and not stop.requested:
+            stop.request(signum)
+            raise KeyboardInterrupt
+        if stop.requested:
+            raise KeyboardInterrupt
+        stop.request(signum)
+        print(
+            "reglm: stop requested: saving a checkpoint at the end of this step (send again to abort without saving)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    with handling_signals(handler):
+        yield stop

@@ -14,7 +14,7 @@ from reglm.data.corpus import (
     load_directory,
     read_tokens,
 )
-from reglm.data.datasets import SOURCES, Source, download, resolve
+from reglm.data.datasets import SOURCES, Source, download, load_corpus, resolve, training_part
 from reglm.data.synthetic import TrigramLanguage, synthetic_corpus, synthetic_stats
 from reglm.data.vocab import EOS, UNK, UnknownWordError, Vocab
 from reglm.data.windows import ContextPlan, StreamPlan, Window
@@ -44,7 +44,9 @@ __all__ = [
     "load_cached",
     "load_directory",
     "read_tokens",
+    "load_corpus",
     "resolve",
+    "training_part",
     "synthetic_corpus",
     "synthetic_stats",
 ]

@@ -170,7 +170,7 @@ class BPEVocab(Vocab):
 
     def unknown_types(self) -> int:
         """1: a sub-word vocabulary maps no word to ``<unk>`` (an unseen character is the ``<unk>``
-        unit), so scoring has no unknown class to share (:func:`reglm.api.oov_offset`)."""
+        unit), so scoring has no unknown class to share (:func:`reglm.evaluate.words.oov_offset`)."""
         return 1
 
     @classmethod

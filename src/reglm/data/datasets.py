@@ -40,6 +40,7 @@ WikiText-2 2,088,628 / 217,646 / 245,569, vocabulary 33,278.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import http.client
 import os
@@ -53,7 +54,9 @@ import zlib
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import torch
 from tqdm import tqdm
 
 from reglm.data.bpe import BPEVocab
@@ -64,6 +67,9 @@ from reglm.data.synthetic import synthetic_corpus
 from reglm.data.vocab import Vocab
 from reglm.errors import ReglmError
 from reglm.io import temp_sibling
+
+if TYPE_CHECKING:
+    from reglm.config import RunConfig
 
 
 @dataclass(frozen=True)
@@ -352,3 +358,51 @@ def resolve(
         f"unknown corpus {name!r} (not a built-in name, and directory {name} does not exist); "
         f"choose one of {', '.join([*SOURCES, 'synthetic'])}, or give a directory holding train.txt, valid.txt and test.txt"
     )
+
+
+def load_corpus(config: RunConfig, vocab: Vocab | None = None) -> Corpus:
+    """The run's corpus; ``vocab`` (a trained model's) fixes the vocabulary, and for sub-word
+    models the segmentation, instead of building them from the training split."""
+    d = config.data
+    corpus = resolve(
+        d.name,
+        data_dir=d.data_dir,
+        min_freq=d.min_freq,
+        max_vocab=d.max_vocab,
+        synthetic_seed=d.synthetic_seed,
+        synthetic_sentences=d.synthetic_sentences,
+        synthetic_rule=d.synthetic_rule,
+        tokenizer=d.tokenizer,
+        bpe_vocab_size=d.bpe_vocab_size,
+        vocab=vocab,
+    )
+    return training_part(corpus, d.train_part, d.train_parts)
+
+
+def training_part(corpus: Corpus, part: int, parts: int) -> Corpus:
+    """``corpus`` training on part ``part`` (1-based) of ``parts`` of its training stream
+    (``data.train_part`` / ``data.train_parts``; Inan et al. Table 2: each half of WikiText-2),
+    the vocabulary and the other splits unchanged. The stream is cut into ``parts`` runs of
+    whole lines of about equal token counts: part k ends after the first ``<eos>`` at or
+    beyond token ``k * N / parts``."""
+    if parts == 1:
+        return corpus
+    ids = corpus.train
+    line_ends = (ids == corpus.vocab.eos_id).nonzero().flatten() + 1
+    cuts = [
+        0,
+        *(
+            int(line_ends[min(int(torch.searchsorted(line_ends, k * ids.numel() // parts)), line_ends.numel() - 1)])
+            for k in range(1, parts)
+        ),
+        ids.numel(),
+    ]
+    start, end = cuts[part - 1], cuts[part]
+    if end <= start + 1:
+        raise ReglmError(
+            f"data.train_part={part} of data.train_parts={parts} leaves no training text ({ids.numel()} tokens in {line_ends.numel()} lines); lower data.train_parts"
+        )
+    word_ends = (
+        None if corpus.word_ends is None else {**corpus.word_ends, "train": corpus.word_ends["train"][start:end]}
+    )
+    return dataclasses.replace(corpus, train=ids[start:end], word_ends=word_ends)

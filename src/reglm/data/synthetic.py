@@ -61,6 +61,8 @@ _LOW32 = np.uint64(0xFFFFFFFF)
 DEFAULT_SIZES = (80000, 10000, 10000)
 RULES = ("stream", "restart")
 """Readings of the paper's rule (see the module docstring); the first is the default."""
+SYNTHETIC_VOCAB_SIZE = 1001
+"""The synthetic corpus's vocabulary: the paper's 1000 words and ``<eos>``."""
 STREAMS = 16
 """``rule="stream"``: texts the trigram chain writes side by side for one split."""
 PAPER_STATS = {

@@ -40,7 +40,9 @@ SentencePlan -- single sentences (section 4.3: "for billion word we batch indivi
     budget: attention and memory stay bounded whatever a line holds). Sentences of similar length
     are grouped ("we add examples of similar length until we reach this threshold") into batches
     of at most ``max_tokens`` tokens, padding included; in training the batches' order is shuffled
-    per epoch, from the seed and the epoch alone.
+    per epoch, from the seed and the epoch alone. Scoring (``reglm score``, the API) gives its
+    sentences one by one (:meth:`SentencePlan.of_sentences`): each read after a context token,
+    grouped longest first, never cut (scoring reads a line longer than its window in windows).
 
 Word counts: with ``word_ends: (N,) bool`` (``True`` where a token closes a word; sub-word
 models), a window's ``words`` counts the words its scored targets close, so that the perplexity
@@ -56,7 +58,7 @@ of the file (blocks and sentences are shared out per batch by :mod:`reglm.train.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -347,6 +349,27 @@ class SentencePlan:
         self.bounds = _greedy_groups(lengths.long()[self.by_length], max_tokens)
         self._order: tuple[int, Tensor] | None = None
 
+    @classmethod
+    def of_sentences(cls, sentences: Sequence[Sequence[int]], context: int, max_tokens: int) -> SentencePlan:
+        """Given sentences (non-empty lists of ids), each read from scratch after ``context``: how
+        scoring reads them (:func:`reglm.evaluate.sentences.sentence_log_probs`). The stream is
+        ``context, s_1, context, s_2, ...`` (a sentence may hold any id, ``<eos>`` included), so
+        its targets in stream order are the sentences' ids in the order given. Grouped longest
+        first: a batch takes the longest sentence left and the next ones while they fit
+        ``max_tokens`` positions at its width (a longer sentence is a batch alone; nothing is
+        cut, scoring reads a sentence longer than its window itself); padded with ``context``."""
+        if not sentences or max_tokens < 1 or not all(sentences):
+            raise ValueError("expected non-empty sentences and a token budget >= 1")
+        lengths = torch.tensor([len(s) for s in sentences], dtype=torch.long)
+        plan = cls.__new__(cls)
+        plan.ids = torch.tensor([i for s in sentences for i in (context, *s)], dtype=torch.long)
+        plan.pad_id, plan.seed, plan.word_ends, plan._order = context, 0, None, None
+        plan.first = torch.cumsum(lengths + 1, 0) - lengths
+        plan.last = plan.first + lengths - 1
+        plan.by_length = torch.argsort(-lengths, stable=True)
+        plan.bounds = _longest_first_groups(lengths[plan.by_length].tolist(), max_tokens)
+        return plan
+
     def _sentence_ends(self, sentence_end: int, step: int = 1 << 24) -> Tensor:
         """Every sentence's last target: each ``sentence_end`` after the first token and the last
         token (a split need not end with one); found piece by piece, no (N,) mask at once."""
@@ -366,7 +389,8 @@ class SentencePlan:
         return self.bounds.numel() - 1
 
     def group(self, k: int) -> Tensor:
-        """The sentences (indices into ``first`` / ``last``) of batch ``k``, shortest first."""
+        """The sentences (indices into ``first`` / ``last``) of batch ``k``, in the plan's order
+        (shortest first; longest first for :meth:`of_sentences`)."""
         return self.by_length[int(self.bounds[k]) : int(self.bounds[k + 1])]
 
     def to(self, device: torch.device | str) -> SentencePlan:
@@ -413,6 +437,15 @@ def _cut(first: Tensor, last: Tensor, room: int) -> tuple[Tensor, Tensor]:
     k = torch.arange(owner.numel()) - start[owner]
     begin = first[owner] + k * room
     return begin, torch.minimum(begin + room - 1, last[owner])
+
+
+def _longest_first_groups(widths: list[int], max_tokens: int) -> Tensor:
+    """Group boundaries of descending ``widths``: each group is its first (widest) sentence and
+    the next ones up to ``max_tokens // width`` in all (at least one)."""
+    bounds = [0]
+    while bounds[-1] < len(widths):
+        bounds.append(min(len(widths), bounds[-1] + max(1, max_tokens // widths[bounds[-1]])))
+    return torch.tensor(bounds)
 
 
 def _greedy_groups(widths: Tensor, max_tokens: int) -> Tensor:

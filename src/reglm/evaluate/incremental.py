@@ -121,7 +121,7 @@ class Hypotheses:
     ) -> Hypotheses:
         """``batch`` empty hypotheses: each has read the ``<eos>`` that opens a sentence.
         ``oov_offset``: the natural-log amount an out-of-vocabulary word (given as a string to a
-        word model) gets on top of ``log p(<unk>)``, as ``reglm.api.oov_offset`` computes it."""
+        word model) gets on top of ``log p(<unk>)``, as ``reglm.evaluate.words.oov_offset`` computes it."""
         if not isinstance(batch, int) or batch < 1:
             raise ReglmError(f"the number of hypotheses must be a positive integer, not {batch!r}")
         if context is not None and (not isinstance(context, int) or context < 1):

@@ -81,24 +81,13 @@ def _eval_plain(ctx: EvalContext, _setting: None) -> EvalOutcome:
         word_ends=ctx.word_ends,
         reading=ctx.reading,
     )
-    return EvalOutcome(result, report={"reading": _reading_report(ctx.reading)})
-
-
-def _reading_report(reading: Reading) -> dict[str, Any]:
-    if reading.max_tokens is not None:
-        return {"kind": "sentences", "max_tokens": reading.max_tokens}
-    if reading.block is not None:
-        return {
-            "kind": "blocks",
-            "block": reading.block,
-            "context": reading.context,
-            "whole_sentences": reading.sentence_end is not None,
-        }
-    return {"kind": "streams", "bptt": reading.bptt}
+    return EvalOutcome(result, report={"reading": ctx.reading.report()})
 
 
 def _eval_context_window(ctx: EvalContext, context: int) -> EvalOutcome:
-    if ctx.reading.block is None:
+    from reglm.evaluate.perplexity import ReadingKind
+
+    if ctx.reading.kind is not ReadingKind.BLOCKS:
         raise ReglmError(
             "--context-window reads blocks; give --block L (or evaluate a run trained with train.batching=blocks)"
         )
@@ -364,17 +353,17 @@ def batch_size_for(mode: EvalMode, setting: Any, train: TrainConfig, split: str,
 
 
 def reading_for(
-    mode: EvalMode, train: TrainConfig, split: str, eos_id: int, batch_size: int, block: int | None = None
+    mode: EvalMode, run_reading: Reading, train: TrainConfig, eos_id: int, batch_size: int, block: int | None = None
 ) -> Reading:
-    """How ``mode`` reads ``split`` plainly: as the run reads it, with ``batch_size`` streams (or
-    blocks); in blocks of ``block`` tokens when given, or of ``train.block_size`` when the mode
-    reads blocks only and the run reads streams."""
-    from reglm.evaluate.perplexity import Reading
-    from reglm.train.batching import eval_reading
+    """How ``mode`` reads a split plainly: as the run reads it (``run_reading``, its batching's
+    reading of the split, given by the caller), with ``batch_size`` streams (or blocks); in blocks
+    of ``block`` tokens when given, or of ``train.block_size`` when the mode reads blocks only and
+    the run reads streams."""
+    from reglm.evaluate.perplexity import Reading, ReadingKind
 
-    reading = dataclasses.replace(eval_reading(train, split, eos_id), batch_size=batch_size)
-    if block is not None or (mode.needs_blocks and reading.block is None):
-        reading = Reading(batch_size, train.bptt, block or train.block_size, 0, eos_id)
+    reading = dataclasses.replace(run_reading, batch_size=batch_size)
+    if block is not None or (mode.needs_blocks and reading.kind is not ReadingKind.BLOCKS):
+        reading = Reading.blocks(batch_size, block or train.block_size, 0, eos_id, train.bptt)
     return reading
 
 

@@ -13,9 +13,11 @@ windows, each carrying its own state.
 
 from __future__ import annotations
 
+import enum
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -26,8 +28,22 @@ from reglm.progress import track
 
 
 def perplexity(loss: float) -> float:
-    """``exp(loss)``, or ``inf`` where that overflows (a NaN loss gives NaN): never raises."""
+    """``exp(loss)`` of a mean NLL in nats, or ``inf`` where that overflows (a NaN loss gives
+    NaN): never raises."""
     return math.exp(loss) if loss < 709.0 else (math.inf if loss == loss else math.nan)
+
+
+NATS_PER_UNIT = {"e": 1.0, "10": math.log(10.0)}
+"""Nats in one unit of each log base a score is written in (``reglm score --base``)."""
+
+
+def perplexity_of(nll: float, tokens: int, base: str = "e") -> float:
+    """The perplexity of ``tokens`` scored targets whose negative log-probabilities sum to ``nll``
+    in ``base`` units (:data:`NATS_PER_UNIT`): ``exp(nll / tokens)`` in nats, ``nan`` for no
+    tokens, ``inf`` where it overflows. Every sum of scores becomes a perplexity here."""
+    if tokens == 0:
+        return math.nan
+    return perplexity(nll * NATS_PER_UNIT[base] / tokens)
 
 
 @dataclass
@@ -126,14 +142,28 @@ def in_stream_order(pieces: Sequence[tuple[Tensor, Tensor]]) -> tuple[Tensor, Te
     return positions[order], torch.cat([v for _, v in pieces])[order]
 
 
+class ReadingKind(enum.Enum):
+    """The ways a split is read for scoring (:class:`Reading`)."""
+
+    STREAMS = "streams"
+    """contiguous streams in windows of ``bptt`` tokens, the state carried (the LSTM papers')"""
+    BLOCKS = "blocks"
+    """stateless windows of at most ``block`` tokens, the first ``context`` context only"""
+    SENTENCES = "sentences"
+    """single sentences grouped by length into batches of at most ``max_tokens`` tokens"""
+
+
 @dataclass(frozen=True)
 class Reading:
-    """How a split is read for scoring: ``batch_size`` contiguous streams in windows of ``bptt``
-    tokens with the state carried (the LSTM papers'); with ``block``, stateless windows of at most
-    ``block`` tokens of which the first ``context`` are context only, and with ``sentence_end``
-    (the ``<eos>`` id) scored parts of complete sentences (Baevski & Auli's WikiText-103); with
-    ``max_tokens``, single sentences (ending at ``sentence_end``) grouped by length into batches
-    of at most that many tokens (their billion word)."""
+    """How a split is read for scoring, of an explicit :attr:`kind` (:class:`ReadingKind`): ``batch_size``
+    contiguous streams in windows of ``bptt`` tokens with the state carried (the LSTM papers');
+    with ``block``, stateless windows of at most ``block`` tokens of which the first ``context``
+    are context only, and with ``sentence_end`` (the ``<eos>`` id) scored parts of complete
+    sentences (Baevski & Auli's WikiText-103); with ``max_tokens``, single sentences (ending at
+    ``sentence_end``) grouped by length into batches of at most that many tokens (their billion
+    word). The kind is decided once, here, from the settings a run's config gives (the named
+    constructors :meth:`streams`, :meth:`blocks` and :meth:`sentences` state it); a combination
+    that is no kind is refused, and every consumer dispatches on :attr:`kind`."""
 
     batch_size: int
     bptt: int = 35
@@ -141,16 +171,51 @@ class Reading:
     context: int = 0
     sentence_end: int | None = None
     max_tokens: int | None = None
+    kind: ReadingKind = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.max_tokens is not None:
+            if self.sentence_end is None or self.block is not None:
+                raise ValueError("reading single sentences needs the sentence_end id, and no block")
+            kind = ReadingKind.SENTENCES
+        else:
+            kind = ReadingKind.STREAMS if self.block is None else ReadingKind.BLOCKS
+        object.__setattr__(self, "kind", kind)
+
+    @classmethod
+    def streams(cls, batch_size: int, bptt: int) -> Reading:
+        return cls(batch_size, bptt)
+
+    @classmethod
+    def blocks(
+        cls, batch_size: int, block: int, context: int = 0, sentence_end: int | None = None, bptt: int = 35
+    ) -> Reading:
+        return cls(batch_size, bptt, block, context, sentence_end)
+
+    @classmethod
+    def sentences(cls, max_tokens: int, sentence_end: int, batch_size: int = 1, bptt: int = 35) -> Reading:
+        return cls(batch_size, bptt, sentence_end=sentence_end, max_tokens=max_tokens)
 
     def plan(self, ids: Tensor, word_ends: Tensor | None = None) -> StreamPlan | ContextPlan | SentencePlan:
-        if self.max_tokens is not None:
-            if self.sentence_end is None:
-                raise ValueError("reading single sentences needs the sentence_end id")
+        if self.kind is ReadingKind.SENTENCES:
             return SentencePlan(ids, self.sentence_end, self.max_tokens, word_ends)
-        if self.block is None:
-            return StreamPlan(ids, self.batch_size, "all", word_ends)
-        ends = None if self.sentence_end is None else ids == self.sentence_end
-        return ContextPlan(ids, self.block, self.context, self.batch_size, word_ends, sentence_ends=ends)
+        if self.kind is ReadingKind.BLOCKS:
+            ends = None if self.sentence_end is None else ids == self.sentence_end
+            return ContextPlan(ids, self.block, self.context, self.batch_size, word_ends, sentence_ends=ends)
+        return StreamPlan(ids, self.batch_size, "all", word_ends)
+
+    def report(self) -> dict[str, Any]:
+        """The reading as the JSON output of ``reglm eval`` states it."""
+        if self.kind is ReadingKind.SENTENCES:
+            return {"kind": self.kind.value, "max_tokens": self.max_tokens}
+        if self.kind is ReadingKind.BLOCKS:
+            return {
+                "kind": self.kind.value,
+                "block": self.block,
+                "context": self.context,
+                "whole_sentences": self.sentence_end is not None,
+            }
+        return {"kind": self.kind.value, "bptt": self.bptt}
 
 
 def evaluate(
@@ -170,7 +235,7 @@ def evaluate(
     ``batch_size`` streams in windows of ``bptt``, or as ``reading`` says; ``word_ends: (N,)``
     marks the tokens that close a word (sub-word models; default: all).
     """
-    reading = reading if reading is not None else Reading(batch_size, bptt)
+    reading = reading if reading is not None else Reading.streams(batch_size, bptt)
     plan = reading.plan(ids, word_ends)
     totals = stream_pass(
         [model],

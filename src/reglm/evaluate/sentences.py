@@ -3,9 +3,10 @@
 This is how a sentence or an n-best hypothesis is scored (``reglm score``, ``lm.score_batch``):
 every sentence starts from the encoder's zero state with the context token (``<eos>``, the
 beginning of a sentence) as its first input, and each of its ids is a target once. Sentences of
-any lengths share a batch: they are sorted by length (longest first, so the largest batch is met
-first), packed into batches of at most ``batch_tokens`` padded positions and padded at their
-ends. Every encoder here is causal (an LSTM reads left to right, the Transformer attends to the
+any lengths share a batch: the window planner's sentence plan
+(:meth:`reglm.data.windows.SentencePlan.of_sentences`) sorts them by length (longest first, so
+the largest batch is met first), packs them into batches of at most ``batch_tokens`` padded
+positions and pads them at their ends. Every encoder here is causal (an LSTM reads left to right, the Transformer attends to the
 past only), so the padding after a sentence never changes its scores; the results come back in
 the input order, equal to scoring each sentence alone up to float rounding.
 
@@ -18,28 +19,13 @@ being its trained context, so attention never spans more than it was trained on.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-from reglm.data.windows import ContextPlan, StreamPlan
+from reglm.data.windows import ContextPlan, SentencePlan, StreamPlan
 from reglm.evaluate.perplexity import stream_pass
-from reglm.progress import track
-
-
-def length_batches(lengths: Sequence[int], batch_tokens: int) -> Iterator[list[int]]:
-    """Indices of the non-empty sentences, longest first, in groups of at most ``batch_tokens``
-    padded positions (a sentence longer than that forms a batch of its own)."""
-    order = sorted((i for i, n in enumerate(lengths) if n > 0), key=lambda i: -lengths[i])
-    batch: list[int] = []
-    for i in order:
-        if batch and (len(batch) + 1) * lengths[batch[0]] > batch_tokens:
-            yield batch
-            batch = []
-        batch.append(i)
-    if batch:
-        yield batch
 
 
 @torch.no_grad()
@@ -53,36 +39,34 @@ def sentence_log_probs(
     window: int | None = None,
 ) -> list[Tensor]:
     """Natural-log probability of every id of every sentence (float64 ``(len,)`` tensors on the
-    CPU, in the input order), each sentence read after ``context`` from a zero state. ``model``
-    is a :class:`~reglm.models.LanguageModel`; it is put in eval mode and its mode restored. A
-    sentence longer than ``window`` (default ``batch_tokens``) is read in windows of that many
-    tokens (:func:`long_log_probs`)."""
+    CPU, in the input order), each sentence read after ``context`` from a zero state, in the
+    batches of :meth:`~reglm.data.windows.SentencePlan.of_sentences`. ``model`` is a
+    :class:`~reglm.models.LanguageModel`; it is put in eval mode and its mode restored. A sentence
+    longer than ``window`` (default ``batch_tokens``) is read in windows of that many tokens
+    (:func:`long_log_probs`)."""
     if batch_tokens < 1:
         raise ValueError(f"batch_tokens must be >= 1, got {batch_tokens}")
     window = batch_tokens if window is None else window
-    lengths = [len(s) for s in sentences]
     scores: list[Tensor] = [torch.zeros(0, dtype=torch.float64) for _ in sentences]
-    for i, n in enumerate(lengths):
-        if n > window:
-            scores[i] = long_log_probs(model, sentences[i], context, device, window, max(1, batch_tokens // window))
-            lengths[i] = 0
-    batches = list(length_batches(lengths, batch_tokens))
-    mode = model.training
-    model.eval()
-    try:
-        for batch in track(batches, len(batches), "score", "batch", progress):
-            width = lengths[batch[0]]
-            targets = torch.full((len(batch), width), context, dtype=torch.long)
-            for row, i in enumerate(batch):
-                targets[row, : lengths[i]] = torch.as_tensor(sentences[i], dtype=torch.long)
-            inputs = torch.cat([torch.full((len(batch), 1), context, dtype=torch.long), targets[:, :-1]], dim=1)
-            inputs, targets = inputs.to(device), targets.to(device)
-            out = model(inputs, model.init_state(len(batch), device=device))
-            logp = (-model.output_nll(out, targets)).double().cpu()
-            for row, i in enumerate(batch):
-                scores[i] = logp[row, : lengths[i]].clone()
-    finally:
-        model.train(mode)
+    short = [i for i, s in enumerate(sentences) if 0 < len(s) <= window]
+    for i, sentence in enumerate(sentences):
+        if len(sentence) > window:
+            scores[i] = long_log_probs(model, sentence, context, device, window, max(1, batch_tokens // window))
+    if short:
+        plan = SentencePlan.of_sentences([sentences[i] for i in short], context, batch_tokens)
+        totals = stream_pass(
+            [model],
+            plan,
+            batch_tokens,
+            lambda outs, w: {"nll": model.output_nll(outs[0], w.targets)},
+            device,
+            progress,
+            "score",
+            keep=("nll",),
+        )
+        log_probs = -totals.kept["nll"][1].double().cpu()
+        for i, part in zip(short, torch.split(log_probs, [len(sentences[i]) for i in short])):
+            scores[i] = part
     return scores
 
 

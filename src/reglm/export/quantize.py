@@ -20,13 +20,13 @@ by the same procedure and their ratio is the cost of quantization.
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from reglm.evaluate.perplexity import perplexity_of
 from reglm.export.modules import InferenceLM
 
 CHUNK = 64
@@ -65,4 +65,4 @@ def stream_perplexity(step: Step, ids: Sequence[int] | Tensor, state: list[Tenso
         log_probs, state = step(inputs[:, : targets.size(1)], state)
         total -= float(log_probs.double().gather(-1, targets.unsqueeze(-1)).sum())
         count += targets.numel()
-    return math.exp(total / count)
+    return perplexity_of(total, count)

@@ -268,8 +268,8 @@ def _base_preset(preset: str) -> str:
 def _full_params(preset: str, options: list[str]) -> int | None:
     """The parameter count of ``preset``'s model at full scale, on the meta device, for the
     vocabulary of its corpus when it is a built-in one (None otherwise)."""
-    from reglm.cli.data import SYNTHETIC_VOCAB_SIZE
     from reglm.data import SOURCES
+    from reglm.data.synthetic import SYNTHETIC_VOCAB_SIZE
     from reglm.models import count_parameters
 
     config = build_config(_base_preset(preset), options)

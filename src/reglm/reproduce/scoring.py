@@ -53,7 +53,7 @@ class Scorer:
         self._corpora: dict[Any, Any] = {}
 
     def corpus(self, config: RunConfig) -> Any:
-        from reglm.train.setup import load_corpus
+        from reglm.data import load_corpus
 
         if config.data not in self._corpora:
             self._corpora[config.data] = load_corpus(config)
@@ -73,7 +73,7 @@ class Scorer:
             out = {"valid": record["valid"]["ppl"], "test": record["test"]["ppl"]}
         else:
             out = self._measure(plan)
-        from reglm.train.checkpoint import load_model_dir
+        from reglm.modeldir import load_model_dir
 
         model, _, _ = load_model_dir(best)
         return {**out, "params": model.num_parameters()}
@@ -84,6 +84,7 @@ class Scorer:
         """Valid and test perplexity of ``plan``'s row by its evaluation mode (a search tunes on
         valid once and scores its choice on test), with the setting scored."""
         from reglm.evaluate.modes import EvalContext, batch_size_for, reading_for
+        from reglm.train.batching import eval_reading
 
         row = plan.row
         mode = MODES[row.evaluation]
@@ -99,7 +100,9 @@ class Scorer:
                 split,
                 batch_size,
                 config.train.bptt,
-                reading_for(mode, config.train, split, vocab.eos_id, batch_size),
+                reading_for(
+                    mode, eval_reading(config.train, split, vocab.eos_id), config.train, vocab.eos_id, batch_size
+                ),
                 corpus.split_word_ends(split),
                 device,
                 False,
@@ -117,8 +120,8 @@ class Scorer:
     def _measure(self, plan: RowPlan) -> dict[str, Any]:
         import torch
 
-        from reglm.train.checkpoint import load_model_dir
-        from reglm.train.setup import resolve_device
+        from reglm.devices import resolve_device
+        from reglm.modeldir import load_model_dir
 
         row, run = plan.row, plan.run
         device = resolve_device(run.config.train.device)

@@ -30,9 +30,10 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from starlette.exceptions import HTTPException
 
-from reglm.api import TrainedModel, WordScore, log_scale
+from reglm.api import TrainedModel
 from reglm.errors import ReglmError
-from reglm.evaluate.perplexity import perplexity
+from reglm.evaluate.perplexity import perplexity_of
+from reglm.evaluate.words import WordScore, log_scale
 from reglm.serve.batching import Batcher
 
 
@@ -235,7 +236,7 @@ def sentence_result(ident: str, scored: list[WordScore], scale: float, eos: bool
         "log_prob": _finite(sum(values)),
         "tokens": len(rows),
         "oov": sum(w.oov for w in rows),
-        "ppl": _finite(perplexity(-natural / len(rows))) if rows else None,
+        "ppl": _finite(perplexity_of(-natural, len(rows))) if rows else None,
     }
     if with_words:
         result["words"] = [{"word": w.word, "log_prob": _finite(v), "oov": w.oov} for w, v in zip(rows, values)]

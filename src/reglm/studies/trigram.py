@@ -48,10 +48,12 @@ from typing import Any
 import torch
 
 from reglm.config import RunConfig, build_config, derive_config
-from reglm.data import Corpus
+from reglm.data import Corpus, load_corpus
 from reglm.data.synthetic import RULES
+from reglm.devices import resolve_device
 from reglm.errors import ReglmError
 from reglm.io import write_json
+from reglm.modeldir import load_model_dir, save_model_dir
 from reglm.objectives.reverse_kl import log_p_hat
 from reglm.progress import Pace, clock, say
 from reglm.rundir import RESULTS_FILE, is_run
@@ -63,8 +65,7 @@ from reglm.studies.trigram_measures import (
     table_row,
     true_row,
 )
-from reglm.train.checkpoint import load_model_dir, save_model_dir
-from reglm.train.run import StopRequest, load_corpus, resolve_device, resume, train
+from reglm.train.run import StopRequest, resume, train
 
 
 @dataclass(frozen=True)

@@ -68,10 +68,10 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from reglm.devices import resolve_device
 from reglm.encoders.base import concat_states, select_streams, state_dict_of
 from reglm.errors import ReglmError
 from reglm.train.engine import ChunkPasses
-from reglm.train.setup import resolve_device
 
 T = TypeVar("T")
 

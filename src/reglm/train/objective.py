@@ -39,13 +39,13 @@ from reglm.data.vocab import Vocab
 from reglm.data.windows import Window
 from reglm.encoders.base import EncoderOutput, State, concat_states, detach_state, select_streams, state_dict_of
 from reglm.evaluate.perplexity import Reading, evaluate, perplexity, stream_pass
+from reglm.modeldir import load_model_dir
 from reglm.models import LanguageModel
 from reglm.objectives.augmented_loss import AugmentedLoss
 from reglm.objectives.base import Term
 from reglm.objectives.reverse_kl import discriminator_loss_parts, finetune_loss
 from reglm.outputs.base import OutputLoss
 from reglm.rundir import require_kind, require_same_architecture, require_same_vocab
-from reglm.train.checkpoint import load_model_dir
 
 
 @dataclass

@@ -30,8 +30,8 @@ from reglm.data import Corpus, Vocab
 from reglm.errors import TrainingInterrupted
 from reglm.evaluate.perplexity import EvalResult, Reading, evaluate, perplexity
 from reglm.io import write_json
+from reglm.modeldir import load_model_dir, read_model_meta
 from reglm.rundir import METRICS_FILE, RESULTS_FILE
-from reglm.train.checkpoint import load_model_dir, read_model_meta
 from reglm.train.distributed import SingleProcess
 from reglm.train.objective import ObjectiveEval
 
@@ -47,7 +47,7 @@ class Trainer(Protocol):
     objective: Any
     """the run's objective (:mod:`reglm.train.objective`): its ``kind``"""
     metrics: Any
-    """``metrics.jsonl`` (:class:`~reglm.train.metrics.MetricsLog`): its ``log``"""
+    """``metrics.jsonl`` (:class:`~reglm.metrics.MetricsLog`): its ``log``"""
     dist: SingleProcess
     stop: Any
     """the :class:`~reglm.train.trainer.StopRequest` the run honours, or None"""

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from reglm.config import RunConfig, load_config_file
-from reglm.data import Corpus, Vocab
+from reglm.data import Corpus, Vocab, load_corpus
+from reglm.devices import resolve_device
 from reglm.errors import TrainingDiverged, TrainingInterrupted
 from reglm.io import write_json
 from reglm.rundir import (
@@ -35,7 +36,7 @@ from reglm.rundir import (
 )
 from reglm.train.checkpoint import load_state
 from reglm.train.distributed import launch
-from reglm.train.setup import load_corpus, resolve_device, session_record
+from reglm.train.setup import session_record
 from reglm.train.trainer import StepHook, StopRequest, Trainer
 
 __all__ = [

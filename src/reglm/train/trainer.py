@@ -56,23 +56,34 @@ from tqdm.auto import tqdm
 from reglm.config import RunConfig
 from reglm.config.build import registry
 from reglm.data import Corpus, Vocab
+from reglm.devices import check_model_size
 from reglm.encoders.base import State, state_dict_of
 from reglm.errors import ReglmError, TrainingDiverged, TrainingInterrupted
 from reglm.evaluate.perplexity import Reading, perplexity
 from reglm.io import write_json
+from reglm.metrics import MetricsLog
+from reglm.modeldir import load_model_dir, save_model_dir
 from reglm.models import LanguageModel
 from reglm.objectives.activation_reg import ActivationReg, TemporalActivationReg
 from reglm.progress import Pace, clock, say
-from reglm.rundir import CONFIG_FILE, ENVIRONMENT_FILE, METRICS_FILE, RunLock, claim_new, describe_previous
+from reglm.rundir import (
+    CONFIG_FILE,
+    ENVIRONMENT_FILE,
+    METRICS_FILE,
+    STATE_FILE,
+    VOCAB_FILE,
+    RunLock,
+    claim_new,
+    describe_previous,
+)
 from reglm.train.batching import eval_reading, training_batches
-from reglm.train.checkpoint import STATE_FILE, VOCAB_FILE, load_model_dir, save_model_dir, save_state
+from reglm.train.checkpoint import save_state
 from reglm.train.distributed import SINGLE, SilentLog, SingleProcess
 from reglm.train.engine import StepEngine
-from reglm.train.metrics import MetricsLog
 from reglm.train.objective import ObjectiveEval, make_objective
 from reglm.train.results import finish, record_main_stage
 from reglm.train.schedules import advsoft_on, annealed_std
-from reglm.train.setup import check_model_size, manifest_hash, require_same_data, session_record
+from reglm.train.setup import manifest_hash, require_same_data, session_record
 
 
 class StopRequest:
