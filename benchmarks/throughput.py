@@ -92,8 +92,8 @@ class PlainLSTMLM(nn.Module):
         """``ids: (B, T)`` -> (last-layer output ``(B, T, E)``, new state)."""
         x = self.embedding(ids)
         new_state = []
-        for l, lstm in enumerate(self.lstms):
-            x, layer_state = lstm(x, None if state is None else state[l])
+        for li, lstm in enumerate(self.lstms):
+            x, layer_state = lstm(x, None if state is None else state[li])
             new_state.append(layer_state)
         return x, new_state
 

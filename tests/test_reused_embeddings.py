@@ -81,9 +81,9 @@ def test_augmented_loss_reads_clean_logits_under_advsoft() -> None:
 def test_vd_lstm_model_equals_torch_lstm_in_eval_mode() -> None:
     model = LanguageModel(ModelConfig.build(**VD, tie_weights=False), 30).eval()
     reference = torch.nn.LSTM(12, 12, 2, batch_first=True)
-    for l, layer in enumerate(model.encoder.layers):
+    for li, layer in enumerate(model.encoder.layers):
         for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
-            getattr(reference, f"{name}_l{l}").data.copy_(getattr(layer, f"{name}_l0"))
+            getattr(reference, f"{name}_l{li}").data.copy_(getattr(layer, f"{name}_l0"))
     ids = torch.randint(0, 30, (3, 7))
     emb = model.embedding(ids)
     expected, _ = reference(emb)

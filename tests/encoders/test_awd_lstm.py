@@ -146,7 +146,7 @@ def _encoder(**kw) -> AWDLSTMEncoder:
 
 def test_encoder_layer_sizes() -> None:
     enc = _encoder()
-    shapes = [(l.weight_ih_l0.shape, l.weight_hh_l0.shape) for l in enc.layers]
+    shapes = [(li.weight_ih_l0.shape, li.weight_hh_l0.shape) for li in enc.layers]
     assert shapes == [
         ((40, 6), (40, 10)),  # first: reads emb_size
         ((40, 10), (40, 10)),

@@ -259,7 +259,7 @@ def _encoder(window: int = 2, **overrides) -> QRNNEncoder:
 
 def test_encoder_sizes_follow_the_awd_lstm_rule() -> None:
     enc = _encoder()
-    assert [(l.input_size, l.hidden_size, l.window) for l in enc.layers] == [(5, 6, 2), (6, 6, 1), (6, 5, 1)]
+    assert [(li.input_size, li.hidden_size, li.window) for li in enc.layers] == [(5, 6, 2), (6, 6, 1), (6, 5, 1)]
     assert enc.output_size == 5 and enc.layer_sizes == [6, 6, 5]
     untied = QRNNEncoder(QRNNConfig(hidden_size=6, num_layers=2, last_hidden_size=9), 5)
     assert untied.output_size == 9 == QRNNConfig(last_hidden_size=9).output_size(5)

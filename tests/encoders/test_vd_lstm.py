@@ -47,16 +47,16 @@ def _reference_encoder(enc: VDLSTMEncoder, emb, masks, state=None):
     layer (or the output) reads ``masks[l] * h_t``. Returns ``(output, raw outputs, states)``."""
     x = emb
     raws, states = [], []
-    for l, layer in enumerate(enc.layers):
+    for li, layer in enumerate(enc.layers):
         if state is None:
             h0 = torch.zeros(emb.size(0), layer.hidden_size, dtype=emb.dtype)
             c0 = torch.zeros_like(h0)
         else:
-            h0, c0 = state.layers[l][0][0], state.layers[l][1][0]
-        raw, h, c = _layer_ref(layer, x, h0, c0, masks[l])
+            h0, c0 = state.layers[li][0][0], state.layers[li][1][0]
+        raw, h, c = _layer_ref(layer, x, h0, c0, masks[li])
         raws.append(raw)
         states.append((h, c))
-        x = raw if masks[l] is None else masks[l][:, None, :] * raw
+        x = raw if masks[li] is None else masks[li][:, None, :] * raw
     return x, raws, states
 
 
@@ -118,7 +118,7 @@ def test_parameters_like_nn_lstm_and_init_range() -> None:
     for param in layer.parameters():
         assert param.abs().max() <= 0.05 and param.abs().max() > 0.025  # U(-r, r), not nn.LSTM's 1/sqrt(7)
     enc = VDLSTMEncoder(6, 7, 3, 0.4, 0.1)
-    assert [(l.input_size, l.hidden_size) for l in enc.layers] == [(6, 7), (7, 7), (7, 7)]
+    assert [(li.input_size, li.hidden_size) for li in enc.layers] == [(6, 7), (7, 7), (7, 7)]
     assert enc.output_size == 7 and enc.dropout == 0.4
     state = enc.init_state(2)
     assert len(state.layers) == 3 and all(h.shape == (1, 2, 7) and c.shape == (1, 2, 7) for h, c in state.layers)
@@ -184,7 +184,7 @@ def test_layer_without_mask_equals_nn_lstm(with_state: bool) -> None:
 def _nn_lstm_copy(enc: VDLSTMEncoder) -> torch.nn.LSTM:
     ref = torch.nn.LSTM(enc.layers[0].input_size, enc.output_size, len(enc.layers), batch_first=True).to(F64)
     ref.load_state_dict(
-        {f"{name[:-1]}{l}": p for l, layer in enumerate(enc.layers) for name, p in layer.state_dict().items()},
+        {f"{name[:-1]}{li}": p for li, layer in enumerate(enc.layers) for name, p in layer.state_dict().items()},
         strict=True,
     )
     return ref

@@ -198,19 +198,19 @@ class RecurrentStack(Encoder):
             raise ValueError(f"expected the state of {len(template.layers)} layers")
         layers = []
         streams = set()
-        for l, (tensors, zeros) in enumerate(zip(raw, template.layers)):
+        for li, (tensors, zeros) in enumerate(zip(raw, template.layers)):
             shapes = [_shape_text(z.shape, self.stream_dim) for z in zeros]
             fits = isinstance(tensors, (list, tuple)) and len(tensors) == len(zeros)
             fits = fits and all(isinstance(t, Tensor) and t.dim() == z.dim() for t, z in zip(tensors, zeros))
             if not fits or [_shape_text(t.shape, self.stream_dim) for t in tensors] != shapes:
-                raise ValueError(f"expected layer {l}'s state as tensors of shapes {', '.join(shapes)}")
+                raise ValueError(f"expected layer {li}'s state as tensors of shapes {', '.join(shapes)}")
             streams.update(t.shape[self.stream_dim] for t in tensors)
             layers.append(tuple(tensors))
         if len(streams) > 1:
             raise ValueError("the layers' states have different numbers of streams")
         return StackState(layers, self.stream_dim)
 
-    def step(self, l: int, x: Tensor, state: LayerState | None, emb: Tensor) -> tuple[Tensor, LayerState, Tensor]:
+    def step(self, li: int, x: Tensor, state: LayerState | None, emb: Tensor) -> tuple[Tensor, LayerState, Tensor]:
         """Layer ``l`` on ``x`` from ``state`` (None: zeros): its undropped output, its new state
         and the input of the next layer (for the last layer: the encoder's output). ``emb`` is the
         stack's input, whose dtype a mask drawn per call follows."""
@@ -224,8 +224,8 @@ class RecurrentStack(Encoder):
         x = emb
         layer_outputs: list[Tensor] = []
         new_state: list[LayerState] = []
-        for l in range(len(self.layers)):
-            raw, layer_state, x = self.step(l, x, None if state is None else state.layers[l], emb)
+        for li in range(len(self.layers)):
+            raw, layer_state, x = self.step(li, x, None if state is None else state.layers[li], emb)
             layer_outputs.append(raw)
             new_state.append(layer_state)
         state = StackState(new_state, self.stream_dim)
@@ -239,10 +239,10 @@ class RecurrentStack(Encoder):
         identity at evaluation, so :meth:`step` has no part in it."""
         spec: list[StateTensor] = []
         counts: list[int] = []
-        for l, layer in enumerate(self.layers):
+        for li, layer in enumerate(self.layers):
             zeros = layer.init_state(1, device="meta")
             kept = [(name, zero.shape) for name, zero in zip(layer.state_names, zeros) if zero.numel()]
-            spec += [StateTensor(f"{n}0_{l}", f"{n}n_{l}", _shape_spec(shape, self.stream_dim)) for n, shape in kept]
+            spec += [StateTensor(f"{n}0_{li}", f"{n}n_{li}", _shape_spec(shape, self.stream_dim)) for n, shape in kept]
             counts.append(len(kept))
         return StackExport([layer.export_module(frozen) for layer in self.layers], counts), spec
 
@@ -260,9 +260,9 @@ class StackExport(nn.Module):
         outputs: list[Tensor] = []
         new_state: list[Tensor] = []
         start = 0
-        for l, layer in enumerate(self.layers):
-            x, layer_state = layer(x, state[start : start + self.counts[l]])
-            start += self.counts[l]
+        for li, layer in enumerate(self.layers):
+            x, layer_state = layer(x, state[start : start + self.counts[li]])
+            start += self.counts[li]
             outputs.append(x)
             new_state += layer_state
         return x, outputs, new_state
@@ -286,9 +286,9 @@ class LockedDropoutStack(RecurrentStack):
         self.hidden_dropout = LockedDropout(hidden_dropout)
         self.output_dropout = LockedDropout(output_dropout)
 
-    def step(self, l: int, x: Tensor, state: LayerState | None, emb: Tensor) -> tuple[Tensor, LayerState, Tensor]:
-        raw, new_state = self.layers[l](x, state)
-        dropout = self.hidden_dropout if l < len(self.layers) - 1 else self.output_dropout
+    def step(self, li: int, x: Tensor, state: LayerState | None, emb: Tensor) -> tuple[Tensor, LayerState, Tensor]:
+        raw, new_state = self.layers[li](x, state)
+        dropout = self.hidden_dropout if li < len(self.layers) - 1 else self.output_dropout
         return raw, new_state, dropout(raw)
 
 

@@ -224,10 +224,10 @@ class VDLSTMEncoder(RecurrentStack):
     def from_config(cls, cfg: VDLSTMConfig, input_size: int) -> VDLSTMEncoder:
         return cls(input_size, cfg.hidden_size, cfg.num_layers, cfg.hidden_dropout, cfg.init_range)
 
-    def step(self, l: int, x: Tensor, state: LSTMState | None, emb: Tensor) -> tuple[Tensor, LSTMState, Tensor]:
+    def step(self, li: int, x: Tensor, state: LSTMState | None, emb: Tensor) -> tuple[Tensor, LSTMState, Tensor]:
         """Layer ``l`` with its keep mask ``m_l`` (in ``emb``'s dtype) in training, none otherwise;
         the next input (the encoder ``output`` after the last layer) is ``m_l * h^l_t``."""
-        layer = self.layers[l]
+        layer = self.layers[li]
         mask = None
         if self.training and self.dropout > 0.0:
             mask = keep_mask((x.size(0), layer.hidden_size), self.dropout, emb)

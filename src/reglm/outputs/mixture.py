@@ -195,7 +195,7 @@ class MixtureOfSoftmaxes(OutputLayer):
     ) -> MixtureOfSoftmaxes:
         """DOC's extra experts read the encoder layers ``cfg.doc_experts`` names."""
         counts = cfg.doc_expert_counts(len(encoder.layer_sizes))
-        extra_layers = [l for l, k in enumerate(counts) if k > 0]
+        extra_layers = [li for li, k in enumerate(counts) if k > 0]
         tied = input_layer.tied_weight() if cfg.tie_weights else None
         emb_size = input_layer.output_size
         layer = cls(
@@ -206,14 +206,14 @@ class MixtureOfSoftmaxes(OutputLayer):
             cfg.latent_dropout,
             tied,
             cfg.advsoft.build(),
-            [(encoder.layer_sizes[l], counts[l]) for l in extra_layers],
+            [(encoder.layer_sizes[li], counts[li]) for li in extra_layers],
         )
         layer.extra_layers, layer.penalty = extra_layers, cfg.mixture_penalty
         return layer
 
     def _extra(self, out: EncoderOutput) -> list[Tensor]:
         """DOC: the undropped outputs ``(B, T, H_l)`` of the intermediate layers that feed experts."""
-        return [out.layer_outputs[l] for l in self.extra_layers]
+        return [out.layer_outputs[li] for li in self.extra_layers]
 
     def score(
         self, out: EncoderOutput, targets: Tensor, adversarial: bool = False, keep_logits: bool = False
@@ -287,7 +287,7 @@ class MixtureOfSoftmaxes(OutputLayer):
     def export_module(self, frozen: Frozen) -> nn.Module:
         """:class:`MixtureExport`; a tied decoder stays the input layer's tensor."""
         layers = zip(self.extra_latents, self.extra_layers)
-        extra = [ExtraLatent(frozen.linear(proj.weight, proj.bias), l) for proj, l in layers]
+        extra = [ExtraLatent(frozen.linear(proj.weight, proj.bias), li) for proj, li in layers]
         prior, latent = frozen.linear(self.prior.weight), frozen.linear(self.latent.weight, self.latent.bias)
         decoder = frozen.linear(self.weight, self.bias, share=True)
         return MixtureExport(prior, latent, extra, decoder, self.total_experts, self.emb_size)
