@@ -40,7 +40,8 @@ slack, so an upper bound of the tensors' bytes. ``state_bytes`` (parameters + gr
 optimizer state, counted from the tensors) is given beside it.
 
     python benchmarks/adaptive.py --device cpu --threads 1 --steps 8 --rounds 4 --softmax-tokens 1024 --softmax-steps 6
-    python benchmarks/adaptive.py --device cuda --precision bf16 --batch-size 8 --bptt 512 --steps 40 --softmax-tokens 8192
+    python benchmarks/adaptive.py --device cuda --precision bf16 --batch-size 8 --bptt 512 --steps 40 \
+        --softmax-tokens 8192
 """
 
 from __future__ import annotations
@@ -398,7 +399,8 @@ def main(argv: list[str] | None = None) -> dict:
         or args.softmax_steps < 0
     ):
         parser.error(
-            "--steps, --rounds, --memory-steps, --layers, --batch-size and --bptt must be >= 1, --warmup and --softmax-steps >= 0"
+            "--steps, --rounds, --memory-steps, --layers, --batch-size and --bptt must be >= 1, --warmup and "
+            "--softmax-steps >= 0"
         )
     unknown = [n for n in args.configs.split(",") if n.strip() not in CONFIGS]
     if unknown:
@@ -417,14 +419,16 @@ def main(argv: list[str] | None = None) -> dict:
     training = measure_models(args, device, vocab, probe)
     softmax = measure_softmax(args, device, probe) if args.softmax_steps > 0 else None
     result: dict[str, Any] = {
-        "benchmark": "Baevski & Auli 2019 Table 3 factorizations (SM..ADP-T) at V=267,735 on a reduced body; our adaptive softmax vs torch's",
+        "benchmark": "Baevski & Auli 2019 Table 3 factorizations (SM..ADP-T) at V=267,735 on a reduced body; our "
+        "adaptive softmax vs torch's",
         **environment(device, "adaptive.py", argv),
         "precision": args.precision,
         "vocab_size": VOCAB,
         "vocabulary": "synthetic: <eos>, <unk>, random lowercase words of 3-12 letters; ids in frequency order",
         "zipf_exponent": args.zipf,
         "memory_method": probe.method,
-        "state_bytes_method": "parameters + gradients (after the last step, before zero_grad) + optimizer state, tensor bytes",
+        "state_bytes_method": "parameters + gradients (after the last step, before zero_grad) + optimizer state, "
+        "tensor bytes",
         "training_step": training,
     }
     if softmax is not None:
@@ -437,17 +441,20 @@ def main(argv: list[str] | None = None) -> dict:
     for name, c in steps["configs"].items():
         peak = c["peak_memory_bytes"]
         print(
-            f"{name:6s} {c['parameters']['total'] / 1e6:7.1f}M {c['seconds_per_step']:8.4f} {c['time_ratio_to_sm']:6.3f} {c['paper_time_ratio_to_sm']:6.3f} "
+            f"{name:6s} {c['parameters']['total'] / 1e6:7.1f}M {c['seconds_per_step']:8.4f} "
+            f"{c['time_ratio_to_sm']:6.3f} {c['paper_time_ratio_to_sm']:6.3f} "
             f"{'-' if peak is None else f'{peak / 2**20:9.0f}'}"
         )
     if "time_cnn_over_adp_t" in steps["ratios"]:
         print(
-            f"CNN / ADP-T: {steps['ratios']['time_cnn_over_adp_t']:.2f}x (paper {steps['ratios']['paper_time_cnn_over_adp_t']:.2f}x)"
+            f"CNN / ADP-T: {steps['ratios']['time_cnn_over_adp_t']:.2f}x (paper "
+            f"{steps['ratios']['paper_time_cnn_over_adp_t']:.2f}x)"
         )
     if "adaptive_softmax" in result:
         a = result["adaptive_softmax"]
         print(
-            f"adaptive softmax fwd+bwd, N={a['tokens']}: reglm {a['seconds_per_step']['reglm']:.4f} s, torch {a['seconds_per_step']['torch']:.4f} s, "
+            f"adaptive softmax fwd+bwd, N={a['tokens']}: reglm {a['seconds_per_step']['reglm']:.4f} s, torch "
+            f"{a['seconds_per_step']['torch']:.4f} s, "
             f"ratio {a['time_ratio_reglm_over_torch']:.3f} (loss diff {a['loss_abs_diff']:.2e})"
         )
     return result

@@ -158,7 +158,8 @@ def main(argv: list[str] | None = None) -> dict:
     save(result, args.out or RESULTS / f"advsoft-overhead-{device.type}.json")
     for r in runs:
         print(
-            f"V={r['vocab_size']:>6}: full step overhead {100 * r['full_step']['overhead']:+.2f}% | output layer only {100 * r['output_layer_only']['overhead']:+.2f}%"
+            f"V={r['vocab_size']:>6}: full step overhead {100 * r['full_step']['overhead']:+.2f}% | output layer "
+            f"only {100 * r['output_layer_only']['overhead']:+.2f}%"
         )
     return result
 

@@ -217,7 +217,8 @@ def main(argv: list[str] | None = None) -> dict:
             "loss": {"plain": plain.loss, "cache": cached.loss},
         },
         "b_vectorized_vs_per_token": {
-            "note": "the cache's own work on precomputed model outputs; positions W+1 .. W+n of the split (full window), per-token times",
+            "note": "the cache's own work on precomputed model outputs; positions W+1 .. W+n of the split (full "
+            "window), per-token times",
             "window": args.window,
             "timed_tokens": ref_done["vectorized"] * args.bptt,
             "us_per_token": {name: 1e6 * s for name, s in per_token.items()},
@@ -229,7 +230,8 @@ def main(argv: list[str] | None = None) -> dict:
     save(result, args.out or RESULTS / f"cache-eval-{device.type}.json")
     print(f"(a) cache / plain evaluation time: {ratio:.3f}x (target <= {TARGET_RATIO}x)")
     print(
-        f"(b) vectorized vs per-token at W={args.window}: {speedup['per_token_onehot']:.0f}x (one-hot, reference code), {speedup['per_token_indexed']:.1f}x (index_add) (target >= {TARGET_SPEEDUP:.0f}x)"
+        f"(b) vectorized vs per-token at W={args.window}: {speedup['per_token_onehot']:.0f}x (one-hot, reference "
+        f"code), {speedup['per_token_indexed']:.1f}x (index_add) (target >= {TARGET_SPEEDUP:.0f}x)"
     )
     return result
 

@@ -124,7 +124,8 @@ import json, re, sys, time
 from pathlib import Path
 def rss():
     text = Path("/proc/self/status").read_text()
-    return {k: int(re.search(rf"^{k}:\s+(\d+) kB", text, re.M).group(1)) * 1024 for k in ("RssAnon", "RssFile", "VmHWM")}
+    kb = {k: int(re.search(rf"^{k}:\s+(\d+) kB", text, re.M).group(1)) for k in ("RssAnon", "RssFile", "VmHWM")}
+    return {k: v * 1024 for k, v in kb.items()}
 import torch
 from reglm.data.cache import load_cached
 from reglm.data.corpus import load_directory
@@ -138,7 +139,9 @@ out["loaded"] = rss()
 start = time.perf_counter()
 StreamPlan(corpus.train, 80, "trim"), BlockPlan(corpus.train, 512, 8, seed=0)
 out["plans_s"] = time.perf_counter() - start
-out["ids_sum"] = sum(int(corpus.train[lo : lo + (1 << 22)].sum(dtype=torch.int64)) for lo in range(0, corpus.train.numel(), 1 << 22))
+chunk = 1 << 22
+ids = corpus.train
+out["ids_sum"] = sum(int(ids[lo : lo + chunk].sum(dtype=torch.int64)) for lo in range(0, ids.numel(), chunk))
 out["after_pass"] = rss()
 print(json.dumps(out))
 """

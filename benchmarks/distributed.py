@@ -18,7 +18,8 @@ efficiency >= 0.9 at every N. On a CPU it is a report, not a target: every proce
 against the load), so N processes use N cores where one uses one.
 
     python benchmarks/distributed.py                     # CPU: 1 vs 2 gloo processes, tiny presets
-    python benchmarks/distributed.py --presets transformer-wt103-adp-t --vocab-size 267735 --worlds 1,2,4,8 --batch 8 --tokens 2000000 --steps 30
+    python benchmarks/distributed.py --presets transformer-wt103-adp-t --vocab-size 267735 --worlds 1,2,4,8 \
+        --batch 8 --tokens 2000000 --steps 30
     python benchmarks/distributed.py --dry-run           # checks the script in seconds
 """
 
@@ -230,7 +231,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
             for n in worlds if r % 2 == 0 else worlds[::-1]:
                 runs[n].append(run_world(args, preset, n, args.threads))
                 print(
-                    f"{preset}: {n} process(es), round {r + 1}: {runs[n][-1]['tokens'] / runs[n][-1]['seconds']:,.0f} tok/s",
+                    f"{preset}: {n} process(es), round {r + 1}: "
+                    f"{runs[n][-1]['tokens'] / runs[n][-1]['seconds']:,.0f} tok/s",
                     flush=True,
                 )
         tps = {n: sum(m["tokens"] for m in ms) / sum(m["seconds"] for m in ms) for n, ms in runs.items()}

@@ -188,7 +188,8 @@ def main(argv: list[str] | None = None) -> None:
 
     result = {
         "benchmark": "export_latency",
-        "what": "median latency of one streamed token (batch 1, state carried), each contender timed per call, interleaved rounds",
+        "what": "median latency of one streamed token (batch 1, state carried), each contender timed per call, "
+        "interleaved rounds",
         **environment(torch.device("cpu"), "benchmarks/export_latency.py", argv),
         "onnxruntime_version": version("onnxruntime"),
         "threads": args.threads,

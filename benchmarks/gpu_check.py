@@ -106,7 +106,8 @@ class Check:
         out_dir = Path(os.environ.get("OUT") or BENCH / "results")
         self.path = args.out or out_dir / f"gpu-check-{self.device.type}{'-dry-run' if self.dry else ''}.json"
         self.result: dict[str, Any] = {
-            "benchmark": "gpu check: CUDA smoke of every family, the benchmarks' ratios, awd-lstm-ptb epoch time and curve",
+            "benchmark": "gpu check: CUDA smoke of every family, the benchmarks' ratios, awd-lstm-ptb epoch time "
+            "and curve",
             **environment(self.device, "benchmarks/gpu_check.sh", argv),
             "dry_run": self.dry,
             "ptb": str(self.data) if self.data else None,

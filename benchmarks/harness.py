@@ -137,9 +137,15 @@ class PeakMemory:
     @property
     def method(self) -> str:
         if self.device.type == "cuda":
-            return "persistent bytes + (torch.cuda.max_memory_allocated after reset_peak_memory_stats - memory_allocated before)"
+            return (
+                "persistent bytes + (torch.cuda.max_memory_allocated after reset_peak_memory_stats - "
+                "memory_allocated before)"
+            )
         if self.available:
-            return "persistent bytes + (peak resident set VmHWM, reset via /proc/self/clear_refs, - resident set VmRSS before, after malloc_trim)"
+            return (
+                "persistent bytes + (peak resident set VmHWM, reset via /proc/self/clear_refs, - resident set "
+                "VmRSS before, after malloc_trim)"
+            )
         return "unavailable on this platform (no resettable VmHWM); see state_bytes"
 
     @staticmethod

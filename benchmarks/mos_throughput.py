@@ -11,7 +11,8 @@ each and the ratio MoS / softmax are printed and saved as JSON with device, vers
 load average before and after the run.
 
     python benchmarks/mos_throughput.py --device cuda --steps 50
-    python benchmarks/mos_throughput.py --device cpu --threads 1 --batch-size 12 --bptt 35 --steps 16 --rounds 16 --warmup 1
+    python benchmarks/mos_throughput.py --device cpu --threads 1 --batch-size 12 --bptt 35 --steps 16 \
+        --rounds 16 --warmup 1
 """
 
 from __future__ import annotations

@@ -166,7 +166,8 @@ def main(argv: list[str] | None = None) -> dict:
     out = args.out or (None if args.dry_run else RESULTS / f"qrnn-{device.type}.json")
     if out is None:
         print(
-            f"dry run: QRNN {result['training']['tokens_per_s']['qrnn']:,.0f} tok/s, scan {result['scan'][0]['forward_backward']['speedup_scan_over_loop']:.1f}x the loop (not saved)"
+            f"dry run: QRNN {result['training']['tokens_per_s']['qrnn']:,.0f} tok/s, scan "
+            f"{result['scan'][0]['forward_backward']['speedup_scan_over_loop']:.1f}x the loop (not saved)"
         )
     else:
         save(result, out)

@@ -20,7 +20,8 @@ e.g. for a PCIe card). The issue's target: >= 40% MFU on an H100/H200.
 Runs on a CPU too, at small sizes, as a check of the script (``--dry-run``: 2 blocks of width 64,
 fp32, a few steps, no MFU).
 
-    PYTHONPATH=src python benchmarks/transformer_body.py --device cuda --precision bf16 --batch-size 16 --block 512 --steps 30
+    PYTHONPATH=src python benchmarks/transformer_body.py --device cuda --precision bf16 --batch-size 16 \
+        --block 512 --steps 30
     PYTHONPATH=src python benchmarks/transformer_body.py --device cuda --precision bf16 --compile
     python benchmarks/transformer_body.py --dry-run
 """
@@ -154,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     peak = peak_tflops(device, args.peak_tflops)
     mfu = None if peak is None else achieved / (peak * 1e12)
     result = {
-        "benchmark": "Transformer body (transformer-wt103-adp-t): training tokens/s, peak memory, model-FLOPs utilization",
+        "benchmark": "Transformer body (transformer-wt103-adp-t): training tokens/s, peak memory, model-FLOPs "
+        "utilization",
         **environment(device, "benchmarks/transformer_body.py", argv),
         "preset": PRESET,
         "overrides": overrides,

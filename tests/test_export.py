@@ -238,7 +238,7 @@ def test_an_unexportable_kind_is_a_reglm_error(tmp_path: Path, monkeypatch: pyte
     assert not (tmp_path / "x").exists()
 
 
-# ---------------------------------------------------------------------------- a trained model, its run config and corpus
+# ------------------------------------------------------------------------ a trained model, its run config and corpus
 
 
 def _sentences(rng: random.Random, n: int) -> list[str]:

@@ -88,7 +88,8 @@ def _short(exc: BaseException) -> str:
 def _download(repo_id: str, revision: str | None, token: str | None) -> Path:
     if not REPO_ID.match(repo_id):
         raise ReglmError(
-            f"{repo_id} does not exist; give a run directory, a model directory or a Hugging Face Hub repo id (user/name)"
+            f"{repo_id} does not exist; give a run directory, a model directory or a Hugging Face Hub repo id "
+            "(user/name)"
         )
     try:
         hub = _hub()
@@ -100,7 +101,8 @@ def _download(repo_id: str, revision: str | None, token: str | None) -> Path:
         return Path(hub.snapshot_download(repo_id, revision=revision, token=token, allow_patterns=FILES))
     except Exception as exc:  # huggingface_hub raises many types (HTTP, offline, not found); all mean the same here
         raise ReglmError(
-            f"{repo_id} is not a local directory and could not be downloaded from the Hugging Face Hub ({_short(exc)}); "
+            f"{repo_id} is not a local directory and could not be downloaded from the Hugging Face Hub "
+            f"({_short(exc)}); "
             "check the path or the repo id, the network and the token"
         ) from None
 
@@ -134,6 +136,7 @@ def push_to_hub(
             commit = api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message)
         except Exception as exc:  # as in _download: network, authentication and HTTP errors alike
             raise ReglmError(
-                f"uploading to the Hugging Face Hub repo {repo_id} failed ({_short(exc)}); check the network and the token (huggingface-cli login)"
+                f"uploading to the Hugging Face Hub repo {repo_id} failed ({_short(exc)}); check the network and "
+                "the token (huggingface-cli login)"
             ) from None
     return str(getattr(commit, "commit_url", commit))

@@ -70,7 +70,8 @@ class TensorBoardLog:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
             raise ReglmError(
-                "train.tensorboard=true (--tensorboard) needs the tensorboard package: pip install 'reglm[tensorboard]', or set train.tensorboard=false"
+                "train.tensorboard=true (--tensorboard) needs the tensorboard package: pip install "
+                "'reglm[tensorboard]', or set train.tensorboard=false"
             ) from None
         self.log_dir = log_dir
         self._summary_writer = SummaryWriter

@@ -147,7 +147,8 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
         tensors = load_safetensors(path.read_bytes())
     except (SafetensorError, ValueError, RuntimeError) as exc:
         raise ReglmError(
-            f"{path} cannot be read ({short_reason(exc)}): it is truncated, corrupted or not a model file; use another checkpoint or retrain"
+            f"{path} cannot be read ({short_reason(exc)}): it is truncated, corrupted or not a model file; use "
+            "another checkpoint or retrain"
         ) from None
     for name, tensor in tensors.items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
@@ -167,13 +168,15 @@ def load_weights(model: torch.nn.Module, path: Path) -> None:
     unexpected = sorted(set(tensors) - set(state))
     if missing or unexpected:
         raise ReglmError(
-            f"{path} does not match the model in {CONFIG_FILE} (missing {sorted(missing)[:3]}, unexpected {unexpected[:3]}); use the checkpoint's own config.json"
+            f"{path} does not match the model in {CONFIG_FILE} (missing {sorted(missing)[:3]}, unexpected "
+            f"{unexpected[:3]}); use the checkpoint's own config.json"
         )
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
         raise ReglmError(
-            f"{path} does not fit the model in {CONFIG_FILE} ({short_reason(exc)}); use the checkpoint's own config.json"
+            f"{path} does not fit the model in {CONFIG_FILE} ({short_reason(exc)}); use the checkpoint's own "
+            "config.json"
         ) from None
 
 
@@ -186,7 +189,8 @@ def save_model_dir(
     subword = isinstance(vocab, BPEVocab)
     if subword != (config.data.tokenizer == "bpe"):
         raise ValueError(
-            f"config data.tokenizer={config.data.tokenizer} but the vocabulary is {'a BPE' if subword else 'a word'} vocabulary"
+            f"config data.tokenizer={config.data.tokenizer} but the vocabulary is "
+            f"{'a BPE' if subword else 'a word'} vocabulary"
         )
     directory.mkdir(parents=True, exist_ok=True)
     write_bytes(directory / MODEL_FILE, weights_bytes(model))
@@ -213,7 +217,8 @@ def read_model_meta(directory: Path) -> dict[str, Any]:
         raise ReglmError(f"{directory} is not a directory; give a run directory or its best/ or last/")
     if not path.is_file():
         raise ReglmError(
-            f"{directory} is not a reglm model directory (it has no {CONFIG_FILE}; expected {MODEL_FILE}, {CONFIG_FILE}, {VOCAB_FILE})"
+            f"{directory} is not a reglm model directory (it has no {CONFIG_FILE}; expected {MODEL_FILE}, "
+            f"{CONFIG_FILE}, {VOCAB_FILE})"
         )
     meta = read_json(path, "the checkpoint is damaged, use another one (best/ or last/)", max_bytes=CONFIG_BYTES)
     if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
@@ -265,18 +270,21 @@ def _with_tokenizer(directory: Path, config: RunConfig, meta: dict[str, Any], vo
     if not bpe:
         if path.exists():
             raise ReglmError(
-                f"{directory} holds a {TOKENIZER_FILE} but its {CONFIG_FILE} is a word model (data.tokenizer=word); remove the stray {path}"
+                f"{directory} holds a {TOKENIZER_FILE} but its {CONFIG_FILE} is a word model "
+                f"(data.tokenizer=word); remove the stray {path}"
             )
         return vocab
     if not path.is_file():
         raise ReglmError(
-            f"{path} is missing; the model directory of a BPE model (data.tokenizer=bpe) needs the tokenizer.json it was trained with (copy it from the run's model directory)"
+            f"{path} is missing; the model directory of a BPE model (data.tokenizer=bpe) needs the tokenizer.json "
+            "it was trained with (copy it from the run's model directory)"
         )
     subword = BPEVocab.from_tokenizer_file(vocab, path)
     expected = meta.get("tokenizer_fingerprint")
     if expected is not None and subword.tokenizer_fingerprint() != expected:
         raise ReglmError(
-            f"{path} is not the tokenizer this checkpoint was saved with (its merges differ); restore the model directory's own tokenizer.json"
+            f"{path} is not the tokenizer this checkpoint was saved with (its merges differ); restore the model "
+            "directory's own tokenizer.json"
         )
     return subword
 

@@ -51,7 +51,8 @@ PAPERS: dict[str, Paper] = {
             ),
             "3": Table(
                 "summed loss change per word when the cache is added (WikiText-2 validation)",
-                missing="a per-word table, not a perplexity one: write it with `reglm eval RUN --cache window=3785,theta=0.662,lambda=0.1279 --cache-deltas FILE` on a trained awd-lstm-wt2 run",
+                missing="a per-word table, not a perplexity one: write it with `reglm eval RUN --cache "
+                "window=3785,theta=0.662,lambda=0.1279 --cache-deltas FILE` on a trained awd-lstm-wt2 run",
             ),
             "4": Table(
                 "model ablations on Penn Treebank and WikiText-2",
@@ -81,11 +82,13 @@ PAPERS: dict[str, Paper] = {
         },
     ),
     "inan": Paper(
-        "Inan, Khosravi & Socher 2017, Tying Word Vectors and Word Classifiers: A Loss Framework for Language Modeling (ICLR)",
+        "Inan, Khosravi & Socher 2017, Tying Word Vectors and Word Classifiers: A Loss Framework for Language "
+        "Modeling (ICLR)",
         "tying-augmented-loss_inan-khosravi-socher-2017.txt",
         {
             "1": Table(
-                "the four models at three sizes on Penn Treebank and WikiText-2 (PTB small: re-trained from the first session's final weights, footnote 4)",
+                "the four models at three sizes on Penn Treebank and WikiText-2 (PTB small: re-trained from the "
+                "first session's final weights, footnote 4)",
                 tuple(
                     f"{data}-{size}-{model}"
                     for data, sizes in (("ptb", ("small", "medium", "large")), ("wt2", ("small", "medium")))
@@ -125,7 +128,8 @@ PAPERS: dict[str, Paper] = {
                 ("initial", "no-dropout-disc", "dropout-disc", "no-dropout-no-disc", "dropout-no-disc"),
             ),
             "3": Table(
-                "perplexity of MoS and DOC, trained, fine-tuned with the discriminator and with dynamic evaluation, on PTB and WikiText-2",
+                "perplexity of MoS and DOC, trained, fine-tuned with the discriminator and with dynamic "
+                "evaluation, on PTB and WikiText-2",
                 (
                     "ptb-mos-original",
                     "ptb-mos-ours",
@@ -152,7 +156,8 @@ PAPERS: dict[str, Paper] = {
         "adversarial-softmax_wang-gong-liu-2019.txt",
         {
             "text": Table(
-                "the rows section 5.1 describes (both stages, then dynamic evaluation) for AWD-LSTM and MoS; our copy ends before the result tables, so only the abstract's two test perplexities are known",
+                "the rows section 5.1 describes (both stages, then dynamic evaluation) for AWD-LSTM and MoS; our "
+                "copy ends before the result tables, so only the abstract's two test perplexities are known",
                 tuple(
                     f"{data}-{model}{stage}"
                     for data in ("ptb", "wt2")
@@ -194,7 +199,8 @@ PAPERS: dict[str, Paper] = {
                 ("softmax", "adaptive-tail-dropout-0", "adaptive-tail-dropout-0.2"),
             ),
             "7": Table(
-                "validation perplexity of the appendix's input and output variants on WikiText-103 (the repeated 512d tied softmax row once)",
+                "validation perplexity of the appendix's input and output variants on WikiText-103 (the repeated "
+                "512d tied softmax row once)",
                 (
                     "emb256-adaptive",
                     "emb128-adaptive",
@@ -214,7 +220,8 @@ PAPERS: dict[str, Paper] = {
                 ),
             ),
             "8": Table(
-                "band sizes of tied adaptive inputs and outputs on WikiText-103 (the sixth row, printed 20k/40k/200k 19.99, is ambiguous in our copy and left out)",
+                "band sizes of tied adaptive inputs and outputs on WikiText-103 (the sixth row, printed "
+                "20k/40k/200k 19.99, is ambiguous in our copy and left out)",
                 ("20k-40k-200k", "20k-140k-100k", "20k-40k-60k-140k", "60k-100k-100k", "5k-155k-100k", "10k-60k-190k"),
             ),
         },
@@ -224,7 +231,8 @@ PAPERS: dict[str, Paper] = {
         "",
         {
             "smoke": Table(
-                "the smoke table: a tiny AWD-LSTM and a tiny VD-LSTM on 100 synthetic sentences, to check `reglm reproduce` end to end in seconds (no paper numbers)",
+                "the smoke table: a tiny AWD-LSTM and a tiny VD-LSTM on 100 synthetic sentences, to check `reglm "
+                "reproduce` end to end in seconds (no paper numbers)",
                 ("awd", "vd"),
             )
         },

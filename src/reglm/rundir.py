@@ -39,7 +39,8 @@ from reglm.io import remove_temp_files
 CONFIG_FILE = "config.json"
 VOCAB_FILE = "vocab.txt"
 TOKENIZER_FILE = "tokenizer.json"
-"""The sub-word tokenizer of a BPE model (Hugging Face ``tokenizers`` format), beside ``vocab.txt`` in model directories."""
+"""The sub-word tokenizer of a BPE model (Hugging Face ``tokenizers`` format), beside ``vocab.txt`` in model
+directories."""
 STATE_FILE = "state.pt"
 METRICS_FILE = "metrics.jsonl"
 ENVIRONMENT_FILE = "environment.json"
@@ -183,7 +184,8 @@ def claim_new(run_dir: Path) -> RunLock:
     def refuse_if_used(locked: bool) -> None:
         if is_run(run_dir):
             raise ReglmError(
-                f"{run_dir} already holds a run; resume it with `reglm train --resume {run_dir}`, or choose another --out"
+                f"{run_dir} already holds a run; resume it with `reglm train --resume {run_dir}`, or choose "
+                "another --out"
             )
         if run_dir.is_dir():
             if not locked:
@@ -192,7 +194,8 @@ def claim_new(run_dir: Path) -> RunLock:
             if entries:
                 shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
                 raise ReglmError(
-                    f"--out {run_dir} is a directory that is not empty and holds no run ({shown}); choose a new or empty directory"
+                    f"--out {run_dir} is a directory that is not empty and holds no run ({shown}); choose a new or "
+                    "empty directory"
                 )
 
     refuse_if_used(locked=False)
@@ -266,9 +269,11 @@ def require_kind(kind: str, directory: Path, want: str) -> None:
     kind ``want`` (``lm``: a language model; ``discriminator``)."""
     if want == "discriminator" and kind != "discriminator":
         raise ReglmError(
-            f"{directory} is not a discriminator (its run minimized objective {kind!r}); train one with `reglm train-discriminator RUN`"
+            f"{directory} is not a discriminator (its run minimized objective {kind!r}); train one with `reglm "
+            "train-discriminator RUN`"
         )
     if want == "lm" and kind == "discriminator":
         raise ReglmError(
-            f"{directory} is a discriminator (Popov & Kudinov), not a language model; use it with `reglm finetune RUN --discriminator {directory}`"
+            f"{directory} is a discriminator (Popov & Kudinov), not a language model; use it with `reglm finetune "
+            f"RUN --discriminator {directory}`"
         )

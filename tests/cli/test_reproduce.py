@@ -18,7 +18,10 @@ from reglm.errors import TrainingInterrupted
 from reglm.reproduce import Budget, RowPlan, Run, Scorer, reproduce
 from reglm.train.trainer import StopRequest
 
-COLUMNS = "| row | paper valid | paper test | reglm valid | reglm test | paper params | reglm params (full / trained) | evaluated | epochs (main+ft) | minutes | device |"
+COLUMNS = (
+    "| row | paper valid | paper test | reglm valid | reglm test | paper params | reglm params (full / "
+    "trained) | evaluated | epochs (main+ft) | minutes | device |"
+)
 
 
 class StopWhen(StopRequest):

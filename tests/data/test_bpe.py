@@ -83,7 +83,8 @@ def test_same_text_and_settings_give_the_same_units_and_ids(corpus_dir: Path) ->
     # another process (the learner's hash maps are seeded per process) learns the same tokenizer
     code = (
         "import sys; from reglm.data import load_directory; "
-        f"c = load_directory(sys.argv[1], tokenizer='bpe', bpe_vocab_size={SIZE}); print(c.vocab.tokenizer_fingerprint())"
+        f"c = load_directory(sys.argv[1], tokenizer='bpe', bpe_vocab_size={SIZE}); "
+        "print(c.vocab.tokenizer_fingerprint())"
     )
     out = subprocess.run(
         [sys.executable, "-c", code, str(corpus_dir)], capture_output=True, text=True, check=True

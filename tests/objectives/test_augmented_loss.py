@@ -1,4 +1,5 @@
-"""Inan et al.'s augmented loss (eqs. 3.1-3.7): against a direct KL, its gradient (eq. 3.4) and high-temperature limit (eq. 4.3)."""
+"""Inan et al.'s augmented loss (eqs. 3.1-3.7): against a direct KL, its gradient (eq. 3.4) and high-temperature
+limit (eq. 4.3)."""
 
 from __future__ import annotations
 

@@ -370,7 +370,8 @@ def test_bad_options_are_config_errors(overrides: list[str], fragment: str) -> N
 def test_tying_projections_to_a_word_embedding_is_a_config_error(tie: str) -> None:
     with pytest.raises(
         ReglmError,
-        match=f"invalid option model.output.tie: tie={tie} shares parameters with an adaptive input, not with input layer embedding",
+        match=f"invalid option model.output.tie: tie={tie} shares parameters with an adaptive input, not with "
+        "input layer embedding",
     ):
         build_config(
             None,

@@ -32,7 +32,8 @@ try:
     from matplotlib.ticker import MaxNLocator
 except ImportError as exc:
     raise ReglmError(
-        f"this command draws figures with matplotlib, which cannot be imported ({exc}); install it with: pip install 'reglm[analysis]'"
+        f"this command draws figures with matplotlib, which cannot be imported ({exc}); install it with: pip "
+        "install 'reglm[analysis]'"
     ) from None
 
 
@@ -169,7 +170,8 @@ def plot_trigram_figure2(result: dict[str, Any], path: Path | str) -> None:
 
 
 def plot_subspace_study(result: dict[str, Any], path: Path | str) -> None:
-    """Figure 1 of the paper from a :func:`reglm.studies.subspace.run_subspace_study` result, as the PNG ``path`` (written atomically).
+    """Figure 1 of the paper from a :func:`reglm.studies.subspace.run_subspace_study` result, as the PNG ``path``
+    (written atomically).
 
     (a) subspace distance against ``beta`` at ``tau = tau_a``; (b) against ``tau`` at ``beta = 1``;
     mean over runs with standard-deviation error bars. A bare matplotlib ``Figure`` (Agg), as

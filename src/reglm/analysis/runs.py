@@ -47,7 +47,8 @@ def read_curve(run_dir: Path | str) -> dict[str, Any]:
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         raise ReglmError(
-            f"{path} is missing: the analysis needs the run's training log; give a run directory written by `reglm train` (not a bare model directory)"
+            f"{path} is missing: the analysis needs the run's training log; give a run directory written by `reglm "
+            "train` (not a bare model directory)"
         )
     try:
         records = read_metrics(path)
@@ -70,12 +71,14 @@ def read_curve(run_dir: Path | str) -> dict[str, Any]:
                 }
             except (KeyError, TypeError, ValueError):
                 raise ReglmError(
-                    f"{path}: epoch event {len(epochs) + 1} lacks stage/epoch/train_ppl/valid_ppl; the log is damaged, restore it from the run"
+                    f"{path}: epoch event {len(epochs) + 1} lacks stage/epoch/train_ppl/valid_ppl; the log is "
+                    "damaged, restore it from the run"
                 ) from None
             epochs.append({**entry, "global_epoch": len(epochs) + 1})
     if not epochs:
         raise ReglmError(
-            f"{path} holds no epoch events: the run has not finished an epoch; train (or resume) it for at least one epoch"
+            f"{path} holds no epoch events: the run has not finished an epoch; train (or resume) it for at least "
+            "one epoch"
         )
     return {"epochs": epochs, "finetune_start_epoch": finetune_start}
 
@@ -88,13 +91,15 @@ def output_embedding(run_dir: Path | str, checkpoint: str = "best") -> Tensor:
     directory = run_dir / checkpoint
     if not (directory / MODEL_FILE).is_file():
         raise ReglmError(
-            f"{directory / MODEL_FILE} is missing: {run_dir} has no {checkpoint}/ model; train the run for at least one epoch or choose the other --checkpoint"
+            f"{directory / MODEL_FILE} is missing: {run_dir} has no {checkpoint}/ model; train the run for at "
+            "least one epoch or choose the other --checkpoint"
         )
     model, _, _ = load_model_dir(directory)
     weight = getattr(model.output, "weight", None)
     if not isinstance(weight, Tensor) or weight.dim() != 2:
         raise ReglmError(
-            f"{directory}: the output layer ({type(model.output).__name__}) has no (V, E) weight matrix, so the run has no output embedding to analyze"
+            f"{directory}: the output layer ({type(model.output).__name__}) has no (V, E) weight matrix, so the "
+            "run has no output embedding to analyze"
         )
     if weight.size(0) < 2:
         raise ReglmError(

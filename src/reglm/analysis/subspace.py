@@ -122,6 +122,7 @@ def embedding_subspace_distance(model: nn.Module) -> float:
     weight = output.weight
     if weight.dim() != 2 or weight.size(0) != vocab_size:
         raise ReglmError(
-            f"the output weight has shape {tuple(weight.shape)}, expected ({vocab_size}, H); the model is not a reglm LanguageModel"
+            f"the output weight has shape {tuple(weight.shape)}, expected ({vocab_size}, H); the model is not a "
+            "reglm LanguageModel"
         )
     return subspace_distance(embedding.weight, weight)

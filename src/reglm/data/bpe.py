@@ -67,7 +67,8 @@ def require_tokenizers() -> Any:
         import tokenizers
     except ImportError:
         raise ReglmError(
-            'BPE (data.tokenizer=bpe, or a model with a tokenizer.json) needs the Hugging Face tokenizers library; pip install "reglm[bpe]"'
+            "BPE (data.tokenizer=bpe, or a model with a tokenizer.json) needs the Hugging Face tokenizers library; "
+            'pip install "reglm[bpe]"'
         ) from None
     return tokenizers
 
@@ -209,7 +210,8 @@ class BPEVocab(Vocab):
             text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
             raise ReglmError(
-                f"{path} is missing; a BPE model needs the tokenizer.json it was trained with (copy it from the run's model directory)"
+                f"{path} is missing; a BPE model needs the tokenizer.json it was trained with (copy it from the "
+                "run's model directory)"
             ) from None
         except UnicodeDecodeError:
             raise ReglmError(
@@ -227,7 +229,8 @@ class BPEVocab(Vocab):
             ok = False
         if not ok:
             raise ReglmError(
-                f"{path} is not a reglm BPE tokenizer (a tokenizers BPE model with end-of-word suffix {SUFFIX} and {UNK}); restore the model's own tokenizer.json"
+                f"{path} is not a reglm BPE tokenizer (a tokenizers BPE model with end-of-word suffix {SUFFIX} and "
+                f"{UNK}); restore the model's own tokenizer.json"
             )
         try:
             hf = tk.Tokenizer.from_str(text)
@@ -323,7 +326,8 @@ class BPEVocab(Vocab):
 
 
 def _check_tokenizer(hf: Any, vocab: Vocab, source: str) -> None:
-    """A ReglmError unless ``hf`` maps exactly ``vocab``'s units to ``vocab``'s ids, with ``<unk>`` and ``<eos>`` special."""
+    """A ReglmError unless ``hf`` maps exactly ``vocab``'s units to ``vocab``'s ids, with ``<unk>`` and ``<eos>``
+    special."""
     have = hf.get_vocab(with_added_tokens=True)
     if have != vocab.stoi:
         extra = sorted(set(have) - set(vocab.stoi))

@@ -309,7 +309,8 @@ def _cache_error(exc: OSError, name: str) -> ReglmError:
     else:
         fix = "make it writable, or point REGLM_DATA_DIR at a writable directory"
     return ReglmError(
-        f"cannot write the encoded cache of {name} ({where}: {exc.strerror or exc}); {fix}; nothing half-written was kept"
+        f"cannot write the encoded cache of {name} ({where}: {exc.strerror or exc}); {fix}; nothing half-written "
+        "was kept"
     )
 
 

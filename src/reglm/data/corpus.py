@@ -159,7 +159,8 @@ def encode_subword_file(path: str | Path, vocab: BPEVocab) -> tuple[torch.Tensor
 
 
 def _load_subword(path: Path, name: str, vocab: Vocab | None, bpe_vocab_size: int) -> Corpus:
-    """A BPE corpus: the units learnt on ``train.txt`` (unless ``vocab`` is a :class:`BPEVocab`), every split segmented."""
+    """A BPE corpus: the units learnt on ``train.txt`` (unless ``vocab`` is a :class:`BPEVocab`), every split
+    segmented."""
     streams: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for split in SPLITS:
         types, ids = type_stream(path / f"{split}.txt")
@@ -218,11 +219,13 @@ def check_directory(path: Path, tokenizer: str, min_freq: int, max_vocab: int | 
         tokenizer = "bpe"
     if tokenizer == "bpe" and (min_freq != 1 or max_vocab is not None):
         raise ReglmError(
-            "min_freq / max_vocab cut word vocabularies; a BPE corpus has none: leave them at their defaults and set bpe_vocab_size"
+            "min_freq / max_vocab cut word vocabularies; a BPE corpus has none: leave them at their defaults and "
+            "set bpe_vocab_size"
         )
     if tokenizer == "bpe" and vocab is not None and not isinstance(vocab, BPEVocab):
         raise ReglmError(
-            "tokenizer=bpe was asked for with a word vocabulary; pass the BPE model's vocabulary (with its tokenizer.json), or tokenizer=word"
+            "tokenizer=bpe was asked for with a word vocabulary; pass the BPE model's vocabulary (with its "
+            "tokenizer.json), or tokenizer=word"
         )
     if not path.is_dir():
         raise ReglmError(

@@ -347,7 +347,8 @@ def resolve(
     if name == "synthetic":
         if bpe:
             raise ReglmError(
-                "the synthetic corpus is word-level (its true probabilities are per word); use tokenizer=word, or bpe with a natural-text corpus"
+                "the synthetic corpus is word-level (its true probabilities are per word); use tokenizer=word, or "
+                "bpe with a natural-text corpus"
             )
         n_eval = synthetic_sentences // 8
         sizes = (synthetic_sentences, n_eval, n_eval)
@@ -356,7 +357,8 @@ def resolve(
         return load_cached(Path(name).expanduser(), min_freq=min_freq, **options)
     raise ReglmError(
         f"unknown corpus {name!r} (not a built-in name, and directory {name} does not exist); "
-        f"choose one of {', '.join([*SOURCES, 'synthetic'])}, or give a directory holding train.txt, valid.txt and test.txt"
+        f"choose one of {', '.join([*SOURCES, 'synthetic'])}, or give a directory holding train.txt, valid.txt and "
+        "test.txt"
     )
 
 
@@ -400,7 +402,8 @@ def training_part(corpus: Corpus, part: int, parts: int) -> Corpus:
     start, end = cuts[part - 1], cuts[part]
     if end <= start + 1:
         raise ReglmError(
-            f"data.train_part={part} of data.train_parts={parts} leaves no training text ({ids.numel()} tokens in {line_ends.numel()} lines); lower data.train_parts"
+            f"data.train_part={part} of data.train_parts={parts} leaves no training text ({ids.numel()} tokens in "
+            f"{line_ends.numel()} lines); lower data.train_parts"
         )
     word_ends = (
         None if corpus.word_ends is None else {**corpus.word_ends, "train": corpus.word_ends["train"][start:end]}

@@ -346,7 +346,8 @@ def _chunks(
                         data.decode("utf-8")
                     except UnicodeDecodeError as exc:
                         raise ReglmError(
-                            f"{path} is not valid UTF-8 at line {line_of(path, at + exc.start)}; re-encode the file as UTF-8"
+                            f"{path} is not valid UTF-8 at line {line_of(path, at + exc.start)}; re-encode the "
+                            "file as UTF-8"
                         ) from None
                     yield at, data
                 if not block:
@@ -400,7 +401,8 @@ def encode_chunks(
                 begin = int(words.starts[first])
                 word = data[begin : begin + int(words.lengths[first])].decode("utf-8")
                 raise ReglmError(
-                    f"{path} line {line_of(path, at + begin)}: word {word!r} is not in the training vocabulary, which has no {UNK}; "
+                    f"{path} line {line_of(path, at + begin)}: word {word!r} is not in the training vocabulary, "
+                    f"which has no {UNK}; "
                     f"add {UNK} to the training data, or pass --min-freq/--max-vocab so that {UNK} exists"
                 )
             ids[ids < 0] = unk

@@ -180,7 +180,8 @@ class AWDLSTMEncoder(LockedDropoutStack):
     layer, whose ``H_l = E``
     (section 4.5), so that with tied weights the output embedding reads the encoder output
     directly -- or ``H_l = cfg.last_hidden_size`` when that is set (the MoS recipes' ``nhidlast``;
-    the mixture's latent projection then maps it to ``emb_size``). Every layer applies DropConnect ``cfg.weight_dropout`` to its recurrent weight.
+    the mixture's latent projection then maps it to ``emb_size``). Every layer applies DropConnect
+    ``cfg.weight_dropout`` to its recurrent weight.
     Locked dropout ``cfg.hidden_dropout`` is applied to the output of every layer but the last
     (the input of the next layer) and ``cfg.output_dropout`` to the last layer's output.
 

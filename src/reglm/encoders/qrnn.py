@@ -256,7 +256,10 @@ class QRNNLayer(StackLayer):
         return QRNNExport(self, frozen)
 
     def extra_repr(self) -> str:
-        return f"{self.input_size}, {self.hidden_size}, window={self.window}, weight_dropout={self.weight_dropout}, zoneout={self.zoneout}"
+        return (
+            f"{self.input_size}, {self.hidden_size}, window={self.window}, "
+            f"weight_dropout={self.weight_dropout}, zoneout={self.zoneout}"
+        )
 
 
 @torch.jit.script_if_tracing

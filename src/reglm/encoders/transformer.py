@@ -115,7 +115,8 @@ class TransformerConfig(ComponentConfig):
     ffn_dim: int = option(2048, "e_ff: inner size of the feed-forward sub-block (the paper: 4096)", arch=True)
     dropout: float = option(
         0.1,
-        "dropout on the embedded input (after positions) and on each sub-block's output before its residual add (paper: 0.3 wt103, 0.1 gbw)",
+        "dropout on the embedded input (after positions) and on each sub-block's output before its residual add "
+        "(paper: 0.3 wt103, 0.1 gbw)",
     )
     attention_dropout: float = option(0.0, "dropout on the attention probabilities (paper: 0.1)")
     relu_dropout: float = option(0.0, "dropout after the FFN's ReLU (fairseq's activation_dropout; paper: 0.1 wt103)")
@@ -323,7 +324,10 @@ class TransformerEncoder(Encoder, TransformerLayers):
 
     def extra_repr(self) -> str:
         c = self.cfg
-        return f"input_size={self.input_size}, d_model={c.d_model}, heads={c.heads}, ffn_dim={c.ffn_dim}, output_size={self.output_size}"
+        return (
+            f"input_size={self.input_size}, d_model={c.d_model}, heads={c.heads}, ffn_dim={c.ffn_dim}, "
+            f"output_size={self.output_size}"
+        )
 
 
 class TransformerExport(TransformerLayers):

@@ -173,7 +173,8 @@ class VDLSTMConfig(ComponentConfig):
     num_layers: int = option(2, "number of stacked LSTM layers", arch=True)
     hidden_dropout: float = option(
         0.1,
-        "the one dropout probability: the per-layer masks on h_{t-1} and on the next layer's input (Inan et al. appendix A)",
+        "the one dropout probability: the per-layer masks on h_{t-1} and on the next layer's input (Inan et al. "
+        "appendix A)",
     )
     init_range: float = option(0.1, "every LSTM weight is initialized U(-init_range, init_range) (Zaremba et al.)")
 

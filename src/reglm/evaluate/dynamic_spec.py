@@ -54,7 +54,8 @@ class DynamicSpec:
         if self.lr is None:
             if self.variant == "sgd":
                 raise SpecError(
-                    "variant=sgd has no default learning rate (the reference tunes only the rms rule); give lr=..., e.g. found with --dynamic-search"
+                    "variant=sgd has no default learning rate (the reference tunes only the rms rule); give "
+                    "lr=..., e.g. found with --dynamic-search"
                 )
             object.__setattr__(self, "lr", DEFAULT_RMS_LR)
         for key, value in (("lr", self.lr), ("lambda", self.lam), ("eps", self.eps)):
@@ -64,7 +65,8 @@ class DynamicSpec:
             raise SpecError(f"lr={self.lr} must be >= 0")
         if not 0.0 <= self.lam <= 1.0:
             raise SpecError(
-                f"lambda={self.lam} must be in [0, 1] (1 pulls the weights all the way back to the trained ones at every update)"
+                f"lambda={self.lam} must be in [0, 1] (1 pulls the weights all the way back to the trained ones at "
+                "every update)"
             )
         if self.eps <= 0:
             raise SpecError(f"eps={self.eps} must be > 0")
@@ -199,13 +201,16 @@ def check_training_data(
 def train_split_error(train_ids: Tensor | None, spec: DynamicSpec, bptt: int | None, option: str) -> None:
     if train_ids is None or train_ids.numel() == 0:
         raise SpecError(
-            f"{option}: variant=rms needs gradient statistics from the training split, but no training data is available; point "
-            "--data/--data-dir at the corpus the run was trained on (with its train.txt), or use variant=sgd with lr=..."
+            f"{option}: variant=rms needs gradient statistics from the training split, but no training data is "
+            "available; point "
+            "--data/--data-dir at the corpus the run was trained on (with its train.txt), or use variant=sgd with "
+            "lr=..."
         )
     window = bptt or spec.segment
     need = spec.stats_batch_size * (window + 2)
     if train_ids.numel() < need:
         raise SpecError(
-            f"{option}: the training split has {train_ids.numel()} tokens, too few for stats_batch_size={spec.stats_batch_size} "
+            f"{option}: the training split has {train_ids.numel()} tokens, too few for "
+            f"stats_batch_size={spec.stats_batch_size} "
             f"streams of {window + 2} tokens ({need}); lower stats_batch_size"
         )

@@ -104,7 +104,8 @@ def stream_pass(
     """Run ``models`` (in eval mode, without gradients; modes restored after) over ``plan``'s
     windows (of ``bptt`` columns for a stream plan), each model carrying its own state from window
     to window when the plan's windows continue each other (a stream plan's; the others' are read
-    from scratch). ``per_window(outputs, window)`` returns ``(..., B, T)`` values per name; their sums over the scored targets are returned as
+    from scratch). ``per_window(outputs, window)`` returns ``(..., B, T)`` values per name; their sums over the
+    scored targets are returned as
     means, and, for the names in ``keep`` (``(B, T)`` values), every scored target's value."""
     modes = [m.training for m in models]
     for m in models:

@@ -6,7 +6,8 @@ beginning of a sentence) as its first input, and each of its ids is a target onc
 any lengths share a batch: the window planner's sentence plan
 (:meth:`reglm.data.windows.SentencePlan.of_sentences`) sorts them by length (longest first, so
 the largest batch is met first), packs them into batches of at most ``batch_tokens`` padded
-positions and pads them at their ends. Every encoder here is causal (an LSTM reads left to right, the Transformer attends to the
+positions and pads them at their ends. Every encoder here is causal (an LSTM reads left to right, the Transformer
+attends to the
 past only), so the padding after a sentence never changes its scores; the results come back in
 the input order, equal to scoring each sentence alone up to float rounding.
 

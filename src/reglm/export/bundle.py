@@ -91,7 +91,8 @@ FORMATS = {
         lambda: _versions("torch"),
         "torch.ao.quantization.quantize_dynamic (qint8 nn.LSTM and nn.Linear, 8-bit rows of nn.Embedding)",
         {
-            "call": "forward(tokens: Tensor, state: List[Tensor]) -> Tuple[Tensor, List[Tensor]]; state in the order of interface.state"
+            "call": "forward(tokens: Tensor, state: List[Tensor]) -> Tuple[Tensor, List[Tensor]]; state in the "
+            "order of interface.state"
         },
     ),
 }
@@ -173,7 +174,8 @@ def check_out(out: Path, files: Sequence[str] = ()) -> set[str]:
     ours = _written_before(out)
     if not ours and any(out.iterdir()):
         raise ReglmError(
-            f"--out {out} is a directory that is not empty and holds no export ({SPEC_FILE}); choose a new or empty directory"
+            f"--out {out} is a directory that is not empty and holds no export ({SPEC_FILE}); choose a new or "
+            "empty directory"
         )
     for name in files:
         if name not in ours and (out / name).exists():
@@ -249,7 +251,8 @@ def export_model(
 def _require_close(format: str, fmt: Format, diff: float) -> None:
     if not diff <= CHECK_TOLERANCE:
         raise ReglmError(
-            f"the {format} export differs from the PyTorch model by {diff:.3g} in log-probability (> {CHECK_TOLERANCE:g}); nothing was written; "
+            f"the {format} export differs from the PyTorch model by {diff:.3g} in log-probability (> "
+            f"{CHECK_TOLERANCE:g}); nothing was written; "
             f"this is a bug of reglm or of {fmt.runtime()}: please report it"
         )
 

@@ -100,7 +100,8 @@ def band_dims(dim: int, factor: float, num_bands: int, option_name: str) -> tupl
         check(
             exact and value >= 1,
             option_name,
-            f"band {i + 1} of {num_bands} would have dimension {dim} / {factor:g}^{i} = {dim / factor**i:g}, not a whole number >= 1; "
+            f"band {i + 1} of {num_bands} would have dimension {dim} / {factor:g}^{i} = {dim / factor**i:g}, not a "
+            "whole number >= 1; "
             f"choose a dimension divisible by factor^{num_bands - 1}, another factor, or fewer cutoffs",
         )
         dims.append(value)
@@ -120,13 +121,15 @@ class AdaptiveInputConfig(ComponentConfig):
     )
     cutoffs: str = option(
         "20000,60000",
-        "comma-separated first ids of the tail bands, e.g. 20000,60000 (WikiText-103: bands 20K/40K/rest); every cutoff < the vocabulary size",
+        "comma-separated first ids of the tail bands, e.g. 20000,60000 (WikiText-103: bands 20K/40K/rest); every "
+        "cutoff < the vocabulary size",
         arch=True,
     )
     factor: float = option(4.0, "k: band i has dimension dim / k^(i-1) (section 3: k = 4)", arch=True)
     dropout: float = option(
         0.0,
-        "locked dropout on the layer's output (the authors apply their model's dropout there, outside the layer; 0: as published)",
+        "locked dropout on the layer's output (the authors apply their model's dropout there, outside the layer; "
+        "0: as published)",
     )
 
     def __post_init__(self) -> None:

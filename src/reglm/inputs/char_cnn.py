@@ -253,4 +253,7 @@ class CharCNN(InputLayer):
         return EmbeddingLookup(frozen.embedding(torch.cat(rows)))
 
     def extra_repr(self) -> str:
-        return f"vocab_size={self.vocab_size}, filters={self.cfg.filters!r}, highway={self.cfg.highway}, dim={self.cfg.dim}, max_chars={self.cfg.max_chars}"
+        return (
+            f"vocab_size={self.vocab_size}, filters={self.cfg.filters!r}, highway={self.cfg.highway}, "
+            f"dim={self.cfg.dim}, max_chars={self.cfg.max_chars}"
+        )

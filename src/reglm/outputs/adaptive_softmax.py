@@ -92,7 +92,8 @@ class AdaptiveSoftmax(OutputLayer):
     """The adaptive softmax over ``h: (..., d)``; see the module docstring.
 
     * ``in_features``: ``d``; ``vocab_size``: ``V``; ``cutoffs``: ``(c_1, .., c_{n-1})``;
-    * ``tied_bands``: per band ``(E^in_i, W_i)`` of an adaptive input (:meth:`AdaptiveInput.band_weights`), read per ``tie``;
+    * ``tied_bands``: per band ``(E^in_i, W_i)`` of an adaptive input (:meth:`AdaptiveInput.band_weights`), read per
+      ``tie``;
     * ``tied_matrix``: instead, the ``(V, d)`` word embedding whose band rows are every ``E_i``
       (``tie=embeddings``, ``factor=1``); registered here as ``tied_matrix``, the same Parameter.
 
@@ -127,7 +128,8 @@ class AdaptiveSoftmax(OutputLayer):
             raise ValueError(f"tie must be one of {TIES}, got {tie!r}")
         if tie != "none" and tied_bands is None and (tie != "embeddings" or tied_matrix is None):
             raise ValueError(
-                f"tie={tie} needs the adaptive input's tied_bands (or, for tie=embeddings, a word embedding's tied_matrix)"
+                f"tie={tie} needs the adaptive input's tied_bands (or, for tie=embeddings, a word embedding's "
+                "tied_matrix)"
             )
         self.in_features = in_features
         self.vocab_size = vocab_size
@@ -150,7 +152,8 @@ class AdaptiveSoftmax(OutputLayer):
         if tied_matrix is not None and tied_bands is None:
             if set(self.dims) != {in_features} or tuple(tied_matrix.shape) != (vocab_size, in_features):
                 raise ValueError(
-                    f"a tied word embedding {tuple(tied_matrix.shape)} needs factor 1 and shape ({vocab_size}, {in_features})"
+                    f"a tied word embedding {tuple(tied_matrix.shape)} needs factor 1 and shape ({vocab_size}, "
+                    f"{in_features})"
                 )
             self.tied_matrix = tied_matrix
             self.tail_projections = nn.ParameterList(own(in_features, in_features) for _ in range(1, n))
@@ -190,7 +193,8 @@ class AdaptiveSoftmax(OutputLayer):
                 matrix = input_layer.tied_weight()
             else:
                 raise ReglmError(
-                    f"invalid option model.output.tie: {cfg.tie} needs an input layer with bands (model.input=adaptive); set tie=none"
+                    f"invalid option model.output.tie: {cfg.tie} needs an input layer with bands "
+                    "(model.input=adaptive); set tie=none"
                 )
         return cls(
             in_features,
@@ -210,7 +214,8 @@ class AdaptiveSoftmax(OutputLayer):
         return len(self.dims)
 
     def band_weight(self, i: int) -> Tensor:
-        """``E_i: (|V_i|, d_i)`` of (0-based) band ``i``: the layer's own, an adaptive input's, or rows of a tied word embedding."""
+        """``E_i: (|V_i|, d_i)`` of (0-based) band ``i``: the layer's own, an adaptive input's, or rows of a tied word
+        embedding."""
         if self.tied_matrix is not None:
             return self.tied_matrix[self.bounds[i] : self.bounds[i + 1]]
         return self.head_weight if i == 0 else self.tail_weights[i - 1]
@@ -311,7 +316,8 @@ class AdaptiveSoftmax(OutputLayer):
 
     def full_logits(self, out: EncoderOutput) -> Tensor:
         raise ReglmError(
-            "the adaptive softmax (model.output=adaptive) has no full logits (capability 'logits'): its scores are normalized per "
+            "the adaptive softmax (model.output=adaptive) has no full logits (capability 'logits'): its scores are "
+            "normalized per "
             "cluster; the discriminator objective needs model.output=softmax or mos"
         )
 
@@ -328,7 +334,8 @@ class AdaptiveSoftmax(OutputLayer):
 
     def extra_repr(self) -> str:
         return (
-            f"in_features={self.in_features}, vocab_size={self.vocab_size}, cutoffs={self.cutoffs}, band_dims={self.dims}, "
+            f"in_features={self.in_features}, vocab_size={self.vocab_size}, cutoffs={self.cutoffs}, "
+            f"band_dims={self.dims}, "
             f"input_dropout={self.input_dropout}, tail_dropout={self.tail_dropout}, tie={self.tie}, "
             f"advsoft={self.advsoft}"
         )

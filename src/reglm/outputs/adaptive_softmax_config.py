@@ -39,7 +39,9 @@ class AdaptiveSoftmaxConfig(ComponentConfig):
     )
     tie: str | None = option(
         "projections",
-        "share with an adaptive input (Table 7): none, embeddings (word embeddings), projections (also the tail projections; the paper's best), head (also a head projection); with a word-embedding input only embeddings, at factor 1",
+        "share with an adaptive input (Table 7): none, embeddings (word embeddings), projections (also the tail "
+        "projections; the paper's best), head (also a head projection); with a word-embedding input only "
+        "embeddings, at factor 1",
         arch=True,
     )
     advsoft: AdvSoftConfig = option(
@@ -77,7 +79,8 @@ class AdaptiveSoftmaxConfig(ComponentConfig):
             check(
                 self.tie == "embeddings",
                 "model.output.tie",
-                f"tie={self.tie} shares parameters with an adaptive input, not with input layer embedding; set model.input=adaptive, "
+                f"tie={self.tie} shares parameters with an adaptive input, not with input layer embedding; set "
+                "model.input=adaptive, "
                 "model.output.tie=none, or tie=embeddings with factor=1",
             )
             check(
@@ -89,28 +92,34 @@ class AdaptiveSoftmaxConfig(ComponentConfig):
             check(
                 features == inp.output_size,
                 "model.output.tie",
-                f"the adaptive softmax reads the encoder output ({features} features from encoder {model.encoder.kind}) but ties to a "
+                f"the adaptive softmax reads the encoder output ({features} features from encoder "
+                f"{model.encoder.kind}) but ties to a "
                 f"word embedding of size {inp.output_size}; make them equal (model.encoder.output_dim) or set tie=none",
             )
             return
         check(
             "bands" in capabilities,
             "model.output.tie",
-            f"tie={self.tie} shares parameters with an adaptive input, not with input layer {inp.kind}; set model.input=adaptive or model.output.tie=none",
+            f"tie={self.tie} shares parameters with an adaptive input, not with input layer {inp.kind}; set "
+            "model.input=adaptive or model.output.tie=none",
         )
         check(
             inp.cutoff_values == self.cutoff_values,
             "model.output.cutoffs",
-            f"{self.cutoffs!r} differs from model.input.cutoffs {inp.cutoffs!r}; tied bands must be the same (or set model.output.tie=none)",
+            f"{self.cutoffs!r} differs from model.input.cutoffs {inp.cutoffs!r}; tied bands must be the same (or "
+            "set model.output.tie=none)",
         )
         check(
             inp.factor == self.factor,
             "model.output.factor",
-            f"{self.factor:g} differs from model.input.factor {inp.factor:g}; tied bands must have the same dimensions (or set model.output.tie=none)",
+            f"{self.factor:g} differs from model.input.factor {inp.factor:g}; tied bands must have the same "
+            "dimensions (or set model.output.tie=none)",
         )
         check(
             features == inp.dim,
             "model.output.tie",
-            f"the adaptive softmax reads the encoder output ({features} features from encoder {model.encoder.kind}) but ties to "
-            f"bands of an adaptive input of dim {inp.dim}; make them equal (model.encoder.last_hidden_size or hidden_size) or set tie=none",
+            f"the adaptive softmax reads the encoder output ({features} features from encoder "
+            f"{model.encoder.kind}) but ties to "
+            f"bands of an adaptive input of dim {inp.dim}; make them equal (model.encoder.last_hidden_size or "
+            "hidden_size) or set tie=none",
         )

@@ -25,7 +25,8 @@ Choices, each an option of :class:`AdvSoft`:
     is one expert, since it keeps the vector ``delta`` fixed and differentiates
     ``(w_y + delta) . h``, whose derivative in ``h`` equals that of ``-epsilon ||h||``. (The
     released MoS code stores ``delta`` in a ``V x d`` buffer indexed by target id, so repeated
-    words of a batch, and all experts, share one perturbation; here it is per token and expert.) ``"full"``: through ``||h||`` and ``||w_y||`` both -- the paper's ablation,
+    words of a batch, and all experts, share one perturbation; here it is per token and expert.) ``"full"``: through
+    ``||h||`` and ``||w_y||`` both -- the paper's ablation,
     which it reports diverges within a few epochs.
 ``positive_only``
     The released code perturbs only tokens whose ``cos(h, w_y) > 0``; the paper perturbs every
@@ -96,7 +97,8 @@ class AdvSoftConfig:
     epsilon: float = option(0.01, "fixed mode: the radius epsilon of the perturbation ball")
     grad: str = option(
         "stop",
-        "gradient through the margin epsilon_y*||h||: stop (none; Algorithm 1), hidden (through ||h||, as the authors' code), full (ablation)",
+        "gradient through the margin epsilon_y*||h||: stop (none; Algorithm 1), hidden (through ||h||, as the "
+        "authors' code), full (ablation)",
     )
     positive_only: bool = option(
         False, "perturb only tokens with cos(h, w_y) > 0 (the authors' code; the paper perturbs all)"

@@ -74,5 +74,6 @@ def require(layer: type[OutputLayer] | OutputLayer, capability: str, option: str
     if capability not in layer.capabilities:
         name = layer.__name__ if isinstance(layer, type) else type(layer).__name__
         raise ReglmError(
-            f"invalid option {option}: {why}, which the output layer {name} does not offer ({capability}); choose another output layer or turn the option off"
+            f"invalid option {option}: {why}, which the output layer {name} does not offer ({capability}); choose "
+            "another output layer or turn the option off"
         )

@@ -76,7 +76,8 @@ class MixtureConfig(ComponentConfig):
     )
     doc_experts: str | None = option(
         None,
-        "doc: extra experts per intermediate layer, comma-separated counts for layers 1..L-1 (e.g. 0,5 with 3 layers); none: no extra experts",
+        "doc: extra experts per intermediate layer, comma-separated counts for layers 1..L-1 (e.g. 0,5 with 3 "
+        "layers); none: no extra experts",
         arch=True,
     )
     mixture_penalty: float = option(
@@ -117,7 +118,8 @@ class MixtureConfig(ComponentConfig):
         check(
             len(items) == num_layers - 1,
             "model.output.doc_experts",
-            f"{self.doc_experts!r} gives {len(items)} count(s); give one per intermediate layer ({num_layers - 1} for {num_layers} encoder layers)",
+            f"{self.doc_experts!r} gives {len(items)} count(s); give one per intermediate layer ({num_layers - 1} "
+            f"for {num_layers} encoder layers)",
         )
         return tuple(int(item) for item in items)
 

@@ -58,8 +58,10 @@ class SoftmaxConfig(ComponentConfig):
         check(
             features == emb,
             "model.output.tie_weights",
-            f"a tied softmax reads the encoder output ({features} features from encoder {model.encoder.kind}) as an embedding of "
-            f"size {emb}; make them equal (model.encoder.hidden_size or last_hidden_size), set tie_weights=false, or use an output "
+            f"a tied softmax reads the encoder output ({features} features from encoder {model.encoder.kind}) as "
+            "an embedding of "
+            f"size {emb}; make them equal (model.encoder.hidden_size or last_hidden_size), set tie_weights=false, "
+            "or use an output "
             "layer that projects (model.output=mos)",
         )
 
@@ -162,7 +164,10 @@ class SoftmaxOutput(OutputLayer):
         return SoftmaxExport(frozen.linear(self.weight, self.bias, share=True))
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, vocab_size={self.vocab_size}, bias={self.bias is not None}, advsoft={self.advsoft}"
+        return (
+            f"in_features={self.in_features}, vocab_size={self.vocab_size}, bias={self.bias is not None}, "
+            f"advsoft={self.advsoft}"
+        )
 
 
 class SoftmaxExport(nn.Module):

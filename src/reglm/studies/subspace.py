@@ -185,8 +185,10 @@ class SubspaceStudySpec:
             raise ReglmError(f"--words: {self.words} must exceed --bptt ({self.bptt})")
         if self.words // self.batch_size < self.bptt + 1:
             raise ReglmError(
-                f"--words: {self.words} tokens cut into --batch-size {self.batch_size} streams give {self.words // self.batch_size} per stream, "
-                f"fewer than one window of --bptt {self.bptt} plus its target; give at least {self.batch_size * (self.bptt + 1)} words or a smaller batch size"
+                f"--words: {self.words} tokens cut into --batch-size {self.batch_size} streams give "
+                f"{self.words // self.batch_size} per stream, "
+                f"fewer than one window of --bptt {self.bptt} plus its target; give at least "
+                f"{self.batch_size * (self.bptt + 1)} words or a smaller batch size"
             )
 
     def points(self) -> list[tuple[float, float]]:
@@ -204,7 +206,8 @@ class SubspaceStudySpec:
 
 
 def study_model_config(spec: SubspaceStudySpec) -> ModelConfig:
-    """The unregularized, untied 2-layer LSTM of section 6.2: ``emb_size = hidden_size = spec.hidden``, all dropouts 0."""
+    """The unregularized, untied 2-layer LSTM of section 6.2: ``emb_size = hidden_size = spec.hidden``, all dropouts
+    0."""
     lstm_dropouts = {"output_dropout": 0.0, "weight_dropout": 0.0} if spec.encoder == "awd-lstm" else {}
     return ModelConfig.build(
         encoder=spec.encoder,
@@ -362,7 +365,8 @@ def run_subspace_study(
         )
     if vocab_size < 2 or int(train_ids.min()) < 0 or int(train_ids.max()) >= vocab_size:
         raise ReglmError(
-            f"the training ids must lie in [0, {vocab_size}) for a vocabulary of {vocab_size}; pass the corpus's own vocabulary size"
+            f"the training ids must lie in [0, {vocab_size}) for a vocabulary of {vocab_size}; pass the corpus's "
+            "own vocabulary size"
         )
     device = torch.device(device)
     points = spec.points()

@@ -141,7 +141,8 @@ class TrigramStudySpec:
             )
         if not self.n_frequent < self.chosen_rank:
             raise ReglmError(
-                f"--chosen-rank {self.chosen_rank} must be beyond the {self.n_frequent} frequent words (the paper: an almost frequent word, ranks 51-150)"
+                f"--chosen-rank {self.chosen_rank} must be beyond the {self.n_frequent} frequent words (the paper: "
+                "an almost frequent word, ranks 51-150)"
             )
         if self.synthetic_rule not in RULES:
             raise ReglmError(f"--synthetic-rule {self.synthetic_rule!r} must be one of {', '.join(RULES)}")
@@ -354,7 +355,8 @@ def _check_spec(out: Path, spec: TrigramStudySpec) -> None:
         if saved != current:
             changed = sorted(key for key in set(saved) | set(current) if saved.get(key) != current.get(key))
             raise ReglmError(
-                f"{out} holds a study started with other settings ({', '.join(changed)}); rerun with those settings to resume it, or choose another --out"
+                f"{out} holds a study started with other settings ({', '.join(changed)}); rerun with those "
+                "settings to resume it, or choose another --out"
             )
         return
     write_json(path, current)

@@ -86,7 +86,8 @@ def fixed_context(corpus: Corpus, word: int) -> tuple[torch.Tensor, float]:
     hits = hits[hits > 0]
     if hits.numel() == 0:
         raise ReglmError(
-            f"the chosen word {corpus.vocab.itos[word]!r} never occurs in the test split; choose another --chosen-rank or more --sentences"
+            f"the chosen word {corpus.vocab.itos[word]!r} never occurs in the test split; choose another "
+            "--chosen-rank or more --sentences"
         )
     best = int(hits[logp[hits].argmax()])
     eos = (test[:best] == corpus.vocab.eos_id).nonzero().flatten()
