@@ -133,7 +133,7 @@ def test_every_table1_cell_has_a_preset(cell: tuple[str, str], variant: str) -> 
     i, e, o, t = config.model.input, config.model.encoder, config.model.output, config.train
     assert (e.kind, i.emb_size, e.hidden_size, e.num_layers) == ("vd-lstm", units, units, 2)
     assert e.hidden_dropout == i.dropout == TABLE1[cell] and i.embed_dropout == 0
-    assert (t.optimizer.lr, t.bptt, t.variable_bptt, t.averaging.kind) == (1.0, 35, False, "none")
+    assert (t.optimizer.lr, t.batching.bptt, t.batching.variable_bptt, t.averaging.kind) == (1.0, 35, False, "none")
     assert (t.schedule.decay_start, t.schedule.decay, t.clip) == {
         "small": (5, 0.9, 5.0),
         "medium": (10, 0.9, 5.0),

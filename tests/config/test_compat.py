@@ -13,7 +13,9 @@ import torch
 from safetensors.torch import load_file
 
 from reglm.cli import main
-from reglm.config import build_config, load_config_file
+from reglm.config import RunConfig, build_config, load_config_file
+from reglm.config.build import ALIASES, BATCHING_OPTIONS
+from reglm.config.schema import has_old_names
 from reglm.io import write_json
 from reglm.train.checkpoint import load_model_dir, load_state, save_state
 from reglm.train.run import resume, train
@@ -131,3 +133,74 @@ def test_a_synthetic_run_of_before_the_rule_option_keeps_its_corpus(old_run: Pat
     assert load_config_file(old_run / "config.json").data.synthetic_rule == "restart"
     (old_run / "config.json").write_text(build_config(None, []).to_json())
     assert load_config_file(old_run / "config.json").data.synthetic_rule == "stream"
+
+
+BEFORE_SECTIONS = FIXTURES / "config-before-sections"
+"""``config.json`` files as reglm wrote them before ``train`` had its batching, terms and stages
+as components and sections (flat ``train.bptt``, ``train.batching=blocks``, ``objective.base_model``)."""
+
+
+def _at(tree: dict, path: list[str]) -> object:
+    for name in path:
+        if not isinstance(tree, dict) or name not in tree:
+            return KeyError
+        tree = tree[name]
+    return tree
+
+
+@pytest.mark.parametrize("name", ["bptt", "blocks", "sentences", "discriminator", "reverse-kl"])
+def test_a_config_of_before_the_sections_reads_with_the_same_values(name: str) -> None:
+    """Every old flat option lands on its new path with its value; an option the chosen kind does
+    not have (the old file listed every option for every kind) is the only thing dropped."""
+    old = json.loads((BEFORE_SECTIONS / f"{name}.json").read_text())
+    config = RunConfig.from_dict(old)
+    new = config.to_dict()
+    dropped = []
+    for section in ("train", "objective"):
+        for key, value in old[section].items():
+            target = ALIASES.get(f"{section}.{key}", (f"{section}.{key}",))[0].split(".")
+            if isinstance(value, str) and isinstance(_at(new, target), dict):
+                assert _at(new, [*target, "kind"]) == value, (section, key)
+                continue
+            got = _at(new, target)
+            if got is KeyError:
+                owner = _at(new, target[:-1])
+                assert isinstance(owner, dict) and "kind" in owner, (section, key)
+                dropped.append(f"{section}.{key}")
+            else:
+                assert got == value, (section, key)
+    assert old["model"] == new["model"] and old["data"] == new["data"] and old["seed"] == new["seed"]
+    assert RunConfig.from_dict(new) == config
+    assert not has_old_names(new)
+    assert set(dropped) < {f"train.{option}" for option in BATCHING_OPTIONS} | {
+        "objective.discriminator",
+        "objective.init_from_base",
+        "objective.base_model",
+    }
+
+
+OLD_AND_NEW_OVERRIDES = [
+    (
+        "tiny",
+        ["train.bptt=20", "train.batch_size=4", "train.bptt_max=30", "bptt_min=2", "train.eval_batch_size=2"],
+        ["train.batching.bptt=20", "train.batching.batch_size=4", "train.batching.bptt_max=30"]
+        + ["train.batching.bptt_min=2", "train.batching.eval_batch_size=2"],
+    ),
+    (
+        "transformer-tiny",
+        ["train.block_size=32", "train.eval_context=8", "train.update_freq=2", "train.small_batch_size=none"],
+        ["train.batching.block_size=32", "train.batching.eval_context=8", "train.batching.update_freq=2"]
+        + ["train.batching.small_batch_size=none"],
+    ),
+    (
+        "transformer-tiny",
+        ["train.max_tokens=64", "train.batching=sentences", "train.bptt=50", "train.small_batch_size=none"],
+        ["train.batching=sentences", "train.batching.max_tokens=64"],
+    ),
+]
+
+
+@pytest.mark.parametrize("preset, old, new", OLD_AND_NEW_OVERRIDES)
+def test_old_flat_overrides_build_the_config_of_the_new_names(preset: str, old: list[str], new: list[str]) -> None:
+    """An old flat name sets its new path; one the chosen kind does not read is ignored, as it was."""
+    assert build_config(preset, old) == build_config(preset, new) != build_config(preset)

@@ -23,7 +23,7 @@ def test_overrides_are_typed_and_nested() -> None:
     )
     assert cfg.train.optimizer.lr == 12.0 and isinstance(cfg.train.optimizer.lr, float)
     assert cfg.model.input.emb_size == 64
-    assert cfg.train.bptt_max is None
+    assert cfg.train.batching.bptt_max is None
     assert cfg.model.output.tie_weights is False and cfg.model.encoder.hidden_size == 30
     assert cfg.seed == 7
 
@@ -46,9 +46,16 @@ def test_awd_presets_match_the_paper(name: str, expected: dict) -> None:
     cfg = build_config(name)
     m, e, t = cfg.model, cfg.model.encoder, cfg.train
     assert cfg.data.name == expected["data"]
-    assert t.batch_size == expected["batch"] and m.input.dropout == expected["dropouti"]
+    assert t.batching.batch_size == expected["batch"] and m.input.dropout == expected["dropouti"]
     assert (e.hidden_dropout, e.output_dropout, m.input.embed_dropout, e.weight_dropout) == (0.3, 0.4, 0.1, 0.5)
-    assert (t.optimizer.lr, t.clip, t.epochs, t.eval_batch_size, t.test_batch_size, t.bptt) == (
+    assert (
+        t.optimizer.lr,
+        t.clip,
+        t.epochs,
+        t.batching.eval_batch_size,
+        t.batching.test_batch_size,
+        t.batching.bptt,
+    ) == (
         30.0,
         0.25,
         750,

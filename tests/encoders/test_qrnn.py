@@ -476,7 +476,7 @@ def test_the_ptb_preset_is_the_reference_architecture() -> None:
         linear(800, 4650) + 2 * linear(1550, 4650) + linear(1550, 1200) + 10_000 * 400 + 10_000 == PRESETS["qrnn-ptb"]
     )
     config = build_config("qrnn-ptb")
-    assert (config.seed, config.train.batch_size, config.train.clip, config.train.finetune_epochs) == (
+    assert (config.seed, config.train.batching.batch_size, config.train.clip, config.train.finetune_epochs) == (
         9001,
         20,
         0.2,

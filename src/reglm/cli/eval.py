@@ -51,7 +51,7 @@ def register(sub: Any) -> None:
         "--block",
         type=int,
         metavar="L",
-        help="score in stateless blocks of at most L tokens, scored parts ending at sentence ends (Baevski & Auli; default with --context-window: the run's train.block_size)",
+        help="score in stateless blocks of at most L tokens, scored parts ending at sentence ends (Baevski & Auli; default with --context-window: the run's train.batching.block_size)",
     )
     add_data_options(p, with_vocab=False)
     modes = p.add_mutually_exclusive_group()
@@ -129,8 +129,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.max_tokens is not None:
         ids, valid_ids = ids[: args.max_tokens], valid_ids[: args.max_tokens]
         word_ends = None if word_ends is None else word_ends[: args.max_tokens]
-    batch_size = batch_size_for(mode, setting, config.train, split, args.batch_size)
-    reading = reading_for(mode, config.train, split, vocab.eos_id, batch_size, args.block)
+    batch_size = batch_size_for(mode, setting, config.train.batching, split, args.batch_size)
+    reading = reading_for(mode, config.train.batching, split, vocab.eos_id, batch_size, args.block)
     truth = corpus.truth[split] if corpus.truth is not None else None
     keep = truth is not None or args.word_probs is not None or args.cache_deltas is not None
     if args.max_tokens is not None and reading.block is None and ids.numel() - 1 < batch_size:
@@ -143,7 +143,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         ids,
         split,
         batch_size,
-        config.train.bptt,
+        reading.bptt,
         reading,
         word_ends,
         device,

@@ -8,7 +8,6 @@ from reglm.config.presets import build_config, derive_config, list_presets, load
 from reglm.config.schema import (
     DataConfig,
     ModelConfig,
-    ObjectiveConfig,
     RunConfig,
     TrainConfig,
     architecture_differences,
@@ -24,7 +23,6 @@ __all__ = [
     "MAX_SEED",
     "DataConfig",
     "ModelConfig",
-    "ObjectiveConfig",
     "RunConfig",
     "TrainConfig",
     "architecture_differences",

@@ -40,9 +40,30 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "optimizer": ("reglm.train.optim", "OPTIMIZERS"),
     "averaging": ("reglm.train.optim", "AVERAGING"),
     "schedule": ("reglm.train.schedules", "SCHEDULES"),
+    "batching": ("reglm.data.batchings", "BATCHINGS"),
+    "objective": ("reglm.train.objective", "OBJECTIVES"),
 }
 """Component family -> (module, registry): the registry maps each kind to a component class
 whose ``Config`` is the kind's dataclass."""
+
+BATCHING_OPTIONS = (
+    "batch_size",
+    "small_batch_size",
+    "eval_batch_size",
+    "test_batch_size",
+    "bptt",
+    "variable_bptt",
+    "bptt_p",
+    "bptt_std",
+    "bptt_min",
+    "bptt_max",
+    "block_size",
+    "max_tokens",
+    "update_freq",
+    "eval_context",
+    "eval_whole_sentences",
+)
+"""The options of ``train.batching`` that were flat ``train.*`` options, each read by some kinds."""
 
 ALIASES: dict[str, tuple[str, ...]] = {
     "model.emb_size": ("model.input.emb_size",),
@@ -73,9 +94,15 @@ ALIASES: dict[str, tuple[str, ...]] = {
     "train.lr_decay": ("train.schedule.decay",),
     "train.lr_decay_start": ("train.schedule.decay_start",),
     "train.plateau_factor": ("train.schedule.plateau_factor",),
+    **{f"train.{name}": (f"train.batching.{name}",) for name in BATCHING_OPTIONS},
 }
 """Old flat option -> its path(s) in the component layout. An alias with several targets sets
-each one the chosen kinds have (``model.init_range`` was one range for every layer)."""
+each one the chosen kinds have (``model.init_range`` was one range for every layer); so does an
+old ``train.*`` batching option (:data:`LENIENT_ALIASES`): the flat layout had every one for every
+batching, and a kind that does not read it ignored it, as it still does (also under its bare
+name, ``bptt=70``)."""
+
+LENIENT_ALIASES = frozenset(f"train.{name}" for name in BATCHING_OPTIONS)
 
 OLD_AVERAGING = {"ntasgd": "ntasgd", "sgd": "none"}
 """The old ``train.optimizer`` values: they named the averaging policy."""
@@ -178,7 +205,8 @@ def assign(
     if name not in fields:
         if lenient:
             return []
-        kind = f" (kind {raw.get('kind')!r} has no such option)" if "kind" in fields and raw.get("kind") else ""
+        chosen = raw.get("kind", fields["kind"].default) if "kind" in fields else None
+        kind = f" (kind {chosen!r} has no such option)" if chosen else ""
         raise ReglmError(
             f"unknown option {_option_name((*prefix, *path))}{kind}; the options here are: {', '.join(sorted(fields))} (`reglm config` lists them all)"
         )
@@ -281,7 +309,8 @@ def apply(
             done = [p for path in matches for p in assign(raw, root, path, value, lenient)]
         else:
             targets = resolve_key(key, root)
-            done = [p for path in targets for p in assign(raw, root, path, value, lenient or len(targets) > 1)]
+            loose = lenient or len(targets) > 1 or bool({key, f"train.{key}"} & LENIENT_ALIASES)
+            done = [p for path in targets for p in assign(raw, root, path, value, loose)]
         if sources is not None:
             for path in map(_option_name, done):
                 if origin:

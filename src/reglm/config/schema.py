@@ -18,8 +18,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from reglm.config.build import OLD_AVERAGING, apply, build, family_configs, kinds_first, nested_assignments
-from reglm.config.fields import check, check_kind, check_nonneg, check_seed, option
+from reglm.config.build import ALIASES, OLD_AVERAGING, apply, build, family_configs, kinds_first, nested_assignments
+from reglm.config.fields import check, check_nonneg, check_seed, option
 
 
 def _component(family: str, default_kind: str, help: str) -> Any:
@@ -141,50 +141,15 @@ class ModelConfig:
         return RunConfig.from_dict(raw, "ModelConfig.build").model
 
 
-BATCHINGS = ("bptt", "blocks", "sentences")
-
-
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimization: the optimizer, averaging and schedule, BPTT, regularization terms, checkpoints."""
+    """Optimization: the batching, optimizer, averaging and schedule, regularization terms, checkpoints."""
 
     epochs: int = option(6, "epochs of the main stage")
-    batch_size: int = option(32, "training streams per batch")
-    small_batch_size: int | None = option(
-        None,
-        "gradient accumulation: streams per forward/backward chunk, each with its own carried state, one step per batch (none: batch_size; the MoS code's small_batch_size)",
-    )
-    eval_batch_size: int = option(10, "streams per batch for validation")
-    test_batch_size: int = option(1, "streams per batch for the final test evaluation")
-    bptt: int = option(35, "base BPTT length")
-    variable_bptt: bool = option(True, "sample the BPTT length per batch (AWD-LSTM 4.1); false: always bptt")
-    bptt_p: float = option(0.95, "probability of the full base length; otherwise half of it")
-    bptt_std: float = option(5.0, "standard deviation of the sampled length around the base")
-    bptt_min: int = option(5, "shortest sampled BPTT length")
-    bptt_max: int | None = option(None, "longest sampled BPTT length (none: no cap)")
-    batching: str = option(
+    batching: Any = _component(
+        "batching",
         "bptt",
-        "how the training split is read: bptt (batch_size contiguous streams, the state carried; the LSTM papers'), blocks (shuffled blocks of block_size tokens, each from scratch; Baevski & Auli 4.3, WikiText-103) or sentences (single sentences, similar lengths grouped up to max_tokens; billion word)",
-    )
-    block_size: int = option(
-        512,
-        "batching=blocks: tokens per block, in training and evaluation (Baevski & Auli 4.3 and Table 5: 512, 2048, 3072); batch_size blocks per batch",
-    )
-    max_tokens: int = option(
-        4096,
-        "batching=sentences: tokens per batch, padding included (Baevski & Auli 4.3: B = 4096 per GPU on WikiText-103, 2048 on billion word)",
-    )
-    update_freq: int = option(
-        1,
-        "batching=blocks or sentences: batches accumulated into each optimizer step (fairseq's update frequency; Baevski & Auli 4.3)",
-    )
-    eval_context: int = option(
-        0,
-        "batching=blocks: evaluation windows of block_size tokens whose first eval_context only give context (Baevski & Auli Table 5: 480, 1536, 2560)",
-    )
-    eval_whole_sentences: bool = option(
-        True,
-        "batching=blocks: the scored part of an evaluation window ends at a sentence end (<eos>) when one falls inside it",
+        "how the training split is read, and validation (train.batching.kind: bptt, blocks, sentences)",
     )
     max_steps: int | None = option(
         None,
@@ -252,21 +217,8 @@ class TrainConfig:
     device: str = option("auto", "auto, cpu, cuda or cuda:N")
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "eval_batch_size", "test_batch_size", "bptt", "bptt_min", "log_interval"):
+        for name in ("epochs", "log_interval"):
             check(getattr(self, name) >= 1, f"train.{name}", f"{getattr(self, name)} must be >= 1")
-        check(
-            self.bptt_max is None or self.bptt_max >= self.bptt_min,
-            "train.bptt_max",
-            "must be >= train.bptt_min or none",
-        )
-        check(
-            self.small_batch_size is None
-            or (self.small_batch_size >= 1 and self.batch_size % self.small_batch_size == 0),
-            "train.small_batch_size",
-            f"{self.small_batch_size} must divide train.batch_size ({self.batch_size}) or be none",
-        )
-        check(0.0 <= self.bptt_p <= 1.0, "train.bptt_p", f"{self.bptt_p} must be in [0, 1]")
-        check(self.bptt_std >= 0, "train.bptt_std", f"{self.bptt_std} must be >= 0")
         for name in ("clip", "ar_alpha", "tar_beta", "input_noise_std", "finetune_input_noise_std"):
             check_nonneg(getattr(self, name), f"train.{name}")
         check(
@@ -307,78 +259,10 @@ class TrainConfig:
             "train.device",
             f"unknown device {self.device!r}",
         )
-        check_kind(self.batching, BATCHINGS, "train.batching")
-        for name in ("block_size", "max_tokens", "update_freq"):
-            check(getattr(self, name) >= 1, f"train.{name}", f"{getattr(self, name)} must be >= 1")
-        check(
-            self.small_batch_size is None or (self.batching != "sentences" and self.update_freq == 1),
-            "train.small_batch_size",
-            "cuts one batch of equal rows into chunks; with batching=sentences or train.update_freq > 1 set it to none (update_freq accumulates)",
-        )
-        check(
-            self.update_freq == 1 or self.batching != "bptt",
-            "train.update_freq",
-            "accumulates batches read from scratch (batching=blocks or sentences); BPTT streams accumulate chunks of streams: set train.small_batch_size",
-        )
-        check(self.eval_context >= 0, "train.eval_context", f"{self.eval_context} must be >= 0")
-        check(
-            self.eval_context == 0 or (self.batching == "blocks" and self.eval_context < self.block_size),
-            "train.eval_context",
-            f"{self.eval_context} needs batching=blocks and a train.block_size larger than it (the context is part of each evaluation block); lower it or set eval_context=0",
-        )
         check(
             self.max_steps is None or self.max_steps >= 1, "train.max_steps", f"{self.max_steps} must be >= 1 or none"
         )
         check(self.precision in ("fp32", "bf16"), "train.precision", f"unknown {self.precision!r}; choose fp32 or bf16")
-
-
-OBJECTIVES = ("lm", "discriminator", "reverse-kl")
-
-
-@dataclass(frozen=True)
-class ObjectiveConfig:
-    """What the run minimizes and which frozen models it reads (Popov & Kudinov 2019).
-
-    ``lm``: the language-model loss (cross-entropy plus the configured terms), from scratch or,
-    with ``base_model``, starting from that model's weights (cross-entropy fine-tuning).
-    ``discriminator``: eq. (6) against the frozen ``base_model`` q0. ``reverse-kl``: eq. (12),
-    starting from ``base_model`` (q0, kept frozen too) with the frozen ``discriminator``, or
-    with r = 1/2 when it is none (the paper's "without discriminator").
-    """
-
-    kind: str = option(
-        "lm", "lm (cross-entropy), discriminator (Popov & Kudinov eq. 6) or reverse-kl (fine-tuning, eq. 12)"
-    )
-    base_model: str | None = option(
-        None, "model directory of the initial model q0 (discriminator and reverse-kl); for lm: start from its weights"
-    )
-    discriminator: str | None = option(
-        None,
-        "reverse-kl: model directory of the trained discriminator (none: r = 1/2, the 'without discriminator' ablation)",
-    )
-    init_from_base: bool = option(
-        False, "discriminator: start from the base model's weights instead of a fresh initialization"
-    )
-
-    def __post_init__(self) -> None:
-        check(
-            self.kind in OBJECTIVES, "objective.kind", f"unknown {self.kind!r}; choose lm, discriminator or reverse-kl"
-        )
-        check(
-            self.kind == "lm" or self.base_model is not None,
-            "objective.base_model",
-            f"objective {self.kind} needs the initial model q0; give its model directory",
-        )
-        check(
-            self.discriminator is None or self.kind == "reverse-kl",
-            "objective.discriminator",
-            "is only read by objective.kind=reverse-kl; set it to none",
-        )
-        check(
-            not self.init_from_base or self.kind == "discriminator",
-            "objective.init_from_base",
-            "is only read by objective.kind=discriminator",
-        )
 
 
 @dataclass(frozen=True)
@@ -388,12 +272,15 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    objective: Any = _component(
+        "objective", "lm", "what the run minimizes (objective.kind: lm, discriminator, reverse-kl)"
+    )
     seed: int = option(1111, "the one seed of the run (data order, dropout masks, BPTT lengths, initialization)")
     preset: str | None = option(None, "the preset this run was built from (informational)")
 
     def __post_init__(self) -> None:
-        """The checks that span stages: what the objective terms need of the output layer."""
+        """The checks that span stages: what the objective terms need of the output layer, and what
+        the objective needs of the run (its config's ``check_with``)."""
         from reglm.config.build import registry
         from reglm.outputs.base import require
 
@@ -414,15 +301,7 @@ class RunConfig:
         advsoft = self.model.output.advsoft
         if advsoft is not None and advsoft.kind != "none":
             require(output, "advsoft", "model.output.advsoft", "the adversarial softmax perturbs target logits")
-        if self.objective.kind != "lm":
-            require(
-                output, "logits", "objective.kind", f"objective {self.objective.kind} reads the output layer's logits"
-            )
-            check(
-                self.data.tokenizer == "word",
-                "data.tokenizer",
-                f"objective {self.objective.kind} compares word distributions; use tokenizer=word",
-            )
+        self.objective.check_with(self)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -438,6 +317,8 @@ class RunConfig:
         time, ``restart``)."""
         if is_flat_layout(raw):
             raw = migrate(raw)
+        elif has_old_names(raw):
+            raw = regroup(raw)
         data = raw.get("data")
         if isinstance(data, dict) and "synthetic_rule" not in data and data.get("name", "synthetic") == "synthetic":
             raw = {**raw, "data": {**data, "synthetic_rule": "restart"}}
@@ -474,7 +355,34 @@ def migrate(raw: dict[str, Any]) -> dict[str, Any]:
         (f"train.{key}", value) for key, value in train.items()
     ]
     rest += [(key, value) for key, value in nested_assignments(raw)]
-    return apply(new, RunConfig, rest, lenient=True)
+    return apply(new, RunConfig, kinds_first(rest, RunConfig), lenient=True)
+
+
+OLD_OBJECTIVE_OPTIONS = frozenset({"base_model", "discriminator", "init_from_base"})
+"""The options every objective listed before the objectives were a family (each read by some kinds)."""
+
+
+def has_old_names(raw: dict[str, Any]) -> bool:
+    """Whether ``raw`` (of the component layout) names options of ``train`` or ``objective`` as
+    they were before those had their own components and sections (``train.bptt``, an ``lm``
+    objective with ``discriminator: null``)."""
+    train, objective = raw.get("train"), raw.get("objective")
+    if isinstance(train, dict) and any(
+        f"train.{key}" in ALIASES and not isinstance(value, dict) for key, value in train.items()
+    ):
+        return True
+    if not isinstance(objective, dict):
+        return False
+    config = family_configs("objective").get(objective.get("kind", "lm"))
+    own = {f.name for f in dataclasses.fields(config)} if config is not None else set(objective)
+    return bool((set(objective) - own) & OLD_OBJECTIVE_OPTIONS)
+
+
+def regroup(raw: dict[str, Any]) -> dict[str, Any]:
+    """A config of the component layout with the older flat ``train`` / ``objective`` options ->
+    today's: every option to its path (:data:`~reglm.config.build.ALIASES`), the kinds first,
+    and the options the chosen kinds do not have (the old file listed every one) dropped."""
+    return apply({}, RunConfig, kinds_first(nested_assignments(raw), RunConfig), lenient=True)
 
 
 ARCH = "arch"

@@ -92,14 +92,15 @@ class Scorer:
         memo: dict[str, Any] = {}
         outcomes = {}
         for split in splits:
-            batch_size = batch_size_for(mode, setting, config.train, split)
+            batch_size = batch_size_for(mode, setting, config.train.batching, split)
+            reading = reading_for(mode, config.train.batching, split, vocab.eos_id, batch_size)
             ctx = EvalContext(
                 model,
                 getattr(corpus, split),
                 split,
                 batch_size,
-                config.train.bptt,
-                reading_for(mode, config.train, split, vocab.eos_id, batch_size),
+                reading.bptt,
+                reading,
                 corpus.split_word_ends(split),
                 device,
                 False,

@@ -32,7 +32,7 @@ gradients
     (:meth:`DataParallelGroup.mean_tokens`).
 data
     Each rank reads its share of the global batch the config states
-    (:func:`~reglm.train.batching.training_batches`): ``B / N`` of the streams (its own carried
+    (:func:`~reglm.data.batchings.training_batches`): ``B / N`` of the streams (its own carried
     state), ``B / N`` of every batch of blocks (a distributed sampler over the epoch's seeded
     order), ``update_freq / N`` of a step's batches of sentences.
 randomness

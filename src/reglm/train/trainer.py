@@ -56,6 +56,7 @@ from tqdm.auto import tqdm
 from reglm.config import RunConfig
 from reglm.config.build import registry
 from reglm.data import Corpus, Vocab
+from reglm.data.batchings import eval_reading, training_batches
 from reglm.encoders.base import State, state_dict_of
 from reglm.errors import ReglmError, TrainingDiverged, TrainingInterrupted
 from reglm.evaluate.perplexity import Reading, perplexity
@@ -64,7 +65,6 @@ from reglm.models import LanguageModel
 from reglm.objectives.activation_reg import ActivationReg, TemporalActivationReg
 from reglm.progress import Pace, clock, say
 from reglm.rundir import CONFIG_FILE, ENVIRONMENT_FILE, METRICS_FILE, RunLock, claim_new, describe_previous
-from reglm.train.batching import eval_reading, training_batches
 from reglm.train.checkpoint import STATE_FILE, VOCAB_FILE, load_model_dir, save_model_dir, save_state
 from reglm.train.distributed import SINGLE, SilentLog, SingleProcess
 from reglm.train.engine import StepEngine
@@ -128,8 +128,8 @@ class Trainer:
         self.lock = lock
         check_model_size(config, len(self.vocab), self.device)
         for split, batch_size, option in (
-            ("valid", cfg.eval_batch_size, "train.eval_batch_size"),
-            ("test", cfg.test_batch_size, "train.test_batch_size"),
+            ("valid", cfg.batching.eval_batch_size, "train.batching.eval_batch_size"),
+            ("test", cfg.batching.test_batch_size, "train.batching.test_batch_size"),
         ):
             ids = getattr(corpus, split)
             if ids.numel() - 1 < batch_size:
@@ -140,7 +140,9 @@ class Trainer:
         self.model = LanguageModel(config.model, len(self.vocab), self.vocab).to(self.device)
         self.eval_model = LanguageModel(config.model, len(self.vocab), self.vocab).to(self.device)
         dist.seed(config.seed)
-        self.batches = training_batches(corpus.train, cfg, config.seed, self.device, self.vocab.eos_id, dist.shard)
+        self.batches = training_batches(
+            corpus.train, cfg.batching, config.seed, self.device, self.vocab.eos_id, dist.shard
+        )
         self.metrics = (
             MetricsLog(self.run_dir / METRICS_FILE, tensorboard=cfg.tensorboard) if dist.is_main else SilentLog()
         )
@@ -151,7 +153,7 @@ class Trainer:
             self.objective,
             terms,
             self._new_optimizer(),
-            cfg.small_batch_size,
+            self.batches.small_batch_size,
             cfg.clip,
             cfg.sequence_loss,
             parallel=dist,
@@ -287,7 +289,7 @@ class Trainer:
         """Restore ``state`` (as from :func:`~reglm.train.checkpoint.load_state`); an entry that does
         not fit this run is a ReglmError, raised before anything is written."""
         path = self.run_dir / STATE_FILE
-        state = self.dist.local_state(state, self.model.encoder, self.cfg.batch_size, path)
+        state = self.dist.local_state(state, self.model.encoder, self.batches.streams, path)
         if state["vocab_fingerprint"] != self.vocab.fingerprint():
             raise ReglmError(
                 f"{path} was built for another vocabulary than the corpus {self.config.data.name!r} now gives; resume with the original data"
@@ -443,8 +445,10 @@ class Trainer:
     def _train_epoch(self) -> None:
         cfg, model, batches = self.cfg, self.model, self.batches
         model.train()
-        if self.hidden is None or not batches.carries_state:
-            self.hidden = model.init_state(self.dist.share(cfg.batch_size), device=self.device)
+        if not batches.carries_state:
+            self.hidden = None
+        elif self.hidden is None:
+            self.hidden = model.init_state(self.dist.share(batches.streams), device=self.device)
         adversarial, noise_std = self._advsoft_on(), self._input_noise_std()
         bar = tqdm(
             total=batches.total,
@@ -459,8 +463,8 @@ class Trainer:
         while not batches.done(self.position) and not self._out_of_steps():
             window, advance, factor = batches.next(self.position, self.epoch)
             lr = self.schedule.rate(self.stage, self.epoch, self.step) * factor
-            state = self.hidden if batches.carries_state else None
-            self.hidden = self.engine.step(window, state, lr, adversarial, noise_std)
+            state = self.engine.step(window, self.hidden, lr, adversarial, noise_std)
+            self.hidden = state if batches.carries_state else None
             self.averaging.update(model.parameters())
             self.objective.end_step()
             self.position += advance
@@ -542,8 +546,8 @@ class Trainer:
         return (left + (cfg.finetune_epochs if cfg.finetune else 0)) * per_epoch
 
     def reading(self, split: str) -> Reading:
-        """How validation (``valid``) and the final scores read a split (:func:`~reglm.train.batching.eval_reading`)."""
-        return eval_reading(self.cfg, split, self.vocab.eos_id)
+        """How validation (``valid``) and the final scores read a split (:func:`~reglm.data.batchings.eval_reading`)."""
+        return eval_reading(self.cfg.batching, split, self.vocab.eos_id)
 
     def score(self, model: torch.nn.Module, split: str) -> ObjectiveEval:
         ids, word_ends = getattr(self.corpus, split), self.corpus.split_word_ends(split)
