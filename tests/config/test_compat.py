@@ -182,6 +182,19 @@ def test_a_config_of_before_the_sections_reads_with_the_same_values(name: str) -
 OLD_AND_NEW_OVERRIDES = [
     (
         "tiny",
+        ["train.ar_alpha=1.5", "tar_beta=0.5", "train.aug_gamma=0.5", "aug_tau=10", "train.aug_target_grad=true"]
+        + ["train.finetune=false", "finetune_epochs=3", "train.finetune_lr=2", "train.advsoft_finetune=false"]
+        + ["train.input_noise_std=0.1", "input_noise_anneal=linear", "train.input_noise_epochs=20"]
+        + ["train.finetune_input_noise_std=0.05", "log_interval=7", "train.tensorboard=true", "lr=3", "epochs=2"],
+        ["train.terms.ar_alpha=1.5", "train.terms.tar_beta=0.5", "train.terms.aug_gamma=0.5"]
+        + ["train.terms.aug_tau=10", "train.terms.aug_target_grad=true", "train.finetune.enabled=false"]
+        + ["train.finetune.epochs=3", "train.finetune.lr=2", "train.finetune.advsoft=false"]
+        + ["train.input_noise.std=0.1", "train.input_noise.anneal=linear", "train.input_noise.epochs=20"]
+        + ["train.finetune.input_noise_std=0.05", "train.log.interval=7", "train.log.tensorboard=true"]
+        + ["train.optimizer.lr=3", "train.epochs=2"],
+    ),
+    (
+        "tiny",
         ["train.bptt=20", "train.batch_size=4", "train.bptt_max=30", "bptt_min=2", "train.eval_batch_size=2"],
         ["train.batching.bptt=20", "train.batching.batch_size=4", "train.batching.bptt_max=30"]
         + ["train.batching.bptt_min=2", "train.batching.eval_batch_size=2"],

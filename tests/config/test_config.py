@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from reglm.config import (
@@ -63,7 +65,13 @@ def test_awd_presets_match_the_paper(name: str, expected: dict) -> None:
         1,
         70,
     )
-    assert (t.ar_alpha, t.tar_beta, t.averaging.nonmono, t.averaging.kind, t.finetune) == (2.0, 1.0, 5, "ntasgd", True)
+    assert (t.terms.ar_alpha, t.terms.tar_beta, t.averaging.nonmono, t.averaging.kind, t.finetune.enabled) == (
+        2.0,
+        1.0,
+        5,
+        "ntasgd",
+        True,
+    )
     assert m.output.tie_weights
 
 
@@ -255,18 +263,13 @@ def test_advsoft_presets_keep_the_awd_lstm_hyperparameters(name: str, base: str,
     assert {k: v for k, v in cfg.model.output.__dict__.items() if k != "advsoft"} == {
         k: v for k, v in ref.model.output.__dict__.items() if k != "advsoft"
     }
-    noise_fields = {
-        "input_noise_std",
-        "input_noise_anneal",
-        "input_noise_epochs",
-        "finetune_input_noise_std",
-        "advsoft_finetune",
-        "advsoft_stop_epoch",
-    }
+    noise_fields = {"input_noise", "finetune", "advsoft_stop_epoch"}
     assert {k: v for k, v in cfg.train.__dict__.items() if k not in noise_fields} == {
         k: v for k, v in ref.train.__dict__.items() if k not in noise_fields
     }
-    assert (cfg.train.input_noise_std, cfg.train.input_noise_anneal, cfg.train.finetune_input_noise_std) == (
+    stage = {"input_noise_std": 0.0, "advsoft": True}
+    assert dataclasses.replace(cfg.train.finetune, **stage) == dataclasses.replace(ref.train.finetune, **stage)
+    assert (cfg.train.input_noise.std, cfg.train.input_noise.anneal, cfg.train.finetune.input_noise_std) == (
         noise,
         "constant",
         0.0,

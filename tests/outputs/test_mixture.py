@@ -432,7 +432,14 @@ def test_mos_presets_follow_their_sources(name: str) -> None:
     assert (t.optimizer.lr, t.batching.batch_size, t.batching.small_batch_size, t.batching.bptt_max) == (
         (20.0, 12, None, 110) if ptb else (15.0, 15, 5, 90)
     )
-    assert (t.epochs, t.finetune, t.batching.bptt, t.clip, t.batching.eval_batch_size, t.batching.test_batch_size) == (
+    assert (
+        t.epochs,
+        t.finetune.enabled,
+        t.batching.bptt,
+        t.clip,
+        t.batching.eval_batch_size,
+        t.batching.test_batch_size,
+    ) == (
         1000,
         True,
         70,
@@ -442,7 +449,7 @@ def test_mos_presets_follow_their_sources(name: str) -> None:
     )
     assert cfg.seed == (28 if ptb else 1882)
     if "advsoft" in name:
-        assert (o.advsoft.kind, o.advsoft.alpha, t.input_noise_std, t.finetune_input_noise_std) == (
+        assert (o.advsoft.kind, o.advsoft.alpha, t.input_noise.std, t.finetune.input_noise_std) == (
             "relative",
             0.005,
             0.15,

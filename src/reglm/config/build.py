@@ -95,6 +95,18 @@ ALIASES: dict[str, tuple[str, ...]] = {
     "train.lr_decay_start": ("train.schedule.decay_start",),
     "train.plateau_factor": ("train.schedule.plateau_factor",),
     **{f"train.{name}": (f"train.batching.{name}",) for name in BATCHING_OPTIONS},
+    **{f"train.{name}": (f"train.terms.{name}",) for name in ("ar_alpha", "tar_beta", "aug_gamma", "aug_tau")},
+    "train.aug_target_grad": ("train.terms.aug_target_grad",),
+    "train.input_noise_std": ("train.input_noise.std",),
+    "train.input_noise_anneal": ("train.input_noise.anneal",),
+    "train.input_noise_epochs": ("train.input_noise.epochs",),
+    "train.finetune": ("train.finetune.enabled",),
+    "train.finetune_epochs": ("train.finetune.epochs",),
+    "train.finetune_lr": ("train.finetune.lr",),
+    "train.finetune_input_noise_std": ("train.finetune.input_noise_std",),
+    "train.advsoft_finetune": ("train.finetune.advsoft",),
+    "train.log_interval": ("train.log.interval",),
+    "train.tensorboard": ("train.log.tensorboard",),
 }
 """Old flat option -> its path(s) in the component layout. An alias with several targets sets
 each one the chosen kinds have (``model.init_range`` was one range for every layer); so does an
@@ -113,6 +125,13 @@ Path = tuple[str, ...]
 def registry(family: str) -> dict[str, Any]:
     module, name = FAMILIES[family]
     return getattr(importlib.import_module(module), name)
+
+
+def component(family: str, default_kind: str, help: str) -> Any:
+    """A dataclass field holding a component of ``family`` (its default kind's default config)."""
+    return dataclasses.field(
+        default_factory=lambda: family_configs(family)[default_kind](), metadata={"help": help, "family": family}
+    )
 
 
 def family_configs(family: str) -> dict[str, type]:
@@ -424,10 +443,26 @@ def resolve_key(key: str, root: type) -> list[Path]:
             f"unknown override key {key!r}{_suggest_key(path, known | sections)}; `reglm config` lists the keys"
         )
     if len(owners) > 1:
+        flat = _flat_meaning(key, known)
+        if flat is not None:
+            return [flat]
         raise ReglmError(
             f"override key {key!r} is ambiguous; write one of {', '.join(_option_name(o) for o in owners)}"
         )
     return [owners[0]]
+
+
+def _flat_meaning(key: str, known: set[Path]) -> Path | None:
+    """What a bare name shared by several options named in the flat layout, when that is one
+    option: the target of an old flat alias (``lr``: ``train.optimizer.lr``, not
+    ``train.finetune.lr``), or an option directly in a section (``epochs``: ``train.epochs``)."""
+    flat = {
+        tuple(targets[0].split("."))
+        for alias, targets in ALIASES.items()
+        if alias.count(".") == 1 and alias.split(".")[1] == key and len(targets) == 1
+    }
+    flat |= {path for path in known if len(path) == 2 and path[1] == key}
+    return flat.pop() if len(flat) == 1 else None
 
 
 def _suggest_key(path: Path, known: set[Path]) -> str:
@@ -438,7 +473,8 @@ def _suggest_key(path: Path, known: set[Path]) -> str:
     names = known | {tuple(alias.split(".")) for alias in ALIASES}
     if len(path) == 1:
         best = closest(path[0], {p[-1] for p in names})
-        owners = sorted(_option_name(p) for p in known if p[-1] == best)
+        flat = _flat_meaning(best, known) if best else None
+        owners = [_option_name(flat)] if flat else sorted(_option_name(p) for p in known if p[-1] == best)
         if len(owners) == 1 and owners[0] != best:
             return _suggestion(f"{best}, i.e. {owners[0]}")
         return _suggestion(*owners) if 1 < len(owners) <= 3 else _suggestion(best)

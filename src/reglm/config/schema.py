@@ -14,19 +14,21 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from reglm.config.build import ALIASES, OLD_AVERAGING, apply, build, family_configs, kinds_first, nested_assignments
-from reglm.config.fields import check, check_nonneg, check_seed, option
-
-
-def _component(family: str, default_kind: str, help: str) -> Any:
-    return field(
-        default_factory=lambda: family_configs(family)[default_kind](), metadata={"help": help, "family": family}
-    )
-
+from reglm.config.build import (
+    ALIASES,
+    OLD_AVERAGING,
+    apply,
+    build,
+    component,
+    family_configs,
+    kinds_first,
+    nested_assignments,
+)
+from reglm.config.fields import check, check_seed, option
+from reglm.config.train import TrainConfig
 
 TOKENIZERS = ("word", "bpe")
 MIN_BPE_VOCAB = 16
@@ -116,17 +118,17 @@ class DataConfig:
 class ModelConfig:
     """The language model: input layer -> encoder -> output layer, each a component chosen by kind."""
 
-    input: Any = _component("input", "embedding", "the input layer (model.input.kind: embedding)")
-    encoder: Any = _component(
+    input: Any = component("input", "embedding", "the input layer (model.input.kind: embedding)")
+    encoder: Any = component(
         "encoder", "awd-lstm", "the encoder (model.encoder.kind: awd-lstm, vd-lstm, qrnn, transformer)"
     )
-    output: Any = _component("output", "softmax", "the output layer (model.output.kind: softmax, mos, doc)")
+    output: Any = component("output", "softmax", "the output layer (model.output.kind: softmax, mos, doc)")
 
     def __post_init__(self) -> None:
         """The checks across components: each component config's ``check_with(model_config)``
         (:class:`~reglm.config.fields.ComponentConfig`: does it fit the other two)."""
-        for component in (self.input, self.encoder, self.output):
-            component.check_with(self)
+        for part in (self.input, self.encoder, self.output):
+            part.check_with(self)
 
     @classmethod
     def build(cls, **options: Any) -> ModelConfig:
@@ -142,137 +144,13 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    """Optimization: the batching, optimizer, averaging and schedule, regularization terms, checkpoints."""
-
-    epochs: int = option(6, "epochs of the main stage")
-    batching: Any = _component(
-        "batching",
-        "bptt",
-        "how the training split is read, and validation (train.batching.kind: bptt, blocks, sentences)",
-    )
-    max_steps: int | None = option(
-        None,
-        "end the main stage after this many optimizer steps, mid-epoch if need be (the adaptive-input recipes count updates); none: train.epochs decides",
-    )
-    precision: str = option(
-        "fp32",
-        "fp32, or bf16: autocast the forward pass to bfloat16 on CUDA (fp32 master weights; LayerNorm, softmax and the loss stay fp32); a CPU run stays fp32",
-    )
-    compile: bool = option(
-        False, "run the forward pass through torch.compile (the uncompiled module is what checkpoints save)"
-    )
-    optimizer: Any = _component("optimizer", "sgd", "the optimizer (train.optimizer.kind: sgd)")
-    averaging: Any = _component("averaging", "ntasgd", "the averaging policy (train.averaging.kind: ntasgd, none)")
-    schedule: Any = _component("schedule", "decay", "the learning-rate schedule (train.schedule.kind: decay)")
-    clip: float = option(0.25, "gradient clipping: maximum global norm (0: off)")
-    ar_alpha: float = option(2.0, "activation regularization coefficient (AR, on the dropped last-layer output)")
-    tar_beta: float = option(1.0, "temporal activation regularization coefficient (TAR, on the undropped output)")
-    finetune: bool = option(
-        False,
-        "after the main stage, restart ASGD with T=0 from the best model (AWD-LSTM section 5; needs averaging=ntasgd)",
-    )
-    finetune_epochs: int = option(
-        500, "upper bound on fine-tuning epochs; the non-monotone criterion normally stops it first"
-    )
-    finetune_lr: float | None = option(None, "learning rate of the fine-tuning stage (none: the optimizer's lr)")
-    sequence_loss: bool = option(
-        False,
-        "sum the token losses over each BPTT window and average over streams (Zaremba et al.'s and Inan et al.'s reduction; lr and clip then refer to that sum); false: mean per token",
-    )
-    aug_gamma: float = option(
-        0.0,
-        "augmented loss (Inan et al. eqs. 3.1-3.7): weight alpha = aug_gamma * aug_tau of KL(y_tilde || y_hat); 0: off",
-    )
-    aug_tau: float = option(20.0, "augmented loss temperature tau (Inan et al. appendix A: 20)")
-    aug_target_grad: bool = option(
-        False,
-        "augmented loss: let gradient flow into the embedding through the target y_tilde = softmax(L^T u / tau) (false: y_tilde is a constant target)",
-    )
-    advsoft_stop_epoch: int | None = option(None, "switch AdvSoft off after this main-stage epoch (none: keep it on)")
-    advsoft_finetune: bool = option(True, "keep AdvSoft on during the fine-tuning stage")
-    input_noise_std: float = option(
-        0.0, "std of Gaussian noise added to the input embeddings in training (Wang et al. 2019, section 5)"
-    )
-    input_noise_anneal: str = option(
-        "constant",
-        "input noise schedule over main-stage epochs: constant, linear (to 0 at input_noise_epochs) or exponential (half-life input_noise_epochs)",
-    )
-    input_noise_epochs: float = option(
-        100.0, "input noise schedule length: linear: epochs to reach 0; exponential: half-life in epochs"
-    )
-    finetune_input_noise_std: float = option(
-        0.0, "std of the input-embedding noise during fine-tuning (the authors' code: none)"
-    )
-    log_interval: int = option(
-        200, "log training metrics every this many steps (without a terminal, also print a progress line)"
-    )
-    tensorboard: bool = option(
-        False,
-        "also write the logged metrics as TensorBoard scalars into RUN/tensorboard/ (needs pip install 'reglm[tensorboard]')",
-    )
-    checkpoint_interval: int = option(
-        0, "also write a resumable checkpoint every this many steps (0: only at epoch ends)"
-    )
-    device: str = option("auto", "auto, cpu, cuda or cuda:N")
-
-    def __post_init__(self) -> None:
-        for name in ("epochs", "log_interval"):
-            check(getattr(self, name) >= 1, f"train.{name}", f"{getattr(self, name)} must be >= 1")
-        for name in ("clip", "ar_alpha", "tar_beta", "input_noise_std", "finetune_input_noise_std"):
-            check_nonneg(getattr(self, name), f"train.{name}")
-        check(
-            self.finetune_lr is None or (math.isfinite(self.finetune_lr) and self.finetune_lr > 0),
-            "train.finetune_lr",
-            f"{self.finetune_lr} must be > 0 or none",
-        )
-        check(self.finetune_epochs >= 0, "train.finetune_epochs", "must be >= 0")
-        check(
-            not self.finetune or self.averaging.kind == "ntasgd",
-            "train.finetune",
-            "is ASGD restarted from the best model and stopped by NT-ASGD's criterion; set train.averaging=ntasgd or finetune=false",
-        )
-        check(
-            self.advsoft_stop_epoch is None or self.advsoft_stop_epoch >= 0,
-            "train.advsoft_stop_epoch",
-            "must be >= 0 or none",
-        )
-        check(
-            self.input_noise_anneal in ("constant", "linear", "exponential"),
-            "train.input_noise_anneal",
-            f"unknown {self.input_noise_anneal!r}; choose constant, linear or exponential",
-        )
-        check(
-            math.isfinite(self.input_noise_epochs) and self.input_noise_epochs > 0,
-            "train.input_noise_epochs",
-            f"{self.input_noise_epochs} must be finite and > 0",
-        )
-        check(self.checkpoint_interval >= 0, "train.checkpoint_interval", "must be >= 0")
-        check(
-            math.isfinite(self.aug_gamma) and self.aug_gamma >= 0,
-            "train.aug_gamma",
-            f"{self.aug_gamma} must be >= 0 (0 turns the augmented loss off)",
-        )
-        check(math.isfinite(self.aug_tau) and self.aug_tau > 0, "train.aug_tau", f"{self.aug_tau} must be > 0")
-        check(
-            self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
-            "train.device",
-            f"unknown device {self.device!r}",
-        )
-        check(
-            self.max_steps is None or self.max_steps >= 1, "train.max_steps", f"{self.max_steps} must be >= 1 or none"
-        )
-        check(self.precision in ("fp32", "bf16"), "train.precision", f"unknown {self.precision!r}; choose fp32 or bf16")
-
-
-@dataclass(frozen=True)
 class RunConfig:
     """Everything that defines a run."""
 
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    objective: Any = _component(
+    objective: Any = component(
         "objective", "lm", "what the run minimizes (objective.kind: lm, discriminator, reverse-kl)"
     )
     seed: int = option(1111, "the one seed of the run (data order, dropout masks, BPTT lengths, initialization)")
@@ -286,16 +164,16 @@ class RunConfig:
 
         check_seed(self.seed, "seed")
         output = registry("output")[self.model.output.kind]
-        if self.train.aug_gamma > 0:
+        if self.train.terms.aug_gamma > 0:
             require(
                 output,
                 "softmax-logits",
-                "train.aug_gamma",
+                "train.terms.aug_gamma",
                 "the augmented loss divides the output layer's logits by a temperature",
             )
             check(
                 "word-matrix" in registry("input")[self.model.input.kind].capabilities,
-                "train.aug_gamma",
+                "train.terms.aug_gamma",
                 f"the augmented loss reads the word embedding matrix, which input layer {self.model.input.kind} does not have; set model.input=embedding or aug_gamma=0",
             )
         advsoft = self.model.output.advsoft

@@ -237,7 +237,7 @@ def row_record(plan: RowPlan, ours: dict[str, Any], ledger: dict[str, Any]) -> d
         },
         "reglm": {**ours, "params_full_scale": plan.full_params},
         "budget": {
-            "planned_epochs": {"main": t.epochs, "finetune": t.finetune_epochs if t.finetune else 0},
+            "planned_epochs": {"main": t.epochs, "finetune": t.finetune.epochs if t.finetune.enabled else 0},
             "epochs": epochs_trained(run.directory),
             "minutes": _minutes(ledger, run),
             "minutes_with_earlier_runs": round(_minutes(ledger, run) + sum(item["minutes"] for item in earlier), 2),

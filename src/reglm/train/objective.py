@@ -163,7 +163,7 @@ class LMObjective:
     def __init__(self, config: RunConfig, vocab: Vocab, device: torch.device) -> None:
         self.config = config
         self.base = _load_base(config, vocab, device) if config.objective.base_model else None
-        cfg = config.train
+        cfg = config.train.terms
         self.terms: list[Term] = (
             [AugmentedLoss(cfg.aug_gamma, cfg.aug_tau, cfg.aug_target_grad)] if cfg.aug_gamma > 0 else []
         )

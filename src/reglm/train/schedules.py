@@ -17,7 +17,7 @@ from reglm.train.ntasgd import NonMonotoneTrigger
 def advsoft_on(advsoft_kind: str, stop_epoch: int | None, in_finetune: bool, stage: str, epoch: int) -> bool:
     """Whether a step of (0-based) ``epoch`` of ``stage`` trains with the adversarial softmax:
     on from the start when configured, off after ``train.advsoft_stop_epoch`` main-stage epochs,
-    and in fine-tuning per ``train.advsoft_finetune``."""
+    and in fine-tuning per ``train.finetune.advsoft``."""
     if advsoft_kind == "none":
         return False
     if stage == "finetune":
@@ -48,7 +48,7 @@ def annealed_std(std: float, schedule: str, epoch: int, length: float) -> float:
 class DecayScheduleConfig:
     """The learning rate of a main-stage epoch: ``lr * decay ** min(max(0, e - decay_start),
     decay_epochs)`` times the plateau factor accumulated so far; fine-tuning runs at
-    ``train.finetune_lr``."""
+    ``train.finetune.lr``."""
 
     kind: str = kind_field(
         "decay",
@@ -213,7 +213,7 @@ class CosineSchedule:
                    lr = min_i + (max_i - min_i) * (1 + cos(pi t_i / P_i)) / 2,
                    max_i = lr_max M^i, min_i = lr_min M^i, P_i = P m^i
 
-    The fine-tuning stage, if any, runs at ``train.finetune_lr`` (or the minimum rate)."""
+    The fine-tuning stage, if any, runs at ``train.finetune.lr`` (or the minimum rate)."""
 
     Config = CosineScheduleConfig
 

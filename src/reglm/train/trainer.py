@@ -6,9 +6,9 @@ Stages (AWD-LSTM, section 5):
     ``train.epochs`` epochs. The averaging policy (``train.averaging``; NT-ASGD's trigger checked
     on the validation score after every epoch) may start averaging; from then on every
     evaluation, ``best/`` and ``last/`` use the averaged weights.
-``finetune`` (``train.finetune=true``)
+``finetune`` (``train.finetune.enabled=true``)
     ASGD restarted with T = 0 from ``best/``: averaging from the hot-started point; the run stops
-    when the same non-monotone criterion fires (or after ``train.finetune_epochs``).
+    when the same non-monotone criterion fires (or after ``train.finetune.epochs``).
 ``done``
     ``best/`` is scored on validation and test and ``results.json`` is written
     (:mod:`reglm.train.results`).
@@ -144,10 +144,10 @@ class Trainer:
             corpus.train, cfg.batching, config.seed, self.device, self.vocab.eos_id, dist.shard
         )
         self.metrics = (
-            MetricsLog(self.run_dir / METRICS_FILE, tensorboard=cfg.tensorboard) if dist.is_main else SilentLog()
+            MetricsLog(self.run_dir / METRICS_FILE, tensorboard=cfg.log.tensorboard) if dist.is_main else SilentLog()
         )
         self.objective = make_objective(config, self.vocab, self.device)
-        terms = [*self.objective.terms, ActivationReg(cfg.ar_alpha), TemporalActivationReg(cfg.tar_beta)]
+        terms = [*self.objective.terms, ActivationReg(cfg.terms.ar_alpha), TemporalActivationReg(cfg.terms.tar_beta)]
         self.engine = StepEngine(
             self.model,
             self.objective,
@@ -161,7 +161,7 @@ class Trainer:
             compile=cfg.compile,
         )
         self.averaging = registry("averaging")[cfg.averaging.kind](cfg.averaging)
-        self.schedule = registry("schedule")[cfg.schedule.kind](cfg.schedule, cfg.optimizer.lr, cfg.finetune_lr)
+        self.schedule = registry("schedule")[cfg.schedule.kind](cfg.schedule, cfg.optimizer.lr, cfg.finetune.lr)
         self.step_hooks: list[StepHook] = []
         """Called with the trainer once the run has started (before its first step) and after every step."""
         self.stage = "main"
@@ -379,9 +379,9 @@ class Trainer:
             while self.stage != "done":
                 main_over = self.epoch >= self.cfg.epochs or self._out_of_steps() or self.schedule.exhausted(self.stage)
                 if self.stage == "main" and main_over:
-                    self._begin_finetune() if self.cfg.finetune else self._set_stage("done")
+                    self._begin_finetune() if self.cfg.finetune.enabled else self._set_stage("done")
                     continue
-                if self.stage == "finetune" and self.epoch >= self.cfg.finetune_epochs:
+                if self.stage == "finetune" and self.epoch >= self.cfg.finetune.epochs:
                     self._set_stage("done")
                     continue
                 self._train_epoch()
@@ -422,14 +422,15 @@ class Trainer:
     def _advsoft_on(self) -> bool:
         advsoft = self.config.model.output.advsoft
         return advsoft is not None and advsoft_on(
-            advsoft.kind, self.cfg.advsoft_stop_epoch, self.cfg.advsoft_finetune, self.stage, self.epoch
+            advsoft.kind, self.cfg.advsoft_stop_epoch, self.cfg.finetune.advsoft, self.stage, self.epoch
         )
 
     def _input_noise_std(self) -> float:
         cfg = self.cfg
         if self.stage == "finetune":
-            return cfg.finetune_input_noise_std
-        return annealed_std(cfg.input_noise_std, cfg.input_noise_anneal, self.epoch, cfg.input_noise_epochs)
+            return cfg.finetune.input_noise_std
+        noise = cfg.input_noise
+        return annealed_std(noise.std, noise.anneal, self.epoch, noise.epochs)
 
     def _autocast(self) -> Any:
         """The forward pass's precision (``train.precision``): bf16 autocast on CUDA only; a CPU
@@ -470,7 +471,7 @@ class Trainer:
             self.position += advance
             self.step += 1
             bar.update(advance)
-            logged = self.step % cfg.log_interval == 0
+            logged = self.step % cfg.log.interval == 0
             if logged:
                 self._flush()
                 tokens = self.epoch_tokens - window_tokens
@@ -531,7 +532,7 @@ class Trainer:
     def _run_eta(self) -> float:
         """Seconds until the run ends, at this session's pace (validation included): the planned
         epochs of the stage (or the steps left to ``train.max_steps``, whichever ends it first)
-        and, in the main stage, ``train.finetune_epochs`` more when fine-tuning follows (it may
+        and, in the main stage, ``train.finetune.epochs`` more when fine-tuning follows (it may
         stop earlier: an upper bound then)."""
         cfg = self.cfg
         done, (start, start_step) = self._epochs_done(), self.pace_from
@@ -539,11 +540,11 @@ class Trainer:
             return math.inf
         per_epoch = self.pace.elapsed() / (done - start)
         if self.stage == "finetune":
-            return max(cfg.finetune_epochs - done, 0.0) * per_epoch
+            return max(cfg.finetune.epochs - done, 0.0) * per_epoch
         left = max(cfg.epochs - done, 0.0)
         if cfg.max_steps is not None:
             left = min(left, max(cfg.max_steps - self.step, 0) * (done - start) / (self.step - start_step))
-        return (left + (cfg.finetune_epochs if cfg.finetune else 0)) * per_epoch
+        return (left + (cfg.finetune.epochs if cfg.finetune.enabled else 0)) * per_epoch
 
     def reading(self, split: str) -> Reading:
         """How validation (``valid``) and the final scores read a split (:func:`~reglm.data.batchings.eval_reading`)."""
