@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -16,9 +17,11 @@ from reglm.cli import main
 from reglm.config import RunConfig, build_config, load_config_file
 from reglm.config.build import ALIASES, BATCHING_OPTIONS
 from reglm.config.schema import has_old_names
+from reglm.errors import TrainingInterrupted
 from reglm.io import write_json
 from reglm.train.checkpoint import load_model_dir, load_state, save_state
 from reglm.train.run import resume, train
+from reglm.train.trainer import StopRequest
 
 FIXTURES = Path(__file__).parents[1] / "fixtures"
 
@@ -217,3 +220,50 @@ OLD_AND_NEW_OVERRIDES = [
 def test_old_flat_overrides_build_the_config_of_the_new_names(preset: str, old: list[str], new: list[str]) -> None:
     """An old flat name sets its new path; one the chosen kind does not read is ignored, as it was."""
     assert build_config(preset, old) == build_config(preset, new) != build_config(preset)
+
+
+def _before_sections(raw: dict) -> dict:
+    """``raw`` (today's ``config.json``) as it was written before the sections: every option that
+    has an old flat name back under it (``train.finetune``, a section's name, last), the batching
+    a kind name, every objective option listed."""
+    raw = json.loads(json.dumps(raw))
+    for alias, targets in sorted(ALIASES.items(), key=lambda item: item[0] == "train.finetune"):
+        section, name = alias.split(".")
+        path = targets[0].split(".")
+        if section != "train" or path[1] not in ("batching", "terms", "input_noise", "finetune", "log"):
+            continue
+        owner = _at(raw, path[:-1])
+        if isinstance(owner, dict) and path[-1] in owner:
+            raw[section][name] = owner.pop(path[-1])
+    for section in ("terms", "input_noise", "log"):
+        assert raw["train"].pop(section) == {}, section
+    raw["train"]["batching"] = raw["train"]["batching"].pop("kind")
+    raw["objective"] = {"discriminator": None, "init_from_base": False, **raw["objective"]}
+    return raw
+
+
+def test_a_run_of_before_the_sections_resumes_bit_for_bit_like_an_uninterrupted_one(tmp_path: Path) -> None:
+    """A run stopped mid-epoch whose ``config.json`` is of the layout before the sections resumes
+    to the weights of the same run never stopped (both computed here: exact)."""
+    config = build_config(
+        "tiny",
+        ["data.synthetic_sentences=80", "train.epochs=2", "train.finetune_epochs=1", "train.input_noise_std=0.05"]
+        + ["train.checkpoint_interval=3", "train.aug_gamma=0.2"],
+    )
+    train(config, tmp_path / "straight", progress=False)
+    stop = StopRequest()
+
+    def stop_at_step_5(trainer: object) -> None:
+        if trainer.step == 5:
+            stop.request(signal.SIGINT)
+
+    with pytest.raises(TrainingInterrupted):
+        train(config, tmp_path / "old", progress=False, stop=stop, step_hooks=[stop_at_step_5])
+    old = _before_sections(json.loads((tmp_path / "old" / "config.json").read_text()))
+    assert has_old_names(old) and "bptt" in old["train"] and isinstance(old["train"]["batching"], str)
+    write_json(tmp_path / "old" / "config.json", old)
+    resume(tmp_path / "old", progress=False)
+    assert json.loads((tmp_path / "old" / "config.json").read_text()) == old, "the run's own file is kept"
+    want, got = _weights(tmp_path / "straight"), _weights(tmp_path / "old")
+    for sub in ("best", "last"):
+        assert want[sub].keys() == got[sub].keys() and all(torch.equal(want[sub][k], got[sub][k]) for k in want[sub])
