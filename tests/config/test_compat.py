@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from reglm.cli import main
 from reglm.config import RunConfig, build_config, load_config_file
-from reglm.config.build import ALIASES, BATCHING_OPTIONS
+from reglm.config.aliases import ALIASES, BATCHING_OPTIONS
 from reglm.config.schema import has_old_names
 from reglm.errors import TrainingInterrupted
 from reglm.io import write_json

@@ -16,21 +16,21 @@ of *assignments* ``(path, value)`` applied in order to one raw nested mapping
 ``model.encoder=vd-lstm`` on top of an AWD-LSTM preset keeps ``hidden_size`` and ``num_layers``.
 A path with ``*`` (``model.*dropout=0``) sets every matching option that exists. Old flat names
 (``model.emb_size``, ``train.lr``; the layout before components) are aliases of their new paths
-(:data:`ALIASES`), so old commands, presets and run directories keep working.
+(:data:`~reglm.config.aliases.ALIASES`), so old commands, presets and run directories keep working.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import fnmatch
 import functools
 import importlib
-import types
 import typing
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+from reglm.config.aliases import ALIASES, LENIENT_ALIASES, OLD_AVERAGING
+from reglm.config.fields import closest, coerce, did_you_mean, suggestion
 from reglm.errors import ReglmError
 
 FAMILIES: dict[str, tuple[str, str]] = {
@@ -45,79 +45,6 @@ FAMILIES: dict[str, tuple[str, str]] = {
 }
 """Component family -> (module, registry): the registry maps each kind to a component class
 whose ``Config`` is the kind's dataclass."""
-
-BATCHING_OPTIONS = (
-    "batch_size",
-    "small_batch_size",
-    "eval_batch_size",
-    "test_batch_size",
-    "bptt",
-    "variable_bptt",
-    "bptt_p",
-    "bptt_std",
-    "bptt_min",
-    "bptt_max",
-    "block_size",
-    "max_tokens",
-    "update_freq",
-    "eval_context",
-    "eval_whole_sentences",
-)
-"""The options of ``train.batching`` that were flat ``train.*`` options, each read by some kinds."""
-
-ALIASES: dict[str, tuple[str, ...]] = {
-    "model.emb_size": ("model.input.emb_size",),
-    "model.embed_dropout": ("model.input.embed_dropout",),
-    "model.input_dropout": ("model.input.dropout",),
-    "model.init_range": ("model.input.init_range", "model.encoder.init_range", "model.output.init_range"),
-    "model.hidden_size": ("model.encoder.hidden_size",),
-    "model.last_hidden_size": ("model.encoder.last_hidden_size",),
-    "model.num_layers": ("model.encoder.num_layers",),
-    "model.hidden_dropout": ("model.encoder.hidden_dropout",),
-    "model.output_dropout": ("model.encoder.output_dropout",),
-    "model.weight_dropout": ("model.encoder.weight_dropout",),
-    "model.tie_weights": ("model.output.tie_weights",),
-    "model.output_bias": ("model.output.bias",),
-    "model.n_experts": ("model.output.n_experts",),
-    "model.latent_dropout": ("model.output.latent_dropout",),
-    "model.doc_experts": ("model.output.doc_experts",),
-    "model.mixture_penalty": ("model.output.mixture_penalty",),
-    "model.advsoft_alpha": ("model.output.advsoft.alpha",),
-    "model.advsoft_epsilon": ("model.output.advsoft.epsilon",),
-    "model.advsoft_grad": ("model.output.advsoft.grad",),
-    "model.advsoft_positive_only": ("model.output.advsoft.positive_only",),
-    "model.advsoft": ("model.output.advsoft",),
-    "train.lr": ("train.optimizer.lr",),
-    "train.weight_decay": ("train.optimizer.weight_decay",),
-    "train.trigger": ("train.averaging.trigger",),
-    "train.nonmono": ("train.averaging.nonmono",),
-    "train.lr_decay": ("train.schedule.decay",),
-    "train.lr_decay_start": ("train.schedule.decay_start",),
-    "train.plateau_factor": ("train.schedule.plateau_factor",),
-    **{f"train.{name}": (f"train.batching.{name}",) for name in BATCHING_OPTIONS},
-    **{f"train.{name}": (f"train.terms.{name}",) for name in ("ar_alpha", "tar_beta", "aug_gamma", "aug_tau")},
-    "train.aug_target_grad": ("train.terms.aug_target_grad",),
-    "train.input_noise_std": ("train.input_noise.std",),
-    "train.input_noise_anneal": ("train.input_noise.anneal",),
-    "train.input_noise_epochs": ("train.input_noise.epochs",),
-    "train.finetune": ("train.finetune.enabled",),
-    "train.finetune_epochs": ("train.finetune.epochs",),
-    "train.finetune_lr": ("train.finetune.lr",),
-    "train.finetune_input_noise_std": ("train.finetune.input_noise_std",),
-    "train.advsoft_finetune": ("train.finetune.advsoft",),
-    "train.log_interval": ("train.log.interval",),
-    "train.tensorboard": ("train.log.tensorboard",),
-}
-"""Old flat option -> its path(s) in the component layout. An alias with several targets sets
-each one the chosen kinds have (``model.init_range`` was one range for every layer); so does an
-old ``train.*`` batching option (:data:`LENIENT_ALIASES`): the flat layout had every one for every
-batching, and a kind that does not read it ignored it, as it still does (also under its bare
-name, ``bptt=70``)."""
-
-LENIENT_ALIASES = frozenset(f"train.{name}" for name in BATCHING_OPTIONS)
-
-OLD_AVERAGING = {"ntasgd": "ntasgd", "sgd": "none"}
-"""The old ``train.optimizer`` values: they named the averaging policy."""
 
 Path = tuple[str, ...]
 
@@ -179,26 +106,6 @@ def _node_class(f: dataclasses.Field, hint: Any, raw: Any) -> type | None:
 
 def _option_name(path: Path) -> str:
     return ".".join(path)
-
-
-SIMILAR = 0.75
-"""How alike (difflib's ratio) a mistyped name and a known one must be to be suggested."""
-
-
-def closest(word: Any, choices: Iterable[str]) -> str | None:
-    """The one of ``choices`` closest to a mistyped ``word``, or None when none is close."""
-    close = difflib.get_close_matches(str(word), sorted(set(choices)), n=1, cutoff=SIMILAR)
-    return close[0] if close else None
-
-
-def did_you_mean(word: Any, choices: Iterable[str]) -> str:
-    """``" (did you mean X?)"`` for the one of ``choices`` closest to a mistyped ``word``; empty
-    when none is close."""
-    return _suggestion(closest(word, choices))
-
-
-def _suggestion(*names: str | None) -> str:
-    return f" (did you mean {' or '.join(n for n in names if n)}?)" if any(names) else ""
 
 
 def _kind_error(family: str, kind: Any, path: Path) -> ReglmError:
@@ -396,7 +303,7 @@ def leaf_paths(raw: dict[str, Any], root: type, prefix: Path = ()) -> list[Path]
     return out
 
 
-def _all_paths(root: type, prefix: Path = ()) -> Iterator[tuple[Path, dataclasses.Field, Any, list[str]]]:
+def all_paths(root: type, prefix: Path = ()) -> Iterator[tuple[Path, dataclasses.Field, Any, list[str]]]:
     """Every option of every kind: ``(path, field, annotation, kinds that have it)``."""
     hints = hints_of(root)
     for name, f in fields_of(root).items():
@@ -405,14 +312,14 @@ def _all_paths(root: type, prefix: Path = ()) -> Iterator[tuple[Path, dataclasse
         if family is not None:
             merged: dict[Path, tuple[dataclasses.Field, Any, list[str]]] = {}
             for kind, cls in family_configs(family).items():
-                for path, sub_f, sub_hint, _ in _all_paths(cls, (*prefix, name)):
+                for path, sub_f, sub_hint, _ in all_paths(cls, (*prefix, name)):
                     entry = merged.setdefault(path, (sub_f, sub_hint, []))
                     if kind not in entry[2]:
                         entry[2].append(kind)
             for path, (sub_f, sub_hint, kinds) in merged.items():
                 yield path, sub_f, sub_hint, kinds
         elif dataclasses.is_dataclass(hint):
-            yield from _all_paths(hint, (*prefix, name))
+            yield from all_paths(hint, (*prefix, name))
         else:
             yield (*prefix, name), f, hint, []
 
@@ -423,7 +330,7 @@ def resolve_key(key: str, root: type) -> list[Path]:
     key = key.strip().replace("-", "_")
     if key in ALIASES:
         return [tuple(p.split(".")) for p in ALIASES[key]]
-    known = {path for path, *_ in _all_paths(root)}
+    known = {path for path, *_ in all_paths(root)}
     sections = {path[: i + 1] for path in known for i in range(len(path) - 1)}
     path = tuple(key.split("."))
     if path in known or path in sections:
@@ -476,52 +383,16 @@ def _suggest_key(path: Path, known: set[Path]) -> str:
         flat = _flat_meaning(best, known) if best else None
         owners = [_option_name(flat)] if flat else sorted(_option_name(p) for p in known if p[-1] == best)
         if len(owners) == 1 and owners[0] != best:
-            return _suggestion(f"{best}, i.e. {owners[0]}")
-        return _suggestion(*owners) if 1 < len(owners) <= 3 else _suggestion(best)
+            return suggestion(f"{best}, i.e. {owners[0]}")
+        return suggestion(*owners) if 1 < len(owners) <= 3 else suggestion(best)
     siblings = {p[-1] for p in names if p[:-1] == path[:-1]}
     if siblings:
         best = closest(path[-1], siblings)
-        return _suggestion(best and _option_name((*path[:-1], best)))
+        return suggestion(best and _option_name((*path[:-1], best)))
     return did_you_mean(_option_name(path), map(_option_name, names))
 
 
 # ------------------------------------------------------------------ building
-
-
-def coerce(value: Any, tp: Any, where: str) -> Any:
-    """``value`` as the scalar type ``tp`` (int, float, bool, str or an optional of one)."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return coerce(value, arg, where)
-            except ReglmError:
-                continue
-        raise ReglmError(f"{where}: {value!r} is not a valid {tp}")
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ReglmError(f"{where}: {value!r} is not true or false")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ReglmError(f"{where}: {value!r} is not an integer")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise ReglmError(f"{where}: {value!r} is not a number")
-    if tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise ReglmError(f"{where}: {value!r} is not a string")
-    raise TypeError(f"unsupported config type {tp}")
 
 
 def build(cls: type, raw: Any, where: str, prefix: str = "", sources: dict[str, str] | None = None) -> Any:
@@ -559,41 +430,3 @@ def build(cls: type, raw: Any, where: str, prefix: str = "", sources: dict[str, 
         else:
             kwargs[name] = coerce(value, hint, sources.get(f"{prefix}{name}", f"{where}: {prefix}{name}"))
     return cls(**kwargs)
-
-
-def describe(root: type) -> str:
-    """One line per option of every kind: key, type, default, the kinds that have it, help."""
-    lines = []
-    defaults = root()
-    for path, f, hint, kinds in _all_paths(root):
-        if path[-1] == "kind" and not kinds:
-            continue
-        default = _default_of(defaults, path, None if f.default is dataclasses.MISSING else f.default)
-        type_name = str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
-        key = _option_name(path)
-        scope = f" [{', '.join(kinds)}]" if kinds else ""
-        lines.append(f"{key:34s} {type_name:12s} {default!r:12s} {f.metadata.get('help', '')}{scope}")
-    return "\n".join(lines)
-
-
-def describe_values(config: Any) -> str:
-    """One ``key=value`` line per option of a built config, kinds first, each written as an
-    override that sets it (``none``, ``true``/``false``), so a line can be pasted back."""
-
-    def text(value: Any) -> str:
-        if value is None or isinstance(value, bool):
-            return {None: "none", True: "true", False: "false"}[value]
-        return str(value)
-
-    return "\n".join(f"{key}={text(value)}" for key, value in nested_assignments(dataclasses.asdict(config)))
-
-
-def _default_of(defaults: Any, path: Path, fallback: Any) -> Any:
-    """The value at ``path`` of the default config (the default kind's), else ``fallback`` (an
-    option only other kinds have: their default)."""
-    value = defaults
-    for name in path:
-        if not hasattr(value, name):
-            return fallback
-        value = getattr(value, name)
-    return value

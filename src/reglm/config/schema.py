@@ -17,9 +17,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from reglm.config.aliases import ALIASES, OLD_AVERAGING
 from reglm.config.build import (
-    ALIASES,
-    OLD_AVERAGING,
     apply,
     build,
     component,
@@ -218,7 +217,7 @@ def is_flat_layout(raw: dict[str, Any]) -> bool:
 
 def migrate(raw: dict[str, Any]) -> dict[str, Any]:
     """A config of the layout before components -> the component layout: every flat option to
-    its new path (:data:`~reglm.config.build.ALIASES`), ``train.optimizer=ntasgd|sgd`` to the
+    its new path (:data:`~reglm.config.aliases.ALIASES`), ``train.optimizer=ntasgd|sgd`` to the
     averaging policy it named, and options the chosen kinds do not have (a flat config listed
     every option, the mixture's too) dropped."""
     raw = json.loads(json.dumps(raw))
@@ -258,7 +257,7 @@ def has_old_names(raw: dict[str, Any]) -> bool:
 
 def regroup(raw: dict[str, Any]) -> dict[str, Any]:
     """A config of the component layout with the older flat ``train`` / ``objective`` options ->
-    today's: every option to its path (:data:`~reglm.config.build.ALIASES`), the kinds first,
+    today's: every option to its path (:data:`~reglm.config.aliases.ALIASES`), the kinds first,
     and the options the chosen kinds do not have (the old file listed every one) dropped."""
     return apply({}, RunConfig, kinds_first(nested_assignments(raw), RunConfig), lenient=True)
 

@@ -6,7 +6,7 @@ chosen by kind (:data:`~reglm.config.build.FAMILIES`); ``train.terms`` (the regu
 the trainer adds to the loss), ``train.input_noise`` (its schedule), ``train.finetune`` (the
 fine-tuning stage) and ``train.log`` (what the run logs as it goes) are plain sections. Their
 flat names of before (``train.ar_alpha``, ``train.finetune_epochs``...) are aliases
-(:data:`~reglm.config.build.ALIASES`).
+(:data:`~reglm.config.aliases.ALIASES`).
 """
 
 from __future__ import annotations
