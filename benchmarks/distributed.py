@@ -44,7 +44,7 @@ from harness import RESULTS, environment, save  # noqa: E402
 from reglm.config import build_config  # noqa: E402
 from reglm.data import Corpus  # noqa: E402
 from reglm.data.vocab import EOS, Vocab  # noqa: E402
-from reglm.train.distributed import launch  # noqa: E402
+from reglm.train.launch import launch  # noqa: E402
 from reglm.train.trainer import Trainer  # noqa: E402
 
 TARGET_EFFICIENCY = 0.9

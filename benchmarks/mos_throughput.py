@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
     batches = random_batches(vocab, batch_size, bptt, args.seed, device)
     models = {"mos": LanguageModel(mos_cfg, vocab).to(device), "softmax": LanguageModel(plain_cfg, vocab).to(device)}
     steppers = {
-        name: Stepper(m, batches, t.optimizer.lr, t.clip, t.optimizer.weight_decay, t.ar_alpha, t.tar_beta)
+        name: Stepper(m, batches, t.optimizer.lr, t.clip, t.optimizer.weight_decay, t.terms.ar_alpha, t.terms.tar_beta)
         for name, m in models.items()
     }
     seconds, steps_done = interleaved(steppers, args.steps, args.rounds, args.warmup, device)
@@ -139,8 +139,8 @@ def main(argv: list[str] | None = None) -> dict:
         "n_experts": mos_cfg.output.n_experts,
         "lr": t.optimizer.lr,
         "clip": t.clip,
-        "ar_alpha": t.ar_alpha,
-        "tar_beta": t.tar_beta,
+        "ar_alpha": t.terms.ar_alpha,
+        "tar_beta": t.terms.tar_beta,
         "warmup_steps": args.warmup,
         "timed_steps": steps_done,
         "rounds": args.rounds,

@@ -26,9 +26,6 @@ TRAINING = (
 the studies and ``reglm reproduce``."""
 
 STILL_IN_TRAIN = {
-    ("reglm.api", "reglm.train.batching"): "the run's readings (eval_reading, trained_context) live with the batchings",
-    ("reglm.cli.eval", "reglm.train.batching"): "the run's reading of a split lives with the batchings",
-    ("reglm.cli.analyze", "reglm.train.batching"): "the run's reading of a split lives with the batchings",
     (
         "reglm.cli.eval",
         "reglm.train.results",

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import signal
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -26,6 +28,7 @@ from reglm.api import TrainedModel
 from reglm.config import RunConfig, build_config
 from reglm.config.build import component_class, family_configs, registry
 from reglm.config.fields import ComponentConfig
+from reglm.data.batchings import eval_reading, trained_context, training_batches
 from reglm.data.vocab import Vocab
 from reglm.encoders.base import Encoder, state_dict_of
 from reglm.errors import ReglmError, TrainingInterrupted
@@ -34,10 +37,11 @@ from reglm.evaluate.perplexity import evaluate
 from reglm.export import export_model
 from reglm.inputs.base import InputLayer
 from reglm.layers.inference import Frozen, NotExportable
+from reglm.modeldir import save_model_dir
 from reglm.models import LanguageModel
 from reglm.outputs.base import OutputLayer
-from reglm.train.batching import eval_reading
 from reglm.train.checkpoint import _is_states, save_state
+from reglm.train.objective import make_objective
 from reglm.train.run import resume, train
 from reglm.train.trainer import StopRequest
 
@@ -193,7 +197,7 @@ def test_every_evaluation_mode_scores_every_token_once_at_any_batch_size(name: s
     N - 1 targets each scored once, finite, whatever the batching."""
     mode, model, ids = MODES[name], model_of("input", "embedding"), ids_of(47)
     setting = mode.parse(MODE_SPECS[name], f"--{name}")
-    train = config_of("input", "embedding").train
+    train = config_of("input", "embedding").train.batching
     for given in (None, 1, 3):
         batch_size = batch_size_for(mode, setting, train, "test", given)
         block = 12 if mode.needs_blocks else None
@@ -305,3 +309,130 @@ def test_a_model_of_a_config_naming_another_kind_is_refused() -> None:
         ReglmError, match=r"model\.encoder\.kind: AWDLSTMConfig is the config of awd-lstm, not of 'vd-lstm'"
     ):
         LanguageModel(wrong, V, vocab())
+
+
+# ------------------------------------------------------------------ the trainer's families
+
+BASE, DISC = "/runs/lm/best", "/runs/discriminator/best"
+"""Model directories the objectives name (written by the test that builds the objectives)."""
+PATHS = {"batching": "train.batching", "objective": "objective"}
+"""Where each of the trainer's families sits in the configuration."""
+
+TRAINER_CONFIGS: dict[tuple[str, str], list[str]] = {
+    ("batching", "bptt"): [],
+    ("batching", "blocks"): ["train.batching=blocks", "train.batching.block_size=6", "train.batching.eval_context=2"],
+    ("batching", "sentences"): ["train.batching=sentences", "train.batching.max_tokens=24"],
+    ("objective", "lm"): [],
+    ("objective", "discriminator"): ["objective=discriminator", f"objective.base_model={BASE}"],
+    ("objective", "reverse-kl"): [
+        "objective=reverse-kl",
+        f"objective.base_model={BASE}",
+        f"objective.discriminator={DISC}",
+    ],
+}
+"""A tiny configuration of every registered kind of the trainer's families (``tiny`` preset overrides)."""
+
+TRAINER_KINDS = pytest.mark.parametrize(
+    "family, kind", list(TRAINER_CONFIGS), ids=[f"{f}-{k}" for f, k in TRAINER_CONFIGS]
+)
+
+
+def trainer_config_of(family: str, kind: str) -> RunConfig:
+    return build_config("tiny", [*RUN, *TRAINER_CONFIGS[(family, kind)]])
+
+
+def test_every_registered_trainer_kind_is_in_the_suite() -> None:
+    registered = {(family, kind) for family in PATHS for kind in registry(family)}
+    assert registered == set(TRAINER_CONFIGS)
+
+
+def _component_config(config: RunConfig, family: str) -> Any:
+    node: Any = config
+    for name in PATHS[family].split("."):
+        node = getattr(node, name)
+    return node
+
+
+@TRAINER_KINDS
+def test_a_trainer_kind_round_trips_through_config_json(family: str, kind: str) -> None:
+    config = trainer_config_of(family, kind)
+    assert _component_config(config, family).kind == kind
+    assert RunConfig.from_dict(json.loads(config.to_json())) == config
+
+
+@TRAINER_KINDS
+def test_a_trainer_kind_refuses_an_option_it_does_not_have(family: str, kind: str) -> None:
+    """An option of another kind of the family, set on this one, is refused naming the kind."""
+    own = {f.name for f in dataclasses.fields(registry(family)[kind].Config)}
+    others = {f.name for c in family_configs(family).values() for f in dataclasses.fields(c)} - own
+    for name in sorted(others)[:3]:
+        path = f"{PATHS[family]}.{name}"
+        with pytest.raises(ReglmError, match=rf"unknown option {path} \(kind '{kind}' has no such option\)"):
+            build_config("tiny", [*RUN, *TRAINER_CONFIGS[(family, kind)], f"{path}=1"])
+    raw = json.loads(trainer_config_of(family, kind).to_json())
+    node = raw
+    for name in PATHS[family].split("."):
+        node = node[name]
+    node["no_such_option"] = 1
+    with pytest.raises(ReglmError, match=rf"unknown option\(s\) {PATHS[family]}.no_such_option"):
+        RunConfig.from_dict(raw)
+
+
+@pytest.mark.parametrize("kind", [k for f, k in TRAINER_CONFIGS if f == "batching"])
+def test_a_batching_reads_training_batches_and_scores_every_token_once(kind: str) -> None:
+    """Each batching builds its training batches (windows of the training split's tokens) and its
+    evaluation reading, which scores every target of a split once, at any batch size."""
+    cfg = trainer_config_of("batching", kind).train.batching
+    ids = ids_of(200)
+    ids[::7] = 0
+    batches = training_batches(ids, cfg, 1, torch.device("cpu"), 0)
+    window, advance, factor = batches.next(0, 0)
+    windows = window if isinstance(window, list) else [window]
+    assert advance >= 1 and factor > 0 and not batches.done(0)
+    for w in windows:
+        scored = w.positions >= 0
+        assert scored.any() and torch.equal(ids[w.positions[scored]], w.targets[scored])
+    assert trained_context(cfg) >= 1
+    model = model_of("input", "embedding") if kind == "bptt" else stateless_model()
+    for batch_size in (1, 3):
+        sized = dataclasses.replace(cfg, test_batch_size=batch_size)
+        result = evaluate(model, ids[:47], reading=eval_reading(sized, "test", 0), keep_token_nll=True)
+        assert sorted(result.positions.tolist()) == list(range(1, 47)), batch_size
+
+
+def stateless_model() -> LanguageModel:
+    torch.manual_seed(0)
+    return LanguageModel(config_of("encoder", "transformer").model, V, vocab())
+
+
+@pytest.mark.parametrize("kind", [k for f, k in TRAINER_CONFIGS if f == "objective"])
+def test_an_objective_builds_and_gives_a_finite_loss_and_score(kind: str, tmp_path: Path) -> None:
+    """Each objective is built from its config (its frozen models loaded from model directories),
+    gives a finite loss on a chunk and scores a split (the selection finite)."""
+    overrides = [
+        o.replace(BASE, str(tmp_path / "lm")).replace(DISC, str(tmp_path / "disc"))
+        for o in TRAINER_CONFIGS[("objective", kind)]
+    ]
+    lm = trainer_config_of("objective", "lm")
+    model = model_of("input", "embedding")
+    save_model_dir(tmp_path / "lm", model, lm, vocab(), {})
+    save_model_dir(
+        tmp_path / "disc",
+        model,
+        build_config("tiny", [*RUN, "objective=discriminator", f"objective.base_model={tmp_path / 'lm'}"]),
+        vocab(),
+        {},
+    )
+    config = build_config("tiny", [*RUN, *overrides])
+    objective = make_objective(config, vocab(), torch.device("cpu"))
+    assert objective.kind == kind
+    trained = model_of("input", "embedding")
+    objective.prepare(trained)
+    ids = ids_of(2, 9)
+    out = trained(ids[:, :-1], trained.init_state(2))
+    loss = objective.chunk_loss(trained, out, ids[:, :-1], ids[:, 1:], slice(0, 2), 2, False)
+    assert loss.nll.shape == (2, 8) and torch.isfinite(loss.nll).all()
+    scored = objective.score(
+        trained, ids_of(40), eval_reading(config.train.batching, "valid", 0), torch.device("cpu"), False, "valid"
+    )
+    assert math.isfinite(scored.selection)

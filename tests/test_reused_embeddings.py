@@ -134,7 +134,7 @@ def test_every_table1_cell_has_a_preset(cell: tuple[str, str], variant: str) -> 
     i, e, o, t = config.model.input, config.model.encoder, config.model.output, config.train
     assert (e.kind, i.emb_size, e.hidden_size, e.num_layers) == ("vd-lstm", units, units, 2)
     assert e.hidden_dropout == i.dropout == TABLE1[cell] and i.embed_dropout == 0
-    assert (t.optimizer.lr, t.bptt, t.variable_bptt, t.averaging.kind) == (1.0, 35, False, "none")
+    assert (t.optimizer.lr, t.batching.bptt, t.batching.variable_bptt, t.averaging.kind) == (1.0, 35, False, "none")
     assert (t.schedule.decay_start, t.schedule.decay, t.clip) == {
         "small": (5, 0.9, 5.0),
         "medium": (10, 0.9, 5.0),
@@ -142,24 +142,26 @@ def test_every_table1_cell_has_a_preset(cell: tuple[str, str], variant: str) -> 
     }[size]
     assert o.tie_weights == (not o.bias) == (variant in ("-re", "-real"))
     if variant in ("-al", "-real"):
-        assert t.aug_tau == 20.0 and (0.5 <= t.aug_gamma <= 0.8 if dataset == "ptb" else 1.0 <= t.aug_gamma <= 1.5)
+        assert t.terms.aug_tau == 20.0 and (
+            0.5 <= t.terms.aug_gamma <= 0.8 if dataset == "ptb" else 1.0 <= t.terms.aug_gamma <= 1.5
+        )
     else:
-        assert t.aug_gamma == 0
+        assert t.terms.aug_gamma == 0
 
 
 @pytest.mark.parametrize(
     ("overrides", "fragment"),
     [
-        (["train.aug_tau=0"], "invalid option train.aug_tau"),
-        (["train.aug_tau=-1"], "invalid option train.aug_tau"),
-        (["train.aug_gamma=-0.1"], "invalid option train.aug_gamma"),
+        (["train.aug_tau=0"], "invalid option train.terms.aug_tau"),
+        (["train.aug_tau=-1"], "invalid option train.terms.aug_tau"),
+        (["train.aug_gamma=-0.1"], "invalid option train.terms.aug_gamma"),
         (
             ["model.encoder=vd-lstm", "model.emb_size=20", "model.hidden_size=30"],
             "invalid option model.output.tie_weights",
         ),
         (["model.encoder=vd-lstm", "model.weight_dropout=0.5"], "unknown option model.encoder.weight_dropout"),
         (["model.output=mos", "model.output_bias=false"], "unknown option model.output.bias"),
-        (["model.output=mos", "train.aug_gamma=1"], "invalid option train.aug_gamma"),
+        (["model.output=mos", "train.aug_gamma=1"], "invalid option train.terms.aug_gamma"),
         (["train.lr_decay=1.5"], "invalid option train.schedule.decay"),
         (["train.plateau_factor=1"], "invalid option train.schedule.plateau_factor"),
     ],

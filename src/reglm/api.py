@@ -217,7 +217,7 @@ class TrainedModel:
     def _window(self, batch_tokens: int) -> int:
         """The longest sentence scored in one piece: ``batch_tokens`` for a stateful model (longer
         ones carry the state across windows, exactly); a stateless model's trained context
-        (:func:`~reglm.train.batching.trained_context`; :data:`WINDOW` without a run config)."""
+        (:func:`~reglm.data.batchings.trained_context`; :data:`WINDOW` without a run config)."""
         if self.model.init_state(1, device=self.device) is not None:
             return batch_tokens
         return self._trained_context()
@@ -225,9 +225,9 @@ class TrainedModel:
     def _trained_context(self) -> int:
         if self.run_config is None:
             return WINDOW
-        from reglm.train.batching import trained_context
+        from reglm.data.batchings import trained_context
 
-        return trained_context(self.run_config.train)
+        return trained_context(self.run_config.train.batching)
 
     def _encode_sentence(self, sentence: str) -> SentenceUnits:
         """The ids of one sentence's words and its ``<eos>``, which of them close a word, and
@@ -285,8 +285,8 @@ class TrainedModel:
         A search tunes on the text ``valid``; dynamic evaluation's ``rms`` rule takes its gradient
         statistics on the text ``train``."""
         from reglm.config.schema import TrainConfig
+        from reglm.data.batchings import eval_block, eval_reading
         from reglm.evaluate.modes import EvalContext, batch_size_for, mode_named, reading_for, refuse_subwords
-        from reglm.train.batching import eval_reading
 
         chosen = mode_named(mode)
         setting = chosen.parse(spec or "", f"mode {mode} spec")
@@ -294,18 +294,20 @@ class TrainedModel:
             refuse_subwords(chosen, "this model")
         if chosen.searches and valid is None:
             raise ReglmError(f"evaluation mode {mode} tunes on validation text; pass valid=TEXT")
-        config = self.run_config.train if self.run_config is not None else TrainConfig()
+        batching = (self.run_config.train if self.run_config is not None else TrainConfig()).batching
         ids, ends = self.text_to_units(text)
         if len(ids) < 2:
             raise ReglmError("evaluate needs a text of at least 2 tokens (the first is context, the rest scored)")
-        batch_size = batch_size_for(chosen, setting, config, "test")
+        batch_size = batch_size_for(chosen, setting, batching, "test")
+        run_reading = eval_reading(batching, "test", self.vocab.eos_id)
+        reading = reading_for(chosen, run_reading, eval_block(batching), self.vocab.eos_id, batch_size)
         ctx = EvalContext(
             self.model,
             torch.tensor(ids),
             "test",
             batch_size,
-            config.bptt,
-            reading_for(chosen, eval_reading(config, "test", self.vocab.eos_id), config, self.vocab.eos_id, batch_size),
+            reading.bptt,
+            reading,
             torch.tensor(ends) if self.subword is not None else None,
             self.device,
             False,

@@ -4,7 +4,7 @@ Plots and summaries are made from this file after the fact, never during trainin
 the file is cut back to its size at the checkpoint, so lines written after the checkpoint by an
 interrupted process do not appear twice.
 
-With ``train.tensorboard=true`` every event is also written as TensorBoard scalars into
+With ``train.log.tensorboard=true`` every event is also written as TensorBoard scalars into
 ``RUN/tensorboard/`` (:class:`TensorBoardLog`), from the same records.
 """
 
@@ -70,8 +70,8 @@ class TensorBoardLog:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
             raise ReglmError(
-                "train.tensorboard=true (--tensorboard) needs the tensorboard package: pip install "
-                "'reglm[tensorboard]', or set train.tensorboard=false"
+                "train.log.tensorboard=true (--tensorboard) needs the tensorboard package: pip install "
+                "'reglm[tensorboard]', or set train.log.tensorboard=false"
             ) from None
         self.log_dir = log_dir
         self._summary_writer = SummaryWriter

@@ -17,7 +17,7 @@ import torch
 import reglm.progress
 from reglm.cli import build_parser, main
 from reglm.cli.common import DEFAULT_THREADS, print_table, set_threads
-from reglm.config.build import ALIASES
+from reglm.config.aliases import ALIASES
 from reglm.errors import ReglmError
 
 TINY = ["--preset", "tiny", "train.epochs=1", "train.finetune=false", "data.synthetic_sentences=200"]

@@ -371,7 +371,7 @@ def test_absurd_sizes_and_seeds_are_refused_before_allocating(tmp_path: Path, ca
     expect_error(capsys, "seed", "train", "--preset", "tiny", "--out", str(tmp_path / "d"), "seed=-1")
     expect_error(
         capsys,
-        "train.eval_batch_size",
+        "train.batching.eval_batch_size",
         "train",
         "--preset",
         "tiny",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from reglm.config import (
@@ -23,7 +25,7 @@ def test_overrides_are_typed_and_nested() -> None:
     )
     assert cfg.train.optimizer.lr == 12.0 and isinstance(cfg.train.optimizer.lr, float)
     assert cfg.model.input.emb_size == 64
-    assert cfg.train.bptt_max is None
+    assert cfg.train.batching.bptt_max is None
     assert cfg.model.output.tie_weights is False and cfg.model.encoder.hidden_size == 30
     assert cfg.seed == 7
 
@@ -46,9 +48,16 @@ def test_awd_presets_match_the_paper(name: str, expected: dict) -> None:
     cfg = build_config(name)
     m, e, t = cfg.model, cfg.model.encoder, cfg.train
     assert cfg.data.name == expected["data"]
-    assert t.batch_size == expected["batch"] and m.input.dropout == expected["dropouti"]
+    assert t.batching.batch_size == expected["batch"] and m.input.dropout == expected["dropouti"]
     assert (e.hidden_dropout, e.output_dropout, m.input.embed_dropout, e.weight_dropout) == (0.3, 0.4, 0.1, 0.5)
-    assert (t.optimizer.lr, t.clip, t.epochs, t.eval_batch_size, t.test_batch_size, t.bptt) == (
+    assert (
+        t.optimizer.lr,
+        t.clip,
+        t.epochs,
+        t.batching.eval_batch_size,
+        t.batching.test_batch_size,
+        t.batching.bptt,
+    ) == (
         30.0,
         0.25,
         750,
@@ -56,7 +65,13 @@ def test_awd_presets_match_the_paper(name: str, expected: dict) -> None:
         1,
         70,
     )
-    assert (t.ar_alpha, t.tar_beta, t.averaging.nonmono, t.averaging.kind, t.finetune) == (2.0, 1.0, 5, "ntasgd", True)
+    assert (t.terms.ar_alpha, t.terms.tar_beta, t.averaging.nonmono, t.averaging.kind, t.finetune.enabled) == (
+        2.0,
+        1.0,
+        5,
+        "ntasgd",
+        True,
+    )
     assert m.output.tie_weights
 
 
@@ -248,18 +263,13 @@ def test_advsoft_presets_keep_the_awd_lstm_hyperparameters(name: str, base: str,
     assert {k: v for k, v in cfg.model.output.__dict__.items() if k != "advsoft"} == {
         k: v for k, v in ref.model.output.__dict__.items() if k != "advsoft"
     }
-    noise_fields = {
-        "input_noise_std",
-        "input_noise_anneal",
-        "input_noise_epochs",
-        "finetune_input_noise_std",
-        "advsoft_finetune",
-        "advsoft_stop_epoch",
-    }
+    noise_fields = {"input_noise", "finetune", "advsoft_stop_epoch"}
     assert {k: v for k, v in cfg.train.__dict__.items() if k not in noise_fields} == {
         k: v for k, v in ref.train.__dict__.items() if k not in noise_fields
     }
-    assert (cfg.train.input_noise_std, cfg.train.input_noise_anneal, cfg.train.finetune_input_noise_std) == (
+    stage = {"input_noise_std": 0.0, "advsoft": True}
+    assert dataclasses.replace(cfg.train.finetune, **stage) == dataclasses.replace(ref.train.finetune, **stage)
+    assert (cfg.train.input_noise.std, cfg.train.input_noise.anneal, cfg.train.finetune.input_noise_std) == (
         noise,
         "constant",
         0.0,

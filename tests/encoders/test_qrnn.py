@@ -476,7 +476,7 @@ def test_the_ptb_preset_is_the_reference_architecture() -> None:
         linear(800, 4650) + 2 * linear(1550, 4650) + linear(1550, 1200) + 10_000 * 400 + 10_000 == PRESETS["qrnn-ptb"]
     )
     config = build_config("qrnn-ptb")
-    assert (config.seed, config.train.batch_size, config.train.clip, config.train.finetune_epochs) == (
+    assert (config.seed, config.train.batching.batch_size, config.train.clip, config.train.finetune.epochs) == (
         9001,
         20,
         0.2,
@@ -499,4 +499,4 @@ def test_the_wt103_preset_divides_the_rate_by_ten_after_epoch_12() -> None:
     assert rates == [1e-3] * 12 + [pytest.approx(1e-4)] * 2
     assert config.model.output.cutoff_values == (2800, 20000, 76000) and config.train.averaging.kind == "none"
     adv = build_config("qrnn-advsoft-wt103")
-    assert adv.model.output.advsoft.kind == "relative" and adv.train.input_noise_std == 0.15
+    assert adv.model.output.advsoft.kind == "relative" and adv.train.input_noise.std == 0.15

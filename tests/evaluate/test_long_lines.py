@@ -10,9 +10,9 @@ import torch
 
 import reglm
 from reglm.config import build_config
+from reglm.data.batchings import trained_context
 from reglm.data.windows import ContextPlan, SentencePlan
 from reglm.evaluate.sentences import sentence_log_probs
-from reglm.train.batching import trained_context
 from reglm.train.run import train
 
 
@@ -44,7 +44,7 @@ def transformer(tmp_path_factory: pytest.TempPathFactory) -> reglm.TrainedModel:
 
 def test_a_line_longer_than_a_transformers_context_is_scored_in_windows(transformer: reglm.TrainedModel) -> None:
     lm = transformer
-    window = trained_context(lm.run_config.train)
+    window = trained_context(lm.run_config.train.batching)
     words = [w for w in lm.vocab.itos if w not in ("<eos>", "<unk>")]
     generator = torch.Generator().manual_seed(1)
     sentence = [words[i] for i in torch.randint(0, len(words), (4 * window + 3,), generator=generator).tolist()]

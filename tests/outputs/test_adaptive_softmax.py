@@ -357,7 +357,7 @@ ADAPTIVE_IN = [
         ),
         (
             ["model.output.cutoffs=10,30", "model.output.factor=2", "train.aug_gamma=1"],
-            "invalid option train.aug_gamma",
+            "invalid option train.terms.aug_gamma",
         ),
     ],
 )

@@ -342,8 +342,8 @@ def test_theorem_3_3_recognizable_words_are_separated() -> None:
         ("model.output.advsoft.epsilon=-1", "model.output.advsoft.epsilon"),
         ("model.advsoft=sometimes", "model.output.advsoft.kind"),
         ("model.advsoft_grad=none", "model.output.advsoft.grad"),
-        ("train.input_noise_std=-0.1", "train.input_noise_std"),
-        ("train.input_noise_anneal=cosine", "train.input_noise_anneal"),
+        ("train.input_noise_std=-0.1", "train.input_noise.std"),
+        ("train.input_noise_anneal=cosine", "train.input_noise.anneal"),
         ("train.advsoft_stop_epoch=-1", "train.advsoft_stop_epoch"),
     ],
 )

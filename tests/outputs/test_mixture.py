@@ -352,7 +352,7 @@ def test_mos_tiny_trains_and_resumes_bit_exactly(tmp_path: Path) -> None:
         trainer.run()
     state = load_state(run / "state.pt")
     assert (state["stage"], state["epoch"]) == ("main", 1) and state["position"] > 0
-    assert state["hidden"][0][0].shape[1] == config.train.batch_size
+    assert state["hidden"][0][0].shape[1] == config.train.batching.batch_size
     resume(run, progress=False)
     for sub in ("best", "last"):
         a, b = load_file(str(reference / sub / "model.safetensors")), load_file(str(run / sub / "model.safetensors"))
@@ -382,7 +382,7 @@ def test_last_hidden_size_sets_the_last_layer() -> None:
         ("model.doc_experts=1,2", "model.output.doc_experts"),
         ("model.doc_experts=x", "model.output.doc_experts"),
         ("model.mixture_penalty=-1", "model.output.mixture_penalty"),
-        ("train.small_batch_size=3", "train.small_batch_size"),
+        ("train.small_batch_size=3", "train.batching.small_batch_size"),
     ],
 )
 def test_bad_mixture_options_name_the_option(override: str, option: str) -> None:
@@ -430,13 +430,27 @@ def test_mos_presets_follow_their_sources(name: str) -> None:
     assert (e.hidden_size, e.last_hidden_size, i.emb_size) == ((960, 620, 280) if ptb else (1150, 650, 300))
     assert (i.dropout, e.hidden_dropout, o.latent_dropout) == ((0.4, 0.225, 0.29) if ptb else (0.55, 0.2, 0.29))
     assert (e.output_dropout, i.embed_dropout, e.weight_dropout) == (0.4, 0.1, 0.5)
-    assert (t.optimizer.lr, t.batch_size, t.small_batch_size, t.bptt_max) == (
+    assert (t.optimizer.lr, t.batching.batch_size, t.batching.small_batch_size, t.batching.bptt_max) == (
         (20.0, 12, None, 110) if ptb else (15.0, 15, 5, 90)
     )
-    assert (t.epochs, t.finetune, t.bptt, t.clip, t.eval_batch_size, t.test_batch_size) == (1000, True, 70, 0.25, 10, 1)
+    assert (
+        t.epochs,
+        t.finetune.enabled,
+        t.batching.bptt,
+        t.clip,
+        t.batching.eval_batch_size,
+        t.batching.test_batch_size,
+    ) == (
+        1000,
+        True,
+        70,
+        0.25,
+        10,
+        1,
+    )
     assert cfg.seed == (28 if ptb else 1882)
     if "advsoft" in name:
-        assert (o.advsoft.kind, o.advsoft.alpha, t.input_noise_std, t.finetune_input_noise_std) == (
+        assert (o.advsoft.kind, o.advsoft.alpha, t.input_noise.std, t.finetune.input_noise_std) == (
             "relative",
             0.005,
             0.15,

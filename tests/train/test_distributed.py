@@ -16,7 +16,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -25,10 +25,10 @@ import torch
 from reglm.cli import main
 from reglm.config import build_config
 from reglm.data import load_corpus
+from reglm.data.batchings import BPTTConfig, SentencesConfig, eval_reading, training_batches
 from reglm.errors import ReglmError
 from reglm.evaluate.perplexity import evaluate
 from reglm.modeldir import load_model_dir
-from reglm.train.batching import eval_reading, training_batches
 from reglm.train.checkpoint import load_state
 from reglm.train.run import resume, train
 
@@ -195,7 +195,7 @@ def test_evaluation_equals_one_process(awd_runs: tuple[Path, Path, list[Rank]]) 
     for split in ("valid", "test"):
         assert (
             evaluate(
-                model, getattr(corpus, split), reading=eval_reading(config.train, split, corpus.vocab.eos_id)
+                model, getattr(corpus, split), reading=eval_reading(config.train.batching, split, corpus.vocab.eos_id)
             ).as_dict()
             == results[split]
         )
@@ -239,12 +239,8 @@ def test_each_rank_reads_its_share_of_the_global_batch() -> None:
     """For every batching, the ranks' windows of a step are the one process's, in rank order."""
     ids = torch.randint(1, 50, (4000,))
     ids[::9] = 0
-    blocks = build_config("transformer-tiny", ["train.batch_size=4", "train.small_batch_size=none"]).train
-    for cfg in (
-        blocks,
-        replace(blocks, batching="bptt"),
-        replace(blocks, batching="sentences", max_tokens=40, update_freq=4),
-    ):
+    blocks = build_config("transformer-tiny", ["train.batch_size=4", "train.small_batch_size=none"]).train.batching
+    for cfg in (blocks, BPTTConfig(batch_size=4), SentencesConfig(max_tokens=40, update_freq=4)):
         whole = training_batches(ids, cfg, 3, torch.device("cpu"), 0)
         parts = [training_batches(ids, cfg, 3, torch.device("cpu"), 0, (rank, 2)) for rank in range(2)]
         assert whole.total == parts[0].total == parts[1].total
@@ -252,7 +248,7 @@ def test_each_rank_reads_its_share_of_the_global_batch() -> None:
             batch, advance, factor = whole.next(position, 1)
             shares = [part.next(position, 1) for part in parts]
             assert all(share[1:] == (advance, factor) for share in shares)
-            if cfg.batching == "sentences":
+            if cfg.kind == "sentences":
                 assert [w.positions.tolist() for w in batch] == [
                     w.positions.tolist() for share in shares for w in share[0]
                 ]
@@ -355,7 +351,7 @@ def test_bad_input_is_one_error_on_rank_0_and_exit_2_everywhere(
     ranks = launch(tmp_path / "batch", train_cli("tiny", tmp_path / "odd", [*CPU, "train.batch_size=5"]))
     assert [r.code for r in ranks] == [2, 2]
     assert (
-        "reglm: error: train.batch_size=5 streams cannot be split evenly over 2 processes" in ranks[0].log
+        "reglm: error: train.batching.batch_size=5 streams cannot be split evenly over 2 processes" in ranks[0].log
         and "reglm: error" not in ranks[1].log
     )
     assert not (tmp_path / "odd").exists()

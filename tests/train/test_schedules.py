@@ -13,10 +13,11 @@ import torch
 
 from reglm.config import RunConfig, build_config
 from reglm.data import load_corpus
+from reglm.data.batchings import sample_bptt, scaled_lr
 from reglm.errors import ReglmError, TrainingInterrupted
 from reglm.train.checkpoint import load_state
 from reglm.train.run import resume, train
-from reglm.train.schedules import DecaySchedule, DecayScheduleConfig, sample_bptt, scaled_lr
+from reglm.train.schedules import DecaySchedule, DecayScheduleConfig
 from reglm.train.trainer import StopRequest, Trainer
 
 

@@ -139,8 +139,8 @@ def _analyze_by_frequency(args: argparse.Namespace, labels: list[str]) -> int:
     """``reglm analyze RUN... --by-frequency``: Baevski & Auli's Figures 2 and 3 for every run."""
     from reglm.analysis.frequency import frequency_analysis
     from reglm.analysis.plots import plot_loss_by_frequency
+    from reglm.data.batchings import eval_reading
     from reglm.io import write_json
-    from reglm.train.batching import eval_reading
 
     if args.top is not None:
         raise ReglmError(
@@ -151,7 +151,7 @@ def _analyze_by_frequency(args: argparse.Namespace, labels: list[str]) -> int:
     records = []
     for run, label in zip(args.runs, labels):
         loaded = load_scored_run(run, args.checkpoint, args.data, args.data_dir)
-        reading = eval_reading(loaded.config.train, args.split, loaded.vocab.eos_id)
+        reading = eval_reading(loaded.config.train.batching, args.split, loaded.vocab.eos_id)
         record = frequency_analysis(loaded.model, loaded.corpus, args.split, reading, loaded.device, progress)
         records.append({"label": label, "path": str(loaded.directory), **record})
     figure, data = out / "loss-by-frequency.png", out / "loss-by-frequency.json"

@@ -51,7 +51,7 @@ def register(sub: Any) -> None:
         "--block",
         type=int,
         metavar="L",
-        help="score in stateless blocks of at most L tokens, scored parts ending at sentence ends (Baevski & Auli; default with --context-window: the run's train.block_size)",
+        help="score in stateless blocks of at most L tokens, scored parts ending at sentence ends (Baevski & Auli; default with --context-window: the run's train.batching.block_size)",
     )
     add_data_options(p, with_vocab=False)
     modes = p.add_mutually_exclusive_group()
@@ -82,11 +82,11 @@ def _eval_mode(args: argparse.Namespace) -> tuple[EvalMode, Any]:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from reglm.data.batchings import eval_block, eval_reading
     from reglm.evaluate.perplexity import ReadingKind
     from reglm.evaluate.sentences import sentence_log_probs
     from reglm.evaluate.word_probs import write_loss_deltas, write_word_probs
     from reglm.progress import plan
-    from reglm.train.batching import eval_reading
     from reglm.train.results import truth_comparison
 
     mode, setting = _eval_mode(args)
@@ -131,9 +131,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.max_tokens is not None:
         ids, valid_ids = ids[: args.max_tokens], valid_ids[: args.max_tokens]
         word_ends = None if word_ends is None else word_ends[: args.max_tokens]
-    batch_size = batch_size_for(mode, setting, config.train, split, args.batch_size)
-    run_reading = eval_reading(config.train, split, vocab.eos_id)
-    reading = reading_for(mode, run_reading, config.train, vocab.eos_id, batch_size, args.block)
+    batching = config.train.batching
+    batch_size = batch_size_for(mode, setting, batching, split, args.batch_size)
+    run_reading = eval_reading(batching, split, vocab.eos_id)
+    reading = reading_for(mode, run_reading, eval_block(batching), vocab.eos_id, batch_size, args.block)
     truth = corpus.truth[split] if corpus.truth is not None else None
     keep = truth is not None or args.word_probs is not None or args.cache_deltas is not None
     if args.max_tokens is not None and reading.kind is not ReadingKind.BLOCKS and ids.numel() - 1 < batch_size:
@@ -146,7 +147,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         ids,
         split,
         batch_size,
-        config.train.bptt,
+        reading.bptt,
         reading,
         word_ends,
         device,

@@ -94,13 +94,13 @@ def _add_tensorboard(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--tensorboard",
         action="store_true",
-        help="also write the metrics as TensorBoard scalars into RUN/tensorboard/ (train.tensorboard=true; pip install 'reglm[tensorboard]')",
+        help="also write the metrics as TensorBoard scalars into RUN/tensorboard/ (train.log.tensorboard=true; pip install 'reglm[tensorboard]')",
     )
 
 
 def _overrides(args: argparse.Namespace) -> list[str]:
     """The KEY=VALUE overrides, with the ones the flags stand for."""
-    return [*args.overrides, *(["train.tensorboard=true"] if args.tensorboard else [])]
+    return [*args.overrides, *(["train.log.tensorboard=true"] if args.tensorboard else [])]
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -1,14 +1,13 @@
 """Configuration: frozen dataclasses per stage and component, presets, and the one parser of
 ``key=value`` options (:mod:`reglm.config.build`)."""
 
-from reglm.config.build import describe, describe_values
+from reglm.config.describe import describe, describe_values
 from reglm.config.fields import MAX_SEED
 from reglm.config.parse import parse_assignments, parse_value
 from reglm.config.presets import build_config, derive_config, list_presets, load_config_file, load_preset
 from reglm.config.schema import (
     DataConfig,
     ModelConfig,
-    ObjectiveConfig,
     RunConfig,
     TrainConfig,
     architecture_differences,
@@ -24,7 +23,6 @@ __all__ = [
     "MAX_SEED",
     "DataConfig",
     "ModelConfig",
-    "ObjectiveConfig",
     "RunConfig",
     "TrainConfig",
     "architecture_differences",

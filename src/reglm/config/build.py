@@ -16,21 +16,21 @@ of *assignments* ``(path, value)`` applied in order to one raw nested mapping
 ``model.encoder=vd-lstm`` on top of an AWD-LSTM preset keeps ``hidden_size`` and ``num_layers``.
 A path with ``*`` (``model.*dropout=0``) sets every matching option that exists. Old flat names
 (``model.emb_size``, ``train.lr``; the layout before components) are aliases of their new paths
-(:data:`ALIASES`), so old commands, presets and run directories keep working.
+(:data:`~reglm.config.aliases.ALIASES`), so old commands, presets and run directories keep working.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import fnmatch
 import functools
 import importlib
-import types
 import typing
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+from reglm.config.aliases import ALIASES, LENIENT_ALIASES, OLD_AVERAGING
+from reglm.config.fields import closest, coerce, did_you_mean, suggestion
 from reglm.errors import ReglmError
 
 FAMILIES: dict[str, tuple[str, str]] = {
@@ -40,45 +40,11 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "optimizer": ("reglm.train.optim", "OPTIMIZERS"),
     "averaging": ("reglm.train.optim", "AVERAGING"),
     "schedule": ("reglm.train.schedules", "SCHEDULES"),
+    "batching": ("reglm.data.batchings", "BATCHINGS"),
+    "objective": ("reglm.train.objective", "OBJECTIVES"),
 }
 """Component family -> (module, registry): the registry maps each kind to a component class
 whose ``Config`` is the kind's dataclass."""
-
-ALIASES: dict[str, tuple[str, ...]] = {
-    "model.emb_size": ("model.input.emb_size",),
-    "model.embed_dropout": ("model.input.embed_dropout",),
-    "model.input_dropout": ("model.input.dropout",),
-    "model.init_range": ("model.input.init_range", "model.encoder.init_range", "model.output.init_range"),
-    "model.hidden_size": ("model.encoder.hidden_size",),
-    "model.last_hidden_size": ("model.encoder.last_hidden_size",),
-    "model.num_layers": ("model.encoder.num_layers",),
-    "model.hidden_dropout": ("model.encoder.hidden_dropout",),
-    "model.output_dropout": ("model.encoder.output_dropout",),
-    "model.weight_dropout": ("model.encoder.weight_dropout",),
-    "model.tie_weights": ("model.output.tie_weights",),
-    "model.output_bias": ("model.output.bias",),
-    "model.n_experts": ("model.output.n_experts",),
-    "model.latent_dropout": ("model.output.latent_dropout",),
-    "model.doc_experts": ("model.output.doc_experts",),
-    "model.mixture_penalty": ("model.output.mixture_penalty",),
-    "model.advsoft_alpha": ("model.output.advsoft.alpha",),
-    "model.advsoft_epsilon": ("model.output.advsoft.epsilon",),
-    "model.advsoft_grad": ("model.output.advsoft.grad",),
-    "model.advsoft_positive_only": ("model.output.advsoft.positive_only",),
-    "model.advsoft": ("model.output.advsoft",),
-    "train.lr": ("train.optimizer.lr",),
-    "train.weight_decay": ("train.optimizer.weight_decay",),
-    "train.trigger": ("train.averaging.trigger",),
-    "train.nonmono": ("train.averaging.nonmono",),
-    "train.lr_decay": ("train.schedule.decay",),
-    "train.lr_decay_start": ("train.schedule.decay_start",),
-    "train.plateau_factor": ("train.schedule.plateau_factor",),
-}
-"""Old flat option -> its path(s) in the component layout. An alias with several targets sets
-each one the chosen kinds have (``model.init_range`` was one range for every layer)."""
-
-OLD_AVERAGING = {"ntasgd": "ntasgd", "sgd": "none"}
-"""The old ``train.optimizer`` values: they named the averaging policy."""
 
 Path = tuple[str, ...]
 
@@ -86,6 +52,15 @@ Path = tuple[str, ...]
 def registry(family: str) -> dict[str, Any]:
     module, name = FAMILIES[family]
     return getattr(importlib.import_module(module), name)
+
+
+def component(family: str, default_kind: str, what: str) -> Any:
+    """A dataclass field holding a component of ``family`` (its default kind's default config):
+    ``what`` it is; ``reglm config`` lists its kinds from the registry (:func:`kinds_help`), so no
+    help text names them."""
+    return dataclasses.field(
+        default_factory=lambda: family_configs(family)[default_kind](), metadata={"help": what, "family": family}
+    )
 
 
 def family_configs(family: str) -> dict[str, type]:
@@ -168,26 +143,6 @@ def _option_name(path: Path) -> str:
     return ".".join(path)
 
 
-SIMILAR = 0.75
-"""How alike (difflib's ratio) a mistyped name and a known one must be to be suggested."""
-
-
-def closest(word: Any, choices: Iterable[str]) -> str | None:
-    """The one of ``choices`` closest to a mistyped ``word``, or None when none is close."""
-    close = difflib.get_close_matches(str(word), sorted(set(choices)), n=1, cutoff=SIMILAR)
-    return close[0] if close else None
-
-
-def did_you_mean(word: Any, choices: Iterable[str]) -> str:
-    """``" (did you mean X?)"`` for the one of ``choices`` closest to a mistyped ``word``; empty
-    when none is close."""
-    return _suggestion(closest(word, choices))
-
-
-def _suggestion(*names: str | None) -> str:
-    return f" (did you mean {' or '.join(n for n in names if n)}?)" if any(names) else ""
-
-
 def _kind_error(family: str, kind: Any, path: Path) -> ReglmError:
     configs = family_configs(family)
     hint = ""
@@ -212,7 +167,8 @@ def assign(
     if name not in fields:
         if lenient:
             return []
-        kind = f" (kind {raw.get('kind')!r} has no such option)" if "kind" in fields and raw.get("kind") else ""
+        chosen = raw.get("kind", fields["kind"].default) if "kind" in fields else None
+        kind = f" (kind {chosen!r} has no such option)" if chosen else ""
         raise ReglmError(
             f"unknown option {_option_name((*prefix, *path))}{kind}; the options here are: {', '.join(sorted(fields))} (`reglm config` lists them all)"
         )
@@ -315,7 +271,8 @@ def apply(
             done = [p for path in matches for p in assign(raw, root, path, value, lenient)]
         else:
             targets = resolve_key(key, root)
-            done = [p for path in targets for p in assign(raw, root, path, value, lenient or len(targets) > 1)]
+            loose = lenient or len(targets) > 1 or bool({key, f"train.{key}"} & LENIENT_ALIASES)
+            done = [p for path in targets for p in assign(raw, root, path, value, loose)]
         if sources is not None:
             for path in map(_option_name, done):
                 if origin:
@@ -382,7 +339,7 @@ def leaf_paths(raw: dict[str, Any], root: type, prefix: Path = ()) -> list[Path]
     return out
 
 
-def _all_paths(root: type, prefix: Path = ()) -> Iterator[tuple[Path, dataclasses.Field, Any, list[str], str]]:
+def all_paths(root: type, prefix: Path = ()) -> Iterator[tuple[Path, dataclasses.Field, Any, list[str], str]]:
     """Every option of every kind: ``(path, field, annotation, kinds that have it, help)``. The
     help of a component field or of a kinded dataclass is printed on its ``kind`` line, before
     the kinds: a component's registered kinds (:func:`kinds_help`), a dataclass's own."""
@@ -393,7 +350,7 @@ def _all_paths(root: type, prefix: Path = ()) -> Iterator[tuple[Path, dataclasse
         if family is not None:
             merged: dict[Path, tuple[dataclasses.Field, Any, list[str], str]] = {}
             for kind, cls in family_configs(family).items():
-                for path, sub_f, sub_hint, _, text in _all_paths(cls, (*prefix, name)):
+                for path, sub_f, sub_hint, _, text in all_paths(cls, (*prefix, name)):
                     if path == (*prefix, name, "kind"):
                         text = f"{f.metadata['help']}: {kinds_help(family, described=True)}"
                     entry = merged.setdefault(path, (sub_f, sub_hint, [], text))
@@ -402,7 +359,7 @@ def _all_paths(root: type, prefix: Path = ()) -> Iterator[tuple[Path, dataclasse
             for path, (sub_f, sub_hint, kinds, text) in merged.items():
                 yield path, sub_f, sub_hint, kinds, text
         elif dataclasses.is_dataclass(hint):
-            for path, sub_f, sub_hint, kinds, text in _all_paths(hint, (*prefix, name)):
+            for path, sub_f, sub_hint, kinds, text in all_paths(hint, (*prefix, name)):
                 if path == (*prefix, name, "kind") and "help" in f.metadata:
                     text = f"{f.metadata['help']}: {text}"
                 yield path, sub_f, sub_hint, kinds, text
@@ -416,7 +373,7 @@ def resolve_key(key: str, root: type) -> list[Path]:
     key = key.strip().replace("-", "_")
     if key in ALIASES:
         return [tuple(p.split(".")) for p in ALIASES[key]]
-    known = {path for path, *_ in _all_paths(root)}
+    known = {path for path, *_ in all_paths(root)}
     sections = {path[: i + 1] for path in known for i in range(len(path) - 1)}
     path = tuple(key.split("."))
     if path in known or path in sections:
@@ -436,10 +393,26 @@ def resolve_key(key: str, root: type) -> list[Path]:
             f"unknown override key {key!r}{_suggest_key(path, known | sections)}; `reglm config` lists the keys"
         )
     if len(owners) > 1:
+        flat = _flat_meaning(key, known)
+        if flat is not None:
+            return [flat]
         raise ReglmError(
             f"override key {key!r} is ambiguous; write one of {', '.join(_option_name(o) for o in owners)}"
         )
     return [owners[0]]
+
+
+def _flat_meaning(key: str, known: set[Path]) -> Path | None:
+    """What a bare name shared by several options named in the flat layout, when that is one
+    option: the target of an old flat alias (``lr``: ``train.optimizer.lr``, not
+    ``train.finetune.lr``), or an option directly in a section (``epochs``: ``train.epochs``)."""
+    flat = {
+        tuple(targets[0].split("."))
+        for alias, targets in ALIASES.items()
+        if alias.count(".") == 1 and alias.split(".")[1] == key and len(targets) == 1
+    }
+    flat |= {path for path in known if len(path) == 2 and path[1] == key}
+    return flat.pop() if len(flat) == 1 else None
 
 
 def _suggest_key(path: Path, known: set[Path]) -> str:
@@ -450,54 +423,19 @@ def _suggest_key(path: Path, known: set[Path]) -> str:
     names = known | {tuple(alias.split(".")) for alias in ALIASES}
     if len(path) == 1:
         best = closest(path[0], {p[-1] for p in names})
-        owners = sorted(_option_name(p) for p in known if p[-1] == best)
+        flat = _flat_meaning(best, known) if best else None
+        owners = [_option_name(flat)] if flat else sorted(_option_name(p) for p in known if p[-1] == best)
         if len(owners) == 1 and owners[0] != best:
-            return _suggestion(f"{best}, i.e. {owners[0]}")
-        return _suggestion(*owners) if 1 < len(owners) <= 3 else _suggestion(best)
+            return suggestion(f"{best}, i.e. {owners[0]}")
+        return suggestion(*owners) if 1 < len(owners) <= 3 else suggestion(best)
     siblings = {p[-1] for p in names if p[:-1] == path[:-1]}
     if siblings:
         best = closest(path[-1], siblings)
-        return _suggestion(best and _option_name((*path[:-1], best)))
+        return suggestion(best and _option_name((*path[:-1], best)))
     return did_you_mean(_option_name(path), map(_option_name, names))
 
 
 # ------------------------------------------------------------------ building
-
-
-def coerce(value: Any, tp: Any, where: str) -> Any:
-    """``value`` as the scalar type ``tp`` (int, float, bool, str or an optional of one)."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return coerce(value, arg, where)
-            except ReglmError:
-                continue
-        raise ReglmError(f"{where}: {value!r} is not a valid {tp}")
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ReglmError(f"{where}: {value!r} is not true or false")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ReglmError(f"{where}: {value!r} is not an integer")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise ReglmError(f"{where}: {value!r} is not a number")
-    if tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise ReglmError(f"{where}: {value!r} is not a string")
-    raise TypeError(f"unsupported config type {tp}")
 
 
 def build(cls: type, raw: Any, where: str, prefix: str = "", sources: dict[str, str] | None = None) -> Any:
@@ -536,41 +474,3 @@ def build(cls: type, raw: Any, where: str, prefix: str = "", sources: dict[str, 
         else:
             kwargs[name] = coerce(value, hint, sources.get(f"{prefix}{name}", f"{where}: {prefix}{name}"))
     return cls(**kwargs)
-
-
-def describe(root: type) -> str:
-    """One line per option of every kind: key, type, default, the kinds that have it, help."""
-    lines = []
-    defaults = root()
-    for path, f, hint, kinds, text in _all_paths(root):
-        if path[-1] == "kind" and not kinds:
-            continue
-        default = _default_of(defaults, path, None if f.default is dataclasses.MISSING else f.default)
-        type_name = str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
-        key = _option_name(path)
-        scope = f" [{', '.join(kinds)}]" if kinds else ""
-        lines.append(f"{key:34s} {type_name:12s} {default!r:12s} {text}{scope}")
-    return "\n".join(lines)
-
-
-def describe_values(config: Any) -> str:
-    """One ``key=value`` line per option of a built config, kinds first, each written as an
-    override that sets it (``none``, ``true``/``false``), so a line can be pasted back."""
-
-    def text(value: Any) -> str:
-        if value is None or isinstance(value, bool):
-            return {None: "none", True: "true", False: "false"}[value]
-        return str(value)
-
-    return "\n".join(f"{key}={text(value)}" for key, value in nested_assignments(dataclasses.asdict(config)))
-
-
-def _default_of(defaults: Any, path: Path, fallback: Any) -> Any:
-    """The value at ``path`` of the default config (the default kind's), else ``fallback`` (an
-    option only other kinds have: their default)."""
-    value = defaults
-    for name in path:
-        if not hasattr(value, name):
-            return fallback
-        value = getattr(value, name)
-    return value

@@ -1,4 +1,5 @@
-"""The pieces every configuration dataclass is made of: a documented field and range checks.
+"""The pieces every configuration dataclass is made of: a documented field, range checks, a value
+as its option's scalar type, and the did-you-mean of error messages.
 
 Light on purpose (no PyTorch): component modules define their own frozen config dataclass next
 to the component, with :func:`option` fields, and validate it in ``__post_init__`` with these
@@ -7,7 +8,11 @@ checks, which raise :class:`~reglm.errors.ReglmError` naming the option.
 
 from __future__ import annotations
 
+import difflib
 import math
+import types
+import typing
+from collections.abc import Iterable
 from dataclasses import field
 from typing import Any
 
@@ -69,3 +74,59 @@ def check_seed(value: int, option_name: str) -> None:
 
 def check_kind(value: str, kinds: tuple[str, ...], option_name: str) -> None:
     check(value in kinds, option_name, f"unknown {value!r}; choose {' or '.join(kinds)}")
+
+
+SIMILAR = 0.75
+"""How alike (difflib's ratio) a mistyped name and a known one must be to be suggested."""
+
+
+def closest(word: Any, choices: Iterable[str]) -> str | None:
+    """The one of ``choices`` closest to a mistyped ``word``, or None when none is close."""
+    close = difflib.get_close_matches(str(word), sorted(set(choices)), n=1, cutoff=SIMILAR)
+    return close[0] if close else None
+
+
+def did_you_mean(word: Any, choices: Iterable[str]) -> str:
+    """``" (did you mean X?)"`` for the one of ``choices`` closest to a mistyped ``word``; empty
+    when none is close."""
+    return suggestion(closest(word, choices))
+
+
+def suggestion(*names: str | None) -> str:
+    return f" (did you mean {' or '.join(n for n in names if n)}?)" if any(names) else ""
+
+
+def coerce(value: Any, tp: Any, where: str) -> Any:
+    """``value`` as the scalar type ``tp`` (int, float, bool, str or an optional of one)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return coerce(value, arg, where)
+            except ReglmError:
+                continue
+        raise ReglmError(f"{where}: {value!r} is not a valid {tp}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ReglmError(f"{where}: {value!r} is not true or false")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ReglmError(f"{where}: {value!r} is not an integer")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ReglmError(f"{where}: {value!r} is not a number")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ReglmError(f"{where}: {value!r} is not a string")
+    raise TypeError(f"unsupported config type {tp}")

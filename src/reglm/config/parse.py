@@ -13,7 +13,8 @@ from typing import Any
 
 import yaml
 
-from reglm.config.build import coerce, fields_of, hints_of
+from reglm.config.build import fields_of, hints_of
+from reglm.config.fields import coerce
 from reglm.errors import ReglmError
 
 

@@ -40,7 +40,8 @@ from typing import Any
 
 import yaml
 
-from reglm.config.build import apply, build, did_you_mean, kinds_first, nested_assignments
+from reglm.config.build import apply, build, kinds_first, nested_assignments
+from reglm.config.fields import did_you_mean
 from reglm.config.parse import parse_assignments
 from reglm.config.schema import RunConfig, architecture_differences
 from reglm.errors import ReglmError

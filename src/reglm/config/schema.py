@@ -14,21 +14,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from reglm.config.build import OLD_AVERAGING, apply, build, family_configs, kinds_first, nested_assignments
-from reglm.config.fields import check, check_kind, check_nonneg, check_seed, option
-
-
-def _component(family: str, default_kind: str, what: str) -> Any:
-    """A component field: ``what`` it is; ``reglm config`` lists its kinds from the registry
-    (:func:`~reglm.config.build.kinds_help`), so no help text here names them."""
-    return field(
-        default_factory=lambda: family_configs(family)[default_kind](), metadata={"help": what, "family": family}
-    )
-
+from reglm.config.aliases import ALIASES, OLD_AVERAGING
+from reglm.config.build import (
+    apply,
+    build,
+    component,
+    family_configs,
+    kinds_first,
+    nested_assignments,
+)
+from reglm.config.fields import check, check_seed, option
+from reglm.config.train import TrainConfig
 
 TOKENIZERS = ("word", "bpe")
 MIN_BPE_VOCAB = 16
@@ -118,15 +117,15 @@ class DataConfig:
 class ModelConfig:
     """The language model: input layer -> encoder -> output layer, each a component chosen by kind."""
 
-    input: Any = _component("input", "embedding", "input layer")
-    encoder: Any = _component("encoder", "awd-lstm", "encoder")
-    output: Any = _component("output", "softmax", "output layer")
+    input: Any = component("input", "embedding", "input layer")
+    encoder: Any = component("encoder", "awd-lstm", "encoder")
+    output: Any = component("output", "softmax", "output layer")
 
     def __post_init__(self) -> None:
         """The checks across components: each component config's ``check_with(model_config)``
         (:class:`~reglm.config.fields.ComponentConfig`: does it fit the other two)."""
-        for component in (self.input, self.encoder, self.output):
-            component.check_with(self)
+        for part in (self.input, self.encoder, self.output):
+            part.check_with(self)
 
     @classmethod
     def build(cls, **options: Any) -> ModelConfig:
@@ -141,246 +140,6 @@ class ModelConfig:
         return RunConfig.from_dict(raw, "ModelConfig.build").model
 
 
-BATCHINGS = ("bptt", "blocks", "sentences")
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Optimization: the optimizer, averaging and schedule, BPTT, regularization terms, checkpoints."""
-
-    epochs: int = option(6, "epochs of the main stage")
-    batch_size: int = option(32, "training streams per batch")
-    small_batch_size: int | None = option(
-        None,
-        "gradient accumulation: streams per forward/backward chunk, each with its own carried state, one step per batch (none: batch_size; the MoS code's small_batch_size)",
-    )
-    eval_batch_size: int = option(10, "streams per batch for validation")
-    test_batch_size: int = option(1, "streams per batch for the final test evaluation")
-    bptt: int = option(35, "base BPTT length")
-    variable_bptt: bool = option(True, "sample the BPTT length per batch (AWD-LSTM 4.1); false: always bptt")
-    bptt_p: float = option(0.95, "probability of the full base length; otherwise half of it")
-    bptt_std: float = option(5.0, "standard deviation of the sampled length around the base")
-    bptt_min: int = option(5, "shortest sampled BPTT length")
-    bptt_max: int | None = option(None, "longest sampled BPTT length (none: no cap)")
-    batching: str = option(
-        "bptt",
-        "how the training split is read: bptt (batch_size contiguous streams, the state carried; the LSTM papers'), blocks (shuffled blocks of block_size tokens, each from scratch; Baevski & Auli 4.3, WikiText-103) or sentences (single sentences, similar lengths grouped up to max_tokens; billion word)",
-    )
-    block_size: int = option(
-        512,
-        "batching=blocks: tokens per block, in training and evaluation (Baevski & Auli 4.3 and Table 5: 512, 2048, 3072); batch_size blocks per batch",
-    )
-    max_tokens: int = option(
-        4096,
-        "batching=sentences: tokens per batch, padding included (Baevski & Auli 4.3: B = 4096 per GPU on WikiText-103, 2048 on billion word)",
-    )
-    update_freq: int = option(
-        1,
-        "batching=blocks or sentences: batches accumulated into each optimizer step (fairseq's update frequency; Baevski & Auli 4.3)",
-    )
-    eval_context: int = option(
-        0,
-        "batching=blocks: evaluation windows of block_size tokens whose first eval_context only give context (Baevski & Auli Table 5: 480, 1536, 2560)",
-    )
-    eval_whole_sentences: bool = option(
-        True,
-        "batching=blocks: the scored part of an evaluation window ends at a sentence end (<eos>) when one falls inside it",
-    )
-    max_steps: int | None = option(
-        None,
-        "end the main stage after this many optimizer steps, mid-epoch if need be (the adaptive-input recipes count updates); none: train.epochs decides",
-    )
-    precision: str = option(
-        "fp32",
-        "fp32, or bf16: autocast the forward pass to bfloat16 on CUDA (fp32 master weights; LayerNorm, softmax and the loss stay fp32); a CPU run stays fp32",
-    )
-    compile: bool = option(
-        False, "run the forward pass through torch.compile (the uncompiled module is what checkpoints save)"
-    )
-    optimizer: Any = _component("optimizer", "sgd", "optimizer")
-    averaging: Any = _component("averaging", "ntasgd", "averaging")
-    schedule: Any = _component("schedule", "decay", "learning-rate schedule")
-    clip: float = option(0.25, "gradient clipping: maximum global norm (0: off)")
-    ar_alpha: float = option(2.0, "activation regularization coefficient (AR, on the dropped last-layer output)")
-    tar_beta: float = option(1.0, "temporal activation regularization coefficient (TAR, on the undropped output)")
-    finetune: bool = option(
-        False,
-        "after the main stage, restart ASGD with T=0 from the best model (AWD-LSTM section 5; needs averaging=ntasgd)",
-    )
-    finetune_epochs: int = option(
-        500, "upper bound on fine-tuning epochs; the non-monotone criterion normally stops it first"
-    )
-    finetune_lr: float | None = option(None, "learning rate of the fine-tuning stage (none: the optimizer's lr)")
-    sequence_loss: bool = option(
-        False,
-        "sum the token losses over each BPTT window and average over streams (Zaremba et al.'s and Inan et al.'s reduction; lr and clip then refer to that sum); false: mean per token",
-    )
-    aug_gamma: float = option(
-        0.0,
-        "augmented loss (Inan et al. eqs. 3.1-3.7): weight alpha = aug_gamma * aug_tau of KL(y_tilde || y_hat); 0: off",
-    )
-    aug_tau: float = option(20.0, "augmented loss temperature tau (Inan et al. appendix A: 20)")
-    aug_target_grad: bool = option(
-        False,
-        "augmented loss: let gradient flow into the embedding through the target y_tilde = softmax(L^T u / tau) (false: y_tilde is a constant target)",
-    )
-    advsoft_stop_epoch: int | None = option(None, "switch AdvSoft off after this main-stage epoch (none: keep it on)")
-    advsoft_finetune: bool = option(True, "keep AdvSoft on during the fine-tuning stage")
-    input_noise_std: float = option(
-        0.0, "std of Gaussian noise added to the input embeddings in training (Wang et al. 2019, section 5)"
-    )
-    input_noise_anneal: str = option(
-        "constant",
-        "input noise schedule over main-stage epochs: constant, linear (to 0 at input_noise_epochs) or exponential (half-life input_noise_epochs)",
-    )
-    input_noise_epochs: float = option(
-        100.0, "input noise schedule length: linear: epochs to reach 0; exponential: half-life in epochs"
-    )
-    finetune_input_noise_std: float = option(
-        0.0, "std of the input-embedding noise during fine-tuning (the authors' code: none)"
-    )
-    log_interval: int = option(
-        200, "log training metrics every this many steps (without a terminal, also print a progress line)"
-    )
-    tensorboard: bool = option(
-        False,
-        "also write the logged metrics as TensorBoard scalars into RUN/tensorboard/ (needs pip install 'reglm[tensorboard]')",
-    )
-    checkpoint_interval: int = option(
-        0, "also write a resumable checkpoint every this many steps (0: only at epoch ends)"
-    )
-    device: str = option("auto", "auto, cpu, cuda or cuda:N")
-
-    def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "eval_batch_size", "test_batch_size", "bptt", "bptt_min", "log_interval"):
-            check(getattr(self, name) >= 1, f"train.{name}", f"{getattr(self, name)} must be >= 1")
-        check(
-            self.bptt_max is None or self.bptt_max >= self.bptt_min,
-            "train.bptt_max",
-            "must be >= train.bptt_min or none",
-        )
-        check(
-            self.small_batch_size is None
-            or (self.small_batch_size >= 1 and self.batch_size % self.small_batch_size == 0),
-            "train.small_batch_size",
-            f"{self.small_batch_size} must divide train.batch_size ({self.batch_size}) or be none",
-        )
-        check(0.0 <= self.bptt_p <= 1.0, "train.bptt_p", f"{self.bptt_p} must be in [0, 1]")
-        check(self.bptt_std >= 0, "train.bptt_std", f"{self.bptt_std} must be >= 0")
-        for name in ("clip", "ar_alpha", "tar_beta", "input_noise_std", "finetune_input_noise_std"):
-            check_nonneg(getattr(self, name), f"train.{name}")
-        check(
-            self.finetune_lr is None or (math.isfinite(self.finetune_lr) and self.finetune_lr > 0),
-            "train.finetune_lr",
-            f"{self.finetune_lr} must be > 0 or none",
-        )
-        check(self.finetune_epochs >= 0, "train.finetune_epochs", "must be >= 0")
-        check(
-            not self.finetune or self.averaging.kind == "ntasgd",
-            "train.finetune",
-            "is ASGD restarted from the best model and stopped by NT-ASGD's criterion; set train.averaging=ntasgd or finetune=false",
-        )
-        check(
-            self.advsoft_stop_epoch is None or self.advsoft_stop_epoch >= 0,
-            "train.advsoft_stop_epoch",
-            "must be >= 0 or none",
-        )
-        check(
-            self.input_noise_anneal in ("constant", "linear", "exponential"),
-            "train.input_noise_anneal",
-            f"unknown {self.input_noise_anneal!r}; choose constant, linear or exponential",
-        )
-        check(
-            math.isfinite(self.input_noise_epochs) and self.input_noise_epochs > 0,
-            "train.input_noise_epochs",
-            f"{self.input_noise_epochs} must be finite and > 0",
-        )
-        check(self.checkpoint_interval >= 0, "train.checkpoint_interval", "must be >= 0")
-        check(
-            math.isfinite(self.aug_gamma) and self.aug_gamma >= 0,
-            "train.aug_gamma",
-            f"{self.aug_gamma} must be >= 0 (0 turns the augmented loss off)",
-        )
-        check(math.isfinite(self.aug_tau) and self.aug_tau > 0, "train.aug_tau", f"{self.aug_tau} must be > 0")
-        check(
-            self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
-            "train.device",
-            f"unknown device {self.device!r}",
-        )
-        check_kind(self.batching, BATCHINGS, "train.batching")
-        for name in ("block_size", "max_tokens", "update_freq"):
-            check(getattr(self, name) >= 1, f"train.{name}", f"{getattr(self, name)} must be >= 1")
-        check(
-            self.small_batch_size is None or (self.batching != "sentences" and self.update_freq == 1),
-            "train.small_batch_size",
-            "cuts one batch of equal rows into chunks; with batching=sentences or train.update_freq > 1 set it to none (update_freq accumulates)",
-        )
-        check(
-            self.update_freq == 1 or self.batching != "bptt",
-            "train.update_freq",
-            "accumulates batches read from scratch (batching=blocks or sentences); BPTT streams accumulate chunks of streams: set train.small_batch_size",
-        )
-        check(self.eval_context >= 0, "train.eval_context", f"{self.eval_context} must be >= 0")
-        check(
-            self.eval_context == 0 or (self.batching == "blocks" and self.eval_context < self.block_size),
-            "train.eval_context",
-            f"{self.eval_context} needs batching=blocks and a train.block_size larger than it (the context is part of each evaluation block); lower it or set eval_context=0",
-        )
-        check(
-            self.max_steps is None or self.max_steps >= 1, "train.max_steps", f"{self.max_steps} must be >= 1 or none"
-        )
-        check(self.precision in ("fp32", "bf16"), "train.precision", f"unknown {self.precision!r}; choose fp32 or bf16")
-
-
-OBJECTIVES = ("lm", "discriminator", "reverse-kl")
-
-
-@dataclass(frozen=True)
-class ObjectiveConfig:
-    """What the run minimizes and which frozen models it reads (Popov & Kudinov 2019).
-
-    ``lm``: the language-model loss (cross-entropy plus the configured terms), from scratch or,
-    with ``base_model``, starting from that model's weights (cross-entropy fine-tuning).
-    ``discriminator``: eq. (6) against the frozen ``base_model`` q0. ``reverse-kl``: eq. (12),
-    starting from ``base_model`` (q0, kept frozen too) with the frozen ``discriminator``, or
-    with r = 1/2 when it is none (the paper's "without discriminator").
-    """
-
-    kind: str = option(
-        "lm", "lm (cross-entropy), discriminator (Popov & Kudinov eq. 6) or reverse-kl (fine-tuning, eq. 12)"
-    )
-    base_model: str | None = option(
-        None, "model directory of the initial model q0 (discriminator and reverse-kl); for lm: start from its weights"
-    )
-    discriminator: str | None = option(
-        None,
-        "reverse-kl: model directory of the trained discriminator (none: r = 1/2, the 'without discriminator' ablation)",
-    )
-    init_from_base: bool = option(
-        False, "discriminator: start from the base model's weights instead of a fresh initialization"
-    )
-
-    def __post_init__(self) -> None:
-        check(
-            self.kind in OBJECTIVES, "objective.kind", f"unknown {self.kind!r}; choose lm, discriminator or reverse-kl"
-        )
-        check(
-            self.kind == "lm" or self.base_model is not None,
-            "objective.base_model",
-            f"objective {self.kind} needs the initial model q0; give its model directory",
-        )
-        check(
-            self.discriminator is None or self.kind == "reverse-kl",
-            "objective.discriminator",
-            "is only read by objective.kind=reverse-kl; set it to none",
-        )
-        check(
-            not self.init_from_base or self.kind == "discriminator",
-            "objective.init_from_base",
-            "is only read by objective.kind=discriminator",
-        )
-
-
 @dataclass(frozen=True)
 class RunConfig:
     """Everything that defines a run."""
@@ -388,41 +147,34 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    objective: Any = component("objective", "lm", "what the run minimizes")
     seed: int = option(1111, "the one seed of the run (data order, dropout masks, BPTT lengths, initialization)")
     preset: str | None = option(None, "the preset this run was built from (informational)")
 
     def __post_init__(self) -> None:
-        """The checks that span stages: what the objective terms need of the output layer."""
+        """The checks that span stages: what the objective terms need of the output layer, and what
+        the objective needs of the run (its config's ``check_with``)."""
         from reglm.config.build import registry
         from reglm.outputs.base import require
 
         check_seed(self.seed, "seed")
         output = registry("output")[self.model.output.kind]
-        if self.train.aug_gamma > 0:
+        if self.train.terms.aug_gamma > 0:
             require(
                 output,
                 "softmax-logits",
-                "train.aug_gamma",
+                "train.terms.aug_gamma",
                 "the augmented loss divides the output layer's logits by a temperature",
             )
             check(
                 "word-matrix" in registry("input")[self.model.input.kind].capabilities,
-                "train.aug_gamma",
+                "train.terms.aug_gamma",
                 f"the augmented loss reads the word embedding matrix, which input layer {self.model.input.kind} does not have; set model.input=embedding or aug_gamma=0",
             )
         advsoft = self.model.output.advsoft
         if advsoft is not None and advsoft.kind != "none":
             require(output, "advsoft", "model.output.advsoft", "the adversarial softmax perturbs target logits")
-        if self.objective.kind != "lm":
-            require(
-                output, "logits", "objective.kind", f"objective {self.objective.kind} reads the output layer's logits"
-            )
-            check(
-                self.data.tokenizer == "word",
-                "data.tokenizer",
-                f"objective {self.objective.kind} compares word distributions; use tokenizer=word",
-            )
+        self.objective.check_with(self)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -438,6 +190,8 @@ class RunConfig:
         time, ``restart``)."""
         if is_flat_layout(raw):
             raw = migrate(raw)
+        elif has_old_names(raw):
+            raw = regroup(raw)
         data = raw.get("data")
         if isinstance(data, dict) and "synthetic_rule" not in data and data.get("name", "synthetic") == "synthetic":
             raw = {**raw, "data": {**data, "synthetic_rule": "restart"}}
@@ -459,7 +213,7 @@ def is_flat_layout(raw: dict[str, Any]) -> bool:
 
 def migrate(raw: dict[str, Any]) -> dict[str, Any]:
     """A config of the layout before components -> the component layout: every flat option to
-    its new path (:data:`~reglm.config.build.ALIASES`), ``train.optimizer=ntasgd|sgd`` to the
+    its new path (:data:`~reglm.config.aliases.ALIASES`), ``train.optimizer=ntasgd|sgd`` to the
     averaging policy it named, and options the chosen kinds do not have (a flat config listed
     every option, the mixture's too) dropped."""
     raw = json.loads(json.dumps(raw))
@@ -474,7 +228,34 @@ def migrate(raw: dict[str, Any]) -> dict[str, Any]:
         (f"train.{key}", value) for key, value in train.items()
     ]
     rest += [(key, value) for key, value in nested_assignments(raw)]
-    return apply(new, RunConfig, rest, lenient=True)
+    return apply(new, RunConfig, kinds_first(rest, RunConfig), lenient=True)
+
+
+OLD_OBJECTIVE_OPTIONS = frozenset({"base_model", "discriminator", "init_from_base"})
+"""The options every objective listed before the objectives were a family (each read by some kinds)."""
+
+
+def has_old_names(raw: dict[str, Any]) -> bool:
+    """Whether ``raw`` (of the component layout) names options of ``train`` or ``objective`` as
+    they were before those had their own components and sections (``train.bptt``, an ``lm``
+    objective with ``discriminator: null``)."""
+    train, objective = raw.get("train"), raw.get("objective")
+    if isinstance(train, dict) and any(
+        f"train.{key}" in ALIASES and not isinstance(value, dict) for key, value in train.items()
+    ):
+        return True
+    if not isinstance(objective, dict):
+        return False
+    config = family_configs("objective").get(objective.get("kind", "lm"))
+    own = {f.name for f in dataclasses.fields(config)} if config is not None else set(objective)
+    return bool((set(objective) - own) & OLD_OBJECTIVE_OPTIONS)
+
+
+def regroup(raw: dict[str, Any]) -> dict[str, Any]:
+    """A config of the component layout with the older flat ``train`` / ``objective`` options ->
+    today's: every option to its path (:data:`~reglm.config.aliases.ALIASES`), the kinds first,
+    and the options the chosen kinds do not have (the old file listed every one) dropped."""
+    return apply({}, RunConfig, kinds_first(nested_assignments(raw), RunConfig), lenient=True)
 
 
 ARCH = "arch"

@@ -53,7 +53,7 @@ memory-mapped from the encoded-corpus cache, :mod:`reglm.data.cache`) and never 
 training plans hold a view (streams) or index it per batch (blocks, sentences), so a mapped
 corpus stays a mapping; windows are int64. Under data parallelism the streams' plan takes
 ``shard=(rank, world_size)`` and holds only rows ``r B / W .. (r + 1) B / W``, one contiguous part
-of the file (blocks and sentences are shared out per batch by :mod:`reglm.train.batching`).
+of the file (blocks and sentences are shared out per batch by :mod:`reglm.data.batchings`).
 """
 
 from __future__ import annotations
@@ -484,7 +484,7 @@ class BlockPlan:
         if n_blocks < batch_size:
             raise ReglmError(
                 f"the training split ({ids.numel()} tokens) holds {n_blocks} blocks of {block} tokens, fewer than a batch of {batch_size}; "
-                "lower train.block_size or train.batch_size"
+                "lower train.batching.block_size or train.batching.batch_size"
             )
         self.ids, self.block, self.batch_size, self.seed = ids, block, batch_size, seed
         self.n_blocks = n_blocks

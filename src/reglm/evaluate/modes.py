@@ -16,7 +16,7 @@ from reglm.errors import ReglmError
 if TYPE_CHECKING:
     import torch
 
-    from reglm.config.schema import TrainConfig
+    from reglm.data.batchings import EvalBatchSizes
     from reglm.evaluate.cache import CacheGrid, CacheSpec
     from reglm.evaluate.dynamic_spec import DynamicGrid, DynamicSpec
     from reglm.evaluate.perplexity import EvalResult, Reading
@@ -251,7 +251,7 @@ class EvalMode:
     subwords: bool = False
     """scores sub-word (BPE) models; the others score words one token at a time"""
     needs_blocks: bool = False
-    """reads blocks only (a run trained on streams is read in blocks of its ``train.block_size``)"""
+    """reads blocks only (a run trained on streams is read in blocks of :data:`~reglm.data.batchings.EVAL_BLOCK` tokens)"""
     baseline: bool = False
     """its outcome carries the model alone on the same targets (``--cache-deltas``)"""
 
@@ -272,7 +272,7 @@ FLAG_MODES: list[EvalMode] = [
     EvalMode(
         "context-window",
         "C",
-        "score stateless blocks of complete sentences of up to --block tokens (default: the run's train.block_size) whose first C "
+        "score stateless blocks of complete sentences of up to --block tokens (default: the run's train.batching.block_size) whose first C "
         "tokens only give context, every token scored once (Baevski & Auli Table 5; C=0 is plain block evaluation)",
         parse_context,
         _eval_context_window,
@@ -345,25 +345,26 @@ def mode_named(name: str) -> EvalMode:
     return MODES[name]
 
 
-def batch_size_for(mode: EvalMode, setting: Any, train: TrainConfig, split: str, given: int | None = None) -> int:
+def batch_size_for(mode: EvalMode, setting: Any, batching: EvalBatchSizes, split: str, given: int | None = None) -> int:
     """Streams (or blocks) per batch: ``given``, else the mode's own for ``setting``, else the
-    run's eval (``split="valid"``) or test batch size."""
+    run's eval (``split="valid"``) or test batch size (of its ``train.batching``)."""
     own = mode.batch_size(setting) if callable(mode.batch_size) else mode.batch_size
-    return given or own or (train.eval_batch_size if split == "valid" else train.test_batch_size)
+    return given or own or batching.batch_size_for(split)
 
 
 def reading_for(
-    mode: EvalMode, run_reading: Reading, train: TrainConfig, eos_id: int, batch_size: int, block: int | None = None
+    mode: EvalMode, run_reading: Reading, run_block: int, eos_id: int, batch_size: int, block: int | None = None
 ) -> Reading:
     """How ``mode`` reads a split plainly: as the run reads it (``run_reading``, its batching's
-    reading of the split, given by the caller), with ``batch_size`` streams (or blocks); in blocks
-    of ``block`` tokens when given, or of ``train.block_size`` when the mode reads blocks only and
-    the run reads streams."""
+    reading of the split, given by the caller: :func:`~reglm.data.batchings.eval_reading`), with
+    ``batch_size`` streams (or blocks); in blocks of ``block`` tokens when given, or of ``run_block``
+    (:func:`~reglm.data.batchings.eval_block`) when the mode reads blocks only and the run reads
+    streams."""
     from reglm.evaluate.perplexity import Reading, ReadingKind
 
     reading = dataclasses.replace(run_reading, batch_size=batch_size)
     if block is not None or (mode.needs_blocks and reading.kind is not ReadingKind.BLOCKS):
-        reading = Reading.blocks(batch_size, block or train.block_size, 0, eos_id, train.bptt)
+        reading = Reading.blocks(batch_size, block or run_block, 0, eos_id, reading.bptt)
     return reading
 
 

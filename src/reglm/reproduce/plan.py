@@ -22,7 +22,7 @@ EPOCH_FACTOR = 10
 MANIFEST = "reproduce.json"
 RUNS = "runs"
 ROWS = "rows"
-FINETUNE_FIELDS = ("finetune", "finetune_epochs", "finetune_lr", "advsoft_finetune", "finetune_input_noise_std")
+FINETUNE_FIELDS = ("finetune",)
 """Training options only the fine-tuning stage reads: a main-stage row ignores them."""
 LSTM_ENCODERS = ("awd-lstm", "vd-lstm")
 
@@ -131,7 +131,7 @@ def _fewer(value: int) -> int:
 def epoch_overrides(config: RunConfig, scale: str, budget: Budget) -> list[str]:
     """The options that put a run's epochs (and its schedule) at ``scale`` and within ``budget``."""
     t = config.train
-    epochs, finetune_epochs = t.epochs, t.finetune_epochs
+    epochs, finetune_epochs = t.epochs, t.finetune.epochs
     out = []
     if scale == "reduced":
         epochs, finetune_epochs = _fewer(epochs), _fewer(finetune_epochs)
@@ -145,7 +145,7 @@ def epoch_overrides(config: RunConfig, scale: str, budget: Budget) -> list[str]:
             out.append(f"train.averaging.nonmono={_fewer(t.averaging.nonmono)}")
     if budget.epochs is not None:
         epochs, finetune_epochs = min(epochs, budget.epochs), min(finetune_epochs, budget.epochs)
-    return [*out, f"train.epochs={epochs}", f"train.finetune_epochs={finetune_epochs}"]
+    return [*out, f"train.epochs={epochs}", f"train.finetune.epochs={finetune_epochs}"]
 
 
 def _size_options(config: RunConfig, shrink: Any = int) -> list[str]:
@@ -236,14 +236,14 @@ class Planner:
         """The run of every row (the runs it needs planned in :attr:`runs`, in training order)."""
         plans = [RowPlan(row, self.run(row.preset), row.stage) for row in rows]
         for plan in plans:
-            if plan.stage == "main" and not plan.run.config.train.finetune:
+            if plan.stage == "main" and not plan.run.config.train.finetune.enabled:
                 # a run without fine-tuning: its final model is its main-stage model, unless a
                 # planned run differs from it only by a fine-tuning stage and records that model
                 main_key = config_key(plan.run.config, FINETUNE_FIELDS)
                 sharing = [
                     run
                     for run in self.runs
-                    if run.config.train.finetune and config_key(run.config, FINETUNE_FIELDS) == main_key
+                    if run.config.train.finetune.enabled and config_key(run.config, FINETUNE_FIELDS) == main_key
                 ]
                 if sharing:
                     plan.run = sharing[0]

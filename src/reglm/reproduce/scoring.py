@@ -83,8 +83,8 @@ class Scorer:
     ) -> dict[str, Any]:
         """Valid and test perplexity of ``plan``'s row by its evaluation mode (a search tunes on
         valid once and scores its choice on test), with the setting scored."""
+        from reglm.data.batchings import eval_block, eval_reading
         from reglm.evaluate.modes import EvalContext, batch_size_for, reading_for
-        from reglm.train.batching import eval_reading
 
         row = plan.row
         mode = MODES[row.evaluation]
@@ -93,16 +93,16 @@ class Scorer:
         memo: dict[str, Any] = {}
         outcomes = {}
         for split in splits:
-            batch_size = batch_size_for(mode, setting, config.train, split)
+            batch_size = batch_size_for(mode, setting, config.train.batching, split)
+            run_reading = eval_reading(config.train.batching, split, vocab.eos_id)
+            reading = reading_for(mode, run_reading, eval_block(config.train.batching), vocab.eos_id, batch_size)
             ctx = EvalContext(
                 model,
                 getattr(corpus, split),
                 split,
                 batch_size,
-                config.train.bptt,
-                reading_for(
-                    mode, eval_reading(config.train, split, vocab.eos_id), config.train, vocab.eos_id, batch_size
-                ),
+                reading.bptt,
+                reading,
                 corpus.split_word_ends(split),
                 device,
                 False,
@@ -239,7 +239,7 @@ def row_record(plan: RowPlan, ours: dict[str, Any], ledger: dict[str, Any]) -> d
         },
         "reglm": {**ours, "params_full_scale": plan.full_params},
         "budget": {
-            "planned_epochs": {"main": t.epochs, "finetune": t.finetune_epochs if t.finetune else 0},
+            "planned_epochs": {"main": t.epochs, "finetune": t.finetune.epochs if t.finetune.enabled else 0},
             "epochs": epochs_trained(run.directory),
             "minutes": _minutes(ledger, run),
             "minutes_with_earlier_runs": round(_minutes(ledger, run) + sum(item["minutes"] for item in earlier), 2),

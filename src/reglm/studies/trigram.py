@@ -309,11 +309,13 @@ def run_trigram_study(
     rows = {"true distribution": true_row(corpus, frequent)}
     for name in ("initial", "perturbed"):
         model, _, _ = load_model_dir(bases[name], device)
-        rows[f"{name} model"] = table_row(model, corpus, frequent, config.train.test_batch_size, device, chosen)
+        rows[f"{name} model"] = table_row(
+            model, corpus, frequent, config.train.batching.test_batch_size, device, chosen
+        )
         for stage, info in stages.items():
             if info["base"] == name:
                 tuned, _, _ = load_model_dir(out / stage / "best", device)
-                rows[stage] = table_row(tuned, corpus, frequent, config.train.test_batch_size, device, chosen)
+                rows[stage] = table_row(tuned, corpus, frequent, config.train.batching.test_batch_size, device, chosen)
     curves = {stage: read_curve(out / stage) for stage in stages}
     disc_prob = _p_hat(out, bases, context, chosen, device)
     result = {

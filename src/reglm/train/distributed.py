@@ -2,7 +2,7 @@
 
 ``torchrun --nproc_per_node N -m reglm train ...`` (with ``--nnodes M`` and a rendezvous endpoint
 across machines) starts ``N M`` processes with ``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``,
-``MASTER_ADDR`` and ``MASTER_PORT`` in their environment. :func:`launch` reads them and joins
+``MASTER_ADDR`` and ``MASTER_PORT`` in their environment. :func:`reglm.train.launch.launch` reads them and joins
 the process group (``torch.distributed.init_process_group``, the ``env://`` rendezvous); without
 ``WORLD_SIZE`` (or with 1) it yields :data:`SINGLE`, a :class:`SingleProcess` whose every method
 is the identity, so ``reglm train`` alone runs the single-process code unchanged. The trainer
@@ -32,7 +32,7 @@ gradients
     (:meth:`DataParallelGroup.mean_tokens`).
 data
     Each rank reads its share of the global batch the config states
-    (:func:`~reglm.train.batching.training_batches`): ``B / N`` of the streams (its own carried
+    (:func:`~reglm.data.batchings.training_batches`): ``B / N`` of the streams (its own carried
     state), ``B / N`` of every batch of blocks (a distributed sampler over the epoch's seeded
     order), ``update_freq / N`` of a step's batches of sentences.
 randomness
@@ -59,7 +59,6 @@ import inspect
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -74,10 +73,6 @@ from reglm.errors import ReglmError
 from reglm.train.engine import ChunkPasses
 
 T = TypeVar("T")
-
-TIMEOUT_ENV = "REGLM_DIST_TIMEOUT"
-DEFAULT_TIMEOUT = 1800.0
-"""Seconds a rank waits at the rendezvous and in any collective (PyTorch's own default)."""
 
 _NO_FORWARD_BUFFER_SYNC = (
     {"forward_sync_buffers": False}
@@ -232,7 +227,7 @@ class DataParallelGroup(SingleProcess):
             "distributed": {
                 "world_size": self.world_size,
                 "backend": str(dist.get_backend()),
-                "processes_per_node": _env_int("LOCAL_WORLD_SIZE", None),
+                "processes_per_node": env_int("LOCAL_WORLD_SIZE", None),
             }
         }
 
@@ -342,60 +337,7 @@ class DataParallelGroup(SingleProcess):
         return {**state, "hidden": hidden, "rng": part["rng"], "objective": part["objective"]}
 
 
-@contextmanager
-def launch() -> Iterator[SingleProcess]:
-    """The processes of this run: :data:`SINGLE` unless ``WORLD_SIZE`` > 1, else the joined
-    process group (left at the end; a group the caller had joined is used and kept). A
-    collective that fails because another rank is gone becomes a :class:`RankError`."""
-    world = _env_int("WORLD_SIZE", 1)
-    if world <= 1:
-        yield SINGLE
-        return
-    group = _join(world)
-    try:
-        yield group
-    except RuntimeError as exc:
-        if not _lost_contact(exc):
-            raise
-        raise RankError(
-            f"rank {group.rank} of {world}: lost contact with the other processes ({_first_line(exc)}); one of them failed, was killed "
-            "or hangs (its own output says why). Resume from the last checkpoint with the same number of processes (torchrun ... -m reglm train --resume RUN)"
-        ) from None
-    finally:
-        group.leave()
-
-
-def _join(world: int) -> DataParallelGroup:
-    if not dist.is_available():
-        raise RankError(
-            f"WORLD_SIZE={world}, but this PyTorch build has no torch.distributed; run one process (plain reglm train)"
-        )
-    rank, timeout = _env_int("RANK", None), _timeout()
-    if rank is None or not 0 <= rank < world:
-        raise RankError(
-            f"WORLD_SIZE={world} needs RANK in [0, {world}) in the environment; start the processes with torchrun"
-        )
-    local_rank = _env_int("LOCAL_RANK", rank)
-    owned = not dist.is_initialized()
-    if owned:
-        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
-        try:
-            dist.init_process_group(backend, timeout=timedelta(seconds=timeout))
-        except (RuntimeError, ValueError) as exc:
-            where = f"{os.environ.get('MASTER_ADDR', '(MASTER_ADDR unset)')}:{os.environ.get('MASTER_PORT', '(MASTER_PORT unset)')}"
-            raise RankError(
-                f"rank {rank} of {world}: could not join the other processes at the rendezvous {where} within {timeout:g} s ({_first_line(exc)}); "
-                f"start all {world} processes (torchrun --nproc_per_node N, with --nnodes M --rdzv-endpoint HOST:PORT on every node), "
-                f"check that the endpoint is reachable from every node, or set {TIMEOUT_ENV} to wait longer"
-            ) from None
-    elif dist.get_world_size() != world or dist.get_rank() != rank:
-        raise RankError(
-            f"the process group already joined has rank {dist.get_rank()} of {dist.get_world_size()}, but the environment says {rank} of {world}"
-        )
-    return DataParallelGroup(rank, world, local_rank, owned)
-
-
-def _env_int(name: str, default: int | None) -> int | None:
+def env_int(name: str, default: int | None) -> int | None:
     value = os.environ.get(name)
     if value is None or value == "":
         return default
@@ -405,19 +347,6 @@ def _env_int(name: str, default: int | None) -> int | None:
         raise RankError(
             f"{name}={value!r} in the environment is not an integer; start the processes with torchrun"
         ) from None
-
-
-def _timeout() -> float:
-    value = os.environ.get(TIMEOUT_ENV)
-    if value is None:
-        return DEFAULT_TIMEOUT
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = -1.0
-    if not seconds > 0:
-        raise RankError(f"{TIMEOUT_ENV}={value!r} must be a number of seconds > 0")
-    return seconds
 
 
 def _require_world(state: dict[str, Any], world: int, path: Path) -> None:
@@ -433,12 +362,6 @@ def _require_world(state: dict[str, Any], world: int, path: Path) -> None:
         f"{path} was written by {saved} process{'es' if saved > 1 else ''} and this run has {world}; resume it with {how}: "
         "a run's streams, carried states and random states are split per process and are not re-split for another number"
     )
-
-
-def _lost_contact(exc: RuntimeError) -> bool:
-    """Whether ``exc`` is a collective that failed for want of a peer: PyTorch raises its
-    ``DistError`` family for NCCL and the store, and gloo a plain RuntimeError from its transport."""
-    return isinstance(exc, dist.DistError) or "gloo/transport" in str(exc)
 
 
 def _tensors(fn: Callable[[torch.Tensor], torch.Tensor], obj: Any) -> Any:
@@ -457,9 +380,9 @@ def _describe(exc: Exception) -> str:
         return str(exc)
     if isinstance(exc, OSError) and exc.strerror:
         return f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
-    return f"{type(exc).__name__}: {_first_line(exc)}"
+    return f"{type(exc).__name__}: {first_line(exc)}"
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0][:200] if text else type(exc).__name__

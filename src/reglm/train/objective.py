@@ -2,17 +2,24 @@
 
 The loop (:mod:`reglm.train.run`) owns the data order, BPTT windows, optimizer, averaging,
 checkpoints and resume; an objective owns the per-token loss and how a split is scored for model
-selection. ``objective.kind`` picks one:
+selection. The objectives are a registered family (``objective``, :data:`OBJECTIVES`); each kind's
+``Config`` holds the options it reads, and ``objective.kind`` picks one:
 
 ``lm`` -- :class:`LMObjective`
     Cross-entropy (under AdvSoft while the loop says so) plus the output layer's penalty and
     Inan et al.'s augmented loss. With ``objective.base_model`` the run starts from that model's
-    weights: plain cross-entropy fine-tuning, the baseline of Popov & Kudinov (2019).
+    weights: plain cross-entropy fine-tuning, the baseline of Popov & Kudinov (2019). Its scores
+    are perplexities (``reports_perplexity``): the final scores add the main stage's and, on the
+    synthetic corpus, the comparison with the true distribution.
 ``discriminator`` -- :class:`DiscriminatorObjective`
-    Popov & Kudinov eq. (6) against the frozen initial model q0, exact over the vocabulary.
+    Popov & Kudinov eq. (6) against the frozen initial model q0 (``objective.base_model``), exact
+    over the vocabulary; ``objective.init_from_base`` starts from q0's weights.
 ``reverse-kl`` -- :class:`ReverseKLObjective`
-    Popov & Kudinov eq. (12): fine-tuning q_theta (started from q0) with a frozen discriminator,
-    or with r = 1/2 when none is given.
+    Popov & Kudinov eq. (12): fine-tuning q_theta (started from q0, ``objective.base_model``)
+    with the frozen ``objective.discriminator``, or with r = 1/2 when it is none.
+
+Every kind's config says what it needs of the rest of the run (``check_with(run_config)``): the
+two that read frozen models need an output layer with logits and a word-level corpus.
 
 The adversarial softmax and the augmented loss are terms of the ``lm`` objective; the
 discriminator and reverse-KL objectives score with the clean output layer and ignore them (the
@@ -35,6 +42,7 @@ import torch
 from torch import Tensor
 
 from reglm.config import RunConfig
+from reglm.config.fields import check, kind_field, option
 from reglm.data.vocab import Vocab
 from reglm.data.windows import Window
 from reglm.encoders.base import EncoderOutput, State, concat_states, detach_state, select_streams, state_dict_of
@@ -44,8 +52,68 @@ from reglm.models import LanguageModel
 from reglm.objectives.augmented_loss import AugmentedLoss
 from reglm.objectives.base import Term
 from reglm.objectives.reverse_kl import discriminator_loss_parts, finetune_loss
-from reglm.outputs.base import OutputLoss
+from reglm.outputs.base import OutputLoss, require
 from reglm.rundir import require_kind, require_same_architecture, require_same_vocab
+
+BASE_MODEL = "model directory of the initial model q0"
+
+
+@dataclass(frozen=True)
+class LMConfig:
+    """The language-model loss, from scratch or from a base model's weights."""
+
+    kind: str = kind_field("lm", "cross-entropy, from scratch or from a base model's weights")
+    base_model: str | None = option(
+        None, "start from the weights of this model directory (cross-entropy fine-tuning); none: from scratch"
+    )
+
+    def check_with(self, run: RunConfig) -> None:
+        """The language-model loss fits every run."""
+
+
+@dataclass(frozen=True)
+class _FrozenModelsConfig:
+    """The objectives that compare the trained model's word distribution with frozen models'."""
+
+    kind: str = kind_field("discriminator", "Popov & Kudinov eq. (6) against the frozen q0")
+    base_model: str | None = option(None, BASE_MODEL)
+
+    def __post_init__(self) -> None:
+        check(
+            self.base_model is not None,
+            "objective.base_model",
+            f"objective {self.kind} needs the initial model q0; give its model directory",
+        )
+
+    def check_with(self, run: RunConfig) -> None:
+        from reglm.config.build import registry
+
+        output = registry("output")[run.model.output.kind]
+        require(output, "logits", "objective.kind", f"objective {self.kind} reads the output layer's logits")
+        check(
+            run.data.tokenizer == "word",
+            "data.tokenizer",
+            f"objective {self.kind} compares word distributions; use tokenizer=word",
+        )
+
+
+@dataclass(frozen=True)
+class DiscriminatorConfig(_FrozenModelsConfig):
+    """Popov & Kudinov eq. (6) against the frozen q0."""
+
+    kind: str = kind_field("discriminator", "Popov & Kudinov eq. (6) against the frozen q0")
+    init_from_base: bool = option(False, "start from the base model's weights instead of a fresh initialization")
+
+
+@dataclass(frozen=True)
+class ReverseKLConfig(_FrozenModelsConfig):
+    """Popov & Kudinov eq. (12): fine-tuning q0 with a frozen discriminator."""
+
+    kind: str = kind_field("reverse-kl", "Popov & Kudinov eq. (12): fine-tuning q0 with a frozen discriminator")
+    base_model: str | None = option(None, f"{BASE_MODEL}, where fine-tuning starts")
+    discriminator: str | None = option(
+        None, "model directory of the trained discriminator (none: r = 1/2, the 'without discriminator' ablation)"
+    )
 
 
 @dataclass
@@ -87,12 +155,14 @@ class Frozen:
 class LMObjective:
     """The language-model loss; see the module docstring."""
 
+    Config = LMConfig
     kind = "lm"
+    reports_perplexity = True
 
     def __init__(self, config: RunConfig, vocab: Vocab, device: torch.device) -> None:
         self.config = config
         self.base = _load_base(config, vocab, device) if config.objective.base_model else None
-        cfg = config.train
+        cfg = config.train.terms
         self.terms: list[Term] = (
             [AugmentedLoss(cfg.aug_gamma, cfg.aug_tau, cfg.aug_target_grad)] if cfg.aug_gamma > 0 else []
         )
@@ -148,6 +218,7 @@ class _FrozenObjective:
     """Shared machinery of the objectives that read frozen models next to the trained one."""
 
     kind = ""
+    reports_perplexity = False
     terms: list[Term] = []
 
     def __init__(self, frozen: list[LanguageModel]) -> None:
@@ -175,6 +246,7 @@ class _FrozenObjective:
 class DiscriminatorObjective(_FrozenObjective):
     """Popov & Kudinov eq. (6) per token, the trained model read through a sigmoid per word."""
 
+    Config = DiscriminatorConfig
     kind = "discriminator"
 
     def __init__(self, config: RunConfig, vocab: Vocab, device: torch.device) -> None:
@@ -229,6 +301,7 @@ class DiscriminatorObjective(_FrozenObjective):
 class ReverseKLObjective(_FrozenObjective):
     """Popov & Kudinov eq. (12) per token: ``-log q_theta(w*) + t log t``."""
 
+    Config = ReverseKLConfig
     kind = "reverse-kl"
 
     def __init__(self, config: RunConfig, vocab: Vocab, device: torch.device) -> None:
@@ -314,14 +387,19 @@ def score_split(
 Objective = LMObjective | DiscriminatorObjective | ReverseKLObjective
 
 
+OBJECTIVES: dict[str, Any] = {
+    "lm": LMObjective,
+    "discriminator": DiscriminatorObjective,
+    "reverse-kl": ReverseKLObjective,
+}
+"""The objective registry (:data:`~reglm.config.build.FAMILIES` ``objective``)."""
+
+
 def make_objective(config: RunConfig, vocab: Vocab, device: torch.device) -> Objective:
     """The objective ``config.objective.kind`` names, with its frozen models loaded and checked."""
-    kind = config.objective.kind
-    if kind == "discriminator":
-        return DiscriminatorObjective(config, vocab, device)
-    if kind == "reverse-kl":
-        return ReverseKLObjective(config, vocab, device)
-    return LMObjective(config, vocab, device)
+    from reglm.config.build import registry
+
+    return registry("objective")[config.objective.kind](config, vocab, device)
 
 
 def _load_base(config: RunConfig, vocab: Vocab, device: torch.device) -> LanguageModel:

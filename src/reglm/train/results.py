@@ -45,7 +45,7 @@ class Trainer(Protocol):
     corpus: Corpus
     vocab: Vocab
     objective: Any
-    """the run's objective (:mod:`reglm.train.objective`): its ``kind``"""
+    """the run's objective (:mod:`reglm.train.objective`): its ``kind`` and ``reports_perplexity``"""
     metrics: Any
     """``metrics.jsonl`` (:class:`~reglm.metrics.MetricsLog`): its ``log``"""
     dist: SingleProcess
@@ -71,7 +71,7 @@ def finish(trainer: Trainer) -> dict[str, Any]:
     model, _, _ = load_model_dir(trainer.run_dir / "best", trainer.device)
     corpus = trainer.corpus
     results: dict[str, Any] = {"best": str(trainer.run_dir / "best"), "objective": trainer.objective.kind}
-    if trainer.objective.kind != "lm":
+    if not trainer.objective.reports_perplexity:
         with _stops_scoring(trainer, results):
             for split in ("valid", "test"):
                 results[split] = trainer.score(model, split).metrics
@@ -161,7 +161,7 @@ SPLIT_KEYS = ("loss", "ppl", "tokens", "words")
 def record_main_stage(trainer: Trainer) -> None:
     """At the end of the main stage of a language-model run: score ``best/`` on validation and
     test and log it as the ``main_best`` event (``valid_ppl``, ``test_ppl``...)."""
-    if trainer.objective.kind != "lm":
+    if not trainer.objective.reports_perplexity:
         return
     best = trainer.run_dir / "best"
     model, _, _ = load_model_dir(best, trainer.device)

@@ -6,7 +6,7 @@ hold the run directory (:mod:`reglm.rundir`) for the life of the run and hand th
 :class:`~reglm.train.trainer.Trainer`. The command line passes a :class:`StopRequest` that its
 signal handlers set; as a library, ``KeyboardInterrupt`` goes through as usual.
 
-Under ``torchrun`` both run on every process (:func:`~reglm.train.distributed.launch` joins them;
+Under ``torchrun`` both run on every process (:func:`~reglm.train.launch.launch` joins them;
 one process alone is unchanged): each rank loads the corpus and builds the trainer, rank 0 alone
 claims and writes the run directory, and every step that could fail on some ranks only is an
 agreement, so that all ranks stop together. ``resume`` reads ``config.json`` and ``state.pt`` on
@@ -35,7 +35,7 @@ from reglm.rundir import (
     require_same_vocab,
 )
 from reglm.train.checkpoint import load_state
-from reglm.train.distributed import launch
+from reglm.train.launch import launch
 from reglm.train.setup import session_record
 from reglm.train.trainer import StepHook, StopRequest, Trainer
 
@@ -112,7 +112,7 @@ def resume(
                 lock.release()
             raise
         try:
-            trainer._report_takeover()
+            trainer.report_takeover()
             if state is None:
                 trainer.restart()
             else:

@@ -1,21 +1,7 @@
 """Schedules of the trainer; none of them knows a model.
 
 * the learning rate per step (``train.schedule``: :class:`DecaySchedule`, :class:`CosineSchedule`);
-* the variable BPTT length per batch and the matching rate rescaling (below);
 * the adversarial softmax on/off (:func:`advsoft_on`) and the input-noise std (:func:`annealed_std`).
-
-AWD-LSTM section 4.1 (Merity et al., 2017): a fixed BPTT window always cuts the stream at the
-same positions, so every token at a multiple of the window gets no recurrent gradient at all.
-Each batch therefore draws its own length in two steps:
-
-1. the base length is ``bptt`` with probability ``p`` and ``bptt / 2`` with probability ``1 - p``;
-2. the length is drawn from ``N(base, std)`` and rounded to an integer,
-
-and the learning rate of that batch is rescaled linearly by ``seq_len / bptt`` so that short
-batches do not weigh as much as full ones (the paper's linear scaling rule).
-
-All randomness comes from an explicit CPU :class:`torch.Generator`; the loop saves its state in
-every checkpoint, so a resumed run draws exactly the lengths the uninterrupted run would have.
 """
 
 from __future__ import annotations
@@ -24,51 +10,14 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from reglm.config.fields import check, kind_field, option
 from reglm.train.ntasgd import NonMonotoneTrigger
-
-
-def sample_bptt(
-    generator: torch.Generator,
-    bptt: int,
-    p: float = 0.95,
-    std: float = 5.0,
-    min_len: int = 5,
-    max_len: int | None = None,
-) -> int:
-    """Draw one BPTT length (AWD-LSTM 4.1): ``round(N(base, std))`` with ``base = bptt`` w.p. ``p``, else ``bptt / 2``.
-
-    Exactly two numbers are drawn from ``generator`` (a CPU generator) per call, whatever
-    ``p`` and ``std`` are: one uniform for the choice of base, one standard normal for the jitter.
-
-    Rounding: the normal sample is rounded to the *nearest* integer (halves up), so the
-    full-length component has mean ``bptt``. The reference AWD-LSTM code truncates with
-    ``int()`` instead, which shifts every length down by 0.5 on average.
-
-    The result is clipped to ``[min_len, max_len]`` (``max_len=None``: no upper bound; the
-    reference code uses ``min_len=5`` and, against rare out-of-memory lengths, ``max_len=bptt+10``).
-    ``max_len`` must be ``>= min_len``.
-    """
-    use_full = torch.rand((), generator=generator).item() < p
-    noise = torch.randn((), generator=generator).item()
-    base = bptt if use_full else bptt / 2
-    length = max(min_len, math.floor(base + std * noise + 0.5))
-    if max_len is not None:
-        length = min(max_len, length)
-    return length
-
-
-def scaled_lr(lr: float, seq_len: int, bptt: int) -> float:
-    """The learning rate for a batch of ``seq_len`` steps: ``lr * seq_len / bptt`` (AWD-LSTM 4.1)."""
-    return lr * seq_len / bptt
 
 
 def advsoft_on(advsoft_kind: str, stop_epoch: int | None, in_finetune: bool, stage: str, epoch: int) -> bool:
     """Whether a step of (0-based) ``epoch`` of ``stage`` trains with the adversarial softmax:
     on from the start when configured, off after ``train.advsoft_stop_epoch`` main-stage epochs,
-    and in fine-tuning per ``train.advsoft_finetune``."""
+    and in fine-tuning per ``train.finetune.advsoft``."""
     if advsoft_kind == "none":
         return False
     if stage == "finetune":
@@ -99,7 +48,7 @@ def annealed_std(std: float, schedule: str, epoch: int, length: float) -> float:
 class DecayScheduleConfig:
     """The learning rate of a main-stage epoch: ``lr * decay ** min(max(0, e - decay_start),
     decay_epochs)`` times the plateau factor accumulated so far; fine-tuning runs at
-    ``train.finetune_lr``."""
+    ``train.finetune.lr``."""
 
     kind: str = kind_field("decay", "per-epoch decay and plateau drops")
     decay: float = option(
@@ -256,7 +205,7 @@ class CosineSchedule:
                    lr = min_i + (max_i - min_i) * (1 + cos(pi t_i / P_i)) / 2,
                    max_i = lr_max M^i, min_i = lr_min M^i, P_i = P m^i
 
-    The fine-tuning stage, if any, runs at ``train.finetune_lr`` (or the minimum rate)."""
+    The fine-tuning stage, if any, runs at ``train.finetune.lr`` (or the minimum rate)."""
 
     Config = CosineScheduleConfig
 

@@ -6,28 +6,24 @@ Stages (AWD-LSTM, section 5):
     ``train.epochs`` epochs. The averaging policy (``train.averaging``; NT-ASGD's trigger checked
     on the validation score after every epoch) may start averaging; from then on every
     evaluation, ``best/`` and ``last/`` use the averaged weights.
-``finetune`` (``train.finetune=true``)
+``finetune`` (``train.finetune.enabled=true``)
     ASGD restarted with T = 0 from ``best/``: averaging from the hot-started point; the run stops
-    when the same non-monotone criterion fires (or after ``train.finetune_epochs``).
+    when the same non-monotone criterion fires (or after ``train.finetune.epochs``).
 ``done``
     ``best/`` is scored on validation and test and ``results.json`` is written
     (:mod:`reglm.train.results`).
 
-The pieces, one job each: the step engine (:mod:`reglm.train.engine`) takes one optimizer step
-on a window; the schedules (:mod:`reglm.train.schedules`) give every step's BPTT length,
-learning rate, AdvSoft switch and input-noise std; the optimizer and the averaging policy
-(:mod:`reglm.train.optim`) are components of the config; the objective
-(:mod:`reglm.train.objective`) gives the per-token loss and scores a split; the run directory
-(:mod:`reglm.rundir`) is claimed for the life of the run (:mod:`reglm.train.run` starts and
-resumes runs). This module owns the order of things and the checkpoints.
+The pieces, one job each: the batching (:mod:`reglm.data.batchings`) gives every step's windows;
+the step engine (:mod:`reglm.train.engine`) takes one optimizer step on them; the schedules
+(:mod:`reglm.train.schedules`) give the learning rate, AdvSoft switch and input-noise std; the
+optimizer, the averaging policy and the objective (:mod:`reglm.train.objective`, the loss and how
+a split is scored) are components of the config; :mod:`reglm.train.run` starts and resumes runs.
+This module owns the order of things and the checkpoints.
 
-Resume: ``state.pt`` is written before the first step, at every epoch end, every
-``train.checkpoint_interval`` steps and when a stop is requested (the command line requests one on
-SIGINT/SIGTERM; as a library, the trainer lets ``KeyboardInterrupt`` through unless it is given a
-:class:`StopRequest`). It holds the weights, the optimizer's and the averaging policy's state,
-the schedule's, the stage, epoch, step, the position in the training stream, the carried encoder
-state, the epoch's running loss and every RNG state, so on CPU a resumed run ends with the same
-weights, bit for bit, as an uninterrupted one.
+Resume: ``state.pt`` (:mod:`reglm.train.run_state`) is written before the first step, at every
+epoch end, every ``train.checkpoint_interval`` steps and when a stop is requested (the command
+line requests one on SIGINT/SIGTERM; as a library, the trainer lets ``KeyboardInterrupt`` through
+unless it is given a :class:`StopRequest`). What the run reports as it goes is :mod:`reglm.train.report`.
 
 Divergence: a non-finite training loss (read at log intervals and before every checkpoint),
 validation score or parameter stops the run with :class:`TrainingDiverged` before anything is
@@ -44,28 +40,27 @@ from __future__ import annotations
 
 import math
 import sys
-import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from reglm.config import RunConfig
 from reglm.config.build import registry
 from reglm.data import Corpus, Vocab
+from reglm.data.batchings import eval_reading, training_batches
 from reglm.devices import check_model_size
-from reglm.encoders.base import State, state_dict_of
+from reglm.encoders.base import State
 from reglm.errors import ReglmError, TrainingDiverged, TrainingInterrupted
-from reglm.evaluate.perplexity import Reading, perplexity
+from reglm.evaluate.perplexity import Reading
 from reglm.io import write_json
 from reglm.metrics import MetricsLog
 from reglm.modeldir import load_model_dir, save_model_dir
 from reglm.models import LanguageModel
 from reglm.objectives.activation_reg import ActivationReg, TemporalActivationReg
-from reglm.progress import Pace, clock, say
+from reglm.progress import say
 from reglm.rundir import (
     CONFIG_FILE,
     ENVIRONMENT_FILE,
@@ -76,14 +71,15 @@ from reglm.rundir import (
     claim_new,
     describe_previous,
 )
-from reglm.train.batching import eval_reading, training_batches
 from reglm.train.checkpoint import save_state
 from reglm.train.distributed import SINGLE, SilentLog, SingleProcess
 from reglm.train.engine import StepEngine
 from reglm.train.objective import ObjectiveEval, make_objective
+from reglm.train.report import EpochProgress, RunPace, report_epoch, report_initial
 from reglm.train.results import finish, record_main_stage
+from reglm.train.run_state import restore, run_state
 from reglm.train.schedules import advsoft_on, annealed_std
-from reglm.train.setup import manifest_hash, require_same_data, session_record
+from reglm.train.setup import session_record
 
 
 class StopRequest:
@@ -102,11 +98,6 @@ class StopRequest:
     @property
     def requested(self) -> bool:
         return self.signum is not None
-
-
-def _finite(module: torch.nn.Module) -> bool:
-    """Whether every parameter of ``module`` is finite (one host sync)."""
-    return bool(torch.stack([p.detach().isfinite().all() for p in module.parameters()]).all())
 
 
 StepHook = Callable[["Trainer"], None]
@@ -139,8 +130,8 @@ class Trainer:
         self.lock = lock
         check_model_size(config, len(self.vocab), self.device)
         for split, batch_size, option in (
-            ("valid", cfg.eval_batch_size, "train.eval_batch_size"),
-            ("test", cfg.test_batch_size, "train.test_batch_size"),
+            ("valid", cfg.batching.eval_batch_size, "train.batching.eval_batch_size"),
+            ("test", cfg.batching.test_batch_size, "train.batching.test_batch_size"),
         ):
             ids = getattr(corpus, split)
             if ids.numel() - 1 < batch_size:
@@ -151,18 +142,20 @@ class Trainer:
         self.model = LanguageModel(config.model, len(self.vocab), self.vocab).to(self.device)
         self.eval_model = LanguageModel(config.model, len(self.vocab), self.vocab).to(self.device)
         dist.seed(config.seed)
-        self.batches = training_batches(corpus.train, cfg, config.seed, self.device, self.vocab.eos_id, dist.shard)
+        self.batches = training_batches(
+            corpus.train, cfg.batching, config.seed, self.device, self.vocab.eos_id, dist.shard
+        )
         self.metrics = (
-            MetricsLog(self.run_dir / METRICS_FILE, tensorboard=cfg.tensorboard) if dist.is_main else SilentLog()
+            MetricsLog(self.run_dir / METRICS_FILE, tensorboard=cfg.log.tensorboard) if dist.is_main else SilentLog()
         )
         self.objective = make_objective(config, self.vocab, self.device)
-        terms = [*self.objective.terms, ActivationReg(cfg.ar_alpha), TemporalActivationReg(cfg.tar_beta)]
+        terms = [*self.objective.terms, ActivationReg(cfg.terms.ar_alpha), TemporalActivationReg(cfg.terms.tar_beta)]
         self.engine = StepEngine(
             self.model,
             self.objective,
             terms,
             self._new_optimizer(),
-            cfg.small_batch_size,
+            self.batches.small_batch_size,
             cfg.clip,
             cfg.sequence_loss,
             parallel=dist,
@@ -170,7 +163,7 @@ class Trainer:
             compile=cfg.compile,
         )
         self.averaging = registry("averaging")[cfg.averaging.kind](cfg.averaging)
-        self.schedule = registry("schedule")[cfg.schedule.kind](cfg.schedule, cfg.optimizer.lr, cfg.finetune_lr)
+        self.schedule = registry("schedule")[cfg.schedule.kind](cfg.schedule, cfg.optimizer.lr, cfg.finetune.lr)
         self.step_hooks: list[StepHook] = []
         """Called with the trainer once the run has started (before its first step) and after every step."""
         self.stage = "main"
@@ -182,10 +175,8 @@ class Trainer:
         self.epoch_tokens = 0
         self.best_val = math.inf
         self.last_checkpoint: str | None = None
-        self.pace = Pace()
+        self.pace = RunPace(self)
         """the pace of this session's steps, for the progress lines (reset when a stage begins)"""
-        self.pace_from = (0.0, 0)
-        """the stage's epochs done and the step when :attr:`pace` started"""
         self.last_interval: tuple[float, float] | None = None
         """the loss and tokens/s of the last log interval of this session, for the progress lines"""
 
@@ -206,7 +197,7 @@ class Trainer:
         def claim() -> None:
             if self.lock is None:
                 self.lock = claim_new(self.run_dir)
-                self._report_takeover()
+                self.report_takeover()
             write_json(self.run_dir / CONFIG_FILE, self.config.to_dict())
 
         self.dist.on_main(claim)
@@ -238,25 +229,10 @@ class Trainer:
         validation scores as the ``initial`` event (Table 2's "Initial model" row of Popov & Kudinov)."""
         self.objective.prepare(self.model)
         if self.objective.initial_model() is not None:
-            val = self.dist.from_main(lambda: self.score(self.model, "valid"))
-            self.metrics.log(
-                event="initial",
-                step=0,
-                **{f"valid_{name}": value for name, value in val.metrics.items() if name != "tokens"},
-            )
-            self.say(
-                "initial model: "
-                + ", ".join(
-                    f"valid {name} {value:.4g}"
-                    for name, value in val.metrics.items()
-                    if name not in ("tokens", "words")
-                )
-            )
+            report_initial(self, self.dist.from_main(lambda: self.score(self.model, "valid")))
 
-    def _report_takeover(self) -> None:
-        line = describe_previous(self.lock) if self.lock is not None else None
-        if line:
-            self.say(line)
+    def report_takeover(self) -> None:
+        self.say(describe_previous(self.lock) or "" if self.lock is not None else "")
 
     def close(self) -> None:
         """Close the metrics log and release the run directory."""
@@ -266,87 +242,15 @@ class Trainer:
             self.lock = None
 
     def state_dict(self) -> dict[str, Any]:
-        self._flush()
-        rng = {"torch": torch.get_rng_state()}
-        if self.batches.rng is not None:
-            rng["bptt"] = self.batches.rng.get_state()
-        if self.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        state = {
-            "format": 2,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            **self.averaging.state_dict(),
-            "schedule": self.schedule.state_dict(),
-            "stage": self.stage,
-            "epoch": self.epoch,
-            "step": self.step,
-            "position": self.position,
-            "hidden": state_dict_of(self.hidden),
-            "epoch_nll": self.epoch_nll,
-            "epoch_tokens": self.epoch_tokens,
-            "best_val": self.best_val,
-            "objective": self.objective.state_dict(),
-            "metrics_bytes": self.metrics.size(),
-            "vocab_fingerprint": self.vocab.fingerprint(),
-            "data_manifest": manifest_hash(self.corpus),
-            "rng": rng,
-        }
-        return self.dist.gather_state(state, self.model.encoder)
+        """Everything a resumed run needs (:func:`~reglm.train.run_state.run_state`)."""
+        self.flush()
+        return run_state(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore ``state`` (as from :func:`~reglm.train.checkpoint.load_state`); an entry that does
-        not fit this run is a ReglmError, raised before anything is written."""
-        path = self.run_dir / STATE_FILE
-        state = self.dist.local_state(state, self.model.encoder, self.cfg.batch_size, path)
-        if state["vocab_fingerprint"] != self.vocab.fingerprint():
-            raise ReglmError(
-                f"{path} was built for another vocabulary than the corpus {self.config.data.name!r} now gives; resume with the original data"
-            )
-        require_same_data(state.get("data_manifest"), self.corpus, path)
-        if not self.batches.fits(state["position"]):
-            raise ReglmError(
-                f"{path} does not fit the run in {CONFIG_FILE} (its position in the training stream is beyond it); resume it with its own config.json"
-            )
-        entry = "model"
-        try:
-            self.model.load_state_dict(state["model"])
-            entry = "optimizer"
-            self.optimizer.load_state_dict(state["optimizer"])
-            entry = "averager"
-            self.averaging.load_state_dict(state)
-            entry = "schedule"
-            self.schedule.load_state_dict(state["schedule"])
-            entry = "objective"
-            self.objective.load_state_dict(state["objective"])
-            entry = "hidden"
-            hidden = None if state["hidden"] is None else self.model.encoder.load_state(state["hidden"]).to(self.device)
-            entry = "rng"
-            torch.set_rng_state(state["rng"]["torch"])
-            if self.batches.rng is not None:
-                self.batches.rng.set_state(state["rng"]["bptt"])
-            if self.device.type == "cuda" and "cuda" in state["rng"]:
-                torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
-        except (RuntimeError, KeyError, TypeError, ValueError, IndexError) as exc:
-            raise ReglmError(
-                f"{path}: its {entry!r} entry does not fit the run in {CONFIG_FILE} ({_first_line(exc)}); resume with the run's own files, or start a new run with another --out"
-            ) from None
-        self.stage, self.epoch, self.step, self.position = (
-            state["stage"],
-            state["epoch"],
-            state["step"],
-            state["position"],
-        )
-        self.hidden = hidden
-        self.epoch_nll, self.epoch_tokens, self.best_val = (
-            float(state["epoch_nll"]),
-            state["epoch_tokens"],
-            float(state["best_val"]),
-        )
-        self.metrics.truncate(state["metrics_bytes"], first_step=self.step + 1)
-        self.last_checkpoint = self._checkpoint_name()
+        """Restore ``state`` (:func:`~reglm.train.run_state.restore`)."""
+        restore(self, state)
 
-    def _checkpoint_name(self) -> str:
+    def checkpoint_name(self) -> str:
         return f"{self.run_dir / STATE_FILE} (stage {self.stage}, epoch {self.epoch}, step {self.step})"
 
     def _diverged(self, what: str) -> TrainingDiverged:
@@ -356,10 +260,11 @@ class Trainer:
         )
 
     def _require_finite(self, module: torch.nn.Module) -> None:
-        if not _finite(module):
+        """Divergence when a parameter of ``module`` is not finite (one host sync)."""
+        if not bool(torch.stack([p.detach().isfinite().all() for p in module.parameters()]).all()):
             raise self._diverged("a parameter became NaN or infinite")
 
-    def _flush(self) -> None:
+    def flush(self) -> None:
         """Read the engine's loss sums (one host sync) into the epoch's; a non-finite loss is divergence."""
         nll, tokens, finite = self.dist.sum_losses(*self.engine.flush())
         if not finite:
@@ -371,7 +276,7 @@ class Trainer:
         state = self.state_dict()
         self._require_finite(self.model)
         self.dist.on_main(lambda: save_state(self.run_dir / STATE_FILE, state))
-        self.last_checkpoint = self._checkpoint_name()
+        self.last_checkpoint = self.checkpoint_name()
 
     def _interrupt(self) -> None:
         self.save_checkpoint()
@@ -388,9 +293,9 @@ class Trainer:
             while self.stage != "done":
                 main_over = self.epoch >= self.cfg.epochs or self._out_of_steps() or self.schedule.exhausted(self.stage)
                 if self.stage == "main" and main_over:
-                    self._begin_finetune() if self.cfg.finetune else self._set_stage("done")
+                    self._begin_finetune() if self.cfg.finetune.enabled else self._set_stage("done")
                     continue
-                if self.stage == "finetune" and self.epoch >= self.cfg.finetune_epochs:
+                if self.stage == "finetune" and self.epoch >= self.cfg.finetune.epochs:
                     self._set_stage("done")
                     continue
                 self._train_epoch()
@@ -431,14 +336,15 @@ class Trainer:
     def _advsoft_on(self) -> bool:
         advsoft = self.config.model.output.advsoft
         return advsoft is not None and advsoft_on(
-            advsoft.kind, self.cfg.advsoft_stop_epoch, self.cfg.advsoft_finetune, self.stage, self.epoch
+            advsoft.kind, self.cfg.advsoft_stop_epoch, self.cfg.finetune.advsoft, self.stage, self.epoch
         )
 
     def _input_noise_std(self) -> float:
         cfg = self.cfg
         if self.stage == "finetune":
-            return cfg.finetune_input_noise_std
-        return annealed_std(cfg.input_noise_std, cfg.input_noise_anneal, self.epoch, cfg.input_noise_epochs)
+            return cfg.finetune.input_noise_std
+        noise = cfg.input_noise
+        return annealed_std(noise.std, noise.anneal, self.epoch, noise.epochs)
 
     def _autocast(self) -> Any:
         """The forward pass's precision (``train.precision``): bf16 autocast on CUDA only; a CPU
@@ -454,107 +360,38 @@ class Trainer:
     def _train_epoch(self) -> None:
         cfg, model, batches = self.cfg, self.model, self.batches
         model.train()
-        if self.hidden is None or not batches.carries_state:
-            self.hidden = model.init_state(self.dist.share(cfg.batch_size), device=self.device)
+        if not batches.carries_state:
+            self.hidden = None
+        elif self.hidden is None:
+            self.hidden = model.init_state(self.dist.share(batches.streams), device=self.device)
         adversarial, noise_std = self._advsoft_on(), self._input_noise_std()
-        bar = tqdm(
-            total=batches.total,
-            initial=self.position,
-            disable=not self.progress,
-            unit="tok/stream" if batches.carries_state else "batch",
-            leave=False,
-            desc=f"{self.stage} epoch {self.epoch + 1}",
-        )
-        window_nll, window_tokens, window_start = self.epoch_nll, self.epoch_tokens, time.perf_counter()
-        line_step, line_start = self.step, time.perf_counter()
+        progress = EpochProgress(self)
         while not batches.done(self.position) and not self._out_of_steps():
             window, advance, factor = batches.next(self.position, self.epoch)
             lr = self.schedule.rate(self.stage, self.epoch, self.step) * factor
-            state = self.hidden if batches.carries_state else None
-            self.hidden = self.engine.step(window, state, lr, adversarial, noise_std)
+            state = self.engine.step(window, self.hidden, lr, adversarial, noise_std)
+            self.hidden = state if batches.carries_state else None
             self.averaging.update(model.parameters())
             self.objective.end_step()
             self.position += advance
             self.step += 1
-            bar.update(advance)
-            logged = self.step % cfg.log_interval == 0
-            if logged:
-                self._flush()
-                tokens = self.epoch_tokens - window_tokens
-                mean = (self.epoch_nll - window_nll) / max(tokens, 1)
-                elapsed = time.perf_counter() - window_start
-                self.metrics.log(
-                    event="step",
-                    stage=self.stage,
-                    epoch=self.epoch + 1,
-                    step=self.step,
-                    lr=lr,
-                    loss=mean,
-                    ppl=perplexity(mean),
-                    tokens_per_s=tokens / max(elapsed, 1e-9),
-                    averaging=self.averaging.active,
-                )
-                bar.set_postfix(loss=f"{mean:.3f}", ppl=f"{perplexity(mean):.1f}", run_eta=clock(self._run_eta()))
-                self.last_interval = (mean, tokens / max(elapsed, 1e-9))
-                window_nll, window_tokens, window_start = self.epoch_nll, self.epoch_tokens, time.perf_counter()
-            due = self.pace.due(self.step - self.pace_from[1], self._run_eta, force=logged)
-            if not self.progress and self.dist.is_main and due:
-                steps_per_s = (self.step - line_step) / max(time.perf_counter() - line_start, 1e-9)
-                self._report_progress(self.last_interval, lr, steps_per_s)
-                line_step, line_start = self.step, time.perf_counter()
+            progress.after_step(advance, lr)
             for hook in self.step_hooks:
                 hook(self)
             if cfg.checkpoint_interval and self.step % cfg.checkpoint_interval == 0:
                 self.save_checkpoint()
             if self._stop_requested():
-                bar.close()
+                progress.close()
                 self._interrupt()
-        bar.close()
-        self._flush()
-
-    def _report_progress(self, interval: tuple[float, float] | None, lr: float, steps_per_s: float) -> None:
-        """The progress line printed when no progress bar is shown (no terminal): at every log
-        interval, after the first steps, and at least every :data:`reglm.progress.INTERVAL`
-        seconds: where in the epoch, steps/s since the last line, the last log interval's tokens/s
-        and loss (``-`` before the first: reading the loss between log intervals would sync the
-        host, and every process of a distributed run), the rate and the ETA of the whole run."""
-        total = self.batches.total
-        rate, loss = (f"{interval[1]:9,.0f}", f"{interval[0]:7.4f}") if interval else (f"{'-':>9s}", f"{'-':>7s}")
-        ppl = f"{perplexity(interval[0]):9.2f}" if interval else f"{'-':>9s}"
-        self.say(
-            f"| {self.stage} | epoch {self.epoch + 1:3d} | step {self.step:7d} | {self.position / max(total, 1):4.0%} of epoch | "
-            f"{steps_per_s:6.3g} steps/s | {rate} tok/s | loss {loss} | ppl {ppl} | lr {lr:.4g} | "
-            f"run ETA {clock(self._run_eta())}"
-        )
+        progress.close()
+        self.flush()
 
     def _restart_pace(self) -> None:
-        self.pace = Pace()
-        self.pace_from = (self._epochs_done(), self.step)
-
-    def _epochs_done(self) -> float:
-        """Epochs of the current stage done, the current one in part."""
-        return self.epoch + self.position / max(self.batches.total, 1)
-
-    def _run_eta(self) -> float:
-        """Seconds until the run ends, at this session's pace (validation included): the planned
-        epochs of the stage (or the steps left to ``train.max_steps``, whichever ends it first)
-        and, in the main stage, ``train.finetune_epochs`` more when fine-tuning follows (it may
-        stop earlier: an upper bound then)."""
-        cfg = self.cfg
-        done, (start, start_step) = self._epochs_done(), self.pace_from
-        if done <= start or self.step <= start_step:
-            return math.inf
-        per_epoch = self.pace.elapsed() / (done - start)
-        if self.stage == "finetune":
-            return max(cfg.finetune_epochs - done, 0.0) * per_epoch
-        left = max(cfg.epochs - done, 0.0)
-        if cfg.max_steps is not None:
-            left = min(left, max(cfg.max_steps - self.step, 0) * (done - start) / (self.step - start_step))
-        return (left + (cfg.finetune_epochs if cfg.finetune else 0)) * per_epoch
+        self.pace = RunPace(self)
 
     def reading(self, split: str) -> Reading:
-        """How validation (``valid``) and the final scores read a split (:func:`~reglm.train.batching.eval_reading`)."""
-        return eval_reading(self.cfg, split, self.vocab.eos_id)
+        """How validation (``valid``) and the final scores read a split (:func:`~reglm.data.batchings.eval_reading`)."""
+        return eval_reading(self.cfg.batching, split, self.vocab.eos_id)
 
     def score(self, model: torch.nn.Module, split: str) -> ObjectiveEval:
         ids, word_ends = getattr(self.corpus, split), self.corpus.split_word_ends(split)
@@ -571,31 +408,9 @@ class Trainer:
         lr = self.schedule.rate(self.stage, self.epoch, self.step)
         self.epoch += 1
         improved = val.selection < self.best_val
+        report_epoch(self, val, train_loss, lr, improved, adversarial, noise_std)
         valid = {f"valid_{name}": value for name, value in val.metrics.items() if name != "tokens"}
-        averaging = self.averaging.active
-        self.metrics.log(
-            event="epoch",
-            stage=self.stage,
-            epoch=self.epoch,
-            step=self.step,
-            train_loss=train_loss,
-            train_ppl=perplexity(train_loss),
-            **valid,
-            lr=lr,
-            averaging=averaging,
-            best=improved,
-            advsoft=adversarial,
-            input_noise=noise_std,
-        )
-        shown = " | ".join(
-            f"valid {name} {value:9.4g}" for name, value in val.metrics.items() if name not in ("tokens", "words")
-        )
-        self.say(
-            f"| {self.stage} | epoch {self.epoch:3d} | step {self.step:7d} | train loss {train_loss:7.4f} | {shown}"
-            + (" | averaging" if averaging else "")
-            + (" | best" if improved else "")
-        )
-        info = {"stage": self.stage, "epoch": self.epoch, "step": self.step, **valid, "averaged": averaging}
+        info = {"stage": self.stage, "epoch": self.epoch, "step": self.step, **valid, "averaged": self.averaging.active}
         if improved:
             self.best_val = val.selection
             self.dist.on_main(lambda: save_model_dir(self.run_dir / "best", eval_model, self.config, self.vocab, info))
@@ -640,11 +455,5 @@ class Trainer:
         return self.eval_model
 
     def say(self, text: str) -> None:
-        if not self.dist.is_main:
-            return
-        say(text)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:160] if text else type(exc).__name__
+        if self.dist.is_main and text:
+            say(text)
