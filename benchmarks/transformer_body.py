@@ -40,7 +40,7 @@ from harness import RESULTS, environment, save, sync  # noqa: E402
 
 from reglm.config import build_config  # noqa: E402
 from reglm.encoders import TransformerEncoder  # noqa: E402
-from reglm.train.optim import Nesterov  # noqa: E402
+from reglm.optim.optimizers import Nesterov  # noqa: E402
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 """dense bf16 tensor-core peaks (NVIDIA data sheets, SXM parts)"""

@@ -5,6 +5,8 @@ circle. A test here fails on the import that breaks the rule, naming its file an
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -213,3 +215,38 @@ def test_no_circle_through_imports_at_module_or_function_level() -> None:
     edges = _graph(("module", "function"))
     edges.pop("reglm", None)
     assert _cycles(edges) == []
+
+
+def test_every_component_family_lives_outside_the_trainer() -> None:
+    """Building any run configuration imports every family's module (to find its kinds' configs),
+    so none of them may be a module of ``reglm.train``."""
+    from reglm.config.build import FAMILIES
+
+    inside = {family: module for family, (module, _) in FAMILIES.items() if _under(module, ("reglm.train",))}
+    assert not inside, inside
+
+
+def test_loading_and_scoring_a_model_directory_imports_nothing_of_the_trainer(tmp_path: Path) -> None:
+    """What the import reading above cannot see (the registries are imported by name): a fresh
+    interpreter that builds a config, saves a model directory, loads it with ``reglm.load`` and
+    scores a sentence has no module of ``reglm.train`` loaded."""
+    code = f"""
+import sys
+import torch
+import reglm
+from reglm.config import build_config
+from reglm.data.vocab import Vocab
+from reglm.modeldir import save_model_dir
+from reglm.models import LanguageModel
+
+config = build_config("tiny", ["data.name=synthetic"])
+vocab = Vocab(["<eos>", "<unk>", "the", "cat"], [0, 0, 3, 2])
+torch.manual_seed(0)
+save_model_dir({str(tmp_path / "model")!r}, LanguageModel(config.model, len(vocab), vocab), config, vocab)
+lm = reglm.load({str(tmp_path / "model")!r}, device="cpu")
+assert lm.perplexity("the cat") > 0
+print(sorted(m for m in sys.modules if m == "reglm.train" or m.startswith("reglm.train.")))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

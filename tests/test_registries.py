@@ -39,9 +39,9 @@ from reglm.inputs.base import InputLayer
 from reglm.layers.inference import Frozen, NotExportable
 from reglm.modeldir import save_model_dir
 from reglm.models import LanguageModel
+from reglm.objectives.objective import make_objective
 from reglm.outputs.base import OutputLayer
 from reglm.train.checkpoint import _is_states, save_state
-from reglm.train.objective import make_objective
 from reglm.train.run import resume, train
 from reglm.train.trainer import StopRequest
 

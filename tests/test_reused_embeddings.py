@@ -253,7 +253,7 @@ def test_study_subspace_command_writes_both_panels(tmp_path: Path, capsys: pytes
 
 
 def test_trainer_weights_the_augmented_loss_by_gamma_tau() -> None:
-    from reglm.train.objective import LMObjective
+    from reglm.objectives.objective import LMObjective
 
     config = build_config("vd-lstm-ptb-small-al", ["data.name=synthetic"])
     objective = LMObjective(

@@ -17,9 +17,9 @@ from reglm.config.presets import metadata_of, preset_metadata, table_rows
 from reglm.data import load_corpus
 from reglm.errors import ReglmError
 from reglm.models import LanguageModel
+from reglm.optim.schedules import DecaySchedule, DecayScheduleConfig
 from reglm.papers import PAPERS
 from reglm.reproduce import Budget, Planner, select_rows
-from reglm.train.schedules import DecaySchedule, DecayScheduleConfig
 from tests.conftest import REPO
 
 PAPER_TEXTS = REPO.parent / "shared" / "papers"

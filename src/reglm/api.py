@@ -66,7 +66,8 @@ class TrainedModel:
                 ids.append(self.vocab.unk_id)
             else:
                 raise ReglmError(
-                    f"the word {tok!r} is not in the model's vocabulary ({len(self.vocab)} words, no <unk>); use only known words"
+                    f"the word {tok!r} is not in the model's vocabulary ({len(self.vocab)} words, no <unk>); use "
+                    "only known words"
                 )
         return ids
 
@@ -97,7 +98,7 @@ class TrainedModel:
             [self.model],
             StreamPlan(stream, 1, "all"),
             WINDOW,
-            lambda outs, w: {"nll": self.model.output_nll(outs[0], w.targets)},
+            lambda outs, w: {"nll": self.model.output.nll(outs[0], w.targets)},
             self.device,
             keep=("nll",),
         )
@@ -112,7 +113,8 @@ class TrainedModel:
         :meth:`full_scores` flags it)."""
         if not isinstance(sentence, str):
             raise ReglmError(
-                f"score takes one sentence as a str, not {type(sentence).__name__}; for several sentences use score_batch"
+                f"score takes one sentence as a str, not {type(sentence).__name__}; for several sentences use "
+                "score_batch"
             )
         return self.score_batch([sentence], base, eos, oov_penalty=oov_penalty)[0]
 
@@ -140,7 +142,8 @@ class TrainedModel:
         A sub-word model's word is the product of its units."""
         if not isinstance(sentence, str):
             raise ReglmError(
-                f"full_scores takes one sentence as a str, not {type(sentence).__name__}; for several sentences use full_scores_batch"
+                f"full_scores takes one sentence as a str, not {type(sentence).__name__}; for several sentences "
+                "use full_scores_batch"
             )
         return self.full_scores_batch([sentence], base, eos, oov_penalty=oov_penalty)[0]
 
@@ -182,7 +185,8 @@ class TrainedModel:
             raise ReglmError(f"next_words takes the prefix as a str, not {type(prefix).__name__}")
         if self.subword is not None:
             raise ReglmError(
-                "next_words proposes whole words; this is a sub-word (BPE) model, whose next token is a unit: use generate, or a word-level model"
+                "next_words proposes whole words; this is a sub-word (BPE) model, whose next token is a unit: use "
+                "generate, or a word-level model"
             )
         if not isinstance(k, int) or k < 1:
             raise ReglmError(f"k={k!r} must be a positive integer")
@@ -371,7 +375,7 @@ class TrainedModel:
         result = self.model(torch.tensor([ids], device=self.device), state)
         yield from prompt_tokens
         for _ in range(words):
-            log_p = self.model.output_log_probs(result)[0, -1].double().cpu()
+            log_p = self.model.output.predict(result)[0, -1].double().cpu()
             probs = truncated(torch.softmax((log_p - log_p.max()) / temperature, -1), top_k, top_p)
             nxt = int(torch.multinomial(probs, 1, generator=gen))
             yield self.vocab.itos[nxt]

@@ -28,7 +28,7 @@ from reglm.config import ModelConfig
 from reglm.config.build import component_class
 from reglm.data.vocab import Vocab
 from reglm.encoders.base import EncoderOutput, State
-from reglm.outputs.base import OutputLayer, OutputLoss
+from reglm.outputs.base import OutputLayer
 
 
 class LanguageModel(nn.Module):
@@ -73,27 +73,6 @@ class LanguageModel(nn.Module):
     def init_state(self, batch_size: int, device: torch.device | str | None = None) -> State | None:
         """The encoder's zero state for ``batch_size`` streams (None for a stateless encoder)."""
         return self.encoder.init_state(batch_size, device)
-
-    def output_loss(
-        self, out: EncoderOutput, targets: Tensor, adversarial: bool = False, keep_logits: bool = False
-    ) -> OutputLoss:
-        """The output layer's training loss of ``targets: (B, T)``: per-token NLL (under the
-        adversarial softmax when ``adversarial``), its own penalty, and the clean softmax logits
-        when ``keep_logits`` (for objective terms that read them)."""
-        return self.output.score(out, targets, adversarial, keep_logits)
-
-    def output_nll(self, out: EncoderOutput, targets: Tensor) -> Tensor:
-        """The clean per-token NLL ``(B, T)``."""
-        return self.output.nll(out, targets)
-
-    def output_logits(self, out: EncoderOutput) -> Tensor:
-        """The output layer's logits ``(B, T, V)`` (a mixture's: the unnormalized log-mixture,
-        what a discriminator reads through a sigmoid)."""
-        return self.output.full_logits(out)
-
-    def output_log_probs(self, out: EncoderOutput) -> Tensor:
-        """Next-word log-probabilities ``(B, T, V)``."""
-        return self.output.predict(out)
 
     def nll(self, ids: Tensor, targets: Tensor, state: State | None = None) -> tuple[Tensor, State | None]:
         """``ids, targets: (B, T)`` -> (per-token NLL ``(B, T)``, new state)."""

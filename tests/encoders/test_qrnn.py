@@ -25,9 +25,9 @@ from reglm.evaluate.cache import CacheSpec, cache_evaluate
 from reglm.evaluate.dynamic import DynamicSpec, dynamic_evaluate
 from reglm.evaluate.perplexity import evaluate
 from reglm.models import LanguageModel
+from reglm.optim.schedules import DecaySchedule
 from reglm.train.checkpoint import load_state
 from reglm.train.run import StopRequest, TrainingInterrupted, train
-from reglm.train.schedules import DecaySchedule
 
 F64 = {"dtype": torch.float64}
 EXACT64 = {"rtol": 1e-12, "atol": 1e-12}

@@ -15,10 +15,10 @@ from reglm.errors import ReglmError
 from reglm.evaluate.perplexity import evaluate
 from reglm.metrics import read_metrics
 from reglm.models import LanguageModel
+from reglm.optim.schedules import annealed_std
 from reglm.outputs.adversarial import AdvSoft
 from reglm.outputs.softmax import SoftmaxOutput
 from reglm.train.run import train
-from reglm.train.schedules import annealed_std
 
 
 def _instance(seed: int, vocab: int = 7, dim: int = 5) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -85,7 +85,8 @@ def _rank_main(
 def start(
     tmp: Path, argv: list[str], world: int = 2, ranks: range | None = None, prepare: Callable[[int], None] | None = None
 ) -> list[multiprocessing.Process]:
-    """``reglm *argv`` as ``ranks`` (default all) of ``world`` processes, forked; ``prepare(rank)`` runs first in each."""
+    """``reglm *argv`` as ``ranks`` (default all) of ``world`` processes, forked; ``prepare(rank)``
+    runs first in each."""
     port, ctx = _free_port(), multiprocessing.get_context("fork")
     procs = []
     for rank in ranks or range(world):

@@ -16,7 +16,8 @@ from reglm.errors import ReglmError
 def register(sub: Any) -> None:
     p = sub.add_parser(
         "analyze",
-        help="embedding diversity of trained runs (Wang, Gong & Liu 2019, Figure 1): figure + JSON; or --subspace, or --by-frequency",
+        help="embedding diversity of trained runs (Wang, Gong & Liu 2019, Figure 1): figure + JSON; or --subspace, "
+        "or --by-frequency",
     )
     p.add_argument("runs", nargs="+", metavar="RUN", help="run directories written by reglm train")
     p.add_argument(
@@ -33,7 +34,8 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--subspace",
         action="store_true",
-        help="instead: the subspace distance between the input embedding L^T and the output projection W (Inan et al. 2017, appendix B) -> subspace.json",
+        help="instead: the subspace distance between the input embedding L^T and the output projection W (Inan et "
+        "al. 2017, appendix B) -> subspace.json",
     )
     p.add_argument(
         "--by-frequency",

@@ -120,7 +120,8 @@ def load_scored_run(run: str, checkpoint: str, data: str | None, data_dir: str |
     if data is None and _custom_corpus(name) and not Path(name).expanduser().is_dir():
         relative = "" if Path(name).expanduser().is_absolute() else f", read from the current directory {Path.cwd()}"
         raise ReglmError(
-            f"the corpus directory the model was trained on, {name!r} (data.name in {directory / 'config.json'}{relative}), does not exist; give the corpus with --data DIR"
+            f"the corpus directory the model was trained on, {name!r} (data.name in "
+            f"{directory / 'config.json'}{relative}), does not exist; give the corpus with --data DIR"
         )
     loaded = ScoredRun(directory, model, config, vocab, None, device)
     loaded.corpus = load_corpus(config, vocab if loaded.subword else None)

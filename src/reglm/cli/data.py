@@ -28,7 +28,8 @@ def register(sub: Any) -> None:
         ),
         (
             "prepare",
-            "encode a corpus into the cache ahead of a job (download it first when needed), or re-hash an existing entry and rebuild it when damaged",
+            "encode a corpus into the cache ahead of a job (download it first when needed), or re-hash an existing "
+            "entry and rebuild it when damaged",
         ),
     ):
         d = dsub.add_parser(command, help=text)
@@ -49,7 +50,8 @@ def register(sub: Any) -> None:
     p.set_defaults(func=cmd_data)
     p = sub.add_parser(
         "presets",
-        help="list the bundled presets and the paper/table each reproduces; with --paper: a paper's table rows and their numbers",
+        help="list the bundled presets and the paper/table each reproduces; with --paper: a paper's table rows and "
+        "their numbers",
     )
     p.add_argument(
         "--paper", help=f"list this paper's tables and their rows ({', '.join(PAPERS)}), with the paper's numbers"
@@ -126,7 +128,8 @@ def cmd_data(args: argparse.Namespace) -> int:
         damaged = verify(corpus.cache.path)
         if damaged:
             print(
-                f"reglm: {', '.join(damaged)} in {corpus.cache.path} differ from its manifest (damaged); encoding {args.name} again",
+                f"reglm: {', '.join(damaged)} in {corpus.cache.path} differ from its manifest (damaged); encoding "
+                f"{args.name} again",
                 file=sys.stderr,
             )
             discard(corpus.cache.path, args.name)
@@ -233,7 +236,8 @@ def cmd_presets(args: argparse.Namespace) -> int:
                 how += f", after {row['starts_from']['run']}"
             shown = [f"{rep[key]:7.2f}" if rep.get(key) is not None else f"{'-':>7s}" for key in ("valid", "test")]
             print(
-                f"  {row['id']:{width}s}  {row['preset']:{preset_width}s}  {shown[0]}  {shown[1]}  {rep.get('params') or '-':>6s}  {how}"
+                f"  {row['id']:{width}s}  {row['preset']:{preset_width}s}  {shown[0]}  {shown[1]}  "
+                f"{rep.get('params') or '-':>6s}  {how}"
             )
     return 0
 
@@ -307,7 +311,8 @@ def _vocab_size(config: Any, given: int | None) -> tuple[int, str]:
         corpus = resolve(data.name, data_dir=data.data_dir, min_freq=data.min_freq, max_vocab=data.max_vocab)
         return len(corpus.vocab), f"the corpus {data.name}"
     raise ReglmError(
-        f"corpus {data.name!r} is neither built in nor an existing directory; give --vocab-size V (billion word: 793471)"
+        f"corpus {data.name!r} is neither built in nor an existing directory; give --vocab-size V (billion word: "
+        "793471)"
     )
 
 

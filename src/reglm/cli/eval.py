@@ -51,7 +51,8 @@ def register(sub: Any) -> None:
         "--block",
         type=int,
         metavar="L",
-        help="score in stateless blocks of at most L tokens, scored parts ending at sentence ends (Baevski & Auli; default with --context-window: the run's train.batching.block_size)",
+        help="score in stateless blocks of at most L tokens, scored parts ending at sentence ends (Baevski & Auli; "
+        "default with --context-window: the run's train.batching.block_size)",
     )
     add_data_options(p, with_vocab=False)
     modes = p.add_mutually_exclusive_group()
@@ -60,7 +61,8 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--cache-deltas",
         metavar="FILE",
-        help="with --cache/--cache-search: write word, count, summed loss change (cache - model) per word type as TSV (AWD-LSTM Table 3)",
+        help="with --cache/--cache-search: write word, count, summed loss change (cache - model) per word type as "
+        "TSV (AWD-LSTM Table 3)",
     )
     p.add_argument(
         "--word-probs",

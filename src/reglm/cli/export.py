@@ -13,8 +13,10 @@ EVAL_TOKENS = 10_000
 def register(sub: Any) -> None:
     p = sub.add_parser(
         "export",
-        help="export a trained model for inference without reglm (ONNX or TorchScript, optionally int8), checked against PyTorch",
-        description="Writes OUT/model.onnx (or model.pt), vocab.txt and export.json (tensor names, shapes, special ids, checks); see docs/deployment.md.",
+        help="export a trained model for inference without reglm (ONNX or TorchScript, optionally int8), checked "
+        "against PyTorch",
+        description="Writes OUT/model.onnx (or model.pt), vocab.txt and export.json (tensor names, shapes, special "
+        "ids, checks); see docs/deployment.md.",
     )
     p.add_argument("run", help="a run directory (its best/ or last/ model) or a model directory")
     p.add_argument(
@@ -26,7 +28,8 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--quantize",
         metavar="int8",
-        help="int8 dynamic quantization (LSTM, linear and embedding weights); reports the size and the perplexity change",
+        help="int8 dynamic quantization (LSTM, linear and embedding weights); reports the size and the perplexity "
+        "change",
     )
     p.add_argument(
         "--out",
@@ -35,7 +38,8 @@ def register(sub: Any) -> None:
     )
     p.add_argument(
         "--text",
-        help=f"with --quantize: a text file (one sentence per line) to measure the perplexity change on (default: the first {EVAL_TOKENS:,} tokens of the run's validation split)",
+        help="with --quantize: a text file (one sentence per line) to measure the perplexity change on (default: "
+        f"the first {EVAL_TOKENS:,} tokens of the run's validation split)",
     )
     p.add_argument("--checkpoint", choices=["best", "last"], default="best")
     p.set_defaults(func=cmd_export)
@@ -63,7 +67,8 @@ def _eval_text(args: argparse.Namespace, lm: Any, directory: Path) -> tuple[Any,
         corpus = load_corpus(config, lm.vocab)
     except ReglmError as exc:
         raise ReglmError(
-            f"the validation split of {config.data.name!r} (the run's corpus) cannot be read to measure the perplexity change ({exc}); give --text FILE"
+            f"the validation split of {config.data.name!r} (the run's corpus) cannot be read to measure the "
+            f"perplexity change ({exc}); give --text FILE"
         ) from None
     ids = corpus.valid[:EVAL_TOKENS]
     return [lm.vocab.eos_id, *ids.tolist()], f"the first {len(ids):,} tokens of {config.data.name} valid"
@@ -102,12 +107,15 @@ def cmd_export(args: argparse.Namespace) -> int:
         else ""
     )
     print(
-        f"check: max |log p({args.format}) - log p(PyTorch)| = {check['max_abs_log_prob_diff']:.3g} over {stream} ({check['runtime']}){against}"
+        f"check: max |log p({args.format}) - log p(PyTorch)| = {check['max_abs_log_prob_diff']:.3g} over {stream} "
+        f"({check['runtime']}){against}"
     )
     if quant is not None:
         ppl = quant["perplexity"]
         print(
-            f"int8: {quant['int8_bytes'] / 1e6:.2f} MB vs {quant['float32_bytes'] / 1e6:.2f} MB float32 (x{quant['size_ratio']:.2f}); "
-            f"perplexity on {ppl['text']}: {ppl['float32']:.2f} float32 -> {ppl['int8']:.2f} int8 ({100 * ppl['change']:+.2f}%)"
+            f"int8: {quant['int8_bytes'] / 1e6:.2f} MB vs {quant['float32_bytes'] / 1e6:.2f} MB float32 "
+            f"(x{quant['size_ratio']:.2f}); "
+            f"perplexity on {ppl['text']}: {ppl['float32']:.2f} float32 -> {ppl['int8']:.2f} int8 "
+            f"({100 * ppl['change']:+.2f}%)"
         )
     return 0

@@ -23,7 +23,8 @@ def register(sub: Any) -> None:
     )
     p.add_argument(
         "--rows",
-        help="comma-separated row ids, or prefixes that end at a dash (ptb-small picks ptb-small-vd, ptb-small-al, ...); default: every row",
+        help="comma-separated row ids, or prefixes that end at a dash (ptb-small picks ptb-small-vd, ptb-small-al, "
+        "...); default: every row",
     )
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--budget", type=int, metavar="EPOCHS", help="cap every stage of every run at this many epochs")

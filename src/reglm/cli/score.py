@@ -125,7 +125,8 @@ def read_lines(path: str, fmt: str) -> list[Line]:
     for number, text in enumerate(texts, 1):
         if "\t" not in text:
             raise ReglmError(
-                f"{name} line {number} has no tab: the file is read as ID<TAB>sentence lines; give every line an id, or pass --input plain"
+                f"{name} line {number} has no tab: the file is read as ID<TAB>sentence lines; give every line an "
+                "id, or pass --input plain"
             )
         ident, sentence = text.split("\t", 1)
         lines.append(Line(ident, sentence))
@@ -148,7 +149,8 @@ def cmd_score(args: argparse.Namespace) -> int:
             unknown = [w for w in line.sentence.split() if w not in lm.vocab]
             if unknown:
                 raise ReglmError(
-                    f"line {number} ({line.id}): {unknown[0]!r} is not in the model's vocabulary, which has no <unk> to score it with; remove the line or use a model trained with <unk>"
+                    f"line {number} ({line.id}): {unknown[0]!r} is not in the model's vocabulary, which has no "
+                    "<unk> to score it with; remove the line or use a model trained with <unk>"
                 )
     penalty = None if args.oov_penalty == "none" else args.oov_penalty
     oov_offset(lm.vocab, penalty, args.base)
@@ -172,7 +174,8 @@ def cmd_score(args: argparse.Namespace) -> int:
     ppl = _perplexity([w for words in scored for w in words], args.base)
     rate = f"{len(lines) / seconds:.0f} sentences/s, {tokens / seconds:.0f} tokens/s" if seconds > 0 else "instant"
     print(
-        f"scored {len(lines)} sentences, {tokens} tokens ({oov} OOV), perplexity {ppl:.2f}, in {seconds:.2f} s ({rate})",
+        f"scored {len(lines)} sentences, {tokens} tokens ({oov} OOV), perplexity {ppl:.2f}, in {seconds:.2f} s "
+        f"({rate})",
         file=sys.stderr,
     )
     print(f"reglm score: an OOV word scored {setting}", file=sys.stderr)

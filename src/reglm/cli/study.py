@@ -28,7 +28,8 @@ def register(sub: Any) -> None:
     ssub = p.add_subparsers(dest="study", required=True)
     t = ssub.add_parser(
         "trigram",
-        help="Popov & Kudinov 2019, section 3: discriminator fine-tuning on the synthetic trigram corpus (Table 1, Figure 1)",
+        help="Popov & Kudinov 2019, section 3: discriminator fine-tuning on the synthetic trigram corpus (Table 1, "
+        "Figure 1)",
     )
     t.add_argument(
         "--out",
@@ -64,13 +65,15 @@ def register(sub: Any) -> None:
     )
     t.add_argument(
         "--track-ranks",
-        help="Figure 2: comma-separated frequency ranks of words whose probability every fine-tuning step logs (default 75,10: an almost frequent and a frequent word)",
+        help="Figure 2: comma-separated frequency ranks of words whose probability every fine-tuning step logs "
+        "(default 75,10: an almost frequent and a frequent word)",
     )
     t.add_argument("--device", help="auto, cpu, cuda (default auto)")
     t.add_argument("--json", action="store_true", help="print the result as one JSON object instead of a table")
     t = ssub.add_parser(
         "subspace",
-        help="Inan et al. 2017, section 6.2: subspace distance vs the augmented loss's weight and temperature (Figure 1)",
+        help="Inan et al. 2017, section 6.2: subspace distance vs the augmented loss's weight and temperature "
+        "(Figure 1)",
     )
     t.add_argument("--out", required=True, help="directory for subspace-study.json and .png")
     add_data_options(t, with_vocab=False)
@@ -159,7 +162,8 @@ def _study_trigram(args: argparse.Namespace) -> int:
         print(json.dumps(result))
         return 0
     print(
-        f"chosen word {result['chosen_word']} (rank {result['chosen_rank']}); fixed context: {' '.join(result['context'])}"
+        f"chosen word {result['chosen_word']} (rank {result['chosen_rank']}); fixed context: "
+        f"{' '.join(result['context'])}"
     )
     print(f"{'model':24s} {'test ppl':>9s} {'freq ppl':>9s} {'rare ppl':>9s} {'ratio':>6s} {'log q - log p':>16s}")
     for name, row in result["table"].items():
@@ -169,11 +173,13 @@ def _study_trigram(args: argparse.Namespace) -> int:
             else ""
         )
         print(
-            f"{name:24s} {row['test_ppl']:9.2f} {row['frequent_ppl']:9.2f} {row['rare_ppl']:9.2f} {row['ratio']:6.1f} {diff:>16s}"
+            f"{name:24s} {row['test_ppl']:9.2f} {row['frequent_ppl']:9.2f} {row['rare_ppl']:9.2f} "
+            f"{row['ratio']:6.1f} {diff:>16s}"
         )
     for rank, word in result["tracked"].items():
         print(
-            f"figure 2: word {word['word']} (rank {rank}), true probability {word['true_prob']:.3g} after: {' '.join(word['context'])}"
+            f"figure 2: word {word['word']} (rank {rank}), true probability {word['true_prob']:.3g} after: "
+            f"{' '.join(word['context'])}"
         )
     print(f"wrote {out / 'trigram-study.json'}, {out / 'trigram-study.png'} and {out / 'trigram-study-figure2.png'}")
     return 0

@@ -94,7 +94,8 @@ def _add_tensorboard(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--tensorboard",
         action="store_true",
-        help="also write the metrics as TensorBoard scalars into RUN/tensorboard/ (train.log.tensorboard=true; pip install 'reglm[tensorboard]')",
+        help="also write the metrics as TensorBoard scalars into RUN/tensorboard/ (train.log.tensorboard=true; pip "
+        "install 'reglm[tensorboard]')",
     )
 
 
@@ -110,7 +111,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume:
         if args.preset or args.overrides or args.data or args.out or args.tensorboard:
             raise ReglmError(
-                "--resume continues a run with its saved configuration; drop --preset/--data/--out/--tensorboard/overrides"
+                "--resume continues a run with its saved configuration; drop "
+                "--preset/--data/--out/--tensorboard/overrides"
             )
         with stop_on_signals() as stop:
             resume(Path(args.resume), stop=stop)

@@ -37,11 +37,11 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "input": ("reglm.inputs", "INPUTS"),
     "encoder": ("reglm.encoders", "ENCODERS"),
     "output": ("reglm.outputs", "OUTPUTS"),
-    "optimizer": ("reglm.train.optim", "OPTIMIZERS"),
-    "averaging": ("reglm.train.optim", "AVERAGING"),
-    "schedule": ("reglm.train.schedules", "SCHEDULES"),
+    "optimizer": ("reglm.optim.optimizers", "OPTIMIZERS"),
+    "averaging": ("reglm.optim.optimizers", "AVERAGING"),
+    "schedule": ("reglm.optim.schedules", "SCHEDULES"),
     "batching": ("reglm.data.batchings", "BATCHINGS"),
-    "objective": ("reglm.train.objective", "OBJECTIVES"),
+    "objective": ("reglm.objectives.objective", "OBJECTIVES"),
 }
 """Component family -> (module, registry): the registry maps each kind to a component class
 whose ``Config`` is the kind's dataclass."""
@@ -170,7 +170,8 @@ def assign(
         chosen = raw.get("kind", fields["kind"].default) if "kind" in fields else None
         kind = f" (kind {chosen!r} has no such option)" if chosen else ""
         raise ReglmError(
-            f"unknown option {_option_name((*prefix, *path))}{kind}; the options here are: {', '.join(sorted(fields))} (`reglm config` lists them all)"
+            f"unknown option {_option_name((*prefix, *path))}{kind}; the options here are: "
+            f"{', '.join(sorted(fields))} (`reglm config` lists them all)"
         )
     f = fields[name]
     hint = hints_of(root)[name]
@@ -190,7 +191,8 @@ def assign(
             value = {"kind": "none" if value is None else value}
         if not isinstance(value, dict):
             raise ReglmError(
-                f"invalid option {_option_name((*prefix, name))}: expected {'a kind or ' if kinded else ''}a mapping of options, got {value!r}"
+                f"invalid option {_option_name((*prefix, name))}: expected {'a kind or ' if kinded else ''}a "
+                f"mapping of options, got {value!r}"
             )
         return [
             p
@@ -450,7 +452,8 @@ def build(cls: type, raw: Any, where: str, prefix: str = "", sources: dict[str, 
     if unknown:
         hint = did_you_mean(unknown[0], fields) if len(unknown) == 1 else ""
         raise ReglmError(
-            f"{where}: unknown option(s) {', '.join(prefix + u for u in unknown)}{hint}; `reglm config` lists the options"
+            f"{where}: unknown option(s) {', '.join(prefix + u for u in unknown)}{hint}; `reglm config` lists the "
+            "options"
         )
     sources = sources or {}
     kwargs = {}

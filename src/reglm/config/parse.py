@@ -68,7 +68,8 @@ def spec_items(
         key, eq, value = (part.strip() for part in item.partition("="))
         if not eq or not key or not value:
             raise SpecError(
-                f"{option}: {text!r} is malformed: expected key=value items separated by {sep!r}, got {item.strip()!r} (e.g. {option} {example})"
+                f"{option}: {text!r} is malformed: expected key=value items separated by {sep!r}, got "
+                f"{item.strip()!r} (e.g. {option} {example})"
             )
         if key not in keys:
             raise SpecError(f"{option}: unknown key {key!r}; valid keys: {', '.join(sorted(keys))}")

@@ -270,7 +270,8 @@ def _table_row(preset: str, value: Any, where: str) -> TableRow:
         )
     if row.evaluation != "plain" and row.stage == "main":
         raise ReglmError(
-            f"{where}: stage main is read by plain evaluation only; evaluate the final model ({row.evaluation}) or make the row plain"
+            f"{where}: stage main is read by plain evaluation only; evaluate the final model ({row.evaluation}) or "
+            "make the row plain"
         )
     if (row.evaluation == "next-words") != (row.reported.top10 is not None):
         raise ReglmError(f"{where}: a next-words row states reported.top10 (and only such a row does)")
@@ -349,7 +350,8 @@ def table_rows(paper: str | None = None, table: str | None = None) -> list[Table
             )
         if row.id not in PAPERS[row.paper].tables[row.table].rows:
             raise ReglmError(
-                f"preset {row.preset}: row {row.id!r} is not a row of {row.key}; add it to the table's rows in reglm/papers.py, in the paper's order"
+                f"preset {row.preset}: row {row.id!r} is not a row of {row.key}; add it to the table's rows in "
+                "reglm/papers.py, in the paper's order"
             )
     papers = list(PAPERS)
 
@@ -426,7 +428,8 @@ def derive_config(
     diff = architecture_differences(base.model, config.model)
     if diff:
         raise ReglmError(
-            f"{what} keeps the architecture of the model it starts from, but the options change {'; '.join(diff)}; drop those overrides"
+            f"{what} keeps the architecture of the model it starts from, but the options change {'; '.join(diff)}; "
+            "drop those overrides"
         )
     if config.data != base.data:
         raise ReglmError(f"{what} reads the data the model was trained on; drop the data.* overrides")

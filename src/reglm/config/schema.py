@@ -60,15 +60,18 @@ class DataConfig:
     )
     tokenizer: str = option(
         "word",
-        "word (one unit per whitespace word) or bpe (sub-word units learnt on train.txt, Baevski & Auli 4.4; perplexity stays word-level)",
+        "word (one unit per whitespace word) or bpe (sub-word units learnt on train.txt, Baevski & Auli 4.4; "
+        "perplexity stays word-level)",
     )
     bpe_vocab_size: int = option(
         32000,
-        "bpe: units in all (characters, merged units, <unk>, <eos>), so about merges + alphabet; the paper's 32K codes (merges) gave 33,337 units on WikiText-103",
+        "bpe: units in all (characters, merged units, <unk>, <eos>), so about merges + alphabet; the paper's 32K "
+        "codes (merges) gave 33,337 units on WikiText-103",
     )
     train_parts: int = option(
         1,
-        "train on one of this many parts of the training split (whole lines, about equal token counts; Inan et al. Table 2: 2); the vocabulary stays the whole training split's",
+        "train on one of this many parts of the training split (whole lines, about equal token counts; Inan et al. "
+        "Table 2: 2); the vocabulary stays the whole training split's",
     )
     train_part: int = option(1, "which part (1-based) of data.train_parts the run trains on")
 
@@ -104,12 +107,14 @@ class DataConfig:
             check(
                 self.min_freq == 1 and self.max_vocab is None,
                 "data.tokenizer",
-                "bpe has no word vocabulary to cut: leave data.min_freq=1 and data.max_vocab=none, and size the units with data.bpe_vocab_size",
+                "bpe has no word vocabulary to cut: leave data.min_freq=1 and data.max_vocab=none, and size the "
+                "units with data.bpe_vocab_size",
             )
             check(
                 self.name != "synthetic",
                 "data.tokenizer",
-                "the synthetic corpus is word-level (its true probabilities are per word); use tokenizer=word, or bpe with a natural-text corpus",
+                "the synthetic corpus is word-level (its true probabilities are per word); use tokenizer=word, or "
+                "bpe with a natural-text corpus",
             )
 
 
@@ -154,11 +159,11 @@ class RunConfig:
     def __post_init__(self) -> None:
         """The checks that span stages: what the objective terms need of the output layer, and what
         the objective needs of the run (its config's ``check_with``)."""
-        from reglm.config.build import registry
+        from reglm.config.build import component_class
         from reglm.outputs.base import require
 
         check_seed(self.seed, "seed")
-        output = registry("output")[self.model.output.kind]
+        output = component_class("output", self.model.output, "model.output")
         if self.train.terms.aug_gamma > 0:
             require(
                 output,
@@ -167,12 +172,13 @@ class RunConfig:
                 "the augmented loss divides the output layer's logits by a temperature",
             )
             check(
-                "word-matrix" in registry("input")[self.model.input.kind].capabilities,
+                "word-matrix" in component_class("input", self.model.input, "model.input").capabilities,
                 "train.terms.aug_gamma",
-                f"the augmented loss reads the word embedding matrix, which input layer {self.model.input.kind} does not have; set model.input=embedding or aug_gamma=0",
+                f"the augmented loss reads the word embedding matrix, which input layer {self.model.input.kind} "
+                "does not have; set model.input=embedding or aug_gamma=0",
             )
         advsoft = self.model.output.advsoft
-        if advsoft is not None and advsoft.kind != "none":
+        if advsoft is not None and advsoft.enabled:
             require(output, "advsoft", "model.output.advsoft", "the adversarial softmax perturbs target logits")
         self.objective.check_with(self)
 

@@ -34,7 +34,8 @@ class TermsConfig:
     aug_tau: float = option(20.0, "augmented loss temperature tau (Inan et al. appendix A: 20)")
     aug_target_grad: bool = option(
         False,
-        "augmented loss: let gradient flow into the embedding through the target y_tilde = softmax(L^T u / tau) (false: y_tilde is a constant target)",
+        "augmented loss: let gradient flow into the embedding through the target y_tilde = softmax(L^T u / tau) "
+        "(false: y_tilde is a constant target)",
     )
 
     def __post_init__(self) -> None:
@@ -55,7 +56,8 @@ class InputNoiseConfig:
     std: float = option(0.0, "std of the noise added to the input embeddings in training; 0: off")
     anneal: str = option(
         "constant",
-        "its schedule over main-stage epochs: constant, linear (to 0 at train.input_noise.epochs) or exponential (half-life train.input_noise.epochs)",
+        "its schedule over main-stage epochs: constant, linear (to 0 at train.input_noise.epochs) or exponential "
+        "(half-life train.input_noise.epochs)",
     )
     epochs: float = option(100.0, "schedule length: linear: epochs to reach 0; exponential: half-life in epochs")
 
@@ -79,7 +81,8 @@ class FinetuneConfig:
 
     enabled: bool = option(
         False,
-        "after the main stage, restart ASGD with T=0 from the best model (AWD-LSTM section 5; needs train.averaging=ntasgd)",
+        "after the main stage, restart ASGD with T=0 from the best model (AWD-LSTM section 5; needs "
+        "train.averaging=ntasgd)",
     )
     epochs: int = option(500, "upper bound on fine-tuning epochs; the non-monotone criterion normally stops it first")
     lr: float | None = option(None, "learning rate of the fine-tuning stage (none: the optimizer's lr)")
@@ -107,7 +110,8 @@ class LogConfig:
     )
     tensorboard: bool = option(
         False,
-        "also write the logged metrics as TensorBoard scalars into RUN/tensorboard/ (needs pip install 'reglm[tensorboard]')",
+        "also write the logged metrics as TensorBoard scalars into RUN/tensorboard/ (needs pip install "
+        "'reglm[tensorboard]')",
     )
 
     def __post_init__(self) -> None:
@@ -122,7 +126,8 @@ class TrainConfig:
     epochs: int = option(6, "epochs of the main stage")
     max_steps: int | None = option(
         None,
-        "end the main stage after this many optimizer steps, mid-epoch if need be (the adaptive-input recipes count updates); none: train.epochs decides",
+        "end the main stage after this many optimizer steps, mid-epoch if need be (the adaptive-input recipes "
+        "count updates); none: train.epochs decides",
     )
     batching: Any = component("batching", "bptt", "how the training split is read, and validation")
     optimizer: Any = component("optimizer", "sgd", "optimizer")
@@ -137,12 +142,14 @@ class TrainConfig:
     clip: float = option(0.25, "gradient clipping: maximum global norm (0: off)")
     sequence_loss: bool = option(
         False,
-        "sum the token losses over each BPTT window and average over streams (Zaremba et al.'s and Inan et al.'s reduction; lr and clip then refer to that sum); false: mean per token",
+        "sum the token losses over each BPTT window and average over streams (Zaremba et al.'s and Inan et al.'s "
+        "reduction; lr and clip then refer to that sum); false: mean per token",
     )
     advsoft_stop_epoch: int | None = option(None, "switch AdvSoft off after this main-stage epoch (none: keep it on)")
     precision: str = option(
         "fp32",
-        "fp32, or bf16: autocast the forward pass to bfloat16 on CUDA (fp32 master weights; LayerNorm, softmax and the loss stay fp32); a CPU run stays fp32",
+        "fp32, or bf16: autocast the forward pass to bfloat16 on CUDA (fp32 master weights; LayerNorm, softmax and "
+        "the loss stay fp32); a CPU run stays fp32",
     )
     compile: bool = option(
         False, "run the forward pass through torch.compile (the uncompiled module is what checkpoints save)"
@@ -158,7 +165,8 @@ class TrainConfig:
         check(
             not self.finetune.enabled or self.averaging.kind == "ntasgd",
             "train.finetune.enabled",
-            "is ASGD restarted from the best model and stopped by NT-ASGD's criterion; set train.averaging=ntasgd or train.finetune.enabled=false",
+            "is ASGD restarted from the best model and stopped by NT-ASGD's criterion; set train.averaging=ntasgd "
+            "or train.finetune.enabled=false",
         )
         check(
             self.advsoft_stop_epoch is None or self.advsoft_stop_epoch >= 0,

@@ -131,7 +131,8 @@ class BPTTConfig(EvalBatchSizes):
     batch_size: int = option(32, "training streams per batch")
     small_batch_size: int | None = option(
         None,
-        "gradient accumulation: streams per forward/backward chunk, each with its own carried state, one step per batch (none: batch_size; the MoS code's small_batch_size)",
+        "gradient accumulation: streams per forward/backward chunk, each with its own carried state, one step per "
+        "batch (none: batch_size; the MoS code's small_batch_size)",
     )
     bptt: int = option(35, "base BPTT length (also the window of validation)")
     variable_bptt: bool = option(True, "sample the BPTT length per batch (AWD-LSTM 4.1); false: always bptt")
@@ -173,7 +174,8 @@ class BlocksConfig(EvalBatchSizes):
     )
     eval_context: int = option(
         0,
-        "evaluation windows of block_size tokens whose first eval_context only give context (Baevski & Auli Table 5: 480, 1536, 2560)",
+        "evaluation windows of block_size tokens whose first eval_context only give context (Baevski & Auli Table "
+        "5: 480, 1536, 2560)",
     )
     eval_whole_sentences: bool = option(
         True, "the scored part of an evaluation window ends at a sentence end (<eos>) when one falls inside it"
@@ -187,12 +189,14 @@ class BlocksConfig(EvalBatchSizes):
         check(
             self.small_batch_size is None or self.update_freq == 1,
             "train.batching.small_batch_size",
-            "cuts one batch of equal rows into chunks; with train.batching.update_freq > 1 set it to none (update_freq accumulates)",
+            "cuts one batch of equal rows into chunks; with train.batching.update_freq > 1 set it to none "
+            "(update_freq accumulates)",
         )
         check(
             0 <= self.eval_context < self.block_size,
             "train.batching.eval_context",
-            f"{self.eval_context} must be >= 0 and smaller than train.batching.block_size ({self.block_size}): the context is part of each evaluation block",
+            f"{self.eval_context} must be >= 0 and smaller than train.batching.block_size ({self.block_size}): the "
+            "context is part of each evaluation block",
         )
 
 
@@ -205,7 +209,8 @@ class SentencesConfig(EvalBatchSizes):
     )
     max_tokens: int = option(
         4096,
-        "tokens per batch, padding included, in training and evaluation (Baevski & Auli 4.3: B = 4096 per GPU on WikiText-103, 2048 on billion word)",
+        "tokens per batch, padding included, in training and evaluation (Baevski & Auli 4.3: B = 4096 per GPU on "
+        "WikiText-103, 2048 on billion word)",
     )
     update_freq: int = option(
         1, "batches accumulated into each optimizer step (fairseq's update frequency; Baevski & Auli 4.3)"
@@ -284,7 +289,8 @@ class _ShuffledBatches:
         self.update_freq = update_freq
         per_process = update_freq // part[1]
         self.reads = range(part[0] * per_process, (part[0] + 1) * per_process)
-        """which of a step's ``update_freq`` batches this process reads (all of them, except for sentences under data parallelism)"""
+        """which of a step's ``update_freq`` batches this process reads (all of them, except for
+        sentences under data parallelism)"""
 
     @property
     def total(self) -> int:
@@ -335,7 +341,8 @@ class BlockBatches(_ShuffledBatches):
         self.plan = BlockPlan(ids, cfg.block_size, cfg.batch_size // self.world, seed).to(device)
         if self.plan.batches < self.world:
             raise ReglmError(
-                f"the training split holds {self.plan.n_blocks} blocks of {cfg.block_size} tokens, fewer than a batch of {cfg.batch_size}; "
+                f"the training split holds {self.plan.n_blocks} blocks of {cfg.block_size} tokens, fewer than a "
+                f"batch of {cfg.batch_size}; "
                 "lower train.batching.block_size or train.batching.batch_size"
             )
 
@@ -376,7 +383,8 @@ class SentenceBatches(_ShuffledBatches):
         self.plan = SentencePlan(ids, eos_id, cfg.max_tokens, seed=seed).to(device)
         if self.plan.batches < cfg.update_freq:
             raise ReglmError(
-                f"the training split makes {self.plan.batches} batches of at most {cfg.max_tokens} tokens, fewer than the "
+                f"the training split makes {self.plan.batches} batches of at most {cfg.max_tokens} tokens, fewer "
+                "than the "
                 f"{cfg.update_freq} of one step; lower train.batching.update_freq or train.batching.max_tokens"
             )
 
@@ -412,6 +420,8 @@ def eval_block(cfg: Any) -> int:
 def _require_shares(count: int, world: int, option: str, what: str) -> None:
     if count % world:
         raise ReglmError(
-            f"{option}={count} {what} cannot be split evenly over {world} processes: the config states the global batch and each "
-            f"process reads 1/{world} of it; set {option} to a multiple of {world}, or start another number of processes"
+            f"{option}={count} {what} cannot be split evenly over {world} processes: the config states the global "
+            "batch and each "
+            f"process reads 1/{world} of it; set {option} to a multiple of {world}, or start another number of "
+            "processes"
         )

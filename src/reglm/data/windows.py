@@ -158,7 +158,8 @@ class StreamPlan:
             targets = n - 1
             if targets < batch_size:
                 raise ReglmError(
-                    f"a split of {n} tokens has {targets} targets, too few for batch size {batch_size} (one stream each); lower the batch size"
+                    f"a split of {n} tokens has {targets} targets, too few for batch size {batch_size} (one stream "
+                    "each); lower the batch size"
                 )
             q, r = divmod(targets, batch_size)
             lengths = torch.full((batch_size,), q, dtype=torch.long)
@@ -483,7 +484,8 @@ class BlockPlan:
         n_blocks = (ids.numel() - 1) // block
         if n_blocks < batch_size:
             raise ReglmError(
-                f"the training split ({ids.numel()} tokens) holds {n_blocks} blocks of {block} tokens, fewer than a batch of {batch_size}; "
+                f"the training split ({ids.numel()} tokens) holds {n_blocks} blocks of {block} tokens, fewer than "
+                f"a batch of {batch_size}; "
                 "lower train.batching.block_size or train.batching.batch_size"
             )
         self.ids, self.block, self.batch_size, self.seed = ids, block, batch_size, seed

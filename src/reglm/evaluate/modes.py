@@ -251,7 +251,8 @@ class EvalMode:
     subwords: bool = False
     """scores sub-word (BPE) models; the others score words one token at a time"""
     needs_blocks: bool = False
-    """reads blocks only (a run trained on streams is read in blocks of :data:`~reglm.data.batchings.EVAL_BLOCK` tokens)"""
+    """reads blocks only (a run trained on streams is read in blocks of
+    :data:`~reglm.data.batchings.EVAL_BLOCK` tokens)"""
     baseline: bool = False
     """its outcome carries the model alone on the same targets (``--cache-deltas``)"""
 
@@ -272,7 +273,8 @@ FLAG_MODES: list[EvalMode] = [
     EvalMode(
         "context-window",
         "C",
-        "score stateless blocks of complete sentences of up to --block tokens (default: the run's train.batching.block_size) whose first C "
+        "score stateless blocks of complete sentences of up to --block tokens (default: the run's "
+        "train.batching.block_size) whose first C "
         "tokens only give context, every token scored once (Baevski & Auli Table 5; C=0 is plain block evaluation)",
         parse_context,
         _eval_context_window,
@@ -283,7 +285,8 @@ FLAG_MODES: list[EvalMode] = [
     EvalMode(
         "cache",
         "SPEC",
-        "mix in the continuous cache pointer (Grave et al. 2017): window=W,theta=T,lambda=L, any order; missing keys take the "
+        "mix in the continuous cache pointer (Grave et al. 2017): window=W,theta=T,lambda=L, any order; missing "
+        "keys take the "
         "AWD-LSTM PTB values window=2000,theta=1.0,lambda=0.1 (WikiText-2: window=3785,theta=0.662,lambda=0.1279)",
         _parse("reglm.evaluate.cache", "parse_cache_spec"),
         _eval_cache,
@@ -293,8 +296,10 @@ FLAG_MODES: list[EvalMode] = [
     EvalMode(
         "cache-search",
         "GRID",
-        "tune the cache on valid and score the chosen values on --split (default test); GRID like window=500,2000;theta=0.1,0.3;"
-        "lambda=0.05,0.1 (missing keys: window=100,500,1000,2000,3785;theta=0.1,0.3,0.662,1.0;lambda=0.05,0.1,0.1279,0.2,0.3)",
+        "tune the cache on valid and score the chosen values on --split (default test); GRID like "
+        "window=500,2000;theta=0.1,0.3;"
+        "lambda=0.05,0.1 (missing keys: "
+        "window=100,500,1000,2000,3785;theta=0.1,0.3,0.662,1.0;lambda=0.05,0.1,0.1279,0.2,0.3)",
         _parse("reglm.evaluate.cache", "parse_cache_grid"),
         _eval_cache_search,
         1,
@@ -305,7 +310,8 @@ FLAG_MODES: list[EvalMode] = [
     EvalMode(
         "dynamic",
         "SPEC",
-        "dynamic evaluation (Krause et al. 2018): lr=,lambda=,eps=,segment=,variant=rms|sgd,max_train_tokens=N|all,batch_size=,"
+        "dynamic evaluation (Krause et al. 2018): "
+        "lr=,lambda=,eps=,segment=,variant=rms|sgd,max_train_tokens=N|all,batch_size=,"
         "stats_batch_size=,adapt=all|output, any order; missing keys take the reference's "
         "lr=5e-5,lambda=0.002,eps=2e-5,segment=5,variant=rms,batch_size=1,stats_batch_size=100,adapt=all "
         "(variant=sgd needs lr)",
@@ -318,7 +324,8 @@ FLAG_MODES: list[EvalMode] = [
         "dynamic-search",
         "GRID",
         "tune dynamic evaluation's lr and lambda on valid and score the best on --split (default test); GRID like "
-        "lr=3e-5,5e-5;lambda=0.001,0.002;segment=5 (missing lr/lambda: the reference's 24-point grid around the settings)",
+        "lr=3e-5,5e-5;lambda=0.001,0.002;segment=5 (missing lr/lambda: the reference's 24-point grid around the "
+        "settings)",
         _parse("reglm.evaluate.dynamic_spec", "parse_dynamic_grid"),
         _eval_dynamic_search,
         lambda grid: grid.spec.batch_size,

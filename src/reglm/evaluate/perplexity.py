@@ -242,7 +242,7 @@ def evaluate(
         [model],
         plan,
         reading.bptt,
-        lambda outs, w: {"nll": model.output_nll(outs[0], w.targets)},
+        lambda outs, w: {"nll": model.output.nll(outs[0], w.targets)},
         device,
         progress,
         desc,

@@ -59,7 +59,7 @@ def sentence_log_probs(
             [model],
             plan,
             batch_tokens,
-            lambda outs, w: {"nll": model.output_nll(outs[0], w.targets)},
+            lambda outs, w: {"nll": model.output.nll(outs[0], w.targets)},
             device,
             progress,
             "score",
@@ -91,7 +91,7 @@ def long_log_probs(
         [model],
         plan,
         window,
-        lambda outs, w: {"nll": model.output_nll(outs[0], w.targets)},
+        lambda outs, w: {"nll": model.output.nll(outs[0], w.targets)},
         device,
         keep=("nll",),
     )

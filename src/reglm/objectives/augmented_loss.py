@@ -10,7 +10,8 @@ the layout of ``nn.Embedding.weight``):
   the target in the embedding space share its probability mass;
 * eq. 3.2: ``J_aug = KL(y_tilde || y_hat)``;
 * eq. 3.3: ``J_tot = J + alpha J_aug`` with ``J`` the cross-entropy; appendix A sets
-  ``alpha = gamma * tau`` (``train.terms.aug_gamma``, ``train.terms.aug_tau``; the objective term :class:`AugmentedLoss`).
+  ``alpha = gamma * tau`` (``train.terms.aug_gamma``, ``train.terms.aug_tau``; the objective term
+  :class:`AugmentedLoss`).
 
 The gradient with respect to the logits is ``(y_hat - y_tilde) / tau`` (eq. 3.4; the paper's
 rendering drops the ``1 / tau`` in places, the derivative of ``softmax(z / tau)`` has it). At

@@ -43,7 +43,8 @@ value stays finite while ``exp(L) (1 + L) (log t - L)`` is representable (``L = 
 
 **Mixture of softmaxes.** The paper's discriminator has the language model's architecture and
 applies a sigmoid to "the logits". A mixture of softmaxes has ``K`` expert logit vectors ``z_k``
-and a prior ``pi`` but no single logit vector; our reading (:meth:`~reglm.outputs.mixture.MixtureOfSoftmaxes.logits`) is the
+and a prior ``pi`` but no single logit vector; our reading
+(:meth:`~reglm.outputs.mixture.MixtureOfSoftmaxes.logits`) is the
 unnormalized log-mixture ``log sum_k pi_k exp(z_{k,w})``: it is the plain logits when ``K = 1``,
 and the same log-space mixing that gives the MoS log-probabilities when applied to the experts'
 *normalized* log-probabilities. (The MoS log-probabilities themselves cannot serve as

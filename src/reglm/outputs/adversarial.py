@@ -110,9 +110,14 @@ class AdvSoftConfig:
         check_nonneg(self.alpha, "model.output.advsoft.alpha")
         check_nonneg(self.epsilon, "model.output.advsoft.epsilon")
 
+    @property
+    def enabled(self) -> bool:
+        """Whether training perturbs the target logits (``kind`` is an epsilon mode, not none)."""
+        return self.kind != "none"
+
     def build(self) -> AdvSoft | None:
         """The :class:`AdvSoft` settings, or None when off."""
-        if self.kind == "none":
+        if not self.enabled:
             return None
         return AdvSoft(
             mode=self.kind, alpha=self.alpha, epsilon=self.epsilon, grad=self.grad, positive_only=self.positive_only

@@ -75,7 +75,8 @@ def parse_target(text: str) -> tuple[str, str, Table]:
         raise ReglmError(f"{text!r} is not PAPER:TABLE (e.g. inan:1); papers: {', '.join(PAPERS)}")
     if paper not in PAPERS:
         raise ReglmError(
-            f"unknown paper {paper!r}; choose one of {', '.join(PAPERS)} (`reglm presets --paper NAME` lists a paper's tables)"
+            f"unknown paper {paper!r}; choose one of {', '.join(PAPERS)} (`reglm presets --paper NAME` lists a "
+            "paper's tables)"
         )
     tables = PAPERS[paper].tables
     if table not in tables:
@@ -102,7 +103,8 @@ def select_rows(paper: str, table: str, wanted: list[str] | None) -> list[TableR
         hits = [row for row in rows if row.id == name or row.id.startswith(f"{name}-")]
         if not hits:
             raise ReglmError(
-                f"{paper}:{table} has no row {name!r}; its rows are {', '.join(row.id for row in rows)} (a prefix such as {rows[0].id.rsplit('-', 1)[0]!r} picks a group)"
+                f"{paper}:{table} has no row {name!r}; its rows are {', '.join(row.id for row in rows)} (a prefix "
+                f"such as {rows[0].id.rsplit('-', 1)[0]!r} picks a group)"
             )
         chosen.extend(row for row in hits if row not in chosen)
     return [row for row in rows if row in chosen]
@@ -166,7 +168,8 @@ def width_overrides(config: RunConfig, preset: str) -> list[str]:
     m = config.model
     if m.encoder.kind not in LSTM_ENCODERS or m.input.kind != "embedding":
         raise ReglmError(
-            f"--scale reduced shrinks LSTM models with a word embedding; {preset} has a {m.encoder.kind} encoder and a {m.input.kind} input: use --scale full"
+            f"--scale reduced shrinks LSTM models with a word embedding; {preset} has a {m.encoder.kind} encoder "
+            f"and a {m.input.kind} input: use --scale full"
         )
     return _size_options(config, _shrink)
 

@@ -45,7 +45,8 @@ def claim_out(out: Path, manifest: dict[str, Any]) -> dict[str, Any]:
                 f"{key}: {_setting(key, saved.get(key))}, now {_setting(key, manifest[key])}" for key in changed
             )
             raise ReglmError(
-                f"--out {out} holds runs of {manifest['table']} made with other settings ({shown}); rerun with those settings to resume it, or give another --out"
+                f"--out {out} holds runs of {manifest['table']} made with other settings ({shown}); rerun with "
+                "those settings to resume it, or give another --out"
             )
         return saved.get("ledger", {})
     if out.is_dir() and any(out.iterdir()):
@@ -134,7 +135,8 @@ def train_runs(
         entry = ledger.setdefault(run.name, {"seconds": 0.0, "status": "planned"})
         if is_run(run.directory) and config_key(load_config_file(run.directory / CONFIG_FILE)) != run.key:
             raise ReglmError(
-                f"{run.directory} was trained with another configuration than the preset {run.name} now gives (was it edited?); give another --out"
+                f"{run.directory} was trained with another configuration than the preset {run.name} now gives (was "
+                "it edited?); give another --out"
             )
         if (run.directory / RESULTS_FILE).is_file() or entry["status"] == "budget":
             entry["status"] = "done" if (run.directory / RESULTS_FILE).is_file() else entry["status"]
@@ -144,7 +146,8 @@ def train_runs(
         if missing:
             entry["status"] = "blocked"
             say(
-                f"run {i}/{len(runs)} {run.name}: not started, {', '.join(missing)} has no trained model (its time budget ended before its first epoch)"
+                f"run {i}/{len(runs)} {run.name}: not started, {', '.join(missing)} has no trained model (its time "
+                "budget ended before its first epoch)"
             )
             continue
         left = None if share is None else share - entry["seconds"]

@@ -45,7 +45,8 @@ def render_markdown(meta: dict[str, Any], records: list[dict[str, Any]]) -> str:
             if budget["minutes"]
             else ""
         )
-        + f"; {meta['minutes']:.1f} minutes of training in all ({meta['runs']} run{'' if meta['runs'] == 1 else 's'}) on {', '.join(meta['devices']) or 'no device'}.",
+        + f"; {meta['minutes']:.1f} minutes of training in all ({meta['runs']} "
+        f"run{'' if meta['runs'] == 1 else 's'}) on {', '.join(meta['devices']) or 'no device'}.",
         "",
     ]
     if entry.phrases:
@@ -62,7 +63,8 @@ def render_markdown(meta: dict[str, Any], records: list[dict[str, Any]]) -> str:
             lines += ["", _budget_line(record), ""]
         return "\n".join(lines) + "\n"
     lines += [
-        "| row | paper valid | paper test | reglm valid | reglm test | paper params | reglm params (full / trained) | evaluated | epochs (main+ft) | minutes | device |",
+        "| row | paper valid | paper test | reglm valid | reglm test | paper params | reglm params (full / "
+        "trained) | evaluated | epochs (main+ft) | minutes | device |",
         "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---|",
     ]
     notes = []
@@ -75,8 +77,10 @@ def render_markdown(meta: dict[str, Any], records: list[dict[str, Any]]) -> str:
         )
         epochs = f"{budget['epochs']['main']}+{budget['epochs']['finetune']}"
         lines.append(
-            f"| {_cell(record['row'])} (`{record['id']}`) | {_printed(theirs['valid'])} | {_printed(theirs['test'])} | {_num(ours.get('valid'))} | {_num(ours.get('test'))} "
-            f"| {theirs['params'] or '–'} | {_params(ours.get('params_full_scale'))} / {_params(ours.get('params'))} | {evaluated} | {epochs} "
+            f"| {_cell(record['row'])} (`{record['id']}`) | {_printed(theirs['valid'])} | "
+            f"{_printed(theirs['test'])} | {_num(ours.get('valid'))} | {_num(ours.get('test'))} "
+            f"| {theirs['params'] or '–'} | {_params(ours.get('params_full_scale'))} / "
+            f"{_params(ours.get('params'))} | {evaluated} | {epochs} "
             f"| {budget['minutes_with_earlier_runs']:.1f} | {budget['device'] or '–'} |"
         )
         for text in (ours.get("missing"), ours.get("note"), record["note"]):
@@ -84,7 +88,8 @@ def render_markdown(meta: dict[str, Any], records: list[dict[str, Any]]) -> str:
                 notes.append(f"- `{record['id']}`: {_cell(text)}")
         if budget["earlier_runs"]:
             chain = "; ".join(
-                f"`{item['run']}` ({item['epochs']['main']}+{item['epochs']['finetune']} epochs, {item['minutes']:.1f} min"
+                f"`{item['run']}` ({item['epochs']['main']}+{item['epochs']['finetune']} epochs, "
+                f"{item['minutes']:.1f} min"
                 + (
                     f", valid {item['valid']:.2f} / test {item['test']:.2f}"
                     if item["valid"] is not None and item["test"] is not None
@@ -103,7 +108,10 @@ def render_markdown(meta: dict[str, Any], records: list[dict[str, Any]]) -> str:
 
 def _budget_line(record: dict[str, Any]) -> str:
     budget = record["budget"]
-    return f"Run `{record['run']}`: {budget['epochs']['main']}+{budget['epochs']['finetune']} epochs, {budget['minutes']:.1f} minutes on {budget['device'] or '–'}."
+    return (
+        f"Run `{record['run']}`: {budget['epochs']['main']}+{budget['epochs']['finetune']} epochs, "
+        f"{budget['minutes']:.1f} minutes on {budget['device'] or '–'}."
+    )
 
 
 def command_line(target: str, rows: list[str] | None, scale: str, budget: Budget, options: list[str]) -> str:

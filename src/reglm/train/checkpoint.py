@@ -137,7 +137,7 @@ def load_state_model(run_dir: Path, device: torch.device | str = "cpu") -> tuple
     interrupted before it wrote ``best/`` or ``last/`` (its first epoch) can be scored. These are
     the weights validation would see: the averaged ones once averaging runs, else the iterate."""
     from reglm.config import load_config_file
-    from reglm.config.build import registry
+    from reglm.config.build import component_class
 
     run_dir = Path(run_dir)
     config = load_config_file(run_dir / CONFIG_FILE)
@@ -154,7 +154,7 @@ def load_state_model(run_dir: Path, device: torch.device | str = "cpu") -> tuple
             "restore the run's own files"
         )
     model = LanguageModel(config.model, len(vocab), vocab)
-    averaging = registry("averaging")[config.train.averaging.kind](config.train.averaging)
+    averaging = component_class("averaging", config.train.averaging, "train.averaging")(config.train.averaging)
     try:
         model.load_state_dict(state["model"])
         averaging.load_state_dict(state)
@@ -162,6 +162,7 @@ def load_state_model(run_dir: Path, device: torch.device | str = "cpu") -> tuple
             model.load_state_dict(averaging.averaged_state(model))
     except (RuntimeError, KeyError, TypeError, ValueError) as exc:
         raise ReglmError(
-            f"{run_dir / STATE_FILE} does not fit the run's {CONFIG_FILE} ({short_reason(exc)}); restore the run's own files"
+            f"{run_dir / STATE_FILE} does not fit the run's {CONFIG_FILE} ({short_reason(exc)}); restore the run's "
+            "own files"
         ) from None
     return model.to(device), config, vocab

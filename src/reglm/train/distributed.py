@@ -208,11 +208,13 @@ class DataParallelGroup(SingleProcess):
             return device
         if device.index is not None:
             raise ReglmError(
-                f"train.device={name}, but under torchrun every process trains on cuda:LOCAL_RANK (this one on cuda:{self.local_rank}); set train.device=cuda or auto"
+                f"train.device={name}, but under torchrun every process trains on cuda:LOCAL_RANK (this one on "
+                f"cuda:{self.local_rank}); set train.device=cuda or auto"
             )
         if self.local_rank >= torch.cuda.device_count():
             raise ReglmError(
-                f"LOCAL_RANK={self.local_rank}, but this machine has {torch.cuda.device_count()} CUDA devices; start at most that many processes per node (torchrun --nproc_per_node)"
+                f"LOCAL_RANK={self.local_rank}, but this machine has {torch.cuda.device_count()} CUDA devices; "
+                "start at most that many processes per node (torchrun --nproc_per_node)"
             )
         device = torch.device("cuda", self.local_rank)
         torch.cuda.set_device(device)
@@ -359,8 +361,10 @@ def _require_world(state: dict[str, Any], world: int, path: Path) -> None:
         else f"{saved} processes in all (torchrun --nproc_per_node ... [--nnodes ...] -m reglm train --resume RUN)"
     )
     raise ReglmError(
-        f"{path} was written by {saved} process{'es' if saved > 1 else ''} and this run has {world}; resume it with {how}: "
-        "a run's streams, carried states and random states are split per process and are not re-split for another number"
+        f"{path} was written by {saved} process{'es' if saved > 1 else ''} and this run has {world}; resume it "
+        f"with {how}: "
+        "a run's streams, carried states and random states are split per process and are not re-split for another "
+        "number"
     )
 
 

@@ -37,8 +37,10 @@ def launch() -> Iterator[SingleProcess]:
         if not _lost_contact(exc):
             raise
         raise RankError(
-            f"rank {group.rank} of {world}: lost contact with the other processes ({first_line(exc)}); one of them failed, was killed "
-            "or hangs (its own output says why). Resume from the last checkpoint with the same number of processes (torchrun ... -m reglm train --resume RUN)"
+            f"rank {group.rank} of {world}: lost contact with the other processes ({first_line(exc)}); one of them "
+            "failed, was killed "
+            "or hangs (its own output says why). Resume from the last checkpoint with the same number of processes "
+            "(torchrun ... -m reglm train --resume RUN)"
         ) from None
     finally:
         group.leave()
@@ -61,15 +63,19 @@ def _join(world: int) -> DataParallelGroup:
         try:
             dist.init_process_group(backend, timeout=timedelta(seconds=timeout))
         except (RuntimeError, ValueError) as exc:
-            where = f"{os.environ.get('MASTER_ADDR', '(MASTER_ADDR unset)')}:{os.environ.get('MASTER_PORT', '(MASTER_PORT unset)')}"
+            addr = os.environ.get("MASTER_ADDR", "(MASTER_ADDR unset)")
+            where = f"{addr}:{os.environ.get('MASTER_PORT', '(MASTER_PORT unset)')}"
             raise RankError(
-                f"rank {rank} of {world}: could not join the other processes at the rendezvous {where} within {timeout:g} s ({first_line(exc)}); "
-                f"start all {world} processes (torchrun --nproc_per_node N, with --nnodes M --rdzv-endpoint HOST:PORT on every node), "
+                f"rank {rank} of {world}: could not join the other processes at the rendezvous {where} within "
+                f"{timeout:g} s ({first_line(exc)}); "
+                f"start all {world} processes (torchrun --nproc_per_node N, with --nnodes M --rdzv-endpoint "
+                "HOST:PORT on every node), "
                 f"check that the endpoint is reachable from every node, or set {TIMEOUT_ENV} to wait longer"
             ) from None
     elif dist.get_world_size() != world or dist.get_rank() != rank:
         raise RankError(
-            f"the process group already joined has rank {dist.get_rank()} of {dist.get_world_size()}, but the environment says {rank} of {world}"
+            f"the process group already joined has rank {dist.get_rank()} of {dist.get_world_size()}, but the "
+            f"environment says {rank} of {world}"
         )
     return DataParallelGroup(rank, world, local_rank, owned)
 

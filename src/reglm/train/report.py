@@ -133,7 +133,7 @@ def report_epoch(
     trainer: Trainer, val: Any, train_loss: float, lr: float, improved: bool, advsoft: bool, noise_std: float
 ) -> None:
     """The ``epoch`` event of ``metrics.jsonl`` and the epoch's line, after validation ``val``
-    (:class:`~reglm.train.objective.ObjectiveEval`) of the epoch just counted."""
+    (:class:`~reglm.objectives.objective.ObjectiveEval`) of the epoch just counted."""
     t = trainer
     valid = {f"valid_{name}": value for name, value in val.metrics.items() if name != "tokens"}
     averaging = t.averaging.active

@@ -3,7 +3,7 @@
 For the language-model objective the scores are :func:`~reglm.evaluate.perplexity.evaluate`'s
 (loss, perplexity, tokens); on the synthetic corpus, whose true probabilities are known, the
 test words are also scored under the true distribution (:func:`truth_comparison`). Other
-objectives report their own split scores (:meth:`~reglm.train.objective.LMObjective.score`).
+objectives report their own split scores (:meth:`~reglm.objectives.objective.LMObjective.score`).
 
 A run with a fine-tuning stage also scores the best model of its main stage when that stage
 ends (:func:`record_main_stage`, the ``main_best`` event of ``metrics.jsonl``), and
@@ -31,9 +31,9 @@ from reglm.errors import TrainingInterrupted
 from reglm.evaluate.perplexity import EvalResult, Reading, evaluate, perplexity
 from reglm.io import write_json
 from reglm.modeldir import load_model_dir, read_model_meta
+from reglm.objectives.objective import ObjectiveEval
 from reglm.rundir import METRICS_FILE, RESULTS_FILE
 from reglm.train.distributed import SingleProcess
-from reglm.train.objective import ObjectiveEval
 
 
 class Trainer(Protocol):
@@ -45,7 +45,7 @@ class Trainer(Protocol):
     corpus: Corpus
     vocab: Vocab
     objective: Any
-    """the run's objective (:mod:`reglm.train.objective`): its ``kind`` and ``reports_perplexity``"""
+    """the run's objective (:mod:`reglm.objectives.objective`): its ``kind`` and ``reports_perplexity``"""
     metrics: Any
     """``metrics.jsonl`` (:class:`~reglm.metrics.MetricsLog`): its ``log``"""
     dist: SingleProcess

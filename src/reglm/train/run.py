@@ -69,7 +69,8 @@ def train(
         try:
             trainer.start()
             trainer.say(
-                f"run {run_dir}: {trainer.model.num_parameters():,} parameters, vocabulary {len(corpus.vocab):,}, device {trainer.device}"
+                f"run {run_dir}: {trainer.model.num_parameters():,} parameters, vocabulary {len(corpus.vocab):,}, "
+                f"device {trainer.device}"
             )
         except BaseException:
             trainer.close()
@@ -121,7 +122,8 @@ def resume(
                 session = session_record(trainer.device, trainer.corpus) | dist.record()
                 dist.on_main(lambda: write_json(run_dir / ENVIRONMENT_FILE, _read_environment(run_dir) + [session]))
                 trainer.say(
-                    f"resuming {run_dir} at stage {trainer.stage}, epoch {trainer.epoch + (trainer.stage != 'done')}, step {trainer.step}"
+                    f"resuming {run_dir} at stage {trainer.stage}, epoch "
+                    f"{trainer.epoch + (trainer.stage != 'done')}, step {trainer.step}"
                 )
         except BaseException:
             trainer.close()

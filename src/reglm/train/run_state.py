@@ -67,12 +67,14 @@ def restore(trainer: Trainer, state: dict[str, Any]) -> None:
     state = trainer.dist.local_state(state, trainer.model.encoder, trainer.batches.streams, path)
     if state["vocab_fingerprint"] != trainer.vocab.fingerprint():
         raise ReglmError(
-            f"{path} was built for another vocabulary than the corpus {trainer.config.data.name!r} now gives; resume with the original data"
+            f"{path} was built for another vocabulary than the corpus {trainer.config.data.name!r} now gives; "
+            "resume with the original data"
         )
     require_same_data(state.get("data_manifest"), trainer.corpus, path)
     if not trainer.batches.fits(state["position"]):
         raise ReglmError(
-            f"{path} does not fit the run in {CONFIG_FILE} (its position in the training stream is beyond it); resume it with its own config.json"
+            f"{path} does not fit the run in {CONFIG_FILE} (its position in the training stream is beyond it); "
+            "resume it with its own config.json"
         )
     entry = "model"
     try:
@@ -97,7 +99,8 @@ def restore(trainer: Trainer, state: dict[str, Any]) -> None:
             torch.cuda.set_rng_state(state["rng"]["cuda"], trainer.device)
     except (RuntimeError, KeyError, TypeError, ValueError, IndexError) as exc:
         raise ReglmError(
-            f"{path}: its {entry!r} entry does not fit the run in {CONFIG_FILE} ({_first_line(exc)}); resume with the run's own files, or start a new run with another --out"
+            f"{path}: its {entry!r} entry does not fit the run in {CONFIG_FILE} ({_first_line(exc)}); resume with "
+            "the run's own files, or start a new run with another --out"
         ) from None
     trainer.stage, trainer.epoch, trainer.step, trainer.position = (
         state["stage"],

@@ -2,7 +2,8 @@
 
 The corpus a run trains on (:func:`reglm.data.load_corpus`) is recorded in its run directory:
 ``state.pt`` holds the manifest hash of the encoded-corpus cache entry it was read from
-(:mod:`reglm.data.cache`; ``None`` for a corpus read in memory, the synthetic one), every session of ``environment.json`` the corpus's name, entry
+(:mod:`reglm.data.cache`; ``None`` for a corpus read in memory, the synthetic one), every session
+of ``environment.json`` the corpus's name, entry
 and hash. Resume refuses a corpus whose hash differs from the recorded one; a run directory
 written before the cache existed records none and resumes as before (its vocabulary is still
 checked).
@@ -42,6 +43,8 @@ def require_same_data(recorded: str | None, corpus: Corpus, state_path: Path) ->
     have = manifest_hash(corpus)
     if recorded is not None and have is not None and recorded != have:
         raise ReglmError(
-            f"{state_path} was trained on the encoded corpus {recorded[:16]}, but {corpus.name!r} now encodes to {have[:16]} "
-            f"({corpus.cache.path if corpus.cache else ''}): its text or its settings changed; resume with the data the run was started on"
+            f"{state_path} was trained on the encoded corpus {recorded[:16]}, but {corpus.name!r} now encodes to "
+            f"{have[:16]} "
+            f"({corpus.cache.path if corpus.cache else ''}): its text or its settings changed; resume with the "
+            "data the run was started on"
         )

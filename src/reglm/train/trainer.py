@@ -15,8 +15,8 @@ Stages (AWD-LSTM, section 5):
 
 The pieces, one job each: the batching (:mod:`reglm.data.batchings`) gives every step's windows;
 the step engine (:mod:`reglm.train.engine`) takes one optimizer step on them; the schedules
-(:mod:`reglm.train.schedules`) give the learning rate, AdvSoft switch and input-noise std; the
-optimizer, the averaging policy and the objective (:mod:`reglm.train.objective`, the loss and how
+(:mod:`reglm.optim.schedules`) give the learning rate, AdvSoft switch and input-noise std; the
+optimizer, the averaging policy and the objective (:mod:`reglm.objectives.objective`, the loss and how
 a split is scored) are components of the config; :mod:`reglm.train.run` starts and resumes runs.
 This module owns the order of things and the checkpoints.
 
@@ -48,7 +48,7 @@ from typing import Any
 import torch
 
 from reglm.config import RunConfig
-from reglm.config.build import registry
+from reglm.config.build import component_class
 from reglm.data import Corpus, Vocab
 from reglm.data.batchings import eval_reading, training_batches
 from reglm.devices import check_model_size
@@ -60,6 +60,8 @@ from reglm.metrics import MetricsLog
 from reglm.modeldir import load_model_dir, save_model_dir
 from reglm.models import LanguageModel
 from reglm.objectives.activation_reg import ActivationReg, TemporalActivationReg
+from reglm.objectives.objective import ObjectiveEval, make_objective
+from reglm.optim.schedules import advsoft_on, annealed_std
 from reglm.progress import say
 from reglm.rundir import (
     CONFIG_FILE,
@@ -74,11 +76,9 @@ from reglm.rundir import (
 from reglm.train.checkpoint import save_state
 from reglm.train.distributed import SINGLE, SilentLog, SingleProcess
 from reglm.train.engine import StepEngine
-from reglm.train.objective import ObjectiveEval, make_objective
 from reglm.train.report import EpochProgress, RunPace, report_epoch, report_initial
 from reglm.train.results import finish, record_main_stage
 from reglm.train.run_state import restore, run_state
-from reglm.train.schedules import advsoft_on, annealed_std
 from reglm.train.setup import session_record
 
 
@@ -136,7 +136,8 @@ class Trainer:
             ids = getattr(corpus, split)
             if ids.numel() - 1 < batch_size:
                 raise ReglmError(
-                    f"{option}={batch_size} is too large for the {split} split ({ids.numel()} tokens): each stream needs at least one target; lower {option}"
+                    f"{option}={batch_size} is too large for the {split} split ({ids.numel()} tokens): each stream "
+                    f"needs at least one target; lower {option}"
                 )
         torch.manual_seed(config.seed)
         self.model = LanguageModel(config.model, len(self.vocab), self.vocab).to(self.device)
@@ -162,8 +163,10 @@ class Trainer:
             autocast=self._autocast,
             compile=cfg.compile,
         )
-        self.averaging = registry("averaging")[cfg.averaging.kind](cfg.averaging)
-        self.schedule = registry("schedule")[cfg.schedule.kind](cfg.schedule, cfg.optimizer.lr, cfg.finetune.lr)
+        self.averaging = component_class("averaging", cfg.averaging, "train.averaging")(cfg.averaging)
+        self.schedule = component_class("schedule", cfg.schedule, "train.schedule")(
+            cfg.schedule, cfg.optimizer.lr, cfg.finetune.lr
+        )
         self.step_hooks: list[StepHook] = []
         """Called with the trainer once the run has started (before its first step) and after every step."""
         self.stage = "main"
@@ -185,7 +188,8 @@ class Trainer:
         return self.engine.optimizer
 
     def _new_optimizer(self) -> torch.optim.Optimizer:
-        return registry("optimizer")[self.cfg.optimizer.kind].build(self.cfg.optimizer, self.model.parameters())
+        optimizer = component_class("optimizer", self.cfg.optimizer, "train.optimizer")
+        return optimizer.build(self.cfg.optimizer, self.model.parameters())
 
     # ------------------------------------------------------------------ start, state, stop
 
@@ -207,7 +211,8 @@ class Trainer:
         """Start over a claimed run directory whose run never wrote a checkpoint: its
         ``config.json`` stays, the rest is written afresh, as by :meth:`start`."""
         self.say(
-            f"{self.run_dir} has no checkpoint yet (it stopped before its first step); starting it over from its {CONFIG_FILE}"
+            f"{self.run_dir} has no checkpoint yet (it stopped before its first step); starting it over from its "
+            f"{CONFIG_FILE}"
         )
         self._begin()
 
@@ -256,7 +261,8 @@ class Trainer:
     def _diverged(self, what: str) -> TrainingDiverged:
         return TrainingDiverged(
             f"{what} at step {self.step} (stage {self.stage}, epoch {self.epoch + 1}); nothing was saved from it. "
-            f"Last good checkpoint: {self.last_checkpoint or 'none yet'}. Lower train.lr or train.clip and resume or restart."
+            f"Last good checkpoint: {self.last_checkpoint or 'none yet'}. Lower train.lr or train.clip and resume "
+            "or restart."
         )
 
     def _require_finite(self, module: torch.nn.Module) -> None:
@@ -336,7 +342,7 @@ class Trainer:
     def _advsoft_on(self) -> bool:
         advsoft = self.config.model.output.advsoft
         return advsoft is not None and advsoft_on(
-            advsoft.kind, self.cfg.advsoft_stop_epoch, self.cfg.finetune.advsoft, self.stage, self.epoch
+            advsoft.enabled, self.cfg.advsoft_stop_epoch, self.cfg.finetune.advsoft, self.stage, self.epoch
         )
 
     def _input_noise_std(self) -> float:

@@ -18,8 +18,8 @@ from reglm.errors import ReglmError
 from reglm.evaluate.perplexity import Reading
 from reglm.metrics import read_metrics
 from reglm.modeldir import load_model_dir
+from reglm.objectives.objective import score_split
 from reglm.objectives.reverse_kl import discriminator_loss
-from reglm.train.objective import score_split
 from reglm.train.run import Trainer, resume, train
 
 

@@ -11,14 +11,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from reglm.config.fields import check, kind_field, option
-from reglm.train.ntasgd import NonMonotoneTrigger
+from reglm.optim.ntasgd import NonMonotoneTrigger
 
 
-def advsoft_on(advsoft_kind: str, stop_epoch: int | None, in_finetune: bool, stage: str, epoch: int) -> bool:
+def advsoft_on(enabled: bool, stop_epoch: int | None, in_finetune: bool, stage: str, epoch: int) -> bool:
     """Whether a step of (0-based) ``epoch`` of ``stage`` trains with the adversarial softmax:
     on from the start when configured, off after ``train.advsoft_stop_epoch`` main-stage epochs,
     and in fine-tuning per ``train.finetune.advsoft``."""
-    if advsoft_kind == "none":
+    if not enabled:
         return False
     if stage == "finetune":
         return in_finetune
@@ -53,22 +53,27 @@ class DecayScheduleConfig:
     kind: str = kind_field("decay", "per-epoch decay and plateau drops")
     decay: float = option(
         1.0,
-        "multiply the rate by this every epoch after decay_start (Zaremba et al.; Inan et al. appendix A: 0.9 / 0.97); 1: no decay",
+        "multiply the rate by this every epoch after decay_start (Zaremba et al.; Inan et al. appendix A: 0.9 / "
+        "0.97); 1: no decay",
     )
     decay_start: int = option(
         0, "main-stage epoch after which the decay applies: epoch e runs at lr * decay ** max(0, e - decay_start)"
     )
     decay_epochs: int | None = option(
         None,
-        "apply the decay for this many epochs after decay_start, then hold the rate (decay=0.1 decay_start=12 decay_epochs=1: divide by 10 once, after epoch 12, the AWD-LSTM code's --when 12); none: every epoch",
+        "apply the decay for this many epochs after decay_start, then hold the rate (decay=0.1 decay_start=12 "
+        "decay_epochs=1: divide by 10 once, after epoch 12, the AWD-LSTM code's --when 12); none: every epoch",
     )
     plateau_factor: float | None = option(
         None,
-        "multiply the rate by this whenever an epoch does not improve the best validation score (Popov & Kudinov's synthetic study: 0.1); none: off",
+        "multiply the rate by this whenever an epoch does not improve the best validation score (Popov & Kudinov's "
+        "synthetic study: 0.1); none: off",
     )
     nonmono_factor: float | None = option(
         None,
-        "multiply the rate by this whenever NT-ASGD's non-monotone criterion (reference variant, interval nonmono_interval) fires on the validation score, instead of starting to average (AWD-LSTM Table 4 '- NT-ASGD': 0.5); none: off",
+        "multiply the rate by this whenever NT-ASGD's non-monotone criterion (reference variant, interval "
+        "nonmono_interval) fires on the validation score, instead of starting to average (AWD-LSTM Table 4 '- "
+        "NT-ASGD': 0.5); none: off",
     )
     nonmono_interval: int = option(5, "the non-monotone interval n (in epochs) of nonmono_factor's criterion")
     plateau_stop: float | None = option(
@@ -114,7 +119,7 @@ class DecaySchedule:
 
     The non-monotone drop (``nonmono_factor``) is AWD-LSTM Table 4's "- NT-ASGD": "SGD with
     learning rate reduced by 2 using the same nonmonotonic fashion". The criterion is
-    :class:`~reglm.train.ntasgd.NonMonotoneTrigger`'s reference variant over every epoch's
+    :class:`~reglm.optim.ntasgd.NonMonotoneTrigger`'s reference variant over every epoch's
     validation score, and it is never reset: as in the reference code, where
     ``optimizer.param_groups[0]['lr'] /= 2.`` stands (commented out) at the point where SGD
     switches to ASGD, the rate halves at every epoch the criterion holds, and stops halving once
@@ -177,7 +182,8 @@ class CosineScheduleConfig:
     t_mult: float = option(2.0, "each cycle runs this many times as long as the one before")
     shrink: float = option(
         0.75,
-        "the maximum and minimum rates of each cycle are those of the one before times this (M: 0.75 WikiText-103, 0.6 billion word)",
+        "the maximum and minimum rates of each cycle are those of the one before times this (M: 0.75 WikiText-103, "
+        "0.6 billion word)",
     )
 
     def __post_init__(self) -> None:

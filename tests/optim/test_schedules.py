@@ -15,9 +15,9 @@ from reglm.config import RunConfig, build_config
 from reglm.data import load_corpus
 from reglm.data.batchings import sample_bptt, scaled_lr
 from reglm.errors import ReglmError, TrainingInterrupted
+from reglm.optim.schedules import DecaySchedule, DecayScheduleConfig
 from reglm.train.checkpoint import load_state
 from reglm.train.run import resume, train
-from reglm.train.schedules import DecaySchedule, DecayScheduleConfig
 from reglm.train.trainer import StopRequest, Trainer
 
 
@@ -85,7 +85,7 @@ def test_scaled_lr_is_linear_in_the_sequence_length() -> None:
 
 
 def test_cosine_schedule_against_hand_computed_rates() -> None:
-    from reglm.train.schedules import CosineSchedule, CosineScheduleConfig
+    from reglm.optim.schedules import CosineSchedule, CosineScheduleConfig
 
     cfg = CosineScheduleConfig(warmup_steps=4, warmup_init_lr=0.0, min_lr=0.1, period=4, t_mult=2, shrink=0.5)
     schedule = CosineSchedule(cfg, lr=1.0, finetune_lr=None)
@@ -107,7 +107,7 @@ def test_cosine_schedule_against_hand_computed_rates() -> None:
 
 def test_the_papers_wikitext103_schedule_ends_its_fourth_cycle_at_286k_updates() -> None:
     from reglm.config import build_config
-    from reglm.train.schedules import CosineSchedule
+    from reglm.optim.schedules import CosineSchedule
 
     config = build_config("transformer-wt103-adp-t")
     schedule = CosineSchedule(config.train.schedule, config.train.optimizer.lr, None)

@@ -86,9 +86,9 @@ class _FrozenModelsConfig:
         )
 
     def check_with(self, run: RunConfig) -> None:
-        from reglm.config.build import registry
+        from reglm.config.build import component_class
 
-        output = registry("output")[run.model.output.kind]
+        output = component_class("output", run.model.output, "model.output")
         require(output, "logits", "objective.kind", f"objective {self.kind} reads the output layer's logits")
         check(
             run.data.tokenizer == "word",
@@ -186,7 +186,7 @@ class LMObjective:
         adversarial: bool,
         keep_logits: bool = False,
     ) -> OutputLoss:
-        return model.output_loss(out, y, adversarial=adversarial, keep_logits=keep_logits)
+        return model.output.score(out, y, adversarial=adversarial, keep_logits=keep_logits)
 
     def end_step(self) -> None:
         pass
@@ -274,8 +274,8 @@ class DiscriminatorObjective(_FrozenObjective):
     ) -> OutputLoss:
         q0_out = self.frozen[0].run(x, streams, batch_size)
         with torch.no_grad():
-            q0_log_probs = self.q0.output_log_probs(q0_out)
-        loss_q, loss_p = discriminator_loss_parts(model.output_logits(out), q0_log_probs, y)
+            q0_log_probs = self.q0.output.predict(q0_out)
+        loss_q, loss_p = discriminator_loss_parts(model.output.full_logits(out), q0_log_probs, y)
         return OutputLoss(loss_q + loss_p, loss_q.new_zeros(()))
 
     def score(
@@ -290,7 +290,7 @@ class DiscriminatorObjective(_FrozenObjective):
     ) -> ObjectiveEval:
         def per_token(outs: list[EncoderOutput], w: Window) -> dict[str, Tensor]:
             loss_q, loss_p = discriminator_loss_parts(
-                model.output_logits(outs[0]), self.q0.output_log_probs(outs[1]), w.targets
+                model.output.full_logits(outs[0]), self.q0.output.predict(outs[1]), w.targets
             )
             return {"loss": loss_q + loss_p, "loss_q": loss_q, "loss_p": loss_p}
 
@@ -317,11 +317,13 @@ class ReverseKLObjective(_FrozenObjective):
 
     def _terms(self, model: LanguageModel, outs: list[EncoderOutput], y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(loss (12), NLL of q_theta, t log t) per token from the outputs of [q_theta, q0, r]."""
-        log_q = -model.output_nll(outs[0], y)
+        log_q = -model.output.nll(outs[0], y)
         with torch.no_grad():
-            log_q0 = -self.q0.output_nll(outs[1], y)
+            log_q0 = -self.q0.output.nll(outs[1], y)
             disc = (
-                None if self.disc is None else self.disc.output_logits(outs[2]).gather(-1, y.unsqueeze(-1)).squeeze(-1)
+                None
+                if self.disc is None
+                else self.disc.output.full_logits(outs[2]).gather(-1, y.unsqueeze(-1)).squeeze(-1)
             )
         loss, t_log_t = finetune_loss(log_q, log_q0, disc)
         return loss, -log_q, t_log_t
@@ -397,9 +399,9 @@ OBJECTIVES: dict[str, Any] = {
 
 def make_objective(config: RunConfig, vocab: Vocab, device: torch.device) -> Objective:
     """The objective ``config.objective.kind`` names, with its frozen models loaded and checked."""
-    from reglm.config.build import registry
+    from reglm.config.build import component_class
 
-    return registry("objective")[config.objective.kind](config, vocab, device)
+    return component_class("objective", config.objective, "objective")(config, vocab, device)
 
 
 def _load_base(config: RunConfig, vocab: Vocab, device: torch.device) -> LanguageModel:

@@ -3,14 +3,14 @@
 are averaged. The choice of one is independent of the other.
 
 * ``train.optimizer=sgd``: SGD with L2 weight decay (the learning rate per step comes from the
-  schedule, :mod:`reglm.train.schedules`);
+  schedule, :mod:`reglm.optim.schedules`);
 * ``train.optimizer=nesterov``: SGD with Nesterov momentum (Sutskever et al. 2013; Baevski &
   Auli's 0.99, section 4.5), PyTorch's formulation ``v <- mu v + g``, ``p <- p - lr (g + mu v)``;
   the authors' code rescales the momentum buffer when the rate changes (lr_t / lr_{t-1}), which
   this one does not;
 * ``train.optimizer=adam``: Adam (Kingma & Ba 2015), the fused kernel where PyTorch has one.
 * ``train.averaging=ntasgd``: NT-ASGD's non-monotone trigger starts averaging in the main stage
-  (AWD-LSTM section 3, Algorithm 1; :mod:`reglm.train.ntasgd`); ``none``: never average.
+  (AWD-LSTM section 3, Algorithm 1; :mod:`reglm.optim.ntasgd`); ``none``: never average.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from reglm.config.fields import check, check_kind, check_nonneg, check_positive, kind_field, option
-from reglm.train.ntasgd import TRIGGER_VARIANTS, NonMonotoneTrigger, ParameterAverager
+from reglm.optim.ntasgd import TRIGGER_VARIANTS, NonMonotoneTrigger, ParameterAverager
 
 
 @dataclass(frozen=True)
@@ -158,7 +158,7 @@ class NoAveraging:
 class NTASGD:
     """NT-ASGD (AWD-LSTM Algorithm 1): the trigger decides when the main stage starts averaging;
     the fine-tuning stage (ASGD restarted with T = 0) averages from its start and stops on the
-    same criterion. The average is separate state (:class:`~reglm.train.ntasgd.ParameterAverager`)."""
+    same criterion. The average is separate state (:class:`~reglm.optim.ntasgd.ParameterAverager`)."""
 
     Config = NTASGDConfig
 

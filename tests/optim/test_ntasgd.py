@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from reglm.errors import ReglmError
-from reglm.train.ntasgd import NonMonotoneTrigger, ParameterAverager
+from reglm.optim.ntasgd import NonMonotoneTrigger, ParameterAverager
 
 
 def _fires(values: list[float], n: int, variant: str) -> list[bool]:
@@ -101,7 +101,8 @@ def test_trigger_rejects_bad_options_and_damaged_state() -> None:
 def _sgd_iterates(
     model: nn.Module, steps: int, start_at: int, averager: ParameterAverager
 ) -> list[dict[str, torch.Tensor]]:
-    """Run ``steps`` SGD steps; averaging starts at the iterate after ``start_at`` steps. Returns the averaged iterates."""
+    """Run ``steps`` SGD steps; averaging starts at the iterate after ``start_at`` steps. Returns the
+    averaged iterates."""
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     x = torch.randn(16, 4)
     y = torch.randn(16, 3)
