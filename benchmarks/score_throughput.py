@@ -28,7 +28,7 @@ from harness import RESULTS, environment, interleaved, save
 from reglm.api import BATCH_LOGITS, TrainedModel
 from reglm.config import build_config
 from reglm.data import resolve
-from reglm.data.windows import SentencePlan
+from reglm.data.sentence_plan import SentencePlan
 from reglm.models import LanguageModel
 
 TARGET_OVER_ONE = 10.0

@@ -13,8 +13,8 @@ import torch
 from reglm.api import TrainedModel, truncated
 from reglm.cli import main
 from reglm.config import build_config
+from reglm.data.sentence_plan import SentencePlan
 from reglm.data.vocab import EOS, UNK, Vocab
-from reglm.data.windows import SentencePlan
 from reglm.errors import ReglmError
 from reglm.evaluate.sentences import sentence_log_probs
 from reglm.modeldir import save_model_dir

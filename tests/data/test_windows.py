@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from reglm.data.windows import BlockPlan, ContextPlan, SentencePlan, StreamPlan
+from reglm.data.sentence_plan import SentencePlan
+from reglm.data.windows import BlockPlan, ContextPlan, StreamPlan
 from reglm.errors import ReglmError
 
 

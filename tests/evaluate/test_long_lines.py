@@ -11,7 +11,8 @@ import torch
 import reglm
 from reglm.config import build_config
 from reglm.data.batchings import trained_context
-from reglm.data.windows import ContextPlan, SentencePlan
+from reglm.data.sentence_plan import SentencePlan
+from reglm.data.windows import ContextPlan
 from reglm.evaluate.sentences import sentence_log_probs
 from reglm.train.run import train
 

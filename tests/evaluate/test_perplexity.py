@@ -9,7 +9,8 @@ import math
 import pytest
 import torch
 
-from reglm.data.windows import ContextPlan, SentencePlan, StreamPlan
+from reglm.data.sentence_plan import SentencePlan
+from reglm.data.windows import ContextPlan, StreamPlan
 from reglm.evaluate.perplexity import Reading, ReadingKind, perplexity_of
 
 

@@ -318,7 +318,7 @@ def _nan_at_step_4(rank: int) -> None:
     """On rank 1: the fourth chunk's loss (step 4, the log interval's last) is NaN; rank 0's losses stay finite."""
     if rank != 1:
         return
-    from reglm.train import objective
+    from reglm.objectives import objective
 
     original, calls = objective.LMObjective.chunk_loss, [0]
 

@@ -11,7 +11,8 @@ import torch
 
 from reglm.config import build_config
 from reglm.data import load_corpus
-from reglm.data.windows import SentencePlan, Window
+from reglm.data.sentence_plan import SentencePlan
+from reglm.data.windows import Window
 from reglm.metrics import read_metrics
 from reglm.train.checkpoint import load_state
 from reglm.train.run import Trainer, resume, train

@@ -43,7 +43,8 @@ import torch
 from torch import Tensor
 
 from reglm.config.fields import check, kind_field, option
-from reglm.data.windows import BlockPlan, SentencePlan, StreamPlan, Window
+from reglm.data.sentence_plan import SentencePlan
+from reglm.data.windows import BlockPlan, StreamPlan, Window
 from reglm.errors import ReglmError
 from reglm.evaluate.perplexity import Reading
 

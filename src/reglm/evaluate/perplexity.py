@@ -22,7 +22,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from reglm.data.windows import ContextPlan, SentencePlan, StreamPlan, Window
+from reglm.data.sentence_plan import SentencePlan
+from reglm.data.windows import ContextPlan, StreamPlan, Window
 from reglm.encoders.base import EncoderOutput, State, detach_state
 from reglm.progress import track
 

@@ -25,7 +25,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from reglm.data.windows import ContextPlan, SentencePlan, StreamPlan
+from reglm.data.sentence_plan import SentencePlan
+from reglm.data.windows import ContextPlan, StreamPlan
 from reglm.evaluate.perplexity import stream_pass
 
 
