@@ -11,7 +11,7 @@ holds the options only it reads:
     (:class:`~reglm.data.windows.BlockPlan`). Validation reads blocks of ``block_size`` whose
     first ``eval_context`` tokens only give context.
 ``sentences`` -- :class:`SentenceBatches`, their billion word batching: single sentences, similar
-    lengths grouped up to ``max_tokens`` tokens (:class:`~reglm.data.windows.SentencePlan`),
+    lengths grouped up to ``max_tokens`` tokens (:class:`~reglm.data.sentence_plan.SentencePlan`),
     shuffled per epoch; validation reads sentences the same way.
 
 The last two hand ``update_freq`` batches to each step (accumulated, fairseq's update

@@ -4,7 +4,7 @@ This is how a sentence or an n-best hypothesis is scored (``reglm score``, ``lm.
 every sentence starts from the encoder's zero state with the context token (``<eos>``, the
 beginning of a sentence) as its first input, and each of its ids is a target once. Sentences of
 any lengths share a batch: the window planner's sentence plan
-(:meth:`reglm.data.windows.SentencePlan.of_sentences`) sorts them by length (longest first, so
+(:meth:`reglm.data.sentence_plan.SentencePlan.of_sentences`) sorts them by length (longest first, so
 the largest batch is met first), packs them into batches of at most ``batch_tokens`` padded
 positions and pads them at their ends. Every encoder here is causal (an LSTM reads left to right, the Transformer
 attends to the
@@ -42,7 +42,7 @@ def sentence_log_probs(
 ) -> list[Tensor]:
     """Natural-log probability of every id of every sentence (float64 ``(len,)`` tensors on the
     CPU, in the input order), each sentence read after ``context`` from a zero state, in the
-    batches of :meth:`~reglm.data.windows.SentencePlan.of_sentences`. ``model`` is a
+    batches of :meth:`~reglm.data.sentence_plan.SentencePlan.of_sentences`. ``model`` is a
     :class:`~reglm.models.LanguageModel`; it is put in eval mode and its mode restored. A sentence
     longer than ``window`` (default ``batch_tokens``) is read in windows of that many tokens
     (:func:`long_log_probs`)."""
