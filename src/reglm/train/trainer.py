@@ -48,7 +48,7 @@ from typing import Any
 import torch
 
 from reglm.config import RunConfig
-from reglm.config.build import component_class
+from reglm.config.kinds import component_class
 from reglm.data import Corpus, Vocab
 from reglm.data.batchings import eval_reading, training_batches
 from reglm.devices import check_model_size
