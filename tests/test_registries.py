@@ -26,8 +26,8 @@ from safetensors.torch import load_file
 
 from reglm.api import TrainedModel
 from reglm.config import RunConfig, build_config
-from reglm.config.build import component_class, family_configs, registry
 from reglm.config.fields import ComponentConfig
+from reglm.config.kinds import component_class, family_configs, registry
 from reglm.data.batchings import eval_reading, trained_context, training_batches
 from reglm.data.vocab import Vocab
 from reglm.encoders.base import Encoder, state_dict_of

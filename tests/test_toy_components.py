@@ -18,7 +18,7 @@ from torch import nn
 
 from reglm.cli import main
 from reglm.config import build_config
-from reglm.config.build import registry
+from reglm.config.kinds import registry
 from reglm.encoders.base import StackLayer
 from reglm.errors import ReglmError, TrainingInterrupted
 from reglm.export import export_model

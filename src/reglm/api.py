@@ -31,6 +31,7 @@ from reglm.errors import ReglmError
 from reglm.evaluate.incremental import Hypotheses
 from reglm.evaluate.perplexity import EvalResult, perplexity_of, stream_pass
 from reglm.evaluate.sentences import sentence_log_probs
+from reglm.evaluate.text_modes import evaluate_text
 from reglm.evaluate.words import OOV_SHARE, SentenceUnits, WordScore, log_scale, oov_offset, word_index
 from reglm.hub import pretrained_directory, push_to_hub, save_pretrained
 from reglm.modeldir import load_model_dir
@@ -287,39 +288,8 @@ class TrainedModel:
         evaluation ``mode`` (a name of :data:`reglm.evaluate.modes.MODES`) and its ``spec`` (the
         text of its flag): the first token is context only, read as the run reads its test split.
         A search tunes on the text ``valid``; dynamic evaluation's ``rms`` rule takes its gradient
-        statistics on the text ``train``."""
-        from reglm.config.schema import TrainConfig
-        from reglm.data.batchings import eval_block, eval_reading
-        from reglm.evaluate.modes import EvalContext, batch_size_for, mode_named, reading_for, refuse_subwords
-
-        chosen = mode_named(mode)
-        setting = chosen.parse(spec or "", f"mode {mode} spec")
-        if self.subword is not None:
-            refuse_subwords(chosen, "this model")
-        if chosen.searches and valid is None:
-            raise ReglmError(f"evaluation mode {mode} tunes on validation text; pass valid=TEXT")
-        batching = (self.run_config.train if self.run_config is not None else TrainConfig()).batching
-        ids, ends = self.text_to_units(text)
-        if len(ids) < 2:
-            raise ReglmError("evaluate needs a text of at least 2 tokens (the first is context, the rest scored)")
-        batch_size = batch_size_for(chosen, setting, batching, "test")
-        run_reading = eval_reading(batching, "test", self.vocab.eos_id)
-        reading = reading_for(chosen, run_reading, eval_block(batching), self.vocab.eos_id, batch_size)
-        ctx = EvalContext(
-            self.model,
-            torch.tensor(ids),
-            "test",
-            batch_size,
-            reading.bptt,
-            reading,
-            torch.tensor(ends) if self.subword is not None else None,
-            self.device,
-            False,
-            False,
-            None if valid is None else torch.tensor(self.text_to_units(valid)[0]),
-            None if train is None else torch.tensor(self.text_to_units(train)[0]),
-        )
-        return chosen.run(ctx, setting).result
+        statistics on the text ``train`` (:func:`~reglm.evaluate.text_modes.evaluate_text`)."""
+        return evaluate_text(self, text, mode, spec, valid, train)
 
     def generate(
         self,

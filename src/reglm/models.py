@@ -1,7 +1,7 @@
 """The language model: input layer -> encoder -> output layer, assembled from registries.
 
 Each stage is a component chosen by its config's ``kind`` in its family's registry
-(:func:`~reglm.config.build.component_class`): ``INPUTS`` (:mod:`reglm.inputs`), ``ENCODERS``
+(:func:`~reglm.config.kinds.component_class`): ``INPUTS`` (:mod:`reglm.inputs`), ``ENCODERS``
 (:mod:`reglm.encoders`), ``OUTPUTS`` (:mod:`reglm.outputs`). The model knows
 nothing of what a component is: the input layer turns ids into vectors (and offers the matrix a
 tied output layer shares), the encoder returns an :class:`~reglm.encoders.base.EncoderOutput`
@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from reglm.config import ModelConfig
-from reglm.config.build import component_class
+from reglm.config.kinds import component_class
 from reglm.data.vocab import Vocab
 from reglm.encoders.base import EncoderOutput, State
 from reglm.outputs.base import OutputLayer

@@ -5,9 +5,9 @@ A configuration is a tree of frozen dataclasses (:mod:`reglm.config.schema`). Th
 * a **section**: a dataclass field whose type is a dataclass (``data``, ``model``, ``train``);
 * a **component**: a field with ``metadata["family"]`` (``model.encoder``, ``model.output``,
   ``train.optimizer``...): its dataclass is chosen by the ``kind`` of the raw mapping among the
-  configs of that family's registry (:data:`FAMILIES`); a plain string sets the kind
-  (``model.encoder=vd-lstm``). A dataclass with a ``kind`` field (``model.output.advsoft``) takes
-  the same shorthand;
+  configs of that family's registry (:data:`~reglm.config.kinds.FAMILIES`); a plain string sets
+  the kind (``model.encoder=vd-lstm``). A dataclass with a ``kind`` field (``model.output.advsoft``)
+  takes the same shorthand;
 * a **leaf**: a typed scalar, checked against its annotation.
 
 Every source -- a preset file, ``key=value`` overrides, a saved ``config.json`` -- becomes a list
@@ -23,92 +23,24 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-import functools
-import importlib
-import typing
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 from reglm.config.aliases import ALIASES, LENIENT_ALIASES, OLD_AVERAGING
-from reglm.config.fields import closest, coerce, did_you_mean, suggestion
+from reglm.config.fields import closest, coerce, did_you_mean, fields_of, hints_of, suggestion
+from reglm.config.kinds import component_class, family_configs, kinds_help
 from reglm.errors import ReglmError
-
-FAMILIES: dict[str, tuple[str, str]] = {
-    "input": ("reglm.inputs", "INPUTS"),
-    "encoder": ("reglm.encoders", "ENCODERS"),
-    "output": ("reglm.outputs", "OUTPUTS"),
-    "optimizer": ("reglm.optim.optimizers", "OPTIMIZERS"),
-    "averaging": ("reglm.optim.optimizers", "AVERAGING"),
-    "schedule": ("reglm.optim.schedules", "SCHEDULES"),
-    "batching": ("reglm.data.batchings", "BATCHINGS"),
-    "objective": ("reglm.objectives.objective", "OBJECTIVES"),
-}
-"""Component family -> (module, registry): the registry maps each kind to a component class
-whose ``Config`` is the kind's dataclass."""
 
 Path = tuple[str, ...]
 
 
-def registry(family: str) -> dict[str, Any]:
-    module, name = FAMILIES[family]
-    return getattr(importlib.import_module(module), name)
-
-
 def component(family: str, default_kind: str, what: str) -> Any:
     """A dataclass field holding a component of ``family`` (its default kind's default config):
-    ``what`` it is; ``reglm config`` lists its kinds from the registry (:func:`kinds_help`), so no
-    help text names them."""
+    ``what`` it is; ``reglm config`` lists its kinds from the registry
+    (:func:`~reglm.config.kinds.kinds_help`), so no help text names them."""
     return dataclasses.field(
         default_factory=lambda: family_configs(family)[default_kind](), metadata={"help": what, "family": family}
     )
-
-
-def family_configs(family: str) -> dict[str, type]:
-    """kind -> config dataclass of a component family."""
-    return {kind: component.Config for kind, component in registry(family).items()}
-
-
-def kinds_help(family: str, described: bool = False) -> str:
-    """The registered kinds of ``family`` as help texts and errors list them, read from its
-    registry when they are printed, so a newly registered kind is listed with no other edit:
-    ``"awd-lstm, vd-lstm, qrnn, transformer"``; ``described``: each with the help of its
-    config's ``kind`` field, the kinds sharing a config together
-    (``"softmax (a softmax over the vocabulary), mos or doc (...), ..."``)."""
-    if not described:
-        return ", ".join(registry(family))
-    groups: dict[type, list[str]] = {}
-    for kind, config in family_configs(family).items():
-        groups.setdefault(config, []).append(kind)
-    parts = []
-    for config, kinds in groups.items():
-        about = fields_of(config)["kind"].metadata.get("help")
-        parts.append(f"{' or '.join(kinds)} ({about})" if about else " or ".join(kinds))
-    return ", ".join(parts)
-
-
-def component_class(family: str, config: Any, where: str = "") -> type:
-    """The registered component that ``config`` builds: the one its ``kind`` names, which must be
-    the component whose ``Config`` it is. The one check that a config's kind agrees with its
-    class (the registry picks the class by kind; a config cannot name another kind's component)."""
-    component = registry(family).get(config.kind)
-    if component is None or type(config) is not component.Config:
-        owners = [kind for kind, cls in family_configs(family).items() if cls is type(config)]
-        raise ReglmError(
-            f"invalid option {where or family}.kind: {type(config).__name__} is the config of "
-            f"{' or '.join(owners) or 'no registered ' + family}, not of {config.kind!r}; "
-            f"choose one of {kinds_help(family)}"
-        )
-    return component
-
-
-@functools.cache
-def hints_of(cls: type) -> dict[str, Any]:
-    """The resolved annotations of a config dataclass (cached: resolving them is slow; read only)."""
-    return typing.get_type_hints(cls)
-
-
-def fields_of(cls: type) -> dict[str, dataclasses.Field]:
-    return {f.name: f for f in dataclasses.fields(cls)}
 
 
 def _default_kind(f: dataclasses.Field) -> str:

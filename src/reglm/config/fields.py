@@ -1,5 +1,6 @@
-"""The pieces every configuration dataclass is made of: a documented field, range checks, a value
-as its option's scalar type, and the did-you-mean of error messages.
+"""The pieces every configuration dataclass is made of: a documented field, its fields and resolved
+annotations as the builder reads them, range checks, a value as its option's scalar type, and the
+did-you-mean of error messages.
 
 Light on purpose (no PyTorch): component modules define their own frozen config dataclass next
 to the component, with :func:`option` fields, and validate it in ``__post_init__`` with these
@@ -8,7 +9,9 @@ checks, which raise :class:`~reglm.errors.ReglmError` naming the option.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import functools
 import math
 import types
 import typing
@@ -47,8 +50,18 @@ def kind_field(kind: str, help: str) -> Any:
     """The ``kind`` field of a component config: which registered component it builds; ``help``
     says what this kind is (``reglm config`` lists every registered kind of the family with it).
     That the kind is one of its class's is checked once, where the registry picks the class
-    (:func:`~reglm.config.build.component_class`)."""
+    (:func:`~reglm.config.kinds.component_class`)."""
     return field(default=kind, metadata={"help": help, "kind": True})
+
+
+@functools.cache
+def hints_of(cls: type) -> dict[str, Any]:
+    """The resolved annotations of a config dataclass (cached: resolving them is slow; read only)."""
+    return typing.get_type_hints(cls)
+
+
+def fields_of(cls: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
 
 
 def check(cond: bool, option_name: str, message: str) -> None:

@@ -13,8 +13,7 @@ from typing import Any
 
 import yaml
 
-from reglm.config.build import fields_of, hints_of
-from reglm.config.fields import coerce
+from reglm.config.fields import coerce, fields_of, hints_of
 from reglm.errors import ReglmError
 
 

@@ -4,7 +4,7 @@
 (with ``optimizer``, ``averaging``, ``schedule`` components) + ``objective`` + ``seed``. Each
 component's dataclass lives next to the component (``reglm.encoders.awd_lstm.AWDLSTMConfig``...)
 and is chosen by the ``kind`` of its mapping among its family's registry
-(:data:`reglm.config.build.FAMILIES`). Every field carries a one-line help text; ``reglm config``
+(:data:`reglm.config.kinds.FAMILIES`). Every field carries a one-line help text; ``reglm config``
 prints them all. A run directory stores the whole configuration as ``config.json``, and every
 checkpoint again, so a model can always be rebuilt from what is on disk. Checks that span
 several stages are in one place, :meth:`RunConfig.__post_init__`.
@@ -18,15 +18,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from reglm.config.aliases import ALIASES, OLD_AVERAGING
-from reglm.config.build import (
-    apply,
-    build,
-    component,
-    family_configs,
-    kinds_first,
-    nested_assignments,
-)
+from reglm.config.build import apply, build, component, kinds_first, nested_assignments
 from reglm.config.fields import check, check_seed, option
+from reglm.config.kinds import family_configs
 from reglm.config.train import TrainConfig
 
 TOKENIZERS = ("word", "bpe")
@@ -159,7 +153,7 @@ class RunConfig:
     def __post_init__(self) -> None:
         """The checks that span stages: what the objective terms need of the output layer, and what
         the objective needs of the run (its config's ``check_with``)."""
-        from reglm.config.build import component_class
+        from reglm.config.kinds import component_class
         from reglm.outputs.base import require
 
         check_seed(self.seed, "seed")

@@ -391,7 +391,7 @@ class SentenceBatches(_ShuffledBatches):
 
 
 BATCHINGS: dict[str, Any] = {"bptt": StreamBatches, "blocks": BlockBatches, "sentences": SentenceBatches}
-"""The batching registry (:data:`~reglm.config.build.FAMILIES` ``batching``)."""
+"""The batching registry (:data:`~reglm.config.kinds.FAMILIES` ``batching``)."""
 
 
 def training_batches(

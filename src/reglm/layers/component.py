@@ -26,8 +26,8 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from reglm.config.build import registry
 from reglm.config.fields import ComponentConfig
+from reglm.config.kinds import registry
 from reglm.layers.inference import Frozen, NotExportable
 
 
@@ -56,7 +56,7 @@ BASES: dict[str, tuple[str, str]] = {
 
 def register(family: str, kind: str) -> Any:
     """A class decorator adding a component to ``family``'s registry
-    (:data:`~reglm.config.build.FAMILIES`) as ``kind``: ``@register("encoder", "my-rnn")``. A
+    (:data:`~reglm.config.kinds.FAMILIES`) as ``kind``: ``@register("encoder", "my-rnn")``. A
     model component must derive from its family's base (:data:`BASES`) and its ``Config`` from
     :class:`ComponentConfig`; every ``Config`` is a dataclass with a ``kind`` field."""
 

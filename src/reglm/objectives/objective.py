@@ -86,7 +86,7 @@ class _FrozenModelsConfig:
         )
 
     def check_with(self, run: RunConfig) -> None:
-        from reglm.config.build import component_class
+        from reglm.config.kinds import component_class
 
         output = component_class("output", run.model.output, "model.output")
         require(output, "logits", "objective.kind", f"objective {self.kind} reads the output layer's logits")
@@ -394,12 +394,12 @@ OBJECTIVES: dict[str, Any] = {
     "discriminator": DiscriminatorObjective,
     "reverse-kl": ReverseKLObjective,
 }
-"""The objective registry (:data:`~reglm.config.build.FAMILIES` ``objective``)."""
+"""The objective registry (:data:`~reglm.config.kinds.FAMILIES` ``objective``)."""
 
 
 def make_objective(config: RunConfig, vocab: Vocab, device: torch.device) -> Objective:
     """The objective ``config.objective.kind`` names, with its frozen models loaded and checked."""
-    from reglm.config.build import component_class
+    from reglm.config.kinds import component_class
 
     return component_class("objective", config.objective, "objective")(config, vocab, device)
 

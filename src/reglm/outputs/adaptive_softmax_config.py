@@ -8,8 +8,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from reglm.config.build import component_class
 from reglm.config.fields import ComponentConfig, check, check_kind, check_prob, kind_field, option
+from reglm.config.kinds import component_class
 from reglm.inputs.adaptive_input import band_dims, parse_cutoffs
 from reglm.outputs.adversarial import AdvSoftConfig
 

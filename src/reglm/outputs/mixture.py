@@ -52,8 +52,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from reglm.config.build import component_class
 from reglm.config.fields import ComponentConfig, check, check_nonneg, check_prob, kind_field, option
+from reglm.config.kinds import component_class
 from reglm.encoders.base import EncoderOutput
 from reglm.layers.dropout import LockedDropout
 from reglm.layers.inference import Frozen

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from reglm.config.build import component_class
 from reglm.config.fields import ComponentConfig, check, check_positive, kind_field, option
+from reglm.config.kinds import component_class
 from reglm.encoders.base import EncoderOutput
 from reglm.layers.inference import Frozen
 from reglm.outputs.adversarial import AdvSoft, AdvSoftConfig, perturb_target_logits_

@@ -137,7 +137,7 @@ def load_state_model(run_dir: Path, device: torch.device | str = "cpu") -> tuple
     interrupted before it wrote ``best/`` or ``last/`` (its first epoch) can be scored. These are
     the weights validation would see: the averaged ones once averaging runs, else the iterate."""
     from reglm.config import load_config_file
-    from reglm.config.build import component_class
+    from reglm.config.kinds import component_class
 
     run_dir = Path(run_dir)
     config = load_config_file(run_dir / CONFIG_FILE)

@@ -17,8 +17,10 @@ The pieces, one job each: the batching (:mod:`reglm.data.batchings`) gives every
 the step engine (:mod:`reglm.train.engine`) takes one optimizer step on them; the schedules
 (:mod:`reglm.optim.schedules`) give the learning rate, AdvSoft switch and input-noise std; the
 optimizer, the averaging policy and the objective (:mod:`reglm.objectives.objective`, the loss and how
-a split is scored) are components of the config; :mod:`reglm.train.run` starts and resumes runs.
-This module owns the order of things and the checkpoints.
+a split is scored) are components of the config; :mod:`reglm.train.stages` says what the stage
+and epoch decide (AdvSoft, input noise, what an epoch's validation score does);
+:mod:`reglm.train.run` starts and resumes runs. This module owns the order of things and the
+checkpoints.
 
 Resume: ``state.pt`` (:mod:`reglm.train.run_state`) is written before the first step, at every
 epoch end, every ``train.checkpoint_interval`` steps and when a stop is requested (the command
@@ -48,7 +50,7 @@ from typing import Any
 import torch
 
 from reglm.config import RunConfig
-from reglm.config.build import component_class
+from reglm.config.kinds import component_class
 from reglm.data import Corpus, Vocab
 from reglm.data.batchings import eval_reading, training_batches
 from reglm.devices import check_model_size
@@ -57,11 +59,10 @@ from reglm.errors import ReglmError, TrainingDiverged, TrainingInterrupted
 from reglm.evaluate.perplexity import Reading
 from reglm.io import write_json
 from reglm.metrics import MetricsLog
-from reglm.modeldir import load_model_dir, save_model_dir
+from reglm.modeldir import load_model_dir
 from reglm.models import LanguageModel
 from reglm.objectives.activation_reg import ActivationReg, TemporalActivationReg
 from reglm.objectives.objective import ObjectiveEval, make_objective
-from reglm.optim.schedules import advsoft_on, annealed_std
 from reglm.progress import say
 from reglm.rundir import (
     CONFIG_FILE,
@@ -76,10 +77,11 @@ from reglm.rundir import (
 from reglm.train.checkpoint import save_state
 from reglm.train.distributed import SINGLE, SilentLog, SingleProcess
 from reglm.train.engine import StepEngine
-from reglm.train.report import EpochProgress, RunPace, report_epoch, report_initial
+from reglm.train.report import EpochProgress, RunPace, report_initial
 from reglm.train.results import finish, record_main_stage
 from reglm.train.run_state import restore, run_state
 from reglm.train.setup import session_record
+from reglm.train.stages import advsoft_now, close_epoch, eval_weights, input_noise_now
 
 
 class StopRequest:
@@ -339,19 +341,6 @@ class Trainer:
         self.say(f"fine-tuning: ASGD restarted with T=0 from {self.run_dir / 'best'}")
         self.save_checkpoint()
 
-    def _advsoft_on(self) -> bool:
-        advsoft = self.config.model.output.advsoft
-        return advsoft is not None and advsoft_on(
-            advsoft.enabled, self.cfg.advsoft_stop_epoch, self.cfg.finetune.advsoft, self.stage, self.epoch
-        )
-
-    def _input_noise_std(self) -> float:
-        cfg = self.cfg
-        if self.stage == "finetune":
-            return cfg.finetune.input_noise_std
-        noise = cfg.input_noise
-        return annealed_std(noise.std, noise.anneal, self.epoch, noise.epochs)
-
     def _autocast(self) -> Any:
         """The forward pass's precision (``train.precision``): bf16 autocast on CUDA only; a CPU
         without bf16 units runs bf16 matrix products many times slower than fp32, so a CPU run of
@@ -370,7 +359,7 @@ class Trainer:
             self.hidden = None
         elif self.hidden is None:
             self.hidden = model.init_state(self.dist.share(batches.streams), device=self.device)
-        adversarial, noise_std = self._advsoft_on(), self._input_noise_std()
+        adversarial, noise_std = advsoft_now(self), input_noise_now(self)
         progress = EpochProgress(self)
         while not batches.done(self.position) and not self._out_of_steps():
             window, advance, factor = batches.next(self.position, self.epoch)
@@ -404,38 +393,12 @@ class Trainer:
         return self.objective.score(model, ids, self.reading(split), self.device, self.dist.is_main, split, word_ends)
 
     def _end_epoch(self) -> None:
-        eval_model = self._eval_weights()
+        eval_model = eval_weights(self)
         val = self.dist.from_main(lambda: self.score(eval_model, "valid"))
         if not math.isfinite(val.selection):
             raise self._diverged(f"the validation score became {val.selection}")
         self._require_finite(eval_model)
-        train_loss = self.epoch_nll / max(self.epoch_tokens, 1)
-        adversarial, noise_std = self._advsoft_on(), self._input_noise_std()
-        lr = self.schedule.rate(self.stage, self.epoch, self.step)
-        self.epoch += 1
-        improved = val.selection < self.best_val
-        report_epoch(self, val, train_loss, lr, improved, adversarial, noise_std)
-        valid = {f"valid_{name}": value for name, value in val.metrics.items() if name != "tokens"}
-        info = {"stage": self.stage, "epoch": self.epoch, "step": self.step, **valid, "averaged": self.averaging.active}
-        if improved:
-            self.best_val = val.selection
-            self.dist.on_main(lambda: save_model_dir(self.run_dir / "best", eval_model, self.config, self.vocab, info))
-        if self.schedule.epoch_end(improved, val.selection):
-            rate = self.schedule.rate(self.stage, self.epoch, self.step)
-            self.metrics.log(event="plateau", stage=self.stage, epoch=self.epoch, step=self.step, lr=rate)
-            ends = "; the stage ends (train.schedule.plateau_stop)" if self.schedule.exhausted(self.stage) else ""
-            self.say(f"validation stalled: learning rate -> {rate:.4g}{ends}")
-        self.dist.on_main(lambda: save_model_dir(self.run_dir / "last", eval_model, self.config, self.vocab, info))
-        if self.stage == "main":
-            if self.averaging.main_epoch_end(val.selection, self.model.parameters()):
-                self.metrics.log(
-                    event="trigger", stage=self.stage, epoch=self.epoch, step=self.step, valid_loss=val.selection
-                )
-                self.say(f"NT-ASGD: averaging starts after epoch {self.epoch} (step {self.step})")
-        elif self.stage == "finetune" and self.averaging.finetune_epoch_end(val.selection):
-            self.metrics.log(event="finetune_stop", epoch=self.epoch, step=self.step, valid_loss=val.selection)
-            self.say(f"fine-tuning stops after epoch {self.epoch}: the non-monotone criterion fired")
-            self.stage = "done"
+        close_epoch(self, val, eval_model)
         self.position, self.hidden, self.epoch_nll, self.epoch_tokens = 0, None, 0.0, 0
         self.objective.reset()
         self.save_checkpoint()
@@ -451,14 +414,6 @@ class Trainer:
         if signum and not self.stop.requested:
             self.stop.request(signum)
         return signum != 0
-
-    def _eval_weights(self) -> torch.nn.Module:
-        """The model evaluation sees: the average once averaging runs, else the iterate."""
-        if self.averaging.active:
-            self.eval_model.load_state_dict(self.averaging.averaged_state(self.model))
-        else:
-            self.eval_model.load_state_dict(self.model.state_dict())
-        return self.eval_model
 
     def say(self, text: str) -> None:
         if self.dist.is_main and text:
