@@ -2,7 +2,7 @@
 command-line options (``--cache window=2000,theta=1.0``, ``--dynamic-search lr=1e-5,2e-5;...``).
 
 Values are YAML scalars (``none``/``null`` is None; ``1e-9``-style numbers, which YAML 1.1 leaves
-strings, are floats), typed by the dataclass field they set (:func:`~reglm.config.build.coerce`).
+strings, are floats), typed by the dataclass field they set (:func:`~reglm.config.fields.coerce`).
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ LAMBDA_FACTORS = (0.5, 1.0, 1.5, 2.5)
 @dataclass(frozen=True)
 class DynamicSpec:
     """Settings of one dynamic evaluation; defaults are the reference's (see the module doc).
-    Validated on construction: a bad value raises :class:`~reglm.config.build.SpecError`."""
+    Validated on construction: a bad value raises :class:`~reglm.config.parse.SpecError`."""
 
     lr: float | None = None
     """learning rate eta; None: 5e-5 for ``rms`` (reference default); required for ``sgd``"""
