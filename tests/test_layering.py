@@ -28,10 +28,6 @@ TRAINING = (
 the studies and ``reglm reproduce``."""
 
 STILL_IN_TRAIN = {
-    (
-        "reglm.cli.eval",
-        "reglm.train.results",
-    ): "truth_comparison, the synthetic corpus's words-only line of the final scores",
     ("reglm.cli.common", "reglm.train.checkpoint"): "--checkpoint state reads the trainer's resumable state.pt",
 }
 """Imports of ``reglm.train`` outside :data:`TRAINING`, each a function-level import of a reading

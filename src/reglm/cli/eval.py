@@ -85,11 +85,10 @@ def _eval_mode(args: argparse.Namespace) -> tuple[EvalMode, Any]:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from reglm.data.batchings import eval_block, eval_reading
-    from reglm.evaluate.perplexity import ReadingKind
+    from reglm.evaluate.perplexity import ReadingKind, truth_comparison
     from reglm.evaluate.sentences import sentence_log_probs
     from reglm.evaluate.word_probs import write_loss_deltas, write_word_probs
     from reglm.progress import plan
-    from reglm.train.results import truth_comparison
 
     mode, setting = _eval_mode(args)
     if args.cache_deltas is not None and not mode.baseline:

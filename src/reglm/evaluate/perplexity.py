@@ -258,3 +258,19 @@ def totals_result(totals: PassTotals, name: str, word_level: bool = False) -> Ev
     if name in totals.kept:
         result.positions, result.token_nll = totals.kept[name]
     return result
+
+
+def truth_comparison(result: EvalResult, ids: torch.Tensor, true_logp: torch.Tensor, eos_id: int) -> dict[str, float]:
+    """Model vs true perplexity over the same scored targets, ``<eos>`` targets excluded."""
+    assert result.token_nll is not None and result.positions is not None
+    targets = ids[result.positions]
+    words = targets != eos_id
+    model_nll = result.token_nll[words].double()
+    true_nll = -true_logp[result.positions][words].double()
+    return {
+        "words": int(words.sum()),
+        "model_word_ppl": perplexity(float(model_nll.mean())),
+        "true_word_ppl": perplexity(float(true_nll.mean())),
+        "mean_logq_minus_logp": float((true_nll - model_nll).mean()),
+        "std_logq_minus_logp": float((true_nll - model_nll).std()),
+    }

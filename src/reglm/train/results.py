@@ -2,7 +2,7 @@
 
 For the language-model objective the scores are :func:`~reglm.evaluate.perplexity.evaluate`'s
 (loss, perplexity, tokens); on the synthetic corpus, whose true probabilities are known, the
-test words are also scored under the true distribution (:func:`truth_comparison`). Other
+test words are also scored under the true distribution (:func:`~reglm.evaluate.perplexity.truth_comparison`). Other
 objectives report their own split scores (:meth:`~reglm.objectives.objective.LMObjective.score`).
 
 A run with a fine-tuning stage also scores the best model of its main stage when that stage
@@ -28,7 +28,7 @@ import torch
 
 from reglm.data import Corpus, Vocab
 from reglm.errors import TrainingInterrupted
-from reglm.evaluate.perplexity import EvalResult, Reading, evaluate, perplexity
+from reglm.evaluate.perplexity import EvalResult, Reading, evaluate, truth_comparison
 from reglm.io import write_json
 from reglm.modeldir import load_model_dir, read_model_meta
 from reglm.objectives.objective import ObjectiveEval
@@ -202,19 +202,3 @@ def _record(trainer: Trainer, results: dict[str, Any]) -> None:
         event="final", step=trainer.step, **{f"{k}_{m}": v for k in ("valid", "test") for m, v in results[k].items()}
     )
     write_json(trainer.run_dir / RESULTS_FILE, results)
-
-
-def truth_comparison(result: EvalResult, ids: torch.Tensor, true_logp: torch.Tensor, eos_id: int) -> dict[str, float]:
-    """Model vs true perplexity over the same scored targets, ``<eos>`` targets excluded."""
-    assert result.token_nll is not None and result.positions is not None
-    targets = ids[result.positions]
-    words = targets != eos_id
-    model_nll = result.token_nll[words].double()
-    true_nll = -true_logp[result.positions][words].double()
-    return {
-        "words": int(words.sum()),
-        "model_word_ppl": perplexity(float(model_nll.mean())),
-        "true_word_ppl": perplexity(float(true_nll.mean())),
-        "mean_logq_minus_logp": float((true_nll - model_nll).mean()),
-        "std_logq_minus_logp": float((true_nll - model_nll).std()),
-    }
