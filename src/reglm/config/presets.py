@@ -33,6 +33,7 @@ from __future__ import annotations
 import functools
 import math
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -383,8 +384,11 @@ def _apply_overrides(raw: dict[str, Any], overrides: list[str], sources: dict[st
     apply(raw, RunConfig, kinds_first(items, RunConfig), sources=sources)
 
 
-def build_config(preset: str | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Defaults, then the preset, then ``key=value`` overrides; validated."""
+def build_config(
+    preset: str | None = None, overrides: list[str] | None = None, assignments: Iterable[tuple[str, Any]] = ()
+) -> RunConfig:
+    """Defaults, then the preset, then ``key=value`` overrides, then ``assignments``, options a program
+    sets as ``(key, value)`` pairs of typed values (nothing formatted to text and parsed back); validated."""
     raw: dict[str, Any] = {}
     sources: dict[str, str] = {}
     if preset:
@@ -392,6 +396,7 @@ def build_config(preset: str | None = None, overrides: list[str] | None = None) 
         raw["preset"] = preset
     if overrides:
         _apply_overrides(raw, overrides, sources)
+    apply(raw, RunConfig, assignments, sources=sources)
     return build(RunConfig, raw, f"preset {preset}" if preset else "options", sources=sources)
 
 
@@ -412,17 +417,23 @@ def load_config_file(path: Path) -> RunConfig:
 
 
 def derive_config(
-    base: RunConfig, preset: str | None, overrides: list[str], objective: dict[str, Any], what: str
+    base: RunConfig,
+    preset: str | None,
+    overrides: list[str],
+    objective: dict[str, Any],
+    what: str,
+    assignments: Iterable[tuple[str, Any]] = (),
 ) -> RunConfig:
     """The configuration of a run that continues from a trained model (a discriminator, a
-    fine-tuning): ``base``'s, then the preset's and the overrides' training options, then
-    ``objective``. The architecture and the data must stay the base model's."""
+    fine-tuning): ``base``'s, then the preset's and the overrides' training options and
+    ``assignments``, then ``objective``. The architecture and the data must stay the base model's."""
     raw = base.to_dict()
     raw["preset"] = preset
     sources: dict[str, str] = {}
     if preset:
         _apply_preset(raw, preset)
     _apply_overrides(raw, overrides, sources)
+    apply(raw, RunConfig, assignments, sources=sources)
     raw["objective"] = objective
     config = build(RunConfig, raw, f"preset {preset}" if preset else "options", sources=sources)
     diff = architecture_differences(base.model, config.model)
