@@ -2,8 +2,9 @@
 branching on kinds: the fine-tuning check asks the averaging policy (``finetunes``), the commands
 that read a model directory ask its objective (``produces``), and ``reglm reproduce --scale
 reduced`` asks the schedule and averaging configs for their options counting epochs
-(``fewer_epochs``) and the input and encoder configs for their widths (``widths``). A kind
-registered with a declaration is treated by it with no other edit."""
+(``fewer_epochs``) and the input and encoder configs for their widths (``widths``); a preset's
+``starts_from`` asks the objective registry. A kind registered with a declaration is treated by it
+with no other edit."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import pytest
 from reglm.config import build_config
 from reglm.config.build import registry
 from reglm.config.fields import kind_field, option
+from reglm.config.presets import StartsFrom, metadata_of
 from reglm.errors import ReglmError
 from reglm.optim.optimizers import NTASGD
 from reglm.reproduce.plan import Budget, epoch_overrides, reduced_widths, width_options
@@ -91,6 +93,27 @@ def test_every_model_component_declares_widths_of_its_own_options_or_none(family
             set(widths) <= {f.name for f in dataclasses.fields(component.Config)}
             and all(isinstance(value, int) for value in widths.values())
         ), kind
+
+
+def test_a_preset_starts_from_any_registered_objective_and_names_what_reads_a_discriminator(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``starts_from``'s objective is a registered kind, and its ``discriminator`` is accepted by
+    the objectives whose config has that option."""
+    with pytest.raises(ReglmError, match="choose one of lm, discriminator, reverse-kl"):
+        metadata_of("mine", {"starts_from": {"run": "tiny", "objective": "critic"}})
+
+    @dataclasses.dataclass(frozen=True)
+    class CriticConfig:
+        kind: str = kind_field("critic", "a critic")
+        base_model: str | None = option(None, "q0")
+        discriminator: str | None = option(None, "the critic's discriminator")
+
+    monkeypatch.setitem(registry("objective"), "critic", type("Critic", (), {"Config": CriticConfig}))
+    starts = metadata_of("mine", {"starts_from": {"run": "tiny", "objective": "critic", "discriminator": "tiny"}})
+    assert starts.starts_from == StartsFrom("tiny", "critic", "tiny")
+    with pytest.raises(ReglmError, match="discriminator is read by objective reverse-kl or critic only"):
+        metadata_of("mine", {"starts_from": {"run": "tiny", "objective": "lm", "discriminator": "tiny"}})
 
 
 def _fewer(value: int) -> int:

@@ -41,7 +41,7 @@ from typing import Any
 
 import yaml
 
-from reglm.config.build import apply, build, kinds_first, nested_assignments
+from reglm.config.build import apply, build, family_configs, fields_of, kinds_first, nested_assignments
 from reglm.config.fields import did_you_mean
 from reglm.config.parse import parse_assignments
 from reglm.config.schema import RunConfig, architecture_differences
@@ -108,7 +108,6 @@ EVALUATIONS = (*MODES, "next-words")
 plain perplexity, or a ``reglm eval`` mode with ``spec``), or the top-k next words after phrases
 (``lm.next_words``)."""
 STAGES = ("final", "main")
-STARTS_FROM_OBJECTIVES = ("lm", "discriminator", "reverse-kl")
 _ROW_KEYS = ("name", "table", "id", "row", "reported", "evaluation", "spec", "stage", "note")
 _REPORTED_KEYS = ("valid", "test", "params", "top10")
 _ID = re.compile(r"^[a-z0-9][a-z0-9.-]*$")
@@ -283,10 +282,12 @@ def _starts_from(value: Any, where: str) -> StartsFrom:
     raw = _mapping(value, where, ("run", "objective", "discriminator"))
     if "run" not in raw or "objective" not in raw:
         raise ReglmError(f"{where} names the base run's preset (run) and the objective")
-    objective = _choice(raw["objective"], f"{where}.objective", STARTS_FROM_OBJECTIVES)
+    objectives = {kind: fields_of(config) for kind, config in family_configs("objective").items()}
+    objective = _choice(raw["objective"], f"{where}.objective", tuple(objectives))
     discriminator = raw.get("discriminator")
-    if discriminator is not None and objective != "reverse-kl":
-        raise ReglmError(f"{where}.discriminator is read by objective reverse-kl only; drop it")
+    if discriminator is not None and "discriminator" not in objectives[objective]:
+        readers = " or ".join(kind for kind, options in objectives.items() if "discriminator" in options)
+        raise ReglmError(f"{where}.discriminator is read by objective {readers} only; drop it")
     return StartsFrom(
         _text(raw["run"], f"{where}.run"),
         objective,

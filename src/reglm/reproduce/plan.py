@@ -188,12 +188,10 @@ class Planner:
         base = self.run(starts.run)
         needs = [base]
         objective: dict[str, Any] = {"kind": starts.objective, "base_model": str(base.directory / "best")}
-        if starts.objective == "reverse-kl":
-            objective["discriminator"] = None
-            if starts.discriminator is not None:
-                disc = self.run(starts.discriminator)
-                needs.append(disc)
-                objective["discriminator"] = str(disc.directory / "best")
+        if starts.discriminator is not None:
+            disc = self.run(starts.discriminator)
+            needs.append(disc)
+            objective["discriminator"] = str(disc.directory / "best")
         what = f"preset {preset}"
         # a preset that extends the base run's own (a re-training) would set its full sizes again
         sizes = width_options(base.config, starts.run) if self.scale == "reduced" else []
