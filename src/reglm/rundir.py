@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from reglm.config.build import registry
 from reglm.config.schema import ModelConfig, architecture_differences
 from reglm.data.vocab import Vocab
 from reglm.errors import ReglmError
@@ -266,13 +267,15 @@ def require_same_architecture(have: ModelConfig, want: ModelConfig, subject: str
 
 def require_kind(kind: str, directory: Path, want: str) -> None:
     """A ReglmError when the model in ``directory`` (trained with objective ``kind``) is not of the
-    kind ``want`` (``lm``: a language model; ``discriminator``)."""
-    if want == "discriminator" and kind != "discriminator":
+    kind ``want`` (``lm``: a language model; ``discriminator``): what that objective declares its
+    run's model is (``produces``)."""
+    produced = registry("objective")[kind].produces
+    if want == "discriminator" and produced != "discriminator":
         raise ReglmError(
             f"{directory} is not a discriminator (its run minimized objective {kind!r}); train one with `reglm "
             "train-discriminator RUN`"
         )
-    if want == "lm" and kind == "discriminator":
+    if want == "lm" and produced == "discriminator":
         raise ReglmError(
             f"{directory} is a discriminator (Popov & Kudinov), not a language model; use it with `reglm finetune "
             f"RUN --discriminator {directory}`"

@@ -38,12 +38,26 @@ class ComponentConfig:
     * ``check_with(model_config)``: does this component fit the other two (sizes to tie, layers
       to read); called by ``ModelConfig``; by default it fits;
     * ``advsoft``: the adversarial-softmax config of an output layer that offers it (a field of
-      its dataclass), ``None`` for every other component."""
+      its dataclass), ``None`` for every other component;
+    * ``widths()``: the options that are the component's widths, which ``reglm reproduce --scale
+      reduced`` divides; by default ``None``, widths that cannot be divided."""
 
     advsoft = None
 
     def check_with(self, model: Any) -> None:
         """A ReglmError naming the option when this component does not fit ``model``'s others."""
+
+    def widths(self) -> dict[str, int] | None:
+        """The options that are this component's widths, by name, with their values (an option
+        left ``None`` is none of them); ``None``: the component cannot be made narrower by
+        dividing options (the reduced scale then refuses the model)."""
+        return None
+
+
+def divided(value: float, factor: float, least: int = 0) -> int:
+    """``value / factor`` rounded half up, at least ``least``: a count (of epochs, of units) at
+    a ``factor`` times smaller scale."""
+    return max(least, math.floor(value / factor + 0.5))
 
 
 def kind_field(kind: str, help: str) -> Any:

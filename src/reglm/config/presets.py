@@ -33,6 +33,7 @@ from __future__ import annotations
 import functools
 import math
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -40,7 +41,7 @@ from typing import Any
 
 import yaml
 
-from reglm.config.build import apply, build, kinds_first, nested_assignments
+from reglm.config.build import apply, build, family_configs, fields_of, kinds_first, nested_assignments
 from reglm.config.fields import did_you_mean
 from reglm.config.parse import parse_assignments
 from reglm.config.schema import RunConfig, architecture_differences
@@ -107,7 +108,6 @@ EVALUATIONS = (*MODES, "next-words")
 plain perplexity, or a ``reglm eval`` mode with ``spec``), or the top-k next words after phrases
 (``lm.next_words``)."""
 STAGES = ("final", "main")
-STARTS_FROM_OBJECTIVES = ("lm", "discriminator", "reverse-kl")
 _ROW_KEYS = ("name", "table", "id", "row", "reported", "evaluation", "spec", "stage", "note")
 _REPORTED_KEYS = ("valid", "test", "params", "top10")
 _ID = re.compile(r"^[a-z0-9][a-z0-9.-]*$")
@@ -282,10 +282,12 @@ def _starts_from(value: Any, where: str) -> StartsFrom:
     raw = _mapping(value, where, ("run", "objective", "discriminator"))
     if "run" not in raw or "objective" not in raw:
         raise ReglmError(f"{where} names the base run's preset (run) and the objective")
-    objective = _choice(raw["objective"], f"{where}.objective", STARTS_FROM_OBJECTIVES)
+    objectives = {kind: fields_of(config) for kind, config in family_configs("objective").items()}
+    objective = _choice(raw["objective"], f"{where}.objective", tuple(objectives))
     discriminator = raw.get("discriminator")
-    if discriminator is not None and objective != "reverse-kl":
-        raise ReglmError(f"{where}.discriminator is read by objective reverse-kl only; drop it")
+    if discriminator is not None and "discriminator" not in objectives[objective]:
+        readers = " or ".join(kind for kind, options in objectives.items() if "discriminator" in options)
+        raise ReglmError(f"{where}.discriminator is read by objective {readers} only; drop it")
     return StartsFrom(
         _text(raw["run"], f"{where}.run"),
         objective,
@@ -383,8 +385,11 @@ def _apply_overrides(raw: dict[str, Any], overrides: list[str], sources: dict[st
     apply(raw, RunConfig, kinds_first(items, RunConfig), sources=sources)
 
 
-def build_config(preset: str | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Defaults, then the preset, then ``key=value`` overrides; validated."""
+def build_config(
+    preset: str | None = None, overrides: list[str] | None = None, assignments: Iterable[tuple[str, Any]] = ()
+) -> RunConfig:
+    """Defaults, then the preset, then ``key=value`` overrides, then ``assignments``, options a program
+    sets as ``(key, value)`` pairs of typed values (nothing formatted to text and parsed back); validated."""
     raw: dict[str, Any] = {}
     sources: dict[str, str] = {}
     if preset:
@@ -392,6 +397,7 @@ def build_config(preset: str | None = None, overrides: list[str] | None = None) 
         raw["preset"] = preset
     if overrides:
         _apply_overrides(raw, overrides, sources)
+    apply(raw, RunConfig, assignments, sources=sources)
     return build(RunConfig, raw, f"preset {preset}" if preset else "options", sources=sources)
 
 
@@ -412,17 +418,23 @@ def load_config_file(path: Path) -> RunConfig:
 
 
 def derive_config(
-    base: RunConfig, preset: str | None, overrides: list[str], objective: dict[str, Any], what: str
+    base: RunConfig,
+    preset: str | None,
+    overrides: list[str],
+    objective: dict[str, Any],
+    what: str,
+    assignments: Iterable[tuple[str, Any]] = (),
 ) -> RunConfig:
     """The configuration of a run that continues from a trained model (a discriminator, a
-    fine-tuning): ``base``'s, then the preset's and the overrides' training options, then
-    ``objective``. The architecture and the data must stay the base model's."""
+    fine-tuning): ``base``'s, then the preset's and the overrides' training options and
+    ``assignments``, then ``objective``. The architecture and the data must stay the base model's."""
     raw = base.to_dict()
     raw["preset"] = preset
     sources: dict[str, str] = {}
     if preset:
         _apply_preset(raw, preset)
     _apply_overrides(raw, overrides, sources)
+    apply(raw, RunConfig, assignments, sources=sources)
     raw["objective"] = objective
     config = build(RunConfig, raw, f"preset {preset}" if preset else "options", sources=sources)
     diff = architecture_differences(base.model, config.model)

@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from reglm.config.build import component
+from reglm.config.build import component, component_class, registry
 from reglm.config.fields import check, check_nonneg, option
 
 NOISE_SCHEDULES = ("constant", "linear", "exponential")
@@ -162,12 +162,14 @@ class TrainConfig:
     def __post_init__(self) -> None:
         check(self.epochs >= 1, "train.epochs", f"{self.epochs} must be >= 1")
         check_nonneg(self.clip, "train.clip")
-        check(
-            not self.finetune.enabled or self.averaging.kind == "ntasgd",
-            "train.finetune.enabled",
-            "is ASGD restarted from the best model and stopped by NT-ASGD's criterion; set train.averaging=ntasgd "
-            "or train.finetune.enabled=false",
-        )
+        if self.finetune.enabled:
+            finetuning = [kind for kind, policy in registry("averaging").items() if policy.finetunes]
+            check(
+                component_class("averaging", self.averaging, "train.averaging").finetunes,
+                "train.finetune.enabled",
+                "is ASGD restarted from the best model and stopped by NT-ASGD's criterion; set "
+                f"train.averaging={' or '.join(finetuning)} or train.finetune.enabled=false",
+            )
         check(
             self.advsoft_stop_epoch is None or self.advsoft_stop_epoch >= 0,
             "train.advsoft_stop_epoch",

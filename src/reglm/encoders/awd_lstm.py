@@ -163,6 +163,10 @@ class AWDLSTMConfig(ComponentConfig):
         for name in ("hidden_dropout", "output_dropout", "weight_dropout"):
             check_prob(getattr(self, name), f"model.encoder.{name}")
 
+    def widths(self) -> dict[str, int]:
+        last = {} if self.last_hidden_size is None else {"last_hidden_size": self.last_hidden_size}
+        return {"hidden_size": self.hidden_size, **last}
+
     def output_size(self, input_size: int) -> int:
         """``H_L``: the input size (section 4.5), or ``last_hidden_size`` when set."""
         return input_size if self.last_hidden_size is None else self.last_hidden_size

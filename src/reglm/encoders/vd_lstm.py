@@ -184,6 +184,9 @@ class VDLSTMConfig(ComponentConfig):
         check_prob(self.hidden_dropout, "model.encoder.hidden_dropout")
         check_positive(self.init_range, "model.encoder.init_range")
 
+    def widths(self) -> dict[str, int]:
+        return {"hidden_size": self.hidden_size}
+
     def output_size(self, input_size: int) -> int:
         return self.hidden_size
 

@@ -50,6 +50,9 @@ class EmbeddingConfig(ComponentConfig):
     def output_size(self) -> int:
         return self.emb_size
 
+    def widths(self) -> dict[str, int]:
+        return {"emb_size": self.emb_size}
+
 
 class WordEmbedding(InputLayer):
     """The input layer; its parameter ``weight: (V, E)`` is the embedding (saved as ``embedding.weight``)."""

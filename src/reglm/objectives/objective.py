@@ -19,7 +19,9 @@ selection. The objectives are a registered family (``objective``, :data:`OBJECTI
     with the frozen ``objective.discriminator``, or with r = 1/2 when it is none.
 
 Every kind's config says what it needs of the rest of the run (``check_with(run_config)``): the
-two that read frozen models need an output layer with logits and a word-level corpus.
+two that read frozen models need an output layer with logits and a word-level corpus. Every kind
+declares what its run's model is (``produces``: ``lm``, a language model, or ``discriminator``),
+which the commands that read a model directory check (:func:`~reglm.rundir.require_kind`).
 
 The adversarial softmax and the augmented loss are terms of the ``lm`` objective; the
 discriminator and reverse-KL objectives score with the clean output layer and ignore them (the
@@ -157,6 +159,7 @@ class LMObjective:
 
     Config = LMConfig
     kind = "lm"
+    produces = "lm"
     reports_perplexity = True
 
     def __init__(self, config: RunConfig, vocab: Vocab, device: torch.device) -> None:
@@ -248,6 +251,7 @@ class DiscriminatorObjective(_FrozenObjective):
 
     Config = DiscriminatorConfig
     kind = "discriminator"
+    produces = "discriminator"
 
     def __init__(self, config: RunConfig, vocab: Vocab, device: torch.device) -> None:
         self.q0 = _load_base(config, vocab, device)
@@ -303,6 +307,7 @@ class ReverseKLObjective(_FrozenObjective):
 
     Config = ReverseKLConfig
     kind = "reverse-kl"
+    produces = "lm"
 
     def __init__(self, config: RunConfig, vocab: Vocab, device: torch.device) -> None:
         self.q0 = _load_base(config, vocab, device)

@@ -11,6 +11,11 @@ are averaged. The choice of one is independent of the other.
 * ``train.optimizer=adam``: Adam (Kingma & Ba 2015), the fused kernel where PyTorch has one.
 * ``train.averaging=ntasgd``: NT-ASGD's non-monotone trigger starts averaging in the main stage
   (AWD-LSTM section 3, Algorithm 1; :mod:`reglm.optim.ntasgd`); ``none``: never average.
+
+An averaging policy declares whether it runs the fine-tuning stage (``finetunes``: ASGD restarted
+with T = 0 from the best model, stopped by the policy's own criterion, through ``begin_finetune``
+and ``finetune_epoch_end``); ``train.finetune.enabled`` needs one that does. Its config says how
+its options counting epochs shrink with a shorter run (``fewer_epochs(factor)``).
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from reglm.config.fields import check, check_kind, check_nonneg, check_positive, kind_field, option
+from reglm.config.fields import check, check_kind, check_nonneg, check_positive, divided, kind_field, option
 from reglm.optim.ntasgd import TRIGGER_VARIANTS, NonMonotoneTrigger, ParameterAverager
 
 
@@ -112,6 +117,10 @@ class NoAveragingConfig:
 
     kind: str = kind_field("none", "never average")
 
+    def fewer_epochs(self, factor: int) -> dict[str, Any]:
+        """Nothing counts epochs."""
+        return {}
+
 
 @dataclass(frozen=True)
 class NTASGDConfig:
@@ -128,12 +137,17 @@ class NTASGDConfig:
         check_kind(self.trigger, TRIGGER_VARIANTS, "train.averaging.trigger")
         check(self.nonmono >= 1, "train.averaging.nonmono", f"{self.nonmono} must be >= 1")
 
+    def fewer_epochs(self, factor: int) -> dict[str, Any]:
+        """The non-monotone interval, for a run ``factor`` times shorter (``reglm reproduce --scale reduced``)."""
+        return {"nonmono": divided(self.nonmono, factor, 1)}
+
 
 class NoAveraging:
     """Never averages; the iterate is what evaluation sees."""
 
     Config = NoAveragingConfig
     active = False
+    finetunes = False
 
     def __init__(self, cfg: NoAveragingConfig) -> None:
         self.cfg = cfg
@@ -161,6 +175,7 @@ class NTASGD:
     same criterion. The average is separate state (:class:`~reglm.optim.ntasgd.ParameterAverager`)."""
 
     Config = NTASGDConfig
+    finetunes = True
 
     def __init__(self, cfg: NTASGDConfig) -> None:
         self.cfg = cfg

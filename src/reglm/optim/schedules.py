@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from reglm.config.fields import check, kind_field, option
+from reglm.config.fields import check, divided, kind_field, option
 from reglm.optim.ntasgd import NonMonotoneTrigger
 
 
@@ -111,6 +111,16 @@ class DecayScheduleConfig:
             f"{self.plateau_factor} must be in (0, 1) or none",
         )
 
+    def fewer_epochs(self, factor: int) -> dict[str, Any]:
+        """The options that count epochs, for a run ``factor`` times shorter (``reglm reproduce
+        --scale reduced``): the decay starts and the non-monotone interval spans ``factor`` times
+        fewer epochs, and one epoch decays the rate as ``factor`` did."""
+        return {
+            "decay_start": divided(self.decay_start, factor),
+            "decay": self.decay**factor,
+            "nonmono_interval": divided(self.nonmono_interval, factor, 1),
+        }
+
 
 class DecaySchedule:
     """``train.schedule=decay``: see :class:`DecayScheduleConfig`. Step-based in form (the trainer
@@ -201,6 +211,10 @@ class CosineScheduleConfig:
                 f"train.schedule.{name}",
                 f"{getattr(self, name)} must be >= 0",
             )
+
+    def fewer_epochs(self, factor: int) -> dict[str, Any]:
+        """Nothing: the warm-up and the cycles count steps, not epochs."""
+        return {}
 
 
 class CosineSchedule:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from reglm.config import RunConfig, build_config, derive_config
+from reglm.config.fields import divided
 from reglm.config.presets import TableRow, preset_metadata, preset_parent, table_rows
 from reglm.errors import ReglmError
 from reglm.papers import PAPERS, Table
@@ -24,7 +25,11 @@ RUNS = "runs"
 ROWS = "rows"
 FINETUNE_FIELDS = ("finetune",)
 """Training options only the fine-tuning stage reads: a main-stage row ignores them."""
-LSTM_ENCODERS = ("awd-lstm", "vd-lstm")
+WIDTH_COMPONENTS = ("input", "encoder")
+"""The model components whose widths (``widths()`` of their configs) ``--scale reduced`` divides;
+the output layer's follow from theirs."""
+EPOCH_COMPONENTS = ("schedule", "averaging")
+"""The training components whose options count epochs (``fewer_epochs(factor)`` of their configs)."""
 
 
 @dataclass(frozen=True)
@@ -118,60 +123,41 @@ def config_key(config: RunConfig, drop: tuple[str, ...] = ()) -> str:
     return json.dumps(raw, sort_keys=True)
 
 
-def _half_up(value: float) -> int:
-    return math.floor(value + 0.5)
+def _options(prefix: str, values: dict[str, Any]) -> list[tuple[str, Any]]:
+    return [(f"{prefix}.{name}", value) for name, value in values.items()]
 
 
-def _shrink(value: int) -> int:
-    return max(8, _half_up(value / WIDTH_FACTOR))
-
-
-def _fewer(value: int) -> int:
-    return max(1, _half_up(value / EPOCH_FACTOR))
-
-
-def epoch_overrides(config: RunConfig, scale: str, budget: Budget) -> list[str]:
-    """The options that put a run's epochs (and its schedule) at ``scale`` and within ``budget``."""
+def epoch_overrides(config: RunConfig, scale: str, budget: Budget) -> list[tuple[str, Any]]:
+    """The options that put a run's epochs (and the options of its components that count
+    epochs, :data:`EPOCH_COMPONENTS`) at ``scale`` and within ``budget``."""
     t = config.train
     epochs, finetune_epochs = t.epochs, t.finetune.epochs
-    out = []
+    out: list[tuple[str, Any]] = []
     if scale == "reduced":
-        epochs, finetune_epochs = _fewer(epochs), _fewer(finetune_epochs)
-        if t.schedule.kind == "decay":
-            out += [
-                f"train.schedule.decay_start={_half_up(t.schedule.decay_start / EPOCH_FACTOR)}",
-                f"train.schedule.decay={t.schedule.decay**EPOCH_FACTOR!r}",
-                f"train.schedule.nonmono_interval={_fewer(t.schedule.nonmono_interval)}",
-            ]
-        if t.averaging.kind == "ntasgd":
-            out.append(f"train.averaging.nonmono={_fewer(t.averaging.nonmono)}")
+        epochs, finetune_epochs = divided(epochs, EPOCH_FACTOR, 1), divided(finetune_epochs, EPOCH_FACTOR, 1)
+        for name in EPOCH_COMPONENTS:
+            out += _options(f"train.{name}", getattr(t, name).fewer_epochs(EPOCH_FACTOR))
     if budget.epochs is not None:
         epochs, finetune_epochs = min(epochs, budget.epochs), min(finetune_epochs, budget.epochs)
-    return [*out, f"train.epochs={epochs}", f"train.finetune.epochs={finetune_epochs}"]
+    return [*out, ("train.epochs", epochs), ("train.finetune.epochs", finetune_epochs)]
 
 
-def _size_options(config: RunConfig, shrink: Any = int) -> list[str]:
-    """The LSTM sizes of ``config`` as options, each passed through ``shrink``."""
+def width_options(config: RunConfig, preset: str) -> list[tuple[str, Any]]:
+    """The widths of the components of ``config`` that have them (:data:`WIDTH_COMPONENTS`) as
+    options; a component whose widths cannot be divided refuses the reduced scale."""
     m = config.model
-    out = [
-        f"model.input.emb_size={shrink(m.input.emb_size)}",
-        f"model.encoder.hidden_size={shrink(m.encoder.hidden_size)}",
-    ]
-    last = getattr(m.encoder, "last_hidden_size", None)
-    if last is not None:
-        out.append(f"model.encoder.last_hidden_size={shrink(last)}")
-    return out
-
-
-def width_overrides(config: RunConfig, preset: str) -> list[str]:
-    """``--scale reduced``: every LSTM size divided by :data:`WIDTH_FACTOR`."""
-    m = config.model
-    if m.encoder.kind not in LSTM_ENCODERS or m.input.kind != "embedding":
+    widths = {name: getattr(m, name).widths() for name in WIDTH_COMPONENTS}
+    if None in widths.values():
         raise ReglmError(
             f"--scale reduced shrinks LSTM models with a word embedding; {preset} has a {m.encoder.kind} encoder "
             f"and a {m.input.kind} input: use --scale full"
         )
-    return _size_options(config, _shrink)
+    return [option for name, values in widths.items() for option in _options(f"model.{name}", values)]
+
+
+def reduced_widths(config: RunConfig, preset: str) -> list[tuple[str, Any]]:
+    """``--scale reduced``: every width divided by :data:`WIDTH_FACTOR` (rounded, at least 8)."""
+    return [(key, divided(value, WIDTH_FACTOR, 8)) for key, value in width_options(config, preset)]
 
 
 class Planner:
@@ -197,23 +183,21 @@ class Planner:
         starts = meta.starts_from
         if starts is None:
             config = build_config(preset, self.options)
-            extra = width_overrides(config, preset) if self.scale == "reduced" else []
-            return build_config(preset, [*self.options, *extra, *epoch_overrides(config, self.scale, self.budget)]), ()
+            extra = reduced_widths(config, preset) if self.scale == "reduced" else []
+            return build_config(preset, self.options, [*extra, *epoch_overrides(config, self.scale, self.budget)]), ()
         base = self.run(starts.run)
         needs = [base]
         objective: dict[str, Any] = {"kind": starts.objective, "base_model": str(base.directory / "best")}
-        if starts.objective == "reverse-kl":
-            objective["discriminator"] = None
-            if starts.discriminator is not None:
-                disc = self.run(starts.discriminator)
-                needs.append(disc)
-                objective["discriminator"] = str(disc.directory / "best")
+        if starts.discriminator is not None:
+            disc = self.run(starts.discriminator)
+            needs.append(disc)
+            objective["discriminator"] = str(disc.directory / "best")
         what = f"preset {preset}"
         # a preset that extends the base run's own (a re-training) would set its full sizes again
-        sizes = _size_options(base.config) if self.scale == "reduced" else []
-        config = derive_config(base.config, preset, sizes, objective, what)
+        sizes = width_options(base.config, starts.run) if self.scale == "reduced" else []
+        config = derive_config(base.config, preset, [], objective, what, sizes)
         return derive_config(
-            base.config, preset, [*sizes, *epoch_overrides(config, self.scale, self.budget)], objective, what
+            base.config, preset, [], objective, what, [*sizes, *epoch_overrides(config, self.scale, self.budget)]
         ), tuple(needs)
 
     def run(self, preset: str) -> Run:
