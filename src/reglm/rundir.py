@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from reglm.config.build import registry
+from reglm.config.kinds import registry
 from reglm.config.schema import ModelConfig, architecture_differences
 from reglm.data.vocab import Vocab
 from reglm.errors import ReglmError

@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 
 from reglm.config import build_config
-from reglm.config.build import registry
 from reglm.config.fields import kind_field, option
+from reglm.config.kinds import registry
 from reglm.config.presets import StartsFrom, metadata_of
 from reglm.errors import ReglmError
 from reglm.optim.optimizers import NTASGD

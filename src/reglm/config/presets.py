@@ -41,8 +41,9 @@ from typing import Any
 
 import yaml
 
-from reglm.config.build import apply, build, family_configs, fields_of, kinds_first, nested_assignments
-from reglm.config.fields import did_you_mean
+from reglm.config.build import apply, build, kinds_first, nested_assignments
+from reglm.config.fields import did_you_mean, fields_of
+from reglm.config.kinds import family_configs
 from reglm.config.parse import parse_assignments
 from reglm.config.schema import RunConfig, architecture_differences
 from reglm.errors import ReglmError

@@ -2,7 +2,7 @@
 component per thing it is made of.
 
 ``train.batching``, ``train.optimizer``, ``train.averaging`` and ``train.schedule`` are components
-chosen by kind (:data:`~reglm.config.build.FAMILIES`); ``train.terms`` (the regularization terms
+chosen by kind (:data:`~reglm.config.kinds.FAMILIES`); ``train.terms`` (the regularization terms
 the trainer adds to the loss), ``train.input_noise`` (its schedule), ``train.finetune`` (the
 fine-tuning stage) and ``train.log`` (what the run logs as it goes) are plain sections. Their
 flat names of before (``train.ar_alpha``, ``train.finetune_epochs``...) are aliases
@@ -15,8 +15,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from reglm.config.build import component, component_class, registry
+from reglm.config.build import component
 from reglm.config.fields import check, check_nonneg, option
+from reglm.config.kinds import component_class, registry
 
 NOISE_SCHEDULES = ("constant", "linear", "exponential")
 
