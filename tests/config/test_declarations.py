@@ -21,6 +21,7 @@ from reglm.config.kinds import registry
 from reglm.config.presets import StartsFrom, metadata_of
 from reglm.errors import ReglmError
 from reglm.optim.optimizers import NTASGD
+from reglm.optim.schedules import DecayScheduleConfig
 from reglm.reproduce.plan import Budget, epoch_overrides, reduced_widths, width_options
 from reglm.rundir import require_kind
 
@@ -193,3 +194,18 @@ def test_a_component_without_widths_refuses_the_reduced_scale(preset: str, kinds
         ReglmError, match=rf"shrinks LSTM models with a word embedding; {preset} has a {kinds} input: use --scale full"
     ):
         reduced_widths(build_config(preset), preset)
+
+
+@pytest.mark.parametrize("decay_epochs, reduced_epochs", [(None, None), (1, 1), (20, 2), (25, 3)])
+def test_a_reduced_decay_divides_the_rate_as_much_as_the_full_one(decay_epochs: int | None, reduced_epochs) -> None:
+    """At a 10 times shorter scale the decay schedule ends where the full one does: every epoch
+    decays as 10 did, or, when the decay spans ``decay_epochs`` epochs, the same total decay over
+    a tenth of them (``decay=0.1 decay_epochs=1``, the AWD-LSTM code's ``--when``: still /10 once)."""
+    full = DecayScheduleConfig(decay=0.1, decay_start=12, decay_epochs=decay_epochs)
+    fewer = full.fewer_epochs(10)
+    assert fewer["decay_start"] == 1 and fewer.get("decay_epochs") == reduced_epochs
+    reduced = dataclasses.replace(full, **fewer)
+    if decay_epochs is None:
+        assert reduced.decay == pytest.approx(0.1**10, rel=1e-12)
+    else:
+        assert reduced.decay**reduced.decay_epochs == pytest.approx(0.1**decay_epochs, rel=1e-9)

@@ -114,12 +114,18 @@ class DecayScheduleConfig:
     def fewer_epochs(self, factor: int) -> dict[str, Any]:
         """The options that count epochs, for a run ``factor`` times shorter (``reglm reproduce
         --scale reduced``): the decay starts and the non-monotone interval spans ``factor`` times
-        fewer epochs, and one epoch decays the rate as ``factor`` did."""
-        return {
+        fewer epochs, and one epoch decays the rate as ``factor`` did; with ``decay_epochs``, the
+        decay spans ``factor`` times fewer epochs (at least one) and divides the rate as much in
+        all (``decay ** decay_epochs``)."""
+        out = {
             "decay_start": divided(self.decay_start, factor),
             "decay": self.decay**factor,
             "nonmono_interval": divided(self.nonmono_interval, factor, 1),
         }
+        if self.decay_epochs is not None:
+            out["decay_epochs"] = divided(self.decay_epochs, factor, 1)
+            out["decay"] = self.decay ** (self.decay_epochs / out["decay_epochs"])
+        return out
 
 
 class DecaySchedule:
