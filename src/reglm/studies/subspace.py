@@ -206,19 +206,15 @@ class SubspaceStudySpec:
 
 
 def study_model_config(spec: SubspaceStudySpec) -> ModelConfig:
-    """The unregularized, untied 2-layer LSTM of section 6.2: ``emb_size = hidden_size = spec.hidden``, all dropouts
-    0."""
-    lstm_dropouts = {"output_dropout": 0.0, "weight_dropout": 0.0} if spec.encoder == "awd-lstm" else {}
+    """The unregularized, untied 2-layer LSTM of section 6.2: ``emb_size = hidden_size = spec.hidden``,
+    every dropout the encoder has at 0 (the ``*dropout`` pattern)."""
     return ModelConfig.build(
         encoder=spec.encoder,
         emb_size=spec.hidden,
         hidden_size=spec.hidden,
         num_layers=2,
         tie_weights=False,
-        embed_dropout=0.0,
-        input_dropout=0.0,
-        hidden_dropout=0.0,
-        **lstm_dropouts,
+        **{"*dropout": 0.0},
         output="softmax",
         output_bias=spec.output_bias,
     )
