@@ -272,6 +272,23 @@ def test_a_study_recorded_before_the_plateau_stop_resumes_only_without_it(tmp_pa
     _check_spec(tmp_path, dataclasses.replace(spec, plateau_stop=0))
 
 
+def test_the_summed_loss_reading_is_an_option_and_studies_before_it_resume_with_the_mean(tmp_path: Path) -> None:
+    """Appendix A's lr 1.0 and clip 1.0 may refer to the mean over tokens (the default) or to each
+    sentence's summed loss (``--sequence-loss``, ``train.sequence_loss``); a study recorded before
+    the option used the mean and resumes only with it."""
+    from reglm.studies.trigram import _check_spec
+
+    spec = TrigramStudySpec(sentences=800, hidden=8, chosen_rank=60)
+    assert initial_config(spec).train.sequence_loss is False
+    assert initial_config(dataclasses.replace(spec, sequence_loss=True)).train.sequence_loss is True
+    saved = dataclasses.asdict(spec)
+    del saved["sequence_loss"]
+    tmp_path.joinpath("study-spec.json").write_text(json.dumps(saved))
+    _check_spec(tmp_path, spec)
+    with pytest.raises(ReglmError, match=r"other settings \(sequence_loss\)"):
+        _check_spec(tmp_path, dataclasses.replace(spec, sequence_loss=True))
+
+
 def test_a_stop_request_ends_the_study_with_a_checkpoint(tmp_path: Path) -> None:
     """SIGINT / SIGTERM (a StopRequest) end the running stage at the end of its step, as in
     ``reglm train``: state.pt written, nothing further trained (a rerun resumes from it)."""

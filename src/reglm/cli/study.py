@@ -68,6 +68,13 @@ def register(sub: Any) -> None:
         help="Figure 2: comma-separated frequency ranks of words whose probability every fine-tuning step logs "
         "(default 75,10: an almost frequent and a frequent word)",
     )
+    t.add_argument(
+        "--sequence-loss",
+        action="store_true",
+        default=None,
+        help="lr and clip refer to each sentence's summed loss, averaged over the batch (default: the mean over "
+        "tokens; appendix A does not say)",
+    )
     t.add_argument("--device", help="auto, cpu, cuda (default auto)")
     t.add_argument("--json", action="store_true", help="print the result as one JSON object instead of a table")
     t = ssub.add_parser(
@@ -131,6 +138,7 @@ def _study_trigram(args: argparse.Namespace) -> int:
         "bptt",
         "lr",
         "clip",
+        "sequence_loss",
         "epochs",
         "plateau_stop",
         "disc_epochs",

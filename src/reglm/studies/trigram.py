@@ -82,6 +82,11 @@ class TrigramStudySpec:
     per epoch of 80k sentences; studies recorded before it used 35: resume them with --bptt 35)"""
     lr: float = 1.0
     clip: float = 1.0
+    sequence_loss: bool = False
+    """the loss ``lr`` and ``clip`` refer to: false, the mean over the batch's tokens; true, each
+    sentence's summed over its window and averaged over the batch (``train.sequence_loss``, the
+    Zaremba et al. / TensorFlow PTB reduction). Appendix A does not say which; studies recorded
+    without the option used the mean"""
     epochs: int = 100
     """upper bound on the initial model's epochs (the plateau schedule does the rest)"""
     plateau_stop: float = 0.001
@@ -175,6 +180,7 @@ def initial_config(spec: TrigramStudySpec) -> RunConfig:
         "train.variable_bptt=false",
         f"train.lr={spec.lr}",
         f"train.clip={spec.clip}",
+        f"train.sequence_loss={str(spec.sequence_loss).lower()}",
         "train.plateau_factor=0.1",
         "train.averaging=none",
         "train.finetune=false",
@@ -354,6 +360,7 @@ def _check_spec(out: Path, spec: TrigramStudySpec) -> None:
         saved.setdefault("synthetic_rule", "restart")
         saved.setdefault("valid_sentences", 0)
         saved.setdefault("plateau_stop", 0.0)
+        saved.setdefault("sequence_loss", False)
         if saved != current:
             changed = sorted(key for key in set(saved) | set(current) if saved.get(key) != current.get(key))
             raise ReglmError(
