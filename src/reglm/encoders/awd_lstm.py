@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from reglm.config.fields import ComponentConfig, check, check_prob, kind_field, option
-from reglm.encoders.base import LockedDropoutStack, StackLayer, zero_state
+from reglm.encoders.base import LockedDropoutStack, NarrowingStackSizes, StackLayer, zero_state
 from reglm.encoders.fused_lstm import lstm_layer
 from reglm.layers.dropout import keep_mask
 from reglm.layers.inference import Frozen
@@ -134,7 +134,7 @@ class LSTMExport(nn.Module):
 
 
 @dataclass(frozen=True)
-class AWDLSTMConfig(ComponentConfig):
+class AWDLSTMConfig(NarrowingStackSizes, ComponentConfig):
     """The AWD-LSTM encoder: weight-dropped LSTM layers with locked dropout between them."""
 
     kind: str = kind_field(
@@ -166,14 +166,6 @@ class AWDLSTMConfig(ComponentConfig):
     def widths(self) -> dict[str, int]:
         last = {} if self.last_hidden_size is None else {"last_hidden_size": self.last_hidden_size}
         return {"hidden_size": self.hidden_size, **last}
-
-    def output_size(self, input_size: int) -> int:
-        """``H_L``: the input size (section 4.5), or ``last_hidden_size`` when set."""
-        return input_size if self.last_hidden_size is None else self.last_hidden_size
-
-    def layer_sizes(self, input_size: int) -> list[int]:
-        """``H_l`` of every layer, first to last."""
-        return [self.hidden_size] * (self.num_layers - 1) + [self.output_size(input_size)]
 
 
 class AWDLSTMEncoder(LockedDropoutStack):

@@ -124,6 +124,24 @@ class StackState:
         return cls([tuple(torch.cat(parts, dim=dim) for parts in zip(*group)) for group in groups], dim)
 
 
+class NarrowingStackSizes:
+    """The sizes of a stack whose layers are ``hidden_size`` wide but the last, which is
+    ``last_hidden_size`` or, when that is none, the input size (so a tied softmax reads it): a
+    mixin of the configs of the AWD-LSTM and QRNN encoders, whose fields these are."""
+
+    hidden_size: int
+    last_hidden_size: int | None
+    num_layers: int
+
+    def output_size(self, input_size: int) -> int:
+        """``H_L``: the input size, or ``last_hidden_size`` when set (AWD-LSTM section 4.5)."""
+        return input_size if self.last_hidden_size is None else self.last_hidden_size
+
+    def layer_sizes(self, input_size: int) -> list[int]:
+        """``H_l`` of every layer, first to last."""
+        return [self.hidden_size] * (self.num_layers - 1) + [self.output_size(input_size)]
+
+
 class Encoder(Component):
     """The base every encoder derives from.
 

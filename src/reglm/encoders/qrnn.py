@@ -81,7 +81,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from reglm.config.fields import ComponentConfig, check, check_prob, kind_field, option
-from reglm.encoders.base import LockedDropoutStack, StackLayer, zero_state
+from reglm.encoders.base import LockedDropoutStack, NarrowingStackSizes, StackLayer, zero_state
 from reglm.layers.dropout import keep_mask
 from reglm.layers.inference import Frozen
 
@@ -299,7 +299,7 @@ class QRNNExport(nn.Module):
 
 
 @dataclass(frozen=True)
-class QRNNConfig(ComponentConfig):
+class QRNNConfig(NarrowingStackSizes, ComponentConfig):
     """The QRNN encoder: QRNN-fo layers with DropConnect and locked dropout (Merity et al. 2018's recipe)."""
 
     kind: str = kind_field(
@@ -338,14 +338,6 @@ class QRNNConfig(ComponentConfig):
         )
         for name in ("hidden_dropout", "output_dropout", "weight_dropout", "zoneout"):
             check_prob(getattr(self, name), f"model.encoder.{name}")
-
-    def output_size(self, input_size: int) -> int:
-        """``H_L``: the input size (so a tied softmax reads it), or ``last_hidden_size`` when set."""
-        return input_size if self.last_hidden_size is None else self.last_hidden_size
-
-    def layer_sizes(self, input_size: int) -> list[int]:
-        """``H_l`` of every layer, first to last."""
-        return [self.hidden_size] * (self.num_layers - 1) + [self.output_size(input_size)]
 
 
 class QRNNEncoder(LockedDropoutStack):
