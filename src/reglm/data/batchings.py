@@ -128,7 +128,7 @@ def _check_chunks(cfg: Any) -> None:
 class BPTTConfig(EvalBatchSizes):
     """Contiguous streams read in BPTT windows, the state carried (the LSTM papers')."""
 
-    kind: str = kind_field("bptt", "batch_size contiguous streams, the state carried (the LSTM papers')")
+    kind: str = kind_field("bptt", "batch_size contiguous streams, the state carried; the LSTM papers'")
     batch_size: int = option(32, "training streams per batch")
     small_batch_size: int | None = option(
         None,
