@@ -59,13 +59,15 @@ def test_data_info(capsys: pytest.CaptureFixture, shared_data: Path) -> None:
 
 
 def test_data_info_synthetic_statistics(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
-    from reglm.data.synthetic import PAPER_STATS, synthetic_corpus, synthetic_stats
+    from reglm.data.synthetic import PAPER_STATS, TrigramLanguage, synthetic_corpus, synthetic_stats
 
     argv = ["data", "info", "synthetic", "--data-dir", str(tmp_path), "--synthetic-sentences", "80"]
     code, out, _ = run_cli(capsys, *argv, "--json")
     assert code == 0
     info = json.loads(out)["synthetic"]
-    expected = synthetic_stats(synthetic_corpus(seed=0, data_dir=tmp_path, sizes=(80, 10, 10)))
+    corpus = synthetic_corpus(seed=0, data_dir=tmp_path, sizes=(80, 10, 10))
+    expected = synthetic_stats(corpus, language=TrigramLanguage(seed=0))
+    assert expected["test_ppl_xi_averaged"] > expected["test_ppl"]
     assert info["rule"] == "stream" and info["paper"] == PAPER_STATS
     assert info["measured"] == pytest.approx(expected, rel=1e-12)
     code, out, _ = run_cli(capsys, *argv, "--synthetic-rule", "restart", "--json")

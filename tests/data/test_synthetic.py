@@ -274,3 +274,55 @@ def test_stats(small) -> None:
     plain = Corpus("plain", corpus.vocab, corpus.train, corpus.valid, corpus.test)
     with pytest.raises(ReglmError, match="synthetic"):
         synthetic_stats(plain)
+
+
+def reference_xi_averaged(rule: str, i: int, j: int) -> list[float]:
+    """The law with xi averaged out of the weights, in plain Python: every xi of a factor equally
+    likely; under ``restart`` the one xi of a triple shared by both factors."""
+    gamma = 0.75
+
+    def beta(a: int, b: int, xi: int) -> float:
+        return (a * (abs(a - b + xi) + 1)) ** (-gamma)
+
+    if j == 0:
+        return reference_probs(TrigramLanguage(seed=0, rule=rule), 0, 0)
+    weights = []
+    for k in range(1, 1001):
+        if i == 0:
+            weights.append(sum(beta(k, j, x) for x in range(6)) / 6)
+        elif rule == "restart":
+            weights.append(sum(beta(i, j, x) * beta(k, j, x) for x in range(6)) / 6)
+        else:
+            weights.append(sum(beta(i, j, x) * beta(k, j, y) for x in range(6) for y in range(6)) / 36)
+    total = sum(weights)
+    return [w / total for w in weights]
+
+
+@pytest.mark.parametrize("rule", ["stream", "restart"])
+def test_xi_averaged_law_matches_reference_and_is_the_reference_above_the_truth(rule: str) -> None:
+    """``xi_averaged_probs`` is E_xi of the weights, normalized (plain-Python reference); it forgets
+    which triples drew which xi, so on a sample its perplexity is above the true one; ``log_prob``
+    with ``xi_averaged`` reads it at every word's context; ``synthetic_stats`` reports it."""
+    lang = TrigramLanguage(seed=0, rule=rule)
+    contexts = [(0, 0), (0, 7), (3, 7), (1000, 1), (12, 12), (50, 999)]
+    probs = lang.xi_averaged_probs(np.array([c[0] for c in contexts]), np.array([c[1] for c in contexts]))
+    for row, (i, j) in zip(probs, contexts):
+        np.testing.assert_allclose(row, reference_xi_averaged(rule, i, j), rtol=1e-12, atol=0)
+    sentences, logp = lang.sample_with_log_prob(300, np.random.default_rng(4))
+    averaged = lang.log_prob(sentences, xi_averaged=True)
+    assert averaged[0, 2] == pytest.approx(
+        math.log(lang.xi_averaged_probs(sentences[0, :1], sentences[0, 1:2])[0, sentences[0, 2] - 1])
+    )
+    assert 1.01 < math.exp(logp.mean() - averaged.mean()) < 1.2
+
+
+def test_stats_report_the_xi_averaged_perplexity(small) -> None:
+    corpus, _ = small
+    stats = synthetic_stats(corpus, language=TrigramLanguage(seed=2))
+    rows = np.array(
+        [[int(corpus.vocab.itos[t][1:]) for t in row] for row in corpus.test.reshape(50, 11)[:, :10].tolist()]
+    )
+    expected = math.exp(-TrigramLanguage(seed=2).log_prob(rows, xi_averaged=True).mean())
+    assert stats["test_ppl_xi_averaged"] == pytest.approx(expected, rel=1e-12)
+    assert stats["test_ppl_xi_averaged"] > stats["test_ppl"]
+    assert "test_ppl_xi_averaged" not in synthetic_stats(corpus)

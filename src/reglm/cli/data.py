@@ -139,9 +139,10 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 def _report(corpus: Any, args: argparse.Namespace) -> int:
     """Print a corpus's statistics and its cache entry (``prepare``: the entry and the vocabulary only)."""
+    from reglm.config import DataConfig
     from reglm.data import SOURCES, corpus_stats, synthetic_stats
     from reglm.data.cache import describe
-    from reglm.data.synthetic import PAPER_STATS
+    from reglm.data.synthetic import PAPER_STATS, TrigramLanguage
 
     stats = (
         {"name": corpus.name, "vocab_size": len(corpus.vocab)}
@@ -151,7 +152,9 @@ def _report(corpus: Any, args: argparse.Namespace) -> int:
     if args.name in SOURCES:
         stats["sentences"] = SOURCES[args.name].sentences
     if args.data_command == "info" and corpus.truth is not None:
-        stats["synthetic"] = {"rule": args.synthetic_rule, "measured": synthetic_stats(corpus), "paper": PAPER_STATS}
+        language = TrigramLanguage(seed=DataConfig().synthetic_seed, rule=args.synthetic_rule)
+        measured = synthetic_stats(corpus, language=language)
+        stats["synthetic"] = {"rule": args.synthetic_rule, "measured": measured, "paper": PAPER_STATS}
     stats["cache"] = None if corpus.cache is None else describe(corpus.cache)
     if corpus.vocab.unk_id is not None:
         stats["unknown_types"] = corpus.vocab.unknown_types()

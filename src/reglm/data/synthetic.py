@@ -154,18 +154,25 @@ class TrigramLanguage:
         h = self._hash(i, j, k)
         return self._to_xi(h >> np.uint64(32) if factor == 0 else h & _LOW32)
 
-    def _weights(self, prev2: np.ndarray, prev1: np.ndarray) -> np.ndarray:
-        """``(n, V)`` unnormalized next-word weights of ``n`` contexts (see the module docstring)."""
+    def _weights(self, prev2: np.ndarray, prev1: np.ndarray, averaged: bool = False) -> np.ndarray:
+        """``(n, V)`` unnormalized next-word weights of ``n`` contexts (see the module docstring);
+        ``averaged``: with ``xi`` averaged out (:meth:`xi_averaged_probs`)."""
         i = prev2[:, None]
         j = prev1[:, None]
         k = self._words[None, :]
-        h = self._hash(i, j, k)
-        xi_i = self._to_xi(h >> np.uint64(32))
-        xi_k = xi_i if self.rule == "restart" else self._to_xi(h & _LOW32)
         pow_ = self._pow
-        w = pow_[np.abs(k - j + xi_k) + 1]
+        if averaged:
+            shifts = np.arange(6)[:, None, None]
+            near_k = pow_[np.abs(k - j + shifts) + 1]
+            near_i = pow_[(np.abs(i - j + shifts) + 1) * (i > 0)]
+            w = (near_k * near_i).mean(axis=0) if self.rule == "restart" else near_k.mean(axis=0) * near_i.mean(axis=0)
+        else:
+            h = self._hash(i, j, k)
+            xi_i = self._to_xi(h >> np.uint64(32))
+            xi_k = xi_i if self.rule == "restart" else self._to_xi(h & _LOW32)
+            w = pow_[np.abs(k - j + xi_k) + 1]
+            w *= pow_[(np.abs(i - j + xi_i) + 1) * (i > 0)]
         w *= pow_[k]
-        w *= pow_[(np.abs(i - j + xi_i) + 1) * (i > 0)]
         start = prev1 == 0
         if start.any():
             w[start] = self.alpha()
@@ -189,7 +196,19 @@ class TrigramLanguage:
         w = self._weights(prev2, prev1)
         return w / w.sum(axis=1, keepdims=True)
 
-    def _chunks(self, prev2: np.ndarray, prev1: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    def xi_averaged_probs(self, prev2: np.ndarray, prev1: np.ndarray) -> np.ndarray:
+        """``(N, V)`` float64: the law with ``xi`` averaged out before normalizing, ``q(k | i, j) ∝
+        E_xi[beta(i, j) * beta(k, j)]`` (under ``stream`` each factor's own ``xi``: ``q`` depends on
+        ``j`` alone). ``xi`` varies from triple to triple and a training set sees a small part of the
+        10^9 triples, so this is the law a model that has not memorized them can aim for: its test
+        perplexity is the reference a trained model's is measured against, above the true one."""
+        prev2, prev1 = self._check_context(prev2, prev1)
+        w = self._weights(prev2, prev1, averaged=True)
+        return w / w.sum(axis=1, keepdims=True)
+
+    def _chunks(
+        self, prev2: np.ndarray, prev1: np.ndarray, averaged: bool = False
+    ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """Group the ``N`` contexts by distinct context and yield, chunk by chunk,
         ``(positions, row of each position in w, w (rows, V) unnormalized weights)``."""
         keys = prev2 * (self.vocab_size + 1) + prev1
@@ -199,7 +218,7 @@ class TrigramLanguage:
         for r0 in range(0, len(uniq), _ROWS_PER_CHUNK):
             r1 = min(r0 + _ROWS_PER_CHUNK, len(uniq))
             ctx = uniq[r0:r1]
-            w = self._weights(ctx // (self.vocab_size + 1), ctx % (self.vocab_size + 1))
+            w = self._weights(ctx // (self.vocab_size + 1), ctx % (self.vocab_size + 1), averaged)
             positions = order[bounds[r0] : bounds[r1]]
             yield positions, inverse[positions] - r0, w
 
@@ -261,9 +280,10 @@ class TrigramLanguage:
         """``(n, L)`` sentences of words in ``1..V``; same draws as :meth:`sample_with_log_prob`."""
         return self.sample_with_log_prob(n_sentences, rng)[0]
 
-    def log_prob(self, sentences: np.ndarray) -> np.ndarray:
+    def log_prob(self, sentences: np.ndarray, xi_averaged: bool = False) -> np.ndarray:
         """``(n, L)`` natural-log true probability of each word of a split ``(n, L)`` given its past: the
-        words before it, back to the start context at the rows of :meth:`stream_starts`."""
+        words before it, back to the start context at the rows of :meth:`stream_starts`
+        (``xi_averaged``: under :meth:`xi_averaged_probs` instead)."""
         sentences = np.asarray(sentences, dtype=np.int64)
         n, length = sentences.shape
         if sentences.size and (sentences.min() < 1 or sentences.max() > self.vocab_size):
@@ -276,7 +296,7 @@ class TrigramLanguage:
         prev2[begins] = 0
         prev2[begins[begins + 1 < flat.size] + 1] = 0
         out = np.empty(flat.size, dtype=np.float64)
-        for positions, rows, w in self._chunks(prev2, prev1):
+        for positions, rows, w in self._chunks(prev2, prev1, xi_averaged):
             out[positions] = np.log(w[rows, flat[positions] - 1]) - np.log(w.sum(axis=1)[rows])
         return out.reshape(n, length)
 
@@ -371,7 +391,9 @@ def synthetic_corpus(
     return corpus
 
 
-def synthetic_stats(corpus: Corpus, n_frequent: int = 50, n_almost: int = 100) -> dict:
+def synthetic_stats(
+    corpus: Corpus, n_frequent: int = 50, n_almost: int = 100, language: TrigramLanguage | None = None
+) -> dict:
     """Word-frequency shares and true test perplexities of a synthetic corpus (paper, section 4 / appendix A).
 
     Returns ``share_frequent`` / ``share_almost`` / ``share_rest``: share of training word tokens
@@ -381,7 +403,9 @@ def synthetic_stats(corpus: Corpus, n_frequent: int = 50, n_almost: int = 100) -
     those among the ``n_frequent`` most frequent training words, and over the others, and
     ``ratio`` = rare / frequent (paper: 78.14, 29.74, 766.53, 25.8); ``test_ppl_se``: the standard
     error of ``test_ppl`` as an estimate of the language's perplexity (delta method over test
-    sentences, each sentence's mean log-probability one observation).
+    sentences, each sentence's mean log-probability one observation). With the ``language`` the
+    corpus was drawn from, also ``test_ppl_xi_averaged``: the test perplexity under
+    :meth:`TrigramLanguage.xi_averaged_probs`, the reference for a trained model.
     """
     if corpus.truth is None:
         raise ReglmError(
@@ -413,4 +437,8 @@ def synthetic_stats(corpus: Corpus, n_frequent: int = 50, n_almost: int = 100) -
     sentence = torch.cumsum(~words, 0) - (~words).long()
     per_sentence = torch.bincount(sentence[words], weights=logp[words]) / torch.bincount(sentence[words])
     stats["test_ppl_se"] = stats["test_ppl"] * float(per_sentence.std() / math.sqrt(per_sentence.numel()))
+    if language is not None:
+        numbers = torch.tensor([int(w[1:]) if w != EOS else 0 for w in vocab.itos])
+        sentences = numbers[test[words]].reshape(-1, language.sentence_length).numpy()
+        stats["test_ppl_xi_averaged"] = float(np.exp(-language.log_prob(sentences, xi_averaged=True).mean()))
     return stats
