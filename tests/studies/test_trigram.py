@@ -16,6 +16,7 @@ from reglm.cli import main
 from reglm.data import load_corpus
 from reglm.errors import ReglmError
 from reglm.modeldir import load_model_dir
+from reglm.models import LanguageModel
 from reglm.studies.trigram import TrigramStudySpec, fixed_context, frequency_ranking, initial_config
 
 TINY = [
@@ -287,6 +288,32 @@ def test_the_summed_loss_reading_is_an_option_and_studies_before_it_resume_with_
     _check_spec(tmp_path, spec)
     with pytest.raises(ReglmError, match=r"other settings \(sequence_loss\)"):
         _check_spec(tmp_path, dataclasses.replace(spec, sequence_loss=True))
+
+
+def test_the_embedding_range_is_an_option_and_studies_before_it_resume_with_awd_lstms(tmp_path: Path) -> None:
+    """``--embed-init r`` draws the initial and every derived model's embedding from U(-r, r); a study
+    recorded before the option used 0.1 and resumes only with it; a range <= 0 is refused."""
+    from reglm.config import derive_config
+    from reglm.studies.trigram import _check_spec
+
+    spec = TrigramStudySpec(sentences=800, hidden=8, chosen_rank=60)
+    wide = dataclasses.replace(spec, embed_init=1.0)
+    assert initial_config(spec).model.input.init_range == 0.1
+    config = initial_config(wide)
+    assert config.model.input.init_range == 1.0
+    disc = derive_config(config, None, ["train.epochs=1"], {"kind": "discriminator", "base_model": "x"}, "a disc")
+    assert disc.model.input.init_range == 1.0
+    torch.manual_seed(0)
+    weight = LanguageModel(config.model, 1001).embedding.weight
+    assert 0.9 < float(weight.detach().abs().max()) <= 1.0
+    saved = dataclasses.asdict(spec)
+    del saved["embed_init"]
+    tmp_path.joinpath("study-spec.json").write_text(json.dumps(saved))
+    _check_spec(tmp_path, spec)
+    with pytest.raises(ReglmError, match=r"other settings \(embed_init\)"):
+        _check_spec(tmp_path, wide)
+    with pytest.raises(ReglmError, match="--embed-init 0"):
+        dataclasses.replace(spec, embed_init=0.0)
 
 
 def test_a_stop_request_ends_the_study_with_a_checkpoint(tmp_path: Path) -> None:

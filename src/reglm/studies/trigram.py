@@ -87,6 +87,10 @@ class TrigramStudySpec:
     sentence's summed over its window and averaged over the batch (``train.sequence_loss``, the
     Zaremba et al. / TensorFlow PTB reduction). Appendix A does not say which; studies recorded
     without the option used the mean"""
+    embed_init: float = 0.1
+    """the embedding's initial range, ``U(-embed_init, embed_init)`` (``model.input.init_range``).
+    Appendix A does not say; 0.1 is AWD-LSTM's range (and that of studies recorded without the
+    option), 1.0 is near the scale of PyTorch's default ``nn.Embedding`` initialization, N(0, 1)"""
     epochs: int = 100
     """upper bound on the initial model's epochs (the plateau schedule does the rest)"""
     plateau_stop: float = 0.001
@@ -131,7 +135,7 @@ class TrigramStudySpec:
         ):
             if getattr(self, name) < 1:
                 raise ReglmError(f"--{name.replace('_', '-')} {getattr(self, name)} must be >= 1")
-        for name in ("lr", "clip", "finetune_lr", "disc_lr"):
+        for name in ("lr", "clip", "embed_init", "finetune_lr", "disc_lr"):
             if getattr(self, name) is not None and not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
                 raise ReglmError(f"--{name.replace('_', '-')} {getattr(self, name)} must be > 0")
         if not self.ce_lrs or any(not (math.isfinite(lr) and lr > 0) for lr in self.ce_lrs):
@@ -164,6 +168,7 @@ def initial_config(spec: TrigramStudySpec) -> RunConfig:
         f"data.synthetic_rule={spec.synthetic_rule}",
         "model.encoder=awd-lstm",
         f"model.emb_size={spec.hidden}",
+        f"model.input.init_range={spec.embed_init}",
         f"model.hidden_size={spec.hidden}",
         "model.num_layers=2",
         "model.tie_weights=false",
@@ -361,6 +366,7 @@ def _check_spec(out: Path, spec: TrigramStudySpec) -> None:
         saved.setdefault("valid_sentences", 0)
         saved.setdefault("plateau_stop", 0.0)
         saved.setdefault("sequence_loss", False)
+        saved.setdefault("embed_init", 0.1)
         if saved != current:
             changed = sorted(key for key in set(saved) | set(current) if saved.get(key) != current.get(key))
             raise ReglmError(
