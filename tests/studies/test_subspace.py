@@ -103,11 +103,47 @@ def test_study_with_sgd_and_two_runs() -> None:
         (dict(encoder="gru"), "--encoder"),
         (dict(lr=0.0), "--lr"),
         (dict(clip=-1.0), "--clip"),
+        (dict(until_flat=-1), "--until-flat"),
     ],
 )
 def test_bad_specs_name_the_option(kw: dict, option: str) -> None:
     with pytest.raises(ReglmError, match=option):
         tiny_spec(**kw)
+
+
+def test_until_flat_ends_a_training_whose_objective_stops_falling() -> None:
+    """With a rate too small to move the weights the objective is flat from the first epoch: the
+    training ends after ``until_flat`` more epochs and says so; at a working rate it runs to its cap."""
+    ids = torch.randint(0, 25, (1500,))
+    frozen = run_subspace_study(ids, 25, tiny_spec(epochs=50, betas=(1.0,), taus=(10.0,), lr=1e-12, until_flat=3))
+    (training,) = frozen["trainings"]
+    assert [point["epoch"] for point in training["curve"]] == [1, 2, 3, 4] and training["flat"] is True
+    cycle = torch.arange(1500) % 25  # a text whose next word is a function of the last
+    moving = run_subspace_study(cycle, 25, tiny_spec(epochs=4, betas=(1.0,), taus=(10.0,), lr=1e-2, until_flat=3))
+    (training,) = moving["trainings"]
+    assert len(training["curve"]) == 4 and training["flat"] is False
+    assert training["curve"][-1]["objective"] < training["curve"][0]["objective"]
+
+
+def test_until_flat_reads_the_whole_window_not_its_end_points(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An objective that rises and comes back through an earlier value is not flat (the PTB runs
+    rise for 9 epochs under the unit-norm constraint); one that stays within the band is. One SGD
+    step an epoch, its objective scripted (same gradient, the value replaced)."""
+    import reglm.studies.subspace as subspace
+
+    values = iter([17.5, 43.5, 53.7, 60.8, 64.2, 58.0, 53.75, 40.0, 30.0, 29.99, 29.98, 29.98, 29.97, 29.97])
+    monkeypatch.setattr(subspace, "embedding_subspace_distance", lambda model: 0.5)
+    real_objective = subspace.study_objective
+
+    def scripted(*args, **kwargs):
+        loss = real_objective(*args, **kwargs)
+        return loss - loss.detach() + next(values)
+
+    monkeypatch.setattr(subspace, "study_objective", scripted)
+    spec = tiny_spec(words=1000, batch_size=1, bptt=999, epochs=20, betas=(1.0,), taus=(10.0,), until_flat=4)
+    (training,) = run_subspace_study(torch.arange(1000) % 25, 25, spec)["trainings"]
+    assert [round(point["objective"], 2) for point in training["curve"]][-5:] == [30.0, 29.99, 29.98, 29.98, 29.97]
+    assert training["flat"] is True and len(training["curve"]) == 13  # epoch 7 matches epoch 3: not flat
 
 
 def test_bad_data() -> None:

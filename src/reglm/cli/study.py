@@ -88,13 +88,18 @@ def register(sub: Any) -> None:
     for name, kind, help_text in (
         ("words", int, "contiguous training words per run (default 20000)"),
         ("hidden", int, "LSTM units and embedding size (default 300)"),
-        ("epochs", int, "passes over the slice per training (default 40)"),
+        ("epochs", int, "passes over the slice per training (default 40; with --until-flat, the most)"),
         ("batch-size", int, "streams (default 5)"),
         ("bptt", int, "BPTT window (default 35)"),
         ("lr", float, "learning rate (default: 2e-3 for adam, 1.0 for sgd)"),
         ("clip", float, "gradient clipping, 0: off (default: off for adam, 5 for sgd)"),
         ("tau-a", float, "temperature of panel (a) (default 10)"),
         ("runs", int, "repeats averaged per point (default 10, the paper's)"),
+        (
+            "until-flat",
+            int,
+            "stop a training once its objective has moved by at most 0.1%% an epoch over N epochs (0: off)",
+        ),
         ("seed", int, "base seed of the slices and initializations (default 0)"),
     ):
         t.add_argument(f"--{name}", type=kind, help=help_text)
@@ -215,6 +220,7 @@ def _study_subspace(args: argparse.Namespace) -> int:
         "seed",
         "optimizer",
         "encoder",
+        "until_flat",
     )
     options: dict[str, Any] = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
     options.update(target_grad=args.target_grad, unit_norm=not args.free_embedding, output_bias=not args.no_output_bias)

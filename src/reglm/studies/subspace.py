@@ -88,7 +88,7 @@ from reglm.errors import ReglmError
 from reglm.evaluate.perplexity import perplexity, stream_pass
 from reglm.models import LanguageModel
 from reglm.objectives.augmented_loss import augmented_kl
-from reglm.progress import track
+from reglm.progress import say, track
 
 OPTIMIZERS = ("adam", "sgd")
 ENCODERS = ("vd-lstm", "awd-lstm")
@@ -98,6 +98,8 @@ DEFAULT_CLIP = {"adam": 0.0, "sgd": 5.0}
 """Gradient-norm clipping when ``SubspaceStudySpec.clip`` is None (0: off); SGD's is appendix A's."""
 DEFAULT_EPOCHS = 40
 """Passes over the 20,000-word slice; see the module docstring."""
+FLAT_TOLERANCE = 1e-3
+"""``until_flat``: the largest relative change of the epoch objective per epoch that counts as flat."""
 
 
 @dataclass(frozen=True)
@@ -142,6 +144,11 @@ class SubspaceStudySpec:
     """the output layer has a trained bias b (False: b = 0, as section 4 assumes)"""
     encoder: str = "vd-lstm"
     """the LSTM: vd-lstm (Inan et al.'s baseline, here without dropout) or awd-lstm (all dropouts 0)"""
+    until_flat: int = 0
+    """stop a training once its epoch objectives over the last this-many epochs (and the one before
+    them) lie within :data:`FLAT_TOLERANCE` per epoch of each other (relative); ``epochs`` is then
+    a cap (0: off). The objective first rises under the unit-norm constraint and comes back down,
+    so neither the best so far nor two end points alone tell a plateau"""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "betas", tuple(float(b) for b in self.betas))
@@ -163,6 +170,8 @@ class SubspaceStudySpec:
         ):
             if value < 1:
                 raise ReglmError(f"{option}: {value} must be >= 1")
+        if self.until_flat < 0:
+            raise ReglmError(f"--until-flat: {self.until_flat} must be >= 0 (0: train every --epochs)")
         if not 0 <= self.seed <= MAX_SEED - self.runs:
             raise ReglmError(f"--seed: {self.seed} must be in [0, 2^63 - 1 - runs]")
         if not self.betas:
@@ -269,14 +278,21 @@ def _evaluate(model: LanguageModel, plan: StreamPlan, bptt: int, tau: float) -> 
 
 
 def train_point(
-    plan: StreamPlan, vocab_size: int, spec: SubspaceStudySpec, beta: float, tau: float, seed: int
+    plan: StreamPlan,
+    vocab_size: int,
+    spec: SubspaceStudySpec,
+    beta: float,
+    tau: float,
+    seed: int,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """One training of the study on ``plan`` (the slice's streams, on the target device).
 
     The model is initialized from ``seed``. Returns ``{"distance", "final": {"nll", "ppl", "aug"},
-    "curve": [{"epoch", "objective", "distance"}, ...], "seconds"}``: the subspace distance after
-    training, the training-slice losses of the final weights (``aug`` at ``tau``), and per epoch
-    the mean eq.-6.1 objective over its steps and the distance at its end.
+    "curve": [{"epoch", "objective", "distance"}, ...], "flat", "seconds"}``: the subspace distance
+    after training, the training-slice losses of the final weights (``aug`` at ``tau``), per epoch
+    the mean eq.-6.1 objective over its steps and the distance at its end, and whether the
+    ``until_flat`` rule ended it. ``progress``: a line per epoch.
     """
     began = time.perf_counter()
     device = plan.data.device
@@ -296,6 +312,7 @@ def train_point(
         optimizer = torch.optim.SGD(params, lr=spec.lr)
     model.train()
     curve = []
+    flat = False
     for epoch in range(1, spec.epochs + 1):
         state = model.init_state(plan.batch_size, device)
         total, steps = 0.0, 0
@@ -315,10 +332,21 @@ def train_point(
             total += float(loss.detach())
             steps += 1
         curve.append({"epoch": epoch, "objective": total / steps, "distance": embedding_subspace_distance(model)})
+        if progress:
+            say(
+                f"beta {beta:g}, tau {tau:g}, epoch {epoch}: objective {curve[-1]['objective']:.5g}, "
+                f"distance {curve[-1]['distance']:.4f}"
+            )
+        if spec.until_flat and len(curve) > spec.until_flat:
+            window = [point["objective"] for point in curve[-1 - spec.until_flat :]]
+            flat = max(window) - min(window) <= FLAT_TOLERANCE * spec.until_flat * abs(min(window))
+            if flat:
+                break
     return {
         "distance": curve[-1]["distance"],
         "final": _evaluate(model, plan, spec.bptt, tau),
         "curve": curve,
+        "flat": flat,
         "seconds": time.perf_counter() - began,
     }
 
@@ -375,7 +403,7 @@ def run_subspace_study(
             offset, ids = _slice(train_ids, spec.words, seed)
             plans = {run: (offset, StreamPlan(ids.to(torch.long), spec.batch_size, "trim").to(device))}
         offset, plan = plans[run]
-        record = train_point(plan, vocab_size, spec, beta, tau, seed)
+        record = train_point(plan, vocab_size, spec, beta, tau, seed, progress)
         trainings.append({"run": run, "seed": seed, "offset": offset, "beta": beta, "tau": tau, **record})
 
     def panel(pairs: list[tuple[float, float]]) -> dict[str, Any]:
