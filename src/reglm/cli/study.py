@@ -47,7 +47,7 @@ def register(sub: Any) -> None:
         ),
         ("lr", float, "initial model's and discriminators' learning rate (default 1.0)"),
         ("clip", float, "gradient clipping (default 1.0)"),
-        ("embed-init", float, "the embedding is drawn from U(-r, r): r (default 0.1; appendix A does not say)"),
+        ("embed-init", float, "the embedding is drawn from U(-r, r): r (default 1.0; appendix A does not say)"),
         ("epochs", int, "most epochs of the initial model (default 100; the rate drops x0.1 on plateaus)"),
         ("plateau-stop", float, "stop initial model, discriminators at rate lr x this (0.001: 3rd drop; 0: off)"),
         ("disc-epochs", int, "most discriminator epochs (default 30)"),
@@ -71,10 +71,9 @@ def register(sub: Any) -> None:
     )
     t.add_argument(
         "--sequence-loss",
-        action="store_true",
-        default=None,
-        help="lr and clip refer to each sentence's summed loss, averaged over the batch (default: the mean over "
-        "tokens; appendix A does not say)",
+        action=argparse.BooleanOptionalAction,
+        help="lr and clip refer to each sentence's summed loss, averaged over the batch (default); "
+        "--no-sequence-loss: to the mean over tokens (appendix A does not say)",
     )
     t.add_argument("--device", help="auto, cpu, cuda (default auto)")
     t.add_argument("--json", action="store_true", help="print the result as one JSON object instead of a table")

@@ -82,15 +82,18 @@ class TrigramStudySpec:
     per epoch of 80k sentences; studies recorded before it used 35: resume them with --bptt 35)"""
     lr: float = 1.0
     clip: float = 1.0
-    sequence_loss: bool = False
-    """the loss ``lr`` and ``clip`` refer to: false, the mean over the batch's tokens; true, each
-    sentence's summed over its window and averaged over the batch (``train.sequence_loss``, the
-    Zaremba et al. / TensorFlow PTB reduction). Appendix A does not say which; studies recorded
-    without the option used the mean"""
-    embed_init: float = 0.1
+    sequence_loss: bool = True
+    """the loss ``lr`` and ``clip`` refer to: true, each sentence's summed over its window and
+    averaged over the batch (``train.sequence_loss``, the Zaremba et al. / TensorFlow PTB
+    reduction); false, the mean over the batch's tokens. Appendix A does not say which; the summed
+    reading trains faster at the same rate and came closer to the paper's initial model
+    (docs/discriminator-finetuning.md); studies recorded without the option used the mean"""
+    embed_init: float = 1.0
     """the embedding's initial range, ``U(-embed_init, embed_init)`` (``model.input.init_range``).
-    Appendix A does not say; 0.1 is AWD-LSTM's range (and that of studies recorded without the
-    option), 1.0 is near the scale of PyTorch's default ``nn.Embedding`` initialization, N(0, 1)"""
+    Appendix A does not say; 1.0 is near the scale of PyTorch's default ``nn.Embedding``
+    initialization, N(0, 1), and SGD at lr 1.0 learns the rare words' contexts far faster from it
+    than from AWD-LSTM's 0.1 (docs/discriminator-finetuning.md); studies recorded without the
+    option used 0.1"""
     epochs: int = 100
     """upper bound on the initial model's epochs (the plateau schedule does the rest)"""
     plateau_stop: float = 0.001
